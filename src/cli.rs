@@ -1,0 +1,64 @@
+//! Command-line interface.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "netwarden",
+    version,
+    about = "Keeps ip rules, routes and addresses in place, repairing drift from netlink events"
+)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter directive.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "NETWARDEN_LOG_LEVEL"
+    )]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: protect what the config names until stopped (SIGTERM/SIGINT).
+    Run {
+        /// Config file (apiVersion netwarden.io/v1alpha1, kind ProtectedState).
+        #[arg(long)]
+        config: PathBuf,
+        /// Work inside this network namespace (a name under /run/netns, or a path).
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Compare the kernel with the config once. Exit 0 in sync, 1 drift, 2 error.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Validate a config file. Exit 0 valid, 2 invalid.
+    Validate { file: PathBuf },
+    /// Run a self-contained demonstration in a sandbox network namespace.
+    Demo,
+}

@@ -1,0 +1,150 @@
+//! The config file: a YAML `ProtectedState` document (schema in `docs/config.md`), parsed and
+//! validated into model values. Pure apart from [`load`] reading the file.
+//!
+//! Parsing happens in two steps. serde checks the shape (known keys only, lists and mappings where
+//! they belong) and keeps every scalar as its source text with its position; a shape error stops
+//! there, as nothing after it can be trusted. Then every value is checked on its own and all
+//! problems are reported together, each with its file position and field path, so an operator can
+//! fix a file in one pass.
+
+mod build;
+mod raw;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, Mode};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+/// The only `apiVersion` this build understands.
+pub const API_VERSION: &str = "netwarden.io/v1alpha1";
+/// The only `kind` of document.
+pub const KIND: &str = "ProtectedState";
+/// Resync interval when the file names none.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Global default mode (`spec.mode`).
+    pub mode: Mode,
+    /// Interval of the full resync that backs up the netlink event stream.
+    pub resync: Duration,
+    /// Each object's mode is already resolved: its own `mode`, else the global one.
+    pub rules: Vec<DesiredRule>,
+    pub routes: Vec<DesiredRoute>,
+    pub addresses: Vec<DesiredAddress>,
+}
+
+/// Why a config file was refused. `Display` is the message for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read. The io error is part of the message rather than a `source`,
+    /// so that printing the error alone says why.
+    #[error("{file}: cannot read the file: {error}")]
+    Read { file: String, error: std::io::Error },
+
+    /// Nothing but whitespace and comments: almost certainly a truncated or wrong file, and
+    /// running with nothing protected is not what anyone asking for protection wants.
+    #[error("{file}: the file is empty: it must hold a {KIND} document (apiVersion: {API_VERSION}, kind: {KIND})")]
+    Empty { file: String },
+
+    /// Not YAML, or YAML of the wrong shape (unknown key, a list where a value belongs, ...).
+    /// `line`/`column` are 0 when the parser could not tell where.
+    #[error("{}", format_syntax(file, *line, *column, path.as_deref(), message))]
+    Syntax {
+        file: String,
+        line: u64,
+        column: u64,
+        /// Path of the offending field (`spec.rules[0].tabel`), when it could be determined.
+        path: Option<String>,
+        message: String,
+    },
+
+    /// Well-formed YAML with invalid values: every problem found, sorted by position.
+    #[error("{}", format_invalid(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn format_syntax(file: &str, line: u64, column: u64, path: Option<&str>, message: &str) -> String {
+    let position = if line == 0 {
+        file.to_owned()
+    } else {
+        format!("{file}:{line}:{column}")
+    };
+    match path {
+        Some(p) => format!("{position}: {p}: {message}"),
+        None => format!("{position}: {message}"),
+    }
+}
+
+fn format_invalid(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One invalid value. `field` is the path of the field (`spec.rules[2].priority`), or of the
+/// object for problems with the object as a whole (`spec.routes[0]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, self.field, self.message
+        )
+    }
+}
+
+/// Reads and parses a config file; errors name the file as given.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        file: file.clone(),
+        error,
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses config text; `source` names it in error messages (usually the file path).
+pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
+    if is_blank(text) {
+        return Err(ConfigError::Empty {
+            file: source.to_owned(),
+        });
+    }
+    let doc: serde_saphyr::Spanned<raw::RawDocument> =
+        serde_saphyr::from_str(text).map_err(|err| {
+            let e = raw::describe_error(text, &err);
+            ConfigError::Syntax {
+                file: source.to_owned(),
+                line: e.line,
+                column: e.column,
+                path: e.path,
+                message: e.message,
+            }
+        })?;
+    build::build(source, doc).map_err(ConfigError::Invalid)
+}
+
+/// Only whitespace and comment lines (and a byte-order mark, which editors add unseen).
+fn is_blank(text: &str) -> bool {
+    text.trim_start_matches('\u{feff}').lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#')
+    })
+}

@@ -1,0 +1,262 @@
+//! `netwarden demo`: a sandbox namespace with a veth pair, the example config protected by a real
+//! agent, then what a systemd-networkd restart does to it (protected rules and routes deleted,
+//! the address removed), timed from outside the agent by an independent netlink listener.
+
+use crate::config;
+use crate::desired::DesiredState;
+use crate::listen::Listener;
+use crate::observe::decode;
+use crate::plan::ObjectId;
+use crate::reconcile::Agent;
+use crate::sandbox::{Sandbox, SandboxError};
+use rtnetlink::packet_route::RouteNetlinkMessage as M;
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// The example config, shipped in the binary so that the demo runs from anywhere.
+pub const EXAMPLE: &str = include_str!("../examples/demo.yaml");
+pub const EXAMPLE_PATH: &str = "examples/demo.yaml";
+
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("the example config is invalid: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error("the agent failed: {0}")]
+    Agent(String),
+    #[error("cannot write the report: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("not everything came back within {0:?}: {1}")]
+    NotRestored(Duration, String),
+}
+
+/// A removal and the restore that followed, as the outside listener saw them.
+struct Timing {
+    kind: &'static str,
+    name: String,
+    removed: Instant,
+    back: Option<Instant>,
+}
+
+fn object_of(desired: &DesiredState, msg: &M) -> Option<(ObjectId, bool)> {
+    match msg {
+        M::NewRule(m) | M::DelRule(m) => {
+            let (key, _) = decode::rule(m)?;
+            desired
+                .rules
+                .contains_key(&key)
+                .then(|| (ObjectId::Rule(key), matches!(msg, M::DelRule(_))))
+        }
+        M::NewRoute(m) | M::DelRoute(m) => {
+            let (key, _) = decode::route(m)?;
+            desired
+                .routes
+                .contains_key(&key)
+                .then(|| (ObjectId::Route(key), matches!(msg, M::DelRoute(_))))
+        }
+        M::NewAddress(m) | M::DelAddress(m) => {
+            let (key, _) = decode::address(m)?;
+            let dk = desired
+                .addresses
+                .keys()
+                .find(|(_, a)| *a == key.address)?
+                .clone();
+            Some((ObjectId::Address(dk), matches!(msg, M::DelAddress(_))))
+        }
+        _ => None,
+    }
+}
+
+fn name_of(desired: &DesiredState, id: &ObjectId) -> String {
+    match id {
+        ObjectId::Rule(k) => desired.rules.get(k).map(|r| r.name.clone()),
+        ObjectId::Route(k) => desired.routes.get(k).map(|r| r.name.clone()),
+        ObjectId::Address(k) => desired.addresses.get(k).map(|a| a.name.clone()),
+    }
+    .unwrap_or_default()
+}
+
+/// Runs the demo, writing the report to `out`. Must be called before any other thread exists:
+/// it moves the calling thread into the sandbox namespace.
+pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
+    let cfg = config::parse(EXAMPLE_PATH, EXAMPLE).map_err(|e| DemoError::Config(e.to_string()))?;
+    let desired = DesiredState::from_config(&cfg);
+    let sandbox = Sandbox::create("netwarden-demo")?;
+    sandbox.ip(&[
+        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+    ])?;
+    sandbox.ip(&["link", "set", "veth0", "up"])?;
+    sandbox.ip(&["link", "set", "veth1", "up"])?;
+    sandbox.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"])?;
+    sandbox.ip(&["address", "add", "10.200.0.2/24", "dev", "veth1"])?;
+    writeln!(
+        out,
+        "sandbox: network namespace {} with veth0 (10.200.0.1/24) <-> veth1 (10.200.0.2/24)",
+        sandbox.name
+    )?;
+    writeln!(
+        out,
+        "protecting {EXAMPLE_PATH}: {} rules, {} routes, {} addresses",
+        cfg.rules.len(),
+        cfg.routes.len(),
+        cfg.addresses.len()
+    )?;
+    crate::netns::enter(&sandbox.name)?;
+
+    // The agent on its own thread and runtime, exactly as `netwarden run` would run it.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent_desired = desired.clone();
+    let resync = cfg.resync;
+    let started = Instant::now();
+    let agent = std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return ready_tx.send(Err(e.to_string())).unwrap_or(()),
+        };
+        rt.block_on(async move {
+            match Agent::start(agent_desired, resync).await {
+                Ok(agent) => {
+                    let _ = ready_tx.send(Ok(()));
+                    if let Err(e) = agent
+                        .run(async {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                    {
+                        tracing::error!(error = %e, "agent stopped");
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            }
+        });
+    });
+    let ready = ready_rx
+        .recv_timeout(timeout)
+        .map_err(|_| DemoError::Agent("not ready in time".into()))?;
+    ready.map_err(DemoError::Agent)?;
+    writeln!(
+        out,
+        "agent ready: initial sync took {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    )?;
+
+    let listener = Listener::start()?;
+    writeln!(
+        out,
+        "\nsimulating a systemd-networkd restart: deleting the rules, flushing table 77, removing 10.200.0.1/24 from veth0"
+    )?;
+    // `ip -batch` takes the family once for all lines: one batch per family.
+    let mut v4 = String::new();
+    let mut v6 = String::new();
+    for r in cfg.rules.iter() {
+        let script = if r.key.family == crate::model::Family::Ipv6 {
+            &mut v6
+        } else {
+            &mut v4
+        };
+        script.push_str(&format!("rule del priority {}\n", r.key.priority));
+    }
+    v4.push_str("route flush table 77\naddress del 10.200.0.1/24 dev veth0\n");
+    let t0 = Instant::now();
+    sandbox.batch(&["-6"], &v6)?;
+    sandbox.batch(&[], &v4)?;
+
+    let mut timings: HashMap<ObjectId, Timing> = HashMap::new();
+    let deadline = Instant::now() + timeout;
+    let total = desired.len();
+    let mut overruns = 0;
+    while timings.len() < total || timings.values().any(|t| t.back.is_none()) {
+        let Some((at, msg)) = listener.next(deadline.saturating_duration_since(Instant::now()))
+        else {
+            let missing: Vec<String> = timings
+                .values()
+                .filter(|t| t.back.is_none())
+                .map(|t| t.name.clone())
+                .collect();
+            return Err(DemoError::NotRestored(timeout, missing.join(", ")));
+        };
+        let Some(msg) = msg else {
+            overruns += 1;
+            continue;
+        };
+        let Some((id, removed)) = object_of(&desired, &msg) else {
+            continue;
+        };
+        if removed {
+            timings.entry(id.clone()).or_insert_with(|| Timing {
+                kind: match id {
+                    ObjectId::Rule(_) => "rule",
+                    ObjectId::Route(_) => "route",
+                    ObjectId::Address(_) => "address",
+                },
+                name: name_of(&desired, &id),
+                removed: at,
+                back: None,
+            });
+        } else if let Some(t) = timings.get_mut(&id) {
+            t.back.get_or_insert(at);
+        }
+    }
+    let mut rows: Vec<&Timing> = timings.values().collect();
+    rows.sort_by_key(|t| t.removed);
+    writeln!(
+        out,
+        "\n{:<8} {:<22} {:>14} {:>14}",
+        "KIND", "NAME", "REMOVED AT", "BACK AFTER"
+    )?;
+    let mut outages = Vec::new();
+    for t in &rows {
+        let back = t
+            .back
+            .map(|b| b.duration_since(t.removed))
+            .unwrap_or_default();
+        outages.push(back);
+        writeln!(
+            out,
+            "{:<8} {:<22} {:>11.3} ms {:>11.3} ms",
+            t.kind,
+            t.name,
+            t.removed.duration_since(t0).as_secs_f64() * 1e3,
+            back.as_secs_f64() * 1e3
+        )?;
+    }
+    outages.sort();
+    let last_back = rows.iter().filter_map(|t| t.back).max().unwrap_or(t0);
+    writeln!(
+        out,
+        "\nall {} protected objects back; median outage {:.3} ms, longest {:.3} ms; everything back {:.3} ms after the batch started{}",
+        rows.len(),
+        outages.get(outages.len() / 2).copied().unwrap_or_default().as_secs_f64() * 1e3,
+        outages.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        last_back.duration_since(t0).as_secs_f64() * 1e3,
+        if overruns > 0 { format!(" ({overruns} listener overruns)") } else { String::new() }
+    )?;
+    // An independent check, as an operator would run it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let plan = rt
+        .block_on(crate::check::check(&desired))
+        .map_err(|e| DemoError::Agent(e.to_string()))?;
+    write!(
+        out,
+        "check: {}",
+        crate::check::render_table(&desired, &plan)
+    )?;
+    let _ = stop_tx.send(());
+    let _ = agent.join();
+    drop(listener);
+    writeln!(out, "sandbox {} removed", sandbox.name)?;
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! netwarden: keeps a Linux node's ip rules, routes and addresses the way they are meant to be.
+//!
+//! Layers, from pure to effectful: [`model`] (types and identities), [`config`] (the YAML schema and
+//! its validation), [`desired`] (what must exist), [`plan`] (the diff), [`observe`] (the kernel
+//! mirror fed by rtnetlink), [`apply`] (pipelined rtnetlink requests), [`reconcile`] (the loop).
+
+pub mod apply;
+pub mod check;
+pub mod config;
+pub mod demo;
+pub mod desired;
+pub mod listen;
+pub mod model;
+pub mod netns;
+pub mod observe;
+pub mod plan;
+pub mod reconcile;
+pub mod sandbox;

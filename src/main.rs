@@ -1,0 +1,128 @@
+mod cli;
+
+use anyhow::Context;
+use clap::Parser;
+use cli::{Cli, Command, LogFormat, Output};
+use netwarden::config::{self, Config};
+use netwarden::desired::DesiredState;
+use netwarden::{check, demo, netns, reconcile};
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for errors (bad config, cannot reach the kernel); 1 is kept for "drift" in `check`.
+const EXIT_ERROR: u8 = 2;
+
+fn init_logging(cli: &Cli) {
+    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let result = match cli.command {
+        Command::Validate { file } => validate(&file),
+        Command::Run { config, netns } => run(&config, netns.as_deref()),
+        Command::Check {
+            config,
+            netns,
+            output,
+        } => check(&config, netns.as_deref(), output),
+        Command::Demo => demo_command(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("netwarden: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    // The config error already names the file, line and field.
+    config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let cfg = load(file)?;
+    println!(
+        "{}: valid: {} rules, {} routes, {} addresses, resync {:?}",
+        file.display(),
+        cfg.rules.len(),
+        cfg.routes.len(),
+        cfg.addresses.len(),
+        cfg.resync
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Enters the namespace (before any thread exists) and builds a single-threaded runtime: the
+/// repair path is one event → one request, and staying on one thread avoids cross-thread wakeups.
+fn runtime(netns: Option<&str>) -> anyhow::Result<tokio::runtime::Runtime> {
+    if let Some(ns) = netns {
+        netns::enter(ns)?;
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(path: &std::path::Path, netns: Option<&str>) -> anyhow::Result<ExitCode> {
+    let cfg = load(path)?;
+    let desired = DesiredState::from_config(&cfg);
+    let rt = runtime(netns)?;
+    rt.block_on(async move {
+        let agent = reconcile::Agent::start(desired, cfg.resync).await?;
+        agent.run(shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn check(path: &std::path::Path, netns: Option<&str>, output: Output) -> anyhow::Result<ExitCode> {
+    let cfg = load(path)?;
+    let desired = DesiredState::from_config(&cfg);
+    let rt = runtime(netns)?;
+    let plan = rt.block_on(check::check(&desired))?;
+    match output {
+        Output::Table => print!("{}", check::render_table(&desired, &plan)),
+        Output::Json => println!("{}", check::render_json(&desired, &plan)),
+    }
+    Ok(if plan.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn demo_command() -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout();
+    demo::run(&mut out, Duration::from_secs(10))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,224 @@
+//! rtnetlink messages → model. Normalises away what dumps add and the config never says:
+//! suppress_prefixlength -1, the table repeated in an attribute, `proto unspec`, IPv6's cached
+//! clones.
+
+use crate::model::route::ObservedRoute;
+use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RouteType, RuleAction, RuleKey};
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteType as NlRouteType,
+};
+use rtnetlink::packet_route::rule::{
+    RuleAction as NlRuleAction, RuleAttribute, RuleFlags, RuleMessage,
+};
+use rtnetlink::packet_route::AddressFamily;
+use std::net::IpAddr;
+
+/// What the mirror keeps of a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+}
+
+pub fn family(af: AddressFamily) -> Option<Family> {
+    match af {
+        AddressFamily::Inet => Some(Family::Ipv4),
+        AddressFamily::Inet6 => Some(Family::Ipv6),
+        _ => None,
+    }
+}
+
+fn net(addr: IpAddr, len: u8) -> Option<IpNet> {
+    IpNet::new(addr, len).ok().map(|n| n.trunc())
+}
+
+/// A rule and its protocol (`None` for unspec), or `None` for families we do not handle.
+pub fn rule(msg: &RuleMessage) -> Option<(RuleKey, Option<u8>)> {
+    let fam = family(msg.header.family)?;
+    let mut key = RuleKey {
+        family: fam,
+        priority: 0,
+        from: None,
+        to: None,
+        iif: None,
+        oif: None,
+        fwmark: None,
+        table: u32::from(msg.header.table),
+        action: match msg.header.action {
+            NlRuleAction::ToTable => RuleAction::Lookup,
+            NlRuleAction::Blackhole => RuleAction::Blackhole,
+            NlRuleAction::Unreachable => RuleAction::Unreachable,
+            NlRuleAction::Prohibit => RuleAction::Prohibit,
+            other => RuleAction::Other(u8::from(other)),
+        },
+        tos: msg.header.tos,
+        invert: msg.header.flags.contains(RuleFlags::Invert),
+        extra: None,
+    };
+    let mut protocol = None;
+    let (mut mark, mut mask) = (None, None);
+    let mut extra: Vec<String> = Vec::new();
+    for attr in &msg.attributes {
+        match attr {
+            RuleAttribute::Priority(p) => key.priority = *p,
+            RuleAttribute::Source(a) => key.from = net(*a, msg.header.src_len),
+            RuleAttribute::Destination(a) => key.to = net(*a, msg.header.dst_len),
+            RuleAttribute::Iifname(n) => key.iif = Some(n.clone()),
+            RuleAttribute::Oifname(n) => key.oif = Some(n.clone()),
+            RuleAttribute::FwMark(m) => mark = Some(*m),
+            RuleAttribute::FwMask(m) => mask = Some(*m),
+            RuleAttribute::Table(t) => key.table = *t,
+            RuleAttribute::Protocol(p) => protocol = Some(u8::from(*p)).filter(|p| *p != 0),
+            RuleAttribute::SuppressPrefixLen(v) | RuleAttribute::SuppressIfGroup(v)
+                if *v == u32::MAX => {}
+            RuleAttribute::L3MDev(false) => {}
+            RuleAttribute::TunId(0) => {}
+            RuleAttribute::Goto(g) => extra.push(format!("goto {g}")),
+            RuleAttribute::SuppressPrefixLen(v) => extra.push(format!("suppress_prefixlength {v}")),
+            RuleAttribute::SuppressIfGroup(v) => extra.push(format!("suppress_ifgroup {v}")),
+            RuleAttribute::L3MDev(true) => extra.push("l3mdev".into()),
+            RuleAttribute::TunId(t) => extra.push(format!("tun_id {t}")),
+            RuleAttribute::UidRange(r) => extra.push(format!("uidrange {}-{}", r.start, r.end)),
+            RuleAttribute::IpProtocol(p) => extra.push(format!("ipproto {p:?}")),
+            RuleAttribute::SourcePortRange(r) => extra.push(format!("sport {}-{}", r.start, r.end)),
+            RuleAttribute::DestinationPortRange(r) => {
+                extra.push(format!("dport {}-{}", r.start, r.end))
+            }
+            RuleAttribute::Realm(r) => extra.push(format!("realms {r:?}")),
+            _ => {}
+        }
+    }
+    key.fwmark = crate::model::rule::normalise_fwmark(mark, mask);
+    if key.action != RuleAction::Lookup {
+        key.table = 0;
+    }
+    if !extra.is_empty() {
+        key.extra = Some(extra.join(" "));
+    }
+    Some((key, protocol))
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// A route, or `None` for families we do not handle and for IPv6's cached clones.
+pub fn route(msg: &RouteMessage) -> Option<(RouteKey, ObservedRoute)> {
+    let fam = family(msg.header.address_family)?;
+    if msg.header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
+    let mut table = u32::from(msg.header.table);
+    let mut destination = fam.any();
+    let mut source_prefix = None;
+    let mut metric = 0;
+    let mut observed = ObservedRoute {
+        kind: match msg.header.kind {
+            NlRouteType::Unicast => RouteType::Unicast,
+            NlRouteType::Local => RouteType::Local,
+            NlRouteType::BlackHole => RouteType::Blackhole,
+            NlRouteType::Unreachable => RouteType::Unreachable,
+            NlRouteType::Prohibit => RouteType::Prohibit,
+            other => RouteType::Other(u8::from(other)),
+        },
+        gateway: None,
+        oif: None,
+        prefsrc: None,
+        scope: u8::from(msg.header.scope),
+        protocol: u8::from(msg.header.protocol),
+        onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        mtu: None,
+        multipath: false,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(a) => {
+                if let Some(n) =
+                    route_addr(a).and_then(|a| net(a, msg.header.destination_prefix_length))
+                {
+                    destination = n;
+                }
+            }
+            RouteAttribute::Source(a) => {
+                source_prefix = route_addr(a)
+                    .and_then(|a| net(a, msg.header.source_prefix_length))
+                    .filter(|n| n.prefix_len() != 0);
+            }
+            RouteAttribute::Gateway(a) => observed.gateway = route_addr(a),
+            RouteAttribute::PrefSource(a) => observed.prefsrc = route_addr(a),
+            RouteAttribute::Oif(i) => observed.oif = Some(*i),
+            RouteAttribute::Priority(p) => metric = *p,
+            RouteAttribute::Metrics(ms) => {
+                for m in ms {
+                    if let RouteMetric::Mtu(v) = m {
+                        observed.mtu = Some(*v);
+                    }
+                }
+            }
+            RouteAttribute::MultiPath(_) | RouteAttribute::Via(_) | RouteAttribute::NhId(_) => {
+                observed.multipath = true
+            }
+            _ => {}
+        }
+    }
+    let key = RouteKey {
+        family: fam,
+        table,
+        destination,
+        metric,
+        tos: msg.header.tos,
+        source_prefix,
+    };
+    Some((key, observed))
+}
+
+/// An address, or `None` for families we do not handle.
+pub fn address(msg: &AddressMessage) -> Option<(AddressKey, ObservedAddress)> {
+    family(msg.header.family)?;
+    let mut local = None;
+    let mut peer = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(a) => local = Some(*a),
+            AddressAttribute::Address(a) => peer = Some(*a),
+            _ => {}
+        }
+    }
+    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on point-to-point links
+    // and equal to IFA_LOCAL otherwise. IPv6 sends only IFA_ADDRESS unless it is point-to-point.
+    let address = local.or(peer)?;
+    Some((
+        AddressKey {
+            ifindex: msg.header.index,
+            address,
+        },
+        ObservedAddress {
+            prefix_len: msg.header.prefix_len,
+        },
+    ))
+}
+
+pub fn link(msg: &LinkMessage) -> LinkInfo {
+    let name = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    LinkInfo {
+        index: msg.header.index,
+        name,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    }
+}

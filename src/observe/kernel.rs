@@ -1,0 +1,192 @@
+//! The rtnetlink sockets: one subscribed to the multicast groups (the event stream), one for
+//! requests and dumps. Subscribing happens before the first dump so that no change falls between.
+
+use super::mirror::Mirror;
+use crate::model::Family;
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::StreamExt;
+use rtnetlink::packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
+use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::link::LinkMessage;
+use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::rule::RuleMessage;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::sys::{AsyncSocket, SocketAddr};
+use rtnetlink::{Handle, MulticastGroup};
+use std::os::fd::AsFd;
+use thiserror::Error;
+use tracing::{debug, warn};
+
+/// Receive buffer of the event socket. Large, so that bursts (`ip route flush` of 10,000 routes)
+/// rarely overrun it; an overrun is still handled by a full re-dump.
+pub const EVENT_RCVBUF: usize = 64 << 20;
+/// Receive buffer of the request socket: holds the acks of a pipelined burst and dump replies.
+pub const REQUEST_RCVBUF: usize = 16 << 20;
+
+pub type Events = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
+
+#[derive(Debug, Error)]
+pub enum ObserveError {
+    #[error("cannot open an rtnetlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("the netlink connection closed")]
+    Closed,
+    #[error("dump of {what} failed: {source}")]
+    Dump {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dump of {what} was interrupted by changes {attempts} times in a row")]
+    Interrupted { what: &'static str, attempts: u32 },
+}
+
+/// Sets a receive buffer beyond rmem_max (we run as root with CAP_NET_ADMIN); falls back to the
+/// capped size without the capability.
+fn set_rcvbuf(sock: &rtnetlink::sys::Socket, size: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&sock.as_fd(), sockopt::RcvBufForce, &size).is_err() {
+        if let Err(e) = setsockopt(&sock.as_fd(), sockopt::RcvBuf, &size) {
+            warn!(error = %e, "cannot enlarge the netlink receive buffer");
+        }
+    }
+}
+
+/// Opens the event socket, subscribed to links, IPv4/IPv6 addresses, routes and rules.
+pub fn subscribe() -> Result<Events, ObserveError> {
+    let groups = [
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Ipv6Rule,
+    ];
+    let (mut conn, _handle, events) =
+        rtnetlink::new_multicast_connection(&groups).map_err(ObserveError::Socket)?;
+    set_rcvbuf(conn.socket_mut().socket_mut(), EVENT_RCVBUF);
+    tokio::spawn(conn);
+    Ok(events)
+}
+
+/// Opens the request socket.
+pub fn connect() -> Result<Handle, ObserveError> {
+    let (mut conn, handle, _) = rtnetlink::new_connection().map_err(ObserveError::Socket)?;
+    set_rcvbuf(conn.socket_mut().socket_mut(), REQUEST_RCVBUF);
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// What to dump.
+#[derive(Clone, Copy, Debug)]
+pub enum Dump {
+    Links,
+    Addresses,
+    Rules,
+    Routes(Option<Family>),
+}
+
+impl Dump {
+    fn what(self) -> &'static str {
+        match self {
+            Dump::Links => "links",
+            Dump::Addresses => "addresses",
+            Dump::Rules => "rules",
+            Dump::Routes(_) => "routes",
+        }
+    }
+
+    fn request(self) -> RouteNetlinkMessage {
+        match self {
+            Dump::Links => RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            Dump::Addresses => RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            Dump::Rules => RouteNetlinkMessage::GetRule(RuleMessage::default()),
+            Dump::Routes(fam) => {
+                let mut m = RouteMessage::default();
+                m.header.address_family = match fam {
+                    None => AddressFamily::Unspec,
+                    Some(Family::Ipv4) => AddressFamily::Inet,
+                    Some(Family::Ipv6) => AddressFamily::Inet6,
+                };
+                RouteNetlinkMessage::GetRoute(m)
+            }
+        }
+    }
+}
+
+/// Dumps one kind into the mirror. A dump the kernel marks as interrupted (the table changed
+/// under it) is retried; its partial content is discarded by the caller's clear.
+pub async fn dump(
+    handle: &mut Handle,
+    mirror: &mut Mirror,
+    what: Dump,
+) -> Result<usize, ObserveError> {
+    const ATTEMPTS: u32 = 5;
+    for attempt in 1..=ATTEMPTS {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(what.request()));
+        req.finalize();
+        let mut replies = handle.request(req).map_err(|_| ObserveError::Closed)?;
+        let mut count = 0;
+        let mut interrupted = false;
+        while let Some(reply) = replies.next().await {
+            if reply.header.flags & NLM_F_DUMP_INTR != 0 {
+                interrupted = true;
+            }
+            match reply.payload {
+                NetlinkPayload::InnerMessage(m) => {
+                    mirror.ingest(&m);
+                    count += 1;
+                }
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(ObserveError::Dump {
+                        what: what.what(),
+                        source: e.to_io(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if !interrupted {
+            debug!(what = what.what(), count, "dumped");
+            return Ok(count);
+        }
+        debug!(what = what.what(), attempt, "dump interrupted, retrying");
+        if let Dump::Routes(f) = what {
+            mirror.clear_routes(f);
+        }
+    }
+    Err(ObserveError::Interrupted {
+        what: what.what(),
+        attempts: ATTEMPTS,
+    })
+}
+
+/// Replaces the whole mirror with a fresh dump (start, overrun, timer).
+pub async fn dump_all(handle: &mut Handle, mirror: &mut Mirror) -> Result<(), ObserveError> {
+    mirror.clear();
+    for what in [
+        Dump::Links,
+        Dump::Addresses,
+        Dump::Rules,
+        Dump::Routes(None),
+    ] {
+        dump(handle, mirror, what).await?;
+    }
+    Ok(())
+}
+
+/// Replaces the mirror's routes of a family (or all) with a fresh dump: after events that make
+/// the kernel drop routes silently.
+pub async fn dump_routes(
+    handle: &mut Handle,
+    mirror: &mut Mirror,
+    family: Option<Family>,
+) -> Result<(), ObserveError> {
+    mirror.clear_routes(family);
+    dump(handle, mirror, Dump::Routes(family)).await.map(|_| ())
+}

@@ -1,0 +1,336 @@
+//! The kernel mirror: observed state kept current from dumps and multicast events. Pure: it is fed
+//! decoded messages and says what each one changed; the I/O lives in `observe::kernel`.
+
+use super::decode::{self, LinkInfo};
+use crate::model::route::ObservedRoute;
+use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RuleKey};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use std::collections::{HashMap, HashSet};
+
+/// Which routes the mirror keeps. A node can hold far more routes than netwarden protects (a BGP
+/// full table); keeping only the protected identities bounds memory by the config, not the host.
+#[derive(Clone, Debug, Default)]
+pub enum RouteInterest {
+    #[default]
+    All,
+    Keys(HashSet<RouteKey>),
+}
+
+impl RouteInterest {
+    fn wants(&self, key: &RouteKey) -> bool {
+        match self {
+            RouteInterest::All => true,
+            RouteInterest::Keys(keys) => keys.contains(key),
+        }
+    }
+}
+
+/// What one message changed, for the reconcile loop to decide what to re-plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Nothing,
+    Rule {
+        key: RuleKey,
+        removed: bool,
+    },
+    Route {
+        key: RouteKey,
+        removed: bool,
+    },
+    Address {
+        key: AddressKey,
+        removed: bool,
+    },
+    /// A link appeared, went up, or was renamed: pending objects may now be applicable.
+    LinkReady {
+        index: u32,
+    },
+    /// A link went down or away: the kernel drops its routes without RTM_DELROUTE.
+    LinkLost {
+        index: u32,
+    },
+    /// Some other link attribute changed.
+    LinkOther,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Mirror {
+    links: HashMap<u32, LinkInfo>,
+    link_by_name: HashMap<String, u32>,
+    /// Protocol of each kernel rule with that identity (`None` = unspec). Usually one; a rule added
+    /// without NLM_F_EXCL can exist twice.
+    pub rules: HashMap<RuleKey, Vec<Option<u8>>>,
+    /// Usually one per key; `ip route append` can make several IPv4 aliases with one identity.
+    pub routes: HashMap<RouteKey, Vec<ObservedRoute>>,
+    pub addresses: HashMap<AddressKey, ObservedAddress>,
+    interest: RouteInterest,
+}
+
+impl Mirror {
+    pub fn new(interest: RouteInterest) -> Mirror {
+        Mirror {
+            interest,
+            ..Mirror::default()
+        }
+    }
+
+    pub fn set_interest(&mut self, interest: RouteInterest) {
+        self.interest = interest;
+    }
+
+    pub fn link_index(&self, name: &str) -> Option<u32> {
+        self.link_by_name.get(name).copied()
+    }
+
+    pub fn link(&self, index: u32) -> Option<&LinkInfo> {
+        self.links.get(&index)
+    }
+
+    pub fn links(&self) -> impl Iterator<Item = &LinkInfo> {
+        self.links.values()
+    }
+
+    /// Number of objects held, a bound on memory.
+    pub fn len(&self) -> usize {
+        self.links.len() + self.rules.len() + self.routes.len() + self.addresses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.links.clear();
+        self.link_by_name.clear();
+        self.rules.clear();
+        self.routes.clear();
+        self.addresses.clear();
+    }
+
+    /// Forgets the routes of `family` (all when `None`) before a route re-dump is fed in.
+    pub fn clear_routes(&mut self, family: Option<Family>) {
+        match family {
+            None => self.routes.clear(),
+            Some(f) => self.routes.retain(|k, _| k.family != f),
+        }
+    }
+
+    /// Feeds one message (from a dump or an event) and says what it changed.
+    pub fn ingest(&mut self, msg: &RouteNetlinkMessage) -> Change {
+        use RouteNetlinkMessage as M;
+        match msg {
+            M::NewRule(m) | M::DelRule(m) => {
+                let Some((key, proto)) = decode::rule(m) else {
+                    return Change::Nothing;
+                };
+                let removed = matches!(msg, M::DelRule(_));
+                if removed {
+                    if let Some(list) = self.rules.get_mut(&key) {
+                        let at = list.iter().position(|p| *p == proto).unwrap_or(0);
+                        list.remove(at);
+                        if list.is_empty() {
+                            self.rules.remove(&key);
+                        }
+                    }
+                } else {
+                    let list = self.rules.entry(key.clone()).or_default();
+                    // A dump after events can repeat a rule we already hold: keep one per protocol
+                    // unless the kernel really has duplicates (seen as distinct NEWRULEs later).
+                    if !list.contains(&proto) {
+                        list.push(proto);
+                    }
+                }
+                Change::Rule { key, removed }
+            }
+            M::NewRoute(m) | M::DelRoute(m) => {
+                let Some((key, route)) = decode::route(m) else {
+                    return Change::Nothing;
+                };
+                if !self.interest.wants(&key) {
+                    return Change::Nothing;
+                }
+                let removed = matches!(msg, M::DelRoute(_));
+                if removed {
+                    if let Some(list) = self.routes.get_mut(&key) {
+                        match list.iter().position(|r| *r == route) {
+                            Some(at) => {
+                                list.remove(at);
+                            }
+                            // A delete names the identity; attributes in it may be partial.
+                            None => list.clear(),
+                        }
+                        if list.is_empty() {
+                            self.routes.remove(&key);
+                        }
+                    }
+                } else {
+                    let list = self.routes.entry(key.clone()).or_default();
+                    // NEWROUTE for an existing identity is a replace unless it was an append; we
+                    // cannot tell from the notification, so keep the latest attributes only.
+                    list.clear();
+                    list.push(route);
+                }
+                Change::Route { key, removed }
+            }
+            M::NewAddress(m) | M::DelAddress(m) => {
+                let Some((key, addr)) = decode::address(m) else {
+                    return Change::Nothing;
+                };
+                let removed = matches!(msg, M::DelAddress(_));
+                if removed {
+                    self.addresses.remove(&key);
+                } else {
+                    self.addresses.insert(key.clone(), addr);
+                }
+                Change::Address { key, removed }
+            }
+            M::NewLink(m) => {
+                let info = decode::link(m);
+                let index = info.index;
+                let previous = self.links.insert(index, info.clone());
+                if let Some(prev) = &previous {
+                    if prev.name != info.name {
+                        self.link_by_name.remove(&prev.name);
+                    }
+                }
+                self.link_by_name.insert(info.name.clone(), index);
+                match previous {
+                    None => Change::LinkReady { index },
+                    Some(prev) if prev.name != info.name => Change::LinkReady { index },
+                    Some(prev) if !prev.up && info.up => Change::LinkReady { index },
+                    Some(prev) if prev.up && !info.up => Change::LinkLost { index },
+                    Some(_) => Change::LinkOther,
+                }
+            }
+            M::DelLink(m) => {
+                let index = m.header.index;
+                if let Some(prev) = self.links.remove(&index) {
+                    self.link_by_name.remove(&prev.name);
+                }
+                self.addresses.retain(|k, _| k.ifindex != index);
+                Change::LinkLost { index }
+            }
+            _ => Change::Nothing,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::encode;
+    use crate::model::{RouteType, RuleAction};
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+
+    fn link(index: u32, name: &str, up: bool) -> LinkMessage {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if up {
+            m.header.flags |= LinkFlags::Up;
+        }
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        m
+    }
+
+    fn rule_key() -> RuleKey {
+        RuleKey::new(
+            Family::Ipv4,
+            100,
+            Some("10.244.0.0/24".parse().unwrap()),
+            None,
+            None,
+            None,
+            None,
+            None,
+            77,
+            RuleAction::Lookup,
+        )
+    }
+
+    #[test]
+    fn rules_come_and_go() {
+        let mut m = Mirror::default();
+        let msg = encode::rule(&rule_key(), None);
+        let c = m.ingest(&RouteNetlinkMessage::NewRule(msg.clone()));
+        assert_eq!(
+            c,
+            Change::Rule {
+                key: rule_key(),
+                removed: false
+            }
+        );
+        assert_eq!(m.rules[&rule_key()], vec![None]);
+        m.ingest(&RouteNetlinkMessage::DelRule(msg));
+        assert!(m.rules.is_empty());
+    }
+
+    #[test]
+    fn links_report_readiness_and_loss() {
+        let mut m = Mirror::default();
+        use RouteNetlinkMessage as M;
+        assert_eq!(
+            m.ingest(&M::NewLink(link(5, "eth0", false))),
+            Change::LinkReady { index: 5 }
+        );
+        assert_eq!(m.link_index("eth0"), Some(5));
+        assert_eq!(
+            m.ingest(&M::NewLink(link(5, "eth0", true))),
+            Change::LinkReady { index: 5 }
+        );
+        assert_eq!(
+            m.ingest(&M::NewLink(link(5, "eth0", true))),
+            Change::LinkOther
+        );
+        assert_eq!(
+            m.ingest(&M::NewLink(link(5, "eth0", false))),
+            Change::LinkLost { index: 5 }
+        );
+        assert_eq!(
+            m.ingest(&M::NewLink(link(5, "wan0", false))),
+            Change::LinkReady { index: 5 }
+        );
+        assert_eq!(m.link_index("eth0"), None);
+        assert_eq!(
+            m.ingest(&M::DelLink(link(5, "wan0", false))),
+            Change::LinkLost { index: 5 }
+        );
+        assert_eq!(m.link_index("wan0"), None);
+    }
+
+    #[test]
+    fn routes_outside_the_interest_are_not_kept() {
+        let protected = crate::model::DesiredRoute {
+            name: "p".into(),
+            mode: crate::model::Mode::Enforce,
+            key: RouteKey::new(Family::Ipv4, 100, "10.1.0.0/16".parse().unwrap(), None),
+            kind: RouteType::Blackhole,
+            gateway: None,
+            device: None,
+            prefsrc: None,
+            scope: None,
+            protocol: None,
+            onlink: false,
+            mtu: None,
+        };
+        let foreign = crate::model::DesiredRoute {
+            key: RouteKey::new(Family::Ipv4, 100, "10.2.0.0/16".parse().unwrap(), None),
+            ..protected.clone()
+        };
+        let mut m = Mirror::new(RouteInterest::Keys([protected.key.clone()].into()));
+        let c = m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(
+            &foreign, None,
+        )));
+        assert_eq!(c, Change::Nothing);
+        let c = m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(
+            &protected, None,
+        )));
+        assert_eq!(
+            c,
+            Change::Route {
+                key: protected.key.clone(),
+                removed: false
+            }
+        );
+        assert_eq!(m.routes.len(), 1);
+    }
+}

@@ -1,0 +1,7 @@
+//! Observing the kernel: decoding rtnetlink messages, the mirror they feed, and the sockets.
+
+pub mod decode;
+pub mod kernel;
+pub mod mirror;
+
+pub use mirror::{Change, Mirror, RouteInterest};

@@ -1,0 +1,615 @@
+//! The plan: a pure diff from desired and observed state to the operations that repair drift.
+//!
+//! Ownership-aware: it only ever adds or replaces objects the config protects (and removes the
+//! old copy of a protected object whose identity cannot be replaced in place). Nothing outside the
+//! config appears in a plan.
+
+use crate::desired::{DesiredAddressKey, DesiredState};
+use crate::model::{
+    protocol_name, DesiredAddress, DesiredRoute, DesiredRule, Kind, Mode, RouteKey, RuleKey,
+};
+use crate::observe::mirror::Mirror;
+use serde::Serialize;
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+/// One kernel request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    AddRule {
+        key: RuleKey,
+        protocol: Option<u8>,
+    },
+    DelRule {
+        key: RuleKey,
+        protocol: Option<u8>,
+    },
+    /// Create or replace in place (NLM_F_REPLACE): a route's identity is its key.
+    PutRoute {
+        route: DesiredRoute,
+        oif: Option<u32>,
+    },
+    AddAddress {
+        ifindex: u32,
+        address: IpAddr,
+        prefix_len: u8,
+    },
+    DelAddress {
+        ifindex: u32,
+        address: IpAddr,
+        prefix_len: u8,
+    },
+}
+
+/// Which protected object a finding or step is about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectId {
+    Rule(RuleKey),
+    Route(RouteKey),
+    Address(DesiredAddressKey),
+}
+
+impl ObjectId {
+    pub fn kind(&self) -> Kind {
+        match self {
+            ObjectId::Rule(_) => Kind::Rule,
+            ObjectId::Route(_) => Kind::Route,
+            ObjectId::Address(_) => Kind::Address,
+        }
+    }
+}
+
+/// How an object differs from what is desired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Finding {
+    /// Not in the kernel at all.
+    Missing,
+    /// In the kernel with other attributes.
+    Different { observed: String },
+    /// Cannot be applied yet: what it depends on does not exist.
+    Pending { reason: String },
+}
+
+/// A protected object that is not the way it is meant to be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    #[serde(skip)]
+    pub id: ObjectId,
+    pub kind: Kind,
+    pub name: String,
+    pub object: String,
+    pub mode: Mode,
+    #[serde(flatten)]
+    pub finding: Finding,
+}
+
+/// The requests that repair one object, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub id: ObjectId,
+    pub name: String,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Every drifted object, enforced or observed, including pending ones.
+    pub drift: Vec<Drift>,
+    /// Repairs for the enforced ones that can be applied now.
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.drift.is_empty()
+    }
+}
+
+/// Objects to look at: everything (a full refresh), or those named by events.
+#[derive(Clone, Debug, Default)]
+pub struct Dirty {
+    pub rules: HashSet<RuleKey>,
+    pub routes: HashSet<RouteKey>,
+    pub addresses: HashSet<DesiredAddressKey>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.routes.is_empty() && self.addresses.is_empty()
+    }
+}
+
+/// Plans every protected object.
+pub fn plan_all(desired: &DesiredState, observed: &Mirror) -> Plan {
+    let mut plan = Plan::default();
+    for rule in desired.rules.values() {
+        plan_rule(rule, observed, &mut plan);
+    }
+    for route in desired.routes.values() {
+        plan_route(route, observed, &mut plan);
+    }
+    for addr in desired.addresses.values() {
+        plan_address(addr, observed, &mut plan);
+    }
+    sort(&mut plan);
+    plan
+}
+
+/// Plans only the protected objects named in `dirty` (the fast path after an event).
+pub fn plan_dirty(desired: &DesiredState, observed: &Mirror, dirty: &Dirty) -> Plan {
+    let mut plan = Plan::default();
+    for key in &dirty.rules {
+        if let Some(rule) = desired.rules.get(key) {
+            plan_rule(rule, observed, &mut plan);
+        }
+    }
+    for key in &dirty.routes {
+        if let Some(route) = desired.routes.get(key) {
+            plan_route(route, observed, &mut plan);
+        }
+    }
+    for key in &dirty.addresses {
+        if let Some(addr) = desired.addresses.get(key) {
+            plan_address(addr, observed, &mut plan);
+        }
+    }
+    sort(&mut plan);
+    plan
+}
+
+/// Addresses before routes (a route may need the address for its gateway or source), rules
+/// last; within a kind, config order does not matter, so order by name for stable output.
+fn sort(plan: &mut Plan) {
+    let rank = |id: &ObjectId| match id {
+        ObjectId::Address(_) => 0,
+        ObjectId::Route(_) => 1,
+        ObjectId::Rule(_) => 2,
+    };
+    plan.steps.sort_by(|a, b| {
+        rank(&a.id)
+            .cmp(&rank(&b.id))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    plan.drift.sort_by(|a, b| {
+        rank(&a.id)
+            .cmp(&rank(&b.id))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+}
+
+fn record(
+    plan: &mut Plan,
+    id: ObjectId,
+    name: &str,
+    object: String,
+    mode: Mode,
+    finding: Finding,
+    ops: Vec<Op>,
+) {
+    let pending = matches!(finding, Finding::Pending { .. });
+    plan.drift.push(Drift {
+        id: id.clone(),
+        kind: id.kind(),
+        name: name.to_string(),
+        object,
+        mode,
+        finding,
+    });
+    if mode == Mode::Enforce && !pending && !ops.is_empty() {
+        plan.steps.push(Step {
+            id,
+            name: name.to_string(),
+            ops,
+        });
+    }
+}
+
+fn plan_rule(rule: &DesiredRule, observed: &Mirror, plan: &mut Plan) {
+    let present = observed.rules.get(&rule.key);
+    let (finding, ops) = match present {
+        Some(protos) if protos.iter().any(|p| rule.matches_protocol(*p)) => return,
+        Some(protos) => {
+            // Same identity, another protocol: remove that copy, then add ours.
+            let other = protos[0];
+            let mut ops: Vec<Op> = protos
+                .iter()
+                .map(|p| Op::DelRule {
+                    key: rule.key.clone(),
+                    protocol: *p,
+                })
+                .collect();
+            ops.push(Op::AddRule {
+                key: rule.key.clone(),
+                protocol: rule.protocol,
+            });
+            let observed = format!("proto {}", protocol_name(other.unwrap_or(0)));
+            (Finding::Different { observed }, ops)
+        }
+        None => (
+            Finding::Missing,
+            vec![Op::AddRule {
+                key: rule.key.clone(),
+                protocol: rule.protocol,
+            }],
+        ),
+    };
+    record(
+        plan,
+        ObjectId::Rule(rule.key.clone()),
+        &rule.name,
+        rule.describe(),
+        rule.mode,
+        finding,
+        ops,
+    );
+}
+
+fn plan_route(route: &DesiredRoute, observed: &Mirror, plan: &mut Plan) {
+    let id = ObjectId::Route(route.key.clone());
+    let oif = match &route.device {
+        Some(dev) => match observed.link_index(dev) {
+            Some(i) => Some(i),
+            None => {
+                let reason = format!("device {dev} does not exist");
+                record(
+                    plan,
+                    id,
+                    &route.name,
+                    route.describe(),
+                    route.mode,
+                    Finding::Pending { reason },
+                    vec![],
+                );
+                return;
+            }
+        },
+        None => None,
+    };
+    let finding = match observed.routes.get(&route.key) {
+        Some(list) if list.iter().any(|r| route.matches(r, oif)) => return,
+        Some(list) => Finding::Different {
+            observed: describe_observed_route(&list[0], observed),
+        },
+        None => Finding::Missing,
+    };
+    let ops = vec![Op::PutRoute {
+        route: route.clone(),
+        oif,
+    }];
+    record(
+        plan,
+        id,
+        &route.name,
+        route.describe(),
+        route.mode,
+        finding,
+        ops,
+    );
+}
+
+fn describe_observed_route(r: &crate::model::ObservedRoute, observed: &Mirror) -> String {
+    let mut s = r.kind.to_string();
+    if r.multipath {
+        s.push_str(" multipath");
+    }
+    if let Some(g) = r.gateway {
+        s.push_str(&format!(" via {g}"));
+    }
+    if let Some(i) = r.oif {
+        match observed.link(i) {
+            Some(l) => s.push_str(&format!(" dev {}", l.name)),
+            None => s.push_str(&format!(" dev #{i}")),
+        }
+    }
+    if let Some(p) = r.prefsrc {
+        s.push_str(&format!(" src {p}"));
+    }
+    s.push_str(&format!(
+        " proto {} scope {}",
+        protocol_name(r.protocol),
+        r.scope
+    ));
+    if let Some(m) = r.mtu {
+        s.push_str(&format!(" mtu {m}"));
+    }
+    s
+}
+
+fn plan_address(addr: &DesiredAddress, observed: &Mirror, plan: &mut Plan) {
+    let id = ObjectId::Address((addr.device.clone(), addr.address));
+    let Some(ifindex) = observed.link_index(&addr.device) else {
+        let reason = format!("device {} does not exist", addr.device);
+        record(
+            plan,
+            id,
+            &addr.name,
+            addr.describe(),
+            addr.mode,
+            Finding::Pending { reason },
+            vec![],
+        );
+        return;
+    };
+    let key = crate::model::AddressKey {
+        ifindex,
+        address: addr.address,
+    };
+    let add = Op::AddAddress {
+        ifindex,
+        address: addr.address,
+        prefix_len: addr.prefix_len,
+    };
+    let (finding, ops) = match observed.addresses.get(&key) {
+        Some(o) if o.prefix_len == addr.prefix_len => return,
+        Some(o) => (
+            Finding::Different {
+                observed: format!("{}/{}", addr.address, o.prefix_len),
+            },
+            vec![
+                Op::DelAddress {
+                    ifindex,
+                    address: addr.address,
+                    prefix_len: o.prefix_len,
+                },
+                add,
+            ],
+        ),
+        None => (Finding::Missing, vec![add]),
+    };
+    record(
+        plan,
+        id,
+        &addr.name,
+        addr.describe(),
+        addr.mode,
+        finding,
+        ops,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::encode;
+    use crate::model::{Family, RouteType, RuleAction};
+    use rtnetlink::packet_route::address::AddressMessage;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+
+    fn rule(name: &str, prio: u32, mode: Mode) -> DesiredRule {
+        DesiredRule {
+            name: name.into(),
+            mode,
+            key: RuleKey::new(
+                Family::Ipv4,
+                prio,
+                Some("10.244.0.0/24".parse().unwrap()),
+                None,
+                None,
+                None,
+                None,
+                None,
+                77,
+                RuleAction::Lookup,
+            ),
+            protocol: None,
+        }
+    }
+
+    fn route(name: &str, dst: &str, gw: &str) -> DesiredRoute {
+        DesiredRoute {
+            name: name.into(),
+            mode: Mode::Enforce,
+            key: RouteKey::new(Family::Ipv4, 100, dst.parse().unwrap(), None),
+            kind: RouteType::Unicast,
+            gateway: Some(gw.parse().unwrap()),
+            device: Some("veth0".into()),
+            prefsrc: None,
+            scope: None,
+            protocol: None,
+            onlink: false,
+            mtu: None,
+        }
+    }
+
+    fn address(name: &str) -> DesiredAddress {
+        DesiredAddress {
+            name: name.into(),
+            mode: Mode::Enforce,
+            device: "veth0".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            prefix_len: 24,
+        }
+    }
+
+    fn with_link(m: &mut Mirror) {
+        let mut l = LinkMessage::default();
+        l.header.index = 4;
+        l.header.flags |= LinkFlags::Up;
+        l.attributes.push(LinkAttribute::IfName("veth0".into()));
+        m.ingest(&M::NewLink(l));
+    }
+
+    fn desired(
+        rules: Vec<DesiredRule>,
+        routes: Vec<DesiredRoute>,
+        addrs: Vec<DesiredAddress>,
+    ) -> DesiredState {
+        DesiredState {
+            rules: rules.into_iter().map(|r| (r.key.clone(), r)).collect(),
+            routes: routes.into_iter().map(|r| (r.key.clone(), r)).collect(),
+            addresses: addrs
+                .into_iter()
+                .map(|a| ((a.device.clone(), a.address), a))
+                .collect(),
+        }
+    }
+
+    /// Applies a plan's requests to the mirror the way the kernel would, through the same
+    /// messages the applier sends.
+    fn apply_to(mirror: &mut Mirror, plan: &Plan) {
+        for step in &plan.steps {
+            for op in &step.ops {
+                let msg = match op {
+                    Op::AddRule { key, protocol } => M::NewRule(encode::rule(key, *protocol)),
+                    Op::DelRule { key, protocol } => M::DelRule(encode::rule(key, *protocol)),
+                    Op::PutRoute { route, oif } => M::NewRoute(encode::route(route, *oif)),
+                    Op::AddAddress {
+                        ifindex,
+                        address,
+                        prefix_len,
+                    } => M::NewAddress(encode::address(*ifindex, *address, *prefix_len)),
+                    Op::DelAddress {
+                        ifindex,
+                        address,
+                        prefix_len,
+                    } => M::DelAddress(encode::address(*ifindex, *address, *prefix_len)),
+                };
+                mirror.ingest(&msg);
+            }
+        }
+    }
+
+    #[test]
+    fn missing_objects_are_added_and_then_in_sync() {
+        let d = desired(
+            vec![rule("r", 100, Mode::Enforce)],
+            vec![route("rt", "10.1.0.0/16", "10.0.0.2")],
+            vec![address("a")],
+        );
+        let mut m = Mirror::default();
+        with_link(&mut m);
+        let p = plan_all(&d, &m);
+        assert_eq!(p.drift.len(), 3);
+        assert_eq!(p.steps.len(), 3);
+        assert!(
+            matches!(p.steps[0].id, ObjectId::Address(_)),
+            "addresses first"
+        );
+        assert!(matches!(p.steps[2].id, ObjectId::Rule(_)), "rules last");
+        apply_to(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty());
+    }
+
+    #[test]
+    fn route_with_another_gateway_is_replaced() {
+        let d = desired(vec![], vec![route("rt", "10.1.0.0/16", "10.0.0.2")], vec![]);
+        let mut m = Mirror::default();
+        with_link(&mut m);
+        let wrong = route("rt", "10.1.0.0/16", "10.0.0.9");
+        m.ingest(&M::NewRoute(encode::route(&wrong, Some(4))));
+        let p = plan_all(&d, &m);
+        assert!(
+            matches!(&p.drift[0].finding, Finding::Different { observed } if observed.contains("10.0.0.9"))
+        );
+        assert_eq!(
+            p.steps[0].ops,
+            vec![Op::PutRoute {
+                route: route("rt", "10.1.0.0/16", "10.0.0.2"),
+                oif: Some(4)
+            }]
+        );
+        apply_to(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty());
+    }
+
+    #[test]
+    fn route_on_a_missing_device_is_pending_without_ops() {
+        let d = desired(
+            vec![],
+            vec![route("rt", "10.1.0.0/16", "10.0.0.2")],
+            vec![address("a")],
+        );
+        let m = Mirror::default();
+        let p = plan_all(&d, &m);
+        assert_eq!(p.drift.len(), 2);
+        assert!(p
+            .drift
+            .iter()
+            .all(|x| matches!(x.finding, Finding::Pending { .. })));
+        assert!(p.steps.is_empty());
+    }
+
+    #[test]
+    fn observe_mode_reports_without_ops() {
+        let d = desired(vec![rule("r", 100, Mode::Observe)], vec![], vec![]);
+        let p = plan_all(&d, &Mirror::default());
+        assert_eq!(p.drift.len(), 1);
+        assert_eq!(p.drift[0].finding, Finding::Missing);
+        assert!(p.steps.is_empty());
+    }
+
+    #[test]
+    fn rule_with_another_protocol_is_swapped() {
+        let mut r = rule("r", 100, Mode::Enforce);
+        r.protocol = Some(4);
+        let d = desired(vec![r.clone()], vec![], vec![]);
+        let mut m = Mirror::default();
+        m.ingest(&M::NewRule(encode::rule(&r.key, Some(3))));
+        let p = plan_all(&d, &m);
+        assert_eq!(
+            p.steps[0].ops,
+            vec![
+                Op::DelRule {
+                    key: r.key.clone(),
+                    protocol: Some(3)
+                },
+                Op::AddRule {
+                    key: r.key.clone(),
+                    protocol: Some(4)
+                }
+            ]
+        );
+        apply_to(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty());
+    }
+
+    #[test]
+    fn address_with_another_prefix_is_swapped() {
+        let d = desired(vec![], vec![], vec![address("a")]);
+        let mut m = Mirror::default();
+        with_link(&mut m);
+        let msg: AddressMessage = encode::address(4, "10.0.0.1".parse().unwrap(), 16);
+        m.ingest(&M::NewAddress(msg));
+        let p = plan_all(&d, &m);
+        assert_eq!(p.steps[0].ops.len(), 2);
+        apply_to(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty());
+    }
+
+    #[test]
+    fn dirty_plan_only_looks_at_named_objects() {
+        let d = desired(
+            vec![rule("a", 100, Mode::Enforce), rule("b", 200, Mode::Enforce)],
+            vec![],
+            vec![],
+        );
+        let m = Mirror::default();
+        let mut dirty = Dirty::default();
+        dirty.rules.insert(
+            d.rules
+                .values()
+                .find(|r| r.name == "b")
+                .unwrap()
+                .key
+                .clone(),
+        );
+        let p = plan_dirty(&d, &m, &dirty);
+        assert_eq!(p.steps.len(), 1);
+        assert_eq!(p.steps[0].name, "b");
+    }
+
+    #[test]
+    fn foreign_objects_never_appear() {
+        let d = desired(vec![rule("a", 100, Mode::Enforce)], vec![], vec![]);
+        let mut m = Mirror::default();
+        let foreign = rule("x", 300, Mode::Enforce);
+        m.ingest(&M::NewRule(encode::rule(
+            &d.rules.values().next().unwrap().key,
+            None,
+        )));
+        m.ingest(&M::NewRule(encode::rule(&foreign.key, None)));
+        assert!(plan_all(&d, &m).is_empty());
+    }
+}
