@@ -158,17 +158,22 @@ pub fn plan_dirty(desired: &DesiredState, observed: &Mirror, dirty: &Dirty) -> P
     plan
 }
 
-/// Addresses before routes (a route may need the address for its gateway or source), rules
-/// last; within a kind, config order does not matter, so order by name for stable output.
+/// Dependencies first: addresses (a route may need one for its gateway or source), then routes
+/// without a gateway (the link route that makes a gateway reachable, often in the same table),
+/// then gateway routes, rules last. Within a rank, by name for stable output.
 fn sort(plan: &mut Plan) {
     let rank = |id: &ObjectId| match id {
         ObjectId::Address(_) => 0,
         ObjectId::Route(_) => 1,
-        ObjectId::Rule(_) => 2,
+        ObjectId::Rule(_) => 3,
+    };
+    let step_rank = |s: &Step| match s.ops.last() {
+        Some(Op::PutRoute { route, .. }) if route.gateway.is_some() => 2,
+        _ => rank(&s.id),
     };
     plan.steps.sort_by(|a, b| {
-        rank(&a.id)
-            .cmp(&rank(&b.id))
+        step_rank(a)
+            .cmp(&step_rank(b))
             .then_with(|| a.name.cmp(&b.name))
     });
     plan.drift.sort_by(|a, b| {
@@ -488,6 +493,16 @@ mod tests {
             "addresses first"
         );
         assert!(matches!(p.steps[2].id, ObjectId::Rule(_)), "rules last");
+        let d = desired(
+            vec![],
+            vec![
+                route("a-via-gateway", "10.1.0.0/16", "10.0.0.2"),
+                DesiredRoute { gateway: None, ..route("z-link", "10.0.0.0/24", "10.0.0.2") },
+            ],
+            vec![],
+        );
+        let p = plan_all(&d, &m);
+        assert_eq!(p.steps[0].name, "z-link", "link routes before gateway routes");
         apply_to(&mut m, &p);
         assert!(plan_all(&d, &m).is_empty());
     }

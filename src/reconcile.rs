@@ -12,7 +12,9 @@ use crate::observe::kernel::{self, Events, ObserveError};
 use crate::observe::{Change, Mirror, RouteInterest};
 use crate::plan::{self, Dirty, Finding, ObjectId, Plan};
 use futures::StreamExt;
-use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::SocketAddr;
 use rtnetlink::Handle;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -29,6 +31,21 @@ pub enum ReconcileError {
     Observe(#[from] ObserveError),
     #[error("the kernel event stream ended")]
     EventsClosed,
+}
+
+/// What a batch of events calls for.
+#[derive(Default)]
+struct Batch {
+    dirty: Dirty,
+    /// Re-plan everything (a link appeared or was lost, routes were re-dumped).
+    full: bool,
+    /// Something was added: pending objects may be applicable now.
+    appeared: bool,
+    overrun: bool,
+    /// Re-dump the routes of a family (`Some(None)`: all families).
+    redump: Option<Option<Family>>,
+    /// Netlink port of the socket that sent each removal: the process that removed it.
+    removed_by: HashMap<ObjectId, u32>,
 }
 
 /// Why a full refresh ran.
@@ -68,6 +85,9 @@ pub struct Agent {
     resync: Duration,
     /// What was last said about each drifted object, so logs speak of transitions, not repeats.
     reported: HashMap<ObjectId, Finding>,
+    /// Enforced objects that could not be applied yet. Retried when something appears (a link,
+    /// an address, a route, a rule): any of those can make a device or gateway available.
+    pending: HashSet<ObjectId>,
     pub stats: Stats,
 }
 
@@ -86,6 +106,7 @@ impl Agent {
             events,
             resync,
             reported: HashMap::new(),
+            pending: HashSet::new(),
             stats: Stats::default(),
         };
         agent.full_resync(ResyncReason::Start).await?;
@@ -143,80 +164,25 @@ impl Agent {
             "full refresh"
         );
         let plan = plan::plan_all(&self.desired, &self.mirror);
-        self.execute(plan, started, true, &HashMap::new()).await;
+        self.execute(plan, started, None, &HashMap::new()).await;
         Ok(())
     }
 
     /// Folds a batch of queued events into the mirror, then repairs what they touched.
-    async fn on_events(
-        &mut self,
-        first: (
-            rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
-            rtnetlink::sys::SocketAddr,
-        ),
-    ) -> Result<(), ReconcileError> {
+    async fn on_events(&mut self, first: (NetlinkMessage<RouteNetlinkMessage>, SocketAddr)) -> Result<(), ReconcileError> {
         let started = Instant::now();
-        let mut dirty = Dirty::default();
-        let mut full = false;
-        let mut overrun = false;
-        let mut redump: Option<Option<Family>> = None;
-        // Netlink port of the socket that sent each removal: the process that removed it.
-        let mut removed_by: HashMap<ObjectId, u32> = HashMap::new();
+        let mut batch = Batch::default();
         let mut next = Some(first);
         let mut count = 0;
         while let Some((msg, _)) = next.take() {
             count += 1;
             let port = msg.header.port_number;
             match msg.payload {
-                NetlinkPayload::Overrun(_) => overrun = true,
-                NetlinkPayload::InnerMessage(m) => match self.mirror.ingest(&m) {
-                    Change::Rule { key, removed } => {
-                        if self.desired.rules.contains_key(&key) {
-                            if removed {
-                                removed_by.insert(ObjectId::Rule(key.clone()), port);
-                            }
-                            dirty.rules.insert(key);
-                        }
-                    }
-                    Change::Route { key, removed } => {
-                        if self.desired.routes.contains_key(&key) {
-                            if removed {
-                                removed_by.insert(ObjectId::Route(key.clone()), port);
-                            }
-                            dirty.routes.insert(key);
-                        }
-                    }
-                    Change::Address { key, removed } => {
-                        if let Some(link) = self.mirror.link(key.ifindex) {
-                            let dk = (link.name.clone(), key.address);
-                            if self.desired.addresses.contains_key(&dk) {
-                                if removed {
-                                    removed_by.insert(ObjectId::Address(dk.clone()), port);
-                                }
-                                dirty.addresses.insert(dk);
-                            }
-                        }
-                        if removed {
-                            // The kernel drops IPv4 routes that depended on the address (its
-                            // prefix, gateways behind it, prefsrc) without RTM_DELROUTE.
-                            let fam = Family::of(&key.address);
-                            redump = Some(match redump {
-                                None => Some(fam),
-                                Some(Some(f)) if f == fam => Some(fam),
-                                _ => None,
-                            });
-                        } else {
-                            // A new address can make a pending gateway reachable.
-                            full = true;
-                        }
-                    }
-                    Change::LinkReady { .. } => full = true,
-                    Change::LinkLost { .. } => {
-                        redump = Some(None);
-                        full = true;
-                    }
-                    Change::LinkOther | Change::Nothing => {}
-                },
+                NetlinkPayload::Overrun(_) => batch.overrun = true,
+                NetlinkPayload::InnerMessage(m) => {
+                    let change = self.mirror.ingest(&m);
+                    self.note(change, port, &mut batch);
+                }
                 _ => {}
             }
             if count < MAX_BATCH {
@@ -224,34 +190,98 @@ impl Agent {
             }
         }
         self.stats.events += count as u64;
-        if overrun {
+        if batch.overrun {
             self.stats.overruns += 1;
             warn!("netlink events were lost (socket overrun); re-reading the kernel state");
             return self.full_resync(ResyncReason::Overrun).await;
         }
-        if let Some(family) = redump {
+        if let Some(family) = batch.redump {
             if !self.desired.routes.is_empty() {
                 kernel::dump_routes(&mut self.handle, &mut self.mirror, family).await?;
-                full = true;
+                batch.full = true;
             }
         }
-        let plan = if full {
+        if batch.appeared {
+            for id in &self.pending {
+                match id {
+                    ObjectId::Rule(k) => batch.dirty.rules.insert(k.clone()),
+                    ObjectId::Route(k) => batch.dirty.routes.insert(k.clone()),
+                    ObjectId::Address(k) => batch.dirty.addresses.insert(k.clone()),
+                };
+            }
+        }
+        let plan = if batch.full {
             plan::plan_all(&self.desired, &self.mirror)
-        } else if dirty.is_empty() {
+        } else if batch.dirty.is_empty() {
             return Ok(());
         } else {
-            plan::plan_dirty(&self.desired, &self.mirror, &dirty)
+            plan::plan_dirty(&self.desired, &self.mirror, &batch.dirty)
         };
-        self.execute(plan, started, full, &removed_by).await;
+        let scope = (!batch.full).then_some(&batch.dirty);
+        self.execute(plan, started, scope, &batch.removed_by).await;
         Ok(())
     }
 
+    /// Records what one change means for this batch.
+    fn note(&self, change: Change, port: u32, batch: &mut Batch) {
+        match change {
+            Change::Rule { key, removed } => {
+                batch.appeared |= !removed;
+                if self.desired.rules.contains_key(&key) {
+                    if removed {
+                        batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
+                    }
+                    batch.dirty.rules.insert(key);
+                }
+            }
+            Change::Route { key, removed } => {
+                batch.appeared |= !removed;
+                if self.desired.routes.contains_key(&key) {
+                    if removed {
+                        batch.removed_by.insert(ObjectId::Route(key.clone()), port);
+                    }
+                    batch.dirty.routes.insert(key);
+                }
+            }
+            Change::Address { key, removed } => {
+                if let Some(link) = self.mirror.link(key.ifindex) {
+                    let dk = (link.name.clone(), key.address);
+                    if self.desired.addresses.contains_key(&dk) {
+                        if removed {
+                            batch.removed_by.insert(ObjectId::Address(dk.clone()), port);
+                        }
+                        batch.dirty.addresses.insert(dk);
+                    }
+                }
+                if removed {
+                    // The kernel drops IPv4 routes that depended on the address (its prefix,
+                    // gateways behind it, prefsrc) without RTM_DELROUTE.
+                    let fam = Family::of(&key.address);
+                    batch.redump = Some(match batch.redump {
+                        None => Some(fam),
+                        Some(Some(f)) if f == fam => Some(fam),
+                        _ => None,
+                    });
+                } else {
+                    batch.appeared = true;
+                }
+            }
+            Change::LinkReady { .. } => batch.full = true,
+            Change::LinkLost { .. } => {
+                batch.redump = Some(None);
+                batch.full = true;
+            }
+            Change::LinkOther | Change::Nothing => {}
+        }
+    }
+
     /// Applies a plan's repairs, updates the mirror with what the kernel accepted and logs.
+    /// `scope`: the objects the plan looked at (`None`: all of them).
     async fn execute(
         &mut self,
         plan: Plan,
         started: Instant,
-        complete: bool,
+        scope: Option<&Dirty>,
         removed_by: &HashMap<ObjectId, u32>,
     ) {
         let outcomes = if plan.steps.is_empty() {
@@ -265,6 +295,7 @@ impl Agent {
         for (step, outcome) in plan.steps.iter().zip(&outcomes) {
             match outcome {
                 Outcome::Applied | Outcome::AlreadyThere => {
+                    self.pending.remove(&step.id);
                     // The kernel said yes: mirror it now rather than waiting for the
                     // notification, so a burst does not re-plan what is already fixed.
                     for op in &step.ops {
@@ -277,6 +308,7 @@ impl Agent {
                     }
                 }
                 Outcome::NotYet(errno) => {
+                    self.pending.insert(step.id.clone());
                     let reason = format!(
                         "kernel says {errno} ({}); waiting for the device or gateway",
                         errno.desc()
@@ -289,7 +321,7 @@ impl Agent {
                 }
             }
         }
-        self.report(&plan, &now_pending, complete);
+        self.report(&plan, &now_pending, scope);
         if !restored.is_empty() {
             let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count();
             let names: Vec<&str> = restored.iter().take(5).map(|(_, n)| *n).collect();
@@ -312,7 +344,7 @@ impl Agent {
     }
 
     /// Logs drift that is not being repaired (observe mode, pending) when it starts and stops.
-    fn report(&mut self, plan: &Plan, now_pending: &HashMap<ObjectId, Finding>, complete: bool) {
+    fn report(&mut self, plan: &Plan, now_pending: &HashMap<ObjectId, Finding>, scope: Option<&Dirty>) {
         let mut seen: HashSet<ObjectId> = HashSet::new();
         for d in &plan.drift {
             let finding = now_pending.get(&d.id).unwrap_or(&d.finding);
@@ -340,7 +372,15 @@ impl Agent {
             }
             self.reported.insert(d.id.clone(), finding.clone());
         }
-        if complete {
+        // A pending object the plan looked at and found nothing wrong with is no longer pending.
+        let looked_at = |id: &ObjectId| match (scope, id) {
+            (None, _) => true,
+            (Some(d), ObjectId::Rule(k)) => d.rules.contains(k),
+            (Some(d), ObjectId::Route(k)) => d.routes.contains(k),
+            (Some(d), ObjectId::Address(k)) => d.addresses.contains(k),
+        };
+        self.pending.retain(|id| seen.contains(id) || !looked_at(id));
+        if scope.is_none() {
             // Anything reported before and absent from a complete plan is back in sync.
             let back: Vec<ObjectId> = self
                 .reported

@@ -21,7 +21,6 @@ pub(super) fn build(file: &str, doc: Spanned<RawDocument>) -> Result<Config, Vec
     let mut b = Builder {
         file,
         errors: Vec::new(),
-        names: HashMap::new(),
     };
     let config = b.document(doc);
     if b.errors.is_empty() {
@@ -36,8 +35,6 @@ pub(super) fn build(file: &str, doc: Spanned<RawDocument>) -> Result<Config, Vec
 struct Builder<'f> {
     file: &'f str,
     errors: Vec<FieldError>,
-    /// Object names seen so far, across all kinds, with the line of first use.
-    names: HashMap<String, u64>,
 }
 
 /// Where an object sits: its position (for problems with the object or a missing field) and its
@@ -132,7 +129,7 @@ impl Builder<'_> {
                 addresses: Vec::new(),
             };
         };
-        self.spec(spec.value)
+        self.spec(&spec.value)
     }
 
     fn exact(&mut self, raw: &Scalar, root: &Object, name: &str, expected: &str) {
@@ -145,19 +142,20 @@ impl Builder<'_> {
             Some(v) if v.value != expected => self.error(
                 v.referenced,
                 name,
-                format!("must be `{expected}`, not `{}`", v.value),
+                format!("must be `{expected}`, not `{}`", v.value.escape_debug()),
             ),
             Some(_) => {}
         }
     }
 
-    fn spec(&mut self, spec: RawSpec) -> Config {
+    fn spec(&mut self, spec: &RawSpec) -> Config {
         let mode = self
             .opt(&spec.mode, "spec.mode", values::mode)
             .unwrap_or_default();
         let resync = self
             .opt(&spec.resync, "spec.resync", values::resync)
             .unwrap_or(DEFAULT_RESYNC);
+        self.unique_names(spec);
 
         let mut rules = Vec::new();
         let mut rule_keys: HashMap<RuleKey, (String, u64)> = HashMap::new();
@@ -173,7 +171,7 @@ impl Builder<'_> {
                     &rule.name,
                     &obj,
                     "rule",
-                    || rule.describe(),
+                    || rule.key.to_string(),
                 );
                 rules.push(rule);
             }
@@ -251,17 +249,39 @@ impl Builder<'_> {
         }
     }
 
-    /// Checks the name's format and that no other object of any kind uses it.
     fn name(&mut self, raw: &Scalar, obj: &Object) -> Option<String> {
-        let name = self.req(raw, obj, "name", values::object_name)?;
-        let at = raw.as_ref().map_or(obj.at, |s| s.referenced);
-        if let Some(first) = self.names.get(&name) {
-            let message = format!("name `{name}` is already used at line {first}");
-            self.error(at, obj.field("name"), message);
-            return None;
+        self.req(raw, obj, "name", values::object_name)
+    }
+
+    /// Names are unique across all kinds. Checked in file order, so that the error lands on the
+    /// later use whatever the order of the lists.
+    fn unique_names(&mut self, spec: &RawSpec) {
+        fn named<'a, T>(
+            list: &'a Option<Vec<Spanned<T>>>,
+            kind: &str,
+            name: impl Fn(&T) -> &Scalar,
+        ) -> Vec<(&'a Spanned<String>, String)> {
+            let items = list.iter().flatten().enumerate();
+            items
+                .filter_map(|(i, item)| {
+                    let n = name(&item.value).as_ref()?;
+                    Some((n, format!("spec.{kind}[{i}].name")))
+                })
+                .collect()
         }
-        self.names.insert(name.clone(), at.line());
-        Some(name)
+        let mut all = named(&spec.rules, "rules", |r| &r.name);
+        all.extend(named(&spec.routes, "routes", |r| &r.name));
+        all.extend(named(&spec.addresses, "addresses", |a| &a.name));
+        all.sort_by_key(|(n, _)| (n.referenced.line(), n.referenced.column()));
+        let mut first_use: HashMap<&str, u64> = HashMap::new();
+        for (n, path) in all {
+            if let Some(line) = first_use.get(n.value.as_str()) {
+                let message = format!("name `{}` is already used at line {line}", n.value);
+                self.error(n.referenced, path, message);
+            } else {
+                first_use.insert(&n.value, n.referenced.line());
+            }
+        }
     }
 
     /// The object's family: the explicit one, else the first evidence's, else IPv4. Every
@@ -326,21 +346,18 @@ impl Builder<'_> {
             None => Some(RuleAction::Lookup),
             Some(_) => self.opt(&r.action, obj.field("action"), values::rule_action),
         };
-        let mut table = None;
-        match (action, &r.table) {
-            (Some(RuleAction::Lookup), _) => {
-                table = self.req(&r.table, obj, "table", values::table);
-            }
-            (Some(_), Some(t)) => self.error(
-                t.referenced,
-                obj.field("table"),
-                format!(
+        let table = match (action, &r.table) {
+            (Some(RuleAction::Lookup), _) => self.req(&r.table, obj, "table", values::table),
+            (Some(_), Some(t)) => {
+                let message = format!(
                     "a `{}` rule looks up no table: remove `table` or use action lookup",
                     raw_text(&r.action)
-                ),
-            ),
-            _ => {}
-        }
+                );
+                self.error(t.referenced, obj.field("table"), message);
+                None
+            }
+            _ => None,
+        };
         let protocol = self.opt(&r.protocol, obj.field("protocol"), values::protocol);
         let family = self.family(
             obj,
@@ -509,9 +526,11 @@ impl Builder<'_> {
                 obj.path.clone(),
                 "a unicast route needs a `gateway` or a `device`",
             ),
-            RouteType::Local if r.device.is_none() => {
-                self.error(obj.at, obj.field("device"), "is required: local routes need a device")
-            }
+            RouteType::Local if r.device.is_none() => self.error(
+                obj.at,
+                obj.field("device"),
+                "is required: local routes need a device",
+            ),
             _ => {}
         }
     }

@@ -111,6 +111,10 @@ impl fmt::Display for FieldError {
 }
 
 /// Reads and parses a config file; errors name the file as given.
+///
+/// # Errors
+///
+/// [`ConfigError::Read`] when the file cannot be read, else as [`parse`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -121,6 +125,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Parses config text; `source` names it in error messages (usually the file path).
+///
+/// # Errors
+///
+/// [`ConfigError::Empty`], [`ConfigError::Syntax`] for text that is not YAML or not shaped like a
+/// `ProtectedState` document, [`ConfigError::Invalid`] with every invalid value.
 pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
     if is_blank(text) {
         return Err(ConfigError::Empty {

@@ -144,7 +144,7 @@ fn innermost(mut err: &serde_saphyr::Error) -> &serde_saphyr::Error {
 }
 
 /// serde-saphyr's wording, except where it speaks parser internals ("mapping start") or addresses
-/// the developer ("use from_str_multiple").
+/// the developer ("use `from_str_multiple`").
 fn operator_message(err: &serde_saphyr::Error) -> String {
     use serde_saphyr::Error;
     match innermost(err) {

@@ -379,6 +379,20 @@ fn duplicate_names_across_kinds() {
         "name `x` is already used at line 5",
     );
     assert_eq!(errors.len(), 2);
+
+    // The later use in the file is the duplicate, whatever the order of the lists.
+    let errors = invalid(concat!(
+        "spec:\n  routes:\n",
+        "    - {name: y, destination: default, device: eth0}\n",
+        "  rules:\n",
+        "    - {name: y, priority: 1, table: 7}\n",
+    ));
+    assert_one(
+        &errors,
+        "spec.rules[0].name",
+        "name `y` is already used at line 5",
+    );
+    assert_eq!(errors.len(), 1);
 }
 
 #[test]
@@ -404,7 +418,7 @@ fn duplicate_identities() {
     assert_one(
         &errors,
         "spec.rules[1]",
-        "protects the same rule as `r1` (line 5)",
+        "protects the same rule as `r1` (line 5): both are `ipv4 1: from 10.1.0.0/16 lookup 7`",
     );
     assert_one(
         &errors,
@@ -533,6 +547,25 @@ fn structural_errors_name_position_and_path() {
     let err = parse_body("spec:\n  rules: 5\n").unwrap_err();
     assert!(
         err.to_string().starts_with("test.yaml:4:10: spec.rules: "),
+        "{err}"
+    );
+
+    let err = parse_body("spec:\n  rules:\n    - {name: a, table: 7, table: 8}\n").unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("test.yaml:5:27: spec.rules[0].table: duplicate key `table`"),
+        "{err}"
+    );
+
+    let err = parse_body(&format!("---\n{HEADER}")).unwrap_err();
+    assert!(
+        err.to_string().contains("more than one YAML document"),
+        "{err}"
+    );
+
+    let err = parse_body("spec:\n  rules:\n    - name: |\n        a\n").unwrap_err();
+    assert!(
+        err.to_string().contains("`a\\n` contains a line break"),
         "{err}"
     );
 

@@ -60,11 +60,12 @@ pub(super) fn uint(s: &str, min: u64, max: u64, hex: bool) -> Result<u64, String
 }
 
 pub(super) fn u32_value(s: &str, min: u32, hex: bool) -> Result<u32, String> {
-    // The range check in `uint` guarantees the value fits.
-    uint(s, min.into(), u32::MAX.into(), hex).map(|v| v as u32)
+    let v = uint(s, min.into(), u32::MAX.into(), hex)?;
+    // `uint` checked the range, so this cannot fail; map it anyway rather than cast.
+    u32::try_from(v).map_err(|_| format!("`{s}` is out of range"))
 }
 
-/// A routing table: a number 1..=4294967295 or one of the names in iproute2's rt_tables.
+/// A routing table: a number 1..=4294967295 or one of the names in iproute2's `rt_tables`.
 pub(super) fn table(s: &str) -> Result<u32, String> {
     let looks_numeric = s.starts_with(|c: char| c.is_ascii_digit() || c == '-');
     if !looks_numeric {
@@ -77,7 +78,7 @@ pub(super) fn table(s: &str) -> Result<u32, String> {
     model::parse_table(&id.to_string()).ok_or_else(|| format!("`{s}` is not a table"))
 }
 
-/// A route protocol: a number 0..=255 or an rt_protos name.
+/// A route protocol: a number 0..=255 or an `rt_protos` name.
 pub(super) fn protocol(s: &str) -> Result<u8, String> {
     model::parse_protocol(s).ok_or_else(|| {
         if s.starts_with(|c: char| c.is_ascii_digit() || c == '-') {

@@ -1,0 +1,183 @@
+//! Shared rig for the integration tests: a namespace per test (removed on drop, also on panic),
+//! the real agent binary running inside it (killed by pid on drop), real iproute2 to break things.
+#![allow(dead_code)] // each test binary uses its own subset
+
+pub use netwarden::sandbox::Sandbox;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A namespace with `veth0` (10.200.0.1/24, fd00:200::1/64) <-> `veth1` (10.200.0.2/24), both up.
+pub fn sandbox() -> Sandbox {
+    let ns = Sandbox::create("nw-test").expect("create namespace");
+    ns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    ns.ip(&["link", "set", "veth1", "up"]).unwrap();
+    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"]).unwrap();
+    ns.ip(&["address", "add", "10.200.0.2/24", "dev", "veth1"]).unwrap();
+    ns.ip(&["-6", "address", "add", "fd00:200::1/64", "dev", "veth0", "nodad"]).unwrap();
+    ns
+}
+
+/// Writes a config (the `spec` body, indented by the caller as YAML under `spec:`).
+pub fn config(dir: &Path, spec: &str) -> PathBuf {
+    let path = dir.join("netwarden.yaml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}").unwrap();
+    path
+}
+
+/// The agent, running in a namespace. Its stderr is collected line by line.
+pub struct Agent {
+    child: Child,
+    lines: Receiver<String>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    cursor: usize,
+}
+
+impl Agent {
+    /// Starts `netwarden run` and waits until it reports its initial sync.
+    pub fn start(ns: &Sandbox, config: &Path) -> Agent {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--netns", &ns.name, "--log-level", "debug"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut agent = Agent { child, lines, log, cursor: 0 };
+        agent.wait_log("initial sync done");
+        // Later waits also see what was logged during the initial sync.
+        agent.cursor = 0;
+        agent
+    }
+
+    /// Waits (bounded) for a log line containing every one of `needles`, looking at the lines
+    /// after the last one a previous wait matched; returns it.
+    pub fn wait_log_all(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if let Some(i) = (self.cursor..log.len()).find(|&i| needles.iter().all(|n| log[i].contains(n))) {
+                    self.cursor = i + 1;
+                    return log[i].clone();
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.lines.recv_timeout(left).is_err() {
+                panic!(
+                    "no log line with {needles:?} within {WAIT:?}; exit status {:?}; log:\n{}",
+                    self.child.try_wait(),
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+        }
+    }
+
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        self.wait_log_all(&[needle])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("agent did not exit within {WAIT:?} of SIGTERM");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `cond` until it holds or `WAIT` passes: a bounded wait on kernel state.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("timed out after {WAIT:?} waiting for: {what}");
+}
+
+/// Lines of an `ip` listing, trimmed.
+pub fn lines(ns: &Sandbox, args: &[&str]) -> Vec<String> {
+    ns.ip(args)
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+pub fn rules(ns: &Sandbox) -> Vec<String> {
+    lines(ns, &["rule", "show"])
+}
+
+pub fn rules6(ns: &Sandbox) -> Vec<String> {
+    lines(ns, &["-6", "rule", "show"])
+}
+
+pub fn routes(ns: &Sandbox, table: &str) -> Vec<String> {
+    lines(ns, &["route", "show", "table", table])
+}
+
+pub fn count(list: &[String], line: &str) -> usize {
+    list.iter().filter(|l| l.as_str() == line).count()
+}
+
+/// Runs the binary with arguments.
+pub fn netwarden(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run netwarden")
+}
+
+/// Everything a namespace holds, to show that a command changed nothing.
+pub fn snapshot(ns: &Sandbox) -> Vec<String> {
+    let mut all = Vec::new();
+    for args in [
+        &["rule", "show"][..],
+        &["-6", "rule", "show"],
+        &["route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+        &["address", "show"],
+    ] {
+        all.extend(lines(ns, args));
+    }
+    all
+}
