@@ -50,14 +50,14 @@ fn object_of(desired: &DesiredState, msg: &M) -> Option<(ObjectId, bool)> {
             desired
                 .rules
                 .contains_key(&key)
-                .then(|| (ObjectId::Rule(key), matches!(msg, M::DelRule(_))))
+                .then_some((ObjectId::Rule(key), matches!(msg, M::DelRule(_))))
         }
         M::NewRoute(m) | M::DelRoute(m) => {
             let (key, _) = decode::route(m)?;
             desired
                 .routes
                 .contains_key(&key)
-                .then(|| (ObjectId::Route(key), matches!(msg, M::DelRoute(_))))
+                .then_some((ObjectId::Route(key), matches!(msg, M::DelRoute(_))))
         }
         M::NewAddress(m) | M::DelAddress(m) => {
             let (key, _) = decode::address(m)?;

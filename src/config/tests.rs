@@ -399,9 +399,9 @@ fn duplicate_names_across_kinds() {
 fn duplicate_identities() {
     let errors = invalid(concat!(
         "spec:\n  rules:\n",
-        // Protocol is not part of a rule's identity; host bits are cleared.
+        // Protocol is not part of a rule's identity; `lookup` is the default action.
         "    - {name: r1, priority: 1, from: 10.1.0.0/16, table: 7}\n",
-        "    - {name: r2, priority: 1, from: 10.1.2.3/16, table: 7, protocol: static}\n",
+        "    - {name: r2, priority: 1, from: 10.1.0.0/16, table: 7, protocol: static, action: lookup}\n",
         // Different tables are different rules.
         "    - {name: r3, priority: 1, from: 10.1.0.0/16, table: 8}\n",
         "  routes:\n",

@@ -229,12 +229,21 @@ fn net_with_len(s: &str, addr: &str, len: &str) -> Result<IpNet, String> {
     IpNet::new(a, l).map_err(|_| bad_len())
 }
 
-/// A prefix, or a bare address meaning the host prefix (/32 or /128).
+/// A prefix, or a bare address meaning the host prefix (/32 or /128). Host bits are refused:
+/// `10.1.0.0/8` is more likely a typo for `/16` than a wish to protect all of 10.0.0.0/8, and the
+/// kernel refuses such IPv4 routes anyway.
 pub(super) fn prefix(s: &str) -> Result<IpNet, String> {
-    match s.split_once('/') {
-        Some((addr, len)) => net_with_len(s, addr, len),
-        None => ip(s).map(IpNet::from),
+    let net = match s.split_once('/') {
+        Some((addr, len)) => net_with_len(s, addr, len)?,
+        None => ip(s).map(IpNet::from)?,
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "`{s}` has host bits set: the prefix would be `{}`",
+            net.trunc()
+        ));
     }
+    Ok(net)
 }
 
 /// An address with an explicit prefix length, as an interface address needs one.

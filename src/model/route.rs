@@ -49,7 +49,7 @@ impl RouteType {
         })
     }
 
-    /// Types that forward somewhere and so may have a gateway and a device.
+    /// Types that deliver somewhere and so may name a device (only unicast may have a gateway).
     pub fn forwards(self) -> bool {
         matches!(self, RouteType::Unicast | RouteType::Local)
     }
