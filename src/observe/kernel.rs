@@ -22,6 +22,16 @@ use tracing::{debug, warn};
 /// Receive buffer of the event socket. Large, so that bursts (`ip route flush` of 10,000 routes)
 /// rarely overrun it; an overrun is still handled by a full re-dump.
 pub const EVENT_RCVBUF: usize = 64 << 20;
+/// Environment variable overriding [`EVENT_RCVBUF`] (bytes): for hosts with little memory, and
+/// for tests that need to provoke an overrun.
+pub const EVENT_RCVBUF_ENV: &str = "NETWARDEN_EVENT_RCVBUF";
+
+fn event_rcvbuf() -> usize {
+    std::env::var(EVENT_RCVBUF_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(EVENT_RCVBUF)
+}
 /// Receive buffer of the request socket: holds the acks of a pipelined burst and dump replies.
 pub const REQUEST_RCVBUF: usize = 16 << 20;
 
@@ -67,7 +77,7 @@ pub fn subscribe() -> Result<Events, ObserveError> {
     ];
     let (mut conn, _handle, events) =
         rtnetlink::new_multicast_connection(&groups).map_err(ObserveError::Socket)?;
-    set_rcvbuf(conn.socket_mut().socket_mut(), EVENT_RCVBUF);
+    set_rcvbuf(conn.socket_mut().socket_mut(), event_rcvbuf());
     tokio::spawn(conn);
     Ok(events)
 }
