@@ -11,6 +11,7 @@ pub mod demo;
 pub mod desired;
 pub mod listen;
 pub mod model;
+pub mod netfilter;
 pub mod netns;
 pub mod observe;
 pub mod plan;

@@ -50,18 +50,43 @@ fn deleted_rule_route_ipv6_rule_and_address_come_back() {
     assert_eq!(count(&rules(&ns), RULE), 1);
     assert_eq!(count(&rules6(&ns), RULE6), 1);
 
-    ns.ip(&["rule", "del", "priority", "100", "from", "10.244.1.0/24", "table", "77"]).unwrap();
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "100",
+        "from",
+        "10.244.1.0/24",
+        "table",
+        "77",
+    ])
+    .unwrap();
     wait_until("rule back", || count(&rules(&ns), RULE) == 1);
 
-    ns.ip(&["route", "del", "10.60.0.0/24", "table", "100"]).unwrap();
+    ns.ip(&["route", "del", "10.60.0.0/24", "table", "100"])
+        .unwrap();
     wait_until("route in table 100 back", || {
-        routes(&ns, "100").iter().any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2 dev veth0"))
+        routes(&ns, "100")
+            .iter()
+            .any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2 dev veth0"))
     });
 
-    ns.ip(&["-6", "rule", "del", "priority", "100", "from", "fd00:10:244:1::/64", "table", "77"]).unwrap();
+    ns.ip(&[
+        "-6",
+        "rule",
+        "del",
+        "priority",
+        "100",
+        "from",
+        "fd00:10:244:1::/64",
+        "table",
+        "77",
+    ])
+    .unwrap();
     wait_until("ipv6 rule back", || count(&rules6(&ns), RULE6) == 1);
 
-    ns.ip(&["address", "del", "10.200.0.7/24", "dev", "veth0"]).unwrap();
+    ns.ip(&["address", "del", "10.200.0.7/24", "dev", "veth0"])
+        .unwrap();
     wait_until("address back", || {
         lines(&ns, &["-4", "address", "show", "dev", "veth0"])
             .iter()
@@ -78,28 +103,73 @@ fn flushes_restore_protected_objects_and_leave_foreign_ones_gone() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), basic_spec());
     let _agent = Agent::start(&ns, &cfg);
-    ns.ip(&["rule", "add", "priority", "500", "from", "10.99.0.0/16", "table", "99"]).unwrap();
-    ns.ip(&["route", "add", "10.98.0.0/16", "via", "10.200.0.2", "table", "100"]).unwrap();
+    ns.ip(&[
+        "rule",
+        "add",
+        "priority",
+        "500",
+        "from",
+        "10.99.0.0/16",
+        "table",
+        "99",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.98.0.0/16",
+        "via",
+        "10.200.0.2",
+        "table",
+        "100",
+    ])
+    .unwrap();
 
-    ns.batch(&[], "rule flush\nroute flush table 100\n").unwrap();
+    ns.batch(&[], "rule flush\nroute flush table 100\n")
+        .unwrap();
     wait_until("protected rule and routes back", || {
         let r = routes(&ns, "100");
         count(&rules(&ns), RULE) == 1
             && r.iter().any(|l| l.starts_with("10.200.0.0/24 dev veth0"))
-            && r.iter().any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2"))
+            && r.iter()
+                .any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2"))
             && r.iter().any(|l| l.starts_with("blackhole 10.61.0.0/16"))
     });
     // Settled: `check` (an independent look) agrees everything protected is there.
-    let out = netwarden(&["check", "--config", cfg.to_str().unwrap(), "--netns", &ns.name]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let rules_now = rules(&ns);
-    assert!(!rules_now.iter().any(|l| l.contains("10.99.0.0/16")), "foreign rule restored: {rules_now:?}");
-    assert!(!rules_now.iter().any(|l| l.contains("lookup main")), "unprotected main rule restored");
+    assert!(
+        !rules_now.iter().any(|l| l.contains("10.99.0.0/16")),
+        "foreign rule restored: {rules_now:?}"
+    );
+    assert!(
+        !rules_now.iter().any(|l| l.contains("lookup main")),
+        "unprotected main rule restored"
+    );
     let routes_now = routes(&ns, "100");
-    assert!(!routes_now.iter().any(|l| l.contains("10.98.0.0/16")), "foreign route restored");
+    assert!(
+        !routes_now.iter().any(|l| l.contains("10.98.0.0/16")),
+        "foreign route restored"
+    );
     assert_eq!(count(&rules_now, RULE), 1, "duplicates: {rules_now:?}");
-    assert_eq!(routes_now.len(), 3, "exactly the protected routes: {routes_now:?}");
+    assert_eq!(
+        routes_now.len(),
+        3,
+        "exactly the protected routes: {routes_now:?}"
+    );
 }
 
 #[test]
@@ -117,15 +187,26 @@ fn route_on_missing_device_waits_and_appears_with_the_link() {
     );
     let mut agent = Agent::start(&ns, &cfg);
     agent.wait_log_all(&["pending", "tunnel-route", "tunl9"]);
-    let out = netwarden(&["check", "--config", cfg.to_str().unwrap(), "--netns", &ns.name]);
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("pending"));
 
-    ns.ip(&["link", "add", "tunl9", "type", "veth", "peer", "name", "tunl9p"]).unwrap();
+    ns.ip(&[
+        "link", "add", "tunl9", "type", "veth", "peer", "name", "tunl9p",
+    ])
+    .unwrap();
     ns.ip(&["link", "set", "tunl9p", "up"]).unwrap();
     ns.ip(&["link", "set", "tunl9", "up"]).unwrap();
     wait_until("route on the new link", || {
-        routes(&ns, "100").iter().any(|l| l.starts_with("10.70.0.0/24 dev tunl9"))
+        routes(&ns, "100")
+            .iter()
+            .any(|l| l.starts_with("10.70.0.0/24 dev tunl9"))
     });
 }
 
@@ -144,23 +225,47 @@ fn gateway_route_returns_once_its_address_does() {
 "#,
     );
     let mut agent = Agent::start(&ns, &cfg);
-    let present = |ns: &Sandbox| routes(ns, "100").iter().any(|l| l.starts_with("10.80.0.0/24 via 10.200.0.2"));
+    let present = |ns: &Sandbox| {
+        routes(ns, "100")
+            .iter()
+            .any(|l| l.starts_with("10.80.0.0/24 via 10.200.0.2"))
+    };
     assert!(present(&ns));
 
     // Removing the address that makes the gateway reachable drops the route without any
     // RTM_DELROUTE; it cannot come back until the address does.
-    ns.ip(&["address", "del", "10.200.0.1/24", "dev", "veth0"]).unwrap();
+    ns.ip(&["address", "del", "10.200.0.1/24", "dev", "veth0"])
+        .unwrap();
     agent.wait_log_all(&["pending", "via-peer"]);
-    assert!(!present(&ns), "the kernel should have dropped the route with the address");
-    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"]).unwrap();
+    assert!(
+        !present(&ns),
+        "the kernel should have dropped the route with the address"
+    );
+    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"])
+        .unwrap();
     wait_until("route back after the address", || present(&ns));
 
     // What systemd-networkd does on restart: its address removed and re-added within
     // milliseconds. The route vanishes silently; the agent must notice anyway.
-    ns.batch(&[], "address del 10.200.0.1/24 dev veth0\naddress add 10.200.0.1/24 dev veth0\n").unwrap();
+    ns.batch(
+        &[],
+        "address del 10.200.0.1/24 dev veth0\naddress add 10.200.0.1/24 dev veth0\n",
+    )
+    .unwrap();
     wait_until("route back after a quick address re-add", || present(&ns));
-    let out = netwarden(&["check", "--config", cfg.to_str().unwrap(), "--netns", &ns.name]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -168,10 +273,22 @@ fn route_replaced_with_another_gateway_is_put_right() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let _agent = Agent::start(&ns, &config(dir.path(), basic_spec()));
-    ns.ip(&["route", "replace", "10.60.0.0/24", "via", "10.200.0.3", "dev", "veth0", "table", "100"]).unwrap();
+    ns.ip(&[
+        "route",
+        "replace",
+        "10.60.0.0/24",
+        "via",
+        "10.200.0.3",
+        "dev",
+        "veth0",
+        "table",
+        "100",
+    ])
+    .unwrap();
     wait_until("original gateway back", || {
         let r = routes(&ns, "100");
-        r.iter().any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2 dev veth0"))
+        r.iter()
+            .any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2 dev veth0"))
             && !r.iter().any(|l| l.contains("10.200.0.3"))
     });
 }
@@ -180,7 +297,17 @@ fn route_replaced_with_another_gateway_is_put_right() {
 fn observe_mode_reports_drift_and_changes_nothing() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    ns.ip(&["rule", "add", "priority", "100", "from", "10.244.1.0/24", "table", "77"]).unwrap();
+    ns.ip(&[
+        "rule",
+        "add",
+        "priority",
+        "100",
+        "from",
+        "10.244.1.0/24",
+        "table",
+        "77",
+    ])
+    .unwrap();
     let cfg = config(
         dir.path(),
         r#"  mode: observe
@@ -204,19 +331,44 @@ fn observe_mode_reports_drift_and_changes_nothing() {
 
     ns.ip(&["rule", "del", "priority", "100"]).unwrap();
     agent.wait_log_all(&["drift: missing", "pods-to-overlay"]);
-    assert_eq!(count(&rules(&ns), RULE), 0, "observe mode restored the rule");
+    assert_eq!(
+        count(&rules(&ns), RULE),
+        0,
+        "observe mode restored the rule"
+    );
 
-    let out = netwarden(&["check", "--config", cfg.to_str().unwrap(), "--netns", &ns.name]);
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("pods-to-overlay") && table.contains("missing") && table.contains("observe"), "{table}");
+    assert!(
+        table.contains("pods-to-overlay") && table.contains("missing") && table.contains("observe"),
+        "{table}"
+    );
 
-    let out = netwarden(&["check", "--config", cfg.to_str().unwrap(), "--netns", &ns.name, "--output", "json"]);
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+        "--output",
+        "json",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["in_sync"], false);
     assert_eq!(json["drift"].as_array().unwrap().len(), 2);
-    assert!(json["drift"].as_array().unwrap().iter().any(|d| d["name"] == "pods-to-overlay" && d["state"] == "missing"));
+    assert!(json["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["name"] == "pods-to-overlay" && d["state"] == "missing"));
 }
 
 #[test]
