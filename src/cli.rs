@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 use clap::{Parser, Subcommand, ValueEnum};
+pub use netwarden::netfilter::tools::BackendChoice;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -47,6 +48,9 @@ pub enum Command {
         /// Work inside this network namespace (a name under /run/netns, or a path).
         #[arg(long)]
         netns: Option<String>,
+        /// iptables backend for protected chains: auto picks the one holding rules.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        iptables_backend: BackendChoice,
     },
     /// Compare the kernel with the config once. Exit 0 in sync, 1 drift, 2 error.
     Check {
@@ -56,6 +60,8 @@ pub enum Command {
         netns: Option<String>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        iptables_backend: BackendChoice,
     },
     /// Validate a config file. Exit 0 valid, 2 invalid.
     Validate { file: PathBuf },

@@ -17,9 +17,14 @@ const MTU_MIN_V4: u32 = 68;
 const MTU_MIN_V6: u32 = 1280;
 const MTU_MAX: u32 = 65535;
 
-pub(super) fn build(file: &str, doc: Spanned<RawDocument>) -> Result<Config, Vec<FieldError>> {
+pub(super) fn build(
+    file: &str,
+    text: &str,
+    doc: Spanned<RawDocument>,
+) -> Result<Config, Vec<FieldError>> {
     let mut b = Builder {
         file,
+        text,
         errors: Vec::new(),
     };
     let config = b.document(doc);
@@ -34,6 +39,8 @@ pub(super) fn build(file: &str, doc: Spanned<RawDocument>) -> Result<Config, Vec
 
 pub(super) struct Builder<'f> {
     file: &'f str,
+    /// The source, for checks that need what was written rather than what YAML made of it.
+    pub(super) text: &'f str,
     pub(super) errors: Vec<FieldError>,
 }
 

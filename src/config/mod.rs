@@ -155,7 +155,7 @@ pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
                 message: e.message,
             }
         })?;
-    build::build(source, doc).map_err(ConfigError::Invalid)
+    build::build(source, text, doc).map_err(ConfigError::Invalid)
 }
 
 /// Only whitespace and comment lines (and a byte-order mark, which editors add unseen).

@@ -108,6 +108,34 @@ fn poll_interval(s: &str) -> Result<Duration, String> {
 }
 
 impl Builder<'_> {
+    /// `- ! -s 10.0.0.0/8 -j X` is a YAML *tag* `!` followed by the scalar `-s 10.0.0.0/8 -j X`:
+    /// YAML drops the negation silently, which would invert the rule. Refused with the fix.
+    fn yaml_tag(&mut self, raw: &super::raw::Scalar, field: &str) -> bool {
+        let Some(s) = raw else { return false };
+        if s.value.starts_with('!') {
+            return false;
+        }
+        let line = self
+            .text
+            .lines()
+            .nth(s.referenced.line().saturating_sub(1) as usize)
+            .unwrap_or("");
+        let col = (s.referenced.column().saturating_sub(1) as usize).min(line.len());
+        let (before, at) = line.split_at(col);
+        let tagged = at.starts_with('!') || before.trim_end().ends_with('!');
+        if tagged {
+            self.error(
+                s.referenced,
+                field,
+                format!(
+                    "starts with `!`, which YAML reads as a tag and drops, inverting the match: quote the rule, e.g. \"! {}\"",
+                    s.value
+                ),
+            );
+        }
+        tagged
+    }
+
     pub(super) fn netfilter(
         &mut self,
         spec: &RawSpec,
@@ -218,6 +246,9 @@ impl Builder<'_> {
                 );
                 continue;
             }
+            if self.yaml_tag(raw, &field) {
+                continue;
+            }
             if let Some(rule) = self.opt(raw, field, rule_spec) {
                 rules.push(rule);
             }
@@ -229,6 +260,9 @@ impl Builder<'_> {
                 path: format!("{}.jumps[{j}]", obj.path),
             };
             let jr = &item.value;
+            if self.yaml_tag(&jr.rule, &jobj.field("rule")) {
+                continue;
+            }
             let jchain = self.req(&jr.chain, &jobj, "chain", chain_name);
             let rule = self.req(&jr.rule, &jobj, "rule", rule_spec);
             let position = self

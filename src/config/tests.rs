@@ -760,6 +760,19 @@ mod netfilter {
     }
 
     #[test]
+    fn leading_negation_must_be_quoted() {
+        let body = "spec:\n  chains:\n    - name: c\n      table: filter\n      chain: MINE\n      rules:\n        - ! -s 10.0.0.0/8 -j DROP\n        - \"! -s 10.0.0.0/8 -j ACCEPT\"\n      jumps:\n        - {chain: INPUT, rule: ! -i lo -j MINE}\n";
+        let errors = invalid(body);
+        assert_one(&errors, "spec.chains[0].rules[0]", "YAML reads as a tag");
+        assert_one(
+            &errors,
+            "spec.chains[0].jumps[0].rule",
+            "YAML reads as a tag",
+        );
+        assert_eq!(errors.len(), 2, "{}", format_invalid(&errors));
+    }
+
+    #[test]
     fn chain_level_checks() {
         let errors = invalid(
             "spec:\n  pollInterval: 10ms\n  chains:\n    - name: a\n      table: security\n      chain: X\n    - name: b\n      table: filter\n      chain: INPUT\n      rules: [-j ACCEPT]\n    - name: c\n      table: filter\n      chain: DROP\n    - name: d\n      table: filter\n      chain: MINE\n      rules: [-j ACCEPT]\n      jumps:\n        - chain: MINE\n          rule: -j MINE\n        - chain: NOPE\n          rule: -j MINE\n          position: last\n",

@@ -6,8 +6,11 @@
 //! Effectful: [`tools`] (running the iptables and ipset binaries with argument vectors and stdin),
 //! [`events`] (the nf_tables netlink socket) and [`guard`] (the task that keeps them in place).
 
+pub mod events;
+pub mod guard;
 pub mod model;
 pub mod parse;
 pub mod plan;
 pub mod render;
 pub mod rulespec;
+pub mod tools;

@@ -62,10 +62,16 @@ pub struct Agent {
 impl Agent {
     /// Starts `netwarden run` and waits until it reports its initial sync.
     pub fn start(ns: &Sandbox, config: &Path) -> Agent {
+        Agent::start_with(ns, config, &[])
+    }
+
+    /// As [`Agent::start`], with more arguments for `run`.
+    pub fn start_with(ns: &Sandbox, config: &Path, extra: &[&str]) -> Agent {
         let mut child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(config)
             .args(["--netns", &ns.name, "--log-level", "debug"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
