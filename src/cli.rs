@@ -63,6 +63,29 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
     },
+    /// Print a config that protects what is live now, filtered by selectors (a kind without a
+    /// selector is left out). The output validates; review it before use.
+    Snapshot {
+        #[arg(long)]
+        netns: Option<String>,
+        /// Route tables whose routes to protect (comma-separated: 77,100,main).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Rule priorities to protect, A-B inclusive (e.g. 100-32765).
+        #[arg(long)]
+        priorities: Option<String>,
+        /// User chains to protect: a regex matched at the start of the name (`CNI-` is a prefix).
+        #[arg(long)]
+        chains: Option<String>,
+        /// ipsets to protect: a regex matched at the start of the name.
+        #[arg(long)]
+        sets: Option<String>,
+        /// Devices whose addresses to protect: a regex matched at the start of the name.
+        #[arg(long)]
+        addresses: Option<String>,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        iptables_backend: BackendChoice,
+    },
     /// Validate a config file. Exit 0 valid, 2 invalid.
     Validate { file: PathBuf },
     /// Run a self-contained demonstration in a sandbox network namespace.

@@ -17,3 +17,4 @@ pub mod observe;
 pub mod plan;
 pub mod reconcile;
 pub mod sandbox;
+pub mod snapshot;

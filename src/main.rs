@@ -44,6 +44,21 @@ fn main() -> ExitCode {
             iptables_backend,
         } => check(&config, netns.as_deref(), output, iptables_backend),
         Command::Demo => demo_command(),
+        Command::Snapshot {
+            netns,
+            tables,
+            priorities,
+            chains,
+            sets,
+            addresses,
+            iptables_backend,
+        } => snapshot(
+            netns.as_deref(),
+            &tables,
+            priorities.as_deref(),
+            [chains, sets, addresses],
+            iptables_backend,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -167,5 +182,47 @@ fn check(
 fn demo_command() -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout();
     demo::run(&mut out, Duration::from_secs(10))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn snapshot(
+    netns: Option<&str>,
+    tables: &[String],
+    priorities: Option<&str>,
+    [chains, sets, addresses]: [Option<String>; 3],
+    backend: BackendChoice,
+) -> anyhow::Result<ExitCode> {
+    use netwarden::snapshot::{self, Selectors};
+    let re = |p: Option<String>| {
+        p.map(|p| snapshot::selector(&p))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let sel = Selectors {
+        tables: tables
+            .iter()
+            .map(|t| {
+                netwarden::model::parse_table(t)
+                    .ok_or_else(|| anyhow::anyhow!("--tables: unknown table `{t}`"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        priorities: priorities
+            .map(snapshot::priorities)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--priorities {e}"))?,
+        chains: re(chains)?,
+        sets: re(sets)?,
+        addresses: re(addresses)?,
+    };
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let rt = runtime(netns)?;
+    print!(
+        "{}",
+        rt.block_on(snapshot::take(
+            &sel,
+            backend,
+            &format!("netwarden {command}")
+        ))?
+    );
     Ok(ExitCode::SUCCESS)
 }
