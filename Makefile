@@ -1,12 +1,19 @@
 # The two entry points an operator or CI needs. Both install what they use first (Debian/Ubuntu,
-# as root): iproute2 for the kernel work, iptables and ipset for the chain and set protection.
-APT_PACKAGES := iproute2 iptables ipset
+# as root): iproute2 for the kernel work, iptables and ipset for the chain and set protection,
+# containernetworking-plugins for the CNI integration test.
+APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins
+# Every binary the agent and the tests run; `deps` installs the packages when one is missing.
+DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
+	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset
 CARGO ?= cargo
 
 .PHONY: deps demo test bench
 
 deps:
-	@if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v ipset >/dev/null; then \
+	@missing=""; for b in $(DEPS_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/portmap ] || missing="$$missing /usr/lib/cni/bridge"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing $(APT_PACKAGES) (missing:$$missing)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	fi
 
@@ -21,3 +28,4 @@ test: deps
 
 bench: deps
 	$(CARGO) bench --locked --bench repair
+	$(CARGO) bench --locked --bench chains

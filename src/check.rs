@@ -79,3 +79,68 @@ pub fn render_table(desired: &DesiredState, plan: &Plan) -> String {
     ));
     out
 }
+
+/// Drift of iptables chains and ipsets (`netfilter::guard::check`), reported beside the rest.
+#[derive(Default, Serialize)]
+pub struct NetfilterReport {
+    pub chains: Vec<crate::netfilter::plan::ChainDrift>,
+    pub ipsets: Vec<crate::netfilter::plan::SetDrift>,
+    #[serde(skip)]
+    pub protected: usize,
+}
+
+impl NetfilterReport {
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.ipsets.is_empty()
+    }
+
+    /// Rows like the core table's; empty when no chain or set is protected.
+    pub fn render_table(&self) -> String {
+        if self.protected == 0 {
+            return String::new();
+        }
+        if self.is_empty() {
+            return format!("chains and sets in sync: {} protected\n", self.protected);
+        }
+        let mut out = String::from("KIND   NAME  MODE  OBJECT  DRIFT\n");
+        let mode = |m: crate::model::Mode| format!("{m:?}").to_lowercase();
+        for d in &self.chains {
+            for f in &d.findings {
+                out.push_str(&format!(
+                    "chain  {}  {}  {}  {f}\n",
+                    d.name,
+                    mode(d.mode),
+                    d.object
+                ));
+            }
+        }
+        for d in &self.ipsets {
+            for f in &d.findings {
+                out.push_str(&format!(
+                    "ipset  {}  {}  {}  {f}\n",
+                    d.name,
+                    mode(d.mode),
+                    d.object
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "{} of {} protected chains and sets drifted\n",
+            self.chains.len() + self.ipsets.len(),
+            self.protected
+        ));
+        out
+    }
+
+    /// Adds `chains` and `ipsets` to the core JSON report and folds them into `in_sync`.
+    pub fn merge_json(&self, core: &str) -> String {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(core) else {
+            return core.to_owned();
+        };
+        let in_sync = v["in_sync"].as_bool().unwrap_or(false) && self.is_empty();
+        v["in_sync"] = in_sync.into();
+        v["chains"] = serde_json::to_value(&self.chains).unwrap_or_default();
+        v["ipsets"] = serde_json::to_value(&self.ipsets).unwrap_or_default();
+        serde_json::to_string_pretty(&v).unwrap_or_else(|_| core.to_owned())
+    }
+}

@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 use clap::{Parser, Subcommand, ValueEnum};
+pub use netwarden::netfilter::tools::BackendChoice;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -47,6 +48,9 @@ pub enum Command {
         /// Work inside this network namespace (a name under /run/netns, or a path).
         #[arg(long)]
         netns: Option<String>,
+        /// iptables backend for protected chains: auto picks the one holding rules.
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        iptables_backend: BackendChoice,
     },
     /// Compare the kernel with the config once. Exit 0 in sync, 1 drift, 2 error.
     Check {
@@ -56,6 +60,31 @@ pub enum Command {
         netns: Option<String>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        iptables_backend: BackendChoice,
+    },
+    /// Print a config that protects what is live now, filtered by selectors (a kind without a
+    /// selector is left out). The output validates; review it before use.
+    Snapshot {
+        #[arg(long)]
+        netns: Option<String>,
+        /// Route tables whose routes to protect (comma-separated: 77,100,main).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Rule priorities to protect, A-B inclusive (e.g. 100-32765).
+        #[arg(long)]
+        priorities: Option<String>,
+        /// User chains to protect: a regex matched at the start of the name (`CNI-` is a prefix).
+        #[arg(long)]
+        chains: Option<String>,
+        /// ipsets to protect: a regex matched at the start of the name.
+        #[arg(long)]
+        sets: Option<String>,
+        /// Devices whose addresses to protect: a regex matched at the start of the name.
+        #[arg(long)]
+        addresses: Option<String>,
+        #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+        iptables_backend: BackendChoice,
     },
     /// Validate a config file. Exit 0 valid, 2 invalid.
     Validate { file: PathBuf },

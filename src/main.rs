@@ -2,9 +2,10 @@ mod cli;
 
 use anyhow::Context;
 use clap::Parser;
-use cli::{Cli, Command, LogFormat, Output};
+use cli::{BackendChoice, Cli, Command, LogFormat, Output};
 use netwarden::config::{self, Config};
 use netwarden::desired::DesiredState;
+use netwarden::netfilter::guard::Guard;
 use netwarden::{check, demo, netns, reconcile};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -31,13 +32,33 @@ fn main() -> ExitCode {
     init_logging(&cli);
     let result = match cli.command {
         Command::Validate { file } => validate(&file),
-        Command::Run { config, netns } => run(&config, netns.as_deref()),
+        Command::Run {
+            config,
+            netns,
+            iptables_backend,
+        } => run(&config, netns.as_deref(), iptables_backend),
         Command::Check {
             config,
             netns,
             output,
-        } => check(&config, netns.as_deref(), output),
+            iptables_backend,
+        } => check(&config, netns.as_deref(), output, iptables_backend),
         Command::Demo => demo_command(),
+        Command::Snapshot {
+            netns,
+            tables,
+            priorities,
+            chains,
+            sets,
+            addresses,
+            iptables_backend,
+        } => snapshot(
+            netns.as_deref(),
+            &tables,
+            priorities.as_deref(),
+            [chains, sets, addresses],
+            iptables_backend,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -56,11 +77,13 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = load(file)?;
     println!(
-        "{}: valid: {} rules, {} routes, {} addresses, resync {:?}",
+        "{}: valid: {} rules, {} routes, {} addresses, {} chains, {} ipsets, resync {:?}",
         file.display(),
         cfg.rules.len(),
         cfg.routes.len(),
         cfg.addresses.len(),
+        cfg.chains.len(),
+        cfg.ipsets.len(),
         cfg.resync
     );
     Ok(ExitCode::SUCCESS)
@@ -78,13 +101,29 @@ fn runtime(netns: Option<&str>) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run(path: &std::path::Path, netns: Option<&str>) -> anyhow::Result<ExitCode> {
+fn run(
+    path: &std::path::Path,
+    netns: Option<&str>,
+    backend: BackendChoice,
+) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
     let desired = DesiredState::from_config(&cfg);
     let rt = runtime(netns)?;
     rt.block_on(async move {
+        // Chains and sets first: `initial sync done` then means everything is in place.
+        let guard = Guard::start(
+            cfg.chains,
+            cfg.ipsets,
+            cfg.poll_interval,
+            cfg.resync,
+            backend,
+        )
+        .await?;
         let agent = reconcile::Agent::start(desired, cfg.resync).await?;
-        agent.run(shutdown_signal()).await?;
+        tokio::select! {
+            r = agent.run(shutdown_signal()) => { r?; }
+            r = guard.run() => { r?; }
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -105,16 +144,35 @@ async fn shutdown_signal() {
     }
 }
 
-fn check(path: &std::path::Path, netns: Option<&str>, output: Output) -> anyhow::Result<ExitCode> {
+fn check(
+    path: &std::path::Path,
+    netns: Option<&str>,
+    output: Output,
+    backend: BackendChoice,
+) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
     let desired = DesiredState::from_config(&cfg);
     let rt = runtime(netns)?;
     let plan = rt.block_on(check::check(&desired))?;
+    let (chains, ipsets) = rt.block_on(netwarden::netfilter::guard::check(
+        &cfg.chains,
+        &cfg.ipsets,
+        backend,
+    ))?;
+    let nf = check::NetfilterReport {
+        chains,
+        ipsets,
+        protected: cfg.chains.len() + cfg.ipsets.len(),
+    };
     match output {
-        Output::Table => print!("{}", check::render_table(&desired, &plan)),
-        Output::Json => println!("{}", check::render_json(&desired, &plan)),
+        Output::Table => print!(
+            "{}{}",
+            check::render_table(&desired, &plan),
+            nf.render_table()
+        ),
+        Output::Json => println!("{}", nf.merge_json(&check::render_json(&desired, &plan))),
     }
-    Ok(if plan.is_empty() {
+    Ok(if plan.is_empty() && nf.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -124,5 +182,47 @@ fn check(path: &std::path::Path, netns: Option<&str>, output: Output) -> anyhow:
 fn demo_command() -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout();
     demo::run(&mut out, Duration::from_secs(10))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn snapshot(
+    netns: Option<&str>,
+    tables: &[String],
+    priorities: Option<&str>,
+    [chains, sets, addresses]: [Option<String>; 3],
+    backend: BackendChoice,
+) -> anyhow::Result<ExitCode> {
+    use netwarden::snapshot::{self, Selectors};
+    let re = |p: Option<String>| {
+        p.map(|p| snapshot::selector(&p))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let sel = Selectors {
+        tables: tables
+            .iter()
+            .map(|t| {
+                netwarden::model::parse_table(t)
+                    .ok_or_else(|| anyhow::anyhow!("--tables: unknown table `{t}`"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        priorities: priorities
+            .map(snapshot::priorities)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--priorities {e}"))?,
+        chains: re(chains)?,
+        sets: re(sets)?,
+        addresses: re(addresses)?,
+    };
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let rt = runtime(netns)?;
+    print!(
+        "{}",
+        rt.block_on(snapshot::take(
+            &sel,
+            backend,
+            &format!("netwarden {command}")
+        ))?
+    );
     Ok(ExitCode::SUCCESS)
 }

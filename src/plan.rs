@@ -497,12 +497,18 @@ mod tests {
             vec![],
             vec![
                 route("a-via-gateway", "10.1.0.0/16", "10.0.0.2"),
-                DesiredRoute { gateway: None, ..route("z-link", "10.0.0.0/24", "10.0.0.2") },
+                DesiredRoute {
+                    gateway: None,
+                    ..route("z-link", "10.0.0.0/24", "10.0.0.2")
+                },
             ],
             vec![],
         );
         let p = plan_all(&d, &m);
-        assert_eq!(p.steps[0].name, "z-link", "link routes before gateway routes");
+        assert_eq!(
+            p.steps[0].name, "z-link",
+            "link routes before gateway routes"
+        );
         apply_to(&mut m, &p);
         assert!(plan_all(&d, &m).is_empty());
     }

@@ -169,7 +169,10 @@ impl Agent {
     }
 
     /// Folds a batch of queued events into the mirror, then repairs what they touched.
-    async fn on_events(&mut self, first: (NetlinkMessage<RouteNetlinkMessage>, SocketAddr)) -> Result<(), ReconcileError> {
+    async fn on_events(
+        &mut self,
+        first: (NetlinkMessage<RouteNetlinkMessage>, SocketAddr),
+    ) -> Result<(), ReconcileError> {
         let started = Instant::now();
         let mut batch = Batch::default();
         let mut next = Some(first);
@@ -344,7 +347,12 @@ impl Agent {
     }
 
     /// Logs drift that is not being repaired (observe mode, pending) when it starts and stops.
-    fn report(&mut self, plan: &Plan, now_pending: &HashMap<ObjectId, Finding>, scope: Option<&Dirty>) {
+    fn report(
+        &mut self,
+        plan: &Plan,
+        now_pending: &HashMap<ObjectId, Finding>,
+        scope: Option<&Dirty>,
+    ) {
         let mut seen: HashSet<ObjectId> = HashSet::new();
         for d in &plan.drift {
             let finding = now_pending.get(&d.id).unwrap_or(&d.finding);
@@ -379,7 +387,8 @@ impl Agent {
             (Some(d), ObjectId::Route(k)) => d.routes.contains(k),
             (Some(d), ObjectId::Address(k)) => d.addresses.contains(k),
         };
-        self.pending.retain(|id| seen.contains(id) || !looked_at(id));
+        self.pending
+            .retain(|id| seen.contains(id) || !looked_at(id));
         if scope.is_none() {
             // Anything reported before and absent from a complete plan is back in sync.
             let back: Vec<ObjectId> = self

@@ -12,7 +12,11 @@ fn invalid_configs() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 8, "expected one invalid config per class, found {}", files.len());
+    assert!(
+        files.len() >= 8,
+        "expected one invalid config per class, found {}",
+        files.len()
+    );
     files
 }
 
@@ -23,7 +27,10 @@ fn validate_refuses_each_invalid_config_with_file_and_line() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: {stderr}", file.display());
         let name = file.file_name().unwrap().to_str().unwrap();
-        assert!(stderr.contains(name), "{name}: error does not name the file: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{name}: error does not name the file: {stderr}"
+        );
         if name != "empty.yaml" {
             // file:line:column: …
             let after = stderr.split(name).nth(1).unwrap_or("");
@@ -53,15 +60,29 @@ fn run_and_check_with_an_invalid_config_change_nothing() {
 fn example_config_is_valid() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(netwarden::demo::EXAMPLE_PATH);
     let out = netwarden(&["validate", example.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cfg = netwarden::config::load(&example).unwrap();
-    assert_eq!((cfg.rules.len(), cfg.routes.len(), cfg.addresses.len()), (3, 3, 1));
+    assert_eq!(
+        (cfg.rules.len(), cfg.routes.len(), cfg.addresses.len()),
+        (3, 3, 1)
+    );
 }
 
 #[test]
 fn unknown_namespace_is_an_error() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(netwarden::demo::EXAMPLE_PATH);
-    let out = netwarden(&["check", "--config", example.to_str().unwrap(), "--netns", "nw-test-does-not-exist"]);
+    let out = netwarden(&[
+        "check",
+        "--config",
+        example.to_str().unwrap(),
+        "--netns",
+        "nw-test-does-not-exist",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nw-test-does-not-exist"));
 }
@@ -70,7 +91,12 @@ fn unknown_namespace_is_an_error() {
 fn demo_restores_everything_and_cleans_up() {
     let out = netwarden(&["demo"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("all 7 protected objects back"), "{stdout}");
     assert!(stdout.contains("check: in sync"), "{stdout}");
     let name = stdout

@@ -17,9 +17,14 @@ const MTU_MIN_V4: u32 = 68;
 const MTU_MIN_V6: u32 = 1280;
 const MTU_MAX: u32 = 65535;
 
-pub(super) fn build(file: &str, doc: Spanned<RawDocument>) -> Result<Config, Vec<FieldError>> {
+pub(super) fn build(
+    file: &str,
+    text: &str,
+    doc: Spanned<RawDocument>,
+) -> Result<Config, Vec<FieldError>> {
     let mut b = Builder {
         file,
+        text,
         errors: Vec::new(),
     };
     let config = b.document(doc);
@@ -32,20 +37,22 @@ pub(super) fn build(file: &str, doc: Spanned<RawDocument>) -> Result<Config, Vec
     }
 }
 
-struct Builder<'f> {
+pub(super) struct Builder<'f> {
     file: &'f str,
-    errors: Vec<FieldError>,
+    /// The source, for checks that need what was written rather than what YAML made of it.
+    pub(super) text: &'f str,
+    pub(super) errors: Vec<FieldError>,
 }
 
 /// Where an object sits: its position (for problems with the object or a missing field) and its
 /// path prefix.
-struct Object {
-    at: Location,
-    path: String,
+pub(super) struct Object {
+    pub(super) at: Location,
+    pub(super) path: String,
 }
 
 impl Object {
-    fn field(&self, name: &str) -> String {
+    pub(super) fn field(&self, name: &str) -> String {
         format!("{}.{name}", self.path)
     }
 }
@@ -59,7 +66,12 @@ struct FamilyEvidence<'a> {
 }
 
 impl Builder<'_> {
-    fn error(&mut self, at: Location, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn error(
+        &mut self,
+        at: Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.errors.push(FieldError {
             file: self.file.to_owned(),
             line: at.line(),
@@ -70,7 +82,7 @@ impl Builder<'_> {
     }
 
     /// Parses an optional field; `None` when absent or invalid (then with an error recorded).
-    fn opt<T>(
+    pub(super) fn opt<T>(
         &mut self,
         raw: &Scalar,
         field: impl Into<String>,
@@ -97,7 +109,7 @@ impl Builder<'_> {
     }
 
     /// Parses a required field, reporting its absence at the object.
-    fn req<T>(
+    pub(super) fn req<T>(
         &mut self,
         raw: &Scalar,
         obj: &Object,
@@ -127,6 +139,9 @@ impl Builder<'_> {
                 rules: Vec::new(),
                 routes: Vec::new(),
                 addresses: Vec::new(),
+                chains: Vec::new(),
+                ipsets: Vec::new(),
+                poll_interval: super::DEFAULT_POLL_INTERVAL,
             };
         };
         self.spec(&spec.value)
@@ -218,18 +233,22 @@ impl Builder<'_> {
             }
         }
 
+        let (chains, ipsets, poll_interval) = self.netfilter(spec, mode);
         Config {
             mode,
             resync,
             rules,
             routes,
             addresses,
+            chains,
+            ipsets,
+            poll_interval,
         }
     }
 
     /// Two objects with one kernel identity would fight over the same kernel object (and the
     /// desired state keeps only one per key), so refuse the second.
-    fn unique_identity<K: std::hash::Hash + Eq>(
+    pub(super) fn unique_identity<K: std::hash::Hash + Eq>(
         &mut self,
         seen: &mut HashMap<K, (String, u64)>,
         key: K,
@@ -272,6 +291,8 @@ impl Builder<'_> {
         let mut all = named(&spec.rules, "rules", |r| &r.name);
         all.extend(named(&spec.routes, "routes", |r| &r.name));
         all.extend(named(&spec.addresses, "addresses", |a| &a.name));
+        all.extend(named(&spec.chains, "chains", |c| &c.name));
+        all.extend(named(&spec.ipsets, "ipsets", |s| &s.name));
         all.sort_by_key(|(n, _)| (n.referenced.line(), n.referenced.column()));
         let mut first_use: HashMap<&str, u64> = HashMap::new();
         for (n, path) in all {

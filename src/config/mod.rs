@@ -8,6 +8,7 @@
 //! fix a file in one pass.
 
 mod build;
+mod netfilter;
 mod raw;
 mod values;
 
@@ -15,6 +16,7 @@ mod values;
 mod tests;
 
 use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, Mode};
+use crate::netfilter::model::{DesiredChain, DesiredSet};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub const API_VERSION: &str = "netwarden.io/v1alpha1";
 pub const KIND: &str = "ProtectedState";
 /// Resync interval when the file names none.
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+/// How often chains without nf_tables events (iptables-legacy) and ipsets are read.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A validated config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +41,10 @@ pub struct Config {
     pub rules: Vec<DesiredRule>,
     pub routes: Vec<DesiredRoute>,
     pub addresses: Vec<DesiredAddress>,
+    pub chains: Vec<DesiredChain>,
+    pub ipsets: Vec<DesiredSet>,
+    /// Interval of the `iptables-save` / `ipset` polls (`spec.pollInterval`).
+    pub poll_interval: Duration,
 }
 
 /// Why a config file was refused. `Display` is the message for the operator.
@@ -147,7 +155,7 @@ pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
                 message: e.message,
             }
         })?;
-    build::build(source, doc).map_err(ConfigError::Invalid)
+    build::build(source, text, doc).map_err(ConfigError::Invalid)
 }
 
 /// Only whitespace and comment lines (and a byte-order mark, which editors add unseen).

@@ -42,6 +42,44 @@ pub(super) struct RawSpec {
     pub rules: Option<Vec<Spanned<RawRule>>>,
     pub routes: Option<Vec<Spanned<RawRoute>>>,
     pub addresses: Option<Vec<Spanned<RawAddress>>>,
+    #[serde(rename = "pollInterval")]
+    pub poll_interval: Scalar,
+    pub chains: Option<Vec<Spanned<RawChain>>>,
+    pub ipsets: Option<Vec<Spanned<RawIpSet>>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawChain {
+    pub name: Scalar,
+    pub family: Scalar,
+    pub table: Scalar,
+    pub chain: Scalar,
+    pub rules: Option<Vec<Scalar>>,
+    pub content: Scalar,
+    pub jumps: Option<Vec<Spanned<RawJump>>>,
+    pub mode: Scalar,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJump {
+    pub chain: Scalar,
+    pub rule: Scalar,
+    pub position: Scalar,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIpSet {
+    pub name: Scalar,
+    #[serde(rename = "type")]
+    pub kind: Scalar,
+    pub family: Scalar,
+    pub members: Option<Vec<Scalar>>,
+    pub membership: Scalar,
+    pub forbidden: Option<Vec<Scalar>>,
+    pub mode: Scalar,
 }
 
 #[derive(Debug, DeriveDeserialize)]

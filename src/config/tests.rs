@@ -661,3 +661,184 @@ fn invalid_fixtures_fail_as_announced() {
         assert!(err.contains(message), "{file}: want `{message}`:\n{err}");
     }
 }
+
+mod netfilter {
+    use super::*;
+    use crate::netfilter::model::{Content, Member, Position, SetType, Table};
+
+    const FLANNEL: &str = r#"spec:
+  pollInterval: 500ms
+  chains:
+    - name: flannel-postrtg
+      table: nat
+      chain: FLANNEL-POSTRTG
+      rules:
+        - -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+        - -s 10.244.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE --random-fully
+      jumps:
+        - chain: POSTROUTING
+          rule: -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+          position: first
+    - name: v6-forward
+      family: ipv6
+      table: filter
+      chain: FORWARD
+      content: contains
+      mode: observe
+      rules: ["-s fd00::/64 -j ACCEPT"]
+  ipsets:
+    - name: inet6:kube-router-svip
+      type: hash:ip
+      family: ipv6
+      members: ["fd00::1"]
+      forbidden: ["fd00::53", "fd00:96::/112"]
+    - name: svc-ports
+      type: hash:net,port
+      membership: exact
+      members: ["10.0.0.0/24,80", "10.1.0.1,udp:53"]
+"#;
+
+    #[test]
+    fn chains_and_sets_parse() {
+        let c = ok(FLANNEL);
+        assert_eq!(c.poll_interval, Duration::from_millis(500));
+        let [fl, fwd] = &c.chains[..] else {
+            panic!("{:?}", c.chains)
+        };
+        assert_eq!(fl.key.table, Table::Nat);
+        assert_eq!(fl.key.family, Family::Ipv4);
+        assert_eq!(fl.content, Content::Exact, "chains default to exact");
+        assert_eq!(fl.rules.len(), 2);
+        assert_eq!(fl.rules[0].tokens()[7], "flanneld masq");
+        assert_eq!(fl.jumps[0].position, Position::First);
+        assert_eq!(fl.jumps[0].rule.target(), Some("FLANNEL-POSTRTG"));
+        assert_eq!(
+            (fwd.content, fwd.mode, fwd.key.family),
+            (Content::Contains, Mode::Observe, Family::Ipv6)
+        );
+        let [svip, ports] = &c.ipsets[..] else {
+            panic!("{:?}", c.ipsets)
+        };
+        assert_eq!(svip.set, "inet6:kube-router-svip");
+        assert_eq!(
+            svip.membership,
+            Content::Contains,
+            "sets default to contains"
+        );
+        assert_eq!(svip.forbidden.len(), 2);
+        assert_eq!(ports.kind, SetType::HashNetPort);
+        assert_eq!(
+            ports.members[0],
+            Member::parse("10.0.0.0/24,tcp:80").unwrap()
+        );
+        assert_eq!(
+            ok("spec: {}").poll_interval,
+            Duration::from_secs(1),
+            "default 1s"
+        );
+    }
+
+    #[test]
+    fn each_injection_gets_its_own_message() {
+        let chain = |rule: &str| {
+            format!("spec:\n  chains:\n    - name: c\n      table: filter\n      chain: MINE\n      rules:\n        - {rule}\n")
+        };
+        for (rule, message) in [
+            (r#""-j ACCEPT\n-F""#, "line break"),
+            ("COMMIT", "`COMMIT` ends a restore transaction"),
+            (r#""*filter""#, "`*filter` is a table header"),
+            ("-F MINE", "`-F` flushes a chain"),
+            ("-X INPUT", "`-X` deletes a chain"),
+            ("-Z", "`-Z` zeroes counters"),
+            ("-P INPUT DROP", "`-P` sets a builtin chain's policy"),
+            (r#"":MINE - [0:0]""#, "chain declaration"),
+            ("-j ACCEPT -t nat", "switches the table"),
+        ] {
+            let errors = invalid(&chain(rule));
+            assert_one(&errors, "spec.chains[0].rules[0]", message);
+        }
+    }
+
+    #[test]
+    fn leading_negation_must_be_quoted() {
+        let body = "spec:\n  chains:\n    - name: c\n      table: filter\n      chain: MINE\n      rules:\n        - ! -s 10.0.0.0/8 -j DROP\n        - \"! -s 10.0.0.0/8 -j ACCEPT\"\n      jumps:\n        - {chain: INPUT, rule: ! -i lo -j MINE}\n";
+        let errors = invalid(body);
+        assert_one(&errors, "spec.chains[0].rules[0]", "YAML reads as a tag");
+        assert_one(
+            &errors,
+            "spec.chains[0].jumps[0].rule",
+            "YAML reads as a tag",
+        );
+        assert_eq!(errors.len(), 2, "{}", format_invalid(&errors));
+    }
+
+    #[test]
+    fn chain_level_checks() {
+        let errors = invalid(
+            "spec:\n  pollInterval: 10ms\n  chains:\n    - name: a\n      table: security\n      chain: X\n    - name: b\n      table: filter\n      chain: INPUT\n      rules: [-j ACCEPT]\n    - name: c\n      table: filter\n      chain: DROP\n    - name: d\n      table: filter\n      chain: MINE\n      rules: [-j ACCEPT]\n      jumps:\n        - chain: MINE\n          rule: -j MINE\n        - chain: NOPE\n          rule: -j MINE\n          position: last\n",
+        );
+        assert_one(&errors, "spec.pollInterval", "between 100ms and 1h");
+        assert_one(&errors, "spec.chains[0].table", "unknown table `security`");
+        assert_one(
+            &errors,
+            "spec.chains[1].chain",
+            "never flushes builtin chains",
+        );
+        assert_one(&errors, "spec.chains[2].chain", "built-in target");
+        assert_one(
+            &errors,
+            "spec.chains[3].jumps[0].chain",
+            "not in the protected chain itself",
+        );
+        assert_one(
+            &errors,
+            "spec.chains[3].jumps[1].chain",
+            "neither a builtin chain",
+        );
+        assert_one(
+            &errors,
+            "spec.chains[3].jumps[1].position",
+            "unknown position `last`",
+        );
+    }
+
+    #[test]
+    fn jump_into_an_exact_chain_would_fight_it() {
+        let errors = invalid(
+            "spec:\n  chains:\n    - name: a\n      table: nat\n      chain: A\n      rules: [-j RETURN]\n    - name: b\n      table: nat\n      chain: B\n      jumps:\n        - chain: A\n          rule: -j B\n",
+        );
+        assert_one(
+            &errors,
+            "spec.chains[1].jumps[0].chain",
+            "protected with content: exact by `a`",
+        );
+        // Into a `contains` chain it is fine.
+        ok("spec:\n  chains:\n    - name: a\n      table: nat\n      chain: A\n      content: contains\n    - name: b\n      table: nat\n      chain: B\n      jumps:\n        - chain: A\n          rule: -j B\n");
+    }
+
+    #[test]
+    fn duplicate_chains_and_set_checks() {
+        let errors = invalid(
+            "spec:\n  chains:\n    - name: a\n      table: nat\n      chain: A\n    - name: b\n      table: nat\n      chain: A\n  ipsets:\n    - name: a\n      type: hash:ip\n    - name: s\n      type: list:set\n    - name: t\n      type: hash:ip\n      members: [10.0.0.0/24, \"fd00::1\", \"10.0.0.1,80\"]\n      forbidden: [\"10.96.0.0/12\", \"fd00::1\"]\n",
+        );
+        assert_one(&errors, "spec.chains[1]", "protects the same chain as `a`");
+        assert_one(&errors, "spec.ipsets[0].name", "already used");
+        assert_one(
+            &errors,
+            "spec.ipsets[1].type",
+            "unsupported set type `list:set`",
+        );
+        assert_one(&errors, "spec.ipsets[2].members[0]", "is a prefix");
+        assert_one(
+            &errors,
+            "spec.ipsets[2].members[1]",
+            "is ipv6, but the set is ipv4",
+        );
+        assert_one(&errors, "spec.ipsets[2].members[2]", "has a port");
+        assert_one(
+            &errors,
+            "spec.ipsets[2].forbidden[1]",
+            "is ipv6, but the set is ipv4",
+        );
+    }
+}

@@ -62,15 +62,26 @@ pub struct Agent {
 impl Agent {
     /// Starts `netwarden run` and waits until it reports its initial sync.
     pub fn start(ns: &Sandbox, config: &Path) -> Agent {
-        Agent::start_with_env(ns, config, &[])
+        Agent::start_full(ns, config, &[], &[])
     }
 
+    /// As [`Agent::start`], with more arguments for `run`.
+    pub fn start_with(ns: &Sandbox, config: &Path, extra: &[&str]) -> Agent {
+        Agent::start_full(ns, config, extra, &[])
+    }
+
+    /// As [`Agent::start`], with environment variables for the agent.
     pub fn start_with_env(ns: &Sandbox, config: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_full(ns, config, &[], env)
+    }
+
+    pub fn start_full(ns: &Sandbox, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(BIN)
             .envs(env.iter().copied())
             .args(["run", "--config"])
             .arg(config)
             .args(["--netns", &ns.name, "--log-level", "debug"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,297 @@
+//! Chains and sets benchmark (harness = false; reports, asserts nothing).
+//!
+//! 1. A protected nat chain and its jump deleted in one iptables-nft transaction → restored by
+//!    the agent. Measured from outside, on an nf_tables notification socket in the same
+//!    namespace: from the NEWGEN of the deleting transaction to the NEWGEN of the agent's repair
+//!    (commit to commit), ≥ 200 runs. Beside it: how long one `iptables-nft-restore` of the same
+//!    size takes, spawn to exit (what the repair cannot go below).
+//! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
+//!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
+//!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
+//!
+//! Everything happens in throw-away namespaces; this process enters them itself, so the tools it
+//! runs and its notification socket live there too. Run as root: `cargo bench --bench chains`.
+
+use netwarden::netfilter::events::{NftEvent, NftEvents};
+use netwarden::sandbox::Sandbox;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
+const RUNS: usize = 200;
+const WARMUP: usize = 10;
+
+fn config(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
+    let p = dir.join("bench.yaml");
+    std::fs::write(
+        &p,
+        format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}"),
+    )
+    .unwrap();
+    p
+}
+
+/// Starts the agent (release build when benchmarking) and waits for its initial sync.
+fn agent(ns: &str, cfg: &std::path::Path) -> Child {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(cfg)
+        .args(["--netns", ns, "--log-level", "info"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("initial sync done") {
+            break;
+        }
+    }
+    // Keep draining so the agent never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+fn pipe(program: &str, args: &[&str], input: &str) -> (Duration, Option<u32>) {
+    let started = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect(program);
+    let pid = child.id();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{program} failed");
+    (started.elapsed(), Some(pid))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn summary(name: &str, mut v: Vec<f64>) -> String {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    format!(
+        "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+const CHAIN_SPEC: &str = r#"  chains:
+    - name: flannel-postrtg
+      table: nat
+      chain: FLANNEL-POSTRTG
+      rules:
+        - -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+        - -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+      jumps:
+        - chain: POSTROUTING
+          rule: -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+          position: first
+"#;
+
+const DELETE: &str = "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n";
+const RECREATE: &str = "*nat\n:BENCH-SCRATCH - [0:0]\n-A BENCH-SCRATCH -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN\n-A BENCH-SCRATCH -s 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n";
+
+fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>) {
+    let ns = Sandbox::create("nw-bench-chains").unwrap();
+    netwarden::netns::enter(&ns.name).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = agent(&ns.name, &config(dir.path(), CHAIN_SPEC));
+    let mut latencies = Vec::new();
+    let mut restore_alone = Vec::new();
+    rt.block_on(async {
+        let mut events = NftEvents::subscribe().unwrap();
+        for run in 0..RUNS + WARMUP {
+            // Not waited for here: the notification socket must be read while the transaction
+            // commits, or both NEWGENs would be timestamped when this process gets to them.
+            let mut del = Command::new("iptables-nft-restore")
+                .args(["--noflush", "-w"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deleter = Some(del.id());
+            del.stdin
+                .take()
+                .unwrap()
+                .write_all(DELETE.as_bytes())
+                .unwrap();
+            let mut t0 = None;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut repaired = None;
+            while repaired.is_none() && Instant::now() < deadline {
+                let Ok(Ok(batch)) =
+                    tokio::time::timeout(Duration::from_secs(5), events.next()).await
+                else {
+                    break;
+                };
+                let now = Instant::now();
+                for ev in batch {
+                    if let NftEvent::NewGen { pid, .. } = ev {
+                        if pid == deleter && t0.is_none() {
+                            t0 = Some(now);
+                        } else if t0.is_some() && pid != deleter {
+                            repaired = Some(now);
+                        }
+                    }
+                }
+            }
+            assert!(del.wait().unwrap().success());
+            let (Some(t0), Some(t1)) = (t0, repaired) else {
+                panic!("run {run}: no repair seen within 5 s");
+            };
+            if run >= WARMUP {
+                latencies.push((t1 - t0).as_secs_f64() * 1e3);
+            }
+            // Let the agent finish verifying before the next deletion.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(1), events.next()).await
+            {}
+            if run < 50 {
+                let (took, _) = pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
+                restore_alone.push(took.as_secs_f64() * 1e3);
+                pipe(
+                    "iptables-nft-restore",
+                    &["--noflush", "-w"],
+                    "*nat\n-F BENCH-SCRATCH\n-X BENCH-SCRATCH\nCOMMIT\n",
+                );
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(1), events.next()).await
+                {
+                }
+            }
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    (latencies, restore_alone)
+}
+
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // Fields 14-17 (utime, stime, cutime, cstime), counted from 3 after the command name.
+    (f[11] + f[12], f[13] + f[14])
+}
+
+fn set_bench() -> (Vec<f64>, f64, f64) {
+    let ns = Sandbox::create("nw-bench-sets").unwrap();
+    netwarden::netns::enter(&ns.name).unwrap();
+    let mut members = String::new();
+    let mut restore = String::from("create big hash:ip family inet maxelem 131072\n");
+    for i in 0..10_000u32 {
+        let ip = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+        members.push_str(&format!("        - {ip}\n"));
+        restore.push_str(&format!("add big {ip}\n"));
+    }
+    pipe("ipset", &["restore"], &restore);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("  pollInterval: 1s\n  ipsets:\n    - name: big\n      type: hash:ip\n      membership: exact\n      members:\n{members}");
+    let mut child = agent(&ns.name, &config(dir.path(), &spec));
+    let mut restored = Vec::new();
+    for i in 0..20u32 {
+        let ip = format!("10.100.{}.{}", (i * 37 / 256) % 256, (i * 37) % 256);
+        let t0 = Instant::now();
+        let ok = Command::new("ipset")
+            .args(["del", "big", &ip])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        loop {
+            let back = Command::new("ipset")
+                .args(["test", "big", &ip])
+                .stderr(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            if back.success() {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "member not restored");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        restored.push(t0.elapsed().as_secs_f64() * 1e3);
+        // De-phase the next removal against the poll timer.
+        std::thread::sleep(Duration::from_millis(137));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // /proc/PID/stat counts in USER_HZ, which Linux fixes at 100 for user space.
+    let hz = 100.0;
+    let (own0, kids0) = cpu_ticks(child.id());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let (own1, kids1) = cpu_ticks(child.id());
+    let secs = t0.elapsed().as_secs_f64();
+    let own = (own1 - own0) as f64 / hz / secs * 100.0;
+    let kids = (kids1 - kids0) as f64 / hz / secs * 100.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    (restored, own, kids)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if let Err(e) = Sandbox::create("nw-bench-probe") {
+        eprintln!("chains bench: cannot create a network namespace ({e}); needs root, skipped");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Each part runs in its own thread: each enters its own namespace.
+    let (latencies, alone) = std::thread::spawn(move || chain_bench(&rt)).join().unwrap();
+    let (restored, own, kids) = std::thread::spawn(set_bench).join().unwrap();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "kernel {} cores {}",
+        kernel.trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "| measurement | runs | p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|---|---|"
+    );
+    println!(
+        "{}",
+        summary(
+            "nat chain + jump deleted (one nft transaction) → restored, commit to commit",
+            latencies
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "one iptables-nft-restore of a 2-rule chain, spawn to exit (floor)",
+            alone
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "10,000-member set, one member removed → back (pollInterval 1 s)",
+            restored
+        )
+    );
+    println!("\npolling a quiet 10,000-member set every 1 s for 20 s: agent {own:.2} % of one core, its ipset children {kids:.2} %, total {:.2} %", own + kids);
+}

@@ -1,0 +1,483 @@
+//! The task that keeps protected chains and sets in place, beside the rtnetlink agent.
+//!
+//! nft backend: an nf_tables notification touching a protected chain (or a chain holding one of
+//! its jumps) marks its table; at the end of that transaction (NEWGEN) only the marked tables are
+//! read and repaired. Transactions committed by netwarden's own restores are recognised by the
+//! NEWGEN sender pid and not re-read. Legacy backend: the protected tables are read every
+//! `pollInterval`. Sets (never notified): `ipset save NAME` every `pollInterval`, parsed and
+//! planned only when the text differs from the last in-sync read.
+
+use super::events::{NftEvent, NftEvents};
+use super::model::{DesiredChain, DesiredSet, Table, TableId};
+use super::plan::{self, ChainDrift, SetDrift};
+use super::render;
+use super::tools::{self, Backend, BackendChoice, ToolError};
+use crate::model::Mode;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tracing::{debug, error, info, warn};
+
+/// Repairs of one table in a row that may not converge before a chain is only reported.
+const MAX_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Error)]
+pub enum GuardError {
+    #[error("cannot subscribe to nf_tables notifications: {0}")]
+    Subscribe(#[source] std::io::Error),
+    #[error("nf_tables notification socket failed: {0}")]
+    Events(#[source] std::io::Error),
+}
+
+/// Counters (exported as metrics by the observability layer).
+#[derive(Clone, Debug, Default)]
+pub struct GuardStats {
+    pub chain_repairs: u64,
+    pub set_repairs: u64,
+    pub repair_failures: u64,
+    /// Forbidden members seen in a protected set (removed in enforce mode, reported in observe).
+    pub forbidden_members: u64,
+    pub forbidden_removed: u64,
+    pub table_reads: u64,
+    pub set_reads: u64,
+}
+
+pub struct Guard {
+    backend: Backend,
+    chains: Vec<DesiredChain>,
+    sets: Vec<DesiredSet>,
+    poll: Duration,
+    resync: Duration,
+    events: Option<NftEvents>,
+    /// Chains whose changes matter, per table: the protected ones and those holding jumps.
+    watched: HashMap<TableId, HashSet<String>>,
+    /// Digest of the last `ipset save` text of each protected set that was in sync.
+    headers: HashMap<String, u64>,
+    /// What was last said about each object, so logs speak of transitions, not repeats.
+    reported: HashMap<String, String>,
+    /// Objects a repair did not fix (the kernel prints the rules differently from the config):
+    /// only reported from then on, so that `contains` does not append a rule every poll.
+    stuck: HashSet<String>,
+    /// Pids of netwarden's own recent restores.
+    own: VecDeque<u32>,
+    /// Forbidden members already reported per observe-mode set: reported once, not every poll.
+    known_forbidden: HashMap<String, HashSet<super::model::Member>>,
+    pub stats: GuardStats,
+}
+
+impl Guard {
+    /// Detects the backend, subscribes to notifications and brings everything in place once.
+    /// Logs `chains and sets in sync` when done.
+    pub async fn start(
+        chains: Vec<DesiredChain>,
+        sets: Vec<DesiredSet>,
+        poll: Duration,
+        resync: Duration,
+        choice: BackendChoice,
+    ) -> Result<Guard, GuardError> {
+        // Nothing to protect: no tools run, no socket.
+        let backend = if chains.is_empty() {
+            Backend::Nft
+        } else {
+            tools::detect(choice).await
+        };
+        let events = if backend == Backend::Nft && !chains.is_empty() {
+            Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?)
+        } else {
+            None
+        };
+        let mut watched: HashMap<TableId, HashSet<String>> = HashMap::new();
+        for c in &chains {
+            let w = watched.entry(c.key.table_id()).or_default();
+            w.insert(c.key.chain.clone());
+            w.extend(c.jumps.iter().map(|j| j.chain.clone()));
+        }
+        let mut guard = Guard {
+            backend,
+            chains,
+            sets,
+            poll,
+            resync,
+            events,
+            watched,
+            headers: HashMap::new(),
+            reported: HashMap::new(),
+            stuck: HashSet::new(),
+            own: VecDeque::new(),
+            known_forbidden: HashMap::new(),
+            stats: GuardStats::default(),
+        };
+        if !guard.is_idle() {
+            let started = Instant::now();
+            let tables: BTreeSet<TableId> = guard.watched.keys().copied().collect();
+            guard.sync_tables(&tables).await;
+            guard.sync_sets(true).await;
+            info!(
+                chains = guard.chains.len(),
+                ipsets = guard.sets.len(),
+                backend = guard.backend.as_str(),
+                events = guard.events.is_some(),
+                poll_ms = guard.poll.as_millis() as u64,
+                still_drifted = guard.reported.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "chains and sets in sync"
+            );
+        }
+        Ok(guard)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn is_idle(&self) -> bool {
+        self.chains.is_empty() && self.sets.is_empty()
+    }
+
+    /// Runs until an unrecoverable error; with nothing to protect, never returns.
+    pub async fn run(mut self) -> Result<(), GuardError> {
+        if self.is_idle() {
+            return std::future::pending().await;
+        }
+        let start = tokio::time::Instant::now();
+        let mut poll = tokio::time::interval_at(start + self.poll, self.poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = tokio::time::interval_at(start + self.resync, self.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let all: BTreeSet<TableId> = self.watched.keys().copied().collect();
+        let mut dirty: BTreeSet<TableId> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                batch = next_events(&mut self.events) => {
+                    let batch = batch.map_err(GuardError::Events)?;
+                    for ev in batch {
+                        match ev {
+                            NftEvent::Touch { family, table, chain, removed } => {
+                                let Some(table) = Table::parse(&table) else { continue };
+                                let id = TableId { family, table };
+                                let Some(watched) = self.watched.get(&id) else { continue };
+                                if chain.as_ref().is_none_or(|c| watched.contains(c)) {
+                                    debug!(table = %id, chain = ?chain, removed, "nf_tables change");
+                                    dirty.insert(id);
+                                }
+                            }
+                            NftEvent::NewGen { pid, process } => {
+                                if dirty.is_empty() {
+                                    continue;
+                                }
+                                if pid.is_some_and(|p| self.own.contains(&p)) {
+                                    // Our own restore: already verified after applying it.
+                                    dirty.clear();
+                                    continue;
+                                }
+                                debug!(pid = ?pid, process = ?process, "transaction touched protected chains");
+                                let tables = std::mem::take(&mut dirty);
+                                self.sync_tables(&tables).await;
+                            }
+                            NftEvent::Overrun => {
+                                warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
+                                dirty.clear();
+                                self.sync_tables(&all).await;
+                            }
+                        }
+                    }
+                }
+                _ = poll.tick() => {
+                    if self.events.is_none() {
+                        self.sync_tables(&all).await;
+                    }
+                    self.sync_sets(false).await;
+                }
+                _ = resync.tick() => {
+                    self.sync_tables(&all).await;
+                    self.sync_sets(true).await;
+                }
+            }
+        }
+    }
+
+    /// Reads, plans and repairs the given tables. Each repair is verified by reading again; a
+    /// table still drifting is repaired again (someone may be removing things concurrently, as
+    /// `iptables -D …; iptables -F …; iptables -X …` does in three transactions), up to
+    /// [`MAX_ATTEMPTS`] times, after which the chains still drifting are only reported.
+    async fn sync_tables(&mut self, tables: &BTreeSet<TableId>) {
+        for &id in tables {
+            let mut attempt = 0;
+            loop {
+                let started = Instant::now();
+                let Some(observed) = self.read_table(id).await else {
+                    break;
+                };
+                let desired = self.desired_chains(id);
+                let refs: Vec<&DesiredChain> = desired.iter().collect();
+                let (drifts, repair) = plan::plan_table(&refs, observed.as_ref());
+                if repair.is_empty() {
+                    self.report_chains(id, &drifts);
+                    break;
+                }
+                if attempt == MAX_ATTEMPTS {
+                    self.give_up(&drifts, observed.as_ref());
+                    self.report_chains(id, &drifts);
+                    break;
+                }
+                attempt += 1;
+                let input = render::iptables_restore(id.table, &repair);
+                debug!(table = %id, input = %input, attempt, "restoring");
+                match tools::restore(self.backend, id.family, &input).await {
+                    Ok(pid) => {
+                        if let Some(pid) = pid {
+                            self.own.push_back(pid);
+                            if self.own.len() > 16 {
+                                self.own.pop_front();
+                            }
+                        }
+                        let names: Vec<&str> = drifts
+                            .iter()
+                            .filter(|d| d.mode == Mode::Enforce)
+                            .map(|d| d.name.as_str())
+                            .collect();
+                        self.stats.chain_repairs += names.len() as u64;
+                        info!(
+                            kind = "chain",
+                            table = %id,
+                            names = %names.join(","),
+                            what = %drifts.iter().flat_map(|d| d.findings.iter().map(ToString::to_string)).collect::<Vec<_>>().join("; "),
+                            took_us = started.elapsed().as_micros() as u64,
+                            attempt,
+                            "restored"
+                        );
+                    }
+                    Err(e) => {
+                        self.stats.repair_failures += 1;
+                        error!(kind = "chain", table = %id, error = %e, "repair failed");
+                        self.report_chains(id, &drifts);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Repairs were applied and the chains still drift: most likely a rule written otherwise
+    /// than iptables-save prints it, which no number of re-applies fixes.
+    fn give_up(&mut self, drifts: &[ChainDrift], observed: Option<&super::parse::SavedTable>) {
+        for d in drifts.iter().filter(|d| d.mode == Mode::Enforce) {
+            let chain = observed.and_then(|t| {
+                t.chains
+                    .get(d.object.rsplit(' ').next().unwrap_or_default())
+            });
+            let printed: Vec<String> = chain
+                .map(|c| c.rules.iter().map(|r| format!("`{r}`")).collect())
+                .unwrap_or_default();
+            error!(
+                kind = "chain",
+                name = %d.name,
+                object = %d.object,
+                drift = %d.findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                printed = %printed.join(", "),
+                "repair did not take after {MAX_ATTEMPTS} attempts: iptables-save probably prints these rules differently from the config; write them exactly as iptables-save prints them (`netwarden snapshot` does). Only reporting this chain from now on"
+            );
+            self.stuck.insert(d.name.clone());
+        }
+    }
+
+    async fn read_table(&mut self, id: TableId) -> Option<Option<super::parse::SavedTable>> {
+        self.stats.table_reads += 1;
+        match tools::save_table(self.backend, id).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                error!(table = %id, error = %e, "cannot read the table");
+                None
+            }
+        }
+    }
+
+    /// The protected chains of a table, stuck ones demoted to observe.
+    fn desired_chains(&self, id: TableId) -> Vec<DesiredChain> {
+        self.chains
+            .iter()
+            .filter(|c| c.key.table_id() == id)
+            .map(|c| {
+                let mut c = c.clone();
+                if self.stuck.contains(&c.name) {
+                    c.mode = Mode::Observe;
+                }
+                c
+            })
+            .collect()
+    }
+
+    fn report_chains(&mut self, id: TableId, drifts: &[ChainDrift]) {
+        let mut seen = HashSet::new();
+        for d in drifts {
+            seen.insert(d.name.clone());
+            if d.mode == Mode::Enforce {
+                continue;
+            }
+            let text = d
+                .findings
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            if self.reported.get(&d.name) != Some(&text) {
+                warn!(kind = "chain", name = %d.name, object = %d.object, mode = "observe", drift = %text, "drift");
+                self.reported.insert(d.name.clone(), text);
+            }
+        }
+        for c in self.chains.iter().filter(|c| c.key.table_id() == id) {
+            if !seen.contains(&c.name) && self.reported.remove(&c.name).is_some() {
+                info!(kind = "chain", name = %c.name, "back in sync");
+            }
+        }
+    }
+
+    /// Checks the protected sets. Each set is read with `ipset save NAME` (no header-only
+    /// shortcut: swapping one member for another leaves `ipset list -t` unchanged); when the
+    /// text is byte-for-byte what it was at the last in-sync read, nothing is parsed or
+    /// planned, which keeps a quiet 10,000-member set cheap. `full` re-plans regardless.
+    async fn sync_sets(&mut self, full: bool) {
+        if self.sets.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut drifts: Vec<SetDrift> = Vec::new();
+        let mut repairs = Vec::new();
+        let sets = self.sets.clone();
+        for d in &sets {
+            self.stats.set_reads += 1;
+            let text = match tools::ipset_save_text(&d.set).await {
+                Ok(t) => t,
+                Err(e) => {
+                    error!(set = %d.set, error = %e, "cannot read the set");
+                    continue;
+                }
+            };
+            let digest = text.as_deref().map(digest);
+            if !full && digest.is_some() && digest == self.headers.get(&d.set).copied() {
+                continue;
+            }
+            let observed = match text
+                .as_deref()
+                .map(|t| tools::parse_set(&d.set, t))
+                .transpose()
+            {
+                Ok(o) => o.flatten(),
+                Err(e) => {
+                    error!(set = %d.set, error = %e, "cannot read the set");
+                    continue;
+                }
+            };
+            let (drift, repair) = plan::plan_set(d, observed.as_ref());
+            match drift {
+                None => {
+                    self.known_forbidden.remove(&d.name);
+                    if let Some(h) = digest {
+                        self.headers.insert(d.set.clone(), h);
+                    }
+                    if self.reported.remove(&d.name).is_some() {
+                        info!(kind = "ipset", name = %d.name, "back in sync");
+                    }
+                }
+                Some(drift) => {
+                    self.headers.remove(&d.set);
+                    drifts.push(drift);
+                }
+            }
+            repairs.extend(repair);
+        }
+        let applied = if repairs.is_empty() {
+            true
+        } else {
+            let input = render::ipset_restore(&repairs);
+            match tools::ipset_restore(&input).await {
+                Ok(()) => true,
+                Err(e) => {
+                    self.stats.repair_failures += 1;
+                    error!(kind = "ipset", error = %e, "repair failed");
+                    false
+                }
+            }
+        };
+        let took = started.elapsed();
+        for d in &drifts {
+            let text = d
+                .findings
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let mut forbidden = d.forbidden().to_vec();
+            if d.mode == Mode::Observe {
+                // Still there since the last poll: already reported and counted.
+                let known = self.known_forbidden.entry(d.name.clone()).or_default();
+                let now: HashSet<_> = forbidden.iter().copied().collect();
+                forbidden.retain(|m| !known.contains(m));
+                *known = now;
+            }
+            if !forbidden.is_empty() {
+                self.stats.forbidden_members += forbidden.len() as u64;
+                let removed = d.mode == Mode::Enforce && applied;
+                if removed {
+                    self.stats.forbidden_removed += forbidden.len() as u64;
+                }
+                for m in &forbidden {
+                    warn!(
+                        kind = "ipset",
+                        name = %d.name,
+                        set = %d.object,
+                        member = %m,
+                        action = if removed { "removed" } else { "reported" },
+                        mode = if d.mode == Mode::Enforce { "enforce" } else { "observe" },
+                        forbidden_total = self.stats.forbidden_members,
+                        "forbidden member in protected set"
+                    );
+                }
+            }
+            if d.mode == Mode::Enforce && applied {
+                self.stats.set_repairs += 1;
+                info!(kind = "ipset", name = %d.name, set = %d.object, what = %text, took_us = took.as_micros() as u64, "restored");
+            } else if self.reported.get(&d.name) != Some(&text) {
+                warn!(kind = "ipset", name = %d.name, set = %d.object, mode = "observe", drift = %text, "drift");
+                self.reported.insert(d.name.clone(), text);
+            }
+        }
+    }
+}
+
+/// The next batch of notifications, or never when there is no socket (legacy backend).
+async fn next_events(events: &mut Option<NftEvents>) -> std::io::Result<Vec<NftEvent>> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads every protected chain and set once, changing nothing (`netwarden check`).
+pub async fn check(
+    chains: &[DesiredChain],
+    sets: &[DesiredSet],
+    choice: BackendChoice,
+) -> Result<(Vec<ChainDrift>, Vec<SetDrift>), ToolError> {
+    let mut chain_drifts = Vec::new();
+    if !chains.is_empty() {
+        let backend = tools::detect(choice).await;
+        for (id, desired) in plan::by_table(chains) {
+            let observed = tools::save_table(backend, id).await?;
+            chain_drifts.extend(plan::plan_table(&desired, observed.as_ref()).0);
+        }
+    }
+    let mut set_drifts = Vec::new();
+    for d in sets {
+        let observed = tools::ipset_save(&d.set).await?;
+        set_drifts.extend(plan::plan_set(d, observed.as_ref()).0);
+    }
+    Ok((chain_drifts, set_drifts))
+}
+
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}

@@ -1,0 +1,681 @@
+//! The diff for chains and sets: desired vs what `iptables-save` / `ipset save` printed, as
+//! findings (for logs and `check`) and the smallest repair (for the restore input). Pure.
+//!
+//! Ownership follows the config: an `exact` chain is rewritten as a whole (flush + rules, one
+//! transaction) when anything inside differs; a `contains` chain only gets its missing rules
+//! appended; a missing jump is added without touching the chain it jumps to. Sets get missing
+//! members added, forbidden ones deleted, and (only when `exact`) extra ones deleted.
+
+use super::model::{Content, DesiredChain, DesiredSet, Member, Position, SetType, TableId};
+use super::parse::{SavedSet, SavedTable};
+use super::rulespec::RuleSpec;
+use crate::model::{Family, Mode};
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ChainFinding {
+    /// The chain does not exist.
+    Missing,
+    /// Rules inside the chain differ (`reordered`: same rules, another order; exact mode only).
+    Rules {
+        #[serde(serialize_with = "display_list")]
+        missing: Vec<RuleSpec>,
+        #[serde(serialize_with = "display_list")]
+        extra: Vec<RuleSpec>,
+        reordered: bool,
+    },
+    JumpMissing {
+        chain: String,
+        #[serde(serialize_with = "display_one")]
+        rule: RuleSpec,
+    },
+    JumpNotFirst {
+        chain: String,
+        #[serde(serialize_with = "display_one")]
+        rule: RuleSpec,
+    },
+}
+
+fn display_list<S: serde::Serializer, T: fmt::Display>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(ToString::to_string))
+}
+
+fn display_one<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl fmt::Display for ChainFinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainFinding::Missing => f.write_str("chain missing"),
+            ChainFinding::Rules {
+                missing,
+                extra,
+                reordered,
+            } => {
+                let mut parts = Vec::new();
+                if !missing.is_empty() {
+                    parts.push(format!(
+                        "{} rule(s) missing: `{}`",
+                        missing.len(),
+                        missing[0]
+                    ));
+                }
+                if !extra.is_empty() {
+                    parts.push(format!("{} extra rule(s): `{}`", extra.len(), extra[0]));
+                }
+                if *reordered {
+                    parts.push("rules out of order".to_owned());
+                }
+                f.write_str(&parts.join("; "))
+            }
+            ChainFinding::JumpMissing { chain, rule } => {
+                write!(f, "jump missing in {chain}: `{rule}`")
+            }
+            ChainFinding::JumpNotFirst { chain, rule } => {
+                write!(f, "jump not first in {chain}: `{rule}`")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainDrift {
+    pub name: String,
+    pub mode: Mode,
+    pub object: String,
+    pub findings: Vec<ChainFinding>,
+}
+
+/// What one `iptables-restore --noflush` transaction must do in one table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableRepair {
+    /// User chains to declare (which creates or flushes them) and then fill, in order.
+    pub rewrite: Vec<(String, Vec<RuleSpec>)>,
+    /// Rules to delete first (a jump to move to the front).
+    pub delete: Vec<(String, RuleSpec)>,
+    /// Rules to append to chains that are not rewritten.
+    pub append: Vec<(String, RuleSpec)>,
+    /// Rules to insert at the head of a chain, in the order they must end up in.
+    pub insert_first: Vec<(String, RuleSpec)>,
+}
+
+impl TableRepair {
+    pub fn is_empty(&self) -> bool {
+        self.rewrite.is_empty()
+            && self.delete.is_empty()
+            && self.append.is_empty()
+            && self.insert_first.is_empty()
+    }
+}
+
+/// Multiset difference `a - b`, in `a`'s order.
+fn minus(a: &[RuleSpec], b: &[RuleSpec]) -> Vec<RuleSpec> {
+    let mut left: HashMap<&RuleSpec, usize> = HashMap::new();
+    for r in b {
+        *left.entry(r).or_default() += 1;
+    }
+    a.iter()
+        .filter(|r| match left.get_mut(r) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+/// Plans one table. `desired` are the protected chains of that table; `observed` what
+/// `iptables-save -t` printed (`None`: the table does not exist).
+pub fn plan_table(
+    desired: &[&DesiredChain],
+    observed: Option<&SavedTable>,
+) -> (Vec<ChainDrift>, TableRepair) {
+    let mut drifts = Vec::new();
+    let mut repair = TableRepair::default();
+    let no_rules: Vec<RuleSpec> = Vec::new();
+    let rules_of = |chain: &str| -> Option<&Vec<RuleSpec>> {
+        observed.and_then(|t| t.chains.get(chain)).map(|c| &c.rules)
+    };
+    // How many jumps must sit at the head of each chain: a jump is "first" when it is inside
+    // that leading block, so two first-jumps into one chain do not fight.
+    let mut head: HashMap<&str, usize> = HashMap::new();
+    for c in desired {
+        for j in &c.jumps {
+            if j.position == Position::First {
+                *head.entry(j.chain.as_str()).or_default() += 1;
+            }
+        }
+    }
+    for c in desired {
+        let enforce = c.mode == Mode::Enforce;
+        let mut findings = Vec::new();
+        match rules_of(&c.key.chain) {
+            None => {
+                findings.push(ChainFinding::Missing);
+                if enforce {
+                    repair.rewrite.push((c.key.chain.clone(), c.rules.clone()));
+                }
+            }
+            Some(observed) => {
+                let missing = minus(&c.rules, observed);
+                match c.content {
+                    Content::Exact if observed != &c.rules => {
+                        let extra = minus(observed, &c.rules);
+                        let reordered = missing.is_empty() && extra.is_empty();
+                        findings.push(ChainFinding::Rules {
+                            missing,
+                            extra,
+                            reordered,
+                        });
+                        if enforce {
+                            repair.rewrite.push((c.key.chain.clone(), c.rules.clone()));
+                        }
+                    }
+                    Content::Contains if !missing.is_empty() => {
+                        if enforce {
+                            for r in &missing {
+                                repair.append.push((c.key.chain.clone(), r.clone()));
+                            }
+                        }
+                        findings.push(ChainFinding::Rules {
+                            missing,
+                            extra: Vec::new(),
+                            reordered: false,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for j in &c.jumps {
+            let rules = rules_of(&j.chain).unwrap_or(&no_rules);
+            let at = rules.iter().position(|r| r == &j.rule);
+            match (j.position, at) {
+                (Position::Any, Some(_)) => {}
+                (Position::First, Some(i))
+                    if i < head.get(j.chain.as_str()).copied().unwrap_or(1) => {}
+                (Position::Any, None) => {
+                    findings.push(ChainFinding::JumpMissing {
+                        chain: j.chain.clone(),
+                        rule: j.rule.clone(),
+                    });
+                    if enforce {
+                        repair.append.push((j.chain.clone(), j.rule.clone()));
+                    }
+                }
+                (Position::First, at) => {
+                    let rule = j.rule.clone();
+                    if at.is_some() {
+                        findings.push(ChainFinding::JumpNotFirst {
+                            chain: j.chain.clone(),
+                            rule: rule.clone(),
+                        });
+                        if enforce {
+                            repair.delete.push((j.chain.clone(), rule.clone()));
+                        }
+                    } else {
+                        findings.push(ChainFinding::JumpMissing {
+                            chain: j.chain.clone(),
+                            rule: rule.clone(),
+                        });
+                    }
+                    if enforce {
+                        repair.insert_first.push((j.chain.clone(), rule));
+                    }
+                }
+            }
+        }
+        if !findings.is_empty() {
+            drifts.push(ChainDrift {
+                name: c.name.clone(),
+                mode: c.mode,
+                object: c.key.to_string(),
+                findings,
+            });
+        }
+    }
+    (drifts, repair)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SetFinding {
+    Missing,
+    /// The set exists with another type or family: netwarden never destroys a set, so this
+    /// needs a person.
+    WrongType {
+        observed: String,
+    },
+    MembersMissing {
+        #[serde(serialize_with = "display_list")]
+        members: Vec<Member>,
+    },
+    Extra {
+        #[serde(serialize_with = "display_list")]
+        members: Vec<Member>,
+    },
+    Forbidden {
+        #[serde(serialize_with = "display_list")]
+        members: Vec<Member>,
+    },
+}
+
+impl fmt::Display for SetFinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let few = |m: &[Member]| {
+            let shown: Vec<String> = m.iter().take(3).map(ToString::to_string).collect();
+            let more = if m.len() > 3 { ", …" } else { "" };
+            format!("{} ({}{more})", m.len(), shown.join(", "))
+        };
+        match self {
+            SetFinding::Missing => f.write_str("set missing"),
+            SetFinding::WrongType { observed } => {
+                write!(
+                    f,
+                    "set exists as `{observed}`; not repaired (it would have to be destroyed)"
+                )
+            }
+            SetFinding::MembersMissing { members } => {
+                write!(f, "members missing: {}", few(members))
+            }
+            SetFinding::Extra { members } => write!(f, "extra members: {}", few(members)),
+            SetFinding::Forbidden { members } => {
+                write!(f, "forbidden members present: {}", few(members))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SetDrift {
+    pub name: String,
+    pub mode: Mode,
+    pub object: String,
+    pub findings: Vec<SetFinding>,
+}
+
+impl SetDrift {
+    pub fn forbidden(&self) -> &[Member] {
+        self.findings
+            .iter()
+            .find_map(|f| match f {
+                SetFinding::Forbidden { members } => Some(members.as_slice()),
+                _ => None,
+            })
+            .unwrap_or(&[])
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetRepair {
+    pub create: Option<(String, SetType, Family)>,
+    pub add: Vec<(String, Member)>,
+    pub del: Vec<(String, Member)>,
+}
+
+impl SetRepair {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_none() && self.add.is_empty() && self.del.is_empty()
+    }
+
+    pub fn extend(&mut self, other: SetRepair) {
+        debug_assert!(other.create.is_none() || self.create.is_none());
+        if other.create.is_some() {
+            self.create = other.create;
+        }
+        self.add.extend(other.add);
+        self.del.extend(other.del);
+    }
+}
+
+pub fn plan_set(d: &DesiredSet, observed: Option<&SavedSet>) -> (Option<SetDrift>, Vec<SetRepair>) {
+    let enforce = d.mode == Mode::Enforce;
+    let mut findings = Vec::new();
+    let mut repair = SetRepair::default();
+    let family = super::model::ipset_family(d.family);
+    let empty = std::collections::HashSet::new();
+    let members = match observed {
+        None => {
+            findings.push(SetFinding::Missing);
+            if enforce {
+                repair.create = Some((d.set.clone(), d.kind, d.family));
+            }
+            &empty
+        }
+        Some(s)
+            if s.kind != d.kind.as_str() || s.family.as_deref().is_some_and(|f| f != family) =>
+        {
+            let observed = format!("{} family {}", s.kind, s.family.as_deref().unwrap_or("-"));
+            findings.push(SetFinding::WrongType { observed });
+            let drift = SetDrift {
+                name: d.name.clone(),
+                mode: d.mode,
+                object: d.set.clone(),
+                findings,
+            };
+            return (Some(drift), Vec::new());
+        }
+        Some(s) => &s.members,
+    };
+    let missing: Vec<Member> = d
+        .members
+        .iter()
+        .filter(|m| !members.contains(m))
+        .copied()
+        .collect();
+    let mut forbidden: Vec<Member> = members
+        .iter()
+        .filter(|m| d.forbids(m).is_some())
+        .copied()
+        .collect();
+    forbidden.sort();
+    let mut extra: Vec<Member> = if d.membership == Content::Exact {
+        let want: std::collections::HashSet<&Member> = d.members.iter().collect();
+        members
+            .iter()
+            .filter(|m| !want.contains(m) && d.forbids(m).is_none())
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    extra.sort();
+    if enforce {
+        repair.add = missing.iter().map(|m| (d.set.clone(), *m)).collect();
+        repair.del = forbidden
+            .iter()
+            .chain(&extra)
+            .map(|m| (d.set.clone(), *m))
+            .collect();
+    }
+    // A missing set's members are implied by "set missing".
+    if !missing.is_empty() && observed.is_some() {
+        findings.push(SetFinding::MembersMissing { members: missing });
+    }
+    if !extra.is_empty() {
+        findings.push(SetFinding::Extra { members: extra });
+    }
+    if !forbidden.is_empty() {
+        findings.push(SetFinding::Forbidden { members: forbidden });
+    }
+    let drift = (!findings.is_empty()).then(|| SetDrift {
+        name: d.name.clone(),
+        mode: d.mode,
+        object: d.set.clone(),
+        findings,
+    });
+    let repairs = if repair.is_empty() {
+        Vec::new()
+    } else {
+        vec![repair]
+    };
+    (drift, repairs)
+}
+
+/// Forbidden prefixes that a desired member overlaps (config validation uses this).
+pub fn conflicts(members: &[Member], forbidden: &[IpNet]) -> Vec<(Member, IpNet)> {
+    members
+        .iter()
+        .filter_map(|m| forbidden.iter().find(|f| m.overlaps(f)).map(|f| (*m, *f)))
+        .collect()
+}
+
+/// Which tables the desired chains live in, with their chains.
+pub fn by_table(
+    chains: &[DesiredChain],
+) -> std::collections::BTreeMap<TableId, Vec<&DesiredChain>> {
+    let mut out: std::collections::BTreeMap<TableId, Vec<&DesiredChain>> = Default::default();
+    for c in chains {
+        out.entry(c.key.table_id()).or_default().push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::model::{ChainKey, Jump, Table};
+    use crate::netfilter::parse::iptables_save;
+
+    fn r(s: &str) -> RuleSpec {
+        RuleSpec::parse(s).unwrap()
+    }
+
+    fn flannel(content: Content, position: Position) -> DesiredChain {
+        DesiredChain {
+            name: "flannel".into(),
+            mode: Mode::Enforce,
+            key: ChainKey {
+                family: Family::Ipv4,
+                table: Table::Nat,
+                chain: "FLANNEL-POSTRTG".into(),
+            },
+            rules: vec![
+                r("-s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN"),
+                r("-s 10.244.0.0/16 -j MASQUERADE"),
+            ],
+            content,
+            jumps: vec![Jump {
+                chain: "POSTROUTING".into(),
+                rule: r("-j FLANNEL-POSTRTG"),
+                position,
+            }],
+        }
+    }
+
+    fn nat(body: &str) -> SavedTable {
+        let text =
+            format!("*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n{body}COMMIT\n");
+        iptables_save(&text).unwrap().remove("nat").unwrap()
+    }
+
+    const INTACT: &str = ":FLANNEL-POSTRTG - [0:0]\n-A POSTROUTING -j FLANNEL-POSTRTG\n\
+        -A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN\n\
+        -A FLANNEL-POSTRTG -s 10.244.0.0/16 -j MASQUERADE\n";
+
+    #[test]
+    fn intact_chain_needs_nothing() {
+        let d = flannel(Content::Exact, Position::First);
+        let (drift, repair) = plan_table(&[&d], Some(&nat(INTACT)));
+        assert!(drift.is_empty(), "{drift:?}");
+        assert!(repair.is_empty());
+    }
+
+    #[test]
+    fn missing_chain_is_declared_with_its_rules_and_jump() {
+        let d = flannel(Content::Exact, Position::First);
+        let (drift, repair) = plan_table(&[&d], Some(&nat("")));
+        assert_eq!(drift[0].findings[0], ChainFinding::Missing);
+        assert_eq!(
+            repair.rewrite,
+            vec![("FLANNEL-POSTRTG".into(), d.rules.clone())]
+        );
+        assert_eq!(
+            repair.insert_first,
+            vec![("POSTROUTING".into(), r("-j FLANNEL-POSTRTG"))]
+        );
+        // No table at all (nft: the table was deleted): the same.
+        let (_, again) = plan_table(&[&d], None);
+        assert_eq!(again, repair);
+    }
+
+    #[test]
+    fn only_the_jump_missing_leaves_the_chain_alone() {
+        let d = flannel(Content::Exact, Position::Any);
+        let body = INTACT.replace("-A POSTROUTING -j FLANNEL-POSTRTG\n", "");
+        let (drift, repair) = plan_table(&[&d], Some(&nat(&body)));
+        assert!(repair.rewrite.is_empty(), "chain must not be flushed");
+        assert_eq!(
+            repair.append,
+            vec![("POSTROUTING".into(), r("-j FLANNEL-POSTRTG"))]
+        );
+        assert!(matches!(
+            drift[0].findings[..],
+            [ChainFinding::JumpMissing { .. }]
+        ));
+    }
+
+    #[test]
+    fn jump_behind_another_rule_moves_to_the_front() {
+        let d = flannel(Content::Exact, Position::First);
+        let body = INTACT.replace(
+            "-A POSTROUTING -j FLANNEL-POSTRTG\n",
+            "-A POSTROUTING -j KUBE-POSTROUTING\n-A POSTROUTING -j FLANNEL-POSTRTG\n",
+        );
+        let (drift, repair) = plan_table(&[&d], Some(&nat(&body)));
+        assert!(matches!(
+            drift[0].findings[..],
+            [ChainFinding::JumpNotFirst { .. }]
+        ));
+        assert_eq!(repair.delete.len(), 1);
+        assert_eq!(repair.insert_first.len(), 1);
+        // Any position: fine where it is.
+        let any = flannel(Content::Exact, Position::Any);
+        assert!(plan_table(&[&any], Some(&nat(&body))).1.is_empty());
+    }
+
+    #[test]
+    fn exact_rewrites_on_missing_extra_or_reordered_rules() {
+        let d = flannel(Content::Exact, Position::Any);
+        let missing = INTACT.replace("-A FLANNEL-POSTRTG -s 10.244.0.0/16 -j MASQUERADE\n", "");
+        let extra = format!("{INTACT}-A FLANNEL-POSTRTG -j ACCEPT\n");
+        let reordered = ":FLANNEL-POSTRTG - [0:0]\n-A POSTROUTING -j FLANNEL-POSTRTG\n\
+            -A FLANNEL-POSTRTG -s 10.244.0.0/16 -j MASQUERADE\n\
+            -A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN\n";
+        for (body, want) in [
+            (missing.as_str(), (1, 0, false)),
+            (extra.as_str(), (0, 1, false)),
+            (reordered, (0, 0, true)),
+        ] {
+            let (drift, repair) = plan_table(&[&d], Some(&nat(body)));
+            let ChainFinding::Rules {
+                missing,
+                extra,
+                reordered,
+            } = &drift[0].findings[0]
+            else {
+                panic!("{drift:?}");
+            };
+            assert_eq!((missing.len(), extra.len(), *reordered), want);
+            assert_eq!(repair.rewrite.len(), 1);
+            assert!(repair.append.is_empty());
+        }
+    }
+
+    #[test]
+    fn contains_appends_only_what_is_missing() {
+        let d = flannel(Content::Contains, Position::Any);
+        let body = ":FLANNEL-POSTRTG - [0:0]\n-A POSTROUTING -j FLANNEL-POSTRTG\n\
+            -A FLANNEL-POSTRTG -j ACCEPT\n-A FLANNEL-POSTRTG -s 10.244.0.0/16 -j MASQUERADE\n";
+        let (_, repair) = plan_table(&[&d], Some(&nat(body)));
+        assert!(repair.rewrite.is_empty());
+        assert_eq!(
+            repair.append,
+            vec![(
+                "FLANNEL-POSTRTG".into(),
+                r("-s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN")
+            )]
+        );
+    }
+
+    #[test]
+    fn observe_mode_reports_without_repair() {
+        let mut d = flannel(Content::Exact, Position::First);
+        d.mode = Mode::Observe;
+        let (drift, repair) = plan_table(&[&d], Some(&nat("")));
+        assert_eq!(drift.len(), 1);
+        assert!(repair.is_empty());
+    }
+
+    fn set(membership: Content, mode: Mode) -> DesiredSet {
+        DesiredSet {
+            name: "svip".into(),
+            mode,
+            set: "kube-router-svip".into(),
+            kind: SetType::HashIp,
+            family: Family::Ipv4,
+            members: vec![
+                Member::parse("10.0.0.1").unwrap(),
+                Member::parse("10.0.0.2").unwrap(),
+            ],
+            membership,
+            forbidden: vec!["10.96.0.1/32".parse().unwrap()],
+        }
+    }
+
+    fn saved(members: &[&str]) -> SavedSet {
+        SavedSet {
+            kind: "hash:ip".into(),
+            family: Some("inet".into()),
+            members: members.iter().map(|m| Member::parse(m).unwrap()).collect(),
+            other: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sets_get_missing_members_and_lose_forbidden_ones() {
+        let d = set(Content::Contains, Mode::Enforce);
+        let (drift, repair) = plan_set(&d, Some(&saved(&["10.0.0.1", "10.96.0.1", "10.9.9.9"])));
+        let drift = drift.unwrap();
+        assert_eq!(drift.forbidden(), &[Member::parse("10.96.0.1").unwrap()]);
+        assert_eq!(
+            repair[0].add,
+            vec![(
+                "kube-router-svip".into(),
+                Member::parse("10.0.0.2").unwrap()
+            )]
+        );
+        assert_eq!(
+            repair[0].del,
+            vec![(
+                "kube-router-svip".into(),
+                Member::parse("10.96.0.1").unwrap()
+            )]
+        );
+        // Exact also removes strangers.
+        let d = set(Content::Exact, Mode::Enforce);
+        let (_, repair) = plan_set(&d, Some(&saved(&["10.0.0.1", "10.0.0.2", "10.9.9.9"])));
+        assert_eq!(
+            repair[0].del,
+            vec![(
+                "kube-router-svip".into(),
+                Member::parse("10.9.9.9").unwrap()
+            )]
+        );
+        // Observe: reported, nothing planned.
+        let d = set(Content::Exact, Mode::Observe);
+        let (drift, repair) = plan_set(&d, Some(&saved(&["10.96.0.1"])));
+        assert_eq!(drift.unwrap().forbidden().len(), 1);
+        assert!(repair.is_empty());
+    }
+
+    #[test]
+    fn missing_set_is_created_wrong_type_is_left_alone() {
+        let d = set(Content::Exact, Mode::Enforce);
+        let (drift, repair) = plan_set(&d, None);
+        assert_eq!(drift.unwrap().findings, vec![SetFinding::Missing]);
+        assert_eq!(
+            repair[0].create,
+            Some(("kube-router-svip".into(), SetType::HashIp, Family::Ipv4))
+        );
+        assert_eq!(repair[0].add.len(), 2);
+        let mut wrong = saved(&[]);
+        wrong.kind = "hash:net".into();
+        let (drift, repair) = plan_set(&d, Some(&wrong));
+        assert!(matches!(
+            drift.unwrap().findings[0],
+            SetFinding::WrongType { .. }
+        ));
+        assert!(repair.is_empty());
+        assert!(plan_set(&d, Some(&saved(&["10.0.0.1", "10.0.0.2"])))
+            .0
+            .is_none());
+    }
+}

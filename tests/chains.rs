@@ -1,0 +1,460 @@
+//! Protected iptables chains and ipsets against the real kernel: real iptables (nft and legacy),
+//! ip6tables and ipset run with `ip netns exec` inside a namespace of the test's own.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+/// Runs a tool inside the namespace; returns (success, stdout + stderr).
+fn exec(ns: &Sandbox, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn must(ns: &Sandbox, args: &[&str]) -> String {
+    let (ok, text) = exec(ns, args);
+    assert!(ok, "{args:?}: {text}");
+    text
+}
+
+/// The `-A` lines of one table, as `iptables-save` prints them.
+fn saved(ns: &Sandbox, save: &str, table: &str) -> Vec<String> {
+    must(ns, &[save, "-t", table])
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn members(ns: &Sandbox, set: &str) -> Vec<String> {
+    let (ok, text) = exec(ns, &["ipset", "save", set]);
+    if !ok {
+        return Vec::new();
+    }
+    let mut m: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("add {set} ")))
+        .map(str::to_owned)
+        .collect();
+    m.sort();
+    m
+}
+
+const FLANNEL_SPEC: &str = r#"  chains:
+    - name: flannel-postrtg
+      table: nat
+      chain: FLANNEL-POSTRTG
+      rules:
+        - -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+        - -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+        - '! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment "flanneld masq" -j RETURN'
+      jumps:
+        - chain: POSTROUTING
+          rule: -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+          position: first
+    - name: v6-forward
+      family: ipv6
+      table: filter
+      chain: NW-FORWARD6
+      rules: ["-s fd00:10:244::/56 -j ACCEPT"]
+      jumps:
+        - chain: FORWARD
+          rule: -j NW-FORWARD6
+"#;
+
+const JUMP: &str = r#"-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG"#;
+
+fn flannel_lines() -> Vec<String> {
+    vec![
+        r#"-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN"#.to_owned(),
+        r#"-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#.to_owned(),
+        r#"-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 -m comment --comment "flanneld masq" -j RETURN"#.to_owned(),
+    ]
+}
+
+fn chain_lines(lines: &[String], chain: &str) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with(&format!("-A {chain} ")))
+        .cloned()
+        .collect()
+}
+
+/// The flannel incident: jump deleted, chain flushed and deleted, with the given iptables.
+fn flannel_comes_back(backend: &str) {
+    let (iptables, save, ip6save) = match backend {
+        "nft" => ("iptables-nft", "iptables-nft-save", "ip6tables-nft-save"),
+        _ => (
+            "iptables-legacy",
+            "iptables-legacy-save",
+            "ip6tables-legacy-save",
+        ),
+    };
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &format!("  pollInterval: 200ms\n{FLANNEL_SPEC}"),
+    );
+    let mut agent = Agent::start_with(&ns, &cfg, &["--iptables-backend", backend]);
+    agent.wait_log_all(&["chains and sets in sync", &format!("backend=\"{backend}\"")]);
+    let nat = saved(&ns, save, "nat");
+    assert_eq!(
+        chain_lines(&nat, "FLANNEL-POSTRTG"),
+        flannel_lines(),
+        "initial sync"
+    );
+    assert_eq!(chain_lines(&nat, "POSTROUTING"), vec![JUMP.to_owned()]);
+
+    must(
+        &ns,
+        &[
+            iptables,
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "flanneld masq",
+            "-j",
+            "FLANNEL-POSTRTG",
+        ],
+    );
+    // The agent may put the jump back before these run: then the delete fails (chain in use),
+    // which is the point.
+    let _ = exec(&ns, &[iptables, "-t", "nat", "-F", "FLANNEL-POSTRTG"]);
+    let _ = exec(&ns, &[iptables, "-t", "nat", "-X", "FLANNEL-POSTRTG"]);
+    wait_until("chain, rules and jump back", || {
+        let nat = saved(&ns, save, "nat");
+        chain_lines(&nat, "FLANNEL-POSTRTG") == flannel_lines()
+            && chain_lines(&nat, "POSTROUTING") == vec![JUMP.to_owned()]
+    });
+
+    // IPv6 too, through ip6tables.
+    let ip6tables = iptables.replace("iptables", "ip6tables");
+    must(&ns, &[&ip6tables, "-D", "FORWARD", "-j", "NW-FORWARD6"]);
+    must(&ns, &[&ip6tables, "-F", "NW-FORWARD6"]);
+    let _ = exec(&ns, &[&ip6tables, "-X", "NW-FORWARD6"]);
+    wait_until("ipv6 chain and jump back", || {
+        let f = saved(&ns, ip6save, "filter");
+        f.contains(&"-A NW-FORWARD6 -s fd00:10:244::/56 -j ACCEPT".to_owned())
+            && f.contains(&"-A FORWARD -j NW-FORWARD6".to_owned())
+    });
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+        "--iptables-backend",
+        backend,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn flannel_chain_rules_and_jump_come_back_nft() {
+    flannel_comes_back("nft");
+}
+
+#[test]
+fn flannel_chain_rules_and_jump_come_back_legacy() {
+    flannel_comes_back("legacy");
+}
+
+#[test]
+fn exact_chain_keeps_rule_order_and_loses_strangers() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&ns, &config(dir.path(), FLANNEL_SPEC));
+    let in_place = || {
+        chain_lines(&saved(&ns, "iptables-nft-save", "nat"), "FLANNEL-POSTRTG") == flannel_lines()
+    };
+
+    must(
+        &ns,
+        &["iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "2"],
+    );
+    wait_until("middle rule back in position 2", in_place);
+
+    must(
+        &ns,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-I",
+            "FLANNEL-POSTRTG",
+            "1",
+            "-s",
+            "10.9.9.9",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    wait_until("inserted rule removed", in_place);
+    must(
+        &ns,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "FLANNEL-POSTRTG",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    wait_until("appended rule removed", in_place);
+
+    // A foreign rule in POSTROUTING is left alone, but the jump goes back in front of it.
+    must(&ns, &["iptables", "-t", "nat", "-D", "POSTROUTING", "1"]);
+    must(
+        &ns,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-j",
+            "MASQUERADE",
+        ],
+    );
+    wait_until("jump first again, foreign rule kept", || {
+        chain_lines(&saved(&ns, "iptables-nft-save", "nat"), "POSTROUTING")
+            == vec![JUMP.to_owned(), "-A POSTROUTING -j MASQUERADE".to_owned()]
+    });
+}
+
+#[test]
+fn contains_chain_gets_missing_rules_and_keeps_others() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    must(&ns, &["iptables", "-N", "KUBE-ROUTER-INPUT"]);
+    must(
+        &ns,
+        &[
+            "iptables",
+            "-A",
+            "KUBE-ROUTER-INPUT",
+            "-s",
+            "10.1.1.1/32",
+            "-j",
+            "DROP",
+        ],
+    );
+    let _agent = Agent::start(
+        &ns,
+        &config(
+            dir.path(),
+            "  chains:\n    - name: kr-input\n      table: filter\n      chain: KUBE-ROUTER-INPUT\n      content: contains\n      rules: [\"-d 10.96.0.1/32 -j ACCEPT\"]\n      jumps:\n        - {chain: INPUT, rule: -j KUBE-ROUTER-INPUT, position: first}\n",
+        ),
+    );
+    let want = vec![
+        "-A INPUT -j KUBE-ROUTER-INPUT".to_owned(),
+        "-A KUBE-ROUTER-INPUT -s 10.1.1.1/32 -j DROP".to_owned(),
+        "-A KUBE-ROUTER-INPUT -d 10.96.0.1/32 -j ACCEPT".to_owned(),
+    ];
+    assert_eq!(
+        saved(&ns, "iptables-nft-save", "filter"),
+        want,
+        "appended, foreign rule kept"
+    );
+    must(
+        &ns,
+        &[
+            "iptables",
+            "-D",
+            "KUBE-ROUTER-INPUT",
+            "-d",
+            "10.96.0.1/32",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    wait_until("rule back", || {
+        saved(&ns, "iptables-nft-save", "filter") == want
+    });
+}
+
+const SET_SPEC: &str = r#"  pollInterval: 200ms
+  ipsets:
+    - name: kube-router-svip
+      type: hash:ip
+      members: [10.0.0.1, 10.0.0.2, 10.0.0.3]
+      forbidden: [10.96.0.1, 192.168.0.0/24]
+    - name: svc-ports
+      type: hash:net,port
+      family: ipv6
+      membership: exact
+      members: ["fd00::/64,tcp:443", "fd00:1::1,udp:53"]
+"#;
+
+#[test]
+fn ipset_member_and_destroyed_set_come_back_within_the_poll_interval() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&ns, &config(dir.path(), SET_SPEC));
+    let svip = vec![
+        "10.0.0.1".to_owned(),
+        "10.0.0.2".to_owned(),
+        "10.0.0.3".to_owned(),
+    ];
+    assert_eq!(members(&ns, "kube-router-svip"), svip);
+    assert_eq!(
+        members(&ns, "svc-ports"),
+        vec![
+            "fd00:1::1,udp:53".to_owned(),
+            "fd00::/64,tcp:443".to_owned()
+        ]
+    );
+
+    must(&ns, &["ipset", "del", "kube-router-svip", "10.0.0.2"]);
+    let t = std::time::Instant::now();
+    wait_until("member back", || members(&ns, "kube-router-svip") == svip);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Swapped for a stranger: same size, so only a full read notices; exact removes it.
+    must(&ns, &["ipset", "del", "svc-ports", "fd00:1::1,udp:53"]);
+    must(&ns, &["ipset", "add", "svc-ports", "fd00:2::/64,tcp:80"]);
+    wait_until("exact set restored", || {
+        members(&ns, "svc-ports")
+            == vec![
+                "fd00:1::1,udp:53".to_owned(),
+                "fd00::/64,tcp:443".to_owned(),
+            ]
+    });
+
+    must(&ns, &["ipset", "destroy", "kube-router-svip"]);
+    wait_until("set recreated with its members", || {
+        members(&ns, "kube-router-svip") == svip
+    });
+}
+
+#[test]
+fn forbidden_member_is_removed_logged_and_counted() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&ns, &config(dir.path(), SET_SPEC));
+    // The kube-router incident: the API server's address lands in the set.
+    must(&ns, &["ipset", "add", "kube-router-svip", "10.96.0.1"]);
+    let line = agent.wait_log_all(&[
+        "forbidden member in protected set",
+        "member=10.96.0.1",
+        "action=\"removed\"",
+    ]);
+    assert!(line.contains("forbidden_total=1"), "{line}");
+    wait_until("forbidden member gone", || {
+        !members(&ns, "kube-router-svip").contains(&"10.96.0.1".to_owned())
+    });
+    // Inside a forbidden prefix counts too; and the set's own members stay.
+    must(&ns, &["ipset", "add", "kube-router-svip", "192.168.0.7"]);
+    let line = agent.wait_log_all(&["forbidden member in protected set", "member=192.168.0.7"]);
+    assert!(line.contains("forbidden_total=2"), "{line}");
+    wait_until("second forbidden member gone", || {
+        members(&ns, "kube-router-svip").len() == 3
+    });
+}
+
+#[test]
+fn forbidden_member_in_observe_mode_is_only_reported() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "  pollInterval: 200ms\n  ipsets:\n    - name: kube-router-svip\n      mode: observe\n      type: hash:ip\n      members: [10.0.0.1]\n      forbidden: [10.96.0.1]\n";
+    must(&ns, &["ipset", "create", "kube-router-svip", "hash:ip"]);
+    must(&ns, &["ipset", "add", "kube-router-svip", "10.0.0.1"]);
+    let cfg = config(dir.path(), spec);
+    let mut agent = Agent::start(&ns, &cfg);
+    must(&ns, &["ipset", "add", "kube-router-svip", "10.96.0.1"]);
+    let line = agent.wait_log_all(&["forbidden member in protected set", "member=10.96.0.1"]);
+    assert!(
+        line.contains("action=\"reported\"") && line.contains("forbidden_total=1"),
+        "{line}"
+    );
+    // Several polls later: still there, not reported again.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(members(&ns, "kube-router-svip").contains(&"10.96.0.1".to_owned()));
+    let reports = agent
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("forbidden member in protected set"))
+        .count();
+    assert_eq!(reports, 1);
+    let out = netwarden(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["in_sync"], false);
+    assert_eq!(json["ipsets"][0]["findings"][0]["state"], "forbidden");
+    assert_eq!(json["ipsets"][0]["findings"][0]["members"][0], "10.96.0.1");
+}
+
+#[test]
+fn injection_attempts_are_refused_and_change_nothing() {
+    let ns = sandbox();
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/configs/invalid");
+    let before = (
+        saved(&ns, "iptables-nft-save", "filter"),
+        saved(&ns, "iptables-nft-save", "nat"),
+        exec(&ns, &["ipset", "save"]).1,
+    );
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if !(name.starts_with("chain-") || name.starts_with("ipset-")) {
+            continue;
+        }
+        seen += 1;
+        let out = netwarden(&[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--netns",
+            &ns.name,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&name) && stderr.contains("spec."),
+            "{name}: {stderr}"
+        );
+    }
+    assert!(seen >= 8, "fixtures missing");
+    let after = (
+        saved(&ns, "iptables-nft-save", "filter"),
+        saved(&ns, "iptables-nft-save", "nat"),
+        exec(&ns, &["ipset", "save"]).1,
+    );
+    assert_eq!(before, after);
+}
