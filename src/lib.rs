@@ -12,6 +12,7 @@ pub mod desired;
 pub mod listen;
 pub mod model;
 pub mod netns;
+pub mod obs;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;
