@@ -306,7 +306,7 @@ impl Agent {
             info!(
                 kind = %c.id.kind(),
                 name = %self.name_of(&c.id),
-                actor = c.fighter.as_deref().unwrap_or(attribution::UNKNOWN),
+                actor = %c.fighter.as_deref().unwrap_or(attribution::UNKNOWN),
                 "no longer contested"
             );
         }
@@ -546,6 +546,16 @@ impl Agent {
             _ => None,
         };
         let mut held: HashSet<ObjectId> = HashSet::new();
+        // Objects already known not to be in sync (pending, failed): a retry, not new drift.
+        let known: HashSet<ObjectId> = plan
+            .steps
+            .iter()
+            .filter(|s| {
+                self.pending.contains(&s.id)
+                    || matches!(self.states.get(&s.id), Some((st, _)) if *st != State::Contested)
+            })
+            .map(|s| s.id.clone())
+            .collect();
         if cause != Cause::Start {
             let metrics = &self.telemetry.metrics;
             let contest = &mut self.contest;
@@ -567,7 +577,7 @@ impl Agent {
                         (fresh, false, newly_contested.then(|| due - now))
                     }
                 };
-                if fresh {
+                if fresh && !known.contains(&step.id) {
                     report.detections.push(Detection {
                         id: step.id.clone(),
                         name: step.name.clone(),

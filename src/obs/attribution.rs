@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The port id of the kernel.
@@ -122,11 +123,19 @@ impl LabelCap {
     }
 }
 
+/// Names read the moment a removal was notified, by port id (see [`watch_removals`]).
+pub type Sightings = Arc<Mutex<HashMap<u32, (String, Instant)>>>;
+/// How long a lookup waits for the watcher's sighting of a socket already gone.
+const SIGHTING_WAIT: Duration = Duration::from_millis(5);
+/// How long a sighting is trusted.
+const SIGHTING_TTL: Duration = Duration::from_secs(10);
+
 /// Resolves port ids to process names through /proc.
 #[derive(Debug)]
 pub struct Resolver {
     proc_root: PathBuf,
     cache: HashMap<u64, String>,
+    sightings: Option<Sightings>,
 }
 
 impl Default for Resolver {
@@ -140,7 +149,35 @@ impl Resolver {
         Resolver {
             proc_root: proc_root.into(),
             cache: HashMap::new(),
+            sightings: None,
         }
+    }
+
+    /// Also uses the names [`watch_removals`] saw.
+    pub fn with_sightings(mut self, sightings: Sightings) -> Resolver {
+        self.sightings = Some(sightings);
+        self
+    }
+
+    /// The socket is gone: the watcher may be storing its sighting right now, in parallel.
+    fn wait_for_sighting(&self, port: u32) -> Option<String> {
+        self.sightings.as_ref()?;
+        let deadline = Instant::now() + SIGHTING_WAIT;
+        loop {
+            if let Some(name) = self.sighting(port) {
+                return Some(name);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn sighting(&self, port: u32) -> Option<String> {
+        let s = self.sightings.as_ref()?.lock().ok()?;
+        let (name, at) = s.get(&port)?;
+        (at.elapsed() < SIGHTING_TTL).then(|| name.clone())
     }
 
     /// The netlink socket table of the calling thread's network namespace.
@@ -179,7 +216,9 @@ impl Resolver {
             }
             match table.get(&port) {
                 None => {
-                    let name = early.get(&port).cloned();
+                    let name = self
+                        .wait_for_sighting(port)
+                        .or_else(|| early.get(&port).cloned());
                     out.insert(port, name.unwrap_or_else(|| UNKNOWN.to_string()));
                 }
                 Some(inode) => match self.cache.get(inode) {
@@ -203,7 +242,12 @@ impl Resolver {
                     self.cache.insert(inode, n.clone());
                 }
                 for port in ports {
-                    out.insert(port, name.clone().unwrap_or_else(|| UNKNOWN.to_string()));
+                    // Not found: the process exited between the table read and the scan.
+                    let name = name
+                        .clone()
+                        .or_else(|| self.wait_for_sighting(port))
+                        .or_else(|| early.get(&port).cloned());
+                    out.insert(port, name.unwrap_or_else(|| UNKNOWN.to_string()));
                 }
             }
         }
@@ -305,6 +349,86 @@ pub fn check_namespace_view() -> Result<(), String> {
     }
 }
 
+/// rtnetlink groups whose removals are watched: IPv4/IPv6 addresses, routes and rules.
+const REMOVAL_GROUPS: u32 = (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 18);
+const RTM_DELADDR: u16 = 21;
+const RTM_DELROUTE: u16 = 25;
+const RTM_DELRULE: u16 = 33;
+
+/// Port ids of the removals in a buffer of netlink messages.
+pub fn removal_ports(buf: &[u8]) -> Vec<u32> {
+    let mut ports = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+        let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
+        let port = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap_or_default());
+        if len < 16 {
+            break;
+        }
+        if matches!(ty, RTM_DELADDR | RTM_DELROUTE | RTM_DELRULE) && port != KERNEL_PORT {
+            ports.push(port);
+        }
+        off += (len + 3) & !3;
+    }
+    ports
+}
+
+/// Watches removals on a socket of its own, on its own thread, and reads the name behind each
+/// remover's port id at once, in parallel with the repair: a short-lived `ip rule del` is
+/// usually gone by the time the repair is acknowledged, and this is the earliest moment it can
+/// be seen. Best effort: a lost or late sighting leaves the lookup to [`Resolver`].
+pub fn watch_removals(sightings: Sightings) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+        SockProtocol, SockType,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, REMOVAL_GROUPS))?;
+    std::thread::Builder::new()
+        .name("nw-sightings".into())
+        .spawn(move || {
+            let proc_root = Path::new("/proc");
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                    Ok(n) => n,
+                    // ENOBUFS: sightings were lost; the resolver still looks later.
+                    Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EINTR) => continue,
+                    Err(_) => return,
+                };
+                let mut seen: Vec<(u32, String)> = Vec::new();
+                for port in removal_ports(&buf[..n]) {
+                    if seen.iter().any(|(p, _)| *p == port) {
+                        continue;
+                    }
+                    if let Some(name) = read_comm(&proc_root.join(port.to_string())) {
+                        seen.push((port, name));
+                    }
+                }
+                if seen.is_empty() {
+                    continue;
+                }
+                let now = Instant::now();
+                let Ok(mut s) = sightings.lock() else { return };
+                if s.len() > 1024 {
+                    s.retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
+                }
+                for (port, name) in seen {
+                    s.insert(port, (name, now));
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// A lookup on the attribution thread.
 #[derive(Debug)]
 pub struct Request {
@@ -331,7 +455,12 @@ pub fn spawn(
             if let Err(e) = check_namespace_view() {
                 tracing::warn!(error = %e, "attribution of changes to processes may be wrong");
             }
+            let sightings: Sightings = Arc::default();
             let mut resolver = Resolver::default();
+            match watch_removals(sightings.clone()) {
+                Ok(()) => resolver = resolver.with_sightings(sightings),
+                Err(e) => tracing::warn!(error = %e, "cannot watch removals as they happen"),
+            }
             while let Ok(req) = rx.recv() {
                 let names = resolver.resolve(&req.ports);
                 if answers.send(Answer { id: req.id, names }).is_err() {
@@ -444,6 +573,31 @@ ffff8f0a4a6b6000 0   77
         .unwrap();
         let mut r = Resolver::new(dir.path());
         assert_eq!(r.resolve(&[3000000000])[&3000000000], "fighter");
+    }
+
+    #[test]
+    fn removal_ports_are_read_from_message_headers() {
+        let msg = |len: u32, ty: u16, port: u32| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&len.to_ne_bytes());
+            m.extend_from_slice(&ty.to_ne_bytes());
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(&port.to_ne_bytes());
+            m.resize(((len + 3) & !3) as usize, 0);
+            m
+        };
+        let mut buf = msg(20, RTM_DELRULE, 4242);
+        buf.extend(msg(16, 32 /* RTM_NEWRULE */, 7));
+        buf.extend(msg(18, RTM_DELROUTE, 0));
+        buf.extend(msg(16, RTM_DELADDR, 99));
+        buf.extend([1, 2, 3]);
+        assert_eq!(removal_ports(&buf), [4242, 99]);
+        assert!(removal_ports(&msg(8, RTM_DELRULE, 1)[..8]).is_empty());
+        assert!(
+            removal_ports(&[0u8; 32]).is_empty(),
+            "a zero length stops the walk"
+        );
     }
 
     #[test]
