@@ -56,8 +56,6 @@ struct Batch {
     /// Netlink port of the socket that sent the last change (removal or otherwise) of each
     /// protected object: the process that made it (0: the kernel).
     removed_by: HashMap<ObjectId, u32>,
-    /// Ports that removed protected objects: looked up as soon as the batch is read.
-    removal_ports: Vec<u32>,
 }
 
 /// Why a full refresh ran.
@@ -157,8 +155,6 @@ pub struct Agent {
     /// Reports waiting for their lookup.
     awaiting: HashMap<u64, Report>,
     next_report: u64,
-    /// A lookup started when the batch was read (its id and ports), for the batch's report.
-    early_lookup: Option<(u64, Vec<u32>)>,
     pings: Option<mpsc::Receiver<Ping>>,
 }
 
@@ -207,7 +203,6 @@ impl Agent {
             answers,
             awaiting: HashMap::new(),
             next_report: 0,
-            early_lookup: None,
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
@@ -400,27 +395,6 @@ impl Agent {
         }
         self.stats.events += count as u64;
         self.telemetry.metrics.events.inc_by(count as u64);
-        // Who removed protected objects: looked up on the attribution thread while this thread
-        // repairs, since a short-lived remover may be gone a fraction of a millisecond later.
-        self.early_lookup = None;
-        if !batch.removal_ports.is_empty() {
-            if let Some(tx) = &self.attribution {
-                let mut ports = std::mem::take(&mut batch.removal_ports);
-                ports.sort_unstable();
-                ports.dedup();
-                let id = self.next_report;
-                self.next_report += 1;
-                if tx
-                    .send(attribution::Request {
-                        id,
-                        ports: ports.clone(),
-                    })
-                    .is_ok()
-                {
-                    self.early_lookup = Some((id, ports));
-                }
-            }
-        }
         if batch.overrun {
             self.stats.overruns += 1;
             self.telemetry.metrics.overruns.inc();
@@ -471,9 +445,6 @@ impl Agent {
                 batch.appeared |= !removed;
                 if self.desired.rules.contains_key(&key) {
                     batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
-                    if removed && port != attribution::KERNEL_PORT {
-                        batch.removal_ports.push(port);
-                    }
                     batch.dirty.rules.insert(key);
                 }
             }
@@ -481,9 +452,6 @@ impl Agent {
                 batch.appeared |= !removed;
                 if self.desired.routes.contains_key(&key) {
                     batch.removed_by.insert(ObjectId::Route(key.clone()), port);
-                    if removed && port != attribution::KERNEL_PORT {
-                        batch.removal_ports.push(port);
-                    }
                     batch.dirty.routes.insert(key);
                 }
             }
@@ -492,9 +460,6 @@ impl Agent {
                     let dk = (link.name.clone(), key.address);
                     if self.desired.addresses.contains_key(&dk) {
                         batch.removed_by.insert(ObjectId::Address(dk.clone()), port);
-                        if removed && port != attribution::KERNEL_PORT {
-                            batch.removal_ports.push(port);
-                        }
                         batch.dirty.addresses.insert(dk);
                     }
                 }
@@ -728,12 +693,6 @@ impl Agent {
         if report.detections.is_empty() && report.restored.is_none() {
             return;
         }
-        if let Some((id, early)) = self.early_lookup.take() {
-            if ports.iter().all(|p| early.contains(p)) {
-                self.awaiting.insert(id, report);
-                return;
-            }
-        }
         if !ports.is_empty() {
             if let Some(tx) = &self.attribution {
                 let id = self.next_report;
@@ -929,18 +888,18 @@ impl Agent {
         };
         self.pending
             .retain(|id| seen.contains(id) || !looked_at(id));
-        if scope.is_none() {
-            // Anything reported before and absent from a complete plan is back in sync.
-            let back: Vec<ObjectId> = self
-                .reported
-                .keys()
-                .filter(|id| !seen.contains(id))
-                .cloned()
-                .collect();
-            for id in back {
-                self.reported.remove(&id);
-                info!(kind = %id.kind(), "back in sync");
-            }
+        // Anything reported before, looked at by this plan and not drifted is back in sync (also
+        // after a plan of only the objects events touched: otherwise the next drift of an
+        // observe-mode object would match the stale report and go unlogged).
+        let back: Vec<ObjectId> = self
+            .reported
+            .keys()
+            .filter(|id| !seen.contains(id) && looked_at(id))
+            .cloned()
+            .collect();
+        for id in back {
+            self.reported.remove(&id);
+            info!(kind = %id.kind(), "back in sync");
         }
         observed
     }

@@ -111,6 +111,43 @@ impl Drop for Deleter {
     }
 }
 
+/// `ip -batch -` in the namespace with its standard input held open: the process, and its
+/// netlink socket, stay until this is dropped, so the attribution is not a race with a process
+/// that exits a fraction of a millisecond after its change. (A plain `ip rule del` is usually
+/// named too, by the thread that watches changes as they happen, but on a loaded machine it can
+/// be gone first and is then `unknown`.)
+struct IpBatch(Child);
+
+impl IpBatch {
+    fn run(ns: &Sandbox, line: &str) -> IpBatch {
+        let mut child = Command::new("ip")
+            .args(["-n", &ns.name, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run ip");
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        IpBatch(child)
+    }
+}
+
+impl Drop for IpBatch {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn scrape(addr: &str) -> String {
     let (code, body) = get(addr, "/metrics", None, T).expect("scrape");
     assert_eq!(code, 200);
@@ -162,18 +199,8 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
     );
     let drift = "netwarden_drift_detected_total";
 
-    // `ip rule del`: a short-lived process, gone a moment after its change.
-    ns.ip(&[
-        "rule",
-        "del",
-        "priority",
-        "100",
-        "from",
-        "10.244.1.0/24",
-        "table",
-        "77",
-    ])
-    .unwrap();
+    // `ip rule del`.
+    let ip = IpBatch::run(&ns, "rule del priority 100 from 10.244.1.0/24 table 77");
     wait_until("rule back", || count(&rules(&ns), RULE) == 1);
     agent.wait_log_all(&["restored", "pods-to-overlay", "actor=ip"]);
     wait_metric(
@@ -183,6 +210,7 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
         1.0,
         WAIT,
     );
+    drop(ip);
 
     let deleter = Deleter::start(&ns, "nw-deleter", "once", 0.3);
     wait_until("rule back after the program's deletion", || {
@@ -202,6 +230,25 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
         1.0,
         WAIT,
     );
+
+    // A route changed in place (another gateway): attributed to `ip` as well.
+    let ip = IpBatch::run(
+        &ns,
+        "route replace 10.80.0.0/24 via 10.200.0.3 dev veth0 table 100",
+    );
+    wait_metric(
+        &http,
+        drift,
+        &[("kind", "route"), ("actor", "ip")],
+        1.0,
+        WAIT,
+    );
+    drop(ip);
+    wait_until("original gateway back", || {
+        routes(&ns, "100")
+            .iter()
+            .any(|l| l.starts_with("10.80.0.0/24 via 10.200.0.2"))
+    });
 
     // The kernel drops the gateway route with the address that made the gateway reachable.
     ns.ip(&["address", "del", "10.200.0.1/24", "dev", "veth0"])
@@ -520,7 +567,7 @@ fn a_real_prometheus_scrapes_the_drift_counter() {
     };
     wait("the agent is scraped", r#"up{job="netwarden"}"#, 1.0);
     wait("the agent is ready", "netwarden_ready", 1.0);
-    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
+    let _ip = IpBatch::run(&ns, "rule del priority 100");
     wait_until("rule back", || count(&rules(&ns), RULE) == 1);
     wait(
         "the drift counter",

@@ -123,7 +123,7 @@ impl LabelCap {
     }
 }
 
-/// Names read the moment a removal was notified, by port id (see [`watch_removals`]).
+/// Names read the moment a change was notified, by port id (see [`watch_changes`]).
 pub type Sightings = Arc<Mutex<HashMap<u32, (String, Instant)>>>;
 /// How long a lookup waits for the watcher's sighting of a socket already gone.
 const SIGHTING_WAIT: Duration = Duration::from_millis(5);
@@ -153,7 +153,7 @@ impl Resolver {
         }
     }
 
-    /// Also uses the names [`watch_removals`] saw.
+    /// Also uses the names [`watch_changes`] saw.
     pub fn with_sightings(mut self, sightings: Sightings) -> Resolver {
         self.sightings = Some(sightings);
         self
@@ -349,14 +349,20 @@ pub fn check_namespace_view() -> Result<(), String> {
     }
 }
 
-/// rtnetlink groups whose removals are watched: IPv4/IPv6 addresses, routes and rules.
-const REMOVAL_GROUPS: u32 = (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 18);
+/// rtnetlink groups whose changes are watched: IPv4/IPv6 addresses, routes and rules.
+const CHANGE_GROUPS: u32 = (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 18);
+const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
+const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
+const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
+/// A port sighted this recently is not looked up again.
+const SIGHTING_FRESH: Duration = Duration::from_secs(1);
 
-/// Port ids of the removals in a buffer of netlink messages.
-pub fn removal_ports(buf: &[u8]) -> Vec<u32> {
+/// Port ids of the changes (additions, replacements, removals of addresses, routes and rules) in
+/// a buffer of netlink messages.
+pub fn change_ports(buf: &[u8]) -> Vec<u32> {
     let mut ports = Vec::new();
     let mut off = 0;
     while off + 16 <= buf.len() {
@@ -366,7 +372,11 @@ pub fn removal_ports(buf: &[u8]) -> Vec<u32> {
         if len < 16 {
             break;
         }
-        if matches!(ty, RTM_DELADDR | RTM_DELROUTE | RTM_DELRULE) && port != KERNEL_PORT {
+        let change = matches!(
+            ty,
+            RTM_NEWADDR | RTM_DELADDR | RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE
+        );
+        if change && port != KERNEL_PORT {
             ports.push(port);
         }
         off += (len + 3) & !3;
@@ -374,11 +384,11 @@ pub fn removal_ports(buf: &[u8]) -> Vec<u32> {
     ports
 }
 
-/// Watches removals on a socket of its own, on its own thread, and reads the name behind each
-/// remover's port id at once, in parallel with the repair: a short-lived `ip rule del` is
+/// Watches changes on a socket of its own, on its own thread, and reads the name behind each
+/// changer's port id at once, in parallel with the repair: a short-lived `ip rule del` is
 /// usually gone by the time the repair is acknowledged, and this is the earliest moment it can
 /// be seen. Best effort: a lost or late sighting leaves the lookup to [`Resolver`].
-pub fn watch_removals(sightings: Sightings) -> std::io::Result<()> {
+pub fn watch_changes(sightings: Sightings) -> std::io::Result<()> {
     use nix::sys::socket::{
         bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
         SockProtocol, SockType,
@@ -391,10 +401,11 @@ pub fn watch_removals(sightings: Sightings) -> std::io::Result<()> {
         SockProtocol::NetlinkRoute,
     )?;
     let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, REMOVAL_GROUPS))?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, CHANGE_GROUPS))?;
     std::thread::Builder::new()
         .name("nw-sightings".into())
         .spawn(move || {
+            // Not lowered: it must read the name before a short-lived process is gone.
             let proc_root = Path::new("/proc");
             let mut buf = vec![0u8; 256 * 1024];
             loop {
@@ -405,7 +416,18 @@ pub fn watch_removals(sightings: Sightings) -> std::io::Result<()> {
                     Err(_) => return,
                 };
                 let mut seen: Vec<(u32, String)> = Vec::new();
-                for port in removal_ports(&buf[..n]) {
+                let fresh: Vec<u32> = {
+                    let Ok(s) = sightings.lock() else { return };
+                    let now = Instant::now();
+                    change_ports(&buf[..n])
+                        .into_iter()
+                        .filter(|p| {
+                            s.get(p)
+                                .is_none_or(|(_, at)| now.duration_since(*at) >= SIGHTING_FRESH)
+                        })
+                        .collect()
+                };
+                for port in fresh {
                     if seen.iter().any(|(p, _)| *p == port) {
                         continue;
                     }
@@ -427,6 +449,17 @@ pub fn watch_removals(sightings: Sightings) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10): on a busy node the attribution
+/// threads yield the CPU to the reconcile loop, which does the repairs.
+fn lower_priority() {
+    // SAFETY: plain syscalls on the calling thread; setpriority with a thread id affects only
+    // that thread on Linux.
+    unsafe {
+        let tid = nix::libc::gettid();
+        nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, 10);
+    }
 }
 
 /// A lookup on the attribution thread.
@@ -452,14 +485,15 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("nw-attribution".into())
         .spawn(move || {
+            lower_priority();
             if let Err(e) = check_namespace_view() {
                 tracing::warn!(error = %e, "attribution of changes to processes may be wrong");
             }
             let sightings: Sightings = Arc::default();
             let mut resolver = Resolver::default();
-            match watch_removals(sightings.clone()) {
+            match watch_changes(sightings.clone()) {
                 Ok(()) => resolver = resolver.with_sightings(sightings),
-                Err(e) => tracing::warn!(error = %e, "cannot watch removals as they happen"),
+                Err(e) => tracing::warn!(error = %e, "cannot watch changes as they happen"),
             }
             while let Ok(req) = rx.recv() {
                 let names = resolver.resolve(&req.ports);
@@ -576,7 +610,7 @@ ffff8f0a4a6b6000 0   77
     }
 
     #[test]
-    fn removal_ports_are_read_from_message_headers() {
+    fn change_ports_are_read_from_message_headers() {
         let msg = |len: u32, ty: u16, port: u32| {
             let mut m = Vec::new();
             m.extend_from_slice(&len.to_ne_bytes());
@@ -588,14 +622,15 @@ ffff8f0a4a6b6000 0   77
             m
         };
         let mut buf = msg(20, RTM_DELRULE, 4242);
-        buf.extend(msg(16, 32 /* RTM_NEWRULE */, 7));
+        buf.extend(msg(16, RTM_NEWRULE, 7));
         buf.extend(msg(18, RTM_DELROUTE, 0));
+        buf.extend(msg(16, 16 /* RTM_NEWLINK */, 8));
         buf.extend(msg(16, RTM_DELADDR, 99));
         buf.extend([1, 2, 3]);
-        assert_eq!(removal_ports(&buf), [4242, 99]);
-        assert!(removal_ports(&msg(8, RTM_DELRULE, 1)[..8]).is_empty());
+        assert_eq!(change_ports(&buf), [4242, 7, 99]);
+        assert!(change_ports(&msg(8, RTM_DELRULE, 1)[..8]).is_empty());
         assert!(
-            removal_ports(&[0u8; 32]).is_empty(),
+            change_ports(&[0u8; 32]).is_empty(),
             "a zero length stops the walk"
         );
     }
