@@ -111,8 +111,8 @@ fn run(
     }
     let path = path.to_path_buf();
     rt.block_on(async move {
-        let agent = reconcile::Agent::start_with(desired, cfg.resync, telemetry.clone()).await?;
-        let reloads = obs::reload_on_sighup(path, telemetry);
+        let reloads = obs::reload_on_sighup(path, telemetry.clone());
+        let agent = reconcile::Agent::start_with(desired, cfg.resync, telemetry).await?;
         agent.run_with(shutdown_signal(), Some(reloads)).await?;
         Ok::<_, anyhow::Error>(())
     })?;

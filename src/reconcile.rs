@@ -116,6 +116,8 @@ struct Report {
     detections: Vec<Detection>,
     /// The `restored` log line: counts per kind, took, names, ports.
     restored: Option<(usize, usize, usize, u64, String, Vec<u32>)>,
+    /// Known fighters of the contested objects whose held-back repairs went through.
+    fighters: Vec<String>,
 }
 
 /// Counters kept by the loop (exported as metrics by the observability layer).
@@ -660,6 +662,12 @@ impl Agent {
         let drift: HashMap<ObjectId, &Drift> =
             plan.drift.iter().map(|d| (d.id.clone(), d)).collect();
         self.update_states(&touched, &drift, &repaired);
+        if cause == Cause::Retry {
+            report.fighters = repaired
+                .iter()
+                .filter_map(|id| self.contest.fighter(id).map(str::to_string))
+                .collect();
+        }
         if !restored.is_empty() {
             let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count();
             let names: Vec<&str> = restored.iter().take(5).map(|(_, n)| *n).collect();
@@ -762,6 +770,7 @@ impl Agent {
         }
         if let Some((rules, routes, addresses, took_us, names_list, ports)) = report.restored {
             let mut actors: Vec<String> = ports.iter().map(|p| actor_of(Some(*p))).collect();
+            actors.extend(report.fighters.iter().cloned());
             actors.sort();
             actors.dedup();
             info!(

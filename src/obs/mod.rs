@@ -147,20 +147,21 @@ pub struct Reload {
     pub resync: Duration,
 }
 
-/// Re-reads the config file on SIGHUP. A config with errors is refused as a whole: the old one
+/// Re-reads the config file on SIGHUP (call from within the runtime). A config with errors is refused as a whole: the old one
 /// stays, the error is logged and a failed reload is counted. Returns the stream of accepted
 /// configs (empty if the signal cannot be watched).
 pub fn reload_on_sighup(path: PathBuf, telemetry: Arc<Telemetry>) -> mpsc::Receiver<Reload> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = mpsc::channel(1);
+    // Installed now, not in the task: a SIGHUP right after start must not kill the agent.
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; config reload disabled");
+            return rx;
+        }
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGHUP; config reload disabled");
-                return;
-            }
-        };
         while hup.recv().await.is_some() {
             match config::load(&path) {
                 Ok(cfg) => {
