@@ -16,26 +16,12 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A namespace with `veth0` (10.200.0.1/24, fd00:200::1/64) <-> `veth1` (10.200.0.2/24), both up.
 pub fn sandbox() -> Sandbox {
     let ns = Sandbox::create("nw-test").expect("create namespace");
-    ns.ip(&[
-        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-    ])
-    .unwrap();
+    ns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]).unwrap();
     ns.ip(&["link", "set", "veth0", "up"]).unwrap();
     ns.ip(&["link", "set", "veth1", "up"]).unwrap();
-    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"])
-        .unwrap();
-    ns.ip(&["address", "add", "10.200.0.2/24", "dev", "veth1"])
-        .unwrap();
-    ns.ip(&[
-        "-6",
-        "address",
-        "add",
-        "fd00:200::1/64",
-        "dev",
-        "veth0",
-        "nodad",
-    ])
-    .unwrap();
+    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"]).unwrap();
+    ns.ip(&["address", "add", "10.200.0.2/24", "dev", "veth1"]).unwrap();
+    ns.ip(&["-6", "address", "add", "fd00:200::1/64", "dev", "veth0", "nodad"]).unwrap();
     ns
 }
 
@@ -43,11 +29,7 @@ pub fn sandbox() -> Sandbox {
 pub fn config(dir: &Path, spec: &str) -> PathBuf {
     let path = dir.join("netwarden.yaml");
     let mut f = std::fs::File::create(&path).unwrap();
-    writeln!(
-        f,
-        "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}"
-    )
-    .unwrap();
+    writeln!(f, "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}").unwrap();
     path
 }
 
@@ -82,12 +64,7 @@ impl Agent {
                 let _ = tx.send(line);
             }
         });
-        let mut agent = Agent {
-            child,
-            lines,
-            log,
-            cursor: 0,
-        };
+        let mut agent = Agent { child, lines, log, cursor: 0 };
         agent.wait_log("initial sync done");
         // Later waits also see what was logged during the initial sync.
         agent.cursor = 0;
@@ -101,9 +78,7 @@ impl Agent {
         loop {
             {
                 let log = self.log.lock().unwrap();
-                if let Some(i) =
-                    (self.cursor..log.len()).find(|&i| needles.iter().all(|n| log[i].contains(n)))
-                {
+                if let Some(i) = (self.cursor..log.len()).find(|&i| needles.iter().all(|n| log[i].contains(n))) {
                     self.cursor = i + 1;
                     return log[i].clone();
                 }
@@ -126,14 +101,8 @@ impl Agent {
     /// The address of the agent's HTTP endpoints, from its log.
     pub fn http(&self) -> String {
         let log = self.log.lock().unwrap();
-        let line = log
-            .iter()
-            .find(|l| l.contains("serving /metrics"))
-            .expect("no HTTP endpoints logged");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .expect("no addr= in the log line");
+        let line = log.iter().find(|l| l.contains("serving /metrics")).expect("no HTTP endpoints logged");
+        let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).expect("no addr= in the log line");
         addr.to_string()
     }
 
@@ -205,10 +174,7 @@ pub fn count(list: &[String], line: &str) -> usize {
 
 /// Runs the binary with arguments.
 pub fn netwarden(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run netwarden")
+    Command::new(BIN).args(args).output().expect("run netwarden")
 }
 
 /// Everything a namespace holds, to show that a command changed nothing.
