@@ -101,8 +101,14 @@ impl Agent {
     /// The address of the agent's HTTP endpoints, from its log.
     pub fn http(&self) -> String {
         let log = self.log.lock().unwrap();
-        let line = log.iter().find(|l| l.contains("serving /metrics")).expect("no HTTP endpoints logged");
-        let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).expect("no addr= in the log line");
+        let line = log
+            .iter()
+            .find(|l| l.contains("serving /metrics"))
+            .expect("no HTTP endpoints logged");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("no addr= in the log line");
         addr.to_string()
     }
 
