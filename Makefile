@@ -1,10 +1,13 @@
 # The two entry points an operator or CI needs. Both install what they use first (Debian/Ubuntu,
 # as root): iproute2 for the kernel work, iptables and ipset for the chain and set protection,
-# containernetworking-plugins for the CNI integration test.
-APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins
+# containernetworking-plugins for the CNI integration test, prometheus for promtool and the
+# server the metrics tests scrape with, python3 for a test program that deletes rules over its own
+# netlink socket (tests/deploy.rs, tests/observability.rs).
+APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins prometheus python3
 # Every binary the agent and the tests run; `deps` installs the packages when one is missing.
 DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
-	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset
+	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset \
+	promtool prometheus python3
 CARGO ?= cargo
 
 .PHONY: deps demo test bench

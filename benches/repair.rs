@@ -14,7 +14,9 @@
 //! Targets are printed next to the figures, not asserted. Environment: NETWARDEN_BENCH_DELETIONS
 //! (default 2000), NETWARDEN_BENCH_WATCHDOG_DELETIONS (300), NETWARDEN_BENCH_ROUNDS (5),
 //! NETWARDEN_BENCH_IDLE_SECS (10), NETWARDEN_BENCH_GAP_MS (pause between single deletions, 2),
-//! NETWARDEN_BENCH_LOG_LEVEL (the agent's --log-level, info).
+//! NETWARDEN_BENCH_LOG_LEVEL (the agent's --log-level, info; readiness is its `initial sync done`
+//! line, so keep netwarden::reconcile at info, e.g. `warn,netwarden::reconcile=info`),
+//! NETWARDEN_BENCH_AGENT_LOG (a file to copy the agent's log into). Results: docs/benchmarks.md.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use netwarden::apply::encode;
@@ -237,8 +239,16 @@ impl Agent {
         // Drains the agent's stderr for its whole life, so that logging never blocks it.
         std::thread::spawn(move || {
             let mut told = false;
+            // NETWARDEN_BENCH_AGENT_LOG=FILE keeps a copy of the agent's log, to see where time goes.
+            let mut copy = std::env::var_os("NETWARDEN_BENCH_AGENT_LOG")
+                .and_then(|p| std::fs::File::create(p).ok())
+                .map(std::io::BufWriter::new);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 l.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = copy.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 b.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
                 if !told && line.contains("initial sync done") {
                     told = true;
@@ -345,7 +355,12 @@ impl Drop for Watchdog {
 }
 
 struct ProcSample {
+    /// utime + stime of the process (all threads), in clock ticks.
     ticks: u64,
+    utime: u64,
+    stime: u64,
+    /// cutime + cstime: children waited for.
+    child_ticks: u64,
     rss_kib: u64,
     hwm_kib: u64,
     threads: u64,
@@ -360,6 +375,8 @@ fn proc_sample(pid: u32) -> Result<ProcSample> {
     // rest[0] is field 3 (state); utime is field 14, stime 15.
     let utime: u64 = fields.get(11).context("no utime")?.parse()?;
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    let cutime: u64 = fields.get(13).context("no cutime")?.parse()?;
+    let cstime: u64 = fields.get(14).context("no cstime")?.parse()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |name: &str| -> u64 {
         status
@@ -371,17 +388,40 @@ fn proc_sample(pid: u32) -> Result<ProcSample> {
     };
     Ok(ProcSample {
         ticks: utime + stime,
+        utime,
+        stime,
+        child_ticks: cutime + cstime,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
         threads: kib("Threads:"),
     })
 }
 
+/// Time on CPU of all threads of a process, in ns (schedstat: finer than clock ticks).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// USER_HZ, the unit of utime/stime (`getconf CLK_TCK`; 100 on every common Linux build).
 fn clock_ticks() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
         .ok()
-        .flatten()
-        .map_or(100, |t| t as u64)
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,7 +483,8 @@ impl Deleter {
                 .context("no netlink ack for the deletion within 5 s")?;
             let mut at = 0;
             while at < self.buf.len() {
-                let nb = NetlinkBuffer::new_checked(&self.buf[at..])
+                let slice = &self.buf[at..];
+                let nb = NetlinkBuffer::new_checked(&slice)
                     .map_err(|e| anyhow!("malformed netlink reply: {e}"))?;
                 let len = nb.length() as usize;
                 let msg = NetlinkMessage::<M>::parse(&nb)
@@ -517,21 +558,120 @@ fn single_deletions(
 }
 
 struct Mass {
+    /// From just before the batch started to the arrival of the last re-add.
     back: Duration,
+    /// The flush batch process, start to exit.
     batch_took: Duration,
+    /// From just before the batch started to the arrival of the last deletion.
+    last_del: Duration,
     batch_ok: Result<(), String>,
-    deleted_seen: usize,
+    /// Distinct protected rules and routes the listener saw deleted (and so re-added).
+    deleted: (usize, usize),
+    /// Deletion notifications seen (an object deleted, re-added, deleted again counts twice).
+    deletions: usize,
     overrun: bool,
+    /// Objects whose last notification seen was a deletion although the kernel holds them: the
+    /// deletion arrived after the re-add it caused.
+    out_of_order: usize,
+    /// Notifications the listener had not read yet when the dump confirmed that all was back.
+    backlog_at_dump: usize,
+    /// Completion was timed by polling `ip` after an overrun.
+    polled: bool,
 }
 
-/// `ip rule flush` + `ip route flush table 100` in one batch; times until every protected object
-/// is back (seen re-added since the batch started, and none deleted again since).
+/// Per-object presence as the listener sees it, for the protected objects only.
+struct Tracker<'a, K: std::hash::Hash + Eq> {
+    protected: &'a HashSet<K>,
+    deleted: HashSet<&'a K>,
+    absent: HashSet<&'a K>,
+    deletions: usize,
+    /// What the listener saw of each object: arrival and whether it was a re-add.
+    history: std::collections::HashMap<&'a K, Vec<(Instant, bool)>>,
+}
+
+impl<'a, K: std::hash::Hash + Eq> Tracker<'a, K> {
+    fn new(protected: &'a HashSet<K>) -> Self {
+        Tracker {
+            protected,
+            deleted: HashSet::with_capacity(protected.len()),
+            absent: HashSet::with_capacity(protected.len()),
+            deletions: 0,
+            history: std::collections::HashMap::with_capacity(protected.len()),
+        }
+    }
+
+    /// `Some(true)`: a protected object added (only the agent adds them), `Some(false)`: one
+    /// deleted, `None`: anything else.
+    fn note(&mut self, at: Instant, key: Option<K>, new: bool) -> Option<bool> {
+        let k = key.and_then(|k| self.protected.get(&k))?;
+        self.history.entry(k).or_default().push((at, new));
+        if new {
+            self.absent.remove(k);
+        } else {
+            self.deletions += 1;
+            self.deleted.insert(k);
+            self.absent.insert(k);
+        }
+        Some(new)
+    }
+
+    /// Every object seen deleted has been seen added at least once since. Its last deletion
+    /// may still be the latest notification: across processes the kernel does not order them
+    /// (see [`mass_round`]), so only a dump can tell for sure.
+    fn all_seen_back(&self) -> bool {
+        self.absent
+            .iter()
+            .all(|k| self.history[k].iter().any(|(_, new)| *new))
+    }
+}
+
+/// `ip rule flush` + `ip route flush table 100` in one batch; times until the last re-add of a
+/// protected object the listener sees, once the batch has exited, every object seen deleted has
+/// been seen added again and a dump (`ip`) confirms that all of them are present.
+///
+/// Why the dump: notifications from two processes are not ordered for a third. On this kernel
+/// the listener sometimes receives the agent's RTM_NEWRULE *before* the RTM_DELRULE (sent by
+/// `ip rule flush`) that made the agent re-add the rule, so "last seen: deleted" does not mean
+/// absent.
+///
+/// Not every object is necessarily deleted: `ip rule flush` deletes while it dumps, and a kernel
+/// dump resumes by position, so rules can be skipped when the list shifts under it (the agent
+/// re-adding rules makes that likelier). Those stay in place and need no repair.
 fn mass_round(
     sandbox: &Sandbox,
     listener: &Listener,
     rules: &HashSet<RuleKey>,
     routes: &HashSet<RouteKey>,
 ) -> Result<Mass> {
+    /// What the listener has shown so far.
+    struct Progress<'a> {
+        tr: Tracker<'a, RuleKey>,
+        to: Tracker<'a, RouteKey>,
+        last_new: Instant,
+        last_del: Instant,
+        overrun: bool,
+    }
+    impl Progress<'_> {
+        fn take(&mut self, at: Instant, msg: Option<M>) {
+            let what = match &msg {
+                None => {
+                    self.overrun = true;
+                    None
+                }
+                Some(M::NewRule(m)) => self.tr.note(at, decode::rule(m).map(|(k, _)| k), true),
+                Some(M::DelRule(m)) => self.tr.note(at, decode::rule(m).map(|(k, _)| k), false),
+                Some(M::NewRoute(m)) => self.to.note(at, decode::route(m).map(|(k, _)| k), true),
+                Some(M::DelRoute(m)) => self.to.note(at, decode::route(m).map(|(k, _)| k), false),
+                _ => None,
+            };
+            match what {
+                Some(true) => self.last_new = at,
+                Some(false) => self.last_del = at,
+                None => {}
+            }
+        }
+    }
+
     listener.drain();
     let script = format!("rule flush\nroute flush table {TABLE}\n");
     std::thread::scope(|scope| {
@@ -541,122 +681,139 @@ fn mass_round(
             (Instant::now(), r)
         });
         let deadline = t0 + MASS_REPAIR;
-        let mut back_rules: HashSet<&RuleKey> = HashSet::with_capacity(rules.len());
-        let mut back_routes: HashSet<&RouteKey> = HashSet::with_capacity(routes.len());
-        let mut absent_rules: HashSet<&RuleKey> = HashSet::new();
-        let mut absent_routes: HashSet<&RouteKey> = HashSet::new();
-        let mut deleted_seen = 0;
-        let mut last_new = t0;
-        let mut overrun = false;
-        let complete = |br: &HashSet<&RuleKey>,
-                        bo: &HashSet<&RouteKey>,
-                        ar: &HashSet<&RuleKey>,
-                        ao: &HashSet<&RouteKey>| {
-            br.len() == rules.len() && bo.len() == routes.len() && ar.is_empty() && ao.is_empty()
+        let mut seen = Progress {
+            tr: Tracker::new(rules),
+            to: Tracker::new(routes),
+            last_new: t0,
+            last_del: t0,
+            overrun: false,
         };
-        while !(batch.is_finished()
-            && complete(&back_rules, &back_routes, &absent_rules, &absent_routes))
-        {
-            if overrun {
+        let mut last_check = t0;
+        let mut backlog_at_dump = 0;
+        let mut polled = false;
+        loop {
+            let now = Instant::now();
+            if seen.overrun {
+                // Lost notifications: fall back to polling the kernel with `ip` until all is back.
+                while !batch.is_finished() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                loop {
+                    let (r, o) = count_present(sandbox)?;
+                    if r == rules.len() && o == routes.len() {
+                        seen.last_new = Instant::now();
+                        break;
+                    }
+                    ensure!(
+                        Instant::now() < deadline,
+                        "mass repair (after a listener overrun): only {r} rules and {o} routes back within {MASS_REPAIR:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                polled = true;
                 break;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!(
-                    "mass repair: not everything was back within {MASS_REPAIR:?}: {} of {} rules and {} of {} routes seen re-added, {} still deleted",
-                    back_rules.len(),
-                    rules.len(),
-                    back_routes.len(),
-                    routes.len(),
-                    absent_rules.len() + absent_routes.len()
-                );
-            }
-            let Some((at, msg)) = listener.next(Duration::from_millis(20).min(deadline - now))
-            else {
-                continue;
-            };
-            match msg {
-                None => overrun = true,
-                Some(M::NewRule(ref m)) | Some(M::DelRule(ref m)) => {
-                    let new = matches!(msg, Some(M::NewRule(_)));
-                    if let Some((k, _)) = decode::rule(m) {
-                        if let Some(k) = rules.get(&k) {
-                            if new {
-                                back_rules.insert(k);
-                                absent_rules.remove(k);
-                                last_new = at;
-                            } else {
-                                deleted_seen += 1;
-                                absent_rules.insert(k);
-                            }
-                        }
-                    }
-                }
-                Some(M::NewRoute(ref m)) | Some(M::DelRoute(ref m)) => {
-                    let new = matches!(msg, Some(M::NewRoute(_)));
-                    if let Some((k, _)) = decode::route(m) {
-                        if let Some(k) = routes.get(&k) {
-                            if new {
-                                back_routes.insert(k);
-                                absent_routes.remove(k);
-                                last_new = at;
-                            } else {
-                                deleted_seen += 1;
-                                absent_routes.insert(k);
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut back = last_new.duration_since(t0);
-        if overrun {
-            // The listener lost notifications: fall back to polling the kernel with `ip`.
-            while !batch.is_finished() {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            loop {
+            if batch.is_finished()
+                && seen.tr.deletions + seen.to.deletions > 0
+                && seen.tr.all_seen_back()
+                && seen.to.all_seen_back()
+                && now.duration_since(last_check) >= Duration::from_millis(20)
+            {
+                // Confirm with the kernel (more than once only when a notification arrived out
+                // of order or the agent is still busy with a second deletion).
+                last_check = now;
                 let (r, o) = count_present(sandbox)?;
                 if r == rules.len() && o == routes.len() {
-                    back = t0.elapsed();
+                    // Everything is in place; what the listener has not read yet is still
+                    // timed by its arrival. Read until it has been quiet for 20 ms.
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while Instant::now() < until {
+                        let Some((at, msg)) = listener.next(Duration::from_millis(20)) else {
+                            break;
+                        };
+                        backlog_at_dump += 1;
+                        seen.take(at, msg);
+                    }
                     break;
                 }
-                ensure!(
-                    Instant::now() < deadline,
-                    "mass repair (after a listener overrun): only {r} rules and {o} routes back within {MASS_REPAIR:?}"
+            }
+            if now >= deadline {
+                // Say which objects are missing and what the kernel itself holds for them.
+                let tr = &seen.tr;
+                let mut missing: Vec<String> = tr
+                    .absent
+                    .iter()
+                    .take(5)
+                    .map(|k| {
+                        let kernel = sandbox
+                            .ip(&["rule", "show", "priority", &k.priority.to_string()])
+                            .unwrap_or_else(|e| e.to_string());
+                        let history: Vec<String> = tr.history[k]
+                            .iter()
+                            .map(|(at, new)| {
+                                let what = if *new { "new" } else { "del" };
+                                format!("{what}@{:.3}ms", ms(at.duration_since(t0)))
+                            })
+                            .collect();
+                        format!(
+                            "rule {k} (listener saw: {}; ip rule show priority {}: {:?})",
+                            history.join(" "),
+                            k.priority,
+                            kernel.trim()
+                        )
+                    })
+                    .collect();
+                missing.extend(seen.to.absent.iter().take(5).map(|k| format!("route {k}")));
+                bail!(
+                    "mass repair: not everything was back within {MASS_REPAIR:?}: {} rules and {} routes seen deleted, {} and {} of them not seen back; missing: {}",
+                    tr.deleted.len(),
+                    seen.to.deleted.len(),
+                    tr.absent.len(),
+                    seen.to.absent.len(),
+                    missing.join("; ")
                 );
-                std::thread::sleep(Duration::from_millis(2));
+            }
+            if let Some((at, msg)) = listener.next(Duration::from_millis(20).min(deadline - now)) {
+                seen.take(at, msg);
             }
         }
         let (batch_end, batch_ok) = batch
             .join()
             .map_err(|_| anyhow!("the ip -batch thread panicked"))?;
         Ok(Mass {
-            back,
+            back: seen.last_new.duration_since(t0),
             batch_took: batch_end.duration_since(t0),
+            last_del: seen.last_del.duration_since(t0),
             batch_ok,
-            deleted_seen,
-            overrun,
+            deleted: (seen.tr.deleted.len(), seen.to.deleted.len()),
+            deletions: seen.tr.deletions + seen.to.deletions,
+            overrun: seen.overrun,
+            polled,
+            out_of_order: seen.tr.absent.len() + seen.to.absent.len(),
+            backlog_at_dump,
         })
     })
 }
 
 /// How long `ip -batch` takes to add the same objects into a fresh namespace (same veth set-up).
-fn ip_batch_baseline(lines: &str) -> Result<Duration> {
+/// Returns the wall time and the CPU time of the `ip` process, in clock ticks.
+fn ip_batch_baseline(lines: &str) -> Result<(Duration, u64)> {
     let fresh = Sandbox::create("nwbench-ipb")?;
     setup_veth(&fresh)?;
+    let me = std::process::id();
+    let before = proc_sample(me)?.child_ticks;
     let t0 = Instant::now();
     fresh
         .batch(&[], lines)
         .context("ip -batch into a fresh namespace")?;
     let took = t0.elapsed();
+    let ip_ticks = proc_sample(me)?.child_ticks - before;
     let (r, o) = count_present(&fresh)?;
     ensure!(
         r == RULES && o == ROUTES,
         "ip -batch added only {r} rules and {o} routes"
     );
-    Ok(took)
+    Ok((took, ip_ticks))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -700,6 +857,12 @@ fn median(v: &[Duration]) -> Duration {
     s[(s.len() - 1) / 2]
 }
 
+fn machine_short() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} CPUs, Linux {}", kernel.trim())
+}
+
 fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -719,17 +882,22 @@ fn machine() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|_| "?".into());
-    format!("{cpus} CPUs (nproc), {model}, kernel {kernel}, {iproute2}")
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "{cpus} CPUs (nproc), {model}, kernel {kernel}, {iproute2}; load average at start {load}"
+    )
 }
 
 /// A CDF of both latency distributions on a log-scale x axis, p50 and p99 marked.
-fn svg(series: &[(&str, &str, &[Duration])], title: &str) -> String {
+fn svg(series: &[(&str, &str, &[Duration])], title: &str, subtitle: &str) -> String {
     const W: f64 = 760.0;
-    const H: f64 = 460.0;
+    const H: f64 = 490.0;
     const L: f64 = 70.0;
     const R: f64 = 24.0;
-    const T: f64 = 48.0;
-    const B: f64 = 64.0;
+    const T: f64 = 56.0;
+    const B: f64 = 94.0;
     let all = series.iter().flat_map(|s| s.2.iter());
     let lo = all
         .clone()
@@ -748,7 +916,12 @@ fn svg(series: &[(&str, &str, &[Duration])], title: &str) -> String {
     let _ = writeln!(s, r##"<rect width="{W}" height="{H}" fill="white"/>"##);
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="24" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>"##,
+        r##"<text x="{}" y="20" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>"##,
+        W / 2.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="37" text-anchor="middle" font-size="11" fill="#555">{subtitle}</text>"##,
         W / 2.0
     );
     // Grid: decades with labels, 2 and 5 in between; CDF every 10 %.
@@ -807,7 +980,7 @@ fn svg(series: &[(&str, &str, &[Duration])], title: &str) -> String {
         s,
         r##"<text x="{}" y="{}" text-anchor="middle">time from RTM_DELRULE sent to RTM_NEWRULE seen by an outside listener (ms, log scale)</text>"##,
         (L + W - R) / 2.0,
-        H - 18.0
+        H - B + 42.0
     );
     let _ = writeln!(
         s,
@@ -836,9 +1009,8 @@ fn svg(series: &[(&str, &str, &[Duration])], title: &str) -> String {
                 py + if q < 0.9 { 14.0 } else { -6.0 }
             );
         }
-        // Legend, bottom right: the area under the curves' flat tops stays empty.
-        let ly = H - B - 48.0 + i as f64 * 20.0;
-        let lx = W - R - 290.0;
+        // Legend below the axis, one entry beside the other: never over a curve.
+        let (lx, ly) = (L + 20.0 + i as f64 * 320.0, H - 18.0);
         let _ = writeln!(
             s,
             r##"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{name} (n = {})</text>"##,
@@ -908,6 +1080,10 @@ fn main() -> Result<()> {
     );
 
     // ---- 1. one rule deleted → re-added (netwarden)
+    println!(
+        "\n1. measuring {} single rule deletions with the agent running…",
+        settings.deletions
+    );
     let mut overruns = 0;
     let log_lines_before = agent.lines.load(Ordering::Relaxed);
     let log_bytes_before = agent.bytes.load(Ordering::Relaxed);
@@ -926,25 +1102,31 @@ fn main() -> Result<()> {
 
     // ---- 2. everything at once
     println!(
-        "\n2. everything deleted at once (`ip -batch`: rule flush + route flush table {TABLE}) -> all {} back, vs `ip -batch` adding them to a fresh namespace",
+        "\n2. (per round) everything deleted at once (`ip -batch`: rule flush + route flush table {TABLE}) -> all {} back, vs `ip -batch` adding them to a fresh namespace",
         RULES + ROUTES
     );
     println!(
-        "   {:>5} {:>12} {:>14} {:>16} {:>7} {:>9} {:>8}",
-        "round",
-        "all back ms",
-        "flush batch ms",
-        "ip -batch add ms",
-        "ratio",
-        "deletions",
-        "overrun"
+        "   {:>5} {:>12} {:>16} {:>7} {:>17} {:>12} {:>8}",
+        "round", "all back ms", "ip -batch add ms", "ratio", "deleted", "out of order", "overrun"
     );
     let mut backs = Vec::new();
     let mut baselines = Vec::new();
     let mut any_overrun = false;
     let mut batch_errors = Vec::new();
+    let mut where_time_goes = Vec::new();
+    let me = std::process::id();
+    let tick_ms = 1e3 / clock_ticks() as f64;
     for round in 1..=settings.rounds {
-        let m = mass_round(&sandbox, &listener, &rule_keys, &route_keys)?;
+        let (agent_ns0, me_ns0) = (cpu_ns(agent.pid())?, cpu_ns(me)?);
+        let (agent0, me0) = (proc_sample(agent.pid())?, proc_sample(me)?);
+        let m = mass_round(&sandbox, &listener, &rule_keys, &route_keys).with_context(|| {
+            format!(
+                "round {round}; the agent's log ends with:\n{}",
+                agent.log_tail()
+            )
+        })?;
+        let (agent_ns1, me_ns1) = (cpu_ns(agent.pid())?, cpu_ns(me)?);
+        let (agent1, me1) = (proc_sample(agent.pid())?, proc_sample(me)?);
         // Let the agent settle, then check from outside that everything really is there.
         std::thread::sleep(Duration::from_millis(500));
         let (r, o) = count_present(&sandbox)?;
@@ -952,16 +1134,36 @@ fn main() -> Result<()> {
             r == RULES && o == ROUTES,
             "round {round}: after the repair only {r} rules and {o} routes are present"
         );
-        let base = ip_batch_baseline(&add_lines)?;
+        let (base, base_ticks) = ip_batch_baseline(&add_lines)?;
         println!(
-            "   {round:>5} {:>12.1} {:>14.1} {:>16.1} {:>7.2} {:>9} {:>8}",
+            "   {round:>5} {:>12.1} {:>16.1} {:>7.2} {:>17} {:>12} {:>8}",
             ms(m.back),
-            ms(m.batch_took),
             ms(base),
             m.back.as_secs_f64() / base.as_secs_f64(),
-            m.deleted_seen,
-            if m.overrun { "yes" } else { "no" }
+            format!("{}+{}/{}", m.deleted.0, m.deleted.1, m.deletions),
+            m.out_of_order,
+            match (m.overrun, m.polled) {
+                (false, _) => "no",
+                (true, false) => "late",
+                (true, true) => "polled",
+            }
         );
+        where_time_goes.push(format!(
+            "   {round:>5} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>13} {:>10.1} {:>10.0} {:>10.0} {:>8}",
+            ms(m.batch_took),
+            ms(m.last_del),
+            ms(m.back.saturating_sub(m.last_del)),
+            (agent_ns1 - agent_ns0) as f64 / 1e6,
+            format!(
+                "{:.0}/{:.0}",
+                (agent1.utime - agent0.utime) as f64 * tick_ms,
+                (agent1.stime - agent0.stime) as f64 * tick_ms
+            ),
+            (me_ns1 - me_ns0) as f64 / 1e6,
+            (me1.child_ticks - me0.child_ticks) as f64 * tick_ms,
+            base_ticks as f64 * tick_ms,
+            m.backlog_at_dump,
+        ));
         if let Err(e) = m.batch_ok {
             batch_errors.push(format!("round {round}: {e}"));
         }
@@ -970,20 +1172,55 @@ fn main() -> Result<()> {
         baselines.push(base);
         listener.drain();
     }
+    println!(
+        "   (deleted: distinct protected rules + routes seen deleted / deletion notifications seen;"
+    );
+    println!(
+        "    out of order: objects whose deletion notification reached the listener after their re-add)"
+    );
+    println!("   where the time goes (ms; CPU from /proc: schedstat, and clock ticks of {tick_ms:.0} ms for user/sys):");
+    println!(
+        "   {:>5} {:>9} {:>9} {:>10} {:>10} {:>13} {:>10} {:>10} {:>10} {:>8}",
+        "round",
+        "flush ip",
+        "last del",
+        "back-l.del",
+        "agent CPU",
+        "usr/sys",
+        "bench CPU",
+        "flush CPU",
+        "ip add CPU",
+        "backlog"
+    );
+    for line in &where_time_goes {
+        println!("{line}");
+    }
+    println!("   (flush ip: the flush `ip -batch`, start to exit; last del: last deletion notification seen;");
+    println!("    back-l.del: from it to the last re-add seen; agent CPU: the agent's time on CPU in the round;");
+    println!("    bench CPU: this process (listener thread, main thread); flush CPU / ip add CPU: the `ip`");
+    println!("    processes; backlog: notifications not yet read by the listener when a dump showed all back)");
     for e in &batch_errors {
         println!("   note: the flush batch reported: {e}");
     }
 
     // ---- 3. idle
+    println!("\n3. measuring the idle agent for {:?}…", settings.idle);
     std::thread::sleep(Duration::from_millis(500));
     let a = proc_sample(agent.pid())?;
+    let a_ns = cpu_ns(agent.pid())?;
     let t = Instant::now();
     std::thread::sleep(settings.idle);
+    let b_ns = cpu_ns(agent.pid())?;
     let b = proc_sample(agent.pid())?;
     let wall = t.elapsed();
-    let cpu = (b.ticks - a.ticks) as f64 / clock_ticks() as f64 / wall.as_secs_f64() * 100.0;
+    let idle_cpu_ms = (b_ns - a_ns) as f64 / 1e6;
+    let cpu = idle_cpu_ms / 1e3 / wall.as_secs_f64() * 100.0;
 
     // ---- 1b. the watchdog
+    println!(
+        "\n1b. stopping the agent; measuring {} single rule deletions with the watchdog…",
+        settings.watchdog_deletions
+    );
     agent.stop()?;
     let agent_log_total = agent.lines.load(Ordering::Relaxed);
     drop(agent);
@@ -1015,6 +1252,7 @@ fn main() -> Result<()> {
             ms(s.mean)
         )
     };
+    println!("\n==== summary ====");
     println!("\n1. one rule deleted (RTM_DELRULE from our socket) -> its RTM_NEWRULE seen by an outside listener ({WARMUP} warm-up deletions not counted, {} ms between deletions)", settings.gap.as_millis());
     println!("   netwarden  {}", p(&nw_sum));
     println!("   watchdog   {}", p(&wd_sum));
@@ -1065,7 +1303,7 @@ fn main() -> Result<()> {
     );
 
     println!(
-        "\n3. idle agent holding {} objects: VmRSS {} KiB ({:.1} MiB), VmHWM {} KiB, {} threads; CPU {:.3} % of one core over {:.1} s ({} ticks); after the initial sync VmRSS was {} KiB",
+        "\n3. idle agent holding {} objects: VmRSS {} KiB ({:.1} MiB), VmHWM {} KiB, {} threads; CPU {:.4} % of one core over {:.1} s ({idle_cpu_ms:.2} ms on CPU by schedstat, {} clock ticks); after the initial sync VmRSS was {} KiB",
         RULES + ROUTES,
         b.rss_kib,
         b.rss_kib as f64 / 1024.0,
@@ -1086,6 +1324,7 @@ fn main() -> Result<()> {
             ("ip monitor | bash watchdog", "#d62728", &wd),
         ],
         &title,
+        &format!("{} (p50 and p99 marked)", machine_short()),
     );
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;

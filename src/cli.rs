@@ -51,6 +51,19 @@ pub enum Command {
         /// iptables backend for protected chains: auto picks the one holding rules.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
+        /// Address of the HTTP endpoints (/metrics, /healthz, /readyz, /status), or `off`.
+        /// Bound before entering --netns: the endpoints stay on the host's network.
+        /// Default 0.0.0.0:10370 (if that port is taken, the agent runs without them).
+        #[arg(long, env = "NETWARDEN_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+    },
+    /// Ask a running agent for the state of each protected object and its last repair.
+    Status {
+        /// The agent's HTTP address (its --metrics-addr).
+        #[arg(long, default_value = "127.0.0.1:10370")]
+        addr: String,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Compare the kernel with the config once. Exit 0 in sync, 1 drift, 2 error.
     Check {

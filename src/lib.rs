@@ -13,6 +13,7 @@ pub mod listen;
 pub mod model;
 pub mod netfilter;
 pub mod netns;
+pub mod obs;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;

@@ -6,7 +6,7 @@ use cli::{BackendChoice, Cli, Command, LogFormat, Output};
 use netwarden::config::{self, Config};
 use netwarden::desired::DesiredState;
 use netwarden::netfilter::guard::Guard;
-use netwarden::{check, demo, netns, reconcile};
+use netwarden::{check, demo, netns, obs, reconcile};
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
@@ -36,7 +36,14 @@ fn main() -> ExitCode {
             config,
             netns,
             iptables_backend,
-        } => run(&config, netns.as_deref(), iptables_backend),
+            metrics_addr,
+        } => run(
+            &config,
+            netns.as_deref(),
+            iptables_backend,
+            metrics_addr.as_deref(),
+        ),
+        Command::Status { addr, output } => status(&addr, output),
         Command::Check {
             config,
             netns,
@@ -105,12 +112,34 @@ fn run(
     path: &std::path::Path,
     netns: Option<&str>,
     backend: BackendChoice,
+    metrics_addr: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
     let desired = DesiredState::from_config(&cfg);
+    let telemetry = obs::Telemetry::new();
+    telemetry.config_loaded(true);
+    // Bound before entering the namespace, so the endpoints are on the host's network.
+    let listener = match metrics_addr {
+        Some("off") => None,
+        Some(addr) => Some(
+            obs::http::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => obs::http::bind(obs::DEFAULT_METRICS_ADDR)
+            .map_err(|e| {
+                tracing::warn!(addr = obs::DEFAULT_METRICS_ADDR, error = %e, "no HTTP endpoints")
+            })
+            .ok(),
+    };
     let rt = runtime(netns)?;
+    if let Some(listener) = listener {
+        let addr = obs::http::spawn(listener, telemetry.clone())?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
+    }
+    let path = path.to_path_buf();
     rt.block_on(async move {
         // Chains and sets first: `initial sync done` then means everything is in place.
+        // (A SIGHUP reload applies to rules, routes and addresses; chains and sets keep the
+        // config they started with until the agent restarts.)
         let guard = Guard::start(
             cfg.chains,
             cfg.ipsets,
@@ -119,13 +148,31 @@ fn run(
             backend,
         )
         .await?;
-        let agent = reconcile::Agent::start(desired, cfg.resync).await?;
+        let reloads = obs::reload_on_sighup(path, telemetry.clone());
+        let agent = reconcile::Agent::start_with(desired, cfg.resync, telemetry).await?;
         tokio::select! {
-            r = agent.run(shutdown_signal()) => { r?; }
+            r = agent.run_with(shutdown_signal(), Some(reloads)) => { r?; }
             r = guard.run() => { r?; }
         }
         Ok::<_, anyhow::Error>(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let (code, body) = obs::http::get(addr, "/status", None, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the agent at {addr}"))?;
+    anyhow::ensure!(
+        code == 200,
+        "the agent at {addr} answered {code}: {}",
+        body.trim()
+    );
+    let status: obs::status::Status = serde_json::from_str(&body)
+        .context("the agent's /status is not what this version reads")?;
+    match output {
+        Output::Table => print!("{}", obs::status::render_table(&status)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

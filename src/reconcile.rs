@@ -8,9 +8,14 @@
 use crate::apply::{self, Applier, Outcome};
 use crate::desired::DesiredState;
 use crate::model::{Family, Kind, Mode};
+use crate::obs::attribution::{self, LabelCap};
+use crate::obs::contest::{Backoff, Contest, Decision};
+use crate::obs::metrics::{DriftLabels, ErrorLabels, KindLabels, ReasonLabels, RepairLabels};
+use crate::obs::status::State;
+use crate::obs::{Ping, Reload, Telemetry};
 use crate::observe::kernel::{self, Events, ObserveError};
 use crate::observe::{Change, Mirror, RouteInterest};
-use crate::plan::{self, Dirty, Finding, ObjectId, Plan};
+use crate::plan::{self, Dirty, Drift, Finding, ObjectId, Plan};
 use futures::StreamExt;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -18,8 +23,10 @@ use rtnetlink::sys::SocketAddr;
 use rtnetlink::Handle;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 /// Most events folded into one plan; the rest wait for the next turn of the loop.
@@ -44,7 +51,10 @@ struct Batch {
     overrun: bool,
     /// Re-dump the routes of a family (`Some(None)`: all families).
     redump: Option<Option<Family>>,
-    /// Netlink port of the socket that sent each removal: the process that removed it.
+    /// Why the routes are re-dumped.
+    redump_reason: Option<ResyncReason>,
+    /// Netlink port of the socket that sent the last change (removal or otherwise) of each
+    /// protected object: the process that made it (0: the kernel).
     removed_by: HashMap<ObjectId, u32>,
 }
 
@@ -54,16 +64,60 @@ pub enum ResyncReason {
     Start,
     Timer,
     Overrun,
+    /// Routes re-dumped: a link went down or away.
+    LinkDown,
+    /// Routes re-dumped: an address was removed.
+    AddressRemoved,
+    /// A new config was loaded (SIGHUP).
+    ConfigChange,
 }
 
 impl ResyncReason {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ResyncReason::Start => "start",
             ResyncReason::Timer => "timer",
             ResyncReason::Overrun => "overrun",
+            ResyncReason::LinkDown => "link_down",
+            ResyncReason::AddressRemoved => "address_removed",
+            ResyncReason::ConfigChange => "config_change",
         }
     }
+}
+
+/// Why a plan is executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// The initial sync: what is missing then is not counted as drift.
+    Start,
+    /// A full refresh (timer, overrun, config change).
+    Resync,
+    /// A batch of events; `redumped`: the routes were re-read after the kernel may have dropped
+    /// some silently (a route found missing then was removed by the kernel).
+    Events { redumped: bool },
+    /// Held-back repairs of contested objects whose time has come.
+    Retry,
+}
+
+/// Drift found by one plan, reported once its actor is known.
+#[derive(Debug)]
+struct Detection {
+    id: ObjectId,
+    name: String,
+    /// The netlink port of the change (0: kernel); none known: `unknown`.
+    port: Option<u32>,
+    /// This drift made the object contested; the delay of its held-back repair.
+    newly_contested: Option<Duration>,
+}
+
+/// What a plan's execution has to say once the processes behind the changes are known.
+#[derive(Debug, Default)]
+struct Report {
+    detections: Vec<Detection>,
+    /// The `restored` log line: counts per kind, took, names, ports.
+    restored: Option<(usize, usize, usize, u64, String, Vec<u32>)>,
+    /// Known fighters of the contested objects whose held-back repairs went through.
+    fighters: Vec<String>,
 }
 
 /// Counters kept by the loop (exported as metrics by the observability layer).
@@ -89,15 +143,48 @@ pub struct Agent {
     /// an address, a route, a rule): any of those can make a device or gateway available.
     pending: HashSet<ObjectId>,
     pub stats: Stats,
+    telemetry: Arc<Telemetry>,
+    /// Objects fought over, and their held-back repairs.
+    contest: Contest<ObjectId>,
+    /// Enforced objects whose last repair failed.
+    failed: HashSet<ObjectId>,
+    /// What the board says about objects not in sync (in sync: absent).
+    states: HashMap<ObjectId, (State, Option<String>)>,
+    actors: LabelCap,
+    /// Lookups of the processes behind changes, on their own thread.
+    attribution: Option<std::sync::mpsc::Sender<attribution::Request>>,
+    answers: mpsc::UnboundedReceiver<attribution::Answer>,
+    /// Reports waiting for their lookup.
+    awaiting: HashMap<u64, Report>,
+    next_report: u64,
+    pings: Option<mpsc::Receiver<Ping>>,
 }
 
 impl Agent {
     /// Subscribes to kernel events, dumps the kernel and repairs everything once. Events that
     /// happen during the dump are queued and handled by [`Agent::run`].
     pub async fn start(desired: DesiredState, resync: Duration) -> Result<Agent, ReconcileError> {
+        Agent::start_with(desired, resync, Telemetry::new()).await
+    }
+
+    /// [`Agent::start`], publishing metrics and object states to `telemetry`.
+    pub async fn start_with(
+        desired: DesiredState,
+        resync: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Agent, ReconcileError> {
         let events = kernel::subscribe()?;
         let handle = kernel::connect()?;
         let interest = RouteInterest::Keys(desired.routes.keys().cloned().collect());
+        telemetry.set_catalog(&desired);
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        let attribution = match attribution::spawn(answers_tx) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                warn!(error = %e, "cannot start the attribution thread; actors will be unknown");
+                None
+            }
+        };
         let mut agent = Agent {
             desired,
             mirror: Mirror::new(interest),
@@ -108,8 +195,19 @@ impl Agent {
             reported: HashMap::new(),
             pending: HashSet::new(),
             stats: Stats::default(),
+            pings: telemetry.take_pings(),
+            telemetry,
+            contest: Contest::new(Backoff::default()),
+            failed: HashSet::new(),
+            states: HashMap::new(),
+            actors: LabelCap::default(),
+            attribution,
+            answers,
+            awaiting: HashMap::new(),
+            next_report: 0,
         };
         agent.full_resync(ResyncReason::Start).await?;
+        agent.telemetry.set_ready();
         let drifted = agent.reported.len();
         info!(
             protected = agent.desired.len(),
@@ -127,15 +225,29 @@ impl Agent {
     }
 
     /// Runs until `shutdown` completes. Leaves every object in place on the way out.
-    pub async fn run(
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, ReconcileError> {
+        self.run_with(shutdown, None).await
+    }
+
+    /// [`Agent::run`], also taking new configs from `reloads`.
+    pub async fn run_with(
         mut self,
         shutdown: impl Future<Output = ()>,
+        mut reloads: Option<mpsc::Receiver<Reload>>,
     ) -> Result<Stats, ReconcileError> {
         tokio::pin!(shutdown);
-        let mut timer =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.resync, self.resync);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let new_timer = |every: Duration| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut timer = new_timer(self.resync);
         loop {
+            // The earliest held-back repair of a contested object (or end of a fight).
+            let deadline = self.contest.next_deadline();
+            let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            ));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -146,6 +258,21 @@ impl Agent {
                     let Some(first) = ev else { return Err(ReconcileError::EventsClosed) };
                     self.on_events(first).await?;
                 }
+                _ = backoff, if deadline.is_some() => self.on_backoff_timer().await,
+                Some(answer) = self.answers.recv() => {
+                    if let Some(report) = self.awaiting.remove(&answer.id) {
+                        self.finish(report, &answer.names);
+                    }
+                }
+                Some(reload) = next(&mut reloads) => {
+                    let every = reload.resync;
+                    self.reload(reload).await?;
+                    if every != self.resync {
+                        self.resync = every;
+                        timer = new_timer(every);
+                    }
+                }
+                Some(ping) = next(&mut self.pings) => { let _ = ping.send(()); }
                 _ = timer.tick() => {
                     self.full_resync(ResyncReason::Timer).await?;
                 }
@@ -153,9 +280,69 @@ impl Agent {
         }
     }
 
+    /// A new config: protect what it names from now on.
+    async fn reload(&mut self, reload: Reload) -> Result<(), ReconcileError> {
+        self.desired = reload.desired;
+        let d = &self.desired;
+        self.mirror
+            .set_interest(RouteInterest::Keys(d.routes.keys().cloned().collect()));
+        self.pending.retain(|id| protects(d, id));
+        self.reported.retain(|id, _| protects(d, id));
+        self.failed.retain(|id| protects(d, id));
+        self.states.retain(|id, _| protects(d, id));
+        self.contest.retain(|id| protects(d, id));
+        self.telemetry.set_catalog(d);
+        self.full_resync(ResyncReason::ConfigChange).await
+    }
+
+    /// Held-back repairs whose time has come; fights that stopped.
+    async fn on_backoff_timer(&mut self) {
+        let now = Instant::now();
+        let (due, calmed) = self.contest.poll(now);
+        for c in &calmed {
+            info!(
+                kind = %c.id.kind(),
+                name = %self.name_of(&c.id),
+                actor = %c.fighter.as_deref().unwrap_or(attribution::UNKNOWN),
+                "no longer contested"
+            );
+        }
+        if !calmed.is_empty() {
+            let ids: Vec<ObjectId> = calmed.into_iter().map(|c| c.id).collect();
+            self.update_states(&ids, &HashMap::new(), &HashSet::new());
+        }
+        if due.is_empty() {
+            return;
+        }
+        let mut dirty = Dirty::default();
+        for id in &due {
+            match id {
+                ObjectId::Rule(k) => dirty.rules.insert(k.clone()),
+                ObjectId::Route(k) => dirty.routes.insert(k.clone()),
+                ObjectId::Address(k) => dirty.addresses.insert(k.clone()),
+            };
+        }
+        let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
+        self.execute(plan, now, Some(&dirty), &HashMap::new(), Cause::Retry)
+            .await;
+        for id in &due {
+            self.contest.retry_done(id);
+        }
+    }
+
+    fn name_of(&self, id: &ObjectId) -> String {
+        match id {
+            ObjectId::Rule(k) => self.desired.rules.get(k).map(|r| r.name.clone()),
+            ObjectId::Route(k) => self.desired.routes.get(k).map(|r| r.name.clone()),
+            ObjectId::Address(k) => self.desired.addresses.get(k).map(|a| a.name.clone()),
+        }
+        .unwrap_or_default()
+    }
+
     async fn full_resync(&mut self, reason: ResyncReason) -> Result<(), ReconcileError> {
         let started = Instant::now();
         self.stats.resyncs += 1;
+        self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
         debug!(
             reason = reason.as_str(),
@@ -164,8 +351,24 @@ impl Agent {
             "full refresh"
         );
         let plan = plan::plan_all(&self.desired, &self.mirror);
-        self.execute(plan, started, None, &HashMap::new()).await;
+        let cause = if reason == ResyncReason::Start {
+            Cause::Start
+        } else {
+            Cause::Resync
+        };
+        self.execute(plan, started, None, &HashMap::new(), cause)
+            .await;
         Ok(())
+    }
+
+    fn count_resync(&self, reason: ResyncReason) {
+        self.telemetry
+            .metrics
+            .resyncs
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// Folds a batch of queued events into the mirror, then repairs what they touched.
@@ -193,15 +396,20 @@ impl Agent {
             }
         }
         self.stats.events += count as u64;
+        self.telemetry.metrics.events.inc_by(count as u64);
         if batch.overrun {
             self.stats.overruns += 1;
+            self.telemetry.metrics.overruns.inc();
             warn!("netlink events were lost (socket overrun); re-reading the kernel state");
             return self.full_resync(ResyncReason::Overrun).await;
         }
+        let mut redumped = false;
         if let Some(family) = batch.redump {
             if !self.desired.routes.is_empty() {
+                self.count_resync(batch.redump_reason.unwrap_or(ResyncReason::LinkDown));
                 kernel::dump_routes(&mut self.handle, &mut self.mirror, family).await?;
                 batch.full = true;
+                redumped = true;
             }
         }
         if batch.appeared {
@@ -221,7 +429,14 @@ impl Agent {
             plan::plan_dirty(&self.desired, &self.mirror, &batch.dirty)
         };
         let scope = (!batch.full).then_some(&batch.dirty);
-        self.execute(plan, started, scope, &batch.removed_by).await;
+        self.execute(
+            plan,
+            started,
+            scope,
+            &batch.removed_by,
+            Cause::Events { redumped },
+        )
+        .await;
         Ok(())
     }
 
@@ -231,18 +446,14 @@ impl Agent {
             Change::Rule { key, removed } => {
                 batch.appeared |= !removed;
                 if self.desired.rules.contains_key(&key) {
-                    if removed {
-                        batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
-                    }
+                    batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
                     batch.dirty.rules.insert(key);
                 }
             }
             Change::Route { key, removed } => {
                 batch.appeared |= !removed;
                 if self.desired.routes.contains_key(&key) {
-                    if removed {
-                        batch.removed_by.insert(ObjectId::Route(key.clone()), port);
-                    }
+                    batch.removed_by.insert(ObjectId::Route(key.clone()), port);
                     batch.dirty.routes.insert(key);
                 }
             }
@@ -250,9 +461,7 @@ impl Agent {
                 if let Some(link) = self.mirror.link(key.ifindex) {
                     let dk = (link.name.clone(), key.address);
                     if self.desired.addresses.contains_key(&dk) {
-                        if removed {
-                            batch.removed_by.insert(ObjectId::Address(dk.clone()), port);
-                        }
+                        batch.removed_by.insert(ObjectId::Address(dk.clone()), port);
                         batch.dirty.addresses.insert(dk);
                     }
                 }
@@ -260,6 +469,9 @@ impl Agent {
                     // The kernel drops IPv4 routes that depended on the address (its prefix,
                     // gateways behind it, prefsrc) without RTM_DELROUTE.
                     let fam = Family::of(&key.address);
+                    batch
+                        .redump_reason
+                        .get_or_insert(ResyncReason::AddressRemoved);
                     batch.redump = Some(match batch.redump {
                         None => Some(fam),
                         Some(Some(f)) if f == fam => Some(fam),
@@ -271,6 +483,7 @@ impl Agent {
             }
             Change::LinkReady { .. } => batch.full = true,
             Change::LinkLost { .. } => {
+                batch.redump_reason = Some(ResyncReason::LinkDown);
                 batch.redump = Some(None);
                 batch.full = true;
             }
@@ -279,26 +492,100 @@ impl Agent {
     }
 
     /// Applies a plan's repairs, updates the mirror with what the kernel accepted and logs.
-    /// `scope`: the objects the plan looked at (`None`: all of them).
+    /// `scope`: the objects the plan looked at (`None`: all of them). Repairs of contested objects
+    /// are held back until their backoff runs out (the loop's backoff timer retries them).
     async fn execute(
         &mut self,
-        plan: Plan,
+        mut plan: Plan,
         started: Instant,
         scope: Option<&Dirty>,
         removed_by: &HashMap<ObjectId, u32>,
+        cause: Cause,
     ) {
+        let now = Instant::now();
+        let mut report = Report::default();
+        let port_of = |id: &ObjectId| match (removed_by.get(id), id, cause) {
+            (Some(p), _, _) => Some(*p),
+            // Found missing after a re-dump: the kernel dropped it with an address or link.
+            (None, ObjectId::Route(_), Cause::Events { redumped: true }) => {
+                Some(attribution::KERNEL_PORT)
+            }
+            _ => None,
+        };
+        let mut held: HashSet<ObjectId> = HashSet::new();
+        // Objects already known not to be in sync (pending, failed): a retry, not new drift.
+        let known: HashSet<ObjectId> = plan
+            .steps
+            .iter()
+            .filter(|s| {
+                self.pending.contains(&s.id)
+                    || matches!(self.states.get(&s.id), Some((st, _)) if *st != State::Contested)
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        if cause != Cause::Start {
+            let metrics = &self.telemetry.metrics;
+            let contest = &mut self.contest;
+            plan.steps.retain(|step| {
+                let (fresh, keep, newly) = match contest.on_drift(&step.id, now) {
+                    Decision::Now { fresh } => (fresh, true, None),
+                    Decision::Later {
+                        due,
+                        fresh,
+                        newly_contested,
+                    } => {
+                        if fresh {
+                            let kind = kind_str(&step.id);
+                            metrics
+                                .repairs_deferred
+                                .get_or_create(&KindLabels { kind })
+                                .inc();
+                        }
+                        (fresh, false, newly_contested.then(|| due - now))
+                    }
+                };
+                if fresh && !known.contains(&step.id) {
+                    report.detections.push(Detection {
+                        id: step.id.clone(),
+                        name: step.name.clone(),
+                        port: port_of(&step.id),
+                        newly_contested: newly,
+                    });
+                }
+                if !keep {
+                    held.insert(step.id.clone());
+                }
+                keep
+            });
+        }
         let outcomes = if plan.steps.is_empty() {
             Vec::new()
         } else {
             self.applier.apply(&plan.steps).await
         };
         let took = started.elapsed();
+        let acked = Instant::now();
+        let acked_unix = crate::obs::status::unix_now();
+        let metrics = &self.telemetry.metrics;
         let mut restored: Vec<(Kind, &str)> = Vec::new();
+        let mut repaired: HashSet<ObjectId> = HashSet::new();
         let mut now_pending: HashMap<ObjectId, Finding> = HashMap::new();
         for (step, outcome) in plan.steps.iter().zip(&outcomes) {
+            let kind = kind_str(&step.id);
+            let result = match outcome {
+                Outcome::Applied => "applied",
+                Outcome::AlreadyThere => "already_present",
+                Outcome::NotYet(_) => "not_yet",
+                Outcome::Failed(_) => "failed",
+            };
+            metrics
+                .repairs
+                .get_or_create(&RepairLabels { kind, result })
+                .inc();
             match outcome {
                 Outcome::Applied | Outcome::AlreadyThere => {
                     self.pending.remove(&step.id);
+                    self.failed.remove(&step.id);
                     // The kernel said yes: mirror it now rather than waiting for the
                     // notification, so a burst does not re-plan what is already fixed.
                     for op in &step.ops {
@@ -306,12 +593,27 @@ impl Agent {
                     }
                     self.stats.repairs += 1;
                     restored.push((step.id.kind(), &step.name));
-                    if let Some(port) = removed_by.get(&step.id) {
-                        debug!(kind = %step.id.kind(), name = %step.name, netlink_port = port, "restored");
+                    repaired.insert(step.id.clone());
+                    if cause != Cause::Start {
+                        self.contest.on_repaired(&step.id, acked);
+                    }
+                    if let Cause::Events { .. } = cause {
+                        metrics
+                            .repair_duration
+                            .get_or_create(&KindLabels { kind })
+                            .observe(took.as_secs_f64());
                     }
                 }
                 Outcome::NotYet(errno) => {
                     self.pending.insert(step.id.clone());
+                    let errno_label = format!("{errno:?}");
+                    metrics
+                        .apply_errors
+                        .get_or_create(&ErrorLabels {
+                            kind,
+                            errno: errno_label,
+                        })
+                        .inc();
                     let reason = format!(
                         "kernel says {errno} ({}); waiting for the device or gateway",
                         errno.desc()
@@ -320,39 +622,242 @@ impl Agent {
                 }
                 Outcome::Failed(e) => {
                     self.stats.repair_failures += 1;
+                    self.failed.insert(step.id.clone());
+                    let errno = match e {
+                        apply::ApplyError::Kernel(errno) => format!("{errno:?}"),
+                        apply::ApplyError::Timeout(_) => "timeout".to_string(),
+                        apply::ApplyError::Closed => "closed".to_string(),
+                    };
+                    metrics
+                        .apply_errors
+                        .get_or_create(&ErrorLabels { kind, errno })
+                        .inc();
                     error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair failed");
                 }
             }
         }
-        self.report(&plan, &now_pending, scope);
+        {
+            let mut board = self.telemetry.board();
+            for id in &repaired {
+                board.record_repair(id, acked_unix);
+            }
+        }
+        let observed = self.report(&plan, &now_pending, scope);
+        if cause != Cause::Start {
+            for (id, name) in observed {
+                let port = port_of(&id);
+                report.detections.push(Detection {
+                    id,
+                    name,
+                    port,
+                    newly_contested: None,
+                });
+            }
+        }
+        let mut touched: Vec<ObjectId> = plan.drift.iter().map(|d| d.id.clone()).collect();
+        match scope {
+            None => touched.extend(self.states.keys().cloned()),
+            Some(d) => touched.extend(self.states.keys().filter(|id| in_scope(d, id)).cloned()),
+        }
+        let drift: HashMap<ObjectId, &Drift> =
+            plan.drift.iter().map(|d| (d.id.clone(), d)).collect();
+        self.update_states(&touched, &drift, &repaired);
+        if cause == Cause::Retry {
+            report.fighters = repaired
+                .iter()
+                .filter_map(|id| self.contest.fighter(id).map(str::to_string))
+                .collect();
+        }
         if !restored.is_empty() {
             let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count();
             let names: Vec<&str> = restored.iter().take(5).map(|(_, n)| *n).collect();
-            let by: Vec<u32> = {
-                let mut v: Vec<u32> = removed_by.values().copied().collect();
-                v.sort_unstable();
-                v.dedup();
-                v
+            let mut by: Vec<u32> = restored_ports(&plan, &repaired, removed_by);
+            by.sort_unstable();
+            by.dedup();
+            report.restored = Some((
+                count(Kind::Rule),
+                count(Kind::Route),
+                count(Kind::Address),
+                took.as_micros() as u64,
+                names.join(","),
+                by,
+            ));
+        }
+        self.dispatch(report);
+    }
+
+    /// Sends a report's ports for lookup on the attribution thread (after the repair, so the
+    /// lookup never delays it), or finishes it at once when no lookup is needed.
+    fn dispatch(&mut self, report: Report) {
+        let mut ports: Vec<u32> = report
+            .detections
+            .iter()
+            .filter_map(|d| d.port)
+            .chain(report.restored.iter().flat_map(|r| r.5.iter().copied()))
+            .filter(|p| *p != attribution::KERNEL_PORT)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if report.detections.is_empty() && report.restored.is_none() {
+            return;
+        }
+        if !ports.is_empty() {
+            if let Some(tx) = &self.attribution {
+                let id = self.next_report;
+                self.next_report += 1;
+                if tx.send(attribution::Request { id, ports }).is_ok() {
+                    self.awaiting.insert(id, report);
+                    return;
+                }
+            }
+        }
+        self.finish(report, &HashMap::new());
+    }
+
+    /// Counts and logs a report's drift and repairs with the processes behind them.
+    fn finish(&mut self, report: Report, names: &HashMap<u32, String>) {
+        let actor_of = |port: Option<u32>| -> String {
+            match port {
+                None => attribution::UNKNOWN.to_string(),
+                Some(attribution::KERNEL_PORT) => attribution::KERNEL.to_string(),
+                Some(p) => names
+                    .get(&p)
+                    .cloned()
+                    .unwrap_or_else(|| attribution::UNKNOWN.to_string()),
+            }
+        };
+        let mut board_actors: Vec<(ObjectId, String, Option<String>)> = Vec::new();
+        for d in &report.detections {
+            let actor = actor_of(d.port);
+            let label = self.actors.label(&actor);
+            let kind = kind_str(&d.id);
+            self.telemetry
+                .metrics
+                .drift_detected
+                .get_or_create(&DriftLabels {
+                    kind,
+                    actor: label.clone(),
+                })
+                .inc();
+            debug!(kind, name = %d.name, actor = %actor, netlink_port = ?d.port, "drift");
+            let fighter = if self.contest.is_contested(&d.id) {
+                self.contest.set_fighter(&d.id, &label);
+                Some(label)
+            } else {
+                None
             };
+            if let Some(delay) = d.newly_contested {
+                warn!(
+                    kind,
+                    name = %d.name,
+                    actor = %actor,
+                    backoff_ms = delay.as_millis() as u64,
+                    "contested: removed again right after each repair; repairs back off"
+                );
+            }
+            board_actors.push((d.id.clone(), actor, fighter));
+        }
+        if !board_actors.is_empty() {
+            let mut board = self.telemetry.board();
+            for (id, actor, fighter) in &board_actors {
+                board.record_actor(id, actor);
+                if let Some(f) = fighter {
+                    if board.state(id) == Some(State::Contested) {
+                        board.set_fighter(id, f);
+                    }
+                }
+            }
+        }
+        if let Some((rules, routes, addresses, took_us, names_list, ports)) = report.restored {
+            let mut actors: Vec<String> = ports.iter().map(|p| actor_of(Some(*p))).collect();
+            actors.extend(report.fighters.iter().cloned());
+            actors.sort();
+            actors.dedup();
             info!(
-                rules = count(Kind::Rule),
-                routes = count(Kind::Route),
-                addresses = count(Kind::Address),
-                took_us = took.as_micros() as u64,
-                names = %names.join(","),
-                removed_by_netlink_port = ?by,
+                rules,
+                routes,
+                addresses,
+                took_us,
+                names = %names_list,
+                actor = %actors.join(","),
+                removed_by_netlink_port = ?ports,
                 "restored"
             );
         }
     }
 
+    /// Recomputes the state of `ids` and publishes the changes to the board.
+    fn update_states(
+        &mut self,
+        ids: &[ObjectId],
+        drift: &HashMap<ObjectId, &Drift>,
+        repaired: &HashSet<ObjectId>,
+    ) {
+        let mut changes: Vec<(ObjectId, State, Option<String>)> = Vec::new();
+        for id in ids {
+            let (state, reason) = if !protects(&self.desired, id) {
+                continue;
+            } else if self.contest.is_contested(id) {
+                (State::Contested, None)
+            } else if let Some(Finding::Pending { reason }) = self.reported.get(id) {
+                (State::Pending, Some(reason.clone()))
+            } else if self.pending.contains(id) {
+                (State::Pending, None)
+            } else if self.failed.contains(id) {
+                (State::Drifted, Some("the last repair failed".to_string()))
+            } else {
+                match drift.get(id) {
+                    Some(d) if repaired.contains(id) => {
+                        let _ = d;
+                        (State::InSync, None)
+                    }
+                    Some(d) => {
+                        let what = match &d.finding {
+                            Finding::Missing => "missing".to_string(),
+                            Finding::Different { observed } => format!("different: {observed}"),
+                            Finding::Pending { reason } => reason.clone(),
+                        };
+                        match (&d.finding, d.mode) {
+                            (Finding::Pending { .. }, _) => (State::Pending, Some(what)),
+                            (_, Mode::Observe) => (State::ObserveOnly, Some(what)),
+                            _ => (State::Drifted, Some(what)),
+                        }
+                    }
+                    None => (State::InSync, None),
+                }
+            };
+            let old = self.states.get(id);
+            if state == State::InSync {
+                if self.states.remove(id).is_some() {
+                    changes.push((id.clone(), state, None));
+                }
+            } else if old != Some(&(state, reason.clone())) {
+                self.states.insert(id.clone(), (state, reason.clone()));
+                changes.push((id.clone(), state, reason));
+            }
+        }
+        if !changes.is_empty() {
+            let mut board = self.telemetry.board();
+            for (id, state, reason) in changes {
+                board.set_state(&id, state, reason);
+                if state == State::Contested {
+                    if let Some(f) = self.contest.fighter(&id) {
+                        board.set_fighter(&id, f);
+                    }
+                }
+            }
+        }
+    }
+
     /// Logs drift that is not being repaired (observe mode, pending) when it starts and stops.
+    /// Returns the objects newly found drifted in observe mode.
     fn report(
         &mut self,
         plan: &Plan,
         now_pending: &HashMap<ObjectId, Finding>,
         scope: Option<&Dirty>,
-    ) {
+    ) -> Vec<(ObjectId, String)> {
+        let mut observed = Vec::new();
         let mut seen: HashSet<ObjectId> = HashSet::new();
         for d in &plan.drift {
             let finding = now_pending.get(&d.id).unwrap_or(&d.finding);
@@ -366,6 +871,9 @@ impl Agent {
             }
             if self.reported.get(&d.id) == Some(finding) {
                 continue;
+            }
+            if d.mode == Mode::Observe && !matches!(finding, Finding::Pending { .. }) {
+                observed.push((d.id.clone(), d.name.clone()));
             }
             match finding {
                 Finding::Pending { reason } => {
@@ -389,18 +897,65 @@ impl Agent {
         };
         self.pending
             .retain(|id| seen.contains(id) || !looked_at(id));
-        if scope.is_none() {
-            // Anything reported before and absent from a complete plan is back in sync.
-            let back: Vec<ObjectId> = self
-                .reported
-                .keys()
-                .filter(|id| !seen.contains(id))
-                .cloned()
-                .collect();
-            for id in back {
-                self.reported.remove(&id);
-                info!(kind = %id.kind(), "back in sync");
-            }
+        // Anything reported before, looked at by this plan and not drifted is back in sync (also
+        // after a plan of only the objects events touched: otherwise the next drift of an
+        // observe-mode object would match the stale report and go unlogged).
+        let back: Vec<ObjectId> = self
+            .reported
+            .keys()
+            .filter(|id| !seen.contains(id) && looked_at(id))
+            .cloned()
+            .collect();
+        for id in back {
+            self.reported.remove(&id);
+            info!(kind = %id.kind(), "back in sync");
         }
+        observed
+    }
+}
+
+fn kind_str(id: &ObjectId) -> &'static str {
+    match id {
+        ObjectId::Rule(_) => "rule",
+        ObjectId::Route(_) => "route",
+        ObjectId::Address(_) => "address",
+    }
+}
+
+fn in_scope(d: &Dirty, id: &ObjectId) -> bool {
+    match id {
+        ObjectId::Rule(k) => d.rules.contains(k),
+        ObjectId::Route(k) => d.routes.contains(k),
+        ObjectId::Address(k) => d.addresses.contains(k),
+    }
+}
+
+/// Whether the desired state protects an object.
+fn protects(desired: &DesiredState, id: &ObjectId) -> bool {
+    match id {
+        ObjectId::Rule(k) => desired.rules.contains_key(k),
+        ObjectId::Route(k) => desired.routes.contains_key(k),
+        ObjectId::Address(k) => desired.addresses.contains_key(k),
+    }
+}
+
+/// Ports of the changes behind the repairs that went through.
+fn restored_ports(
+    plan: &Plan,
+    repaired: &HashSet<ObjectId>,
+    removed_by: &HashMap<ObjectId, u32>,
+) -> Vec<u32> {
+    plan.steps
+        .iter()
+        .filter(|s| repaired.contains(&s.id))
+        .filter_map(|s| removed_by.get(&s.id).copied())
+        .collect()
+}
+
+/// The next item of an optional channel; never, without one.
+async fn next<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

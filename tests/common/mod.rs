@@ -82,6 +82,8 @@ impl Agent {
             .arg(config)
             .args(["--netns", &ns.name, "--log-level", "debug"])
             .args(extra)
+            // Any free port on the host's loopback; see Agent::http.
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -135,6 +137,20 @@ impl Agent {
 
     pub fn wait_log(&mut self, needle: &str) -> String {
         self.wait_log_all(&[needle])
+    }
+
+    /// The address of the agent's HTTP endpoints, from its log.
+    pub fn http(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let line = log
+            .iter()
+            .find(|l| l.contains("serving /metrics"))
+            .expect("no HTTP endpoints logged");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("no addr= in the log line");
+        addr.to_string()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,392 @@
+//! Contested objects: an object removed again and again right after each repair is being fought
+//! over by another process. Its repairs back off exponentially (10 ms doubling to 30 s) so that
+//! the agent and the other process do not spin against each other, and it is reported as
+//! contested until the fight stops. Pure: the caller passes the time and owns the timer (the loop
+//! sleeps until [`Contest::next_deadline`] and then calls [`Contest::poll`]).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// The backoff schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay of the first held-back repair.
+    pub initial: Duration,
+    /// Longest delay.
+    pub max: Duration,
+    /// Removals in a row, each within `window` of the repair before it, that make an object
+    /// contested. Below that, every removal is repaired at once.
+    pub threshold: u32,
+    /// A removal this soon after a repair continues a fight; an object not removed for this long
+    /// after its last repair is calm again (back in sync).
+    pub window: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_secs(30),
+            threshold: 3,
+            window: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay at a level: `initial * 2^level`, capped at `max`.
+    pub fn delay(&self, level: u32) -> Duration {
+        let factor = 1u32.checked_shl(level.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// What to do with an object found drifted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Repair now. `fresh`: a new drift (false for a held-back repair whose time has come).
+    Now { fresh: bool },
+    /// Hold the repair back until `due`. `fresh`: a new drift (false while already waiting);
+    /// `newly_contested`: this drift made the object contested.
+    Later {
+        due: Instant,
+        fresh: bool,
+        newly_contested: bool,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+struct Entry {
+    /// Removals in a row, each soon after the repair before it.
+    streak: u32,
+    last_repair: Option<Instant>,
+    /// A held-back repair.
+    due: Option<Instant>,
+    /// The held-back repair's time has come: the next drift of this object is that retry.
+    retrying: bool,
+    contested: bool,
+    /// Who keeps removing it (the actor label), once known.
+    fighter: Option<String>,
+}
+
+/// An object whose fight stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Calmed<K> {
+    pub id: K,
+    pub fighter: Option<String>,
+}
+
+/// Per-object fight tracking.
+#[derive(Clone, Debug)]
+pub struct Contest<K> {
+    backoff: Backoff,
+    entries: HashMap<K, Entry>,
+}
+
+impl<K: Clone + Eq + Hash> Contest<K> {
+    pub fn new(backoff: Backoff) -> Contest<K> {
+        Contest {
+            backoff,
+            entries: HashMap::new(),
+        }
+    }
+
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
+    /// An enforced object was found drifted at `now` and would be repaired.
+    pub fn on_drift(&mut self, id: &K, now: Instant) -> Decision {
+        let b = self.backoff;
+        let e = self.entries.entry(id.clone()).or_default();
+        if let Some(due) = e.due {
+            if due > now {
+                return Decision::Later {
+                    due,
+                    fresh: false,
+                    newly_contested: false,
+                };
+            }
+            e.due = None;
+            e.retrying = false;
+            return Decision::Now { fresh: false };
+        }
+        if e.retrying {
+            e.retrying = false;
+            return Decision::Now { fresh: false };
+        }
+        let soon = e
+            .last_repair
+            .is_some_and(|t| now.saturating_duration_since(t) <= b.window);
+        e.streak = if soon { e.streak + 1 } else { 0 };
+        if e.streak < b.threshold {
+            return Decision::Now { fresh: true };
+        }
+        let newly_contested = !e.contested;
+        e.contested = true;
+        let due = now + b.delay(e.streak - b.threshold);
+        e.due = Some(due);
+        Decision::Later {
+            due,
+            fresh: true,
+            newly_contested,
+        }
+    }
+
+    /// The kernel accepted a repair of the object at `now`.
+    pub fn on_repaired(&mut self, id: &K, now: Instant) {
+        let e = self.entries.entry(id.clone()).or_default();
+        e.last_repair = Some(now);
+        e.retrying = false;
+    }
+
+    /// A planned retry found nothing to repair (someone else put the object back).
+    pub fn retry_done(&mut self, id: &K) {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.retrying = false;
+        }
+    }
+
+    pub fn is_contested(&self, id: &K) -> bool {
+        self.entries.get(id).is_some_and(|e| e.contested)
+    }
+
+    /// Whether a repair of the object is being held back at `now`.
+    pub fn is_held(&self, id: &K, now: Instant) -> bool {
+        self.entries
+            .get(id)
+            .and_then(|e| e.due)
+            .is_some_and(|d| d > now)
+    }
+
+    /// Records who is fighting over a contested object.
+    pub fn set_fighter(&mut self, id: &K, actor: &str) {
+        if let Some(e) = self.entries.get_mut(id) {
+            if e.contested {
+                e.fighter = Some(actor.to_string());
+            }
+        }
+    }
+
+    pub fn fighter(&self, id: &K) -> Option<&str> {
+        self.entries.get(id).and_then(|e| e.fighter.as_deref())
+    }
+
+    /// Current delay of a contested object's held-back repairs.
+    pub fn current_delay(&self, id: &K) -> Option<Duration> {
+        let e = self.entries.get(id)?;
+        e.contested.then(|| {
+            self.backoff
+                .delay(e.streak.saturating_sub(self.backoff.threshold))
+        })
+    }
+
+    /// The next time [`Contest::poll`] has something to do: a held-back repair comes due or a
+    /// fight may be over.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.entries
+            .values()
+            .filter_map(|e| match (e.due, e.last_repair) {
+                (Some(due), _) => Some(due),
+                (None, Some(t)) => Some(t + self.backoff.window),
+                (None, None) => None,
+            })
+            .min()
+    }
+
+    /// Returns the objects whose held-back repair is due (to re-plan now) and the contested
+    /// objects whose fight stopped; forgets quiet objects.
+    pub fn poll(&mut self, now: Instant) -> (Vec<K>, Vec<Calmed<K>>) {
+        let window = self.backoff.window;
+        let mut due = Vec::new();
+        let mut calmed = Vec::new();
+        self.entries.retain(|id, e| {
+            if let Some(d) = e.due {
+                if d <= now {
+                    e.due = None;
+                    e.retrying = true;
+                    due.push(id.clone());
+                }
+                return true;
+            }
+            let quiet = e
+                .last_repair
+                .is_none_or(|t| now.saturating_duration_since(t) >= window);
+            if !quiet || e.retrying {
+                return true;
+            }
+            if e.contested {
+                calmed.push(Calmed {
+                    id: id.clone(),
+                    fighter: e.fighter.take(),
+                });
+            }
+            false
+        });
+        (due, calmed)
+    }
+
+    /// Forgets objects no longer protected (after a config change).
+    pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.entries.retain(|id, _| keep(id));
+    }
+
+    pub fn contested(&self) -> impl Iterator<Item = (&K, Option<&str>)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.contested)
+            .map(|(id, e)| (id, e.fighter.as_deref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn schedule_doubles_from_10ms_to_a_30s_cap() {
+        let b = Backoff::default();
+        let delays: Vec<u128> = (0..14).map(|l| b.delay(l).as_millis()).collect();
+        assert_eq!(
+            delays,
+            [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480, 30000, 30000]
+        );
+        assert_eq!(b.delay(1000), b.max);
+    }
+
+    #[test]
+    fn occasional_removals_are_repaired_at_once() {
+        let mut c = Contest::new(Backoff::default());
+        let mut t = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(c.on_drift(&1, t), Decision::Now { fresh: true });
+            c.on_repaired(&1, t);
+            t += Duration::from_secs(5); // longer than the window
+        }
+        assert!(!c.is_contested(&1));
+    }
+
+    /// A fighter that removes the object 1 ms after every repair, for `secs` seconds, with the
+    /// loop doing what the agent does. Returns the number of repairs.
+    fn fight(c: &mut Contest<u32>, start: Instant, secs: u64) -> (u32, Instant) {
+        let mut now = start;
+        let end = start + Duration::from_secs(secs);
+        let mut repairs = 0;
+        let mut removed_at = Some(now);
+        while now < end {
+            if let Some(r) = removed_at.take() {
+                now = r;
+                match c.on_drift(&7, now) {
+                    Decision::Now { .. } => {
+                        repairs += 1;
+                        c.on_repaired(&7, now);
+                        removed_at = Some(now + MS);
+                    }
+                    Decision::Later { .. } => {}
+                }
+                continue;
+            }
+            // Nothing to do until the held-back repair: the loop sleeps until the deadline.
+            now = c.next_deadline().unwrap();
+            let (due, _) = c.poll(now);
+            if due.contains(&7) {
+                assert_eq!(c.on_drift(&7, now), Decision::Now { fresh: false });
+                repairs += 1;
+                c.on_repaired(&7, now);
+                removed_at = Some(now + MS);
+            }
+        }
+        (repairs, now)
+    }
+
+    #[test]
+    fn a_fight_backs_off_and_calms_down() {
+        let mut c = Contest::new(Backoff::default());
+        let start = Instant::now();
+        let (repairs, end) = fight(&mut c, start, 3);
+        assert!(c.is_contested(&7));
+        // 3 at once, then 10, 20, 40 … ms apart: about a dozen in 3 s instead of thousands.
+        assert!((8..=15).contains(&repairs), "repairs in 3 s: {repairs}");
+        c.set_fighter(&7, "fighter");
+        assert_eq!(c.fighter(&7), Some("fighter"));
+        // The fighter stops: the next held-back repair goes through and nothing removes it.
+        let mut now = end;
+        let mut calmed = Vec::new();
+        for _ in 0..10 {
+            now = c.next_deadline().unwrap();
+            let (due, calm) = c.poll(now);
+            if due.contains(&7) {
+                assert_eq!(c.on_drift(&7, now), Decision::Now { fresh: false });
+                c.on_repaired(&7, now);
+            }
+            calmed.extend(calm);
+            if !calmed.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(
+            calmed,
+            [Calmed {
+                id: 7,
+                fighter: Some("fighter".into())
+            }]
+        );
+        assert!(!c.is_contested(&7));
+        assert!(now - end < Duration::from_secs(10));
+        assert_eq!(c.next_deadline(), None, "a calm object is forgotten");
+    }
+
+    #[test]
+    fn drift_while_held_back_is_not_fresh_and_keeps_the_due_time() {
+        let mut c = Contest::new(Backoff::default());
+        let t0 = Instant::now();
+        for i in 0..3 {
+            let t = t0 + MS * i;
+            assert!(matches!(c.on_drift(&1, t), Decision::Now { fresh: true }));
+            c.on_repaired(&1, t);
+        }
+        let t = t0 + MS * 3;
+        let Decision::Later {
+            due,
+            fresh: true,
+            newly_contested: true,
+        } = c.on_drift(&1, t)
+        else {
+            panic!("expected a held-back repair")
+        };
+        assert_eq!(due, t + Duration::from_millis(10));
+        assert!(c.is_held(&1, t));
+        assert_eq!(
+            c.on_drift(&1, t + MS),
+            Decision::Later {
+                due,
+                fresh: false,
+                newly_contested: false
+            }
+        );
+        // Another object is not affected.
+        assert_eq!(c.on_drift(&2, t + MS), Decision::Now { fresh: true });
+        assert_eq!(c.next_deadline(), Some(due));
+    }
+
+    #[test]
+    fn a_retry_that_finds_the_object_back_does_not_spin() {
+        let mut c = Contest::new(Backoff::default());
+        let t0 = Instant::now();
+        for i in 0..4 {
+            let t = t0 + MS * i;
+            if let Decision::Now { .. } = c.on_drift(&1, t) {
+                c.on_repaired(&1, t);
+            }
+        }
+        let due = c.next_deadline().unwrap();
+        let (retry, _) = c.poll(due);
+        assert_eq!(retry, [1]);
+        c.retry_done(&1);
+        // No held-back repair any more: the next deadline is the calm check, not `due` again.
+        assert!(c.next_deadline().unwrap() > due);
+    }
+}

@@ -1,0 +1,367 @@
+//! The HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, `/status`. Read-only (GET and HEAD),
+//! HTTP/1.1 by hyper, on a thread and runtime of its own.
+//!
+//! With `--netns`, main binds the listening socket *before* entering the namespace: the
+//! endpoints then live on the host's network (where Prometheus and the operator are), while the
+//! agent watches the namespace.
+
+use super::metrics::{
+    encode_openmetrics, encode_prometheus, wants_openmetrics, OPENMETRICS, PROMETHEUS_TEXT,
+};
+use super::Telemetry;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// A client has this long to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection lives at most this long (keep-alive included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// The loop must answer a liveness probe within this.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Binds the listening socket (call before entering a network namespace).
+pub fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves the endpoints on their own thread until the process exits.
+pub fn spawn(listener: TcpListener, telemetry: Arc<Telemetry>) -> std::io::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("nw-http".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the HTTP runtime; no metrics");
+                    return;
+                }
+            };
+            rt.block_on(serve(listener, telemetry));
+        })?;
+    Ok(addr)
+}
+
+async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve HTTP; no metrics");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let t = telemetry.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&t, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+async fn handle(t: &Telemetry, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = response(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET and HEAD\n");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let head = req.method() == Method::HEAD;
+    let mut r = match req.uri().path() {
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if wants_openmetrics(accept) {
+                response(
+                    StatusCode::OK,
+                    OPENMETRICS,
+                    encode_openmetrics(t.registry()),
+                )
+            } else {
+                response(
+                    StatusCode::OK,
+                    PROMETHEUS_TEXT,
+                    encode_prometheus(t.registry()),
+                )
+            }
+        }
+        "/healthz" => {
+            if t.ping(PING_TIMEOUT).await {
+                response(StatusCode::OK, PLAIN, "ok\n")
+            } else if !t.is_ready() {
+                // The initial dump and sync run before the loop answers probes.
+                response(StatusCode::OK, PLAIN, "starting\n")
+            } else {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "the reconcile loop does not answer\n",
+                )
+            }
+        }
+        "/readyz" => {
+            if t.is_ready() {
+                response(StatusCode::OK, PLAIN, "ready\n")
+            } else {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "initial sync not done\n",
+                )
+            }
+        }
+        "/status" => {
+            let status = t.board().status();
+            let body = serde_json::to_string_pretty(&status).unwrap_or_else(|_| "{}".into());
+            response(StatusCode::OK, "application/json", body + "\n")
+        }
+        "/" => response(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            "<html><head><title>netwarden</title></head><body><h1>netwarden</h1><ul>\
+             <li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/healthz\">/healthz</a></li>\
+             <li><a href=\"/readyz\">/readyz</a></li><li><a href=\"/status\">/status</a></li>\
+             </ul></body></html>\n",
+        ),
+        _ => response(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    };
+    if head {
+        *r.body_mut() = Full::new(Bytes::new());
+    }
+    r
+}
+
+/// A plain HTTP/1.1 GET (no TLS, no redirects), for `netwarden status` and the tests: returns
+/// the status code and the body.
+pub fn get(
+    addr: &str,
+    path: &str,
+    accept: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Error, ErrorKind};
+    let target = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("no address for {addr}")))?;
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: netwarden\r\n"
+    );
+    if let Some(a) = accept {
+        req.push_str(&format!("Accept: {a}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, "malformed HTTP response"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, "malformed HTTP status line"))?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> (Arc<Telemetry>, String) {
+        let t = Telemetry::new();
+        let addr = spawn(bind("127.0.0.1:0").unwrap(), t.clone()).unwrap();
+        (t, addr.to_string())
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn endpoints_answer_and_negotiate_the_format() {
+        let (t, addr) = server();
+        let (code, body) = get(&addr, "/metrics", None, T).unwrap();
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("# TYPE netwarden_repairs_total counter"),
+            "{body}"
+        );
+        assert!(!body.contains("# EOF"));
+        let (code, body) = get(
+            &addr,
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0"),
+            T,
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        assert_eq!(get(&addr, "/readyz", None, T).unwrap().0, 503);
+        // Before the loop runs, the probe says "starting".
+        assert_eq!(
+            get(&addr, "/healthz", None, T).unwrap(),
+            (200, "starting\n".into())
+        );
+        t.set_ready();
+        assert_eq!(get(&addr, "/readyz", None, T).unwrap().0, 200);
+        // Ready, but nothing answers the loop's pings: unhealthy.
+        assert_eq!(get(&addr, "/healthz", None, T).unwrap().0, 503);
+        assert_eq!(get(&addr, "/nope", None, T).unwrap().0, 404);
+        let (code, body) = get(&addr, "/status", None, T).unwrap();
+        assert_eq!(code, 200);
+        let s: super::super::status::Status = serde_json::from_str(&body).unwrap();
+        assert!(s.ready);
+    }
+
+    #[test]
+    fn healthz_follows_the_loop() {
+        let (t, addr) = server();
+        t.set_ready();
+        let mut pings = t.take_pings().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let loop_ = std::thread::spawn(move || {
+            rt.block_on(async move {
+                if let Some(p) = pings.recv().await {
+                    let _ = p.send(());
+                }
+            })
+        });
+        assert_eq!(
+            get(&addr, "/healthz", None, T).unwrap(),
+            (200, "ok\n".into())
+        );
+        loop_.join().unwrap();
+    }
+
+    /// Raw bytes to the server; returns what came back (the server must survive all of it).
+    fn raw(addr: &str, bytes: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_and_the_server_goes_on() {
+        let (_t, addr) = server();
+        assert!(raw(&addr, b"GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));
+        let _ = raw(&addr, b"GET /metrics HTTP/9.9\r\n\r\n");
+        let post = raw(
+            &addr,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        );
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.contains("allow: GET, HEAD"), "{post}");
+        let huge = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(200_000));
+        let r = raw(&addr, huge.as_bytes());
+        assert!(r.is_empty() || r.starts_with("HTTP/1.1 4"), "{r}");
+        let head = raw(
+            &addr,
+            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.contains("# TYPE"));
+        assert_eq!(raw(&addr, b""), "");
+        // Still serving.
+        assert_eq!(get(&addr, "/readyz", None, T).unwrap().0, 503);
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+}

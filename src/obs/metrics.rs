@@ -1,0 +1,449 @@
+//! The metrics (all prefixed `netwarden_`; docs/metrics.md lists them) and their two text
+//! encodings: OpenMetrics 1.0 (prometheus-client's own) and the Prometheus text format 0.0.4
+//! derived from it.
+//!
+//! Counters and histograms are atomics updated by the reconcile loop; gauges that describe the
+//! protected objects are computed at scrape time from the status board (a collector), so the
+//! loop never walks every object to keep a gauge up to date.
+
+use super::status::Board;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+pub const PREFIX: &str = "netwarden";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub kind: &'static str,
+    pub actor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub kind: &'static str,
+    /// applied, already_present, not_yet, failed
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: &'static str,
+    /// An errno name (ENODEV), or `timeout` / `closed`.
+    pub errno: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    // 10 µs to ~5 s, doubling: fine enough for the tens of microseconds a repair takes.
+    Histogram::new(exponential_buckets(10e-6, 2.0, 20))
+}
+
+/// Every metric the loop updates. Cheap to update: atomics behind a read lock per label set.
+#[derive(Debug)]
+pub struct Metrics {
+    pub drift_detected: Family<DriftLabels, Counter>,
+    pub repairs: Family<RepairLabels, Counter>,
+    pub repair_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub repairs_deferred: Family<KindLabels, Counter>,
+    pub resyncs: Family<ReasonLabels, Counter>,
+    pub overruns: Counter,
+    pub events: Counter,
+    pub apply_errors: Family<ErrorLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub config_last_success: Gauge<f64, AtomicU64>,
+    pub config_last_ok: Gauge,
+    pub start_time: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Builds the metrics and a registry holding them and the board's gauges.
+    pub fn new(board: Arc<Mutex<Board>>) -> (Metrics, Registry) {
+        let m = Metrics {
+            drift_detected: Family::default(),
+            repairs: Family::default(),
+            repair_duration: Family::new_with_constructor(duration_histogram),
+            repairs_deferred: Family::default(),
+            resyncs: Family::default(),
+            overruns: Counter::default(),
+            events: Counter::default(),
+            apply_errors: Family::default(),
+            config_reloads: Family::default(),
+            config_last_success: Gauge::default(),
+            config_last_ok: Gauge::default(),
+            start_time: Gauge::default(),
+        };
+        let mut r = Registry::with_prefix(PREFIX);
+        r.register(
+            "drift_detected",
+            "Protected objects found removed or changed by someone else, by kind and by the process that did it (actor)",
+            m.drift_detected.clone(),
+        );
+        r.register(
+            "repairs",
+            "Repair attempts, by kind and result (applied, already_present, not_yet, failed)",
+            m.repairs.clone(),
+        );
+        r.register_with_unit(
+            "repair_duration",
+            "Time from receiving the events that showed drift to the kernel's acknowledgement of the repair",
+            Unit::Seconds,
+            m.repair_duration.clone(),
+        );
+        r.register(
+            "repairs_deferred",
+            "Repairs held back because the object is contested (exponential backoff)",
+            m.repairs_deferred.clone(),
+        );
+        r.register(
+            "resyncs",
+            "Re-reads of kernel state, by reason (start, timer, overrun, link_down, address_removed, config_change)",
+            m.resyncs.clone(),
+        );
+        r.register(
+            "netlink_overruns",
+            "Times the event socket overran (ENOBUFS) and events were lost",
+            m.overruns.clone(),
+        );
+        r.register(
+            "netlink_events",
+            "Kernel notifications received",
+            m.events.clone(),
+        );
+        r.register(
+            "apply_errors",
+            "Kernel requests that failed, by object kind and errno",
+            m.apply_errors.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config loads (at start and on SIGHUP), by result",
+            m.config_reloads.clone(),
+        );
+        r.register_with_unit(
+            "config_last_reload_success_timestamp",
+            "When the config in use was loaded (Unix time)",
+            Unit::Seconds,
+            m.config_last_success.clone(),
+        );
+        r.register(
+            "config_last_reload_successful",
+            "Whether the last config load succeeded (1) or failed and the previous config is kept (0)",
+            m.config_last_ok.clone(),
+        );
+        r.register_with_unit(
+            "start_time",
+            "When the agent started (Unix time)",
+            Unit::Seconds,
+            m.start_time.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register("build_info", "Build information; always 1", build);
+        r.register_collector(Box::new(BoardCollector(board)));
+        m.precreate();
+        (m, r)
+    }
+
+    /// Creates the series whose label values are known in advance at 0, so that they exist
+    /// from the first scrape (rate() and increase() need a starting point, dashboards a line).
+    fn precreate(&self) {
+        for kind in super::status::KINDS {
+            for result in REPAIR_RESULTS {
+                let _ = self.repairs.get_or_create(&RepairLabels { kind, result });
+            }
+            let _ = self.repairs_deferred.get_or_create(&KindLabels { kind });
+            let _ = self.repair_duration.get_or_create(&KindLabels { kind });
+        }
+        for reason in RESYNC_REASONS {
+            let _ = self.resyncs.get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["success", "failure"] {
+            let _ = self.config_reloads.get_or_create(&ResultLabels { result });
+        }
+    }
+}
+
+pub const REPAIR_RESULTS: [&str; 4] = ["applied", "already_present", "not_yet", "failed"];
+pub const RESYNC_REASONS: [&str; 6] = [
+    "start",
+    "timer",
+    "overrun",
+    "link_down",
+    "address_removed",
+    "config_change",
+];
+
+/// The name of every sample the agent can export (`_total`, `_bucket`, `_sum`, `_count`
+/// included), for checks of dashboards and alerts against what really exists.
+pub fn exported_names() -> std::collections::BTreeSet<String> {
+    let (m, r) = Metrics::new(Arc::new(Mutex::new(Board::default())));
+    // Give the families without pre-created series one series each.
+    m.drift_detected
+        .get_or_create(&DriftLabels {
+            kind: "rule",
+            actor: "x".into(),
+        })
+        .inc();
+    m.apply_errors
+        .get_or_create(&ErrorLabels {
+            kind: "rule",
+            errno: "EINVAL".into(),
+        })
+        .inc();
+    let text = encode_prometheus(&r);
+    let mut names: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+    // contested_objects has no series on an empty board; it exists all the same.
+    names.insert(format!("{PREFIX}_contested_objects"));
+    names
+}
+
+/// Gauges computed from the board at scrape time.
+#[derive(Debug)]
+struct BoardCollector(Arc<Mutex<Board>>);
+
+impl Collector for BoardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (counts, contested, ready) = {
+            let b = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            (b.state_counts(), b.contested_by_actor(), b.ready)
+        };
+        let mut m = encoder.encode_descriptor(
+            "protected_objects",
+            "Protected objects by kind and state (in_sync, pending, drifted, contested, observe_only)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((kind, state), n) in counts {
+            let labels = [("kind", kind), ("state", state.as_str())];
+            ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "contested_objects",
+            "Objects being fought over right now, by kind and by the process that keeps removing them",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((kind, actor), n) in contested {
+            let labels = [("kind", kind), ("actor", actor.as_str())];
+            ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
+        }
+        let m = encoder.encode_descriptor(
+            "ready",
+            "1 once the initial sync is done",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(ready)).encode(m)?;
+        Ok(())
+    }
+}
+
+/// Media types of the two encodings.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an Accept header asks for OpenMetrics over the Prometheus text format: the
+/// OpenMetrics media type with a q-value above 0 and at least that of `text/plain` (Prometheus
+/// itself sends `application/openmetrics-text;version=1.0.0,…,text/plain;version=0.0.4;q=0.5`).
+pub fn wants_openmetrics(accept: &str) -> bool {
+    let mut om = 0.0f32;
+    let mut text = 0.0f32;
+    for part in accept.split(',') {
+        let mut params = part.split(';').map(str::trim);
+        let media = params.next().unwrap_or("").to_ascii_lowercase();
+        let q = params
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|v| v.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => om = om.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    om > 0.0 && om >= text
+}
+
+/// Encodes the registry as OpenMetrics text.
+pub fn encode_openmetrics(registry: &Registry) -> String {
+    let mut out = String::with_capacity(8192);
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// Encodes the registry in the Prometheus text format 0.0.4.
+pub fn encode_prometheus(registry: &Registry) -> String {
+    to_prometheus_text(&encode_openmetrics(registry))
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: counter families take their samples'
+/// `_total` name in HELP and TYPE, `info`/`stateset`/`unknown` become gauge/gauge/untyped, and
+/// the UNIT and EOF lines go. Samples are the same in both formats for the types used here.
+pub fn to_prometheus_text(om: &str) -> String {
+    let lines: Vec<&str> = om.lines().collect();
+    let mut out = String::with_capacity(om.len());
+    // Family name → (new name, new type), from the TYPE lines.
+    let mut rename: std::collections::HashMap<&str, (String, &str)> = Default::default();
+    for line in &lines {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, ty)) = rest.split_once(' ') {
+                let mapped = match ty {
+                    "counter" => (format!("{name}_total"), "counter"),
+                    "info" => (format!("{name}_info"), "gauge"),
+                    "stateset" => (name.to_string(), "gauge"),
+                    "unknown" => (name.to_string(), "untyped"),
+                    other => (name.to_string(), other),
+                };
+                rename.insert(name, mapped);
+            }
+        }
+    }
+    for line in lines {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let new = rename.get(name).map(|(n, _)| n.as_str()).unwrap_or(name);
+            out.push_str(&format!("# HELP {new} {help}\n"));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map(|(n, _)| n).unwrap_or(rest);
+            match rename.get(name) {
+                Some((n, t)) => out.push_str(&format!("# TYPE {n} {t}\n")),
+                None => out.push_str(&format!("{line}\n")),
+            }
+        } else if !line.contains("_created") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> (Metrics, Registry) {
+        Metrics::new(Arc::new(Mutex::new(Board::default())))
+    }
+
+    #[test]
+    fn accept_header_negotiation() {
+        assert!(wants_openmetrics(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(wants_openmetrics("application/openmetrics-text"));
+        assert!(!wants_openmetrics("text/plain"));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics(
+            "application/openmetrics-text;q=0,text/plain"
+        ));
+        assert!(!wants_openmetrics(
+            "text/plain;q=0.9, application/openmetrics-text;q=0.5"
+        ));
+        assert!(!wants_openmetrics(";;;,,=q;q=x"));
+    }
+
+    #[test]
+    fn both_formats_carry_every_metric() {
+        let (m, r) = registry();
+        m.drift_detected
+            .get_or_create(&DriftLabels {
+                kind: "rule",
+                actor: "ip".into(),
+            })
+            .inc();
+        m.repair_duration
+            .get_or_create(&KindLabels { kind: "rule" })
+            .observe(42e-6);
+        m.start_time.set(1.7e9);
+        let om = encode_openmetrics(&r);
+        assert!(om.ends_with("# EOF\n"));
+        assert!(
+            om.contains("# TYPE netwarden_drift_detected counter\n"),
+            "{om}"
+        );
+        assert!(om.contains("netwarden_drift_detected_total{kind=\"rule\",actor=\"ip\"} 1\n"));
+        assert!(om.contains("# UNIT netwarden_repair_duration_seconds seconds\n"));
+        assert!(om.contains("netwarden_build_info{version=\""));
+        assert!(
+            om.contains("netwarden_protected_objects{kind=\"rule\",state=\"in_sync\"} 0\n"),
+            "{om}"
+        );
+
+        let text = encode_prometheus(&r);
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        assert!(
+            text.contains("# TYPE netwarden_drift_detected_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP netwarden_drift_detected_total Protected objects"));
+        assert!(text.contains("# TYPE netwarden_repair_duration_seconds histogram\n"));
+        assert!(
+            text.contains(
+                "netwarden_repair_duration_seconds_bucket{le=\"0.00008\",kind=\"rule\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("netwarden_repairs_total{kind=\"route\",result=\"failed\"} 0\n"));
+        assert!(text.contains("# TYPE netwarden_build_info gauge\n"));
+        assert!(text.contains("# TYPE netwarden_ready gauge\n"));
+    }
+
+    #[test]
+    fn exported_names_cover_every_family() {
+        let names = exported_names();
+        for n in [
+            "netwarden_drift_detected_total",
+            "netwarden_repairs_total",
+            "netwarden_repair_duration_seconds_bucket",
+            "netwarden_repair_duration_seconds_count",
+            "netwarden_protected_objects",
+            "netwarden_contested_objects",
+            "netwarden_apply_errors_total",
+            "netwarden_build_info",
+            "netwarden_config_last_reload_success_timestamp_seconds",
+        ] {
+            assert!(names.contains(n), "{n} missing from {names:?}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Observability: metrics, the HTTP endpoints (`/metrics`, `/healthz`, `/readyz`, `/status`),
+//! attribution of changes to processes, and contested-object backoff. docs/metrics.md describes
+//! what an operator sees.
+//!
+//! The reconcile loop owns the work; this module gives it a cheap way to publish: counters are
+//! atomics, object states go to a board under a short lock, and the HTTP server runs on a thread
+//! and runtime of its own, so a scrape never competes with a repair for the loop's thread.
+
+pub mod attribution;
+pub mod contest;
+pub mod http;
+pub mod metrics;
+pub mod status;
+
+use crate::config::{self, Config};
+use crate::desired::DesiredState;
+use crate::plan::ObjectId;
+use metrics::{Metrics, ResultLabels};
+use prometheus_client::registry::Registry;
+use status::Board;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Default address of the HTTP endpoints. Port 10370: the Prometheus default port allocations
+/// list (wiki) has 9100-9999 fully allocated, and 10370 is not among the ports it lists outside
+/// that range; it also stays clear of Kubernetes' node ports (10248-10260), the NodePort range
+/// and the Linux ephemeral range. See docs/metrics.md.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10370";
+
+/// A liveness probe for the loop: the loop answers on the oneshot.
+pub type Ping = oneshot::Sender<()>;
+
+/// What the agent shares with the HTTP side.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub metrics: Metrics,
+    registry: Registry,
+    board: Arc<Mutex<Board>>,
+    ready: AtomicBool,
+    ping_tx: mpsc::Sender<Ping>,
+    ping_rx: Mutex<Option<mpsc::Receiver<Ping>>>,
+}
+
+impl Telemetry {
+    pub fn new() -> Arc<Telemetry> {
+        let board = Arc::new(Mutex::new(Board::default()));
+        let (metrics, registry) = Metrics::new(board.clone());
+        metrics.start_time.set(status::unix_now());
+        let (ping_tx, ping_rx) = mpsc::channel(8);
+        Arc::new(Telemetry {
+            metrics,
+            registry,
+            board,
+            ready: AtomicBool::new(false),
+            ping_tx,
+            ping_rx: Mutex::new(Some(ping_rx)),
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn board(&self) -> MutexGuard<'_, Board> {
+        self.board.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.board().ready = true;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The loop's end of the liveness probe (taken once).
+    pub fn take_pings(&self) -> Option<mpsc::Receiver<Ping>> {
+        self.ping_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Asks the loop whether it is alive; false if it does not answer within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.ping_tx.try_send(tx).is_err() {
+            // Full: earlier probes are still waiting, so the loop is not answering.
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
+    /// Counts a config load (at start or on SIGHUP).
+    pub fn config_loaded(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.metrics.config_last_ok.set(i64::from(ok));
+        if ok {
+            self.metrics.config_last_success.set(status::unix_now());
+        }
+    }
+
+    /// Publishes the protected objects (names, descriptions, modes).
+    pub fn set_catalog(&self, desired: &DesiredState) {
+        let mode = |m: crate::model::Mode| format!("{m:?}").to_lowercase();
+        let mut catalog = Vec::with_capacity(desired.len());
+        for r in desired.rules.values() {
+            catalog.push((
+                ObjectId::Rule(r.key.clone()),
+                r.name.clone(),
+                r.describe(),
+                mode(r.mode),
+            ));
+        }
+        for r in desired.routes.values() {
+            catalog.push((
+                ObjectId::Route(r.key.clone()),
+                r.name.clone(),
+                r.describe(),
+                mode(r.mode),
+            ));
+        }
+        for (k, a) in &desired.addresses {
+            catalog.push((
+                ObjectId::Address(k.clone()),
+                a.name.clone(),
+                a.describe(),
+                mode(a.mode),
+            ));
+        }
+        self.board().set_catalog(catalog);
+    }
+}
+
+/// A new config for the loop.
+#[derive(Debug)]
+pub struct Reload {
+    pub desired: DesiredState,
+    pub resync: Duration,
+}
+
+/// Re-reads the config file on SIGHUP (call from within the runtime). A config with errors is refused as a whole: the old one
+/// stays, the error is logged and a failed reload is counted. Returns the stream of accepted
+/// configs (empty if the signal cannot be watched).
+pub fn reload_on_sighup(path: PathBuf, telemetry: Arc<Telemetry>) -> mpsc::Receiver<Reload> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::channel(1);
+    // Installed now, not in the task: a SIGHUP right after start must not kill the agent.
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; config reload disabled");
+            return rx;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match config::load(&path) {
+                Ok(cfg) => {
+                    telemetry.config_loaded(true);
+                    let reload = reload_of(&cfg);
+                    tracing::info!(
+                        file = %path.display(),
+                        protected = reload.desired.len(),
+                        "config reloaded"
+                    );
+                    if tx.send(reload).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    telemetry.config_loaded(false);
+                    tracing::error!(error = %e, "config reload refused; keeping the config in use");
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn reload_of(cfg: &Config) -> Reload {
+    Reload {
+        desired: DesiredState::from_config(cfg),
+        resync: cfg.resync,
+    }
+}

@@ -1,0 +1,426 @@
+//! The status board: what the loop publishes about each protected object (its state, its last
+//! repair), read by the HTTP side for `/status`, the state gauges and `netwarden status`.
+//!
+//! The loop writes it under a short lock: after a batch, only the objects that batch touched.
+
+use crate::plan::ObjectId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The state of a protected object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// In the kernel as desired.
+    InSync,
+    /// Enforced, but cannot be applied yet (its device or gateway is missing).
+    Pending,
+    /// Enforced and not as desired: the last repair failed.
+    Drifted,
+    /// Removed again and again right after each repair: repairs back off.
+    Contested,
+    /// Not as desired, but the object is in observe mode: reported, left alone.
+    ObserveOnly,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::InSync,
+        State::Pending,
+        State::Drifted,
+        State::Contested,
+        State::ObserveOnly,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::InSync => "in_sync",
+            State::Pending => "pending",
+            State::Drifted => "drifted",
+            State::Contested => "contested",
+            State::ObserveOnly => "observe_only",
+        }
+    }
+}
+
+pub const KINDS: [&str; 3] = ["rule", "route", "address"];
+
+/// One protected object as `/status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObjectStatus {
+    pub kind: String,
+    pub name: String,
+    pub object: String,
+    pub mode: String,
+    pub state: State,
+    /// Why it is pending or drifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Repairs since the agent started.
+    pub repairs: u64,
+    /// Unix time of the last repair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair_unix: Option<f64>,
+    /// Who removed or changed it before the last repair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_actor: Option<String>,
+    /// Who keeps removing it, while contested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fighter: Option<String>,
+}
+
+/// The `/status` document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub ready: bool,
+    pub now_unix: f64,
+    pub objects: Vec<ObjectStatus>,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    status: ObjectStatus,
+}
+
+/// What the loop publishes.
+#[derive(Debug, Default)]
+pub struct Board {
+    pub ready: bool,
+    objects: HashMap<ObjectId, Entry>,
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Board {
+    /// Replaces the set of protected objects (at start and after a config change), keeping what
+    /// is known about objects that stay.
+    pub fn set_catalog(&mut self, catalog: Vec<(ObjectId, String, String, String)>) {
+        let mut old = std::mem::take(&mut self.objects);
+        for (id, name, object, mode) in catalog {
+            let kind = id.kind().to_string();
+            let entry = match old.remove(&id) {
+                Some(mut e) => {
+                    e.status.name = name;
+                    e.status.object = object;
+                    e.status.mode = mode;
+                    e
+                }
+                None => Entry {
+                    status: ObjectStatus {
+                        kind,
+                        name,
+                        object,
+                        mode,
+                        state: State::InSync,
+                        reason: None,
+                        repairs: 0,
+                        last_repair_unix: None,
+                        last_actor: None,
+                        fighter: None,
+                    },
+                },
+            };
+            self.objects.insert(id, entry);
+        }
+    }
+
+    pub fn set_state(&mut self, id: &ObjectId, state: State, reason: Option<String>) {
+        if let Some(e) = self.objects.get_mut(id) {
+            e.status.state = state;
+            e.status.reason = reason;
+            if state != State::Contested {
+                e.status.fighter = None;
+            }
+        }
+    }
+
+    pub fn state(&self, id: &ObjectId) -> Option<State> {
+        self.objects.get(id).map(|e| e.status.state)
+    }
+
+    pub fn record_repair(&mut self, id: &ObjectId, at_unix: f64) {
+        if let Some(e) = self.objects.get_mut(id) {
+            e.status.repairs += 1;
+            e.status.last_repair_unix = Some(at_unix);
+        }
+    }
+
+    pub fn record_actor(&mut self, id: &ObjectId, actor: &str) {
+        if let Some(e) = self.objects.get_mut(id) {
+            e.status.last_actor = Some(actor.to_string());
+        }
+    }
+
+    pub fn set_fighter(&mut self, id: &ObjectId, actor: &str) {
+        if let Some(e) = self.objects.get_mut(id) {
+            e.status.fighter = Some(actor.to_string());
+        }
+    }
+
+    /// Object counts by (kind, state), every combination present.
+    pub fn state_counts(&self) -> BTreeMap<(&'static str, State), usize> {
+        let mut counts = BTreeMap::new();
+        for kind in KINDS {
+            for state in State::ALL {
+                counts.insert((kind, state), 0);
+            }
+        }
+        for (id, e) in &self.objects {
+            *counts.entry((kind_str(id), e.status.state)).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Contested objects by (kind, fighter).
+    pub fn contested_by_actor(&self) -> BTreeMap<(&'static str, String), usize> {
+        let mut out = BTreeMap::new();
+        for (id, e) in &self.objects {
+            if e.status.state == State::Contested {
+                let actor = e
+                    .status
+                    .fighter
+                    .clone()
+                    .unwrap_or_else(|| super::attribution::UNKNOWN.to_string());
+                *out.entry((kind_str(id), actor)).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    pub fn status(&self) -> Status {
+        let mut objects: Vec<ObjectStatus> =
+            self.objects.values().map(|e| e.status.clone()).collect();
+        objects.sort_by(|a, b| {
+            kind_rank(&a.kind)
+                .cmp(&kind_rank(&b.kind))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: self.ready,
+            now_unix: unix_now(),
+            objects,
+        }
+    }
+}
+
+fn kind_str(id: &ObjectId) -> &'static str {
+    match id {
+        ObjectId::Rule(_) => "rule",
+        ObjectId::Route(_) => "route",
+        ObjectId::Address(_) => "address",
+    }
+}
+
+fn kind_rank(kind: &str) -> usize {
+    KINDS.iter().position(|k| *k == kind).unwrap_or(KINDS.len())
+}
+
+/// "3s ago", "2m ago", "5h ago", "4d ago".
+pub fn ago(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// The table `netwarden status` prints.
+pub fn render_table(status: &Status) -> String {
+    let header = [
+        "KIND",
+        "NAME",
+        "STATE",
+        "MODE",
+        "REPAIRS",
+        "LAST REPAIR",
+        "BY",
+        "OBJECT",
+    ];
+    let mut rows: Vec<[String; 8]> = Vec::new();
+    for o in &status.objects {
+        let state = match (&o.fighter, o.state) {
+            (Some(f), State::Contested) => format!("contested ({f})"),
+            _ => o.state.as_str().to_string(),
+        };
+        rows.push([
+            o.kind.clone(),
+            o.name.clone(),
+            state,
+            o.mode.clone(),
+            o.repairs.to_string(),
+            o.last_repair_unix
+                .map(|t| ago(status.now_unix - t))
+                .unwrap_or_else(|| "-".into()),
+            o.last_actor.clone().unwrap_or_else(|| "-".into()),
+            match &o.reason {
+                Some(r) => format!("{} ({r})", o.object),
+                None => o.object.clone(),
+            },
+        ]);
+    }
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len() - 1;
+        for (i, c) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    let not_in_sync = status
+        .objects
+        .iter()
+        .filter(|o| o.state != State::InSync)
+        .count();
+    out.push_str(&format!(
+        "{} objects, {} in sync, {} not{}\n",
+        status.objects.len(),
+        status.objects.len() - not_in_sync,
+        not_in_sync,
+        if status.ready {
+            ""
+        } else {
+            "; initial sync not done yet"
+        }
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Family, RuleAction, RuleKey};
+
+    fn rule(prio: u32) -> ObjectId {
+        ObjectId::Rule(RuleKey::new(
+            Family::Ipv4,
+            prio,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            77,
+            RuleAction::Lookup,
+        ))
+    }
+
+    fn board() -> Board {
+        let mut b = Board::default();
+        b.set_catalog(vec![
+            (
+                rule(100),
+                "pods".into(),
+                "100: lookup 77".into(),
+                "enforce".into(),
+            ),
+            (
+                rule(200),
+                "other".into(),
+                "200: lookup 77".into(),
+                "observe".into(),
+            ),
+        ]);
+        b
+    }
+
+    #[test]
+    fn counts_cover_every_kind_and_state() {
+        let mut b = board();
+        b.set_state(&rule(100), State::Contested, None);
+        b.set_fighter(&rule(100), "fighter");
+        let c = b.state_counts();
+        assert_eq!(c.len(), 15);
+        assert_eq!(c[&("rule", State::Contested)], 1);
+        assert_eq!(c[&("rule", State::InSync)], 1);
+        assert_eq!(c[&("route", State::InSync)], 0);
+        assert_eq!(
+            b.contested_by_actor().into_iter().collect::<Vec<_>>(),
+            [(("rule", "fighter".to_string()), 1)]
+        );
+        b.set_state(&rule(100), State::InSync, None);
+        assert!(b.contested_by_actor().is_empty());
+        assert_eq!(
+            b.status().objects[1].fighter,
+            None,
+            "the fight is forgotten"
+        );
+    }
+
+    #[test]
+    fn catalog_changes_keep_history_of_objects_that_stay() {
+        let mut b = board();
+        b.record_repair(&rule(100), 10.0);
+        b.set_catalog(vec![(
+            rule(100),
+            "pods".into(),
+            "x".into(),
+            "enforce".into(),
+        )]);
+        let s = b.status();
+        assert_eq!(s.objects.len(), 1);
+        assert_eq!(s.objects[0].repairs, 1);
+    }
+
+    #[test]
+    fn table_shows_state_last_repair_and_actor() {
+        let mut b = board();
+        b.record_repair(&rule(100), 1000.0);
+        b.record_actor(&rule(100), "ip");
+        b.set_state(&rule(200), State::ObserveOnly, Some("missing".into()));
+        let mut s = b.status();
+        s.now_unix = 1042.0;
+        let t = render_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("KIND  NAME   STATE"), "{t}");
+        assert!(
+            lines[1].starts_with("rule  other  observe_only  observe  0        -"),
+            "{t}"
+        );
+        assert!(lines[1].ends_with("200: lookup 77 (missing)"), "{t}");
+        assert!(
+            lines[2].starts_with("rule  pods   in_sync       enforce  1        42s ago      ip"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[3],
+            "2 objects, 1 in sync, 1 not; initial sync not done yet"
+        );
+        // JSON round trip, as `netwarden status` reads it.
+        let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(ago(-3.0), "0s ago");
+        assert_eq!(ago(59.0), "59s ago");
+        assert_eq!(ago(600.0), "10m ago");
+        assert_eq!(ago(3.0 * 3600.0), "3h ago");
+        assert_eq!(ago(3.0 * 86400.0), "3d ago");
+    }
+}

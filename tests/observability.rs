@@ -1,0 +1,657 @@
+//! Observability against the real kernel and the real agent: drift attributed to the process
+//! that made it (`ip`, a program of another name, the kernel), a fighter making an object
+//! contested, the metrics scraped by promtool and by a real Prometheus server, `netwarden
+//! status`, and config reload on SIGHUP. Each test has a namespace of its own; the agent's HTTP
+//! endpoints are on the host's loopback (bound before it enters the namespace).
+
+mod common;
+use common::*;
+use netwarden::obs::http::get;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RULE: &str = "100: from 10.244.1.0/24 lookup 77";
+const T: Duration = Duration::from_secs(5);
+
+const SPEC: &str = r#"  rules:
+    - name: pods-to-overlay
+      priority: 100
+      from: 10.244.1.0/24
+      table: 77
+  routes:
+    - name: via-peer
+      table: 100
+      destination: 10.80.0.0/24
+      gateway: 10.200.0.2
+      device: veth0
+"#;
+
+/// Deletes the protected rule with its own NETLINK_ROUTE socket (RTM_DELRULE), under the
+/// process name given by prctl(PR_SET_NAME). `once SECS`: one deletion, then the socket stays
+/// open SECS seconds. `fight SECS`: deletes it again and again for SECS seconds.
+const DELETER: &str = r#"
+import ctypes, socket, struct, sys, time
+name, mode, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.bind((0, 0))
+def attr(t, data):
+    l = 4 + len(data)
+    return struct.pack("HH", l, t) + data + b"\0" * ((4 - l % 4) % 4)
+# fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action (1: to table), flags
+body = struct.pack("BBBBBBBBI", 2, 0, 24, 0, 77, 0, 0, 1, 0)
+body += attr(6, struct.pack("I", 100)) + attr(2, socket.inet_aton("10.244.1.0"))
+seq = 0
+def delete():
+    global seq
+    seq += 1
+    s.send(struct.pack("IHHII", 16 + len(body), 33, 0x5, seq, 0) + body)
+    return struct.unpack("i", s.recv(65536)[16:20])[0]
+if mode == "once":
+    assert delete() == 0
+    print("deleted", flush=True)
+    time.sleep(secs)
+else:
+    end, n = time.time() + secs, 0
+    while time.time() < end:
+        if delete() == 0:
+            n += 1
+        else:
+            time.sleep(0.0005)
+    print("deleted", n, flush=True)
+"#;
+
+/// Runs the deleter inside the namespace; killed by pid on drop.
+struct Deleter(Child);
+
+impl Deleter {
+    fn start(ns: &Sandbox, name: &str, mode: &str, secs: f64) -> Deleter {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "python3",
+                "-c",
+                DELETER,
+                name,
+                mode,
+                &secs.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run python3");
+        Deleter(child)
+    }
+
+    /// Waits (bounded) for it to finish; returns its output.
+    fn finish(mut self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                let mut out = String::new();
+                std::io::Read::read_to_string(self.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+                assert!(status.success(), "deleter failed: {out}");
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("deleter still running after {within:?}");
+    }
+}
+
+impl Drop for Deleter {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `ip -batch -` in the namespace with its standard input held open: the process, and its
+/// netlink socket, stay until this is dropped, so the attribution is not a race with a process
+/// that exits a fraction of a millisecond after its change. (A plain `ip rule del` is usually
+/// named too, by the thread that watches changes as they happen, but on a loaded machine it can
+/// be gone first and is then `unknown`.)
+struct IpBatch(Child);
+
+impl IpBatch {
+    fn run(ns: &Sandbox, line: &str) -> IpBatch {
+        let mut child = Command::new("ip")
+            .args(["-n", &ns.name, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run ip");
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        IpBatch(child)
+    }
+}
+
+impl Drop for IpBatch {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scrape(addr: &str) -> String {
+    let (code, body) = get(addr, "/metrics", None, T).expect("scrape");
+    assert_eq!(code, 200);
+    body
+}
+
+/// The value of the sample `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn value(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(&scrape(addr), name, labels).unwrap_or(0.0)
+}
+
+fn wait_metric(addr: &str, name: &str, labels: &[(&str, &str)], want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = scrape(addr);
+        if sample(&text, name, labels) == Some(want) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("{name}{labels:?} never became {want} within {within:?}; last scrape:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), SPEC);
+    let mut agent = Agent::start(&ns, &cfg);
+    let http = agent.http();
+    assert_eq!(get(&http, "/readyz", None, T).unwrap().0, 200);
+    assert_eq!(
+        get(&http, "/healthz", None, T).unwrap(),
+        (200, "ok\n".to_string())
+    );
+    let drift = "netwarden_drift_detected_total";
+
+    // `ip rule del`.
+    let ip = IpBatch::run(&ns, "rule del priority 100 from 10.244.1.0/24 table 77");
+    wait_until("rule back", || count(&rules(&ns), RULE) == 1);
+    agent.wait_log_all(&["restored", "pods-to-overlay", "actor=ip"]);
+    wait_metric(
+        &http,
+        drift,
+        &[("kind", "rule"), ("actor", "ip")],
+        1.0,
+        WAIT,
+    );
+    drop(ip);
+
+    let deleter = Deleter::start(&ns, "nw-deleter", "once", 0.3);
+    wait_until("rule back after the program's deletion", || {
+        count(&rules(&ns), RULE) == 1
+            && agent
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("actor=nw-deleter"))
+    });
+    assert!(deleter.finish(WAIT).contains("deleted"));
+    wait_metric(
+        &http,
+        drift,
+        &[("kind", "rule"), ("actor", "nw-deleter")],
+        1.0,
+        WAIT,
+    );
+
+    // A route changed in place (another gateway): attributed to `ip` as well.
+    let ip = IpBatch::run(
+        &ns,
+        "route replace 10.80.0.0/24 via 10.200.0.3 dev veth0 table 100",
+    );
+    wait_metric(
+        &http,
+        drift,
+        &[("kind", "route"), ("actor", "ip")],
+        1.0,
+        WAIT,
+    );
+    drop(ip);
+    wait_until("original gateway back", || {
+        routes(&ns, "100")
+            .iter()
+            .any(|l| l.starts_with("10.80.0.0/24 via 10.200.0.2"))
+    });
+
+    // The kernel drops the gateway route with the address that made the gateway reachable.
+    ns.ip(&["address", "del", "10.200.0.1/24", "dev", "veth0"])
+        .unwrap();
+    agent.wait_log_all(&["pending", "via-peer"]);
+    wait_metric(
+        &http,
+        drift,
+        &[("kind", "route"), ("actor", "kernel")],
+        1.0,
+        WAIT,
+    );
+    let text = scrape(&http);
+    assert_eq!(
+        sample(
+            &text,
+            "netwarden_resyncs_total",
+            &[("reason", "address_removed")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "netwarden_protected_objects",
+            &[("kind", "route"), ("state", "pending")]
+        ),
+        Some(1.0)
+    );
+    // The kernel refuses the route while its gateway is unreachable (the errno is the label).
+    assert!(
+        sample(&text, "netwarden_apply_errors_total", &[("kind", "route")]).unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"])
+        .unwrap();
+    wait_metric(
+        &http,
+        "netwarden_protected_objects",
+        &[("kind", "route"), ("state", "in_sync")],
+        1.0,
+        WAIT,
+    );
+
+    // Every repair counted and timed; no drift left.
+    let text = scrape(&http);
+    let applied = sample(
+        &text,
+        "netwarden_repairs_total",
+        &[("kind", "rule"), ("result", "applied")],
+    )
+    .unwrap();
+    assert_eq!(applied, 3.0, "initial sync + two repairs:\n{text}");
+    let timed = sample(
+        &text,
+        "netwarden_repair_duration_seconds_count",
+        &[("kind", "rule")],
+    )
+    .unwrap();
+    assert_eq!(timed, 2.0, "the two event-driven repairs are timed");
+    let fast = sample(
+        &text,
+        "netwarden_repair_duration_seconds_bucket",
+        &[("kind", "rule"), ("le", "0.08192")],
+    )
+    .unwrap();
+    assert_eq!(fast, 2.0, "each repair took less than 80 ms:\n{text}");
+
+    // `netwarden status` asks the running agent.
+    let out = netwarden(&["status", "--addr", &http]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.contains("pods-to-overlay"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[..5],
+        ["rule", "pods-to-overlay", "in_sync", "enforce", "3"],
+        "{table}"
+    );
+    assert!(row.contains("ago") && row.contains("nw-deleter"), "{table}");
+    let route = table.lines().find(|l| l.contains("via-peer")).unwrap();
+    assert!(
+        route.contains("kernel") && route.contains("in_sync"),
+        "{table}"
+    );
+    assert!(table.contains("2 objects, 2 in sync, 0 not"), "{table}");
+    let out = netwarden(&["status", "--addr", &http, "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ready"], true);
+    assert_eq!(json["objects"][0]["last_actor"], "nw-deleter");
+}
+
+#[test]
+fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&ns, &config(dir.path(), SPEC));
+    let http = agent.http();
+    let applied = |http: &str| {
+        value(
+            http,
+            "netwarden_repairs_total",
+            &[("kind", "rule"), ("result", "applied")],
+        )
+    };
+    let before = applied(&http);
+
+    let fighter = Deleter::start(&ns, "nw-fighter", "fight", 3.0);
+    // While it fights: contested, and the fighter is named in the log and the metric.
+    agent.wait_log_all(&["contested", "pods-to-overlay", "actor=nw-fighter"]);
+    wait_metric(
+        &http,
+        "netwarden_contested_objects",
+        &[("kind", "rule"), ("actor", "nw-fighter")],
+        1.0,
+        WAIT,
+    );
+    let (_, status) = get(&http, "/status", None, T).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let rule = &status["objects"][0];
+    assert_eq!(
+        (rule["state"].as_str(), rule["fighter"].as_str()),
+        (Some("contested"), Some("nw-fighter")),
+        "{status}"
+    );
+    let out = fighter.finish(Duration::from_secs(10));
+    let repairs = applied(&http) - before;
+    // Without backoff the agent would put it back thousands of times in 3 s.
+    assert!(
+        repairs < 50.0,
+        "{repairs} repairs in 3 s of fighting ({out})"
+    );
+    assert!(
+        value(
+            &http,
+            "netwarden_repairs_deferred_total",
+            &[("kind", "rule")]
+        ) >= 1.0
+    );
+
+    // The fight stops: the held-back repair goes through, and after a quiet while it is in sync.
+    // Within the longest backoff (30 s) in any case; typically 2.6 s at most after 3 s.
+    let deadline = Instant::now() + Duration::from_secs(35);
+    while count(&rules(&ns), RULE) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "rule not back after the fight; log:\n{}",
+            agent.log.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    agent.wait_log_all(&["no longer contested", "actor=nw-fighter"]);
+    wait_metric(
+        &http,
+        "netwarden_protected_objects",
+        &[("kind", "rule"), ("state", "in_sync")],
+        1.0,
+        WAIT,
+    );
+    assert!(sample(
+        &scrape(&http),
+        "netwarden_contested_objects",
+        &[("kind", "rule")]
+    )
+    .is_none());
+    assert_eq!(count(&rules(&ns), RULE), 1);
+}
+
+#[test]
+fn promtool_accepts_a_real_scrape() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&ns, &config(dir.path(), SPEC));
+    let http = agent.http();
+    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
+    // Counted once the remover is looked up, a moment after the repair.
+    wait_metric(
+        &http,
+        "netwarden_drift_detected_total",
+        &[("kind", "rule")],
+        1.0,
+        WAIT,
+    );
+    let text = scrape(&http);
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; `make deps` installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // OpenMetrics when asked for, as Prometheus asks.
+    let (_, om) = get(
+        &http,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        T,
+    )
+    .unwrap();
+    assert!(om.ends_with("# EOF\n") && om.contains("# TYPE netwarden_drift_detected counter"));
+}
+
+/// A Prometheus server on loopback with a scratch config and storage; killed by pid on drop.
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: netwarden\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        // A free loopback port for its API.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus; `make deps` installs it)");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The value of an instant query, if it has exactly one series.
+    fn query(&self, q: &str) -> Option<f64> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (code, body) = get(&self.addr, &format!("/api/v1/query?query={enc}"), None, T).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_drift_counter() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&ns, &config(dir.path(), SPEC));
+    let http = agent.http();
+    let prom = Prometheus::start(&http);
+    let within = Duration::from_secs(30);
+    let deadline = Instant::now() + within;
+    let wait = |what: &str, q: &str, want: f64| loop {
+        if prom.query(q) == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus: {what} ({q} = {want}) not seen within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    wait("the agent is scraped", r#"up{job="netwarden"}"#, 1.0);
+    wait("the agent is ready", "netwarden_ready", 1.0);
+    let _ip = IpBatch::run(&ns, "rule del priority 100");
+    wait_until("rule back", || count(&rules(&ns), RULE) == 1);
+    wait(
+        "the drift counter",
+        r#"netwarden_drift_detected_total{job="netwarden",kind="rule",actor="ip"}"#,
+        1.0,
+    );
+    wait(
+        "objects in sync",
+        r#"sum(netwarden_protected_objects{state="in_sync"})"#,
+        2.0,
+    );
+}
+
+#[test]
+fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), SPEC);
+    let mut agent = Agent::start(&ns, &cfg);
+    let http = agent.http();
+    let hup = |agent: &Agent| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let reloads = |result| {
+        value(
+            &http,
+            "netwarden_config_reloads_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(reloads("success"), 1.0);
+    let loaded_at = value(
+        &http,
+        "netwarden_config_last_reload_success_timestamp_seconds",
+        &[],
+    );
+    assert!(loaded_at > 1.6e9, "{loaded_at}");
+
+    let more = format!("{SPEC}    - name: second\n      table: 100\n      destination: 10.81.0.0/24\n      type: blackhole\n");
+    config(dir.path(), &more);
+    hup(&agent);
+    agent.wait_log("config reloaded");
+    wait_until("the new route", || {
+        routes(&ns, "100")
+            .iter()
+            .any(|l| l.starts_with("blackhole 10.81.0.0/24"))
+    });
+    wait_metric(
+        &http,
+        "netwarden_resyncs_total",
+        &[("reason", "config_change")],
+        1.0,
+        WAIT,
+    );
+    assert_eq!(reloads("success"), 2.0);
+
+    std::fs::write(
+        &cfg,
+        "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n  rules: [oops\n",
+    )
+    .unwrap();
+    hup(&agent);
+    agent.wait_log("config reload refused");
+    wait_metric(
+        &http,
+        "netwarden_config_reloads_total",
+        &[("result", "failure")],
+        1.0,
+        WAIT,
+    );
+    assert_eq!(
+        value(&http, "netwarden_config_last_reload_successful", &[]),
+        0.0
+    );
+    // The config in use stays: its objects are still protected.
+    ns.ip(&["route", "del", "blackhole", "10.81.0.0/24", "table", "100"])
+        .unwrap();
+    wait_until("route of the kept config back", || {
+        routes(&ns, "100")
+            .iter()
+            .any(|l| l.starts_with("blackhole 10.81.0.0/24"))
+    });
+}
