@@ -1127,8 +1127,10 @@ fn main() -> Result<()> {
         })?;
         let (agent_ns1, me_ns1) = (cpu_ns(agent.pid())?, cpu_ns(me)?);
         let (agent1, me1) = (proc_sample(agent.pid())?, proc_sample(me)?);
-        // Let the agent settle, then check from outside that everything really is there.
-        std::thread::sleep(Duration::from_millis(500));
+        // Let the agent settle, then check from outside that everything really is there. The
+        // pause is longer than the agent's contest window (2 s): rounds closer together would be
+        // a fight over every object, and the agent rightly backs off from fights.
+        std::thread::sleep(Duration::from_millis(2500));
         let (r, o) = count_present(&sandbox)?;
         ensure!(
             r == RULES && o == ROUTES,

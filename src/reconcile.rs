@@ -97,6 +97,8 @@ enum Cause {
     Events { redumped: bool },
     /// Held-back repairs of contested objects whose time has come.
     Retry,
+    /// Pending objects, retried because the agent's own repairs may have made them possible.
+    Pending,
 }
 
 /// Drift found by one plan, reported once its actor is known.
@@ -173,7 +175,8 @@ impl Agent {
         resync: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Result<Agent, ReconcileError> {
-        let events = kernel::subscribe()?;
+        let applier = Applier::open().map_err(ObserveError::Socket)?;
+        let events = kernel::subscribe(Some(applier.port()))?;
         let handle = kernel::connect()?;
         let interest = RouteInterest::Keys(desired.routes.keys().cloned().collect());
         telemetry.set_catalog(&desired);
@@ -188,7 +191,7 @@ impl Agent {
         let mut agent = Agent {
             desired,
             mirror: Mirror::new(interest),
-            applier: Applier::new(handle.clone()),
+            applier,
             handle,
             events,
             resync,
@@ -356,8 +359,10 @@ impl Agent {
         } else {
             Cause::Resync
         };
-        self.execute(plan, started, None, &HashMap::new(), cause)
+        let progress = self
+            .execute(plan, started, None, &HashMap::new(), cause)
             .await;
+        self.retry_pending(progress).await;
         Ok(())
     }
 
@@ -429,15 +434,45 @@ impl Agent {
             plan::plan_dirty(&self.desired, &self.mirror, &batch.dirty)
         };
         let scope = (!batch.full).then_some(&batch.dirty);
-        self.execute(
-            plan,
-            started,
-            scope,
-            &batch.removed_by,
-            Cause::Events { redumped },
-        )
-        .await;
+        let progress = self
+            .execute(
+                plan,
+                started,
+                scope,
+                &batch.removed_by,
+                Cause::Events { redumped },
+            )
+            .await;
+        self.retry_pending(progress).await;
         Ok(())
+    }
+
+    /// The agent does not hear its own changes (see `kernel::subscribe`), so what its repairs
+    /// make possible — a link route that makes a pending gateway route's next hop reachable, an
+    /// address a route needs — is retried here, for as long as the retries make progress.
+    async fn retry_pending(&mut self, mut progress: usize) {
+        let mut rounds = 0;
+        while progress > 0 && !self.pending.is_empty() && rounds < 8 {
+            rounds += 1;
+            let mut dirty = Dirty::default();
+            for id in &self.pending {
+                match id {
+                    ObjectId::Rule(k) => dirty.rules.insert(k.clone()),
+                    ObjectId::Route(k) => dirty.routes.insert(k.clone()),
+                    ObjectId::Address(k) => dirty.addresses.insert(k.clone()),
+                };
+            }
+            let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
+            progress = self
+                .execute(
+                    plan,
+                    Instant::now(),
+                    Some(&dirty),
+                    &HashMap::new(),
+                    Cause::Pending,
+                )
+                .await;
+        }
     }
 
     /// Records what one change means for this batch.
@@ -501,7 +536,7 @@ impl Agent {
         scope: Option<&Dirty>,
         removed_by: &HashMap<ObjectId, u32>,
         cause: Cause,
-    ) {
+    ) -> usize {
         let now = Instant::now();
         let mut report = Report::default();
         let port_of = |id: &ObjectId| match (removed_by.get(id), id, cause) {
@@ -626,7 +661,7 @@ impl Agent {
                     let errno = match e {
                         apply::ApplyError::Kernel(errno) => format!("{errno:?}"),
                         apply::ApplyError::Timeout(_) => "timeout".to_string(),
-                        apply::ApplyError::Closed => "closed".to_string(),
+                        apply::ApplyError::Socket(_) => "socket".to_string(),
                     };
                     metrics
                         .apply_errors
@@ -684,6 +719,7 @@ impl Agent {
             ));
         }
         self.dispatch(report);
+        repaired.len()
     }
 
     /// Sends a report's ports for lookup on the attribution thread (after the repair, so the

@@ -64,8 +64,53 @@ fn set_rcvbuf(sock: &rtnetlink::sys::Socket, size: usize) {
     }
 }
 
-/// Opens the event socket, subscribed to links, IPv4/IPv6 addresses, routes and rules.
-pub fn subscribe() -> Result<Events, ObserveError> {
+/// Makes the kernel drop, before they are queued, the notifications of changes made through the
+/// netlink socket with port id `port` (ours): the agent already knows what it did, and in a mass
+/// repair its own echoes would double the events it has to read. A classic BPF program on the
+/// netlink header's `nlmsg_pid`, which for a notification is the port of the socket that made the
+/// change.
+fn ignore_own_changes(sock: &rtnetlink::sys::Socket, port: u32) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    // `ld [12]` loads the 32-bit word at offset 12 (nlmsg_pid) in network byte order, while the
+    // kernel wrote it in host order: compare with the same bytes read big-endian.
+    let pid = u32::from_be_bytes(port.to_ne_bytes());
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let code = [
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 12),
+        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, pid),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `code`, both alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Opens the event socket, subscribed to links, IPv4/IPv6 addresses, routes and rules. With
+/// `own_port`, changes made through that socket (the applier's) are not delivered.
+pub fn subscribe(own_port: Option<u32>) -> Result<Events, ObserveError> {
     let groups = [
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
@@ -78,6 +123,12 @@ pub fn subscribe() -> Result<Events, ObserveError> {
     let (mut conn, _handle, events) =
         rtnetlink::new_multicast_connection(&groups).map_err(ObserveError::Socket)?;
     set_rcvbuf(conn.socket_mut().socket_mut(), event_rcvbuf());
+    if let Some(port) = own_port {
+        if let Err(e) = ignore_own_changes(conn.socket_mut().socket_mut(), port) {
+            // Only a cost, not a correctness issue: our own echoes are harmless no-ops.
+            warn!(error = %e, "cannot filter the agent's own notifications");
+        }
+    }
     tokio::spawn(conn);
     Ok(events)
 }
