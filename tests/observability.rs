@@ -655,3 +655,51 @@ fn sighup_reloads_the_config_and_a_bad_one_is_refused() {
             .any(|l| l.starts_with("blackhole 10.81.0.0/24"))
     });
 }
+
+/// The agent does not read back its own repairs: the kernel drops their notifications on the
+/// agent's event socket (a socket filter on the sender's port), so a mass repair costs one event
+/// per removal, not two.
+#[test]
+fn the_agent_does_not_hear_its_own_repairs() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = String::from("  rules:\n");
+    for i in 0..50 {
+        spec.push_str(&format!(
+            "    - {{name: r{i}, priority: {}, from: 10.1.{i}.0/24, table: 100}}\n",
+            1000 + i
+        ));
+    }
+    let agent = Agent::start(&ns, &config(dir.path(), &spec));
+    let http = agent.http();
+    let events = "netwarden_netlink_events_total";
+    let before = value(&http, events, &[]);
+    let deletions: String = (0..50)
+        .map(|i| format!("rule del priority {}\n", 1000 + i))
+        .collect();
+    ns.batch(&[], &deletions).unwrap();
+    wait_until("all 50 rules back", || {
+        rules(&ns)
+            .iter()
+            .filter(|l| l.contains("lookup 100"))
+            .count()
+            == 50
+    });
+    // A sentinel: once its repair is counted, every earlier event has been read (in order).
+    let repairs = value(
+        &http,
+        "netwarden_repairs_total",
+        &[("kind", "rule"), ("result", "applied")],
+    );
+    ns.ip(&["rule", "del", "priority", "1000"]).unwrap();
+    wait_metric(
+        &http,
+        "netwarden_repairs_total",
+        &[("kind", "rule"), ("result", "applied")],
+        repairs + 1.0,
+        T,
+    );
+    let read = value(&http, events, &[]) - before;
+    // 51 removals; with its own 51 re-adds echoed back it would be 102.
+    assert!((51.0..=60.0).contains(&read), "events read: {read}");
+}
