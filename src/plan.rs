@@ -456,21 +456,7 @@ mod tests {
     fn apply_to(mirror: &mut Mirror, plan: &Plan) {
         for step in &plan.steps {
             for op in &step.ops {
-                let msg = match op {
-                    Op::AddRule { key, protocol } => M::NewRule(encode::rule(key, *protocol)),
-                    Op::DelRule { key, protocol } => M::DelRule(encode::rule(key, *protocol)),
-                    Op::PutRoute { route, oif } => M::NewRoute(encode::route(route, *oif)),
-                    Op::AddAddress {
-                        ifindex,
-                        address,
-                        prefix_len,
-                    } => M::NewAddress(encode::address(*ifindex, *address, *prefix_len)),
-                    Op::DelAddress {
-                        ifindex,
-                        address,
-                        prefix_len,
-                    } => M::DelAddress(encode::address(*ifindex, *address, *prefix_len)),
-                };
+                let msg = crate::apply::message(op);
                 mirror.ingest(&msg);
             }
         }
