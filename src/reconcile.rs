@@ -181,7 +181,7 @@ impl Agent {
         let interest = RouteInterest::Keys(desired.routes.keys().cloned().collect());
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
-        let attribution = match attribution::spawn(answers_tx) {
+        let attribution = match attribution::spawn(answers_tx, Some(applier.port())) {
             Ok(tx) => Some(tx),
             Err(e) => {
                 warn!(error = %e, "cannot start the attribution thread; actors will be unknown");

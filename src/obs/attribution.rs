@@ -159,10 +159,11 @@ impl Resolver {
         self
     }
 
-    /// The socket is gone: the watcher may be storing its sighting right now, in parallel.
-    fn wait_for_sighting(&self, port: u32) -> Option<String> {
+    /// The socket is gone: the watcher may be storing its sighting right now, in parallel. One
+    /// `deadline` serves a whole lookup, so a burst of a thousand gone sockets (`ip rule flush`
+    /// opens one per rule) waits once, not a thousand times.
+    fn wait_for_sighting(&self, port: u32, deadline: Instant) -> Option<String> {
         self.sightings.as_ref()?;
-        let deadline = Instant::now() + SIGHTING_WAIT;
         loop {
             if let Some(name) = self.sighting(port) {
                 return Some(name);
@@ -195,6 +196,7 @@ impl Resolver {
     pub fn resolve(&mut self, ports: &[u32]) -> HashMap<u32, String> {
         let mut out: HashMap<u32, String> = HashMap::new();
         let mut wanted: HashMap<u64, Vec<u32>> = HashMap::new();
+        let deadline = Instant::now() + SIGHTING_WAIT;
         // A process's first netlink socket gets its pid as port id. A short-lived process (`ip
         // rule del`) exits within a fraction of a millisecond of its change: read the name
         // behind the pid first, while it may still be there; it is used only if the socket is
@@ -217,7 +219,7 @@ impl Resolver {
             match table.get(&port) {
                 None => {
                     let name = self
-                        .wait_for_sighting(port)
+                        .wait_for_sighting(port, deadline)
                         .or_else(|| early.get(&port).cloned());
                     out.insert(port, name.unwrap_or_else(|| UNKNOWN.to_string()));
                 }
@@ -245,7 +247,7 @@ impl Resolver {
                     // Not found: the process exited between the table read and the scan.
                     let name = name
                         .clone()
-                        .or_else(|| self.wait_for_sighting(port))
+                        .or_else(|| self.wait_for_sighting(port, deadline))
                         .or_else(|| early.get(&port).cloned());
                     out.insert(port, name.unwrap_or_else(|| UNKNOWN.to_string()));
                 }
@@ -388,7 +390,7 @@ pub fn change_ports(buf: &[u8]) -> Vec<u32> {
 /// changer's port id at once, in parallel with the repair: a short-lived `ip rule del` is
 /// usually gone by the time the repair is acknowledged, and this is the earliest moment it can
 /// be seen. Best effort: a lost or late sighting leaves the lookup to [`Resolver`].
-pub fn watch_changes(sightings: Sightings) -> std::io::Result<()> {
+pub fn watch_changes(sightings: Sightings, own_port: Option<u32>) -> std::io::Result<()> {
     use nix::sys::socket::{
         bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
         SockProtocol, SockType,
@@ -401,6 +403,11 @@ pub fn watch_changes(sightings: Sightings) -> std::io::Result<()> {
         SockProtocol::NetlinkRoute,
     )?;
     let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
+    if let Some(port) = own_port {
+        // The agent's own repairs need no name; in a mass repair they would be half the traffic.
+        use std::os::fd::AsFd;
+        let _ = crate::observe::kernel::ignore_own_changes(fd.as_fd(), port);
+    }
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, CHANGE_GROUPS))?;
     std::thread::Builder::new()
         .name("nw-sightings".into())
@@ -480,6 +487,7 @@ pub struct Answer {
 /// through the returned sender; answers come out through `answers`.
 pub fn spawn(
     answers: tokio::sync::mpsc::UnboundedSender<Answer>,
+    own_port: Option<u32>,
 ) -> std::io::Result<std::sync::mpsc::Sender<Request>> {
     let (tx, rx) = std::sync::mpsc::channel::<Request>();
     std::thread::Builder::new()
@@ -491,7 +499,7 @@ pub fn spawn(
             }
             let sightings: Sightings = Arc::default();
             let mut resolver = Resolver::default();
-            match watch_changes(sightings.clone()) {
+            match watch_changes(sightings.clone(), own_port) {
                 Ok(()) => resolver = resolver.with_sightings(sightings),
                 Err(e) => tracing::warn!(error = %e, "cannot watch changes as they happen"),
             }

@@ -69,7 +69,7 @@ fn set_rcvbuf(sock: &rtnetlink::sys::Socket, size: usize) {
 /// repair its own echoes would double the events it has to read. A classic BPF program on the
 /// netlink header's `nlmsg_pid`, which for a notification is the port of the socket that made the
 /// change.
-fn ignore_own_changes(sock: &rtnetlink::sys::Socket, port: u32) -> std::io::Result<()> {
+pub fn ignore_own_changes(sock: std::os::fd::BorrowedFd<'_>, port: u32) -> std::io::Result<()> {
     use nix::libc;
     use std::os::fd::AsRawFd;
     // `ld [12]` loads the 32-bit word at offset 12 (nlmsg_pid) in network byte order, while the
@@ -124,7 +124,7 @@ pub fn subscribe(own_port: Option<u32>) -> Result<Events, ObserveError> {
         rtnetlink::new_multicast_connection(&groups).map_err(ObserveError::Socket)?;
     set_rcvbuf(conn.socket_mut().socket_mut(), event_rcvbuf());
     if let Some(port) = own_port {
-        if let Err(e) = ignore_own_changes(conn.socket_mut().socket_mut(), port) {
+        if let Err(e) = ignore_own_changes(conn.socket_mut().socket_mut().as_fd(), port) {
             // Only a cost, not a correctness issue: our own echoes are harmless no-ops.
             warn!(error = %e, "cannot filter the agent's own notifications");
         }
