@@ -77,11 +77,19 @@ pub struct Calmed<K> {
     pub fighter: Option<String>,
 }
 
+/// Polls closer together than this are not asked for: the end of a fight need not be seen to the
+/// millisecond, and after a mass repair thousands of objects would each ask for their own poll.
+const MIN_POLL_GAP: Duration = Duration::from_millis(20);
+
 /// Per-object fight tracking.
 #[derive(Clone, Debug)]
 pub struct Contest<K> {
     backoff: Backoff,
     entries: HashMap<K, Entry>,
+    /// No deadline of any entry is earlier than this (kept on every change, made exact by
+    /// `poll`), so the loop can ask for the next deadline without walking every entry.
+    next: Option<Instant>,
+    last_poll: Option<Instant>,
 }
 
 impl<K: Clone + Eq + Hash> Contest<K> {
@@ -89,6 +97,8 @@ impl<K: Clone + Eq + Hash> Contest<K> {
         Contest {
             backoff,
             entries: HashMap::new(),
+            next: None,
+            last_poll: None,
         }
     }
 
@@ -127,6 +137,7 @@ impl<K: Clone + Eq + Hash> Contest<K> {
         e.contested = true;
         let due = now + b.delay(e.streak - b.threshold);
         e.due = Some(due);
+        self.lower_next(due);
         Decision::Later {
             due,
             fresh: true,
@@ -139,6 +150,11 @@ impl<K: Clone + Eq + Hash> Contest<K> {
         let e = self.entries.entry(id.clone()).or_default();
         e.last_repair = Some(now);
         e.retrying = false;
+        self.lower_next(now + self.backoff.window);
+    }
+
+    fn lower_next(&mut self, at: Instant) {
+        self.next = Some(self.next.map_or(at, |n| n.min(at)));
     }
 
     /// A planned retry found nothing to repair (someone else put the object back).
@@ -185,6 +201,14 @@ impl<K: Clone + Eq + Hash> Contest<K> {
     /// The next time [`Contest::poll`] has something to do: a held-back repair comes due or a
     /// fight may be over.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let next = self.next?;
+        Some(match self.last_poll {
+            Some(p) => next.max(p + MIN_POLL_GAP),
+            None => next,
+        })
+    }
+
+    fn exact_next(&self) -> Option<Instant> {
         self.entries
             .values()
             .filter_map(|e| match (e.due, e.last_repair) {
@@ -224,6 +248,8 @@ impl<K: Clone + Eq + Hash> Contest<K> {
             }
             false
         });
+        self.last_poll = Some(now);
+        self.next = self.exact_next();
         (due, calmed)
     }
 
