@@ -75,6 +75,19 @@ fn measure(
     );
 }
 
+/// With `NW_OUTAGE_TRACE` set, prints what the agent logged about repairs so far.
+fn trace_agent(agent: &Agent) {
+    if std::env::var_os("NW_OUTAGE_TRACE").is_some() {
+        for l in agent.log.lock().unwrap().iter().filter(|l| {
+            ["restored", "pending", "contested", "drift"]
+                .iter()
+                .any(|w| l.contains(w))
+        }) {
+            println!("    agent: {l}");
+        }
+    }
+}
+
 fn outage_for(ns: &Sandbox, cfg: &Path, nd: &Networkd) -> Outage {
     let _ = ns;
     Outage::for_config(cfg, |d| nd.ifindex(d).ok()).expect("protected objects of the config")
@@ -127,10 +140,12 @@ fn kube_router_rule_and_table_77_survive_networkd_restart_and_reconfigure() {
         .enumerate()
     {
         let before = scrape(&http);
-        let rule_drift = sample(&before, DRIFT, &[("kind", "rule"), ("actor", networkd::COMM)]);
-        let removals = nd
-            .log_lines("Removing foreign routing policy rule")
-            .len();
+        let rule_drift = sample(
+            &before,
+            DRIFT,
+            &[("kind", "rule"), ("actor", networkd::COMM)],
+        );
+        let removals = nd.log_lines("Removing foreign routing policy rule").len();
         let listener = listener_in(&ns.name).unwrap();
         let mut outage = outage_for(&ns, &cfg, &nd);
 
@@ -138,7 +153,8 @@ fn kube_router_rule_and_table_77_survive_networkd_restart_and_reconfigure() {
         if round == 0 {
             nd.restart().expect("restart networkd");
         } else {
-            nd.networkctl(&["reconfigure", "veth0"]).expect("reconfigure");
+            nd.networkctl(&["reconfigure", "veth0"])
+                .expect("reconfigure");
         }
         nd.wait_configured("veth0").unwrap();
         let configured = t0.elapsed();
@@ -150,6 +166,7 @@ fn kube_router_rule_and_table_77_survive_networkd_restart_and_reconfigure() {
             kube_router_present,
         );
         println!("  networkd {how}: configured again after {configured:?}");
+        trace_agent(&agent);
 
         // networkd itself removed the rule and the routes (its log), and the agent named it.
         let removed = nd.log_lines("Removing foreign routing policy rule");
@@ -187,5 +204,270 @@ fn kube_router_rule_and_table_77_survive_networkd_restart_and_reconfigure() {
             .any(|l| l.contains("restored") && l.contains("actor=systemd-network")),
         "no repair attributed to systemd-network in the agent's log"
     );
-    let _ = (&exec, &must, &total, &REPAIRS, Duration::ZERO);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AWS VPC CNI: per-pod rules for pods on secondary ENIs, wiped by a networkd restart
+
+/// Pods (address, ENI, table) as the VPC CNI places them.
+const AWS_PODS: [(&str, &str, u32); 3] = [
+    ("10.1.1.20", "eni1", 2),
+    ("10.1.1.21", "eni1", 2),
+    ("10.1.2.20", "eni2", 3),
+];
+/// Secondary ENIs (link, address, gateway, table).
+const AWS_ENIS: [(&str, &str, &str, u32); 2] = [
+    ("eni1", "10.1.1.10/24", "10.1.1.1", 2),
+    ("eni2", "10.1.2.10/24", "10.1.2.1", 3),
+];
+
+fn aws_spec() -> String {
+    let mut y = String::from("  rules:\n");
+    for (i, (pod, _, table)) in AWS_PODS.iter().enumerate() {
+        // `to POD lookup main` at 512, `from POD lookup ENI-TABLE` at 1536, as the CNI adds them.
+        y += &format!(
+            "    - name: pod{i}-to\n      priority: 512\n      to: {pod}/32\n      table: main\n\
+             \x20   - name: pod{i}-from\n      priority: 1536\n      from: {pod}/32\n      table: {table}\n"
+        );
+    }
+    y += "  routes:\n";
+    for (eni, _, gw, table) in AWS_ENIS {
+        y += &format!(
+            "    - name: {eni}-gateway\n      table: {table}\n      destination: {gw}/32\n      device: {eni}\n\
+             \x20   - name: {eni}-default\n      table: {table}\n      destination: default\n      gateway: {gw}\n      device: {eni}\n"
+        );
+    }
+    y
+}
+
+fn aws_present(ns: &Sandbox) -> bool {
+    let r = rules(ns);
+    AWS_PODS.iter().all(|(pod, _, table)| {
+        count(&r, &format!("512: from all to {pod} lookup main")) == 1
+            && count(&r, &format!("1536: from {pod} lookup {table}")) == 1
+    }) && AWS_ENIS.iter().all(|(eni, _, gw, table)| {
+        let t = routes(ns, &table.to_string());
+        count(&t, &format!("default via {gw} dev {eni}")) == 1
+            && count(&t, &format!("{gw} dev {eni} scope link")) == 1
+    })
+}
+
+#[test]
+fn aws_vpc_cni_per_pod_rules_survive_networkd_restart() {
+    let ns = node();
+    for (eni, ..) in AWS_ENIS {
+        let peer = format!("{eni}p");
+        ns.ip(&["link", "add", eni, "type", "veth", "peer", "name", &peer])
+            .unwrap();
+        ns.ip(&["link", "set", eni, "up"]).unwrap();
+        ns.ip(&["link", "set", &peer, "up"]).unwrap();
+    }
+    // The primary interface and both secondary ENIs are managed by networkd, as netplan does.
+    let mut links = vec![("veth0", "10.200.0.1/24")];
+    links.extend(AWS_ENIS.iter().map(|(eni, addr, ..)| (*eni, *addr)));
+    let mut nd = networkd_for(&ns, &links);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &aws_spec());
+    let mut agent = Agent::start(&ns, &cfg);
+    let http = agent.http();
+    wait_all_in_sync(&http, WAIT);
+    assert!(aws_present(&ns), "{:?}", snapshot(&ns));
+
+    let before = scrape(&http);
+    let listener = listener_in(&ns.name).unwrap();
+    let mut outage = outage_for(&ns, &cfg, &nd);
+    nd.restart().expect("restart networkd");
+    for (l, _) in &links {
+        nd.wait_configured(l).unwrap();
+    }
+    measure(
+        "AWS VPC CNI, networkd restart",
+        &ns,
+        &listener,
+        &mut outage,
+        aws_present,
+    );
+
+    // networkd removed every pod's rules itself.
+    let removed = nd.log_lines("Removing foreign routing policy rule");
+    for (pod, _, _) in AWS_PODS {
+        assert!(
+            removed.iter().any(|l| l.contains(&format!("{pod}/32"))),
+            "networkd did not remove the rules of {pod}: {removed:?}"
+        );
+    }
+    let rules_before = total(
+        &before,
+        DRIFT,
+        &[("kind", "rule"), ("actor", networkd::COMM)],
+    );
+    wait_scrape(&http, "rule drift by systemd-network", WAIT, |t| {
+        total(t, DRIFT, &[("kind", "rule"), ("actor", networkd::COMM)])
+            >= rules_before + 2.0 * AWS_PODS.len() as f64
+    });
+    agent.wait_log_all(&["restored", "actor=", "systemd-network"]);
+    wait_all_in_sync(&http, WAIT);
+    assert!(aws_present(&ns));
+    let _ = (&exec, &must, &REPAIRS, Duration::ZERO);
+}
+
+// ---------------------------------------------------------------------------------------------
+// How networkd puts its address back: `noprefixroute`, then the prefix route on its own
+
+/// networkd adds its address with IFA_F_NOPREFIXROUTE and then the prefix route itself. A
+/// protected route through a gateway on that link fails (ENETUNREACH) when the address comes
+/// back and can only be applied once the prefix route exists, a route the agent does not
+/// protect: its RTM_NEWROUTE must wake the pending route (it used to wait for an unrelated
+/// later event or the resync timer; here the resync is an hour).
+#[test]
+fn a_pending_gateway_route_is_applied_when_an_unprotected_prefix_route_appears() {
+    let ns = node();
+    // No IPv6 on the links: its address events (DAD ending) would wake the route by chance.
+    must(
+        &ns.name,
+        &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "  resync: 1h\n  routes:\n    - name: via-gateway\n      table: 77\n      destination: default\n      gateway: 10.200.0.254\n      device: veth0\n",
+    );
+    let mut agent = Agent::start(&ns, &cfg);
+    agent.wait_log_all(&["pending", "via-gateway"]);
+    let http = agent.http();
+    let unreachable = |t: &str| {
+        total(
+            t,
+            "netwarden_apply_errors_total",
+            &[("kind", "route"), ("errno", "ENETUNREACH")],
+        )
+    };
+    assert_eq!(unreachable(&scrape(&http)), 1.0);
+    ns.ip(&[
+        "address",
+        "add",
+        "10.200.0.1/24",
+        "dev",
+        "veth0",
+        "noprefixroute",
+    ])
+    .unwrap();
+    // The address alone does not make the gateway reachable: the retry it woke fails.
+    wait_scrape(&http, "a retry after the address", WAIT, |t| {
+        unreachable(t) == 2.0
+    });
+    assert!(routes(&ns, "77").is_empty());
+    let t0 = Instant::now();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.200.0.0/24",
+        "dev",
+        "veth0",
+        "proto",
+        "kernel",
+        "scope",
+        "link",
+        "src",
+        "10.200.0.1",
+    ])
+    .unwrap();
+    // An event-driven repair takes milliseconds; allow 500 ms on a loaded machine.
+    let within = Duration::from_millis(500);
+    while count(&routes(&ns, "77"), "default via 10.200.0.254 dev veth0") == 0 {
+        assert!(
+            t0.elapsed() < within,
+            "the pending route was not applied within {within:?} of its prefix route"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "gateway route applied {:?} after the prefix route",
+        t0.elapsed()
+    );
+}
+
+/// What a networkd restart does to a route through a gateway, step by step: networkd deletes
+/// it (repaired), removes its address (the kernel drops the route: pending), re-adds the address
+/// without a prefix route (a retry fails), adds other routes (a retry fails), and finally the
+/// prefix route (applied). The retries of a pending object are not removals: they must not make
+/// it "contested" and hold its repair back (before the fix, the third retry within 2 s of the
+/// last repair did, and after a few restarts the backoff reached seconds).
+#[test]
+fn retries_of_a_pending_route_do_not_make_it_contested() {
+    let ns = node();
+    must(
+        &ns.name,
+        &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+    );
+    ns.ip(&["address", "add", "10.200.0.1/24", "dev", "veth0"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "  resync: 1h\n  routes:\n    - name: via-gateway\n      table: 77\n      destination: default\n      gateway: 10.200.0.254\n      device: veth0\n",
+    );
+    let mut agent = Agent::start(&ns, &cfg);
+    let http = agent.http();
+    let route = "default via 10.200.0.254 dev veth0";
+    let unreachable = |t: &str| {
+        total(
+            t,
+            "netwarden_apply_errors_total",
+            &[("kind", "route"), ("errno", "ENETUNREACH")],
+        )
+    };
+
+    ns.ip(&["route", "del", "default", "table", "77"]).unwrap();
+    agent.wait_log_all(&["restored", "via-gateway"]);
+    ns.ip(&["address", "del", "10.200.0.1/24", "dev", "veth0"])
+        .unwrap();
+    agent.wait_log_all(&["pending", "via-gateway"]);
+    let failed = unreachable(&scrape(&http));
+    ns.ip(&[
+        "address",
+        "add",
+        "10.200.0.1/24",
+        "dev",
+        "veth0",
+        "noprefixroute",
+    ])
+    .unwrap();
+    wait_scrape(&http, "a retry after the address", WAIT, |t| {
+        unreachable(t) >= failed + 1.0
+    });
+    ns.ip(&["route", "add", "10.201.0.0/24", "dev", "veth0"])
+        .unwrap();
+    wait_scrape(&http, "a retry after another route", WAIT, |t| {
+        unreachable(t) >= failed + 2.0
+    });
+    ns.ip(&[
+        "route",
+        "add",
+        "10.200.0.0/24",
+        "dev",
+        "veth0",
+        "src",
+        "10.200.0.1",
+    ])
+    .unwrap();
+    wait_until("the route once its gateway is reachable", || {
+        count(&routes(&ns, "77"), route) == 1
+    });
+    let text = scrape(&http);
+    assert_eq!(
+        total(&text, "netwarden_repairs_deferred_total", &[]),
+        0.0,
+        "a repair was held back:\n{text}"
+    );
+    assert!(
+        !agent
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("contested")),
+        "the pending route was reported contested"
+    );
+    wait_all_in_sync(&http, WAIT);
 }

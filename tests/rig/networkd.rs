@@ -171,7 +171,14 @@ impl Networkd {
             }
         }
         let mut child = Command::new("nsenter")
-            .args(["-t", &self.holder.id().to_string(), "-m", "-n", "--", BINARY])
+            .args([
+                "-t",
+                &self.holder.id().to_string(),
+                "-m",
+                "-n",
+                "--",
+                BINARY,
+            ])
             .env("SYSTEMD_LOG_LEVEL", "debug")
             .env("SYSTEMD_LOG_TARGET", "console")
             .env("SYSTEMD_LOG_COLOR", "0")

@@ -60,6 +60,13 @@ pub struct Outage {
     pub losses: usize,
     /// The listener's socket overran: notifications were lost, the figures are incomplete.
     pub overrun: bool,
+    /// IPv4 addresses removed and not seen back yet (ifindex, address), since when.
+    addresses_away: HashMap<(u32, std::net::IpAddr), Instant>,
+    /// The longest an IPv4 address was away (networkd removes and re-adds its own): while it
+    /// is, a route through a gateway on that link cannot be put back.
+    pub longest_address_gap: Duration,
+    /// What was seen, in order (printed by [`Outage::summary`] when `NW_OUTAGE_TRACE` is set).
+    pub trace: Vec<(Instant, String)>,
 }
 
 impl Outage {
@@ -87,6 +94,9 @@ impl Outage {
             last_back: None,
             losses: 0,
             overrun: false,
+            addresses_away: HashMap::new(),
+            longest_address_gap: Duration::ZERO,
+            trace: Vec::new(),
         })
     }
 
@@ -95,12 +105,14 @@ impl Outage {
     }
 
     fn lose(&mut self, key: Key, at: Instant) {
+        self.trace.push((at, format!("lost {key}")));
         self.losses += 1;
         self.first_loss.get_or_insert(at);
         self.missing.entry(key).or_insert(at);
     }
 
     fn back(&mut self, key: Key, at: Instant) {
+        self.trace.push((at, format!("back {key}")));
         if let Some(since) = self.missing.remove(&key) {
             let gap = at.saturating_duration_since(since);
             let longest = self.gaps.entry(key).or_default();
@@ -137,12 +149,25 @@ impl Outage {
                 };
                 let key = Key::Route(k);
                 if !self.protected.contains_key(&key) {
+                    if k_is_new(msg) {
+                        self.trace.push((at, format!("new unprotected {key}")));
+                    }
                     return;
                 }
                 if matches!(msg, M::NewRoute(_)) {
                     self.back(key, at);
                 } else {
                     self.lose(key, at);
+                }
+            }
+            M::NewAddress(m) => {
+                if let Some((k, _)) = decode::address(m) {
+                    self.trace
+                        .push((at, format!("new address {} on {}", k.address, k.ifindex)));
+                    if let Some(since) = self.addresses_away.remove(&(k.ifindex, k.address)) {
+                        let gap = at.saturating_duration_since(since);
+                        self.longest_address_gap = self.longest_address_gap.max(gap);
+                    }
                 }
             }
             M::DelAddress(m) => {
@@ -152,6 +177,9 @@ impl Outage {
                 if Family::of(&k.address) != Family::Ipv4 {
                     return;
                 }
+                self.trace
+                    .push((at, format!("address {} gone from {}", k.address, k.ifindex)));
+                self.addresses_away.insert((k.ifindex, k.address), at);
                 let dropped: Vec<Key> = self
                     .protected
                     .iter()
@@ -229,18 +257,33 @@ impl Outage {
             .max_by_key(|(_, d)| **d)
             .map(|(k, _)| format!(" ({k})"))
             .unwrap_or_default();
+        let mut trace = String::new();
+        if std::env::var_os("NW_OUTAGE_TRACE").is_some() {
+            let t0 = self.trace.first().map(|(t, _)| *t);
+            for (at, line) in &self.trace {
+                let rel = t0
+                    .map(|t| ms(at.saturating_duration_since(t)))
+                    .unwrap_or(0.0);
+                trace += &format!("\n  {rel:9.3} ms  {line}");
+            }
+        }
         format!(
-            "{what}: {} of {} protected objects lost ({} losses), longest missing {:.3} ms{worst}, first loss to last re-add {:.3} ms{}",
+            "{what}: {} of {} protected objects lost ({} losses), longest missing {:.3} ms{worst}, first loss to last re-add {:.3} ms, longest IPv4 address gap {:.3} ms{}",
             self.gaps.len(),
             self.protected.len(),
             self.losses,
             ms(self.longest()),
             ms(self.span()),
-            if self.overrun { " (listener overran: incomplete)" } else { "" }
-        )
+            ms(self.longest_address_gap),
+            if self.overrun { " (listener overran: incomplete)" } else { "" },
+        ) + &trace
     }
 }
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+fn k_is_new(msg: &M) -> bool {
+    matches!(msg, M::NewRoute(_))
 }
