@@ -11,7 +11,7 @@ mod rig;
 use common::*;
 use rig::networkd::{self, Networkd};
 use rig::outage::{listener_in, Outage};
-use rig::{exec, must, sample, scrape, total, wait_all_in_sync, wait_scrape};
+use rig::{exec, must, sample, scrape, status, total, wait_all_in_sync, wait_scrape};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -470,4 +470,327 @@ fn retries_of_a_pending_route_do_not_make_it_contested() {
         "the pending route was reported contested"
     );
     wait_all_in_sync(&http, WAIT);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Submariner: a route on tunl0, protected before tunl0 exists
+
+/// Creates the late link and brings it up. With the ipip module loaded, `tunl0` is the fallback
+/// device every new namespace gets at once, so it cannot appear late: then the late link is an
+/// ipip tunnel of another name. Without ipip (this kernel has none, and no modprobe), a veth
+/// named `tunl0` stands in: what matters to the agent is the RTM_NEWLINK of a link of that name.
+fn late_tunnel_name(ns: &Sandbox) -> &'static str {
+    if lines(ns, &["link", "show"])
+        .iter()
+        .any(|l| l.contains("tunl0"))
+    {
+        "calico-ipip"
+    } else {
+        "tunl0"
+    }
+}
+
+fn create_tunnel(ns: &Sandbox, name: &str) {
+    if name == "tunl0" {
+        ns.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "tunl0-peer",
+        ])
+        .unwrap();
+        ns.ip(&["link", "set", "tunl0-peer", "up"]).unwrap();
+    } else {
+        ns.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "ipip",
+            "local",
+            "10.200.0.1",
+            "remote",
+            "10.200.0.2",
+        ])
+        .unwrap();
+    }
+    ns.ip(&["link", "set", name, "up"]).unwrap();
+}
+
+#[test]
+fn submariner_route_on_tunl0_is_applied_when_the_link_appears() {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+
+    let ns = sandbox();
+    let tunnel = late_tunnel_name(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    // Submariner's route agent: the remote cluster's CIDRs through the tunnel, in table 150.
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "  routes:\n    - name: submariner-remote-pods\n      table: 150\n      destination: 10.3.0.0/16\n      device: {tunnel}\n      scope: link\n    - name: submariner-remote-services\n      table: 150\n      destination: 10.4.0.0/16\n      device: {tunnel}\n      scope: link\n"
+        ),
+    );
+    let mut agent = Agent::start(&ns, &cfg);
+    let http = agent.http();
+    agent.wait_log_all(&["pending", "submariner-remote-pods", tunnel]);
+    let st = status(&http);
+    assert!(
+        st.objects
+            .iter()
+            .all(|o| o.state == netwarden::obs::status::State::Pending),
+        "{st:#?}"
+    );
+    assert!(!snapshot(&ns).iter().any(|l| l.contains("table 150")));
+
+    let listener = listener_in(&ns.name).unwrap();
+    // calico-node creates tunl0 a while after the route agent started.
+    std::thread::sleep(Duration::from_secs(1));
+    create_tunnel(&ns, tunnel);
+
+    let deadline = Instant::now() + WAIT;
+    let mut link_up = None;
+    let mut back = Vec::new();
+    while back.len() < 2 {
+        let Some((at, msg)) = listener.next(deadline.saturating_duration_since(Instant::now()))
+        else {
+            panic!(
+                "routes not seen within {WAIT:?} (link up seen: {}); {:?}",
+                link_up.is_some(),
+                snapshot(&ns)
+            );
+        };
+        match msg {
+            Some(M::NewLink(l))
+                if l.header.flags.contains(LinkFlags::Up)
+                    && l.attributes
+                        .iter()
+                        .any(|a| matches!(a, LinkAttribute::IfName(n) if n == tunnel)) =>
+            {
+                link_up.get_or_insert(at);
+            }
+            Some(M::NewRoute(r)) => {
+                if let Some((k, _)) = netwarden::observe::decode::route(&r) {
+                    if k.table == 150 {
+                        back.push(at);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let link_up = link_up.expect("the link's RTM_NEWLINK (up) before its routes");
+    let after = back
+        .iter()
+        .max()
+        .unwrap()
+        .saturating_duration_since(link_up);
+    println!(
+        "Submariner: both routes on {tunnel} applied {:.3} ms after the link came up",
+        rig::outage::ms(after)
+    );
+    assert!(after < Duration::from_secs(1), "{after:?}");
+    let t150 = routes(&ns, "150");
+    for dst in ["10.3.0.0/16", "10.4.0.0/16"] {
+        assert_eq!(
+            count(&t150, &format!("{dst} dev {tunnel} scope link")),
+            1,
+            "{t150:?}"
+        );
+    }
+    wait_all_in_sync(&http, WAIT);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canal (RKE2): a flannel pod's cleanup removes FLANNEL-POSTRTG and FLANNEL-FWD
+
+const CANAL: &str = r#"  chains:
+    - name: flannel-postrtg
+      table: nat
+      chain: FLANNEL-POSTRTG
+      rules:
+        - -m comment --comment "flanneld masq" -j RETURN
+        - -s 10.42.0.0/16 -d 10.42.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+        - -s 10.42.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+        - '! -s 10.42.0.0/16 -d 10.42.1.0/24 -m comment --comment "flanneld masq" -j RETURN'
+        - '! -s 10.42.0.0/16 -d 10.42.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully'
+      jumps:
+        - chain: POSTROUTING
+          rule: -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+          position: first
+    - name: flannel-fwd
+      table: filter
+      chain: FLANNEL-FWD
+      rules:
+        - -s 10.42.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+        - -d 10.42.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+      jumps:
+        - chain: FORWARD
+          rule: -m comment --comment "flanneld forward" -j FLANNEL-FWD
+"#;
+
+/// The protected lines of both tables, as `iptables-nft-save` prints them.
+fn canal_lines(ns: &Sandbox) -> (Vec<String>, Vec<String>) {
+    let pick = |table: &str, chains: &[&str]| -> Vec<String> {
+        let (_, text) = exec(&ns.name, &["iptables-nft-save", "-t", table]);
+        text.lines()
+            .filter(|l| chains.iter().any(|c| l.starts_with(&format!("-A {c} "))))
+            .map(str::to_owned)
+            .collect()
+    };
+    (
+        pick("nat", &["FLANNEL-POSTRTG", "POSTROUTING"]),
+        pick("filter", &["FLANNEL-FWD", "FORWARD"]),
+    )
+}
+
+#[test]
+fn canal_flannel_chains_removed_by_a_flannel_pod_cleanup_come_back() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), CANAL);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--iptables-backend", "nft"]);
+    agent.wait_log("chains and sets in sync");
+    let whole = canal_lines(&ns);
+    assert_eq!(whole.0.len(), 6, "{:?}", whole.0);
+    assert_eq!(whole.1.len(), 3, "{:?}", whole.1);
+
+    // flannel's cleanup on pod shutdown (iptables.go: DeleteIPTables): each rule of the jump
+    // deleted, then the chain flushed and deleted, through the same iptables binary.
+    let t0 = Instant::now();
+    for (table, builtin, jump, chain) in [
+        ("nat", "POSTROUTING", "flanneld masq", "FLANNEL-POSTRTG"),
+        ("filter", "FORWARD", "flanneld forward", "FLANNEL-FWD"),
+    ] {
+        // The agent may put a jump back before -X runs; then -X fails (chain in use): that is
+        // the repair winning, which is the point.
+        let _ = exec(
+            &ns.name,
+            &[
+                "iptables-nft",
+                "-t",
+                table,
+                "-D",
+                builtin,
+                "-m",
+                "comment",
+                "--comment",
+                jump,
+                "-j",
+                chain,
+            ],
+        );
+        let _ = exec(&ns.name, &["iptables-nft", "-t", table, "-F", chain]);
+        let _ = exec(&ns.name, &["iptables-nft", "-t", table, "-X", chain]);
+    }
+    let cleanup = t0.elapsed();
+    // Seen back by reading (iptables-save takes a few ms, so this is an upper bound).
+    wait_until("both chains and their jumps back", || {
+        canal_lines(&ns) == whole
+    });
+    let seen_back = t0.elapsed();
+    let restored: Vec<String> = agent
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("restored") && l.contains("kind=\"chain\""))
+        .cloned()
+        .collect();
+    let took: Vec<String> = restored
+        .iter()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("took_us=")))
+        .map(str::to_owned)
+        .collect();
+    println!(
+        "Canal: flannel cleanup (6 iptables commands) took {:.3} ms; both chains and jumps seen back {:.3} ms after it began ({:.3} ms after it ended); agent repairs: {}",
+        rig::outage::ms(cleanup),
+        rig::outage::ms(seen_back),
+        rig::outage::ms(seen_back.saturating_sub(cleanup)),
+        took.join(" ")
+    );
+    assert!(
+        restored.iter().any(|l| l.contains("flannel-postrtg"))
+            && restored.iter().any(|l| l.contains("flannel-fwd")),
+        "the agent did not report restoring both chains: {restored:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// kube-router svip: the node's (API server's) address inserted into the service VIP set
+
+#[test]
+fn kube_router_svip_forbidden_member_is_removed() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    // kube-router's IPv4 and IPv6 service-VIP sets; the API server endpoint / node address must
+    // never be in them (the REJECT rule in KUBE-ROUTER-SERVICES would cut the node off).
+    let cfg = config(
+        dir.path(),
+        r#"  pollInterval: 100ms
+  ipsets:
+    - name: kube-router-svip
+      type: hash:ip
+      forbidden: [10.200.0.1]
+    - name: inet6:kube-router-svip
+      type: hash:ip
+      family: ipv6
+      forbidden: ["fd00:200::1"]
+"#,
+    );
+    // kube-router created the sets with the service VIPs before the agent started.
+    must(
+        &ns.name,
+        &["ipset", "create", "kube-router-svip", "hash:ip"],
+    );
+    must(
+        &ns.name,
+        &[
+            "ipset",
+            "create",
+            "inet6:kube-router-svip",
+            "hash:ip",
+            "family",
+            "inet6",
+        ],
+    );
+    for vip in ["10.96.0.1", "10.96.0.10"] {
+        must(&ns.name, &["ipset", "add", "kube-router-svip", vip]);
+    }
+    must(
+        &ns.name,
+        &["ipset", "add", "inet6:kube-router-svip", "fd00:96::10"],
+    );
+    let mut agent = Agent::start(&ns, &cfg);
+    agent.wait_log("chains and sets in sync");
+
+    for (set, bad, keep) in [
+        ("kube-router-svip", "10.200.0.1", "10.96.0.10"),
+        ("inet6:kube-router-svip", "fd00:200::1", "fd00:96::10"),
+    ] {
+        let t0 = Instant::now();
+        must(&ns.name, &["ipset", "add", set, bad]);
+        wait_until("forbidden member gone", || {
+            !must(&ns.name, &["ipset", "list", set])
+                .lines()
+                .any(|l| l == bad)
+        });
+        let gone = t0.elapsed();
+        let line = agent.wait_log_all(&[
+            "forbidden member in protected set",
+            &format!("member={bad}"),
+        ]);
+        assert!(line.contains("action=\"removed\""), "{line}");
+        let listed = must(&ns.name, &["ipset", "list", set]);
+        assert!(listed.lines().any(|l| l == keep), "{listed}");
+        println!(
+            "kube-router svip: {bad} in {set} for {:.3} ms (poll interval 100 ms)",
+            rig::outage::ms(gone)
+        );
+    }
 }
