@@ -55,6 +55,8 @@ pub struct Outage {
     /// Per object: the longest it was missing.
     pub gaps: HashMap<Key, Duration>,
     pub first_loss: Option<Instant>,
+    /// The last loss (a deletion, or the silent drop with an address).
+    pub last_loss: Option<Instant>,
     pub last_back: Option<Instant>,
     /// RTM_DEL* notifications of protected objects, and losses inferred from address removals.
     pub losses: usize,
@@ -65,6 +67,8 @@ pub struct Outage {
     /// The longest an IPv4 address was away (networkd removes and re-adds its own): while it
     /// is, a route through a gateway on that link cannot be put back.
     pub longest_address_gap: Duration,
+    /// IPv4 address removals seen.
+    pub address_removals: usize,
     /// What was seen, in order (printed by [`Outage::summary`] when `NW_OUTAGE_TRACE` is set).
     pub trace: Vec<(Instant, String)>,
 }
@@ -91,11 +95,13 @@ impl Outage {
             missing: HashMap::new(),
             gaps: HashMap::new(),
             first_loss: None,
+            last_loss: None,
             last_back: None,
             losses: 0,
             overrun: false,
             addresses_away: HashMap::new(),
             longest_address_gap: Duration::ZERO,
+            address_removals: 0,
             trace: Vec::new(),
         })
     }
@@ -108,6 +114,7 @@ impl Outage {
         self.trace.push((at, format!("lost {key}")));
         self.losses += 1;
         self.first_loss.get_or_insert(at);
+        self.last_loss = Some(at);
         self.missing.entry(key).or_insert(at);
     }
 
@@ -179,6 +186,7 @@ impl Outage {
                 }
                 self.trace
                     .push((at, format!("address {} gone from {}", k.address, k.ifindex)));
+                self.address_removals += 1;
                 self.addresses_away.insert((k.ifindex, k.address), at);
                 let dropped: Vec<Key> = self
                     .protected
@@ -244,6 +252,14 @@ impl Outage {
     /// From the first loss to the last re-add.
     pub fn span(&self) -> Duration {
         match (self.first_loss, self.last_back) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// From the first loss to the last: how long the offender took to remove it all.
+    pub fn flush(&self) -> Duration {
+        match (self.first_loss, self.last_loss) {
             (Some(a), Some(b)) => b.saturating_duration_since(a),
             _ => Duration::ZERO,
         }
