@@ -2,12 +2,16 @@
 # as root): iproute2 for the kernel work, iptables and ipset for the chain and set protection,
 # containernetworking-plugins for the CNI integration test, prometheus for promtool and the
 # server the metrics tests scrape with, python3 for a test program that deletes rules over its own
-# netlink socket (tests/deploy.rs, tests/observability.rs).
-APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins prometheus python3
+# netlink socket (tests/deploy.rs, tests/observability.rs); for the incidents reproduced with the
+# real offenders (tests/offenders*.rs, benches/networkd.rs): systemd for systemd-networkd and
+# networkctl, dbus for the private system bus networkctl talks over, bird2 for a competing
+# route installer.
+APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins prometheus python3 \
+	systemd dbus bird2
 # Every binary the agent and the tests run; `deps` installs the packages when one is missing.
 DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
 	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset \
-	promtool prometheus python3
+	promtool prometheus python3 networkctl dbus-daemon bird birdc unshare nsenter
 CARGO ?= cargo
 
 .PHONY: deps demo test bench
@@ -15,6 +19,7 @@ CARGO ?= cargo
 deps:
 	@missing=""; for b in $(DEPS_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/portmap ] || missing="$$missing /usr/lib/cni/bridge"; \
+	[ -x /lib/systemd/systemd-networkd ] || missing="$$missing systemd-networkd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing $(APT_PACKAGES) (missing:$$missing)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
@@ -32,3 +37,4 @@ test: deps
 bench: deps
 	$(CARGO) bench --locked --bench repair
 	$(CARGO) bench --locked --bench chains
+	$(CARGO) bench --locked --bench networkd

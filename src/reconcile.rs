@@ -522,6 +522,7 @@ impl Agent {
                 batch.redump = Some(None);
                 batch.full = true;
             }
+            Change::RouteAppeared => batch.appeared = true,
             Change::LinkOther | Change::Nothing => {}
         }
     }
@@ -561,8 +562,17 @@ impl Agent {
         if cause != Cause::Start {
             let metrics = &self.telemetry.metrics;
             let contest = &mut self.contest;
+            let pending = &self.pending;
             plan.steps.retain(|step| {
-                let (fresh, keep, newly) = match contest.on_drift(&step.id, now) {
+                // A retry of a pending object (something appeared) is not a new removal: it
+                // must not count towards a fight, or a route waiting for its gateway would be
+                // held back after three retries.
+                let decision = if pending.contains(&step.id) && !contest.is_held(&step.id, now) {
+                    Decision::Now { fresh: false }
+                } else {
+                    contest.on_drift(&step.id, now)
+                };
+                let (fresh, keep, newly) = match decision {
                     Decision::Now { fresh } => (fresh, true, None),
                     Decision::Later {
                         due,

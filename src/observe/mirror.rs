@@ -51,6 +51,9 @@ pub enum Change {
     },
     /// Some other link attribute changed.
     LinkOther,
+    /// A route the mirror does not keep was added: a gateway may be reachable through it now
+    /// (systemd-networkd adds its address with `noprefixroute`, then the prefix route).
+    RouteAppeared,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -146,10 +149,14 @@ impl Mirror {
                 let Some((key, route)) = decode::route(m) else {
                     return Change::Nothing;
                 };
-                if !self.interest.wants(&key) {
-                    return Change::Nothing;
-                }
                 let removed = matches!(msg, M::DelRoute(_));
+                if !self.interest.wants(&key) {
+                    return if removed {
+                        Change::Nothing
+                    } else {
+                        Change::RouteAppeared
+                    };
+                }
                 if removed {
                     if let Some(list) = self.routes.get_mut(&key) {
                         match list.iter().position(|r| *r == route) {
@@ -318,6 +325,10 @@ mod tests {
         };
         let mut m = Mirror::new(RouteInterest::Keys([protected.key.clone()].into()));
         let c = m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(
+            &foreign, None,
+        )));
+        assert_eq!(c, Change::RouteAppeared);
+        let c = m.ingest(&RouteNetlinkMessage::DelRoute(encode::route(
             &foreign, None,
         )));
         assert_eq!(c, Change::Nothing);
