@@ -8,7 +8,7 @@ use std::net::IpAddr;
 /// Key of a desired address: the device is a name here (it may not exist yet).
 pub type DesiredAddressKey = (String, IpAddr);
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DesiredState {
     pub rules: HashMap<RuleKey, DesiredRule>,
     pub routes: HashMap<RouteKey, DesiredRoute>,
