@@ -43,7 +43,11 @@ pub enum Command {
     /// Run the agent: protect what the config names until stopped (SIGTERM/SIGINT).
     Run {
         /// Config file (apiVersion netwarden.io/v1alpha1, kind ProtectedState).
-        #[arg(long, required_unless_present = "configmap", conflicts_with = "configmap")]
+        #[arg(
+            long,
+            required_unless_present = "configmap",
+            conflicts_with = "configmap"
+        )]
         config: Option<PathBuf>,
         /// Kubernetes mode (docs/kubernetes.md).
         #[command(flatten)]
@@ -135,4 +139,7 @@ pub struct KubeArgs {
     /// Where the last-known desired state is kept for restarts during API server outages.
     #[arg(long, default_value = "/var/lib/netwarden/state.json")]
     pub state_file: PathBuf,
+    /// Repairs are summed over this many milliseconds per Event (tests shorten it).
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    pub event_window_ms: u64,
 }

@@ -30,6 +30,7 @@ pub fn run(
         configmap_key: kube.configmap_key,
         service_selector: kube.service_selector,
         state_file: kube.state_file,
+        event_window: std::time::Duration::from_millis(kube.event_window_ms),
     };
     let telemetry = obs::Telemetry::new();
     let listener = crate::bind_metrics(metrics_addr)?;
@@ -63,8 +64,7 @@ pub fn run(
             backend,
         )
         .await?;
-        let agent =
-            reconcile::Agent::start_with(ex.desired.clone(), cfg.resync, telemetry).await?;
+        let agent = reconcile::Agent::start_with(ex.desired.clone(), cfg.resync, telemetry).await?;
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);
         // Fans the updates out to the two loops, each only when its part changed: a Service
@@ -88,7 +88,11 @@ pub fn run(
                         break;
                     }
                 }
-                if e.chains != chains || e.ipsets != sets || c.poll_interval != poll || c.resync != resync {
+                if e.chains != chains
+                    || e.ipsets != sets
+                    || c.poll_interval != poll
+                    || c.resync != resync
+                {
                     (chains, sets) = (e.chains.clone(), e.ipsets.clone());
                     let reload = GuardReload {
                         chains: e.chains,

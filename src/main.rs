@@ -115,7 +115,11 @@ fn validate(file: &std::path::Path, kubernetes: bool) -> anyhow::Result<ExitCode
         cfg.resync
     );
     if !cfg.templates.is_empty() {
-        println!("{}: {} objects with templates", file.display(), cfg.templates.len());
+        println!(
+            "{}: {} objects with templates",
+            file.display(),
+            cfg.templates.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -45,6 +45,8 @@ pub struct Options {
     pub configmap_key: String,
     pub service_selector: Option<String>,
     pub state_file: PathBuf,
+    /// Repairs are summed over this window per Event ([`super::events::WINDOW`]).
+    pub event_window: std::time::Duration,
 }
 
 impl Options {
@@ -289,6 +291,7 @@ async fn run(
         opts.node_name.clone(),
         nodes.clone(),
         notices_rx,
+        opts.event_window,
     ));
 
     let all_ready = [nodes_ready, services_ready, slices_ready, maps_ready];
@@ -493,9 +496,15 @@ async fn record_events(
     node: String,
     nodes: Store<Node>,
     mut notices: mpsc::UnboundedReceiver<Notice>,
+    window: std::time::Duration,
 ) {
     let api: Api<Event> = Api::namespaced(client, EVENTS_NAMESPACE);
-    let mut agg = Aggregator::new(Instant::now());
+    let mut agg = Aggregator::with(
+        Instant::now(),
+        window,
+        super::events::BURST,
+        super::events::REFILL,
+    );
     loop {
         let due = agg.next_due();
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(

@@ -34,7 +34,12 @@ pub type Access = (String, String, String);
 
 #[derive(Clone, Debug)]
 enum Change {
-    Event { rv: u64, key: Key, kind: &'static str, object: Value },
+    Event {
+        rv: u64,
+        key: Key,
+        kind: &'static str,
+        object: Value,
+    },
     /// History compacted: every open watch ends with 410.
     Expire,
     Bookmark,
@@ -146,8 +151,14 @@ impl FakeApiServer {
 
     /// Creates or replaces an object (ADDED / MODIFIED). `group` is "" for core/v1.
     pub fn apply(&self, group: &str, resource: &str, mut object: Value) {
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
-        let name = object["metadata"]["name"].as_str().expect("metadata.name").to_owned();
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_owned();
         let key = (group.to_owned(), resource.to_owned(), ns, name.clone());
         let mut st = self.inner.state.lock().unwrap();
         st.rv += 1;
@@ -160,14 +171,28 @@ impl FakeApiServer {
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         object["metadata"]["uid"] = json!(uid);
         object["metadata"]["creationTimestamp"] = json!("2024-01-01T00:00:00Z");
-        let kind = if existed.is_some() { "MODIFIED" } else { "ADDED" };
+        let kind = if existed.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         st.objects.insert(key.clone(), object.clone());
         st.history.push((rv, key.clone(), kind, object.clone()));
-        let _ = self.inner.changes.send(Change::Event { rv, key, kind, object });
+        let _ = self.inner.changes.send(Change::Event {
+            rv,
+            key,
+            kind,
+            object,
+        });
     }
 
     pub fn delete(&self, group: &str, resource: &str, ns: &str, name: &str) {
-        let key = (group.to_owned(), resource.to_owned(), ns.to_owned(), name.to_owned());
+        let key = (
+            group.to_owned(),
+            resource.to_owned(),
+            ns.to_owned(),
+            name.to_owned(),
+        );
         let mut st = self.inner.state.lock().unwrap();
         let Some(mut object) = st.objects.remove(&key) else {
             panic!("no {resource} {ns}/{name} to delete");
@@ -175,8 +200,14 @@ impl FakeApiServer {
         st.rv += 1;
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.history.push((rv, key.clone(), "DELETED", object.clone()));
-        let _ = self.inner.changes.send(Change::Event { rv, key, kind: "DELETED", object });
+        st.history
+            .push((rv, key.clone(), "DELETED", object.clone()));
+        let _ = self.inner.changes.send(Change::Event {
+            rv,
+            key,
+            kind: "DELETED",
+            object,
+        });
     }
 
     /// Compacts the history and ends every open watch with 410 Expired.
@@ -294,7 +325,13 @@ fn target(path: &str) -> Option<Target> {
         [r, n] => (r.to_string(), Some(n.to_string())),
         _ => return None,
     };
-    Some(Target { group, version, namespace, resource, name })
+    Some(Target {
+        group,
+        version,
+        namespace,
+        resource,
+        name,
+    })
 }
 
 fn kind_of(resource: &str) -> &'static str {
@@ -355,7 +392,12 @@ struct Filter {
 impl Filter {
     fn parse(q: &BTreeMap<String, String>, namespace: Option<String>) -> Result<Filter, String> {
         let mut fields = Vec::new();
-        for req in q.get("fieldSelector").map(String::as_str).unwrap_or("").split(',') {
+        for req in q
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
             if req.is_empty() {
                 continue;
             }
@@ -372,7 +414,12 @@ impl Filter {
             fields.push((k.to_owned(), eq, v.to_owned()));
         }
         let mut labels = Vec::new();
-        for req in q.get("labelSelector").map(String::as_str).unwrap_or("").split(',') {
+        for req in q
+            .get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
             if req.is_empty() {
                 continue;
             }
@@ -388,7 +435,11 @@ impl Filter {
                 labels.push((req.to_owned(), None, true));
             }
         }
-        Ok(Filter { namespace, fields, labels })
+        Ok(Filter {
+            namespace,
+            fields,
+            labels,
+        })
     }
 
     fn matches(&self, key: &Key, object: &Value) -> bool {
@@ -423,7 +474,10 @@ async fn handle(
     stop: watch::Receiver<bool>,
 ) -> Response<Body> {
     let Some(t) = target(req.uri().path()) else {
-        return full(StatusCode::NOT_FOUND, status(404, "NotFound", "no such path"));
+        return full(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", "no such path"),
+        );
     };
     let q = query(&req);
     let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
@@ -451,13 +505,21 @@ async fn handle(
         "watch" => watch_stream(inner, &t, filter, &q, stop),
         "create" => create(&inner, t, req).await,
         "get" => {
-            let key = (t.group, t.resource, t.namespace.unwrap_or_default(), t.name.unwrap_or_default());
+            let key = (
+                t.group,
+                t.resource,
+                t.namespace.unwrap_or_default(),
+                t.name.unwrap_or_default(),
+            );
             match inner.state.lock().unwrap().objects.get(&key) {
                 Some(o) => full(StatusCode::OK, o.clone()),
                 None => full(StatusCode::NOT_FOUND, status(404, "NotFound", "not found")),
             }
         }
-        _ => full(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", verb)),
+        _ => full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", verb),
+        ),
     }
 }
 
@@ -470,7 +532,11 @@ fn list(inner: &Inner, t: &Target, filter: &Filter) -> Response<Body> {
         .filter(|(k, v)| k.0 == t.group && k.1 == t.resource && filter.matches(k, v))
         .map(|(_, v)| v.clone())
         .collect();
-    let api_version = if t.group.is_empty() { t.version.clone() } else { format!("{}/{}", t.group, t.version) };
+    let api_version = if t.group.is_empty() {
+        t.version.clone()
+    } else {
+        format!("{}/{}", t.group, t.version)
+    };
     full(
         StatusCode::OK,
         json!({"kind": format!("{}List", kind_of(&t.resource)), "apiVersion": api_version,
@@ -496,10 +562,17 @@ fn watch_stream(
         .get("timeoutSeconds")
         .and_then(|s| s.parse().ok())
         .unwrap_or(300u64);
-    let from: u64 = q.get("resourceVersion").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
     let kind = kind_of(&t.resource);
-    let api_version = if t.group.is_empty() { t.version.clone() } else { format!("{}/{}", t.group, t.version) };
+    let api_version = if t.group.is_empty() {
+        t.version.clone()
+    } else {
+        format!("{}/{}", t.group, t.version)
+    };
     let (group, resource) = (t.group.clone(), t.resource.clone());
     // Subscribe and read the history under one lock: nothing falls in between.
     let (mut live, backlog, last, expired) = {
@@ -510,7 +583,9 @@ fn watch_stream(
         let backlog: Vec<(u64, Key, &'static str, Value)> = st
             .history
             .iter()
-            .filter(|(rv, k, _, o)| *rv > from && k.0 == group && k.1 == resource && filter.matches(k, o))
+            .filter(|(rv, k, _, o)| {
+                *rv > from && k.0 == group && k.1 == resource && filter.matches(k, o)
+            })
             .cloned()
             .collect();
         (live, backlog, st.rv, expired)
@@ -536,8 +611,17 @@ fn watch_stream(
                 c = live.recv() => c,
             };
             let msg = match change {
-                Ok(Change::Event { rv, key, kind: k, object }) => {
-                    if rv <= seen || key.0 != group || key.1 != resource || !filter.matches(&key, &object) {
+                Ok(Change::Event {
+                    rv,
+                    key,
+                    kind: k,
+                    object,
+                }) => {
+                    if rv <= seen
+                        || key.0 != group
+                        || key.1 != resource
+                        || !filter.matches(&key, &object)
+                    {
                         continue;
                     }
                     seen = rv;
@@ -545,9 +629,12 @@ fn watch_stream(
                 }
                 Ok(Change::Bookmark) if bookmarks => {
                     let rv = inner.state.lock().unwrap().rv;
-                    line("BOOKMARK", &json!({"kind": kind, "apiVersion": api_version,
+                    line(
+                        "BOOKMARK",
+                        &json!({"kind": kind, "apiVersion": api_version,
                         "metadata": {"resourceVersion": rv.to_string(),
-                                     "annotations": {"k8s.io/initial-events-end": "true"}}}))
+                                     "annotations": {"k8s.io/initial-events-end": "true"}}}),
+                    )
                 }
                 Ok(Change::Bookmark) => continue,
                 Ok(Change::Expire) | Err(_) => {
@@ -561,7 +648,9 @@ fn watch_stream(
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -572,15 +661,26 @@ fn watch_stream(
 
 async fn create(inner: &Inner, t: Target, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let Ok(body) = req.into_body().collect().await else {
-        return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", "unreadable body"));
+        return full(
+            StatusCode::BAD_REQUEST,
+            status(400, "BadRequest", "unreadable body"),
+        );
     };
     let mut object: Value = match serde_json::from_slice(&body.to_bytes()) {
         Ok(v) => v,
-        Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e.to_string())),
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            )
+        }
     };
     let ns = t.namespace.clone().unwrap_or_default();
     if object["metadata"]["name"].as_str().is_none() {
-        let prefix = object["metadata"]["generateName"].as_str().unwrap_or("x-").to_owned();
+        let prefix = object["metadata"]["generateName"]
+            .as_str()
+            .unwrap_or("x-")
+            .to_owned();
         let n = inner.state.lock().unwrap().rv + 1;
         object["metadata"]["name"] = json!(format!("{prefix}{n:05}"));
     }
@@ -589,7 +689,10 @@ async fn create(inner: &Inner, t: Target, req: Request<hyper::body::Incoming>) -
     let key = (t.group, t.resource, ns, name);
     let mut st = inner.state.lock().unwrap();
     if st.objects.contains_key(&key) {
-        return full(StatusCode::CONFLICT, status(409, "AlreadyExists", "already exists"));
+        return full(
+            StatusCode::CONFLICT,
+            status(409, "AlreadyExists", "already exists"),
+        );
     }
     st.rv += 1;
     object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
