@@ -32,3 +32,4 @@ test: deps
 bench: deps
 	$(CARGO) bench --locked --bench repair
 	$(CARGO) bench --locked --bench chains
+	$(CARGO) bench --locked --bench cluster

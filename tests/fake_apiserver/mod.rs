@@ -382,11 +382,15 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A label requirement: key, `Some((equals, value))` or `None` for an existence test, and
+/// whether the key must exist.
+type LabelReq = (String, Option<(bool, String)>, bool);
+
 /// Field and label selectors.
 struct Filter {
     namespace: Option<String>,
     fields: Vec<(String, bool, String)>,
-    labels: Vec<(String, Option<(bool, String)>, bool)>,
+    labels: Vec<LabelReq>,
 }
 
 impl Filter {
