@@ -299,6 +299,7 @@ async fn run(
     let mut missing_said = false;
     // The last ConfigMap text looked at (good or refused): a text is judged once.
     let mut seen: Option<String> = last.as_ref().map(|(t, _)| t.clone());
+    let mut last_pending: Vec<config::Pending> = Vec::new();
     loop {
         notify.notified().await;
         if !all_ready.iter().all(|r| r.load(Ordering::Acquire)) {
@@ -355,8 +356,16 @@ async fn run(
             services = facts.services.len(),
             "desired state rebuilt"
         );
-        for p in &expansion.pending {
-            info!(name = %p.name, path = %p.path, reason = %p.reason, "pending");
+        // Told when they change, not on every Service event.
+        if expansion.pending != last_pending {
+            for p in expansion
+                .pending
+                .iter()
+                .filter(|p| !last_pending.contains(p))
+            {
+                info!(name = %p.name, path = %p.path, reason = %p.reason, "pending");
+            }
+            last_pending = expansion.pending.clone();
         }
         let saved = Saved {
             version: statefile::VERSION,
