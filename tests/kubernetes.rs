@@ -353,6 +353,12 @@ fn watch_expiry_outage_and_restart_during_the_outage() {
     wait_until("the new podCIDR's rule", || has_rule(&ns, moved));
     assert!(c.api.counts().0 > lists, "relisted after 410");
 
+    // The state file is written right after an update is handed to the loops (a repair never
+    // waits for the disk), so it may trail the kernel by a moment.
+    wait_until("the state file has the new podCIDR", || {
+        std::fs::read_to_string(c.state_file()).is_ok_and(|t| t.contains("10.244.2.0/24"))
+    });
+
     // The API server goes away: enforcement goes on.
     c.api.stop();
     ns.ip(&["rule", "del", "priority", "100"]).unwrap();
@@ -364,7 +370,13 @@ fn watch_expiry_outage_and_restart_during_the_outage() {
     ns.ip(&["rule", "del", "priority", "100"]).unwrap();
     let mut agent = c.agent(&ns);
     agent.wait_log("enforcing the last-known state from the state file");
-    assert!(has_rule(&ns, moved));
+    assert!(
+        has_rule(&ns, moved),
+        "rules {:?}\nstate file {}\nlog:\n{}",
+        rules(&ns),
+        std::fs::read_to_string(c.state_file()).unwrap_or_default(),
+        agent.log.lock().unwrap().join("\n")
+    );
     ns.ip(&["rule", "del", "priority", "100"]).unwrap();
     wait_until("repaired from the state file's state", || {
         has_rule(&ns, moved)
