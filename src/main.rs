@@ -124,8 +124,9 @@ fn validate(file: &std::path::Path, kubernetes: bool) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// Enters the namespace (before any thread exists) and builds a single-threaded runtime: the
-/// repair path is one event → one request, and staying on one thread avoids cross-thread wakeups.
+/// Enters the namespace (setns moves the calling thread only: threads started before, such as the
+/// Kubernetes one, stay on the host's network) and builds a single-threaded runtime: the repair
+/// path is one event → one request, and staying on one thread avoids cross-thread wakeups.
 pub(crate) fn runtime(netns: Option<&str>) -> anyhow::Result<tokio::runtime::Runtime> {
     if let Some(ns) = netns {
         netns::enter(ns)?;
