@@ -38,3 +38,4 @@ bench: deps
 	$(CARGO) bench --locked --bench repair
 	$(CARGO) bench --locked --bench chains
 	$(CARGO) bench --locked --bench networkd
+	$(CARGO) bench --locked --bench cluster

@@ -43,8 +43,15 @@ pub enum Command {
     /// Run the agent: protect what the config names until stopped (SIGTERM/SIGINT).
     Run {
         /// Config file (apiVersion netwarden.io/v1alpha1, kind ProtectedState).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "configmap",
+            conflicts_with = "configmap"
+        )]
+        config: Option<PathBuf>,
+        /// Kubernetes mode (docs/kubernetes.md).
+        #[command(flatten)]
+        kube: KubeArgs,
         /// Work inside this network namespace (a name under /run/netns, or a path).
         #[arg(long)]
         netns: Option<String>,
@@ -100,7 +107,39 @@ pub enum Command {
         iptables_backend: BackendChoice,
     },
     /// Validate a config file. Exit 0 valid, 2 invalid.
-    Validate { file: PathBuf },
+    Validate {
+        file: PathBuf,
+        /// Accept templates (`{{ node.podCIDRs.ipv4 }}`), as in a ConfigMap for Kubernetes mode.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Run a self-contained demonstration in a sandbox network namespace.
     Demo,
+}
+
+/// Kubernetes mode: the config comes from a ConfigMap, templates in it are expanded with facts
+/// from the cluster, repairs are told as Events on the Node (docs/kubernetes.md).
+#[derive(clap::Args, Debug)]
+pub struct KubeArgs {
+    /// The ConfigMap holding the config, as NAMESPACE/NAME. Turns Kubernetes mode on.
+    #[arg(long, env = "NETWARDEN_CONFIGMAP", value_name = "NAMESPACE/NAME")]
+    pub configmap: Option<String>,
+    /// The ConfigMap key holding the config.
+    #[arg(long, default_value = "config.yaml", requires = "configmap")]
+    pub configmap_key: String,
+    /// kubeconfig file; default: the pod's service account, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, requires = "configmap")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (the DaemonSet passes spec.nodeName through the downward API).
+    #[arg(long, env = "NODE_NAME", requires = "configmap")]
+    pub node_name: Option<String>,
+    /// Only Services with these labels are watched (a Kubernetes label selector).
+    #[arg(long, requires = "configmap")]
+    pub service_selector: Option<String>,
+    /// Where the last-known desired state is kept for restarts during API server outages.
+    #[arg(long, default_value = "/var/lib/netwarden/state.json")]
+    pub state_file: PathBuf,
+    /// Repairs are summed over this many milliseconds per Event (tests shorten it).
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    pub event_window_ms: u64,
 }

@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod desired;

@@ -1,4 +1,5 @@
 mod cli;
+mod kubernetes;
 
 use anyhow::Context;
 use clap::Parser;
@@ -31,14 +32,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let result = match cli.command {
-        Command::Validate { file } => validate(&file),
+        Command::Validate { file, kubernetes } => validate(&file, kubernetes),
         Command::Run {
-            config,
+            config: Some(config),
+            kube: _,
             netns,
             iptables_backend,
             metrics_addr,
         } => run(
             &config,
+            netns.as_deref(),
+            iptables_backend,
+            metrics_addr.as_deref(),
+        ),
+        Command::Run {
+            config: None,
+            kube,
+            netns,
+            iptables_backend,
+            metrics_addr,
+        } => kubernetes::run(
+            kube,
             netns.as_deref(),
             iptables_backend,
             metrics_addr.as_deref(),
@@ -81,8 +95,15 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let cfg = load(file)?;
+fn validate(file: &std::path::Path, kubernetes: bool) -> anyhow::Result<ExitCode> {
+    let cfg = if kubernetes {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("{}: cannot read the file", file.display()))?;
+        config::parse_kubernetes(&file.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        load(file)?
+    };
     println!(
         "{}: valid: {} rules, {} routes, {} addresses, {} chains, {} ipsets, resync {:?}",
         file.display(),
@@ -93,12 +114,20 @@ fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {
         cfg.ipsets.len(),
         cfg.resync
     );
+    if !cfg.templates.is_empty() {
+        println!(
+            "{}: {} objects with templates",
+            file.display(),
+            cfg.templates.len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Enters the namespace (before any thread exists) and builds a single-threaded runtime: the
-/// repair path is one event → one request, and staying on one thread avoids cross-thread wakeups.
-fn runtime(netns: Option<&str>) -> anyhow::Result<tokio::runtime::Runtime> {
+/// Enters the namespace (setns moves the calling thread only: threads started before, such as the
+/// Kubernetes one, stay on the host's network) and builds a single-threaded runtime: the repair
+/// path is one event → one request, and staying on one thread avoids cross-thread wakeups.
+pub(crate) fn runtime(netns: Option<&str>) -> anyhow::Result<tokio::runtime::Runtime> {
     if let Some(ns) = netns {
         netns::enter(ns)?;
     }
@@ -118,18 +147,7 @@ fn run(
     let desired = DesiredState::from_config(&cfg);
     let telemetry = obs::Telemetry::new();
     telemetry.config_loaded(true);
-    // Bound before entering the namespace, so the endpoints are on the host's network.
-    let listener = match metrics_addr {
-        Some("off") => None,
-        Some(addr) => Some(
-            obs::http::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => obs::http::bind(obs::DEFAULT_METRICS_ADDR)
-            .map_err(|e| {
-                tracing::warn!(addr = obs::DEFAULT_METRICS_ADDR, error = %e, "no HTTP endpoints")
-            })
-            .ok(),
-    };
+    let listener = bind_metrics(metrics_addr)?;
     let rt = runtime(netns)?;
     if let Some(listener) = listener {
         let addr = obs::http::spawn(listener, telemetry.clone())?;
@@ -159,6 +177,24 @@ fn run(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Binds the HTTP endpoints' port. Call before entering the namespace, so that the endpoints are
+/// on the host's network.
+pub(crate) fn bind_metrics(
+    metrics_addr: Option<&str>,
+) -> anyhow::Result<Option<std::net::TcpListener>> {
+    Ok(match metrics_addr {
+        Some("off") => None,
+        Some(addr) => Some(
+            obs::http::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => obs::http::bind(obs::DEFAULT_METRICS_ADDR)
+            .map_err(|e| {
+                tracing::warn!(addr = obs::DEFAULT_METRICS_ADDR, error = %e, "no HTTP endpoints")
+            })
+            .ok(),
+    })
+}
+
 fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
     let (code, body) = obs::http::get(addr, "/status", None, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the agent at {addr}"))?;
@@ -176,7 +212,7 @@ fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

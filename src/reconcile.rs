@@ -793,6 +793,11 @@ impl Agent {
                 None
             };
             if let Some(delay) = d.newly_contested {
+                self.telemetry.notice(crate::obs::Notice::Contested {
+                    kind,
+                    name: d.name.clone(),
+                    actor: actor.clone(),
+                });
                 warn!(
                     kind,
                     name = %d.name,
@@ -819,6 +824,14 @@ impl Agent {
             actors.extend(report.fighters.iter().cloned());
             actors.sort();
             actors.dedup();
+            self.telemetry.notice(crate::obs::Notice::Restored {
+                counts: vec![
+                    ("rule", rules as u64),
+                    ("route", routes as u64),
+                    ("address", addresses as u64),
+                ],
+                actor: actors.join(","),
+            });
             info!(
                 rules,
                 routes,

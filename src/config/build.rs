@@ -17,16 +17,15 @@ const MTU_MIN_V4: u32 = 68;
 const MTU_MIN_V6: u32 = 1280;
 const MTU_MAX: u32 = 65535;
 
-pub(super) fn build(
+/// Checks a document; `kubernetes`: templates are allowed (Kubernetes mode), else each is an error.
+pub(super) fn build_with(
     file: &str,
     text: &str,
     doc: Spanned<RawDocument>,
+    kubernetes: bool,
 ) -> Result<Config, Vec<FieldError>> {
-    let mut b = Builder {
-        file,
-        text,
-        errors: Vec::new(),
-    };
+    let mut b = Builder::new(file, text);
+    b.kubernetes = kubernetes;
     let config = b.document(doc);
     if b.errors.is_empty() {
         Ok(config)
@@ -42,6 +41,10 @@ pub(super) struct Builder<'f> {
     /// The source, for checks that need what was written rather than what YAML made of it.
     pub(super) text: &'f str,
     pub(super) errors: Vec<FieldError>,
+    /// Templates are allowed (Kubernetes mode).
+    pub(super) kubernetes: bool,
+    /// Objects with templates, set aside for expansion against cluster facts.
+    pub(super) templated: Vec<super::expand::TemplatedObject>,
 }
 
 /// Where an object sits: its position (for problems with the object or a missing field) and its
@@ -63,6 +66,18 @@ struct FamilyEvidence<'a> {
     raw: &'a Scalar,
     family: Option<Family>,
     what: &'static str,
+}
+
+impl<'f> Builder<'f> {
+    pub(super) fn new(file: &'f str, text: &'f str) -> Builder<'f> {
+        Builder {
+            file,
+            text,
+            errors: Vec::new(),
+            kubernetes: false,
+            templated: Vec::new(),
+        }
+    }
 }
 
 impl Builder<'_> {
@@ -142,6 +157,7 @@ impl Builder<'_> {
                 chains: Vec::new(),
                 ipsets: Vec::new(),
                 poll_interval: super::DEFAULT_POLL_INTERVAL,
+                templates: super::Templates::default(),
             };
         };
         self.spec(&spec.value)
@@ -179,6 +195,9 @@ impl Builder<'_> {
                 at: item.referenced,
                 path: format!("spec.rules[{i}]"),
             };
+            if self.templated_rule(&obj, &item.value, mode) {
+                continue;
+            }
             if let Some(rule) = self.rule(&obj, &item.value, mode) {
                 self.unique_identity(
                     &mut rule_keys,
@@ -199,6 +218,9 @@ impl Builder<'_> {
                 at: item.referenced,
                 path: format!("spec.routes[{i}]"),
             };
+            if self.templated_route(&obj, &item.value, mode) {
+                continue;
+            }
             if let Some(route) = self.route(&obj, &item.value, mode) {
                 self.unique_identity(
                     &mut route_keys,
@@ -219,6 +241,9 @@ impl Builder<'_> {
                 at: item.referenced,
                 path: format!("spec.addresses[{i}]"),
             };
+            if self.templated_address(&obj, &item.value, mode) {
+                continue;
+            }
             if let Some(address) = self.address(&obj, &item.value, mode) {
                 let key = (address.device.clone(), address.address);
                 self.unique_identity(
@@ -243,6 +268,11 @@ impl Builder<'_> {
             chains,
             ipsets,
             poll_interval,
+            templates: super::Templates {
+                file: self.file.to_owned(),
+                mode,
+                objects: std::mem::take(&mut self.templated),
+            },
         }
     }
 
@@ -335,7 +365,7 @@ impl Builder<'_> {
         family
     }
 
-    fn rule(&mut self, obj: &Object, r: &RawRule, global: Mode) -> Option<DesiredRule> {
+    pub(super) fn rule(&mut self, obj: &Object, r: &RawRule, global: Mode) -> Option<DesiredRule> {
         let before = self.errors.len();
         let name = self.name(&r.name, obj);
         let mode = self
@@ -423,7 +453,12 @@ impl Builder<'_> {
         })
     }
 
-    fn route(&mut self, obj: &Object, r: &RawRoute, global: Mode) -> Option<DesiredRoute> {
+    pub(super) fn route(
+        &mut self,
+        obj: &Object,
+        r: &RawRoute,
+        global: Mode,
+    ) -> Option<DesiredRoute> {
         let before = self.errors.len();
         let name = self.name(&r.name, obj);
         let mode = self
@@ -556,7 +591,12 @@ impl Builder<'_> {
         }
     }
 
-    fn address(&mut self, obj: &Object, r: &RawAddress, global: Mode) -> Option<DesiredAddress> {
+    pub(super) fn address(
+        &mut self,
+        obj: &Object,
+        r: &RawAddress,
+        global: Mode,
+    ) -> Option<DesiredAddress> {
         let before = self.errors.len();
         let name = self.name(&r.name, obj);
         let mode = self

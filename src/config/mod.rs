@@ -8,8 +8,10 @@
 //! fix a file in one pass.
 
 mod build;
+mod expand;
 mod netfilter;
 mod raw;
+pub mod template;
 mod values;
 
 #[cfg(test)]
@@ -45,7 +47,12 @@ pub struct Config {
     pub ipsets: Vec<DesiredSet>,
     /// Interval of the `iptables-save` / `ipset` polls (`spec.pollInterval`).
     pub poll_interval: Duration,
+    /// Objects whose values hold templates (Kubernetes mode only): not in the lists above, they
+    /// become objects when expanded against cluster facts ([`crate::desired::expand`]).
+    pub templates: Templates,
 }
+
+pub use expand::{Expanded, Pending, Templates};
 
 /// Why a config file was refused. `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +146,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`ConfigError::Empty`], [`ConfigError::Syntax`] for text that is not YAML or not shaped like a
 /// `ProtectedState` document, [`ConfigError::Invalid`] with every invalid value.
 pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
+    parse_mode(source, text, false)
+}
+
+fn parse_mode(source: &str, text: &str, kubernetes: bool) -> Result<Config, ConfigError> {
     if is_blank(text) {
         return Err(ConfigError::Empty {
             file: source.to_owned(),
@@ -155,7 +166,17 @@ pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
                 message: e.message,
             }
         })?;
-    build::build(source, text, doc).map_err(ConfigError::Invalid)
+    build::build_with(source, text, doc, kubernetes).map_err(ConfigError::Invalid)
+}
+
+/// [`parse`] for Kubernetes mode: values may hold templates (`{{ node.podCIDRs.ipv4 }}`), which
+/// are checked here and expanded later against cluster facts.
+///
+/// # Errors
+///
+/// As [`parse`]; an unknown or misplaced template is an [`ConfigError::Invalid`] field error.
+pub fn parse_kubernetes(source: &str, text: &str) -> Result<Config, ConfigError> {
+    parse_mode(source, text, true)
 }
 
 /// Only whitespace and comment lines (and a byte-order mark, which editors add unseen).

@@ -200,6 +200,9 @@ impl Builder<'_> {
                 at: item.referenced,
                 path: format!("spec.ipsets[{i}]"),
             };
+            if self.templated_ipset(&obj, &item.value, global) {
+                continue;
+            }
             if let Some(set) = self.ipset(&obj, &item.value, global) {
                 sets.push(set);
             }
@@ -301,7 +304,7 @@ impl Builder<'_> {
         })
     }
 
-    fn ipset(&mut self, obj: &Object, r: &RawIpSet, global: Mode) -> Option<DesiredSet> {
+    pub(super) fn ipset(&mut self, obj: &Object, r: &RawIpSet, global: Mode) -> Option<DesiredSet> {
         let before = self.errors.len();
         let set = self.req(&r.name, obj, "name", set_name);
         let mode = self

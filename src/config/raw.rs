@@ -69,7 +69,7 @@ pub(super) struct RawJump {
     pub position: Scalar,
 }
 
-#[derive(Debug, DeriveDeserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIpSet {
     pub name: Scalar,
@@ -82,7 +82,7 @@ pub(super) struct RawIpSet {
     pub mode: Scalar,
 }
 
-#[derive(Debug, DeriveDeserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRule {
     pub name: Scalar,
@@ -100,7 +100,7 @@ pub(super) struct RawRule {
     pub mode: Scalar,
 }
 
-#[derive(Debug, DeriveDeserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoute {
     pub name: Scalar,
@@ -120,7 +120,7 @@ pub(super) struct RawRoute {
     pub mode: Scalar,
 }
 
-#[derive(Debug, DeriveDeserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAddress {
     pub name: Scalar,

@@ -16,6 +16,7 @@ use crate::model::Mode;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 /// Repairs of one table in a row that may not converge before a chain is only reported.
@@ -42,7 +43,17 @@ pub struct GuardStats {
     pub set_reads: u64,
 }
 
+/// New chains and sets for a running guard (Kubernetes mode: a ConfigMap edit or new facts).
+#[derive(Debug)]
+pub struct GuardReload {
+    pub chains: Vec<DesiredChain>,
+    pub sets: Vec<DesiredSet>,
+    pub poll: Duration,
+    pub resync: Duration,
+}
+
 pub struct Guard {
+    choice: BackendChoice,
     backend: Backend,
     chains: Vec<DesiredChain>,
     sets: Vec<DesiredSet>,
@@ -86,13 +97,9 @@ impl Guard {
         } else {
             None
         };
-        let mut watched: HashMap<TableId, HashSet<String>> = HashMap::new();
-        for c in &chains {
-            let w = watched.entry(c.key.table_id()).or_default();
-            w.insert(c.key.chain.clone());
-            w.extend(c.jumps.iter().map(|j| j.chain.clone()));
-        }
+        let watched = watched_tables(&chains);
         let mut guard = Guard {
+            choice,
             backend,
             chains,
             sets,
@@ -135,19 +142,36 @@ impl Guard {
     }
 
     /// Runs until an unrecoverable error; with nothing to protect, never returns.
-    pub async fn run(mut self) -> Result<(), GuardError> {
-        if self.is_idle() {
+    pub async fn run(self) -> Result<(), GuardError> {
+        self.run_with(None).await
+    }
+
+    /// [`Guard::run`], also taking new chains and sets from `reloads`.
+    pub async fn run_with(
+        mut self,
+        mut reloads: Option<mpsc::Receiver<GuardReload>>,
+    ) -> Result<(), GuardError> {
+        if self.is_idle() && reloads.is_none() {
             return std::future::pending().await;
         }
-        let start = tokio::time::Instant::now();
-        let mut poll = tokio::time::interval_at(start + self.poll, self.poll);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut resync = tokio::time::interval_at(start + self.resync, self.resync);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let all: BTreeSet<TableId> = self.watched.keys().copied().collect();
+        let timer = |every: Duration| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut poll = timer(self.poll);
+        let mut resync = timer(self.resync);
+        let mut all: BTreeSet<TableId> = self.watched.keys().copied().collect();
         let mut dirty: BTreeSet<TableId> = BTreeSet::new();
         loop {
             tokio::select! {
+                Some(r) = next_reload(&mut reloads) => {
+                    self.reload(r).await?;
+                    all = self.watched.keys().copied().collect();
+                    dirty.clear();
+                    poll = timer(self.poll);
+                    resync = timer(self.resync);
+                }
                 batch = next_events(&mut self.events) => {
                     let batch = batch.map_err(GuardError::Events)?;
                     for ev in batch {
@@ -194,6 +218,43 @@ impl Guard {
                 }
             }
         }
+    }
+
+    /// New chains and sets: protect these from now on. What is no longer listed stops being
+    /// protected and is left as it is in the kernel.
+    async fn reload(&mut self, r: GuardReload) -> Result<(), GuardError> {
+        if !r.chains.is_empty() && self.chains.is_empty() && self.events.is_none() {
+            // Started with no chains: no backend was detected and no socket opened.
+            self.backend = tools::detect(self.choice).await;
+            if self.backend == Backend::Nft {
+                self.events = Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?);
+            }
+        }
+        self.chains = r.chains;
+        self.sets = r.sets;
+        self.poll = r.poll;
+        self.resync = r.resync;
+        self.watched = watched_tables(&self.chains);
+        let names: HashSet<String> = self
+            .chains
+            .iter()
+            .map(|c| c.name.clone())
+            .chain(self.sets.iter().map(|s| s.name.clone()))
+            .collect();
+        self.reported.retain(|n, _| names.contains(n));
+        self.stuck.retain(|n| names.contains(n));
+        self.known_forbidden.retain(|n, _| names.contains(n));
+        // Members may have changed with the same set text: plan every set again.
+        self.headers.clear();
+        let tables: BTreeSet<TableId> = self.watched.keys().copied().collect();
+        self.sync_tables(&tables).await;
+        self.sync_sets(true).await;
+        info!(
+            chains = self.chains.len(),
+            ipsets = self.sets.len(),
+            "chains and sets reloaded"
+        );
+        Ok(())
     }
 
     /// Reads, plans and repairs the given tables. Each repair is verified by reading again; a
@@ -442,6 +503,23 @@ impl Guard {
                 self.reported.insert(d.name.clone(), text);
             }
         }
+    }
+}
+
+fn watched_tables(chains: &[DesiredChain]) -> HashMap<TableId, HashSet<String>> {
+    let mut watched: HashMap<TableId, HashSet<String>> = HashMap::new();
+    for c in chains {
+        let w = watched.entry(c.key.table_id()).or_default();
+        w.insert(c.key.chain.clone());
+        w.extend(c.jumps.iter().map(|j| j.chain.clone()));
+    }
+    watched
+}
+
+async fn next_reload(r: &mut Option<mpsc::Receiver<GuardReload>>) -> Option<GuardReload> {
+    match r {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -42,6 +42,26 @@ pub struct Telemetry {
     ready: AtomicBool,
     ping_tx: mpsc::Sender<Ping>,
     ping_rx: Mutex<Option<mpsc::Receiver<Ping>>>,
+    /// Where repairs and fights are also told (Kubernetes mode: Events on the Node).
+    notices: Mutex<Option<mpsc::UnboundedSender<Notice>>>,
+}
+
+/// Something worth telling the cluster about (Kubernetes mode turns these into Events).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Objects put back, counted per kind (`rule`, `route`, ...), and who had removed them.
+    Restored {
+        counts: Vec<(&'static str, u64)>,
+        actor: String,
+    },
+    /// An object removed again right after each repair.
+    Contested {
+        kind: &'static str,
+        name: String,
+        actor: String,
+    },
+    /// A new config was refused; the last good one stays in force.
+    ConfigRejected { source: String, error: String },
 }
 
 impl Telemetry {
@@ -57,7 +77,20 @@ impl Telemetry {
             ready: AtomicBool::new(false),
             ping_tx,
             ping_rx: Mutex::new(Some(ping_rx)),
+            notices: Mutex::new(None),
         })
+    }
+
+    /// Also tells repairs and fights to `tx` from now on.
+    pub fn set_notices(&self, tx: mpsc::UnboundedSender<Notice>) {
+        *self.notices.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    /// Tells a notice to whoever listens (nobody outside Kubernetes mode). Never blocks.
+    pub fn notice(&self, n: Notice) {
+        if let Some(tx) = &*self.notices.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(n);
+        }
     }
 
     pub fn registry(&self) -> &Registry {

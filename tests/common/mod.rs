@@ -76,12 +76,22 @@ impl Agent {
     }
 
     pub fn start_full(ns: &Sandbox, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        let config = config.to_str().expect("UTF-8 path");
+        let args: Vec<&str> = ["--config", config]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        Agent::start_run(ns, &args, env)
+    }
+
+    /// Starts `netwarden run ARGS --netns NS` (no `--config` of its own: Kubernetes mode passes
+    /// `--configmap`) and waits until it reports its initial sync.
+    pub fn start_run(ns: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(BIN)
             .envs(env.iter().copied())
-            .args(["run", "--config"])
-            .arg(config)
+            .arg("run")
+            .args(args)
             .args(["--netns", &ns.name, "--log-level", "debug"])
-            .args(extra)
             // Any free port on the host's loopback; see Agent::http.
             .args(["--metrics-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())

@@ -1,0 +1,42 @@
+//! What the cluster tells about this node: the facts config templates refer to. Plain data, no
+//! I/O: filled from the watchers' caches (or read back from the state file) and handed to the pure
+//! expansion ([`crate::desired::expand`]).
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// Everything templates can refer to. `node: None` means the Node object has not been seen
+/// (yet): every `node.*` template is then pending.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFacts {
+    pub node: Option<NodeFacts>,
+    /// Keyed by `namespace/name`, so iteration (and thus expansion) order is stable.
+    pub services: BTreeMap<String, ServiceFacts>,
+    /// Addresses of the `default/kubernetes` EndpointSlices (the API server's endpoints).
+    pub apiserver: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFacts {
+    pub name: String,
+    pub pod_cidrs: Vec<IpNet>,
+    pub internal_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceFacts {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.type`: ClusterIP, NodePort, LoadBalancer or ExternalName.
+    pub kind: String,
+    pub labels: BTreeMap<String, String>,
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (hostname-only ingress entries carry no IP).
+    pub load_balancer_ips: Vec<IpAddr>,
+}

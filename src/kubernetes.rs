@@ -1,0 +1,119 @@
+//! `netwarden run --configmap NS/NAME`: Kubernetes mode (docs/kubernetes.md).
+
+use crate::cli::{BackendChoice, KubeArgs};
+use anyhow::Context;
+use netwarden::cluster::{self, Message};
+use netwarden::netfilter::guard::{Guard, GuardReload};
+use netwarden::{obs, reconcile};
+use std::process::ExitCode;
+use tokio::sync::mpsc;
+
+pub fn run(
+    kube: KubeArgs,
+    netns: Option<&str>,
+    backend: BackendChoice,
+    metrics_addr: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let cm = kube.configmap.context("--configmap is required")?;
+    let (namespace, name) = cm
+        .split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+        .with_context(|| format!("--configmap `{cm}`: use NAMESPACE/NAME"))?;
+    let node_name = kube
+        .node_name
+        .context("Kubernetes mode needs the node's name: --node-name or NODE_NAME")?;
+    let opts = cluster::Options {
+        kubeconfig: kube.kubeconfig,
+        node_name,
+        configmap_namespace: namespace.to_owned(),
+        configmap_name: name.to_owned(),
+        configmap_key: kube.configmap_key,
+        service_selector: kube.service_selector,
+        state_file: kube.state_file,
+        event_window: std::time::Duration::from_millis(kube.event_window_ms),
+    };
+    let telemetry = obs::Telemetry::new();
+    let listener = crate::bind_metrics(metrics_addr)?;
+    // Before entering the namespace: the Kubernetes thread and its sockets stay on the host's
+    // network, where the API server is (see src/cluster/run.rs).
+    let mut updates = cluster::spawn(opts, telemetry.clone())?;
+    let rt = crate::runtime(netns)?;
+    if let Some(listener) = listener {
+        let addr = obs::http::spawn(listener, telemetry.clone())?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
+    }
+    rt.block_on(async move {
+        let shutdown = crate::shutdown_signal();
+        tokio::pin!(shutdown);
+        // Nothing is enforced before the caches are ready or the state file says what to.
+        let first = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            m = updates.recv() => match m {
+                Some(Message::Update(u)) => u,
+                Some(Message::Fatal(e)) => return Err(anyhow::Error::new(e)),
+                None => anyhow::bail!("the Kubernetes thread stopped"),
+            },
+        };
+        let cfg = first.config.clone();
+        let ex = first.expansion;
+        let guard = Guard::start(
+            ex.chains.clone(),
+            ex.ipsets.clone(),
+            cfg.poll_interval,
+            cfg.resync,
+            backend,
+        )
+        .await?;
+        let agent = reconcile::Agent::start_with(ex.desired.clone(), cfg.resync, telemetry).await?;
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        let (guard_tx, guard_rx) = mpsc::channel(4);
+        // Fans the updates out to the two loops, each only when its part changed: a Service
+        // change that moves no rule must not make the rtnetlink loop re-read the kernel.
+        let forward = async move {
+            let (mut desired, mut chains, mut sets) = (ex.desired, ex.chains, ex.ipsets);
+            let (mut poll, mut resync) = (cfg.poll_interval, cfg.resync);
+            while let Some(m) = updates.recv().await {
+                let u = match m {
+                    Message::Update(u) => u,
+                    Message::Fatal(e) => return Err(anyhow::Error::new(e)),
+                };
+                let (c, e) = (&u.config, u.expansion);
+                if e.desired != desired || c.resync != resync {
+                    desired = e.desired.clone();
+                    let reload = obs::Reload {
+                        desired: e.desired,
+                        resync: c.resync,
+                    };
+                    if reload_tx.send(reload).await.is_err() {
+                        break;
+                    }
+                }
+                if e.chains != chains
+                    || e.ipsets != sets
+                    || c.poll_interval != poll
+                    || c.resync != resync
+                {
+                    (chains, sets) = (e.chains.clone(), e.ipsets.clone());
+                    let reload = GuardReload {
+                        chains: e.chains,
+                        sets: e.ipsets,
+                        poll: c.poll_interval,
+                        resync: c.resync,
+                    };
+                    if guard_tx.send(reload).await.is_err() {
+                        break;
+                    }
+                }
+                (poll, resync) = (c.poll_interval, c.resync);
+            }
+            anyhow::bail!("the Kubernetes thread stopped")
+        };
+        tokio::select! {
+            r = agent.run_with(shutdown.as_mut(), Some(reload_rx)) => { r?; }
+            r = guard.run_with(Some(guard_rx)) => { r?; }
+            r = forward => { r?; }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

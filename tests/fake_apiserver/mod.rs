@@ -1,0 +1,705 @@
+//! A fake Kubernetes API server for the tests and the cluster bench: plain HTTP/1.1 on the host's
+//! loopback, serving what netwarden's watchers and Event recorder use, the way kube-apiserver
+//! does it:
+//!
+//! - list with a collection `resourceVersion`, field selectors (`metadata.name`,
+//!   `metadata.namespace`) and equality label selectors (`k=v`, `k!=v`, `k`, `!k`);
+//! - watch (`?watch=true`) as a chunked stream of newline-delimited JSON events, resuming from a
+//!   resourceVersion, with `BOOKMARK` events when asked for (`allowWatchBookmarks`);
+//! - expiry: [`FakeApiServer::expire`] compacts the history and ends every open watch with an
+//!   `ERROR` event carrying a 410 Status, as etcd compaction does; resuming from an older version
+//!   gets 410 too, so the client has to relist;
+//! - create (POST) of Events, which are kept for the test to read;
+//! - [`FakeApiServer::stop`] / [`FakeApiServer::start_again`]: the server goes away and comes
+//!   back on the same port with the same objects.
+//!
+//! Every request is recorded as (verb, API group, resource), so a test can compare what the agent
+//! used with the ClusterRole in deploy/rbac.yaml.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+/// (verb, API group ("" for core), resource).
+pub type Access = (String, String, String);
+
+#[derive(Clone, Debug)]
+enum Change {
+    Event {
+        rv: u64,
+        key: Key,
+        kind: &'static str,
+        object: Value,
+    },
+    /// History compacted: every open watch ends with 410.
+    Expire,
+    Bookmark,
+}
+
+/// (group, resource, namespace, name).
+type Key = (String, String, String, String);
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    /// Every change, for watches resuming from a resourceVersion.
+    history: Vec<(u64, Key, &'static str, Value)>,
+    /// Resuming from a version below this one gets 410 Gone.
+    compacted: u64,
+    accesses: BTreeSet<Access>,
+    /// Watch requests served, for tests that wait for a relist.
+    watches: u64,
+    lists: u64,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    changes: broadcast::Sender<Change>,
+}
+
+pub struct FakeApiServer {
+    inner: Arc<Inner>,
+    pub addr: SocketAddr,
+    stop: Option<watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeApiServer {
+    /// Starts on a free port of 127.0.0.1.
+    pub fn start() -> FakeApiServer {
+        let (changes, _) = broadcast::channel(65_536);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                rv: 100,
+                ..Default::default()
+            }),
+            changes,
+        });
+        let mut s = FakeApiServer {
+            inner,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            stop: None,
+            thread: None,
+        };
+        s.serve();
+        s
+    }
+
+    fn serve(&mut self) {
+        let listener = std::net::TcpListener::bind(self.addr).expect("bind the fake API server");
+        listener.set_nonblocking(true).unwrap();
+        self.addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let inner = self.inner.clone();
+        self.thread = Some(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(accept_loop(listener, inner, stop_rx));
+        }));
+        self.stop = Some(stop_tx);
+    }
+
+    /// The server goes away: the listener closes and every connection (watches included) drops.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Back on the same port with the same objects (history compacted, as after an etcd restore:
+    /// resuming watches get 410 and relist).
+    pub fn start_again(&mut self) {
+        {
+            let mut st = self.inner.state.lock().unwrap();
+            st.compacted = st.rv + 1;
+        }
+        self.serve();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig pointing at this server.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n",
+                self.url()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Creates or replaces an object (ADDED / MODIFIED). `group` is "" for core/v1.
+    pub fn apply(&self, group: &str, resource: &str, mut object: Value) {
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_owned();
+        let key = (group.to_owned(), resource.to_owned(), ns, name.clone());
+        let mut st = self.inner.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let existed = st.objects.get(&key).cloned();
+        let uid = existed
+            .as_ref()
+            .and_then(|o| o["metadata"]["uid"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("uid-{resource}-{name}-{rv}"));
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        object["metadata"]["uid"] = json!(uid);
+        object["metadata"]["creationTimestamp"] = json!("2024-01-01T00:00:00Z");
+        let kind = if existed.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key.clone(), object.clone());
+        st.history.push((rv, key.clone(), kind, object.clone()));
+        let _ = self.inner.changes.send(Change::Event {
+            rv,
+            key,
+            kind,
+            object,
+        });
+    }
+
+    pub fn delete(&self, group: &str, resource: &str, ns: &str, name: &str) {
+        let key = (
+            group.to_owned(),
+            resource.to_owned(),
+            ns.to_owned(),
+            name.to_owned(),
+        );
+        let mut st = self.inner.state.lock().unwrap();
+        let Some(mut object) = st.objects.remove(&key) else {
+            panic!("no {resource} {ns}/{name} to delete");
+        };
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.history
+            .push((rv, key.clone(), "DELETED", object.clone()));
+        let _ = self.inner.changes.send(Change::Event {
+            rv,
+            key,
+            kind: "DELETED",
+            object,
+        });
+    }
+
+    /// Compacts the history and ends every open watch with 410 Expired.
+    pub fn expire(&self) {
+        {
+            let mut st = self.inner.state.lock().unwrap();
+            st.compacted = st.rv + 1;
+            st.history.clear();
+        }
+        let _ = self.inner.changes.send(Change::Expire);
+    }
+
+    /// Sends a BOOKMARK to every watch that asked for them.
+    pub fn bookmark(&self) {
+        let _ = self.inner.changes.send(Change::Bookmark);
+    }
+
+    /// Every (verb, group, resource) served so far.
+    pub fn accesses(&self) -> BTreeSet<Access> {
+        self.inner.state.lock().unwrap().accesses.clone()
+    }
+
+    /// (lists, watches) served so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let st = self.inner.state.lock().unwrap();
+        (st.lists, st.watches)
+    }
+
+    /// The objects of a resource (Events posted by the agent: `("", "events")`).
+    pub fn objects(&self, group: &str, resource: &str) -> Vec<Value> {
+        let st = self.inner.state.lock().unwrap();
+        st.objects
+            .iter()
+            .filter(|(k, _)| k.0 == group && k.1 == resource)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    inner: Arc<Inner>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let inner = inner.clone();
+                let stop = stop.clone();
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let inner = inner.clone();
+                        let stop = stop.clone();
+                        async move { Ok::<_, Infallible>(handle(inner, req, stop).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    }
+    // Dropping the set aborts every connection: clients see the server vanish.
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// What a request path names.
+struct Target {
+    group: String,
+    version: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+}
+
+fn target(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match parts.as_slice() {
+        ["api", v, rest @ ..] => (String::new(), v.to_string(), rest),
+        ["apis", g, v, rest @ ..] => (g.to_string(), v.to_string(), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (resource, name) = match rest {
+        [r] => (r.to_string(), None),
+        [r, n] => (r.to_string(), Some(n.to_string())),
+        _ => return None,
+    };
+    Some(Target {
+        group,
+        version,
+        namespace,
+        resource,
+        name,
+    })
+}
+
+fn kind_of(resource: &str) -> &'static str {
+    match resource {
+        "nodes" => "Node",
+        "services" => "Service",
+        "endpointslices" => "EndpointSlice",
+        "configmaps" => "ConfigMap",
+        "events" => "Event",
+        _ => "Unknown",
+    }
+}
+
+fn query(req: &Request<hyper::body::Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A label requirement: key, `Some((equals, value))` or `None` for an existence test, and
+/// whether the key must exist.
+type LabelReq = (String, Option<(bool, String)>, bool);
+
+/// Field and label selectors.
+struct Filter {
+    namespace: Option<String>,
+    fields: Vec<(String, bool, String)>,
+    labels: Vec<LabelReq>,
+}
+
+impl Filter {
+    fn parse(q: &BTreeMap<String, String>, namespace: Option<String>) -> Result<Filter, String> {
+        let mut fields = Vec::new();
+        for req in q
+            .get("fieldSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
+            if req.is_empty() {
+                continue;
+            }
+            let (k, eq, v) = if let Some((k, v)) = req.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
+                (k, true, v)
+            } else {
+                return Err(format!("invalid field selector `{req}`"));
+            };
+            if !matches!(k, "metadata.name" | "metadata.namespace") {
+                return Err(format!("field label not supported: {k}"));
+            }
+            fields.push((k.to_owned(), eq, v.to_owned()));
+        }
+        let mut labels = Vec::new();
+        for req in q
+            .get("labelSelector")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+        {
+            if req.is_empty() {
+                continue;
+            }
+            if let Some((k, v)) = req.split_once("!=") {
+                labels.push((k.to_owned(), Some((false, v.to_owned())), true));
+            } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
+                labels.push((k.to_owned(), Some((true, v.to_owned())), true));
+            } else if let Some(k) = req.strip_prefix('!') {
+                labels.push((k.to_owned(), None, false));
+            } else if req.contains([' ', '(']) {
+                return Err(format!("set-based selector not supported here: `{req}`"));
+            } else {
+                labels.push((req.to_owned(), None, true));
+            }
+        }
+        Ok(Filter {
+            namespace,
+            fields,
+            labels,
+        })
+    }
+
+    fn matches(&self, key: &Key, object: &Value) -> bool {
+        if self.namespace.as_ref().is_some_and(|ns| *ns != key.2) {
+            return false;
+        }
+        for (k, eq, v) in &self.fields {
+            let actual = if k == "metadata.name" { &key.3 } else { &key.2 };
+            if (actual == v) != *eq {
+                return false;
+            }
+        }
+        let labels = &object["metadata"]["labels"];
+        for (k, value, exists) in &self.labels {
+            let actual = labels[k].as_str();
+            let ok = match value {
+                Some((true, v)) => actual == Some(v.as_str()),
+                Some((false, v)) => actual != Some(v.as_str()),
+                None => actual.is_some() == *exists,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    req: Request<hyper::body::Incoming>,
+    stop: watch::Receiver<bool>,
+) -> Response<Body> {
+    let Some(t) = target(req.uri().path()) else {
+        return full(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", "no such path"),
+        );
+    };
+    let q = query(&req);
+    let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    let verb = match (req.method().clone(), &t.name, watching) {
+        (Method::GET, None, true) => "watch",
+        (Method::GET, None, false) => "list",
+        (Method::GET, Some(_), _) => "get",
+        (Method::POST, _, _) => "create",
+        (Method::PATCH, _, _) => "patch",
+        (Method::PUT, _, _) => "update",
+        (Method::DELETE, _, _) => "delete",
+        _ => "unknown",
+    };
+    inner.state.lock().unwrap().accesses.insert((
+        verb.to_owned(),
+        t.group.clone(),
+        t.resource.clone(),
+    ));
+    let filter = match Filter::parse(&q, t.namespace.clone()) {
+        Ok(f) => f,
+        Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e)),
+    };
+    match verb {
+        "list" => list(&inner, &t, &filter),
+        "watch" => watch_stream(inner, &t, filter, &q, stop),
+        "create" => create(&inner, t, req).await,
+        "get" => {
+            let key = (
+                t.group,
+                t.resource,
+                t.namespace.unwrap_or_default(),
+                t.name.unwrap_or_default(),
+            );
+            match inner.state.lock().unwrap().objects.get(&key) {
+                Some(o) => full(StatusCode::OK, o.clone()),
+                None => full(StatusCode::NOT_FOUND, status(404, "NotFound", "not found")),
+            }
+        }
+        _ => full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", verb),
+        ),
+    }
+}
+
+fn list(inner: &Inner, t: &Target, filter: &Filter) -> Response<Body> {
+    let mut st = inner.state.lock().unwrap();
+    st.lists += 1;
+    let items: Vec<Value> = st
+        .objects
+        .iter()
+        .filter(|(k, v)| k.0 == t.group && k.1 == t.resource && filter.matches(k, v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let api_version = if t.group.is_empty() {
+        t.version.clone()
+    } else {
+        format!("{}/{}", t.group, t.version)
+    };
+    full(
+        StatusCode::OK,
+        json!({"kind": format!("{}List", kind_of(&t.resource)), "apiVersion": api_version,
+               "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+    )
+}
+
+fn line(kind: &str, object: &Value) -> Bytes {
+    let mut s = json!({"type": kind, "object": object}).to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+fn watch_stream(
+    inner: Arc<Inner>,
+    t: &Target,
+    filter: Filter,
+    q: &BTreeMap<String, String>,
+    mut stop: watch::Receiver<bool>,
+) -> Response<Body> {
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300u64);
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    let kind = kind_of(&t.resource);
+    let api_version = if t.group.is_empty() {
+        t.version.clone()
+    } else {
+        format!("{}/{}", t.group, t.version)
+    };
+    let (group, resource) = (t.group.clone(), t.resource.clone());
+    // Subscribe and read the history under one lock: nothing falls in between.
+    let (mut live, backlog, last, expired) = {
+        let mut st = inner.state.lock().unwrap();
+        st.watches += 1;
+        let live = inner.changes.subscribe();
+        let expired = from != 0 && from < st.compacted;
+        let backlog: Vec<(u64, Key, &'static str, Value)> = st
+            .history
+            .iter()
+            .filter(|(rv, k, _, o)| {
+                *rv > from && k.0 == group && k.1 == resource && filter.matches(k, o)
+            })
+            .cloned()
+            .collect();
+        (live, backlog, st.rv, expired)
+    };
+    tokio::spawn(async move {
+        let gone = status(410, "Expired", &format!("too old resource version: {from}"));
+        if expired {
+            let _ = tx.send(line("ERROR", &gone)).await;
+            return;
+        }
+        for (_, _, k, o) in &backlog {
+            if tx.send(line(k, o)).await.is_err() {
+                return;
+            }
+        }
+        let mut seen = last;
+        let deadline = tokio::time::sleep(Duration::from_secs(timeout));
+        tokio::pin!(deadline);
+        loop {
+            let change = tokio::select! {
+                _ = &mut deadline => return,
+                _ = stop.changed() => return,
+                c = live.recv() => c,
+            };
+            let msg = match change {
+                Ok(Change::Event {
+                    rv,
+                    key,
+                    kind: k,
+                    object,
+                }) => {
+                    if rv <= seen
+                        || key.0 != group
+                        || key.1 != resource
+                        || !filter.matches(&key, &object)
+                    {
+                        continue;
+                    }
+                    seen = rv;
+                    line(k, &object)
+                }
+                Ok(Change::Bookmark) if bookmarks => {
+                    let rv = inner.state.lock().unwrap().rv;
+                    line(
+                        "BOOKMARK",
+                        &json!({"kind": kind, "apiVersion": api_version,
+                        "metadata": {"resourceVersion": rv.to_string(),
+                                     "annotations": {"k8s.io/initial-events-end": "true"}}}),
+                    )
+                }
+                Ok(Change::Bookmark) => continue,
+                Ok(Change::Expire) | Err(_) => {
+                    let _ = tx.send(line("ERROR", &gone)).await;
+                    return;
+                }
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap()
+}
+
+async fn create(inner: &Inner, t: Target, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let Ok(body) = req.into_body().collect().await else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            status(400, "BadRequest", "unreadable body"),
+        );
+    };
+    let mut object: Value = match serde_json::from_slice(&body.to_bytes()) {
+        Ok(v) => v,
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            )
+        }
+    };
+    let ns = t.namespace.clone().unwrap_or_default();
+    if object["metadata"]["name"].as_str().is_none() {
+        let prefix = object["metadata"]["generateName"]
+            .as_str()
+            .unwrap_or("x-")
+            .to_owned();
+        let n = inner.state.lock().unwrap().rv + 1;
+        object["metadata"]["name"] = json!(format!("{prefix}{n:05}"));
+    }
+    object["metadata"]["namespace"] = json!(ns);
+    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+    let key = (t.group, t.resource, ns, name);
+    let mut st = inner.state.lock().unwrap();
+    if st.objects.contains_key(&key) {
+        return full(
+            StatusCode::CONFLICT,
+            status(409, "AlreadyExists", "already exists"),
+        );
+    }
+    st.rv += 1;
+    object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+    st.objects.insert(key, object.clone());
+    full(StatusCode::CREATED, object)
+}

@@ -1,0 +1,391 @@
+//! Kubernetes mode against a fake API server (tests/fake_apiserver) on the host's loopback and a
+//! real network namespace: the agent runs with `--netns`, its Kubernetes client stays on the
+//! host's network (the watchers' thread is started before the main thread enters the namespace).
+
+mod common;
+mod fake_apiserver;
+
+use common::*;
+use fake_apiserver::FakeApiServer;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const NODE: &str = "node-1";
+const RULE: &str = "100: from 10.244.1.0/24 lookup 77";
+
+fn node(pod_cidrs: &[&str]) -> Value {
+    let mut spec = json!({});
+    if !pod_cidrs.is_empty() {
+        spec = json!({"podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs});
+    }
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
+           "spec": spec,
+           "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.1"}]}})
+}
+
+fn configmap(spec: &str) -> Value {
+    let text = format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}");
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": "netwarden", "namespace": "kube-system"},
+           "data": {"config.yaml": text}})
+}
+
+fn apiserver_slice(ips: &[&str]) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "kubernetes", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "kubernetes"}},
+           "addressType": "IPv4",
+           "endpoints": [{"addresses": ips, "conditions": {"ready": true}}],
+           "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]})
+}
+
+fn lb_service(ns: &str, name: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+           "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"],
+                    "ports": [{"port": 80, "protocol": "TCP"}]},
+           "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}})
+}
+
+/// A fake cluster with its kubeconfig and the agent's state file in a temporary directory.
+struct Cluster {
+    api: FakeApiServer,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn new(spec: &str, pod_cidrs: &[&str]) -> Cluster {
+        let api = FakeApiServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = api.kubeconfig(dir.path());
+        api.apply("", "configmaps", configmap(spec));
+        api.apply("", "nodes", node(pod_cidrs));
+        api.apply(
+            "discovery.k8s.io",
+            "endpointslices",
+            apiserver_slice(&["10.0.0.1"]),
+        );
+        Cluster {
+            api,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state/state.json")
+    }
+
+    fn agent(&self, ns: &Sandbox) -> Agent {
+        let kubeconfig = self.kubeconfig.to_str().unwrap().to_owned();
+        let state = self.state_file().to_str().unwrap().to_owned();
+        Agent::start_run(
+            ns,
+            &[
+                "--configmap",
+                "kube-system/netwarden",
+                "--kubeconfig",
+                &kubeconfig,
+                "--node-name",
+                NODE,
+                "--state-file",
+                &state,
+                "--event-window-ms",
+                "200",
+            ],
+            &[],
+        )
+    }
+
+    /// Events the agent posted: (reason, message).
+    fn events(&self) -> Vec<(String, String)> {
+        self.api
+            .objects("", "events")
+            .iter()
+            .map(|e| {
+                assert_eq!(e["involvedObject"]["kind"], "Node");
+                assert_eq!(e["involvedObject"]["name"], NODE);
+                (
+                    e["reason"].as_str().unwrap_or_default().to_owned(),
+                    e["message"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn wait_event(&self, reason: &str, needle: &str) -> String {
+        let mut found = String::new();
+        wait_until(&format!("a {reason} Event with `{needle}`"), || match self
+            .events()
+            .into_iter()
+            .find(|(r, m)| r == reason && m.contains(needle))
+        {
+            Some((_, m)) => {
+                found = m;
+                true
+            }
+            None => false,
+        });
+        found
+    }
+}
+
+const POD_RULE: &str = "  rules:\n    - name: pods-to-overlay\n      priority: 100\n      from: \"{{ node.podCIDRs.ipv4 }}\"\n      table: 77\n";
+
+fn has_rule(ns: &Sandbox, rule: &str) -> bool {
+    count(&rules(ns), rule) == 1
+}
+
+/// The (verb, group, resource) triples the ClusterRole in deploy/rbac.yaml grants.
+fn rbac_grants() -> BTreeSet<(String, String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("deploy/rbac.yaml parses");
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("a ClusterRole in deploy/rbac.yaml");
+    let mut grants = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    grants.insert((
+                        verb.as_str().unwrap().to_owned(),
+                        group.as_str().unwrap().to_owned(),
+                        resource.as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    grants
+}
+
+fn ipset_members(ns: &Sandbox, set: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ipset", "list", set])
+        .output()
+        .expect("ipset");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("Members:")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn pod_cidr_rule_follows_the_node_and_is_repaired() {
+    let ns = sandbox();
+    let c = Cluster::new(POD_RULE, &[]);
+    let mut agent = c.agent(&ns);
+    // No podCIDR yet: pending, not an error, and nothing added.
+    agent.wait_log_all(&[
+        "pending",
+        "pods-to-overlay",
+        "waiting for {{ node.podCIDRs.ipv4 }}",
+    ]);
+    assert!(!rules(&ns).iter().any(|r| r.contains("lookup 77")));
+
+    c.api
+        .apply("", "nodes", node(&["10.244.1.0/24", "fd00:10:244:1::/64"]));
+    wait_until("the podCIDR rule appears", || has_rule(&ns, RULE));
+
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "100",
+        "from",
+        "10.244.1.0/24",
+        "table",
+        "77",
+    ])
+    .unwrap();
+    wait_until("the deleted rule comes back", || has_rule(&ns, RULE));
+    // Told on the Node, aggregated.
+    let m = c.wait_event("DriftRepaired", "restored 1 rule removed by ip");
+    assert!(m.starts_with("restored 1 rule"), "{m}");
+
+    // The state file holds the config and the facts the rule came from.
+    let saved: Value = serde_json::from_slice(&std::fs::read(c.state_file()).unwrap()).unwrap();
+    assert_eq!(saved["facts"]["node"]["pod_cidrs"][0], "10.244.1.0/24");
+    assert!(saved["config"]
+        .as_str()
+        .unwrap()
+        .contains("node.podCIDRs.ipv4"));
+
+    let grants = rbac_grants();
+    let used = c.api.accesses();
+    assert!(used.is_subset(&grants), "used {used:?}, granted {grants:?}");
+}
+
+#[test]
+fn load_balancer_ips_join_the_set_but_never_the_api_server() {
+    let ns = sandbox();
+    let spec = "  ipsets:\n    - name: lb-ips\n      type: hash:ip\n      membership: exact\n      members:\n        - \"{{ services.loadBalancerIPs(type=LoadBalancer) }}\"\n      forbidden:\n        - \"{{ apiserver.endpoints }}\"\n";
+    let c = Cluster::new(spec, &["10.244.1.0/24"]);
+    let mut agent = c.agent(&ns);
+    agent.wait_log("chains and sets in sync");
+    assert_eq!(ipset_members(&ns, "lb-ips"), Vec::<String>::new());
+
+    // A Service that (as in the kube-router incident) lists the API server's own address.
+    c.api.apply(
+        "",
+        "services",
+        lb_service("kube-system", "evil", "10.0.0.1"),
+    );
+    c.api
+        .apply("", "services", lb_service("default", "web", "198.51.100.7"));
+    wait_until("the LoadBalancer IP joins the set", || {
+        ipset_members(&ns, "lb-ips") == ["198.51.100.7"]
+    });
+    agent.wait_log_all(&["pending", "`10.0.0.1` is forbidden"]);
+
+    c.api.apply(
+        "",
+        "services",
+        lb_service("default", "web2", "198.51.100.8"),
+    );
+    wait_until("a second IP joins", || {
+        ipset_members(&ns, "lb-ips").len() == 2
+    });
+    c.api.delete("", "services", "default", "web");
+    wait_until("the deleted Service's IP leaves", || {
+        ipset_members(&ns, "lb-ips") == ["198.51.100.8"]
+    });
+    // Someone adds the API server's address by hand: a forbidden member is taken out.
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "ipset", "add", "lb-ips", "10.0.0.1",
+        ])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    wait_until("the forbidden member is removed", || {
+        !ipset_members(&ns, "lb-ips").contains(&"10.0.0.1".to_owned())
+    });
+}
+
+#[test]
+fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() {
+    let ns = sandbox();
+    let first = "  rules:\n    - name: a\n      priority: 100\n      from: 10.244.1.0/24\n      table: 77\n";
+    let c = Cluster::new(first, &[]);
+    let agent = c.agent(&ns);
+    assert!(has_rule(&ns, RULE));
+
+    let second = format!(
+        "{first}    - name: b\n      priority: 101\n      from: 10.244.2.0/24\n      table: 78\n"
+    );
+    c.api.apply("", "configmaps", configmap(&second));
+    let rule_b = "101: from 10.244.2.0/24 lookup 78";
+    wait_until("the new rule is applied", || has_rule(&ns, rule_b));
+
+    // A typo: refused whole, reported, and both rules are still protected.
+    let broken = format!("{second}      tabel: 79\n");
+    c.api.apply("", "configmaps", configmap(&broken));
+    let m = c.wait_event("ConfigRejected", "unknown field `tabel`");
+    assert!(
+        m.contains("ConfigMap kube-system/netwarden key config.yaml rejected"),
+        "{m}"
+    );
+    ns.ip(&["rule", "del", "priority", "101"]).unwrap();
+    wait_until("rule b is still repaired", || has_rule(&ns, rule_b));
+    let (_, metrics) = netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
+    assert!(
+        metrics.contains("netwarden_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+
+    // Rule b removed from the config: no longer protected, and left in place.
+    c.api.apply("", "configmaps", configmap(first));
+    wait_until("the reload is logged", || {
+        agent
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("config loaded"))
+            .count()
+            >= 3
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(has_rule(&ns, rule_b), "not deleted from the host");
+    ns.ip(&["rule", "del", "priority", "101"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!has_rule(&ns, rule_b), "not protected any more");
+    assert!(has_rule(&ns, RULE));
+
+    // Every (verb, resource) the agent used is exactly what its ClusterRole grants.
+    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
+    c.wait_event("DriftRepaired", "restored 1 rule");
+    assert_eq!(c.api.accesses(), rbac_grants());
+}
+
+#[test]
+fn watch_expiry_outage_and_restart_during_the_outage() {
+    let ns = sandbox();
+    let mut c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
+    // A corrupt state file from an earlier life is reported and ignored.
+    std::fs::create_dir_all(c.state_file().parent().unwrap()).unwrap();
+    std::fs::write(c.state_file(), b"{\"version\": 1, \"config\": \"trunc").unwrap();
+    let mut agent = c.agent(&ns);
+    agent.wait_log_all(&["state file ignored", "corrupt or truncated"]);
+    wait_until("the podCIDR rule", || has_rule(&ns, RULE));
+
+    // The history is compacted: every watch gets 410 and relists; a change made meanwhile is
+    // picked up by the relist.
+    let (lists, _) = c.api.counts();
+    c.api.expire();
+    c.api.bookmark();
+    c.api.apply("", "nodes", node(&["10.244.2.0/24"]));
+    let moved = "100: from 10.244.2.0/24 lookup 77";
+    wait_until("the new podCIDR's rule", || has_rule(&ns, moved));
+    assert!(c.api.counts().0 > lists, "relisted after 410");
+
+    // The state file is written right after an update is handed to the loops (a repair never
+    // waits for the disk), so it may trail the kernel by a moment.
+    wait_until("the state file has the new podCIDR", || {
+        std::fs::read_to_string(c.state_file()).is_ok_and(|t| t.contains("10.244.2.0/24"))
+    });
+
+    // The API server goes away: enforcement goes on.
+    c.api.stop();
+    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
+    wait_until("repaired during the outage", || has_rule(&ns, moved));
+    agent.wait_log("API server unreachable");
+
+    // The agent restarts while the API server is still away: the state file carries it.
+    assert!(agent.terminate());
+    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
+    let mut agent = c.agent(&ns);
+    agent.wait_log("enforcing the last-known state from the state file");
+    assert!(
+        has_rule(&ns, moved),
+        "rules {:?}\nstate file {}\nlog:\n{}",
+        rules(&ns),
+        std::fs::read_to_string(c.state_file()).unwrap_or_default(),
+        agent.log.lock().unwrap().join("\n")
+    );
+    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
+    wait_until("repaired from the state file's state", || {
+        has_rule(&ns, moved)
+    });
+
+    // The API server is back (same port, same objects): the watches resume by themselves.
+    c.api.start_again();
+    c.api.apply("", "nodes", node(&["10.244.3.0/24"]));
+    wait_until("a change after the outage is applied", || {
+        has_rule(&ns, "100: from 10.244.3.0/24 lookup 77")
+    });
+}
