@@ -503,10 +503,34 @@ pub fn spawn(
                 Ok(()) => resolver = resolver.with_sightings(sightings),
                 Err(e) => tracing::warn!(error = %e, "cannot watch changes as they happen"),
             }
-            while let Ok(req) = rx.recv() {
-                let names = resolver.resolve(&req.ports);
-                if answers.send(Answer { id: req.id, names }).is_err() {
-                    break;
+            // Requests that queued up while a lookup ran are looked up together: during a mass
+            // repair there is one per batch of events, and each lookup reads the whole netlink
+            // socket table and may wait for sightings.
+            while let Ok(first) = rx.recv() {
+                let mut requests = vec![first];
+                requests.extend(rx.try_iter());
+                let mut ports: Vec<u32> = requests
+                    .iter()
+                    .flat_map(|r| r.ports.iter().copied())
+                    .collect();
+                ports.sort_unstable();
+                ports.dedup();
+                let names = resolver.resolve(&ports);
+                for req in requests {
+                    let mine = req
+                        .ports
+                        .iter()
+                        .filter_map(|p| Some((*p, names.get(p)?.clone())))
+                        .collect();
+                    if answers
+                        .send(Answer {
+                            id: req.id,
+                            names: mine,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
             }
         })?;
