@@ -273,6 +273,33 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
+    fn next_deadline_is_kept_without_walking_and_polls_are_spaced() {
+        let mut c: Contest<u32> = Contest::new(Backoff::default());
+        let t0 = Instant::now();
+        assert_eq!(c.next_deadline(), None);
+        for i in 0..1000u32 {
+            c.on_repaired(&i, t0 + i * MS);
+        }
+        let window = c.backoff().window;
+        assert_eq!(
+            c.next_deadline(),
+            Some(t0 + window),
+            "the earliest repair's window"
+        );
+        // The first poll forgets object 0 only; the next one is asked for no sooner than 20 ms
+        // later, although object 1's window ends 1 ms later.
+        let (due, calmed) = c.poll(t0 + window);
+        assert!(due.is_empty() && calmed.is_empty());
+        assert_eq!(c.next_deadline(), Some(t0 + window + MIN_POLL_GAP));
+        c.poll(t0 + window + MIN_POLL_GAP);
+        // Objects 0..=20 are quiet now; the exact next is object 21's window, after the gap.
+        assert_eq!(
+            c.next_deadline(),
+            Some((t0 + window + 21 * MS).max(t0 + window + 2 * MIN_POLL_GAP))
+        );
+    }
+
+    #[test]
     fn schedule_doubles_from_10ms_to_a_30s_cap() {
         let b = Backoff::default();
         let delays: Vec<u128> = (0..14).map(|l| b.delay(l).as_millis()).collect();
