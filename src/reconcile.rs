@@ -5,9 +5,10 @@
 //! address removed, a link down or gone) re-dump the routes first. A lost event (overrun) and the
 //! resync timer re-dump everything.
 
+use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome};
 use crate::desired::DesiredState;
-use crate::model::{Family, Kind, Mode};
+use crate::model::{DesiredRule, Family, Kind, Mode, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
 use crate::obs::metrics::{DriftLabels, ErrorLabels, KindLabels, ReasonLabels, RepairLabels};
@@ -56,6 +57,11 @@ struct Batch {
     /// Netlink port of the socket that sent the last change (removal or otherwise) of each
     /// protected object: the process that made it (0: the kernel).
     removed_by: HashMap<ObjectId, u32>,
+    /// Adopted rules removed in this batch, with the port of the removal: an owner's removal
+    /// is forgotten rather than repaired.
+    adopted_removed: Vec<(RuleKey, u32)>,
+    /// Rules were adopted or forgotten: the status catalog is out of date.
+    adoption_changed: bool,
 }
 
 /// Why a full refresh ran.
@@ -160,6 +166,11 @@ pub struct Agent {
     awaiting: HashMap<u64, Report>,
     next_report: u64,
     pings: Option<mpsc::Receiver<Ping>>,
+    /// Adopted rules (in `desired.rules` too), by the selector that adopted them.
+    adopted: HashMap<RuleKey, String>,
+    /// Synchronous lookups of the processes behind removals of adopted objects: the decision to
+    /// restore or forget needs the actor before the repair.
+    resolver: attribution::Resolver,
 }
 
 impl Agent {
@@ -208,6 +219,8 @@ impl Agent {
             answers,
             awaiting: HashMap::new(),
             next_report: 0,
+            adopted: HashMap::new(),
+            resolver: attribution::Resolver::default(),
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
@@ -285,7 +298,24 @@ impl Agent {
 
     /// A new config: protect what it names from now on.
     async fn reload(&mut self, reload: Reload) -> Result<(), ReconcileError> {
-        self.desired = reload.desired;
+        let old = std::mem::replace(&mut self.desired, reload.desired);
+        // Adopted rules stay protected if a selector of the new config still adopts them (also
+        // those missing right now: they are being repaired).
+        let adopted = std::mem::take(&mut self.adopted);
+        for (key, _) in adopted {
+            let Some(rule) = old.rules.get(&key) else {
+                continue;
+            };
+            if self.desired.rules.contains_key(&key) {
+                continue;
+            }
+            if let Some(sel) = adopt::select_rule(&self.desired.adopt, &key, rule.protocol) {
+                let name = sel.name.clone();
+                let r = sel.adopt_rule(&key, rule.protocol);
+                self.desired.rules.insert(key.clone(), r);
+                self.adopted.insert(key, name);
+            }
+        }
         let d = &self.desired;
         self.mirror
             .set_interest(RouteInterest::Keys(d.routes.keys().cloned().collect()));
@@ -347,6 +377,9 @@ impl Agent {
         self.stats.resyncs += 1;
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
+        if self.adopt_from_mirror() {
+            self.telemetry.set_catalog(&self.desired);
+        }
         debug!(
             reason = reason.as_str(),
             mirrored = self.mirror.len(),
@@ -402,6 +435,12 @@ impl Agent {
         }
         self.stats.events += count as u64;
         self.telemetry.metrics.events.inc_by(count as u64);
+        if !batch.adopted_removed.is_empty() {
+            self.judge_adopted_removals(&mut batch);
+        }
+        if batch.adoption_changed {
+            self.telemetry.set_catalog(&self.desired);
+        }
         if batch.overrun {
             self.stats.overruns += 1;
             self.telemetry.metrics.overruns.inc();
@@ -476,10 +515,15 @@ impl Agent {
     }
 
     /// Records what one change means for this batch.
-    fn note(&self, change: Change, port: u32, batch: &mut Batch) {
+    fn note(&mut self, change: Change, port: u32, batch: &mut Batch) {
         match change {
             Change::Rule { key, removed } => {
                 batch.appeared |= !removed;
+                if removed && self.adopted.contains_key(&key) {
+                    batch.adopted_removed.push((key.clone(), port));
+                } else if !removed && !self.desired.rules.contains_key(&key) {
+                    batch.adoption_changed |= self.adopt_rule(&key);
+                }
                 if self.desired.rules.contains_key(&key) {
                     batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
                     batch.dirty.rules.insert(key);
@@ -524,6 +568,96 @@ impl Agent {
             }
             Change::RouteAppeared => batch.appeared = true,
             Change::LinkOther | Change::Nothing => {}
+        }
+    }
+
+    /// Adopts a kernel rule the mirror holds if a selector matches it. True if adopted.
+    fn adopt_rule(&mut self, key: &RuleKey) -> bool {
+        if self.desired.adopt.is_empty() || self.desired.rules.contains_key(key) {
+            return false;
+        }
+        let protocol = match self.mirror.rules.get(key) {
+            Some(protos) => protos.first().copied().flatten(),
+            None => return false,
+        };
+        let Some(sel) = adopt::select_rule(&self.desired.adopt, key, protocol) else {
+            return false;
+        };
+        let rule: DesiredRule = sel.adopt_rule(key, protocol);
+        info!(selector = %sel.name, object = %rule.describe(), "adopted");
+        self.adopted.insert(key.clone(), sel.name.clone());
+        self.desired.rules.insert(key.clone(), rule);
+        true
+    }
+
+    /// Adopts every kernel rule a selector matches (after a dump). True if any was adopted.
+    fn adopt_from_mirror(&mut self) -> bool {
+        if self.desired.adopt.is_empty() {
+            return false;
+        }
+        let keys: Vec<RuleKey> = self
+            .mirror
+            .rules
+            .keys()
+            .filter(|k| !self.desired.rules.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut any = false;
+        for key in keys {
+            any |= self.adopt_rule(&key);
+        }
+        any
+    }
+
+    /// Decides, before any repair, which removals of adopted rules were their owners': those
+    /// are forgotten (and left out of the batch); the rest are drift like any other. One lookup
+    /// of the removing processes serves the whole batch.
+    fn judge_adopted_removals(&mut self, batch: &mut Batch) {
+        let mut ports: Vec<u32> = batch.adopted_removed.iter().map(|(_, p)| *p).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let names = self.resolver.resolve(&ports);
+        for (key, port) in std::mem::take(&mut batch.adopted_removed) {
+            // Removed and added again within the batch: still there, nothing to decide.
+            if self.mirror.rules.contains_key(&key) {
+                continue;
+            }
+            let Some(sel_name) = self.adopted.get(&key) else {
+                continue;
+            };
+            let Some(sel) = self.desired.adopt.iter().find(|s| &s.name == sel_name) else {
+                continue;
+            };
+            let name = names.get(&port).map(String::as_str);
+            let actor = match (port, name) {
+                (attribution::KERNEL_PORT, _) => Actor::Kernel,
+                (_, None) | (_, Some(attribution::UNKNOWN)) => Actor::Unknown,
+                (_, Some(n)) => Actor::Process(n),
+            };
+            let verdict = sel.decide(actor);
+            let actor_name = name.unwrap_or(attribution::UNKNOWN).to_string();
+            if verdict == Verdict::Forget {
+                info!(
+                    selector = %sel.name,
+                    actor = %actor_name,
+                    netlink_port = port,
+                    object = %key,
+                    "forgotten: removed by its owner"
+                );
+                self.adopted.remove(&key);
+                self.desired.rules.remove(&key);
+                let id = ObjectId::Rule(key.clone());
+                batch.removed_by.remove(&id);
+                batch.dirty.rules.remove(&key);
+                self.pending.remove(&id);
+                self.reported.remove(&id);
+                self.failed.remove(&id);
+                self.states.remove(&id);
+                self.contest.retain(|i| i != &id);
+                batch.adoption_changed = true;
+            } else {
+                debug!(selector = %sel.name, actor = %actor_name, object = %key, "adopted rule removed by a non-owner: drift");
+            }
         }
     }
 
