@@ -126,7 +126,7 @@ impl Builder<'_> {
             ok = false;
         }
         let name = name?;
-        ok.then(|| AdoptSelector {
+        ok.then_some(AdoptSelector {
             name,
             mode,
             rules: RuleSelector {
