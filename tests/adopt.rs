@@ -1,0 +1,264 @@
+//! Adopted state (`spec.adopt`) against the real kernel and the real agent: per-pod rules added
+//! by a process named like the AWS VPC CNI's agent are adopted as they appear; a restart of the
+//! distribution's systemd-networkd (tests/rig/networkd.rs) wipes them and they are all restored;
+//! the owner deleting one is legitimate (it stays deleted); `ip` deleting one is drift (restored).
+
+mod common;
+mod rig;
+
+use common::*;
+use rig::networkd::Networkd;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Adds and deletes rules over its own NETLINK_ROUTE socket, under the process name given by
+/// prctl(PR_SET_NAME), as the CNI's agent does. Commands on stdin, one a line:
+/// `add|del to|from IPV4 PRIORITY TABLE`; answers `ok ERRNO` (0: done).
+const OWNER: &str = r#"
+import ctypes, socket, struct, sys
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.bind((0, 0))
+def attr(t, data):
+    l = 4 + len(data)
+    return struct.pack("HH", l, t) + data + b"\0" * ((4 - l % 4) % 4)
+seq = 0
+print("ready", flush=True)
+for line in sys.stdin:
+    op, direction, ip, prio, table = line.split()
+    to = direction == "to"
+    # fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action (1: to table), flags
+    body = struct.pack("BBBBBBBBI", 2, 32 if to else 0, 0 if to else 32, 0, 0, 0, 0, 1, 0)
+    body += attr(6, struct.pack("I", int(prio))) + attr(15, struct.pack("I", int(table)))
+    body += attr(1 if to else 2, socket.inet_aton(ip))
+    kind, flags = (32, 0x605) if op == "add" else (33, 0x5)
+    seq += 1
+    s.send(struct.pack("IHHII", 16 + len(body), kind, flags, seq, 0) + body)
+    print("ok", -struct.unpack("i", s.recv(65536)[16:20])[0], flush=True)
+"#;
+
+/// The owner program, running in the namespace; killed by pid on drop.
+struct Owner {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Owner {
+    fn start(ns: &Sandbox, name: &str) -> Owner {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "python3", "-c", OWNER, name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run python3");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut owner = Owner {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(owner.line(), "ready");
+        owner
+    }
+
+    /// One answer line, bounded: a hung program fails the test instead of hanging it.
+    fn line(&mut self) -> String {
+        let pid = self.child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut l = String::new();
+                let _ = self.stdout.read_line(&mut l);
+                let _ = tx.send(l);
+            });
+            match rx.recv_timeout(WAIT) {
+                Ok(l) => l.trim().to_string(),
+                Err(_) => {
+                    // Unblocks the reader thread.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    panic!("owner program did not answer within {WAIT:?}");
+                }
+            }
+        })
+    }
+
+    /// Runs one command; returns the errno (0: done).
+    fn run(&mut self, cmd: &str) -> i32 {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        let answer = self.line();
+        answer
+            .strip_prefix("ok ")
+            .and_then(|e| e.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected answer `{answer}` to `{cmd}`"))
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pods (address, ENI table) as the VPC CNI places them.
+const PODS: [(&str, u32); 3] = [("10.1.1.20", 2), ("10.1.1.21", 2), ("10.1.2.20", 3)];
+
+const SPEC: &str = "  adopt:
+    - name: vpc-cni
+      rules:
+        family: ipv4
+        priority: 512-1536
+      owners: [aws-k8s-agent, aws-cni]
+      unknownActor: restore
+";
+
+fn to_rule(pod: &str) -> String {
+    format!("512: from all to {pod} lookup main")
+}
+
+fn from_rule(pod: &str, table: u32) -> String {
+    format!("1536: from {pod} lookup {table}")
+}
+
+fn all_present(ns: &Sandbox) -> bool {
+    let r = rules(ns);
+    PODS.iter().all(|(pod, table)| {
+        count(&r, &to_rule(pod)) == 1 && count(&r, &from_rule(pod, *table)) == 1
+    })
+}
+
+fn adopted_count(agent: &Agent) -> usize {
+    agent
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("adopted selector=vpc-cni"))
+        .count()
+}
+
+/// The owner adds each pod's pair of rules, as the CNI does when a pod starts.
+fn add_pods(owner: &mut Owner) {
+    for (pod, table) in PODS {
+        assert_eq!(owner.run(&format!("add to {pod} 512 254")), 0);
+        assert_eq!(owner.run(&format!("add from {pod} 1536 {table}")), 0);
+    }
+}
+
+/// A namespace with `veth0` <-> `veth1`, up, and networkd managing veth0.
+fn node_with_networkd() -> (Sandbox, Networkd) {
+    let ns = Sandbox::create("nw-adopt").expect("create namespace");
+    ns.ip(&[
+        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    ns.ip(&["link", "set", "veth1", "up"]).unwrap();
+    let file = "[Match]\nName=veth0\n\n[Network]\nAddress=10.200.0.1/24\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n";
+    let mut nd = Networkd::new(&ns.name, &[("10-veth0.network", file)]).expect("networkd rig");
+    nd.start_dbus().expect("dbus-daemon");
+    nd.start().expect("start networkd");
+    nd.wait_configured("veth0")
+        .expect("networkd configures veth0");
+    (ns, nd)
+}
+
+#[test]
+fn adopted_rules_survive_networkd_owner_deletions_are_kept_others_repaired() {
+    let (ns, mut nd) = node_with_networkd();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), SPEC);
+    let mut agent = Agent::start(&ns, &cfg);
+    agent.wait_log("initial sync done");
+
+    let mut owner = Owner::start(&ns, "aws-k8s-agent");
+    add_pods(&mut owner);
+    assert!(all_present(&ns), "{:?}", rules(&ns));
+    wait_until("every per-pod rule adopted", || {
+        adopted_count(&agent) == 2 * PODS.len()
+    });
+    // A rule outside the selector is not adopted (nor protected).
+    ns.ip(&[
+        "rule", "add", "priority", "2000", "from", "10.9.9.9", "table", "9",
+    ])
+    .unwrap();
+
+    // networkd restart: it removes every foreign rule; all adopted ones come back.
+    nd.restart().expect("restart networkd");
+    nd.wait_configured("veth0").unwrap();
+    let removed = nd.log_lines("Removing foreign routing policy rule");
+    assert!(
+        PODS.iter()
+            .all(|(pod, _)| removed.iter().any(|l| l.contains(&format!("{pod}/32")))),
+        "networkd did not remove the per-pod rules: {removed:?}"
+    );
+    wait_until("adopted rules restored after the networkd restart", || {
+        all_present(&ns)
+    });
+    agent.wait_log_all(&["restored", "systemd-network"]);
+    assert_eq!(
+        count(&rules(&ns), "2000: from 10.9.9.9 lookup 9"),
+        0,
+        "a rule no selector adopts is not restored"
+    );
+
+    // The owner deletes a pod's rules (the pod went away): they stay deleted.
+    let (gone, gone_table) = PODS[2];
+    assert_eq!(owner.run(&format!("del from {gone} 1536 {gone_table}")), 0);
+    assert_eq!(owner.run(&format!("del to {gone} 512 254")), 0);
+    agent.wait_log_all(&["forgotten", "aws-k8s-agent"]);
+    agent.wait_log_all(&["forgotten", "aws-k8s-agent"]);
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        let r = rules(&ns);
+        assert_eq!(
+            count(&r, &from_rule(gone, gone_table)),
+            0,
+            "restored: {r:?}"
+        );
+        assert_eq!(count(&r, &to_rule(gone)), 0, "restored: {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Someone else (`ip`) deletes another pod's rule: drift, restored.
+    let (pod, table) = PODS[0];
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "1536",
+        "from",
+        pod,
+        "table",
+        &table.to_string(),
+    ])
+    .unwrap();
+    wait_until("rule deleted by ip restored", || {
+        count(&rules(&ns), &from_rule(pod, table)) == 1
+    });
+    // And the owner's forgotten rules are still gone after all that.
+    let r = rules(&ns);
+    assert_eq!(count(&r, &from_rule(gone, gone_table)), 0, "{r:?}");
+
+    // The owner adds the pod back: adopted again.
+    let before = adopted_count(&agent);
+    assert_eq!(owner.run(&format!("add to {gone} 512 254")), 0);
+    wait_until("re-added rule adopted again", || {
+        adopted_count(&agent) == before + 1
+    });
+    ns.ip(&[
+        "rule", "del", "priority", "512", "to", gone, "table", "main",
+    ])
+    .unwrap();
+    wait_until("re-adopted rule restored", || {
+        count(&rules(&ns), &to_rule(gone)) == 1
+    });
+}
