@@ -63,6 +63,10 @@ pub enum Command {
         /// Default 0.0.0.0:10370 (if that port is taken, the agent runs without them).
         #[arg(long, env = "NETWARDEN_METRICS_ADDR")]
         metrics_addr: Option<String>,
+        /// Where the rules adopted through `spec.adopt` are kept across restarts (written
+        /// atomically). Without it, adopted rules are protected only while the agent runs.
+        #[arg(long, value_name = "PATH")]
+        adopted_state: Option<PathBuf>,
     },
     /// Ask a running agent for the state of each protected object and its last repair.
     Status {

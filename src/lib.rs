@@ -5,6 +5,7 @@
 //! mirror fed by rtnetlink), [`apply`] (pipelined rtnetlink requests), [`reconcile`] (the loop).
 
 pub mod adopt;
+pub mod adopted_state;
 pub mod apply;
 pub mod check;
 pub mod cluster;

@@ -171,6 +171,8 @@ pub struct Agent {
     /// Synchronous lookups of the processes behind removals of adopted objects: the decision to
     /// restore or forget needs the actor before the repair.
     resolver: attribution::Resolver,
+    /// Writes the adopted rules to the adopted-state file, when there is one.
+    store: Option<crate::adopted_state::Writer>,
 }
 
 impl Agent {
@@ -186,6 +188,44 @@ impl Agent {
         resync: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Result<Agent, ReconcileError> {
+        Agent::start_adopting(desired, resync, telemetry, None).await
+    }
+
+    /// [`Agent::start_with`], keeping the rules adopted through `spec.adopt` in `adopted_state`
+    /// (read at start: they are protected at once, also those removed while the agent was down).
+    pub async fn start_adopting(
+        mut desired: DesiredState,
+        resync: Duration,
+        telemetry: Arc<Telemetry>,
+        adopted_state: Option<std::path::PathBuf>,
+    ) -> Result<Agent, ReconcileError> {
+        let mut adopted = HashMap::new();
+        let mut store = None;
+        if let Some(path) = adopted_state {
+            match crate::adopted_state::read(&path) {
+                Ok(saved) => {
+                    for r in saved.rules {
+                        if desired.rules.contains_key(&r.key) {
+                            continue;
+                        }
+                        let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
+                            continue;
+                        };
+                        if sel.rules.matches(&r.key, r.protocol) {
+                            let rule = sel.adopt_rule(&r.key, r.protocol);
+                            adopted.insert(r.key.clone(), sel.name.clone());
+                            desired.rules.insert(r.key, rule);
+                        }
+                    }
+                    info!(path = %path.display(), rules = adopted.len(), "adopted state read");
+                }
+                Err(e) => error!(error = %e, "adopted-state file ignored"),
+            }
+            match crate::adopted_state::Writer::spawn(path) {
+                Ok(w) => store = Some(w),
+                Err(e) => error!(error = %e, "cannot start the adopted-state writer"),
+            }
+        }
         let applier = Applier::open().map_err(ObserveError::Socket)?;
         let events = kernel::subscribe(Some(applier.port()))?;
         let handle = kernel::connect()?;
@@ -219,8 +259,9 @@ impl Agent {
             answers,
             awaiting: HashMap::new(),
             next_report: 0,
-            adopted: HashMap::new(),
+            adopted,
             resolver: attribution::Resolver::default(),
+            store,
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
@@ -325,6 +366,7 @@ impl Agent {
         self.states.retain(|id, _| protects(d, id));
         self.contest.retain(|id| protects(d, id));
         self.telemetry.set_catalog(d);
+        self.save_adopted();
         self.full_resync(ResyncReason::ConfigChange).await
     }
 
@@ -377,8 +419,9 @@ impl Agent {
         self.stats.resyncs += 1;
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
-        if self.adopt_from_mirror() {
+        if self.adopt_from_mirror() || reason == ResyncReason::Start {
             self.telemetry.set_catalog(&self.desired);
+            self.save_adopted();
         }
         debug!(
             reason = reason.as_str(),
@@ -440,6 +483,7 @@ impl Agent {
         }
         if batch.adoption_changed {
             self.telemetry.set_catalog(&self.desired);
+            self.save_adopted();
         }
         if batch.overrun {
             self.stats.overruns += 1;
@@ -569,6 +613,29 @@ impl Agent {
             Change::RouteAppeared => batch.appeared = true,
             Change::LinkOther | Change::Nothing => {}
         }
+    }
+
+    /// Hands the adopted rules to the adopted-state writer (its thread does the disk work).
+    fn save_adopted(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let mut rules: Vec<crate::adopted_state::AdoptedRule> = self
+            .adopted
+            .iter()
+            .filter_map(|(key, selector)| {
+                Some(crate::adopted_state::AdoptedRule {
+                    selector: selector.clone(),
+                    key: key.clone(),
+                    protocol: self.desired.rules.get(key)?.protocol,
+                })
+            })
+            .collect();
+        rules.sort_by(|a, b| a.key.cmp(&b.key));
+        store.save(crate::adopted_state::AdoptedState {
+            version: crate::adopted_state::VERSION,
+            rules,
+        });
     }
 
     /// Adopts a kernel rule the mirror holds if a selector matches it. True if adopted.

@@ -1,0 +1,160 @@
+//! The adopted-state file (`run --adopted-state PATH`): the rules adopted through `spec.adopt`,
+//! so that after an agent restart they are protected at once, also those someone removed while
+//! the agent was down. Written atomically by a thread of its own (the loop never waits for a
+//! disk); a file that cannot be read is reported and ignored.
+
+use crate::model::RuleKey;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use thiserror::Error;
+
+/// Bumped when the format changes incompatibly.
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedRule {
+    /// The `spec.adopt` selector that adopted it.
+    pub selector: String,
+    pub key: RuleKey,
+    pub protocol: Option<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedState {
+    pub version: u32,
+    pub rules: Vec<AdoptedRule>,
+}
+
+#[derive(Debug, Error)]
+pub enum AdoptedStateError {
+    #[error("adopted-state file {path}: cannot read it: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("adopted-state file {path}: corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "adopted-state file {path}: format version {found}, this agent reads version {VERSION}"
+    )]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// Reads the file; an empty state when there is none.
+pub fn read(path: &Path) -> Result<AdoptedState, AdoptedStateError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AdoptedState::default()),
+        Err(source) => {
+            return Err(AdoptedStateError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let state: AdoptedState =
+        serde_json::from_slice(&bytes).map_err(|source| AdoptedStateError::Corrupt {
+            path: path.to_owned(),
+            source,
+        })?;
+    if state.version != VERSION {
+        return Err(AdoptedStateError::Version {
+            path: path.to_owned(),
+            found: state.version,
+        });
+    }
+    Ok(state)
+}
+
+/// Writes snapshots on a thread of its own; only the newest of those queued is written.
+#[derive(Debug)]
+pub struct Writer {
+    tx: mpsc::Sender<AdoptedState>,
+}
+
+impl Writer {
+    pub fn spawn(path: PathBuf) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel::<AdoptedState>();
+        std::thread::Builder::new()
+            .name("nw-adopted-state".into())
+            .spawn(move || {
+                while let Ok(mut state) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        state = newer;
+                    }
+                    let json = match serde_json::to_vec_pretty(&state) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode the adopted state");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = crate::cluster::statefile::write_atomic(&path, &json) {
+                        tracing::error!(path = %path.display(), error = %e, "cannot write the adopted-state file");
+                    }
+                }
+            })?;
+        Ok(Writer { tx })
+    }
+
+    pub fn save(&self, state: AdoptedState) {
+        let _ = self.tx.send(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Family, RuleAction};
+
+    #[test]
+    fn round_trip_and_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adopted.json");
+        assert_eq!(read(&path).unwrap(), AdoptedState::default(), "no file");
+        let state = AdoptedState {
+            version: VERSION,
+            rules: vec![AdoptedRule {
+                selector: "vpc-cni".into(),
+                key: RuleKey::new(
+                    Family::Ipv4,
+                    1536,
+                    Some("10.1.1.20/32".parse().unwrap()),
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    2,
+                    RuleAction::Lookup,
+                ),
+                protocol: Some(4),
+            }],
+        };
+        let w = Writer::spawn(path.clone()).unwrap();
+        w.save(state.clone());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while read(&path).map(|s| s.rules.is_empty()).unwrap_or(true) {
+            assert!(std::time::Instant::now() < deadline, "not written");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(read(&path).unwrap(), state);
+
+        std::fs::write(&path, b"{\"version\": 1, \"rules\": [").unwrap();
+        assert!(matches!(
+            read(&path),
+            Err(AdoptedStateError::Corrupt { .. })
+        ));
+        std::fs::write(&path, b"{\"version\": 9, \"rules\": []}").unwrap();
+        assert!(matches!(
+            read(&path),
+            Err(AdoptedStateError::Version { found: 9, .. })
+        ));
+    }
+}
