@@ -262,3 +262,81 @@ fn adopted_rules_survive_networkd_owner_deletions_are_kept_others_repaired() {
         count(&rules(&ns), &to_rule(gone)) == 1
     });
 }
+
+#[test]
+fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), SPEC);
+    let state = dir.path().join("adopted.json");
+    let state_arg = state.to_str().unwrap();
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut owner = Owner::start(&ns, "aws-k8s-agent");
+    add_pods(&mut owner);
+    wait_until("every per-pod rule adopted", || {
+        adopted_count(&agent) == 2 * PODS.len()
+    });
+    wait_until("adopted-state file written", || {
+        netwarden::adopted_state::read(&state)
+            .map(|s| s.rules.len() == 2 * PODS.len())
+            .unwrap_or(false)
+    });
+    let http = agent.http();
+    let st = rig::status(&http);
+    let adopted: Vec<_> = st
+        .objects
+        .iter()
+        .filter(|o| o.origin == "adopted")
+        .collect();
+    assert_eq!(adopted.len(), 2 * PODS.len(), "{st:#?}");
+    assert!(adopted
+        .iter()
+        .all(|o| o.name.starts_with("adopted:vpc-cni/")));
+    rig::wait_scrape(&http, "adopted objects gauge", WAIT, |t| {
+        rig::sample(
+            t,
+            "netwarden_protected_objects_by_origin",
+            &[("kind", "rule"), ("origin", "adopted")],
+        ) == Some(2.0 * PODS.len() as f64)
+    });
+    assert!(agent.terminate(), "agent exits cleanly");
+    drop(agent);
+
+    // While the agent is down, a pod's rule goes (not by its owner).
+    let (pod, table) = PODS[1];
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "1536",
+        "from",
+        pod,
+        "table",
+        &table.to_string(),
+    ])
+    .unwrap();
+    assert_eq!(count(&rules(&ns), &from_rule(pod, table)), 0);
+
+    // Restarted, the agent knows it from the file and puts it back at its initial sync.
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
+    agent.wait_log_all(&["adopted state read", "rules=6"]);
+    assert!(all_present(&ns), "{:?}", rules(&ns));
+
+    // Without the file it would not have been restored: a fresh agent does not know it.
+    drop(agent);
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "1536",
+        "from",
+        pod,
+        "table",
+        &table.to_string(),
+    ])
+    .unwrap();
+    let agent = Agent::start(&ns, &cfg);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count(&rules(&ns), &from_rule(pod, table)), 0);
+    drop(agent);
+}
