@@ -3,7 +3,8 @@
 //! forgotten when one of their owners removes them. Pure: selector matching and the
 //! restore-or-forget decision; the loop does the I/O.
 
-use crate::model::{DesiredRule, Family, Mode, RuleKey};
+use crate::model::route::ObservedRoute;
+use crate::model::{DesiredRoute, DesiredRule, Family, Mode, RouteKey, RuleKey};
 
 /// What to do with an adopted object removed by a process that could not be identified.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,12 +29,47 @@ pub struct RuleSelector {
     pub protocols: Vec<u8>,
 }
 
+/// Which routes a selector adopts; every criterion given must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteSelector {
+    pub family: Option<Family>,
+    pub table: Option<Range>,
+    /// Protocols the route may carry (empty: any).
+    pub protocols: Vec<u8>,
+    /// Device name, exact or a prefix ending in `*` (`eni*`).
+    pub device: Option<String>,
+}
+
+impl RouteSelector {
+    /// Does a kernel route (on device `device`, if it has one) fall under the selector?
+    /// Multipath routes are never adopted: they cannot be restored as seen.
+    pub fn matches(&self, key: &RouteKey, route: &ObservedRoute, device: Option<&str>) -> bool {
+        !route.multipath
+            && self.family.is_none_or(|f| f == key.family)
+            && within(self.table, key.table)
+            && (self.protocols.is_empty() || self.protocols.contains(&route.protocol))
+            && self
+                .device
+                .as_deref()
+                .is_none_or(|pattern| device.is_some_and(|d| device_matches(pattern, d)))
+    }
+}
+
+/// `eni*` matches every name starting with `eni`; anything else matches itself.
+pub fn device_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
 /// One `spec.adopt` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdoptSelector {
     pub name: String,
     pub mode: Mode,
-    pub rules: RuleSelector,
+    pub rules: Option<RuleSelector>,
+    pub routes: Option<RouteSelector>,
     /// Command names (as in /proc/PID/comm, at most 15 bytes) whose removals are legitimate.
     pub owners: Vec<String>,
     pub unknown_actor: UnknownActor,
@@ -103,6 +139,28 @@ impl AdoptSelector {
         }
     }
 
+    /// The desired route an adopted kernel route becomes: exactly what was seen.
+    pub fn adopt_route(
+        &self,
+        key: &RouteKey,
+        route: &ObservedRoute,
+        device: Option<&str>,
+    ) -> DesiredRoute {
+        DesiredRoute {
+            name: format!("{ADOPTED_PREFIX}{}/{}", self.name, key.destination),
+            mode: self.mode,
+            key: key.clone(),
+            kind: route.kind,
+            gateway: route.gateway,
+            device: device.map(str::to_owned),
+            prefsrc: route.prefsrc,
+            scope: Some(route.scope),
+            protocol: Some(route.protocol),
+            onlink: route.onlink,
+            mtu: route.mtu,
+        }
+    }
+
     /// Names of adopted objects say where they come from: `adopted:<selector>/<priority>`.
     fn object_name(&self, key: &RuleKey) -> String {
         format!("{ADOPTED_PREFIX}{}/{}", self.name, key.priority)
@@ -127,7 +185,33 @@ pub fn select_rule<'a>(
     key: &RuleKey,
     protocol: Option<u8>,
 ) -> Option<&'a AdoptSelector> {
-    selectors.iter().find(|s| s.rules.matches(key, protocol))
+    selectors
+        .iter()
+        .find(|s| s.rules.as_ref().is_some_and(|r| r.matches(key, protocol)))
+}
+
+/// The first selector that adopts a kernel route.
+pub fn select_route<'a>(
+    selectors: &'a [AdoptSelector],
+    key: &RouteKey,
+    route: &ObservedRoute,
+    device: Option<&str>,
+) -> Option<&'a AdoptSelector> {
+    selectors.iter().find(|s| {
+        s.routes
+            .as_ref()
+            .is_some_and(|r| r.matches(key, route, device))
+    })
+}
+
+/// Tables whose routes the mirror must keep so that route selectors see them (a selector
+/// without a table range: all of them).
+pub fn route_tables(selectors: &[AdoptSelector]) -> Vec<Range> {
+    selectors
+        .iter()
+        .filter_map(|s| s.routes.as_ref())
+        .map(|r| r.table.unwrap_or((0, u32::MAX)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -154,12 +238,13 @@ mod tests {
         AdoptSelector {
             name: "vpc-cni".into(),
             mode: Mode::Enforce,
-            rules: RuleSelector {
+            rules: Some(RuleSelector {
                 family: Some(Family::Ipv4),
                 priority: Some((512, 1536)),
                 table: None,
                 protocols: vec![],
-            },
+            }),
+            routes: None,
             owners: vec!["aws-k8s-agent".into(), "aws-cni".into()],
             unknown_actor: policy,
         }
@@ -167,14 +252,14 @@ mod tests {
 
     #[test]
     fn rules_match_by_priority_table_protocol_family() {
-        let s = vpc(UnknownActor::Restore);
-        assert!(s.rules.matches(&rule(512, 254), None));
-        assert!(s.rules.matches(&rule(1536, 2), Some(3)));
-        assert!(!s.rules.matches(&rule(511, 254), None));
-        assert!(!s.rules.matches(&rule(1537, 254), None));
+        let s = vpc(UnknownActor::Restore).rules.unwrap();
+        assert!(s.matches(&rule(512, 254), None));
+        assert!(s.matches(&rule(1536, 2), Some(3)));
+        assert!(!s.matches(&rule(511, 254), None));
+        assert!(!s.matches(&rule(1537, 254), None));
         let mut v6 = rule(512, 254);
         v6.family = Family::Ipv6;
-        assert!(!s.rules.matches(&v6, None), "family");
+        assert!(!s.matches(&v6, None), "family");
 
         let t = RuleSelector {
             table: Some((2, 10)),
@@ -196,7 +281,7 @@ mod tests {
         let a = vpc(UnknownActor::Restore);
         let mut b = vpc(UnknownActor::Forget);
         b.name = "all".into();
-        b.rules = RuleSelector::default();
+        b.rules = Some(RuleSelector::default());
         let sels = [a, b];
         assert_eq!(
             select_rule(&sels, &rule(512, 254), None).unwrap().name,
@@ -207,6 +292,71 @@ mod tests {
             "all"
         );
         assert!(select_rule(&sels[..1], &rule(32000, 254), None).is_none());
+    }
+
+    fn observed(protocol: u8, multipath: bool) -> ObservedRoute {
+        ObservedRoute {
+            kind: crate::model::RouteType::Unicast,
+            gateway: Some("10.1.1.1".parse().unwrap()),
+            oif: Some(3),
+            prefsrc: None,
+            scope: 0,
+            protocol,
+            onlink: false,
+            mtu: None,
+            multipath,
+        }
+    }
+
+    #[test]
+    fn routes_match_by_table_protocol_device() {
+        let key = |table| RouteKey::new(Family::Ipv4, table, "10.9.0.0/16".parse().unwrap(), None);
+        let s = RouteSelector {
+            family: None,
+            table: Some((2, 10)),
+            protocols: vec![4],
+            device: Some("eni*".into()),
+        };
+        assert!(s.matches(&key(2), &observed(4, false), Some("eni1")));
+        assert!(
+            !s.matches(&key(11), &observed(4, false), Some("eni1")),
+            "table"
+        );
+        assert!(
+            !s.matches(&key(2), &observed(3, false), Some("eni1")),
+            "protocol"
+        );
+        assert!(
+            !s.matches(&key(2), &observed(4, false), Some("eth0")),
+            "device"
+        );
+        assert!(!s.matches(&key(2), &observed(4, false), None), "no device");
+        assert!(
+            !s.matches(&key(2), &observed(4, true), Some("eni1")),
+            "multipath"
+        );
+        assert!(device_matches("eth0", "eth0") && !device_matches("eth0", "eth01"));
+
+        let mut sel = vpc(UnknownActor::Restore);
+        sel.routes = Some(s);
+        let d = sel.adopt_route(&key(2), &observed(4, false), Some("eni1"));
+        assert_eq!(d.device.as_deref(), Some("eni1"));
+        assert_eq!(d.protocol, Some(4));
+        assert_eq!(d.gateway, Some("10.1.1.1".parse().unwrap()));
+        assert!(
+            d.matches(&observed(4, false), Some(3)),
+            "restored exactly as seen"
+        );
+        assert_eq!(origin(&d.name), "adopted");
+        assert_eq!(route_tables(std::slice::from_ref(&sel)), vec![(2, 10)]);
+        assert!(select_route(
+            std::slice::from_ref(&sel),
+            &key(3),
+            &observed(4, false),
+            Some("eni2")
+        )
+        .is_some());
+        assert!(select_rule(std::slice::from_ref(&sel), &rule(9, 9), None).is_none());
     }
 
     #[test]

@@ -211,7 +211,11 @@ impl Agent {
                         let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
                             continue;
                         };
-                        if sel.rules.matches(&r.key, r.protocol) {
+                        if sel
+                            .rules
+                            .as_ref()
+                            .is_some_and(|s| s.matches(&r.key, r.protocol))
+                        {
                             let rule = sel.adopt_rule(&r.key, r.protocol);
                             adopted.insert(r.key.clone(), sel.name.clone());
                             desired.rules.insert(r.key, rule);

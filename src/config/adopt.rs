@@ -1,10 +1,11 @@
 //! `spec.adopt`: selectors of kernel objects protected as they are seen, and their owners.
 
 use super::build::{Builder, Object};
-use super::raw::{RawAdopt, RawSpec};
+use super::raw::{RawAdopt, RawRouteSelector, RawRuleSelector, RawSpec};
 use super::values;
-use crate::adopt::{AdoptSelector, Range, RuleSelector, UnknownActor};
+use crate::adopt::{AdoptSelector, Range, RouteSelector, RuleSelector, UnknownActor};
 use crate::model::Mode;
+use serde_saphyr::Spanned;
 
 /// An inclusive range `lo-hi`, or one number; `parse` checks each bound.
 fn range(s: &str, parse: impl Fn(&str) -> Result<u32, String>) -> Result<Range, String> {
@@ -86,59 +87,137 @@ impl Builder<'_> {
             );
             owners_ok = false;
         }
-        let Some(raw_rules) = &a.rules else {
+        if a.rules.is_none() && a.routes.is_none() {
             self.error(
                 obj.at,
-                obj.field("rules"),
-                "is required: say which rules to adopt (priority, table, protocols, family)",
+                obj.path.clone(),
+                "adopts nothing: give `rules` (priority, table, protocols, family) or `routes` (table, protocols, device, family)",
             );
             return None;
-        };
-        let rpath = obj.field("rules");
-        let r = &raw_rules.value;
-        let family = self.opt(&r.family, format!("{rpath}.family"), values::family);
-        let prio = self.opt(&r.priority, format!("{rpath}.priority"), |s| {
-            range(s, priority)
-        });
-        let table = self.opt(&r.table, format!("{rpath}.table"), |s| {
-            range(s, values::table)
-        });
-        let mut protocols = Vec::new();
-        let mut protocols_ok = true;
-        for (j, p) in r.protocols.iter().flatten().enumerate() {
-            match self.opt(p, format!("{rpath}.protocols[{j}]"), values::protocol) {
-                Some(p) => protocols.push(p),
-                None => protocols_ok = false,
+        }
+        let mut ok = owners_ok;
+        let rules = match &a.rules {
+            None => None,
+            Some(raw) => {
+                let r = self.rule_selector(obj, raw);
+                ok &= r.is_some();
+                r
             }
-        }
-        let mut ok = owners_ok
-            && protocols_ok
-            && (r.family.is_none() || family.is_some())
-            && (r.priority.is_none() || prio.is_some())
-            && (r.table.is_none() || table.is_some());
-        if r.family.is_none() && r.priority.is_none() && r.table.is_none() && protocols.is_empty() {
-            // Adopting every rule would also protect what the owner of the host set up.
-            self.error(
-                raw_rules.referenced,
-                rpath,
-                "selects every rule: give at least one of priority, table, protocols",
-            );
-            ok = false;
-        }
+        };
+        let routes = match &a.routes {
+            None => None,
+            Some(raw) => {
+                let r = self.route_selector(obj, raw);
+                ok &= r.is_some();
+                r
+            }
+        };
         let name = name?;
         ok.then_some(AdoptSelector {
             name,
             mode,
-            rules: RuleSelector {
-                family,
-                priority: prio,
-                table,
-                protocols,
-            },
+            rules,
+            routes,
             owners,
             unknown_actor: unknown,
         })
     }
+
+    fn protocols(&mut self, list: &Option<Vec<super::raw::Scalar>>, path: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (j, p) in list.iter().flatten().enumerate() {
+            match self.opt(p, format!("{path}.protocols[{j}]"), values::protocol) {
+                Some(p) => out.push(p),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn rule_selector(
+        &mut self,
+        obj: &Object,
+        raw: &Spanned<RawRuleSelector>,
+    ) -> Option<RuleSelector> {
+        let path = obj.field("rules");
+        let r = &raw.value;
+        let family = self.opt(&r.family, format!("{path}.family"), values::family);
+        let prio = self.opt(&r.priority, format!("{path}.priority"), |s| {
+            range(s, priority)
+        });
+        let table = self.opt(&r.table, format!("{path}.table"), |s| {
+            range(s, values::table)
+        });
+        let protocols = self.protocols(&r.protocols, &path);
+        let mut ok = protocols.is_some()
+            && (r.family.is_none() || family.is_some())
+            && (r.priority.is_none() || prio.is_some())
+            && (r.table.is_none() || table.is_some());
+        if r.priority.is_none()
+            && r.table.is_none()
+            && r.protocols.as_ref().is_none_or(Vec::is_empty)
+        {
+            // Adopting every rule would also protect what the owner of the host set up.
+            self.error(
+                raw.referenced,
+                path,
+                "selects every rule: give at least one of priority, table, protocols",
+            );
+            ok = false;
+        }
+        ok.then(|| RuleSelector {
+            family,
+            priority: prio,
+            table,
+            protocols: protocols.unwrap_or_default(),
+        })
+    }
+
+    fn route_selector(
+        &mut self,
+        obj: &Object,
+        raw: &Spanned<RawRouteSelector>,
+    ) -> Option<RouteSelector> {
+        let path = obj.field("routes");
+        let r = &raw.value;
+        let family = self.opt(&r.family, format!("{path}.family"), values::family);
+        let table = self.opt(&r.table, format!("{path}.table"), |s| {
+            range(s, values::table)
+        });
+        let device = self.opt(&r.device, format!("{path}.device"), device_pattern);
+        let protocols = self.protocols(&r.protocols, &path);
+        let mut ok = protocols.is_some()
+            && (r.family.is_none() || family.is_some())
+            && (r.table.is_none() || table.is_some())
+            && (r.device.is_none() || device.is_some());
+        if r.table.is_none() {
+            // The mirror keeps only the routes of these tables (a node may hold a full BGP table).
+            self.error(
+                raw.referenced,
+                format!("{path}.table"),
+                "is required: the tables whose routes may be adopted (a number, a name or a range such as 2-100)",
+            );
+            ok = false;
+        }
+        ok.then(|| RouteSelector {
+            family,
+            table,
+            protocols: protocols.unwrap_or_default(),
+            device,
+        })
+    }
+}
+
+/// An interface name, or a prefix of one followed by `*`.
+fn device_pattern(s: &str) -> Result<String, String> {
+    let name = s.strip_suffix('*').unwrap_or(s);
+    if name.is_empty() && s == "*" {
+        return Err("`*` matches every device: leave `device` out instead".into());
+    }
+    values::ifname(name)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{e} (a prefix may end in `*`: `eni*`)"))
 }
 
 #[cfg(test)]
@@ -164,5 +243,9 @@ mod tests {
         assert!(owner("").is_err());
         assert_eq!(unknown_actor("forget"), Ok(UnknownActor::Forget));
         assert!(unknown_actor("keep").is_err());
+        assert_eq!(device_pattern("eni*").as_deref(), Ok("eni*"));
+        assert_eq!(device_pattern("eth0").as_deref(), Ok("eth0"));
+        assert!(device_pattern("*").is_err());
+        assert!(device_pattern("a/b*").is_err());
     }
 }

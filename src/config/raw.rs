@@ -55,9 +55,19 @@ pub(super) struct RawAdopt {
     pub name: Scalar,
     pub mode: Scalar,
     pub rules: Option<Spanned<RawRuleSelector>>,
+    pub routes: Option<Spanned<RawRouteSelector>>,
     pub owners: Option<Vec<Scalar>>,
     #[serde(rename = "unknownActor")]
     pub unknown_actor: Scalar,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteSelector {
+    pub family: Scalar,
+    pub table: Scalar,
+    pub protocols: Option<Vec<Scalar>>,
+    pub device: Scalar,
 }
 
 #[derive(Debug, DeriveDeserialize)]

@@ -865,14 +865,14 @@ fn adopt_selectors_are_parsed() {
         panic!("two selectors expected: {:?}", c.adopt);
     };
     assert_eq!(vpc.name, "vpc-cni");
-    assert_eq!(vpc.rules.family, Some(Family::Ipv4));
-    assert_eq!(vpc.rules.priority, Some((512, 1536)));
-    assert_eq!(vpc.rules.table, Some((2, 254)));
-    assert_eq!(vpc.rules.protocols, vec![3, 4]);
+    assert_eq!(vpc.rules.as_ref().unwrap().family, Some(Family::Ipv4));
+    assert_eq!(vpc.rules.as_ref().unwrap().priority, Some((512, 1536)));
+    assert_eq!(vpc.rules.as_ref().unwrap().table, Some((2, 254)));
+    assert_eq!(vpc.rules.as_ref().unwrap().protocols, vec![3, 4]);
     assert_eq!(vpc.owners, vec!["aws-k8s-agent", "aws-cni"]);
     assert_eq!(vpc.unknown_actor, crate::adopt::UnknownActor::Forget);
     assert_eq!(vpc.mode, Mode::Enforce);
-    assert_eq!(kr.rules.priority, Some((32000, 32000)));
+    assert_eq!(kr.rules.as_ref().unwrap().priority, Some((32000, 32000)));
     assert_eq!(kr.unknown_actor, crate::adopt::UnknownActor::Restore);
     assert_eq!(kr.mode, Mode::Observe);
 }
@@ -912,13 +912,42 @@ fn adopt_selectors_are_validated() {
     assert_one(&errors, "spec.adopt[1].name", "is required");
     assert_one(&errors, "spec.adopt[1].owners", "is required");
     assert_one(&errors, "spec.adopt[1].rules", "selects every rule");
-    assert_one(&errors, "spec.adopt[2].rules", "is required");
+    assert_one(&errors, "spec.adopt[2]", "adopts nothing");
     let line = errors
         .iter()
         .find(|e| e.field == "spec.adopt[0].unknownActor")
         .unwrap()
         .line;
     assert_eq!(line, 16, "positions are those of the values");
+}
+
+#[test]
+fn adopt_route_selectors() {
+    let c = ok("spec:
+  adopt:
+    - name: eni-routes
+      routes:
+        table: 2-100
+        protocols: [boot]
+        device: eni*
+      owners: [aws-k8s-agent]
+");
+    let r = c.adopt[0].routes.as_ref().unwrap();
+    assert_eq!(r.table, Some((2, 100)));
+    assert_eq!(r.protocols, vec![3]);
+    assert_eq!(r.device.as_deref(), Some("eni*"));
+    assert!(c.adopt[0].rules.is_none());
+    let errors = invalid(
+        "spec:
+  adopt:
+    - name: all-routes
+      routes:
+        device: '*'
+      owners: [x]
+",
+    );
+    assert_one(&errors, "spec.adopt[0].routes.table", "is required");
+    assert_one(&errors, "spec.adopt[0].routes.device", "every device");
 }
 
 #[test]

@@ -14,6 +14,9 @@ pub enum RouteInterest {
     #[default]
     All,
     Keys(HashSet<RouteKey>),
+    /// These identities, and every route in these (inclusive) table ranges: the tables of
+    /// adopt selectors (`spec.adopt[].routes`), whose routes are not known ahead of time.
+    KeysAndTables(HashSet<RouteKey>, Vec<(u32, u32)>),
 }
 
 impl RouteInterest {
@@ -21,6 +24,12 @@ impl RouteInterest {
         match self {
             RouteInterest::All => true,
             RouteInterest::Keys(keys) => keys.contains(key),
+            RouteInterest::KeysAndTables(keys, tables) => {
+                keys.contains(key)
+                    || tables
+                        .iter()
+                        .any(|(lo, hi)| *lo <= key.table && key.table <= *hi)
+            }
         }
     }
 }
