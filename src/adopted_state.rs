@@ -3,7 +3,7 @@
 //! the agent was down. Written atomically by a thread of its own (the loop never waits for a
 //! disk); a file that cannot be read is reported and ignored.
 
-use crate::model::RuleKey;
+use crate::model::{DesiredRoute, RuleKey};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -20,10 +20,19 @@ pub struct AdoptedRule {
     pub protocol: Option<u8>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedRoute {
+    pub selector: String,
+    /// The route as it was seen (device by name).
+    pub route: DesiredRoute,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdoptedState {
     pub version: u32,
     pub rules: Vec<AdoptedRule>,
+    #[serde(default)]
+    pub routes: Vec<AdoptedRoute>,
 }
 
 #[derive(Debug, Error)]
@@ -135,6 +144,27 @@ mod tests {
                     RuleAction::Lookup,
                 ),
                 protocol: Some(4),
+            }],
+            routes: vec![AdoptedRoute {
+                selector: "eni".into(),
+                route: DesiredRoute {
+                    name: "adopted:eni/0.0.0.0/0".into(),
+                    mode: crate::model::Mode::Enforce,
+                    key: crate::model::RouteKey::new(
+                        Family::Ipv4,
+                        2,
+                        "0.0.0.0/0".parse().unwrap(),
+                        None,
+                    ),
+                    kind: crate::model::RouteType::Unicast,
+                    gateway: Some("10.1.1.1".parse().unwrap()),
+                    device: Some("eni1".into()),
+                    prefsrc: None,
+                    scope: Some(0),
+                    protocol: Some(3),
+                    onlink: false,
+                    mtu: None,
+                },
             }],
         };
         let w = Writer::spawn(path.clone()).unwrap();

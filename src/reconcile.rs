@@ -8,7 +8,7 @@
 use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome};
 use crate::desired::DesiredState;
-use crate::model::{DesiredRule, Family, Kind, Mode, RuleKey};
+use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
 use crate::obs::metrics::{DriftLabels, ErrorLabels, KindLabels, ReasonLabels, RepairLabels};
@@ -59,7 +59,7 @@ struct Batch {
     removed_by: HashMap<ObjectId, u32>,
     /// Adopted rules removed in this batch, with the port of the removal: an owner's removal
     /// is forgotten rather than repaired.
-    adopted_removed: Vec<(RuleKey, u32)>,
+    adopted_removed: Vec<(ObjectId, u32)>,
     /// Rules were adopted or forgotten: the status catalog is out of date.
     adoption_changed: bool,
 }
@@ -168,6 +168,8 @@ pub struct Agent {
     pings: Option<mpsc::Receiver<Ping>>,
     /// Adopted rules (in `desired.rules` too), by the selector that adopted them.
     adopted: HashMap<RuleKey, String>,
+    /// Adopted routes (in `desired.routes` too), by the selector that adopted them.
+    adopted_routes: HashMap<RouteKey, String>,
     /// Synchronous lookups of the processes behind removals of adopted objects: the decision to
     /// restore or forget needs the actor before the repair.
     resolver: attribution::Resolver,
@@ -200,6 +202,7 @@ impl Agent {
         adopted_state: Option<std::path::PathBuf>,
     ) -> Result<Agent, ReconcileError> {
         let mut adopted = HashMap::new();
+        let mut adopted_routes = HashMap::new();
         let mut store = None;
         if let Some(path) = adopted_state {
             match crate::adopted_state::read(&path) {
@@ -221,7 +224,30 @@ impl Agent {
                             desired.rules.insert(r.key, rule);
                         }
                     }
-                    info!(path = %path.display(), rules = adopted.len(), "adopted state read");
+                    for r in saved.routes {
+                        let key = r.route.key.clone();
+                        if desired.routes.contains_key(&key) {
+                            continue;
+                        }
+                        let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
+                            continue;
+                        };
+                        if sel.routes.as_ref().is_some_and(|s| {
+                            s.table
+                                .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
+                        }) {
+                            let mut route = r.route;
+                            route.mode = sel.mode;
+                            adopted_routes.insert(key.clone(), sel.name.clone());
+                            desired.routes.insert(key, route);
+                        }
+                    }
+                    info!(
+                        path = %path.display(),
+                        rules = adopted.len(),
+                        routes = adopted_routes.len(),
+                        "adopted state read"
+                    );
                 }
                 Err(e) => error!(error = %e, "adopted-state file ignored"),
             }
@@ -233,7 +259,7 @@ impl Agent {
         let applier = Applier::open().map_err(ObserveError::Socket)?;
         let events = kernel::subscribe(Some(applier.port()))?;
         let handle = kernel::connect()?;
-        let interest = RouteInterest::Keys(desired.routes.keys().cloned().collect());
+        let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
         let attribution = match attribution::spawn(answers_tx, Some(applier.port())) {
@@ -264,6 +290,7 @@ impl Agent {
             awaiting: HashMap::new(),
             next_report: 0,
             adopted,
+            adopted_routes,
             resolver: attribution::Resolver::default(),
             store,
         };
@@ -361,9 +388,33 @@ impl Agent {
                 self.adopted.insert(key, name);
             }
         }
+        for (key, selector) in std::mem::take(&mut self.adopted_routes) {
+            let Some(route) = old.routes.get(&key) else {
+                continue;
+            };
+            if self.desired.routes.contains_key(&key) {
+                continue;
+            }
+            let keep = self
+                .desired
+                .adopt
+                .iter()
+                .find(|s| s.name == selector)
+                .filter(|s| {
+                    s.routes.as_ref().is_some_and(|r| {
+                        r.table
+                            .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
+                    })
+                });
+            if let Some(sel) = keep {
+                let mut route = route.clone();
+                route.mode = sel.mode;
+                self.desired.routes.insert(key.clone(), route);
+                self.adopted_routes.insert(key, selector);
+            }
+        }
         let d = &self.desired;
-        self.mirror
-            .set_interest(RouteInterest::Keys(d.routes.keys().cloned().collect()));
+        self.mirror.set_interest(route_interest(d));
         self.pending.retain(|id| protects(d, id));
         self.reported.retain(|id, _| protects(d, id));
         self.failed.retain(|id| protects(d, id));
@@ -568,7 +619,9 @@ impl Agent {
             Change::Rule { key, removed } => {
                 batch.appeared |= !removed;
                 if removed && self.adopted.contains_key(&key) {
-                    batch.adopted_removed.push((key.clone(), port));
+                    batch
+                        .adopted_removed
+                        .push((ObjectId::Rule(key.clone()), port));
                 } else if !removed && !self.desired.rules.contains_key(&key) {
                     batch.adoption_changed |= self.adopt_rule(&key);
                 }
@@ -579,6 +632,13 @@ impl Agent {
             }
             Change::Route { key, removed } => {
                 batch.appeared |= !removed;
+                if removed && self.adopted_routes.contains_key(&key) {
+                    batch
+                        .adopted_removed
+                        .push((ObjectId::Route(key.clone()), port));
+                } else if !removed && !self.desired.routes.contains_key(&key) {
+                    batch.adoption_changed |= self.adopt_route(&key);
+                }
                 if self.desired.routes.contains_key(&key) {
                     batch.removed_by.insert(ObjectId::Route(key.clone()), port);
                     batch.dirty.routes.insert(key);
@@ -636,9 +696,21 @@ impl Agent {
             })
             .collect();
         rules.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut routes: Vec<crate::adopted_state::AdoptedRoute> = self
+            .adopted_routes
+            .iter()
+            .filter_map(|(key, selector)| {
+                Some(crate::adopted_state::AdoptedRoute {
+                    selector: selector.clone(),
+                    route: self.desired.routes.get(key)?.clone(),
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| a.route.key.cmp(&b.route.key));
         store.save(crate::adopted_state::AdoptedState {
             version: crate::adopted_state::VERSION,
             rules,
+            routes,
         });
     }
 
@@ -661,6 +733,28 @@ impl Agent {
         true
     }
 
+    /// Adopts a kernel route the mirror holds if a selector matches it. True if adopted.
+    fn adopt_route(&mut self, key: &RouteKey) -> bool {
+        if self.desired.adopt.is_empty() || self.desired.routes.contains_key(key) {
+            return false;
+        }
+        let Some(route) = self.mirror.routes.get(key).and_then(|l| l.first()) else {
+            return false;
+        };
+        let device = route
+            .oif
+            .and_then(|i| self.mirror.link(i))
+            .map(|l| l.name.as_str());
+        let Some(sel) = adopt::select_route(&self.desired.adopt, key, route, device) else {
+            return false;
+        };
+        let desired = sel.adopt_route(key, route, device);
+        info!(selector = %sel.name, object = %desired.describe(), "adopted");
+        self.adopted_routes.insert(key.clone(), sel.name.clone());
+        self.desired.routes.insert(key.clone(), desired);
+        true
+    }
+
     /// Adopts every kernel rule a selector matches (after a dump). True if any was adopted.
     fn adopt_from_mirror(&mut self) -> bool {
         if self.desired.adopt.is_empty() {
@@ -677,6 +771,16 @@ impl Agent {
         for key in keys {
             any |= self.adopt_rule(&key);
         }
+        let keys: Vec<RouteKey> = self
+            .mirror
+            .routes
+            .keys()
+            .filter(|k| !self.desired.routes.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in keys {
+            any |= self.adopt_route(&key);
+        }
         any
     }
 
@@ -688,12 +792,17 @@ impl Agent {
         ports.sort_unstable();
         ports.dedup();
         let names = self.resolver.resolve(&ports);
-        for (key, port) in std::mem::take(&mut batch.adopted_removed) {
+        for (id, port) in std::mem::take(&mut batch.adopted_removed) {
             // Removed and added again within the batch: still there, nothing to decide.
-            if self.mirror.rules.contains_key(&key) {
-                continue;
-            }
-            let Some(sel_name) = self.adopted.get(&key) else {
+            let (present, selector) = match &id {
+                ObjectId::Rule(k) => (self.mirror.rules.contains_key(k), self.adopted.get(k)),
+                ObjectId::Route(k) => (
+                    self.mirror.routes.contains_key(k),
+                    self.adopted_routes.get(k),
+                ),
+                ObjectId::Address(_) => continue,
+            };
+            let Some(sel_name) = selector.filter(|_| !present) else {
                 continue;
             };
             let Some(sel) = self.desired.adopt.iter().find(|s| &s.name == sel_name) else {
@@ -707,19 +816,30 @@ impl Agent {
             };
             let verdict = sel.decide(actor);
             let actor_name = name.unwrap_or(attribution::UNKNOWN).to_string();
+            let object = self.describe(&id);
             if verdict == Verdict::Forget {
                 info!(
                     selector = %sel.name,
                     actor = %actor_name,
                     netlink_port = port,
-                    object = %key,
+                    kind = kind_str(&id),
+                    %object,
                     "forgotten: removed by its owner"
                 );
-                self.adopted.remove(&key);
-                self.desired.rules.remove(&key);
-                let id = ObjectId::Rule(key.clone());
+                match &id {
+                    ObjectId::Rule(k) => {
+                        self.adopted.remove(k);
+                        self.desired.rules.remove(k);
+                        batch.dirty.rules.remove(k);
+                    }
+                    ObjectId::Route(k) => {
+                        self.adopted_routes.remove(k);
+                        self.desired.routes.remove(k);
+                        batch.dirty.routes.remove(k);
+                    }
+                    ObjectId::Address(_) => {}
+                }
                 batch.removed_by.remove(&id);
-                batch.dirty.rules.remove(&key);
                 self.pending.remove(&id);
                 self.reported.remove(&id);
                 self.failed.remove(&id);
@@ -727,9 +847,18 @@ impl Agent {
                 self.contest.retain(|i| i != &id);
                 batch.adoption_changed = true;
             } else {
-                debug!(selector = %sel.name, actor = %actor_name, object = %key, "adopted rule removed by a non-owner: drift");
+                debug!(selector = %sel.name, actor = %actor_name, %object, "adopted object removed by a non-owner: drift");
             }
         }
+    }
+
+    fn describe(&self, id: &ObjectId) -> String {
+        match id {
+            ObjectId::Rule(k) => self.desired.rules.get(k).map(|r| r.describe()),
+            ObjectId::Route(k) => self.desired.routes.get(k).map(|r| r.describe()),
+            ObjectId::Address(k) => self.desired.addresses.get(k).map(|a| a.describe()),
+        }
+        .unwrap_or_default()
     }
 
     /// Applies a plan's repairs, updates the mirror with what the kernel accepted and logs.
@@ -1191,6 +1320,18 @@ fn in_scope(d: &Dirty, id: &ObjectId) -> bool {
         ObjectId::Rule(k) => d.rules.contains(k),
         ObjectId::Route(k) => d.routes.contains(k),
         ObjectId::Address(k) => d.addresses.contains(k),
+    }
+}
+
+/// Which routes the mirror keeps: the protected ones, and every route of the tables adopt
+/// selectors look at.
+fn route_interest(d: &DesiredState) -> RouteInterest {
+    let keys = d.routes.keys().cloned().collect();
+    let tables = adopt::route_tables(&d.adopt);
+    if tables.is_empty() {
+        RouteInterest::Keys(keys)
+    } else {
+        RouteInterest::KeysAndTables(keys, tables)
     }
 }
 

@@ -340,3 +340,114 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
     assert_eq!(count(&rules(&ns), &from_rule(pod, table)), 0);
     drop(agent);
 }
+
+/// `ip -batch -` in the namespace with its standard input held open, so that the process (and
+/// its netlink socket) is there when the agent looks it up.
+struct IpBatch(Child);
+
+impl IpBatch {
+    fn run(ns: &Sandbox, line: &str) -> IpBatch {
+        let mut child = Command::new("ip")
+            .args(["-n", &ns.name, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run ip");
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        IpBatch(child)
+    }
+}
+
+impl Drop for IpBatch {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn adopted_routes_are_restored_after_the_kernel_drops_them_and_forgotten_when_the_owner_deletes_them(
+) {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    // `ip` plays the owner here; the kernel is never an owner.
+    let cfg = config(
+        dir.path(),
+        "  adopt:
+    - name: eni-routes
+      routes:
+        table: 150-160
+        device: veth*
+      owners: [ip]
+",
+    );
+    let mut agent = Agent::start(&ns, &cfg);
+    let gw = "default via 10.200.0.2 dev veth0";
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.200.0.2",
+        "dev",
+        "veth0",
+        "table",
+        "150",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.60.0.0/24",
+        "dev",
+        "veth0",
+        "table",
+        "151",
+    ])
+    .unwrap();
+    // Outside the selector: another table.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.70.0.0/24",
+        "dev",
+        "veth0",
+        "table",
+        "170",
+    ])
+    .unwrap();
+    agent.wait_log_all(&["adopted", "eni-routes", "10.200.0.2"]);
+    agent.wait_log_all(&["adopted", "eni-routes", "10.60.0.0/24"]);
+
+    // The kernel drops every route of a link that goes down, without RTM_DELROUTE: restored
+    // once the link is back.
+    ns.ip(&["link", "set", "veth0", "down"]).unwrap();
+    assert!(routes(&ns, "150").is_empty());
+    ns.ip(&["link", "set", "veth0", "up"]).unwrap();
+    wait_until("adopted routes back after link down/up", || {
+        count(&routes(&ns, "150"), gw) == 1
+            && count(&routes(&ns, "151"), "10.60.0.0/24 dev veth0 scope link") == 1
+    });
+    assert!(
+        routes(&ns, "170").is_empty(),
+        "a route no selector adopts is not restored"
+    );
+
+    // The owner deletes one: it stays deleted.
+    let ip = IpBatch::run(&ns, "route del 10.60.0.0/24 dev veth0 table 151");
+    agent.wait_log_all(&["forgotten", "actor=ip"]);
+    drop(ip);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(routes(&ns, "151").is_empty(), "{:?}", routes(&ns, "151"));
+    assert_eq!(count(&routes(&ns, "150"), gw), 1);
+}

@@ -57,7 +57,7 @@ impl fmt::Display for Family {
 }
 
 /// Whether netwarden repairs drift of an object or only reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
