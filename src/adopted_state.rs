@@ -3,8 +3,9 @@
 //! the agent was down. Written atomically by a thread of its own (the loop never waits for a
 //! disk); a file that cannot be read is reported and ignored.
 
-use crate::model::{DesiredRoute, RuleKey};
+use crate::model::{DesiredRoute, RouteKey, RuleKey};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use thiserror::Error;
@@ -79,6 +80,54 @@ pub fn read(path: &Path) -> Result<AdoptedState, AdoptedStateError> {
         });
     }
     Ok(state)
+}
+
+/// Adds the saved objects whose selector still exists and still covers them to `desired`
+/// (objects the config names itself win); returns the adopted rules and routes by selector.
+pub fn merge(
+    saved: AdoptedState,
+    desired: &mut crate::desired::DesiredState,
+) -> (HashMap<RuleKey, String>, HashMap<RouteKey, String>) {
+    let mut rules = HashMap::new();
+    let mut routes = HashMap::new();
+    for r in saved.rules {
+        if desired.rules.contains_key(&r.key) {
+            continue;
+        }
+        let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
+            continue;
+        };
+        if sel
+            .rules
+            .as_ref()
+            .is_some_and(|s| s.matches(&r.key, r.protocol))
+        {
+            let rule = sel.adopt_rule(&r.key, r.protocol);
+            rules.insert(r.key.clone(), sel.name.clone());
+            desired.rules.insert(r.key, rule);
+        }
+    }
+    for r in saved.routes {
+        let key = r.route.key.clone();
+        if desired.routes.contains_key(&key) {
+            continue;
+        }
+        let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
+            continue;
+        };
+        let covered = sel.routes.as_ref().is_some_and(|s| {
+            s.family.is_none_or(|f| f == key.family)
+                && s.table
+                    .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
+        });
+        if covered {
+            let mut route = r.route;
+            route.mode = sel.mode;
+            routes.insert(key.clone(), sel.name.clone());
+            desired.routes.insert(key, route);
+        }
+    }
+    (rules, routes)
 }
 
 /// Writes snapshots on a thread of its own; only the newest of those queued is written.

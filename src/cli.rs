@@ -86,6 +86,9 @@ pub enum Command {
         output: Output,
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
+        /// Also check the rules and routes adopted by a running agent (its --adopted-state).
+        #[arg(long, value_name = "PATH")]
+        adopted_state: Option<PathBuf>,
     },
     /// Print a config that protects what is live now, filtered by selectors (a kind without a
     /// selector is left out). The output validates; review it before use.

@@ -67,7 +67,14 @@ fn main() -> ExitCode {
             netns,
             output,
             iptables_backend,
-        } => check(&config, netns.as_deref(), output, iptables_backend),
+            adopted_state,
+        } => check(
+            &config,
+            netns.as_deref(),
+            output,
+            iptables_backend,
+            adopted_state.as_deref(),
+        ),
         Command::Demo => demo_command(),
         Command::Snapshot {
             netns,
@@ -238,9 +245,14 @@ fn check(
     netns: Option<&str>,
     output: Output,
     backend: BackendChoice,
+    adopted_state: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
-    let desired = DesiredState::from_config(&cfg);
+    let mut desired = DesiredState::from_config(&cfg);
+    if let Some(state) = adopted_state {
+        let saved = netwarden::adopted_state::read(state)?;
+        netwarden::adopted_state::merge(saved, &mut desired);
+    }
     let rt = runtime(netns)?;
     let plan = rt.block_on(check::check(&desired))?;
     let (chains, ipsets) = rt.block_on(netwarden::netfilter::guard::check(

@@ -207,41 +207,7 @@ impl Agent {
         if let Some(path) = adopted_state {
             match crate::adopted_state::read(&path) {
                 Ok(saved) => {
-                    for r in saved.rules {
-                        if desired.rules.contains_key(&r.key) {
-                            continue;
-                        }
-                        let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
-                            continue;
-                        };
-                        if sel
-                            .rules
-                            .as_ref()
-                            .is_some_and(|s| s.matches(&r.key, r.protocol))
-                        {
-                            let rule = sel.adopt_rule(&r.key, r.protocol);
-                            adopted.insert(r.key.clone(), sel.name.clone());
-                            desired.rules.insert(r.key, rule);
-                        }
-                    }
-                    for r in saved.routes {
-                        let key = r.route.key.clone();
-                        if desired.routes.contains_key(&key) {
-                            continue;
-                        }
-                        let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
-                            continue;
-                        };
-                        if sel.routes.as_ref().is_some_and(|s| {
-                            s.table
-                                .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
-                        }) {
-                            let mut route = r.route;
-                            route.mode = sel.mode;
-                            adopted_routes.insert(key.clone(), sel.name.clone());
-                            desired.routes.insert(key, route);
-                        }
-                    }
+                    (adopted, adopted_routes) = crate::adopted_state::merge(saved, &mut desired);
                     info!(
                         path = %path.display(),
                         rules = adopted.len(),
