@@ -244,6 +244,17 @@ fn adopted_rules_survive_networkd_owner_deletions_are_kept_others_repaired() {
     wait_until("rule deleted by ip restored", || {
         count(&rules(&ns), &from_rule(pod, table)) == 1
     });
+    // The owner lookup comes before the repair; it must stay cheap (the whole batch: decode,
+    // lookup, plan, request, ack).
+    let line = agent.wait_log_all(&["restored", "took_us="]);
+    let took: u64 = line
+        .split("took_us=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no took_us in {line}"));
+    println!("adopted rule removed by ip: restored in {took} us");
+    assert!(took < 50_000, "repair of an adopted rule took {took} us");
     // And the owner's forgotten rules are still gone after all that.
     let r = rules(&ns);
     assert_eq!(count(&r, &from_rule(gone, gone_table)), 0, "{r:?}");
