@@ -9,6 +9,7 @@ use serde::Serialize;
 /// Reads the kernel once and plans against it.
 pub async fn check(desired: &DesiredState) -> Result<Plan, ObserveError> {
     let mut handle = kernel::connect()?;
+    // Only protected routes: adopted ones come from the adopted-state file, not from a dump.
     let mut mirror = Mirror::new(RouteInterest::Keys(
         desired.routes.keys().cloned().collect(),
     ));
@@ -20,21 +21,35 @@ pub async fn check(desired: &DesiredState) -> Result<Plan, ObserveError> {
 struct Report<'a> {
     in_sync: bool,
     protected: usize,
+    /// Of the protected objects, those adopted through `spec.adopt` (origin `adopted`).
+    adopted: usize,
     drift: &'a [plan::Drift],
+}
+
+/// Protected objects adopted through `spec.adopt` (their names say so).
+fn adopted(desired: &DesiredState) -> usize {
+    let a = |n: &str| crate::adopt::origin(n) == "adopted";
+    desired.rules.values().filter(|r| a(&r.name)).count()
+        + desired.routes.values().filter(|r| a(&r.name)).count()
 }
 
 pub fn render_json(desired: &DesiredState, plan: &Plan) -> String {
     let report = Report {
         in_sync: plan.is_empty(),
         protected: desired.len(),
+        adopted: adopted(desired),
         drift: &plan.drift,
     };
     serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 pub fn render_table(desired: &DesiredState, plan: &Plan) -> String {
+    let origin = match adopted(desired) {
+        0 => String::new(),
+        n => format!(" ({n} adopted)"),
+    };
     if plan.is_empty() {
-        return format!("in sync: {} protected objects\n", desired.len());
+        return format!("in sync: {} protected objects{origin}\n", desired.len());
     }
     let rows: Vec<[String; 6]> = plan
         .drift
@@ -73,7 +88,7 @@ pub fn render_table(desired: &DesiredState, plan: &Plan) -> String {
         out.push('\n');
     }
     out.push_str(&format!(
-        "{} of {} protected objects drifted\n",
+        "{} of {} protected objects{origin} drifted\n",
         plan.drift.len(),
         desired.len()
     ));

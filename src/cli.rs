@@ -63,6 +63,10 @@ pub enum Command {
         /// Default 0.0.0.0:10370 (if that port is taken, the agent runs without them).
         #[arg(long, env = "NETWARDEN_METRICS_ADDR")]
         metrics_addr: Option<String>,
+        /// Where the rules adopted through `spec.adopt` are kept across restarts (written
+        /// atomically). Without it, adopted rules are protected only while the agent runs.
+        #[arg(long, value_name = "PATH")]
+        adopted_state: Option<PathBuf>,
     },
     /// Ask a running agent for the state of each protected object and its last repair.
     Status {
@@ -82,6 +86,9 @@ pub enum Command {
         output: Output,
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
+        /// Also check the rules and routes adopted by a running agent (its --adopted-state).
+        #[arg(long, value_name = "PATH")]
+        adopted_state: Option<PathBuf>,
     },
     /// Print a config that protects what is live now, filtered by selectors (a kind without a
     /// selector is left out). The output validates; review it before use.

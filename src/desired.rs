@@ -13,6 +13,9 @@ pub struct DesiredState {
     pub rules: HashMap<RuleKey, DesiredRule>,
     pub routes: HashMap<RouteKey, DesiredRoute>,
     pub addresses: HashMap<DesiredAddressKey, DesiredAddress>,
+    /// Selectors of kernel objects protected as they are seen (`spec.adopt`); the loop adds
+    /// what they adopt to `rules`.
+    pub adopt: Vec<crate::adopt::AdoptSelector>,
 }
 
 impl DesiredState {
@@ -35,6 +38,7 @@ impl DesiredState {
                 .iter()
                 .map(|a| ((a.device.clone(), a.address), a.clone()))
                 .collect(),
+            adopt: config.adopt.clone(),
         }
     }
 

@@ -13,6 +13,7 @@ pub fn run(
     netns: Option<&str>,
     backend: BackendChoice,
     metrics_addr: Option<&str>,
+    adopted_state: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let cm = kube.configmap.context("--configmap is required")?;
     let (namespace, name) = cm
@@ -64,7 +65,13 @@ pub fn run(
             backend,
         )
         .await?;
-        let agent = reconcile::Agent::start_with(ex.desired.clone(), cfg.resync, telemetry).await?;
+        let agent = reconcile::Agent::start_adopting(
+            ex.desired.clone(),
+            cfg.resync,
+            telemetry,
+            adopted_state,
+        )
+        .await?;
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);
         // Fans the updates out to the two loops, each only when its part changed: a Service

@@ -4,6 +4,8 @@
 //! its validation), [`desired`] (what must exist), [`plan`] (the diff), [`observe`] (the kernel
 //! mirror fed by rtnetlink), [`apply`] (pipelined rtnetlink requests), [`reconcile`] (the loop).
 
+pub mod adopt;
+pub mod adopted_state;
 pub mod apply;
 pub mod check;
 pub mod cluster;

@@ -39,11 +39,13 @@ fn main() -> ExitCode {
             netns,
             iptables_backend,
             metrics_addr,
+            adopted_state,
         } => run(
             &config,
             netns.as_deref(),
             iptables_backend,
             metrics_addr.as_deref(),
+            adopted_state,
         ),
         Command::Run {
             config: None,
@@ -51,11 +53,13 @@ fn main() -> ExitCode {
             netns,
             iptables_backend,
             metrics_addr,
+            adopted_state,
         } => kubernetes::run(
             kube,
             netns.as_deref(),
             iptables_backend,
             metrics_addr.as_deref(),
+            adopted_state,
         ),
         Command::Status { addr, output } => status(&addr, output),
         Command::Check {
@@ -63,7 +67,14 @@ fn main() -> ExitCode {
             netns,
             output,
             iptables_backend,
-        } => check(&config, netns.as_deref(), output, iptables_backend),
+            adopted_state,
+        } => check(
+            &config,
+            netns.as_deref(),
+            output,
+            iptables_backend,
+            adopted_state.as_deref(),
+        ),
         Command::Demo => demo_command(),
         Command::Snapshot {
             netns,
@@ -142,6 +153,7 @@ fn run(
     netns: Option<&str>,
     backend: BackendChoice,
     metrics_addr: Option<&str>,
+    adopted_state: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
     let desired = DesiredState::from_config(&cfg);
@@ -167,7 +179,8 @@ fn run(
         )
         .await?;
         let reloads = obs::reload_on_sighup(path, telemetry.clone());
-        let agent = reconcile::Agent::start_with(desired, cfg.resync, telemetry).await?;
+        let agent =
+            reconcile::Agent::start_adopting(desired, cfg.resync, telemetry, adopted_state).await?;
         tokio::select! {
             r = agent.run_with(shutdown_signal(), Some(reloads)) => { r?; }
             r = guard.run() => { r?; }
@@ -232,9 +245,14 @@ fn check(
     netns: Option<&str>,
     output: Output,
     backend: BackendChoice,
+    adopted_state: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
-    let desired = DesiredState::from_config(&cfg);
+    let mut desired = DesiredState::from_config(&cfg);
+    if let Some(state) = adopted_state {
+        let saved = netwarden::adopted_state::read(state)?;
+        netwarden::adopted_state::merge(saved, &mut desired);
+    }
     let rt = runtime(netns)?;
     let plan = rt.block_on(check::check(&desired))?;
     let (chains, ipsets) = rt.block_on(netwarden::netfilter::guard::check(

@@ -448,6 +448,7 @@ mod tests {
                 .into_iter()
                 .map(|a| ((a.device.clone(), a.address), a))
                 .collect(),
+            adopt: Vec::new(),
         }
     }
 

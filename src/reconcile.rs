@@ -5,9 +5,10 @@
 //! address removed, a link down or gone) re-dump the routes first. A lost event (overrun) and the
 //! resync timer re-dump everything.
 
+use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome};
 use crate::desired::DesiredState;
-use crate::model::{Family, Kind, Mode};
+use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
 use crate::obs::metrics::{DriftLabels, ErrorLabels, KindLabels, ReasonLabels, RepairLabels};
@@ -56,6 +57,11 @@ struct Batch {
     /// Netlink port of the socket that sent the last change (removal or otherwise) of each
     /// protected object: the process that made it (0: the kernel).
     removed_by: HashMap<ObjectId, u32>,
+    /// Adopted rules removed in this batch, with the port of the removal: an owner's removal
+    /// is forgotten rather than repaired.
+    adopted_removed: Vec<(ObjectId, u32)>,
+    /// Rules were adopted or forgotten: the status catalog is out of date.
+    adoption_changed: bool,
 }
 
 /// Why a full refresh ran.
@@ -160,6 +166,15 @@ pub struct Agent {
     awaiting: HashMap<u64, Report>,
     next_report: u64,
     pings: Option<mpsc::Receiver<Ping>>,
+    /// Adopted rules (in `desired.rules` too), by the selector that adopted them.
+    adopted: HashMap<RuleKey, String>,
+    /// Adopted routes (in `desired.routes` too), by the selector that adopted them.
+    adopted_routes: HashMap<RouteKey, String>,
+    /// Synchronous lookups of the processes behind removals of adopted objects: the decision to
+    /// restore or forget needs the actor before the repair.
+    resolver: attribution::Resolver,
+    /// Writes the adopted rules to the adopted-state file, when there is one.
+    store: Option<crate::adopted_state::Writer>,
 }
 
 impl Agent {
@@ -175,10 +190,42 @@ impl Agent {
         resync: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Result<Agent, ReconcileError> {
+        Agent::start_adopting(desired, resync, telemetry, None).await
+    }
+
+    /// [`Agent::start_with`], keeping the rules adopted through `spec.adopt` in `adopted_state`
+    /// (read at start: they are protected at once, also those removed while the agent was down).
+    pub async fn start_adopting(
+        mut desired: DesiredState,
+        resync: Duration,
+        telemetry: Arc<Telemetry>,
+        adopted_state: Option<std::path::PathBuf>,
+    ) -> Result<Agent, ReconcileError> {
+        let mut adopted = HashMap::new();
+        let mut adopted_routes = HashMap::new();
+        let mut store = None;
+        if let Some(path) = adopted_state {
+            match crate::adopted_state::read(&path) {
+                Ok(saved) => {
+                    (adopted, adopted_routes) = crate::adopted_state::merge(saved, &mut desired);
+                    info!(
+                        path = %path.display(),
+                        rules = adopted.len(),
+                        routes = adopted_routes.len(),
+                        "adopted state read"
+                    );
+                }
+                Err(e) => error!(error = %e, "adopted-state file ignored"),
+            }
+            match crate::adopted_state::Writer::spawn(path) {
+                Ok(w) => store = Some(w),
+                Err(e) => error!(error = %e, "cannot start the adopted-state writer"),
+            }
+        }
         let applier = Applier::open().map_err(ObserveError::Socket)?;
         let events = kernel::subscribe(Some(applier.port()))?;
         let handle = kernel::connect()?;
-        let interest = RouteInterest::Keys(desired.routes.keys().cloned().collect());
+        let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
         let attribution = match attribution::spawn(answers_tx, Some(applier.port())) {
@@ -208,6 +255,10 @@ impl Agent {
             answers,
             awaiting: HashMap::new(),
             next_report: 0,
+            adopted,
+            adopted_routes,
+            resolver: attribution::Resolver::default(),
+            store,
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
@@ -285,16 +336,58 @@ impl Agent {
 
     /// A new config: protect what it names from now on.
     async fn reload(&mut self, reload: Reload) -> Result<(), ReconcileError> {
-        self.desired = reload.desired;
+        let old = std::mem::replace(&mut self.desired, reload.desired);
+        // Adopted rules stay protected if a selector of the new config still adopts them (also
+        // those missing right now: they are being repaired).
+        let adopted = std::mem::take(&mut self.adopted);
+        for (key, _) in adopted {
+            let Some(rule) = old.rules.get(&key) else {
+                continue;
+            };
+            if self.desired.rules.contains_key(&key) {
+                continue;
+            }
+            if let Some(sel) = adopt::select_rule(&self.desired.adopt, &key, rule.protocol) {
+                let name = sel.name.clone();
+                let r = sel.adopt_rule(&key, rule.protocol);
+                self.desired.rules.insert(key.clone(), r);
+                self.adopted.insert(key, name);
+            }
+        }
+        for (key, selector) in std::mem::take(&mut self.adopted_routes) {
+            let Some(route) = old.routes.get(&key) else {
+                continue;
+            };
+            if self.desired.routes.contains_key(&key) {
+                continue;
+            }
+            let keep = self
+                .desired
+                .adopt
+                .iter()
+                .find(|s| s.name == selector)
+                .filter(|s| {
+                    s.routes.as_ref().is_some_and(|r| {
+                        r.table
+                            .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
+                    })
+                });
+            if let Some(sel) = keep {
+                let mut route = route.clone();
+                route.mode = sel.mode;
+                self.desired.routes.insert(key.clone(), route);
+                self.adopted_routes.insert(key, selector);
+            }
+        }
         let d = &self.desired;
-        self.mirror
-            .set_interest(RouteInterest::Keys(d.routes.keys().cloned().collect()));
+        self.mirror.set_interest(route_interest(d));
         self.pending.retain(|id| protects(d, id));
         self.reported.retain(|id, _| protects(d, id));
         self.failed.retain(|id| protects(d, id));
         self.states.retain(|id, _| protects(d, id));
         self.contest.retain(|id| protects(d, id));
         self.telemetry.set_catalog(d);
+        self.save_adopted();
         self.full_resync(ResyncReason::ConfigChange).await
     }
 
@@ -347,6 +440,10 @@ impl Agent {
         self.stats.resyncs += 1;
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
+        if self.adopt_from_mirror() || reason == ResyncReason::Start {
+            self.telemetry.set_catalog(&self.desired);
+            self.save_adopted();
+        }
         debug!(
             reason = reason.as_str(),
             mirrored = self.mirror.len(),
@@ -402,6 +499,13 @@ impl Agent {
         }
         self.stats.events += count as u64;
         self.telemetry.metrics.events.inc_by(count as u64);
+        if !batch.adopted_removed.is_empty() {
+            self.judge_adopted_removals(&mut batch);
+        }
+        if batch.adoption_changed {
+            self.telemetry.set_catalog(&self.desired);
+            self.save_adopted();
+        }
         if batch.overrun {
             self.stats.overruns += 1;
             self.telemetry.metrics.overruns.inc();
@@ -476,10 +580,17 @@ impl Agent {
     }
 
     /// Records what one change means for this batch.
-    fn note(&self, change: Change, port: u32, batch: &mut Batch) {
+    fn note(&mut self, change: Change, port: u32, batch: &mut Batch) {
         match change {
             Change::Rule { key, removed } => {
                 batch.appeared |= !removed;
+                if removed && self.adopted.contains_key(&key) {
+                    batch
+                        .adopted_removed
+                        .push((ObjectId::Rule(key.clone()), port));
+                } else if !removed && !self.desired.rules.contains_key(&key) {
+                    batch.adoption_changed |= self.adopt_rule(&key);
+                }
                 if self.desired.rules.contains_key(&key) {
                     batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
                     batch.dirty.rules.insert(key);
@@ -487,6 +598,13 @@ impl Agent {
             }
             Change::Route { key, removed } => {
                 batch.appeared |= !removed;
+                if removed && self.adopted_routes.contains_key(&key) {
+                    batch
+                        .adopted_removed
+                        .push((ObjectId::Route(key.clone()), port));
+                } else if !removed && !self.desired.routes.contains_key(&key) {
+                    batch.adoption_changed |= self.adopt_route(&key);
+                }
                 if self.desired.routes.contains_key(&key) {
                     batch.removed_by.insert(ObjectId::Route(key.clone()), port);
                     batch.dirty.routes.insert(key);
@@ -525,6 +643,188 @@ impl Agent {
             Change::RouteAppeared => batch.appeared = true,
             Change::LinkOther | Change::Nothing => {}
         }
+    }
+
+    /// Hands the adopted rules to the adopted-state writer (its thread does the disk work).
+    fn save_adopted(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let mut rules: Vec<crate::adopted_state::AdoptedRule> = self
+            .adopted
+            .iter()
+            .filter_map(|(key, selector)| {
+                Some(crate::adopted_state::AdoptedRule {
+                    selector: selector.clone(),
+                    key: key.clone(),
+                    protocol: self.desired.rules.get(key)?.protocol,
+                })
+            })
+            .collect();
+        rules.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut routes: Vec<crate::adopted_state::AdoptedRoute> = self
+            .adopted_routes
+            .iter()
+            .filter_map(|(key, selector)| {
+                Some(crate::adopted_state::AdoptedRoute {
+                    selector: selector.clone(),
+                    route: self.desired.routes.get(key)?.clone(),
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| a.route.key.cmp(&b.route.key));
+        store.save(crate::adopted_state::AdoptedState {
+            version: crate::adopted_state::VERSION,
+            rules,
+            routes,
+        });
+    }
+
+    /// Adopts a kernel rule the mirror holds if a selector matches it. True if adopted.
+    fn adopt_rule(&mut self, key: &RuleKey) -> bool {
+        if self.desired.adopt.is_empty() || self.desired.rules.contains_key(key) {
+            return false;
+        }
+        let protocol = match self.mirror.rules.get(key) {
+            Some(protos) => protos.first().copied().flatten(),
+            None => return false,
+        };
+        let Some(sel) = adopt::select_rule(&self.desired.adopt, key, protocol) else {
+            return false;
+        };
+        let rule: DesiredRule = sel.adopt_rule(key, protocol);
+        info!(selector = %sel.name, object = %rule.describe(), "adopted");
+        self.adopted.insert(key.clone(), sel.name.clone());
+        self.desired.rules.insert(key.clone(), rule);
+        true
+    }
+
+    /// Adopts a kernel route the mirror holds if a selector matches it. True if adopted.
+    fn adopt_route(&mut self, key: &RouteKey) -> bool {
+        if self.desired.adopt.is_empty() || self.desired.routes.contains_key(key) {
+            return false;
+        }
+        let Some(route) = self.mirror.routes.get(key).and_then(|l| l.first()) else {
+            return false;
+        };
+        let device = route
+            .oif
+            .and_then(|i| self.mirror.link(i))
+            .map(|l| l.name.as_str());
+        let Some(sel) = adopt::select_route(&self.desired.adopt, key, route, device) else {
+            return false;
+        };
+        let desired = sel.adopt_route(key, route, device);
+        info!(selector = %sel.name, object = %desired.describe(), "adopted");
+        self.adopted_routes.insert(key.clone(), sel.name.clone());
+        self.desired.routes.insert(key.clone(), desired);
+        true
+    }
+
+    /// Adopts every kernel rule a selector matches (after a dump). True if any was adopted.
+    fn adopt_from_mirror(&mut self) -> bool {
+        if self.desired.adopt.is_empty() {
+            return false;
+        }
+        let keys: Vec<RuleKey> = self
+            .mirror
+            .rules
+            .keys()
+            .filter(|k| !self.desired.rules.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut any = false;
+        for key in keys {
+            any |= self.adopt_rule(&key);
+        }
+        let keys: Vec<RouteKey> = self
+            .mirror
+            .routes
+            .keys()
+            .filter(|k| !self.desired.routes.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in keys {
+            any |= self.adopt_route(&key);
+        }
+        any
+    }
+
+    /// Decides, before any repair, which removals of adopted rules were their owners': those
+    /// are forgotten (and left out of the batch); the rest are drift like any other. One lookup
+    /// of the removing processes serves the whole batch.
+    fn judge_adopted_removals(&mut self, batch: &mut Batch) {
+        let mut ports: Vec<u32> = batch.adopted_removed.iter().map(|(_, p)| *p).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let names = self.resolver.resolve(&ports);
+        for (id, port) in std::mem::take(&mut batch.adopted_removed) {
+            // Removed and added again within the batch: still there, nothing to decide.
+            let (present, selector) = match &id {
+                ObjectId::Rule(k) => (self.mirror.rules.contains_key(k), self.adopted.get(k)),
+                ObjectId::Route(k) => (
+                    self.mirror.routes.contains_key(k),
+                    self.adopted_routes.get(k),
+                ),
+                ObjectId::Address(_) => continue,
+            };
+            let Some(sel_name) = selector.filter(|_| !present) else {
+                continue;
+            };
+            let Some(sel) = self.desired.adopt.iter().find(|s| &s.name == sel_name) else {
+                continue;
+            };
+            let name = names.get(&port).map(String::as_str);
+            let actor = match (port, name) {
+                (attribution::KERNEL_PORT, _) => Actor::Kernel,
+                (_, None) | (_, Some(attribution::UNKNOWN)) => Actor::Unknown,
+                (_, Some(n)) => Actor::Process(n),
+            };
+            let verdict = sel.decide(actor);
+            let actor_name = name.unwrap_or(attribution::UNKNOWN).to_string();
+            let object = self.describe(&id);
+            if verdict == Verdict::Forget {
+                info!(
+                    selector = %sel.name,
+                    actor = %actor_name,
+                    netlink_port = port,
+                    kind = kind_str(&id),
+                    %object,
+                    "forgotten: removed by its owner"
+                );
+                match &id {
+                    ObjectId::Rule(k) => {
+                        self.adopted.remove(k);
+                        self.desired.rules.remove(k);
+                        batch.dirty.rules.remove(k);
+                    }
+                    ObjectId::Route(k) => {
+                        self.adopted_routes.remove(k);
+                        self.desired.routes.remove(k);
+                        batch.dirty.routes.remove(k);
+                    }
+                    ObjectId::Address(_) => {}
+                }
+                batch.removed_by.remove(&id);
+                self.pending.remove(&id);
+                self.reported.remove(&id);
+                self.failed.remove(&id);
+                self.states.remove(&id);
+                self.contest.retain(|i| i != &id);
+                batch.adoption_changed = true;
+            } else {
+                debug!(selector = %sel.name, actor = %actor_name, %object, "adopted object removed by a non-owner: drift");
+            }
+        }
+    }
+
+    fn describe(&self, id: &ObjectId) -> String {
+        match id {
+            ObjectId::Rule(k) => self.desired.rules.get(k).map(|r| r.describe()),
+            ObjectId::Route(k) => self.desired.routes.get(k).map(|r| r.describe()),
+            ObjectId::Address(k) => self.desired.addresses.get(k).map(|a| a.describe()),
+        }
+        .unwrap_or_default()
     }
 
     /// Applies a plan's repairs, updates the mirror with what the kernel accepted and logs.
@@ -986,6 +1286,18 @@ fn in_scope(d: &Dirty, id: &ObjectId) -> bool {
         ObjectId::Rule(k) => d.rules.contains(k),
         ObjectId::Route(k) => d.routes.contains(k),
         ObjectId::Address(k) => d.addresses.contains(k),
+    }
+}
+
+/// Which routes the mirror keeps: the protected ones, and every route of the tables adopt
+/// selectors look at.
+fn route_interest(d: &DesiredState) -> RouteInterest {
+    let keys = d.routes.keys().cloned().collect();
+    let tables = adopt::route_tables(&d.adopt);
+    if tables.is_empty() {
+        RouteInterest::Keys(keys)
+    } else {
+        RouteInterest::KeysAndTables(keys, tables)
     }
 }
 

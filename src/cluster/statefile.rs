@@ -88,28 +88,34 @@ pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
 
 /// Replaces the state file atomically.
 pub fn write(path: &Path, saved: &Saved) -> Result<(), StateFileError> {
-    let err = |source| StateFileError::Write {
+    let json = serde_json::to_vec_pretty(saved).map_err(|e| StateFileError::Write {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    write_atomic(path, &json).map_err(|source| StateFileError::Write {
         path: path.to_owned(),
         source,
-    };
+    })
+}
+
+/// Replaces a file atomically: temporary file in the same directory, fsync, rename, fsync of
+/// the directory.
+pub fn write_atomic(path: &Path, json: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
     let tmp = dir.join(format!(".{name}.tmp"));
-    let json = serde_json::to_vec_pretty(saved).map_err(|e| err(e.into()))?;
     {
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&json).map_err(err)?;
-        f.sync_all().map_err(err)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(json)?;
+        f.sync_all()?;
     }
-    std::fs::rename(&tmp, path).map_err(err)?;
+    std::fs::rename(&tmp, path)?;
     // The rename itself is durable only once the directory is synced.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err)
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 #[cfg(test)]

@@ -158,6 +158,7 @@ impl Builder<'_> {
                 ipsets: Vec::new(),
                 poll_interval: super::DEFAULT_POLL_INTERVAL,
                 templates: super::Templates::default(),
+                adopt: Vec::new(),
             };
         };
         self.spec(&spec.value)
@@ -259,6 +260,7 @@ impl Builder<'_> {
         }
 
         let (chains, ipsets, poll_interval) = self.netfilter(spec, mode);
+        let adopt = self.adopt(spec, mode);
         Config {
             mode,
             resync,
@@ -273,6 +275,7 @@ impl Builder<'_> {
                 mode,
                 objects: std::mem::take(&mut self.templated),
             },
+            adopt,
         }
     }
 
@@ -323,6 +326,7 @@ impl Builder<'_> {
         all.extend(named(&spec.addresses, "addresses", |a| &a.name));
         all.extend(named(&spec.chains, "chains", |c| &c.name));
         all.extend(named(&spec.ipsets, "ipsets", |s| &s.name));
+        all.extend(named(&spec.adopt, "adopt", |a| &a.name));
         all.sort_by_key(|(n, _)| (n.referenced.line(), n.referenced.column()));
         let mut first_use: HashMap<&str, u64> = HashMap::new();
         for (n, path) in all {

@@ -7,6 +7,7 @@
 //! problems are reported together, each with its file position and field path, so an operator can
 //! fix a file in one pass.
 
+mod adopt;
 mod build;
 mod expand;
 mod netfilter;
@@ -50,6 +51,8 @@ pub struct Config {
     /// Objects whose values hold templates (Kubernetes mode only): not in the lists above, they
     /// become objects when expanded against cluster facts ([`crate::desired::expand`]).
     pub templates: Templates,
+    /// Selectors of kernel objects protected as they are seen (`spec.adopt`).
+    pub adopt: Vec<crate::adopt::AdoptSelector>,
 }
 
 pub use expand::{Expanded, Pending, Templates};

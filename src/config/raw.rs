@@ -46,6 +46,37 @@ pub(super) struct RawSpec {
     pub poll_interval: Scalar,
     pub chains: Option<Vec<Spanned<RawChain>>>,
     pub ipsets: Option<Vec<Spanned<RawIpSet>>>,
+    pub adopt: Option<Vec<Spanned<RawAdopt>>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdopt {
+    pub name: Scalar,
+    pub mode: Scalar,
+    pub rules: Option<Spanned<RawRuleSelector>>,
+    pub routes: Option<Spanned<RawRouteSelector>>,
+    pub owners: Option<Vec<Scalar>>,
+    #[serde(rename = "unknownActor")]
+    pub unknown_actor: Scalar,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteSelector {
+    pub family: Scalar,
+    pub table: Scalar,
+    pub protocols: Option<Vec<Scalar>>,
+    pub device: Scalar,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuleSelector {
+    pub family: Scalar,
+    pub priority: Scalar,
+    pub table: Scalar,
+    pub protocols: Option<Vec<Scalar>>,
 }
 
 #[derive(Debug, DeriveDeserialize)]

@@ -842,3 +842,118 @@ mod netfilter {
         );
     }
 }
+
+#[test]
+fn adopt_selectors_are_parsed() {
+    let c = ok("spec:
+  adopt:
+    - name: vpc-cni
+      rules:
+        family: ipv4
+        priority: 512-1536
+        table: 2-main
+        protocols: [boot, 4]
+      owners: [aws-k8s-agent, aws-cni]
+      unknownActor: forget
+    - name: kube-router
+      mode: observe
+      rules:
+        priority: 32000
+      owners: [kube-router]
+");
+    let [vpc, kr] = &c.adopt[..] else {
+        panic!("two selectors expected: {:?}", c.adopt);
+    };
+    assert_eq!(vpc.name, "vpc-cni");
+    assert_eq!(vpc.rules.as_ref().unwrap().family, Some(Family::Ipv4));
+    assert_eq!(vpc.rules.as_ref().unwrap().priority, Some((512, 1536)));
+    assert_eq!(vpc.rules.as_ref().unwrap().table, Some((2, 254)));
+    assert_eq!(vpc.rules.as_ref().unwrap().protocols, vec![3, 4]);
+    assert_eq!(vpc.owners, vec!["aws-k8s-agent", "aws-cni"]);
+    assert_eq!(vpc.unknown_actor, crate::adopt::UnknownActor::Forget);
+    assert_eq!(vpc.mode, Mode::Enforce);
+    assert_eq!(kr.rules.as_ref().unwrap().priority, Some((32000, 32000)));
+    assert_eq!(kr.unknown_actor, crate::adopt::UnknownActor::Restore);
+    assert_eq!(kr.mode, Mode::Observe);
+}
+
+#[test]
+fn adopt_selectors_are_validated() {
+    let errors = invalid(
+        "spec:
+  rules:
+    - name: dup
+      priority: 100
+      from: 10.0.0.0/8
+      table: 100
+  adopt:
+    - name: dup
+      rules:
+        priority: 900-100
+        table: 0
+        protocols: [nonsense]
+      owners: [a-very-long-process-name]
+      unknownActor: keep
+    - rules: {}
+    - name: no-rules
+      owners: [x]
+",
+    );
+    assert_one(&errors, "spec.adopt[0].name", "already used");
+    assert_one(&errors, "spec.adopt[0].rules.priority", "empty range");
+    assert_one(&errors, "spec.adopt[0].rules.table", "out of range");
+    assert_one(
+        &errors,
+        "spec.adopt[0].rules.protocols[0]",
+        "unknown protocol",
+    );
+    assert_one(&errors, "spec.adopt[0].owners[0]", "not a command name");
+    assert_one(&errors, "spec.adopt[0].unknownActor", "restore or forget");
+    assert_one(&errors, "spec.adopt[1].name", "is required");
+    assert_one(&errors, "spec.adopt[1].owners", "is required");
+    assert_one(&errors, "spec.adopt[1].rules", "selects every rule");
+    assert_one(&errors, "spec.adopt[2]", "adopts nothing");
+    let line = errors
+        .iter()
+        .find(|e| e.field == "spec.adopt[0].unknownActor")
+        .unwrap()
+        .line;
+    assert_eq!(line, 16, "positions are those of the values");
+}
+
+#[test]
+fn adopt_route_selectors() {
+    let c = ok("spec:
+  adopt:
+    - name: eni-routes
+      routes:
+        table: 2-100
+        protocols: [boot]
+        device: eni*
+      owners: [aws-k8s-agent]
+");
+    let r = c.adopt[0].routes.as_ref().unwrap();
+    assert_eq!(r.table, Some((2, 100)));
+    assert_eq!(r.protocols, vec![3]);
+    assert_eq!(r.device.as_deref(), Some("eni*"));
+    assert!(c.adopt[0].rules.is_none());
+    let errors = invalid(
+        "spec:
+  adopt:
+    - name: all-routes
+      routes:
+        device: '*'
+      owners: [x]
+",
+    );
+    assert_one(&errors, "spec.adopt[0].routes.table", "is required");
+    assert_one(&errors, "spec.adopt[0].routes.device", "every device");
+}
+
+#[test]
+fn adopt_rejects_unknown_keys() {
+    match parse_body("spec:\n  adopt:\n    - name: a\n      rules:\n        prio: 5\n") {
+        Err(ConfigError::Syntax { .. }) => {}
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+}

@@ -2,7 +2,7 @@
 
 use super::{protocol_name, table_name, Family, Mode, PROTO_BOOT};
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -26,7 +26,7 @@ pub fn parse_scope(s: &str) -> Option<u8> {
 }
 
 /// The route types the config can ask for; anything else is `Other` and only ever observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RouteType {
     Unicast,
@@ -71,7 +71,7 @@ impl fmt::Display for RouteType {
 /// Identity of a route: IPv4 fib aliases are unique by (table, prefix, tos, priority), IPv6 fib
 /// nodes by (table, prefix, source prefix, metric). A second route with the same key is refused
 /// with EEXIST; NLM_F_REPLACE swaps the attributes in place.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RouteKey {
     pub family: Family,
     pub table: u32,
@@ -138,7 +138,7 @@ pub struct ObservedRoute {
 }
 
 /// A route that the config protects.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredRoute {
     pub name: String,
     pub mode: Mode,

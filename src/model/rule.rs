@@ -2,11 +2,11 @@
 
 use super::{protocol_name, selector, table_name, Family, Mode};
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// What a rule does when it matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     Lookup,
@@ -32,7 +32,7 @@ impl RuleAction {
 /// Identity of a rule as the kernel's `rule_exists()` sees it (minus the protocol, which we treat
 /// as an attribute so that a rule dumped with `proto unspec` still matches a config that does not
 /// name one).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleKey {
     pub family: Family,
     pub priority: u32,

@@ -239,9 +239,14 @@ struct BoardCollector(Arc<Mutex<Board>>);
 
 impl Collector for BoardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (counts, contested, ready) = {
+        let (counts, contested, ready, origins) = {
             let b = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            (b.state_counts(), b.contested_by_actor(), b.ready)
+            (
+                b.state_counts(),
+                b.contested_by_actor(),
+                b.ready,
+                b.origin_counts(),
+            )
         };
         let mut m = encoder.encode_descriptor(
             "protected_objects",
@@ -251,6 +256,16 @@ impl Collector for BoardCollector {
         )?;
         for ((kind, state), n) in counts {
             let labels = [("kind", kind), ("state", state.as_str())];
+            ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "protected_objects_by_origin",
+            "Protected objects by kind and origin (config: named in the config; adopted: through spec.adopt)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((kind, origin), n) in origins {
+            let labels = [("kind", kind), ("origin", origin)];
             ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
         }
         let mut m = encoder.encode_descriptor(

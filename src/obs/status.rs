@@ -46,11 +46,18 @@ impl State {
 
 pub const KINDS: [&str; 3] = ["rule", "route", "address"];
 
+fn config_origin() -> String {
+    "config".to_string()
+}
+
 /// One protected object as `/status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ObjectStatus {
     pub kind: String,
     pub name: String,
+    /// `config` (named in the config) or `adopted` (through `spec.adopt`).
+    #[serde(default = "config_origin")]
+    pub origin: String,
     pub object: String,
     pub mode: String,
     pub state: State,
@@ -107,6 +114,7 @@ impl Board {
             let kind = id.kind().to_string();
             let entry = match old.remove(&id) {
                 Some(mut e) => {
+                    e.status.origin = crate::adopt::origin(&name).to_string();
                     e.status.name = name;
                     e.status.object = object;
                     e.status.mode = mode;
@@ -115,6 +123,7 @@ impl Board {
                 None => Entry {
                     status: ObjectStatus {
                         kind,
+                        origin: crate::adopt::origin(&name).to_string(),
                         name,
                         object,
                         mode,
@@ -179,6 +188,24 @@ impl Board {
     }
 
     /// Contested objects by (kind, fighter).
+    /// Protected objects by kind and origin (`config`, `adopted`).
+    pub fn origin_counts(&self) -> BTreeMap<(&'static str, &'static str), usize> {
+        let mut out = BTreeMap::new();
+        for kind in KINDS {
+            for origin in ["config", "adopted"] {
+                out.insert((kind, origin), 0);
+            }
+        }
+        for e in self.objects.values() {
+            let kind = KINDS.iter().find(|k| **k == e.status.kind);
+            let origin = crate::adopt::origin(&e.status.name);
+            if let Some(kind) = kind {
+                *out.entry((*kind, origin)).or_default() += 1;
+            }
+        }
+        out
+    }
+
     pub fn contested_by_actor(&self) -> BTreeMap<(&'static str, String), usize> {
         let mut out = BTreeMap::new();
         for (id, e) in &self.objects {

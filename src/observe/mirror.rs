@@ -14,6 +14,9 @@ pub enum RouteInterest {
     #[default]
     All,
     Keys(HashSet<RouteKey>),
+    /// These identities, and every route in these (inclusive) table ranges: the tables of
+    /// adopt selectors (`spec.adopt[].routes`), whose routes are not known ahead of time.
+    KeysAndTables(HashSet<RouteKey>, Vec<(u32, u32)>),
 }
 
 impl RouteInterest {
@@ -21,6 +24,12 @@ impl RouteInterest {
         match self {
             RouteInterest::All => true,
             RouteInterest::Keys(keys) => keys.contains(key),
+            RouteInterest::KeysAndTables(keys, tables) => {
+                keys.contains(key)
+                    || tables
+                        .iter()
+                        .any(|(lo, hi)| *lo <= key.table && key.table <= *hi)
+            }
         }
     }
 }
@@ -302,6 +311,47 @@ mod tests {
             Change::LinkLost { index: 5 }
         );
         assert_eq!(m.link_index("wan0"), None);
+    }
+
+    #[test]
+    fn routes_of_adopted_tables_are_kept() {
+        let route = |table, dst: &str| crate::model::DesiredRoute {
+            name: "r".into(),
+            mode: crate::model::Mode::Enforce,
+            key: RouteKey::new(Family::Ipv4, table, dst.parse().unwrap(), None),
+            kind: RouteType::Blackhole,
+            gateway: None,
+            device: None,
+            prefsrc: None,
+            scope: None,
+            protocol: None,
+            onlink: false,
+            mtu: None,
+        };
+        let protected = route(100, "10.1.0.0/16");
+        let mut m = Mirror::new(RouteInterest::KeysAndTables(
+            [protected.key.clone()].into(),
+            vec![(150, 160)],
+        ));
+        for (r, kept) in [
+            (&protected, true),
+            (&route(150, "10.2.0.0/16"), true),
+            (&route(160, "10.3.0.0/16"), true),
+            (&route(161, "10.4.0.0/16"), false),
+            (&route(100, "10.5.0.0/16"), false),
+        ] {
+            let c = m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(r, None)));
+            let want = if kept {
+                Change::Route {
+                    key: r.key.clone(),
+                    removed: false,
+                }
+            } else {
+                Change::RouteAppeared
+            };
+            assert_eq!(c, want, "{:?}", r.key);
+            assert_eq!(m.routes.contains_key(&r.key), kept);
+        }
     }
 
     #[test]

@@ -1,0 +1,251 @@
+//! `spec.adopt`: selectors of kernel objects protected as they are seen, and their owners.
+
+use super::build::{Builder, Object};
+use super::raw::{RawAdopt, RawRouteSelector, RawRuleSelector, RawSpec};
+use super::values;
+use crate::adopt::{AdoptSelector, Range, RouteSelector, RuleSelector, UnknownActor};
+use crate::model::Mode;
+use serde_saphyr::Spanned;
+
+/// An inclusive range `lo-hi`, or one number; `parse` checks each bound.
+fn range(s: &str, parse: impl Fn(&str) -> Result<u32, String>) -> Result<Range, String> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((lo, hi)) if !lo.is_empty() => (parse(lo.trim())?, parse(hi.trim())?),
+        _ => {
+            let v = parse(s)?;
+            (v, v)
+        }
+    };
+    if lo > hi {
+        return Err(format!(
+            "`{s}` is an empty range: the first bound must not be above the second"
+        ));
+    }
+    Ok((lo, hi))
+}
+
+fn priority(s: &str) -> Result<u32, String> {
+    values::u32_value(s, 0, false)
+}
+
+fn unknown_actor(s: &str) -> Result<UnknownActor, String> {
+    match s {
+        "restore" => Ok(UnknownActor::Restore),
+        "forget" => Ok(UnknownActor::Forget),
+        _ => Err(format!("`{s}` is not a policy: use restore or forget")),
+    }
+}
+
+/// A command name as /proc/PID/comm shows it: 1 to 15 printable bytes, no `/`.
+fn owner(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 15 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "`{s}` is not a command name: use 1 to 15 printable characters, as /proc/PID/comm shows them"
+        ))
+    }
+}
+
+impl Builder<'_> {
+    pub(super) fn adopt(&mut self, spec: &RawSpec, global: Mode) -> Vec<AdoptSelector> {
+        let mut out = Vec::new();
+        for (i, item) in spec.adopt.iter().flatten().enumerate() {
+            let obj = Object {
+                at: item.referenced,
+                path: format!("spec.adopt[{i}]"),
+            };
+            if let Some(s) = self.adopt_one(&obj, &item.value, global) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    fn adopt_one(&mut self, obj: &Object, a: &RawAdopt, global: Mode) -> Option<AdoptSelector> {
+        let name = self.req(&a.name, obj, "name", values::object_name);
+        let mode = self
+            .opt(&a.mode, obj.field("mode"), values::mode)
+            .unwrap_or(global);
+        let unknown = self
+            .opt(&a.unknown_actor, obj.field("unknownActor"), unknown_actor)
+            .unwrap_or_default();
+        let mut owners = Vec::new();
+        let mut owners_ok = true;
+        for (j, o) in a.owners.iter().flatten().enumerate() {
+            match self.opt(o, format!("{}.owners[{j}]", obj.path), owner) {
+                Some(o) => owners.push(o),
+                None => owners_ok = false,
+            }
+        }
+        if a.owners.as_ref().is_none_or(Vec::is_empty) {
+            self.error(
+                obj.at,
+                obj.field("owners"),
+                "is required: name the processes whose removals are legitimate (e.g. aws-k8s-agent)",
+            );
+            owners_ok = false;
+        }
+        if a.rules.is_none() && a.routes.is_none() {
+            self.error(
+                obj.at,
+                obj.path.clone(),
+                "adopts nothing: give `rules` (priority, table, protocols, family) or `routes` (table, protocols, device, family)",
+            );
+            return None;
+        }
+        let mut ok = owners_ok;
+        let rules = match &a.rules {
+            None => None,
+            Some(raw) => {
+                let r = self.rule_selector(obj, raw);
+                ok &= r.is_some();
+                r
+            }
+        };
+        let routes = match &a.routes {
+            None => None,
+            Some(raw) => {
+                let r = self.route_selector(obj, raw);
+                ok &= r.is_some();
+                r
+            }
+        };
+        let name = name?;
+        ok.then_some(AdoptSelector {
+            name,
+            mode,
+            rules,
+            routes,
+            owners,
+            unknown_actor: unknown,
+        })
+    }
+
+    fn protocols(&mut self, list: &Option<Vec<super::raw::Scalar>>, path: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (j, p) in list.iter().flatten().enumerate() {
+            match self.opt(p, format!("{path}.protocols[{j}]"), values::protocol) {
+                Some(p) => out.push(p),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn rule_selector(
+        &mut self,
+        obj: &Object,
+        raw: &Spanned<RawRuleSelector>,
+    ) -> Option<RuleSelector> {
+        let path = obj.field("rules");
+        let r = &raw.value;
+        let family = self.opt(&r.family, format!("{path}.family"), values::family);
+        let prio = self.opt(&r.priority, format!("{path}.priority"), |s| {
+            range(s, priority)
+        });
+        let table = self.opt(&r.table, format!("{path}.table"), |s| {
+            range(s, values::table)
+        });
+        let protocols = self.protocols(&r.protocols, &path);
+        let mut ok = protocols.is_some()
+            && (r.family.is_none() || family.is_some())
+            && (r.priority.is_none() || prio.is_some())
+            && (r.table.is_none() || table.is_some());
+        if r.priority.is_none()
+            && r.table.is_none()
+            && r.protocols.as_ref().is_none_or(Vec::is_empty)
+        {
+            // Adopting every rule would also protect what the owner of the host set up.
+            self.error(
+                raw.referenced,
+                path,
+                "selects every rule: give at least one of priority, table, protocols",
+            );
+            ok = false;
+        }
+        ok.then(|| RuleSelector {
+            family,
+            priority: prio,
+            table,
+            protocols: protocols.unwrap_or_default(),
+        })
+    }
+
+    fn route_selector(
+        &mut self,
+        obj: &Object,
+        raw: &Spanned<RawRouteSelector>,
+    ) -> Option<RouteSelector> {
+        let path = obj.field("routes");
+        let r = &raw.value;
+        let family = self.opt(&r.family, format!("{path}.family"), values::family);
+        let table = self.opt(&r.table, format!("{path}.table"), |s| {
+            range(s, values::table)
+        });
+        let device = self.opt(&r.device, format!("{path}.device"), device_pattern);
+        let protocols = self.protocols(&r.protocols, &path);
+        let mut ok = protocols.is_some()
+            && (r.family.is_none() || family.is_some())
+            && (r.table.is_none() || table.is_some())
+            && (r.device.is_none() || device.is_some());
+        if r.table.is_none() {
+            // The mirror keeps only the routes of these tables (a node may hold a full BGP table).
+            self.error(
+                raw.referenced,
+                format!("{path}.table"),
+                "is required: the tables whose routes may be adopted (a number, a name or a range such as 2-100)",
+            );
+            ok = false;
+        }
+        ok.then(|| RouteSelector {
+            family,
+            table,
+            protocols: protocols.unwrap_or_default(),
+            device,
+        })
+    }
+}
+
+/// An interface name, or a prefix of one followed by `*`.
+fn device_pattern(s: &str) -> Result<String, String> {
+    let name = s.strip_suffix('*').unwrap_or(s);
+    if name.is_empty() && s == "*" {
+        return Err("`*` matches every device: leave `device` out instead".into());
+    }
+    values::ifname(name)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{e} (a prefix may end in `*`: `eni*`)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(range("512-1536", priority), Ok((512, 1536)));
+        assert_eq!(range("512", priority), Ok((512, 512)));
+        assert_eq!(range("2-main", values::table), Ok((2, 254)));
+        assert!(range("9-3", priority).unwrap_err().contains("empty range"));
+        assert!(range("-3", priority).is_err());
+        assert!(range("a-3", priority).is_err());
+        assert!(range("1-", priority).is_err());
+    }
+
+    #[test]
+    fn owners_and_policies() {
+        assert_eq!(owner("aws-k8s-agent").as_deref(), Ok("aws-k8s-agent"));
+        assert!(owner("a-very-long-process-name").is_err());
+        assert!(owner("a b").is_err());
+        assert!(owner("").is_err());
+        assert_eq!(unknown_actor("forget"), Ok(UnknownActor::Forget));
+        assert!(unknown_actor("keep").is_err());
+        assert_eq!(device_pattern("eni*").as_deref(), Ok("eni*"));
+        assert_eq!(device_pattern("eth0").as_deref(), Ok("eth0"));
+        assert!(device_pattern("*").is_err());
+        assert!(device_pattern("a/b*").is_err());
+    }
+}
