@@ -1,5 +1,5 @@
 #!/bin/sh
-# Writes prometheusrule.yaml: the groups of alerts.yaml under the spec: of a PrometheusRule
+# Writes ../base/prometheusrule.yaml: the groups of alerts.yaml under the spec: of a PrometheusRule
 # (Prometheus Operator). Run after editing alerts.yaml; tests/manifests.rs checks they agree.
 set -eu
 cd "$(dirname "$0")"
@@ -18,4 +18,4 @@ metadata:
 spec:
 HEAD
     awk 'started || /^groups:/ { started = 1; if (length($0)) print "  " $0; else print "" }' alerts.yaml
-} > prometheusrule.yaml
+} > ../base/prometheusrule.yaml
