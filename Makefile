@@ -5,9 +5,11 @@
 # netlink socket (tests/deploy.rs, tests/observability.rs); for the incidents reproduced with the
 # real offenders (tests/offenders*.rs, benches/networkd.rs): systemd for systemd-networkd and
 # networkctl, dbus for the private system bus networkctl talks over, bird2 for a competing
-# route installer.
+# route installer; python3-venv for kubernetes-validate (PyPI, pinned, in .tools/venv: the
+# Kubernetes schemas tests/manifests.rs validates deploy/ against, offline).
 APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins prometheus python3 \
-	systemd dbus bird2
+	systemd dbus bird2 python3-venv
+KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
 # Every binary the agent and the tests run; `deps` installs the packages when one is missing.
 DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
 	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset \
@@ -24,6 +26,11 @@ deps:
 		echo "installing $(APT_PACKAGES) (missing:$$missing)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	fi
+	@[ -x .tools/venv/bin/kubernetes-validate ] || { \
+		{ python3 -m venv .tools/venv || { rm -rf .tools/venv && apt-get update -qq \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv \
+			&& python3 -m venv .tools/venv; }; } \
+		&& .tools/venv/bin/pip install -q '$(KUBERNETES_VALIDATE)'; }
 
 demo: deps
 	$(CARGO) build --release --locked

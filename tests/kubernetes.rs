@@ -141,15 +141,16 @@ fn has_rule(ns: &Sandbox, rule: &str) -> bool {
     count(&rules(ns), rule) == 1
 }
 
-/// The (verb, group, resource) triples the ClusterRole in deploy/rbac.yaml grants.
+/// The (verb, group, resource) triples the ClusterRole in deploy/base/rbac.yaml grants.
 fn rbac_grants() -> BTreeSet<(String, String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("deploy/rbac.yaml parses");
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).expect("deploy/base/rbac.yaml parses");
     let role = docs
         .iter()
         .find(|d| d["kind"] == "ClusterRole")
-        .expect("a ClusterRole in deploy/rbac.yaml");
+        .expect("a ClusterRole in deploy/base/rbac.yaml");
     let mut grants = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
         for group in rule["apiGroups"].as_array().unwrap() {

@@ -14,7 +14,7 @@
 //!   back on the same port with the same objects.
 //!
 //! Every request is recorded as (verb, API group, resource), so a test can compare what the agent
-//! used with the ClusterRole in deploy/rbac.yaml.
+//! used with the ClusterRole in deploy/base/rbac.yaml.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use bytes::Bytes;

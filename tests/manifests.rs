@@ -1,0 +1,621 @@
+//! The deployment files (issue 6): the Dockerfile, the kustomize base in deploy/ and the overlays
+//! in deploy/examples/.
+//!
+//! - The base and every overlay are rendered with [`render`], the subset of kustomize these files
+//!   use (`resources` — files and directories — and `patches` with a `path`, merged as a
+//!   strategic merge patch of maps). Any other kustomization field is refused, so the renderer
+//!   cannot silently ignore one. Where `kubectl` is installed, its `kubectl kustomize` output is
+//!   compared with ours (Debian 12, where CI runs, packages neither kubectl nor kustomize).
+//! - Every rendered built-in object validates offline, strictly (unknown fields are errors),
+//!   against the schemas of Kubernetes 1.30 to 1.34 with `kubernetes-validate` (PyPI; `make deps`
+//!   installs it in .tools/venv). The Prometheus Operator objects (ServiceMonitor,
+//!   PrometheusRule) have no schema there: they are checked structurally here instead.
+//! - Each overlay's config passes `netwarden validate --kubernetes`.
+//! - The Dockerfile is checked statically (no container engine in CI).
+
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const VERSIONS: &[&str] = &["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0"];
+const OVERLAYS: &[&str] = &["kube-router", "canal-flannel", "aws-vpc-cni"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+/// Strategic merge of maps as kustomize does it for the fields used here: maps merge key by key,
+/// `null` deletes, anything else (strings, lists) replaces.
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    b.remove(k);
+                } else if let Some(old) = b.get_mut(k) {
+                    merge(old, v);
+                } else {
+                    b.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+fn id(o: &Value) -> (String, String, String) {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    (
+        s(&o["kind"]),
+        s(&o["metadata"]["namespace"]),
+        s(&o["metadata"]["name"]),
+    )
+}
+
+/// Renders a kustomization directory: the subset of kustomize used in deploy/.
+fn render(dir: &Path) -> Vec<Value> {
+    let k = yaml_docs(&dir.join("kustomization.yaml"));
+    assert_eq!(k.len(), 1, "{}: one document", dir.display());
+    let k = k[0].as_object().unwrap();
+    for key in k.keys() {
+        assert!(
+            ["apiVersion", "kind", "resources", "patches"].contains(&key.as_str()),
+            "{}: `{key}` is not in the kustomize subset tests/manifests.rs renders; extend render()",
+            dir.display()
+        );
+    }
+    assert_eq!(k["kind"], "Kustomization");
+    let mut objects = Vec::new();
+    for r in k["resources"].as_array().expect("resources") {
+        let path = dir.join(r.as_str().unwrap());
+        if path.is_dir() {
+            objects.extend(render(&path));
+        } else {
+            objects.extend(yaml_docs(&path));
+        }
+    }
+    for p in k
+        .get("patches")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let p = p.as_object().unwrap();
+        assert_eq!(
+            p.keys().collect::<Vec<_>>(),
+            ["path"],
+            "only `path` patches"
+        );
+        for patch in yaml_docs(&dir.join(p["path"].as_str().unwrap())) {
+            let target = objects
+                .iter_mut()
+                .find(|o| id(o) == id(&patch) && o["apiVersion"] == patch["apiVersion"])
+                .unwrap_or_else(|| {
+                    panic!("{}: patch target {:?} missing", dir.display(), id(&patch))
+                });
+            merge(target, &patch);
+        }
+    }
+    let ids: BTreeSet<_> = objects.iter().map(id).collect();
+    assert_eq!(
+        ids.len(),
+        objects.len(),
+        "{}: duplicate objects",
+        dir.display()
+    );
+    objects
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn config_of(objects: &[Value]) -> String {
+    find(objects, "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .expect("data.config.yaml")
+        .to_owned()
+}
+
+fn sorted(mut v: Vec<Value>) -> Vec<Value> {
+    v.sort_by_key(id);
+    v
+}
+
+#[test]
+fn our_rendering_matches_kubectl_kustomize_where_kubectl_exists() {
+    let dirs: Vec<PathBuf> = std::iter::once(root().join("deploy"))
+        .chain(
+            OVERLAYS
+                .iter()
+                .map(|o| root().join("deploy/examples").join(o)),
+        )
+        .collect();
+    for dir in dirs {
+        let ours = sorted(render(&dir));
+        let Ok(out) = Command::new("kubectl").arg("kustomize").arg(&dir).output() else {
+            eprintln!("kubectl not installed: comparison with kubectl kustomize skipped");
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: Vec<Value> =
+            serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        assert_eq!(
+            ours,
+            sorted(theirs),
+            "{}: render() differs from kubectl",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn render_applies_patches_and_refuses_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: n}\ndata: {x: '1', y: '2'}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("p.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: n}\ndata: {x: '3', y: ~}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [cm.yaml]\npatches: [{path: p.yaml}]\n",
+    )
+    .unwrap();
+    let o = render(d);
+    assert_eq!(o[0]["data"], serde_json::json!({"x": "3"}));
+    std::fs::write(
+        d.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [cm.yaml]\nnamePrefix: x-\n",
+    )
+    .unwrap();
+    assert!(std::panic::catch_unwind(|| render(d)).is_err());
+}
+
+fn kubernetes_validate() -> PathBuf {
+    if let Some(p) = std::env::var_os("KUBERNETES_VALIDATE") {
+        return p.into();
+    }
+    let venv = root().join(".tools/venv/bin/kubernetes-validate");
+    if venv.exists() {
+        return venv;
+    }
+    "kubernetes-validate".into()
+}
+
+/// Runs kubernetes-validate (strict) on the objects for one Kubernetes version: Ok or its report.
+fn schema_check(objects: &[Value], version: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("objects.yaml");
+    let text: Vec<String> = objects
+        .iter()
+        .map(|o| serde_json::to_string(o).unwrap())
+        .collect();
+    std::fs::write(&file, text.join("\n---\n")).unwrap();
+    let out = Command::new(kubernetes_validate())
+        .args(["--strict", "--quiet", "-k", version])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate (PyPI; `make deps` installs it in .tools/venv)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every object here has a schema: a warning (no schema found) is a failure too.
+    if out.status.success() && !report.contains("ERROR") && !report.contains("WARN") {
+        Ok(())
+    } else {
+        Err(report)
+    }
+}
+
+fn is_crd(o: &Value) -> bool {
+    o["apiVersion"]
+        .as_str()
+        .unwrap()
+        .starts_with("monitoring.coreos.com/")
+}
+
+#[test]
+fn base_and_overlays_validate_against_kubernetes_schemas() {
+    let mut all = Vec::new();
+    for dir in std::iter::once(root().join("deploy")).chain(
+        OVERLAYS
+            .iter()
+            .map(|o| root().join("deploy/examples").join(o)),
+    ) {
+        let objects = render(&dir);
+        assert_eq!(
+            objects.len(),
+            9,
+            "{}: {:?}",
+            dir.display(),
+            objects.iter().map(id).collect::<Vec<_>>()
+        );
+        all.extend(objects.into_iter().filter(|o| !is_crd(o)));
+    }
+    for v in VERSIONS {
+        if let Err(report) = schema_check(&all, v) {
+            panic!("Kubernetes {v}:\n{report}");
+        }
+    }
+    // The check can fail: a misspelt field is refused.
+    let mut bad = render(&root().join("deploy"));
+    bad.retain(|o| o["kind"] == "DaemonSet");
+    let spec = bad[0]["spec"]["template"]["spec"].as_object_mut().unwrap();
+    spec.insert("hostNetwrk".into(), Value::Bool(true));
+    let report = schema_check(&bad, VERSIONS[0]).unwrap_err();
+    assert!(report.contains("hostNetwrk"), "{report}");
+}
+
+fn container(objects: &[Value]) -> &Value {
+    &find(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn daemonset_is_least_privilege_and_host_wide() {
+    let o = render(&root().join("deploy"));
+    let ds = find(&o, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    // src/obs/attribution.rs reads /proc/PID/fd of the node's processes.
+    assert_eq!(pod["hostPID"], true);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert!(pod["tolerations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["operator"] == "Exists" && t.get("key").is_none() && t.get("effect").is_none()));
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    let sa = find(&o, "ServiceAccount");
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(sa["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    let binding = find(&o, "ClusterRoleBinding");
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        sa["metadata"]["namespace"]
+    );
+
+    let c = container(&o);
+    let sc = &c["securityContext"];
+    assert_ne!(sc["privileged"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    let add: BTreeSet<&str> = strings(&sc["capabilities"]["add"]).into_iter().collect();
+    assert_eq!(add, BTreeSet::from(["NET_ADMIN", "NET_RAW"]));
+
+    let env = c["env"].as_array().unwrap();
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "NODE_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path);
+        assert_eq!(c[probe]["httpGet"]["port"], 10370);
+    }
+    for r in ["requests", "limits"] {
+        assert!(c["resources"][r]["cpu"].is_string() && c["resources"][r]["memory"].is_string());
+    }
+
+    // The args name the ConfigMap, the state file on the hostPath and the metrics port.
+    let args = strings(&c["args"]);
+    let arg = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+    let cm = find(&o, "ConfigMap");
+    assert_eq!(
+        arg("--configmap"),
+        format!(
+            "{}/{}",
+            cm["metadata"]["namespace"].as_str().unwrap(),
+            cm["metadata"]["name"].as_str().unwrap()
+        )
+    );
+    assert_eq!(arg("--metrics-addr"), "0.0.0.0:10370");
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let volumes = pod["volumes"].as_array().unwrap();
+    let host_path_at = |mount: &str| {
+        let m = mounts.iter().find(|m| m["mountPath"] == mount).unwrap();
+        let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
+        v["hostPath"]["path"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(host_path_at("/var/lib/netwarden"), "/var/lib/netwarden");
+    assert!(arg("--state-file").starts_with("/var/lib/netwarden/"));
+    assert_eq!(host_path_at("/run/xtables.lock"), "/run/xtables.lock");
+    // Every volume mounted by the read-only container is a hostPath or an emptyDir.
+    assert!(volumes
+        .iter()
+        .all(|v| v.get("hostPath").is_some() || v.get("emptyDir").is_some()));
+
+    // Every flag the DaemonSet passes is one `netwarden run` knows.
+    let help = Command::new(env!("CARGO_BIN_EXE_netwarden"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(a), "`netwarden run` has no {a}:\n{help}");
+    }
+    assert_eq!(args[0], "run");
+}
+
+#[test]
+fn service_monitor_and_prometheus_rule_match_the_service_and_alerts() {
+    let o = render(&root().join("deploy"));
+    let svc = find(&o, "Service");
+    let pod_labels = &find(&o, "DaemonSet")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "Service selector {k}");
+    }
+    let port = &svc["spec"]["ports"][0];
+    assert_eq!(port["port"], 10370);
+    assert!(container(&o)["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == port["targetPort"] && p["containerPort"] == 10370));
+
+    let sm = find(&o, "ServiceMonitor");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &svc["metadata"]["labels"][k], v,
+            "ServiceMonitor selector {k}"
+        );
+    }
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], port["name"]);
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    assert!(strings(&sm["spec"]["namespaceSelector"]["matchNames"])
+        .contains(&svc["metadata"]["namespace"].as_str().unwrap()));
+    // The alerts and dashboard assume job="netwarden": the ServiceMonitor's jobLabel gives it.
+    let job_label = sm["spec"]["jobLabel"].as_str().unwrap();
+    assert_eq!(svc["metadata"]["labels"][job_label], "netwarden");
+
+    let rule = find(&o, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    let alerts = yaml_docs(&root().join("deploy/prometheus/alerts.yaml"));
+    assert_eq!(
+        rule["spec"]["groups"], alerts[0]["groups"],
+        "prometheusrule.yaml is stale: run deploy/prometheus/gen-prometheusrule.sh"
+    );
+    let spec: &Map<String, Value> = rule["spec"].as_object().unwrap();
+    assert_eq!(spec.keys().collect::<Vec<_>>(), ["groups"]);
+}
+
+fn validate_kubernetes(config: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(&file, config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_netwarden"))
+        .args(["validate", "--kubernetes"])
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn overlay_configs_pass_netwarden_validate_and_protect_the_incident_objects() {
+    for overlay in OVERLAYS {
+        let o = render(&root().join("deploy/examples").join(overlay));
+        let config = config_of(&o);
+        let out = validate_kubernetes(&config);
+        assert!(
+            out.status.success(),
+            "{overlay}: netwarden validate --kubernetes:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = serde_saphyr::from_str(&config).unwrap();
+        let spec = &doc["spec"];
+        let list = |k: &str| spec[k].as_array().cloned().unwrap_or_default();
+        match *overlay {
+            "kube-router" => {
+                assert!(list("rules")
+                    .iter()
+                    .any(|r| r["table"] == 77
+                        && r["from"].as_str().unwrap().contains("node.podCIDRs")));
+                let sets = list("ipsets");
+                for name in ["kube-router-svip", "inet6:kube-router-svip"] {
+                    let set = sets.iter().find(|s| s["name"] == name).unwrap();
+                    let forbidden = strings(&set["forbidden"]).join(" ");
+                    assert!(forbidden.contains("apiserver.endpoints"), "{name}");
+                    assert!(forbidden.contains("node.internalIPs"), "{name}");
+                    assert_ne!(set["membership"], "exact", "{name} must not remove members");
+                }
+            }
+            "canal-flannel" => {
+                let chains = list("chains");
+                let postrtg = chains
+                    .iter()
+                    .find(|c| c["chain"] == "FLANNEL-POSTRTG")
+                    .unwrap();
+                assert_eq!(postrtg["table"], "nat");
+                assert!(postrtg["jumps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|j| j["chain"] == "POSTROUTING"
+                        && j["rule"].as_str().unwrap().ends_with("-j FLANNEL-POSTRTG")));
+                assert!(strings(&postrtg["rules"])
+                    .iter()
+                    .any(|r| r.contains("MASQUERADE")));
+                let fwd = chains.iter().find(|c| c["chain"] == "FLANNEL-FWD").unwrap();
+                assert_eq!(fwd["table"], "filter");
+                assert!(fwd["jumps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|j| j["chain"] == "FORWARD"));
+            }
+            "aws-vpc-cni" => {
+                assert!(list("rules").iter().any(|r| r["priority"] == 1024));
+                assert!(list("routes").iter().any(|r| r["destination"] == "default"
+                    && r["gateway"].as_str().unwrap().contains("node.annotations")));
+            }
+            _ => unreachable!(),
+        }
+    }
+    // The check can fail: a misspelt field in an overlay's config is refused.
+    let o = render(&root().join("deploy/examples/kube-router"));
+    let out = validate_kubernetes(&config_of(&o).replace("table: 77", "tabel: 77"));
+    assert_eq!(out.status.code(), Some(2));
+    // Templates need --kubernetes: the overlays really use Kubernetes mode.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    std::fs::write(&file, config_of(&o)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netwarden"))
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The instructions of a Dockerfile, continuation lines joined, comments dropped.
+fn instructions(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(part) => {
+                cur.push_str(part.trim_end());
+                cur.push(' ');
+            }
+            None => {
+                cur.push_str(t);
+                let (op, args) = cur.split_once(' ').unwrap_or((&cur, ""));
+                out.push((op.to_uppercase(), args.trim().to_owned()));
+                cur.clear();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let ins = instructions(&text);
+    let froms: Vec<&str> = ins
+        .iter()
+        .filter(|(op, _)| op == "FROM")
+        .map(|(_, a)| a.as_str())
+        .collect();
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    for from in &froms {
+        let image = from.split_whitespace().next().unwrap();
+        let (name, tag) = image
+            .split_once(':')
+            .unwrap_or_else(|| panic!("{image}: no tag"));
+        assert!(!tag.is_empty() && tag != "latest", "{image}: pin a tag");
+        assert!(!name.is_empty());
+    }
+    assert!(froms[0].starts_with("rust:1.") && froms[0].contains("bookworm AS build"));
+    // The build toolchain is at least the crate's rust-version.
+    let msrv = std::fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("rust-version = \"")
+                .map(|v| v.trim_end_matches('"').to_owned())
+        })
+        .unwrap();
+    let minor = |v: &str| {
+        v.split('.')
+            .nth(1)
+            .unwrap()
+            .split('-')
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert!(minor(froms[0].split_whitespace().next().unwrap()) >= minor(&msrv));
+    assert!(froms[1].starts_with("debian:bookworm-slim"));
+
+    // The runtime stage installs the tools the agent runs.
+    let runtime_start = ins.iter().rposition(|(op, _)| op == "FROM").unwrap();
+    let runtime = &ins[runtime_start..];
+    let install = runtime
+        .iter()
+        .find(|(op, a)| op == "RUN" && a.contains("apt-get install"))
+        .map(|(_, a)| a.split_whitespace().collect::<BTreeSet<_>>())
+        .expect("apt-get install in the runtime stage");
+    for p in ["iptables", "ipset", "iproute2"] {
+        assert!(install.contains(p), "runtime installs {p}");
+    }
+    assert!(runtime
+        .iter()
+        .any(|(op, a)| op == "COPY" && a.starts_with("--from=build") && a.contains("netwarden")));
+    // Root on purpose (capabilities need it), stated explicitly; the entrypoint execs the agent.
+    let user = runtime.iter().rfind(|(op, _)| op == "USER").expect("USER");
+    assert!(["0", "0:0", "root"].contains(&user.1.as_str()), "{user:?}");
+    let entry = runtime
+        .iter()
+        .rfind(|(op, _)| op == "ENTRYPOINT")
+        .expect("ENTRYPOINT");
+    let entry: Vec<String> = serde_json::from_str(&entry.1).expect("ENTRYPOINT in exec form");
+    let script = std::fs::read_to_string(root().join("deploy/entrypoint.sh")).unwrap();
+    assert!(runtime.iter().any(|(op, a)| op == "COPY"
+        && a.starts_with("deploy/entrypoint.sh")
+        && a.ends_with(&entry[0])));
+    assert!(script
+        .lines()
+        .last()
+        .unwrap()
+        .starts_with("exec /usr/local/bin/netwarden \"$@\""));
+    let sh = Command::new("sh")
+        .arg("-n")
+        .arg(root().join("deploy/entrypoint.sh"))
+        .status()
+        .unwrap();
+    assert!(sh.success());
+    assert!(runtime.iter().any(|(op, a)| op == "EXPOSE" && a == "10370"));
+    // Everything the build stage copies exists (include_str! needs examples/).
+    for (op, a) in &ins[..runtime_start] {
+        if op == "COPY" {
+            let parts: Vec<&str> = a.split_whitespace().collect();
+            for src in &parts[..parts.len() - 1] {
+                assert!(root().join(src).exists(), "COPY {src}: missing");
+            }
+        }
+    }
+    // The Dockerfile parser itself can fail.
+    assert_eq!(
+        instructions("FROM a:1 \\\n  AS b\n# c\nRUN x")[0].1,
+        "a:1 AS b"
+    );
+}
