@@ -18,6 +18,7 @@ use netwarden::plan::{plan_all, Op, Plan};
 use proptest::prelude::*;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, Ipv4Addr};
 
 const IFINDEX: u32 = 4;
@@ -136,16 +137,16 @@ fn case() -> impl Strategy<Value = Case> {
             let mut case_rules = Vec::new();
             for (prio, from, table, protocol, seen) in rules {
                 let r = desired_rule(prio, from, table, protocol);
-                if !desired.rules.contains_key(&r.key) {
-                    desired.rules.insert(r.key.clone(), r.clone());
+                if let Entry::Vacant(e) = desired.rules.entry(r.key.clone()) {
+                    e.insert(r.clone());
                     case_rules.push((r, seen));
                 }
             }
             let mut case_routes = Vec::new();
             for (table, dst, gw, dev, seen) in routes {
                 let r = desired_route(table, dst, gw, dev);
-                if !desired.routes.contains_key(&r.key) {
-                    desired.routes.insert(r.key.clone(), r.clone());
+                if let Entry::Vacant(e) = desired.routes.entry(r.key.clone()) {
+                    e.insert(r.clone());
                     case_routes.push((r, seen));
                 }
             }
@@ -153,8 +154,8 @@ fn case() -> impl Strategy<Value = Case> {
             for (host, len, seen) in addresses {
                 let a = desired_address(host, len);
                 let key = (a.device.clone(), a.address);
-                if !desired.addresses.contains_key(&key) {
-                    desired.addresses.insert(key, a.clone());
+                if let Entry::Vacant(e) = desired.addresses.entry(key) {
+                    e.insert(a.clone());
                     case_addresses.push((a, seen));
                 }
             }
