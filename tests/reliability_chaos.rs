@@ -333,6 +333,12 @@ fn chaos_then_everything_protected_is_back_and_foreign_state_untouched() {
     );
     // Objects still missing must be contested ones: the agent said so for each of them.
     let log = agent.log.lock().unwrap().clone();
+    // A fight over a chain is not a rule iptables-save prints otherwise: the chain must stay
+    // enforced (before the fix in netfilter/guard.rs it turned report-only under this chaos).
+    assert!(
+        !log.iter().any(|l| l.contains("repair did not take")),
+        "the guard gave up on a chain under the chaos"
+    );
     for problem in &at_100ms {
         let words: Vec<&str> = problem.split(' ').collect();
         let name = match words[..] {
