@@ -370,3 +370,97 @@ proptest! {
         prop_assert_eq!(foreign(&case.desired, &m), before, "a foreign object was changed");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The ipset plan: applying its adds and deletions to the observed members gives every desired
+// member and no forbidden one; with `membership: contains` forbidden members are the only
+// deletions, and every other foreign member is left alone.
+
+mod sets {
+    use netwarden::model::{Family, Mode};
+    use netwarden::netfilter::model::{Content, DesiredSet, Member, SetType};
+    use netwarden::netfilter::parse::SavedSet;
+    use netwarden::netfilter::plan::plan_set;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    fn member(host: u8) -> Member {
+        Member::parse(&format!("10.{}.0.{host}", host % 4)).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn forbidden_members_are_the_only_deletions(
+            desired in proptest::collection::btree_set(0u8..64, 0..12),
+            present in proptest::collection::btree_set(0u8..128, 0..40),
+            forbidden_nets in proptest::collection::btree_set(0u8..4, 0..2),
+            exact in any::<bool>(),
+        ) {
+            // Forbidden: 10.K.0.0/24 for some K; desired members never overlap one (config
+            // validation refuses that).
+            let forbidden: Vec<_> = forbidden_nets
+                .iter()
+                .map(|k| format!("10.{k}.0.0/24").parse().unwrap())
+                .collect();
+            let d = DesiredSet {
+                name: "s".into(),
+                mode: Mode::Enforce,
+                set: "s".into(),
+                kind: SetType::HashIp,
+                family: Family::Ipv4,
+                members: desired
+                    .iter()
+                    .filter(|h| !forbidden_nets.contains(&(*h % 4)))
+                    .map(|h| member(*h))
+                    .collect(),
+                membership: if exact { Content::Exact } else { Content::Contains },
+                forbidden,
+            };
+            let observed = SavedSet {
+                kind: "hash:ip".into(),
+                family: Some("inet".into()),
+                members: present.iter().map(|h| member(*h)).collect(),
+                other: Vec::new(),
+            };
+            let (_, repairs) = plan_set(&d, Some(&observed));
+            let mut now: HashSet<Member> = observed.members.clone();
+            for r in &repairs {
+                prop_assert!(r.create.is_none());
+                for (_, m) in &r.del {
+                    prop_assert!(observed.members.contains(m), "deletes what is not there: {m:?}");
+                    prop_assert!(!d.members.contains(m), "deletes a desired member: {m:?}");
+                    if !exact {
+                        prop_assert!(d.forbids(m).is_some(), "deletes a non-forbidden member: {m:?}");
+                    }
+                    now.remove(m);
+                }
+                for (_, m) in &r.add {
+                    prop_assert!(d.members.contains(m), "adds a member not desired: {m:?}");
+                    now.insert(*m);
+                }
+            }
+            for m in &d.members {
+                prop_assert!(now.contains(m));
+            }
+            prop_assert!(now.iter().all(|m| d.forbids(m).is_none()));
+            if exact {
+                let want: HashSet<Member> = d.members.iter().copied().collect();
+                prop_assert_eq!(&now, &want);
+            } else {
+                // Every foreign member that is not forbidden is still there.
+                for m in &observed.members {
+                    if d.forbids(m).is_none() {
+                        prop_assert!(now.contains(m));
+                    }
+                }
+            }
+            // In sync afterwards.
+            let after = SavedSet { members: now, ..observed.clone() };
+            let (drift, repairs) = plan_set(&d, Some(&after));
+            prop_assert!(drift.is_none(), "{drift:?}");
+            prop_assert!(repairs.is_empty());
+        }
+    }
+}
