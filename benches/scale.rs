@@ -261,6 +261,33 @@ fn main() -> Result<()> {
         rss_max = rss_max.max(vm_rss_kib(pid));
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A deletion that lands during a full refresh: an address removal makes the agent re-dump
+    // every route; the rule is deleted right after it.
+    let mut during = Vec::new();
+    for r in 0..5 {
+        ns.ip(&["address", "add", "10.210.0.1/32", "dev", "veth1"])?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let key = rule_key(r);
+        let mut msg = encode::request(M::DelRule(encode::rule(&key, None)), false, false);
+        msg.header.sequence_number = 100_000 + r as u32;
+        let mut bytes = vec![0u8; msg.buffer_len()];
+        msg.emit(&mut bytes);
+        ns.ip(&["address", "del", "10.210.0.1/32", "dev", "veth1"])?;
+        listener.drain();
+        let sent = Instant::now();
+        sock.send(&bytes, 0)?;
+        buf.clear();
+        sock.recv(&mut buf, 0).context("no ack")?;
+        let seen = listener
+            .wait_for(sent + Duration::from_secs(10), |s: &Seen| {
+                matches!(&s.1, Some(M::NewRule(m)) if decode::rule(m).is_some_and(|(k, _)| k == key))
+            })
+            .ok_or_else(|| anyhow!("rule not repaired within 10 s of a refresh"))?;
+        during.push(seen.0.saturating_duration_since(sent));
+    }
+    println!(
+        "single-rule repair deleted right after an address removal (route re-dump): {during:?}"
+    );
     // Let a couple of timer resyncs (every 10 s) happen under churn.
     while churn_started.elapsed() < Duration::from_secs(25) {
         rss_max = rss_max.max(vm_rss_kib(pid));
