@@ -46,3 +46,4 @@ bench: deps
 	$(CARGO) bench --locked --bench chains
 	$(CARGO) bench --locked --bench networkd
 	$(CARGO) bench --locked --bench cluster
+	$(CARGO) bench --locked --bench scale

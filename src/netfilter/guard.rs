@@ -21,6 +21,8 @@ use tracing::{debug, error, info, warn};
 
 /// Repairs of one table in a row that may not converge before a chain is only reported.
 const MAX_ATTEMPTS: u32 = 3;
+/// Restores in one sync of a table at most, while other processes keep changing it.
+const MAX_ROUNDS: u32 = 16;
 
 #[derive(Debug, Error)]
 pub enum GuardError {
@@ -259,11 +261,14 @@ impl Guard {
 
     /// Reads, plans and repairs the given tables. Each repair is verified by reading again; a
     /// table still drifting is repaired again (someone may be removing things concurrently, as
-    /// `iptables -D …; iptables -F …; iptables -X …` does in three transactions), up to
-    /// [`MAX_ATTEMPTS`] times, after which the chains still drifting are only reported.
+    /// `iptables -D …; iptables -F …; iptables -X …` does in three transactions). When the same
+    /// drift survives [`MAX_ATTEMPTS`] restores in a row the chains still drifting are only
+    /// reported; a drift that keeps changing (a fight) is repaired up to [`MAX_ROUNDS`] times.
     async fn sync_tables(&mut self, tables: &BTreeSet<TableId>) {
         for &id in tables {
             let mut attempt = 0;
+            let mut rounds = 0;
+            let mut last: Option<Vec<ChainDrift>> = None;
             loop {
                 let started = Instant::now();
                 let Some(observed) = self.read_table(id).await else {
@@ -276,12 +281,25 @@ impl Guard {
                     self.report_chains(id, &drifts);
                     break;
                 }
+                // Only the very drift a restore just fixed, seen again, counts toward giving up
+                // (a rule iptables-save prints otherwise). Another drift is someone else removing
+                // rules meanwhile: a fight, which must never turn the chain to report-only.
+                if last.as_ref() != Some(&drifts) {
+                    attempt = 0;
+                }
                 if attempt == MAX_ATTEMPTS {
                     self.give_up(&drifts, observed.as_ref());
                     self.report_chains(id, &drifts);
                     break;
                 }
+                // Bounded under a fight; the fighter's next change brings us back here.
+                rounds += 1;
+                if rounds > MAX_ROUNDS {
+                    self.report_chains(id, &drifts);
+                    break;
+                }
                 attempt += 1;
+                last = Some(drifts.clone());
                 let input = render::iptables_restore(id.table, &repair);
                 debug!(table = %id, input = %input, attempt, "restoring");
                 match tools::restore(self.backend, id.family, &input).await {

@@ -1,0 +1,11 @@
+//! The `ipset save` and `ipset list -terse` parsers on arbitrary text: errors, never panics.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    if let Err(e) = netwarden::netfilter::parse::ipset_save(&text) {
+        assert!(!e.to_string().is_empty());
+    }
+    let _ = netwarden::netfilter::parse::ipset_list_terse(&text);
+});

@@ -1,0 +1,350 @@
+//! Reliability (issue 8): crash safety (kill -9 in the middle of a mass repair), an event storm
+//! that overruns the default-sized event socket, a state file that is corrupt or truncated, least
+//! privilege (only CAP_NET_ADMIN and CAP_NET_RAW), and HTTP endpoints fed garbage.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// A plain HTTP/1.1 exchange over a fresh connection; returns the whole response ("" when the
+/// server closed the connection without answering).
+fn http_raw(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the agent's HTTP endpoints");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    // The server may close before reading all of a huge request: a write error is an answer too.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get(addr: &str, path: &str) -> String {
+    http_raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+/// The value of an unlabelled sample in a Prometheus text exposition.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+}
+
+const ROUTES: usize = 2000;
+
+fn many_routes_spec() -> String {
+    let mut spec = String::from("  routes:\n");
+    for i in 0..ROUTES {
+        spec.push_str(&format!(
+            "    - name: r{i}\n      table: 100\n      destination: 10.{}.{}.0/24\n      device: veth0\n",
+            100 + i / 250,
+            i % 250
+        ));
+    }
+    spec
+}
+
+/// kill -9 right after 2,000 protected routes were flushed, in the middle of their repair; the
+/// restarted agent puts every one back, once.
+#[test]
+fn kill9_during_mass_repair_then_restart_converges() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &many_routes_spec());
+    let agent = Agent::start(&ns, &cfg);
+    wait_until("all protected routes in place", || {
+        routes(&ns, "100").len() == ROUTES
+    });
+    ns.ip(&["route", "flush", "table", "100"]).unwrap();
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let at_kill = routes(&ns, "100").len();
+    drop(agent);
+    eprintln!("routes present when the agent was killed: {at_kill} of {ROUTES}");
+    let started = Instant::now();
+    let _agent = Agent::start(&ns, &cfg);
+    wait_until("every route back after the restart", || {
+        routes(&ns, "100").len() == ROUTES
+    });
+    eprintln!("converged {:?} after the restart began", started.elapsed());
+    let now = routes(&ns, "100");
+    let mut unique = now.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ROUTES, "duplicates: {now:?}");
+}
+
+/// Every prefix of a valid state file, and garbage, is a clear error naming the file: never a
+/// panic, never a half-read state.
+#[test]
+fn truncated_or_corrupt_state_files_are_clear_errors() {
+    use netwarden::cluster::statefile;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let saved = statefile::Saved {
+        version: statefile::VERSION,
+        source: "ConfigMap kube-system/netwarden key config.yaml".into(),
+        config: "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec: {}\n".into(),
+        facts: Default::default(),
+        written_at: 1,
+    };
+    statefile::write(&path, &saved).unwrap();
+    assert_eq!(statefile::read(&path).unwrap(), Some(saved));
+    let full = std::fs::read(&path).unwrap();
+    // No temporary file is left next to it.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    for cut in 0..full.len() {
+        std::fs::write(&path, &full[..cut]).unwrap();
+        let e = statefile::read(&path).expect_err("a truncated file is an error");
+        let text = e.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+    }
+    for garbage in [
+        &b"\x00\xff\xfe"[..],
+        b"[]",
+        b"{\"version\": \"1\"}",
+        b"null",
+    ] {
+        std::fs::write(&path, garbage).unwrap();
+        let e = statefile::read(&path).expect_err("garbage is an error");
+        assert!(e.to_string().starts_with("state file"), "{e}");
+    }
+}
+
+const RULE: &str = "100: from 10.244.1.0/24 lookup 77";
+
+fn rule_spec() -> &'static str {
+    "  rules:\n    - name: pods-to-overlay\n      priority: 100\n      from: 10.244.1.0/24\n      table: 77\n"
+}
+
+/// An event storm with the default (64 MiB) event buffer: while the agent is stopped, 200,000
+/// route events pile up (100,000 foreign routes added and removed) and a protected rule is
+/// removed; once thawed it notices the overrun, re-reads, puts the rule back, and counts it.
+#[test]
+fn event_storm_overruns_the_default_buffer_and_the_agent_converges() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&ns, &config(dir.path(), rule_spec()));
+    let addr = agent.http();
+    assert_eq!(
+        metric(&get(&addr, "/metrics"), "netwarden_netlink_overruns_total"),
+        0.0
+    );
+    agent.freeze(true);
+    let n = 100_000;
+    let add: String = (0..n)
+        .map(|i| {
+            format!(
+                "route add 10.{}.{}.{}/32 dev veth0 table 200\n",
+                150 + i / 62500,
+                (i / 250) % 250,
+                i % 250
+            )
+        })
+        .collect();
+    ns.batch(&[], &add).unwrap();
+    ns.batch(&[], &add.replace("route add", "route del"))
+        .unwrap();
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "100",
+        "from",
+        "10.244.1.0/24",
+        "table",
+        "77",
+    ])
+    .unwrap();
+    assert_eq!(count(&rules(&ns), RULE), 0);
+    agent.freeze(false);
+    agent.wait_log("socket overrun");
+    wait_until("rule back after the re-read", || {
+        count(&rules(&ns), RULE) == 1
+    });
+    let body = get(&addr, "/metrics");
+    assert!(
+        metric(&body, "netwarden_netlink_overruns_total") >= 1.0,
+        "{body}"
+    );
+    assert!(routes(&ns, "200").is_empty());
+}
+
+/// Only CAP_NET_ADMIN and CAP_NET_RAW (root uid, every other capability dropped from every set):
+/// the agent still repairs a deleted rule and restores a chain through iptables-restore. It
+/// cannot read other processes' /proc/PID/fd, so actors may be `unknown`: that is fine.
+#[test]
+fn works_with_only_net_admin_and_net_raw() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "{}  chains:\n    - name: guard-chain\n      table: filter\n      chain: NW-GUARD\n      rules:\n        - \"-s 10.9.0.0/16 -j DROP\"\n",
+        rule_spec()
+    );
+    let cfg = config(dir.path(), &spec);
+    let caps = "-all,+net_admin,+net_raw";
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "setpriv"])
+        .args([
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--bounding-set",
+            caps,
+        ])
+        .arg("--")
+        .arg(BIN)
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-level",
+            "debug",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent under setpriv");
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let keep = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut l = keep.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let deadline = Instant::now() + WAIT;
+    while !log.lock().unwrap().contains("initial sync done") {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the agent exited:\n{}",
+            log.lock().unwrap()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no initial sync:\n{}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // It really runs with only those two capabilities.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    // CAP_NET_ADMIN = 12, CAP_NET_RAW = 13.
+    assert_eq!(u64::from_str_radix(eff, 16).unwrap(), (1 << 12) | (1 << 13));
+    assert_eq!(count(&rules(&ns), RULE), 1);
+    ns.ip(&[
+        "rule",
+        "del",
+        "priority",
+        "100",
+        "from",
+        "10.244.1.0/24",
+        "table",
+        "77",
+    ])
+    .unwrap();
+    wait_until("rule repaired by the unprivileged agent", || {
+        count(&rules(&ns), RULE) == 1
+    });
+    let iptables = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "iptables"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let chain = || String::from_utf8_lossy(&iptables(&["-S", "NW-GUARD"]).stdout).into_owned();
+    wait_until("chain in place", || {
+        chain().contains("-s 10.9.0.0/16 -j DROP")
+    });
+    assert!(iptables(&["-F", "NW-GUARD"]).status.success());
+    wait_until("chain restored by the unprivileged agent", || {
+        chain().contains("-s 10.9.0.0/16 -j DROP")
+    });
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "agent died:\n{}",
+        log.lock().unwrap()
+    );
+}
+
+/// The HTTP endpoints are read-only and survive garbage: raw bytes, a huge header, a request
+/// line without end, POST; /healthz still answers afterwards.
+#[test]
+fn http_endpoints_survive_garbage() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&ns, &config(dir.path(), rule_spec()));
+    let addr = agent.http();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
+    let answer = http_raw(&addr, &garbage);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let answer = http_raw(&addr, huge.as_bytes());
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a 1 MiB header was accepted"
+    );
+    let answer = http_raw(
+        &addr,
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    for m in ["PUT", "DELETE", "PATCH"] {
+        let answer = http_raw(
+            &addr,
+            format!("{m} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 405"), "{m}: {answer}");
+    }
+    // Half a request, then the client goes away.
+    drop(TcpStream::connect(&addr).unwrap().write_all(b"GET /metr"));
+    // Many connections opened and dropped.
+    for _ in 0..200 {
+        drop(TcpStream::connect(&addr).unwrap());
+    }
+    let answer = get(&addr, "/healthz");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(get(&addr, "/metrics").contains("netwarden_"));
+}
