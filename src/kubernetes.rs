@@ -64,7 +64,8 @@ pub fn run(
             cfg.resync,
             backend,
         )
-        .await?;
+        .await?
+        .with_telemetry(telemetry.clone());
         let agent = reconcile::Agent::start_adopting(
             ex.desired.clone(),
             cfg.resync,

@@ -177,7 +177,8 @@ fn run(
             cfg.resync,
             backend,
         )
-        .await?;
+        .await?
+        .with_telemetry(telemetry.clone());
         let reloads = obs::reload_on_sighup(path, telemetry.clone());
         let agent =
             reconcile::Agent::start_adopting(desired, cfg.resync, telemetry, adopted_state).await?;

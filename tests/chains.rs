@@ -375,6 +375,25 @@ fn forbidden_member_is_removed_logged_and_counted() {
     wait_until("second forbidden member gone", || {
         members(&ns, "kube-router-svip").len() == 3
     });
+    // Counted where Prometheus sees it, with the set's repairs.
+    let (code, text) = netwarden::obs::http::get(
+        &agent.http(),
+        "/metrics",
+        None,
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        text.lines()
+            .any(|l| l == "netwarden_forbidden_members_total{result=\"removed\"} 2"),
+        "{text}"
+    );
+    let repairs = text
+        .lines()
+        .find(|l| l.starts_with("netwarden_repairs_total{kind=\"ipset\",result=\"applied\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(repairs.is_some_and(|n| n >= 2), "{text}");
 }
 
 #[test]

@@ -13,7 +13,10 @@ use super::plan::{self, ChainDrift, SetDrift};
 use super::render;
 use super::tools::{self, Backend, BackendChoice, ToolError};
 use crate::model::Mode;
+use crate::obs::metrics::{ForbiddenLabels, RepairLabels};
+use crate::obs::Telemetry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -76,6 +79,8 @@ pub struct Guard {
     /// Forbidden members already reported per observe-mode set: reported once, not every poll.
     known_forbidden: HashMap<String, HashSet<super::model::Member>>,
     pub stats: GuardStats,
+    /// Where repairs and forbidden members are counted for /metrics (none in `check`).
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Guard {
@@ -115,6 +120,7 @@ impl Guard {
             own: VecDeque::new(),
             known_forbidden: HashMap::new(),
             stats: GuardStats::default(),
+            telemetry: None,
         };
         if !guard.is_idle() {
             let started = Instant::now();
@@ -144,6 +150,21 @@ impl Guard {
     }
 
     /// Runs until an unrecoverable error; with nothing to protect, never returns.
+    /// Counts repairs and forbidden members in the agent's metrics.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Guard {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    fn count_repairs(&self, kind: &'static str, result: &'static str, n: usize) {
+        if let Some(t) = &self.telemetry {
+            t.metrics
+                .repairs
+                .get_or_create(&RepairLabels { kind, result })
+                .inc_by(n as u64);
+        }
+    }
+
     pub async fn run(self) -> Result<(), GuardError> {
         self.run_with(None).await
     }
@@ -316,6 +337,7 @@ impl Guard {
                             .map(|d| d.name.as_str())
                             .collect();
                         self.stats.chain_repairs += names.len() as u64;
+                        self.count_repairs("chain", "applied", names.len());
                         info!(
                             kind = "chain",
                             table = %id,
@@ -328,6 +350,7 @@ impl Guard {
                     }
                     Err(e) => {
                         self.stats.repair_failures += 1;
+                        self.count_repairs("chain", "failed", drifts.len());
                         error!(kind = "chain", table = %id, error = %e, "repair failed");
                         self.report_chains(id, &drifts);
                         break;
@@ -473,6 +496,7 @@ impl Guard {
                 Ok(()) => true,
                 Err(e) => {
                     self.stats.repair_failures += 1;
+                    self.count_repairs("ipset", "failed", repairs.len());
                     error!(kind = "ipset", error = %e, "repair failed");
                     false
                 }
@@ -500,6 +524,13 @@ impl Guard {
                 if removed {
                     self.stats.forbidden_removed += forbidden.len() as u64;
                 }
+                if let Some(t) = &self.telemetry {
+                    let result = if removed { "removed" } else { "reported" };
+                    t.metrics
+                        .forbidden_members
+                        .get_or_create(&ForbiddenLabels { result })
+                        .inc_by(forbidden.len() as u64);
+                }
                 for m in &forbidden {
                     warn!(
                         kind = "ipset",
@@ -515,6 +546,7 @@ impl Guard {
             }
             if d.mode == Mode::Enforce && applied {
                 self.stats.set_repairs += 1;
+                self.count_repairs("ipset", "applied", 1);
                 info!(kind = "ipset", name = %d.name, set = %d.object, what = %text, took_us = took.as_micros() as u64, "restored");
             } else if self.reported.get(&d.name) != Some(&text) {
                 warn!(kind = "ipset", name = %d.name, set = %d.object, mode = "observe", drift = %text, "drift");

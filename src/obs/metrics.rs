@@ -25,6 +25,12 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// What was done about a forbidden set member: `removed` (enforce) or `reported` (observe).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForbiddenLabels {
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriftLabels {
     pub kind: &'static str,
@@ -76,6 +82,7 @@ pub struct Metrics {
     pub overruns: Counter,
     pub events: Counter,
     pub apply_errors: Family<ErrorLabels, Counter>,
+    pub forbidden_members: Family<ForbiddenLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub config_last_ok: Gauge,
@@ -94,6 +101,7 @@ impl Metrics {
             overruns: Counter::default(),
             events: Counter::default(),
             apply_errors: Family::default(),
+            forbidden_members: Family::default(),
             config_reloads: Family::default(),
             config_last_success: Gauge::default(),
             config_last_ok: Gauge::default(),
@@ -140,6 +148,11 @@ impl Metrics {
             "apply_errors",
             "Kernel requests that failed, by object kind and errno",
             m.apply_errors.clone(),
+        );
+        r.register(
+            "forbidden_members",
+            "Forbidden members found in protected sets, by what was done (removed, reported)",
+            m.forbidden_members.clone(),
         );
         r.register(
             "config_reloads",
@@ -190,6 +203,16 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             let _ = self.config_reloads.get_or_create(&ResultLabels { result });
+        }
+        for kind in ["chain", "ipset"] {
+            for result in ["applied", "failed"] {
+                let _ = self.repairs.get_or_create(&RepairLabels { kind, result });
+            }
+        }
+        for result in ["removed", "reported"] {
+            let _ = self
+                .forbidden_members
+                .get_or_create(&ForbiddenLabels { result });
         }
     }
 }
@@ -455,6 +478,7 @@ mod tests {
             "netwarden_protected_objects",
             "netwarden_contested_objects",
             "netwarden_apply_errors_total",
+            "netwarden_forbidden_members_total",
             "netwarden_build_info",
             "netwarden_config_last_reload_success_timestamp_seconds",
         ] {
