@@ -140,6 +140,24 @@ fn flannel_comes_back(backend: &str) {
         chain_lines(&nat, "FLANNEL-POSTRTG") == flannel_lines()
             && chain_lines(&nat, "POSTROUTING") == vec![JUMP.to_owned()]
     });
+    if backend == "nft" {
+        // nf_tables names the committing process: the repair says who removed the chain.
+        let line = agent.wait_log_all(&["kind=\"chain\"", "restored"]);
+        assert!(line.contains("actor=\"iptables-nft\""), "{line}");
+        let (_, text) = netwarden::obs::http::get(
+            &agent.http(),
+            "/metrics",
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(
+            text.lines().any(|l| l.starts_with(
+                "netwarden_drift_detected_total{kind=\"chain\",actor=\"iptables-nft\"}"
+            )),
+            "{text}"
+        );
+    }
 
     // IPv6 too, through ip6tables.
     let ip6tables = iptables.replace("iptables", "ip6tables");

@@ -13,7 +13,7 @@ use super::plan::{self, ChainDrift, SetDrift};
 use super::render;
 use super::tools::{self, Backend, BackendChoice, ToolError};
 use crate::model::Mode;
-use crate::obs::metrics::{ForbiddenLabels, RepairLabels};
+use crate::obs::metrics::{DriftLabels, ForbiddenLabels, RepairLabels};
 use crate::obs::Telemetry;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -81,6 +81,9 @@ pub struct Guard {
     pub stats: GuardStats,
     /// Where repairs and forbidden members are counted for /metrics (none in `check`).
     telemetry: Option<Arc<Telemetry>>,
+    /// The process whose nf_tables transaction is being checked (from its NEWGEN message);
+    /// `None` for polls and resyncs, where nobody is known.
+    actor: Option<String>,
 }
 
 impl Guard {
@@ -121,6 +124,7 @@ impl Guard {
             known_forbidden: HashMap::new(),
             stats: GuardStats::default(),
             telemetry: None,
+            actor: None,
         };
         if !guard.is_idle() {
             let started = Instant::now();
@@ -154,6 +158,19 @@ impl Guard {
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Guard {
         self.telemetry = Some(telemetry);
         self
+    }
+
+    fn count_drift(&self, kind: &'static str, actor: &str, n: usize) {
+        if let Some(t) = &self.telemetry {
+            // nf_tables process names are 15 characters at most; the label set stays small.
+            t.metrics
+                .drift_detected
+                .get_or_create(&DriftLabels {
+                    kind,
+                    actor: actor.to_string(),
+                })
+                .inc_by(n as u64);
+        }
     }
 
     fn count_repairs(&self, kind: &'static str, result: &'static str, n: usize) {
@@ -218,8 +235,12 @@ impl Guard {
                                     continue;
                                 }
                                 debug!(pid = ?pid, process = ?process, "transaction touched protected chains");
+                                // NEWGEN names the process that committed the transaction: the
+                                // actor of what the re-read finds drifted.
+                                self.actor = Some(process.unwrap_or_else(|| "unknown".into()));
                                 let tables = std::mem::take(&mut dirty);
                                 self.sync_tables(&tables).await;
+                                self.actor = None;
                             }
                             NftEvent::Overrun => {
                                 warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
@@ -338,9 +359,14 @@ impl Guard {
                             .collect();
                         self.stats.chain_repairs += names.len() as u64;
                         self.count_repairs("chain", "applied", names.len());
+                        let actor = self.actor.as_deref().unwrap_or("unknown");
+                        if attempt == 1 {
+                            self.count_drift("chain", actor, names.len());
+                        }
                         info!(
                             kind = "chain",
                             table = %id,
+                            actor,
                             names = %names.join(","),
                             what = %drifts.iter().flat_map(|d| d.findings.iter().map(ToString::to_string)).collect::<Vec<_>>().join("; "),
                             took_us = started.elapsed().as_micros() as u64,
