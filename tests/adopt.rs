@@ -368,40 +368,6 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
     drop(agent);
 }
 
-/// `ip -batch -` in the namespace with its standard input held open, so that the process (and
-/// its netlink socket) is there when the agent looks it up.
-struct IpBatch(Child);
-
-impl IpBatch {
-    fn run(ns: &Sandbox, line: &str) -> IpBatch {
-        let mut child = Command::new("ip")
-            .args(["-n", &ns.name, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("run ip");
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-        IpBatch(child)
-    }
-}
-
-impl Drop for IpBatch {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn adopted_routes_are_restored_after_the_kernel_drops_them_and_forgotten_when_the_owner_deletes_them(
 ) {

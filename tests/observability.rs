@@ -111,43 +111,6 @@ impl Drop for Deleter {
     }
 }
 
-/// `ip -batch -` in the namespace with its standard input held open: the process, and its
-/// netlink socket, stay until this is dropped, so the attribution is not a race with a process
-/// that exits a fraction of a millisecond after its change. (A plain `ip rule del` is usually
-/// named too, by the thread that watches changes as they happen, but on a loaded machine it can
-/// be gone first and is then `unknown`.)
-struct IpBatch(Child);
-
-impl IpBatch {
-    fn run(ns: &Sandbox, line: &str) -> IpBatch {
-        let mut child = Command::new("ip")
-            .args(["-n", &ns.name, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("run ip");
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{line}").unwrap();
-        stdin.flush().unwrap();
-        IpBatch(child)
-    }
-}
-
-impl Drop for IpBatch {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn scrape(addr: &str) -> String {
     let (code, body) = get(addr, "/metrics", None, T).expect("scrape");
     assert_eq!(code, 200);
