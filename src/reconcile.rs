@@ -128,16 +128,6 @@ struct Report {
     fighters: Vec<String>,
 }
 
-/// Counters kept by the loop (exported as metrics by the observability layer).
-#[derive(Clone, Debug, Default)]
-pub struct Stats {
-    pub repairs: u64,
-    pub repair_failures: u64,
-    pub resyncs: u64,
-    pub overruns: u64,
-    pub events: u64,
-}
-
 pub struct Agent {
     desired: DesiredState,
     mirror: Mirror,
@@ -150,7 +140,6 @@ pub struct Agent {
     /// Enforced objects that could not be applied yet. Retried when something appears (a link,
     /// an address, a route, a rule): any of those can make a device or gateway available.
     pending: HashSet<ObjectId>,
-    pub stats: Stats,
     telemetry: Arc<Telemetry>,
     /// Objects fought over, and their held-back repairs.
     contest: Contest<ObjectId>,
@@ -244,7 +233,6 @@ impl Agent {
             resync,
             reported: HashMap::new(),
             pending: HashSet::new(),
-            stats: Stats::default(),
             pings: telemetry.take_pings(),
             telemetry,
             contest: Contest::new(Backoff::default()),
@@ -279,7 +267,7 @@ impl Agent {
     }
 
     /// Runs until `shutdown` completes. Leaves every object in place on the way out.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Stats, ReconcileError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ReconcileError> {
         self.run_with(shutdown, None).await
     }
 
@@ -288,7 +276,7 @@ impl Agent {
         mut self,
         shutdown: impl Future<Output = ()>,
         mut reloads: Option<mpsc::Receiver<Reload>>,
-    ) -> Result<Stats, ReconcileError> {
+    ) -> Result<(), ReconcileError> {
         tokio::pin!(shutdown);
         let new_timer = |every: Duration| {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -306,7 +294,7 @@ impl Agent {
                 biased;
                 _ = &mut shutdown => {
                     info!("shutting down; protected state stays in place");
-                    return Ok(self.stats);
+                    return Ok(());
                 }
                 ev = self.events.next() => {
                     let Some(first) = ev else { return Err(ReconcileError::EventsClosed) };
@@ -437,7 +425,6 @@ impl Agent {
 
     async fn full_resync(&mut self, reason: ResyncReason) -> Result<(), ReconcileError> {
         let started = Instant::now();
-        self.stats.resyncs += 1;
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
         if self.adopt_from_mirror() || reason == ResyncReason::Start {
@@ -497,7 +484,6 @@ impl Agent {
                 next = self.events.try_recv().ok();
             }
         }
-        self.stats.events += count as u64;
         self.telemetry.metrics.events.inc_by(count as u64);
         if !batch.adopted_removed.is_empty() {
             self.judge_adopted_removals(&mut batch);
@@ -507,7 +493,6 @@ impl Agent {
             self.save_adopted();
         }
         if batch.overrun {
-            self.stats.overruns += 1;
             self.telemetry.metrics.overruns.inc();
             warn!("netlink events were lost (socket overrun); re-reading the kernel state");
             return self.full_resync(ResyncReason::Overrun).await;
@@ -936,7 +921,6 @@ impl Agent {
                     for op in &step.ops {
                         self.mirror.ingest(&apply::message(op));
                     }
-                    self.stats.repairs += 1;
                     restored.push((step.id.kind(), &step.name));
                     repaired.insert(step.id.clone());
                     if cause != Cause::Start {
@@ -966,7 +950,6 @@ impl Agent {
                     now_pending.insert(step.id.clone(), Finding::Pending { reason });
                 }
                 Outcome::Failed(e) => {
-                    self.stats.repair_failures += 1;
                     self.failed.insert(step.id.clone());
                     let errno = match e {
                         apply::ApplyError::Kernel(errno) => format!("{errno:?}"),
