@@ -169,15 +169,7 @@ fn flannel_comes_back(backend: &str) {
         f.contains(&"-A NW-FORWARD6 -s fd00:10:244::/56 -j ACCEPT".to_owned())
             && f.contains(&"-A FORWARD -j NW-FORWARD6".to_owned())
     });
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-        "--iptables-backend",
-        backend,
-    ]);
+    let out = check(&ns, &cfg, &["--iptables-backend", backend]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -440,15 +432,7 @@ fn forbidden_member_in_observe_mode_is_only_reported() {
         .filter(|l| l.contains("forbidden member in protected set"))
         .count();
     assert_eq!(reports, 1);
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-        "--output",
-        "json",
-    ]);
+    let out = check(&ns, &cfg, &["--output", "json"]);
     assert_eq!(out.status.code(), Some(1));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["in_sync"], false);

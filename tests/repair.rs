@@ -136,13 +136,7 @@ fn flushes_restore_protected_objects_and_leave_foreign_ones_gone() {
             && r.iter().any(|l| l.starts_with("blackhole 10.61.0.0/16"))
     });
     // Settled: `check` (an independent look) agrees everything protected is there.
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-    ]);
+    let out = check(&ns, &cfg, &[]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -187,13 +181,7 @@ fn route_on_missing_device_waits_and_appears_with_the_link() {
     );
     let mut agent = Agent::start(&ns, &cfg);
     agent.wait_log_all(&["pending", "tunnel-route", "tunl9"]);
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-    ]);
+    let out = check(&ns, &cfg, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("pending"));
 
@@ -253,13 +241,7 @@ fn gateway_route_returns_once_its_address_does() {
     )
     .unwrap();
     wait_until("route back after a quick address re-add", || present(&ns));
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-    ]);
+    let out = check(&ns, &cfg, &[]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -337,13 +319,7 @@ fn observe_mode_reports_drift_and_changes_nothing() {
         "observe mode restored the rule"
     );
 
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-    ]);
+    let out = check(&ns, &cfg, &[]);
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -351,15 +327,7 @@ fn observe_mode_reports_drift_and_changes_nothing() {
         "{table}"
     );
 
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-        "--output",
-        "json",
-    ]);
+    let out = check(&ns, &cfg, &["--output", "json"]);
     assert_eq!(out.status.code(), Some(1));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["in_sync"], false);

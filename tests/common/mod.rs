@@ -253,6 +253,19 @@ pub fn netwarden(args: &[&str]) -> Output {
         .expect("run netwarden")
 }
 
+/// `netwarden check --config CONFIG --netns NS EXTRA…`: an independent look at the namespace.
+pub fn check(ns: &Sandbox, config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--netns",
+        &ns.name,
+    ];
+    args.extend_from_slice(extra);
+    netwarden(&args)
+}
+
 /// Everything a namespace holds, to show that a command changed nothing.
 pub fn snapshot(ns: &Sandbox) -> Vec<String> {
     let mut all = Vec::new();
