@@ -31,7 +31,10 @@ use nix::unistd::Pid;
 use rtnetlink::packet_core::{Emitable, NetlinkBuffer, NetlinkMessage, NetlinkPayload, Parseable};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use std::collections::{HashSet, VecDeque};
+// The listener's bookkeeping uses the agent's fast hasher too: it competes with the agent for
+// the same two cores, so a lighter observer disturbs the race it times less.
+use netwarden::model::fast::{HashMap, HashSet};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
@@ -586,17 +589,17 @@ struct Tracker<'a, K: std::hash::Hash + Eq> {
     absent: HashSet<&'a K>,
     deletions: usize,
     /// What the listener saw of each object: arrival and whether it was a re-add.
-    history: std::collections::HashMap<&'a K, Vec<(Instant, bool)>>,
+    history: HashMap<&'a K, Vec<(Instant, bool)>>,
 }
 
 impl<'a, K: std::hash::Hash + Eq> Tracker<'a, K> {
     fn new(protected: &'a HashSet<K>) -> Self {
         Tracker {
             protected,
-            deleted: HashSet::with_capacity(protected.len()),
-            absent: HashSet::with_capacity(protected.len()),
+            deleted: HashSet::with_capacity_and_hasher(protected.len(), Default::default()),
+            absent: HashSet::with_capacity_and_hasher(protected.len(), Default::default()),
             deletions: 0,
-            history: std::collections::HashMap::with_capacity(protected.len()),
+            history: HashMap::with_capacity_and_hasher(protected.len(), Default::default()),
         }
     }
 

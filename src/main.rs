@@ -168,23 +168,22 @@ fn run(
     let path = path.to_path_buf();
     rt.block_on(async move {
         // Chains and sets first: `initial sync done` then means everything is in place.
-        // (A SIGHUP reload applies to rules, routes and addresses; chains and sets keep the
-        // config they started with until the agent restarts.)
         let guard = Guard::start(
-            cfg.chains,
-            cfg.ipsets,
+            cfg.chains.clone(),
+            cfg.ipsets.clone(),
             cfg.poll_interval,
             cfg.resync,
             backend,
         )
         .await?
         .with_telemetry(telemetry.clone());
-        let reloads = obs::reload_on_sighup(path, telemetry.clone());
+        let (guard_tx, guard_rx) = tokio::sync::mpsc::channel(1);
+        let reloads = obs::reload_on_sighup(path, telemetry.clone(), Some(guard_tx), &cfg);
         let agent =
             reconcile::Agent::start_adopting(desired, cfg.resync, telemetry, adopted_state).await?;
         tokio::select! {
             r = agent.run_with(shutdown_signal(), Some(reloads)) => { r?; }
-            r = guard.run() => { r?; }
+            r = guard.run_with(Some(guard_rx)) => { r?; }
         }
         Ok::<_, anyhow::Error>(())
     })?;

@@ -479,3 +479,31 @@ fn injection_attempts_are_refused_and_change_nothing() {
     );
     assert_eq!(before, after);
 }
+
+#[test]
+fn sighup_reloads_chains_and_sets_too() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "  pollInterval: 200ms\n  rules: []\n");
+    let mut agent = Agent::start(&ns, &cfg);
+    // Added to the file while the agent runs: protected from the reload on, not before.
+    config(dir.path(), SET_SPEC);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    agent.wait_log("config reloaded");
+    let svip = vec![
+        "10.0.0.1".to_owned(),
+        "10.0.0.2".to_owned(),
+        "10.0.0.3".to_owned(),
+    ];
+    wait_until("the reloaded set created", || {
+        members(&ns, "kube-router-svip") == svip
+    });
+    must(&ns, &["ipset", "destroy", "kube-router-svip"]);
+    wait_until("the reloaded set recreated", || {
+        members(&ns, "kube-router-svip") == svip
+    });
+}

@@ -48,8 +48,8 @@ pub struct GuardStats {
     pub set_reads: u64,
 }
 
-/// New chains and sets for a running guard (Kubernetes mode: a ConfigMap edit or new facts).
-#[derive(Debug)]
+/// New chains and sets for a running guard (a ConfigMap edit or new facts; SIGHUP in file mode).
+#[derive(Clone, Debug, PartialEq)]
 pub struct GuardReload {
     pub chains: Vec<DesiredChain>,
     pub sets: Vec<DesiredSet>,

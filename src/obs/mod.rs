@@ -14,6 +14,7 @@ pub mod status;
 
 use crate::config::{self, Config};
 use crate::desired::DesiredState;
+use crate::netfilter::guard::GuardReload;
 use crate::plan::ObjectId;
 use metrics::{Metrics, ResultLabels};
 use prometheus_client::registry::Registry;
@@ -182,8 +183,14 @@ pub struct Reload {
 
 /// Re-reads the config file on SIGHUP (call from within the runtime). A config with errors is refused as a whole: the old one
 /// stays, the error is logged and a failed reload is counted. Returns the stream of accepted
-/// configs (empty if the signal cannot be watched).
-pub fn reload_on_sighup(path: PathBuf, telemetry: Arc<Telemetry>) -> mpsc::Receiver<Reload> {
+/// configs for the reconcile loop (empty if the signal cannot be watched); the chains and sets of
+/// an accepted config go to `guard`, when they (or the poll and resync intervals) changed.
+pub fn reload_on_sighup(
+    path: PathBuf,
+    telemetry: Arc<Telemetry>,
+    guard: Option<mpsc::Sender<GuardReload>>,
+    started_with: &Config,
+) -> mpsc::Receiver<Reload> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = mpsc::channel(1);
     // Installed now, not in the task: a SIGHUP right after start must not kill the agent.
@@ -194,11 +201,21 @@ pub fn reload_on_sighup(path: PathBuf, telemetry: Arc<Telemetry>) -> mpsc::Recei
             return rx;
         }
     };
+    let mut netfilter = guard_reload_of(started_with);
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match config::load(&path) {
                 Ok(cfg) => {
                     telemetry.config_loaded(true);
+                    let changed = guard_reload_of(&cfg);
+                    if let Some(tx) = &guard {
+                        if changed != netfilter {
+                            netfilter = changed.clone();
+                            if tx.send(changed).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                     let reload = reload_of(&cfg);
                     tracing::info!(
                         file = %path.display(),
@@ -217,6 +234,15 @@ pub fn reload_on_sighup(path: PathBuf, telemetry: Arc<Telemetry>) -> mpsc::Recei
         }
     });
     rx
+}
+
+fn guard_reload_of(cfg: &Config) -> GuardReload {
+    GuardReload {
+        chains: cfg.chains.clone(),
+        sets: cfg.ipsets.clone(),
+        poll: cfg.poll_interval,
+        resync: cfg.resync,
+    }
 }
 
 fn reload_of(cfg: &Config) -> Reload {
