@@ -5,10 +5,11 @@
 //! The rule: while an adopted chain or set exists, its content is its owner's business and the
 //! copy follows it. Its removal is judged by who made it ([`AdoptSelector::decide`]): an owner →
 //! forgotten; anyone else → restored with the last-seen content; nobody known → the selector's
-//! unknown-actor policy. Two refinements, both because removal tools empty things first:
-//! - a chain's content changed by a known non-owner process (nf_tables names it) is drift too:
-//!   `iptables -F` before `iptables -X` would otherwise leave an empty copy to restore;
-//! - a chain emptied by an unknown actor (iptables-legacy, polled) is judged like a removal.
+//! unknown-actor policy. One refinement: a chain *emptied* is judged like a removal, because
+//! removal tools empty a chain first (`iptables -X` refuses one with rules; `iptables -F` comes
+//! before it), and following a stranger's flush would leave an empty copy to restore. Any other
+//! change is followed whoever made it: CNIs rewrite their chains through `iptables-restore`
+//! child processes, which nf_tables names instead of the CNI.
 //!
 //! Sets never have an actor (ipset has no notifications): every content change is taken as the
 //! owner's (kube-router swaps and flushes sets on every sync), only a destroyed set is judged.
@@ -16,7 +17,7 @@
 use super::model::{ChainKey, DesiredChain, Member, SetType, TableId};
 use super::parse::{SavedSet, SavedTable};
 use super::rulespec::RuleSpec;
-use crate::adopt::{self, Actor, AdoptSelector, UnknownActor, Verdict};
+use crate::adopt::{self, Actor, AdoptSelector, Verdict};
 use crate::model::{Family, Mode};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,14 +113,12 @@ impl AdoptedSet {
     }
 }
 
-/// A content change: the owner's, unless someone identified as another process made it, or an
-/// unknown actor emptied the chain (then it is judged like a removal).
+/// A content change is followed, unless it emptied the chain: then it is judged like a removal,
+/// except that what an owner (or, under `forget`, nobody known) empties stays adopted, empty.
 fn content_change(sel: &AdoptSelector, actor: Actor<'_>, emptied: bool) -> Outcome {
-    match actor {
-        Actor::Process(name) if sel.is_owner(name) => Outcome::Updated,
-        Actor::Process(_) | Actor::Kernel => Outcome::Restore,
-        Actor::Unknown if emptied && sel.unknown_actor == UnknownActor::Restore => Outcome::Restore,
-        Actor::Unknown => Outcome::Updated,
+    match sel.decide(actor) {
+        Verdict::Restore if emptied => Outcome::Restore,
+        _ => Outcome::Updated,
     }
 }
 
@@ -430,7 +429,7 @@ pub fn from_saved(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adopt::{ChainSelector, SetSelector};
+    use crate::adopt::{ChainSelector, SetSelector, UnknownActor};
     use crate::netfilter::model::Table;
     use crate::netfilter::parse::{ipset_save, iptables_save};
 
@@ -537,18 +536,19 @@ mod tests {
             assert_eq!(d.name, "adopted:kube-router/ipv4/nat/KUBE-ROUTER-X");
             assert_eq!(d.rules.len(), 3);
         }
-        // A non-owner changing rules (not emptying) is drift too.
+        // Another process changing rules without emptying the chain is followed too (CNIs write
+        // through `iptables-restore` children, which nf_tables names instead of the CNI).
         let mut a = copy.clone();
         let out = judge_table(
             &sels,
             &mut a,
             NAT,
             Some(&nat(&more)),
-            Actor::Process("iptables"),
+            Actor::Process("iptables-restor"),
             &never,
         );
-        assert_eq!(out[0].1, Outcome::Restore);
-        assert_eq!(a, copy);
+        assert_eq!(out[0].1, Outcome::Updated);
+        assert_eq!(a[&key("KUBE-ROUTER-X")].rules.len(), 3);
 
         // The owner deletes it: forgotten.
         let mut a = adopted.clone();
