@@ -431,3 +431,70 @@ fn adopted_chain_and_set_survive_an_agent_restart() {
     });
     agent.wait_log_all(&["restored", "actor=\"iptables-nft\""]);
 }
+
+/// iptables-legacy sends no notifications: the protected tables are polled and nobody is known.
+/// Under `unknownActor: restore`, a chain emptied or deleted is restored as last seen; a change
+/// that leaves rules in it is followed.
+#[test]
+fn legacy_backend_adopts_by_polling_and_restores_under_the_unknown_actor_policy() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), SPEC);
+    let ipt = |args: &[&str]| must(&ns, &[&["iptables-legacy", "-t", "nat"][..], args].concat());
+    ipt(&["-N", X]);
+    ipt(&[
+        "-A",
+        X,
+        "-s",
+        "10.244.0.0/16",
+        "-d",
+        "10.244.0.0/16",
+        "-j",
+        "RETURN",
+    ]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--iptables-backend", "legacy"]);
+    agent.wait_log_all(&["adopted", "selector=kube-router", X]);
+    let legacy_chain = || -> Option<Vec<String>> {
+        let text = must(&ns, &["iptables-legacy-save", "-t", "nat"]);
+        text.lines()
+            .any(|l| l.starts_with(&format!(":{X} ")))
+            .then(|| {
+                text.lines()
+                    .filter(|l| l.starts_with(&format!("-A {X} ")))
+                    .map(str::to_owned)
+                    .collect()
+            })
+    };
+
+    // A rule added (by anyone: no actor on legacy) is followed.
+    ipt(&["-A", X, "-s", "10.244.0.0/16", "-j", "MASQUERADE"]);
+    let both = x_rules(&[]);
+    wait_until("the new rule is part of the adopted copy", || {
+        agent
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("copy updated") && l.contains("rules=2"))
+    });
+    // Flushed then deleted: restored with both rules at a poll.
+    let _ = exec(
+        &ns,
+        &[
+            "sh",
+            "-c",
+            &format!("iptables-legacy -t nat -F {X}; iptables-legacy -t nat -X {X}"),
+        ],
+    );
+    let deadline = Instant::now() + WAIT;
+    while legacy_chain().as_ref() != Some(&both) {
+        assert!(
+            Instant::now() < deadline,
+            "not restored: {:?}\n{}",
+            legacy_chain(),
+            agent.log.lock().unwrap().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.wait_log_all(&["restored", "actor=\"unknown\""]);
+}

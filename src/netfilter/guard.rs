@@ -619,7 +619,7 @@ impl Guard {
                     info!(kind = "chain", selector = %selector, object = %key, rules, "adopted")
                 }
                 Outcome::Updated => {
-                    debug!(kind = "chain", selector = %selector, object = %key, actor, rules, "adopted chain changed by its owner: copy updated")
+                    debug!(kind = "chain", selector = %selector, object = %key, actor, rules, "adopted chain changed: copy updated")
                 }
             }
         }
