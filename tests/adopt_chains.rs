@@ -498,3 +498,51 @@ fn legacy_backend_adopts_by_polling_and_restores_under_the_unknown_actor_policy(
     }
     agent.wait_log_all(&["restored", "actor=\"unknown\""]);
 }
+
+/// A parent named like the owner runs `iptables-nft-restore` as a child (as CNIs run their
+/// iptables tools), and reaps it only when told: until then the child's /proc entry names its
+/// parent, whatever the agent's scheduling.
+const PARENT: &str = r#"
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None).prctl(15, b"kube-router", 0, 0, 0)
+p = subprocess.Popen(["iptables-nft-restore", "--noflush"], stdin=subprocess.PIPE)
+p.stdin.write(sys.argv[1].encode())
+p.stdin.close()
+os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+print("exited", flush=True)
+sys.stdin.readline()
+print("status", p.wait(), flush=True)
+"#;
+
+#[test]
+fn a_chain_deleted_by_a_child_process_of_the_owner_is_forgotten() {
+    use std::io::{BufRead, BufReader, Write};
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), SPEC);
+    let bin = owner_binary(dir.path());
+    owner_creates_chain_only(&ns, &bin);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--iptables-backend", "nft"]);
+    agent.wait_log_all(&["adopted", "selector=kube-router", X]);
+
+    let input = format!("*nat\n-F {X}\n-X {X}\nCOMMIT\n");
+    let mut parent = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c", PARENT, &input])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(parent.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "exited");
+    // nf_tables names the child; its parent is the owner.
+    agent.wait_log_all(&["forgotten", X, "actor=iptables-nft-re", "ancestors=kube-router"]);
+    let mut stdin = parent.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "status 0", "iptables-nft-restore failed");
+    parent.wait().unwrap();
+    stays_gone(&ns, 500);
+}

@@ -129,16 +129,38 @@ fn removal(sel: &AdoptSelector, actor: Actor<'_>) -> Outcome {
     }
 }
 
+/// The actor as a selector sees it: a process whose parent (or grandparent…) is an owner acts
+/// for that owner. CNIs run `iptables` and `iptables-restore` as child processes, and those are
+/// what nf_tables names.
+pub fn on_behalf<'a>(sel: &AdoptSelector, actor: Actor<'a>, ancestors: &'a [String]) -> Actor<'a> {
+    match actor {
+        Actor::Process(name) if !sel.is_owner(name) => ancestors
+            .iter()
+            .find(|a| sel.is_owner(a))
+            .map_or(actor, |a| Actor::Process(a)),
+        _ => actor,
+    }
+}
+
+/// The parent pid in the text of /proc/PID/stat (`pid (comm) state ppid …`; the command name
+/// may hold spaces and parentheses, so fields are counted after the last `)`).
+pub fn parent_pid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Judges one read of table `id`: updates `adopted` (new chains adopted, owners' changes
 /// followed, forgotten chains dropped) and says what happened to each chain that changed.
 /// Chains to restore keep their last-seen copy. `configured` are the chains `spec.chains`
-/// protects (never adopted); `actor` made the transaction that was read (unknown for polls).
+/// protects (never adopted); `actor` made the transaction that was read (unknown for polls),
+/// `ancestors` are the names of its parent, grandparent… (see [`on_behalf`]).
 pub fn judge_table(
     selectors: &[AdoptSelector],
     adopted: &mut BTreeMap<ChainKey, AdoptedChain>,
     id: TableId,
     observed: Option<&SavedTable>,
     actor: Actor<'_>,
+    ancestors: &[String],
     configured: &dyn Fn(&ChainKey) -> bool,
 ) -> Vec<(ChainKey, Outcome)> {
     let mut out = Vec::new();
@@ -158,6 +180,7 @@ pub fn judge_table(
             out.push((key, Outcome::Forgotten));
             continue;
         };
+        let actor = on_behalf(sel, actor, ancestors);
         let Some(copy) = adopted.get_mut(&key) else {
             continue;
         };
@@ -488,6 +511,7 @@ mod tests {
             NAT,
             Some(&nat(X)),
             Actor::Unknown,
+            &[],
             &never,
         );
         assert_eq!(out, vec![(key("KUBE-ROUTER-X"), Outcome::Adopted)]);
@@ -502,6 +526,7 @@ mod tests {
             NAT,
             Some(&nat(X)),
             Actor::Unknown,
+            &[],
             &never
         )
         .is_empty());
@@ -514,6 +539,7 @@ mod tests {
             NAT,
             Some(&nat(&more)),
             Actor::Process("kube-router"),
+            &[],
             &never,
         );
         assert_eq!(out, vec![(key("KUBE-ROUTER-X"), Outcome::Updated)]);
@@ -528,6 +554,7 @@ mod tests {
                 NAT,
                 Some(&nat(gone)),
                 Actor::Process("iptables"),
+                &[],
                 &never,
             );
             assert_eq!(out, vec![(key("KUBE-ROUTER-X"), Outcome::Restore)]);
@@ -545,6 +572,7 @@ mod tests {
             NAT,
             Some(&nat(&more)),
             Actor::Process("iptables-restor"),
+            &[],
             &never,
         );
         assert_eq!(out[0].1, Outcome::Updated);
@@ -558,6 +586,7 @@ mod tests {
             NAT,
             Some(&nat("")),
             Actor::Process("kube-router"),
+            &[],
             &never,
         );
         assert_eq!(out, vec![(key("KUBE-ROUTER-X"), Outcome::Forgotten)]);
@@ -566,9 +595,58 @@ mod tests {
         // No table at all (nft: deleted): same as a missing chain.
         let mut a = adopted.clone();
         assert_eq!(
-            judge_table(&sels, &mut a, NAT, None, Actor::Process("nft"), &never)[0].1,
+            judge_table(&sels, &mut a, NAT, None, Actor::Process("nft"), &[], &never)[0].1,
             Outcome::Restore
         );
+    }
+
+    #[test]
+    fn children_of_an_owner_act_for_it() {
+        let sels = [kube_router(UnknownActor::Restore)];
+        let mut base = BTreeMap::new();
+        judge_table(
+            &sels,
+            &mut base,
+            NAT,
+            Some(&nat(X)),
+            Actor::Unknown,
+            &[],
+            &never,
+        );
+        // kube-router deletes its chain through an `iptables` child.
+        let family = ["kube-router".to_string(), "containerd-shim".to_string()];
+        let mut a = base.clone();
+        let out = judge_table(
+            &sels,
+            &mut a,
+            NAT,
+            Some(&nat("")),
+            Actor::Process("iptables"),
+            &family,
+            &never,
+        );
+        assert_eq!(out[0].1, Outcome::Forgotten);
+        // A shell's `iptables`: another process.
+        let mut a = base.clone();
+        let shell = ["bash".to_string(), "sshd".to_string()];
+        let out = judge_table(
+            &sels,
+            &mut a,
+            NAT,
+            Some(&nat("")),
+            Actor::Process("iptables"),
+            &shell,
+            &never,
+        );
+        assert_eq!(out[0].1, Outcome::Restore);
+        assert_eq!(on_behalf(&sels[0], Actor::Unknown, &family), Actor::Unknown);
+        assert_eq!(parent_pid("4242 (iptables) S 4200 4242 1 0"), Some(4200));
+        assert_eq!(
+            parent_pid("7 (a) b (c) R 1 7 7 0"),
+            Some(1),
+            "names with `) `"
+        );
+        assert_eq!(parent_pid("garbage"), None);
     }
 
     #[test]
@@ -589,7 +667,15 @@ mod tests {
         ] {
             let sels = [kube_router(policy)];
             let mut base = BTreeMap::new();
-            judge_table(&sels, &mut base, NAT, Some(&nat(X)), Actor::Unknown, &never);
+            judge_table(
+                &sels,
+                &mut base,
+                NAT,
+                Some(&nat(X)),
+                Actor::Unknown,
+                &[],
+                &never,
+            );
             let cases = [
                 ("", gone),
                 (":KUBE-ROUTER-X - [0:0]\n", emptied),
@@ -600,7 +686,15 @@ mod tests {
             ];
             for (body, want) in cases {
                 let mut a = base.clone();
-                let out = judge_table(&sels, &mut a, NAT, Some(&nat(body)), Actor::Unknown, &never);
+                let out = judge_table(
+                    &sels,
+                    &mut a,
+                    NAT,
+                    Some(&nat(body)),
+                    Actor::Unknown,
+                    &[],
+                    &never,
+                );
                 assert_eq!(out[0].1, want, "{policy:?} {body:?}");
             }
         }
@@ -617,18 +711,42 @@ mod tests {
             NAT,
             Some(&nat(X)),
             Actor::Unknown,
+            &[],
             &configured
         )
         .is_empty());
         let odd = ":KUBE-ROUTER-$x - [0:0]\n";
-        assert!(
-            judge_table(&sels, &mut a, NAT, Some(&nat(odd)), Actor::Unknown, &never).is_empty()
-        );
+        assert!(judge_table(
+            &sels,
+            &mut a,
+            NAT,
+            Some(&nat(odd)),
+            Actor::Unknown,
+            &[],
+            &never
+        )
+        .is_empty());
         // A selector that no longer covers an adopted chain lets it go.
-        judge_table(&sels, &mut a, NAT, Some(&nat(X)), Actor::Unknown, &never);
+        judge_table(
+            &sels,
+            &mut a,
+            NAT,
+            Some(&nat(X)),
+            Actor::Unknown,
+            &[],
+            &never,
+        );
         let mut other = kube_router(UnknownActor::Restore);
         other.chains.as_mut().unwrap().names = vec!["CALI-*".into()];
-        let out = judge_table(&[other], &mut a, NAT, Some(&nat(X)), Actor::Unknown, &never);
+        let out = judge_table(
+            &[other],
+            &mut a,
+            NAT,
+            Some(&nat(X)),
+            Actor::Unknown,
+            &[],
+            &never,
+        );
         assert_eq!(out, vec![(key("KUBE-ROUTER-X"), Outcome::Forgotten)]);
     }
 
@@ -714,6 +832,7 @@ mod tests {
             NAT,
             Some(&nat(X)),
             Actor::Unknown,
+            &[],
             &never,
         );
         let sets = ipset_save(SET).unwrap();

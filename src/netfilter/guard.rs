@@ -171,6 +171,9 @@ pub struct Guard {
     /// `None` for polls and resyncs, where nobody is known.
     actor: Option<String>,
     adoption: Adoption,
+    /// Names of the parent, grandparent… of `actor`, read when its NEWGEN arrived (a CNI's
+    /// `iptables` child acts for the CNI).
+    ancestors: Vec<String>,
     /// Where adopted chains and sets are saved (the adopted-state file), when there is one.
     store: Option<crate::adopted_state::Writer>,
 }
@@ -228,6 +231,7 @@ impl Guard {
             telemetry: None,
             actor: None,
             adoption,
+            ancestors: Vec::new(),
             store: None,
         };
         if !guard.is_idle() {
@@ -391,9 +395,15 @@ impl Guard {
                                 // NEWGEN names the process that committed the transaction: the
                                 // actor of what the re-read finds drifted.
                                 self.actor = Some(process.unwrap_or_else(|| "unknown".into()));
+                                // Read now, before the tools run: the process is about to exit
+                                // (its parent can still be read while it is a zombie).
+                                if let (Some(pid), true) = (pid, self.adoption.adopts_chains()) {
+                                    self.ancestors = ancestors(pid);
+                                }
                                 let tables = std::mem::take(&mut dirty);
                                 self.sync_tables(&tables).await;
                                 self.actor = None;
+                                self.ancestors.clear();
                             }
                             NftEvent::Overrun => {
                                 warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
@@ -601,6 +611,7 @@ impl Guard {
             id,
             observed,
             actor,
+            &self.ancestors,
             &|k| configured.contains(k),
         );
         let actor = actor_name.as_deref().unwrap_or("unknown");
@@ -613,7 +624,7 @@ impl Guard {
                     debug!(kind = "chain", selector = %selector, object = %key, actor = %actor, "adopted chain removed or emptied by someone else: drift")
                 }
                 Outcome::Forgotten => {
-                    info!(kind = "chain", selector = %selector, object = %key, actor = %actor, "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten")
+                    info!(kind = "chain", selector = %selector, object = %key, actor = %actor, ancestors = %self.ancestors.join(","), "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten")
                 }
                 Outcome::Adopted => {
                     info!(kind = "chain", selector = %selector, object = %key, rules, "adopted")
@@ -981,6 +992,30 @@ fn watched_tables(
         w.extend(c.jumps.iter().map(|j| j.chain.clone()));
     }
     watched
+}
+
+/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc.
+/// Empty when the process is already gone.
+fn ancestors(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pid = pid;
+    for _ in 0..4 {
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| adopted::parent_pid(&s))
+        else {
+            break;
+        };
+        if parent <= 1 {
+            break;
+        }
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
+            break;
+        };
+        out.push(comm.trim_end().to_owned());
+        pid = parent;
+    }
+    out
 }
 
 async fn next_reload(r: &mut Option<mpsc::Receiver<GuardReload>>) -> Option<GuardReload> {
