@@ -537,7 +537,12 @@ fn a_chain_deleted_by_a_child_process_of_the_owner_is_forgotten() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "exited");
     // nf_tables names the child; its parent is the owner.
-    agent.wait_log_all(&["forgotten", X, "actor=iptables-nft-re", "ancestors=kube-router"]);
+    agent.wait_log_all(&[
+        "forgotten",
+        X,
+        "actor=iptables-nft-re",
+        "ancestors=kube-router",
+    ]);
     let mut stdin = parent.stdin.take().unwrap();
     writeln!(stdin).unwrap();
     line.clear();

@@ -604,7 +604,14 @@ impl Guard {
             Some(p) => Actor::Process(p),
         };
         let configured: HashSet<&ChainKey> = self.chains.iter().map(|c| &c.key).collect();
-        let before = self.adoption.chains.clone();
+        // Selectors of this table's adopted chains, for the log of those forgotten.
+        let before: HashMap<ChainKey, String> = self
+            .adoption
+            .chains
+            .iter()
+            .filter(|(k, _)| k.table_id() == id)
+            .map(|(k, c)| (k.clone(), c.selector.clone()))
+            .collect();
         let outcomes = adopted::judge_table(
             &self.adoption.selectors,
             &mut self.adoption.chains,
@@ -616,8 +623,11 @@ impl Guard {
         );
         let actor = actor_name.as_deref().unwrap_or("unknown");
         for (key, outcome) in &outcomes {
-            let copy = self.adoption.chains.get(key).or_else(|| before.get(key));
-            let selector = copy.map_or("-", |c| c.selector.as_str());
+            let copy = self.adoption.chains.get(key);
+            let selector = copy
+                .map(|c| c.selector.as_str())
+                .or_else(|| before.get(key).map(String::as_str))
+                .unwrap_or("-");
             let rules = copy.map_or(0, |c| c.rules.len());
             match outcome {
                 Outcome::Restore => {
@@ -833,7 +843,6 @@ impl Guard {
             Ok(()) => {
                 self.stats.set_repairs += 1;
                 self.count_repairs("ipset", "applied", 1);
-                self.count_drift("ipset", "unknown", 1);
                 self.reported.remove(&name);
                 self.board_repair(&name, "unknown");
                 info!(kind = "ipset", name = %name, set = %set.name, actor = "unknown", members = set.members.len(), what = "set missing", took_us = started.elapsed().as_micros() as u64, "restored");
