@@ -55,11 +55,43 @@ impl RouteSelector {
     }
 }
 
-/// `eni*` matches every name starting with `eni`; anything else matches itself.
+/// `eni*` matches every name starting with `eni`; anything else matches itself. (Also the
+/// syntax of chain and set name patterns.)
 pub fn device_matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => name.starts_with(prefix),
         None => pattern == name,
+    }
+}
+
+/// Which iptables chains a selector adopts: user chains (never builtin ones) of these tables
+/// whose name matches one of the patterns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainSelector {
+    pub family: Family,
+    pub tables: Vec<crate::netfilter::model::Table>,
+    /// Chain names, exact or a prefix ending in `*` (`KUBE-ROUTER-*`).
+    pub names: Vec<String>,
+}
+
+impl ChainSelector {
+    pub fn matches(&self, key: &crate::netfilter::model::ChainKey) -> bool {
+        key.family == self.family
+            && self.tables.contains(&key.table)
+            && !key.table.is_builtin(&key.chain)
+            && self.names.iter().any(|p| device_matches(p, &key.chain))
+    }
+}
+
+/// Which ipsets a selector adopts, by name (exact or a prefix ending in `*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetSelector {
+    pub names: Vec<String>,
+}
+
+impl SetSelector {
+    pub fn matches(&self, name: &str) -> bool {
+        self.names.iter().any(|p| device_matches(p, name))
     }
 }
 
@@ -70,6 +102,8 @@ pub struct AdoptSelector {
     pub mode: Mode,
     pub rules: Option<RuleSelector>,
     pub routes: Option<RouteSelector>,
+    pub chains: Option<ChainSelector>,
+    pub ipsets: Option<SetSelector>,
     /// Command names (as in /proc/PID/comm, at most 15 bytes) whose removals are legitimate.
     pub owners: Vec<String>,
     pub unknown_actor: UnknownActor,
@@ -190,6 +224,23 @@ pub fn select_rule<'a>(
         .find(|s| s.rules.as_ref().is_some_and(|r| r.matches(key, protocol)))
 }
 
+/// The first selector that adopts an iptables chain.
+pub fn select_chain<'a>(
+    selectors: &'a [AdoptSelector],
+    key: &crate::netfilter::model::ChainKey,
+) -> Option<&'a AdoptSelector> {
+    selectors
+        .iter()
+        .find(|s| s.chains.as_ref().is_some_and(|c| c.matches(key)))
+}
+
+/// The first selector that adopts an ipset.
+pub fn select_set<'a>(selectors: &'a [AdoptSelector], name: &str) -> Option<&'a AdoptSelector> {
+    selectors
+        .iter()
+        .find(|s| s.ipsets.as_ref().is_some_and(|c| c.matches(name)))
+}
+
 /// The first selector that adopts a kernel route.
 pub fn select_route<'a>(
     selectors: &'a [AdoptSelector],
@@ -245,6 +296,8 @@ mod tests {
                 protocols: vec![],
             }),
             routes: None,
+            chains: None,
+            ipsets: None,
             owners: vec!["aws-k8s-agent".into(), "aws-cni".into()],
             unknown_actor: policy,
         }
@@ -357,6 +410,46 @@ mod tests {
         )
         .is_some());
         assert!(select_rule(std::slice::from_ref(&sel), &rule(9, 9), None).is_none());
+    }
+
+    #[test]
+    fn chains_and_sets_match_by_name_pattern() {
+        use crate::netfilter::model::{ChainKey, Table};
+        let mut s = vpc(UnknownActor::Restore);
+        s.rules = None;
+        s.chains = Some(ChainSelector {
+            family: Family::Ipv4,
+            tables: vec![Table::Nat, Table::Filter],
+            names: vec!["KUBE-ROUTER-*".into(), "EXACT".into()],
+        });
+        s.ipsets = Some(SetSelector {
+            names: vec!["kube-router-*".into()],
+        });
+        let key = |table, chain: &str| ChainKey {
+            family: Family::Ipv4,
+            table,
+            chain: chain.into(),
+        };
+        let sels = std::slice::from_ref(&s);
+        assert!(select_chain(sels, &key(Table::Nat, "KUBE-ROUTER-X")).is_some());
+        assert!(select_chain(sels, &key(Table::Filter, "EXACT")).is_some());
+        assert!(select_chain(sels, &key(Table::Filter, "EXACT2")).is_none());
+        assert!(
+            select_chain(sels, &key(Table::Mangle, "KUBE-ROUTER-X")).is_none(),
+            "table"
+        );
+        let mut v6 = key(Table::Nat, "KUBE-ROUTER-X");
+        v6.family = Family::Ipv6;
+        assert!(select_chain(sels, &v6).is_none(), "family");
+        let mut builtin = s.clone();
+        builtin.chains.as_mut().unwrap().names = vec!["POST*".into()];
+        assert!(
+            select_chain(&[builtin], &key(Table::Nat, "POSTROUTING")).is_none(),
+            "builtin chains are never adopted"
+        );
+        assert!(select_set(sels, "kube-router-y").is_some());
+        assert!(select_set(sels, "KUBE-ROUTER-Y").is_none());
+        assert!(select_rule(sels, &rule(512, 254), None).is_none());
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub struct AdoptedState {
     pub rules: Vec<AdoptedRule>,
     #[serde(default)]
     pub routes: Vec<AdoptedRoute>,
+    /// iptables chains adopted by the netfilter guard, as last seen.
+    #[serde(default)]
+    pub chains: Vec<crate::netfilter::adopted::SavedChain>,
+    #[serde(default)]
+    pub ipsets: Vec<crate::netfilter::adopted::SavedAdoptedSet>,
 }
 
 #[derive(Debug, Error)]
@@ -130,21 +135,45 @@ pub fn merge(
     (rules, routes)
 }
 
-/// Writes snapshots on a thread of its own; only the newest of those queued is written.
+/// A snapshot of one writer's part of the file: the rtnetlink agent owns the rules and routes,
+/// the netfilter guard the chains and sets.
 #[derive(Debug)]
+enum Part {
+    Core(AdoptedState),
+    Netfilter(
+        Vec<crate::netfilter::adopted::SavedChain>,
+        Vec<crate::netfilter::adopted::SavedAdoptedSet>,
+    ),
+}
+
+/// Writes snapshots on a thread of its own; only the newest of those queued is written. Shared
+/// (cloned) by the agent and the guard: each replaces its own part, the file holds both.
+#[derive(Clone, Debug)]
 pub struct Writer {
-    tx: mpsc::Sender<AdoptedState>,
+    tx: mpsc::Sender<Part>,
 }
 
 impl Writer {
     pub fn spawn(path: PathBuf) -> std::io::Result<Writer> {
-        let (tx, rx) = mpsc::channel::<AdoptedState>();
+        let (tx, rx) = mpsc::channel::<Part>();
+        // The part nobody has sent yet stays what the file holds.
+        let mut state = read(&path).unwrap_or_default();
+        state.version = VERSION;
         std::thread::Builder::new()
             .name("nw-adopted-state".into())
             .spawn(move || {
-                while let Ok(mut state) = rx.recv() {
-                    while let Ok(newer) = rx.try_recv() {
-                        state = newer;
+                while let Ok(first) = rx.recv() {
+                    for part in std::iter::once(first).chain(rx.try_iter()) {
+                        match part {
+                            Part::Core(core) => {
+                                state.rules = core.rules;
+                                state.routes = core.routes;
+                            }
+                            Part::Netfilter(chains, ipsets) => {
+                                state.chains = chains;
+                                state.ipsets = ipsets;
+                            }
+                        }
                     }
                     let json = match serde_json::to_vec_pretty(&state) {
                         Ok(j) => j,
@@ -161,8 +190,18 @@ impl Writer {
         Ok(Writer { tx })
     }
 
+    /// Saves the rules and routes of `state` (its chains and sets are the guard's).
     pub fn save(&self, state: AdoptedState) {
-        let _ = self.tx.send(state);
+        let _ = self.tx.send(Part::Core(state));
+    }
+
+    /// Saves the adopted chains and sets.
+    pub fn save_netfilter(
+        &self,
+        chains: Vec<crate::netfilter::adopted::SavedChain>,
+        ipsets: Vec<crate::netfilter::adopted::SavedAdoptedSet>,
+    ) {
+        let _ = self.tx.send(Part::Netfilter(chains, ipsets));
     }
 }
 
@@ -215,6 +254,8 @@ mod tests {
                     mtu: None,
                 },
             }],
+            chains: vec![],
+            ipsets: vec![],
         };
         let w = Writer::spawn(path.clone()).unwrap();
         w.save(state.clone());
@@ -224,6 +265,40 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(read(&path).unwrap(), state);
+
+        // The guard's part joins the agent's; the agent's next save keeps it.
+        let chain = crate::netfilter::adopted::SavedChain {
+            selector: "kube-router".into(),
+            key: crate::netfilter::model::ChainKey {
+                family: Family::Ipv4,
+                table: crate::netfilter::model::Table::Nat,
+                chain: "KUBE-ROUTER-X".into(),
+            },
+            rules: vec!["-j RETURN".into()],
+        };
+        w.save_netfilter(vec![chain.clone()], vec![]);
+        w.save(state.clone());
+        let want = AdoptedState {
+            chains: vec![chain],
+            ..state.clone()
+        };
+        while read(&path).map(|s| s != want).unwrap_or(true) {
+            assert!(std::time::Instant::now() < deadline, "not merged");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // A new writer (agent restart) starts from what the file holds.
+        drop(w);
+        let w = Writer::spawn(path.clone()).unwrap();
+        w.save(AdoptedState::default());
+        let want = AdoptedState {
+            version: VERSION,
+            chains: want.chains.clone(),
+            ..AdoptedState::default()
+        };
+        while read(&path).map(|s| s != want).unwrap_or(true) {
+            assert!(std::time::Instant::now() < deadline, "guard part lost");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
 
         std::fs::write(&path, b"{\"version\": 1, \"rules\": [").unwrap();
         assert!(matches!(

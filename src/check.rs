@@ -102,6 +102,9 @@ pub struct NetfilterReport {
     pub ipsets: Vec<crate::netfilter::plan::SetDrift>,
     #[serde(skip)]
     pub protected: usize,
+    /// Of those, the chains and sets adopted through `spec.adopt` (from the adopted-state file).
+    #[serde(skip)]
+    pub adopted: usize,
 }
 
 impl NetfilterReport {
@@ -114,8 +117,15 @@ impl NetfilterReport {
         if self.protected == 0 {
             return String::new();
         }
+        let origin = match self.adopted {
+            0 => String::new(),
+            n => format!(" ({n} adopted)"),
+        };
         if self.is_empty() {
-            return format!("chains and sets in sync: {} protected\n", self.protected);
+            return format!(
+                "chains and sets in sync: {} protected{origin}\n",
+                self.protected
+            );
         }
         let mut out = String::from("KIND   NAME  MODE  OBJECT  DRIFT\n");
         let mode = |m: crate::model::Mode| format!("{m:?}").to_lowercase();
@@ -140,7 +150,7 @@ impl NetfilterReport {
             }
         }
         out.push_str(&format!(
-            "{} of {} protected chains and sets drifted\n",
+            "{} of {} protected chains and sets{origin} drifted\n",
             self.chains.len() + self.ipsets.len(),
             self.protected
         ));
@@ -156,6 +166,10 @@ impl NetfilterReport {
         v["in_sync"] = in_sync.into();
         v["chains"] = serde_json::to_value(&self.chains).unwrap_or_default();
         v["ipsets"] = serde_json::to_value(&self.ipsets).unwrap_or_default();
+        v["chains_and_sets"] = serde_json::json!({
+            "protected": self.protected,
+            "adopted": self.adopted,
+        });
         serde_json::to_string_pretty(&v).unwrap_or_else(|_| core.to_owned())
     }
 }

@@ -57,12 +57,16 @@ pub fn run(
         };
         let cfg = first.config.clone();
         let ex = first.expansion;
-        let guard = Guard::start(
+        // Chain and set selectors are those of the first config (a later change of them
+        // applies at the next start).
+        let adoption = crate::adoption(&cfg.adopt, adopted_state.as_deref());
+        let guard = Guard::start_adopting(
             ex.chains.clone(),
             ex.ipsets.clone(),
             cfg.poll_interval,
             cfg.resync,
             backend,
+            adoption,
         )
         .await?
         .with_telemetry(telemetry.clone());
@@ -73,6 +77,7 @@ pub fn run(
             adopted_state,
         )
         .await?;
+        let guard = guard.with_store(agent.adopted_store());
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);
         // Fans the updates out to the two loops, each only when its part changed: a Service

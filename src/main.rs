@@ -168,12 +168,14 @@ fn run(
     let path = path.to_path_buf();
     rt.block_on(async move {
         // Chains and sets first: `initial sync done` then means everything is in place.
-        let guard = Guard::start(
+        let adoption = adoption(&cfg.adopt, adopted_state.as_deref());
+        let guard = Guard::start_adopting(
             cfg.chains.clone(),
             cfg.ipsets.clone(),
             cfg.poll_interval,
             cfg.resync,
             backend,
+            adoption,
         )
         .await?
         .with_telemetry(telemetry.clone());
@@ -181,6 +183,8 @@ fn run(
         let reloads = obs::reload_on_sighup(path, telemetry.clone(), Some(guard_tx), &cfg);
         let agent =
             reconcile::Agent::start_adopting(desired, cfg.resync, telemetry, adopted_state).await?;
+        // One writer for the file: the agent's, which the guard shares for its part.
+        let guard = guard.with_store(agent.adopted_store());
         tokio::select! {
             r = agent.run_with(shutdown_signal(), Some(reloads)) => { r?; }
             r = guard.run_with(Some(guard_rx)) => { r?; }
@@ -188,6 +192,16 @@ fn run(
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The chain and set selectors of `spec.adopt`, with the chains and sets the adopted-state
+/// file kept for them (a file that cannot be read is reported by the agent and ignored here).
+pub(crate) fn adoption(
+    selectors: &[netwarden::adopt::AdoptSelector],
+    state: Option<&std::path::Path>,
+) -> netwarden::netfilter::guard::Adoption {
+    let saved = state.and_then(|p| netwarden::adopted_state::read(p).ok());
+    netwarden::netfilter::guard::Adoption::new(selectors, saved.as_ref())
 }
 
 /// Binds the HTTP endpoints' port. Call before entering the namespace, so that the endpoints are
@@ -253,17 +267,20 @@ fn check(
         let saved = netwarden::adopted_state::read(state)?;
         netwarden::adopted_state::merge(saved, &mut desired);
     }
+    // Adopted chains and sets are checked as the state file last saw them.
+    let (adopted_chains, adopted_sets) = adoption(&cfg.adopt, adopted_state).desired();
+    let adopted = adopted_chains.len() + adopted_sets.len();
+    let chains: Vec<_> = cfg.chains.iter().cloned().chain(adopted_chains).collect();
+    let sets: Vec<_> = cfg.ipsets.iter().cloned().chain(adopted_sets).collect();
     let rt = runtime(netns)?;
     let plan = rt.block_on(check::check(&desired))?;
-    let (chains, ipsets) = rt.block_on(netwarden::netfilter::guard::check(
-        &cfg.chains,
-        &cfg.ipsets,
-        backend,
-    ))?;
+    let (chain_drift, ipsets) =
+        rt.block_on(netwarden::netfilter::guard::check(&chains, &sets, backend))?;
     let nf = check::NetfilterReport {
-        chains,
+        chains: chain_drift,
         ipsets,
-        protected: cfg.chains.len() + cfg.ipsets.len(),
+        protected: chains.len() + sets.len(),
+        adopted,
     };
     match output {
         Output::Table => print!(

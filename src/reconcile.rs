@@ -630,6 +630,11 @@ impl Agent {
         }
     }
 
+    /// The adopted-state writer, for the netfilter guard to save its part of the file.
+    pub fn adopted_store(&self) -> Option<crate::adopted_state::Writer> {
+        self.store.clone()
+    }
+
     /// Hands the adopted rules to the adopted-state writer (its thread does the disk work).
     fn save_adopted(&self) {
         let Some(store) = &self.store else {
@@ -662,6 +667,7 @@ impl Agent {
             version: crate::adopted_state::VERSION,
             rules,
             routes,
+            ..Default::default()
         });
     }
 

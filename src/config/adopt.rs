@@ -1,10 +1,16 @@
 //! `spec.adopt`: selectors of kernel objects protected as they are seen, and their owners.
 
 use super::build::{Builder, Object};
-use super::raw::{RawAdopt, RawRouteSelector, RawRuleSelector, RawSpec};
+use super::raw::{
+    RawAdopt, RawChainSelector, RawRouteSelector, RawRuleSelector, RawSetSelector, RawSpec,
+};
 use super::values;
-use crate::adopt::{AdoptSelector, Range, RouteSelector, RuleSelector, UnknownActor};
+use crate::adopt::{
+    AdoptSelector, ChainSelector, Range, RouteSelector, RuleSelector, SetSelector, UnknownActor,
+};
+use crate::model::Family;
 use crate::model::Mode;
+use crate::netfilter::model::Table;
 use serde_saphyr::Spanned;
 
 /// An inclusive range `lo-hi`, or one number; `parse` checks each bound.
@@ -87,11 +93,11 @@ impl Builder<'_> {
             );
             owners_ok = false;
         }
-        if a.rules.is_none() && a.routes.is_none() {
+        if a.rules.is_none() && a.routes.is_none() && a.chains.is_none() && a.ipsets.is_none() {
             self.error(
                 obj.at,
                 obj.path.clone(),
-                "adopts nothing: give `rules` (priority, table, protocols, family) or `routes` (table, protocols, device, family)",
+                "adopts nothing: give `rules` (priority, table, protocols, family), `routes` (table, protocols, device, family), `chains` (names, table, family) or `ipsets` (names)",
             );
             return None;
         }
@@ -112,12 +118,30 @@ impl Builder<'_> {
                 r
             }
         };
+        let chains = match &a.chains {
+            None => None,
+            Some(raw) => {
+                let r = self.chain_selector(obj, raw);
+                ok &= r.is_some();
+                r
+            }
+        };
+        let ipsets = match &a.ipsets {
+            None => None,
+            Some(raw) => {
+                let r = self.set_selector(obj, raw);
+                ok &= r.is_some();
+                r
+            }
+        };
         let name = name?;
         ok.then_some(AdoptSelector {
             name,
             mode,
             rules,
             routes,
+            chains,
+            ipsets,
             owners,
             unknown_actor: unknown,
         })
@@ -209,6 +233,94 @@ impl Builder<'_> {
     }
 }
 
+impl Builder<'_> {
+    /// Name patterns: required, at least one, each checked by `check` (on the prefix of a
+    /// `*` pattern, as the names it matches are written into restore input).
+    fn name_patterns(
+        &mut self,
+        list: &Option<Vec<super::raw::Scalar>>,
+        at: serde_saphyr::Location,
+        path: &str,
+        check: fn(&str) -> Result<String, String>,
+        example: &str,
+    ) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (j, p) in list.iter().flatten().enumerate() {
+            match self.opt(p, format!("{path}.names[{j}]"), |s| {
+                name_pattern(s, check, example)
+            }) {
+                Some(p) => out.push(p),
+                None => ok = false,
+            }
+        }
+        if list.as_ref().is_none_or(Vec::is_empty) {
+            self.error(
+                at,
+                format!("{path}.names"),
+                format!("is required: the names to adopt, exact or a prefix ending in `*` (`{example}`)"),
+            );
+            ok = false;
+        }
+        ok.then_some(out)
+    }
+
+    fn chain_selector(
+        &mut self,
+        obj: &Object,
+        raw: &Spanned<RawChainSelector>,
+    ) -> Option<ChainSelector> {
+        let path = obj.field("chains");
+        let r = &raw.value;
+        let family = self.opt(&r.family, format!("{path}.family"), values::family);
+        let table = self.opt(&r.table, format!("{path}.table"), super::netfilter::table);
+        let names = self.name_patterns(
+            &r.names,
+            raw.referenced,
+            &path,
+            super::netfilter::chain_name,
+            "KUBE-ROUTER-*",
+        );
+        let ok = (r.family.is_none() || family.is_some()) && (r.table.is_none() || table.is_some());
+        (ok && names.is_some()).then(|| ChainSelector {
+            // Like `spec.chains`: IPv4 unless told.
+            family: family.unwrap_or(Family::Ipv4),
+            tables: table.map_or_else(|| Table::ALL.to_vec(), |t| vec![t]),
+            names: names.unwrap_or_default(),
+        })
+    }
+
+    fn set_selector(&mut self, obj: &Object, raw: &Spanned<RawSetSelector>) -> Option<SetSelector> {
+        let path = obj.field("ipsets");
+        let names = self.name_patterns(
+            &raw.value.names,
+            raw.referenced,
+            &path,
+            super::netfilter::set_name,
+            "kube-router-*",
+        )?;
+        Some(SetSelector { names })
+    }
+}
+
+/// A chain or set name, or a prefix of one followed by `*`, checked like the names config
+/// protects itself.
+fn name_pattern(
+    s: &str,
+    check: fn(&str) -> Result<String, String>,
+    example: &str,
+) -> Result<String, String> {
+    match s.strip_suffix('*') {
+        Some("") => Err(format!(
+            "`*` would adopt every one: give a prefix (`{example}`)"
+        )),
+        Some(prefix) => check(prefix)
+            .map(|_| s.to_owned())
+            .map_err(|e| format!("{e} (a prefix may end in `*`: `{example}`)")),
+        None => check(s),
+    }
+}
+
 /// An interface name, or a prefix of one followed by `*`.
 fn device_pattern(s: &str) -> Result<String, String> {
     let name = s.strip_suffix('*').unwrap_or(s);
@@ -247,5 +359,23 @@ mod tests {
         assert_eq!(device_pattern("eth0").as_deref(), Ok("eth0"));
         assert!(device_pattern("*").is_err());
         assert!(device_pattern("a/b*").is_err());
+    }
+
+    #[test]
+    fn name_patterns_refuse_what_could_inject() {
+        let chain = |s| name_pattern(s, super::super::netfilter::chain_name, "X-*");
+        let set = |s| name_pattern(s, super::super::netfilter::set_name, "x-*");
+        assert_eq!(chain("KUBE-ROUTER-*").as_deref(), Ok("KUBE-ROUTER-*"));
+        assert_eq!(chain("KUBE-ROUTER-X").as_deref(), Ok("KUBE-ROUTER-X"));
+        assert!(chain("*").is_err());
+        assert!(chain("A\nCOMMIT*").is_err());
+        assert!(chain("A B").is_err());
+        assert!(chain("ACCEPT").is_err(), "a target");
+        assert!(chain(":X*").is_err());
+        assert!(chain("A*B").is_err(), "`*` only at the end");
+        assert_eq!(set("kube-router-*").as_deref(), Ok("kube-router-*"));
+        assert!(set("a\nflush*").is_err());
+        assert!(set("a b").is_err());
+        assert!(set("*").is_err());
     }
 }

@@ -57,6 +57,17 @@ pub struct Config {
 
 pub use expand::{Expanded, Pending, Templates};
 
+/// The check `spec.chains[].chain` gets; names of adopted chains go through it too, as they end
+/// up in `iptables-restore` input.
+pub fn valid_chain_name(s: &str) -> Result<String, String> {
+    netfilter::chain_name(s)
+}
+
+/// The check `spec.ipsets[].name` gets (adopted sets too: `ipset restore` input).
+pub fn valid_set_name(s: &str) -> Result<String, String> {
+    netfilter::set_name(s)
+}
+
 /// Why a config file was refused. `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

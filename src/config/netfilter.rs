@@ -24,7 +24,7 @@ const POLL_MAX: Duration = Duration::from_secs(3600);
 /// Targets iptables reserves: a chain cannot be called that.
 const RESERVED: &[&str] = &["ACCEPT", "DROP", "RETURN", "QUEUE", "CONTINUE"];
 
-fn chain_name(s: &str) -> Result<String, String> {
+pub(super) fn chain_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= CHAIN_MAX
         && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
@@ -41,7 +41,7 @@ fn chain_name(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-fn set_name(s: &str) -> Result<String, String> {
+pub(super) fn set_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= SET_MAX
         && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
@@ -56,7 +56,7 @@ fn set_name(s: &str) -> Result<String, String> {
     }
 }
 
-fn table(s: &str) -> Result<Table, String> {
+pub(super) fn table(s: &str) -> Result<Table, String> {
     Table::parse(s).ok_or_else(|| format!("unknown table `{s}`: use filter, nat, mangle or raw"))
 }
 

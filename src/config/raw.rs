@@ -56,6 +56,8 @@ pub(super) struct RawAdopt {
     pub mode: Scalar,
     pub rules: Option<Spanned<RawRuleSelector>>,
     pub routes: Option<Spanned<RawRouteSelector>>,
+    pub chains: Option<Spanned<RawChainSelector>>,
+    pub ipsets: Option<Spanned<RawSetSelector>>,
     pub owners: Option<Vec<Scalar>>,
     #[serde(rename = "unknownActor")]
     pub unknown_actor: Scalar,
@@ -68,6 +70,20 @@ pub(super) struct RawRouteSelector {
     pub table: Scalar,
     pub protocols: Option<Vec<Scalar>>,
     pub device: Scalar,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawChainSelector {
+    pub family: Scalar,
+    pub table: Scalar,
+    pub names: Option<Vec<Scalar>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSetSelector {
+    pub names: Option<Vec<Scalar>>,
 }
 
 #[derive(Debug, DeriveDeserialize)]

@@ -957,3 +957,80 @@ fn adopt_rejects_unknown_keys() {
         other => panic!("expected a syntax error, got {other:?}"),
     }
 }
+
+#[test]
+fn adopt_chain_and_set_selectors() {
+    use crate::netfilter::model::Table;
+    let c = ok("spec:
+  adopt:
+    - name: kube-router
+      chains:
+        table: nat
+        names: [KUBE-ROUTER-*, KUBE-NWPLCY-DEFAULT]
+      ipsets:
+        names: [kube-router-*]
+      owners: [kube-router]
+    - name: v6-everywhere
+      chains:
+        family: ipv6
+        names: [CALI-*]
+      owners: [calico-node]
+");
+    let kr = c.adopt[0].chains.as_ref().unwrap();
+    assert_eq!(
+        kr.family,
+        Family::Ipv4,
+        "ipv4 unless told, as in spec.chains"
+    );
+    assert_eq!(kr.tables, vec![Table::Nat]);
+    assert_eq!(kr.names, vec!["KUBE-ROUTER-*", "KUBE-NWPLCY-DEFAULT"]);
+    assert_eq!(
+        c.adopt[0].ipsets.as_ref().unwrap().names,
+        vec!["kube-router-*"]
+    );
+    let v6 = c.adopt[1].chains.as_ref().unwrap();
+    assert_eq!(
+        (v6.family, v6.tables.len()),
+        (Family::Ipv6, 4),
+        "all four tables"
+    );
+
+    // Names reach iptables-restore / ipset restore input: checked like configured ones.
+    let errors = invalid(
+        "spec:
+  adopt:
+    - name: bad
+      chains:
+        table: security
+        names: ['KUBE ROUTER*', '*', 'A*B', ACCEPT]
+      ipsets:
+        names: [\"kube-router-\\nflush*\"]
+      owners: [kube-router]
+    - name: empty
+      chains: {}
+      ipsets:
+        names: []
+      owners: [x]
+",
+    );
+    assert_one(&errors, "spec.adopt[0].chains.table", "unknown table");
+    assert_one(
+        &errors,
+        "spec.adopt[0].chains.names[0]",
+        "not a valid chain name",
+    );
+    assert_one(
+        &errors,
+        "spec.adopt[0].chains.names[1]",
+        "would adopt every one",
+    );
+    assert_one(
+        &errors,
+        "spec.adopt[0].chains.names[2]",
+        "not a valid chain name",
+    );
+    assert_one(&errors, "spec.adopt[0].chains.names[3]", "built-in target");
+    assert_one(&errors, "spec.adopt[0].ipsets.names[0]", "line break");
+    assert_one(&errors, "spec.adopt[1].chains.names", "is required");
+    assert_one(&errors, "spec.adopt[1].ipsets.names", "is required");
+}

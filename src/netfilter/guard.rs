@@ -7,15 +7,18 @@
 //! `pollInterval`. Sets (never notified): `ipset save NAME` every `pollInterval`, parsed and
 //! planned only when the text differs from the last in-sync read.
 
+use super::adopted::{self, AdoptedChain, AdoptedSet, Outcome};
 use super::events::{NftEvent, NftEvents};
-use super::model::{DesiredChain, DesiredSet, Table, TableId};
+use super::model::{ChainKey, DesiredChain, DesiredSet, Table, TableId};
 use super::plan::{self, ChainDrift, SetDrift};
 use super::render;
 use super::tools::{self, Backend, BackendChoice, ToolError};
+use crate::adopt::{Actor, AdoptSelector};
 use crate::model::Mode;
 use crate::obs::metrics::{DriftLabels, ForbiddenLabels, RepairLabels};
+use crate::obs::status::State;
 use crate::obs::Telemetry;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -57,6 +60,89 @@ pub struct GuardReload {
     pub resync: Duration,
 }
 
+/// What the guard adopts (`spec.adopt[].chains`, `spec.adopt[].ipsets`) and what it has adopted.
+#[derive(Clone, Debug, Default)]
+pub struct Adoption {
+    /// Only the selectors that name chains or ipsets.
+    pub selectors: Vec<AdoptSelector>,
+    pub chains: BTreeMap<ChainKey, AdoptedChain>,
+    pub sets: BTreeMap<String, AdoptedSet>,
+}
+
+impl Adoption {
+    /// The chain and set selectors of `selectors`, with what the adopted-state file kept for
+    /// them (protected at once after a restart, also if removed while the agent was down).
+    pub fn new(
+        selectors: &[AdoptSelector],
+        saved: Option<&crate::adopted_state::AdoptedState>,
+    ) -> Adoption {
+        let selectors: Vec<AdoptSelector> = selectors
+            .iter()
+            .filter(|s| s.chains.is_some() || s.ipsets.is_some())
+            .cloned()
+            .collect();
+        let (chains, sets) = match saved {
+            Some(st) => adopted::from_saved(&selectors, &st.chains, &st.ipsets),
+            None => Default::default(),
+        };
+        Adoption {
+            selectors,
+            chains,
+            sets,
+        }
+    }
+
+    /// The tables chain selectors look into.
+    fn tables(&self) -> BTreeSet<TableId> {
+        self.selectors
+            .iter()
+            .filter_map(|s| s.chains.as_ref())
+            .flat_map(|c| {
+                c.tables.iter().map(|&table| TableId {
+                    family: c.family,
+                    table,
+                })
+            })
+            .chain(self.chains.keys().map(ChainKey::table_id))
+            .collect()
+    }
+
+    fn adopts_chains(&self) -> bool {
+        !self.chains.is_empty() || self.selectors.iter().any(|s| s.chains.is_some())
+    }
+
+    fn adopts_sets(&self) -> bool {
+        !self.sets.is_empty() || self.selectors.iter().any(|s| s.ipsets.is_some())
+    }
+
+    /// Does a change of this chain concern adoption?
+    fn covers(&self, key: &ChainKey) -> bool {
+        self.chains.contains_key(key) || crate::adopt::select_chain(&self.selectors, key).is_some()
+    }
+
+    fn mode(&self, selector: &str) -> Mode {
+        self.selectors
+            .iter()
+            .find(|s| s.name == selector)
+            .map_or(Mode::Observe, |s| s.mode)
+    }
+
+    /// Adopted chains and sets, as `check` and `status` list them beside the configured ones.
+    pub fn desired(&self) -> (Vec<DesiredChain>, Vec<DesiredSet>) {
+        let chains = self
+            .chains
+            .values()
+            .map(|c| c.desired(self.mode(&c.selector)))
+            .collect();
+        let sets = self
+            .sets
+            .values()
+            .map(|s| s.desired(self.mode(&s.selector)))
+            .collect();
+        (chains, sets)
+    }
+}
+
 pub struct Guard {
     choice: BackendChoice,
     backend: Backend,
@@ -84,6 +170,12 @@ pub struct Guard {
     /// The process whose nf_tables transaction is being checked (from its NEWGEN message);
     /// `None` for polls and resyncs, where nobody is known.
     actor: Option<String>,
+    adoption: Adoption,
+    /// Names of the parent, grandparent… of `actor`, read when its NEWGEN arrived (a CNI's
+    /// `iptables` child acts for the CNI).
+    ancestors: Vec<String>,
+    /// Where adopted chains and sets are saved (the adopted-state file), when there is one.
+    store: Option<crate::adopted_state::Writer>,
 }
 
 impl Guard {
@@ -96,18 +188,31 @@ impl Guard {
         resync: Duration,
         choice: BackendChoice,
     ) -> Result<Guard, GuardError> {
+        Guard::start_adopting(chains, sets, poll, resync, choice, Adoption::default()).await
+    }
+
+    /// [`Guard::start`], also adopting chains and sets as `adoption` says.
+    pub async fn start_adopting(
+        chains: Vec<DesiredChain>,
+        sets: Vec<DesiredSet>,
+        poll: Duration,
+        resync: Duration,
+        choice: BackendChoice,
+        adoption: Adoption,
+    ) -> Result<Guard, GuardError> {
         // Nothing to protect: no tools run, no socket.
-        let backend = if chains.is_empty() {
-            Backend::Nft
-        } else {
+        let reads_chains = !chains.is_empty() || adoption.adopts_chains();
+        let backend = if reads_chains {
             tools::detect(choice).await
+        } else {
+            Backend::Nft
         };
-        let events = if backend == Backend::Nft && !chains.is_empty() {
+        let events = if backend == Backend::Nft && reads_chains {
             Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?)
         } else {
             None
         };
-        let watched = watched_tables(&chains);
+        let watched = watched_tables(&chains, &adoption);
         let mut guard = Guard {
             choice,
             backend,
@@ -125,6 +230,9 @@ impl Guard {
             stats: GuardStats::default(),
             telemetry: None,
             actor: None,
+            adoption,
+            ancestors: Vec::new(),
+            store: None,
         };
         if !guard.is_idle() {
             let started = Instant::now();
@@ -134,6 +242,8 @@ impl Guard {
             info!(
                 chains = guard.chains.len(),
                 ipsets = guard.sets.len(),
+                adopted_chains = guard.adoption.chains.len(),
+                adopted_ipsets = guard.adoption.sets.len(),
                 backend = guard.backend.as_str(),
                 events = guard.events.is_some(),
                 poll_ms = guard.poll.as_millis() as u64,
@@ -150,14 +260,60 @@ impl Guard {
     }
 
     fn is_idle(&self) -> bool {
-        self.chains.is_empty() && self.sets.is_empty()
+        self.chains.is_empty() && self.sets.is_empty() && self.adoption.selectors.is_empty()
+    }
+
+    /// Saves adopted chains and sets to the adopted-state file through `store` (shared with the
+    /// rtnetlink agent, which writes the rules and routes), from now on and at once.
+    pub fn with_store(mut self, store: Option<crate::adopted_state::Writer>) -> Guard {
+        self.store = store;
+        self.save_adopted();
+        self
+    }
+
+    fn save_adopted(&self) {
+        if let Some(store) = &self.store {
+            store.save_netfilter(
+                self.adoption.chains.values().map(Into::into).collect(),
+                self.adoption.sets.values().map(Into::into).collect(),
+            );
+        }
     }
 
     /// Runs until an unrecoverable error; with nothing to protect, never returns.
     /// Counts repairs and forbidden members in the agent's metrics.
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Guard {
         self.telemetry = Some(telemetry);
+        self.publish();
         self
+    }
+
+    /// Publishes the chains and sets, configured and adopted, on the status board (`status`,
+    /// the protected-object gauges).
+    fn publish(&self) {
+        let Some(t) = &self.telemetry else { return };
+        let mode = |m: Mode| format!("{m:?}").to_lowercase();
+        let (adopted_chains, adopted_sets) = self.adoption.desired();
+        let chains = self.chains.iter().chain(&adopted_chains);
+        let sets = self.sets.iter().chain(&adopted_sets);
+        let catalog = chains
+            .map(|c| ("chain", c.name.clone(), c.key.to_string(), mode(c.mode)))
+            .chain(sets.map(|s| ("ipset", s.name.clone(), s.set.clone(), mode(s.mode))))
+            .collect();
+        t.board().set_netfilter_catalog(catalog);
+    }
+
+    fn board_state(&self, name: &str, state: crate::obs::status::State, reason: Option<String>) {
+        if let Some(t) = &self.telemetry {
+            t.board().set_netfilter_state(name, state, reason);
+        }
+    }
+
+    fn board_repair(&self, name: &str, actor: &str) {
+        if let Some(t) = &self.telemetry {
+            t.board()
+                .record_netfilter_repair(name, actor, crate::obs::status::unix_now());
+        }
     }
 
     fn count_drift(&self, kind: &'static str, actor: &str, n: usize) {
@@ -220,7 +376,8 @@ impl Guard {
                                 let Some(table) = Table::parse(&table) else { continue };
                                 let id = TableId { family, table };
                                 let Some(watched) = self.watched.get(&id) else { continue };
-                                if chain.as_ref().is_none_or(|c| watched.contains(c)) {
+                                let adopted = |c: &String| self.adoption.covers(&ChainKey { family, table: id.table, chain: c.clone() });
+                                if chain.as_ref().is_none_or(|c| watched.contains(c) || adopted(c)) {
                                     debug!(table = %id, chain = ?chain, removed, "nf_tables change");
                                     dirty.insert(id);
                                 }
@@ -238,9 +395,15 @@ impl Guard {
                                 // NEWGEN names the process that committed the transaction: the
                                 // actor of what the re-read finds drifted.
                                 self.actor = Some(process.unwrap_or_else(|| "unknown".into()));
+                                // Read now, before the tools run: the process is about to exit
+                                // (its parent can still be read while it is a zombie).
+                                if let (Some(pid), true) = (pid, self.adoption.adopts_chains()) {
+                                    self.ancestors = ancestors(pid);
+                                }
                                 let tables = std::mem::take(&mut dirty);
                                 self.sync_tables(&tables).await;
                                 self.actor = None;
+                                self.ancestors.clear();
                             }
                             NftEvent::Overrun => {
                                 warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
@@ -278,7 +441,7 @@ impl Guard {
         self.sets = r.sets;
         self.poll = r.poll;
         self.resync = r.resync;
-        self.watched = watched_tables(&self.chains);
+        self.watched = watched_tables(&self.chains, &self.adoption);
         let names: HashSet<String> = self
             .chains
             .iter()
@@ -293,6 +456,7 @@ impl Guard {
         let tables: BTreeSet<TableId> = self.watched.keys().copied().collect();
         self.sync_tables(&tables).await;
         self.sync_sets(true).await;
+        self.publish();
         info!(
             chains = self.chains.len(),
             ipsets = self.sets.len(),
@@ -316,6 +480,7 @@ impl Guard {
                 let Some(observed) = self.read_table(id).await else {
                     break;
                 };
+                self.judge_chains(id, observed.as_ref());
                 let desired = self.desired_chains(id);
                 let refs: Vec<&DesiredChain> = desired.iter().collect();
                 let (drifts, repair) = plan::plan_table(&refs, observed.as_ref());
@@ -360,6 +525,9 @@ impl Guard {
                         self.stats.chain_repairs += names.len() as u64;
                         self.count_repairs("chain", "applied", names.len());
                         let actor = self.actor.as_deref().unwrap_or("unknown");
+                        for n in &names {
+                            self.board_repair(n, actor);
+                        }
                         if attempt == 1 {
                             self.count_drift("chain", actor, names.len());
                         }
@@ -378,6 +546,9 @@ impl Guard {
                         self.stats.repair_failures += 1;
                         self.count_repairs("chain", "failed", drifts.len());
                         error!(kind = "chain", table = %id, error = %e, "repair failed");
+                        for d in drifts.iter().filter(|d| d.mode == Mode::Enforce) {
+                            self.board_state(&d.name, State::Drifted, Some(e.to_string()));
+                        }
                         self.report_chains(id, &drifts);
                         break;
                     }
@@ -405,6 +576,7 @@ impl Guard {
                 printed = %printed.join(", "),
                 "repair did not take after {MAX_ATTEMPTS} attempts: iptables-save probably prints these rules differently from the config; write them exactly as iptables-save prints them (`netwarden snapshot` does). Only reporting this chain from now on"
             );
+            self.board_state(&d.name, State::Drifted, Some("repair does not take".into()));
             self.stuck.insert(d.name.clone());
         }
     }
@@ -420,13 +592,78 @@ impl Guard {
         }
     }
 
-    /// The protected chains of a table, stuck ones demoted to observe.
+    /// Adoption's view of a fresh read of table `id`: new chains adopted, owners' changes
+    /// followed, chains their owner removed forgotten; the chains to restore keep their copy.
+    fn judge_chains(&mut self, id: TableId, observed: Option<&super::parse::SavedTable>) {
+        if !self.adoption.adopts_chains() {
+            return;
+        }
+        let actor_name = self.actor.clone();
+        let actor = match actor_name.as_deref() {
+            None | Some("unknown") => Actor::Unknown,
+            Some(p) => Actor::Process(p),
+        };
+        let configured: HashSet<&ChainKey> = self.chains.iter().map(|c| &c.key).collect();
+        // Selectors of this table's adopted chains, for the log of those forgotten.
+        let before: HashMap<ChainKey, String> = self
+            .adoption
+            .chains
+            .iter()
+            .filter(|(k, _)| k.table_id() == id)
+            .map(|(k, c)| (k.clone(), c.selector.clone()))
+            .collect();
+        let outcomes = adopted::judge_table(
+            &self.adoption.selectors,
+            &mut self.adoption.chains,
+            id,
+            observed,
+            actor,
+            &self.ancestors,
+            &|k| configured.contains(k),
+        );
+        let actor = actor_name.as_deref().unwrap_or("unknown");
+        for (key, outcome) in &outcomes {
+            let copy = self.adoption.chains.get(key);
+            let selector = copy
+                .map(|c| c.selector.as_str())
+                .or_else(|| before.get(key).map(String::as_str))
+                .unwrap_or("-");
+            let rules = copy.map_or(0, |c| c.rules.len());
+            match outcome {
+                Outcome::Restore => {
+                    debug!(kind = "chain", selector = %selector, object = %key, actor = %actor, "adopted chain removed or emptied by someone else: drift")
+                }
+                Outcome::Forgotten => {
+                    info!(kind = "chain", selector = %selector, object = %key, actor = %actor, ancestors = %self.ancestors.join(","), "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten")
+                }
+                Outcome::Adopted => {
+                    info!(kind = "chain", selector = %selector, object = %key, rules, "adopted")
+                }
+                Outcome::Updated => {
+                    debug!(kind = "chain", selector = %selector, object = %key, actor, rules, "adopted chain changed: copy updated")
+                }
+            }
+        }
+        if outcomes.iter().any(|(_, o)| *o != Outcome::Restore) {
+            self.save_adopted();
+            self.publish();
+        }
+    }
+
+    /// The protected chains of a table (configured and adopted), stuck ones demoted to observe.
     fn desired_chains(&self, id: TableId) -> Vec<DesiredChain> {
+        let adopted = self
+            .adoption
+            .chains
+            .values()
+            .filter(|c| c.key.table_id() == id)
+            .map(|c| c.desired(self.adoption.mode(&c.selector)));
         self.chains
             .iter()
             .filter(|c| c.key.table_id() == id)
-            .map(|c| {
-                let mut c = c.clone();
+            .cloned()
+            .chain(adopted)
+            .map(|mut c| {
                 if self.stuck.contains(&c.name) {
                     c.mode = Mode::Observe;
                 }
@@ -450,12 +687,170 @@ impl Guard {
                 .join("; ");
             if self.reported.get(&d.name) != Some(&text) {
                 warn!(kind = "chain", name = %d.name, object = %d.object, mode = "observe", drift = %text, "drift");
+                if !self.stuck.contains(&d.name) {
+                    self.board_state(&d.name, State::ObserveOnly, Some(text.clone()));
+                }
                 self.reported.insert(d.name.clone(), text);
             }
         }
-        for c in self.chains.iter().filter(|c| c.key.table_id() == id) {
+        for c in self.desired_chains(id) {
             if !seen.contains(&c.name) && self.reported.remove(&c.name).is_some() {
                 info!(kind = "chain", name = %c.name, "back in sync");
+                self.board_state(&c.name, State::InSync, None);
+            }
+        }
+    }
+
+    /// Adopted sets: every set whose name a selector matches is read (`ipset list -n`, then
+    /// `ipset save NAME`, skipped when the text did not change), adopted or followed as seen;
+    /// a destroyed one is recreated as last seen or forgotten, as the unknown-actor policy says
+    /// (ipset names no actor).
+    async fn sync_adopted_sets(&mut self, full: bool) {
+        if !self.adoption.adopts_sets() {
+            return;
+        }
+        let names = match tools::ipset_names().await {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, "cannot list the sets");
+                return;
+            }
+        };
+        let configured: HashSet<String> = self.sets.iter().map(|s| s.set.clone()).collect();
+        let candidates: BTreeSet<String> = names
+            .iter()
+            .filter(|n| {
+                !configured.contains(n.as_str())
+                    && crate::adopt::select_set(&self.adoption.selectors, n).is_some()
+            })
+            .cloned()
+            .chain(self.adoption.sets.keys().cloned())
+            .collect();
+        let mut changed = false;
+        for name in candidates {
+            let copy = self.adoption.sets.get(&name);
+            let sel = match copy {
+                Some(c) => self.adoption.selectors.iter().find(|s| {
+                    s.name == c.selector && s.ipsets.as_ref().is_some_and(|i| i.matches(&name))
+                }),
+                None => crate::adopt::select_set(&self.adoption.selectors, &name),
+            };
+            let Some(sel) = sel.filter(|_| !configured.contains(&name)).cloned() else {
+                // No selector covers it any more: no longer protected.
+                self.adoption.sets.remove(&name);
+                changed = true;
+                continue;
+            };
+            let (text, digest) = if names.contains(&name) {
+                self.stats.set_reads += 1;
+                match tools::ipset_save_text(&name).await {
+                    Ok(t) => {
+                        let d = t.as_deref().map(digest);
+                        (t, d)
+                    }
+                    Err(e) => {
+                        error!(set = %name, error = %e, "cannot read the set");
+                        continue;
+                    }
+                }
+            } else {
+                (None, None)
+            };
+            let key = format!("{}{name}", crate::adopt::ADOPTED_PREFIX);
+            if !full && digest.is_some() && digest == self.headers.get(&key).copied() {
+                continue;
+            }
+            let seen = match text
+                .as_deref()
+                .map(|t| tools::parse_set(&name, t))
+                .transpose()
+            {
+                Ok(s) => s.flatten(),
+                Err(e) => {
+                    error!(set = %name, error = %e, "cannot read the set");
+                    continue;
+                }
+            };
+            if let Some(why) = seen
+                .as_ref()
+                .and_then(|s| adopted::set_unadoptable(&name, s))
+            {
+                if copy.is_none() && self.reported.get(&key) != Some(&why) {
+                    warn!(kind = "ipset", selector = %sel.name, set = %name, reason = %why, "not adopted");
+                    self.reported.insert(key.clone(), why);
+                }
+            }
+            let options = text
+                .as_deref()
+                .map(|t| adopted::create_options(t, &name))
+                .unwrap_or_default();
+            let (now, outcome) = adopted::judge_set(
+                &sel,
+                self.adoption.sets.get(&name),
+                &name,
+                seen.as_ref().map(|s| (s, options)),
+            );
+            match &now {
+                Some(n) => {
+                    self.adoption.sets.insert(name.clone(), n.clone());
+                }
+                None => {
+                    self.adoption.sets.remove(&name);
+                }
+            }
+            match digest {
+                Some(d) => self.headers.insert(key.clone(), d),
+                None => self.headers.remove(&key),
+            };
+            let Some(outcome) = outcome else { continue };
+            let members = now.as_ref().map_or(0, |n| n.members.len());
+            match outcome {
+                Outcome::Adopted => {
+                    info!(kind = "ipset", selector = %sel.name, set = %name, members, "adopted")
+                }
+                Outcome::Updated => {
+                    debug!(kind = "ipset", selector = %sel.name, set = %name, members, "adopted set changed: copy updated")
+                }
+                Outcome::Forgotten => {
+                    info!(kind = "ipset", selector = %sel.name, set = %name, "adopted set removed (unknown actor, policy forget) or no longer adoptable: forgotten")
+                }
+                Outcome::Restore => {
+                    let Some(set) = now else { continue };
+                    self.restore_adopted_set(&sel, &set).await;
+                    continue;
+                }
+            }
+            changed = true;
+        }
+        if changed {
+            self.save_adopted();
+            self.publish();
+        }
+    }
+
+    async fn restore_adopted_set(&mut self, sel: &AdoptSelector, set: &AdoptedSet) {
+        let name = adopted::set_name(&sel.name, &set.name);
+        if sel.mode != Mode::Enforce {
+            if self.reported.get(&name).map(String::as_str) != Some("set missing") {
+                warn!(kind = "ipset", name = %name, set = %set.name, mode = "observe", drift = "set missing", "drift");
+                self.board_state(&name, State::ObserveOnly, Some("set missing".into()));
+                self.reported.insert(name, "set missing".into());
+            }
+            return;
+        }
+        let started = Instant::now();
+        match tools::ipset_restore(&adopted::restore_set(set)).await {
+            Ok(()) => {
+                self.stats.set_repairs += 1;
+                self.count_repairs("ipset", "applied", 1);
+                self.reported.remove(&name);
+                self.board_repair(&name, "unknown");
+                info!(kind = "ipset", name = %name, set = %set.name, actor = "unknown", members = set.members.len(), what = "set missing", took_us = started.elapsed().as_micros() as u64, "restored");
+            }
+            Err(e) => {
+                self.stats.repair_failures += 1;
+                self.count_repairs("ipset", "failed", 1);
+                error!(kind = "ipset", name = %name, error = %e, "repair failed");
             }
         }
     }
@@ -465,6 +860,7 @@ impl Guard {
     /// text is byte-for-byte what it was at the last in-sync read, nothing is parsed or
     /// planned, which keeps a quiet 10,000-member set cheap. `full` re-plans regardless.
     async fn sync_sets(&mut self, full: bool) {
+        self.sync_adopted_sets(full).await;
         if self.sets.is_empty() {
             return;
         }
@@ -505,6 +901,7 @@ impl Guard {
                     }
                     if self.reported.remove(&d.name).is_some() {
                         info!(kind = "ipset", name = %d.name, "back in sync");
+                        self.board_state(&d.name, State::InSync, None);
                     }
                 }
                 Some(drift) => {
@@ -574,22 +971,60 @@ impl Guard {
                 self.stats.set_repairs += 1;
                 self.count_repairs("ipset", "applied", 1);
                 info!(kind = "ipset", name = %d.name, set = %d.object, what = %text, took_us = took.as_micros() as u64, "restored");
+                self.board_repair(&d.name, "unknown");
             } else if self.reported.get(&d.name) != Some(&text) {
                 warn!(kind = "ipset", name = %d.name, set = %d.object, mode = "observe", drift = %text, "drift");
+                let state = if d.mode == Mode::Observe {
+                    State::ObserveOnly
+                } else {
+                    State::Drifted
+                };
+                self.board_state(&d.name, state, Some(text.clone()));
                 self.reported.insert(d.name.clone(), text);
             }
         }
     }
 }
 
-fn watched_tables(chains: &[DesiredChain]) -> HashMap<TableId, HashSet<String>> {
+fn watched_tables(
+    chains: &[DesiredChain],
+    adoption: &Adoption,
+) -> HashMap<TableId, HashSet<String>> {
     let mut watched: HashMap<TableId, HashSet<String>> = HashMap::new();
+    // Adopted chains are matched by name when their notifications arrive; the table is read.
+    for id in adoption.tables() {
+        watched.entry(id).or_default();
+    }
     for c in chains {
         let w = watched.entry(c.key.table_id()).or_default();
         w.insert(c.key.chain.clone());
         w.extend(c.jumps.iter().map(|j| j.chain.clone()));
     }
     watched
+}
+
+/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc.
+/// Empty when the process is already gone.
+fn ancestors(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pid = pid;
+    for _ in 0..4 {
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| adopted::parent_pid(&s))
+        else {
+            break;
+        };
+        if parent <= 1 {
+            break;
+        }
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
+            break;
+        };
+        out.push(comm.trim_end().to_owned());
+        pid = parent;
+    }
+    out
 }
 
 async fn next_reload(r: &mut Option<mpsc::Receiver<GuardReload>>) -> Option<GuardReload> {

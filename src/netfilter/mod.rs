@@ -6,6 +6,7 @@
 //! Effectful: [`tools`] (running the iptables and ipset binaries with argument vectors and stdin),
 //! [`events`] (the nf_tables netlink socket) and [`guard`] (the task that keeps them in place).
 
+pub mod adopted;
 pub mod events;
 pub mod guard;
 pub mod model;

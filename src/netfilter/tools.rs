@@ -4,7 +4,7 @@
 use super::model::TableId;
 use super::parse::{self, ParseError, SavedSet, SavedTable, SetHeader};
 use crate::model::Family;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -174,6 +174,17 @@ pub async fn restore(
 pub async fn ipset_headers() -> Result<HashMap<String, SetHeader>, ToolError> {
     let out = run("ipset", &["list", "-t"], None).await?;
     Ok(parse::ipset_list_terse(&out.stdout))
+}
+
+/// `ipset list -n`: the names of every set.
+pub async fn ipset_names() -> Result<HashSet<String>, ToolError> {
+    let out = run("ipset", &["list", "-n"], None).await?;
+    Ok(out
+        .stdout
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 /// `ipset save NAME` as printed; `None` when the set does not exist.

@@ -46,6 +46,8 @@ impl State {
 }
 
 pub const KINDS: [&str; 3] = ["rule", "route", "address"];
+/// Kinds the netfilter guard publishes (beside the rtnetlink agent's [`KINDS`]).
+pub const NETFILTER_KINDS: [&str; 2] = ["chain", "ipset"];
 
 fn config_origin() -> String {
     "config".to_string()
@@ -97,6 +99,8 @@ struct Entry {
 pub struct Board {
     pub ready: bool,
     objects: HashMap<ObjectId, Entry>,
+    /// Chains and sets, by name: published by the netfilter guard.
+    netfilter: HashMap<String, ObjectStatus>,
 }
 
 pub fn unix_now() -> f64 {
@@ -141,6 +145,52 @@ impl Board {
         }
     }
 
+    /// Replaces the guard's chains and sets: `(kind, name, object, mode)`, keeping what is
+    /// known about those that stay.
+    pub fn set_netfilter_catalog(&mut self, catalog: Vec<(&'static str, String, String, String)>) {
+        let mut old = std::mem::take(&mut self.netfilter);
+        for (kind, name, object, mode) in catalog {
+            let status = match old.remove(&name) {
+                Some(mut st) => {
+                    st.object = object;
+                    st.mode = mode;
+                    st
+                }
+                None => ObjectStatus {
+                    kind: kind.to_string(),
+                    origin: crate::adopt::origin(&name).to_string(),
+                    name: name.clone(),
+                    object,
+                    mode,
+                    state: State::InSync,
+                    reason: None,
+                    repairs: 0,
+                    last_repair_unix: None,
+                    last_actor: None,
+                    fighter: None,
+                },
+            };
+            self.netfilter.insert(name, status);
+        }
+    }
+
+    pub fn set_netfilter_state(&mut self, name: &str, state: State, reason: Option<String>) {
+        if let Some(st) = self.netfilter.get_mut(name) {
+            st.state = state;
+            st.reason = reason;
+        }
+    }
+
+    pub fn record_netfilter_repair(&mut self, name: &str, actor: &str, at_unix: f64) {
+        if let Some(st) = self.netfilter.get_mut(name) {
+            st.state = State::InSync;
+            st.reason = None;
+            st.repairs += 1;
+            st.last_repair_unix = Some(at_unix);
+            st.last_actor = Some(actor.to_string());
+        }
+    }
+
     pub fn set_state(&mut self, id: &ObjectId, state: State, reason: Option<String>) {
         if let Some(e) = self.objects.get_mut(id) {
             e.status.state = state;
@@ -182,8 +232,18 @@ impl Board {
                 counts.insert((kind, state), 0);
             }
         }
+        for kind in NETFILTER_KINDS {
+            for state in State::ALL {
+                counts.insert((kind, state), 0);
+            }
+        }
         for (id, e) in &self.objects {
             *counts.entry((kind_str(id), e.status.state)).or_default() += 1;
+        }
+        for st in self.netfilter.values() {
+            if let Some(kind) = NETFILTER_KINDS.iter().find(|k| **k == st.kind) {
+                *counts.entry((*kind, st.state)).or_default() += 1;
+            }
         }
         counts
     }
@@ -192,14 +252,20 @@ impl Board {
     /// Protected objects by kind and origin (`config`, `adopted`).
     pub fn origin_counts(&self) -> BTreeMap<(&'static str, &'static str), usize> {
         let mut out = BTreeMap::new();
-        for kind in KINDS {
+        let kinds = || KINDS.iter().chain(NETFILTER_KINDS.iter());
+        for kind in kinds() {
             for origin in ["config", "adopted"] {
-                out.insert((kind, origin), 0);
+                out.insert((*kind, origin), 0);
             }
         }
-        for e in self.objects.values() {
-            let kind = KINDS.iter().find(|k| **k == e.status.kind);
-            let origin = crate::adopt::origin(&e.status.name);
+        let all = self
+            .objects
+            .values()
+            .map(|e| &e.status)
+            .chain(self.netfilter.values());
+        for st in all {
+            let kind = kinds().find(|k| **k == st.kind);
+            let origin = crate::adopt::origin(&st.name);
             if let Some(kind) = kind {
                 *out.entry((*kind, origin)).or_default() += 1;
             }
@@ -223,8 +289,12 @@ impl Board {
     }
 
     pub fn status(&self) -> Status {
-        let mut objects: Vec<ObjectStatus> =
-            self.objects.values().map(|e| e.status.clone()).collect();
+        let mut objects: Vec<ObjectStatus> = self
+            .objects
+            .values()
+            .map(|e| e.status.clone())
+            .chain(self.netfilter.values().cloned())
+            .collect();
         objects.sort_by(|a, b| {
             kind_rank(&a.kind)
                 .cmp(&kind_rank(&b.kind))
@@ -248,7 +318,11 @@ fn kind_str(id: &ObjectId) -> &'static str {
 }
 
 fn kind_rank(kind: &str) -> usize {
-    KINDS.iter().position(|k| *k == kind).unwrap_or(KINDS.len())
+    KINDS
+        .iter()
+        .chain(NETFILTER_KINDS.iter())
+        .position(|k| *k == kind)
+        .unwrap_or(KINDS.len() + NETFILTER_KINDS.len())
 }
 
 /// "3s ago", "2m ago", "5h ago", "4d ago".
@@ -377,12 +451,64 @@ mod tests {
     }
 
     #[test]
+    fn chains_and_sets_from_the_guard_show_with_their_origin() {
+        let mut b = board();
+        b.set_netfilter_catalog(vec![
+            (
+                "chain",
+                "flannel".into(),
+                "ipv4 nat FLANNEL-POSTRTG".into(),
+                "enforce".into(),
+            ),
+            (
+                "ipset",
+                "adopted:kube-router/kube-router-y".into(),
+                "kube-router-y".into(),
+                "enforce".into(),
+            ),
+        ]);
+        b.record_netfilter_repair("adopted:kube-router/kube-router-y", "unknown", 5.0);
+        b.set_netfilter_state("flannel", State::ObserveOnly, Some("chain missing".into()));
+        let o = b.origin_counts();
+        assert_eq!(o[&("chain", "config")], 1);
+        assert_eq!(o[&("ipset", "adopted")], 1);
+        let c = b.state_counts();
+        assert_eq!(c[&("chain", State::ObserveOnly)], 1);
+        assert_eq!(c[&("ipset", State::InSync)], 1);
+        let st = b.status();
+        let set = st.objects.iter().find(|o| o.kind == "ipset").unwrap();
+        assert_eq!((set.origin.as_str(), set.repairs), ("adopted", 1));
+        assert_eq!(set.last_actor.as_deref(), Some("unknown"));
+        assert_eq!(
+            st.objects.last().unwrap().kind,
+            "ipset",
+            "after the core kinds"
+        );
+        // A new catalog keeps what is known about objects that stay.
+        b.set_netfilter_catalog(vec![(
+            "ipset",
+            "adopted:kube-router/kube-router-y".into(),
+            "kube-router-y".into(),
+            "enforce".into(),
+        )]);
+        assert_eq!(
+            b.status()
+                .objects
+                .iter()
+                .filter(|o| o.kind == "chain")
+                .count(),
+            0
+        );
+        assert_eq!(b.origin_counts()[&("ipset", "adopted")], 1);
+    }
+
+    #[test]
     fn counts_cover_every_kind_and_state() {
         let mut b = board();
         b.set_state(&rule(100), State::Contested, None);
         b.set_fighter(&rule(100), "fighter");
         let c = b.state_counts();
-        assert_eq!(c.len(), 15);
+        assert_eq!(c.len(), 25, "rule, route, address, chain, ipset × 5 states");
         assert_eq!(c[&("rule", State::Contested)], 1);
         assert_eq!(c[&("rule", State::InSync)], 1);
         assert_eq!(c[&("route", State::InSync)], 0);

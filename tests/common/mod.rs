@@ -279,8 +279,10 @@ pub fn snapshot(ns: &Sandbox) -> Vec<String> {
         all.extend(lines(ns, args));
     }
     // IPv6 duplicate address detection finishes on its own schedule: an address that was
-    // `tentative` a moment ago is the same address, not a change anyone made.
+    // `tentative` a moment ago is the same address, not a change anyone made; the kernel adds
+    // the `local` route of a link-local address only once its DAD is done.
     all.iter()
+        .filter(|l| !l.starts_with("local fe80:"))
         .map(|l| {
             l.split_whitespace()
                 .filter(|w| *w != "tentative")
