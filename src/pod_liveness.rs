@@ -150,6 +150,11 @@ impl<K: Clone + Eq + Hash> Tracker<K> {
         self.entries.is_empty()
     }
 
+    /// How many tracked objects have had their IP seen held by a pod.
+    pub fn held(&self) -> usize {
+        self.entries.values().filter(|e| e.held_once).count()
+    }
+
     /// Forgotten for liveness and still in the kernel: not to be adopted again.
     pub fn is_dismissed(&self, key: &K) -> bool {
         self.dismissed.contains_key(key)
@@ -267,6 +272,7 @@ mod tests {
         t.track("c", ip("10.0.0.7"), GRACE);
         let j = t.judge(&view(&["10.0.0.5", "10.0.0.6", "10.0.0.7"]), t0);
         assert!(j.forget.is_empty() && j.revive.is_empty());
+        assert_eq!(t.held(), 3);
         // Pod of a deleted; pod of b got another IP.
         let j = t.judge(&view(&["10.0.0.7", "10.0.0.9"]), t0);
         let mut f = j.forget.clone();

@@ -922,8 +922,7 @@ impl Agent {
             }
         }
         for (k, selector) in &self.adopted_routes {
-            if let (Some(g), Some(ip)) = (grace(selector), pod_liveness::route_ip(&k.destination))
-            {
+            if let (Some(g), Some(ip)) = (grace(selector), pod_liveness::route_ip(&k.destination)) {
                 let id = ObjectId::Route(k.clone());
                 self.liveness.track(id.clone(), ip, g);
                 followed.insert(id);
@@ -940,6 +939,14 @@ impl Agent {
         };
         let view = pods.borrow().clone();
         let judgement = self.liveness.judge(&view, Instant::now());
+        if view.usable() {
+            debug!(
+                pod_ips = view.ips.len(),
+                followed = self.liveness.len() + judgement.forget.len(),
+                held = self.liveness.held(),
+                "pod liveness"
+            );
+        }
         let mut changed = false;
         for (id, reason) in judgement.forget {
             let selector = match &id {
@@ -954,7 +961,7 @@ impl Agent {
                 %selector,
                 kind = kind_str(&id),
                 %object,
-                reason = reason.as_str(),
+                reason = %reason.as_str(),
                 "forgotten: no pod on this node holds its IP"
             );
             self.drop_adopted(&id, reason.as_str());

@@ -14,8 +14,8 @@ use super::statefile::{self, Saved};
 use crate::config::{self, Config};
 use crate::desired::{self, Expansion};
 use crate::obs::{Notice, Telemetry};
-use futures::StreamExt;
 use crate::pod_liveness::PodView;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Event, EventSource, Node, ObjectReference, Pod, Service,
 };
@@ -449,12 +449,7 @@ impl PodWatch {
 /// publishes the IPs they hold. Until the first list is complete the view is not synced; after
 /// a watch error it is not fresh until the watch delivers again (a relist, or a change): the
 /// reconcile loop decides nothing on such a view.
-async fn watch_pods(
-    api: Api<Pod>,
-    node: String,
-    tx: latest::Sender<PodView>,
-    health: Arc<Health>,
-) {
+async fn watch_pods(api: Api<Pod>, node: String, tx: latest::Sender<PodView>, health: Arc<Health>) {
     let (store, writer) = reflector::store();
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher(api, config).default_backoff().reflect(writer);
