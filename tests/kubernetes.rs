@@ -497,11 +497,21 @@ fn rules_of_a_deleted_pod_are_forgotten() {
         std::fs::read_to_string(&adopted)
             .is_ok_and(|t| !t.contains("10.1.1.20") && t.contains("10.1.1.21"))
     });
+    // The owner's own removal is counted apart.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&owner)
+        .args(["rule", "del", "priority", "1536", "from", "10.1.1.21"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_log("forgotten: removed by its owner");
     let m = metrics(&agent);
-    assert!(
-        m.contains("netwarden_adopted_forgotten_total{kind=\"rule\",reason=\"pod_gone\"} 2"),
-        "{m}"
-    );
+    for (reason, n) in [("pod_gone", 2), ("owner", 1), ("pod_grace_expired", 0)] {
+        let line =
+            format!("netwarden_adopted_forgotten_total{{kind=\"rule\",reason=\"{reason}\"}} {n}");
+        assert!(m.contains(&line), "{line} in:\n{m}");
+    }
 
     // Pods were listed and watched by node, as the ClusterRole allows.
     let used = c.api.accesses();
