@@ -165,10 +165,6 @@ impl<K: Clone + Eq + Hash> Tracker<K> {
         self.dismissed.remove(key);
     }
 
-    pub fn clear_dismissed(&mut self) {
-        self.dismissed.clear();
-    }
-
     /// Keeps only the dismissed objects `keep` says are still in the kernel.
     pub fn retain_dismissed(&mut self, mut keep: impl FnMut(&K) -> bool) {
         self.dismissed.retain(|k, _| keep(k));

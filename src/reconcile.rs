@@ -358,9 +358,10 @@ impl Agent {
     /// A new config: protect what it names from now on.
     async fn reload(&mut self, reload: Reload) -> Result<(), ReconcileError> {
         let old = std::mem::replace(&mut self.desired, reload.desired);
-        // Selectors may have changed: what liveness dismissed may be adopted again (and judged
-        // again under the new selectors).
-        self.liveness.clear_dismissed();
+        // What liveness dismissed stays dismissed (in Kubernetes mode a reload comes with any
+        // Service change: clearing would protect a stale rule anew each time), unless no
+        // podLiveness selector would adopt it any more.
+        self.prune_dismissed();
         // Adopted rules stay protected if a selector of the new config still adopts them (also
         // those missing right now: they are being repaired).
         let adopted = std::mem::take(&mut self.adopted);
@@ -463,12 +464,7 @@ impl Agent {
         let started = Instant::now();
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
-        let m = &self.mirror;
-        self.liveness.retain_dismissed(|id| match id {
-            ObjectId::Rule(k) => m.rules.contains_key(k),
-            ObjectId::Route(k) => m.routes.contains_key(k),
-            ObjectId::Address(_) => false,
-        });
+        self.prune_dismissed();
         let adopted = self.adopt_from_mirror();
         let judged = self.sync_liveness();
         if adopted || judged || reason == ResyncReason::Start {
@@ -902,6 +898,24 @@ impl Agent {
             self.retrack();
         }
         changed
+    }
+
+    /// Keeps dismissed only what is still in the kernel and would be adopted by a `podLiveness`
+    /// selector; the rest may be adopted again as any object.
+    fn prune_dismissed(&mut self) {
+        let (m, adopt) = (&self.mirror, &self.desired.adopt);
+        let follows =
+            |s: Option<&adopt::AdoptSelector>| s.is_some_and(|s| s.pod_liveness.is_some());
+        self.liveness.retain_dismissed(|id| match id {
+            ObjectId::Rule(k) => m.rules.get(k).is_some_and(|p| {
+                follows(adopt::select_rule(adopt, k, p.first().copied().flatten()))
+            }),
+            ObjectId::Route(k) => m.routes.get(k).and_then(|l| l.first()).is_some_and(|r| {
+                let device = r.oif.and_then(|i| m.link(i)).map(|l| l.name.as_str());
+                follows(adopt::select_route(adopt, k, r, device))
+            }),
+            ObjectId::Address(_) => false,
+        });
     }
 
     fn retrack(&mut self) {

@@ -456,7 +456,11 @@ fn metrics(agent: &Agent) -> String {
 #[test]
 fn rules_of_a_deleted_pod_are_forgotten() {
     let ns = sandbox();
-    let c = Cluster::new(&pod_spec("1h"), &["10.1.0.0/16"]);
+    // A resync every second: one must pass between the forgetting and the proof.
+    let c = Cluster::new(
+        &format!("  resync: 1s\n{}", pod_spec("1h")),
+        &["10.1.0.0/16"],
+    );
     c.api.apply_pod("default", "a", NODE, &["10.1.1.20"]);
     c.api.apply_pod("default", "b", NODE, &["10.1.1.21"]);
     let owner = owner_tool(c.dir.path());
@@ -477,6 +481,9 @@ fn rules_of_a_deleted_pod_are_forgotten() {
             "reason=pod_gone",
         ]);
     }
+    // A full refresh re-reads the kernel, where the forgotten rules still are: they are not
+    // adopted again.
+    agent.wait_log_all(&["full refresh", "timer"]);
     // Proof: someone else deletes all four rules; only pod b's are put back.
     del_pod_rules(&ns, "10.1.1.20");
     del_pod_rules(&ns, "10.1.1.21");
