@@ -147,18 +147,18 @@ impl Builder<'_> {
                 values::duration_within(s, "the grace period", GRACE_MIN, GRACE_MAX)
             }),
         };
-        if a.pod_liveness_grace.is_some() && !on {
+        if let (Some(g), false) = (&a.pod_liveness_grace, on) {
             self.error(
-                obj.at,
+                g.referenced,
                 obj.field("podLivenessGrace"),
                 "applies only with `podLiveness: true`",
             );
             return Err(());
         }
-        if on && !self.kubernetes {
+        if let (Some(p), true, false) = (&a.pod_liveness, on, self.kubernetes) {
             // In file mode no Pod is watched: the option would silently do nothing.
             self.error(
-                obj.at,
+                p.referenced,
                 obj.field("podLiveness"),
                 "needs Kubernetes mode (`run --configmap`): only there are the node's Pods watched",
             );
@@ -342,7 +342,7 @@ mod tests {
         );
         let e = errors(file_mode);
         assert!(
-            e.contains("spec.adopt[0].podLiveness: needs Kubernetes mode"),
+            e.starts_with("f.yaml:9:20: spec.adopt[0].podLiveness: needs Kubernetes mode"),
             "{e}"
         );
         let e = errors(parse_k8s(&POD_SELECTOR.replace("true", "yes please")));
