@@ -463,6 +463,7 @@ fn rules_of_a_deleted_pod_are_forgotten() {
     );
     c.api.apply_pod("default", "a", NODE, &["10.1.1.20"]);
     c.api.apply_pod("default", "b", NODE, &["10.1.1.21"]);
+    c.api.apply_pod("default", "c", NODE, &["10.1.1.22"]);
     let owner = owner_tool(c.dir.path());
     let adopted = c.dir.path().join("adopted.json");
     let mut agent = c.agent_with(&ns, &["--adopted-state", adopted.to_str().unwrap()]);
@@ -470,39 +471,52 @@ fn rules_of_a_deleted_pod_are_forgotten() {
 
     add_pod_rules(&ns, &owner, "10.1.1.20", "2");
     add_pod_rules(&ns, &owner, "10.1.1.21", "3");
-    // Both pods' IPs are seen held: from now on a pod's deletion forgets its rules at once.
-    agent.wait_log_all(&["pod liveness", "followed=4", "held=4"]);
+    add_pod_rules(&ns, &owner, "10.1.1.22", "2");
+    // The pods' IPs are seen held: from now on a pod's deletion forgets its rules at once.
+    agent.wait_log_all(&["pod liveness", "followed=6", "held=6"]);
 
+    // Pod a is deleted; pod c's IP changes.
     c.api.delete_pod("default", "a");
-    for _ in 0..2 {
-        agent.wait_log_all(&[
-            "forgotten: no pod on this node holds its IP",
-            "10.1.1.20",
-            "reason=pod_gone",
-        ]);
-    }
+    c.api.apply_pod("default", "c", NODE, &["10.1.1.23"]);
+    let forgotten = |ip: &str| {
+        agent
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| {
+                l.contains("forgotten: no pod on this node holds its IP")
+                    && l.contains(&format!("{ip}/32"))
+                    && l.contains("reason=pod_gone")
+            })
+            .count()
+    };
+    wait_until("pod a's and pod c's rules are forgotten", || {
+        forgotten("10.1.1.20") == 2 && forgotten("10.1.1.22") == 2
+    });
+    assert_eq!(forgotten("10.1.1.21"), 0);
     // A full refresh re-reads the kernel, where the forgotten rules still are: they are not
     // adopted again.
     agent.wait_log_all(&["full refresh", "timer"]);
-    // Proof: someone else deletes all four rules; only pod b's are put back.
+    // Proof: someone else deletes all six rules; only pod b's are put back.
     del_pod_rules(&ns, "10.1.1.20");
+    del_pod_rules(&ns, "10.1.1.22");
     del_pod_rules(&ns, "10.1.1.21");
     wait_until("pod b's rules are restored", || {
         pod_rules("10.1.1.21", "3").iter().all(|r| has_rule(&ns, r))
     });
     // Deleted before pod b's were, and their removal was handled first: for good.
     let r = rules(&ns);
-    for rule in pod_rules("10.1.1.20", "2") {
-        assert_eq!(count(&r, &rule), 0, "{rule} stays deleted: {r:?}");
+    for ip in ["10.1.1.20", "10.1.1.22"] {
+        for rule in pod_rules(ip, "2") {
+            assert_eq!(count(&r, &rule), 0, "{rule} stays deleted: {r:?}");
+        }
     }
+    let gone = |t: &str| !t.contains("10.1.1.20") && !t.contains("10.1.1.22");
     let (_, status) = netwarden::obs::http::get(&agent.http(), "/status", None, WAIT).unwrap();
-    assert!(
-        !status.contains("10.1.1.20") && status.contains("10.1.1.21"),
-        "{status}"
-    );
+    assert!(gone(&status) && status.contains("10.1.1.21"), "{status}");
     wait_until("the adopted-state file forgets them too", || {
-        std::fs::read_to_string(&adopted)
-            .is_ok_and(|t| !t.contains("10.1.1.20") && t.contains("10.1.1.21"))
+        std::fs::read_to_string(&adopted).is_ok_and(|t| gone(&t) && t.contains("10.1.1.21"))
     });
     // The owner's own removal is counted apart.
     let out = Command::new("ip")
@@ -514,7 +528,7 @@ fn rules_of_a_deleted_pod_are_forgotten() {
     assert!(out.status.success(), "{out:?}");
     agent.wait_log("forgotten: removed by its owner");
     let m = metrics(&agent);
-    for (reason, n) in [("pod_gone", 2), ("owner", 1), ("pod_grace_expired", 0)] {
+    for (reason, n) in [("pod_gone", 4), ("owner", 1), ("pod_grace_expired", 0)] {
         let line =
             format!("netwarden_adopted_forgotten_total{{kind=\"rule\",reason=\"{reason}\"}} {n}");
         assert!(m.contains(&line), "{line} in:\n{m}");
