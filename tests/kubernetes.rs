@@ -518,15 +518,10 @@ fn rules_of_a_deleted_pod_are_forgotten() {
     wait_until("the adopted-state file forgets them too", || {
         std::fs::read_to_string(&adopted).is_ok_and(|t| gone(&t) && t.contains("10.1.1.21"))
     });
-    // The owner's own removal is counted apart.
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(&owner)
-        .args(["rule", "del", "priority", "1536", "from", "10.1.1.21"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    // The owner's own removal is counted apart (its process stays while the agent looks it up).
+    let del = IpBatch::run_with(&ns, &owner, "rule del priority 1536 from 10.1.1.21");
     agent.wait_log("forgotten: removed by its owner");
+    drop(del);
     let m = metrics(&agent);
     for (reason, n) in [("pod_gone", 4), ("owner", 1), ("pod_grace_expired", 0)] {
         let line =

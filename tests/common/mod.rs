@@ -299,7 +299,12 @@ pub struct IpBatch(Child);
 
 impl IpBatch {
     pub fn run(ns: &Sandbox, line: &str) -> IpBatch {
-        let mut child = Command::new("ip")
+        IpBatch::run_with(ns, Path::new("ip"), line)
+    }
+
+    /// As [`IpBatch::run`], with another `ip` binary (a copy named like an owner process).
+    pub fn run_with(ns: &Sandbox, ip: &Path, line: &str) -> IpBatch {
+        let mut child = Command::new(ip)
             .args(["-n", &ns.name, "-batch", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
