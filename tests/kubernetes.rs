@@ -203,20 +203,12 @@ fn pod_cidr_rule_follows_the_node_and_is_repaired() {
         .apply("", "nodes", node(&["10.244.1.0/24", "fd00:10:244:1::/64"]));
     wait_until("the podCIDR rule appears", || has_rule(&ns, RULE));
 
-    ns.ip(&[
-        "rule",
-        "del",
-        "priority",
-        "100",
-        "from",
-        "10.244.1.0/24",
-        "table",
-        "77",
-    ])
-    .unwrap();
+    // A process that stays until it is named (see IpBatch).
+    let del = IpBatch::run(&ns, "rule del priority 100 from 10.244.1.0/24 table 77");
     wait_until("the deleted rule comes back", || has_rule(&ns, RULE));
     // Told on the Node, aggregated.
     let m = c.wait_event("DriftRepaired", "restored 1 rule removed by ip");
+    drop(del);
     assert!(m.starts_with("restored 1 rule"), "{m}");
 
     // The state file holds the config and the facts the rule came from.
