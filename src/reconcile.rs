@@ -614,7 +614,7 @@ impl Agent {
         match change {
             Change::Rule { key, removed } => {
                 batch.appeared |= !removed;
-                if removed {
+                if removed && self.liveness.has_dismissed() {
                     self.liveness.undismiss(&ObjectId::Rule(key.clone()));
                 }
                 if removed && self.adopted.contains_key(&key) {
@@ -631,7 +631,7 @@ impl Agent {
             }
             Change::Route { key, removed } => {
                 batch.appeared |= !removed;
-                if removed {
+                if removed && self.liveness.has_dismissed() {
                     self.liveness.undismiss(&ObjectId::Route(key.clone()));
                 }
                 if removed && self.adopted_routes.contains_key(&key) {
@@ -720,7 +720,8 @@ impl Agent {
     fn adopt_rule(&mut self, key: &RuleKey) -> bool {
         if self.desired.adopt.is_empty()
             || self.desired.rules.contains_key(key)
-            || self.liveness.is_dismissed(&ObjectId::Rule(key.clone()))
+            || (self.liveness.has_dismissed()
+                && self.liveness.is_dismissed(&ObjectId::Rule(key.clone())))
         {
             return false;
         }
@@ -742,7 +743,8 @@ impl Agent {
     fn adopt_route(&mut self, key: &RouteKey) -> bool {
         if self.desired.adopt.is_empty()
             || self.desired.routes.contains_key(key)
-            || self.liveness.is_dismissed(&ObjectId::Route(key.clone()))
+            || (self.liveness.has_dismissed()
+                && self.liveness.is_dismissed(&ObjectId::Route(key.clone())))
         {
             return false;
         }
