@@ -595,3 +595,30 @@ fn an_ip_no_pod_holds_is_kept_through_the_grace_period_then_forgotten() {
         "{m}"
     );
 }
+
+#[test]
+fn a_pod_deleted_during_an_outage_is_forgotten_once_the_api_server_is_back() {
+    let ns = sandbox();
+    let mut c = Cluster::new(&pod_spec("1h"), &["10.1.0.0/16"]);
+    c.api.apply_pod("default", "a", NODE, &["10.1.1.20"]);
+    let owner = owner_tool(c.dir.path());
+    let mut agent = c.agent(&ns);
+    agent.wait_log("watching this node's Pods");
+    add_pod_rules(&ns, &owner, "10.1.1.20", "2");
+    agent.wait_log_all(&["pod liveness", "followed=2", "held=2"]);
+
+    // The API server goes away; meanwhile the pod is deleted.
+    c.api.stop();
+    agent.wait_log("API server unreachable");
+    c.api.delete_pod("default", "a");
+    // The agent cannot know: the rules stay protected.
+    del_pod_rules(&ns, "10.1.1.20");
+    wait_until("the rules are restored during the outage", || {
+        pod_rules("10.1.1.20", "2").iter().all(|r| has_rule(&ns, r))
+    });
+
+    // Back (history compacted: the Pods are listed again), the deletion is seen.
+    c.api.start_again();
+    agent.wait_log_all(&["forgotten", "10.1.1.20", "reason=pod_gone"]);
+    agent.wait_log_all(&["forgotten", "10.1.1.20", "reason=pod_gone"]);
+}
