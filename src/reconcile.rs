@@ -953,16 +953,20 @@ impl Agent {
         let Some(pods) = &self.pods else {
             return false;
         };
-        let view = pods.borrow().clone();
-        let judgement = self.liveness.judge(&view, Instant::now());
-        if view.usable() {
-            debug!(
-                pod_ips = view.ips.len(),
-                followed = self.liveness.len() + judgement.forget.len(),
-                held = self.liveness.held(),
-                "pod liveness"
-            );
-        }
+        let judgement = {
+            // Held briefly: the Kubernetes thread waits for it to publish the next view.
+            let view = pods.borrow();
+            let judgement = self.liveness.judge(&view, Instant::now());
+            if view.usable() {
+                debug!(
+                    pod_ips = view.ips.len(),
+                    followed = self.liveness.len() + judgement.forget.len(),
+                    held = self.liveness.held(),
+                    "pod liveness"
+                );
+            }
+            judgement
+        };
         let mut changed = false;
         for (id, reason) in judgement.forget {
             let selector = match &id {
