@@ -3,9 +3,9 @@
 //! the agent was down. Written atomically by a thread of its own (the loop never waits for a
 //! disk); a file that cannot be read is reported and ignored.
 
+use crate::model::fast::HashMap;
 use crate::model::{DesiredRoute, RouteKey, RuleKey};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use thiserror::Error;
@@ -88,8 +88,8 @@ pub fn merge(
     saved: AdoptedState,
     desired: &mut crate::desired::DesiredState,
 ) -> (HashMap<RuleKey, String>, HashMap<RouteKey, String>) {
-    let mut rules = HashMap::new();
-    let mut routes = HashMap::new();
+    let mut rules = HashMap::default();
+    let mut routes = HashMap::default();
     for r in saved.rules {
         if desired.rules.contains_key(&r.key) {
             continue;

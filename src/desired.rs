@@ -1,8 +1,8 @@
 //! The desired state: what must be present in the kernel, keyed by kernel identity. Pure.
 
 use crate::config::Config;
+use crate::model::fast::HashMap;
 use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, RouteKey, RuleKey};
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 /// Key of a desired address: the device is a name here (it may not exist yet).

@@ -5,12 +5,12 @@
 //! config appears in a plan.
 
 use crate::desired::{DesiredAddressKey, DesiredState};
+use crate::model::fast::HashSet;
 use crate::model::{
     protocol_name, DesiredAddress, DesiredRoute, DesiredRule, Kind, Mode, RouteKey, RuleKey,
 };
 use crate::observe::mirror::Mirror;
 use serde::Serialize;
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 /// One kernel request.

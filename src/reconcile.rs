@@ -8,6 +8,7 @@
 use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome};
 use crate::desired::DesiredState;
+use crate::model::fast::{HashMap, HashSet};
 use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
@@ -25,7 +26,6 @@ use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::Handle;
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -197,8 +197,8 @@ impl Agent {
         telemetry: Arc<Telemetry>,
         adopted_state: Option<std::path::PathBuf>,
     ) -> Result<Agent, ReconcileError> {
-        let mut adopted = HashMap::new();
-        let mut adopted_routes = HashMap::new();
+        let mut adopted = HashMap::default();
+        let mut adopted_routes = HashMap::default();
         let mut store = None;
         if let Some(path) = adopted_state {
             match crate::adopted_state::read(&path) {
@@ -238,17 +238,17 @@ impl Agent {
             handle,
             events,
             resync,
-            reported: HashMap::new(),
-            pending: HashSet::new(),
+            reported: HashMap::default(),
+            pending: HashSet::default(),
             pings: telemetry.take_pings(),
             telemetry,
             contest: Contest::new(Backoff::default()),
-            failed: HashSet::new(),
-            states: HashMap::new(),
+            failed: HashSet::default(),
+            states: HashMap::default(),
             actors: LabelCap::default(),
             attribution,
             answers,
-            awaiting: HashMap::new(),
+            awaiting: HashMap::default(),
             next_report: 0,
             adopted,
             adopted_routes,
@@ -430,7 +430,7 @@ impl Agent {
         }
         if !calmed.is_empty() {
             let ids: Vec<ObjectId> = calmed.into_iter().map(|c| c.id).collect();
-            self.update_states(&ids, &HashMap::new(), &HashSet::new());
+            self.update_states(&ids, &HashMap::default(), &HashSet::default());
         }
         if due.is_empty() {
             return;
@@ -444,7 +444,7 @@ impl Agent {
             };
         }
         let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
-        self.execute(plan, now, Some(&dirty), &HashMap::new(), Cause::Retry)
+        self.execute(plan, now, Some(&dirty), &HashMap::default(), Cause::Retry)
             .await;
         for id in &due {
             self.contest.retry_done(id);
@@ -484,7 +484,7 @@ impl Agent {
             Cause::Resync
         };
         let progress = self
-            .execute(plan, started, None, &HashMap::new(), cause)
+            .execute(plan, started, None, &HashMap::default(), cause)
             .await;
         self.retry_pending(progress).await;
         Ok(())
@@ -602,7 +602,7 @@ impl Agent {
                     plan,
                     Instant::now(),
                     Some(&dirty),
-                    &HashMap::new(),
+                    &HashMap::default(),
                     Cause::Pending,
                 )
                 .await;
@@ -1036,7 +1036,7 @@ impl Agent {
             }
             _ => None,
         };
-        let mut held: HashSet<ObjectId> = HashSet::new();
+        let mut held: HashSet<ObjectId> = HashSet::default();
         // Objects already known not to be in sync (pending, failed): a retry, not new drift.
         let known: HashSet<ObjectId> = plan
             .steps
@@ -1101,8 +1101,8 @@ impl Agent {
         let acked_unix = crate::obs::status::unix_now();
         let metrics = &self.telemetry.metrics;
         let mut restored: Vec<(Kind, &str)> = Vec::new();
-        let mut repaired: HashSet<ObjectId> = HashSet::new();
-        let mut now_pending: HashMap<ObjectId, Finding> = HashMap::new();
+        let mut repaired: HashSet<ObjectId> = HashSet::default();
+        let mut now_pending: HashMap<ObjectId, Finding> = HashMap::default();
         for (step, outcome) in plan.steps.iter().zip(&outcomes) {
             let kind = kind_str(&step.id);
             let result = match outcome {
@@ -1243,11 +1243,11 @@ impl Agent {
                 }
             }
         }
-        self.finish(report, &HashMap::new());
+        self.finish(report, &std::collections::HashMap::new());
     }
 
     /// Counts and logs a report's drift and repairs with the processes behind them.
-    fn finish(&mut self, report: Report, names: &HashMap<u32, String>) {
+    fn finish(&mut self, report: Report, names: &std::collections::HashMap<u32, String>) {
         let actor_of = |port: Option<u32>| -> String {
             match port {
                 None => attribution::UNKNOWN.to_string(),
@@ -1403,7 +1403,7 @@ impl Agent {
         scope: Option<&Dirty>,
     ) -> Vec<(ObjectId, String)> {
         let mut observed = Vec::new();
-        let mut seen: HashSet<ObjectId> = HashSet::new();
+        let mut seen: HashSet<ObjectId> = HashSet::default();
         for d in &plan.drift {
             let finding = now_pending.get(&d.id).unwrap_or(&d.finding);
             let repaired = d.mode == Mode::Enforce

@@ -9,6 +9,15 @@ pub mod address;
 pub mod route;
 pub mod rule;
 
+/// Hash maps and sets keyed by kernel objects. A mass repair hashes every rule and route key a
+/// dozen times (mirror, desired state, plan, contest, status); with std's SipHash that was the
+/// largest single cost in its profile. foldhash is much cheaper on such short keys and still
+/// seeded per process. Build with `::default()` (`new()` is only std's hasher).
+pub mod fast {
+    pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+    pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+}
+
 pub use address::{AddressKey, DesiredAddress, ObservedAddress};
 pub use route::{DesiredRoute, ObservedRoute, RouteKey, RouteType};
 pub use rule::{DesiredRule, RuleAction, RuleKey};

@@ -4,7 +4,7 @@
 //! contested until the fight stops. Pure: the caller passes the time and owns the timer (the loop
 //! sleeps until [`Contest::next_deadline`] and then calls [`Contest::poll`]).
 
-use std::collections::HashMap;
+use crate::model::fast::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -96,7 +96,7 @@ impl<K: Clone + Eq + Hash> Contest<K> {
     pub fn new(backoff: Backoff) -> Contest<K> {
         Contest {
             backoff,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             next: None,
             last_poll: None,
         }

@@ -3,9 +3,10 @@
 //!
 //! The loop writes it under a short lock: after a batch, only the objects that batch touched.
 
+use crate::model::fast::HashMap;
 use crate::plan::ObjectId;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The state of a protected object.

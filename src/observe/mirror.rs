@@ -2,10 +2,10 @@
 //! decoded messages and says what each one changed; the I/O lives in `observe::kernel`.
 
 use super::decode::{self, LinkInfo};
+use crate::model::fast::{HashMap, HashSet};
 use crate::model::route::ObservedRoute;
 use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RuleKey};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use std::collections::{HashMap, HashSet};
 
 /// Which routes the mirror keeps. A node can hold far more routes than netwarden protects (a BGP
 /// full table); keeping only the protected identities bounds memory by the config, not the host.
@@ -330,7 +330,7 @@ mod tests {
         };
         let protected = route(100, "10.1.0.0/16");
         let mut m = Mirror::new(RouteInterest::KeysAndTables(
-            [protected.key.clone()].into(),
+            HashSet::from_iter([protected.key.clone()]),
             vec![(150, 160)],
         ));
         for (r, kept) in [
@@ -373,7 +373,9 @@ mod tests {
             key: RouteKey::new(Family::Ipv4, 100, "10.2.0.0/16".parse().unwrap(), None),
             ..protected.clone()
         };
-        let mut m = Mirror::new(RouteInterest::Keys([protected.key.clone()].into()));
+        let mut m = Mirror::new(RouteInterest::Keys(HashSet::from_iter([protected
+            .key
+            .clone()])));
         let c = m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(
             &foreign, None,
         )));
