@@ -928,7 +928,7 @@ impl Agent {
                 .find(|s| s.name == selector)
                 .and_then(|s| s.pod_liveness)
         };
-        let mut followed: HashSet<ObjectId> = HashSet::new();
+        let mut followed: HashSet<ObjectId> = HashSet::default();
         for (k, selector) in &self.adopted {
             let ip = pod_liveness::rule_ip(k.from.as_ref(), k.to.as_ref());
             if let (Some(g), Some(ip)) = (grace(selector), ip) {
