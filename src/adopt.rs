@@ -107,6 +107,9 @@ pub struct AdoptSelector {
     /// Command names (as in /proc/PID/comm, at most 15 bytes) whose removals are legitimate.
     pub owners: Vec<String>,
     pub unknown_actor: UnknownActor,
+    /// `podLiveness`: objects tied to a pod IP are forgotten when no pod on this node holds it
+    /// any more; the grace period for an IP never seen held (see [`crate::pod_liveness`]).
+    pub pod_liveness: Option<std::time::Duration>,
 }
 
 /// Who removed an object.
@@ -300,6 +303,7 @@ mod tests {
             ipsets: None,
             owners: vec!["aws-k8s-agent".into(), "aws-cni".into()],
             unknown_actor: policy,
+            pod_liveness: None,
         }
     }
 

@@ -37,7 +37,7 @@ pub fn run(
     let listener = crate::bind_metrics(metrics_addr)?;
     // Before entering the namespace: the Kubernetes thread and its sockets stay on the host's
     // network, where the API server is (see src/cluster/run.rs).
-    let mut updates = cluster::spawn(opts, telemetry.clone())?;
+    let (mut updates, pods) = cluster::spawn(opts, telemetry.clone())?;
     let rt = crate::runtime(netns)?;
     if let Some(listener) = listener {
         let addr = obs::http::spawn(listener, telemetry.clone())?;
@@ -76,7 +76,8 @@ pub fn run(
             telemetry,
             adopted_state,
         )
-        .await?;
+        .await?
+        .with_pods(pods);
         let guard = guard.with_store(agent.adopted_store());
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);

@@ -19,6 +19,7 @@ pub mod netns;
 pub mod obs;
 pub mod observe;
 pub mod plan;
+pub mod pod_liveness;
 pub mod reconcile;
 pub mod sandbox;
 pub mod snapshot;

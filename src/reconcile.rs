@@ -12,12 +12,15 @@ use crate::model::fast::{HashMap, HashSet};
 use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
-use crate::obs::metrics::{DriftLabels, ErrorLabels, KindLabels, ReasonLabels, RepairLabels};
+use crate::obs::metrics::{
+    DriftLabels, ErrorLabels, ForgetLabels, KindLabels, ReasonLabels, RepairLabels,
+};
 use crate::obs::status::State;
 use crate::obs::{Ping, Reload, Telemetry};
 use crate::observe::kernel::{self, Events, ObserveError};
 use crate::observe::{Change, Mirror, RouteInterest};
 use crate::plan::{self, Dirty, Drift, Finding, ObjectId, Plan};
+use crate::pod_liveness::{self, PodView, Tracker};
 use futures::StreamExt;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -27,7 +30,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 /// Most events folded into one plan; the rest wait for the next turn of the loop.
@@ -164,6 +167,10 @@ pub struct Agent {
     resolver: attribution::Resolver,
     /// Writes the adopted rules to the adopted-state file, when there is one.
     store: Option<crate::adopted_state::Writer>,
+    /// The IPs of this node's pods (Kubernetes mode), for `podLiveness` selectors.
+    pods: Option<watch::Receiver<PodView>>,
+    /// Adopted objects of `podLiveness` selectors tied to a pod IP.
+    liveness: Tracker<ObjectId>,
 }
 
 impl Agent {
@@ -247,6 +254,8 @@ impl Agent {
             adopted_routes,
             resolver: attribution::Resolver::default(),
             store,
+            pods: None,
+            liveness: Tracker::default(),
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
@@ -264,6 +273,17 @@ impl Agent {
 
     pub fn mirror(&self) -> &Mirror {
         &self.mirror
+    }
+
+    /// Ties the adopted objects of `podLiveness` selectors to the pods of this node: `pods`
+    /// tells which IPs they hold (from the Kubernetes thread).
+    pub fn with_pods(mut self, pods: watch::Receiver<PodView>) -> Agent {
+        self.pods = Some(pods);
+        if self.sync_liveness() {
+            self.telemetry.set_catalog(&self.desired);
+            self.save_adopted();
+        }
+        self
     }
 
     /// Runs until `shutdown` completes. Leaves every object in place on the way out.
@@ -290,6 +310,11 @@ impl Agent {
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(
                 deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             ));
+            // The earliest end of a grace period of an adopted object no pod holds the IP of.
+            let grace_end = self.liveness.next_deadline();
+            let grace = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                grace_end.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            ));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -315,6 +340,14 @@ impl Agent {
                     }
                 }
                 Some(ping) = next(&mut self.pings) => { let _ = ping.send(()); }
+                alive = pods_changed(&mut self.pods) => {
+                    if !alive {
+                        warn!("the Pod watch stopped; adopted objects are no longer tied to pods");
+                        self.pods = None;
+                    }
+                    self.on_pods();
+                }
+                _ = grace, if grace_end.is_some() => self.on_pods(),
                 _ = timer.tick() => {
                     self.full_resync(ResyncReason::Timer).await?;
                 }
@@ -325,6 +358,10 @@ impl Agent {
     /// A new config: protect what it names from now on.
     async fn reload(&mut self, reload: Reload) -> Result<(), ReconcileError> {
         let old = std::mem::replace(&mut self.desired, reload.desired);
+        // What liveness dismissed stays dismissed (in Kubernetes mode a reload comes with any
+        // Service change: clearing would protect a stale rule anew each time), unless no
+        // podLiveness selector would adopt it any more.
+        self.prune_dismissed();
         // Adopted rules stay protected if a selector of the new config still adopts them (also
         // those missing right now: they are being repaired).
         let adopted = std::mem::take(&mut self.adopted);
@@ -427,7 +464,10 @@ impl Agent {
         let started = Instant::now();
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
-        if self.adopt_from_mirror() || reason == ResyncReason::Start {
+        self.prune_dismissed();
+        let adopted = self.adopt_from_mirror();
+        let judged = self.sync_liveness();
+        if adopted || judged || reason == ResyncReason::Start {
             self.telemetry.set_catalog(&self.desired);
             self.save_adopted();
         }
@@ -489,6 +529,11 @@ impl Agent {
             self.judge_adopted_removals(&mut batch);
         }
         if batch.adoption_changed {
+            if self.sync_liveness() {
+                let d = &self.desired;
+                batch.dirty.rules.retain(|k| d.rules.contains_key(k));
+                batch.dirty.routes.retain(|k| d.routes.contains_key(k));
+            }
             self.telemetry.set_catalog(&self.desired);
             self.save_adopted();
         }
@@ -569,6 +614,9 @@ impl Agent {
         match change {
             Change::Rule { key, removed } => {
                 batch.appeared |= !removed;
+                if removed && self.liveness.has_dismissed() {
+                    self.liveness.undismiss(&ObjectId::Rule(key.clone()));
+                }
                 if removed && self.adopted.contains_key(&key) {
                     batch
                         .adopted_removed
@@ -583,6 +631,9 @@ impl Agent {
             }
             Change::Route { key, removed } => {
                 batch.appeared |= !removed;
+                if removed && self.liveness.has_dismissed() {
+                    self.liveness.undismiss(&ObjectId::Route(key.clone()));
+                }
                 if removed && self.adopted_routes.contains_key(&key) {
                     batch
                         .adopted_removed
@@ -673,7 +724,11 @@ impl Agent {
 
     /// Adopts a kernel rule the mirror holds if a selector matches it. True if adopted.
     fn adopt_rule(&mut self, key: &RuleKey) -> bool {
-        if self.desired.adopt.is_empty() || self.desired.rules.contains_key(key) {
+        if self.desired.adopt.is_empty()
+            || self.desired.rules.contains_key(key)
+            || (self.liveness.has_dismissed()
+                && self.liveness.is_dismissed(&ObjectId::Rule(key.clone())))
+        {
             return false;
         }
         let protocol = match self.mirror.rules.get(key) {
@@ -692,7 +747,11 @@ impl Agent {
 
     /// Adopts a kernel route the mirror holds if a selector matches it. True if adopted.
     fn adopt_route(&mut self, key: &RouteKey) -> bool {
-        if self.desired.adopt.is_empty() || self.desired.routes.contains_key(key) {
+        if self.desired.adopt.is_empty()
+            || self.desired.routes.contains_key(key)
+            || (self.liveness.has_dismissed()
+                && self.liveness.is_dismissed(&ObjectId::Route(key.clone())))
+        {
             return false;
         }
         let Some(route) = self.mirror.routes.get(key).and_then(|l| l.first()) else {
@@ -785,27 +844,171 @@ impl Agent {
                 );
                 match &id {
                     ObjectId::Rule(k) => {
-                        self.adopted.remove(k);
-                        self.desired.rules.remove(k);
                         batch.dirty.rules.remove(k);
                     }
                     ObjectId::Route(k) => {
-                        self.adopted_routes.remove(k);
-                        self.desired.routes.remove(k);
                         batch.dirty.routes.remove(k);
                     }
                     ObjectId::Address(_) => {}
                 }
+                let reason = match actor {
+                    Actor::Unknown => "unknown_actor",
+                    _ => "owner",
+                };
+                self.drop_adopted(&id, reason);
                 batch.removed_by.remove(&id);
-                self.pending.remove(&id);
-                self.reported.remove(&id);
-                self.failed.remove(&id);
-                self.states.remove(&id);
-                self.contest.retain(|i| i != &id);
                 batch.adoption_changed = true;
             } else {
                 debug!(selector = %sel.name, actor = %actor_name, %object, "adopted object removed by a non-owner: drift");
             }
+        }
+    }
+
+    /// Stops protecting an adopted object (it stays in the kernel as it is) and counts why.
+    fn drop_adopted(&mut self, id: &ObjectId, reason: &'static str) {
+        match id {
+            ObjectId::Rule(k) => {
+                self.adopted.remove(k);
+                self.desired.rules.remove(k);
+            }
+            ObjectId::Route(k) => {
+                self.adopted_routes.remove(k);
+                self.desired.routes.remove(k);
+            }
+            ObjectId::Address(_) => return,
+        }
+        self.pending.remove(id);
+        self.reported.remove(id);
+        self.failed.remove(id);
+        self.states.remove(id);
+        self.contest.retain(|i| i != id);
+        self.telemetry
+            .metrics
+            .adopted_forgotten
+            .get_or_create(&ForgetLabels {
+                kind: kind_str(id),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Follows the adopted objects of `podLiveness` selectors that are tied to a pod IP (and
+    /// only those), then judges them against the pods. True if any was forgotten or adopted
+    /// again: the catalog and the adopted-state file are out of date.
+    fn sync_liveness(&mut self) -> bool {
+        if self.pods.is_none() {
+            return false;
+        }
+        self.retrack();
+        let changed = self.judge_pods();
+        if changed {
+            // Adopted again: followed again.
+            self.retrack();
+        }
+        changed
+    }
+
+    /// Keeps dismissed only what is still in the kernel and would be adopted by a `podLiveness`
+    /// selector; the rest may be adopted again as any object.
+    fn prune_dismissed(&mut self) {
+        let (m, adopt) = (&self.mirror, &self.desired.adopt);
+        let follows =
+            |s: Option<&adopt::AdoptSelector>| s.is_some_and(|s| s.pod_liveness.is_some());
+        self.liveness.retain_dismissed(|id| match id {
+            ObjectId::Rule(k) => m.rules.get(k).is_some_and(|p| {
+                follows(adopt::select_rule(adopt, k, p.first().copied().flatten()))
+            }),
+            ObjectId::Route(k) => m.routes.get(k).and_then(|l| l.first()).is_some_and(|r| {
+                let device = r.oif.and_then(|i| m.link(i)).map(|l| l.name.as_str());
+                follows(adopt::select_route(adopt, k, r, device))
+            }),
+            ObjectId::Address(_) => false,
+        });
+    }
+
+    fn retrack(&mut self) {
+        let adopt = &self.desired.adopt;
+        let grace = |selector: &str| {
+            adopt
+                .iter()
+                .find(|s| s.name == selector)
+                .and_then(|s| s.pod_liveness)
+        };
+        let mut followed: HashSet<ObjectId> = HashSet::default();
+        for (k, selector) in &self.adopted {
+            let ip = pod_liveness::rule_ip(k.from.as_ref(), k.to.as_ref());
+            if let (Some(g), Some(ip)) = (grace(selector), ip) {
+                let id = ObjectId::Rule(k.clone());
+                self.liveness.track(id.clone(), ip, g);
+                followed.insert(id);
+            }
+        }
+        for (k, selector) in &self.adopted_routes {
+            if let (Some(g), Some(ip)) = (grace(selector), pod_liveness::route_ip(&k.destination)) {
+                let id = ObjectId::Route(k.clone());
+                self.liveness.track(id.clone(), ip, g);
+                followed.insert(id);
+            }
+        }
+        self.liveness.retain(|id| followed.contains(id));
+    }
+
+    /// Forgets the adopted objects whose pod is gone, adopts again those whose IP a pod holds
+    /// again. True if anything changed.
+    fn judge_pods(&mut self) -> bool {
+        let Some(pods) = &self.pods else {
+            return false;
+        };
+        let judgement = {
+            // Held briefly: the Kubernetes thread waits for it to publish the next view.
+            let view = pods.borrow();
+            let judgement = self.liveness.judge(&view, Instant::now());
+            if view.usable() {
+                debug!(
+                    pod_ips = view.ips.len(),
+                    followed = self.liveness.len() + judgement.forget.len(),
+                    held = self.liveness.held(),
+                    "pod liveness"
+                );
+            }
+            judgement
+        };
+        let mut changed = false;
+        for (id, reason) in judgement.forget {
+            let selector = match &id {
+                ObjectId::Rule(k) => self.adopted.get(k),
+                ObjectId::Route(k) => self.adopted_routes.get(k),
+                ObjectId::Address(_) => None,
+            }
+            .cloned()
+            .unwrap_or_default();
+            let object = self.describe(&id);
+            info!(
+                %selector,
+                kind = kind_str(&id),
+                %object,
+                reason = %reason.as_str(),
+                "forgotten: no pod on this node holds its IP"
+            );
+            self.drop_adopted(&id, reason.as_str());
+            changed = true;
+        }
+        for id in judgement.revive {
+            changed |= match &id {
+                ObjectId::Rule(k) => self.adopt_rule(k),
+                ObjectId::Route(k) => self.adopt_route(k),
+                ObjectId::Address(_) => false,
+            };
+        }
+        changed
+    }
+
+    /// A new view of the pods, or the end of a grace period.
+    fn on_pods(&mut self) {
+        if self.judge_pods() {
+            self.retrack();
+            self.telemetry.set_catalog(&self.desired);
+            self.save_adopted();
         }
     }
 
@@ -1310,6 +1513,14 @@ fn restored_ports(
         .filter(|s| repaired.contains(&s.id))
         .filter_map(|s| removed_by.get(&s.id).copied())
         .collect()
+}
+
+/// Whether the pods' view changed (false: its sender is gone); never, without one.
+async fn pods_changed(rx: &mut Option<watch::Receiver<PodView>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// The next item of an optional channel; never, without one.

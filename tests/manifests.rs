@@ -478,6 +478,9 @@ fn overlay_configs_pass_netwarden_validate_and_protect_the_incident_objects() {
             }
             "aws-vpc-cni" => {
                 assert!(list("rules").iter().any(|r| r["priority"] == 1024));
+                assert!(list("adopt")
+                    .iter()
+                    .any(|a| a["podLiveness"] == true && a["owners"][0] == "aws-k8s-agent"));
                 assert!(list("routes").iter().any(|r| r["destination"] == "default"
                     && r["gateway"].as_str().unwrap().contains("node.annotations")));
             }

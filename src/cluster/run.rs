@@ -14,21 +14,25 @@ use super::statefile::{self, Saved};
 use crate::config::{self, Config};
 use crate::desired::{self, Expansion};
 use crate::obs::{Notice, Telemetry};
+use crate::pod_liveness::PodView;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, EventSource, Node, ObjectReference, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event, EventSource, Node, ObjectReference, Pod, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch as latest, Notify};
 use tracing::{debug, error, info, warn};
 
 /// Label of the EndpointSlices of `default/kubernetes` (the API server's endpoints).
@@ -82,12 +86,15 @@ pub enum Message {
     Fatal(ClusterError),
 }
 
-/// Starts the Kubernetes thread. Call before entering a network namespace.
+/// Starts the Kubernetes thread. Call before entering a network namespace. Besides the updates,
+/// it tells which IPs this node's pods hold (for `podLiveness` selectors; never synced while no
+/// selector asks for it: the Pods are then not watched at all).
 pub fn spawn(
     opts: Options,
     telemetry: Arc<Telemetry>,
-) -> Result<mpsc::Receiver<Message>, ClusterError> {
+) -> Result<(mpsc::Receiver<Message>, latest::Receiver<PodView>), ClusterError> {
     let (tx, rx) = mpsc::channel(16);
+    let (pods_tx, pods_rx) = latest::channel(PodView::default());
     let (notices_tx, notices_rx) = mpsc::unbounded_channel();
     telemetry.set_notices(notices_tx.clone());
     std::thread::Builder::new()
@@ -103,10 +110,10 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(run(opts, tx, telemetry, notices_tx, notices_rx));
+            rt.block_on(run(opts, tx, pods_tx, telemetry, notices_tx, notices_rx));
         })
         .map_err(ClusterError::Thread)?;
-    Ok(rx)
+    Ok((rx, pods_rx))
 }
 
 async fn client(opts: &Options) -> Result<Client, ClusterError> {
@@ -206,6 +213,7 @@ fn unix_now() -> u64 {
 async fn run(
     opts: Options,
     tx: mpsc::Sender<Message>,
+    pods_tx: latest::Sender<PodView>,
     telemetry: Arc<Telemetry>,
     notices: mpsc::UnboundedSender<Notice>,
     notices_rx: mpsc::UnboundedReceiver<Notice>,
@@ -294,6 +302,15 @@ async fn run(
         opts.event_window,
     ));
 
+    let mut pods = PodWatch {
+        client: client.clone(),
+        node: opts.node_name.clone(),
+        tx: pods_tx,
+        health: health.clone(),
+        task: None,
+    };
+    pods.follow(last.as_ref().map(|(_, c)| &**c));
+
     let all_ready = [nodes_ready, services_ready, slices_ready, maps_ready];
     let mut announced = false;
     let mut missing_said = false;
@@ -330,6 +347,7 @@ async fn run(
                     Ok(cfg) => {
                         telemetry.config_loaded(true);
                         info!(source = %source, "config loaded");
+                        pods.follow(Some(&cfg));
                         last = Some((text, Arc::new(cfg)));
                         config_changed = true;
                     }
@@ -391,6 +409,107 @@ async fn run(
             error!(error = %e, "state not saved");
         }
     }
+}
+
+/// The watch of this node's Pods, running while some adopt selector asks for `podLiveness`.
+struct PodWatch {
+    client: Client,
+    node: String,
+    tx: latest::Sender<PodView>,
+    health: Arc<Health>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PodWatch {
+    /// Starts or stops the watch as the config in force asks.
+    fn follow(&mut self, cfg: Option<&Config>) {
+        let want = cfg.is_some_and(|c| c.adopt.iter().any(|s| s.pod_liveness.is_some()));
+        match (want, self.task.take()) {
+            (true, None) => {
+                info!(node = %self.node, "watching this node's Pods (podLiveness)");
+                self.task = Some(tokio::spawn(watch_pods(
+                    Api::all(self.client.clone()),
+                    self.node.clone(),
+                    self.tx.clone(),
+                    self.health.clone(),
+                )));
+            }
+            (false, Some(task)) => {
+                task.abort();
+                self.health.ok("pods");
+                self.tx.send_replace(PodView::default());
+                info!("no longer watching Pods: no selector asks for podLiveness");
+            }
+            (_, task) => self.task = task,
+        }
+    }
+}
+
+/// Watches the Pods bound to `node` (field selector `spec.nodeName`, as the kubelet does) and
+/// publishes the IPs they hold. Until the first list is complete the view is not synced; after
+/// a watch error it is not fresh until the watch delivers again (a relist, or a change): the
+/// reconcile loop decides nothing on such a view.
+async fn watch_pods(api: Api<Pod>, node: String, tx: latest::Sender<PodView>, health: Arc<Health>) {
+    let (store, writer) = reflector::store();
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    futures::pin_mut!(stream);
+    let mut synced = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::InitDone) => {
+                synced = true;
+                health.ok("pods");
+                publish_pods(&tx, &store, synced);
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                health.ok("pods");
+                publish_pods(&tx, &store, synced);
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(e) => {
+                health.failed("pods", &e);
+                tx.send_if_modified(|v| std::mem::replace(&mut v.fresh, false));
+            }
+        }
+    }
+}
+
+fn publish_pods(tx: &latest::Sender<PodView>, store: &Store<Pod>, synced: bool) {
+    let view = PodView {
+        synced,
+        fresh: true,
+        ips: store.state().iter().flat_map(|p| pod_ips(p)).collect(),
+    };
+    tx.send_if_modified(|v| {
+        let changed = *v != view;
+        if changed {
+            *v = view;
+        }
+        changed
+    });
+}
+
+/// The IPs a pod holds on this node: `status.podIPs` (and `podIP`). None for `hostNetwork`
+/// pods (they hold the node's addresses) and for pods that have finished (Succeeded, Failed):
+/// their sandbox is gone and the CNI may give their IP to another pod.
+pub fn pod_ips(p: &Pod) -> HashSet<IpAddr> {
+    let host_network = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let status = p.status.as_ref();
+    let finished = status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+    if host_network || finished {
+        return HashSet::new();
+    }
+    let listed = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|i| i.ip.as_str());
+    ips(listed.chain(status.and_then(|s| s.pod_ip.as_deref())))
+        .into_iter()
+        .collect()
 }
 
 fn ips(values: impl IntoIterator<Item = impl AsRef<str>>) -> Vec<IpAddr> {
@@ -566,5 +685,48 @@ async fn post(api: &Api<Event>, node: &str, uid: Option<String>, d: Draft) {
     match api.create(&PostParams::default(), &ev).await {
         Ok(_) => debug!(reason = d.reason, message = %d.message, "event posted"),
         Err(e) => warn!(reason = d.reason, error = %e, "cannot post the event"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pod_ips;
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn pod_ips_from_status_but_not_host_network_or_finished_pods() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "a"},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.5",
+                       "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}
+        }));
+        let mut got: Vec<String> = pod_ips(&p).iter().map(ToString::to_string).collect();
+        got.sort();
+        assert_eq!(got, ["10.0.0.5", "fd00::5"]);
+        let only_pod_ip = pod(serde_json::json!({
+            "metadata": {"name": "b"}, "spec": {"containers": []},
+            "status": {"podIP": "10.0.0.6"}
+        }));
+        assert_eq!(pod_ips(&only_pod_ip).len(), 1);
+        let host = pod(serde_json::json!({
+            "metadata": {"name": "c"}, "spec": {"hostNetwork": true, "containers": []},
+            "status": {"podIP": "10.200.0.1", "podIPs": [{"ip": "10.200.0.1"}]}
+        }));
+        assert!(pod_ips(&host).is_empty());
+        let done = pod(serde_json::json!({
+            "metadata": {"name": "d"}, "spec": {"containers": []},
+            "status": {"phase": "Succeeded", "podIP": "10.0.0.7"}
+        }));
+        assert!(pod_ips(&done).is_empty());
+        let pending = pod(serde_json::json!({
+            "metadata": {"name": "e"}, "spec": {"containers": []},
+            "status": {"phase": "Pending"}
+        }));
+        assert!(pod_ips(&pending).is_empty());
     }
 }

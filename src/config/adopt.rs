@@ -11,7 +11,14 @@ use crate::adopt::{
 use crate::model::Family;
 use crate::model::Mode;
 use crate::netfilter::model::Table;
+use crate::pod_liveness::DEFAULT_GRACE;
 use serde_saphyr::Spanned;
+use std::time::Duration;
+
+/// Bounds of `podLivenessGrace`: shorter than a second would race the API server's view of a
+/// pod the CNI is still setting up.
+const GRACE_MIN: Duration = Duration::from_secs(1);
+const GRACE_MAX: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// An inclusive range `lo-hi`, or one number; `parse` checks each bound.
 fn range(s: &str, parse: impl Fn(&str) -> Result<u32, String>) -> Result<Range, String> {
@@ -134,6 +141,8 @@ impl Builder<'_> {
                 r
             }
         };
+        let pod_liveness = self.pod_liveness(obj, a);
+        ok &= pod_liveness.is_ok();
         let name = name?;
         ok.then_some(AdoptSelector {
             name,
@@ -144,7 +153,46 @@ impl Builder<'_> {
             ipsets,
             owners,
             unknown_actor: unknown,
+            pod_liveness: pod_liveness.ok().flatten(),
         })
+    }
+
+    /// `podLiveness` and its grace period: `Ok(None)` when off, `Err` when invalid (reported).
+    fn pod_liveness(&mut self, obj: &Object, a: &RawAdopt) -> Result<Option<Duration>, ()> {
+        let on = match &a.pod_liveness {
+            None => false,
+            Some(_) => self
+                .opt(&a.pod_liveness, obj.field("podLiveness"), values::boolean)
+                .ok_or(())?,
+        };
+        let grace = match &a.pod_liveness_grace {
+            None => Some(DEFAULT_GRACE),
+            Some(_) => self.opt(&a.pod_liveness_grace, obj.field("podLivenessGrace"), |s| {
+                values::duration_within(s, "the grace period", GRACE_MIN, GRACE_MAX)
+            }),
+        };
+        if let (Some(g), false) = (&a.pod_liveness_grace, on) {
+            self.error(
+                g.referenced,
+                obj.field("podLivenessGrace"),
+                "applies only with `podLiveness: true`",
+            );
+            return Err(());
+        }
+        if let (Some(p), true, false) = (&a.pod_liveness, on, self.kubernetes) {
+            // In file mode no Pod is watched: the option would silently do nothing.
+            self.error(
+                p.referenced,
+                obj.field("podLiveness"),
+                "needs Kubernetes mode (`run --configmap`): only there are the node's Pods watched",
+            );
+            return Err(());
+        }
+        match (on, grace) {
+            (false, _) => Ok(None),
+            (true, Some(g)) => Ok(Some(g)),
+            (true, None) => Err(()),
+        }
     }
 
     fn protocols(&mut self, list: &Option<Vec<super::raw::Scalar>>, path: &str) -> Option<Vec<u8>> {
@@ -377,5 +425,82 @@ mod tests {
         assert!(set("a\nflush*").is_err());
         assert!(set("a b").is_err());
         assert!(set("*").is_err());
+    }
+
+    fn parse_k8s(body: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let text = format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\n{body}");
+        crate::config::parse_kubernetes("cm", &text)
+    }
+
+    const POD_SELECTOR: &str = "spec:
+  adopt:
+    - name: vpc-cni
+      rules:
+        priority: 512-1536
+      owners: [aws-k8s-agent]
+      podLiveness: true
+";
+
+    #[test]
+    fn pod_liveness_is_opt_in_with_a_default_grace() {
+        let c = parse_k8s(POD_SELECTOR).unwrap();
+        assert_eq!(c.adopt[0].pod_liveness, Some(DEFAULT_GRACE));
+        let c = parse_k8s(&format!("{POD_SELECTOR}      podLivenessGrace: 5s\n")).unwrap();
+        assert_eq!(c.adopt[0].pod_liveness, Some(Duration::from_secs(5)));
+        let off = POD_SELECTOR.replace("podLiveness: true", "podLiveness: false");
+        assert_eq!(parse_k8s(&off).unwrap().adopt[0].pod_liveness, None);
+        let absent = POD_SELECTOR.replace("      podLiveness: true\n", "");
+        assert_eq!(parse_k8s(&absent).unwrap().adopt[0].pod_liveness, None);
+    }
+
+    fn errors(r: Result<crate::config::Config, crate::config::ConfigError>) -> String {
+        match r {
+            Err(crate::config::ConfigError::Invalid(e)) => e
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pod_liveness_is_validated() {
+        let file_mode = crate::config::parse(
+            "f.yaml",
+            &format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\n{POD_SELECTOR}"),
+        );
+        let e = errors(file_mode);
+        assert!(
+            e.starts_with("f.yaml:9:20: spec.adopt[0].podLiveness: needs Kubernetes mode"),
+            "{e}"
+        );
+        let e = errors(parse_k8s(&POD_SELECTOR.replace("true", "yes please")));
+        assert!(
+            e.contains("spec.adopt[0].podLiveness: `yes please` is not a boolean"),
+            "{e}"
+        );
+        let e = errors(parse_k8s(&format!(
+            "{POD_SELECTOR}      podLivenessGrace: 500ms\n"
+        )));
+        assert!(
+            e.contains(
+                "podLivenessGrace: `500ms` is too short: the grace period must be at least 1s"
+            ),
+            "{e}"
+        );
+        let e = errors(parse_k8s(&format!(
+            "{POD_SELECTOR}      podLivenessGrace: 2d\n"
+        )));
+        assert!(
+            e.contains("podLivenessGrace: `2d` is not a duration"),
+            "{e}"
+        );
+        let alone = POD_SELECTOR.replace("podLiveness: true", "podLivenessGrace: 30s");
+        let e = errors(parse_k8s(&alone));
+        assert!(
+            e.contains("podLivenessGrace: applies only with `podLiveness: true`"),
+            "{e}"
+        );
     }
 }

@@ -61,6 +61,10 @@ pub(super) struct RawAdopt {
     pub owners: Option<Vec<Scalar>>,
     #[serde(rename = "unknownActor")]
     pub unknown_actor: Scalar,
+    #[serde(rename = "podLiveness")]
+    pub pod_liveness: Scalar,
+    #[serde(rename = "podLivenessGrace")]
+    pub pod_liveness_grace: Scalar,
 }
 
 #[derive(Debug, DeriveDeserialize)]

@@ -139,6 +139,17 @@ pub(super) fn boolean(s: &str) -> Result<bool, String> {
 /// A duration written as an integer and a unit (`500ms`, `30s`, `5m`, `1h`), within the bounds
 /// the reconcile loop can sensibly use.
 pub(super) fn resync(s: &str) -> Result<Duration, String> {
+    duration_within(s, "resync", RESYNC_MIN, RESYNC_MAX)
+}
+
+/// A duration written as an integer and a unit, from `min` (whole seconds) to `max` (whole
+/// hours); `what` names the setting in messages.
+pub(super) fn duration_within(
+    s: &str,
+    what: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
     let format_hint = || {
@@ -156,14 +167,22 @@ pub(super) fn resync(s: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         _ => return Err(format_hint()),
     };
-    let too_long = || format!("`{s}` is too long: resync must be at most 24h");
+    let too_long = || {
+        format!(
+            "`{s}` is too long: {what} must be at most {}h",
+            max.as_secs() / 3600
+        )
+    };
     let n: u64 = digits.parse().map_err(|_| too_long())?;
     let ms = n.checked_mul(per_unit_ms).ok_or_else(too_long)?;
     let d = Duration::from_millis(ms);
-    if d < RESYNC_MIN {
-        return Err(format!("`{s}` is too short: resync must be at least 1s"));
+    if d < min {
+        return Err(format!(
+            "`{s}` is too short: {what} must be at least {}s",
+            min.as_secs()
+        ));
     }
-    if d > RESYNC_MAX {
+    if d > max {
         return Err(too_long());
     }
     Ok(d)

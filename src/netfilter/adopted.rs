@@ -472,6 +472,7 @@ mod tests {
             }),
             owners: vec!["kube-router".into()],
             unknown_actor: policy,
+            pod_liveness: None,
         }
     }
 

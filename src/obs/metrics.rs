@@ -31,6 +31,13 @@ pub struct ForbiddenLabels {
     pub result: &'static str,
 }
 
+/// Why an adopted object stopped being protected (see [`FORGET_REASONS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForgetLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriftLabels {
     pub kind: &'static str,
@@ -83,6 +90,7 @@ pub struct Metrics {
     pub events: Counter,
     pub apply_errors: Family<ErrorLabels, Counter>,
     pub forbidden_members: Family<ForbiddenLabels, Counter>,
+    pub adopted_forgotten: Family<ForgetLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub config_last_ok: Gauge,
@@ -102,6 +110,7 @@ impl Metrics {
             events: Counter::default(),
             apply_errors: Family::default(),
             forbidden_members: Family::default(),
+            adopted_forgotten: Family::default(),
             config_reloads: Family::default(),
             config_last_success: Gauge::default(),
             config_last_ok: Gauge::default(),
@@ -153,6 +162,11 @@ impl Metrics {
             "forbidden_members",
             "Forbidden members found in protected sets, by what was done (removed, reported)",
             m.forbidden_members.clone(),
+        );
+        r.register(
+            "adopted_forgotten",
+            "Adopted objects no longer protected, by kind and reason (owner, unknown_actor, pod_gone, pod_grace_expired)",
+            m.adopted_forgotten.clone(),
         );
         r.register(
             "config_reloads",
@@ -209,6 +223,13 @@ impl Metrics {
                 let _ = self.repairs.get_or_create(&RepairLabels { kind, result });
             }
         }
+        for kind in ["rule", "route"] {
+            for reason in FORGET_REASONS {
+                let _ = self
+                    .adopted_forgotten
+                    .get_or_create(&ForgetLabels { kind, reason });
+            }
+        }
         for result in ["removed", "reported"] {
             let _ = self
                 .forbidden_members
@@ -216,6 +237,11 @@ impl Metrics {
         }
     }
 }
+
+/// Why adopted objects are forgotten: removed by an owner; removed by a process that could not
+/// be identified under `unknownActor: forget`; `podLiveness`: the pod holding the IP is gone, or
+/// no pod has held the IP for the grace period.
+pub const FORGET_REASONS: [&str; 4] = ["owner", "unknown_actor", "pod_gone", "pod_grace_expired"];
 
 pub const REPAIR_RESULTS: [&str; 4] = ["applied", "already_present", "not_yet", "failed"];
 pub const RESYNC_REASONS: [&str; 6] = [

@@ -268,6 +268,14 @@ pub fn check(ns: &Sandbox, config: &Path, extra: &[&str]) -> Output {
 
 /// Everything a namespace holds, to show that a command changed nothing.
 pub fn snapshot(ns: &Sandbox) -> Vec<String> {
+    // The kernel adds a link-local address's local route only once its duplicate address
+    // detection is done (about a second after the link came up): wait for it, or a snapshot
+    // taken right after the sandbox was made differs from a later one by routes nobody added.
+    wait_until("IPv6 duplicate address detection", || {
+        !lines(ns, &["-6", "address", "show"])
+            .iter()
+            .any(|l| l.contains("tentative"))
+    });
     let mut all = Vec::new();
     for args in [
         &["rule", "show"][..],
@@ -301,7 +309,12 @@ pub struct IpBatch(Child);
 
 impl IpBatch {
     pub fn run(ns: &Sandbox, line: &str) -> IpBatch {
-        let mut child = Command::new("ip")
+        IpBatch::run_with(ns, Path::new("ip"), line)
+    }
+
+    /// As [`IpBatch::run`], with another `ip` binary (a copy named like an owner process).
+    pub fn run_with(ns: &Sandbox, ip: &Path, line: &str) -> IpBatch {
+        let mut child = Command::new(ip)
             .args(["-n", &ns.name, "-batch", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

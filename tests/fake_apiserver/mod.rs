@@ -3,7 +3,10 @@
 //! does it:
 //!
 //! - list with a collection `resourceVersion`, field selectors (`metadata.name`,
-//!   `metadata.namespace`) and equality label selectors (`k=v`, `k!=v`, `k`, `!k`);
+//!   `metadata.namespace`, and `spec.nodeName` on Pods only, as the real server) and equality
+//!   label selectors (`k=v`, `k!=v`, `k`, `!k`);
+//! - Pods: [`pod`] builds one, [`FakeApiServer::apply_pod`] creates or updates it (a new IP),
+//!   [`FakeApiServer::delete_pod`] deletes it;
 //! - watch (`?watch=true`) as a chunked stream of newline-delimited JSON events, resuming from a
 //!   resourceVersion, with `BOOKMARK` events when asked for (`allowWatchBookmarks`);
 //! - expiry: [`FakeApiServer::expire`] compacts the history and ends every open watch with an
@@ -210,6 +213,16 @@ impl FakeApiServer {
         });
     }
 
+    /// Creates a running Pod bound to `node` with `ips` (the first is `status.podIP`), or
+    /// updates it (its IPs changed).
+    pub fn apply_pod(&self, ns: &str, name: &str, node: &str, ips: &[&str]) {
+        self.apply("", "pods", pod(ns, name, node, ips));
+    }
+
+    pub fn delete_pod(&self, ns: &str, name: &str) {
+        self.delete("", "pods", ns, name);
+    }
+
     /// Compacts the history and ends every open watch with 410 Expired.
     pub fn expire(&self) {
         {
@@ -341,6 +354,7 @@ fn kind_of(resource: &str) -> &'static str {
         "endpointslices" => "EndpointSlice",
         "configmaps" => "ConfigMap",
         "events" => "Event",
+        "pods" => "Pod",
         _ => "Unknown",
     }
 }
@@ -412,7 +426,7 @@ impl Filter {
             } else {
                 return Err(format!("invalid field selector `{req}`"));
             };
-            if !matches!(k, "metadata.name" | "metadata.namespace") {
+            if !matches!(k, "metadata.name" | "metadata.namespace" | "spec.nodeName") {
                 return Err(format!("field label not supported: {k}"));
             }
             fields.push((k.to_owned(), eq, v.to_owned()));
@@ -451,7 +465,11 @@ impl Filter {
             return false;
         }
         for (k, eq, v) in &self.fields {
-            let actual = if k == "metadata.name" { &key.3 } else { &key.2 };
+            let actual = match k.as_str() {
+                "metadata.name" => key.3.as_str(),
+                "spec.nodeName" => object["spec"]["nodeName"].as_str().unwrap_or(""),
+                _ => key.2.as_str(),
+            };
             if (actual == v) != *eq {
                 return false;
             }
@@ -504,6 +522,11 @@ async fn handle(
         Ok(f) => f,
         Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e)),
     };
+    // Field labels are per resource: spec.nodeName exists for Pods only.
+    if t.resource != "pods" && filter.fields.iter().any(|(k, _, _)| k == "spec.nodeName") {
+        let e = "field label not supported: spec.nodeName";
+        return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", e));
+    }
     match verb {
         "list" => list(&inner, &t, &filter),
         "watch" => watch_stream(inner, &t, filter, &q, stop),
@@ -702,4 +725,17 @@ async fn create(inner: &Inner, t: Target, req: Request<hyper::body::Incoming>) -
     object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
     st.objects.insert(key, object.clone());
     full(StatusCode::CREATED, object)
+}
+
+/// A running Pod bound to `node`, holding `ips` (none: its IP is not known yet).
+pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> Value {
+    let mut status = json!({"phase": "Running"});
+    if let Some(first) = ips.first() {
+        status["podIP"] = json!(first);
+        status["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+    }
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"nodeName": node, "containers": [{"name": "c", "image": "pause"}]},
+           "status": status})
 }
