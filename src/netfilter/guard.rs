@@ -9,12 +9,12 @@
 
 use super::events::{NftEvent, NftEvents};
 use super::model::{DesiredChain, DesiredSet, Table, TableId};
-use super::plan::{self, ChainDrift, SetDrift};
+use super::plan::{self, ChainDrift, SetDrift, SetFinding};
 use super::render;
 use super::tools::{self, Backend, BackendChoice, ToolError};
 use crate::model::Mode;
 use crate::obs::metrics::{DriftLabels, ForbiddenLabels, RepairLabels};
-use crate::obs::Telemetry;
+use crate::obs::{Notice, Telemetry};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +84,9 @@ pub struct Guard {
     /// The process whose nf_tables transaction is being checked (from its NEWGEN message);
     /// `None` for polls and resyncs, where nobody is known.
     actor: Option<String>,
+    /// Whether repairs are told as notices (Events): not while a reload puts newly configured
+    /// chains and sets in place, which nobody had removed.
+    announce: bool,
 }
 
 impl Guard {
@@ -125,6 +128,7 @@ impl Guard {
             stats: GuardStats::default(),
             telemetry: None,
             actor: None,
+            announce: true,
         };
         if !guard.is_idle() {
             let started = Instant::now();
@@ -170,6 +174,13 @@ impl Guard {
                     actor: actor.to_string(),
                 })
                 .inc_by(n as u64);
+        }
+    }
+
+    /// Tells the cluster (Kubernetes mode: an Event on the Node, aggregated there).
+    fn tell(&self, n: Notice) {
+        if let (Some(t), true) = (&self.telemetry, self.announce) {
+            t.notice(n);
         }
     }
 
@@ -291,8 +302,10 @@ impl Guard {
         // Members may have changed with the same set text: plan every set again.
         self.headers.clear();
         let tables: BTreeSet<TableId> = self.watched.keys().copied().collect();
+        self.announce = false;
         self.sync_tables(&tables).await;
         self.sync_sets(true).await;
+        self.announce = true;
         info!(
             chains = self.chains.len(),
             ipsets = self.sets.len(),
@@ -337,6 +350,15 @@ impl Guard {
                 // Bounded under a fight; the fighter's next change brings us back here.
                 rounds += 1;
                 if rounds > MAX_ROUNDS {
+                    let actor = self.actor.clone().unwrap_or_else(|| "unknown".into());
+                    for d in drifts.iter().filter(|d| d.mode == Mode::Enforce) {
+                        warn!(kind = "chain", name = %d.name, actor = %actor, "contested: changed again right after each repair; left until the next change");
+                        self.tell(Notice::Contested {
+                            kind: "chain",
+                            name: d.name.clone(),
+                            actor: actor.clone(),
+                        });
+                    }
                     self.report_chains(id, &drifts);
                     break;
                 }
@@ -362,6 +384,12 @@ impl Guard {
                         let actor = self.actor.as_deref().unwrap_or("unknown");
                         if attempt == 1 {
                             self.count_drift("chain", actor, names.len());
+                            // Once per drift, like the metric: a re-apply of the same drift
+                            // is not another chain restored.
+                            self.tell(Notice::Restored {
+                                counts: vec![("chain", names.len() as u64)],
+                                actor: actor.to_owned(),
+                            });
                         }
                         info!(
                             kind = "chain",
@@ -550,6 +578,12 @@ impl Guard {
                 if removed {
                     self.stats.forbidden_removed += forbidden.len() as u64;
                 }
+                if removed {
+                    self.tell(Notice::ForbiddenRemoved {
+                        set: d.object.clone(),
+                        members: forbidden.iter().map(ToString::to_string).collect(),
+                    });
+                }
                 if let Some(t) = &self.telemetry {
                     let result = if removed { "removed" } else { "reported" };
                     t.metrics
@@ -573,6 +607,17 @@ impl Guard {
             if d.mode == Mode::Enforce && applied {
                 self.stats.set_repairs += 1;
                 self.count_repairs("ipset", "applied", 1);
+                // Forbidden members alone are told as such, not as a set restored.
+                if d.findings
+                    .iter()
+                    .any(|f| !matches!(f, SetFinding::Forbidden { .. }))
+                {
+                    // Sets are polled: who changed one is not known.
+                    self.tell(Notice::Restored {
+                        counts: vec![("ipset", 1)],
+                        actor: "unknown".to_owned(),
+                    });
+                }
                 info!(kind = "ipset", name = %d.name, set = %d.object, what = %text, took_us = took.as_micros() as u64, "restored");
             } else if self.reported.get(&d.name) != Some(&text) {
                 warn!(kind = "ipset", name = %d.name, set = %d.object, mode = "observe", drift = %text, "drift");
