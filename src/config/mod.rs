@@ -55,7 +55,7 @@ pub struct Config {
     pub adopt: Vec<crate::adopt::AdoptSelector>,
 }
 
-pub use expand::{Expanded, Pending, Templates};
+pub use expand::{Expanded, Pending, PendingCause, Templates};
 
 /// Why a config file was refused. `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]
