@@ -80,6 +80,10 @@ impl Aggregator {
     pub fn record(&mut self, notice: Notice, now: Instant) {
         match notice {
             Notice::Restored { counts, actor } => {
+                // Nothing counted is nothing to tell (not an Event saying "restored  removed").
+                if counts.iter().all(|(_, n)| *n == 0) {
+                    return;
+                }
                 let per_kind = self.restored.entry(actor).or_default();
                 for (kind, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
                     *per_kind.entry(kind).or_default() += n;
@@ -94,6 +98,9 @@ impl Aggregator {
                 ),
             }),
             Notice::ForbiddenRemoved { set, members } => {
+                if members.is_empty() {
+                    return;
+                }
                 let (n, named) = self.forbidden.entry(set).or_default();
                 *n += members.len() as u64;
                 for m in members {
@@ -375,6 +382,21 @@ mod tests {
             ]
         );
         assert_eq!(out[2].reason, "ForbiddenMembersRemoved");
+        // Empty notices are no Events.
+        a.record(
+            Notice::Restored {
+                counts: vec![("chain", 0)],
+                actor: "x".into(),
+            },
+            t0,
+        );
+        a.record(
+            Notice::ForbiddenRemoved {
+                set: "lb-ips".into(),
+                members: Vec::new(),
+            },
+            t0,
+        );
         assert_eq!(out[2].kind, EventType::Warning);
         assert_eq!(a.next_due(), None);
     }

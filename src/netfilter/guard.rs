@@ -382,7 +382,7 @@ impl Guard {
                         self.stats.chain_repairs += names.len() as u64;
                         self.count_repairs("chain", "applied", names.len());
                         let actor = self.actor.as_deref().unwrap_or("unknown");
-                        if attempt == 1 {
+                        if attempt == 1 && !names.is_empty() {
                             self.count_drift("chain", actor, names.len());
                             // Once per drift, like the metric: a re-apply of the same drift
                             // is not another chain restored.
@@ -577,8 +577,6 @@ impl Guard {
                 let removed = d.mode == Mode::Enforce && applied;
                 if removed {
                     self.stats.forbidden_removed += forbidden.len() as u64;
-                }
-                if removed {
                     self.tell(Notice::ForbiddenRemoved {
                         set: d.object.clone(),
                         members: forbidden.iter().map(ToString::to_string).collect(),
