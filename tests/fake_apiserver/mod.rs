@@ -69,6 +69,9 @@ struct State {
     /// etcd's MVCC gives the real server). The newest few are kept.
     snapshots: BTreeMap<u64, Arc<BTreeMap<Key, Value>>>,
     pages: Vec<ListPage>,
+    /// Compact the history right after the next first page of this resource that has more
+    /// (one-shot): its continue token is then too old.
+    expire_after_first_page: Option<String>,
 }
 
 /// Snapshots kept for paged lists; a continue token for an older one gets 410.
@@ -89,6 +92,8 @@ pub struct ListPage {
     pub remaining: Option<usize>,
     /// Whether a continue token was returned.
     pub more: bool,
+    /// Answered 410 Expired: the continue token was too old.
+    pub expired: bool,
 }
 
 struct Inner {
@@ -156,6 +161,7 @@ impl FakeApiServer {
         {
             let mut st = self.inner.state.lock().unwrap();
             st.compacted = st.rv + 1;
+            st.snapshots.clear();
         }
         self.serve();
     }
@@ -248,6 +254,12 @@ impl FakeApiServer {
             st.snapshots.clear();
         }
         let _ = self.inner.changes.send(Change::Expire);
+    }
+
+    /// Compacts the history right after the next first page of `resource` that has more pages,
+    /// as if etcd compacted while a client pages through a list: its continue gets 410.
+    pub fn expire_after_first_page(&self, resource: &str) {
+        self.inner.state.lock().unwrap().expire_after_first_page = Some(resource.to_owned());
     }
 
     /// Sends a BOOKMARK to every watch that asked for them.
@@ -643,10 +655,19 @@ fn list(
                 );
             };
             match st.snapshots.get(&rv) {
-                Some(snap) if rv >= st.compacted => {
-                    (rv, page_of(snap, Some(&after), limit, matches))
-                }
+                // Compaction drops the snapshots: what is gone is too old.
+                Some(snap) => (rv, page_of(snap, Some(&after), limit, matches)),
                 _ => {
+                    st.pages.push(ListPage {
+                        resource: t.resource.clone(),
+                        limit,
+                        continued: true,
+                        resource_version: rv,
+                        items: 0,
+                        remaining: None,
+                        more: false,
+                        expired: true,
+                    });
                     return full(
                         StatusCode::GONE,
                         status(
@@ -654,7 +675,7 @@ fn list(
                             "Expired",
                             "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
                         ),
-                    )
+                    );
                 }
             }
         }
@@ -687,8 +708,18 @@ fn list(
         items: items.len(),
         remaining: metadata["remainingItemCount"].as_u64().map(|n| n as usize),
         more: rest > 0,
+        expired: false,
     };
     st.pages.push(page);
+    if rest > 0 && token.is_none() && st.expire_after_first_page.as_ref() == Some(&t.resource) {
+        st.expire_after_first_page = None;
+        st.compacted = st.rv + 1;
+        st.history.clear();
+        st.snapshots.clear();
+        drop(st);
+        // Open watches end too, as with [`FakeApiServer::expire`].
+        let _ = inner.changes.send(Change::Expire);
+    }
     let api_version = if t.group.is_empty() {
         t.version.clone()
     } else {
