@@ -78,6 +78,7 @@ pub fn expand(config: &Config, facts: &crate::cluster::facts::ClusterFacts) -> E
         pending.push(crate::config::Pending {
             name: name.to_owned(),
             path: String::new(),
+            cause: crate::config::PendingCause::Duplicate,
             reason: format!("protects the same {kind} as `{other}`: left out"),
         });
     };

@@ -14,6 +14,8 @@ pub const BURST: u32 = 10;
 pub const REFILL: Duration = Duration::from_secs(6);
 /// Queued Events beyond this are dropped (and counted in the next one).
 const QUEUE_MAX: usize = 20;
+/// Forbidden members named in one Event at most (the count is always whole).
+const MEMBERS_NAMED: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
@@ -47,6 +49,8 @@ pub struct Aggregator {
     last_refill: Instant,
     /// Repairs not told yet: per actor, per kind, a count; and when the first came.
     restored: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    /// Forbidden members removed and not told yet, per set: a count and the first few.
+    forbidden: BTreeMap<String, (u64, Vec<String>)>,
     since: Option<Instant>,
     queue: VecDeque<Draft>,
     /// Events dropped for the rate limit since the last one posted.
@@ -66,6 +70,7 @@ impl Aggregator {
             refill,
             last_refill: now,
             restored: BTreeMap::new(),
+            forbidden: BTreeMap::new(),
             since: None,
             queue: VecDeque::new(),
             dropped: 0,
@@ -75,6 +80,10 @@ impl Aggregator {
     pub fn record(&mut self, notice: Notice, now: Instant) {
         match notice {
             Notice::Restored { counts, actor } => {
+                // Nothing counted is nothing to tell (not an Event saying "restored  removed").
+                if counts.iter().all(|(_, n)| *n == 0) {
+                    return;
+                }
                 let per_kind = self.restored.entry(actor).or_default();
                 for (kind, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
                     *per_kind.entry(kind).or_default() += n;
@@ -88,6 +97,19 @@ impl Aggregator {
                     "{kind} {name} is removed again right after each repair (by {actor}); repairs back off"
                 ),
             }),
+            Notice::ForbiddenRemoved { set, members } => {
+                if members.is_empty() {
+                    return;
+                }
+                let (n, named) = self.forbidden.entry(set).or_default();
+                *n += members.len() as u64;
+                for m in members {
+                    if named.len() < MEMBERS_NAMED && !named.contains(&m) {
+                        named.push(m);
+                    }
+                }
+                self.since.get_or_insert(now);
+            }
             Notice::ConfigRejected { source, error } => self.enqueue(Draft {
                 reason: "ConfigRejected",
                 kind: EventType::Warning,
@@ -135,9 +157,9 @@ impl Aggregator {
         }
     }
 
-    /// The Events to post now, within the rate limit. Repairs are never queued as drafts: they
-    /// stay summed per actor until a token is free, so a storm loses no count, it is only told
-    /// later and in fewer Events.
+    /// The Events to post now, within the rate limit. Repairs (and forbidden members removed)
+    /// are never queued as drafts: they stay summed per actor (per set) until a token is free,
+    /// so a storm loses no count, it is only told later and in fewer Events.
     pub fn take_due(&mut self, now: Instant) -> Vec<Draft> {
         self.refill(now);
         let mut out = Vec::new();
@@ -160,7 +182,23 @@ impl Aggregator {
                     message: restored_message(&kinds, &actor),
                 });
             }
-            if self.restored.is_empty() {
+            while self.tokens > 0 {
+                let Some((set, (n, named))) = self.forbidden.pop_first() else {
+                    break;
+                };
+                self.tokens -= 1;
+                let more = if n > named.len() as u64 { ", …" } else { "" };
+                out.push(Draft {
+                    reason: "ForbiddenMembersRemoved",
+                    kind: EventType::Warning,
+                    message: format!(
+                        "removed {n} forbidden member{} from ipset {set}: {}{more}",
+                        if n == 1 { "" } else { "s" },
+                        named.join(", ")
+                    ),
+                });
+            }
+            if self.restored.is_empty() && self.forbidden.is_empty() {
                 self.since = None;
             }
         }
@@ -295,6 +333,72 @@ mod tests {
             "a few summed Events, not one per repair"
         );
         assert_eq!(total_rules, 1000);
+    }
+
+    #[test]
+    fn chains_sets_and_forbidden_members_are_told_like_rules() {
+        let t0 = Instant::now();
+        let mut a = Aggregator::new(t0);
+        for _ in 0..2 {
+            a.record(
+                Notice::Restored {
+                    counts: vec![("chain", 1)],
+                    actor: "iptables-nft".into(),
+                },
+                t0,
+            );
+        }
+        a.record(
+            Notice::Restored {
+                counts: vec![("ipset", 1)],
+                actor: "unknown".into(),
+            },
+            t0,
+        );
+        for m in ["10.0.0.1", "10.0.0.2"] {
+            a.record(
+                Notice::ForbiddenRemoved {
+                    set: "lb-ips".into(),
+                    members: vec![m.into()],
+                },
+                t0,
+            );
+        }
+        a.record(
+            Notice::ForbiddenRemoved {
+                set: "lb-ips".into(),
+                members: (3..10).map(|i| format!("10.0.0.{i}")).collect(),
+            },
+            t0,
+        );
+        let out = a.take_due(t0 + WINDOW);
+        let messages: Vec<&str> = out.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "restored 2 chains removed by iptables-nft",
+                "restored 1 ipset removed by unknown",
+                "removed 9 forbidden members from ipset lb-ips: 10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4, 10.0.0.5, …"
+            ]
+        );
+        assert_eq!(out[2].reason, "ForbiddenMembersRemoved");
+        // Empty notices are no Events.
+        a.record(
+            Notice::Restored {
+                counts: vec![("chain", 0)],
+                actor: "x".into(),
+            },
+            t0,
+        );
+        a.record(
+            Notice::ForbiddenRemoved {
+                set: "lb-ips".into(),
+                members: Vec::new(),
+            },
+            t0,
+        );
+        assert_eq!(out[2].kind, EventType::Warning);
+        assert_eq!(a.next_due(), None);
     }
 
     #[test]

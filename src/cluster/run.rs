@@ -236,6 +236,9 @@ async fn run(
                     protected = expansion.desired.len() + expansion.chains.len() + expansion.ipsets.len(),
                     "enforcing the last-known state from the state file until the API server answers"
                 );
+                telemetry
+                    .board()
+                    .set_templates_pending(expansion.pending.clone());
                 last = Some((saved.config.clone(), cfg.clone()));
                 last_facts = Some(saved.facts);
                 let _ = tx
@@ -381,10 +384,20 @@ async fn run(
                 .iter()
                 .filter(|p| !last_pending.contains(p))
             {
-                info!(name = %p.name, path = %p.path, reason = %p.reason, "pending");
+                info!(name = %p.name, path = %p.path, cause = p.cause.as_str(), reason = %p.reason, "pending");
+            }
+            for p in last_pending
+                .iter()
+                .filter(|p| !expansion.pending.contains(p))
+            {
+                info!(name = %p.name, path = %p.path, "no longer pending");
             }
             last_pending = expansion.pending.clone();
         }
+        // For /status and the pending gauge (also replacing what the state file's expansion said).
+        telemetry
+            .board()
+            .set_templates_pending(expansion.pending.clone());
         let saved = Saved {
             version: statefile::VERSION,
             source: source.clone(),

@@ -55,7 +55,50 @@ pub struct Pending {
     pub name: String,
     /// Where it is in the config (`spec.rules[0]`).
     pub path: String,
+    /// The kind of reason, for the pending gauge's label.
+    pub cause: PendingCause,
     pub reason: String,
+}
+
+/// Why a templated object (or one of its values) is not protected: a small, fixed set, so that
+/// it can be a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingCause {
+    /// A fact does not exist yet (no podCIDR, no such annotation, no matching Service).
+    NoValue,
+    /// Values exist, but none of the object's family, or not of one family across fields.
+    NoFamily,
+    /// The templates would make more than [`MAX_EXPANSION`] objects.
+    TooMany,
+    /// A value does not fit its field (an annotation that is not an address).
+    InvalidValue,
+    /// A set member left out because a `forbidden` entry covers it.
+    ForbiddenMember,
+    /// The expansion protects the same object as another entry of the config.
+    Duplicate,
+}
+
+impl PendingCause {
+    pub const ALL: [PendingCause; 6] = [
+        PendingCause::NoValue,
+        PendingCause::NoFamily,
+        PendingCause::TooMany,
+        PendingCause::InvalidValue,
+        PendingCause::ForbiddenMember,
+        PendingCause::Duplicate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingCause::NoValue => "no_value",
+            PendingCause::NoFamily => "no_family",
+            PendingCause::TooMany => "too_many",
+            PendingCause::InvalidValue => "invalid_value",
+            PendingCause::ForbiddenMember => "forbidden_member",
+            PendingCause::Duplicate => "duplicate",
+        }
+    }
 }
 
 /// The objects the templates expand to, besides the literal ones of the config.
@@ -110,9 +153,10 @@ impl Templates {
     pub fn expand(&self, facts: &ClusterFacts) -> Expanded {
         let mut out = Expanded::default();
         for o in &self.objects {
-            let pending = |reason: String| Pending {
+            let pending = |(cause, reason): (PendingCause, String)| Pending {
                 name: o.name.clone(),
                 path: o.path.clone(),
+                cause,
                 reason,
             };
             let obj = Object {
@@ -136,7 +180,9 @@ impl Templates {
                         }
                         match b.rule(&obj, &raw, self.mode) {
                             Some(x) => out.rules.push(x),
-                            None => out.pending.push(pending(first_error(&mut b))),
+                            None => out
+                                .pending
+                                .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
                         }
                     }
                 }
@@ -155,7 +201,9 @@ impl Templates {
                         }
                         match b.route(&obj, &raw, self.mode) {
                             Some(x) => out.routes.push(x),
-                            None => out.pending.push(pending(first_error(&mut b))),
+                            None => out
+                                .pending
+                                .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
                         }
                     }
                 }
@@ -174,7 +222,9 @@ impl Templates {
                         }
                         match b.address(&obj, &raw, self.mode) {
                             Some(x) => out.addresses.push(x),
-                            None => out.pending.push(pending(first_error(&mut b))),
+                            None => out
+                                .pending
+                                .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
                         }
                     }
                 }
@@ -183,7 +233,9 @@ impl Templates {
                     out.pending.extend(notes.into_iter().map(pending));
                     match b.ipset(&obj, &raw, self.mode) {
                         Some(x) => out.ipsets.push(x),
-                        None => out.pending.push(pending(first_error(&mut b))),
+                        None => out
+                            .pending
+                            .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
                     }
                 }
             }
@@ -207,12 +259,16 @@ fn combinations(
     fields: &[(String, Templated)],
     facts: &ClusterFacts,
     family: Option<Family>,
-) -> Result<Vec<Vec<String>>, String> {
+) -> Result<Vec<Vec<String>>, (PendingCause, String)> {
     let mut lists = Vec::with_capacity(fields.len());
     for (_, t) in fields {
         let Some(values) = t.values(facts) else {
-            return Err(format!("waiting for {}: no such value yet", t.template));
+            return Err((
+                PendingCause::NoValue,
+                format!("waiting for {}: no such value yet", t.template),
+            ));
         };
+        let had_values = !values.is_empty();
         let values: Vec<String> = values
             .into_iter()
             .filter(|v| {
@@ -223,14 +279,24 @@ fn combinations(
             let of = family
                 .map(|f| format!(" of family {f}"))
                 .unwrap_or_default();
-            return Err(format!("waiting for {}: no value{of} yet", t.template));
+            // Values of another family only are as good as none: the object waits.
+            let cause = if had_values {
+                PendingCause::NoFamily
+            } else {
+                PendingCause::NoValue
+            };
+            return Err((
+                cause,
+                format!("waiting for {}: no value{of} yet", t.template),
+            ));
         }
         lists.push(values);
     }
     let total = lists.iter().try_fold(1usize, |n, l| n.checked_mul(l.len()));
     if total.is_none_or(|n| n > MAX_EXPANSION) {
-        return Err(format!(
-            "its templates expand to more than {MAX_EXPANSION} objects: narrow them"
+        return Err((
+            PendingCause::TooMany,
+            format!("its templates expand to more than {MAX_EXPANSION} objects: narrow them"),
         ));
     }
     let mut combos: Vec<Vec<String>> = vec![Vec::new()];
@@ -252,7 +318,10 @@ fn combinations(
         fams.all(|f| Some(f) == first)
     });
     if combos.is_empty() {
-        return Err("its templates have no values of one family".to_owned());
+        return Err((
+            PendingCause::NoFamily,
+            "its templates have no values of one family".to_owned(),
+        ));
     }
     Ok(combos)
 }
@@ -264,7 +333,7 @@ fn expand_set(
     s: &RawIpSet,
     fields: &[(String, Templated)],
     facts: &ClusterFacts,
-) -> (RawIpSet, Vec<String>) {
+) -> (RawIpSet, Vec<(PendingCause, String)>) {
     let family = explicit_family(&s.family).unwrap_or(Family::Ipv4);
     let mut notes = Vec::new();
     let mut raw = s.clone();
@@ -279,9 +348,9 @@ fn expand_set(
             };
             let Some(at) = entry.as_ref() else { continue };
             match t.values(facts) {
-                None => notes.push(format!(
-                    "{key}: waiting for {}: no such value yet",
-                    t.template
+                None => notes.push((
+                    PendingCause::NoValue,
+                    format!("{key}: waiting for {}: no such value yet", t.template),
                 )),
                 Some(values) => out.extend(
                     values
@@ -310,9 +379,9 @@ fn expand_set(
             };
             match forbidden.iter().find(|f| member.overlaps(f)) {
                 Some(f) => {
-                    notes.push(format!(
-                        "member `{}` is forbidden by `{f}`: left out",
-                        m.value
+                    notes.push((
+                        PendingCause::ForbiddenMember,
+                        format!("member `{}` is forbidden by `{f}`: left out", m.value),
                     ));
                     false
                 }

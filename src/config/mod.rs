@@ -55,7 +55,7 @@ pub struct Config {
     pub adopt: Vec<crate::adopt::AdoptSelector>,
 }
 
-pub use expand::{Expanded, Pending, Templates};
+pub use expand::{Expanded, Pending, PendingCause, Templates};
 
 /// The check `spec.chains[].chain` gets; names of adopted chains go through it too, as they end
 /// up in `iptables-restore` input.

@@ -10,14 +10,14 @@
 use super::adopted::{self, AdoptedChain, AdoptedSet, Outcome};
 use super::events::{NftEvent, NftEvents};
 use super::model::{ChainKey, DesiredChain, DesiredSet, Table, TableId};
-use super::plan::{self, ChainDrift, SetDrift};
+use super::plan::{self, ChainDrift, SetDrift, SetFinding};
 use super::render;
 use super::tools::{self, Backend, BackendChoice, ToolError};
 use crate::adopt::{Actor, AdoptSelector};
 use crate::model::Mode;
 use crate::obs::metrics::{DriftLabels, ForbiddenLabels, RepairLabels};
 use crate::obs::status::State;
-use crate::obs::Telemetry;
+use crate::obs::{Notice, Telemetry};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,6 +176,9 @@ pub struct Guard {
     ancestors: Vec<String>,
     /// Where adopted chains and sets are saved (the adopted-state file), when there is one.
     store: Option<crate::adopted_state::Writer>,
+    /// Whether repairs are told as notices (Events): not while a reload puts newly configured
+    /// chains and sets in place, which nobody had removed.
+    announce: bool,
 }
 
 impl Guard {
@@ -233,6 +236,7 @@ impl Guard {
             adoption,
             ancestors: Vec::new(),
             store: None,
+            announce: true,
         };
         if !guard.is_idle() {
             let started = Instant::now();
@@ -326,6 +330,13 @@ impl Guard {
                     actor: actor.to_string(),
                 })
                 .inc_by(n as u64);
+        }
+    }
+
+    /// Tells the cluster (Kubernetes mode: an Event on the Node, aggregated there).
+    fn tell(&self, n: Notice) {
+        if let (Some(t), true) = (&self.telemetry, self.announce) {
+            t.notice(n);
         }
     }
 
@@ -454,9 +465,11 @@ impl Guard {
         // Members may have changed with the same set text: plan every set again.
         self.headers.clear();
         let tables: BTreeSet<TableId> = self.watched.keys().copied().collect();
+        self.announce = false;
         self.sync_tables(&tables).await;
         self.sync_sets(true).await;
         self.publish();
+        self.announce = true;
         info!(
             chains = self.chains.len(),
             ipsets = self.sets.len(),
@@ -502,6 +515,15 @@ impl Guard {
                 // Bounded under a fight; the fighter's next change brings us back here.
                 rounds += 1;
                 if rounds > MAX_ROUNDS {
+                    let actor = self.actor.clone().unwrap_or_else(|| "unknown".into());
+                    for d in drifts.iter().filter(|d| d.mode == Mode::Enforce) {
+                        warn!(kind = "chain", name = %d.name, actor = %actor, "contested: changed again right after each repair; left until the next change");
+                        self.tell(Notice::Contested {
+                            kind: "chain",
+                            name: d.name.clone(),
+                            actor: actor.clone(),
+                        });
+                    }
                     self.report_chains(id, &drifts);
                     break;
                 }
@@ -528,8 +550,14 @@ impl Guard {
                         for n in &names {
                             self.board_repair(n, actor);
                         }
-                        if attempt == 1 {
+                        if attempt == 1 && !names.is_empty() {
                             self.count_drift("chain", actor, names.len());
+                            // Once per drift, like the metric: a re-apply of the same drift
+                            // is not another chain restored.
+                            self.tell(Notice::Restored {
+                                counts: vec![("chain", names.len() as u64)],
+                                actor: actor.to_owned(),
+                            });
                         }
                         info!(
                             kind = "chain",
@@ -946,6 +974,10 @@ impl Guard {
                 let removed = d.mode == Mode::Enforce && applied;
                 if removed {
                     self.stats.forbidden_removed += forbidden.len() as u64;
+                    self.tell(Notice::ForbiddenRemoved {
+                        set: d.object.clone(),
+                        members: forbidden.iter().map(ToString::to_string).collect(),
+                    });
                 }
                 if let Some(t) = &self.telemetry {
                     let result = if removed { "removed" } else { "reported" };
@@ -970,6 +1002,17 @@ impl Guard {
             if d.mode == Mode::Enforce && applied {
                 self.stats.set_repairs += 1;
                 self.count_repairs("ipset", "applied", 1);
+                // Forbidden members alone are told as such, not as a set restored.
+                if d.findings
+                    .iter()
+                    .any(|f| !matches!(f, SetFinding::Forbidden { .. }))
+                {
+                    // Sets are polled: who changed one is not known.
+                    self.tell(Notice::Restored {
+                        counts: vec![("ipset", 1)],
+                        actor: "unknown".to_owned(),
+                    });
+                }
                 info!(kind = "ipset", name = %d.name, set = %d.object, what = %text, took_us = took.as_micros() as u64, "restored");
                 self.board_repair(&d.name, "unknown");
             } else if self.reported.get(&d.name) != Some(&text) {

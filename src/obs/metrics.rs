@@ -288,13 +288,14 @@ struct BoardCollector(Arc<Mutex<Board>>);
 
 impl Collector for BoardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (counts, contested, ready, origins) = {
+        let (counts, contested, ready, origins, pending) = {
             let b = self.0.lock().unwrap_or_else(|e| e.into_inner());
             (
                 b.state_counts(),
                 b.contested_by_actor(),
                 b.ready,
                 b.origin_counts(),
+                b.templates_pending_counts(),
             )
         };
         let mut m = encoder.encode_descriptor(
@@ -326,6 +327,15 @@ impl Collector for BoardCollector {
         for ((kind, actor), n) in contested {
             let labels = [("kind", kind), ("actor", actor.as_str())];
             ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "pending_templated_objects",
+            "Templated objects not protected (yet), by reason (no_value, no_family, too_many, invalid_value, forbidden_member, duplicate)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (reason, n) in pending {
+            ConstGauge::new(n as i64).encode(m.encode_family(&[("reason", reason)])?)?;
         }
         let m = encoder.encode_descriptor(
             "ready",
@@ -505,6 +515,7 @@ mod tests {
             "netwarden_contested_objects",
             "netwarden_apply_errors_total",
             "netwarden_forbidden_members_total",
+            "netwarden_pending_templated_objects",
             "netwarden_build_info",
             "netwarden_config_last_reload_success_timestamp_seconds",
         ] {

@@ -50,7 +50,8 @@ pub struct Telemetry {
 /// Something worth telling the cluster about (Kubernetes mode turns these into Events).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
-    /// Objects put back, counted per kind (`rule`, `route`, ...), and who had removed them.
+    /// Objects put back, counted per kind (`rule`, `route`, `chain`, `ipset`, ...), and who had
+    /// removed them.
     Restored {
         counts: Vec<(&'static str, u64)>,
         actor: String,
@@ -63,6 +64,8 @@ pub enum Notice {
     },
     /// A new config was refused; the last good one stays in force.
     ConfigRejected { source: String, error: String },
+    /// Members a protected set must never hold were taken out of it.
+    ForbiddenRemoved { set: String, members: Vec<String> },
 }
 
 impl Telemetry {

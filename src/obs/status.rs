@@ -3,6 +3,7 @@
 //!
 //! The loop writes it under a short lock: after a batch, only the objects that batch touched.
 
+use crate::config::{Pending, PendingCause};
 use crate::model::fast::HashMap;
 use crate::plan::ObjectId;
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,17 @@ pub struct ObjectStatus {
     pub fighter: Option<String>,
 }
 
+/// A templated object that is not protected (yet), as `/status` shows it (Kubernetes mode).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingStatus {
+    pub name: String,
+    /// Where it is in the config (`spec.rules[0]`); empty when not known.
+    pub path: String,
+    /// `no_value`, `no_family`, `too_many`, `invalid_value`, `forbidden_member`, `duplicate`.
+    pub cause: String,
+    pub reason: String,
+}
+
 /// The `/status` document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -87,6 +99,9 @@ pub struct Status {
     pub ready: bool,
     pub now_unix: f64,
     pub objects: Vec<ObjectStatus>,
+    /// Templated objects waiting for a cluster fact (or left out), and why.
+    #[serde(default)]
+    pub pending: Vec<PendingStatus>,
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +116,8 @@ pub struct Board {
     objects: HashMap<ObjectId, Entry>,
     /// Chains and sets, by name: published by the netfilter guard.
     netfilter: HashMap<String, ObjectStatus>,
+    /// The templated objects of the last expansion that are not protected.
+    templates_pending: Vec<Pending>,
 }
 
 pub fn unix_now() -> f64 {
@@ -248,7 +265,22 @@ impl Board {
         counts
     }
 
-    /// Contested objects by (kind, fighter).
+    /// The templated objects of the latest expansion that are not protected (replaces the
+    /// previous list: what got its value is gone from it).
+    pub fn set_templates_pending(&mut self, pending: Vec<Pending>) {
+        self.templates_pending = pending;
+    }
+
+    /// Pending templated objects by cause, every cause present.
+    pub fn templates_pending_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut out: BTreeMap<&'static str, usize> =
+            PendingCause::ALL.iter().map(|c| (c.as_str(), 0)).collect();
+        for p in &self.templates_pending {
+            *out.entry(p.cause.as_str()).or_default() += 1;
+        }
+        out
+    }
+
     /// Protected objects by kind and origin (`config`, `adopted`).
     pub fn origin_counts(&self) -> BTreeMap<(&'static str, &'static str), usize> {
         let mut out = BTreeMap::new();
@@ -273,6 +305,7 @@ impl Board {
         out
     }
 
+    /// Contested objects by (kind, fighter).
     pub fn contested_by_actor(&self) -> BTreeMap<(&'static str, String), usize> {
         let mut out = BTreeMap::new();
         for (id, e) in &self.objects {
@@ -305,6 +338,16 @@ impl Board {
             ready: self.ready,
             now_unix: unix_now(),
             objects,
+            pending: self
+                .templates_pending
+                .iter()
+                .map(|p| PendingStatus {
+                    name: p.name.clone(),
+                    path: p.path.clone(),
+                    cause: p.cause.as_str().to_owned(),
+                    reason: p.reason.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -397,8 +440,28 @@ pub fn render_table(status: &Status) -> String {
         .iter()
         .filter(|o| o.state != State::InSync)
         .count();
+    for p in &status.pending {
+        let at = if p.path.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", p.path)
+        };
+        out.push_str(&format!(
+            "pending  {}{at}: {} [{}]\n",
+            p.name, p.reason, p.cause
+        ));
+    }
+    let pending = if status.pending.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} templated object{} pending",
+            status.pending.len(),
+            if status.pending.len() == 1 { "" } else { "s" }
+        )
+    };
     out.push_str(&format!(
-        "{} objects, {} in sync, {} not{}\n",
+        "{} objects, {} in sync, {} not{pending}{}\n",
         status.objects.len(),
         status.objects.len() - not_in_sync,
         not_in_sync,
@@ -567,6 +630,37 @@ mod tests {
         // JSON round trip, as `netwarden status` reads it.
         let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn pending_templates_are_shown_counted_and_cleared() {
+        let mut b = board();
+        b.set_templates_pending(vec![Pending {
+            name: "pods-to-overlay".into(),
+            path: "spec.rules[0]".into(),
+            cause: PendingCause::NoValue,
+            reason: "waiting for {{ node.podCIDRs.ipv4 }}: no such value yet".into(),
+        }]);
+        let counts = b.templates_pending_counts();
+        assert_eq!(counts.len(), PendingCause::ALL.len());
+        assert_eq!(counts["no_value"], 1);
+        assert_eq!(counts["duplicate"], 0);
+        let s = b.status();
+        assert_eq!(s.pending[0].cause, "no_value");
+        let t = render_table(&s);
+        assert!(
+            t.contains("pending  pods-to-overlay (spec.rules[0]): waiting for {{ node.podCIDRs.ipv4 }}: no such value yet [no_value]\n"),
+            "{t}"
+        );
+        assert!(
+            t.ends_with("0 not; 1 templated object pending; initial sync not done yet\n"),
+            "{t}"
+        );
+        let back: Status = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        b.set_templates_pending(Vec::new());
+        assert!(b.status().pending.is_empty());
+        assert!(b.templates_pending_counts().values().all(|n| *n == 0));
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //!   label selectors (`k=v`, `k!=v`, `k`, `!k`);
 //! - Pods: [`pod`] builds one, [`FakeApiServer::apply_pod`] creates or updates it (a new IP),
 //!   [`FakeApiServer::delete_pod`] deletes it;
+//! - list in pages (`limit`, `continue`): every page is cut from one snapshot taken at the first
+//!   page's resourceVersion, which every page reports; a page with more after it carries a
+//!   continue token and, without selectors, `metadata.remainingItemCount`; a token older than
+//!   the compacted history gets 410 Expired, as from etcd ([`FakeApiServer::list_pages`] tells
+//!   what was served);
 //! - watch (`?watch=true`) as a chunked stream of newline-delimited JSON events, resuming from a
 //!   resourceVersion, with `BOOKMARK` events when asked for (`allowWatchBookmarks`);
 //! - expiry: [`FakeApiServer::expire`] compacts the history and ends every open watch with an
@@ -63,6 +68,35 @@ struct State {
     /// Watch requests served, for tests that wait for a relist.
     watches: u64,
     lists: u64,
+    /// Snapshots of `objects` at a resourceVersion, for the later pages of a paged list (what
+    /// etcd's MVCC gives the real server). The newest few are kept.
+    snapshots: BTreeMap<u64, Arc<BTreeMap<Key, Value>>>,
+    pages: Vec<ListPage>,
+    /// Compact the history right after the next first page of this resource that has more
+    /// (one-shot): its continue token is then too old.
+    expire_after_first_page: Option<String>,
+}
+
+/// Snapshots kept for paged lists; a continue token for an older one gets 410.
+const SNAPSHOTS_KEPT: usize = 8;
+
+/// One list response, as served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListPage {
+    pub resource: String,
+    /// `limit` asked for (0: none).
+    pub limit: usize,
+    /// Whether the request carried a continue token.
+    pub continued: bool,
+    /// The snapshot's resourceVersion (every page of one list reports the same).
+    pub resource_version: u64,
+    pub items: usize,
+    /// `metadata.remainingItemCount`, when given.
+    pub remaining: Option<usize>,
+    /// Whether a continue token was returned.
+    pub more: bool,
+    /// Answered 410 Expired: the continue token was too old.
+    pub expired: bool,
 }
 
 struct Inner {
@@ -130,6 +164,7 @@ impl FakeApiServer {
         {
             let mut st = self.inner.state.lock().unwrap();
             st.compacted = st.rv + 1;
+            st.snapshots.clear();
         }
         self.serve();
     }
@@ -229,8 +264,15 @@ impl FakeApiServer {
             let mut st = self.inner.state.lock().unwrap();
             st.compacted = st.rv + 1;
             st.history.clear();
+            st.snapshots.clear();
         }
         let _ = self.inner.changes.send(Change::Expire);
+    }
+
+    /// Compacts the history right after the next first page of `resource` that has more pages,
+    /// as if etcd compacted while a client pages through a list: its continue gets 410.
+    pub fn expire_after_first_page(&self, resource: &str) {
+        self.inner.state.lock().unwrap().expire_after_first_page = Some(resource.to_owned());
     }
 
     /// Sends a BOOKMARK to every watch that asked for them.
@@ -241,6 +283,16 @@ impl FakeApiServer {
     /// Every (verb, group, resource) served so far.
     pub fn accesses(&self) -> BTreeSet<Access> {
         self.inner.state.lock().unwrap().accesses.clone()
+    }
+
+    /// Every list response served for `resource`, in order.
+    pub fn list_pages(&self, resource: &str) -> Vec<ListPage> {
+        let st = self.inner.state.lock().unwrap();
+        st.pages
+            .iter()
+            .filter(|p| p.resource == resource)
+            .cloned()
+            .collect()
     }
 
     /// (lists, watches) served so far.
@@ -528,7 +580,7 @@ async fn handle(
         return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", e));
     }
     match verb {
-        "list" => list(&inner, &t, &filter),
+        "list" => list(&inner, &t, &filter, &q),
         "watch" => watch_stream(inner, &t, filter, &q, stop),
         "create" => create(&inner, t, req).await,
         "get" => {
@@ -550,15 +602,147 @@ async fn handle(
     }
 }
 
-fn list(inner: &Inner, t: &Target, filter: &Filter) -> Response<Body> {
+/// A continue token: the snapshot's resourceVersion and the last key served. The real server's
+/// is base64 JSON; clients treat it as opaque, so hex of the same JSON does.
+fn continue_token(rv: u64, last: &Key) -> String {
+    let text = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": [last.0, last.1, last.2, last.3]})
+        .to_string();
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_continue(token: &str) -> Option<(u64, Key)> {
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    let start = v["start"].as_array()?;
+    let part = |i: usize| start.get(i).and_then(Value::as_str).map(str::to_owned);
+    Some((v["rv"].as_u64()?, (part(0)?, part(1)?, part(2)?, part(3)?)))
+}
+
+/// One page of `map`'s matching objects after `after`: the items, the last key served, and how
+/// many match beyond it.
+fn page_of(
+    map: &BTreeMap<Key, Value>,
+    after: Option<&Key>,
+    limit: usize,
+    matches: impl Fn(&Key, &Value) -> bool,
+) -> (Vec<Value>, Option<Key>, usize) {
+    use std::ops::Bound;
+    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut matching = map
+        .range::<Key, _>((from, Bound::Unbounded))
+        .filter(|(k, v)| matches(k, v));
+    let page: Vec<(&Key, &Value)> = matching
+        .by_ref()
+        .take(if limit == 0 { usize::MAX } else { limit })
+        .collect();
+    let rest = matching.count();
+    let last = page.last().map(|(k, _)| (*k).clone());
+    (
+        page.into_iter().map(|(_, v)| v.clone()).collect(),
+        last,
+        rest,
+    )
+}
+
+fn list(
+    inner: &Inner,
+    t: &Target,
+    filter: &Filter,
+    q: &BTreeMap<String, String>,
+) -> Response<Body> {
     let mut st = inner.state.lock().unwrap();
     st.lists += 1;
-    let items: Vec<Value> = st
-        .objects
-        .iter()
-        .filter(|(k, v)| k.0 == t.group && k.1 == t.resource && filter.matches(k, v))
-        .map(|(_, v)| v.clone())
-        .collect();
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let token = q.get("continue").filter(|c| !c.is_empty());
+    let matches = |k: &Key, v: &Value| k.0 == t.group && k.1 == t.resource && filter.matches(k, v);
+    let (rv, (items, last, rest)) = match token {
+        // A later page: cut from the first page's snapshot, after the last key it served.
+        Some(token) => {
+            if q.get("resourceVersion").is_some_and(|v| !v.is_empty()) {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    status(
+                        400,
+                        "BadRequest",
+                        "specifying resource version is not allowed when using continue",
+                    ),
+                );
+            }
+            let Some((rv, after)) = parse_continue(token) else {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    status(400, "BadRequest", "continue key is not valid"),
+                );
+            };
+            match st.snapshots.get(&rv) {
+                // Compaction drops the snapshots: what is gone is too old.
+                Some(snap) => (rv, page_of(snap, Some(&after), limit, matches)),
+                _ => {
+                    st.pages.push(ListPage {
+                        resource: t.resource.clone(),
+                        limit,
+                        continued: true,
+                        resource_version: rv,
+                        items: 0,
+                        remaining: None,
+                        more: false,
+                        expired: true,
+                    });
+                    return full(
+                        StatusCode::GONE,
+                        status(
+                            410,
+                            "Expired",
+                            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                        ),
+                    );
+                }
+            }
+        }
+        None => {
+            let page = page_of(&st.objects, None, limit, matches);
+            if page.2 > 0 && !st.snapshots.contains_key(&st.rv) {
+                // More pages to come: they are cut from the objects as they are now.
+                let (rv, snap) = (st.rv, Arc::new(st.objects.clone()));
+                st.snapshots.insert(rv, snap);
+                while st.snapshots.len() > SNAPSHOTS_KEPT {
+                    st.snapshots.pop_first();
+                }
+            }
+            (st.rv, page)
+        }
+    };
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let (true, Some(last)) = (rest > 0, &last) {
+        metadata["continue"] = json!(continue_token(rv, last));
+        // As the real server: a count only when no selector filters what is left.
+        if filter.fields.is_empty() && filter.labels.is_empty() {
+            metadata["remainingItemCount"] = json!(rest);
+        }
+    }
+    let page = ListPage {
+        resource: t.resource.clone(),
+        limit,
+        continued: token.is_some(),
+        resource_version: rv,
+        items: items.len(),
+        remaining: metadata["remainingItemCount"].as_u64().map(|n| n as usize),
+        more: rest > 0,
+        expired: false,
+    };
+    st.pages.push(page);
+    if rest > 0 && token.is_none() && st.expire_after_first_page.as_ref() == Some(&t.resource) {
+        st.expire_after_first_page = None;
+        st.compacted = st.rv + 1;
+        st.history.clear();
+        st.snapshots.clear();
+        drop(st);
+        // Open watches end too, as with [`FakeApiServer::expire`].
+        let _ = inner.changes.send(Change::Expire);
+    }
     let api_version = if t.group.is_empty() {
         t.version.clone()
     } else {
@@ -567,7 +751,7 @@ fn list(inner: &Inner, t: &Target, filter: &Filter) -> Response<Body> {
     full(
         StatusCode::OK,
         json!({"kind": format!("{}List", kind_of(&t.resource)), "apiVersion": api_version,
-               "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+               "metadata": metadata, "items": items}),
     )
 }
 
