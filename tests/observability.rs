@@ -327,7 +327,8 @@ fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
     };
     let before = applied(&http);
 
-    let fighter = Deleter::start(&ns, "nw-fighter", "fight", 3.0);
+    // 6 s: long enough for the backoff alone to hold a repair back 5 s (10 ms doubling).
+    let fighter = Deleter::start(&ns, "nw-fighter", "fight", 6.0);
     // While it fights: contested, and the fighter is named in the log and the metric.
     agent.wait_log_all(&["contested", "pods-to-overlay", "actor=nw-fighter"]);
     wait_metric(
@@ -345,12 +346,13 @@ fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
         (Some("contested"), Some("nw-fighter")),
         "{status}"
     );
-    let out = fighter.finish(Duration::from_secs(10));
+    let out = fighter.finish(Duration::from_secs(15));
+    let stopped = Instant::now();
     let repairs = applied(&http) - before;
-    // Without backoff the agent would put it back thousands of times in 3 s.
+    // Without backoff the agent would put it back thousands of times in 6 s.
     assert!(
         repairs < 50.0,
-        "{repairs} repairs in 3 s of fighting ({out})"
+        "{repairs} repairs in 6 s of fighting ({out})"
     );
     assert!(
         value(
@@ -360,9 +362,10 @@ fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
         ) >= 1.0
     );
 
-    // The fight stops: the held-back repair goes through, and after a quiet while it is in sync.
-    // Within the longest backoff (30 s) in any case; typically 2.6 s at most after 3 s.
-    let deadline = Instant::now() + Duration::from_secs(35);
+    // The fight stops: the held-back repair goes through once nothing contested has been removed
+    // for the quiet period (1 s), not at the end of its backoff (by now 2.5–5 s after the last
+    // removal), and after a quiet while the rule is in sync.
+    let deadline = stopped + Duration::from_secs(35);
     while count(&rules(&ns), RULE) != 1 {
         assert!(
             Instant::now() < deadline,
@@ -371,6 +374,12 @@ fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    let back = stopped.elapsed();
+    assert!(
+        back < Duration::from_millis(2500),
+        "the held-back repair came {back:?} after the fight stopped; log:\n{}",
+        agent.log.lock().unwrap().join("\n")
+    );
     agent.wait_log_all(&["no longer contested", "actor=nw-fighter"]);
     wait_metric(
         &http,
