@@ -134,6 +134,8 @@ pub struct Agent {
     handle: Handle,
     applier: Applier,
     events: Events,
+    /// The event socket's filter: route notifications of the tables the mirror keeps only.
+    event_filter: Option<kernel::EventFilter>,
     resync: Duration,
     /// What was last said about each drifted object, so logs speak of transitions, not repeats.
     reported: HashMap<ObjectId, Finding>,
@@ -212,7 +214,7 @@ impl Agent {
             }
         }
         let applier = Applier::open().map_err(ObserveError::Socket)?;
-        let events = kernel::subscribe(Some(applier.port()))?;
+        let (events, event_filter) = kernel::subscribe_filtered(Some(applier.port()))?;
         let handle = kernel::connect()?;
         let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
@@ -230,6 +232,7 @@ impl Agent {
             applier,
             handle,
             events,
+            event_filter,
             resync,
             reported: HashMap::new(),
             pending: HashSet::new(),
@@ -285,6 +288,9 @@ impl Agent {
         };
         let mut timer = new_timer(self.resync);
         loop {
+            if self.sync_event_filter() {
+                self.retry_pending(1).await;
+            }
             // The earliest held-back repair of a contested object (or end of a fight).
             let deadline = self.contest.next_deadline();
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(
@@ -423,8 +429,27 @@ impl Agent {
         .unwrap_or_default()
     }
 
+    /// Narrows the event socket to the route tables the mirror keeps, or widens it to every
+    /// table while something is pending (a route added anywhere can make a gateway reachable).
+    /// True if it was widened: a route that appeared just before was not heard, so the caller
+    /// retries what is pending.
+    fn sync_event_filter(&mut self) -> bool {
+        let Some(filter) = &mut self.event_filter else {
+            return false;
+        };
+        let tables = if self.pending.is_empty() {
+            self.mirror.route_tables()
+        } else {
+            None
+        };
+        let widened = tables.is_none() && filter.tables().is_some();
+        filter.set_tables(tables) && widened
+    }
+
     async fn full_resync(&mut self, reason: ResyncReason) -> Result<(), ReconcileError> {
         let started = Instant::now();
+        // Before the dump: a new config's tables must be heard from now on.
+        self.sync_event_filter();
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
         if self.adopt_from_mirror() || reason == ResyncReason::Start {

@@ -675,3 +675,51 @@ fn the_agent_does_not_hear_its_own_repairs() {
     // 51 removals; with its own 51 re-adds echoed back it would be 102.
     assert!((51.0..=60.0).contains(&read), "events read: {read}");
 }
+
+/// Route notifications of tables the agent keeps no routes of are dropped by the event socket's
+/// filter in the kernel: a big churning foreign table is not read at all.
+#[test]
+fn the_agent_does_not_hear_foreign_tables() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "  rules:\n    - {name: r0, priority: 1000, from: 10.1.0.0/24, table: 100}\n  routes:\n    - {name: p0, table: 100, destination: 10.64.0.0/24, device: veth0}\n";
+    let agent = Agent::start(&ns, &config(dir.path(), spec));
+    let http = agent.http();
+    let events = "netwarden_netlink_events_total";
+    let before = value(&http, events, &[]);
+    let foreign: String = (0..1000)
+        .map(|i| {
+            format!(
+                "route add 10.{}.{}.0/24 dev veth0 table 200\n",
+                100 + i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    ns.batch(&[], &foreign).unwrap();
+    // A protected route in the same batch of work: its table is heard.
+    ns.ip(&["route", "del", "10.64.0.0/24", "table", "100"])
+        .unwrap();
+    wait_until("protected route back", || {
+        ns.ip(&["route", "show", "table", "100"])
+            .unwrap()
+            .contains("10.64.0.0/24")
+    });
+    // A sentinel: once its repair is counted, every earlier event has been read (in order).
+    let repairs = value(
+        &http,
+        "netwarden_repairs_total",
+        &[("kind", "rule"), ("result", "applied")],
+    );
+    ns.ip(&["rule", "del", "priority", "1000"]).unwrap();
+    wait_metric(
+        &http,
+        "netwarden_repairs_total",
+        &[("kind", "rule"), ("result", "applied")],
+        repairs + 1.0,
+        T,
+    );
+    let read = value(&http, events, &[]) - before;
+    // The route's and the rule's removals; with table 200 heard it would be over 1,000.
+    assert!((2.0..=20.0).contains(&read), "events read: {read}");
+}

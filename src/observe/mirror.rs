@@ -99,22 +99,27 @@ pub struct Mirror {
     pub routes: HashMap<RouteKey, Vec<ObservedRoute>>,
     pub addresses: HashMap<AddressKey, ObservedAddress>,
     interest: RouteInterest,
+    /// `interest.tables()`, computed once: asked for on every turn of the reconcile loop.
+    tables: Option<Vec<u32>>,
 }
 
 impl Mirror {
     pub fn new(interest: RouteInterest) -> Mirror {
         Mirror {
+            tables: interest.tables(),
             interest,
             ..Mirror::default()
         }
     }
 
     pub fn set_interest(&mut self, interest: RouteInterest) {
+        self.tables = interest.tables();
         self.interest = interest;
     }
 
-    pub fn interest(&self) -> &RouteInterest {
-        &self.interest
+    /// The tables holding every route the mirror keeps, when few (see [`RouteInterest::tables`]).
+    pub fn route_tables(&self) -> Option<&[u32]> {
+        self.tables.as_deref()
     }
 
     pub fn link_index(&self, name: &str) -> Option<u32> {
