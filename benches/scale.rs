@@ -223,7 +223,13 @@ fn main() -> Result<()> {
 
     // Single-rule repairs, timed from outside, in the namespace (this thread only).
     netwarden::netns::enter(&ns.name)?;
-    let listener = Listener::start()?;
+    // Rules only: with every group, the listener's own backlog of route notifications (tens of
+    // thousands a second) was part of each measurement (NETWARDEN_SCALE_LISTEN_ALL=1: as before).
+    let listener = if std::env::var_os("NETWARDEN_SCALE_LISTEN_ALL").is_some() {
+        Listener::start()?
+    } else {
+        Listener::start_groups(netwarden::listen::IPV4_RULES)?
+    };
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
