@@ -136,6 +136,8 @@ pub struct Agent {
     events: Events,
     /// The event socket's filter: route notifications of the tables the mirror keeps only.
     event_filter: Option<kernel::EventFilter>,
+    /// The same for the attribution's socket (never widened: only protected changes are named).
+    sightings_filter: Option<kernel::EventFilter>,
     resync: Duration,
     /// What was last said about each drifted object, so logs speak of transitions, not repeats.
     reported: HashMap<ObjectId, Finding>,
@@ -219,11 +221,14 @@ impl Agent {
         let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
-        let attribution = match attribution::spawn(answers_tx, Some(applier.port())) {
-            Ok(tx) => Some(tx),
+        let (attribution, sightings_filter) = match attribution::spawn_filtered(
+            answers_tx,
+            Some(applier.port()),
+        ) {
+            Ok((tx, filter)) => (Some(tx), filter),
             Err(e) => {
                 warn!(error = %e, "cannot start the attribution thread; actors will be unknown");
-                None
+                (None, None)
             }
         };
         let mut agent = Agent {
@@ -233,6 +238,7 @@ impl Agent {
             handle,
             events,
             event_filter,
+            sightings_filter,
             resync,
             reported: HashMap::new(),
             pending: HashSet::new(),
@@ -434,6 +440,9 @@ impl Agent {
     /// True if it was widened: a route that appeared just before was not heard, so the caller
     /// retries what is pending.
     fn sync_event_filter(&mut self) -> bool {
+        if let Some(f) = &mut self.sightings_filter {
+            f.set_tables(self.mirror.route_tables());
+        }
         let Some(filter) = &mut self.event_filter else {
             return false;
         };

@@ -199,6 +199,16 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// The filter of another socket subscribed to route notifications (`fd`: a duplicate of its
+    /// descriptor) whose program is [`event_program`]`(own, None)` now.
+    pub fn new(fd: std::os::fd::OwnedFd, own: Option<u32>) -> EventFilter {
+        EventFilter {
+            fd,
+            own,
+            tables: None,
+        }
+    }
+
     /// Lets route notifications through for `tables` only (`None`: every table). True if that
     /// changed the filter.
     pub fn set_tables(&mut self, tables: Option<&[u32]>) -> bool {
