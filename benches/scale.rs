@@ -4,7 +4,9 @@
 //! the latency of single-rule repairs (RTM_DELRULE from our socket → the agent's RTM_NEWRULE seen
 //! by an independent listener, as benches/repair.rs does), and how long a full refresh (a re-dump
 //! of every route, at every resync) takes with that table. Targets are printed, not asserted.
-//! NETWARDEN_SCALE_DELETIONS (default 1000) single deletions are timed. Results: docs/benchmarks.md.
+//! NETWARDEN_SCALE_DELETIONS (default 1000) single deletions are timed; NETWARDEN_SCALE_TABLE (200)
+//! is the foreign routes' table (`main` for a BGP-like host); NETWARDEN_SCALE_BIN runs another
+//! agent binary (to compare builds). Results: docs/benchmarks.md.
 
 use anyhow::{anyhow, ensure, Context, Result};
 use netwarden::apply::encode;
@@ -107,6 +109,8 @@ fn main() -> Result<()> {
     }
     let n = env_num("NETWARDEN_SCALE_ROUTES", 500_000);
     let deletions = env_num("NETWARDEN_SCALE_DELETIONS", 1000);
+    let table = std::env::var("NETWARDEN_SCALE_TABLE").unwrap_or_else(|_| "200".into());
+    let bin = std::env::var("NETWARDEN_SCALE_BIN").unwrap_or_else(|_| BIN.into());
     let ns = Sandbox::create("nw-scale")?;
     ns.ip(&[
         "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
@@ -118,11 +122,11 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let mut batch = String::with_capacity(n * 40);
     for i in 0..n {
-        let _ = writeln!(batch, "route add {} dev veth0 table 200", foreign(i));
+        let _ = writeln!(batch, "route add {} dev veth0 table {table}", foreign(i));
     }
     ns.batch(&[], &batch)?;
     println!(
-        "{n} foreign routes added with ip -batch in {:?}",
+        "{n} foreign routes (table {table}) added with ip -batch in {:?}",
         t.elapsed()
     );
 
@@ -130,7 +134,7 @@ fn main() -> Result<()> {
     let cfg = dir.path().join("scale.yaml");
     std::fs::write(&cfg, config())?;
     let started = Instant::now();
-    let mut agent = Command::new(BIN)
+    let mut agent = Command::new(&bin)
         .args([
             "run",
             "--config",
@@ -190,6 +194,7 @@ fn main() -> Result<()> {
     let churned = Arc::new(AtomicU64::new(0));
     let churn = {
         let (stop, churned, name) = (stop.clone(), churned.clone(), ns.name.clone());
+        let table = table.clone();
         std::thread::spawn(move || {
             let mut at = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -198,7 +203,7 @@ fn main() -> Result<()> {
                     let r = foreign((at + k) % n);
                     let _ = writeln!(
                         b,
-                        "route del {r} table 200\nroute add {r} dev veth0 table 200"
+                        "route del {r} table {table}\nroute add {r} dev veth0 table {table}"
                     );
                 }
                 at = (at + 2000) % n;
@@ -218,7 +223,13 @@ fn main() -> Result<()> {
 
     // Single-rule repairs, timed from outside, in the namespace (this thread only).
     netwarden::netns::enter(&ns.name)?;
-    let listener = Listener::start()?;
+    // Rules only: with every group, the listener's own backlog of route notifications (tens of
+    // thousands a second) was part of each measurement (NETWARDEN_SCALE_LISTEN_ALL=1: as before).
+    let listener = if std::env::var_os("NETWARDEN_SCALE_LISTEN_ALL").is_some() {
+        Listener::start()?
+    } else {
+        Listener::start_groups(netwarden::listen::IPV4_RULES)?
+    };
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;

@@ -13,14 +13,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// rtnetlink multicast group bits (RTNLGRP_* - 1).
-const GROUPS: u32 = (1 << 0) // link
+/// rtnetlink multicast group bits (RTNLGRP_* - 1): everything the agent watches.
+pub const GROUPS: u32 = (1 << 0) // link
     | (1 << 4) // ipv4 ifaddr
     | (1 << 6) // ipv4 route
     | (1 << 7) // ipv4 rule
     | (1 << 8) // ipv6 ifaddr
     | (1 << 10) // ipv6 route
     | (1 << 18); // ipv6 rule
+/// Only IPv4 rules: for timing rule repairs beside a churning route table, whose notifications
+/// would otherwise queue in front of the one being timed (and cost the listener CPU).
+pub const IPV4_RULES: u32 = 1 << 7;
 
 /// A notification and when it arrived. `None` message: the socket overran.
 pub type Seen = (Instant, Option<RouteNetlinkMessage>);
@@ -35,8 +38,13 @@ impl Listener {
     /// Subscribes in the calling thread's network namespace; the socket is bound before this
     /// returns, so every change made afterwards is seen.
     pub fn start() -> std::io::Result<Listener> {
+        Listener::start_groups(GROUPS)
+    }
+
+    /// [`Listener::start`] for some multicast groups only (bits as in [`GROUPS`]).
+    pub fn start_groups(groups: u32) -> std::io::Result<Listener> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind(&SocketAddr::new(0, GROUPS))?;
+        sock.bind(&SocketAddr::new(0, groups))?;
         {
             use nix::sys::socket::{setsockopt, sockopt};
             let _ = setsockopt(&sock.as_fd(), sockopt::RcvBufForce, &EVENT_RCVBUF);

@@ -137,6 +137,10 @@ pub struct Agent {
     handle: Handle,
     applier: Applier,
     events: Events,
+    /// The event socket's filter: route notifications of the tables the mirror keeps only.
+    event_filter: Option<kernel::EventFilter>,
+    /// The same for the attribution's socket (never widened: only protected changes are named).
+    sightings_filter: Option<kernel::EventFilter>,
     resync: Duration,
     /// What was last said about each drifted object, so logs speak of transitions, not repeats.
     reported: HashMap<ObjectId, Finding>,
@@ -219,16 +223,19 @@ impl Agent {
             }
         }
         let applier = Applier::open().map_err(ObserveError::Socket)?;
-        let events = kernel::subscribe(Some(applier.port()))?;
+        let (events, event_filter) = kernel::subscribe_filtered(Some(applier.port()))?;
         let handle = kernel::connect()?;
         let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
-        let attribution = match attribution::spawn(answers_tx, Some(applier.port())) {
-            Ok(tx) => Some(tx),
+        let (attribution, sightings_filter) = match attribution::spawn_filtered(
+            answers_tx,
+            Some(applier.port()),
+        ) {
+            Ok((tx, filter)) => (Some(tx), filter),
             Err(e) => {
                 warn!(error = %e, "cannot start the attribution thread; actors will be unknown");
-                None
+                (None, None)
             }
         };
         let mut agent = Agent {
@@ -237,6 +244,8 @@ impl Agent {
             applier,
             handle,
             events,
+            event_filter,
+            sightings_filter,
             resync,
             reported: HashMap::default(),
             pending: HashSet::default(),
@@ -305,6 +314,9 @@ impl Agent {
         };
         let mut timer = new_timer(self.resync);
         loop {
+            if self.sync_event_filter() {
+                self.retry_pending(1).await;
+            }
             // The earliest held-back repair of a contested object (or end of a fight).
             let deadline = self.contest.next_deadline();
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(
@@ -460,8 +472,30 @@ impl Agent {
         .unwrap_or_default()
     }
 
+    /// Narrows the event socket to the route tables the mirror keeps, or widens it to every
+    /// table while something is pending (a route added anywhere can make a gateway reachable).
+    /// True if it was widened: a route that appeared just before was not heard, so the caller
+    /// retries what is pending.
+    fn sync_event_filter(&mut self) -> bool {
+        if let Some(f) = &mut self.sightings_filter {
+            f.set_tables(self.mirror.route_tables());
+        }
+        let Some(filter) = &mut self.event_filter else {
+            return false;
+        };
+        let tables = if self.pending.is_empty() {
+            self.mirror.route_tables()
+        } else {
+            None
+        };
+        let widened = tables.is_none() && filter.tables().is_some();
+        filter.set_tables(tables) && widened
+    }
+
     async fn full_resync(&mut self, reason: ResyncReason) -> Result<(), ReconcileError> {
         let started = Instant::now();
+        // Before the dump: a new config's tables must be heard from now on.
+        self.sync_event_filter();
         self.count_resync(reason);
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
         self.prune_dismissed();

@@ -130,11 +130,17 @@ fn rule_spec() -> &'static str {
 /// An event storm with the default (64 MiB) event buffer: while the agent is stopped, 200,000
 /// route events pile up (100,000 foreign routes added and removed) and a protected rule is
 /// removed; once thawed it notices the overrun, re-reads, puts the rule back, and counts it.
+/// The storm is in table 200, where a route is protected: the event socket's filter drops the
+/// notifications of tables the agent keeps no routes of, which would not fill it.
 #[test]
 fn event_storm_overruns_the_default_buffer_and_the_agent_converges() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(&ns, &config(dir.path(), rule_spec()));
+    let spec = format!(
+        "{}  routes:\n    - {{name: heard, table: 200, destination: 10.255.0.0/24, device: veth0}}\n",
+        rule_spec()
+    );
+    let mut agent = Agent::start(&ns, &config(dir.path(), &spec));
     let addr = agent.http();
     assert_eq!(
         metric(&get(&addr, "/metrics"), "netwarden_netlink_overruns_total"),
@@ -177,7 +183,11 @@ fn event_storm_overruns_the_default_buffer_and_the_agent_converges() {
         metric(&body, "netwarden_netlink_overruns_total") >= 1.0,
         "{body}"
     );
-    assert!(routes(&ns, "200").is_empty());
+    assert_eq!(
+        routes(&ns, "200"),
+        ["10.255.0.0/24 dev veth0 scope link"],
+        "the storm's routes are gone, the protected one is there"
+    );
 }
 
 /// Only CAP_NET_ADMIN and CAP_NET_RAW (root uid, every other capability dropped from every set):
@@ -347,4 +357,79 @@ fn http_endpoints_survive_garbage() {
     let answer = get(&addr, "/healthz");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(get(&addr, "/metrics").contains("netwarden_"));
+}
+
+/// With a big foreign table beside the protected one, a route re-dump (address removed, link
+/// down, resync, overrun) reads only the protected table: the kernel filters
+/// (NETLINK_GET_STRICT_CHK and RTA_TABLE in the request), so its cost does not grow with the
+/// foreign table. Without the filter the dump would read all 2,000 foreign routes.
+#[test]
+fn route_redumps_read_only_the_protected_tables() {
+    use netwarden::model::{Family, RouteKey};
+    use netwarden::observe::kernel;
+    use netwarden::observe::{Mirror, RouteInterest};
+    let ns = sandbox();
+    let mut batch = String::new();
+    for i in 0..ROUTES {
+        batch.push_str(&format!(
+            "route add 10.{}.{}.0/24 dev veth0 table 200\n",
+            100 + i / 256,
+            i % 256
+        ));
+    }
+    ns.batch(&[], &batch).unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "10.64.0.0/24",
+        "dev",
+        "veth0",
+        "table",
+        "100",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:64::/64",
+        "dev",
+        "veth0",
+        "table",
+        "100",
+    ])
+    .unwrap();
+    let name = ns.name.clone();
+    let (all, filtered, v4, mirrored) = std::thread::spawn(move || {
+        netwarden::netns::enter(&name).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut handle = kernel::connect().unwrap();
+            let protected = RouteKey::new(Family::Ipv4, 100, "10.64.0.0/24".parse().unwrap(), None);
+            let mut everything = Mirror::new(RouteInterest::All);
+            let all = kernel::dump_routes(&mut handle, &mut everything, None)
+                .await
+                .unwrap();
+            let mut mirror = Mirror::new(RouteInterest::Keys(
+                std::iter::once(protected.clone()).collect(),
+            ));
+            let filtered = kernel::dump_routes(&mut handle, &mut mirror, None)
+                .await
+                .unwrap();
+            // One family: the other family's table 100 is not asked for.
+            let v4 = kernel::dump_routes(&mut handle, &mut mirror, Some(Family::Ipv4))
+                .await
+                .unwrap();
+            (all, filtered, v4, mirror.routes.contains_key(&protected))
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(all > ROUTES, "a full dump reads every route: {all}");
+    assert_eq!(filtered, 2, "table 100 holds one IPv4 and one IPv6 route");
+    assert_eq!(v4, 1);
+    assert!(mirrored, "the protected route is in the mirror");
 }

@@ -390,7 +390,13 @@ pub fn change_ports(buf: &[u8]) -> Vec<u32> {
 /// changer's port id at once, in parallel with the repair: a short-lived `ip rule del` is
 /// usually gone by the time the repair is acknowledged, and this is the earliest moment it can
 /// be seen. Best effort: a lost or late sighting leaves the lookup to [`Resolver`].
-pub fn watch_changes(sightings: Sightings, own_port: Option<u32>) -> std::io::Result<()> {
+/// Returns the socket's filter: route notifications of foreign tables need no sighting (their
+/// changes are never reported), and on a host with a churning big table they were most of this
+/// thread's work.
+pub fn watch_changes(
+    sightings: Sightings,
+    own_port: Option<u32>,
+) -> std::io::Result<crate::observe::kernel::EventFilter> {
     use nix::sys::socket::{
         bind, recvmmsg, setsockopt, socket, sockopt, AddressFamily, MsgFlags, MultiHeaders,
         NetlinkAddr, SockFlag, SockProtocol, SockType,
@@ -412,6 +418,7 @@ pub fn watch_changes(sightings: Sightings, own_port: Option<u32>) -> std::io::Re
         let _ = crate::observe::kernel::ignore_own_changes(fd.as_fd(), port);
     }
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, CHANGE_GROUPS))?;
+    let filter = crate::observe::kernel::EventFilter::new(fd.try_clone()?, own_port);
     std::thread::Builder::new()
         .name("nw-sightings".into())
         .spawn(move || {
@@ -483,7 +490,7 @@ pub fn watch_changes(sightings: Sightings, own_port: Option<u32>) -> std::io::Re
                 }
             }
         })?;
-    Ok(())
+    Ok(filter)
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10): on a busy node the attribution
@@ -517,19 +524,37 @@ pub fn spawn(
     answers: tokio::sync::mpsc::UnboundedSender<Answer>,
     own_port: Option<u32>,
 ) -> std::io::Result<std::sync::mpsc::Sender<Request>> {
+    spawn_filtered(answers, own_port).map(|(tx, _)| tx)
+}
+
+/// [`spawn`], also returning the filter of the socket that watches changes (none if it could not
+/// be opened), to narrow it to the route tables of interest.
+pub fn spawn_filtered(
+    answers: tokio::sync::mpsc::UnboundedSender<Answer>,
+    own_port: Option<u32>,
+) -> std::io::Result<(
+    std::sync::mpsc::Sender<Request>,
+    Option<crate::observe::kernel::EventFilter>,
+)> {
     let (tx, rx) = std::sync::mpsc::channel::<Request>();
+    let sightings: Sightings = Arc::default();
+    let mut resolver = Resolver::default();
+    let filter = match watch_changes(sightings.clone(), own_port) {
+        Ok(filter) => {
+            resolver = resolver.with_sightings(sightings);
+            Some(filter)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch changes as they happen");
+            None
+        }
+    };
     std::thread::Builder::new()
         .name("nw-attribution".into())
         .spawn(move || {
             lower_priority();
             if let Err(e) = check_namespace_view() {
                 tracing::warn!(error = %e, "attribution of changes to processes may be wrong");
-            }
-            let sightings: Sightings = Arc::default();
-            let mut resolver = Resolver::default();
-            match watch_changes(sightings.clone(), own_port) {
-                Ok(()) => resolver = resolver.with_sightings(sightings),
-                Err(e) => tracing::warn!(error = %e, "cannot watch changes as they happen"),
             }
             // Requests that queued up while a lookup ran are looked up together: during a mass
             // repair there is one per batch of events, and each lookup reads the whole netlink
@@ -562,7 +587,7 @@ pub fn spawn(
                 }
             }
         })?;
-    Ok(tx)
+    Ok((tx, filter))
 }
 
 #[cfg(test)]

@@ -3,6 +3,12 @@
 //! the agent and the other process do not spin against each other, and it is reported as
 //! contested until the fight stops. Pure: the caller passes the time and owns the timer (the loop
 //! sleeps until [`Contest::next_deadline`] and then calls [`Contest::poll`]).
+//!
+//! A held-back repair does not wait out a long backoff once the fighting has stopped: it is done
+//! when no contested object has been removed for [`Backoff::quiet`], or at its backoff time if
+//! that comes first. While an object is held back it is absent, so its own fighter has nothing to
+//! remove; what shows the fight going on is removals of contested objects (a fighter rarely goes
+//! after just one). A fighter that removes only that one object is probed once per quiet period.
 
 use crate::model::fast::HashMap;
 use std::hash::Hash;
@@ -21,6 +27,9 @@ pub struct Backoff {
     /// A removal this soon after a repair continues a fight; an object not removed for this long
     /// after its last repair is calm again (back in sync).
     pub window: Duration,
+    /// No contested object removed for this long: the fight looks over, held-back repairs are
+    /// done now instead of at their backoff time.
+    pub quiet: Duration,
 }
 
 impl Default for Backoff {
@@ -30,6 +39,7 @@ impl Default for Backoff {
             max: Duration::from_secs(30),
             threshold: 3,
             window: Duration::from_secs(2),
+            quiet: Duration::from_secs(1),
         }
     }
 }
@@ -81,6 +91,13 @@ pub struct Calmed<K> {
 /// millisecond, and after a mass repair thousands of objects would each ask for their own poll.
 const MIN_POLL_GAP: Duration = Duration::from_millis(20);
 
+/// When a held-back repair (its backoff time `due`) is done: at `due`, or once the fight has been
+/// quiet (`quiet_end`: the last removal of a contested object plus the quiet period), if sooner.
+fn effective_due(due: Option<Instant>, quiet_end: Option<Instant>) -> Option<Instant> {
+    let due = due?;
+    Some(quiet_end.map_or(due, |q| due.min(q)))
+}
+
 /// Per-object fight tracking.
 #[derive(Clone, Debug)]
 pub struct Contest<K> {
@@ -90,6 +107,8 @@ pub struct Contest<K> {
     /// `poll`), so the loop can ask for the next deadline without walking every entry.
     next: Option<Instant>,
     last_poll: Option<Instant>,
+    /// The last removal of a contested object: the fight's last sign of life.
+    last_fight: Option<Instant>,
 }
 
 impl<K: Clone + Eq + Hash> Contest<K> {
@@ -99,6 +118,7 @@ impl<K: Clone + Eq + Hash> Contest<K> {
             entries: HashMap::default(),
             next: None,
             last_poll: None,
+            last_fight: None,
         }
     }
 
@@ -109,8 +129,9 @@ impl<K: Clone + Eq + Hash> Contest<K> {
     /// An enforced object was found drifted at `now` and would be repaired.
     pub fn on_drift(&mut self, id: &K, now: Instant) -> Decision {
         let b = self.backoff;
+        let quiet_end = self.last_fight.map(|t| t + b.quiet);
         let e = self.entries.entry(id.clone()).or_default();
-        if let Some(due) = e.due {
+        if let Some(due) = effective_due(e.due, quiet_end) {
             if due > now {
                 return Decision::Later {
                     due,
@@ -135,8 +156,11 @@ impl<K: Clone + Eq + Hash> Contest<K> {
         }
         let newly_contested = !e.contested;
         e.contested = true;
-        let due = now + b.delay(e.streak - b.threshold);
-        e.due = Some(due);
+        // The backoff time; the quiet rule can only bring it forward.
+        let backoff_due = now + b.delay(e.streak - b.threshold);
+        e.due = Some(backoff_due);
+        self.last_fight = Some(self.last_fight.map_or(now, |t| t.max(now)));
+        let due = backoff_due.min(now + b.quiet);
         self.lower_next(due);
         Decision::Later {
             due,
@@ -172,8 +196,12 @@ impl<K: Clone + Eq + Hash> Contest<K> {
     pub fn is_held(&self, id: &K, now: Instant) -> bool {
         self.entries
             .get(id)
-            .and_then(|e| e.due)
+            .and_then(|e| effective_due(e.due, self.quiet_end()))
             .is_some_and(|d| d > now)
+    }
+
+    fn quiet_end(&self) -> Option<Instant> {
+        self.last_fight.map(|t| t + self.backoff.quiet)
     }
 
     /// Records who is fighting over a contested object.
@@ -209,9 +237,10 @@ impl<K: Clone + Eq + Hash> Contest<K> {
     }
 
     fn exact_next(&self) -> Option<Instant> {
+        let quiet_end = self.quiet_end();
         self.entries
             .values()
-            .filter_map(|e| match (e.due, e.last_repair) {
+            .filter_map(|e| match (effective_due(e.due, quiet_end), e.last_repair) {
                 (Some(due), _) => Some(due),
                 (None, Some(t)) => Some(t + self.backoff.window),
                 (None, None) => None,
@@ -223,10 +252,11 @@ impl<K: Clone + Eq + Hash> Contest<K> {
     /// objects whose fight stopped; forgets quiet objects.
     pub fn poll(&mut self, now: Instant) -> (Vec<K>, Vec<Calmed<K>>) {
         let window = self.backoff.window;
+        let quiet_end = self.quiet_end();
         let mut due = Vec::new();
         let mut calmed = Vec::new();
         self.entries.retain(|id, e| {
-            if let Some(d) = e.due {
+            if let Some(d) = effective_due(e.due, quiet_end) {
                 if d <= now {
                     e.due = None;
                     e.retrying = true;
@@ -390,6 +420,86 @@ mod tests {
         assert!(!c.is_contested(&7));
         assert!(now - end < Duration::from_secs(10));
         assert_eq!(c.next_deadline(), None, "a calm object is forgotten");
+    }
+
+    /// Drives object `id` into a fight at level `level` (its next hold-back is `delay(level)`):
+    /// removed right after each of `threshold + level` repairs, 1 ms apart from `t0`.
+    fn contested_at(c: &mut Contest<u32>, id: u32, t0: Instant, level: u32) -> Instant {
+        let mut t = t0;
+        for _ in 0..c.backoff().threshold + level {
+            if let Decision::Now { .. } = c.on_drift(&id, t) {
+                c.on_repaired(&id, t);
+            }
+            // A held-back repair: pretend it came due and went through.
+            if c.is_held(&id, t) {
+                c.entries.get_mut(&id).unwrap().due = None;
+                c.on_repaired(&id, t);
+            }
+            t += MS;
+        }
+        t
+    }
+
+    #[test]
+    fn after_the_fight_stops_a_long_hold_back_ends_after_the_quiet_period() {
+        let b = Backoff::default();
+        let mut c = Contest::new(b);
+        let t0 = Instant::now();
+        // Level 12: the backoff alone would hold the next repair back 30 s.
+        let t = contested_at(&mut c, 1, t0, 12);
+        assert_eq!(b.delay(12), Duration::from_secs(30));
+        let Decision::Later { due, .. } = c.on_drift(&1, t) else {
+            panic!("expected a held-back repair")
+        };
+        // Nobody removes anything any more: the repair is done one quiet period later.
+        assert_eq!(due, t + b.quiet);
+        assert!(c.is_held(&1, t + b.quiet - MS));
+        assert!(!c.is_held(&1, t + b.quiet));
+        assert!(c.poll(t + b.quiet - MS).0.is_empty());
+        let (retry, _) = c.poll(t + b.quiet);
+        assert_eq!(retry, [1]);
+        assert_eq!(c.on_drift(&1, t + b.quiet), Decision::Now { fresh: false });
+    }
+
+    #[test]
+    fn while_contested_objects_keep_being_removed_hold_backs_run_their_course() {
+        let b = Backoff::default();
+        let mut c = Contest::new(b);
+        let t0 = Instant::now();
+        // Object 1 held back for 5.12 s (level 9).
+        let t = contested_at(&mut c, 1, t0, 9);
+        let Decision::Later { due, .. } = c.on_drift(&1, t) else {
+            panic!("expected a held-back repair")
+        };
+        assert_eq!(
+            due,
+            t + b.quiet,
+            "alone, the fight would look over after the quiet period"
+        );
+        // Object 2 is fought over too: each of its (held-back) repairs is removed again 1 ms
+        // later, every 300 ms for 4 s.
+        let mut now = contested_at(&mut c, 2, t, 0);
+        let fight_ends = t + Duration::from_secs(4);
+        while now < fight_ends {
+            c.entries.get_mut(&2).unwrap().due = None;
+            c.on_repaired(&2, now - MS);
+            assert!(matches!(
+                c.on_drift(&2, now),
+                Decision::Later { fresh: true, .. }
+            ));
+            let (retry, _) = c.poll(now);
+            assert!(!retry.contains(&1), "object 1 released during the fight");
+            assert!(c.is_held(&1, now), "object 1 released during the fight");
+            now += Duration::from_millis(300);
+        }
+        // The last removal of object 2 was before `now`; object 1 comes due one quiet period
+        // after it, well before its 5.12 s backoff.
+        let last_fight = c.last_fight.unwrap();
+        assert!(last_fight > t + Duration::from_secs(3));
+        assert!(!c.is_held(&1, last_fight + b.quiet));
+        assert!(last_fight + b.quiet < t + b.delay(9));
+        let (retry, _) = c.poll(last_fight + b.quiet);
+        assert!(retry.contains(&1));
     }
 
     #[test]

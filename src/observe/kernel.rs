@@ -10,12 +10,13 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::link::LinkMessage;
-use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::rule::RuleMessage;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{AsyncSocket, SocketAddr};
 use rtnetlink::{Handle, MulticastGroup};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -64,29 +65,102 @@ fn set_rcvbuf(sock: &rtnetlink::sys::Socket, size: usize) {
     }
 }
 
-/// Makes the kernel drop, before they are queued, the notifications of changes made through the
-/// netlink socket with port id `port` (ours): the agent already knows what it did, and in a mass
-/// repair its own echoes would double the events it has to read. A classic BPF program on the
-/// netlink header's `nlmsg_pid`, which for a notification is the port of the socket that made the
-/// change.
-pub fn ignore_own_changes(sock: std::os::fd::BorrowedFd<'_>, port: u32) -> std::io::Result<()> {
-    use nix::libc;
-    use std::os::fd::AsRawFd;
-    // `ld [12]` loads the 32-bit word at offset 12 (nlmsg_pid) in network byte order, while the
-    // kernel wrote it in host order: compare with the same bytes read big-endian.
-    let pid = u32::from_be_bytes(port.to_ne_bytes());
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+/// `nlmsg_type` of route notifications.
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+/// `rtm_table` of a route in a table above 255 (the real table is in RTA_TABLE).
+const RT_TABLE_COMPAT: u32 = 252;
+
+/// The classic BPF program of the event socket: drops, in the kernel before they are queued,
+/// - notifications of changes made through the netlink socket with port id `own` (the agent's
+///   applier): the agent already knows what it did, and in a mass repair its own echoes would
+///   double the events it has to read;
+/// - with `tables`, route notifications of every other table: a host's big foreign table (a BGP
+///   feed churning tens of thousands of routes a second) is then not read, decoded and thrown
+///   away by the agent. Tables above 255 share one value in the header (RT_TABLE_COMPAT): those
+///   pass whenever one of them is wanted.
+///
+/// Offsets are into the netlink header (16 bytes; `nlmsg_type` at 4, `nlmsg_pid` at 12) and the
+/// `rtmsg` after it (`rtm_table` at 16 + 4). A multicast notification is one message per skb.
+pub fn event_program(own: Option<u32>, tables: Option<&[u32]>) -> Vec<nix::libc::sock_filter> {
+    use nix::libc::{BPF_ABS, BPF_B, BPF_H, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    // An instruction; jumps are to absolute indexes here, made relative at the end.
+    enum I {
+        Ld(u32, u32),
+        Jeq(u32, usize, usize),
+        Ret(u32),
+    }
+    // `ld` of a half word or word reads network byte order, the kernel wrote host order: compare
+    // with the same bytes read big-endian.
+    let be16 = |v: u16| u32::from(u16::from_be_bytes(v.to_ne_bytes()));
+    let be32 = |v: u32| u32::from_be_bytes(v.to_ne_bytes());
+    let mut wanted: Vec<u32> = Vec::new();
+    if let Some(tables) = tables {
+        for &t in tables {
+            let t = if t > 255 { RT_TABLE_COMPAT } else { t };
+            if !wanted.contains(&t) {
+                wanted.push(t);
+            }
+        }
+    }
+    // Layout: [own-port check] [route type checks, table checks] drop accept.
+    let own_len = if own.is_some() { 2 } else { 0 };
+    let route_len = if tables.is_some() {
+        4 + wanted.len()
+    } else {
+        0
+    };
+    let drop = own_len + route_len;
+    let accept = drop + 1;
+    let mut code: Vec<I> = Vec::new();
+    if let Some(port) = own {
+        code.push(I::Ld(BPF_W, 12));
+        let next = if tables.is_some() { 2 } else { accept };
+        code.push(I::Jeq(be32(port), drop, next));
+    }
+    if tables.is_some() {
+        let table_checks = code.len() + 3;
+        code.push(I::Ld(BPF_H, 4));
+        code.push(I::Jeq(be16(RTM_NEWROUTE), table_checks, code.len() + 1));
+        code.push(I::Jeq(be16(RTM_DELROUTE), table_checks, accept));
+        code.push(I::Ld(BPF_B, 20));
+        for t in &wanted {
+            code.push(I::Jeq(*t, accept, code.len() + 1));
+        }
+    }
+    code.push(I::Ret(0));
+    code.push(I::Ret(u32::MAX));
+    if own.is_none() && tables.is_none() {
+        code = vec![I::Ret(u32::MAX)];
+    }
+    let op = |code: u32, jt: u8, jf: u8, k: u32| nix::libc::sock_filter {
         code: code as u16,
         jt,
         jf,
         k,
     };
-    let code = [
-        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 12),
-        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, pid),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
-    ];
+    code.iter()
+        .enumerate()
+        .map(|(at, i)| match *i {
+            I::Ld(size, offset) => op(BPF_LD | size | BPF_ABS, 0, 0, offset),
+            I::Jeq(k, t, f) => op(
+                BPF_JMP | BPF_JEQ | BPF_K,
+                (t - at - 1) as u8,
+                (f - at - 1) as u8,
+                k,
+            ),
+            I::Ret(k) => op(BPF_RET | BPF_K, 0, 0, k),
+        })
+        .collect()
+}
+
+/// Attaches (or replaces: the kernel swaps programs atomically) the event socket's filter.
+fn attach(
+    sock: std::os::fd::BorrowedFd<'_>,
+    code: &[nix::libc::sock_filter],
+) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
     let prog = libc::sock_fprog {
         len: code.len() as u16,
         filter: code.as_ptr() as *mut libc::sock_filter,
@@ -108,9 +182,70 @@ pub fn ignore_own_changes(sock: std::os::fd::BorrowedFd<'_>, port: u32) -> std::
     }
 }
 
+/// Makes the kernel drop the notifications of changes made through the netlink socket with port
+/// id `port` (see [`event_program`]).
+pub fn ignore_own_changes(sock: std::os::fd::BorrowedFd<'_>, port: u32) -> std::io::Result<()> {
+    attach(sock, &event_program(Some(port), None))
+}
+
+/// The event socket's filter, kept to narrow or widen what it lets through later.
+#[derive(Debug)]
+pub struct EventFilter {
+    /// A duplicate of the event socket's descriptor (the socket itself is owned by its task).
+    fd: std::os::fd::OwnedFd,
+    own: Option<u32>,
+    /// The route tables let through now (`None`: all).
+    tables: Option<Vec<u32>>,
+}
+
+impl EventFilter {
+    /// The filter of another socket subscribed to route notifications (`fd`: a duplicate of its
+    /// descriptor) whose program is [`event_program`]`(own, None)` now.
+    pub fn new(fd: std::os::fd::OwnedFd, own: Option<u32>) -> EventFilter {
+        EventFilter {
+            fd,
+            own,
+            tables: None,
+        }
+    }
+
+    /// Lets route notifications through for `tables` only (`None`: every table). True if that
+    /// changed the filter.
+    pub fn set_tables(&mut self, tables: Option<&[u32]>) -> bool {
+        if tables == self.tables.as_deref() {
+            return false;
+        }
+        let code = event_program(self.own, tables);
+        match attach(self.fd.as_fd(), &code) {
+            Ok(()) => {
+                debug!(?tables, "route notifications let through");
+                self.tables = tables.map(<[u32]>::to_vec);
+                true
+            }
+            Err(e) => {
+                // Only a cost: the mirror ignores foreign routes anyway.
+                warn!(error = %e, "cannot filter route notifications by table");
+                false
+            }
+        }
+    }
+
+    pub fn tables(&self) -> Option<&[u32]> {
+        self.tables.as_deref()
+    }
+}
+
 /// Opens the event socket, subscribed to links, IPv4/IPv6 addresses, routes and rules. With
 /// `own_port`, changes made through that socket (the applier's) are not delivered.
 pub fn subscribe(own_port: Option<u32>) -> Result<Events, ObserveError> {
+    subscribe_filtered(own_port).map(|(events, _)| events)
+}
+
+/// [`subscribe`], also returning the socket's filter, to narrow the route notifications to the
+/// tables of interest (none when the descriptor cannot be duplicated: everything is delivered).
+pub fn subscribe_filtered(
+    own_port: Option<u32>,
+) -> Result<(Events, Option<EventFilter>), ObserveError> {
     let groups = [
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
@@ -122,21 +257,67 @@ pub fn subscribe(own_port: Option<u32>) -> Result<Events, ObserveError> {
     ];
     let (mut conn, _handle, events) =
         rtnetlink::new_multicast_connection(&groups).map_err(ObserveError::Socket)?;
-    set_rcvbuf(conn.socket_mut().socket_mut(), event_rcvbuf());
+    let sock = conn.socket_mut().socket_mut();
+    set_rcvbuf(sock, event_rcvbuf());
     if let Some(port) = own_port {
-        if let Err(e) = ignore_own_changes(conn.socket_mut().socket_mut().as_fd(), port) {
+        if let Err(e) = ignore_own_changes(sock.as_fd(), port) {
             // Only a cost, not a correctness issue: our own echoes are harmless no-ops.
             warn!(error = %e, "cannot filter the agent's own notifications");
         }
     }
+    let filter = match sock.as_fd().try_clone_to_owned() {
+        Ok(fd) => Some(EventFilter {
+            fd,
+            own: own_port,
+            tables: None,
+        }),
+        Err(e) => {
+            warn!(error = %e, "cannot keep the event socket's filter");
+            None
+        }
+    };
     tokio::spawn(conn);
-    Ok(events)
+    Ok((events, filter))
+}
+
+/// Whether request sockets have NETLINK_GET_STRICT_CHK (Linux ≥ 4.20): only then does the
+/// kernel honour a table in a route dump request. A property of the kernel, so process-wide;
+/// cleared if a filtered dump is refused or comes back unfiltered.
+static STRICT_DUMPS: AtomicBool = AtomicBool::new(false);
+
+/// Asks the kernel to check dump requests strictly and to apply the filters they carry.
+fn strict_check(sock: &rtnetlink::sys::Socket) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: `on` lives across the call; the kernel copies the int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_GET_STRICT_CHK,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Opens the request socket.
 pub fn connect() -> Result<Handle, ObserveError> {
     let (mut conn, handle, _) = rtnetlink::new_connection().map_err(ObserveError::Socket)?;
     set_rcvbuf(conn.socket_mut().socket_mut(), REQUEST_RCVBUF);
+    match strict_check(conn.socket_mut().socket_mut()) {
+        Ok(()) => STRICT_DUMPS.store(true, Ordering::Relaxed),
+        Err(e) => {
+            debug!(error = %e, "no strict netlink checking: route re-dumps read every table");
+            STRICT_DUMPS.store(false, Ordering::Relaxed);
+        }
+    }
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -148,6 +329,8 @@ pub enum Dump {
     Addresses,
     Rules,
     Routes(Option<Family>),
+    /// The routes of one table (the kernel filters: strict checking).
+    Table(Option<Family>, u32),
 }
 
 impl Dump {
@@ -156,7 +339,7 @@ impl Dump {
             Dump::Links => "links",
             Dump::Addresses => "addresses",
             Dump::Rules => "rules",
-            Dump::Routes(_) => "routes",
+            Dump::Routes(_) | Dump::Table(..) => "routes",
         }
     }
 
@@ -165,13 +348,16 @@ impl Dump {
             Dump::Links => RouteNetlinkMessage::GetLink(LinkMessage::default()),
             Dump::Addresses => RouteNetlinkMessage::GetAddress(AddressMessage::default()),
             Dump::Rules => RouteNetlinkMessage::GetRule(RuleMessage::default()),
-            Dump::Routes(fam) => {
+            Dump::Routes(fam) | Dump::Table(fam, _) => {
                 let mut m = RouteMessage::default();
                 m.header.address_family = match fam {
                     None => AddressFamily::Unspec,
                     Some(Family::Ipv4) => AddressFamily::Inet,
                     Some(Family::Ipv6) => AddressFamily::Inet6,
                 };
+                if let Dump::Table(_, table) = self {
+                    m.attributes.push(RouteAttribute::Table(table));
+                }
                 RouteNetlinkMessage::GetRoute(m)
             }
         }
@@ -200,6 +386,14 @@ pub async fn dump(
             }
             match reply.payload {
                 NetlinkPayload::InnerMessage(m) => {
+                    if let (Dump::Table(_, want), RouteNetlinkMessage::NewRoute(r)) = (what, &m) {
+                        if table_of(r) != want && STRICT_DUMPS.swap(false, Ordering::Relaxed) {
+                            // The kernel ignored the filter: the caller falls back to a full dump.
+                            warn!(
+                                "route dumps are not filtered by table; re-dumps read every table"
+                            );
+                        }
+                    }
                     mirror.ingest(&m);
                     count += 1;
                 }
@@ -207,6 +401,17 @@ pub async fn dump(
                     return Err(ObserveError::Dump {
                         what: what.what(),
                         source: e.to_io(),
+                    });
+                }
+                // A dump the kernel refuses ends with its errno in NLMSG_DONE. A table that does
+                // not exist (ENOENT, asked for with one family) holds no routes.
+                NetlinkPayload::Done(d) if d.code < 0 => {
+                    if matches!(what, Dump::Table(..)) && -d.code == nix::libc::ENOENT {
+                        break;
+                    }
+                    return Err(ObserveError::Dump {
+                        what: what.what(),
+                        source: std::io::Error::from_raw_os_error(-d.code),
                     });
                 }
                 _ => {}
@@ -217,8 +422,10 @@ pub async fn dump(
             return Ok(count);
         }
         debug!(what = what.what(), attempt, "dump interrupted, retrying");
-        if let Dump::Routes(f) = what {
-            mirror.clear_routes(f);
+        match what {
+            Dump::Routes(f) => mirror.clear_routes(f),
+            Dump::Table(f, t) => mirror.clear_table(f, t),
+            _ => {}
         }
     }
     Err(ObserveError::Interrupted {
@@ -227,27 +434,142 @@ pub async fn dump(
     })
 }
 
+/// The table of a route message: the attribute (tables above 255), else the header.
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
 /// Replaces the whole mirror with a fresh dump (start, overrun, timer).
 pub async fn dump_all(handle: &mut Handle, mirror: &mut Mirror) -> Result<(), ObserveError> {
     mirror.clear();
-    for what in [
-        Dump::Links,
-        Dump::Addresses,
-        Dump::Rules,
-        Dump::Routes(None),
-    ] {
+    for what in [Dump::Links, Dump::Addresses, Dump::Rules] {
         dump(handle, mirror, what).await?;
     }
-    Ok(())
+    dump_routes(handle, mirror, None).await.map(|_| ())
 }
 
 /// Replaces the mirror's routes of a family (or all) with a fresh dump: after events that make
-/// the kernel drop routes silently.
+/// the kernel drop routes silently, and in a full refresh. Only the tables the mirror keeps
+/// routes of are read when they are few (see `RouteInterest::tables`): a full table of foreign
+/// routes beside them (a BGP feed: ~1 s for 500,000 routes) is not read at all. Returns the
+/// number of routes read.
 pub async fn dump_routes(
     handle: &mut Handle,
     mirror: &mut Mirror,
     family: Option<Family>,
-) -> Result<(), ObserveError> {
+) -> Result<usize, ObserveError> {
     mirror.clear_routes(family);
-    dump(handle, mirror, Dump::Routes(family)).await.map(|_| ())
+    let tables = match mirror.route_tables() {
+        Some(t) if STRICT_DUMPS.load(Ordering::Relaxed) => t.to_vec(),
+        _ => return dump(handle, mirror, Dump::Routes(family)).await,
+    };
+    let mut count = 0;
+    for table in tables {
+        match dump(handle, mirror, Dump::Table(family, table)).await {
+            Ok(n) => count += n,
+            Err(ObserveError::Dump { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(nix::libc::EINVAL | nix::libc::EOPNOTSUPP)
+                ) =>
+            {
+                warn!(error = %source, "table-filtered route dump refused; re-dumps read every table");
+                STRICT_DUMPS.store(false, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+        if !STRICT_DUMPS.load(Ordering::Relaxed) {
+            mirror.clear_routes(family);
+            return dump(handle, mirror, Dump::Routes(family)).await;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::libc::{self, sock_filter};
+
+    /// Runs a classic BPF program the way the kernel does for the instructions it uses.
+    fn run(code: &[sock_filter], packet: &[u8]) -> u32 {
+        let mut a = 0u32;
+        let mut pc = 0;
+        loop {
+            let i = code[pc];
+            let class = u32::from(i.code) & 0x07;
+            let size = u32::from(i.code) & 0x18;
+            match class {
+                c if c == libc::BPF_LD => {
+                    let at = i.k as usize;
+                    a = match size {
+                        s if s == libc::BPF_W => {
+                            u32::from_be_bytes(packet[at..at + 4].try_into().unwrap())
+                        }
+                        s if s == libc::BPF_H => {
+                            u32::from(u16::from_be_bytes(packet[at..at + 2].try_into().unwrap()))
+                        }
+                        _ => u32::from(packet[at]),
+                    };
+                    pc += 1;
+                }
+                c if c == libc::BPF_JMP => {
+                    pc += 1 + usize::from(if a == i.k { i.jt } else { i.jf });
+                }
+                _ => return i.k,
+            }
+        }
+    }
+
+    /// A notification as the kernel writes it: netlink header in host order, then an rtmsg.
+    fn notification(ty: u16, pid: u32, table: u8) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&36u32.to_ne_bytes());
+        p.extend_from_slice(&ty.to_ne_bytes());
+        p.extend_from_slice(&0u16.to_ne_bytes());
+        p.extend_from_slice(&0u32.to_ne_bytes());
+        p.extend_from_slice(&pid.to_ne_bytes());
+        p.extend_from_slice(&[2, 32, 0, 0, table, 4, 0, 1, 0, 0, 0, 0]);
+        p.extend_from_slice(&[0; 8]);
+        p
+    }
+
+    const RTM_NEWRULE: u16 = 32;
+
+    #[test]
+    fn the_event_filter_drops_own_changes_and_foreign_tables() {
+        let own = 4242;
+        let f = event_program(Some(own), Some(&[100, 254, 1000]));
+        let pass = |ty, pid, table| run(&f, &notification(ty, pid, table)) != 0;
+        assert!(pass(RTM_NEWROUTE, 7, 100));
+        assert!(pass(RTM_DELROUTE, 7, 254));
+        assert!(
+            pass(RTM_DELROUTE, 0, 252),
+            "tables above 255 share RT_TABLE_COMPAT"
+        );
+        assert!(!pass(RTM_NEWROUTE, 7, 200), "a foreign table");
+        assert!(!pass(RTM_DELROUTE, 0, 255));
+        assert!(!pass(RTM_NEWROUTE, own, 100), "our own change");
+        assert!(!pass(RTM_NEWRULE, own, 0));
+        // Other messages pass whatever their bytes at the rtm_table offset.
+        assert!(pass(RTM_NEWRULE, 7, 200));
+        assert!(pass(16, 0, 200), "RTM_NEWLINK");
+
+        // Every table: only our own changes are dropped.
+        let f = event_program(Some(own), None);
+        assert!(run(&f, &notification(RTM_NEWROUTE, 7, 200)) != 0);
+        assert!(run(&f, &notification(RTM_NEWROUTE, own, 100)) == 0);
+        // No table and no port: everything passes; no table wanted: no route passes.
+        let f = event_program(None, None);
+        assert!(run(&f, &notification(RTM_NEWROUTE, own, 200)) != 0);
+        let f = event_program(None, Some(&[]));
+        assert!(run(&f, &notification(RTM_NEWROUTE, 7, 100)) == 0);
+        assert!(run(&f, &notification(RTM_NEWRULE, 7, 100)) != 0);
+    }
 }

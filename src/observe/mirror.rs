@@ -6,6 +6,11 @@ use crate::model::fast::{HashMap, HashSet};
 use crate::model::route::ObservedRoute;
 use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RuleKey};
 use rtnetlink::packet_route::RouteNetlinkMessage;
+use std::collections::BTreeSet;
+
+/// Most tables read one by one (a table-filtered dump each); an interest spanning more tables is
+/// read with one dump of every route.
+pub const MAX_DUMP_TABLES: usize = 16;
 
 /// Which routes the mirror keeps. A node can hold far more routes than netwarden protects (a BGP
 /// full table); keeping only the protected identities bounds memory by the config, not the host.
@@ -20,6 +25,25 @@ pub enum RouteInterest {
 }
 
 impl RouteInterest {
+    /// The tables that hold every route of interest, when there are few enough to dump them one
+    /// by one (sorted); `None`: read every route. With a big foreign table beside, a re-dump then
+    /// costs what is protected, not what the host carries.
+    pub fn tables(&self) -> Option<Vec<u32>> {
+        let (keys, ranges) = match self {
+            RouteInterest::All => return None,
+            RouteInterest::Keys(keys) => (keys, &[][..]),
+            RouteInterest::KeysAndTables(keys, ranges) => (keys, &ranges[..]),
+        };
+        let mut tables: BTreeSet<u32> = keys.iter().map(|k| k.table).collect();
+        for (lo, hi) in ranges {
+            if hi.saturating_sub(*lo) >= MAX_DUMP_TABLES as u32 {
+                return None;
+            }
+            tables.extend(*lo..=*hi);
+        }
+        (tables.len() <= MAX_DUMP_TABLES).then(|| tables.into_iter().collect())
+    }
+
     fn wants(&self, key: &RouteKey) -> bool {
         match self {
             RouteInterest::All => true,
@@ -76,18 +100,27 @@ pub struct Mirror {
     pub routes: HashMap<RouteKey, Vec<ObservedRoute>>,
     pub addresses: HashMap<AddressKey, ObservedAddress>,
     interest: RouteInterest,
+    /// `interest.tables()`, computed once: asked for on every turn of the reconcile loop.
+    tables: Option<Vec<u32>>,
 }
 
 impl Mirror {
     pub fn new(interest: RouteInterest) -> Mirror {
         Mirror {
+            tables: interest.tables(),
             interest,
             ..Mirror::default()
         }
     }
 
     pub fn set_interest(&mut self, interest: RouteInterest) {
+        self.tables = interest.tables();
         self.interest = interest;
+    }
+
+    /// The tables holding every route the mirror keeps, when few (see [`RouteInterest::tables`]).
+    pub fn route_tables(&self) -> Option<&[u32]> {
+        self.tables.as_deref()
     }
 
     pub fn link_index(&self, name: &str) -> Option<u32> {
@@ -125,6 +158,12 @@ impl Mirror {
             None => self.routes.clear(),
             Some(f) => self.routes.retain(|k, _| k.family != f),
         }
+    }
+
+    /// Forgets the routes of `family` (all when `None`) in one table before its re-dump is fed in.
+    pub fn clear_table(&mut self, family: Option<Family>, table: u32) {
+        self.routes
+            .retain(|k, _| k.table != table || family.is_some_and(|f| k.family != f));
     }
 
     /// Feeds one message (from a dump or an event) and says what it changed.
@@ -352,6 +391,57 @@ mod tests {
             assert_eq!(c, want, "{:?}", r.key);
             assert_eq!(m.routes.contains_key(&r.key), kept);
         }
+    }
+
+    #[test]
+    fn the_tables_to_dump_are_those_of_the_interest_when_few() {
+        let key = |table| RouteKey::new(Family::Ipv4, table, "10.1.0.0/16".parse().unwrap(), None);
+        assert_eq!(RouteInterest::All.tables(), None);
+        let keys: HashSet<RouteKey> = HashSet::from_iter([key(100), key(254), key(100)]);
+        assert_eq!(
+            RouteInterest::Keys(keys.clone()).tables(),
+            Some(vec![100, 254])
+        );
+        assert_eq!(
+            RouteInterest::Keys(HashSet::default()).tables(),
+            Some(vec![])
+        );
+        assert_eq!(
+            RouteInterest::KeysAndTables(keys.clone(), vec![(150, 152), (1000, 1000)]).tables(),
+            Some(vec![100, 150, 151, 152, 254, 1000])
+        );
+        // A wide adopt range (or none: every table) is read with one full dump.
+        assert_eq!(
+            RouteInterest::KeysAndTables(keys.clone(), vec![(0, u32::MAX)]).tables(),
+            None
+        );
+        let many: Vec<(u32, u32)> = (0..20).map(|t| (t, t)).collect();
+        assert_eq!(RouteInterest::KeysAndTables(keys, many).tables(), None);
+    }
+
+    #[test]
+    fn clearing_a_table_keeps_the_others() {
+        let mut m = Mirror::default();
+        let route = |table, dst: &str| crate::model::DesiredRoute {
+            name: "r".into(),
+            mode: crate::model::Mode::Enforce,
+            key: RouteKey::new(Family::Ipv4, table, dst.parse().unwrap(), None),
+            kind: RouteType::Blackhole,
+            gateway: None,
+            device: None,
+            prefsrc: None,
+            scope: None,
+            protocol: None,
+            onlink: false,
+            mtu: None,
+        };
+        for r in [route(100, "10.1.0.0/16"), route(101, "10.1.0.0/16")] {
+            m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(&r, None)));
+        }
+        m.clear_table(Some(Family::Ipv6), 100);
+        assert_eq!(m.routes.len(), 2);
+        m.clear_table(None, 100);
+        assert_eq!(m.routes.keys().map(|k| k.table).collect::<Vec<_>>(), [101]);
     }
 
     #[test]
