@@ -175,6 +175,10 @@ pub struct Agent {
     pods: Option<watch::Receiver<PodView>>,
     /// Adopted objects of `podLiveness` selectors tied to a pod IP.
     liveness: Tracker<ObjectId>,
+    /// Objects a config change newly protects that were not put in place yet: adding them is
+    /// a placement, not a repair (no drift, no fight, no `restored` notice or Event: nobody
+    /// removed them). An object leaves the set once it is in place.
+    placing: HashSet<ObjectId>,
 }
 
 impl Agent {
@@ -265,6 +269,7 @@ impl Agent {
             store,
             pods: None,
             liveness: Tracker::default(),
+            placing: HashSet::default(),
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
@@ -417,6 +422,9 @@ impl Agent {
             }
         }
         let d = &self.desired;
+        let mut placing = newly_protected(&old, d);
+        placing.extend(self.placing.drain().filter(|id| protects(d, id)));
+        self.placing = placing;
         self.mirror.set_interest(route_interest(d));
         self.pending.retain(|id| protects(d, id));
         self.reported.retain(|id, _| protects(d, id));
@@ -425,7 +433,11 @@ impl Agent {
         self.contest.retain(|id| protects(d, id));
         self.telemetry.set_catalog(d);
         self.save_adopted();
-        self.full_resync(ResyncReason::ConfigChange).await
+        let r = self.full_resync(ResyncReason::ConfigChange).await;
+        // What is in place now was placed; what is still pending is placed when it can be.
+        let pending = &self.pending;
+        self.placing.retain(|id| pending.contains(id));
+        r
     }
 
     /// Held-back repairs whose time has come; fights that stopped.
@@ -1091,7 +1103,11 @@ impl Agent {
             let metrics = &self.telemetry.metrics;
             let contest = &mut self.contest;
             let pending = &self.pending;
+            let placing = &self.placing;
             plan.steps.retain(|step| {
+                if placing.contains(&step.id) {
+                    return true;
+                }
                 // A retry of a pending object (something appeared) is not a new removal: it
                 // must not count towards a fight, or a route waiting for its gateway would be
                 // held back after three retries.
@@ -1141,6 +1157,7 @@ impl Agent {
         let acked_unix = crate::obs::status::unix_now();
         let metrics = &self.telemetry.metrics;
         let mut restored: Vec<(Kind, &str)> = Vec::new();
+        let mut placed: Vec<&str> = Vec::new();
         let mut repaired: HashSet<ObjectId> = HashSet::default();
         let mut now_pending: HashMap<ObjectId, Finding> = HashMap::default();
         for (step, outcome) in plan.steps.iter().zip(&outcomes) {
@@ -1164,8 +1181,12 @@ impl Agent {
                     for op in &step.ops {
                         self.mirror.ingest(&apply::message(op));
                     }
-                    restored.push((step.id.kind(), &step.name));
                     repaired.insert(step.id.clone());
+                    if self.placing.remove(&step.id) {
+                        placed.push(&step.name);
+                        continue;
+                    }
+                    restored.push((step.id.kind(), &step.name));
                     if cause != Cause::Start {
                         self.contest.on_repaired(&step.id, acked);
                     }
@@ -1215,7 +1236,10 @@ impl Agent {
         }
         let observed = self.report(&plan, &now_pending, scope);
         if cause != Cause::Start {
-            for (id, name) in observed {
+            for (id, name) in observed
+                .into_iter()
+                .filter(|(id, _)| !self.placing.contains(id))
+            {
                 let port = port_of(&id);
                 report.detections.push(Detection {
                     id,
@@ -1238,6 +1262,13 @@ impl Agent {
                 .iter()
                 .filter_map(|id| self.contest.fighter(id).map(str::to_string))
                 .collect();
+        }
+        if !placed.is_empty() {
+            info!(
+                objects = placed.len(),
+                names = %placed.iter().take(5).copied().collect::<Vec<_>>().join(","),
+                "placed: newly protected by a config change"
+            );
         }
         if !restored.is_empty() {
             let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count();
@@ -1497,6 +1528,26 @@ impl Agent {
         }
         observed
     }
+}
+
+/// Objects `new` protects that `old` did not.
+fn newly_protected(old: &DesiredState, new: &DesiredState) -> HashSet<ObjectId> {
+    let rules = new
+        .rules
+        .keys()
+        .filter(|k| !old.rules.contains_key(*k))
+        .map(|k| ObjectId::Rule(k.clone()));
+    let routes = new
+        .routes
+        .keys()
+        .filter(|k| !old.routes.contains_key(*k))
+        .map(|k| ObjectId::Route(k.clone()));
+    let addresses = new
+        .addresses
+        .keys()
+        .filter(|k| !old.addresses.contains_key(*k))
+        .map(|k| ObjectId::Address(k.clone()));
+    rules.chain(routes).chain(addresses).collect()
 }
 
 fn kind_str(id: &ObjectId) -> &'static str {

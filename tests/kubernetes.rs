@@ -262,6 +262,11 @@ fn pod_cidr_rule_follows_the_node_and_is_repaired() {
     assert_eq!(get_status(&addr)["pending"], json!([]));
     assert_eq!(pending_gauge(&addr, "no_value"), Some(0));
     agent.wait_log_all(&["no longer pending", "pods-to-overlay"]);
+    // Put in place because the config now names it: nobody removed it, so it is no repair.
+    agent.wait_log_all(&[
+        "placed: newly protected by a config change",
+        "pods-to-overlay",
+    ]);
 
     // Through a process that stays until the repair is told: a plain `ip rule del` may be gone
     // before the attribution looks (then `unknown`), on a machine loaded by parallel tests.
@@ -271,6 +276,12 @@ fn pod_cidr_rule_follows_the_node_and_is_repaired() {
     let m = c.wait_event("DriftRepaired", "restored 1 rule removed by ip");
     drop(ip);
     assert!(m.starts_with("restored 1 rule"), "{m}");
+    let told: Vec<_> = c
+        .events()
+        .into_iter()
+        .filter(|(r, _)| r == "DriftRepaired")
+        .collect();
+    assert_eq!(told.len(), 1, "only the deletion is a repair: {told:?}");
 
     // The state file holds the config and the facts the rule came from.
     let saved: Value = serde_json::from_slice(&std::fs::read(c.state_file()).unwrap()).unwrap();
