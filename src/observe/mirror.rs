@@ -277,6 +277,23 @@ mod tests {
     use crate::model::{RouteType, RuleAction};
     use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 
+    /// A protected blackhole route: the shape the route tests need, encoded with `encode::route`.
+    fn blackhole(table: u32, dst: &str) -> crate::model::DesiredRoute {
+        crate::model::DesiredRoute {
+            name: "r".into(),
+            mode: crate::model::Mode::Enforce,
+            key: RouteKey::new(Family::Ipv4, table, dst.parse().unwrap(), None),
+            kind: RouteType::Blackhole,
+            gateway: None,
+            device: None,
+            prefsrc: None,
+            scope: None,
+            protocol: None,
+            onlink: false,
+            mtu: None,
+        }
+    }
+
     fn link(index: u32, name: &str, up: bool) -> LinkMessage {
         let mut m = LinkMessage::default();
         m.header.index = index;
@@ -354,30 +371,17 @@ mod tests {
 
     #[test]
     fn routes_of_adopted_tables_are_kept() {
-        let route = |table, dst: &str| crate::model::DesiredRoute {
-            name: "r".into(),
-            mode: crate::model::Mode::Enforce,
-            key: RouteKey::new(Family::Ipv4, table, dst.parse().unwrap(), None),
-            kind: RouteType::Blackhole,
-            gateway: None,
-            device: None,
-            prefsrc: None,
-            scope: None,
-            protocol: None,
-            onlink: false,
-            mtu: None,
-        };
-        let protected = route(100, "10.1.0.0/16");
+        let protected = blackhole(100, "10.1.0.0/16");
         let mut m = Mirror::new(RouteInterest::KeysAndTables(
             HashSet::from_iter([protected.key.clone()]),
             vec![(150, 160)],
         ));
         for (r, kept) in [
             (&protected, true),
-            (&route(150, "10.2.0.0/16"), true),
-            (&route(160, "10.3.0.0/16"), true),
-            (&route(161, "10.4.0.0/16"), false),
-            (&route(100, "10.5.0.0/16"), false),
+            (&blackhole(150, "10.2.0.0/16"), true),
+            (&blackhole(160, "10.3.0.0/16"), true),
+            (&blackhole(161, "10.4.0.0/16"), false),
+            (&blackhole(100, "10.5.0.0/16"), false),
         ] {
             let c = m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(r, None)));
             let want = if kept {
@@ -422,20 +426,7 @@ mod tests {
     #[test]
     fn clearing_a_table_keeps_the_others() {
         let mut m = Mirror::default();
-        let route = |table, dst: &str| crate::model::DesiredRoute {
-            name: "r".into(),
-            mode: crate::model::Mode::Enforce,
-            key: RouteKey::new(Family::Ipv4, table, dst.parse().unwrap(), None),
-            kind: RouteType::Blackhole,
-            gateway: None,
-            device: None,
-            prefsrc: None,
-            scope: None,
-            protocol: None,
-            onlink: false,
-            mtu: None,
-        };
-        for r in [route(100, "10.1.0.0/16"), route(101, "10.1.0.0/16")] {
+        for r in [blackhole(100, "10.1.0.0/16"), blackhole(101, "10.1.0.0/16")] {
             m.ingest(&RouteNetlinkMessage::NewRoute(encode::route(&r, None)));
         }
         m.clear_table(Some(Family::Ipv6), 100);
@@ -446,23 +437,8 @@ mod tests {
 
     #[test]
     fn routes_outside_the_interest_are_not_kept() {
-        let protected = crate::model::DesiredRoute {
-            name: "p".into(),
-            mode: crate::model::Mode::Enforce,
-            key: RouteKey::new(Family::Ipv4, 100, "10.1.0.0/16".parse().unwrap(), None),
-            kind: RouteType::Blackhole,
-            gateway: None,
-            device: None,
-            prefsrc: None,
-            scope: None,
-            protocol: None,
-            onlink: false,
-            mtu: None,
-        };
-        let foreign = crate::model::DesiredRoute {
-            key: RouteKey::new(Family::Ipv4, 100, "10.2.0.0/16".parse().unwrap(), None),
-            ..protected.clone()
-        };
+        let protected = blackhole(100, "10.1.0.0/16");
+        let foreign = blackhole(100, "10.2.0.0/16");
         let mut m = Mirror::new(RouteInterest::Keys(HashSet::from_iter([protected
             .key
             .clone()])));
