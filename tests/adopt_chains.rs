@@ -10,27 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Runs a tool inside the namespace; returns (success, stdout + stderr).
-fn exec(ns: &Sandbox, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .expect("ip netns exec");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn must(ns: &Sandbox, args: &[&str]) -> String {
-    let (ok, text) = exec(ns, args);
-    assert!(ok, "{args:?}: {text}");
-    text
-}
-
 /// `DIR/kube-router`: iptables-nft's multi-call binary under the owner's name (`kube-router
 /// iptables …`, `kube-router iptables-restore …`).
 fn owner_binary(dir: &Path) -> PathBuf {

@@ -3,28 +3,6 @@
 
 mod common;
 use common::*;
-use std::process::Command;
-
-/// Runs a tool inside the namespace; returns (success, stdout + stderr).
-fn exec(ns: &Sandbox, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .expect("ip netns exec");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn must(ns: &Sandbox, args: &[&str]) -> String {
-    let (ok, text) = exec(ns, args);
-    assert!(ok, "{args:?}: {text}");
-    text
-}
 
 /// The `-A` lines of one table, as `iptables-save` prints them.
 fn saved(ns: &Sandbox, save: &str, table: &str) -> Vec<String> {

@@ -188,20 +188,6 @@ fn pending_gauge(addr: &str, reason: &str) -> Option<u64> {
         .map(|v| v.parse().unwrap())
 }
 
-/// Runs a tool inside the namespace; panics if it fails.
-fn must(ns: &Sandbox, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn ipset_members(ns: &Sandbox, set: &str) -> Vec<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.name, "ipset", "list", set])

@@ -333,3 +333,25 @@ impl Drop for IpBatch {
         let _ = self.0.wait();
     }
 }
+
+/// Runs a tool inside the namespace; returns (success, stdout + stderr).
+pub fn exec(ns: &Sandbox, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// [`exec`] that must succeed; returns its output.
+pub fn must(ns: &Sandbox, args: &[&str]) -> String {
+    let (ok, text) = exec(ns, args);
+    assert!(ok, "{args:?}: {text}");
+    text
+}
