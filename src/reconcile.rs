@@ -7,6 +7,7 @@
 
 use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome};
+use crate::burst;
 use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
@@ -65,6 +66,8 @@ struct Batch {
     adopted_removed: Vec<(ObjectId, u32)>,
     /// Rules were adopted or forgotten: the status catalog is out of date.
     adoption_changed: bool,
+    /// Protected objects seen removed (a burst holds the repair until they stop).
+    removals: usize,
 }
 
 /// Why a full refresh ran.
@@ -555,6 +558,7 @@ impl Agent {
         let mut batch = Batch::default();
         let mut next = Some(first);
         let mut count = 0;
+        let mut settle = burst::Settle::new(started);
         while let Some((msg, _)) = next.take() {
             count += 1;
             let port = msg.header.port_number;
@@ -566,11 +570,32 @@ impl Agent {
                 }
                 _ => {}
             }
-            if count < MAX_BATCH {
+            // A burst reads on (past MAX_BATCH too) until it settles; see `burst`.
+            if count < MAX_BATCH || settle.is_burst() {
                 next = self.events.try_recv().ok();
+            }
+            if next.is_none() && !batch.overrun {
+                let now = Instant::now();
+                settle.seen(batch.removals, now);
+                if let Some(wait) = settle.wait(now) {
+                    match tokio::time::timeout(wait, self.events.next()).await {
+                        Ok(Some(ev)) => next = Some(ev),
+                        Ok(None) => return Err(ReconcileError::EventsClosed),
+                        Err(_) => {} // settled
+                    }
+                }
             }
         }
         self.telemetry.metrics.events.inc_by(count as u64);
+        if settle.is_burst() {
+            self.telemetry.metrics.bursts.inc();
+            debug!(
+                removed = settle.removals(),
+                events = count,
+                held_ms = settle.held(Instant::now()).as_millis() as u64,
+                "a burst of removals settled; repairing"
+            );
+        }
         if !batch.adopted_removed.is_empty() {
             self.judge_adopted_removals(&mut batch);
         }
@@ -671,6 +696,7 @@ impl Agent {
                     batch.adoption_changed |= self.adopt_rule(&key);
                 }
                 if self.desired.rules.contains_key(&key) {
+                    batch.removals += removed as usize;
                     batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
                     batch.dirty.rules.insert(key);
                 }
@@ -688,6 +714,7 @@ impl Agent {
                     batch.adoption_changed |= self.adopt_route(&key);
                 }
                 if self.desired.routes.contains_key(&key) {
+                    batch.removals += removed as usize;
                     batch.removed_by.insert(ObjectId::Route(key.clone()), port);
                     batch.dirty.routes.insert(key);
                 }

@@ -2,7 +2,9 @@
 //! iproute2 inside a namespace of the test's own, and put back.
 
 mod common;
+mod rig;
 use common::*;
+use rig::outage::{listener_in, Outage};
 
 const RULE: &str = "100: from 10.244.1.0/24 lookup 77";
 const RULE6: &str = "100: from fd00:10:244:1::/64 lookup 77";
@@ -164,6 +166,50 @@ fn flushes_restore_protected_objects_and_leave_foreign_ones_gone() {
         3,
         "exactly the protected routes: {routes_now:?}"
     );
+}
+
+/// `ip route flush` deletes in passes until a pass finds nothing, so a route put back while it
+/// runs is deleted again by its next pass. The agent repairs a burst once it settles: each route
+/// is deleted once (bar the few repaired before the batch showed a burst), not fought pass by
+/// pass, and all of them come back.
+#[test]
+fn a_flush_is_repaired_once_it_settles_not_pass_by_pass() {
+    const ROUTES: usize = 3000;
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let spec: String = (0..ROUTES)
+        .map(|i| {
+            format!(
+                "    - {{name: r{i}, table: 100, destination: 10.64.{}.{}/32, device: veth0}}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let cfg = config(dir.path(), &format!("  routes:\n{spec}"));
+    let agent = Agent::start(&ns, &cfg);
+    let veth0: u32 = must(&ns, &["cat", "/sys/class/net/veth0/ifindex"])
+        .trim()
+        .parse()
+        .unwrap();
+    let mut outage = Outage::for_config(&cfg, |d| (d == "veth0").then_some(veth0)).unwrap();
+    assert_eq!(outage.protected(), ROUTES);
+    let listener = listener_in(&ns.name).unwrap();
+
+    ns.ip(&["route", "flush", "table", "100"]).unwrap();
+    let back = outage.settle(&listener, WAIT, || routes(&ns, "100").len() == ROUTES);
+    let summary = outage.summary("route flush");
+    eprintln!("{summary}");
+    assert!(back, "{summary}");
+    assert!(!outage.overrun, "{summary}");
+    assert_eq!(outage.lost().len(), ROUTES, "{summary}");
+    // Repairing as the deletions arrive made the flush delete 15-50 % of the routes again.
+    assert!(
+        outage.losses < ROUTES + ROUTES / 20,
+        "routes deleted again by the flush's later passes: {summary}"
+    );
+    let metrics = rig::scrape(&agent.http());
+    assert!(rig::total(&metrics, "netwarden_removal_bursts_total", &[]) >= 1.0);
 }
 
 #[test]

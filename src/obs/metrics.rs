@@ -87,6 +87,7 @@ pub struct Metrics {
     pub repairs_deferred: Family<KindLabels, Counter>,
     pub resyncs: Family<ReasonLabels, Counter>,
     pub overruns: Counter,
+    pub bursts: Counter,
     pub events: Counter,
     pub apply_errors: Family<ErrorLabels, Counter>,
     pub forbidden_members: Family<ForbiddenLabels, Counter>,
@@ -107,6 +108,7 @@ impl Metrics {
             repairs_deferred: Family::default(),
             resyncs: Family::default(),
             overruns: Counter::default(),
+            bursts: Counter::default(),
             events: Counter::default(),
             apply_errors: Family::default(),
             forbidden_members: Family::default(),
@@ -147,6 +149,11 @@ impl Metrics {
             "netlink_overruns",
             "Times the event socket overran (ENOBUFS) and events were lost",
             m.overruns.clone(),
+        );
+        r.register(
+            "removal_bursts",
+            "Bursts of removals (64 or more protected objects in one batch) whose repair waited for them to settle",
+            m.bursts.clone(),
         );
         r.register(
             "netlink_events",
