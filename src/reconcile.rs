@@ -18,14 +18,11 @@ use crate::obs::metrics::{
 };
 use crate::obs::status::State;
 use crate::obs::{Ping, Reload, Telemetry};
-use crate::observe::kernel::{self, Events, ObserveError};
+use crate::observe::events::{Event, EventSocket};
+use crate::observe::kernel::{self, ObserveError};
 use crate::observe::{Change, Mirror, RouteInterest};
 use crate::plan::{self, Dirty, Drift, Finding, ObjectId, Plan};
 use crate::pod_liveness::{self, PodView, Tracker};
-use futures::StreamExt;
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
-use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::sys::SocketAddr;
 use rtnetlink::Handle;
 use std::future::Future;
 use std::sync::Arc;
@@ -139,7 +136,7 @@ pub struct Agent {
     mirror: Mirror,
     handle: Handle,
     applier: Applier,
-    events: Events,
+    events: EventSocket,
     /// The event socket's filter: route notifications of the tables the mirror keeps only.
     event_filter: Option<kernel::EventFilter>,
     /// The same for the attribution's socket (never widened: only protected changes are named).
@@ -230,7 +227,7 @@ impl Agent {
             }
         }
         let applier = Applier::open().map_err(ObserveError::Socket)?;
-        let (events, event_filter) = kernel::subscribe_filtered(Some(applier.port()))?;
+        let (events, event_filter) = EventSocket::subscribe(Some(applier.port()))?;
         let handle = kernel::connect()?;
         let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
@@ -550,29 +547,24 @@ impl Agent {
     }
 
     /// Folds a batch of queued events into the mirror, then repairs what they touched.
-    async fn on_events(
-        &mut self,
-        first: (NetlinkMessage<RouteNetlinkMessage>, SocketAddr),
-    ) -> Result<(), ReconcileError> {
+    async fn on_events(&mut self, first: Event) -> Result<(), ReconcileError> {
         let started = Instant::now();
         let mut batch = Batch::default();
         let mut next = Some(first);
         let mut count = 0;
         let mut settle = burst::Settle::new(started);
-        while let Some((msg, _)) = next.take() {
+        while let Some(event) = next.take() {
             count += 1;
-            let port = msg.header.port_number;
-            match msg.payload {
-                NetlinkPayload::Overrun(_) => batch.overrun = true,
-                NetlinkPayload::InnerMessage(m) => {
+            match event {
+                Event::Overrun => batch.overrun = true,
+                Event::Message(m, port) => {
                     let change = self.mirror.ingest(&m);
                     self.note(change, port, &mut batch);
                 }
-                _ => {}
             }
             // A burst reads on (past MAX_BATCH too) until it settles; see `burst`.
             if count < MAX_BATCH || settle.is_burst() {
-                next = self.events.try_recv().ok();
+                next = self.events.try_next();
             }
             if next.is_none() && !batch.overrun {
                 let now = Instant::now();
@@ -652,7 +644,7 @@ impl Agent {
         Ok(())
     }
 
-    /// The agent does not hear its own changes (see `kernel::subscribe`), so what its repairs
+    /// The agent does not hear its own changes (see `EventSocket::subscribe`), so what its repairs
     /// make possible — a link route that makes a pending gateway route's next hop reachable, an
     /// address a route needs — is retried here, for as long as the retries make progress.
     async fn retry_pending(&mut self, mut progress: usize) {

@@ -1,9 +1,8 @@
-//! The rtnetlink sockets: one subscribed to the multicast groups (the event stream), one for
-//! requests and dumps. Subscribing happens before the first dump so that no change falls between.
+//! The rtnetlink request socket (dumps) and the event socket's BPF filter; the event socket itself
+//! is `observe::events`. Subscribing happens before the first dump so that no change falls between.
 
 use super::mirror::Mirror;
 use crate::model::Family;
-use futures::channel::mpsc::UnboundedReceiver;
 use futures::StreamExt;
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
@@ -13,8 +12,8 @@ use rtnetlink::packet_route::link::LinkMessage;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::rule::RuleMessage;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::sys::{AsyncSocket, SocketAddr};
-use rtnetlink::{Handle, MulticastGroup};
+use rtnetlink::sys::AsyncSocket;
+use rtnetlink::Handle;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
@@ -27,7 +26,7 @@ pub const EVENT_RCVBUF: usize = 64 << 20;
 /// for tests that need to provoke an overrun.
 pub const EVENT_RCVBUF_ENV: &str = "NETWARDEN_EVENT_RCVBUF";
 
-fn event_rcvbuf() -> usize {
+pub(crate) fn event_rcvbuf() -> usize {
     std::env::var(EVENT_RCVBUF_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -35,8 +34,6 @@ fn event_rcvbuf() -> usize {
 }
 /// Receive buffer of the request socket: holds the acks of a pipelined burst and dump replies.
 pub const REQUEST_RCVBUF: usize = 16 << 20;
-
-pub type Events = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
 
 #[derive(Debug, Error)]
 pub enum ObserveError {
@@ -56,7 +53,7 @@ pub enum ObserveError {
 
 /// Sets a receive buffer beyond rmem_max (we run as root with CAP_NET_ADMIN); falls back to the
 /// capped size without the capability.
-fn set_rcvbuf(sock: &rtnetlink::sys::Socket, size: usize) {
+pub(crate) fn set_rcvbuf(sock: &rtnetlink::sys::Socket, size: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(&sock.as_fd(), sockopt::RcvBufForce, &size).is_err() {
         if let Err(e) = setsockopt(&sock.as_fd(), sockopt::RcvBuf, &size) {
@@ -233,51 +230,6 @@ impl EventFilter {
     pub fn tables(&self) -> Option<&[u32]> {
         self.tables.as_deref()
     }
-}
-
-/// Opens the event socket, subscribed to links, IPv4/IPv6 addresses, routes and rules. With
-/// `own_port`, changes made through that socket (the applier's) are not delivered.
-pub fn subscribe(own_port: Option<u32>) -> Result<Events, ObserveError> {
-    subscribe_filtered(own_port).map(|(events, _)| events)
-}
-
-/// [`subscribe`], also returning the socket's filter, to narrow the route notifications to the
-/// tables of interest (none when the descriptor cannot be duplicated: everything is delivered).
-pub fn subscribe_filtered(
-    own_port: Option<u32>,
-) -> Result<(Events, Option<EventFilter>), ObserveError> {
-    let groups = [
-        MulticastGroup::Link,
-        MulticastGroup::Ipv4Ifaddr,
-        MulticastGroup::Ipv6Ifaddr,
-        MulticastGroup::Ipv4Route,
-        MulticastGroup::Ipv6Route,
-        MulticastGroup::Ipv4Rule,
-        MulticastGroup::Ipv6Rule,
-    ];
-    let (mut conn, _handle, events) =
-        rtnetlink::new_multicast_connection(&groups).map_err(ObserveError::Socket)?;
-    let sock = conn.socket_mut().socket_mut();
-    set_rcvbuf(sock, event_rcvbuf());
-    if let Some(port) = own_port {
-        if let Err(e) = ignore_own_changes(sock.as_fd(), port) {
-            // Only a cost, not a correctness issue: our own echoes are harmless no-ops.
-            warn!(error = %e, "cannot filter the agent's own notifications");
-        }
-    }
-    let filter = match sock.as_fd().try_clone_to_owned() {
-        Ok(fd) => Some(EventFilter {
-            fd,
-            own: own_port,
-            tables: None,
-        }),
-        Err(e) => {
-            warn!(error = %e, "cannot keep the event socket's filter");
-            None
-        }
-    };
-    tokio::spawn(conn);
-    Ok((events, filter))
 }
 
 /// Whether request sockets have NETLINK_GET_STRICT_CHK (Linux ≥ 4.20): only then does the

@@ -1,6 +1,7 @@
 //! Observing the kernel: decoding rtnetlink messages, the mirror they feed, and the sockets.
 
 pub mod decode;
+pub mod events;
 pub mod kernel;
 pub mod mirror;
 
