@@ -641,6 +641,10 @@ impl Agent {
             )
             .await;
         self.retry_pending(progress).await;
+        if settle.is_burst() {
+            drop(batch);
+            release_freed_memory();
+        }
         Ok(())
     }
 
@@ -1400,6 +1404,10 @@ impl Agent {
             actors.extend(report.fighters.iter().cloned());
             actors.sort();
             actors.dedup();
+            if actors.is_empty() {
+                // Found missing by a dump (start, resync, a pending retry): nobody was seen.
+                actors.push(attribution::UNKNOWN.to_string());
+            }
             self.telemetry.notice(crate::obs::Notice::Restored {
                 counts: vec![
                     ("rule", rules as u64),
@@ -1546,6 +1554,18 @@ impl Agent {
             info!(kind = %id.kind(), "back in sync");
         }
         observed
+    }
+}
+
+/// Gives the heap a burst's plan used back to the system. One plan for thousands of objects
+/// peaks at several MiB; glibc keeps freed memory below the top of its heap, and the idle agent
+/// would then show that peak as its resident size for good (62 MiB instead of 49 MiB after the
+/// repair bench's mass rounds). Bursts are rare, so the trim's cost does not matter.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
+    unsafe {
+        nix::libc::malloc_trim(0);
     }
 }
 
