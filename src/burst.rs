@@ -66,6 +66,11 @@ impl Settle {
         until.checked_duration_since(now).filter(|d| !d.is_zero())
     }
 
+    /// Whether the batch may still be held at `now`: before [`HOLD_MAX`] from its start.
+    pub fn may_hold(&self, now: Instant) -> bool {
+        now < self.started + HOLD_MAX
+    }
+
     /// How long the repair has been held back beyond the batch's first event.
     pub fn held(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.started)
@@ -121,8 +126,10 @@ mod tests {
             let left = s.wait(now);
             if now >= t0 + HOLD_MAX {
                 assert_eq!(left, None, "still holding at {:?}", now - t0);
+                assert!(!s.may_hold(now));
             } else {
                 assert!(left.unwrap() <= t0 + HOLD_MAX - now);
+                assert!(s.may_hold(now));
             }
             now += ms(1);
         }

@@ -562,14 +562,21 @@ impl Agent {
                     self.note(change, port, &mut batch);
                 }
             }
-            // A burst reads on (past MAX_BATCH too) until it settles; see `burst`.
-            if count < MAX_BATCH || settle.is_burst() {
+            if batch.removals > settle.removals() {
+                settle.seen(batch.removals, Instant::now());
+            }
+            // A burst reads on (past MAX_BATCH too) until it settles, but never past its longest
+            // hold, even if events keep coming; see `burst`.
+            let read_on = if settle.is_burst() {
+                settle.may_hold(Instant::now())
+            } else {
+                count < MAX_BATCH
+            };
+            if read_on {
                 next = self.events.try_next();
             }
             if next.is_none() && !batch.overrun {
-                let now = Instant::now();
-                settle.seen(batch.removals, now);
-                if let Some(wait) = settle.wait(now) {
+                if let Some(wait) = settle.wait(Instant::now()) {
                     match tokio::time::timeout(wait, self.events.next()).await {
                         Ok(Some(ev)) => next = Some(ev),
                         Ok(None) => return Err(ReconcileError::EventsClosed),
