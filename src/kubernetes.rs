@@ -57,8 +57,7 @@ pub fn run(
         };
         let cfg = first.config.clone();
         let ex = first.expansion;
-        // Chain and set selectors are those of the first config (a later change of them
-        // applies at the next start).
+        // A later change of the chain and set selectors reaches the guard as a reload.
         let adoption = crate::adoption(&cfg.adopt, adopted_state.as_deref());
         let guard = Guard::start_adopting(
             ex.chains.clone(),
@@ -85,6 +84,7 @@ pub fn run(
         // change that moves no rule must not make the rtnetlink loop re-read the kernel.
         let forward = async move {
             let (mut desired, mut chains, mut sets) = (ex.desired, ex.chains, ex.ipsets);
+            let mut adopt = cfg.adopt.clone();
             let (mut poll, mut resync) = (cfg.poll_interval, cfg.resync);
             while let Some(m) = updates.recv().await {
                 let u = match m {
@@ -104,13 +104,15 @@ pub fn run(
                 }
                 if e.chains != chains
                     || e.ipsets != sets
+                    || c.adopt != adopt
                     || c.poll_interval != poll
                     || c.resync != resync
                 {
-                    (chains, sets) = (e.chains.clone(), e.ipsets.clone());
+                    (chains, sets, adopt) = (e.chains.clone(), e.ipsets.clone(), c.adopt.clone());
                     let reload = GuardReload {
                         chains: e.chains,
                         sets: e.ipsets,
+                        adopt: c.adopt.clone(),
                         poll: c.poll_interval,
                         resync: c.resync,
                     };

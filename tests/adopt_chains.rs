@@ -530,3 +530,49 @@ fn a_chain_deleted_by_a_child_process_of_the_owner_is_forgotten() {
     parent.wait().unwrap();
     stays_gone(&ns, 500);
 }
+
+/// Chain and set selectors follow a SIGHUP: a selector added adopts what it covers at once (a
+/// stranger's removal is then undone), and one taken away forgets its chains and sets, which are
+/// left as they are.
+#[test]
+fn sighup_adopts_with_new_selectors_and_forgets_with_removed_ones() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = owner_binary(dir.path());
+    owner_creates(&ns, &bin);
+    let without = "  pollInterval: 200ms\n  rules: []\n";
+    let cfg = config(dir.path(), without);
+    let mut agent = Agent::start(&ns, &cfg);
+    let hup = |agent: &Agent| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+
+    config(dir.path(), SPEC);
+    hup(&agent);
+    agent.wait_log_all(&["adopt selectors reloaded", "kube-router"]);
+    agent.wait_log_all(&["adopted", X]);
+    let set_members = members(&ns, Y).expect("the owner's set");
+    stranger_deletes(&ns);
+    wait_until("the chain restored after the reload adopted it", || {
+        chain(&ns, X) == Some(x_rules(&[]))
+    });
+    wait_until("the set restored after the reload adopted it", || {
+        members(&ns, Y).as_ref() == Some(&set_members)
+    });
+
+    config(dir.path(), without);
+    hup(&agent);
+    agent.wait_log_all(&["no adopt selector covers the chain", X]);
+    agent.wait_log_all(&["no adopt selector covers the set", Y]);
+    stranger_deletes(&ns);
+    stays_gone(&ns, 600);
+    assert_eq!(
+        members(&ns, Y),
+        None,
+        "set restored after its selector went"
+    );
+}

@@ -56,6 +56,8 @@ pub struct GuardStats {
 pub struct GuardReload {
     pub chains: Vec<DesiredChain>,
     pub sets: Vec<DesiredSet>,
+    /// Every `spec.adopt` selector; the guard keeps those that name chains or ipsets.
+    pub adopt: Vec<AdoptSelector>,
     pub poll: Duration,
     pub resync: Duration,
 }
@@ -76,11 +78,7 @@ impl Adoption {
         selectors: &[AdoptSelector],
         saved: Option<&crate::adopted_state::AdoptedState>,
     ) -> Adoption {
-        let selectors: Vec<AdoptSelector> = selectors
-            .iter()
-            .filter(|s| s.chains.is_some() || s.ipsets.is_some())
-            .cloned()
-            .collect();
+        let selectors = Adoption::netfilter_selectors(selectors);
         let (chains, sets) = match saved {
             Some(st) => adopted::from_saved(&selectors, &st.chains, &st.ipsets),
             None => Default::default(),
@@ -90,6 +88,15 @@ impl Adoption {
             chains,
             sets,
         }
+    }
+
+    /// The selectors that name chains or ipsets.
+    fn netfilter_selectors(selectors: &[AdoptSelector]) -> Vec<AdoptSelector> {
+        selectors
+            .iter()
+            .filter(|s| s.chains.is_some() || s.ipsets.is_some())
+            .cloned()
+            .collect()
     }
 
     /// The tables chain selectors look into.
@@ -440,13 +447,28 @@ impl Guard {
 
     /// New chains and sets: protect these from now on. What is no longer listed stops being
     /// protected and is left as it is in the kernel.
+    /// New adopt selectors: chains and sets they no longer cover are forgotten (left in the
+    /// kernel as they are) and the ones they newly cover are adopted, both by the table and set
+    /// reads below.
     async fn reload(&mut self, r: GuardReload) -> Result<(), GuardError> {
-        if !r.chains.is_empty() && self.chains.is_empty() && self.events.is_none() {
+        let selectors = Adoption::netfilter_selectors(&r.adopt);
+        let read_chains = !self.chains.is_empty() || self.adoption.adopts_chains();
+        let will_read_chains = !r.chains.is_empty()
+            || !self.adoption.chains.is_empty()
+            || selectors.iter().any(|s| s.chains.is_some());
+        if will_read_chains && !read_chains && self.events.is_none() {
             // Started with no chains: no backend was detected and no socket opened.
             self.backend = tools::detect(self.choice).await;
             if self.backend == Backend::Nft {
                 self.events = Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?);
             }
+        }
+        if selectors != self.adoption.selectors {
+            info!(
+                selectors = %selectors.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
+                "chain and set adopt selectors reloaded"
+            );
+            self.adoption.selectors = selectors;
         }
         self.chains = r.chains;
         self.sets = r.sets;
@@ -661,6 +683,9 @@ impl Guard {
                 Outcome::Restore => {
                     debug!(kind = "chain", selector = %selector, object = %key, actor = %actor, "adopted chain removed or emptied by someone else: drift")
                 }
+                Outcome::Forgotten if !self.adoption.covers(key) => {
+                    info!(kind = "chain", selector = %selector, object = %key, "no adopt selector covers the chain any more: forgotten, left as it is")
+                }
                 Outcome::Forgotten => {
                     info!(kind = "chain", selector = %selector, object = %key, actor = %actor, ancestors = %self.ancestors.join(","), "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten")
                 }
@@ -765,7 +790,9 @@ impl Guard {
             };
             let Some(sel) = sel.filter(|_| !configured.contains(&name)).cloned() else {
                 // No selector covers it any more: no longer protected.
-                self.adoption.sets.remove(&name);
+                if self.adoption.sets.remove(&name).is_some() {
+                    info!(kind = "ipset", set = %name, "no adopt selector covers the set any more: forgotten, left as it is");
+                }
                 changed = true;
                 continue;
             };

@@ -243,6 +243,7 @@ fn guard_reload_of(cfg: &Config) -> GuardReload {
     GuardReload {
         chains: cfg.chains.clone(),
         sets: cfg.ipsets.clone(),
+        adopt: cfg.adopt.clone(),
         poll: cfg.poll_interval,
         resync: cfg.resync,
     }
