@@ -275,6 +275,19 @@ fn adopted_chain_and_set_are_restored_as_last_seen_and_forgotten_when_the_owner_
     owner(&ns, &bin, &["-t", "nat", "-F", X]);
     owner(&ns, &bin, &["-t", "nat", "-X", X]);
     agent.wait_log_all(&["forgotten", X, "actor=kube-router"]);
+    let forgotten = |reason: &str| {
+        let want =
+            format!("netwarden_adopted_forgotten_total{{kind=\"chain\",reason=\"{reason}\"}} ");
+        scrape(&agent.http())
+            .lines()
+            .find_map(|l| l.strip_prefix(want.as_str())?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        forgotten("owner"),
+        Some(1.0),
+        "counted as forgotten by its owner"
+    );
+    assert_eq!(forgotten("unknown_actor"), Some(0.0));
     stays_gone(&ns, 500);
     wait_until("forgotten chain dropped from the state file", || {
         netwarden::adopted_state::read(&state)

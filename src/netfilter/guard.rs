@@ -15,7 +15,7 @@ use super::render;
 use super::tools::{self, Backend, BackendChoice, ToolError};
 use crate::adopt::{Actor, AdoptSelector};
 use crate::model::Mode;
-use crate::obs::metrics::{DriftLabels, ForbiddenLabels, RepairLabels};
+use crate::obs::metrics::{DriftLabels, ForbiddenLabels, ForgetLabels, RepairLabels};
 use crate::obs::status::State;
 use crate::obs::{Notice, Telemetry};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -324,6 +324,15 @@ impl Guard {
         if let Some(t) = &self.telemetry {
             t.board()
                 .record_netfilter_repair(name, actor, crate::obs::status::unix_now());
+        }
+    }
+
+    fn count_forgotten(&self, kind: &'static str, reason: &'static str) {
+        if let Some(t) = &self.telemetry {
+            t.metrics
+                .adopted_forgotten
+                .get_or_create(&ForgetLabels { kind, reason })
+                .inc();
         }
     }
 
@@ -687,7 +696,14 @@ impl Guard {
                     info!(kind = "chain", selector = %selector, object = %key, "no adopt selector covers the chain any more: forgotten, left as it is")
                 }
                 Outcome::Forgotten => {
-                    info!(kind = "chain", selector = %selector, object = %key, actor = %actor, ancestors = %self.ancestors.join(","), "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten")
+                    info!(kind = "chain", selector = %selector, object = %key, actor = %actor, ancestors = %self.ancestors.join(","), "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten");
+                    // A named actor that makes a selector forget is an owner (or acts for one).
+                    let reason = if actor == "unknown" {
+                        "unknown_actor"
+                    } else {
+                        "owner"
+                    };
+                    self.count_forgotten("chain", reason);
                 }
                 Outcome::Adopted => {
                     info!(kind = "chain", selector = %selector, object = %key, rules, "adopted")
@@ -866,8 +882,12 @@ impl Guard {
                 Outcome::Updated => {
                     debug!(kind = "ipset", selector = %sel.name, set = %name, members, "adopted set changed: copy updated")
                 }
+                Outcome::Forgotten if seen.is_none() => {
+                    info!(kind = "ipset", selector = %sel.name, set = %name, "adopted set destroyed (ipset names no actor; unknownActor: forget): forgotten");
+                    self.count_forgotten("ipset", "unknown_actor");
+                }
                 Outcome::Forgotten => {
-                    info!(kind = "ipset", selector = %sel.name, set = %name, "adopted set removed (unknown actor, policy forget) or no longer adoptable: forgotten")
+                    info!(kind = "ipset", selector = %sel.name, set = %name, "adopted set changed into one that cannot be restored: forgotten")
                 }
                 Outcome::Restore => {
                     let Some(set) = now else { continue };

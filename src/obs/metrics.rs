@@ -230,7 +230,7 @@ impl Metrics {
                 let _ = self.repairs.get_or_create(&RepairLabels { kind, result });
             }
         }
-        for kind in ["rule", "route"] {
+        for kind in ["rule", "route", "chain", "ipset"] {
             for reason in FORGET_REASONS {
                 let _ = self
                     .adopted_forgotten
