@@ -456,6 +456,7 @@ impl Guard {
 
     /// New chains and sets: protect these from now on. What is no longer listed stops being
     /// protected and is left as it is in the kernel.
+    ///
     /// New adopt selectors: chains and sets they no longer cover are forgotten (left in the
     /// kernel as they are) and the ones they newly cover are adopted, both by the table and set
     /// reads below.
@@ -692,8 +693,8 @@ impl Guard {
                 Outcome::Restore => {
                     debug!(kind = "chain", selector = %selector, object = %key, actor = %actor, "adopted chain removed or emptied by someone else: drift")
                 }
-                Outcome::Forgotten if !self.adoption.covers(key) => {
-                    info!(kind = "chain", selector = %selector, object = %key, "no adopt selector covers the chain any more: forgotten, left as it is")
+                Outcome::Forgotten if !self.adoption.covers(key) || configured.contains(key) => {
+                    info!(kind = "chain", selector = %selector, object = %key, "no adopt selector covers the chain any more (or spec.chains protects it now): forgotten as adopted, left as it is")
                 }
                 Outcome::Forgotten => {
                     info!(kind = "chain", selector = %selector, object = %key, actor = %actor, ancestors = %self.ancestors.join(","), "adopted chain removed by an owner (or, under unknownActor: forget, by nobody known): forgotten");
