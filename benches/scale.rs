@@ -26,7 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
-const RULES: usize = 1000;
+/// Protected rules (`NETWARDEN_SCALE_RULES` changes it).
+fn rules() -> usize {
+    env_num("NETWARDEN_SCALE_RULES", 1000).max(1)
+}
 const ROUTES: usize = 100;
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -69,7 +72,7 @@ fn config() -> String {
     let mut y = String::from(
         "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n  resync: 10s\n  rules:\n",
     );
-    for i in 0..RULES {
+    for i in 0..rules() {
         let _ = writeln!(
             y,
             "    - name: rule-{i}\n      priority: {}\n      from: 10.{}.{}.0/24\n      table: 100",
@@ -238,12 +241,13 @@ fn main() -> Result<()> {
         nix::sys::socket::sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(5, 0),
     )?;
+    let rules = rules();
     let mut rss_max = 0;
     let mut lat = Vec::with_capacity(deletions);
     let churn_started = Instant::now();
     let mut buf = Vec::with_capacity(64 << 10);
     for d in 0..deletions + 20 {
-        let key = rule_key(d % RULES);
+        let key = rule_key(d % rules);
         let mut msg = encode::request(M::DelRule(encode::rule(&key, None)), false, false);
         msg.header.sequence_number = d as u32 + 1;
         let mut bytes = vec![0u8; msg.buffer_len()];
