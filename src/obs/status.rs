@@ -120,6 +120,25 @@ pub struct Board {
     templates_pending: Vec<Pending>,
 }
 
+impl ObjectStatus {
+    /// A newly protected object: in sync, nothing known about it yet.
+    fn new(kind: String, name: String, object: String, mode: String) -> ObjectStatus {
+        ObjectStatus {
+            kind,
+            origin: crate::adopt::origin(&name).to_string(),
+            name,
+            object,
+            mode,
+            state: State::InSync,
+            reason: None,
+            repairs: 0,
+            last_repair_unix: None,
+            last_actor: None,
+            fighter: None,
+        }
+    }
+}
+
 pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -143,19 +162,7 @@ impl Board {
                     e
                 }
                 None => Entry {
-                    status: ObjectStatus {
-                        kind,
-                        origin: crate::adopt::origin(&name).to_string(),
-                        name,
-                        object,
-                        mode,
-                        state: State::InSync,
-                        reason: None,
-                        repairs: 0,
-                        last_repair_unix: None,
-                        last_actor: None,
-                        fighter: None,
-                    },
+                    status: ObjectStatus::new(kind, name, object, mode),
                 },
             };
             self.objects.insert(id, entry);
@@ -173,19 +180,7 @@ impl Board {
                     st.mode = mode;
                     st
                 }
-                None => ObjectStatus {
-                    kind: kind.to_string(),
-                    origin: crate::adopt::origin(&name).to_string(),
-                    name: name.clone(),
-                    object,
-                    mode,
-                    state: State::InSync,
-                    reason: None,
-                    repairs: 0,
-                    last_repair_unix: None,
-                    last_actor: None,
-                    fighter: None,
-                },
+                None => ObjectStatus::new(kind.to_string(), name.clone(), object, mode),
             };
             self.netfilter.insert(name, status);
         }
