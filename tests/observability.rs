@@ -644,8 +644,7 @@ fn the_agent_does_not_hear_its_own_repairs() {
     }
     let agent = Agent::start(&ns, &config(dir.path(), &spec));
     let http = agent.http();
-    let events = "netwarden_netlink_events_total";
-    let before = value(&http, events, &[]);
+    let before = value(&http, EVENTS, &[]);
     let deletions: String = (0..50)
         .map(|i| format!("rule del priority {}\n", 1000 + i))
         .collect();
@@ -657,23 +656,31 @@ fn the_agent_does_not_hear_its_own_repairs() {
             .count()
             == 50
     });
-    // A sentinel: once its repair is counted, every earlier event has been read (in order).
+    let read = events_read_through_sentinel(&ns, &http, before);
+    // 51 removals; with its own 51 re-adds echoed back it would be 102.
+    assert!((51.0..=60.0).contains(&read), "events read: {read}");
+}
+
+const EVENTS: &str = "netwarden_netlink_events_total";
+
+/// Events the agent has read since `before` (its `netlink_events_total` then), up to and including
+/// the removal of the protected rule of priority 1000: a sentinel, whose repair being counted
+/// means every earlier event has been read (in order).
+fn events_read_through_sentinel(ns: &Sandbox, http: &str, before: f64) -> f64 {
     let repairs = value(
-        &http,
+        http,
         "netwarden_repairs_total",
         &[("kind", "rule"), ("result", "applied")],
     );
     ns.ip(&["rule", "del", "priority", "1000"]).unwrap();
     wait_metric(
-        &http,
+        http,
         "netwarden_repairs_total",
         &[("kind", "rule"), ("result", "applied")],
         repairs + 1.0,
         T,
     );
-    let read = value(&http, events, &[]) - before;
-    // 51 removals; with its own 51 re-adds echoed back it would be 102.
-    assert!((51.0..=60.0).contains(&read), "events read: {read}");
+    value(http, EVENTS, &[]) - before
 }
 
 /// Route notifications of tables the agent keeps no routes of are dropped by the event socket's
@@ -685,8 +692,7 @@ fn the_agent_does_not_hear_foreign_tables() {
     let spec = "  rules:\n    - {name: r0, priority: 1000, from: 10.1.0.0/24, table: 100}\n  routes:\n    - {name: p0, table: 100, destination: 10.64.0.0/24, device: veth0}\n";
     let agent = Agent::start(&ns, &config(dir.path(), spec));
     let http = agent.http();
-    let events = "netwarden_netlink_events_total";
-    let before = value(&http, events, &[]);
+    let before = value(&http, EVENTS, &[]);
     let foreign: String = (0..1000)
         .map(|i| {
             format!(
@@ -705,21 +711,7 @@ fn the_agent_does_not_hear_foreign_tables() {
             .unwrap()
             .contains("10.64.0.0/24")
     });
-    // A sentinel: once its repair is counted, every earlier event has been read (in order).
-    let repairs = value(
-        &http,
-        "netwarden_repairs_total",
-        &[("kind", "rule"), ("result", "applied")],
-    );
-    ns.ip(&["rule", "del", "priority", "1000"]).unwrap();
-    wait_metric(
-        &http,
-        "netwarden_repairs_total",
-        &[("kind", "rule"), ("result", "applied")],
-        repairs + 1.0,
-        T,
-    );
-    let read = value(&http, events, &[]) - before;
+    let read = events_read_through_sentinel(&ns, &http, before);
     // The route's and the rule's removals; with table 200 heard it would be over 1,000.
     assert!((2.0..=20.0).contains(&read), "events read: {read}");
 }
