@@ -2,10 +2,12 @@
 //! notifications the way any other process would, with a timestamp taken on arrival. The demo and
 //! the benchmarks use it to time repairs from outside the agent.
 
+use crate::observe::decode::each_message;
 use crate::observe::kernel::EVENT_RCVBUF;
-use rtnetlink::packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload, Parseable};
+use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use std::ops::ControlFlow;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -62,24 +64,15 @@ impl Listener {
                 match sock.recv(&mut buf, 0) {
                     Ok(_) => {
                         let now = Instant::now();
-                        let mut at = 0;
-                        while at < buf.len() {
-                            let slice = &buf[at..];
-                            let Ok(nb) = NetlinkBuffer::new_checked(&slice) else {
-                                break;
-                            };
-                            let len = nb.length() as usize;
-                            if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::parse(&nb) {
-                                if let NetlinkPayload::InnerMessage(m) = msg.payload {
-                                    if tx.send((now, Some(m))).is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                            at += (len + 3) & !3;
-                            if len == 0 {
-                                break;
-                            }
+                        let sent = each_message(&buf, |msg| match msg.payload {
+                            NetlinkPayload::InnerMessage(m) => match tx.send((now, Some(m))) {
+                                Ok(()) => ControlFlow::Continue(()),
+                                Err(_) => ControlFlow::Break(()),
+                            },
+                            _ => ControlFlow::Continue(()),
+                        });
+                        if sent.is_break() {
+                            return; // nobody listens any more
                         }
                     }
                     Err(e) if e.raw_os_error() == Some(libc_enobufs()) => {

@@ -9,15 +9,15 @@
 
 pub mod encode;
 
+use crate::observe::decode::each_message;
 use crate::plan::{Op, Step};
 use nix::errno::Errno;
-use rtnetlink::packet_core::{
-    Emitable, NetlinkBuffer, NetlinkMessage, NetlinkPayload, Parseable, NLM_F_ACK,
-};
+use rtnetlink::packet_core::{Emitable, NetlinkPayload, NLM_F_ACK};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{
     protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket,
 };
+use std::ops::ControlFlow;
 use std::os::fd::AsFd;
 use std::time::Duration;
 use thiserror::Error;
@@ -201,33 +201,25 @@ impl Applier {
                     .recv(&mut rx)
                     .await
                     .map_err(|e| ApplyError::Socket(e.to_string()))?;
-                let mut off = 0;
-                while off + 16 <= rx.len() {
-                    let slice = &rx[off..];
-                    let Ok(nb) = NetlinkBuffer::new_checked(&slice) else {
-                        break;
-                    };
-                    let len = nb.length() as usize;
-                    if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::parse(&nb) {
-                        let seq = msg.header.sequence_number;
-                        let index = seq.wrapping_sub(first_seq) as usize;
-                        if let NetlinkPayload::Error(e) = msg.payload {
-                            if index < count {
-                                if let Some(code) = e.code {
-                                    results[index] =
-                                        Err(ApplyError::Kernel(Errno::from_raw(-code.get())));
-                                }
-                                if seq == last_seq {
-                                    return Ok(());
-                                }
+                let done = each_message(&rx, |msg| {
+                    let seq = msg.header.sequence_number;
+                    let index = seq.wrapping_sub(first_seq) as usize;
+                    if let NetlinkPayload::Error(e) = msg.payload {
+                        if index < count {
+                            if let Some(code) = e.code {
+                                results[index] =
+                                    Err(ApplyError::Kernel(Errno::from_raw(-code.get())));
                             }
-                            // Anything else: a late answer to an earlier, timed-out batch.
+                            if seq == last_seq {
+                                return ControlFlow::Break(());
+                            }
                         }
+                        // Anything else: a late answer to an earlier, timed-out batch.
                     }
-                    if len == 0 {
-                        break;
-                    }
-                    off += (len + 3) & !3;
+                    ControlFlow::Continue(())
+                });
+                if done.is_break() {
+                    return Ok(());
                 }
             }
         };

@@ -5,6 +5,7 @@
 use crate::model::route::ObservedRoute;
 use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RouteType, RuleAction, RuleKey};
 use ipnet::IpNet;
+use rtnetlink::packet_core::{NetlinkBuffer, NetlinkMessage, Parseable};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
@@ -13,8 +14,33 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::rule::{
     RuleAction as NlRuleAction, RuleAttribute, RuleFlags, RuleMessage,
 };
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use std::net::IpAddr;
+use std::ops::ControlFlow;
+
+/// Hands `f` each well-formed rtnetlink message of one datagram, in order, until `f` breaks;
+/// messages that do not parse are skipped, and a truncated or malformed header ends the walk.
+pub fn each_message(
+    data: &[u8],
+    mut f: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    let mut at = 0;
+    while at + 16 <= data.len() {
+        let slice = &data[at..];
+        let Ok(nb) = NetlinkBuffer::new_checked(&slice) else {
+            break;
+        };
+        let len = nb.length() as usize;
+        if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::parse(&nb) {
+            f(msg)?;
+        }
+        if len == 0 {
+            break;
+        }
+        at += (len + 3) & !3;
+    }
+    ControlFlow::Continue(())
+}
 
 /// What the mirror keeps of a link.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,14 +7,16 @@
 //! system calls and task wake-ups, about a tenth of the agent's CPU in a mass repair. Here the
 //! loop itself waits for the socket and takes up to [`SLOTS`] notifications per `recvmmsg`.
 
+use super::decode::each_message;
 use super::kernel::{event_rcvbuf, ignore_own_changes, set_rcvbuf, EventFilter, ObserveError};
 use crate::listen::GROUPS;
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
-use rtnetlink::packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload, Parseable};
+use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use std::collections::VecDeque;
 use std::io::IoSliceMut;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -179,30 +181,20 @@ fn read(fd: RawFd, buf: &mut [u8], queue: &mut VecDeque<Event>) -> std::io::Resu
 }
 
 /// The notifications in one datagram (normally exactly one).
-fn parse_into(mut data: &[u8], queue: &mut VecDeque<Event>) {
-    while data.len() >= 16 {
-        let Ok(nb) = NetlinkBuffer::new_checked(&data) else {
-            return;
-        };
-        let len = nb.length() as usize;
-        if let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::parse(&nb) {
-            if let NetlinkPayload::InnerMessage(m) = msg.payload {
-                queue.push_back(Event::Message(m, msg.header.port_number));
-            }
+fn parse_into(data: &[u8], queue: &mut VecDeque<Event>) {
+    let _ = each_message(data, |msg| {
+        if let NetlinkPayload::InnerMessage(m) = msg.payload {
+            queue.push_back(Event::Message(m, msg.header.port_number));
         }
-        let step = (len + 3) & !3;
-        if len == 0 || step >= data.len() {
-            return;
-        }
-        data = &data[step..];
-    }
+        ControlFlow::Continue(())
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Family, RuleAction, RuleKey};
-    use rtnetlink::packet_core::{Emitable, NetlinkHeader};
+    use rtnetlink::packet_core::{Emitable, NetlinkHeader, NetlinkMessage};
 
     fn rule_notification(priority: u32, port: u32) -> Vec<u8> {
         let key = RuleKey::new(
@@ -248,6 +240,19 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![(7, 4242), (8, 0)]);
+    }
+
+    #[test]
+    fn the_walk_over_a_datagram_stops_when_told() {
+        let mut data = rule_notification(7, 1);
+        data.extend(rule_notification(8, 2));
+        let mut ports = Vec::new();
+        let flow = each_message(&data, |msg| {
+            ports.push(msg.header.port_number);
+            ControlFlow::Break(())
+        });
+        assert!(flow.is_break());
+        assert_eq!(ports, vec![1]);
     }
 
     #[test]
