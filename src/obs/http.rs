@@ -89,6 +89,10 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                // A client may shut down its sending side once the request is out (`nc -N`,
+                // scripts): answer it anyway. Without this, hyper dropped such a connection
+                // unanswered whenever it saw the EOF before writing the response.
+                .half_close(true)
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
@@ -335,7 +339,8 @@ mod tests {
     #[test]
     fn malformed_requests_are_refused_and_the_server_goes_on() {
         let (_t, addr) = server();
-        assert!(raw(&addr, b"GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));
+        let garbage = raw(&addr, b"GARBAGE\r\n\r\n");
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage:?}");
         let _ = raw(&addr, b"GET /metrics HTTP/9.9\r\n\r\n");
         let post = raw(
             &addr,
