@@ -213,7 +213,24 @@ fn record(
 fn plan_rule(rule: &DesiredRule, observed: &Mirror, plan: &mut Plan) {
     let present = observed.rules.get(&rule.key);
     let (finding, ops) = match present {
-        Some(protos) if protos.iter().any(|p| rule.matches_protocol(*p)) => return,
+        Some(protos) if protos.iter().any(|p| rule.matches_protocol(*p)) => {
+            // A rule the kernel holds twice is matched by its first copy only: the others are
+            // dead weight on every lookup. Only identical copies (same protocol too) are extras.
+            let mut ops = Vec::new();
+            for (i, p) in protos.iter().enumerate() {
+                if rule.matches_protocol(*p) && protos[..i].contains(p) {
+                    ops.push(Op::DelRule {
+                        key: rule.key.clone(),
+                        protocol: *p,
+                    });
+                }
+            }
+            if ops.is_empty() {
+                return;
+            }
+            let observed = format!("{} extra identical copies", ops.len());
+            (Finding::Different { observed }, ops)
+        }
         Some(protos) => {
             // Same identity, another protocol: remove that copy, then add ours.
             let other = protos[0];
@@ -498,6 +515,34 @@ mod tests {
         );
         apply_to(&mut m, &p);
         assert!(plan_all(&d, &m).is_empty());
+    }
+
+    #[test]
+    fn extra_identical_copies_of_a_rule_are_deleted_down_to_one() {
+        let d = desired(vec![rule("r", 100, Mode::Enforce)], vec![], vec![]);
+        let key = d.rules.values().next().unwrap().key.clone();
+        let mut m = Mirror::default();
+        // As a dump shows them: three copies with no protocol, one with protocol 4.
+        for proto in [None, Some(4), None, None] {
+            m.ingest_dumped(&M::NewRule(encode::rule(&key, proto)));
+        }
+        let p = plan_all(&d, &m);
+        assert!(
+            matches!(&p.drift[0].finding, Finding::Different { observed } if observed == "2 extra identical copies")
+        );
+        let del = Op::DelRule {
+            key: key.clone(),
+            protocol: None,
+        };
+        assert_eq!(p.steps[0].ops, vec![del.clone(), del]);
+        apply_to(&mut m, &p);
+        assert_eq!(m.rules[&key], vec![Some(4), None]);
+        assert!(plan_all(&d, &m).is_empty());
+        // One copy per protocol is not a duplicate.
+        let mut one = Mirror::default();
+        one.ingest_dumped(&M::NewRule(encode::rule(&key, None)));
+        one.ingest_dumped(&M::NewRule(encode::rule(&key, Some(4))));
+        assert!(plan_all(&d, &one).is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! resync timer re-dump everything.
 
 use crate::adopt::{self, Actor, Verdict};
-use crate::apply::{self, Applier, Outcome};
+use crate::apply::{self, Applier, Outcome, RuleAdd};
 use crate::burst;
 use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
@@ -65,6 +65,9 @@ struct Batch {
     adoption_changed: bool,
     /// Protected objects seen removed (a burst holds the repair until they stop).
     removals: usize,
+    /// Someone else added a protected rule the mirror already held: the rules are re-dumped to
+    /// count the copies.
+    rule_added_again: bool,
 }
 
 /// Why a full refresh ran.
@@ -79,6 +82,8 @@ pub enum ResyncReason {
     AddressRemoved,
     /// A new config was loaded (SIGHUP).
     ConfigChange,
+    /// Rules re-dumped: someone else added a protected rule that was already there.
+    RuleAddedAgain,
 }
 
 impl ResyncReason {
@@ -90,6 +95,7 @@ impl ResyncReason {
             ResyncReason::LinkDown => "link_down",
             ResyncReason::AddressRemoved => "address_removed",
             ResyncReason::ConfigChange => "config_change",
+            ResyncReason::RuleAddedAgain => "rule_added_again",
         }
     }
 }
@@ -102,8 +108,9 @@ enum Cause {
     /// A full refresh (timer, overrun, config change).
     Resync,
     /// A batch of events; `redumped`: the routes were re-read after the kernel may have dropped
-    /// some silently (a route found missing then was removed by the kernel).
-    Events { redumped: bool },
+    /// some silently (a route found missing then was removed by the kernel); `rules_current`: the
+    /// mirror's rules are the kernel's (see `Agent::rules_maybe_stale`).
+    Events { redumped: bool, rules_current: bool },
     /// Held-back repairs of contested objects whose time has come.
     Retry,
     /// Pending objects, retried because the agent's own repairs may have made them possible.
@@ -136,6 +143,11 @@ pub struct Agent {
     mirror: Mirror,
     handle: Handle,
     applier: Applier,
+    /// Notifications read after a rule dump may predate it (a removal the dump already shows
+    /// undone): until the event queue has once been read to the end, a rule the mirror says is
+    /// missing may be there, and rules are added with the kernel's existence check. See
+    /// [`RuleAdd`].
+    rules_maybe_stale: bool,
     events: EventSocket,
     /// The event socket's filter: route notifications of the tables the mirror keeps only.
     event_filter: Option<kernel::EventFilter>,
@@ -246,6 +258,7 @@ impl Agent {
             desired,
             mirror: Mirror::new(interest),
             applier,
+            rules_maybe_stale: true,
             handle,
             events,
             event_filter,
@@ -509,6 +522,7 @@ impl Agent {
         // Before the dump: a new config's tables must be heard from now on.
         self.sync_event_filter();
         self.count_resync(reason);
+        self.rules_maybe_stale = true;
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
         self.prune_dismissed();
         let adopted = self.adopt_from_mirror();
@@ -553,6 +567,8 @@ impl Agent {
         let mut next = Some(first);
         let mut count = 0;
         let mut settle = burst::Settle::new(started);
+        // Decided before reading: this batch may hold notifications older than the last dump.
+        let mut rules_current = !self.rules_maybe_stale;
         while let Some(event) = next.take() {
             count += 1;
             match event {
@@ -574,6 +590,10 @@ impl Agent {
             };
             if read_on {
                 next = self.events.try_next();
+                if next.is_none() {
+                    // Read to the end: whatever predates the last dump has been read.
+                    self.rules_maybe_stale = false;
+                }
             }
             if next.is_none() && !batch.overrun {
                 if let Some(wait) = settle.wait(Instant::now()) {
@@ -621,6 +641,13 @@ impl Agent {
                 redumped = true;
             }
         }
+        if batch.rule_added_again {
+            // Counts the copies: a second one is removed by the plan (the keys are dirty).
+            self.count_resync(ResyncReason::RuleAddedAgain);
+            self.rules_maybe_stale = true;
+            rules_current = false;
+            kernel::dump_rules(&mut self.handle, &mut self.mirror).await?;
+        }
         if batch.appeared {
             for id in &self.pending {
                 match id {
@@ -644,7 +671,10 @@ impl Agent {
                 started,
                 scope,
                 &batch.removed_by,
-                Cause::Events { redumped },
+                Cause::Events {
+                    redumped,
+                    rules_current,
+                },
             )
             .await;
         self.retry_pending(progress).await;
@@ -751,6 +781,15 @@ impl Agent {
                 batch.redump_reason = Some(ResyncReason::LinkDown);
                 batch.redump = Some(None);
                 batch.full = true;
+            }
+            Change::RuleAddedAgain { key } => {
+                // Our own adds are not heard (the socket filter), unless the filter could not be
+                // attached: those are no second copy.
+                if port != self.applier.port() && self.desired.rules.contains_key(&key) {
+                    batch.rule_added_again = true;
+                    batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
+                    batch.dirty.rules.insert(key);
+                }
             }
             Change::RouteAppeared => batch.appeared = true,
             Change::LinkOther | Change::Nothing => {}
@@ -1113,7 +1152,7 @@ impl Agent {
         let port_of = |id: &ObjectId| match (removed_by.get(id), id, cause) {
             (Some(p), _, _) => Some(*p),
             // Found missing after a re-dump: the kernel dropped it with an address or link.
-            (None, ObjectId::Route(_), Cause::Events { redumped: true }) => {
+            (None, ObjectId::Route(_), Cause::Events { redumped: true, .. }) => {
                 Some(attribution::KERNEL_PORT)
             }
             _ => None,
@@ -1180,7 +1219,14 @@ impl Agent {
         let outcomes = if plan.steps.is_empty() {
             Vec::new()
         } else {
-            self.applier.apply(&plan.steps).await
+            let rules = match cause {
+                Cause::Events {
+                    rules_current: true,
+                    ..
+                } => RuleAdd::Unchecked,
+                _ => RuleAdd::Exclusive,
+            };
+            self.applier.apply(&plan.steps, rules).await
         };
         let took = started.elapsed();
         let acked = Instant::now();

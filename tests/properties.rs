@@ -84,13 +84,17 @@ enum Seen {
     Absent,
     AsDesired,
     Drifted,
+    /// As desired, twice (a rule added again without NLM_F_EXCL, as a dump shows it); for
+    /// routes and addresses, which the kernel does not hold twice, as desired.
+    Twice,
 }
 
 fn seen() -> impl Strategy<Value = Seen> {
     prop_oneof![
         Just(Seen::Absent),
         Just(Seen::AsDesired),
-        Just(Seen::Drifted)
+        Just(Seen::Drifted),
+        Just(Seen::Twice)
     ]
 }
 
@@ -189,6 +193,11 @@ fn observed(case: &Case) -> Mirror {
             Seen::AsDesired => {
                 m.ingest(&M::NewRule(encode::rule(&r.key, r.protocol)));
             }
+            Seen::Twice => {
+                let copy = M::NewRule(encode::rule(&r.key, r.protocol));
+                m.ingest_dumped(&copy);
+                m.ingest_dumped(&copy);
+            }
             // Same identity, another protocol (a rule added by someone else).
             Seen::Drifted => {
                 let other = if r.protocol == Some(4) { 186 } else { 4 };
@@ -199,7 +208,7 @@ fn observed(case: &Case) -> Mirror {
     for (r, seen) in &case.routes {
         match seen {
             Seen::Absent => {}
-            Seen::AsDesired => {
+            Seen::AsDesired | Seen::Twice => {
                 m.ingest(&M::NewRoute(encode::route(r, Some(IFINDEX))));
             }
             Seen::Drifted => {
@@ -214,7 +223,7 @@ fn observed(case: &Case) -> Mirror {
     for (a, seen) in &case.addresses {
         match seen {
             Seen::Absent => {}
-            Seen::AsDesired => {
+            Seen::AsDesired | Seen::Twice => {
                 m.ingest(&M::NewAddress(encode::address(
                     IFINDEX,
                     a.address,
@@ -327,10 +336,15 @@ proptest! {
             .iter()
             .filter(|(r, s)| r.protocol.is_some() || !matches!(s, Seen::Drifted))
             .map(|(_, s)| s)
-            .chain(case.routes.iter().map(|(_, s)| s))
-            .chain(case.addresses.iter().map(|(_, s)| s))
             .filter(|s| !matches!(s, Seen::AsDesired))
-            .count();
+            .count()
+            + case
+                .routes
+                .iter()
+                .map(|(_, s)| s)
+                .chain(case.addresses.iter().map(|(_, s)| s))
+                .filter(|s| !matches!(s, Seen::AsDesired | Seen::Twice))
+                .count();
         prop_assert_eq!(plan.drift.len(), drifted, "every drifted object is found: {:?}", plan.drift);
         apply_to(&mut m, &plan);
         let after = plan_all(&case.desired, &m);

@@ -251,13 +251,14 @@ impl Metrics {
 pub const FORGET_REASONS: [&str; 4] = ["owner", "unknown_actor", "pod_gone", "pod_grace_expired"];
 
 pub const REPAIR_RESULTS: [&str; 4] = ["applied", "already_present", "not_yet", "failed"];
-pub const RESYNC_REASONS: [&str; 6] = [
+pub const RESYNC_REASONS: [&str; 7] = [
     "start",
     "timer",
     "overrun",
     "link_down",
     "address_removed",
     "config_change",
+    "rule_added_again",
 ];
 
 /// The name of every sample the agent can export (`_total`, `_bucket`, `_sum`, `_count`

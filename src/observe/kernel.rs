@@ -346,7 +346,7 @@ pub async fn dump(
                             );
                         }
                     }
-                    mirror.ingest(&m);
+                    mirror.ingest_dumped(&m);
                     count += 1;
                 }
                 NetlinkPayload::Error(e) if e.code.is_some() => {
@@ -377,6 +377,8 @@ pub async fn dump(
         match what {
             Dump::Routes(f) => mirror.clear_routes(f),
             Dump::Table(f, t) => mirror.clear_table(f, t),
+            // Every copy of a rule is counted: a retry must not count the first try's again.
+            Dump::Rules => mirror.clear_rules(),
             _ => {}
         }
     }
@@ -404,6 +406,14 @@ pub async fn dump_all(handle: &mut Handle, mirror: &mut Mirror) -> Result<(), Ob
         dump(handle, mirror, what).await?;
     }
     dump_routes(handle, mirror, None).await.map(|_| ())
+}
+
+/// Replaces the mirror's rules with a fresh dump, which counts every copy: after someone added
+/// a protected rule the mirror already held (see
+/// [`Change::RuleAddedAgain`](super::mirror::Change::RuleAddedAgain)).
+pub async fn dump_rules(handle: &mut Handle, mirror: &mut Mirror) -> Result<usize, ObserveError> {
+    mirror.clear_rules();
+    dump(handle, mirror, Dump::Rules).await
 }
 
 /// Replaces the mirror's routes of a family (or all) with a fresh dump: after events that make

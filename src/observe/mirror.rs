@@ -74,6 +74,11 @@ pub enum Change {
         key: AddressKey,
         removed: bool,
     },
+    /// A rule the mirror already holds was added again (a notification, not a dump): the kernel
+    /// may now hold it twice. Only a dump can tell.
+    RuleAddedAgain {
+        key: RuleKey,
+    },
     /// A link appeared, went up, or was renamed: pending objects may now be applicable.
     LinkReady {
         index: u32,
@@ -94,7 +99,7 @@ pub struct Mirror {
     links: HashMap<u32, LinkInfo>,
     link_by_name: HashMap<String, u32>,
     /// Protocol of each kernel rule with that identity (`None` = unspec). Usually one; a rule added
-    /// without NLM_F_EXCL can exist twice.
+    /// without NLM_F_EXCL can exist twice, and a dump counts every copy (see `ingest_dumped`).
     pub rules: HashMap<RuleKey, Vec<Option<u8>>>,
     /// Usually one per key; `ip route append` can make several IPv4 aliases with one identity.
     pub routes: HashMap<RouteKey, Vec<ObservedRoute>>,
@@ -144,6 +149,23 @@ impl Mirror {
         self.len() == 0
     }
 
+    /// Folds in one message of a dump. A dump lists every copy of a rule, so each is counted
+    /// (the mirror was cleared before it); everything else as [`Mirror::ingest`].
+    pub fn ingest_dumped(&mut self, msg: &RouteNetlinkMessage) {
+        if let RouteNetlinkMessage::NewRule(m) = msg {
+            if let Some((key, proto)) = decode::rule(m) {
+                self.rules.entry(key).or_default().push(proto);
+            }
+            return;
+        }
+        self.ingest(msg);
+    }
+
+    /// Forgets every rule before a rule dump is fed in.
+    pub fn clear_rules(&mut self) {
+        self.rules.clear();
+    }
+
     pub fn clear(&mut self) {
         self.links.clear();
         self.link_by_name.clear();
@@ -185,11 +207,12 @@ impl Mirror {
                     }
                 } else {
                     let list = self.rules.entry(key.clone()).or_default();
-                    // A dump after events can repeat a rule we already hold: keep one per protocol
-                    // unless the kernel really has duplicates (seen as distinct NEWRULEs later).
-                    if !list.contains(&proto) {
-                        list.push(proto);
+                    // A notification read after a dump can repeat a rule the dump already showed,
+                    // so it is not counted twice here; the caller re-dumps the rules to count.
+                    if list.contains(&proto) {
+                        return Change::RuleAddedAgain { key };
                     }
+                    list.push(proto);
                 }
                 Change::Rule { key, removed }
             }
@@ -317,6 +340,27 @@ mod tests {
             77,
             RuleAction::Lookup,
         )
+    }
+
+    #[test]
+    fn dumps_count_every_copy_of_a_rule_and_notifications_flag_a_repeat() {
+        let mut m = Mirror::default();
+        let msg = RouteNetlinkMessage::NewRule(encode::rule(&rule_key(), None));
+        m.ingest_dumped(&msg);
+        m.ingest_dumped(&msg);
+        assert_eq!(m.rules[&rule_key()], vec![None, None]);
+        m.clear_rules();
+        assert!(m.rules.is_empty());
+        assert_eq!(
+            m.ingest(&msg),
+            Change::Rule {
+                key: rule_key(),
+                removed: false
+            }
+        );
+        // A notification of a rule already held: maybe a second copy, maybe the dump's echo.
+        assert_eq!(m.ingest(&msg), Change::RuleAddedAgain { key: rule_key() });
+        assert_eq!(m.rules[&rule_key()], vec![None]);
     }
 
     #[test]
