@@ -224,6 +224,29 @@ fn main() -> Result<()> {
         })
     };
 
+    // The agent's /metrics is on the host's loopback: scraped by a thread that stays there.
+    let (scrape_tx, scrape_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<String>>();
+    {
+        let addr = log
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .map(str::to_string)
+            })
+            .context("no metrics address in the agent's log")?;
+        std::thread::spawn(move || {
+            for reply in scrape_rx {
+                let body =
+                    netwarden::obs::http::get(&addr, "/metrics", None, Duration::from_secs(5))
+                        .map(|(_, b)| b)
+                        .unwrap_or_default();
+                let _ = reply.send(body);
+            }
+        });
+    }
     // Single-rule repairs, timed from outside, in the namespace (this thread only).
     netwarden::netns::enter(&ns.name)?;
     // Rules only: with every group, the listener's own backlog of route notifications (tens of
@@ -244,6 +267,10 @@ fn main() -> Result<()> {
     let rules = rules();
     let mut rss_max = 0;
     let mut lat = Vec::with_capacity(deletions);
+    // The two halves of each: the bench's own deletion (send to its ack) and the rest (ack to
+    // the re-add seen), to tell the kernel's wait for the churn from the agent's reaction.
+    let mut del_part = Vec::with_capacity(deletions);
+    let mut repair_part = Vec::with_capacity(deletions);
     let churn_started = Instant::now();
     let mut buf = Vec::with_capacity(64 << 10);
     for d in 0..deletions + 20 {
@@ -258,6 +285,7 @@ fn main() -> Result<()> {
         // The ack (or error) of the deletion.
         buf.clear();
         sock.recv(&mut buf, 0).context("no ack")?;
+        let acked = Instant::now();
         let slice = &buf[..];
         let nb = NetlinkBuffer::new_checked(&slice).map_err(|e| anyhow!("{e}"))?;
         if let Ok(m) = NetlinkMessage::<M>::parse(&nb) {
@@ -272,6 +300,8 @@ fn main() -> Result<()> {
             .ok_or_else(|| anyhow!("rule {d} not repaired within 5 s"))?;
         if d >= 20 {
             lat.push(seen.0.saturating_duration_since(sent));
+            del_part.push(acked.saturating_duration_since(sent));
+            repair_part.push(seen.0.saturating_duration_since(acked));
         }
         rss_max = rss_max.max(vm_rss_kib(pid));
         std::thread::sleep(Duration::from_millis(5));
@@ -324,9 +354,46 @@ fn main() -> Result<()> {
         percentile(&lat, 0.99),
         lat.last().unwrap()
     );
+    for (what, v) in [
+        ("all", &mut lat),
+        ("deletion (send to ack)", &mut del_part),
+        ("after the ack (to the re-add seen)", &mut repair_part),
+    ] {
+        v.sort();
+        println!(
+            "  {what}: p50 {:?} p90 {:?} p99 {:?} p99.9 {:?}",
+            percentile(v, 0.5),
+            percentile(v, 0.9),
+            percentile(v, 0.99),
+            percentile(v, 0.999)
+        );
+    }
     println!(
         "agent RSS: max {rss_max} KiB, now {} KiB (target <= 64 MiB)",
         vm_rss_kib(pid)
+    );
+    // Rules are repaired without the kernel's existence check: none may be left twice.
+    let shown = ns.ip(&["rule", "show"])?;
+    let mut lines: Vec<&str> = shown.lines().collect();
+    let all = lines.len();
+    lines.sort_unstable();
+    lines.dedup();
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    scrape_tx.send(reply_tx)?;
+    let metrics = reply_rx.recv_timeout(Duration::from_secs(10))?;
+    let sample = |name: &str, labels: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "rules held twice at the end: {}; rule re-dumps (rule_added_again): {}; rule repairs already present: {}",
+        all - lines.len(),
+        sample("netwarden_resyncs_total", "reason=\"rule_added_again\""),
+        sample("netwarden_repairs_total", "kind=\"rule\",result=\"already_present\""),
     );
     for l in log
         .lock()
