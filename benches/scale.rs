@@ -271,6 +271,9 @@ fn main() -> Result<()> {
     // the re-add seen), to tell the kernel's wait for the churn from the agent's reaction.
     let mut del_part = Vec::with_capacity(deletions);
     let mut repair_part = Vec::with_capacity(deletions);
+    // What the listener saw: the deletion's notification to the re-add's (the rule's absence,
+    // without the deleting process's own send and wake-up).
+    let mut outage = Vec::with_capacity(deletions);
     let churn_started = Instant::now();
     let mut buf = Vec::with_capacity(64 << 10);
     for d in 0..deletions + 20 {
@@ -293,12 +296,19 @@ fn main() -> Result<()> {
                 ensure!(e.code.is_none(), "deletion refused: {e:?}");
             }
         }
+        let del_seen = std::cell::Cell::new(None);
         let seen = listener
             .wait_for(sent + Duration::from_secs(5), |s: &Seen| {
+                if matches!(&s.1, Some(M::DelRule(m)) if decode::rule(m).is_some_and(|(k, _)| k == key)) {
+                    del_seen.set(Some(s.0));
+                }
                 matches!(&s.1, Some(M::NewRule(m)) if decode::rule(m).is_some_and(|(k, _)| k == key))
             })
             .ok_or_else(|| anyhow!("rule {d} not repaired within 5 s"))?;
         if d >= 20 {
+            if let Some(t) = del_seen.get() {
+                outage.push(seen.0.saturating_duration_since(t));
+            }
             lat.push(seen.0.saturating_duration_since(sent));
             del_part.push(acked.saturating_duration_since(sent));
             repair_part.push(seen.0.saturating_duration_since(acked));
@@ -358,10 +368,15 @@ fn main() -> Result<()> {
         ("all", &mut lat),
         ("deletion (send to ack)", &mut del_part),
         ("after the ack (to the re-add seen)", &mut repair_part),
+        ("deletion seen to re-add seen", &mut outage),
     ] {
+        if v.is_empty() {
+            continue;
+        }
         v.sort();
         println!(
-            "  {what}: p50 {:?} p90 {:?} p99 {:?} p99.9 {:?}",
+            "  {what} (n={}): p50 {:?} p90 {:?} p99 {:?} p99.9 {:?}",
+            v.len(),
             percentile(v, 0.5),
             percentile(v, 0.9),
             percentile(v, 0.99),
