@@ -4,6 +4,9 @@
 mod common;
 mod rig;
 use common::*;
+use netwarden::apply::RuleAdd;
+use netwarden::model::{Family, RuleAction, RuleKey};
+use netwarden::plan::Op;
 use rig::outage::{listener_in, Outage};
 use std::time::{Duration, Instant};
 
@@ -44,6 +47,22 @@ fn basic_spec() -> &'static str {
 "#
 }
 
+/// Deletes the protected IPv6 rule of `basic_spec` (RULE6) with iproute2.
+fn delete_rule6(ns: &netwarden::sandbox::Sandbox) {
+    ns.ip(&[
+        "-6",
+        "rule",
+        "del",
+        "priority",
+        "100",
+        "from",
+        "fd00:10:244:1::/64",
+        "table",
+        "77",
+    ])
+    .unwrap();
+}
+
 #[test]
 fn deleted_rule_route_ipv6_rule_and_address_come_back() {
     let ns = sandbox();
@@ -74,18 +93,7 @@ fn deleted_rule_route_ipv6_rule_and_address_come_back() {
             .any(|l| l.starts_with("10.60.0.0/24 via 10.200.0.2 dev veth0"))
     });
 
-    ns.ip(&[
-        "-6",
-        "rule",
-        "del",
-        "priority",
-        "100",
-        "from",
-        "fd00:10:244:1::/64",
-        "table",
-        "77",
-    ])
-    .unwrap();
+    delete_rule6(&ns);
     wait_until("ipv6 rule back", || count(&rules6(&ns), RULE6) == 1);
 
     ns.ip(&["address", "del", "10.200.0.7/24", "dev", "veth0"])
@@ -446,8 +454,7 @@ fn lost_events_are_noticed_and_everything_is_reread() {
     );
 }
 
-fn v4_rule(priority: u32, from: &str) -> netwarden::model::RuleKey {
-    use netwarden::model::{Family, RuleAction, RuleKey};
+fn v4_rule(priority: u32, from: &str) -> RuleKey {
     RuleKey::new(
         Family::Ipv4,
         priority,
@@ -462,17 +469,16 @@ fn v4_rule(priority: u32, from: &str) -> netwarden::model::RuleKey {
     )
 }
 
-/// Sends rule requests from a netlink socket of the test's own, in the namespace: each
-/// `(rule, add (else delete), extra flags)` in turn, `pause(i)` after the i-th; returns the
-/// errno of each (0: done).
+/// Sends rule requests from a netlink socket of the test's own, in the namespace, encoded as the
+/// applier encodes them: each `(op, how a rule is added)` in turn, `pause(i)` after the i-th;
+/// returns the errno of each (0: done).
 fn rule_requests(
     ns: &netwarden::sandbox::Sandbox,
-    requests: Vec<(netwarden::model::RuleKey, bool, u16)>,
+    requests: Vec<(Op, RuleAdd)>,
     pause: impl Fn(usize) -> Duration + Send + 'static,
 ) -> Vec<i32> {
-    use netwarden::apply::encode;
+    use rtnetlink::packet_core::Parseable;
     use rtnetlink::packet_core::{Emitable, NetlinkBuffer, NetlinkMessage, NetlinkPayload};
-    use rtnetlink::packet_core::{NetlinkHeader, Parseable, NLM_F_ACK, NLM_F_REQUEST};
     use rtnetlink::packet_route::RouteNetlinkMessage as M;
     use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
     let name = ns.name.clone();
@@ -482,18 +488,9 @@ fn rule_requests(
         sock.bind_auto().unwrap();
         sock.connect(&SocketAddr::new(0, 0)).unwrap();
         let mut errnos = Vec::new();
-        for (i, (key, add, flags)) in requests.into_iter().enumerate() {
-            let rule = encode::rule(&key, None);
-            let payload = if add {
-                M::NewRule(rule)
-            } else {
-                M::DelRule(rule)
-            };
-            let mut header = NetlinkHeader::default();
-            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-            header.sequence_number = i as u32 + 1;
-            let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-            msg.finalize();
+        for (i, (op, rules)) in requests.into_iter().enumerate() {
+            let mut msg = netwarden::apply::request(&op, rules);
+            msg.header.sequence_number = i as u32 + 1;
             let mut bytes = vec![0u8; msg.buffer_len()];
             msg.emit(&mut bytes);
             sock.send(&bytes, 0).unwrap();
@@ -517,12 +514,25 @@ fn rule_requests(
     .unwrap()
 }
 
+fn add(key: RuleKey) -> Op {
+    Op::AddRule {
+        key,
+        protocol: None,
+    }
+}
+
+fn delete(key: RuleKey) -> Op {
+    Op::DelRule {
+        key,
+        protocol: None,
+    }
+}
+
 /// The protected IPv4 rule of `basic_spec` once more, without NLM_F_EXCL (iproute2 always sets
 /// it): the kernel then holds it twice.
 fn add_rule_again(ns: &netwarden::sandbox::Sandbox) {
-    use rtnetlink::packet_core::NLM_F_CREATE;
     let key = v4_rule(100, "10.244.1.0/24");
-    let errnos = rule_requests(ns, vec![(key, true, NLM_F_CREATE)], |_| Duration::ZERO);
+    let errnos = rule_requests(ns, vec![(add(key), RuleAdd::Unchecked)], |_| Duration::ZERO);
     assert_eq!(errnos, [0], "rule refused");
 }
 
@@ -564,7 +574,6 @@ fn a_protected_rule_held_twice_is_cut_back_to_one_copy() {
 
 #[test]
 fn rules_put_back_by_someone_else_at_the_same_time_are_not_left_twice() {
-    use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
     const RULES: usize = 300;
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
@@ -588,8 +597,9 @@ fn rules_put_back_by_someone_else_at_the_same_time_are_not_left_twice() {
         .flat_map(|i| {
             let key = v4_rule(1000 + i as u32, &from(i));
             [
-                (key.clone(), false, 0),
-                (key, true, NLM_F_CREATE | NLM_F_EXCL),
+                // How a rule is added does not matter to a deletion.
+                (delete(key.clone()), RuleAdd::Exclusive),
+                (add(key), RuleAdd::Exclusive),
             ]
         })
         .collect();
@@ -608,18 +618,7 @@ fn rules_put_back_by_someone_else_at_the_same_time_are_not_left_twice() {
         .filter(|e| **e == nix::libc::EEXIST)
         .count();
     // Events are handled in order: once a later change is repaired, every earlier one was read.
-    ns.ip(&[
-        "-6",
-        "rule",
-        "del",
-        "priority",
-        "100",
-        "from",
-        "fd00:10:244:1::/64",
-        "table",
-        "77",
-    ])
-    .unwrap();
+    delete_rule6(&ns);
     wait_until("the sentinel rule back", || count(&rules6(&ns), RULE6) == 1);
     let shown = rules(&ns);
     for i in 0..RULES {

@@ -95,8 +95,9 @@ pub fn message(op: &Op) -> RouteNetlinkMessage {
     }
 }
 
-/// The request for an op, acknowledged (the batching clears that on all but the last).
-fn request(op: &Op, rules: RuleAdd) -> NetlinkMessage<RouteNetlinkMessage> {
+/// The request for an op, acknowledged (the batching clears that on all but the last). Public
+/// so that tests can send exactly what the applier sends.
+pub fn request(op: &Op, rules: RuleAdd) -> NetlinkMessage<RouteNetlinkMessage> {
     let (create, replace) = flags(op);
     let mut msg = encode::request(message(op), create, replace);
     if rules == RuleAdd::Unchecked && matches!(op, Op::AddRule { .. }) {
