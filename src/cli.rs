@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 pub use netwarden::netfilter::tools::BackendChoice;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -11,14 +12,15 @@ use std::path::PathBuf;
     about = "Keeps ip rules, routes and addresses in place, repairing drift from netlink events"
 )]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace) or a tracing filter directive.
+    /// Log level (off, error, warn, info, debug, trace) or comma-separated TARGET=LEVEL
+    /// directives (`warn,netwarden::reconcile=debug`). Default: $RUST_LOG, else info.
     #[arg(
         long,
         global = true,
-        default_value = "info",
-        env = "NETWARDEN_LOG_LEVEL"
+        env = "NETWARDEN_LOG_LEVEL",
+        value_parser = log_filter
     )]
-    pub log_level: String,
+    pub log_level: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -36,6 +38,22 @@ pub enum LogFormat {
 pub enum Output {
     Table,
     Json,
+}
+
+/// `spec.mode` of a snapshot.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Enforce,
+    Observe,
+}
+
+/// How much of a chain's rules or a set's members a snapshot owns.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ownership {
+    /// Require what is there now; never remove anything else.
+    Contains,
+    /// Exactly what is there now: anything else is removed.
+    Exact,
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,17 +91,22 @@ pub enum Command {
         /// The agent's HTTP address (its --metrics-addr).
         #[arg(long, default_value = "127.0.0.1:10370")]
         addr: String,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
+        /// Output format: a table, or JSON (kind Status, docs/cli.md).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Compare the kernel with the config once. Exit 0 in sync, 1 drift, 2 error.
     Check {
+        /// Config file (apiVersion netwarden.io/v1alpha1, kind ProtectedState).
         #[arg(long)]
         config: PathBuf,
+        /// Look inside this network namespace (a name under /run/netns, or a path).
         #[arg(long)]
         netns: Option<String>,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
+        /// Output format: a table, or JSON (kind CheckReport, docs/cli.md).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// iptables backend for protected chains: auto picks the one holding rules.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
         /// Also check the rules and routes adopted by a running agent (its --adopted-state).
@@ -93,6 +116,7 @@ pub enum Command {
     /// Print a config that protects what is live now, filtered by selectors (a kind without a
     /// selector is left out). The output validates; review it before use.
     Snapshot {
+        /// Look inside this network namespace (a name under /run/netns, or a path).
         #[arg(long)]
         netns: Option<String>,
         /// Route tables whose routes to protect (comma-separated: 77,100,main).
@@ -110,15 +134,34 @@ pub enum Command {
         /// Devices whose addresses to protect: a regex matched at the start of the name.
         #[arg(long)]
         addresses: Option<String>,
+        /// `spec.mode` of the config: enforce repairs drift, observe only reports it.
+        #[arg(long, value_enum, default_value_t = SnapshotMode::Enforce)]
+        mode: SnapshotMode,
+        /// `content` of the chains: contains requires today's rules and leaves others alone;
+        /// exact also removes rules added later.
+        #[arg(long, value_enum, default_value_t = Ownership::Contains)]
+        content: Ownership,
+        /// `membership` of the sets: contains requires today's members and leaves others alone;
+        /// exact also removes members added later.
+        #[arg(long, value_enum, default_value_t = Ownership::Contains)]
+        membership: Ownership,
+        /// iptables backend to read chains from: auto picks the one holding rules.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
     },
-    /// Validate a config file. Exit 0 valid, 2 invalid.
+    /// Validate a config file, or a ConfigMap manifest holding one (`-`: standard input).
+    /// Exit 0 valid, 2 invalid.
     Validate {
-        file: PathBuf,
-        /// Accept templates (`{{ node.podCIDRs.ipv4 }}`), as in a ConfigMap for Kubernetes mode.
+        /// A ProtectedState document, or a ConfigMap (or `kubectl kustomize` output with one)
+        /// whose data holds it; `-` reads standard input.
+        file: String,
+        /// Accept templates (`{{ node.podCIDRs.ipv4 }}`), as in a ConfigMap for Kubernetes mode
+        /// (implied for a ConfigMap manifest).
         #[arg(long)]
         kubernetes: bool,
+        /// The key of a ConfigMap manifest's data holding the config.
+        #[arg(long, default_value = "config.yaml")]
+        configmap_key: String,
     },
     /// Run a self-contained demonstration in a sandbox network namespace.
     Demo,
@@ -128,9 +171,14 @@ pub enum Command {
 /// from the cluster, repairs are told as Events on the Node (docs/kubernetes.md).
 #[derive(clap::Args, Debug)]
 pub struct KubeArgs {
-    /// The ConfigMap holding the config, as NAMESPACE/NAME. Turns Kubernetes mode on.
-    #[arg(long, env = "NETWARDEN_CONFIGMAP", value_name = "NAMESPACE/NAME")]
+    /// The ConfigMap holding the config, as NAMESPACE/NAME, or NAME in --configmap-namespace.
+    /// Turns Kubernetes mode on.
+    #[arg(long, env = "NETWARDEN_CONFIGMAP", value_name = "[NAMESPACE/]NAME")]
     pub configmap: Option<String>,
+    /// The namespace of a --configmap given as NAME (the DaemonSet passes the pod's own through
+    /// the downward API); default: the client's (in a pod, its service account's namespace).
+    #[arg(long, env = "POD_NAMESPACE", requires = "configmap")]
+    pub configmap_namespace: Option<String>,
     /// The ConfigMap key holding the config.
     #[arg(long, default_value = "config.yaml", requires = "configmap")]
     pub configmap_key: String,
@@ -149,4 +197,104 @@ pub struct KubeArgs {
     /// Repairs are summed over this many milliseconds per Event (tests shorten it).
     #[arg(long, hide = true, default_value_t = 10_000)]
     pub event_window_ms: u64,
+}
+
+/// Checks a log filter: levels (`off`, `error`, `warn`, `info`, `debug`, `trace`) and
+/// `TARGET=LEVEL` directives, comma-separated. tracing itself would take a bare word as a target
+/// to log at every level, so a misspelt level would silently log nothing: refused here.
+pub fn log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    if s.trim().is_empty() {
+        return Err("empty: use a level (off, error, warn, info, debug, trace) or TARGET=LEVEL".into());
+    }
+    for d in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !is_level(level) {
+            return Err(format!(
+                "`{d}`: not a level (off, error, warn, info, debug, trace) or TARGET=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("`{s}`: {e}"))?;
+    Ok(s.to_owned())
+}
+
+/// Standard output for the commands' reports. A reader that goes away early (`netwarden check
+/// -o json | head`) closes the pipe: the rest is dropped quietly and the command still exits
+/// with its own code, instead of failing on EPIPE (Rust ignores SIGPIPE, so every write would
+/// return the error and `print!` would panic).
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::io::stdout().lock().write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(buf.len()),
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match std::io::stdout().lock().flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r,
+        }
+    }
+}
+
+/// Writes a report to standard output (see [`Stdout`]).
+pub fn emit(text: &str) -> std::io::Result<()> {
+    let mut out = Stdout;
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && !a.is_hide_set() && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "netwarden", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn log_filters_are_checked() {
+        for ok in ["info", "DEBUG", "warn,netwarden::reconcile=debug", "netwarden=trace", "off"] {
+            assert_eq!(log_filter(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for bad in ["", "verbose", "infoo", "netwarden", "netwarden=loud", "info,=x"] {
+            assert!(log_filter(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn output_has_a_short_flag() {
+        let cli = Cli::try_parse_from(["netwarden", "status", "-o", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status {
+                output: Output::Json,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["netwarden", "check", "--config", "x", "-o", "yaml"]).is_err());
+    }
 }

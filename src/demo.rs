@@ -252,7 +252,7 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
     write!(
         out,
         "check: {}",
-        crate::check::render_table(&desired, &plan)
+        crate::check::Report::new(&desired, &plan).render_table()
     )?;
     let _ = stop_tx.send(());
     let _ = agent.join();

@@ -16,18 +16,15 @@ pub fn run(
     adopted_state: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let cm = kube.configmap.context("--configmap is required")?;
-    let (namespace, name) = cm
-        .split_once('/')
-        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
-        .with_context(|| format!("--configmap `{cm}`: use NAMESPACE/NAME"))?;
+    let (namespace, name) = configmap_ref(&cm, kube.configmap_namespace.as_deref())?;
     let node_name = kube
         .node_name
         .context("Kubernetes mode needs the node's name: --node-name or NODE_NAME")?;
     let opts = cluster::Options {
         kubeconfig: kube.kubeconfig,
         node_name,
-        configmap_namespace: namespace.to_owned(),
-        configmap_name: name.to_owned(),
+        configmap_namespace: namespace,
+        configmap_name: name,
         configmap_key: kube.configmap_key,
         service_selector: kube.service_selector,
         state_file: kube.state_file,
@@ -132,4 +129,36 @@ pub fn run(
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--configmap NAMESPACE/NAME`, or `NAME` in `--configmap-namespace` (POD_NAMESPACE); `None`:
+/// the client's default namespace.
+fn configmap_ref(arg: &str, namespace: Option<&str>) -> anyhow::Result<(Option<String>, String)> {
+    let bad = || anyhow::anyhow!("--configmap `{arg}`: use NAMESPACE/NAME or NAME");
+    let namespace = namespace.map(str::trim).filter(|n| !n.is_empty());
+    match arg.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((Some(ns.to_owned()), name.to_owned()))
+        }
+        Some(_) => Err(bad()),
+        None if arg.is_empty() => Err(bad()),
+        None => Ok((namespace.map(str::to_owned), arg.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::configmap_ref;
+
+    #[test]
+    fn the_configmap_namespace_comes_from_the_argument_or_the_pod() {
+        let r = |a, ns| configmap_ref(a, ns).map_err(|e| e.to_string());
+        assert_eq!(r("kube-system/nw", Some("x")), Ok((Some("kube-system".into()), "nw".into())));
+        assert_eq!(r("nw", Some("kube-system")), Ok((Some("kube-system".into()), "nw".into())));
+        assert_eq!(r("nw", None), Ok((None, "nw".into())));
+        assert_eq!(r("nw", Some(" ")), Ok((None, "nw".into())));
+        for bad in ["", "/nw", "ns/", "a/b/c"] {
+            assert!(r(bad, None).is_err(), "{bad}");
+        }
+    }
 }

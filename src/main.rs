@@ -3,7 +3,7 @@ mod kubernetes;
 
 use anyhow::Context;
 use clap::Parser;
-use cli::{BackendChoice, Cli, Command, LogFormat, Output};
+use cli::{emit, BackendChoice, Cli, Command, LogFormat, Output};
 use netwarden::config::{self, Config};
 use netwarden::desired::DesiredState;
 use netwarden::netfilter::guard::Guard;
@@ -15,8 +15,17 @@ use tracing_subscriber::EnvFilter;
 /// Exit code for errors (bad config, cannot reach the kernel); 1 is kept for "drift" in `check`.
 const EXIT_ERROR: u8 = 2;
 
-fn init_logging(cli: &Cli) {
-    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+/// The log filter: --log-level (or NETWARDEN_LOG_LEVEL), else RUST_LOG, else `info`. A filter
+/// that does not parse is an error, not a silent fallback.
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let text = match (&cli.log_level, std::env::var("RUST_LOG")) {
+        (Some(level), _) => level.clone(),
+        (None, Ok(env)) if !env.trim().is_empty() => {
+            cli::log_filter(&env).map_err(|e| anyhow::anyhow!("RUST_LOG: {e}"))?
+        }
+        _ => "info".to_owned(),
+    };
+    let filter = EnvFilter::try_new(&text)?;
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -26,13 +35,21 @@ fn init_logging(cli: &Cli) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("netwarden: {e:#}");
+        return ExitCode::from(EXIT_ERROR);
+    }
     let result = match cli.command {
-        Command::Validate { file, kubernetes } => validate(&file, kubernetes),
+        Command::Validate {
+            file,
+            kubernetes,
+            configmap_key,
+        } => validate(&file, kubernetes, &configmap_key),
         Command::Run {
             config: Some(config),
             kube: _,
@@ -83,12 +100,16 @@ fn main() -> ExitCode {
             chains,
             sets,
             addresses,
+            mode,
+            content,
+            membership,
             iptables_backend,
         } => snapshot(
             netns.as_deref(),
             &tables,
             priorities.as_deref(),
             [chains, sets, addresses],
+            (mode, content, membership),
             iptables_backend,
         ),
     };
@@ -106,31 +127,39 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn validate(file: &std::path::Path, kubernetes: bool) -> anyhow::Result<ExitCode> {
-    let cfg = if kubernetes {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("{}: cannot read the file", file.display()))?;
-        config::parse_kubernetes(&file.display().to_string(), &text)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode> {
+    let (source, text) = if file == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read standard input")?;
+        ("<stdin>".to_owned(), text)
     } else {
-        load(file)?
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("{file}: cannot read the file"))?;
+        (file.to_owned(), text)
     };
-    println!(
-        "{}: valid: {} rules, {} routes, {} addresses, {} chains, {} ipsets, resync {:?}",
-        file.display(),
+    // The config error already names the file, line and field.
+    let doc = config::parse_document(&source, &text, key, kubernetes)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = &doc.config;
+    let what = match &doc.configmap {
+        Some(cm) => format!("{source}: {cm}"),
+        None => source.clone(),
+    };
+    emit(&format!(
+        "{what}: valid: {} rules, {} routes, {} addresses, {} chains, {} ipsets, resync {:?}\n",
         cfg.rules.len(),
         cfg.routes.len(),
         cfg.addresses.len(),
         cfg.chains.len(),
         cfg.ipsets.len(),
         cfg.resync
-    );
+    ))?;
     if !cfg.templates.is_empty() {
-        println!(
-            "{}: {} objects with templates",
-            file.display(),
+        emit(&format!(
+            "{what}: {} objects with templates\n",
             cfg.templates.len()
-        );
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -233,8 +262,8 @@ fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
     let status: obs::status::Status = serde_json::from_str(&body)
         .context("the agent's /status is not what this version reads")?;
     match output {
-        Output::Table => print!("{}", obs::status::render_table(&status)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Table => emit(&obs::status::render_table(&status))?,
+        Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&status)?))?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -279,18 +308,16 @@ fn check(
     let nf = check::NetfilterReport {
         chains: chain_drift,
         ipsets,
-        protected: chains.len() + sets.len(),
+        chains_protected: chains.len(),
+        ipsets_protected: sets.len(),
         adopted,
     };
+    let report = check::Report::new(&desired, &plan).with_netfilter(nf);
     match output {
-        Output::Table => print!(
-            "{}{}",
-            check::render_table(&desired, &plan),
-            nf.render_table()
-        ),
-        Output::Json => println!("{}", nf.merge_json(&check::render_json(&desired, &plan))),
+        Output::Table => emit(&report.render_table())?,
+        Output::Json => emit(&report.render_json())?,
     }
-    Ok(if plan.is_empty() && nf.is_empty() {
+    Ok(if report.in_sync {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -298,7 +325,7 @@ fn check(
 }
 
 fn demo_command() -> anyhow::Result<ExitCode> {
-    let mut out = std::io::stdout();
+    let mut out = cli::Stdout;
     demo::run(&mut out, Duration::from_secs(10))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -308,9 +335,11 @@ fn snapshot(
     tables: &[String],
     priorities: Option<&str>,
     [chains, sets, addresses]: [Option<String>; 3],
+    (mode, content, membership): (cli::SnapshotMode, cli::Ownership, cli::Ownership),
     backend: BackendChoice,
 ) -> anyhow::Result<ExitCode> {
-    use netwarden::snapshot::{self, Selectors};
+    use netwarden::netfilter::model::Content;
+    use netwarden::snapshot::{self, Selectors, Style};
     let re = |p: Option<String>| {
         p.map(|p| snapshot::selector(&p))
             .transpose()
@@ -332,15 +361,29 @@ fn snapshot(
         sets: re(sets)?,
         addresses: re(addresses)?,
     };
+    if sel.is_empty() {
+        tracing::warn!("no selector given (--tables, --priorities, --chains, --sets, --addresses): the snapshot protects nothing");
+    }
+    let ownership = |o: cli::Ownership| match o {
+        cli::Ownership::Contains => Content::Contains,
+        cli::Ownership::Exact => Content::Exact,
+    };
+    let style = Style {
+        mode: match mode {
+            cli::SnapshotMode::Enforce => netwarden::model::Mode::Enforce,
+            cli::SnapshotMode::Observe => netwarden::model::Mode::Observe,
+        },
+        content: ownership(content),
+        membership: ownership(membership),
+    };
     let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     let rt = runtime(netns)?;
-    print!(
-        "{}",
-        rt.block_on(snapshot::take(
-            &sel,
-            backend,
-            &format!("netwarden {command}")
-        ))?
-    );
+    let text = rt.block_on(snapshot::take(
+        &sel,
+        style,
+        backend,
+        &format!("netwarden {command}"),
+    ))?;
+    emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }

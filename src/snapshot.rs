@@ -3,8 +3,9 @@
 //! YAML rendering is pure and unit-tested. The output is validated with the config parser
 //! before it is printed.
 
-use crate::model::{protocol_name, table_name, Family, RouteType, RuleAction, PROTO_UNSPEC};
-use crate::netfilter::model::{Table, TableId};
+use crate::model::route::scope_name;
+use crate::model::{protocol_name, table_name, Family, Mode, RouteType, RuleAction, PROTO_UNSPEC};
+use crate::netfilter::model::{Content, Table, TableId};
 use crate::netfilter::parse::{self, SavedSet, SavedTable};
 use crate::netfilter::tools::{self, BackendChoice, ToolError};
 use crate::observe::kernel::{self, ObserveError};
@@ -38,6 +39,40 @@ pub struct Selectors {
     pub addresses: Option<Regex>,
 }
 
+impl Selectors {
+    /// Nothing selected: the snapshot would protect nothing.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+            && self.priorities.is_none()
+            && self.chains.is_none()
+            && self.sets.is_none()
+            && self.addresses.is_none()
+    }
+}
+
+/// How the snapshot protects what it lists. The defaults are safe to enforce at once: chains
+/// and sets `contains` (what is there now is required, nothing that appears later is removed),
+/// so enforcing the snapshot never deletes a rule or a member that its owner adds afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Style {
+    /// `spec.mode`.
+    pub mode: Mode,
+    /// `content` of every chain.
+    pub content: Content,
+    /// `membership` of every set.
+    pub membership: Content,
+}
+
+impl Default for Style {
+    fn default() -> Style {
+        Style {
+            mode: Mode::Enforce,
+            content: Content::Contains,
+            membership: Content::Contains,
+        }
+    }
+}
+
 /// Compiles a selector: a regex matched from the start of the name (`CNI-` is a prefix).
 pub fn selector(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})")).map_err(|e| format!("`{pattern}`: {e}"))
@@ -65,10 +100,14 @@ pub fn priorities(s: &str) -> Result<(u32, u32), String> {
 /// Reads the kernel and the tools, renders the config and validates it.
 pub async fn take(
     sel: &Selectors,
+    style: Style,
     backend: BackendChoice,
     command: &str,
 ) -> Result<String, SnapshotError> {
-    let mut out = header(command);
+    let mut out = header(command, style.mode);
+    if sel.is_empty() {
+        out.push_str("  # No selector was given: nothing is protected.\n");
+    }
     if !sel.tables.is_empty() || sel.priorities.is_some() || sel.addresses.is_some() {
         let mut handle = kernel::connect()?;
         let mut mirror = Mirror::new(RouteInterest::All);
@@ -92,7 +131,7 @@ pub async fn take(
                 }
             }
         }
-        out.push_str(&render_chains(&saved, re));
+        out.push_str(&render_chains(&saved, re, style.content));
     }
     if let Some(re) = &sel.sets {
         let text = tools::run("ipset", &["save"], None).await?.stdout;
@@ -100,17 +139,21 @@ pub async fn take(
             program: "ipset".into(),
             source,
         })?;
-        out.push_str(&render_sets(&sets, re));
+        out.push_str(&render_sets(&sets, re, style.membership));
     }
     crate::config::parse("snapshot", &out).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     Ok(out)
 }
 
-fn header(command: &str) -> String {
+fn header(command: &str, mode: Mode) -> String {
+    let mode = match mode {
+        Mode::Enforce => "enforce",
+        Mode::Observe => "observe",
+    };
     format!(
         "# Protects what was live when this was taken ({command}).\n\
          # Review it before use: everything listed here will be put back when it goes missing.\n\
-         apiVersion: {}\nkind: {}\nmetadata:\n  name: snapshot\nspec:\n",
+         apiVersion: {}\nkind: {}\nmetadata:\n  name: snapshot\nspec:\n  mode: {mode}\n",
         crate::config::API_VERSION,
         crate::config::KIND
     )
@@ -286,7 +329,7 @@ fn render_kernel(sel: &Selectors, mirror: &Mirror) -> String {
                     let _ = writeln!(body, "      source: {}", q(&s.to_string()));
                 }
                 if r.scope != 0 {
-                    let _ = writeln!(body, "      scope: {}", r.scope);
+                    let _ = writeln!(body, "      scope: {}", scope_name(r.scope));
                 }
                 if r.protocol != PROTO_UNSPEC {
                     let _ = writeln!(body, "      protocol: {}", q(&protocol_name(r.protocol)));
@@ -335,10 +378,14 @@ fn render_kernel(sel: &Selectors, mirror: &Mirror) -> String {
     out
 }
 
-/// The chains whose names match, each `exact` with its rules as printed, and the jumps into
-/// them from builtin chains. A jump from another user chain is covered when that chain is
-/// selected too (it is one of its rules); otherwise it is named in a comment.
-pub fn render_chains(saved: &BTreeMap<TableId, SavedTable>, re: &Regex) -> String {
+/// The chains whose names match, each with its rules as printed (`content` as asked), and the
+/// jumps into them from builtin chains. A jump from another user chain is covered when that
+/// chain is selected too (it is one of its rules); otherwise it is named in a comment.
+pub fn render_chains(
+    saved: &BTreeMap<TableId, SavedTable>,
+    re: &Regex,
+    content: Content,
+) -> String {
     let mut body = String::new();
     for (id, table) in saved {
         for (chain, c) in &table.chains {
@@ -353,7 +400,7 @@ pub fn render_chains(saved: &BTreeMap<TableId, SavedTable>, re: &Regex) -> Strin
             ]);
             let _ = writeln!(
                 body,
-                "    - name: {name}\n      family: {}\n      table: {}\n      chain: {}\n      content: exact",
+                "    - name: {name}\n      family: {}\n      table: {}\n      chain: {}\n      content: {content}",
                 id.family,
                 id.table,
                 q(chain)
@@ -395,7 +442,7 @@ pub fn render_chains(saved: &BTreeMap<TableId, SavedTable>, re: &Regex) -> Strin
     format!("  chains:\n{body}")
 }
 
-pub fn render_sets(sets: &HashMap<String, SavedSet>, re: &Regex) -> String {
+pub fn render_sets(sets: &HashMap<String, SavedSet>, re: &Regex, membership: Content) -> String {
     let mut names: Vec<&String> = sets.keys().filter(|n| matches(re, n)).collect();
     names.sort();
     let mut body = String::new();
@@ -418,7 +465,7 @@ pub fn render_sets(sets: &HashMap<String, SavedSet>, re: &Regex) -> String {
         members.sort();
         let _ = writeln!(
             body,
-            "    - name: {}\n      type: {}\n      family: {family}\n      membership: exact",
+            "    - name: {}\n      type: {}\n      family: {family}\n      membership: {membership}",
             q(n),
             q(&s.kind)
         );
@@ -464,8 +511,8 @@ mod tests {
         );
         let yaml = format!(
             "{}{}",
-            header("test"),
-            render_chains(&saved, &selector("CNI-").unwrap())
+            header("test", Mode::Enforce),
+            render_chains(&saved, &selector("CNI-").unwrap(), Content::Contains)
         );
         let cfg =
             crate::config::parse("snap.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -490,7 +537,14 @@ mod tests {
         assert_eq!(hp.jumps[0].chain, "PREROUTING");
         assert_eq!(format!("{:?}", hp.jumps[0].position), "First");
         // Nothing selected: nothing rendered.
-        assert_eq!(render_chains(&saved, &selector("KUBE-").unwrap()), "");
+        assert_eq!(
+            render_chains(&saved, &selector("KUBE-").unwrap(), Content::Contains),
+            ""
+        );
+        // contains by default (safe to enforce), exact when asked.
+        assert!(br.content == Content::Contains, "{yaml}");
+        let exact = render_chains(&saved, &selector("CNI-1234").unwrap(), Content::Exact);
+        assert!(exact.contains("content: exact"), "{exact}");
     }
 
     #[test]
@@ -498,13 +552,16 @@ mod tests {
         let sets = parse::ipset_save("create a hash:ip family inet hashsize 1024\nadd a 10.0.0.1\nadd a 10.0.0.2\ncreate b hash:net,port family inet6\nadd b fd00::/64,tcp:80\ncreate c list:set size 8\ncreate skip hash:ip family inet\n").unwrap();
         let yaml = format!(
             "{}{}",
-            header("test"),
-            render_sets(&sets, &selector("a|b|c").unwrap())
+            header("test", Mode::Observe),
+            render_sets(&sets, &selector("a|b|c").unwrap(), Content::Contains)
         );
         let cfg =
             crate::config::parse("snap.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         assert_eq!(cfg.ipsets.len(), 2);
         assert_eq!(cfg.ipsets[0].members.len(), 2);
+        assert_eq!(cfg.ipsets[0].membership, Content::Contains);
+        assert_eq!(cfg.mode, Mode::Observe);
+        assert_eq!(cfg.ipsets[0].mode, Mode::Observe);
         assert!(yaml.contains("c: type list:set is not supported"));
     }
 

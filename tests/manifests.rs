@@ -1,21 +1,28 @@
-//! The deployment files (issue 6): the Dockerfile, the kustomize base in deploy/ and the overlays
-//! in deploy/examples/.
+//! The deployment files (issues 6 and 20): the Dockerfile, the kustomize base, Namespace,
+//! components and overlays in deploy/.
 //!
-//! - The base and every overlay are rendered with [`render`], the subset of kustomize these files
-//!   use (`resources` — files and directories — and `patches` with a `path`, merged as a
-//!   strategic merge patch of maps). Any other kustomization field is refused, so the renderer
-//!   cannot silently ignore one. Where `kubectl` is installed, its `kubectl kustomize` output is
-//!   compared with ours (Debian 12, where CI runs, packages neither kubectl nor kustomize).
+//! - Everything is rendered with tests/kustomize, the subset of kustomize deploy/ uses; where
+//!   `kubectl` is installed its `kubectl kustomize` output is compared with ours (Debian 12, where
+//!   CI runs, packages neither kubectl nor kustomize).
 //! - Every rendered built-in object validates offline, strictly (unknown fields are errors),
 //!   against the schemas of Kubernetes 1.30 to 1.34 with `kubernetes-validate` (PyPI; `make deps`
 //!   installs it in .tools/venv). The Prometheus Operator objects (ServiceMonitor,
 //!   PrometheusRule) have no schema there: they are checked structurally here instead.
-//! - Each overlay's config passes `netwarden validate --kubernetes`.
-//! - The Dockerfile is checked statically (no container engine in CI).
+//! - An overlay that moves everything to another namespace is rendered and checked to agree with
+//!   itself: the agent's ConfigMap, its RBAC (evaluated as the API server's authorizer does),
+//!   the ServiceMonitor, the dashboard ConfigMap.
+//! - Each overlay's config passes `netwarden validate`, in its ConfigMap form.
+//! - The Dockerfile is checked statically (no container engine in CI); the version is the same
+//!   in Cargo.toml, the image tag, the labels and the CHANGELOG.
 
+mod fake_apiserver;
+mod kustomize;
+
+use fake_apiserver::{Attributes, Rbac};
+use kustomize::{id, render, yaml_docs, Overlay};
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 const VERSIONS: &[&str] = &["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0"];
@@ -25,93 +32,40 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn yaml_docs(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
-    docs.into_iter().filter(|d| !d.is_null()).collect()
+fn deploy(path: &str) -> PathBuf {
+    root().join("deploy").join(path)
 }
 
-/// Strategic merge of maps as kustomize does it for the fields used here: maps merge key by key,
-/// `null` deletes, anything else (strings, lists) replaces.
-fn merge(base: &mut Value, patch: &Value) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    b.remove(k);
-                } else if let Some(old) = b.get_mut(k) {
-                    merge(old, v);
-                } else {
-                    b.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        (b, p) => *b = p.clone(),
-    }
+/// Every directory an operator applies or builds on: the Namespace, the base (also through
+/// deploy/ itself) and the overlays.
+fn shipped_dirs() -> Vec<PathBuf> {
+    [deploy("namespace"), root().join("deploy"), deploy("base")]
+        .into_iter()
+        .chain(OVERLAYS.iter().map(|o| deploy("examples").join(o)))
+        .collect()
 }
 
-fn id(o: &Value) -> (String, String, String) {
-    let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
-    (
-        s(&o["kind"]),
-        s(&o["metadata"]["namespace"]),
-        s(&o["metadata"]["name"]),
+/// What an operator writes to run the agent in a namespace of their own: the base, every
+/// optional part, and the AWS VPC CNI overlay's config (it asks for podLiveness).
+fn other_namespace(ns: &str) -> Overlay {
+    Overlay::new(
+        ns,
+        &[&deploy("base")],
+        &[
+            &deploy("components/pod-liveness"),
+            &deploy("components/kube-prometheus-stack"),
+            &deploy("grafana"),
+        ],
+        &[&deploy("examples/aws-vpc-cni/configmap.yaml")],
     )
 }
 
-/// Renders a kustomization directory: the subset of kustomize used in deploy/.
-fn render(dir: &Path) -> Vec<Value> {
-    let k = yaml_docs(&dir.join("kustomization.yaml"));
-    assert_eq!(k.len(), 1, "{}: one document", dir.display());
-    let k = k[0].as_object().unwrap();
-    for key in k.keys() {
-        assert!(
-            ["apiVersion", "kind", "resources", "patches"].contains(&key.as_str()),
-            "{}: `{key}` is not in the kustomize subset tests/manifests.rs renders; extend render()",
-            dir.display()
-        );
-    }
-    assert_eq!(k["kind"], "Kustomization");
-    let mut objects = Vec::new();
-    for r in k["resources"].as_array().expect("resources") {
-        let path = dir.join(r.as_str().unwrap());
-        if path.is_dir() {
-            objects.extend(render(&path));
-        } else {
-            objects.extend(yaml_docs(&path));
-        }
-    }
-    for p in k
-        .get("patches")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let p = p.as_object().unwrap();
-        assert_eq!(
-            p.keys().collect::<Vec<_>>(),
-            ["path"],
-            "only `path` patches"
-        );
-        for patch in yaml_docs(&dir.join(p["path"].as_str().unwrap())) {
-            let target = objects
-                .iter_mut()
-                .find(|o| id(o) == id(&patch) && o["apiVersion"] == patch["apiVersion"])
-                .unwrap_or_else(|| {
-                    panic!("{}: patch target {:?} missing", dir.display(), id(&patch))
-                });
-            merge(target, &patch);
-        }
-    }
-    let ids: BTreeSet<_> = objects.iter().map(id).collect();
-    assert_eq!(
-        ids.len(),
-        objects.len(),
-        "{}: duplicate objects",
-        dir.display()
-    );
-    objects
+fn cargo_version() -> String {
+    std::fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \"").map(|v| v.trim_end_matches('"').to_owned()))
+        .unwrap()
 }
 
 fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
@@ -135,12 +89,10 @@ fn sorted(mut v: Vec<Value>) -> Vec<Value> {
 
 #[test]
 fn our_rendering_matches_kubectl_kustomize_where_kubectl_exists() {
-    let dirs: Vec<PathBuf> = std::iter::once(root().join("deploy"))
-        .chain(
-            OVERLAYS
-                .iter()
-                .map(|o| root().join("deploy/examples").join(o)),
-        )
+    let overlay = other_namespace("kube-system");
+    let dirs: Vec<PathBuf> = shipped_dirs()
+        .into_iter()
+        .chain([overlay.path().to_path_buf()])
         .collect();
     for dir in dirs {
         let ours = sorted(render(&dir));
@@ -185,6 +137,27 @@ fn render_applies_patches_and_refuses_unknown_fields() {
     .unwrap();
     let o = render(d);
     assert_eq!(o[0]["data"], serde_json::json!({"x": "3"}));
+    // namespace: moves every namespaced object and renames a Namespace.
+    std::fs::write(
+        d.join("ns.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: c}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: m\nresources: [cm.yaml, ns.yaml]\n",
+    )
+    .unwrap();
+    let o = render(d);
+    let ids: BTreeSet<_> = o.iter().map(id).collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([
+            ("ConfigMap".into(), "m".into(), "a".into()),
+            ("Namespace".into(), "".into(), "m".into()),
+            ("ClusterRole".into(), "".into(), "c".into()),
+        ])
+    );
     std::fs::write(
         d.join("kustomization.yaml"),
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [cm.yaml]\nnamePrefix: x-\n",
@@ -241,19 +214,25 @@ fn is_crd(o: &Value) -> bool {
 #[test]
 fn base_and_overlays_validate_against_kubernetes_schemas() {
     let mut all = Vec::new();
-    for dir in std::iter::once(root().join("deploy")).chain(
-        OVERLAYS
-            .iter()
-            .map(|o| root().join("deploy/examples").join(o)),
-    ) {
+    let overlay = other_namespace("kube-system");
+    for dir in shipped_dirs().into_iter().chain([overlay.path().to_path_buf()]) {
         let objects = render(&dir);
+        let expected = match dir.file_name().unwrap().to_str().unwrap() {
+            "namespace" => 1,
+            "aws-vpc-cni" => 12,
+            _ if dir == overlay.path() => 13,
+            _ => 10,
+        };
         assert_eq!(
             objects.len(),
-            9,
+            expected,
             "{}: {:?}",
             dir.display(),
             objects.iter().map(id).collect::<Vec<_>>()
         );
+        // The Namespace object is applied on its own, never with the agent.
+        let namespaces = objects.iter().filter(|o| o["kind"] == "Namespace").count();
+        assert_eq!(namespaces, usize::from(dir.ends_with("namespace")), "{}", dir.display());
         all.extend(objects.into_iter().filter(|o| !is_crd(o)));
     }
     for v in VERSIONS {
@@ -282,6 +261,175 @@ fn strings(v: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// The ConfigMap the agent of a rendered DaemonSet reads: `--configmap [NS/]NAME`, the namespace
+/// otherwise from POD_NAMESPACE, resolved as the kubelet resolves the downward API.
+fn configmap_read_by(objects: &[Value]) -> (String, String) {
+    let ds = find(objects, "DaemonSet");
+    let c = container(objects);
+    let args = strings(&c["args"]);
+    let value = args[args.iter().position(|a| *a == "--configmap").unwrap() + 1];
+    if let Some((ns, name)) = value.split_once('/') {
+        return (ns.to_owned(), name.to_owned());
+    }
+    let env = c["env"].as_array().unwrap();
+    let pod_ns = env
+        .iter()
+        .find(|e| e["name"] == "POD_NAMESPACE")
+        .expect("POD_NAMESPACE for a --configmap without a namespace");
+    assert_eq!(
+        pod_ns["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
+        "POD_NAMESPACE from the downward API"
+    );
+    (
+        ds["metadata"]["namespace"].as_str().unwrap().to_owned(),
+        value.to_owned(),
+    )
+}
+
+/// The agent's ServiceAccount and what RBAC grants it, evaluated like the API server does.
+fn rbac_of(objects: &[Value]) -> Rbac {
+    let sa = find(objects, "ServiceAccount");
+    let pod = &find(objects, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    Rbac::for_service_account(
+        objects,
+        sa["metadata"]["namespace"].as_str().unwrap(),
+        sa["metadata"]["name"].as_str().unwrap(),
+    )
+}
+
+fn request(verb: &str, group: &str, resource: &str, ns: Option<&str>, name: Option<&str>) -> Attributes {
+    Attributes {
+        verb: verb.into(),
+        group: group.into(),
+        resource: resource.into(),
+        namespace: ns.map(Into::into),
+        name: name.map(Into::into),
+    }
+}
+
+/// Checks the RBAC of rendered manifests against what the agent asks for (src/cluster/run.rs),
+/// and that it allows nothing next to it.
+fn check_rbac(objects: &[Value], pods: bool) {
+    let rbac = rbac_of(objects);
+    let (ns, cm) = configmap_read_by(objects);
+    let allowed = |a: &Attributes| rbac.allows(a);
+    for verb in ["list", "watch"] {
+        for a in [
+            request(verb, "", "configmaps", Some(&ns), Some(&cm)),
+            request(verb, "", "nodes", None, Some("node-1")),
+            request(verb, "", "services", None, None),
+            request(verb, "discovery.k8s.io", "endpointslices", Some("default"), Some("kubernetes")),
+        ] {
+            assert!(allowed(&a), "not allowed: {a:?}");
+        }
+        let pod_list = request(verb, "", "pods", None, None);
+        assert_eq!(allowed(&pod_list), pods, "{pod_list:?}");
+        for a in [
+            request(verb, "", "configmaps", Some(&ns), None),
+            request(verb, "", "configmaps", Some(&ns), Some("other")),
+            request(verb, "", "configmaps", Some("elsewhere"), Some(&cm)),
+            request(verb, "", "configmaps", None, Some(&cm)),
+            request(verb, "discovery.k8s.io", "endpointslices", Some("default"), None),
+            request(verb, "", "secrets", Some(&ns), None),
+        ] {
+            assert!(!allowed(&a), "allowed: {a:?}");
+        }
+    }
+    assert!(allowed(&request("create", "", "events", Some("default"), None)));
+    for verb in ["get", "update", "delete", "create", "patch"] {
+        assert!(!allowed(&request(verb, "", "configmaps", Some(&ns), Some(&cm))), "{verb}");
+        assert!(!allowed(&request(verb, "", "services", Some("default"), Some("x"))), "{verb}");
+    }
+}
+
+#[test]
+fn rbac_grants_what_the_agent_asks_for_and_nothing_beside() {
+    for dir in shipped_dirs().into_iter().filter(|d| !d.ends_with("namespace")) {
+        let o = render(&dir);
+        check_rbac(&o, dir.ends_with("aws-vpc-cni"));
+    }
+    // The evaluation can fail: without the Role, the ConfigMap cannot be read.
+    let mut o = render(&deploy("base"));
+    o.retain(|o| o["kind"] != "Role");
+    let rbac = rbac_of(&o);
+    assert!(!rbac.allows(&request("list", "", "configmaps", Some("netwarden"), Some("netwarden"))));
+}
+
+#[test]
+fn an_overlay_in_another_namespace_agrees_with_itself() {
+    let o = other_namespace("kube-system").render();
+    // Everything namespaced moved; nothing is left in `netwarden`, and no Namespace object.
+    for obj in &o {
+        let (kind, ns, name) = id(obj);
+        assert_ne!(kind, "Namespace");
+        if !kustomize::is_cluster_scoped(obj) {
+            assert_eq!(ns, "kube-system", "{kind} {name}");
+        }
+        for s in obj["subjects"].as_array().into_iter().flatten() {
+            assert_eq!(s["namespace"], "kube-system", "{kind} {name}: {s}");
+        }
+    }
+    // The agent reads the overlay's ConfigMap, which holds the AWS VPC CNI config.
+    let (ns, name) = configmap_read_by(&o);
+    let cm = o
+        .iter()
+        .find(|x| x["kind"] == "ConfigMap" && x["metadata"]["name"] == name.as_str())
+        .expect("the ConfigMap the agent reads");
+    assert_eq!(cm["metadata"]["namespace"], ns.as_str());
+    assert!(cm["data"]["config.yaml"].as_str().unwrap().contains("aws-vpc-cni"));
+    // Its RBAC covers that ConfigMap, the Pods (podLiveness) and nothing in `netwarden`.
+    check_rbac(&o, true);
+    assert!(!rbac_of(&o).allows(&request("list", "", "configmaps", Some("netwarden"), Some(&name))));
+    // Prometheus finds the Service from the ServiceMonitor's own namespace, and the stack's
+    // selector label is on both Prometheus Operator objects.
+    let sm = find(&o, "ServiceMonitor");
+    let svc = find(&o, "Service");
+    assert_eq!(sm["metadata"]["namespace"], svc["metadata"]["namespace"]);
+    let selector = &sm["spec"]["namespaceSelector"];
+    assert!(
+        selector.is_null() || strings(&selector["matchNames"]).contains(&"kube-system"),
+        "{selector}"
+    );
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        assert_eq!(find(&o, kind)["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    }
+    // The dashboard ConfigMap for the Grafana sidecar is the JSON file, byte for byte.
+    let dash = o
+        .iter()
+        .find(|x| x["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("the dashboard ConfigMap");
+    let json = std::fs::read_to_string(deploy("grafana/netwarden.json")).unwrap();
+    assert_eq!(dash["data"]["netwarden.json"], json.as_str());
+    serde_json::from_str::<Value>(dash["data"]["netwarden.json"].as_str().unwrap()).unwrap();
+}
+
+#[test]
+fn the_version_is_the_same_everywhere() {
+    let version = cargo_version();
+    let o = render(&deploy("base"));
+    let image = container(&o)["image"].as_str().unwrap();
+    assert_eq!(kustomize::split_image(image), ("netwarden", Some(version.as_str())));
+    for obj in &o {
+        assert_eq!(
+            obj["metadata"]["labels"]["app.kubernetes.io/version"],
+            version.as_str(),
+            "{:?}",
+            id(obj)
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_netwarden"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("netwarden {version}"));
+    let changelog = std::fs::read_to_string(root().join("CHANGELOG.md")).unwrap();
+    assert!(
+        changelog.lines().any(|l| l.starts_with(&format!("## [{version}]"))),
+        "CHANGELOG.md has no section for {version}"
+    );
+}
+
 #[test]
 fn daemonset_is_least_privilege_and_host_wide() {
     let o = render(&root().join("deploy"));
@@ -296,6 +444,8 @@ fn daemonset_is_least_privilege_and_host_wide() {
         .unwrap()
         .iter()
         .any(|t| t["operator"] == "Exists" && t.get("key").is_none() && t.get("effect").is_none()));
+    // It tolerates every taint: only the node selector keeps it off Windows nodes.
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
     let sa = find(&o, "ServiceAccount");
     assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
@@ -324,22 +474,28 @@ fn daemonset_is_least_privilege_and_host_wide() {
         assert_eq!(c[probe]["httpGet"]["path"], path);
         assert_eq!(c[probe]["httpGet"]["port"], 10370);
     }
-    for r in ["requests", "limits"] {
-        assert!(c["resources"][r]["cpu"].is_string() && c["resources"][r]["memory"].is_string());
-    }
+    // No CPU limit (CFS throttling would delay repairs); requests for both, a memory limit.
+    let res = &c["resources"];
+    assert!(res["requests"]["cpu"].is_string() && res["requests"]["memory"].is_string());
+    assert!(res["limits"]["memory"].is_string());
+    assert!(res["limits"].get("cpu").is_none(), "{res}");
+    assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
+    // RUST_LOG is what the binary reads when no --log-level is given.
+    assert!(env.iter().any(|e| e["name"] == "RUST_LOG"));
 
-    // The args name the ConfigMap, the state file on the hostPath and the metrics port.
+    // The args name the ConfigMap (in the pod's own namespace), the state file on the hostPath
+    // and the metrics port.
     let args = strings(&c["args"]);
     let arg = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
     let cm = find(&o, "ConfigMap");
     assert_eq!(
-        arg("--configmap"),
-        format!(
-            "{}/{}",
-            cm["metadata"]["namespace"].as_str().unwrap(),
-            cm["metadata"]["name"].as_str().unwrap()
+        configmap_read_by(&o),
+        (
+            cm["metadata"]["namespace"].as_str().unwrap().to_owned(),
+            cm["metadata"]["name"].as_str().unwrap().to_owned()
         )
     );
+    assert!(!arg("--configmap").contains('/'), "the namespace comes from the pod");
     assert_eq!(arg("--metrics-addr"), "0.0.0.0:10370");
     let mounts = c["volumeMounts"].as_array().unwrap();
     let volumes = pod["volumes"].as_array().unwrap();
@@ -394,8 +550,9 @@ fn service_monitor_and_prometheus_rule_match_the_service_and_alerts() {
     }
     assert_eq!(sm["spec"]["endpoints"][0]["port"], port["name"]);
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
-    assert!(strings(&sm["spec"]["namespaceSelector"]["matchNames"])
-        .contains(&svc["metadata"]["namespace"].as_str().unwrap()));
+    // No namespaceSelector: the ServiceMonitor's own namespace, which is the Service's.
+    assert!(sm["spec"].get("namespaceSelector").is_none());
+    assert_eq!(sm["metadata"]["namespace"], svc["metadata"]["namespace"]);
     // The alerts and dashboard assume job="netwarden": the ServiceMonitor's jobLabel gives it.
     let job_label = sm["spec"]["jobLabel"].as_str().unwrap();
     assert_eq!(svc["metadata"]["labels"][job_label], "netwarden");
@@ -420,6 +577,19 @@ fn validate_kubernetes(config: &str) -> std::process::Output {
         .arg(&file)
         .output()
         .unwrap()
+}
+
+fn validate_stdin(text: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netwarden"))
+        .args(["validate", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -489,6 +659,25 @@ fn overlay_configs_pass_netwarden_validate_and_protect_the_incident_objects() {
     }
     // The check can fail: a misspelt field in an overlay's config is refused.
     let o = render(&root().join("deploy/examples/kube-router"));
+    // In the form the overlays ship it: the ConfigMap manifest itself, and the whole rendered
+    // overlay on standard input (`kubectl kustomize … | netwarden validate -`).
+    for overlay in OVERLAYS {
+        let manifest = deploy("examples").join(overlay).join("configmap.yaml");
+        let out = Command::new(env!("CARGO_BIN_EXE_netwarden"))
+            .arg("validate")
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{overlay}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("ConfigMap netwarden/netwarden data.config.yaml: valid"), "{stdout}");
+        let stream: Vec<String> = render(&deploy("examples").join(overlay))
+            .iter()
+            .map(|o| serde_json::to_string(o).unwrap())
+            .collect();
+        let out = validate_stdin(&stream.join("\n---\n"));
+        assert!(out.status.success(), "{overlay} on stdin: {}", String::from_utf8_lossy(&out.stderr));
+    }
     let out = validate_kubernetes(&config_of(&o).replace("table: 77", "tabel: 77"));
     assert_eq!(out.status.code(), Some(2));
     // Templates need --kubernetes: the overlays really use Kubernetes mode.

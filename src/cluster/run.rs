@@ -37,6 +37,9 @@ use tracing::{debug, error, info, warn};
 
 /// Label of the EndpointSlices of `default/kubernetes` (the API server's endpoints).
 const APISERVER_SLICES: &str = "kubernetes.io/service-name=kubernetes";
+/// The name the API server gives its own EndpointSlice. Asked for as a field selector too, so
+/// that RBAC can grant that one object by name (`resourceNames: [kubernetes]`).
+const APISERVER_SLICE_NAME: &str = "kubernetes";
 /// Namespace of Events about cluster-scoped objects such as Nodes.
 const EVENTS_NAMESPACE: &str = "default";
 
@@ -44,7 +47,8 @@ const EVENTS_NAMESPACE: &str = "default";
 pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
-    pub configmap_namespace: String,
+    /// `None`: the client's default namespace (in a pod, its service account's).
+    pub configmap_namespace: Option<String>,
     pub configmap_name: String,
     pub configmap_key: String,
     pub service_selector: Option<String>,
@@ -54,10 +58,10 @@ pub struct Options {
 }
 
 impl Options {
-    fn source(&self) -> String {
+    fn source(&self, namespace: &str) -> String {
         format!(
             "ConfigMap {}/{} key {}",
-            self.configmap_namespace, self.configmap_name, self.configmap_key
+            namespace, self.configmap_name, self.configmap_key
         )
     }
 }
@@ -218,7 +222,6 @@ async fn run(
     notices: mpsc::UnboundedSender<Notice>,
     notices_rx: mpsc::UnboundedReceiver<Notice>,
 ) {
-    let source = opts.source();
     // What was enforced before a restart, until the API server answers.
     let mut last: Option<(String, Arc<Config>)> = None;
     let mut last_facts: Option<ClusterFacts> = None;
@@ -262,6 +265,12 @@ async fn run(
             return;
         }
     };
+    let namespace = opts
+        .configmap_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let source = opts.source(&namespace);
+    info!(source = %source, "watching the config");
     let notify = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     let by_name = |name: &str| format!("metadata.name={name}");
@@ -286,13 +295,15 @@ async fn run(
     let (slices, slices_ready) = watch(
         "endpointslices",
         Api::<EndpointSlice>::namespaced(client.clone(), "default"),
-        watcher::Config::default().labels(APISERVER_SLICES),
+        watcher::Config::default()
+            .labels(APISERVER_SLICES)
+            .fields(&by_name(APISERVER_SLICE_NAME)),
         notify.clone(),
         health.clone(),
     );
     let (maps, maps_ready) = watch(
         "configmap",
-        Api::<ConfigMap>::namespaced(client.clone(), &opts.configmap_namespace),
+        Api::<ConfigMap>::namespaced(client.clone(), &namespace),
         watcher::Config::default().fields(&by_name(&opts.configmap_name)),
         notify.clone(),
         health.clone(),

@@ -10,6 +10,7 @@
 mod adopt;
 mod build;
 mod expand;
+mod manifest;
 mod netfilter;
 mod raw;
 pub mod template;
@@ -56,6 +57,7 @@ pub struct Config {
 }
 
 pub use expand::{Expanded, Pending, PendingCause, Templates};
+pub use manifest::{parse_document, Document};
 
 /// The check `spec.chains[].chain` gets; names of adopted chains go through it too, as they end
 /// up in `iptables-restore` input.

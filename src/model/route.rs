@@ -25,6 +25,17 @@ pub fn parse_scope(s: &str) -> Option<u8> {
     })
 }
 
+/// A scope as the config (and `ip route`) names it: global, site, link, host, or the number.
+pub fn scope_name(scope: u8) -> String {
+    match scope {
+        SCOPE_UNIVERSE => "global".into(),
+        SCOPE_SITE => "site".into(),
+        SCOPE_LINK => "link".into(),
+        SCOPE_HOST => "host".into(),
+        n => n.to_string(),
+    }
+}
+
 /// The route types the config can ask for; anything else is `Other` and only ever observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

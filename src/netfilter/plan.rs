@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(tag = "finding", rename_all = "snake_case")]
 pub enum ChainFinding {
     /// The chain does not exist.
     Missing,
@@ -245,7 +245,7 @@ pub fn plan_table(
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(tag = "finding", rename_all = "snake_case")]
 pub enum SetFinding {
     Missing,
     /// The set exists with another type or family: netwarden never destroys a set, so this

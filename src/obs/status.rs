@@ -95,6 +95,12 @@ pub struct PendingStatus {
 /// The `/status` document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
+    /// `netwarden.io/v1alpha1` and `Status`, as in every JSON document netwarden prints
+    /// (docs/cli.md). Absent from agents before they were added: read as those values.
+    #[serde(rename = "apiVersion", default = "api_version")]
+    pub api_version: String,
+    #[serde(default = "status_kind")]
+    pub kind: String,
     pub version: String,
     pub ready: bool,
     pub now_unix: f64,
@@ -102,6 +108,14 @@ pub struct Status {
     /// Templated objects waiting for a cluster fact (or left out), and why.
     #[serde(default)]
     pub pending: Vec<PendingStatus>,
+}
+
+fn api_version() -> String {
+    crate::config::API_VERSION.to_owned()
+}
+
+fn status_kind() -> String {
+    "Status".to_owned()
 }
 
 #[derive(Clone, Debug)]
@@ -329,6 +343,8 @@ impl Board {
                 .then_with(|| a.name.cmp(&b.name))
         });
         Status {
+            api_version: api_version(),
+            kind: status_kind(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready: self.ready,
             now_unix: unix_now(),

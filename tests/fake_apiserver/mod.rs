@@ -22,7 +22,12 @@
 //!   back on the same port with the same objects.
 //!
 //! Every request is recorded as (verb, API group, resource), so a test can compare what the agent
-//! used with the ClusterRole in deploy/base/rbac.yaml.
+//! used with the RBAC in deploy/. With [`FakeApiServer::enforce`] the server authorizes every
+//! request as one ServiceAccount against Roles, ClusterRoles and their bindings (the rendered
+//! manifests), the way kube-apiserver's RBAC authorizer does: a RoleBinding grants in its own
+//! namespace only, `resourceNames` match the object's name, and a list or watch has a name only
+//! when its field selector asks for `metadata.name=NAME`. Refused requests get 403 Forbidden and
+//! are recorded ([`FakeApiServer::denied`]).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use bytes::Bytes;
@@ -75,6 +80,138 @@ struct State {
     /// Compact the history right after the next first page of this resource that has more
     /// (one-shot): its continue token is then too old.
     expire_after_first_page: Option<String>,
+    /// RBAC in force; `None`: everything is allowed.
+    rbac: Option<Rbac>,
+    denied: Vec<Attributes>,
+}
+
+/// What RBAC decides on: kube-apiserver's request attributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attributes {
+    pub verb: String,
+    pub group: String,
+    /// With the subresource, if any: `nodes/status`.
+    pub resource: String,
+    /// `None` for cluster-scoped objects and requests across all namespaces.
+    pub namespace: Option<String>,
+    /// The object's name: from the path, or for list/watch from a `metadata.name=` field selector.
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct PolicyRule {
+    verbs: Vec<String>,
+    groups: Vec<String>,
+    resources: Vec<String>,
+    names: Vec<String>,
+}
+
+impl PolicyRule {
+    fn parse(rule: &Value) -> PolicyRule {
+        let strings = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        PolicyRule {
+            verbs: strings("verbs"),
+            groups: strings("apiGroups"),
+            resources: strings("resources"),
+            names: strings("resourceNames"),
+        }
+    }
+
+    fn allows(&self, a: &Attributes) -> bool {
+        let has = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
+        has(&self.verbs, &a.verb)
+            && has(&self.groups, &a.group)
+            && has(&self.resources, &a.resource)
+            && (self.names.is_empty()
+                || a.name.as_ref().is_some_and(|n| self.names.contains(n)))
+    }
+}
+
+/// The rules that apply to one ServiceAccount, each with where it applies (`None`: everywhere,
+/// from a ClusterRoleBinding; `Some(ns)`: from a RoleBinding in `ns`).
+#[derive(Clone, Debug, Default)]
+pub struct Rbac {
+    rules: Vec<(Option<String>, PolicyRule)>,
+}
+
+impl Rbac {
+    /// The grants of ServiceAccount `namespace/name` in `objects` (rendered manifests).
+    pub fn for_service_account(objects: &[Value], namespace: &str, name: &str) -> Rbac {
+        let subject_matches = |s: &Value| match s["kind"].as_str() {
+            Some("ServiceAccount") => s["name"] == name && s["namespace"] == namespace,
+            Some("Group") => {
+                let g = s["name"].as_str().unwrap_or("");
+                g == "system:serviceaccounts"
+                    || g == "system:authenticated"
+                    || g == format!("system:serviceaccounts:{namespace}")
+            }
+            _ => false,
+        };
+        let role = |kind: &str, ns: Option<&str>, role_name: &str| {
+            objects.iter().find(|o| {
+                o["kind"] == kind
+                    && o["metadata"]["name"] == role_name
+                    && ns.is_none_or(|ns| o["metadata"]["namespace"] == ns)
+            })
+        };
+        let mut rules = Vec::new();
+        for b in objects {
+            let scope = match b["kind"].as_str() {
+                Some("ClusterRoleBinding") => None,
+                Some("RoleBinding") => Some(b["metadata"]["namespace"].as_str().unwrap().to_owned()),
+                _ => continue,
+            };
+            if !b["subjects"].as_array().into_iter().flatten().any(subject_matches) {
+                continue;
+            }
+            let r = &b["roleRef"];
+            let role_name = r["name"].as_str().unwrap();
+            let found = match r["kind"].as_str() {
+                Some("ClusterRole") => role("ClusterRole", None, role_name),
+                // A RoleBinding's Role is in the binding's namespace.
+                Some("Role") => scope.as_deref().and_then(|ns| role("Role", Some(ns), role_name)),
+                _ => None,
+            };
+            // A binding to a role that does not exist grants nothing, as in a real cluster.
+            for rule in found.into_iter().flat_map(|f| f["rules"].as_array().unwrap()) {
+                rules.push((scope.clone(), PolicyRule::parse(rule)));
+            }
+        }
+        Rbac { rules }
+    }
+
+    pub fn allows(&self, a: &Attributes) -> bool {
+        self.rules.iter().any(|(scope, rule)| {
+            let in_scope = match (scope, &a.namespace) {
+                (None, _) => true,
+                (Some(s), Some(ns)) => s == ns,
+                (Some(_), None) => false,
+            };
+            in_scope && rule.allows(a)
+        })
+    }
+
+    /// Every (verb, API group, resource) granted.
+    pub fn grants(&self) -> BTreeSet<Access> {
+        let mut out = BTreeSet::new();
+        for (_, r) in &self.rules {
+            for v in &r.verbs {
+                for g in &r.groups {
+                    for res in &r.resources {
+                        out.insert((v.clone(), g.clone(), res.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Snapshots kept for paged lists; a continue token for an older one gets 410.
@@ -280,7 +417,17 @@ impl FakeApiServer {
         let _ = self.inner.changes.send(Change::Bookmark);
     }
 
-    /// Every (verb, group, resource) served so far.
+    /// From now on, requests are authorized as a ServiceAccount with these grants.
+    pub fn enforce(&self, rbac: Rbac) {
+        self.inner.state.lock().unwrap().rbac = Some(rbac);
+    }
+
+    /// The requests refused by RBAC so far.
+    pub fn denied(&self) -> Vec<Attributes> {
+        self.inner.state.lock().unwrap().denied.clone()
+    }
+
+    /// Every (verb, group, resource) requested so far (refused ones included).
     pub fn accesses(&self) -> BTreeSet<Access> {
         self.inner.state.lock().unwrap().accesses.clone()
     }
@@ -574,6 +721,44 @@ async fn handle(
         Ok(f) => f,
         Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e)),
     };
+    let attributes = Attributes {
+        verb: verb.to_owned(),
+        group: t.group.clone(),
+        resource: t.resource.clone(),
+        namespace: t.namespace.clone(),
+        // kube-apiserver's RequestInfo: a list or watch names an object only through an exact
+        // metadata.name field selector.
+        name: t.name.clone().or_else(|| {
+            matches!(verb, "list" | "watch")
+                .then(|| {
+                    filter
+                        .fields
+                        .iter()
+                        .find(|(k, eq, _)| k == "metadata.name" && *eq)
+                        .map(|(_, _, v)| v.clone())
+                })
+                .flatten()
+        }),
+    };
+    {
+        let mut st = inner.state.lock().unwrap();
+        if st.rbac.as_ref().is_some_and(|r| !r.allows(&attributes)) {
+            let message = format!(
+                "{} \"{}\" is forbidden: User \"system:serviceaccount:…\" cannot {} resource \"{}\" in API group \"{}\"{}",
+                t.resource,
+                attributes.name.as_deref().unwrap_or(""),
+                verb,
+                t.resource,
+                t.group,
+                t.namespace
+                    .as_ref()
+                    .map(|n| format!(" in the namespace \"{n}\""))
+                    .unwrap_or_else(|| " at the cluster scope".to_owned())
+            );
+            st.denied.push(attributes);
+            return full(StatusCode::FORBIDDEN, status(403, "Forbidden", &message));
+        }
+    }
     // Field labels are per resource: spec.nodeName exists for Pods only.
     if t.resource != "pods" && filter.fields.iter().any(|(k, _, _)| k == "spec.nodeName") {
         let e = "field label not supported: spec.nodeName";
