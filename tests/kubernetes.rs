@@ -1,12 +1,16 @@
 //! Kubernetes mode against a fake API server (tests/fake_apiserver) on the host's loopback and a
 //! real network namespace: the agent runs with `--netns`, its Kubernetes client stays on the
 //! host's network (the watchers' thread is started before the main thread enters the namespace).
+//! The fake server enforces the RBAC of deploy/ as an operator deploys it in `kube-system` (the
+//! base and the pod-liveness component, rendered by tests/kustomize), and the agent is started
+//! with the DaemonSet's own way of naming its ConfigMap (a bare name and POD_NAMESPACE).
 
 mod common;
 mod fake_apiserver;
+mod kustomize;
 
 use common::*;
-use fake_apiserver::FakeApiServer;
+use fake_apiserver::{FakeApiServer, Rbac};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,6 +18,47 @@ use std::process::Command;
 use std::time::Duration;
 
 const NODE: &str = "node-1";
+/// Where the tests deploy the agent and its ConfigMap.
+const NAMESPACE: &str = "kube-system";
+
+/// deploy/base with the pod-liveness component, moved to [`NAMESPACE`] by an overlay.
+fn manifests() -> &'static [Value] {
+    static RENDERED: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
+    RENDERED.get_or_init(|| {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        kustomize::Overlay::new(
+            NAMESPACE,
+            &[&deploy.join("base")],
+            &[&deploy.join("components/pod-liveness")],
+            &[],
+        )
+        .render()
+    })
+}
+
+/// What RBAC grants the agent's ServiceAccount in [`manifests`].
+fn rbac() -> Rbac {
+    Rbac::for_service_account(manifests(), NAMESPACE, "netwarden")
+}
+
+/// The `--configmap` argument and the POD_NAMESPACE the DaemonSet of [`manifests`] gives.
+fn daemonset_configmap() -> (String, String) {
+    let ds = manifests()
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .unwrap();
+    let args: Vec<&str> = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let configmap = args[args.iter().position(|a| *a == "--configmap").unwrap() + 1];
+    (
+        configmap.to_owned(),
+        ds["metadata"]["namespace"].as_str().unwrap().to_owned(),
+    )
+}
 const RULE: &str = "100: from 10.244.1.0/24 lookup 77";
 
 fn node(pod_cidrs: &[&str]) -> Value {
@@ -30,7 +75,7 @@ fn node(pod_cidrs: &[&str]) -> Value {
 fn configmap(spec: &str) -> Value {
     let text = format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}");
     json!({"apiVersion": "v1", "kind": "ConfigMap",
-           "metadata": {"name": "netwarden", "namespace": "kube-system"},
+           "metadata": {"name": "netwarden", "namespace": NAMESPACE},
            "data": {"config.yaml": text}})
 }
 
@@ -61,6 +106,7 @@ struct Cluster {
 impl Cluster {
     fn new(spec: &str, pod_cidrs: &[&str]) -> Cluster {
         let api = FakeApiServer::start();
+        api.enforce(rbac());
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = api.kubeconfig(dir.path());
         api.apply("", "configmaps", configmap(spec));
@@ -88,9 +134,10 @@ impl Cluster {
     fn agent_with(&self, ns: &Sandbox, extra: &[&str]) -> Agent {
         let kubeconfig = self.kubeconfig.to_str().unwrap().to_owned();
         let state = self.state_file().to_str().unwrap().to_owned();
+        let (configmap, pod_namespace) = daemonset_configmap();
         let mut args = vec![
             "--configmap",
-            "kube-system/netwarden",
+            &configmap,
             "--kubeconfig",
             &kubeconfig,
             "--node-name",
@@ -101,7 +148,13 @@ impl Cluster {
             "200",
         ];
         args.extend_from_slice(extra);
-        Agent::start_run(ns, &args, &[])
+        Agent::start_run(ns, &args, &[("POD_NAMESPACE", &pod_namespace)])
+    }
+
+    /// Nothing the agent asked for was refused.
+    fn assert_nothing_denied(&self) {
+        let denied = self.api.denied();
+        assert!(denied.is_empty(), "refused by RBAC: {denied:?}");
     }
 
     /// Events the agent posted: (reason, message).
@@ -145,31 +198,9 @@ fn has_rule(ns: &Sandbox, rule: &str) -> bool {
     count(&rules(ns), rule) == 1
 }
 
-/// The (verb, group, resource) triples the ClusterRole in deploy/base/rbac.yaml grants.
+/// The (verb, group, resource) triples the RBAC of [`manifests`] grants the agent.
 fn rbac_grants() -> BTreeSet<(String, String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(&text).expect("deploy/base/rbac.yaml parses");
-    let role = docs
-        .iter()
-        .find(|d| d["kind"] == "ClusterRole")
-        .expect("a ClusterRole in deploy/base/rbac.yaml");
-    let mut grants = BTreeSet::new();
-    for rule in role["rules"].as_array().unwrap() {
-        for group in rule["apiGroups"].as_array().unwrap() {
-            for resource in rule["resources"].as_array().unwrap() {
-                for verb in rule["verbs"].as_array().unwrap() {
-                    grants.insert((
-                        verb.as_str().unwrap().to_owned(),
-                        group.as_str().unwrap().to_owned(),
-                        resource.as_str().unwrap().to_owned(),
-                    ));
-                }
-            }
-        }
-    }
-    grants
+    rbac().grants()
 }
 
 /// The agent's /status document.
@@ -280,6 +311,33 @@ fn pod_cidr_rule_follows_the_node_and_is_repaired() {
     let grants = rbac_grants();
     let used = c.api.accesses();
     assert!(used.is_subset(&grants), "used {used:?}, granted {grants:?}");
+    c.assert_nothing_denied();
+}
+
+/// The fake server's RBAC is the API server's: a ConfigMap by name only with the field selector,
+/// in the agent's namespace only; the API server's EndpointSlice by name only.
+#[test]
+fn the_fake_api_server_enforces_the_manifests_rbac() {
+    let c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
+    let addr = c.api.addr.to_string();
+    let get = |path: &str| netwarden::obs::http::get(&addr, path, None, WAIT).unwrap().0;
+    let by_name = "fieldSelector=metadata.name%3Dnetwarden";
+    for (path, code) in [
+        (format!("/api/v1/namespaces/{NAMESPACE}/configmaps?{by_name}"), 200),
+        (format!("/api/v1/namespaces/{NAMESPACE}/configmaps"), 403),
+        (format!("/api/v1/namespaces/{NAMESPACE}/configmaps?fieldSelector=metadata.name%3Dother"), 403),
+        (format!("/api/v1/namespaces/default/configmaps?{by_name}"), 403),
+        (format!("/api/v1/configmaps?{by_name}"), 403),
+        ("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?fieldSelector=metadata.name%3Dkubernetes".into(), 200),
+        ("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes".into(), 403),
+        (format!("/api/v1/nodes?fieldSelector=metadata.name%3D{NODE}"), 200),
+        ("/api/v1/services".into(), 200),
+        ("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1".into(), 200),
+        (format!("/api/v1/namespaces/{NAMESPACE}/secrets"), 403),
+    ] {
+        assert_eq!(get(&path), code, "{path}");
+    }
+    assert_eq!(c.api.denied().len(), 6);
 }
 
 #[test]
@@ -426,6 +484,7 @@ fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() 
     ns.ip(&["rule", "del", "priority", "100"]).unwrap();
     c.wait_event("DriftRepaired", "restored 1 rule");
     assert_eq!(c.api.accesses(), rbac_grants());
+    c.assert_nothing_denied();
 }
 
 #[test]
@@ -628,6 +687,7 @@ fn rules_of_a_deleted_pod_are_forgotten() {
     }
     let grants = rbac_grants();
     assert!(used.is_subset(&grants), "used {used:?}, granted {grants:?}");
+    c.assert_nothing_denied();
 }
 
 #[test]
