@@ -106,3 +106,217 @@ fn demo_restores_everything_and_cleans_up() {
     let left = netwarden::sandbox::run_ip(&["netns", "list"]).unwrap();
     assert!(!left.contains(name), "sandbox {name} left behind");
 }
+
+fn example() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(netwarden::demo::EXAMPLE_PATH)
+        .display()
+        .to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs the binary with standard input from `input`.
+fn netwarden_stdin(args: &[&str], input: &str, env: &[(&str, &str)]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn check_json_is_one_documented_document_and_o_is_short_for_output() {
+    let ns = sandbox();
+    let ex = example();
+    let args = ["check", "--config", &ex, "--netns", &ns.name];
+    let long = netwarden(&[&args[..], &["--output", "json"]].concat());
+    let short = netwarden(&[&args[..], &["-o", "json"]].concat());
+    // Nothing of the example is in the sandbox: drift.
+    assert_eq!(long.status.code(), Some(1), "{}", stderr(&long));
+    assert_eq!(short.status.code(), Some(1), "{}", stderr(&short));
+    let doc: serde_json::Value = serde_json::from_slice(&short.stdout).unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&long.stdout).unwrap();
+    assert_eq!(doc, again);
+    assert_eq!(doc["apiVersion"], "netwarden.io/v1alpha1");
+    assert_eq!(doc["kind"], "CheckReport");
+    assert_eq!(doc["inSync"], false);
+    assert_eq!(
+        doc["protected"],
+        serde_json::json!({"rules": 3, "routes": 3, "addresses": 1, "chains": 0, "ipsets": 0})
+    );
+    for item in doc["drift"].as_array().unwrap() {
+        for key in ["kind", "name", "object", "mode", "state", "detail"] {
+            assert!(item.get(key).is_some(), "{key} missing in {item}");
+        }
+    }
+    // The table's first line counts every kind.
+    let table = netwarden(&args);
+    let first = String::from_utf8_lossy(&table.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        first.ends_with("of 7 protected objects: 3 rules, 3 routes, 1 address, 0 chains, 0 ipsets"),
+        "{first}"
+    );
+}
+
+/// A reader that stops early (`netwarden check -o json | head`): no panic, no error message,
+/// the command's own exit code.
+#[test]
+fn a_closed_pipe_is_a_quiet_exit() {
+    let ns = sandbox();
+    let ex = example();
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    for (args, code) in [
+        (
+            vec!["check", "--config", &ex, "--netns", &ns.name, "-o", "json"],
+            1,
+        ),
+        (vec!["check", "--config", &ex, "--netns", &ns.name], 1),
+        (vec!["validate", &ex], 0),
+        (vec!["snapshot", "--netns", &ns.name, "--tables", "main"], 0),
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .stdout(closed())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn an_invalid_log_level_is_an_error_and_rust_log_is_honoured() {
+    let ex = example();
+    let out = netwarden(&["--log-level", "verbose", "validate", &ex]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("verbose"), "{}", stderr(&out));
+    for (var, value) in [("RUST_LOG", "infoo"), ("NETWARDEN_LOG_LEVEL", "loud")] {
+        let out = netwarden_stdin(&["validate", &ex], "", &[(var, value)]);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        assert!(stderr(&out).contains(value), "{}", stderr(&out));
+    }
+    // The snapshot's warning (no selector) is at warn: RUST_LOG=error hides it, --log-level wins
+    // over RUST_LOG, and without either it shows (info).
+    let ns = sandbox();
+    let snap = ["snapshot", "--netns", ns.name.as_str()];
+    let warned = |out: &std::process::Output| stderr(out).contains("no selector given");
+    assert!(warned(&netwarden_stdin(&snap, "", &[])));
+    assert!(!warned(&netwarden_stdin(&snap, "", &[("RUST_LOG", "error")])));
+    let args = [&["--log-level", "warn"][..], &snap[..]].concat();
+    assert!(warned(&netwarden_stdin(&args, "", &[("RUST_LOG", "error")])));
+}
+
+#[test]
+fn validate_reads_standard_input() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let out = netwarden_stdin(&["validate", "-"], &text, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("<stdin>: valid: 3 rules"));
+    let bad = text.replacen("table:", "tabel:", 1);
+    let out = netwarden_stdin(&["validate", "-"], &bad, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("netwarden: <stdin>:"), "{}", stderr(&out));
+}
+
+#[test]
+fn validate_accepts_a_configmap_manifest() {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/examples/kube-router/configmap.yaml");
+    let out = netwarden(&["validate", manifest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("ConfigMap netwarden/netwarden data.config.yaml: 3 objects with templates"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // An error names the line of the manifest.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.trim() == "table: 77")
+        .unwrap()
+        + 1;
+    let out = netwarden_stdin(
+        &["validate", "-"],
+        &text.replace("table: 77", "tabel: 77"),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with(&format!("netwarden: <stdin>:{line}:")),
+        "line {line}: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn snapshot_defaults_are_safe_to_enforce() {
+    let ns = sandbox();
+    must(&ns, &["iptables-nft", "-t", "nat", "-N", "NW-SNAP"]);
+    must(
+        &ns,
+        &["iptables-nft", "-t", "nat", "-A", "NW-SNAP", "-d", "10.9.0.0/16", "-j", "RETURN"],
+    );
+    must(&ns, &["ipset", "create", "nw-snap", "hash:ip"]);
+    must(&ns, &["ipset", "add", "nw-snap", "10.9.0.1"]);
+    let base = [
+        "snapshot",
+        "--netns",
+        ns.name.as_str(),
+        "--iptables-backend",
+        "nft",
+        "--chains",
+        "NW-SNAP",
+        "--sets",
+        "nw-snap",
+        "--tables",
+        "main",
+    ];
+    let out = netwarden(&base);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cfg = netwarden::config::parse("snapshot", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(cfg.mode, netwarden::model::Mode::Enforce);
+    assert!(yaml.contains("content: contains") && !yaml.contains("content: exact"), "{yaml}");
+    assert!(yaml.contains("membership: contains") && !yaml.contains("membership: exact"), "{yaml}");
+    // The sandbox's prefix route: its scope by name, as `ip route` prints it.
+    assert!(yaml.contains("scope: link"), "{yaml}");
+    assert!(!yaml.contains("scope: 253"), "{yaml}");
+
+    let args = [&base[..], &["--mode", "observe", "--content", "exact", "--membership", "exact"]].concat();
+    let out = netwarden(&args);
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cfg = netwarden::config::parse("snapshot", &yaml).unwrap();
+    assert_eq!(cfg.mode, netwarden::model::Mode::Observe);
+    assert!(yaml.contains("content: exact") && yaml.contains("membership: exact"), "{yaml}");
+
+    // No selector: a warning, and a config that says it protects nothing.
+    let out = netwarden(&["snapshot", "--netns", &ns.name]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("no selector given"), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing is protected"));
+}

@@ -385,7 +385,7 @@ fn observe_mode_reports_drift_and_changes_nothing() {
     let out = check(&ns, &cfg, &["--output", "json"]);
     assert_eq!(out.status.code(), Some(1));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["in_sync"], false);
+    assert_eq!(json["inSync"], false);
     assert_eq!(json["drift"].as_array().unwrap().len(), 2);
     assert!(json["drift"]
         .as_array()
