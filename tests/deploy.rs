@@ -130,3 +130,116 @@ fn the_alerts_query_only_exported_metrics() {
     assert!(exprs.len() >= 5);
     check("the alerts", &exprs);
 }
+
+/// Where the alerts' runbook links point: docs/ in the repository.
+const RUNBOOK_BASE: &str = "https://github.com/netwarden/netwarden/blob/main/";
+
+/// The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped
+/// (but `-` and `_`), spaces to `-`.
+fn heading_anchors(markdown: &str) -> BTreeSet<String> {
+    let mut anchors = BTreeSet::new();
+    let mut in_code = false;
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        if in_code || !line.starts_with('#') {
+            continue;
+        }
+        let text = line.trim_start_matches('#').trim();
+        let slug: String = text
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        anchors.insert(slug);
+    }
+    anchors
+}
+
+/// Resolves `docs/FILE.md#anchor` (relative to the repository): Err says what is missing.
+fn resolve(path_and_anchor: &str) -> Result<(), String> {
+    let (path, anchor) = path_and_anchor
+        .split_once('#')
+        .ok_or_else(|| format!("{path_and_anchor}: no #anchor"))?;
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{path}: {e}"))?;
+    if heading_anchors(&text).contains(anchor) {
+        Ok(())
+    } else {
+        Err(format!("{path} has no heading with the anchor #{anchor}"))
+    }
+}
+
+#[test]
+fn heading_anchors_are_githubs() {
+    let a = heading_anchors("# Runbooks\n## NetwardenDown\n```\n# not a heading\n```\n## 1. A networkd restart (k0s + kube-router, Ubuntu 24.04)\n");
+    assert_eq!(
+        a,
+        BTreeSet::from([
+            "runbooks".to_owned(),
+            "netwardendown".to_owned(),
+            "1-a-networkd-restart-k0s--kube-router-ubuntu-2404".to_owned(),
+        ])
+    );
+}
+
+#[test]
+fn every_alert_has_a_runbook_link_that_resolves() {
+    let text = std::fs::read_to_string(deploy("prometheus/alerts.yaml")).unwrap();
+    let rules: serde_json::Value = serde_saphyr::from_str(&text).expect("alerts YAML");
+    let mut alerts = 0;
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let Some(name) = rule["alert"].as_str() else {
+                continue;
+            };
+            alerts += 1;
+            let url = rule["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} has no runbook_url"));
+            let path = url
+                .strip_prefix(RUNBOOK_BASE)
+                .unwrap_or_else(|| panic!("{name}: {url} is not under {RUNBOOK_BASE}"));
+            assert!(path.starts_with("docs/"), "{name}: {url}");
+            resolve(path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+    assert!(alerts >= 8, "{alerts} alerts");
+    // The check can fail: an anchor that no heading has.
+    assert!(resolve("docs/runbooks.md#netwardennosuchalert").is_err());
+    assert!(resolve("docs/nosuchfile.md#x").is_err());
+}
+
+#[test]
+fn links_between_the_docs_resolve() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for entry in std::fs::read_dir(&docs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "md") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let link = &rest[..end];
+            if link.starts_with("http") || !link.contains('#') {
+                continue;
+            }
+            let target = match link.split_once('#') {
+                Some(("", anchor)) => format!("docs/{name}#{anchor}"),
+                Some((file, anchor)) if file.ends_with(".md") && !file.contains('/') => {
+                    format!("docs/{file}#{anchor}")
+                }
+                _ => continue,
+            };
+            resolve(&target).unwrap_or_else(|e| panic!("docs/{name}: link {link}: {e}"));
+        }
+    }
+}
