@@ -34,8 +34,8 @@ fn alert_rules_pass_promtool_checks_and_unit_tests() {
     promtool(&["test", "rules", "alerts_test.yaml"], &dir);
 }
 
-/// The `netwarden_…` identifiers in a PromQL expression (metric names; label names and values
-/// never start with the prefix here).
+/// The `netwarden_…` and `process_…` identifiers in a PromQL expression (metric names; label
+/// names and values never start with those prefixes here).
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut word = String::new();
@@ -52,7 +52,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
             word.push(c);
         } else {
-            if word.starts_with("netwarden_") {
+            if word.starts_with("netwarden_") || word.starts_with("process_") {
                 names.insert(word.clone());
             }
             word.clear();
@@ -119,6 +119,31 @@ fn the_dashboard_queries_only_exported_metrics() {
     assert!(panels
         .iter()
         .all(|p| !p["targets"].as_array().unwrap().is_empty()));
+    // job, cluster and node are variables, and every panel query selects by them: nothing is
+    // tied to one job name or one cluster.
+    let vars: BTreeSet<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for v in ["datasource", "job", "cluster", "node", "instance"] {
+        assert!(vars.contains(v), "no ${v} variable: {vars:?}");
+    }
+    let mut panel_exprs = Vec::new();
+    strings_under(&dash["panels"], "expr", &mut panel_exprs);
+    for e in &panel_exprs {
+        assert!(!e.contains(r#"job="netwarden""#), "hard-coded job: {e}");
+        for m in metric_names(e) {
+            for label in ["job", "cluster", "node", "instance"] {
+                let sel = format!(r#"{label}=~"${label}""#);
+                assert!(
+                    e.contains(&format!("{m}{{")) && e.contains(&sel),
+                    "{m} without {sel}: {e}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

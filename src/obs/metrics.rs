@@ -118,7 +118,10 @@ impl Metrics {
             config_last_ok: Gauge::default(),
             start_time: Gauge::default(),
         };
-        let mut r = Registry::with_prefix(PREFIX);
+        // The agent's own metrics under `netwarden_`; the standard process metrics beside them,
+        // without the prefix, as every Prometheus client library names them.
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix(PREFIX);
         r.register(
             "drift_detected",
             "Protected objects found removed or changed by someone else, by kind and by the process that did it (actor)",
@@ -205,8 +208,9 @@ impl Metrics {
             .set(1);
         r.register("build_info", "Build information; always 1", build);
         r.register_collector(Box::new(BoardCollector(board)));
+        root.register_collector(Box::new(super::process::ProcessCollector));
         m.precreate();
-        (m, r)
+        (m, root)
     }
 
     /// Creates the series whose label values are known in advance at 0, so that they exist
@@ -509,6 +513,10 @@ mod tests {
         assert!(text.contains("netwarden_repairs_total{kind=\"route\",result=\"failed\"} 0\n"));
         assert!(text.contains("# TYPE netwarden_build_info gauge\n"));
         assert!(text.contains("# TYPE netwarden_ready gauge\n"));
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge\n"));
+        assert!(om.contains("# TYPE process_cpu_seconds counter\n"), "{om}");
+        assert!(om.contains("\nprocess_open_fds "), "{om}");
     }
 
     #[test]
@@ -526,6 +534,12 @@ mod tests {
             "netwarden_pending_templated_objects",
             "netwarden_build_info",
             "netwarden_config_last_reload_success_timestamp_seconds",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_start_time_seconds",
+            "process_open_fds",
+            "process_max_fds",
         ] {
             assert!(names.contains(n), "{n} missing from {names:?}");
         }

@@ -10,6 +10,7 @@ pub mod attribution;
 pub mod contest;
 pub mod http;
 pub mod metrics;
+pub mod process;
 pub mod status;
 
 use crate::config::{self, Config};
