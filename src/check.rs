@@ -1,10 +1,10 @@
 //! `netwarden check`: one look at the kernel, the drift as a table or JSON. Changes nothing.
 
 use crate::desired::DesiredState;
-use crate::observe::kernel::{self, ObserveError};
-use crate::observe::{Mirror, RouteInterest};
 use crate::model::Mode;
 use crate::netfilter::plan::{ChainDrift, ChainFinding, SetDrift, SetFinding};
+use crate::observe::kernel::{self, ObserveError};
+use crate::observe::{Mirror, RouteInterest};
 use crate::plan::{self, Finding, Plan};
 use serde::Serialize;
 
@@ -40,7 +40,8 @@ impl Counts {
 
 impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let n =
+            |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
         write!(
             f,
             "{}, {}, {}, {}, {}",
@@ -119,7 +120,9 @@ impl Report {
             .map(|d| {
                 let (state, detail) = match &d.finding {
                     Finding::Missing => ("missing", String::new()),
-                    Finding::Different { observed } => ("different", format!("observed: {observed}")),
+                    Finding::Different { observed } => {
+                        ("different", format!("observed: {observed}"))
+                    }
                     Finding::Pending { reason } => ("pending", reason.clone()),
                 };
                 Item {
@@ -160,7 +163,11 @@ impl Report {
             self.drift.push(Item {
                 kind: "chain",
                 state: if missing { "missing" } else { "different" },
-                detail: if missing { String::new() } else { findings_detail(&d.findings) },
+                detail: if missing {
+                    String::new()
+                } else {
+                    findings_detail(&d.findings)
+                },
                 findings: serde_json::to_value(&d.findings).ok(),
                 name: d.name,
                 object: d.object,
@@ -172,7 +179,11 @@ impl Report {
             self.drift.push(Item {
                 kind: "ipset",
                 state: if missing { "missing" } else { "different" },
-                detail: if missing { String::new() } else { findings_detail(&d.findings) },
+                detail: if missing {
+                    String::new()
+                } else {
+                    findings_detail(&d.findings)
+                },
                 findings: serde_json::to_value(&d.findings).ok(),
                 name: d.name,
                 object: d.object,
@@ -184,8 +195,8 @@ impl Report {
     }
 
     pub fn render_json(&self) -> String {
-        let mut s =
-            serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        let mut s = serde_json::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
         s.push('\n');
         s
     }

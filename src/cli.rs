@@ -206,7 +206,9 @@ pub fn log_filter(s: &str) -> Result<String, String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
     if s.trim().is_empty() {
-        return Err("empty: use a level (off, error, warn, info, debug, trace) or TARGET=LEVEL".into());
+        return Err(
+            "empty: use a level (off, error, warn, info, debug, trace) or TARGET=LEVEL".into(),
+        );
     }
     for d in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
@@ -277,10 +279,23 @@ mod tests {
 
     #[test]
     fn log_filters_are_checked() {
-        for ok in ["info", "DEBUG", "warn,netwarden::reconcile=debug", "netwarden=trace", "off"] {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn,netwarden::reconcile=debug",
+            "netwarden=trace",
+            "off",
+        ] {
             assert_eq!(log_filter(ok).as_deref(), Ok(ok), "{ok}");
         }
-        for bad in ["", "verbose", "infoo", "netwarden", "netwarden=loud", "info,=x"] {
+        for bad in [
+            "",
+            "verbose",
+            "infoo",
+            "netwarden",
+            "netwarden=loud",
+            "info,=x",
+        ] {
             assert!(log_filter(bad).is_err(), "{bad} accepted");
         }
     }
@@ -295,6 +310,8 @@ mod tests {
                 ..
             }
         ));
-        assert!(Cli::try_parse_from(["netwarden", "check", "--config", "x", "-o", "yaml"]).is_err());
+        assert!(
+            Cli::try_parse_from(["netwarden", "check", "--config", "x", "-o", "yaml"]).is_err()
+        );
     }
 }

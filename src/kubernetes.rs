@@ -153,8 +153,14 @@ mod tests {
     #[test]
     fn the_configmap_namespace_comes_from_the_argument_or_the_pod() {
         let r = |a, ns| configmap_ref(a, ns).map_err(|e| e.to_string());
-        assert_eq!(r("kube-system/nw", Some("x")), Ok((Some("kube-system".into()), "nw".into())));
-        assert_eq!(r("nw", Some("kube-system")), Ok((Some("kube-system".into()), "nw".into())));
+        assert_eq!(
+            r("kube-system/nw", Some("x")),
+            Ok((Some("kube-system".into()), "nw".into()))
+        );
+        assert_eq!(
+            r("nw", Some("kube-system")),
+            Ok((Some("kube-system".into()), "nw".into()))
+        );
         assert_eq!(r("nw", None), Ok((None, "nw".into())));
         assert_eq!(r("nw", Some(" ")), Ok((None, "nw".into())));
         for bad in ["", "/nw", "ns/", "a/b/c"] {

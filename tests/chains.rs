@@ -415,7 +415,10 @@ fn forbidden_member_in_observe_mode_is_only_reported() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["inSync"], false);
     let set = &json["drift"][0];
-    assert_eq!((&set["kind"], &set["state"]), (&"ipset".into(), &"different".into()));
+    assert_eq!(
+        (&set["kind"], &set["state"]),
+        (&"ipset".into(), &"different".into())
+    );
     assert_eq!(set["findings"][0]["finding"], "forbidden");
     assert_eq!(set["findings"][0]["members"][0], "10.96.0.1");
 }

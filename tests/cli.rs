@@ -203,7 +203,10 @@ fn a_closed_pipe_is_a_quiet_exit() {
             .unwrap();
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
-        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
     }
 }
 
@@ -224,9 +227,17 @@ fn an_invalid_log_level_is_an_error_and_rust_log_is_honoured() {
     let snap = ["snapshot", "--netns", ns.name.as_str()];
     let warned = |out: &std::process::Output| stderr(out).contains("no selector given");
     assert!(warned(&netwarden_stdin(&snap, "", &[])));
-    assert!(!warned(&netwarden_stdin(&snap, "", &[("RUST_LOG", "error")])));
+    assert!(!warned(&netwarden_stdin(
+        &snap,
+        "",
+        &[("RUST_LOG", "error")]
+    )));
     let args = [&["--log-level", "warn"][..], &snap[..]].concat();
-    assert!(warned(&netwarden_stdin(&args, "", &[("RUST_LOG", "error")])));
+    assert!(warned(&netwarden_stdin(
+        &args,
+        "",
+        &[("RUST_LOG", "error")]
+    )));
 }
 
 #[test]
@@ -238,7 +249,11 @@ fn validate_reads_standard_input() {
     let bad = text.replacen("table:", "tabel:", 1);
     let out = netwarden_stdin(&["validate", "-"], &bad, &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).starts_with("netwarden: <stdin>:"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("netwarden: <stdin>:"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -255,11 +270,7 @@ fn validate_accepts_a_configmap_manifest() {
     );
     // An error names the line of the manifest.
     let text = std::fs::read_to_string(&manifest).unwrap();
-    let line = text
-        .lines()
-        .position(|l| l.trim() == "table: 77")
-        .unwrap()
-        + 1;
+    let line = text.lines().position(|l| l.trim() == "table: 77").unwrap() + 1;
     let out = netwarden_stdin(
         &["validate", "-"],
         &text.replace("table: 77", "tabel: 77"),
@@ -279,7 +290,17 @@ fn snapshot_defaults_are_safe_to_enforce() {
     must(&ns, &["iptables-nft", "-t", "nat", "-N", "NW-SNAP"]);
     must(
         &ns,
-        &["iptables-nft", "-t", "nat", "-A", "NW-SNAP", "-d", "10.9.0.0/16", "-j", "RETURN"],
+        &[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "NW-SNAP",
+            "-d",
+            "10.9.0.0/16",
+            "-j",
+            "RETURN",
+        ],
     );
     must(&ns, &["ipset", "create", "nw-snap", "hash:ip"]);
     must(&ns, &["ipset", "add", "nw-snap", "10.9.0.1"]);
@@ -301,22 +322,46 @@ fn snapshot_defaults_are_safe_to_enforce() {
     let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     let cfg = netwarden::config::parse("snapshot", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(cfg.mode, netwarden::model::Mode::Enforce);
-    assert!(yaml.contains("content: contains") && !yaml.contains("content: exact"), "{yaml}");
-    assert!(yaml.contains("membership: contains") && !yaml.contains("membership: exact"), "{yaml}");
+    assert!(
+        yaml.contains("content: contains") && !yaml.contains("content: exact"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("membership: contains") && !yaml.contains("membership: exact"),
+        "{yaml}"
+    );
     // The sandbox's prefix route: its scope by name, as `ip route` prints it.
     assert!(yaml.contains("scope: link"), "{yaml}");
     assert!(!yaml.contains("scope: 253"), "{yaml}");
 
-    let args = [&base[..], &["--mode", "observe", "--content", "exact", "--membership", "exact"]].concat();
+    let args = [
+        &base[..],
+        &[
+            "--mode",
+            "observe",
+            "--content",
+            "exact",
+            "--membership",
+            "exact",
+        ],
+    ]
+    .concat();
     let out = netwarden(&args);
     let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     let cfg = netwarden::config::parse("snapshot", &yaml).unwrap();
     assert_eq!(cfg.mode, netwarden::model::Mode::Observe);
-    assert!(yaml.contains("content: exact") && yaml.contains("membership: exact"), "{yaml}");
+    assert!(
+        yaml.contains("content: exact") && yaml.contains("membership: exact"),
+        "{yaml}"
+    );
 
     // No selector: a warning, and a config that says it protects nothing.
     let out = netwarden(&["snapshot", "--netns", &ns.name]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(stderr(&out).contains("no selector given"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no selector given"),
+        "{}",
+        stderr(&out)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing is protected"));
 }

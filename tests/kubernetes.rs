@@ -320,7 +320,11 @@ fn pod_cidr_rule_follows_the_node_and_is_repaired() {
 fn the_fake_api_server_enforces_the_manifests_rbac() {
     let c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
     let addr = c.api.addr.to_string();
-    let get = |path: &str| netwarden::obs::http::get(&addr, path, None, WAIT).unwrap().0;
+    let get = |path: &str| {
+        netwarden::obs::http::get(&addr, path, None, WAIT)
+            .unwrap()
+            .0
+    };
     let by_name = "fieldSelector=metadata.name%3Dnetwarden";
     for (path, code) in [
         (format!("/api/v1/namespaces/{NAMESPACE}/configmaps?{by_name}"), 200),

@@ -64,7 +64,10 @@ fn cargo_version() -> String {
     std::fs::read_to_string(root().join("Cargo.toml"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("version = \"").map(|v| v.trim_end_matches('"').to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("version = \"")
+                .map(|v| v.trim_end_matches('"').to_owned())
+        })
         .unwrap()
 }
 
@@ -215,7 +218,10 @@ fn is_crd(o: &Value) -> bool {
 fn base_and_overlays_validate_against_kubernetes_schemas() {
     let mut all = Vec::new();
     let overlay = other_namespace("kube-system");
-    for dir in shipped_dirs().into_iter().chain([overlay.path().to_path_buf()]) {
+    for dir in shipped_dirs()
+        .into_iter()
+        .chain([overlay.path().to_path_buf()])
+    {
         let objects = render(&dir);
         let expected = match dir.file_name().unwrap().to_str().unwrap() {
             "namespace" => 1,
@@ -232,7 +238,12 @@ fn base_and_overlays_validate_against_kubernetes_schemas() {
         );
         // The Namespace object is applied on its own, never with the agent.
         let namespaces = objects.iter().filter(|o| o["kind"] == "Namespace").count();
-        assert_eq!(namespaces, usize::from(dir.ends_with("namespace")), "{}", dir.display());
+        assert_eq!(
+            namespaces,
+            usize::from(dir.ends_with("namespace")),
+            "{}",
+            dir.display()
+        );
         all.extend(objects.into_iter().filter(|o| !is_crd(o)));
     }
     for v in VERSIONS {
@@ -298,7 +309,13 @@ fn rbac_of(objects: &[Value]) -> Rbac {
     )
 }
 
-fn request(verb: &str, group: &str, resource: &str, ns: Option<&str>, name: Option<&str>) -> Attributes {
+fn request(
+    verb: &str,
+    group: &str,
+    resource: &str,
+    ns: Option<&str>,
+    name: Option<&str>,
+) -> Attributes {
     Attributes {
         verb: verb.into(),
         group: group.into(),
@@ -319,7 +336,13 @@ fn check_rbac(objects: &[Value], pods: bool) {
             request(verb, "", "configmaps", Some(&ns), Some(&cm)),
             request(verb, "", "nodes", None, Some("node-1")),
             request(verb, "", "services", None, None),
-            request(verb, "discovery.k8s.io", "endpointslices", Some("default"), Some("kubernetes")),
+            request(
+                verb,
+                "discovery.k8s.io",
+                "endpointslices",
+                Some("default"),
+                Some("kubernetes"),
+            ),
         ] {
             assert!(allowed(&a), "not allowed: {a:?}");
         }
@@ -330,22 +353,43 @@ fn check_rbac(objects: &[Value], pods: bool) {
             request(verb, "", "configmaps", Some(&ns), Some("other")),
             request(verb, "", "configmaps", Some("elsewhere"), Some(&cm)),
             request(verb, "", "configmaps", None, Some(&cm)),
-            request(verb, "discovery.k8s.io", "endpointslices", Some("default"), None),
+            request(
+                verb,
+                "discovery.k8s.io",
+                "endpointslices",
+                Some("default"),
+                None,
+            ),
             request(verb, "", "secrets", Some(&ns), None),
         ] {
             assert!(!allowed(&a), "allowed: {a:?}");
         }
     }
-    assert!(allowed(&request("create", "", "events", Some("default"), None)));
+    assert!(allowed(&request(
+        "create",
+        "",
+        "events",
+        Some("default"),
+        None
+    )));
     for verb in ["get", "update", "delete", "create", "patch"] {
-        assert!(!allowed(&request(verb, "", "configmaps", Some(&ns), Some(&cm))), "{verb}");
-        assert!(!allowed(&request(verb, "", "services", Some("default"), Some("x"))), "{verb}");
+        assert!(
+            !allowed(&request(verb, "", "configmaps", Some(&ns), Some(&cm))),
+            "{verb}"
+        );
+        assert!(
+            !allowed(&request(verb, "", "services", Some("default"), Some("x"))),
+            "{verb}"
+        );
     }
 }
 
 #[test]
 fn rbac_grants_what_the_agent_asks_for_and_nothing_beside() {
-    for dir in shipped_dirs().into_iter().filter(|d| !d.ends_with("namespace")) {
+    for dir in shipped_dirs()
+        .into_iter()
+        .filter(|d| !d.ends_with("namespace"))
+    {
         let o = render(&dir);
         check_rbac(&o, dir.ends_with("aws-vpc-cni"));
     }
@@ -353,7 +397,13 @@ fn rbac_grants_what_the_agent_asks_for_and_nothing_beside() {
     let mut o = render(&deploy("base"));
     o.retain(|o| o["kind"] != "Role");
     let rbac = rbac_of(&o);
-    assert!(!rbac.allows(&request("list", "", "configmaps", Some("netwarden"), Some("netwarden"))));
+    assert!(!rbac.allows(&request(
+        "list",
+        "",
+        "configmaps",
+        Some("netwarden"),
+        Some("netwarden")
+    )));
 }
 
 #[test]
@@ -377,10 +427,19 @@ fn an_overlay_in_another_namespace_agrees_with_itself() {
         .find(|x| x["kind"] == "ConfigMap" && x["metadata"]["name"] == name.as_str())
         .expect("the ConfigMap the agent reads");
     assert_eq!(cm["metadata"]["namespace"], ns.as_str());
-    assert!(cm["data"]["config.yaml"].as_str().unwrap().contains("aws-vpc-cni"));
+    assert!(cm["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .contains("aws-vpc-cni"));
     // Its RBAC covers that ConfigMap, the Pods (podLiveness) and nothing in `netwarden`.
     check_rbac(&o, true);
-    assert!(!rbac_of(&o).allows(&request("list", "", "configmaps", Some("netwarden"), Some(&name))));
+    assert!(!rbac_of(&o).allows(&request(
+        "list",
+        "",
+        "configmaps",
+        Some("netwarden"),
+        Some(&name)
+    )));
     // Prometheus finds the Service from the ServiceMonitor's own namespace, and the stack's
     // selector label is on both Prometheus Operator objects.
     let sm = find(&o, "ServiceMonitor");
@@ -392,7 +451,10 @@ fn an_overlay_in_another_namespace_agrees_with_itself() {
         "{selector}"
     );
     for kind in ["ServiceMonitor", "PrometheusRule"] {
-        assert_eq!(find(&o, kind)["metadata"]["labels"]["release"], "kube-prometheus-stack");
+        assert_eq!(
+            find(&o, kind)["metadata"]["labels"]["release"],
+            "kube-prometheus-stack"
+        );
     }
     // The dashboard ConfigMap for the Grafana sidecar is the JSON file, byte for byte.
     let dash = o
@@ -409,7 +471,10 @@ fn the_version_is_the_same_everywhere() {
     let version = cargo_version();
     let o = render(&deploy("base"));
     let image = container(&o)["image"].as_str().unwrap();
-    assert_eq!(kustomize::split_image(image), ("netwarden", Some(version.as_str())));
+    assert_eq!(
+        kustomize::split_image(image),
+        ("netwarden", Some(version.as_str()))
+    );
     for obj in &o {
         assert_eq!(
             obj["metadata"]["labels"]["app.kubernetes.io/version"],
@@ -422,10 +487,15 @@ fn the_version_is_the_same_everywhere() {
         .arg("--version")
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("netwarden {version}"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("netwarden {version}")
+    );
     let changelog = std::fs::read_to_string(root().join("CHANGELOG.md")).unwrap();
     assert!(
-        changelog.lines().any(|l| l.starts_with(&format!("## [{version}]"))),
+        changelog
+            .lines()
+            .any(|l| l.starts_with(&format!("## [{version}]"))),
         "CHANGELOG.md has no section for {version}"
     );
 }
@@ -495,7 +565,10 @@ fn daemonset_is_least_privilege_and_host_wide() {
             cm["metadata"]["name"].as_str().unwrap().to_owned()
         )
     );
-    assert!(!arg("--configmap").contains('/'), "the namespace comes from the pod");
+    assert!(
+        !arg("--configmap").contains('/'),
+        "the namespace comes from the pod"
+    );
     assert_eq!(arg("--metrics-addr"), "0.0.0.0:10370");
     let mounts = c["volumeMounts"].as_array().unwrap();
     let volumes = pod["volumes"].as_array().unwrap();
@@ -588,7 +661,12 @@ fn validate_stdin(text: &str) -> std::process::Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -669,14 +747,25 @@ fn overlay_configs_pass_netwarden_validate_and_protect_the_incident_objects() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{overlay}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("ConfigMap netwarden/netwarden data.config.yaml: valid"), "{stdout}");
+        assert!(
+            out.status.success(),
+            "{overlay}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("ConfigMap netwarden/netwarden data.config.yaml: valid"),
+            "{stdout}"
+        );
         let stream: Vec<String> = render(&deploy("examples").join(overlay))
             .iter()
             .map(|o| serde_json::to_string(o).unwrap())
             .collect();
         let out = validate_stdin(&stream.join("\n---\n"));
-        assert!(out.status.success(), "{overlay} on stdin: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{overlay} on stdin: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = validate_kubernetes(&config_of(&o).replace("table: 77", "tabel: 77"));
     assert_eq!(out.status.code(), Some(2));
@@ -772,13 +861,20 @@ fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
     // amd64 and arm64 from this one file: the build stage runs on the build machine's platform
     // and cross-compiles for TARGETARCH (a runtime stage without --platform is the target's).
     let build_from = ins.iter().find(|(op, _)| op == "FROM").unwrap();
-    assert_eq!(platform_of(&build_from.1).as_deref(), Some("$BUILDPLATFORM"));
+    assert_eq!(
+        platform_of(&build_from.1).as_deref(),
+        Some("$BUILDPLATFORM")
+    );
     let runtime_from = ins.iter().rfind(|(op, _)| op == "FROM").unwrap();
     assert_eq!(platform_of(&runtime_from.1), None);
     let build_end = ins.iter().rposition(|(op, _)| op == "FROM").unwrap();
     let build = &ins[..build_end];
     assert!(build.iter().any(|(op, a)| op == "ARG" && a == "TARGETARCH"));
-    let build_text: String = build.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>().join("\n");
+    let build_text: String = build
+        .iter()
+        .map(|(_, a)| a.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
     for (arch, triple) in [
         ("amd64", "x86_64-unknown-linux-gnu"),
         ("arm64", "aarch64-unknown-linux-gnu"),
@@ -801,7 +897,10 @@ fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
         .unwrap();
     assert!(cargo_build.1.contains("--profile dist") && cargo_build.1.contains("--locked"));
     let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
-    let dist = manifest.split("[profile.dist]").nth(1).expect("[profile.dist]");
+    let dist = manifest
+        .split("[profile.dist]")
+        .nth(1)
+        .expect("[profile.dist]");
     assert!(dist.contains("strip = \"symbols\""), "{dist}");
 
     // The runtime stage installs the tools the agent runs, and only those.

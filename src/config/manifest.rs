@@ -56,8 +56,10 @@ pub fn parse_document(
             v["metadata"]["name"].as_str().unwrap_or("-")
         )
     };
-    let holding: Vec<&(usize, &str, Value)> =
-        maps.iter().filter(|(_, _, v)| v["data"][key].is_string()).collect();
+    let holding: Vec<&(usize, &str, Value)> = maps
+        .iter()
+        .filter(|(_, _, v)| v["data"][key].is_string())
+        .collect();
     let syntax = |message: String| ConfigError::Syntax {
         file: source.to_owned(),
         line: 0,
@@ -84,7 +86,7 @@ pub fn parse_document(
         }
     };
     let inner = value["data"][key].as_str().unwrap_or_default();
-    let label = format!("ConfigMap {} data.{key}", name(&value));
+    let label = format!("ConfigMap {} data.{key}", name(value));
     let config = match block_position(doc, key, inner) {
         Some((line, column)) => parse_mode(source, inner, true)
             .map_err(|e| shift(e, (start + line) as u64, column as u64))?,
@@ -239,7 +241,10 @@ data:
             .unwrap_err()
             .to_string();
         assert!(e.contains("no ConfigMap has data.other.yaml"), "{e}");
-        let two = format!("{MANIFEST}---\n{}", MANIFEST.replace("name: netwarden", "name: b"));
+        let two = format!(
+            "{MANIFEST}---\n{}",
+            MANIFEST.replace("name: netwarden", "name: b")
+        );
         let e = parse_document("cm.yaml", &two, "config.yaml", false)
             .unwrap_err()
             .to_string();
@@ -258,6 +263,9 @@ data:
         let e = parse_document("q.yaml", quoted, "config.yaml", false)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("q.yaml (ConfigMap -/quoted data.config.yaml):4:"), "{e}");
+        assert!(
+            e.starts_with("q.yaml (ConfigMap -/quoted data.config.yaml):4:"),
+            "{e}"
+        );
     }
 }

@@ -513,7 +513,10 @@ mod tests {
         assert!(text.contains("netwarden_repairs_total{kind=\"route\",result=\"failed\"} 0\n"));
         assert!(text.contains("# TYPE netwarden_build_info gauge\n"));
         assert!(text.contains("# TYPE netwarden_ready gauge\n"));
-        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"), "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE process_resident_memory_bytes gauge\n"));
         assert!(om.contains("# TYPE process_cpu_seconds counter\n"), "{om}");
         assert!(om.contains("\nprocess_open_fds "), "{om}");

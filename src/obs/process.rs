@@ -42,7 +42,11 @@ pub fn parse_btime(stat: &str) -> Option<u64> {
 /// dashboard can divide by).
 pub fn parse_max_fds(limits: &str) -> Option<f64> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn sysconf(var: nix::unistd::SysconfVar) -> Option<f64> {
@@ -103,16 +107,36 @@ impl Collector for ProcessCollector {
             ConstCounter::new(v).encode(m)?;
         }
         let gauges = [
-            ("process_resident_memory", "Resident memory size", Some(Unit::Bytes), p.resident_bytes),
-            ("process_virtual_memory", "Virtual memory size", Some(Unit::Bytes), p.virtual_bytes),
+            (
+                "process_resident_memory",
+                "Resident memory size",
+                Some(Unit::Bytes),
+                p.resident_bytes,
+            ),
+            (
+                "process_virtual_memory",
+                "Virtual memory size",
+                Some(Unit::Bytes),
+                p.virtual_bytes,
+            ),
             (
                 "process_start_time",
                 "Start time of the process since the Unix epoch",
                 Some(Unit::Seconds),
                 p.start_time_seconds,
             ),
-            ("process_open_fds", "Number of open file descriptors", None, p.open_fds),
-            ("process_max_fds", "Maximum number of open file descriptors", None, p.max_fds),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                None,
+                p.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                None,
+                p.max_fds,
+            ),
         ];
         for (name, help, unit, value) in gauges {
             if let Some(v) = value {
@@ -138,10 +162,16 @@ mod tests {
 
     #[test]
     fn btime_and_limits() {
-        assert_eq!(parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"), Some(1_700_000_000));
+        assert_eq!(
+            parse_btime("cpu  1 2 3\nbtime 1700000000\nprocesses 5\n"),
+            Some(1_700_000_000)
+        );
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \nMax open files            1048576              1048576              files     \n";
         assert_eq!(parse_max_fds(limits), Some(1_048_576.0));
-        assert_eq!(parse_max_fds("Max open files  unlimited unlimited files\n"), None);
+        assert_eq!(
+            parse_max_fds("Max open files  unlimited unlimited files\n"),
+            None
+        );
     }
 
     #[test]
@@ -154,7 +184,10 @@ mod tests {
             .unwrap()
             .as_secs_f64();
         let started = p.start_time_seconds.unwrap();
-        assert!(started <= now + 1.0 && started > now - 3600.0, "{started} vs {now}");
+        assert!(
+            started <= now + 1.0 && started > now - 3600.0,
+            "{started} vs {now}"
+        );
         assert!(p.open_fds.unwrap() >= 3.0 && p.open_fds.unwrap() < p.max_fds.unwrap());
         assert!(p.cpu_seconds.unwrap() >= 0.0);
     }

@@ -129,8 +129,7 @@ impl PolicyRule {
         has(&self.verbs, &a.verb)
             && has(&self.groups, &a.group)
             && has(&self.resources, &a.resource)
-            && (self.names.is_empty()
-                || a.name.as_ref().is_some_and(|n| self.names.contains(n)))
+            && (self.names.is_empty() || a.name.as_ref().is_some_and(|n| self.names.contains(n)))
     }
 }
 
@@ -165,10 +164,17 @@ impl Rbac {
         for b in objects {
             let scope = match b["kind"].as_str() {
                 Some("ClusterRoleBinding") => None,
-                Some("RoleBinding") => Some(b["metadata"]["namespace"].as_str().unwrap().to_owned()),
+                Some("RoleBinding") => {
+                    Some(b["metadata"]["namespace"].as_str().unwrap().to_owned())
+                }
                 _ => continue,
             };
-            if !b["subjects"].as_array().into_iter().flatten().any(subject_matches) {
+            if !b["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(subject_matches)
+            {
                 continue;
             }
             let r = &b["roleRef"];
@@ -176,11 +182,16 @@ impl Rbac {
             let found = match r["kind"].as_str() {
                 Some("ClusterRole") => role("ClusterRole", None, role_name),
                 // A RoleBinding's Role is in the binding's namespace.
-                Some("Role") => scope.as_deref().and_then(|ns| role("Role", Some(ns), role_name)),
+                Some("Role") => scope
+                    .as_deref()
+                    .and_then(|ns| role("Role", Some(ns), role_name)),
                 _ => None,
             };
             // A binding to a role that does not exist grants nothing, as in a real cluster.
-            for rule in found.into_iter().flat_map(|f| f["rules"].as_array().unwrap()) {
+            for rule in found
+                .into_iter()
+                .flat_map(|f| f["rules"].as_array().unwrap())
+            {
                 rules.push((scope.clone(), PolicyRule::parse(rule)));
             }
         }

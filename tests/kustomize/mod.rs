@@ -109,7 +109,9 @@ fn build(dir: &Path, mut acc: Vec<Value>, expect: &str) -> Vec<Value> {
         );
     }
     assert_eq!(
-        k.get("kind").and_then(Value::as_str).unwrap_or("Kustomization"),
+        k.get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("Kustomization"),
         expect,
         "{}",
         dir.display()
@@ -176,7 +178,10 @@ fn generate_configmap(dir: &Path, g: &Value) -> Value {
     let mut data = Map::new();
     for f in g["files"].as_array().unwrap() {
         let f = f.as_str().unwrap();
-        assert!(!f.contains('='), "configMapGenerator: `key=path` files not supported");
+        assert!(
+            !f.contains('='),
+            "configMapGenerator: `key=path` files not supported"
+        );
         let text = std::fs::read_to_string(dir.join(f)).unwrap();
         let key = Path::new(f).file_name().unwrap().to_str().unwrap();
         data.insert(key.to_owned(), Value::String(text));
@@ -209,7 +214,10 @@ fn set_namespace(objects: &mut [Value], ns: &str) {
         } else if !is_cluster_scoped(o) {
             o["metadata"]["namespace"] = json!(ns);
         }
-        if matches!(o["kind"].as_str(), Some("RoleBinding" | "ClusterRoleBinding")) {
+        if matches!(
+            o["kind"].as_str(),
+            Some("RoleBinding" | "ClusterRoleBinding")
+        ) {
             for s in o["subjects"].as_array_mut().into_iter().flatten() {
                 let key = (
                     s["namespace"].as_str().unwrap_or("").to_owned(),
@@ -319,7 +327,12 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    pub fn new(namespace: &str, resources: &[&Path], components: &[&Path], patches: &[&Path]) -> Overlay {
+    pub fn new(
+        namespace: &str,
+        resources: &[&Path],
+        components: &[&Path],
+        patches: &[&Path],
+    ) -> Overlay {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let rel = |p: &Path| {
             let p = p.canonicalize().unwrap();
