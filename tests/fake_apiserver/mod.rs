@@ -42,6 +42,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
+mod rbac;
+pub use rbac::{Attributes, Rbac};
+
 /// (verb, API group ("" for core), resource).
 pub type Access = (String, String, String);
 
@@ -83,146 +86,6 @@ struct State {
     /// RBAC in force; `None`: everything is allowed.
     rbac: Option<Rbac>,
     denied: Vec<Attributes>,
-}
-
-/// What RBAC decides on: kube-apiserver's request attributes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attributes {
-    pub verb: String,
-    pub group: String,
-    /// With the subresource, if any: `nodes/status`.
-    pub resource: String,
-    /// `None` for cluster-scoped objects and requests across all namespaces.
-    pub namespace: Option<String>,
-    /// The object's name: from the path, or for list/watch from a `metadata.name=` field selector.
-    pub name: Option<String>,
-}
-
-#[derive(Clone, Debug)]
-struct PolicyRule {
-    verbs: Vec<String>,
-    groups: Vec<String>,
-    resources: Vec<String>,
-    names: Vec<String>,
-}
-
-impl PolicyRule {
-    fn parse(rule: &Value) -> PolicyRule {
-        let strings = |k: &str| -> Vec<String> {
-            rule[k]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect()
-        };
-        PolicyRule {
-            verbs: strings("verbs"),
-            groups: strings("apiGroups"),
-            resources: strings("resources"),
-            names: strings("resourceNames"),
-        }
-    }
-
-    fn allows(&self, a: &Attributes) -> bool {
-        let has = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
-        has(&self.verbs, &a.verb)
-            && has(&self.groups, &a.group)
-            && has(&self.resources, &a.resource)
-            && (self.names.is_empty() || a.name.as_ref().is_some_and(|n| self.names.contains(n)))
-    }
-}
-
-/// The rules that apply to one ServiceAccount, each with where it applies (`None`: everywhere,
-/// from a ClusterRoleBinding; `Some(ns)`: from a RoleBinding in `ns`).
-#[derive(Clone, Debug, Default)]
-pub struct Rbac {
-    rules: Vec<(Option<String>, PolicyRule)>,
-}
-
-impl Rbac {
-    /// The grants of ServiceAccount `namespace/name` in `objects` (rendered manifests).
-    pub fn for_service_account(objects: &[Value], namespace: &str, name: &str) -> Rbac {
-        let subject_matches = |s: &Value| match s["kind"].as_str() {
-            Some("ServiceAccount") => s["name"] == name && s["namespace"] == namespace,
-            Some("Group") => {
-                let g = s["name"].as_str().unwrap_or("");
-                g == "system:serviceaccounts"
-                    || g == "system:authenticated"
-                    || g == format!("system:serviceaccounts:{namespace}")
-            }
-            _ => false,
-        };
-        let role = |kind: &str, ns: Option<&str>, role_name: &str| {
-            objects.iter().find(|o| {
-                o["kind"] == kind
-                    && o["metadata"]["name"] == role_name
-                    && ns.is_none_or(|ns| o["metadata"]["namespace"] == ns)
-            })
-        };
-        let mut rules = Vec::new();
-        for b in objects {
-            let scope = match b["kind"].as_str() {
-                Some("ClusterRoleBinding") => None,
-                Some("RoleBinding") => {
-                    Some(b["metadata"]["namespace"].as_str().unwrap().to_owned())
-                }
-                _ => continue,
-            };
-            if !b["subjects"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(subject_matches)
-            {
-                continue;
-            }
-            let r = &b["roleRef"];
-            let role_name = r["name"].as_str().unwrap();
-            let found = match r["kind"].as_str() {
-                Some("ClusterRole") => role("ClusterRole", None, role_name),
-                // A RoleBinding's Role is in the binding's namespace.
-                Some("Role") => scope
-                    .as_deref()
-                    .and_then(|ns| role("Role", Some(ns), role_name)),
-                _ => None,
-            };
-            // A binding to a role that does not exist grants nothing, as in a real cluster.
-            for rule in found
-                .into_iter()
-                .flat_map(|f| f["rules"].as_array().unwrap())
-            {
-                rules.push((scope.clone(), PolicyRule::parse(rule)));
-            }
-        }
-        Rbac { rules }
-    }
-
-    pub fn allows(&self, a: &Attributes) -> bool {
-        self.rules.iter().any(|(scope, rule)| {
-            let in_scope = match (scope, &a.namespace) {
-                (None, _) => true,
-                (Some(s), Some(ns)) => s == ns,
-                (Some(_), None) => false,
-            };
-            in_scope && rule.allows(a)
-        })
-    }
-
-    /// Every (verb, API group, resource) granted.
-    pub fn grants(&self) -> BTreeSet<Access> {
-        let mut out = BTreeSet::new();
-        for (_, r) in &self.rules {
-            for v in &r.verbs {
-                for g in &r.groups {
-                    for res in &r.resources {
-                        out.insert((v.clone(), g.clone(), res.clone()));
-                    }
-                }
-            }
-        }
-        out
-    }
 }
 
 /// Snapshots kept for paged lists; a continue token for an older one gets 410.
