@@ -16,6 +16,7 @@ pub mod desired;
 pub mod listen;
 pub mod model;
 pub mod netfilter;
+pub mod nftables;
 pub mod netns;
 pub mod obs;
 pub mod observe;

@@ -1,0 +1,13 @@
+//! Native nftables: tables, chains, rules, sets and maps that kube-proxy's nftables mode,
+//! flannel, Calico and others write with `nft`, protected like the iptables chains of
+//! [`crate::netfilter`] but self-contained (its own notification socket, reads and transactions).
+//!
+//! Pure: [`model`], [`text`] (what may go into a transaction), [`schema`] (hooks, priorities,
+//! element types), [`listing`] (`nft list` output), [`plan`] (the diff), [`render`] (the `nft -f`
+//! transaction). Effectful: [`runner`] (the `nft` binary behind a trait tests can fake),
+//! [`events`] (the nf_tables notification socket) and [`engine`] (the task).
+
+pub mod listing;
+pub mod model;
+pub mod schema;
+pub mod text;
