@@ -9,5 +9,7 @@
 
 pub mod listing;
 pub mod model;
+pub mod plan;
+pub mod render;
 pub mod schema;
 pub mod text;
