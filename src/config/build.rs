@@ -159,6 +159,7 @@ impl Builder<'_> {
                 poll_interval: super::DEFAULT_POLL_INTERVAL,
                 templates: super::Templates::default(),
                 adopt: Vec::new(),
+                nftables: Default::default(),
             };
         };
         self.spec(&spec.value)
@@ -261,6 +262,7 @@ impl Builder<'_> {
 
         let (chains, ipsets, poll_interval) = self.netfilter(spec, mode);
         let adopt = self.adopt(spec, mode);
+        let nftables = self.nftables(&spec.nftables, mode);
         Config {
             mode,
             resync,
@@ -276,6 +278,7 @@ impl Builder<'_> {
                 objects: std::mem::take(&mut self.templated),
             },
             adopt,
+            nftables,
         }
     }
 
@@ -327,6 +330,7 @@ impl Builder<'_> {
         all.extend(named(&spec.chains, "chains", |c| &c.name));
         all.extend(named(&spec.ipsets, "ipsets", |s| &s.name));
         all.extend(named(&spec.adopt, "adopt", |a| &a.name));
+        all.extend(named(&spec.nftables, "nftables", |t| &t.name));
         all.sort_by_key(|(n, _)| (n.referenced.line(), n.referenced.column()));
         let mut first_use: HashMap<&str, u64> = HashMap::new();
         for (n, path) in all {

@@ -12,6 +12,7 @@ mod build;
 mod expand;
 mod manifest;
 mod netfilter;
+mod nftables;
 mod raw;
 pub mod template;
 mod values;
@@ -54,6 +55,8 @@ pub struct Config {
     pub templates: Templates,
     /// Selectors of kernel objects protected as they are seen (`spec.adopt`).
     pub adopt: Vec<crate::adopt::AdoptSelector>,
+    /// Native nftables tables (`spec.nftables`).
+    pub nftables: crate::nftables::model::NftConfig,
 }
 
 pub use expand::{Expanded, Pending, PendingCause, Templates};

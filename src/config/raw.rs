@@ -47,6 +47,7 @@ pub(super) struct RawSpec {
     pub chains: Option<Vec<Spanned<RawChain>>>,
     pub ipsets: Option<Vec<Spanned<RawIpSet>>>,
     pub adopt: Option<Vec<Spanned<RawAdopt>>>,
+    pub nftables: Option<Vec<Spanned<super::nftables::RawNftTable>>>,
 }
 
 #[derive(Debug, DeriveDeserialize)]

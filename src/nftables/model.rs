@@ -222,3 +222,9 @@ impl DesiredTable {
         self.chains.iter().find(|c| c.name == name)
     }
 }
+
+/// `spec.nftables` and the nftables parts of `spec.adopt`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NftConfig {
+    pub tables: Vec<DesiredTable>,
+}

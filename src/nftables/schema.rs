@@ -336,6 +336,68 @@ fn check_one(p: &str, t: Datatype, interval: bool) -> Result<(), String> {
     }
 }
 
+/// An element in the form nft prints it, for the parts whose type netwarden knows: addresses
+/// compressed (`fd00::1`), marks as `0x%08x`, ports without leading zeros, MAC addresses in
+/// lower case. Call after [`check_element`].
+pub fn canonical_element(e: &super::model::Element, decl: &Declaration) -> super::model::Element {
+    super::model::Element {
+        key: canonical_parts(&e.key, &decl.key),
+        value: match (&e.value, &decl.value) {
+            (Some(v), Some(t)) if t.as_slice() != [Datatype::Verdict] => {
+                Some(canonical_parts(v, t))
+            }
+            (v, _) => v.clone(),
+        },
+    }
+}
+
+fn canonical_parts(text: &str, types: &[Datatype]) -> String {
+    let parts: Vec<&str> = text.split(" . ").map(str::trim).collect();
+    if parts.len() != types.len() {
+        return text.to_owned();
+    }
+    parts
+        .iter()
+        .zip(types)
+        .map(|(p, t)| canonical_one(p, *t))
+        .collect::<Vec<_>>()
+        .join(" . ")
+}
+
+fn canonical_one(p: &str, t: Datatype) -> String {
+    let addr = |s: &str| s.parse::<IpAddr>().map(|a| a.to_string()).ok();
+    match t {
+        Datatype::Ipv4 | Datatype::Ipv6 => {
+            if let Some(a) = addr(p) {
+                return a;
+            }
+            if let Ok(n) = p.parse::<IpNet>() {
+                return n.to_string();
+            }
+            match p.split_once('-').and_then(|(a, b)| Some((addr(a)?, addr(b)?))) {
+                Some((a, b)) => format!("{a}-{b}"),
+                None => p.to_owned(),
+            }
+        }
+        Datatype::Mark => {
+            let v = match p.strip_prefix("0x") {
+                Some(h) => u32::from_str_radix(h, 16).ok(),
+                None => p.parse::<u32>().ok(),
+            };
+            v.map_or_else(|| p.to_owned(), |v| format!("0x{v:08x}"))
+        }
+        Datatype::Service => match p.split_once('-') {
+            Some((a, b)) => match (a.parse::<u16>(), b.parse::<u16>()) {
+                (Ok(a), Ok(b)) => format!("{a}-{b}"),
+                _ => p.to_owned(),
+            },
+            None => p.parse::<u16>().map_or_else(|_| p.to_owned(), |v| v.to_string()),
+        },
+        Datatype::Ether => p.to_ascii_lowercase(),
+        _ => p.to_owned(),
+    }
+}
+
 /// An address element: an address, or with `interval` a prefix or a range. As a prefix (a range
 /// is covered by the prefixes of its ends).
 fn address_item(p: &str, v6: bool, interval: bool) -> Option<Vec<IpNet>> {
@@ -362,6 +424,11 @@ pub fn element_nets(key: &str, decl: &Declaration) -> Option<Vec<IpNet>> {
     let first = decl.key.first()?.address()?;
     let part = key.split(" . ").next()?.trim();
     address_item(part, first, true)
+}
+
+/// Whether the set's key starts with an address (its forbidden entries are prefixes).
+pub fn keyed_by_address(decl: &Declaration) -> bool {
+    decl.key.first().and_then(|t| t.address()).is_some()
 }
 
 /// Whether an element key falls foul of a forbidden prefix: equal to it, inside it, or holding it.
@@ -437,6 +504,16 @@ mod tests {
         assert!(check_element(&el("0x00004000", None), &d, false).is_ok());
         let (_, d) = declaration("type", "ifname", false).unwrap();
         assert!(check_element(&el("eth0", None), &d, false).is_err());
+    }
+
+    #[test]
+    fn elements_take_the_form_nft_prints() {
+        let (_, d) = declaration("type", "ipv6_addr . mark . inet_service", false).unwrap();
+        let e = canonical_element(&el("FD00:0::0001 . 16384 . 0443", None), &d);
+        assert_eq!(e.key, "fd00::1 . 0x00004000 . 443");
+        let (_, d) = declaration("type", "ether_addr : ipv4_addr", true).unwrap();
+        let e = canonical_element(&el("00:AA:22:33:44:55", Some("10.0.0.01")), &d);
+        assert_eq!((e.key.as_str(), e.value.as_deref()), ("00:aa:22:33:44:55", Some("10.0.0.01")));
     }
 
     #[test]
