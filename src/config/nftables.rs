@@ -231,7 +231,7 @@ impl Builder<'_> {
     ) {
         let chain_names: HashSet<&str> = chains.iter().map(|c| c.name.as_str()).collect();
         let set_names: HashSet<&str> = sets.iter().map(|s| s.name.as_str()).collect();
-        let mut check = |b: &mut Self, raw: &Scalar, field: String, text: &str| {
+        let check = |b: &mut Self, raw: &Scalar, field: String, text: &str| {
             let (cs, ss) = references(text);
             let at = raw.as_ref().map_or(obj.at, |s| s.referenced);
             for c in cs.iter().filter(|c| !chain_names.contains(c.as_str())) {

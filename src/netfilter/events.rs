@@ -81,16 +81,17 @@ fn libc_enobufs() -> i32 {
     nix::errno::Errno::ENOBUFS as i32
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Attributes of a message body: (type without flag bits, payload).
-fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+/// Attributes of a message body: (type without flag bits, payload). (Also read by
+/// [`crate::nftables::events`].)
+pub(crate) fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
     while b.len() >= 4 {
         let (Some(len), Some(kind)) = (u16_at(b, 0), u16_at(b, 2)) else {
@@ -107,7 +108,7 @@ fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
-fn string(v: &[u8]) -> String {
+pub(crate) fn string(v: &[u8]) -> String {
     let end = v.iter().position(|&c| c == 0).unwrap_or(v.len());
     String::from_utf8_lossy(&v[..end]).into_owned()
 }

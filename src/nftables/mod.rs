@@ -4,12 +4,17 @@
 //!
 //! Pure: [`model`], [`text`] (what may go into a transaction), [`schema`] (hooks, priorities,
 //! element types), [`listing`] (`nft list` output), [`plan`] (the diff), [`render`] (the `nft -f`
-//! transaction). Effectful: [`runner`] (the `nft` binary behind a trait tests can fake),
-//! [`events`] (the nf_tables notification socket) and [`engine`] (the task).
+//! transaction), [`watch`] (which tables the notifications touched). Effectful: [`runner`] (the
+//! `nft` binary behind a trait tests can fake), [`events`] (the nf_tables notification socket)
+//! and [`engine`] (the task).
 
+pub mod engine;
+pub mod events;
 pub mod listing;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod runner;
 pub mod schema;
 pub mod text;
+pub mod watch;

@@ -229,11 +229,14 @@ impl Metrics {
         for result in ["success", "failure"] {
             let _ = self.config_reloads.get_or_create(&ResultLabels { result });
         }
-        for kind in ["chain", "ipset"] {
+        for kind in ["chain", "ipset", super::status::NFTABLES_KIND] {
             for result in ["applied", "failed"] {
                 let _ = self.repairs.get_or_create(&RepairLabels { kind, result });
             }
         }
+        let _ = self.repairs_deferred.get_or_create(&KindLabels {
+            kind: super::status::NFTABLES_KIND,
+        });
         for kind in ["rule", "route", "chain", "ipset"] {
             for reason in FORGET_REASONS {
                 let _ = self

@@ -49,6 +49,8 @@ impl State {
 pub const KINDS: [&str; 3] = ["rule", "route", "address"];
 /// Kinds the netfilter guard publishes (beside the rtnetlink agent's [`KINDS`]).
 pub const NETFILTER_KINDS: [&str; 2] = ["chain", "ipset"];
+/// The kind the nftables engine publishes ([`crate::nftables`]): one object per protected table.
+pub const NFTABLES_KIND: &str = "nft_table";
 
 fn config_origin() -> String {
     "config".to_string()
@@ -130,6 +132,8 @@ pub struct Board {
     objects: HashMap<ObjectId, Entry>,
     /// Chains and sets, by name: published by the netfilter guard.
     netfilter: HashMap<String, ObjectStatus>,
+    /// nftables tables, by name: published by the nftables engine.
+    nftables: HashMap<String, ObjectStatus>,
     /// The templated objects of the last expansion that are not protected.
     templates_pending: Vec<Pending>,
 }
@@ -197,6 +201,50 @@ impl Board {
                 None => ObjectStatus::new(kind.to_string(), name.clone(), object, mode),
             };
             self.netfilter.insert(name, status);
+        }
+    }
+
+    /// Replaces the nftables engine's tables: `(name, object, mode)`, keeping what is known
+    /// about those that stay.
+    pub fn set_nftables_catalog(&mut self, catalog: Vec<(String, String, String)>) {
+        let mut old = std::mem::take(&mut self.nftables);
+        for (name, object, mode) in catalog {
+            let status = match old.remove(&name) {
+                Some(mut st) => {
+                    st.object = object;
+                    st.mode = mode;
+                    st
+                }
+                None => ObjectStatus::new(NFTABLES_KIND.to_string(), name.clone(), object, mode),
+            };
+            self.nftables.insert(name, status);
+        }
+    }
+
+    /// An nftables table's state; `fighter` while contested.
+    pub fn set_nftables_state(
+        &mut self,
+        name: &str,
+        state: State,
+        reason: Option<String>,
+        fighter: Option<&str>,
+    ) {
+        if let Some(st) = self.nftables.get_mut(name) {
+            st.state = state;
+            st.reason = reason;
+            st.fighter = fighter.map(str::to_string);
+        }
+    }
+
+    pub fn record_nftables_repair(&mut self, name: &str, actor: &str, at_unix: f64) {
+        if let Some(st) = self.nftables.get_mut(name) {
+            if st.state != State::Contested {
+                st.state = State::InSync;
+                st.reason = None;
+            }
+            st.repairs += 1;
+            st.last_repair_unix = Some(at_unix);
+            st.last_actor = Some(actor.to_string());
         }
     }
 
@@ -271,6 +319,12 @@ impl Board {
                 *counts.entry((*kind, st.state)).or_default() += 1;
             }
         }
+        for state in State::ALL {
+            counts.entry((NFTABLES_KIND, state)).or_default();
+        }
+        for st in self.nftables.values() {
+            *counts.entry((NFTABLES_KIND, st.state)).or_default() += 1;
+        }
         counts
     }
 
@@ -293,7 +347,12 @@ impl Board {
     /// Protected objects by kind and origin (`config`, `adopted`).
     pub fn origin_counts(&self) -> BTreeMap<(&'static str, &'static str), usize> {
         let mut out = BTreeMap::new();
-        let kinds = || KINDS.iter().chain(NETFILTER_KINDS.iter());
+        let kinds = || {
+            KINDS
+                .iter()
+                .chain(NETFILTER_KINDS.iter())
+                .chain(std::iter::once(&NFTABLES_KIND))
+        };
         for kind in kinds() {
             for origin in ["config", "adopted"] {
                 out.insert((*kind, origin), 0);
@@ -303,7 +362,8 @@ impl Board {
             .objects
             .values()
             .map(|e| &e.status)
-            .chain(self.netfilter.values());
+            .chain(self.netfilter.values())
+            .chain(self.nftables.values());
         for st in all {
             let kind = kinds().find(|k| **k == st.kind);
             let origin = crate::adopt::origin(&st.name);
@@ -327,6 +387,15 @@ impl Board {
                 *out.entry((kind_str(id), actor)).or_default() += 1;
             }
         }
+        for st in self.nftables.values() {
+            if st.state == State::Contested {
+                let actor = st
+                    .fighter
+                    .clone()
+                    .unwrap_or_else(|| super::attribution::UNKNOWN.to_string());
+                *out.entry((NFTABLES_KIND, actor)).or_default() += 1;
+            }
+        }
         out
     }
 
@@ -336,6 +405,7 @@ impl Board {
             .values()
             .map(|e| e.status.clone())
             .chain(self.netfilter.values().cloned())
+            .chain(self.nftables.values().cloned())
             .collect();
         objects.sort_by(|a, b| {
             kind_rank(&a.kind)
@@ -375,8 +445,9 @@ fn kind_rank(kind: &str) -> usize {
     KINDS
         .iter()
         .chain(NETFILTER_KINDS.iter())
+        .chain(std::iter::once(&NFTABLES_KIND))
         .position(|k| *k == kind)
-        .unwrap_or(KINDS.len() + NETFILTER_KINDS.len())
+        .unwrap_or(KINDS.len() + NETFILTER_KINDS.len() + 1)
 }
 
 /// "3s ago", "2m ago", "5h ago", "4d ago".

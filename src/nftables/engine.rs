@@ -1,0 +1,613 @@
+//! The task that keeps protected nftables tables in place, beside the rtnetlink agent and the
+//! iptables guard.
+//!
+//! A notification touching a protected table marks it; the NEWGEN message that ends the
+//! transaction makes the engine read every marked table (one known to be deleted is not read),
+//! plan, and repair all of them in one `nft -f` transaction, then read them back to verify.
+//! Transactions of its own `nft` are recognised by pid. A table changed again right after each
+//! repair is contested: its repairs back off ([`crate::obs::contest`]) and are never given up.
+
+use super::events::{Event, Events};
+use super::listing::{self, ObservedTable};
+use super::model::{DesiredTable, NftConfig, TableKey};
+use super::plan::{self, Aliases, Repair, TableDrift};
+use super::render;
+use super::runner::{self, Nft, NftError};
+use super::watch::{Touched, Watch};
+use crate::model::Mode;
+use crate::obs::contest::{Backoff, Contest, Decision};
+use crate::obs::metrics::{DriftLabels, ForbiddenLabels, KindLabels, RepairLabels};
+use crate::obs::status::{State, NFTABLES_KIND};
+use crate::obs::{Notice, Telemetry};
+use futures::FutureExt;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("cannot subscribe to nf_tables notifications: {0}")]
+    Subscribe(#[source] std::io::Error),
+    #[error("nf_tables notification socket failed: {0}")]
+    Events(#[source] std::io::Error),
+}
+
+/// Counters (also exported as metrics).
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub reads: u64,
+    pub transactions: u64,
+    pub repairs: u64,
+    pub failures: u64,
+    pub forbidden: u64,
+}
+
+/// Why tables are being synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    Start,
+    Events,
+    Retry,
+    Resync,
+}
+
+/// A table planned in one sync.
+struct Planned {
+    key: TableKey,
+    name: String,
+    drift: TableDrift,
+    repair: Option<Repair>,
+    actor: String,
+}
+
+pub struct Engine<N: Nft> {
+    nft: N,
+    tables: Vec<DesiredTable>,
+    events: Option<Events>,
+    watch: Watch,
+    /// Printed forms of the config's rules, learned from nft's echo, per table.
+    aliases: HashMap<TableKey, Aliases>,
+    /// Tables whose repair did not take: only reported from then on.
+    stuck: HashSet<String>,
+    /// What was last said about each table, so logs speak of transitions.
+    reported: HashMap<String, String>,
+    /// Pids of netwarden's own recent `nft` processes.
+    own: VecDeque<u32>,
+    contest: Contest<String>,
+    resync: Duration,
+    pub stats: Stats,
+    telemetry: Option<Arc<Telemetry>>,
+}
+
+impl Engine<runner::NftBinary> {
+    /// Subscribes to the notifications, then brings every protected table in place once; logs
+    /// `nftables in sync`. With nothing to protect, opens nothing and runs nothing.
+    pub async fn start(cfg: NftConfig, resync: Duration) -> Result<Self, EngineError> {
+        Engine::start_with(runner::NftBinary::default(), cfg, resync, true).await
+    }
+}
+
+impl<N: Nft> Engine<N> {
+    /// [`Engine::start`] with another `nft`; `subscribe: false` (tests) reads no notifications.
+    pub async fn start_with(
+        nft: N,
+        cfg: NftConfig,
+        resync: Duration,
+        subscribe: bool,
+    ) -> Result<Self, EngineError> {
+        let events = if subscribe && !cfg.tables.is_empty() {
+            Some(Events::subscribe().map_err(EngineError::Subscribe)?)
+        } else {
+            None
+        };
+        let mut engine = Engine {
+            nft,
+            watch: Watch::new(cfg.tables.iter().map(|t| t.key.clone())),
+            tables: cfg.tables,
+            events,
+            aliases: HashMap::new(),
+            stuck: HashSet::new(),
+            reported: HashMap::new(),
+            own: VecDeque::new(),
+            contest: Contest::new(Backoff::default()),
+            resync,
+            stats: Stats::default(),
+            telemetry: None,
+        };
+        if !engine.tables.is_empty() {
+            let started = Instant::now();
+            engine.sync_all(Why::Start).await;
+            info!(
+                tables = engine.tables.len(),
+                still_drifted = engine.reported.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "nftables in sync"
+            );
+        }
+        Ok(engine)
+    }
+
+    /// Counts repairs in the agent's metrics and publishes the tables on the status board.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self.publish();
+        self
+    }
+
+    fn publish(&self) {
+        let Some(t) = &self.telemetry else { return };
+        let mode = |m: Mode| format!("{m:?}").to_lowercase();
+        let catalog = self
+            .tables
+            .iter()
+            .map(|d| (d.name.clone(), d.key.to_string(), mode(d.mode)))
+            .collect();
+        t.board().set_nftables_catalog(catalog);
+        for d in &self.tables {
+            if let Some(why) = self.reported.get(&d.name) {
+                let state = if d.mode == Mode::Observe {
+                    State::ObserveOnly
+                } else {
+                    State::Drifted
+                };
+                t.board()
+                    .set_nftables_state(&d.name, state, Some(why.clone()), None);
+            }
+        }
+    }
+
+    fn board_state(&self, name: &str, state: State, reason: Option<String>) {
+        if let Some(t) = &self.telemetry {
+            let fighter = self.contest.fighter(&name.to_string()).map(str::to_owned);
+            t.board()
+                .set_nftables_state(name, state, reason, fighter.as_deref());
+        }
+    }
+
+    fn tell(&self, n: Notice) {
+        if let Some(t) = &self.telemetry {
+            t.notice(n);
+        }
+    }
+
+    fn count_repairs(&self, result: &'static str, n: usize) {
+        if let Some(t) = &self.telemetry {
+            t.metrics
+                .repairs
+                .get_or_create(&RepairLabels {
+                    kind: NFTABLES_KIND,
+                    result,
+                })
+                .inc_by(n as u64);
+        }
+    }
+
+    fn remember_own(&mut self, pid: Option<u32>) {
+        if let Some(pid) = pid {
+            self.own.push_back(pid);
+            if self.own.len() > 16 {
+                self.own.pop_front();
+            }
+        }
+    }
+
+    /// Runs until the notification socket fails; with nothing to protect and no reloads, never
+    /// returns.
+    pub async fn run(mut self, mut reloads: Option<mpsc::Receiver<NftConfig>>) -> Result<(), EngineError> {
+        let mut resync = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.resync,
+            self.resync,
+        );
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.contest.next_deadline();
+            tokio::select! {
+                Some(cfg) = next_reload(&mut reloads) => self.reload(cfg).await?,
+                batch = next_events(&mut self.events) => {
+                    let batch = batch.map_err(EngineError::Events)?;
+                    self.fold(&batch);
+                    // Whatever else is queued now belongs to the same burst.
+                    self.drain_queued()?;
+                    let (touched, overrun) = self.watch.take();
+                    if overrun {
+                        warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
+                        self.sync_all(Why::Resync).await;
+                    } else if !touched.is_empty() {
+                        self.sync(touched, Why::Events).await;
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    let (due, calmed) = self.contest.poll(Instant::now());
+                    for c in calmed {
+                        info!(kind = NFTABLES_KIND, name = %c.id, fighter = c.fighter.as_deref().unwrap_or("unknown"), "no longer contested");
+                        self.board_state(&c.id, State::InSync, None);
+                    }
+                    let retry = self.touched_by_name(&due);
+                    if !retry.is_empty() {
+                        self.sync(retry, Why::Retry).await;
+                    }
+                }
+                _ = resync.tick() => self.sync_all(Why::Resync).await,
+            }
+        }
+    }
+
+    fn fold(&mut self, batch: &[Event]) {
+        let own: Vec<u32> = self.own.iter().copied().collect();
+        for ev in batch {
+            self.watch.on_event(ev, |p| own.contains(&p));
+        }
+    }
+
+    /// Reads the datagrams already queued, without waiting.
+    fn drain_queued(&mut self) -> Result<(), EngineError> {
+        loop {
+            let Some(events) = self.events.as_mut() else {
+                return Ok(());
+            };
+            match events.next().now_or_never() {
+                Some(Ok(batch)) => self.fold(&batch),
+                Some(Err(e)) => return Err(EngineError::Events(e)),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn touched_by_name(&self, names: &[String]) -> BTreeMap<TableKey, Touched> {
+        self.tables
+            .iter()
+            .filter(|t| names.contains(&t.name))
+            .map(|t| {
+                let fighter = self.contest.fighter(&t.name).map(str::to_owned);
+                (
+                    t.key.clone(),
+                    Touched {
+                        gone: false,
+                        actor: fighter,
+                        pid: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    async fn reload(&mut self, cfg: NftConfig) -> Result<(), EngineError> {
+        if self.events.is_none() && !cfg.tables.is_empty() {
+            self.events = Some(Events::subscribe().map_err(EngineError::Subscribe)?);
+        }
+        let names: HashSet<String> = cfg.tables.iter().map(|t| t.name.clone()).collect();
+        self.tables = cfg.tables;
+        self.watch
+            .set_watched(self.tables.iter().map(|t| t.key.clone()));
+        self.reported.retain(|n, _| names.contains(n));
+        self.stuck.retain(|n| names.contains(n));
+        self.contest.retain(|n| names.contains(n));
+        self.publish();
+        self.sync_all(Why::Start).await;
+        info!(tables = self.tables.len(), "nftables reloaded");
+        Ok(())
+    }
+
+    async fn sync_all(&mut self, why: Why) {
+        let all = self
+            .tables
+            .iter()
+            .map(|t| {
+                (
+                    t.key.clone(),
+                    Touched {
+                        gone: false,
+                        actor: None,
+                        pid: None,
+                    },
+                )
+            })
+            .collect();
+        self.sync(all, why).await;
+    }
+
+    /// The protected table with this key, stuck ones demoted to observe.
+    fn desired(&self, key: &TableKey) -> Option<DesiredTable> {
+        let mut d = self.tables.iter().find(|t| &t.key == key)?.clone();
+        if self.stuck.contains(&d.name) {
+            d.mode = Mode::Observe;
+        }
+        Some(d)
+    }
+
+    async fn read(&mut self, key: &TableKey) -> Result<Option<ObservedTable>, String> {
+        self.stats.reads += 1;
+        let text = self.nft.list(key).await.map_err(|e| e.to_string())?;
+        match text {
+            None => Ok(None),
+            Some(t) => listing::parse(&t, key)
+                .map(Some)
+                .map_err(|e| format!("cannot read the listing of {key}: {e}")),
+        }
+    }
+
+    /// Reads (unless known gone), plans and repairs the touched tables: every repair in one
+    /// transaction, then each read back.
+    async fn sync(&mut self, touched: BTreeMap<TableKey, Touched>, why: Why) {
+        let started = Instant::now();
+        let mut planned = Vec::new();
+        for (key, t) in touched {
+            let Some(desired) = self.desired(&key) else { continue };
+            let observed = if t.gone {
+                None
+            } else {
+                match self.read(&key).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        error!(kind = NFTABLES_KIND, table = %key, error = %e, "cannot read the table");
+                        continue;
+                    }
+                }
+            };
+            let aliases = self.aliases.get(&key).cloned().unwrap_or_default();
+            let (drift, repair) = plan::plan_table(&desired, observed.as_ref(), &aliases);
+            let Some(drift) = drift else {
+                self.in_sync(&desired.name);
+                continue;
+            };
+            planned.push(Planned {
+                key,
+                name: desired.name.clone(),
+                drift,
+                repair,
+                actor: t.actor.unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        let now = Instant::now();
+        let mut apply = Vec::new();
+        for p in planned {
+            if p.repair.is_none() {
+                self.report(&p.drift);
+                continue;
+            }
+            match self.contest.on_drift(&p.name, now) {
+                Decision::Now { .. } => apply.push(p),
+                Decision::Later {
+                    newly_contested, ..
+                } => self.hold(&p, newly_contested),
+            }
+        }
+        if apply.is_empty() {
+            return;
+        }
+        let repairs: Vec<Repair> = apply.iter().filter_map(|p| p.repair.clone()).collect();
+        let transaction = render::transaction(&repairs);
+        debug!(transaction = %transaction, "nft transaction");
+        self.stats.transactions += 1;
+        match self.nft.apply(&transaction).await {
+            Ok(applied) => {
+                self.remember_own(applied.pid);
+                self.learn(&repairs, &applied.echo);
+                let took = started.elapsed();
+                for p in &apply {
+                    self.restored(p, why, took);
+                }
+                self.verify(&apply).await;
+            }
+            Err(e) => self.failed(&apply, &e),
+        }
+    }
+
+    fn in_sync(&mut self, name: &str) {
+        if self.reported.remove(name).is_some() {
+            info!(kind = NFTABLES_KIND, name, "back in sync");
+            self.board_state(name, State::InSync, None);
+        }
+    }
+
+    /// Drift that is only reported (observe mode, or what nft cannot change in place).
+    fn report(&mut self, d: &TableDrift) {
+        let text = d.summary();
+        if self.reported.get(&d.name) == Some(&text) {
+            return;
+        }
+        let mode = if d.mode == Mode::Observe { "observe" } else { "enforce" };
+        warn!(kind = NFTABLES_KIND, name = %d.name, table = %d.object, mode, drift = %text, "drift");
+        let forbidden = d.forbidden();
+        if !forbidden.is_empty() {
+            self.count_forbidden("reported", &d.name, &d.object, &forbidden);
+        }
+        let state = if d.mode == Mode::Observe {
+            State::ObserveOnly
+        } else {
+            State::Drifted
+        };
+        self.board_state(&d.name, state, Some(text.clone()));
+        self.reported.insert(d.name.clone(), text);
+    }
+
+    fn count_forbidden(&mut self, result: &'static str, name: &str, table: &str, elements: &[String]) {
+        self.stats.forbidden += elements.len() as u64;
+        if let Some(t) = &self.telemetry {
+            t.metrics
+                .forbidden_members
+                .get_or_create(&ForbiddenLabels { result })
+                .inc_by(elements.len() as u64);
+        }
+        for e in elements {
+            warn!(kind = NFTABLES_KIND, name, table, element = %e, action = result, forbidden_total = self.stats.forbidden, "forbidden element in protected set");
+        }
+    }
+
+    fn hold(&mut self, p: &Planned, newly_contested: bool) {
+        self.contest.set_fighter(&p.name, &p.actor);
+        if let Some(t) = &self.telemetry {
+            t.metrics
+                .repairs_deferred
+                .get_or_create(&KindLabels {
+                    kind: NFTABLES_KIND,
+                })
+                .inc();
+        }
+        let delay = self.contest.current_delay(&p.name).unwrap_or_default();
+        if newly_contested {
+            warn!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, actor = %p.actor, drift = %p.drift.summary(), "contested: changed again right after each repair; repairs back off");
+            self.tell(Notice::Contested {
+                kind: NFTABLES_KIND,
+                name: p.name.clone(),
+                actor: p.actor.clone(),
+            });
+        } else {
+            debug!(kind = NFTABLES_KIND, name = %p.name, delay_ms = delay.as_millis() as u64, "repair held back");
+        }
+        self.board_state(&p.name, State::Contested, Some(p.drift.summary()));
+    }
+
+    /// Rules the config writes otherwise than nft prints them, from the echo of the `add rule`
+    /// commands just applied (same order): compared in the printed form from now on.
+    fn learn(&mut self, repairs: &[Repair], echo: &str) {
+        let sent: Vec<(TableKey, super::model::RuleText)> = repairs
+            .iter()
+            .flat_map(|r| {
+                r.ops.iter().filter_map(move |op| match op {
+                    plan::Op::AddRule { rule, .. } => Some((r.table.clone(), rule.clone())),
+                    _ => None,
+                })
+            })
+            .collect();
+        let echoed = runner::echoed_rules(echo);
+        if sent.len() != echoed.len() {
+            return;
+        }
+        for ((table, written), (_, chain, printed)) in sent.into_iter().zip(echoed) {
+            if written == printed {
+                continue;
+            }
+            let aliases = self.aliases.entry(table.clone()).or_default();
+            if aliases.insert(written.full(), printed.clone()).is_none() {
+                warn!(kind = NFTABLES_KIND, table = %table, chain = %chain, config = %written, printed = %printed, "nft prints this rule otherwise than the config writes it; comparing the printed form from now on (write it that way in the config)");
+            }
+        }
+    }
+
+    fn restored(&mut self, p: &Planned, why: Why, took: Duration) {
+        self.stats.repairs += 1;
+        self.count_repairs("applied", 1);
+        let forbidden = p.drift.forbidden();
+        if !forbidden.is_empty() {
+            self.count_forbidden("removed", &p.name, &p.drift.object, &forbidden);
+            self.tell(Notice::ForbiddenRemoved {
+                set: p.drift.object.clone(),
+                members: forbidden.clone(),
+            });
+        }
+        if let Some(t) = &self.telemetry {
+            t.metrics
+                .drift_detected
+                .get_or_create(&DriftLabels {
+                    kind: NFTABLES_KIND,
+                    actor: p.actor.clone(),
+                })
+                .inc();
+            t.metrics
+                .repair_duration
+                .get_or_create(&KindLabels {
+                    kind: NFTABLES_KIND,
+                })
+                .observe(took.as_secs_f64());
+            t.board().record_nftables_repair(
+                &p.name,
+                &p.actor,
+                crate::obs::status::unix_now(),
+            );
+        }
+        if forbidden.len() != p.drift.findings.len() && why != Why::Start {
+            self.tell(Notice::Restored {
+                counts: vec![(NFTABLES_KIND, 1)],
+                actor: p.actor.clone(),
+            });
+        }
+        self.contest.on_repaired(&p.name, Instant::now());
+        self.reported.remove(&p.name);
+        info!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, actor = %p.actor, what = %p.drift.summary(), took_us = took.as_micros() as u64, "restored");
+    }
+
+    fn failed(&mut self, apply: &[Planned], e: &NftError) {
+        self.stats.failures += 1;
+        self.count_repairs("failed", apply.len());
+        let names: Vec<&str> = apply.iter().map(|p| p.name.as_str()).collect();
+        error!(kind = NFTABLES_KIND, names = %names.join(","), error = %e, "repair failed");
+        for p in apply {
+            self.board_state(&p.name, State::Drifted, Some(e.to_string()));
+            self.reported.insert(p.name.clone(), e.to_string());
+        }
+    }
+
+    /// Reads each repaired table back. A table still drifting although nobody else committed a
+    /// change to it since: the repair does not take (a rule or element nft prints otherwise
+    /// than the config writes it); it is reported and only reported from then on, so nothing is
+    /// added forever. A change by someone else is a new drift, left to its own notification.
+    async fn verify(&mut self, applied: &[Planned]) {
+        for p in applied {
+            let Some(desired) = self.desired(&p.key) else { continue };
+            let observed = match self.read(&p.key).await {
+                Ok(o) => o,
+                Err(e) => {
+                    error!(kind = NFTABLES_KIND, table = %p.key, error = %e, "cannot read the table back");
+                    continue;
+                }
+            };
+            let aliases = self.aliases.get(&p.key).cloned().unwrap_or_default();
+            let (drift, _) = plan::plan_table(&desired, observed.as_ref(), &aliases);
+            let Some(drift) = drift else { continue };
+            if self.drain_queued().is_err() || self.watch.touched(&p.key) {
+                continue;
+            }
+            error!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, drift = %drift.summary(), "the repair did not take: nft prints these objects otherwise than the config writes them (write them as `nft list table` prints them; `netwarden snapshot --nft-tables` does). Only reporting this table from now on");
+            self.stuck.insert(p.name.clone());
+            self.board_state(&p.name, State::Drifted, Some("repair does not take".into()));
+            self.reported.insert(p.name.clone(), drift.summary());
+        }
+    }
+}
+
+async fn next_reload(r: &mut Option<mpsc::Receiver<NftConfig>>) -> Option<NftConfig> {
+    match r {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_events(events: &mut Option<Events>) -> std::io::Result<Vec<Event>> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads every protected table once, changing nothing (`netwarden check`).
+pub async fn check(tables: &[DesiredTable]) -> Result<Vec<TableDrift>, NftError> {
+    let mut nft = runner::NftBinary::default();
+    let mut out = Vec::new();
+    for t in tables {
+        let observed = match nft.list(&t.key).await? {
+            Some(text) => Some(listing::parse(&text, &t.key).map_err(|e| NftError::Failed {
+                args: format!("-a -s list table {}", t.key),
+                status: "0".into(),
+                stderr: format!("cannot read the listing: {e}"),
+            })?),
+            None => None,
+        };
+        out.extend(plan::plan_table(t, observed.as_ref(), &Aliases::new()).0);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;
