@@ -363,3 +363,54 @@ mod tests {
         assert!(items[0].get("findings").is_none());
     }
 }
+
+/// Drift of nftables tables (`nftables::engine::check`), reported after the chains and sets.
+#[derive(Default, Serialize)]
+pub struct NftReport {
+    pub tables: Vec<crate::nftables::plan::TableDrift>,
+    #[serde(skip)]
+    pub protected: usize,
+}
+
+impl NftReport {
+    /// One row per finding; empty when no table is protected.
+    pub fn render_table(&self) -> String {
+        if self.protected == 0 {
+            return String::new();
+        }
+        if self.tables.is_empty() {
+            return format!("nftables tables in sync: {} protected\n", self.protected);
+        }
+        let mut out = String::from("KIND       NAME  MODE  OBJECT  DRIFT\n");
+        for d in &self.tables {
+            for f in &d.findings {
+                out.push_str(&format!(
+                    "nft_table  {}  {}  {}  {f}\n",
+                    d.name,
+                    format!("{:?}", d.mode).to_lowercase(),
+                    d.object
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "{} of {} protected nftables tables drifted\n",
+            self.tables.len(),
+            self.protected
+        ));
+        out
+    }
+
+    /// Adds `nftables` to the JSON report and folds it into `in_sync`.
+    pub fn merge_json(&self, core: &str) -> String {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(core) else {
+            return core.to_owned();
+        };
+        let in_sync = v["in_sync"].as_bool().unwrap_or(false) && self.tables.is_empty();
+        v["in_sync"] = in_sync.into();
+        v["nftables"] = serde_json::json!({
+            "protected": self.protected,
+            "drift": serde_json::to_value(&self.tables).unwrap_or_default(),
+        });
+        serde_json::to_string_pretty(&v).unwrap_or_else(|_| core.to_owned())
+    }
+}

@@ -54,6 +54,11 @@ pub fn run(
         };
         let cfg = first.config.clone();
         let ex = first.expansion;
+        // nftables wiring: the engine (src/nftables/) takes `spec.nftables` (no templates).
+        let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
+            .await?
+            .with_telemetry(telemetry.clone());
+        let (nft_tx, nft_rx) = mpsc::channel(4);
         // A later change of the chain and set selectors reaches the guard as a reload.
         let adoption = crate::adoption(&cfg.adopt, adopted_state.as_deref());
         let guard = Guard::start_adopting(
@@ -82,6 +87,7 @@ pub fn run(
         let forward = async move {
             let (mut desired, mut chains, mut sets) = (ex.desired, ex.chains, ex.ipsets);
             let mut adopt = cfg.adopt.clone();
+            let mut nftables = cfg.nftables.clone();
             let (mut poll, mut resync) = (cfg.poll_interval, cfg.resync);
             while let Some(m) = updates.recv().await {
                 let u = match m {
@@ -89,6 +95,12 @@ pub fn run(
                     Message::Fatal(e) => return Err(anyhow::Error::new(e)),
                 };
                 let (c, e) = (&u.config, u.expansion);
+                if c.nftables != nftables {
+                    nftables = c.nftables.clone();
+                    if nft_tx.send(c.nftables.clone()).await.is_err() {
+                        break;
+                    }
+                }
                 if e.desired != desired || c.resync != resync {
                     desired = e.desired.clone();
                     let reload = obs::Reload {
@@ -125,6 +137,7 @@ pub fn run(
             r = agent.run_with(shutdown.as_mut(), Some(reload_rx)) => { r?; }
             r = guard.run_with(Some(guard_rx)) => { r?; }
             r = forward => { r?; }
+            r = nft.run(Some(nft_rx)) => { r?; }
         }
         Ok::<_, anyhow::Error>(())
     })?;

@@ -155,6 +155,12 @@ fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode>
         cfg.ipsets.len(),
         cfg.resync
     ))?;
+    if !cfg.nftables.tables.is_empty() {
+        emit(&format!(
+            "{what}: {} nftables tables\n",
+            cfg.nftables.tables.len()
+        ))?;
+    }
     if !cfg.templates.is_empty() {
         emit(&format!(
             "{what}: {} objects with templates\n",
@@ -196,6 +202,11 @@ fn run(
     }
     let path = path.to_path_buf();
     rt.block_on(async move {
+        // nftables wiring: the engine (src/nftables/) starts first and follows SIGHUP itself.
+        let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
+            .await?
+            .with_telemetry(telemetry.clone());
+        let nft_reloads = nft_reload_on_sighup(path.clone(), cfg.nftables.clone());
         // Chains and sets first: `initial sync done` then means everything is in place.
         let adoption = adoption(&cfg.adopt, adopted_state.as_deref());
         let guard = Guard::start_adopting(
@@ -217,10 +228,36 @@ fn run(
         tokio::select! {
             r = agent.run_with(shutdown_signal(), Some(reloads)) => { r?; }
             r = guard.run_with(Some(guard_rx)) => { r?; }
+            r = nft.run(Some(nft_reloads)) => { r?; }
         }
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// nftables wiring: the `spec.nftables` part of the config, re-read on SIGHUP and sent to the
+/// engine when it changed (a refused file is logged and counted by [`obs::reload_on_sighup`]).
+fn nft_reload_on_sighup(
+    path: std::path::PathBuf,
+    mut current: netwarden::nftables::model::NftConfig,
+) -> tokio::sync::mpsc::Receiver<netwarden::nftables::model::NftConfig> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return rx;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Ok(cfg) = config::load(&path) else { continue };
+            if cfg.nftables != current {
+                current = cfg.nftables.clone();
+                if tx.send(cfg.nftables).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// The chain and set selectors of `spec.adopt`, with the chains and sets the adopted-state
@@ -305,6 +342,11 @@ fn check(
     let plan = rt.block_on(check::check(&desired))?;
     let (chain_drift, ipsets) =
         rt.block_on(netwarden::netfilter::guard::check(&chains, &sets, backend))?;
+    // nftables wiring.
+    let nft = check::NftReport {
+        tables: rt.block_on(netwarden::nftables::engine::check(&cfg.nftables.tables))?,
+        protected: cfg.nftables.tables.len(),
+    };
     let nf = check::NetfilterReport {
         chains: chain_drift,
         ipsets,
@@ -314,10 +356,10 @@ fn check(
     };
     let report = check::Report::new(&desired, &plan).with_netfilter(nf);
     match output {
-        Output::Table => emit(&report.render_table())?,
-        Output::Json => emit(&report.render_json())?,
+        Output::Table => emit(&format!("{}{}", report.render_table(), nft.render_table()))?,
+        Output::Json => emit(&format!("{}\n", nft.merge_json(report.render_json().trim_end())))?,
     }
-    Ok(if report.in_sync {
+    Ok(if report.in_sync && nft.tables.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
