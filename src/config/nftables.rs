@@ -343,8 +343,9 @@ impl Builder<'_> {
                 ))
             }
         });
+        let hook_name = r.hook.as_ref().map_or("", |h| h.value.as_str()).to_owned();
         let priority = self.req(&r.priority, obj, "priority", |s| {
-            schema::priority(family.unwrap_or(NfFamily::Ip), s)
+            schema::priority(family.unwrap_or(NfFamily::Ip), &hook_name, s)
         });
         let policy = self.opt(&r.policy, obj.field("policy"), policy);
         let device = self.opt(&r.device, obj.field("device"), values::ifname);

@@ -209,15 +209,6 @@ impl<N: Nft> Engine<N> {
                 batch = next_events(&mut self.events) => {
                     let batch = batch.map_err(EngineError::Events)?;
                     self.fold(&batch);
-                    // Whatever else is queued now belongs to the same burst.
-                    self.drain_queued()?;
-                    let (touched, overrun) = self.watch.take();
-                    if overrun {
-                        warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
-                        self.sync_all(Why::Resync).await;
-                    } else if !touched.is_empty() {
-                        self.sync(touched, Why::Events).await;
-                    }
                 }
                 _ = sleep_until(deadline) => {
                     let (due, calmed) = self.contest.poll(Instant::now());
@@ -231,6 +222,28 @@ impl<N: Nft> Engine<N> {
                     }
                 }
                 _ = resync.tick() => self.sync_all(Why::Resync).await,
+            }
+            // Whatever any of the above read (a verification reads the notifications that
+            // arrived meanwhile) is repaired now, not when the next datagram happens to come.
+            self.settle().await?;
+        }
+    }
+
+    /// Repairs what the notifications read so far show, until nothing is left: a verification
+    /// may read further notifications (someone changed a table again right after a repair),
+    /// and those are handled here rather than when the next datagram happens to arrive.
+    async fn settle(&mut self) -> Result<(), EngineError> {
+        loop {
+            // Whatever else is queued now belongs to the same burst.
+            self.drain_queued()?;
+            let (touched, overrun) = self.watch.take();
+            if overrun {
+                warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
+                self.sync_all(Why::Resync).await;
+            } else if touched.is_empty() {
+                return Ok(());
+            } else {
+                self.sync(touched, Why::Events).await;
             }
         }
     }

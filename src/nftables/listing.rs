@@ -269,7 +269,7 @@ fn base_chain(family: NfFamily, line: &str) -> Result<BaseChain, String> {
         .and_then(|d| words.get(d + 1))
         .and_then(|d| quoted(d).or_else(|| Some(d.clone())));
     let prio_text = words[p + 1..].join(" ");
-    let priority = schema::priority(family, &prio_text)?;
+    let priority = schema::priority(family, &hook, &prio_text)?;
     let mut policy = None;
     for part in parts {
         if let Some(p) = part.strip_prefix("policy ") {

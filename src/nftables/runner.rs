@@ -119,7 +119,16 @@ pub fn echoed_rules(echo: &str) -> Vec<(String, String, RuleText)> {
                 None => rest,
             };
             let mut it = rest.splitn(4, ' ');
-            let (family, table, chain, rule) = (it.next()?, it.next()?, it.next()?, it.next()?);
+            let (family, table, chain, mut rule) =
+                (it.next()?, it.next()?, it.next()?, it.next()?);
+            // nft's echo may put where the rule went first (`handle 2 …`, the rule before it).
+            for word in ["handle ", "position "] {
+                if let Some((n, r)) = rule.strip_prefix(word).and_then(|r| r.split_once(' ')) {
+                    if n.bytes().all(|b| b.is_ascii_digit()) {
+                        rule = r;
+                    }
+                }
+            }
             let (body, comment) = super::text::split_comment(&super::text::collapse(rule));
             Some((format!("{family} {table}"), chain.to_owned(), RuleText { body, comment }))
         })
@@ -132,7 +141,7 @@ mod tests {
 
     #[test]
     fn reads_the_echo() {
-        let echo = "add table ip x # handle 225\nadd chain ip x c # handle 1\nadd rule ip x c meta mark & 0x00004000 == 0x00000000 return comment \"a b\" # handle 2\nadd element ip x s { 10.96.0.7 }\n# new generation 328 by process 25373 (nft)\n";
+        let echo = "add table ip x # handle 225\nadd chain ip x c # handle 1\nadd rule ip x c meta mark & 0x00004000 == 0x00000000 return comment \"a b\" # handle 2\nadd rule ip x c handle 2 masquerade fully-random # handle 3\nadd element ip x s { 10.96.0.7 }\n# new generation 328 by process 25373 (nft)\n";
         assert_eq!(
             echoed_rules(echo),
             vec![(
@@ -141,6 +150,13 @@ mod tests {
                 RuleText {
                     body: "meta mark & 0x00004000 == 0x00000000 return".into(),
                     comment: Some("a b".into())
+                }
+            ), (
+                "ip x".into(),
+                "c".into(),
+                RuleText {
+                    body: "masquerade fully-random".into(),
+                    comment: None
                 }
             )]
         );

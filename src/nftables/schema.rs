@@ -69,9 +69,20 @@ fn priority_names(family: NfFamily) -> &'static [(&'static str, i32)] {
     }
 }
 
+/// The hooks a standard priority name may be used with (nft refuses `dstnat` on an output
+/// chain: "invalid priority expression value in this context"); `None`: any hook.
+fn priority_hooks(family: NfFamily, name: &str) -> Option<&'static str> {
+    match (family, name) {
+        (_, "dstnat") => Some("prerouting"),
+        (_, "srcnat") => Some("postrouting"),
+        (NfFamily::Bridge, "out") => Some("output"),
+        _ => None,
+    }
+}
+
 /// A priority: a number, or a standard name with an optional offset (`dstnat - 10`), as nft
-/// accepts and prints them.
-pub fn priority(family: NfFamily, s: &str) -> Result<i32, String> {
+/// accepts and prints them for a chain on `hook`.
+pub fn priority(family: NfFamily, hook: &str, s: &str) -> Result<i32, String> {
     let compact: String = s.split_whitespace().collect();
     let number = |t: &str| -> Option<i32> {
         let (neg, digits) = match t.strip_prefix('-') {
@@ -96,6 +107,12 @@ pub fn priority(family: NfFamily, s: &str) -> Result<i32, String> {
             names.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
         ));
     };
+    if let Some(h) = priority_hooks(family, name).filter(|h| *h != hook) {
+        return Err(format!(
+            "`{name}` is a priority of {h} chains only (nft refuses it on {hook}): write the number ({base}{})",
+            if offset.is_empty() { String::new() } else { format!(" {offset}") }
+        ));
+    }
     if offset.is_empty() {
         return Ok(*base);
     }
@@ -452,15 +469,17 @@ mod tests {
 
     #[test]
     fn priorities_resolve_like_nft() {
-        assert_eq!(priority(NfFamily::Ip, "dstnat"), Ok(-100));
-        assert_eq!(priority(NfFamily::Ip, "dstnat - 10"), Ok(-110));
-        assert_eq!(priority(NfFamily::Inet, "filter + 5"), Ok(5));
-        assert_eq!(priority(NfFamily::Netdev, "filter - 10"), Ok(-10));
-        assert_eq!(priority(NfFamily::Bridge, "srcnat"), Ok(300));
-        assert_eq!(priority(NfFamily::Ip, "-300"), Ok(-300));
-        assert!(priority(NfFamily::Ip, "out").is_err());
-        assert!(priority(NfFamily::Ip, "dstnat - x").is_err());
-        assert!(priority(NfFamily::Ip, "99999999999").is_err());
+        assert_eq!(priority(NfFamily::Ip, "prerouting", "dstnat"), Ok(-100));
+        assert_eq!(priority(NfFamily::Ip, "prerouting", "dstnat - 10"), Ok(-110));
+        assert_eq!(priority(NfFamily::Inet, "input", "filter + 5"), Ok(5));
+        assert_eq!(priority(NfFamily::Netdev, "ingress", "filter - 10"), Ok(-10));
+        assert_eq!(priority(NfFamily::Bridge, "postrouting", "srcnat"), Ok(300));
+        assert_eq!(priority(NfFamily::Ip, "output", "-300"), Ok(-300));
+        assert!(priority(NfFamily::Ip, "output", "out").is_err());
+        assert!(priority(NfFamily::Ip, "prerouting", "dstnat - x").is_err());
+        assert!(priority(NfFamily::Ip, "input", "99999999999").is_err());
+        let e = priority(NfFamily::Ip, "forward", "dstnat - 10").unwrap_err();
+        assert!(e.contains("a priority of prerouting chains only"), "{e}");
     }
 
     #[test]

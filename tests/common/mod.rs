@@ -87,13 +87,33 @@ impl Agent {
     /// Starts `netwarden run ARGS --netns NS` (no `--config` of its own: Kubernetes mode passes
     /// `--configmap`) and waits until it reports its initial sync.
     pub fn start_run(ns: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let mut child = Command::new(BIN)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied())
             .arg("run")
             .args(args)
             .args(["--netns", &ns.name, "--log-level", "debug"])
             // Any free port on the host's loopback; see Agent::http.
-            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"]);
+        Agent::spawn(cmd)
+    }
+
+    /// Starts `netwarden run --config CONFIG` in the namespace as the DaemonSet runs it: root
+    /// uid with only CAP_NET_ADMIN and CAP_NET_RAW (`ip netns exec` enters the namespace, as
+    /// setns needs a capability the agent does not have), and waits for its initial sync.
+    pub fn start_capped(ns: &Sandbox, config: &Path) -> Agent {
+        let caps = "-all,+net_admin,+net_raw";
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "setpriv"])
+            .args(["--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", caps])
+            .arg("--")
+            .arg(BIN)
+            .args(["run", "--config", config.to_str().expect("UTF-8 path")])
+            .args(["--log-level", "debug", "--metrics-addr", "127.0.0.1:0"]);
+        Agent::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Agent {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
