@@ -7,7 +7,8 @@
 #             when the two architectures differ.
 #   runtime — Debian 12 slim with only the tools the agent runs: iptables (both the nft and the
 #             legacy backend, iptables-{nft,legacy}-{save,restore}: the agent picks the host's with
-#             `--iptables-backend auto`, see docs/operator-guide.md) and ipset.
+#             `--iptables-backend auto`, see docs/operator-guide.md), ipset and nftables
+#             (`nft`, for the tables of spec.nftables).
 # Build:
 #   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/netwarden:0.1.0 --push .
 #   docker build -t netwarden:0.1.0 .            # the machine's own architecture only
@@ -53,7 +54,7 @@ FROM debian:bookworm-slim AS runtime
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        iptables ipset \
+        iptables ipset nftables \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/netwarden /usr/local/bin/netwarden
 COPY deploy/entrypoint.sh /usr/local/bin/netwarden-entrypoint

