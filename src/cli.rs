@@ -134,6 +134,10 @@ pub enum Command {
         /// Devices whose addresses to protect: a regex matched at the start of the name.
         #[arg(long)]
         addresses: Option<String>,
+        /// nftables tables to protect (`kube-proxy|flannel`): a regex matched at the start of the
+        /// table name; the tables iptables-nft manages are left out.
+        #[arg(long)]
+        nft_tables: Option<String>,
         /// `spec.mode` of the config: enforce repairs drift, observe only reports it.
         #[arg(long, value_enum, default_value_t = SnapshotMode::Enforce)]
         mode: SnapshotMode,

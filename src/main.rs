@@ -103,12 +103,13 @@ fn main() -> ExitCode {
             mode,
             content,
             membership,
+            nft_tables,
             iptables_backend,
         } => snapshot(
             netns.as_deref(),
             &tables,
             priorities.as_deref(),
-            [chains, sets, addresses],
+            [chains, sets, addresses, nft_tables],
             (mode, content, membership),
             iptables_backend,
         ),
@@ -376,7 +377,7 @@ fn snapshot(
     netns: Option<&str>,
     tables: &[String],
     priorities: Option<&str>,
-    [chains, sets, addresses]: [Option<String>; 3],
+    [chains, sets, addresses, nft_tables]: [Option<String>; 4],
     (mode, content, membership): (cli::SnapshotMode, cli::Ownership, cli::Ownership),
     backend: BackendChoice,
 ) -> anyhow::Result<ExitCode> {
@@ -402,6 +403,7 @@ fn snapshot(
         chains: re(chains)?,
         sets: re(sets)?,
         addresses: re(addresses)?,
+        nft_tables: re(nft_tables)?,
     };
     if sel.is_empty() {
         tracing::warn!("no selector given (--tables, --priorities, --chains, --sets, --addresses): the snapshot protects nothing");

@@ -21,6 +21,10 @@ pub enum SnapshotError {
     Observe(#[from] ObserveError),
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error(transparent)]
+    Nft(#[from] crate::nftables::runner::NftError),
+    #[error("cannot read an nftables listing: {0}")]
+    Listing(#[from] crate::nftables::listing::ListingError),
     #[error("the snapshot does not validate (a netwarden bug, please report it):\n{0}")]
     Invalid(String),
 }
@@ -37,6 +41,8 @@ pub struct Selectors {
     pub sets: Option<Regex>,
     /// Devices whose addresses to protect.
     pub addresses: Option<Regex>,
+    /// nftables tables (regex on the table name, anchored at the start).
+    pub nft_tables: Option<Regex>,
 }
 
 impl Selectors {
@@ -141,8 +147,95 @@ pub async fn take(
         })?;
         out.push_str(&render_sets(&sets, re, style.membership));
     }
+    if let Some(re) = &sel.nft_tables {
+        out.push_str(&nft_tables(re).await?);
+    }
     crate::config::parse("snapshot", &out).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     Ok(out)
+}
+
+/// nftables wiring: the tables whose name `re` matches, read with `nft -a -s list table`. The
+/// tables iptables-nft and its siblings manage are left out (`--chains` covers those).
+async fn nft_tables(re: &Regex) -> Result<String, SnapshotError> {
+    use crate::nftables::runner::{Nft, NftBinary};
+    let mut nft = NftBinary::default();
+    let mut tables = Vec::new();
+    for key in nft.tables().await? {
+        if !matches(re, &key.name) || key.family.is_xtables_table(&key.name) {
+            continue;
+        }
+        if let Some(text) = nft.list(&key).await? {
+            tables.push(crate::nftables::listing::parse(&text, &key)?);
+        }
+    }
+    Ok(render_nft_tables(&tables))
+}
+
+/// `spec.nftables` for observed tables: every chain with its rules (`exact`), every set and map
+/// with its elements (none for `dynamic` or `timeout` sets, whose elements come and go).
+fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> String {
+    if tables.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("  nftables:\n");
+    for t in tables {
+        let _ = writeln!(out, "    - name: {}", object_name(&["nft", t.key.family.as_str(), &t.key.name]));
+        let _ = writeln!(out, "      family: {}\n      table: {}", t.key.family, q(&t.key.name));
+        if let Some(c) = &t.comment {
+            let _ = writeln!(out, "      comment: {}", q(c));
+        }
+        if !t.chains.is_empty() {
+            out.push_str("      chains:\n");
+        }
+        for c in &t.chains {
+            let _ = writeln!(out, "        - name: {}", q(&c.name));
+            if let Some(b) = &c.base {
+                let _ = writeln!(out, "          type: {}\n          hook: {}\n          priority: {}", b.kind, b.hook, b.priority);
+                if let Some(p) = &b.policy {
+                    let _ = writeln!(out, "          policy: {p}");
+                }
+                if let Some(d) = &b.device {
+                    let _ = writeln!(out, "          device: {}", q(d));
+                }
+            }
+            if let Some(cm) = &c.comment {
+                let _ = writeln!(out, "          comment: {}", q(cm));
+            }
+            if !c.rules.is_empty() {
+                out.push_str("          rules:\n");
+            }
+            for r in &c.rules {
+                let _ = writeln!(out, "            - {}", q(&r.text.full()));
+            }
+        }
+        for (map, field) in [(false, "sets"), (true, "maps")] {
+            let sets: Vec<_> = t.sets.iter().filter(|s| s.map == map).collect();
+            if !sets.is_empty() {
+                let _ = writeln!(out, "      {field}:");
+            }
+            for s in sets {
+                let (kind, decl) = s.declaration.split_once(' ').unwrap_or(("type", ""));
+                let _ = writeln!(out, "        - name: {}\n          {kind}: {}", q(&s.name), q(decl));
+                if !s.flags.is_empty() {
+                    let _ = writeln!(out, "          flags: [{}]", s.flags.join(", "));
+                }
+                if let Some(to) = &s.timeout {
+                    let _ = writeln!(out, "          timeout: {to}");
+                }
+                if let Some(cm) = &s.comment {
+                    let _ = writeln!(out, "          comment: {}", q(cm));
+                }
+                let transient = s.flags.iter().any(|f| f == "dynamic" || f == "timeout");
+                if !s.elements.is_empty() && !transient {
+                    out.push_str("          elements:\n");
+                    for e in &s.elements {
+                        let _ = writeln!(out, "            - {}", q(&e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn header(command: &str, mode: Mode) -> String {

@@ -308,3 +308,28 @@ fn a_reactive_fighter_is_contested_not_given_up_on() {
     let log = agent.log.lock().unwrap().join("\n");
     assert!(!log.contains("did not take"), "a fight never turns protection off:\n{log}");
 }
+
+/// `netwarden snapshot --nft-tables` writes a config that protects the live tables as nft
+/// prints them: `check` finds it in sync, and a deleted chain drifted.
+#[test]
+fn a_snapshot_protects_the_live_tables() {
+    let ns = sandbox();
+    nft_f(&ns, OWNERS);
+    nft_f(&ns, OTHERS);
+    must(&ns, &["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-j", "MASQUERADE"]);
+    let out = netwarden(&["snapshot", "--netns", &ns.name, "--nft-tables", "kube-proxy|flannel|nat"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("- 'meta mark & 0x00004000 == 0x00000000 return'"), "{text}");
+    assert!(text.contains("- '10.96.0.1 . tcp . 443 : goto service-2QRHZV4L-default/kubernetes/tcp/https'"), "{text}");
+    assert!(!text.contains("table: 'nat'"), "iptables-nft's table is left out: {text}");
+    assert!(!text.contains("other"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snapshot.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let out = check(&ns, &path, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    nft(&ns, &["delete", "chain", "ip", "flannel-ipv4", "postrtg"]);
+    let out = check(&ns, &path, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -87,6 +87,26 @@ impl NftBinary {
     }
 }
 
+impl NftBinary {
+    /// `nft list tables`: every table of the namespace.
+    pub async fn tables(&self) -> Result<Vec<TableKey>, NftError> {
+        let (out, _) = self.run(&["list", "tables"], None).await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                match (w.next(), w.next(), w.next()) {
+                    (Some("table"), Some(f), Some(n)) => Some(TableKey {
+                        family: super::model::NfFamily::parse(f)?,
+                        name: n.to_owned(),
+                    }),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+}
+
 impl Nft for NftBinary {
     async fn list(&mut self, table: &TableKey) -> Result<Option<String>, NftError> {
         let family = table.family.as_str();
