@@ -1,0 +1,225 @@
+//! nftables benchmark (harness = false; reports, asserts nothing).
+//!
+//! 1. The kube-proxy-shaped table of examples/nftables-kube-proxy.yaml deleted (`nft delete
+//!    table`) → whole again. Measured from outside, on an nf_tables notification socket in the
+//!    same namespace: from the NEWGEN of the deleting transaction to the NEWGEN of the agent's
+//!    repair (commit to commit). Beside it, the floor: one `nft -f` of the very transaction the
+//!    agent applies (the whole table), spawn to exit.
+//! 2. `nft flush ruleset` with that table and a table holding a 5,000-element protected set →
+//!    all back (one transaction), commit to commit; beside it one `nft -f` of the same
+//!    transaction.
+//!
+//! Everything happens in throw-away namespaces; this process enters them itself, so `nft` and
+//! the notification socket live there too. Run as root: `cargo bench --bench nftables`.
+
+use netwarden::nftables::events::{Event, Events};
+use netwarden::nftables::plan::{self, Aliases};
+use netwarden::nftables::render;
+use netwarden::sandbox::Sandbox;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
+const WARMUP: usize = 5;
+
+fn agent(ns: &str, cfg: &std::path::Path) -> Child {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(cfg)
+        .args(["--netns", ns, "--log-level", "info", "--metrics-addr", "off"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start agent");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("initial sync done") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+/// Runs `nft ARGS` with `input` on standard input; spawn to exit.
+fn nft(args: &[&str], input: &str) -> (Duration, u32) {
+    let started = Instant::now();
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    let pid = child.id();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft {args:?} failed");
+    (started.elapsed(), pid)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(name: &str, mut v: Vec<f64>) -> String {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    format!(
+        "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+/// The example, plus (`elements` > 0) a table with a set of that many protected elements.
+fn config(elements: usize) -> String {
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nftables-kube-proxy.yaml"),
+    )
+    .unwrap();
+    if elements == 0 {
+        return example;
+    }
+    let list: Vec<String> = (0..elements)
+        .map(|i| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    format!(
+        "{example}    - name: big\n      family: ip\n      table: bench\n      sets:\n        - name: members\n          type: ipv4_addr\n          elements: [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// The transaction that creates every protected table from nothing: what the agent applies
+/// after a `nft flush ruleset`.
+fn creation(cfg: &netwarden::config::Config, only: Option<&str>) -> String {
+    let repairs: Vec<_> = cfg
+        .nftables
+        .tables
+        .iter()
+        .filter(|t| only.is_none_or(|o| t.key.name == o))
+        .filter_map(|t| plan::plan_table(t, None, &Aliases::new()).1)
+        .collect();
+    render::transaction(&repairs)
+}
+
+/// Commit to commit: `trigger` runs a transaction; the time from its NEWGEN to the next NEWGEN
+/// by another process (the agent's repair).
+async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
+    let mut child = Command::new("nft").args(trigger).spawn().unwrap();
+    let me = Some(child.id());
+    let mut t0 = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = None;
+    while out.is_none() && Instant::now() < deadline {
+        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
+        else {
+            break;
+        };
+        let now = Instant::now();
+        for ev in batch {
+            if let Event::NewGen { pid, .. } = ev {
+                if pid == me && t0.is_none() {
+                    t0 = Some(now);
+                } else if let (Some(t0), true) = (t0, pid != me) {
+                    out = Some((now - t0).as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    // The agent reads the table back after its repair; let it finish before the next run.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
+    out
+}
+
+fn scenario(
+    rt: &tokio::runtime::Runtime,
+    elements: usize,
+    runs: usize,
+    trigger: &[&str],
+    only: Option<&str>,
+) -> (Vec<f64>, Vec<f64>) {
+    let ns = Sandbox::create("nw-bench-nft").unwrap();
+    netwarden::netns::enter(&ns.name).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.yaml");
+    std::fs::write(&path, config(elements)).unwrap();
+    let cfg = netwarden::config::load(&path).unwrap();
+    let create = creation(&cfg, only);
+    let mut child = agent(&ns.name, &path);
+    let mut repaired = Vec::new();
+    let mut floor = Vec::new();
+    rt.block_on(async {
+        let mut events = Events::subscribe().unwrap();
+        for run in 0..runs + WARMUP {
+            let Some(ms) = measure(&mut events, trigger).await else {
+                panic!("run {run}: no repair seen within 5 s");
+            };
+            if run >= WARMUP {
+                repaired.push(ms);
+            }
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    // The floor, agent gone: the same transaction into the same emptied namespace.
+    for _ in 0..runs.min(50) {
+        nft(trigger, "");
+        let (took, _) = nft(&["-f", "-"], &create);
+        floor.push(took.as_secs_f64() * 1e3);
+    }
+    (repaired, floor)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if let Err(e) = Sandbox::create("nw-bench-probe") {
+        eprintln!("nftables bench: cannot create a network namespace ({e}); needs root, skipped");
+        return;
+    }
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let r = rt();
+    let (deleted, deleted_floor) = std::thread::spawn(move || {
+        scenario(&r, 0, 100, &["delete", "table", "ip", "kube-proxy"], Some("kube-proxy"))
+    })
+    .join()
+    .unwrap();
+    let r = rt();
+    let (flushed, flushed_floor) =
+        std::thread::spawn(move || scenario(&r, 5000, 30, &["flush", "ruleset"], None))
+            .join()
+            .unwrap();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "kernel {} cores {} loadavg {}",
+        kernel.trim(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        load.trim()
+    );
+    println!("| measurement | runs | p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|---|---|");
+    println!(
+        "{}",
+        summary("kube-proxy table deleted → whole again, commit to commit", deleted)
+    );
+    println!(
+        "{}",
+        summary("one `nft -f` of the same table, spawn to exit (floor)", deleted_floor)
+    );
+    println!(
+        "{}",
+        summary("`nft flush ruleset`, 3 tables (one a 5,000-element set) → all back, commit to commit", flushed)
+    );
+    println!(
+        "{}",
+        summary("one `nft -f` of the same three tables, spawn to exit (floor)", flushed_floor)
+    );
+}
