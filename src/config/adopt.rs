@@ -100,11 +100,16 @@ impl Builder<'_> {
             );
             owners_ok = false;
         }
-        if a.rules.is_none() && a.routes.is_none() && a.chains.is_none() && a.ipsets.is_none() {
+        if a.rules.is_none()
+            && a.routes.is_none()
+            && a.chains.is_none()
+            && a.ipsets.is_none()
+            && a.nftables.is_none()
+        {
             self.error(
                 obj.at,
                 obj.path.clone(),
-                "adopts nothing: give `rules` (priority, table, protocols, family), `routes` (table, protocols, device, family), `chains` (names, table, family) or `ipsets` (names)",
+                "adopts nothing: give `rules` (priority, table, protocols, family), `routes` (table, protocols, device, family), `chains` (names, table, family), `ipsets` (names) or `nftables` (tables, family)",
             );
             return None;
         }
@@ -284,7 +289,7 @@ impl Builder<'_> {
 impl Builder<'_> {
     /// Name patterns: required, at least one, each checked by `check` (on the prefix of a
     /// `*` pattern, as the names it matches are written into restore input).
-    fn name_patterns(
+    pub(super) fn name_patterns(
         &mut self,
         list: &Option<Vec<super::raw::Scalar>>,
         at: serde_saphyr::Location,

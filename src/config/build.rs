@@ -262,7 +262,8 @@ impl Builder<'_> {
 
         let (chains, ipsets, poll_interval) = self.netfilter(spec, mode);
         let adopt = self.adopt(spec, mode);
-        let nftables = self.nftables(&spec.nftables, mode);
+        let mut nftables = self.nftables(&spec.nftables, mode);
+        nftables.adopt = self.nft_adopt(&spec.adopt, &adopt);
         Config {
             mode,
             resync,

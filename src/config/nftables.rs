@@ -62,6 +62,14 @@ pub(super) struct RawNftSet {
     pub forbidden: Option<Vec<Scalar>>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNftSelector {
+    pub family: Scalar,
+    /// Table names, exact or a prefix ending in `*` (as for chain and set selectors).
+    pub names: Option<Vec<Scalar>>,
+}
+
 fn family(s: &str) -> Result<NfFamily, String> {
     NfFamily::parse(s).ok_or_else(|| {
         format!("unknown family `{s}`: use ip, ip6, inet, arp, bridge or netdev")
@@ -152,7 +160,44 @@ impl Builder<'_> {
                 tables.push(t);
             }
         }
-        NftConfig { tables }
+        NftConfig {
+            tables,
+            adopt: Vec::new(),
+        }
+    }
+
+    /// The `nftables` parts of `spec.adopt`, joined with their entries' owners and policy
+    /// (`selectors`: the entries that validated).
+    pub(super) fn nft_adopt(
+        &mut self,
+        raw: &Option<Vec<Spanned<super::raw::RawAdopt>>>,
+        selectors: &[crate::adopt::AdoptSelector],
+    ) -> Vec<crate::nftables::adopt::Selector> {
+        let mut out = Vec::new();
+        for (i, item) in raw.iter().flatten().enumerate() {
+            let Some(n) = &item.value.nftables else { continue };
+            let path = format!("spec.adopt[{i}].nftables");
+            let family = self.opt(&n.value.family, format!("{path}.family"), family);
+            let tables = self.name_patterns(
+                &n.value.names,
+                n.referenced,
+                &path,
+                text::identifier,
+                "calico-*",
+            );
+            let name = item.value.name.as_ref().map(|s| s.value.as_str());
+            let adopt = selectors.iter().find(|s| Some(s.name.as_str()) == name);
+            if let (Some(tables), Some(adopt)) = (tables, adopt) {
+                if n.value.family.is_none() || family.is_some() {
+                    out.push(crate::nftables::adopt::Selector {
+                        adopt: adopt.clone(),
+                        family,
+                        tables,
+                    });
+                }
+            }
+        }
+        out
     }
 
     fn nft_table(&mut self, obj: &Object, r: &RawNftTable, global: Mode) -> Option<DesiredTable> {

@@ -125,3 +125,20 @@ fn references_and_duplicates() {
     );
     assert!(e.contains("spec.nftables[1]: protects the same table as `t` (line 5): both are `inet t`"), "{e}");
 }
+
+#[test]
+fn adopt_selectors_for_tables() {
+    let text = "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy, calico-*]\n      owners: [kube-proxy]\n";
+    let c = parse("f.yaml", text).unwrap();
+    let s = &c.nftables.adopt[0];
+    assert_eq!(s.adopt.owners, vec!["kube-proxy"]);
+    assert_eq!(s.family, Some(NfFamily::Ip));
+    assert_eq!(s.tables, vec!["kube-proxy", "calico-*"]);
+    let bad = text.replace("calico-*", "'*'").replace("family: ip", "family: ipx");
+    let e = match parse("f.yaml", &bad) {
+        Err(ConfigError::Invalid(e)) => e.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+        other => panic!("{other:?}"),
+    };
+    assert!(e.contains("spec.adopt[0].nftables.family: unknown family `ipx`"), "{e}");
+    assert!(e.contains("spec.adopt[0].nftables.names[1]: `*` would adopt every one"), "{e}");
+}

@@ -59,6 +59,7 @@ pub(super) struct RawAdopt {
     pub routes: Option<Spanned<RawRouteSelector>>,
     pub chains: Option<Spanned<RawChainSelector>>,
     pub ipsets: Option<Spanned<RawSetSelector>>,
+    pub nftables: Option<Spanned<super::nftables::RawNftSelector>>,
     pub owners: Option<Vec<Scalar>>,
     #[serde(rename = "unknownActor")]
     pub unknown_actor: Scalar,

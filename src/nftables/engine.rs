@@ -7,6 +7,7 @@
 //! Transactions of its own `nft` are recognised by pid. A table changed again right after each
 //! repair is contested: its repairs back off ([`crate::obs::contest`]) and are never given up.
 
+use super::adopt::{self, Judgement};
 use super::events::{Event, Events};
 use super::listing::{self, ObservedTable};
 use super::model::{DesiredTable, NftConfig, TableKey};
@@ -16,7 +17,7 @@ use super::runner::{self, Nft, NftError};
 use super::watch::{Touched, Watch};
 use crate::model::Mode;
 use crate::obs::contest::{Backoff, Contest, Decision};
-use crate::obs::metrics::{DriftLabels, ForbiddenLabels, KindLabels, RepairLabels};
+use crate::obs::metrics::{DriftLabels, ForbiddenLabels, ForgetLabels, KindLabels, RepairLabels};
 use crate::obs::status::{State, NFTABLES_KIND};
 use crate::obs::{Notice, Telemetry};
 use futures::FutureExt;
@@ -66,6 +67,12 @@ struct Planned {
 pub struct Engine<N: Nft> {
     nft: N,
     tables: Vec<DesiredTable>,
+    /// `spec.adopt[].nftables` selectors, and the tables adopted through them (as last seen).
+    selectors: Vec<adopt::Selector>,
+    adopted: BTreeMap<TableKey, DesiredTable>,
+    /// Names of the parent, grandparent… of the processes of recent transactions, read when
+    /// their NEWGEN arrived (only while something is adopted: kube-proxy's `nft` acts for it).
+    ancestors: HashMap<u32, Vec<String>>,
     events: Option<Events>,
     watch: Watch,
     /// Printed forms of the config's rules, learned from nft's echo, per table.
@@ -98,15 +105,20 @@ impl<N: Nft> Engine<N> {
         resync: Duration,
         subscribe: bool,
     ) -> Result<Self, EngineError> {
-        let events = if subscribe && !cfg.tables.is_empty() {
+        let events = if subscribe && !(cfg.tables.is_empty() && cfg.adopt.is_empty()) {
             Some(Events::subscribe().map_err(EngineError::Subscribe)?)
         } else {
             None
         };
+        let mut watch = Watch::new(cfg.tables.iter().map(|t| t.key.clone()));
+        watch.set_adopt(cfg.adopt.clone());
         let mut engine = Engine {
             nft,
-            watch: Watch::new(cfg.tables.iter().map(|t| t.key.clone())),
+            watch,
             tables: cfg.tables,
+            selectors: cfg.adopt,
+            adopted: BTreeMap::new(),
+            ancestors: HashMap::new(),
             events,
             aliases: HashMap::new(),
             stuck: HashSet::new(),
@@ -117,17 +129,22 @@ impl<N: Nft> Engine<N> {
             stats: Stats::default(),
             telemetry: None,
         };
-        if !engine.tables.is_empty() {
+        if !engine.is_idle() {
             let started = Instant::now();
             engine.sync_all(Why::Start).await;
             info!(
                 tables = engine.tables.len(),
+                adopted = engine.adopted.len(),
                 still_drifted = engine.reported.len(),
                 took_us = started.elapsed().as_micros() as u64,
                 "nftables in sync"
             );
         }
         Ok(engine)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.tables.is_empty() && self.selectors.is_empty()
     }
 
     /// Counts repairs in the agent's metrics and publishes the tables on the status board.
@@ -143,10 +160,11 @@ impl<N: Nft> Engine<N> {
         let catalog = self
             .tables
             .iter()
+            .chain(self.adopted.values())
             .map(|d| (d.name.clone(), d.key.to_string(), mode(d.mode)))
             .collect();
         t.board().set_nftables_catalog(catalog);
-        for d in &self.tables {
+        for d in self.tables.iter().chain(self.adopted.values()) {
             if let Some(why) = self.reported.get(&d.name) {
                 let state = if d.mode == Mode::Observe {
                     State::ObserveOnly
@@ -251,6 +269,15 @@ impl<N: Nft> Engine<N> {
     fn fold(&mut self, batch: &[Event]) {
         let own: Vec<u32> = self.own.iter().copied().collect();
         for ev in batch {
+            if let Event::NewGen { pid: Some(pid), .. } = ev {
+                // Read now: the process is about to exit (a zombie's parent can still be read).
+                if !self.selectors.is_empty() && !own.contains(pid) {
+                    if self.ancestors.len() > 64 {
+                        self.ancestors.clear();
+                    }
+                    self.ancestors.insert(*pid, ancestors(*pid));
+                }
+            }
             self.watch.on_event(ev, |p| own.contains(&p));
         }
     }
@@ -291,10 +318,31 @@ impl<N: Nft> Engine<N> {
         if self.events.is_none() && !cfg.tables.is_empty() {
             self.events = Some(Events::subscribe().map_err(EngineError::Subscribe)?);
         }
-        let names: HashSet<String> = cfg.tables.iter().map(|t| t.name.clone()).collect();
+        if self.events.is_none() && !cfg.adopt.is_empty() {
+            self.events = Some(Events::subscribe().map_err(EngineError::Subscribe)?);
+        }
         self.tables = cfg.tables;
+        self.selectors = cfg.adopt;
+        // Adopted tables no selector covers any more (or that spec.nftables names now) are
+        // forgotten and left as they are.
+        let configured: HashSet<TableKey> = self.tables.iter().map(|t| t.key.clone()).collect();
+        let selectors = &self.selectors;
+        self.adopted.retain(|k, c| {
+            let keep = !configured.contains(k) && adopt::select(selectors, k).is_some();
+            if !keep {
+                info!(kind = NFTABLES_KIND, name = %c.name, table = %k, "no adopt selector covers the table any more (or spec.nftables protects it now): forgotten, left as it is");
+            }
+            keep
+        });
+        let names: HashSet<String> = self
+            .tables
+            .iter()
+            .chain(self.adopted.values())
+            .map(|t| t.name.clone())
+            .collect();
         self.watch
             .set_watched(self.tables.iter().map(|t| t.key.clone()));
+        self.watch.set_adopt(self.selectors.clone());
         self.reported.retain(|n, _| names.contains(n));
         self.stuck.retain(|n| names.contains(n));
         self.contest.retain(|n| names.contains(n));
@@ -304,27 +352,41 @@ impl<N: Nft> Engine<N> {
         Ok(())
     }
 
+    /// Every protected table, every adopted one, and (with adopt selectors) every table a
+    /// selector matches now.
     async fn sync_all(&mut self, why: Why) {
-        let all = self
+        let mut keys: Vec<TableKey> = self
             .tables
             .iter()
-            .map(|t| {
-                (
-                    t.key.clone(),
-                    Touched {
-                        gone: false,
-                        actor: None,
-                        pid: None,
-                    },
-                )
-            })
+            .map(|t| t.key.clone())
+            .chain(self.adopted.keys().cloned())
             .collect();
+        if !self.selectors.is_empty() {
+            match self.nft.tables().await {
+                Ok(live) => keys.extend(
+                    live.into_iter()
+                        .filter(|k| adopt::select(&self.selectors, k).is_some()),
+                ),
+                Err(e) => error!(kind = NFTABLES_KIND, error = %e, "cannot list the tables"),
+            }
+        }
+        let untouched = Touched {
+            gone: false,
+            actor: None,
+            pid: None,
+        };
+        let all = keys.into_iter().map(|k| (k, untouched.clone())).collect();
         self.sync(all, why).await;
     }
 
     /// The protected table with this key, stuck ones demoted to observe.
     fn desired(&self, key: &TableKey) -> Option<DesiredTable> {
-        let mut d = self.tables.iter().find(|t| &t.key == key)?.clone();
+        let mut d = self
+            .tables
+            .iter()
+            .find(|t| &t.key == key)
+            .or_else(|| self.adopted.get(key))?
+            .clone();
         if self.stuck.contains(&d.name) {
             d.mode = Mode::Observe;
         }
@@ -348,7 +410,10 @@ impl<N: Nft> Engine<N> {
         let started = Instant::now();
         let mut planned = Vec::new();
         for (key, t) in touched {
-            let Some(desired) = self.desired(&key) else { continue };
+            let configured = self.tables.iter().any(|d| d.key == key);
+            if !configured && adopt::select(&self.selectors, &key).is_none() {
+                continue;
+            }
             let observed = if t.gone {
                 None
             } else {
@@ -360,6 +425,10 @@ impl<N: Nft> Engine<N> {
                     }
                 }
             };
+            if !configured && !self.judge_adopted(&key, &t, observed.as_ref()) {
+                continue;
+            }
+            let Some(desired) = self.desired(&key) else { continue };
             let aliases = self.aliases.get(&key).cloned().unwrap_or_default();
             let (drift, repair) = plan::plan_table(&desired, observed.as_ref(), &aliases);
             let Some(drift) = drift else {
@@ -406,6 +475,65 @@ impl<N: Nft> Engine<N> {
                 self.verify(&apply).await;
             }
             Err(e) => self.failed(&apply, &e),
+        }
+    }
+
+    /// Adoption's view of a read of an adoptable table: adopted, followed (the owner changed
+    /// it) or forgotten; `true` when the copy is to be compared with the table (and repaired).
+    fn judge_adopted(&mut self, key: &TableKey, t: &Touched, observed: Option<&ObservedTable>) -> bool {
+        let Some(sel) = adopt::select(&self.selectors, key).cloned() else {
+            return false;
+        };
+        let copy = self.adopted.get(key);
+        // Any difference from the copy, additions included (an owner's are followed).
+        let changed = copy.is_some_and(|c| observed.map(|o| adopt::copy(&sel, o)).as_ref() != Some(c));
+        let name = t.actor.as_deref().unwrap_or("unknown");
+        let actor = if name == "unknown" {
+            crate::adopt::Actor::Unknown
+        } else {
+            crate::adopt::Actor::Process(name)
+        };
+        let ancestors = t
+            .pid
+            .and_then(|p| self.ancestors.get(&p).cloned())
+            .unwrap_or_default();
+        match adopt::judge(&sel, copy, observed, changed, actor, &ancestors) {
+            Judgement::Adopt(c) => {
+                info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, name = %c.name, table = %key, chains = c.chains.len(), sets = c.sets.len(), "adopted");
+                self.adopted.insert(key.clone(), c);
+                self.publish();
+                false
+            }
+            Judgement::Follow(c) => {
+                debug!(kind = NFTABLES_KIND, name = %c.name, actor = name, ancestors = %ancestors.join(","), "adopted table changed: copy updated");
+                self.adopted.insert(key.clone(), c);
+                false
+            }
+            Judgement::Forget => {
+                let c = self.adopted.remove(key);
+                let reason = if name == "unknown" { "unknown_actor" } else { "owner" };
+                info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, table = %key, actor = name, ancestors = %ancestors.join(","), "adopted table removed by an owner (or, under unknownActor: forget, by nobody known): forgotten");
+                if let (Some(t), Some(c)) = (&self.telemetry, c) {
+                    t.metrics
+                        .adopted_forgotten
+                        .get_or_create(&ForgetLabels {
+                            kind: NFTABLES_KIND,
+                            reason,
+                        })
+                        .inc();
+                    self.reported.remove(&c.name);
+                }
+                self.publish();
+                false
+            }
+            Judgement::Restore => true,
+            Judgement::Nothing => {
+                if let Some(c) = self.adopted.get(key) {
+                    let n = c.name.clone();
+                    self.in_sync(&n);
+                }
+                false
+            }
         }
     }
 
@@ -601,6 +729,28 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc;
+/// empty when it is already gone.
+fn ancestors(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pid = pid;
+    for _ in 0..4 {
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| crate::netfilter::adopted::parent_pid(&s))
+            .filter(|p| *p > 1)
+        else {
+            break;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
+            break;
+        };
+        out.push(comm.trim_end().to_owned());
+        pid = parent;
+    }
+    out
 }
 
 /// Reads every protected table once, changing nothing (`netwarden check`).

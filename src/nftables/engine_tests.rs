@@ -30,6 +30,10 @@ impl Nft for Fake {
         })
     }
 
+    async fn tables(&mut self) -> Result<Vec<TableKey>, NftError> {
+        Ok(vec![key()])
+    }
+
     async fn apply(&mut self, transaction: &str) -> Result<Applied, NftError> {
         let mut k = self.0.borrow_mut();
         k.applied.push(transaction.to_owned());
@@ -76,6 +80,7 @@ const RULE: &str = "meta mark 0x00004000 return";
 async fn engine(k: &Fake, rule: &str) -> Engine<Fake> {
     let cfg = NftConfig {
         tables: vec![table(rule)],
+        adopt: Vec::new(),
     };
     Engine::start_with(k.clone(), cfg, Duration::from_secs(60), false)
         .await

@@ -8,6 +8,7 @@
 //! `nft` binary behind a trait tests can fake), [`events`] (the nf_tables notification socket)
 //! and [`engine`] (the task).
 
+pub mod adopt;
 pub mod engine;
 pub mod events;
 pub mod listing;

@@ -227,4 +227,6 @@ impl DesiredTable {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NftConfig {
     pub tables: Vec<DesiredTable>,
+    /// Selectors of tables protected as they are seen.
+    pub adopt: Vec<super::adopt::Selector>,
 }

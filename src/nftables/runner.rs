@@ -43,6 +43,8 @@ pub trait Nft {
         -> impl Future<Output = Result<Option<String>, NftError>>;
     /// `nft -e -a -f -` with the transaction on standard input.
     fn apply(&mut self, transaction: &str) -> impl Future<Output = Result<Applied, NftError>>;
+    /// `nft list tables`: every table of the namespace.
+    fn tables(&mut self) -> impl Future<Output = Result<Vec<TableKey>, NftError>>;
 }
 
 /// The real `nft`.
@@ -87,9 +89,8 @@ impl NftBinary {
     }
 }
 
-impl NftBinary {
-    /// `nft list tables`: every table of the namespace.
-    pub async fn tables(&self) -> Result<Vec<TableKey>, NftError> {
+impl Nft for NftBinary {
+    async fn tables(&mut self) -> Result<Vec<TableKey>, NftError> {
         let (out, _) = self.run(&["list", "tables"], None).await?;
         Ok(out
             .lines()
@@ -105,9 +106,7 @@ impl NftBinary {
             })
             .collect())
     }
-}
 
-impl Nft for NftBinary {
     async fn list(&mut self, table: &TableKey) -> Result<Option<String>, NftError> {
         let family = table.family.as_str();
         match self

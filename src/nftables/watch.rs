@@ -24,6 +24,8 @@ pub struct Touched {
 #[derive(Debug, Default)]
 pub struct Watch {
     watched: HashSet<TableKey>,
+    /// Adopt selectors: the tables they match are watched too, existing or not.
+    adopt: Vec<super::adopt::Selector>,
     /// The open transaction: table → gone.
     open: BTreeMap<TableKey, bool>,
     done: BTreeMap<TableKey, Touched>,
@@ -44,6 +46,15 @@ impl Watch {
         self.done.retain(|k, _| self.watched.contains(k));
     }
 
+    /// Also watches the tables these selectors adopt.
+    pub fn set_adopt(&mut self, adopt: Vec<super::adopt::Selector>) {
+        self.adopt = adopt;
+    }
+
+    fn watches(&self, key: &TableKey) -> bool {
+        self.watched.contains(key) || super::adopt::select(&self.adopt, key).is_some()
+    }
+
     /// Folds one notification in; `own` says whether a pid is one of netwarden's own `nft`
     /// processes (whose transactions are not drift).
     pub fn on_event(&mut self, ev: &Event, own: impl Fn(u32) -> bool) {
@@ -58,7 +69,7 @@ impl Watch {
                     family: *family,
                     name: table.clone(),
                 };
-                if !self.watched.contains(&key) {
+                if !self.watches(&key) {
                     return;
                 }
                 let gone = self.open.entry(key).or_insert(false);
