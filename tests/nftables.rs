@@ -333,3 +333,43 @@ fn a_snapshot_protects_the_live_tables() {
     let out = check(&ns, &path, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// `spec.adopt[].nftables`: kube-proxy's table protected as last seen. What its owner does is
+/// followed (nf_tables names the committing process; here `nft` run under kube-proxy's name), a
+/// stranger's deletions are put back, and a table its owner deletes is forgotten.
+#[test]
+fn an_adopted_table_follows_its_owner_and_is_restored_for_others() {
+    let ns = sandbox();
+    nft_f(&ns, OWNERS);
+    let dir = tempfile::tempdir().unwrap();
+    let owner = dir.path().join("kube-proxy");
+    std::fs::copy("/usr/sbin/nft", &owner).unwrap();
+    let owner = owner.to_str().unwrap();
+    let cfg = config(
+        dir.path(),
+        "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n",
+    );
+    let mut agent = Agent::start_capped(&ns, &cfg);
+    agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
+    assert!(!agent.log.lock().unwrap().iter().any(|l| l.contains("adopted") && l.contains("flannel")));
+    // A stranger deletes an element: put back.
+    nft(&ns, &["delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.77 }"]);
+    let line = agent.wait_log_all(&["restored", "name=adopted:kube-proxy/ip/kube-proxy"]);
+    assert!(line.contains("10.96.0.77") && line.contains("actor=nft"), "{line}");
+    wait_until("the element is back", || table(&ns, "kube-proxy").contains("10.96.0.77"));
+    // The owner deletes it: followed. A stranger's deletion right after is repaired alone,
+    // which shows the owner's was taken as the new state.
+    must(&ns, &[owner, "delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.77 }"]);
+    nft(&ns, &["delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.10 }"]);
+    let line = agent.wait_log_all(&["restored", "name=adopted:kube-proxy/ip/kube-proxy"]);
+    assert!(line.contains("10.96.0.10") && !line.contains("10.96.0.77"), "{line}");
+    assert!(!table(&ns, "kube-proxy").contains("10.96.0.77"));
+    // A stranger deletes the whole table: recreated as last seen.
+    nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
+    agent.wait_log_all(&["restored", "what=table missing"]);
+    wait_until("the adopted table is back", || table(&ns, "kube-proxy").contains("chain services {"));
+    // The owner deletes it: forgotten, left deleted.
+    must(&ns, &[owner, "delete", "table", "ip", "kube-proxy"]);
+    agent.wait_log_all(&["forgotten", "table=ip kube-proxy"]);
+    assert!(!nft(&ns, &["list", "tables"]).contains("kube-proxy"));
+}
