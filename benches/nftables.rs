@@ -27,7 +27,14 @@ fn agent(ns: &str, cfg: &std::path::Path) -> Child {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(cfg)
-        .args(["--netns", ns, "--log-level", "info", "--metrics-addr", "off"])
+        .args([
+            "--netns",
+            ns,
+            "--log-level",
+            "info",
+            "--metrics-addr",
+            "off",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .expect("start agent");
@@ -50,7 +57,12 @@ fn nft(args: &[&str], input: &str) -> (Duration, u32) {
         .spawn()
         .expect("nft");
     let pid = child.id();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "nft {args:?} failed");
     (started.elapsed(), pid)
 }
@@ -188,7 +200,13 @@ fn main() {
     };
     let r = rt();
     let (deleted, deleted_floor) = std::thread::spawn(move || {
-        scenario(&r, 0, 100, &["delete", "table", "ip", "kube-proxy"], Some("kube-proxy"))
+        scenario(
+            &r,
+            0,
+            100,
+            &["delete", "table", "ip", "kube-proxy"],
+            Some("kube-proxy"),
+        )
     })
     .join()
     .unwrap();
@@ -202,24 +220,40 @@ fn main() {
     println!(
         "kernel {} cores {} loadavg {}",
         kernel.trim(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         load.trim()
     );
-    println!("| measurement | runs | p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|---|---|");
     println!(
-        "{}",
-        summary("kube-proxy table deleted → whole again, commit to commit", deleted)
+        "| measurement | runs | p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|---|---|"
     );
     println!(
         "{}",
-        summary("one `nft -f` of the same table, spawn to exit (floor)", deleted_floor)
+        summary(
+            "kube-proxy table deleted → whole again, commit to commit",
+            deleted
+        )
     );
     println!(
         "{}",
-        summary("`nft flush ruleset`, 3 tables (one a 5,000-element set) → all back, commit to commit", flushed)
+        summary(
+            "one `nft -f` of the same table, spawn to exit (floor)",
+            deleted_floor
+        )
     );
     println!(
         "{}",
-        summary("one `nft -f` of the same three tables, spawn to exit (floor)", flushed_floor)
+        summary(
+            "`nft flush ruleset`, 3 tables (one a 5,000-element set) → all back, commit to commit",
+            flushed
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "one `nft -f` of the same three tables, spawn to exit (floor)",
+            flushed_floor
+        )
     );
 }

@@ -249,7 +249,9 @@ fn nft_reload_on_sighup(
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let Ok(cfg) = config::load(&path) else { continue };
+            let Ok(cfg) = config::load(&path) else {
+                continue;
+            };
             if cfg.nftables != current {
                 current = cfg.nftables.clone();
                 if tx.send(cfg.nftables).await.is_err() {
@@ -358,7 +360,10 @@ fn check(
     let report = check::Report::new(&desired, &plan).with_netfilter(nf);
     match output {
         Output::Table => emit(&format!("{}{}", report.render_table(), nft.render_table()))?,
-        Output::Json => emit(&format!("{}\n", nft.merge_json(report.render_json().trim_end())))?,
+        Output::Json => emit(&format!(
+            "{}\n",
+            nft.merge_json(report.render_json().trim_end())
+        ))?,
     }
     Ok(if report.in_sync && nft.tables.is_empty() {
         ExitCode::SUCCESS

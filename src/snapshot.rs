@@ -179,8 +179,17 @@ fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> Stri
     }
     let mut out = String::from("  nftables:\n");
     for t in tables {
-        let _ = writeln!(out, "    - name: {}", object_name(&["nft", t.key.family.as_str(), &t.key.name]));
-        let _ = writeln!(out, "      family: {}\n      table: {}", t.key.family, q(&t.key.name));
+        let _ = writeln!(
+            out,
+            "    - name: {}",
+            object_name(&["nft", t.key.family.as_str(), &t.key.name])
+        );
+        let _ = writeln!(
+            out,
+            "      family: {}\n      table: {}",
+            t.key.family,
+            q(&t.key.name)
+        );
         if let Some(c) = &t.comment {
             let _ = writeln!(out, "      comment: {}", q(c));
         }
@@ -190,7 +199,11 @@ fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> Stri
         for c in &t.chains {
             let _ = writeln!(out, "        - name: {}", q(&c.name));
             if let Some(b) = &c.base {
-                let _ = writeln!(out, "          type: {}\n          hook: {}\n          priority: {}", b.kind, b.hook, b.priority);
+                let _ = writeln!(
+                    out,
+                    "          type: {}\n          hook: {}\n          priority: {}",
+                    b.kind, b.hook, b.priority
+                );
                 if let Some(p) = &b.policy {
                     let _ = writeln!(out, "          policy: {p}");
                 }
@@ -215,7 +228,12 @@ fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> Stri
             }
             for s in sets {
                 let (kind, decl) = s.declaration.split_once(' ').unwrap_or(("type", ""));
-                let _ = writeln!(out, "        - name: {}\n          {kind}: {}", q(&s.name), q(decl));
+                let _ = writeln!(
+                    out,
+                    "        - name: {}\n          {kind}: {}",
+                    q(&s.name),
+                    q(decl)
+                );
                 if !s.flags.is_empty() {
                     let _ = writeln!(out, "          flags: [{}]", s.flags.join(", "));
                 }

@@ -112,7 +112,11 @@ fn nft_f(ns: &Sandbox, script: &str) {
         .write_all(script.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "nft -f: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nft -f: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn nft(ns: &Sandbox, args: &[&str]) -> String {
@@ -133,7 +137,11 @@ fn others(ns: &Sandbox) -> Vec<serde_json::Value> {
             let Some((kind, body)) = o.as_object().and_then(|m| m.iter().next()) else {
                 return false;
             };
-            let table = if kind == "table" { &body["name"] } else { &body["table"] };
+            let table = if kind == "table" {
+                &body["name"]
+            } else {
+                &body["table"]
+            };
             let ours = body["family"] == "ip"
                 && matches!(table.as_str(), Some("kube-proxy" | "flannel-ipv4"));
             kind != "metainfo" && !ours
@@ -182,22 +190,48 @@ fn kube_proxy_and_flannel_tables_come_back_and_nothing_else_is_touched() {
     nft_f(&ns, OWNERS);
     nft_f(&ns, OTHERS);
     // iptables-nft writes nf_tables tables too (`ip nat`): not netwarden's unless configured.
-    must(&ns, &["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "10.9.0.0/16", "-j", "MASQUERADE"]);
+    must(
+        &ns,
+        &[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.9.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ],
+    );
     let before = others(&ns);
     assert!(before.len() > 4, "{before:?}");
     let config = example();
     let out = check(&ns, &config, &[]);
-    assert!(out.status.success(), "in sync before anything: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "in sync before anything: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let mut agent = Agent::start_capped(&ns, &config);
     agent.wait_log("nftables in sync");
     assert!(protected_in_place(&ns));
-    assert_eq!(others(&ns), before, "the initial sync touched nobody else's tables");
+    assert_eq!(
+        others(&ns),
+        before,
+        "the initial sync touched nobody else's tables"
+    );
 
     // A whole table deleted.
     nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
     let line = agent.wait_log_all(&["restored", "name=kube-proxy-ipv4"]);
-    assert!(line.contains("what=table missing") && line.contains("actor=nft"), "{line}");
-    wait_until("the kube-proxy table is whole again", || protected_in_place(&ns));
+    assert!(
+        line.contains("what=table missing") && line.contains("actor=nft"),
+        "{line}"
+    );
+    wait_until("the kube-proxy table is whole again", || {
+        protected_in_place(&ns)
+    });
     assert_eq!(others(&ns), before);
 
     // A chain deleted (flannel's base chain).
@@ -207,14 +241,44 @@ fn kube_proxy_and_flannel_tables_come_back_and_nothing_else_is_touched() {
     wait_until("flannel's chain back", || protected_in_place(&ns));
 
     // A set element deleted, and a forbidden one added.
-    nft(&ns, &["delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.10 }"]);
+    nft(
+        &ns,
+        &[
+            "delete",
+            "element",
+            "ip",
+            "kube-proxy",
+            "cluster-ips",
+            "{ 10.96.0.10 }",
+        ],
+    );
     let line = agent.wait_log_all(&["restored", "name=kube-proxy-ipv4"]);
     assert!(line.contains("1 element(s) missing: 10.96.0.10"), "{line}");
-    nft(&ns, &["add", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.200.0.1 }"]);
-    agent.wait_log_all(&["forbidden element in protected set", "element=cluster-ips: 10.200.0.1", "action=\"removed\""]);
-    wait_until("the forbidden element is gone", || !table(&ns, "kube-proxy").contains("10.200.0.1"));
+    nft(
+        &ns,
+        &[
+            "add",
+            "element",
+            "ip",
+            "kube-proxy",
+            "cluster-ips",
+            "{ 10.200.0.1 }",
+        ],
+    );
+    agent.wait_log_all(&[
+        "forbidden element in protected set",
+        "element=cluster-ips: 10.200.0.1",
+        "action=\"removed\"",
+    ]);
+    wait_until("the forbidden element is gone", || {
+        !table(&ns, "kube-proxy").contains("10.200.0.1")
+    });
     assert!(protected_in_place(&ns));
-    assert_eq!(others(&ns), before, "nobody else's tables touched by any repair");
+    assert_eq!(
+        others(&ns),
+        before,
+        "nobody else's tables touched by any repair"
+    );
 
     // `nft flush ruleset` (what an nftables.service reload does): one burst, both back in one
     // transaction; the unprotected tables it removed stay removed.
@@ -230,7 +294,11 @@ fn kube_proxy_and_flannel_tables_come_back_and_nothing_else_is_touched() {
         "only the protected tables were recreated"
     );
     let out = check(&ns, &config, &[]);
-    assert!(out.status.success(), "check agrees: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "check agrees: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The owners' objects the config does not name went with the flush and are not invented.
     assert!(!table(&ns, "kube-proxy").contains("nodeport-ips"));
 }
@@ -244,12 +312,21 @@ fn check_reports_drift_of_nft_tables() {
     let out = check(&ns, &config, &[]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("nft_table  flannel-ipv4  enforce  ip flannel-ipv4  chain postrtg missing"), "{text}");
+    assert!(
+        text.contains("nft_table  flannel-ipv4  enforce  ip flannel-ipv4  chain postrtg missing"),
+        "{text}"
+    );
     let out = check(&ns, &config, &["--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["in_sync"], false);
-    assert_eq!(v["nftables"]["drift"][0]["findings"][0]["finding"], "chain_missing");
-    assert!(table(&ns, "flannel-ipv4").contains("table ip flannel-ipv4"), "check changed nothing");
+    assert_eq!(
+        v["nftables"]["drift"][0]["findings"][0]["finding"],
+        "chain_missing"
+    );
+    assert!(
+        table(&ns, "flannel-ipv4").contains("table ip flannel-ipv4"),
+        "check changed nothing"
+    );
     assert!(!table(&ns, "flannel-ipv4").contains("postrtg"));
 }
 
@@ -274,16 +351,39 @@ fn a_reactive_fighter_is_contested_not_given_up_on() {
     impl Drop for Stop {
         fn drop(&mut self) {
             // The fighter's process group: the shell, `nft monitor` and its children.
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     let stop = Stop(fighter.id() as i32);
     // The monitor does not say when it listens: delete the element until the fight is on (each
     // deletion the fighter does not answer is simply repaired).
     let deadline = std::time::Instant::now() + WAIT;
-    while !agent.log.lock().unwrap().iter().any(|l| l.contains("contested")) {
-        assert!(std::time::Instant::now() < deadline, "no fight within {WAIT:?}");
-        let _ = exec(&ns, &["nft", "delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.1 }"]);
+    while !agent
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("contested"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fight within {WAIT:?}"
+        );
+        let _ = exec(
+            &ns,
+            &[
+                "nft",
+                "delete",
+                "element",
+                "ip",
+                "kube-proxy",
+                "cluster-ips",
+                "{ 10.96.0.1 }",
+            ],
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let line = agent.wait_log_all(&["contested", "name=kube-proxy-ipv4"]);
@@ -306,7 +406,10 @@ fn a_reactive_fighter_is_contested_not_given_up_on() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let log = agent.log.lock().unwrap().join("\n");
-    assert!(!log.contains("did not take"), "a fight never turns protection off:\n{log}");
+    assert!(
+        !log.contains("did not take"),
+        "a fight never turns protection off:\n{log}"
+    );
 }
 
 /// `netwarden snapshot --nft-tables` writes a config that protects the live tables as nft
@@ -316,22 +419,63 @@ fn a_snapshot_protects_the_live_tables() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);
     nft_f(&ns, OTHERS);
-    must(&ns, &["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-j", "MASQUERADE"]);
-    let out = netwarden(&["snapshot", "--netns", &ns.name, "--nft-tables", "kube-proxy|flannel|nat"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    must(
+        &ns,
+        &[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-j",
+            "MASQUERADE",
+        ],
+    );
+    let out = netwarden(&[
+        "snapshot",
+        "--netns",
+        &ns.name,
+        "--nft-tables",
+        "kube-proxy|flannel|nat",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("- 'meta mark & 0x00004000 == 0x00000000 return'"), "{text}");
-    assert!(text.contains("- '10.96.0.1 . tcp . 443 : goto service-2QRHZV4L-default/kubernetes/tcp/https'"), "{text}");
-    assert!(!text.contains("table: 'nat'"), "iptables-nft's table is left out: {text}");
+    assert!(
+        text.contains("- 'meta mark & 0x00004000 == 0x00000000 return'"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "- '10.96.0.1 . tcp . 443 : goto service-2QRHZV4L-default/kubernetes/tcp/https'"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("table: 'nat'"),
+        "iptables-nft's table is left out: {text}"
+    );
     assert!(!text.contains("other"), "{text}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snapshot.yaml");
     std::fs::write(&path, &text).unwrap();
     let out = check(&ns, &path, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     nft(&ns, &["delete", "chain", "ip", "flannel-ipv4", "postrtg"]);
     let out = check(&ns, &path, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// `spec.adopt[].nftables`: kube-proxy's table protected as last seen. What its owner does is
@@ -351,23 +495,69 @@ fn an_adopted_table_follows_its_owner_and_is_restored_for_others() {
     );
     let mut agent = Agent::start_capped(&ns, &cfg);
     agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
-    assert!(!agent.log.lock().unwrap().iter().any(|l| l.contains("adopted") && l.contains("flannel")));
+    assert!(!agent
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("adopted") && l.contains("flannel")));
     // A stranger deletes an element: put back.
-    nft(&ns, &["delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.77 }"]);
+    nft(
+        &ns,
+        &[
+            "delete",
+            "element",
+            "ip",
+            "kube-proxy",
+            "cluster-ips",
+            "{ 10.96.0.77 }",
+        ],
+    );
     let line = agent.wait_log_all(&["restored", "name=adopted:kube-proxy/ip/kube-proxy"]);
-    assert!(line.contains("10.96.0.77") && line.contains("actor=nft"), "{line}");
-    wait_until("the element is back", || table(&ns, "kube-proxy").contains("10.96.0.77"));
+    assert!(
+        line.contains("10.96.0.77") && line.contains("actor=nft"),
+        "{line}"
+    );
+    wait_until("the element is back", || {
+        table(&ns, "kube-proxy").contains("10.96.0.77")
+    });
     // The owner deletes it: followed. A stranger's deletion right after is repaired alone,
     // which shows the owner's was taken as the new state.
-    must(&ns, &[owner, "delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.77 }"]);
-    nft(&ns, &["delete", "element", "ip", "kube-proxy", "cluster-ips", "{ 10.96.0.10 }"]);
+    must(
+        &ns,
+        &[
+            owner,
+            "delete",
+            "element",
+            "ip",
+            "kube-proxy",
+            "cluster-ips",
+            "{ 10.96.0.77 }",
+        ],
+    );
+    nft(
+        &ns,
+        &[
+            "delete",
+            "element",
+            "ip",
+            "kube-proxy",
+            "cluster-ips",
+            "{ 10.96.0.10 }",
+        ],
+    );
     let line = agent.wait_log_all(&["restored", "name=adopted:kube-proxy/ip/kube-proxy"]);
-    assert!(line.contains("10.96.0.10") && !line.contains("10.96.0.77"), "{line}");
+    assert!(
+        line.contains("10.96.0.10") && !line.contains("10.96.0.77"),
+        "{line}"
+    );
     assert!(!table(&ns, "kube-proxy").contains("10.96.0.77"));
     // A stranger deletes the whole table: recreated as last seen.
     nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
     agent.wait_log_all(&["restored", "what=table missing"]);
-    wait_until("the adopted table is back", || table(&ns, "kube-proxy").contains("chain services {"));
+    wait_until("the adopted table is back", || {
+        table(&ns, "kube-proxy").contains("chain services {")
+    });
     // The owner deletes it: forgotten, left deleted.
     must(&ns, &[owner, "delete", "table", "ip", "kube-proxy"]);
     agent.wait_log_all(&["forgotten", "table=ip kube-proxy"]);

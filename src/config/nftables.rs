@@ -71,9 +71,8 @@ pub(super) struct RawNftSelector {
 }
 
 fn family(s: &str) -> Result<NfFamily, String> {
-    NfFamily::parse(s).ok_or_else(|| {
-        format!("unknown family `{s}`: use ip, ip6, inet, arp, bridge or netdev")
-    })
+    NfFamily::parse(s)
+        .ok_or_else(|| format!("unknown family `{s}`: use ip, ip6, inet, arp, bridge or netdev"))
 }
 
 fn content(s: &str) -> Result<Content, String> {
@@ -175,7 +174,9 @@ impl Builder<'_> {
     ) -> Vec<crate::nftables::adopt::Selector> {
         let mut out = Vec::new();
         for (i, item) in raw.iter().flatten().enumerate() {
-            let Some(n) = &item.value.nftables else { continue };
+            let Some(n) = &item.value.nftables else {
+                continue;
+            };
             let path = format!("spec.adopt[{i}].nftables");
             let family = self.opt(&n.value.family, format!("{path}.family"), family);
             let tables = self.name_patterns(
@@ -255,7 +256,13 @@ impl Builder<'_> {
         })
     }
 
-    fn unique_in_table(&mut self, seen: &mut HashMap<String, u64>, name: &str, obj: &Object, what: &str) {
+    fn unique_in_table(
+        &mut self,
+        seen: &mut HashMap<String, u64>,
+        name: &str,
+        obj: &Object,
+        what: &str,
+    ) {
         if let Some(line) = seen.get(name) {
             let message = format!("the table already has a {what} `{name}` (line {line})");
             self.error(obj.at, obj.field("name"), message);
@@ -293,7 +300,12 @@ impl Builder<'_> {
         for (j, c) in r.chains.iter().flatten().enumerate() {
             for (k, raw) in c.value.rules.iter().flatten().enumerate() {
                 if let Some(t) = raw {
-                    check(self, raw, format!("{}.chains[{j}].rules[{k}]", obj.path), &t.value);
+                    check(
+                        self,
+                        raw,
+                        format!("{}.chains[{j}].rules[{k}]", obj.path),
+                        &t.value,
+                    );
                 }
             }
         }
@@ -301,7 +313,12 @@ impl Builder<'_> {
             for (k, raw) in m.value.elements.iter().flatten().enumerate() {
                 if let Some(t) = raw {
                     let value = t.value.split_once(" : ").map_or("", |(_, v)| v);
-                    check(self, raw, format!("{}.maps[{j}].elements[{k}]", obj.path), value);
+                    check(
+                        self,
+                        raw,
+                        format!("{}.maps[{j}].elements[{k}]", obj.path),
+                        value,
+                    );
                 }
             }
         }
@@ -324,13 +341,17 @@ impl Builder<'_> {
         for (j, raw) in r.rules.iter().flatten().enumerate() {
             let field = format!("{}.rules[{j}]", obj.path);
             if raw.is_none() {
-                self.error(obj.at, field, "is empty: write the rule as `nft list` prints it");
+                self.error(
+                    obj.at,
+                    field,
+                    "is empty: write the rule as `nft list` prints it",
+                );
                 continue;
             }
             if let Some(rule) = self.opt(raw, field.clone(), text::rule) {
-                let clash = rules.iter().any(|x| {
-                    x == &rule || (x.comment.is_some() && x.comment == rule.comment)
-                });
+                let clash = rules
+                    .iter()
+                    .any(|x| x == &rule || (x.comment.is_some() && x.comment == rule.comment));
                 if clash {
                     let at = raw.as_ref().map_or(obj.at, |s| s.referenced);
                     self.error(at, field, "the chain already lists this rule (or another with the same comment, which identifies a rule)");
@@ -434,15 +455,23 @@ impl Builder<'_> {
         }
         let declared = match (&r.kind, &r.type_of) {
             (Some(_), Some(t)) => {
-                self.error(t.referenced, obj.field("typeof"), "give `type` or `typeof`, not both");
+                self.error(
+                    t.referenced,
+                    obj.field("typeof"),
+                    "give `type` or `typeof`, not both",
+                );
                 None
             }
             (None, None) => {
                 self.error(obj.at, obj.field("type"), "is required (or `typeof`)");
                 None
             }
-            (Some(_), None) => self.opt(&r.kind, obj.field("type"), |s| schema::declaration("type", s, map)),
-            (None, Some(_)) => self.opt(&r.type_of, obj.field("typeof"), |s| schema::declaration("typeof", s, map)),
+            (Some(_), None) => self.opt(&r.kind, obj.field("type"), |s| {
+                schema::declaration("type", s, map)
+            }),
+            (None, Some(_)) => self.opt(&r.type_of, obj.field("typeof"), |s| {
+                schema::declaration("typeof", s, map)
+            }),
         };
         let interval = flags.iter().any(|f| f == "interval");
         let decl = declared.as_ref().map(|(_, d)| d);
@@ -452,7 +481,9 @@ impl Builder<'_> {
             let f = if decl.is_some_and(schema::keyed_by_address) {
                 self.opt(raw, field, values::prefix).map(Forbidden::Net)
             } else {
-                self.opt(raw, field, |s| text::element(s, false).map(|e| Forbidden::Exact(e.key)))
+                self.opt(raw, field, |s| {
+                    text::element(s, false).map(|e| Forbidden::Exact(e.key))
+                })
             };
             forbidden.extend(f);
         }

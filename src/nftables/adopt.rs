@@ -40,7 +40,10 @@ impl Selector {
     }
 
     pub fn object_name(&self, key: &TableKey) -> String {
-        format!("{ADOPTED_PREFIX}{}/{}/{}", self.adopt.name, key.family, key.name)
+        format!(
+            "{ADOPTED_PREFIX}{}/{}/{}",
+            self.adopt.name, key.family, key.name
+        )
     }
 }
 
@@ -188,7 +191,10 @@ mod tests {
         all.tables = vec!["n*".into(), "f*".into()];
         assert!(!all.matches(&key(NfFamily::Ip, "nat")), "iptables-nft's");
         assert!(!all.matches(&key(NfFamily::Ip6, "filter")));
-        assert!(all.matches(&key(NfFamily::Inet, "filter")), "not an iptables family table");
+        assert!(
+            all.matches(&key(NfFamily::Inet, "filter")),
+            "not an iptables family table"
+        );
     }
 
     #[test]
@@ -196,7 +202,10 @@ mod tests {
         let t = listing::parse(LISTING, &key(NfFamily::Ip, "kube-proxy")).unwrap();
         let c = copy(&sel(), &t);
         assert_eq!(c.name, "adopted:kube-proxy/ip/kube-proxy");
-        assert!(c.sets[0].elements.is_empty(), "a dynamic set's elements come and go");
+        assert!(
+            c.sets[0].elements.is_empty(),
+            "a dynamic set's elements come and go"
+        );
         assert_eq!(c.sets[1].elements.len(), 1);
         assert_eq!(c.chains[0].rules[0].body, "jump x");
         assert_eq!(c.chains[0].content, Content::Exact);
@@ -214,19 +223,43 @@ mod tests {
         let c = copy(&s, &t);
         let owner = Actor::Process("kube-proxy");
         let nft = Actor::Process("nft");
-        assert!(matches!(judge(&s, None, Some(&t), true, nft, &[]), Judgement::Adopt(_)));
-        assert!(matches!(judge(&s, Some(&c), Some(&t), true, owner, &[]), Judgement::Follow(_)));
-        assert_eq!(judge(&s, Some(&c), Some(&t), false, nft, &[]), Judgement::Nothing);
-        assert_eq!(judge(&s, Some(&c), Some(&t), true, nft, &[]), Judgement::Restore);
+        assert!(matches!(
+            judge(&s, None, Some(&t), true, nft, &[]),
+            Judgement::Adopt(_)
+        ));
+        assert!(matches!(
+            judge(&s, Some(&c), Some(&t), true, owner, &[]),
+            Judgement::Follow(_)
+        ));
+        assert_eq!(
+            judge(&s, Some(&c), Some(&t), false, nft, &[]),
+            Judgement::Nothing
+        );
+        assert_eq!(
+            judge(&s, Some(&c), Some(&t), true, nft, &[]),
+            Judgement::Restore
+        );
         // kube-proxy runs `nft` as a child: that nft acts for the owner.
         let kp = vec!["kube-proxy".to_owned()];
-        assert!(matches!(judge(&s, Some(&c), Some(&t), true, nft, &kp), Judgement::Follow(_)));
+        assert!(matches!(
+            judge(&s, Some(&c), Some(&t), true, nft, &kp),
+            Judgement::Follow(_)
+        ));
         assert_eq!(judge(&s, Some(&c), None, true, nft, &kp), Judgement::Forget);
-        assert_eq!(judge(&s, Some(&c), None, true, nft, &[]), Judgement::Restore);
-        assert_eq!(judge(&s, Some(&c), None, true, Actor::Unknown, &[]), Judgement::Restore);
+        assert_eq!(
+            judge(&s, Some(&c), None, true, nft, &[]),
+            Judgement::Restore
+        );
+        assert_eq!(
+            judge(&s, Some(&c), None, true, Actor::Unknown, &[]),
+            Judgement::Restore
+        );
         let mut forget = sel();
         forget.adopt.unknown_actor = UnknownActor::Forget;
-        assert_eq!(judge(&forget, Some(&c), None, true, Actor::Unknown, &[]), Judgement::Forget);
+        assert_eq!(
+            judge(&forget, Some(&c), None, true, Actor::Unknown, &[]),
+            Judgement::Forget
+        );
         assert_eq!(mode(&[s], &c.name), Mode::Enforce);
     }
 }

@@ -214,11 +214,12 @@ impl<N: Nft> Engine<N> {
 
     /// Runs until the notification socket fails; with nothing to protect and no reloads, never
     /// returns.
-    pub async fn run(mut self, mut reloads: Option<mpsc::Receiver<NftConfig>>) -> Result<(), EngineError> {
-        let mut resync = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.resync,
-            self.resync,
-        );
+    pub async fn run(
+        mut self,
+        mut reloads: Option<mpsc::Receiver<NftConfig>>,
+    ) -> Result<(), EngineError> {
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.resync, self.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.contest.next_deadline();
@@ -428,7 +429,9 @@ impl<N: Nft> Engine<N> {
             if !configured && !self.judge_adopted(&key, &t, observed.as_ref()) {
                 continue;
             }
-            let Some(desired) = self.desired(&key) else { continue };
+            let Some(desired) = self.desired(&key) else {
+                continue;
+            };
             let aliases = self.aliases.get(&key).cloned().unwrap_or_default();
             let (drift, repair) = plan::plan_table(&desired, observed.as_ref(), &aliases);
             let Some(drift) = drift else {
@@ -480,13 +483,19 @@ impl<N: Nft> Engine<N> {
 
     /// Adoption's view of a read of an adoptable table: adopted, followed (the owner changed
     /// it) or forgotten; `true` when the copy is to be compared with the table (and repaired).
-    fn judge_adopted(&mut self, key: &TableKey, t: &Touched, observed: Option<&ObservedTable>) -> bool {
+    fn judge_adopted(
+        &mut self,
+        key: &TableKey,
+        t: &Touched,
+        observed: Option<&ObservedTable>,
+    ) -> bool {
         let Some(sel) = adopt::select(&self.selectors, key).cloned() else {
             return false;
         };
         let copy = self.adopted.get(key);
         // Any difference from the copy, additions included (an owner's are followed).
-        let changed = copy.is_some_and(|c| observed.map(|o| adopt::copy(&sel, o)).as_ref() != Some(c));
+        let changed =
+            copy.is_some_and(|c| observed.map(|o| adopt::copy(&sel, o)).as_ref() != Some(c));
         let name = t.actor.as_deref().unwrap_or("unknown");
         let actor = if name == "unknown" {
             crate::adopt::Actor::Unknown
@@ -511,7 +520,11 @@ impl<N: Nft> Engine<N> {
             }
             Judgement::Forget => {
                 let c = self.adopted.remove(key);
-                let reason = if name == "unknown" { "unknown_actor" } else { "owner" };
+                let reason = if name == "unknown" {
+                    "unknown_actor"
+                } else {
+                    "owner"
+                };
                 info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, table = %key, actor = name, ancestors = %ancestors.join(","), "adopted table removed by an owner (or, under unknownActor: forget, by nobody known): forgotten");
                 if let (Some(t), Some(c)) = (&self.telemetry, c) {
                     t.metrics
@@ -550,7 +563,11 @@ impl<N: Nft> Engine<N> {
         if self.reported.get(&d.name) == Some(&text) {
             return;
         }
-        let mode = if d.mode == Mode::Observe { "observe" } else { "enforce" };
+        let mode = if d.mode == Mode::Observe {
+            "observe"
+        } else {
+            "enforce"
+        };
         warn!(kind = NFTABLES_KIND, name = %d.name, table = %d.object, mode, drift = %text, "drift");
         let forbidden = d.forbidden();
         if !forbidden.is_empty() {
@@ -565,7 +582,13 @@ impl<N: Nft> Engine<N> {
         self.reported.insert(d.name.clone(), text);
     }
 
-    fn count_forbidden(&mut self, result: &'static str, name: &str, table: &str, elements: &[String]) {
+    fn count_forbidden(
+        &mut self,
+        result: &'static str,
+        name: &str,
+        table: &str,
+        elements: &[String],
+    ) {
         self.stats.forbidden += elements.len() as u64;
         if let Some(t) = &self.telemetry {
             t.metrics
@@ -654,11 +677,8 @@ impl<N: Nft> Engine<N> {
                     kind: NFTABLES_KIND,
                 })
                 .observe(took.as_secs_f64());
-            t.board().record_nftables_repair(
-                &p.name,
-                &p.actor,
-                crate::obs::status::unix_now(),
-            );
+            t.board()
+                .record_nftables_repair(&p.name, &p.actor, crate::obs::status::unix_now());
         }
         if forbidden.len() != p.drift.findings.len() && why != Why::Start {
             self.tell(Notice::Restored {
@@ -688,7 +708,9 @@ impl<N: Nft> Engine<N> {
     /// added forever. A change by someone else is a new drift, left to its own notification.
     async fn verify(&mut self, applied: &[Planned]) {
         for p in applied {
-            let Some(desired) = self.desired(&p.key) else { continue };
+            let Some(desired) = self.desired(&p.key) else {
+                continue;
+            };
             let observed = match self.read(&p.key).await {
                 Ok(o) => o,
                 Err(e) => {

@@ -129,9 +129,7 @@ pub fn parse_datagram(mut buf: &[u8]) -> Vec<Event> {
             NEWCHAIN | DELCHAIN => (Object::Chain(named(CHAIN_NAME)), msg_type == DELCHAIN),
             NEWRULE | DELRULE => (Object::Rule(named(RULE_CHAIN)), msg_type == DELRULE),
             NEWSET | DELSET => (Object::Set(named(SET_NAME)), msg_type == DELSET),
-            NEWSETELEM | DELSETELEM => {
-                (Object::Elements(named(ELEM_SET)), msg_type == DELSETELEM)
-            }
+            NEWSETELEM | DELSETELEM => (Object::Elements(named(ELEM_SET)), msg_type == DELSETELEM),
             _ => continue,
         };
         let Some(table) = attr(ATTR_TABLE).map(string) else {
@@ -176,13 +174,33 @@ mod tests {
 
     #[test]
     fn decodes_every_family_and_object() {
-        let mut d = msg(DELSETELEM, 2, &[attr(1, b"kube-proxy\0"), attr(2, b"cluster-ips\0")]);
-        d.extend(msg(DELCHAIN, 10, &[attr(1, b"kube-proxy\0"), attr(2, &7u64.to_be_bytes()), attr(3, b"services\0")]));
+        let mut d = msg(
+            DELSETELEM,
+            2,
+            &[attr(1, b"kube-proxy\0"), attr(2, b"cluster-ips\0")],
+        );
+        d.extend(msg(
+            DELCHAIN,
+            10,
+            &[
+                attr(1, b"kube-proxy\0"),
+                attr(2, &7u64.to_be_bytes()),
+                attr(3, b"services\0"),
+            ],
+        ));
         d.extend(msg(NEWRULE, 1, &[attr(1, b"t\0"), attr(2, b"c\0")]));
         d.extend(msg(DELTABLE, 5, &[attr(1, b"nd\0")]));
         d.extend(msg(NEWSET, 7, &[attr(1, b"b\0"), attr(2, b"s\0")]));
         d.extend(msg(NEWTABLE, 99, &[attr(1, b"x\0")]));
-        d.extend(msg(NEWGEN, 0, &[attr(1, &9u32.to_be_bytes()), attr(2, &4242u32.to_be_bytes()), attr(3, b"nft\0")]));
+        d.extend(msg(
+            NEWGEN,
+            0,
+            &[
+                attr(1, &9u32.to_be_bytes()),
+                attr(2, &4242u32.to_be_bytes()),
+                attr(3, b"nft\0"),
+            ],
+        ));
         let change = |family, table: &str, object, removed| Event::Change {
             family,
             table: table.into(),
@@ -192,8 +210,18 @@ mod tests {
         assert_eq!(
             parse_datagram(&d),
             vec![
-                change(NfFamily::Ip, "kube-proxy", Object::Elements("cluster-ips".into()), true),
-                change(NfFamily::Ip6, "kube-proxy", Object::Chain("services".into()), true),
+                change(
+                    NfFamily::Ip,
+                    "kube-proxy",
+                    Object::Elements("cluster-ips".into()),
+                    true
+                ),
+                change(
+                    NfFamily::Ip6,
+                    "kube-proxy",
+                    Object::Chain("services".into()),
+                    true
+                ),
                 change(NfFamily::Inet, "t", Object::Rule("c".into()), false),
                 change(NfFamily::Netdev, "nd", Object::Table, true),
                 change(NfFamily::Bridge, "b", Object::Set("s".into()), false),

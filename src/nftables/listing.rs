@@ -351,14 +351,22 @@ mod tests {
         assert_eq!(t.chains.len(), 3, "the flowtable is skipped");
         let pre = t.chain("nat-prerouting").unwrap();
         let base = pre.base.as_ref().unwrap();
-        assert_eq!((base.kind.as_str(), base.hook.as_str(), base.priority), ("nat", "prerouting", -100));
+        assert_eq!(
+            (base.kind.as_str(), base.hook.as_str(), base.priority),
+            ("nat", "prerouting", -100)
+        );
         assert_eq!(base.policy.as_deref(), Some("accept"));
         assert_eq!(pre.rules[0].handle, 17);
         assert_eq!(pre.rules[0].text.body, "jump services");
         let check = t.chain("cluster-ips-check").unwrap();
         assert_eq!(check.rules[1].text.body, "ip daddr 10.96.0.0/16 drop");
-        assert_eq!(check.rules[1].text.comment.as_deref(), Some("Drop # traffic"));
-        let svc = t.chain("service-2QRHZV4L-default/kubernetes/tcp/https").unwrap();
+        assert_eq!(
+            check.rules[1].text.comment.as_deref(),
+            Some("Drop # traffic")
+        );
+        let svc = t
+            .chain("service-2QRHZV4L-default/kubernetes/tcp/https")
+            .unwrap();
         assert!(svc.rules[0].text.body.ends_with("__10.200.0.1/6443 }"));
     }
 
@@ -401,11 +409,18 @@ mod tests {
             parse("table ip other { # handle 1\n}\n", &key()),
             Err(ListingError::NoTable(key()))
         );
-        assert!(parse("table ip kube-proxy { # handle 1\n\tchain a { # handle 2\n", &key()).is_err());
         assert!(parse(
-            "table ip kube-proxy {\n\tchain a {\n\t\taccept\n\t}\n}\n",
+            "table ip kube-proxy { # handle 1\n\tchain a { # handle 2\n",
             &key()
         )
-        .is_err(), "rules without handles cannot be repaired by handle");
+        .is_err());
+        assert!(
+            parse(
+                "table ip kube-proxy {\n\tchain a {\n\t\taccept\n\t}\n}\n",
+                &key()
+            )
+            .is_err(),
+            "rules without handles cannot be repaired by handle"
+        );
     }
 }

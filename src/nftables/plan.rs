@@ -22,19 +22,55 @@ use std::fmt;
 #[serde(tag = "finding", rename_all = "snake_case")]
 pub enum Finding {
     TableMissing,
-    Dormant { expected: bool },
-    ChainMissing { chain: String },
+    Dormant {
+        expected: bool,
+    },
+    ChainMissing {
+        chain: String,
+    },
     /// What nft cannot change in place (reported only).
-    ChainDifferent { chain: String, detail: String },
-    Policy { chain: String, observed: String, expected: String },
-    RulesMissing { chain: String, rules: Vec<String> },
-    RuleDifferent { chain: String, comment: String, observed: String },
-    RulesOther { chain: String, extra: usize, reordered: bool },
-    SetMissing { set: String },
-    SetDifferent { set: String, detail: String },
-    ElementsMissing { set: String, elements: Vec<String> },
-    ElementsOther { set: String, elements: Vec<String> },
-    Forbidden { set: String, elements: Vec<String> },
+    ChainDifferent {
+        chain: String,
+        detail: String,
+    },
+    Policy {
+        chain: String,
+        observed: String,
+        expected: String,
+    },
+    RulesMissing {
+        chain: String,
+        rules: Vec<String>,
+    },
+    RuleDifferent {
+        chain: String,
+        comment: String,
+        observed: String,
+    },
+    RulesOther {
+        chain: String,
+        extra: usize,
+        reordered: bool,
+    },
+    SetMissing {
+        set: String,
+    },
+    SetDifferent {
+        set: String,
+        detail: String,
+    },
+    ElementsMissing {
+        set: String,
+        elements: Vec<String>,
+    },
+    ElementsOther {
+        set: String,
+        elements: Vec<String>,
+    },
+    Forbidden {
+        set: String,
+        elements: Vec<String>,
+    },
 }
 
 fn list(v: &[String]) -> String {
@@ -60,7 +96,12 @@ impl fmt::Display for Finding {
                 expected,
             } => write!(f, "chain {chain}: policy {observed}, expected {expected}"),
             Finding::RulesMissing { chain, rules } => {
-                write!(f, "chain {chain}: {} rule(s) missing: {}", rules.len(), list(rules))
+                write!(
+                    f,
+                    "chain {chain}: {} rule(s) missing: {}",
+                    rules.len(),
+                    list(rules)
+                )
             }
             Finding::RuleDifferent {
                 chain,
@@ -139,15 +180,31 @@ impl TableDrift {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Creates the table, or (existing table) sets or clears `dormant`.
-    AddTable { comment: Option<String>, dormant: bool },
+    AddTable {
+        comment: Option<String>,
+        dormant: bool,
+    },
     /// Creates the chain, or (existing base chain) sets its policy.
     AddChain(DesiredChain),
     FlushChain(String),
-    AddRule { chain: String, rule: RuleText },
-    ReplaceRule { chain: String, handle: u64, rule: RuleText },
+    AddRule {
+        chain: String,
+        rule: RuleText,
+    },
+    ReplaceRule {
+        chain: String,
+        handle: u64,
+        rule: RuleText,
+    },
     AddSet(DesiredSet),
-    AddElements { set: String, elements: Vec<Element> },
-    DeleteElements { set: String, elements: Vec<Element> },
+    AddElements {
+        set: String,
+        elements: Vec<Element>,
+    },
+    DeleteElements {
+        set: String,
+        elements: Vec<Element>,
+    },
 }
 
 impl Op {
@@ -296,9 +353,11 @@ fn plan_chain(
                         chain: chain.clone(),
                         detail: format!("{} (not recreated)", diff.join(", ")),
                     });
-                } else if let Some(p) = want.policy.as_ref().filter(|p| {
-                    have.policy.as_deref().unwrap_or("accept") != p.as_str()
-                }) {
+                } else if let Some(p) = want
+                    .policy
+                    .as_ref()
+                    .filter(|p| have.policy.as_deref().unwrap_or("accept") != p.as_str())
+                {
                     findings.push(Finding::Policy {
                         chain: chain.clone(),
                         observed: have.policy.clone().unwrap_or_else(|| "accept".into()),
@@ -370,11 +429,10 @@ fn plan_contains(
 ) {
     let mut missing = Vec::new();
     for r in desired {
-        let same_comment = r.comment.as_ref().and_then(|c| {
-            o.rules
-                .iter()
-                .find(|x| x.text.comment.as_ref() == Some(c))
-        });
+        let same_comment = r
+            .comment
+            .as_ref()
+            .and_then(|c| o.rules.iter().find(|x| x.text.comment.as_ref() == Some(c)));
         match (same_comment, &r.comment) {
             (Some(x), _) if x.text == **r => {}
             (Some(x), Some(c)) => {
@@ -418,7 +476,9 @@ fn is_forbidden(e: &Element, forbidden: &[Forbidden], d: Option<&schema::Declara
     let nets = d.and_then(|d| schema::element_nets(&e.key, d));
     forbidden.iter().any(|f| match f {
         Forbidden::Exact(x) => *x == e.key,
-        Forbidden::Net(n) => nets.as_deref().is_some_and(|nets| schema::overlaps(nets, n)),
+        Forbidden::Net(n) => nets
+            .as_deref()
+            .is_some_and(|nets| schema::overlaps(nets, n)),
     })
 }
 
@@ -445,7 +505,11 @@ fn plan_set(
     };
     let mut diff = Vec::new();
     if o.map != d.map {
-        diff.push(format!("a {}, expected a {}", if o.map { "map" } else { "set" }, d.kind()));
+        diff.push(format!(
+            "a {}, expected a {}",
+            if o.map { "map" } else { "set" },
+            d.kind()
+        ));
     }
     if super::text::collapse(&o.declaration) != d.declaration {
         diff.push(format!("`{}`, expected `{}`", o.declaration, d.declaration));
@@ -455,7 +519,11 @@ fn plan_set(
     let mut want = d.flags.clone();
     want.sort();
     if !d.flags.is_empty() && flags != want {
-        diff.push(format!("flags {}, expected {}", o.flags.join(","), d.flags.join(",")));
+        diff.push(format!(
+            "flags {}, expected {}",
+            o.flags.join(","),
+            d.flags.join(",")
+        ));
     }
     if d.timeout.is_some() && o.timeout != d.timeout {
         diff.push(format!(

@@ -169,7 +169,11 @@ fn only_what_drifted_is_touched() {
 #[test]
 fn exact_chains_are_rewritten_and_exact_maps_trimmed() {
     let mut o = observed();
-    let pre = o.chains.iter_mut().find(|c| c.name == "nat-prerouting").unwrap();
+    let pre = o
+        .chains
+        .iter_mut()
+        .find(|c| c.name == "nat-prerouting")
+        .unwrap();
     pre.rules.push(ObservedRule {
         handle: 99,
         text: rule("counter"),
@@ -194,7 +198,11 @@ fn exact_chains_are_rewritten_and_exact_maps_trimmed() {
 #[test]
 fn a_rule_with_a_comment_is_identified_by_it_and_replaced_in_place() {
     let mut o = observed();
-    let chain = o.chains.iter_mut().find(|c| c.name == "cluster-ips-check").unwrap();
+    let chain = o
+        .chains
+        .iter_mut()
+        .find(|c| c.name == "cluster-ips-check")
+        .unwrap();
     chain.rules[1].text.body = "ip daddr @cluster-ips accept".into();
     let (drift, repair) = plan(Some(&o));
     assert_eq!(
@@ -214,7 +222,11 @@ fn a_rule_with_a_comment_is_identified_by_it_and_replaced_in_place() {
 #[test]
 fn what_nft_cannot_change_in_place_is_reported_not_recreated() {
     let mut o = observed();
-    let pre = o.chains.iter_mut().find(|c| c.name == "nat-prerouting").unwrap();
+    let pre = o
+        .chains
+        .iter_mut()
+        .find(|c| c.name == "nat-prerouting")
+        .unwrap();
     pre.base.as_mut().unwrap().priority = -90;
     let set = o.sets.iter_mut().find(|s| s.name == "cluster-ips").unwrap();
     set.declaration = "type ipv6_addr".into();
@@ -230,7 +242,11 @@ fn what_nft_cannot_change_in_place_is_reported_not_recreated() {
 #[test]
 fn a_policy_is_set_in_place() {
     let mut o = observed();
-    let pre = o.chains.iter_mut().find(|c| c.name == "nat-prerouting").unwrap();
+    let pre = o
+        .chains
+        .iter_mut()
+        .find(|c| c.name == "nat-prerouting")
+        .unwrap();
     pre.base.as_mut().unwrap().policy = Some("drop".into());
     let (_, repair) = plan(Some(&o));
     assert_eq!(
@@ -251,7 +267,10 @@ fn observe_mode_reports_only_and_dormancy_is_repaired_when_asked() {
     let mut o = observed();
     o.flags = vec!["dormant".into()];
     let (drift, repair) = plan_table(&d, Some(&o), &Aliases::new());
-    assert_eq!(drift.unwrap().findings, vec![Finding::Dormant { expected: false }]);
+    assert_eq!(
+        drift.unwrap().findings,
+        vec![Finding::Dormant { expected: false }]
+    );
     assert_eq!(render(&repair), "add table ip kube-proxy\n");
 }
 
@@ -262,7 +281,10 @@ fn learned_printed_forms_stand_for_the_configs_text() {
     let mut o = observed();
     o.chains[0].rules[0].text = rule("meta mark & 0x00004000 == 0x00000000 return");
     let (drift, _) = plan_table(&d, Some(&o), &Aliases::new());
-    assert!(drift.is_some(), "as written, the rule is not what nft prints");
+    assert!(
+        drift.is_some(),
+        "as written, the rule is not what nft prints"
+    );
     let aliases = Aliases::from([(
         "meta mark & 0x4000 == 0 return".to_owned(),
         rule("meta mark & 0x00004000 == 0x00000000 return"),

@@ -53,7 +53,11 @@ fn op_line(out: &mut String, t: &TableKey, op: &Op) {
             handle,
             rule,
         } => {
-            let _ = writeln!(out, "replace rule {tk} {chain} handle {handle} {}", rule.full());
+            let _ = writeln!(
+                out,
+                "replace rule {tk} {chain} handle {handle} {}",
+                rule.full()
+            );
         }
         Op::AddSet(s) => {
             let _ = writeln!(out, "add {} {tk} {} {}", s.kind(), s.name, set_block(s));

@@ -39,8 +39,7 @@ pub struct Applied {
 
 pub trait Nft {
     /// `nft -a -s list table FAMILY NAME`; `None` when the table does not exist.
-    fn list(&mut self, table: &TableKey)
-        -> impl Future<Output = Result<Option<String>, NftError>>;
+    fn list(&mut self, table: &TableKey) -> impl Future<Output = Result<Option<String>, NftError>>;
     /// `nft -e -a -f -` with the transaction on standard input.
     fn apply(&mut self, transaction: &str) -> impl Future<Output = Result<Applied, NftError>>;
     /// `nft list tables`: every table of the namespace.
@@ -62,10 +61,18 @@ impl Default for NftBinary {
 }
 
 impl NftBinary {
-    async fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<(String, Option<u32>), NftError> {
+    async fn run(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(String, Option<u32>), NftError> {
         let mut cmd = Command::new(&self.program);
         cmd.args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -114,7 +121,9 @@ impl Nft for NftBinary {
             .await
         {
             Ok((out, _)) => Ok(Some(out)),
-            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
+            Err(NftError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -122,7 +131,9 @@ impl Nft for NftBinary {
     }
 
     async fn apply(&mut self, transaction: &str) -> Result<Applied, NftError> {
-        let (echo, pid) = self.run(&["-e", "-a", "-f", "-"], Some(transaction)).await?;
+        let (echo, pid) = self
+            .run(&["-e", "-a", "-f", "-"], Some(transaction))
+            .await?;
         Ok(Applied { pid, echo })
     }
 }
@@ -138,8 +149,7 @@ pub fn echoed_rules(echo: &str) -> Vec<(String, String, RuleText)> {
                 None => rest,
             };
             let mut it = rest.splitn(4, ' ');
-            let (family, table, chain, mut rule) =
-                (it.next()?, it.next()?, it.next()?, it.next()?);
+            let (family, table, chain, mut rule) = (it.next()?, it.next()?, it.next()?, it.next()?);
             // nft's echo may put where the rule went first (`handle 2 …`, the rule before it).
             for word in ["handle ", "position "] {
                 if let Some((n, r)) = rule.strip_prefix(word).and_then(|r| r.split_once(' ')) {
@@ -149,7 +159,11 @@ pub fn echoed_rules(echo: &str) -> Vec<(String, String, RuleText)> {
                 }
             }
             let (body, comment) = super::text::split_comment(&super::text::collapse(rule));
-            Some((format!("{family} {table}"), chain.to_owned(), RuleText { body, comment }))
+            Some((
+                format!("{family} {table}"),
+                chain.to_owned(),
+                RuleText { body, comment },
+            ))
         })
         .collect()
 }
@@ -163,21 +177,24 @@ mod tests {
         let echo = "add table ip x # handle 225\nadd chain ip x c # handle 1\nadd rule ip x c meta mark & 0x00004000 == 0x00000000 return comment \"a b\" # handle 2\nadd rule ip x c handle 2 masquerade fully-random # handle 3\nadd element ip x s { 10.96.0.7 }\n# new generation 328 by process 25373 (nft)\n";
         assert_eq!(
             echoed_rules(echo),
-            vec![(
-                "ip x".into(),
-                "c".into(),
-                RuleText {
-                    body: "meta mark & 0x00004000 == 0x00000000 return".into(),
-                    comment: Some("a b".into())
-                }
-            ), (
-                "ip x".into(),
-                "c".into(),
-                RuleText {
-                    body: "masquerade fully-random".into(),
-                    comment: None
-                }
-            )]
+            vec![
+                (
+                    "ip x".into(),
+                    "c".into(),
+                    RuleText {
+                        body: "meta mark & 0x00004000 == 0x00000000 return".into(),
+                        comment: Some("a b".into())
+                    }
+                ),
+                (
+                    "ip x".into(),
+                    "c".into(),
+                    RuleText {
+                        body: "masquerade fully-random".into(),
+                        comment: None
+                    }
+                )
+            ]
         );
     }
 }

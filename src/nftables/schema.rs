@@ -9,7 +9,9 @@ use std::net::IpAddr;
 /// The hooks a family's base chains can attach to.
 pub fn hooks(family: NfFamily) -> &'static [&'static str] {
     match family {
-        NfFamily::Ip | NfFamily::Ip6 => &["prerouting", "input", "forward", "output", "postrouting"],
+        NfFamily::Ip | NfFamily::Ip6 => {
+            &["prerouting", "input", "forward", "output", "postrouting"]
+        }
         NfFamily::Inet => &[
             "prerouting",
             "input",
@@ -45,7 +47,9 @@ pub fn chain_type(family: NfFamily, kind: &str, hook: &str) -> Result<(), String
             }
         }
         "nat" | "route" => Err(format!("{family} tables have no {kind} chains")),
-        other => Err(format!("unknown chain type `{other}`: use filter, nat or route")),
+        other => Err(format!(
+            "unknown chain type `{other}`: use filter, nat or route"
+        )),
     }
 }
 
@@ -281,7 +285,11 @@ fn check_one(p: &str, t: Datatype, interval: bool) -> Result<(), String> {
     match t {
         Datatype::Ipv4 | Datatype::Ipv6 => {
             let v6 = t.address() == Some(true);
-            let want = if v6 { "an IPv6 address" } else { "an IPv4 address" };
+            let want = if v6 {
+                "an IPv6 address"
+            } else {
+                "an IPv4 address"
+            };
             if address_item(p, v6, interval).is_none() {
                 return if interval || (!p.contains('/') && !p.contains('-')) {
                     fail(want)
@@ -391,7 +399,10 @@ fn canonical_one(p: &str, t: Datatype) -> String {
             if let Ok(n) = p.parse::<IpNet>() {
                 return n.to_string();
             }
-            match p.split_once('-').and_then(|(a, b)| Some((addr(a)?, addr(b)?))) {
+            match p
+                .split_once('-')
+                .and_then(|(a, b)| Some((addr(a)?, addr(b)?)))
+            {
                 Some((a, b)) => format!("{a}-{b}"),
                 None => p.to_owned(),
             }
@@ -408,7 +419,9 @@ fn canonical_one(p: &str, t: Datatype) -> String {
                 (Ok(a), Ok(b)) => format!("{a}-{b}"),
                 _ => p.to_owned(),
             },
-            None => p.parse::<u16>().map_or_else(|_| p.to_owned(), |v| v.to_string()),
+            None => p
+                .parse::<u16>()
+                .map_or_else(|_| p.to_owned(), |v| v.to_string()),
         },
         Datatype::Ether => p.to_ascii_lowercase(),
         _ => p.to_owned(),
@@ -454,9 +467,7 @@ pub fn overlaps(nets: &[IpNet], forbidden: &IpNet) -> bool {
         // A range: forbidden if either end is inside, or the prefix sits between the ends.
         let (lo, hi) = (nets[0].addr(), nets[1].addr());
         let f = forbidden.network();
-        return forbidden.contains(&lo)
-            || forbidden.contains(&hi)
-            || (lo <= f && f <= hi);
+        return forbidden.contains(&lo) || forbidden.contains(&hi) || (lo <= f && f <= hi);
     }
     nets.iter()
         .any(|n| n.contains(forbidden) || forbidden.contains(n))
@@ -470,9 +481,15 @@ mod tests {
     #[test]
     fn priorities_resolve_like_nft() {
         assert_eq!(priority(NfFamily::Ip, "prerouting", "dstnat"), Ok(-100));
-        assert_eq!(priority(NfFamily::Ip, "prerouting", "dstnat - 10"), Ok(-110));
+        assert_eq!(
+            priority(NfFamily::Ip, "prerouting", "dstnat - 10"),
+            Ok(-110)
+        );
         assert_eq!(priority(NfFamily::Inet, "input", "filter + 5"), Ok(5));
-        assert_eq!(priority(NfFamily::Netdev, "ingress", "filter - 10"), Ok(-10));
+        assert_eq!(
+            priority(NfFamily::Netdev, "ingress", "filter - 10"),
+            Ok(-10)
+        );
         assert_eq!(priority(NfFamily::Bridge, "postrouting", "srcnat"), Ok(300));
         assert_eq!(priority(NfFamily::Ip, "output", "-300"), Ok(-300));
         assert!(priority(NfFamily::Ip, "output", "out").is_err());
@@ -502,10 +519,19 @@ mod tests {
 
     #[test]
     fn elements_are_checked_against_the_type() {
-        let (line, d) =
-            declaration("type", "ipv4_addr . inet_proto . inet_service : verdict", true).unwrap();
+        let (line, d) = declaration(
+            "type",
+            "ipv4_addr . inet_proto . inet_service : verdict",
+            true,
+        )
+        .unwrap();
         assert_eq!(line, "type ipv4_addr . inet_proto . inet_service : verdict");
-        assert!(check_element(&el("10.96.0.1 . tcp . 443", Some("goto svc-a/b")), &d, false).is_ok());
+        assert!(check_element(
+            &el("10.96.0.1 . tcp . 443", Some("goto svc-a/b")),
+            &d,
+            false
+        )
+        .is_ok());
         assert!(check_element(&el("10.96.0.1 . tcp", Some("accept")), &d, false).is_err());
         assert!(check_element(&el("fd00::1 . tcp . 443", Some("accept")), &d, false).is_err());
         assert!(check_element(&el("10.96.0.1 . tcp . 70000", Some("accept")), &d, false).is_err());
@@ -532,7 +558,10 @@ mod tests {
         assert_eq!(e.key, "fd00::1 . 0x00004000 . 443");
         let (_, d) = declaration("type", "ether_addr : ipv4_addr", true).unwrap();
         let e = canonical_element(&el("00:AA:22:33:44:55", Some("10.0.0.01")), &d);
-        assert_eq!((e.key.as_str(), e.value.as_deref()), ("00:aa:22:33:44:55", Some("10.0.0.01")));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_deref()),
+            ("00:aa:22:33:44:55", Some("10.0.0.01"))
+        );
     }
 
     #[test]

@@ -20,8 +20,7 @@ pub fn identifier(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= NAME_MAX
         && s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_' || c == '.')
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
     if ok {
         Ok(s.to_owned())
@@ -107,7 +106,9 @@ pub fn collapse(s: &str) -> String {
 /// characters refused outside quotes.
 fn contained(s: &str, what: &str, extra: &[char]) -> Result<(), String> {
     if s.trim().is_empty() {
-        return Err(format!("is empty: write the {what} as `nft list` prints it"));
+        return Err(format!(
+            "is empty: write the {what} as `nft list` prints it"
+        ));
     }
     if s.chars().any(char::is_control) {
         return Err(format!(
@@ -384,7 +385,10 @@ mod tests {
             "10.96.0.10 . udp . 53 counter packets 1 bytes 2 : goto svc",
             true,
         );
-        assert_eq!((e.key.as_str(), e.value.as_deref()), ("10.96.0.10 . udp . 53", Some("goto svc")));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_deref()),
+            ("10.96.0.10 . udp . 53", Some("goto svc"))
+        );
         assert_eq!(listed_element("\"eth0\"", false).key, "\"eth0\"");
     }
 

@@ -179,13 +179,19 @@ mod tests {
         w.on_event(&change("kube-proxy", Object::Table, true), own);
         w.on_event(&gen(9, "kube-proxy"), own);
         w.on_event(&change("kube-proxy", Object::Table, false), own);
-        w.on_event(&change("kube-proxy", Object::Chain("services".into()), false), own);
+        w.on_event(
+            &change("kube-proxy", Object::Chain("services".into()), false),
+            own,
+        );
         w.on_event(&gen(10, "nft"), own);
         assert!(w.touched(&key("kube-proxy")));
         let (done, _) = w.take();
         assert!(!done[&key("kube-proxy")].gone);
         assert_eq!(done[&key("kube-proxy")].actor.as_deref(), Some("nft"));
-        w.on_event(&change("kube-proxy", Object::Elements("s".into()), false), own);
+        w.on_event(
+            &change("kube-proxy", Object::Elements("s".into()), false),
+            own,
+        );
         w.on_event(&gen(5, "nft"), own);
         assert!(w.take().0.is_empty(), "netwarden's own transaction");
         w.on_event(&Event::Overrun, own);

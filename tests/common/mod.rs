@@ -104,7 +104,14 @@ impl Agent {
         let caps = "-all,+net_admin,+net_raw";
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name, "setpriv"])
-            .args(["--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", caps])
+            .args([
+                "--inh-caps",
+                caps,
+                "--ambient-caps",
+                caps,
+                "--bounding-set",
+                caps,
+            ])
             .arg("--")
             .arg(BIN)
             .args(["run", "--config", config.to_str().expect("UTF-8 path")])
