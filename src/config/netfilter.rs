@@ -60,7 +60,7 @@ pub(super) fn table(s: &str) -> Result<Table, String> {
     Table::parse(s).ok_or_else(|| format!("unknown table `{s}`: use filter, nat, mangle or raw"))
 }
 
-fn content(s: &str) -> Result<Content, String> {
+pub(super) fn content(s: &str) -> Result<Content, String> {
     match s {
         "exact" => Ok(Content::Exact),
         "contains" => Ok(Content::Contains),

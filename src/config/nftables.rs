@@ -5,6 +5,7 @@
 //! the nftables module; this is the glue to the file's positions.
 
 use super::build::{Builder, Object};
+use super::netfilter::content;
 use super::raw::Scalar;
 use super::values;
 use crate::model::Mode;
@@ -73,14 +74,6 @@ pub(super) struct RawNftSelector {
 fn family(s: &str) -> Result<NfFamily, String> {
     NfFamily::parse(s)
         .ok_or_else(|| format!("unknown family `{s}`: use ip, ip6, inet, arp, bridge or netdev"))
-}
-
-fn content(s: &str) -> Result<Content, String> {
-    match s {
-        "exact" => Ok(Content::Exact),
-        "contains" => Ok(Content::Contains),
-        _ => Err(format!("unknown value `{s}`: use exact or contains")),
-    }
 }
 
 fn policy(s: &str) -> Result<String, String> {

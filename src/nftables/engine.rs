@@ -664,13 +664,16 @@ impl<N: Nft> Engine<N> {
             });
         }
         if let Some(t) = &self.telemetry {
-            t.metrics
-                .drift_detected
-                .get_or_create(&DriftLabels {
-                    kind: NFTABLES_KIND,
-                    actor: p.actor.clone(),
-                })
-                .inc();
+            // What is missing when the agent starts is the initial sync, not drift.
+            if why != Why::Start {
+                t.metrics
+                    .drift_detected
+                    .get_or_create(&DriftLabels {
+                        kind: NFTABLES_KIND,
+                        actor: p.actor.clone(),
+                    })
+                    .inc();
+            }
             t.metrics
                 .repair_duration
                 .get_or_create(&KindLabels {
@@ -680,7 +683,12 @@ impl<N: Nft> Engine<N> {
             t.board()
                 .record_nftables_repair(&p.name, &p.actor, crate::obs::status::unix_now());
         }
-        if forbidden.len() != p.drift.findings.len() && why != Why::Start {
+        let more_than_forbidden = p
+            .drift
+            .findings
+            .iter()
+            .any(|f| !matches!(f, plan::Finding::Forbidden { .. }));
+        if more_than_forbidden && why != Why::Start {
             self.tell(Notice::Restored {
                 counts: vec![(NFTABLES_KIND, 1)],
                 actor: p.actor.clone(),

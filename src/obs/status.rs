@@ -653,7 +653,12 @@ mod tests {
         b.set_state(&rule(100), State::Contested, None);
         b.set_fighter(&rule(100), "fighter");
         let c = b.state_counts();
-        assert_eq!(c.len(), 25, "rule, route, address, chain, ipset × 5 states");
+        assert_eq!(
+            c.len(),
+            30,
+            "rule, route, address, chain, ipset, nft_table × 5 states"
+        );
+        assert_eq!(c[&("nft_table", State::InSync)], 0);
         assert_eq!(c[&("rule", State::Contested)], 1);
         assert_eq!(c[&("rule", State::InSync)], 1);
         assert_eq!(c[&("route", State::InSync)], 0);
