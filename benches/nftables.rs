@@ -9,6 +9,9 @@
 //!    all back (one transaction), commit to commit; beside it one `nft -f` of the same
 //!    transaction.
 //!
+//! Runs are spaced 2.1 s apart: a table deleted again within 2 s of its repair three times running
+//! is contested and its repairs back off (that is a fight, not what is measured here).
+//!
 //! Everything happens in throw-away namespaces; this process enters them itself, so `nft` and
 //! the notification socket live there too. Run as root: `cargo bench --bench nftables`.
 
@@ -122,13 +125,19 @@ async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
     let mut t0 = None;
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut out = None;
-    while out.is_none() && Instant::now() < deadline {
+    let mut lost = false;
+    while out.is_none() && !lost && Instant::now() < deadline {
         let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
         else {
             break;
         };
         let now = Instant::now();
         for ev in batch {
+            if ev == Event::Overrun {
+                // This socket lost notifications (a 5,000-element repair is 5,000 of them):
+                // the run cannot be timed.
+                lost = true;
+            }
             if let Event::NewGen { pid, .. } = ev {
                 if pid == me && t0.is_none() {
                     t0 = Some(now);
@@ -139,10 +148,12 @@ async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
         }
     }
     assert!(child.wait().unwrap().success());
-    // The agent reads the table back after its repair; let it finish before the next run.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A table deleted again within 2 s of its repair, three times running, is contested and
+    // its repairs back off (a fight): runs are spaced beyond that window so that each one
+    // measures a plain repair.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
-    out
+    out.filter(|_| !lost)
 }
 
 fn scenario(
@@ -165,11 +176,12 @@ fn scenario(
     rt.block_on(async {
         let mut events = Events::subscribe().unwrap();
         for run in 0..runs + WARMUP {
-            let Some(ms) = measure(&mut events, trigger).await else {
-                panic!("run {run}: no repair seen within 5 s");
-            };
-            if run >= WARMUP {
-                repaired.push(ms);
+            match measure(&mut events, trigger).await {
+                Some(ms) if run >= WARMUP => repaired.push(ms),
+                Some(_) => {}
+                None => {
+                    eprintln!("run {run}: not timed (notifications lost, or no repair within 5 s)")
+                }
             }
         }
     });
@@ -203,7 +215,7 @@ fn main() {
         scenario(
             &r,
             0,
-            100,
+            40,
             &["delete", "table", "ip", "kube-proxy"],
             Some("kube-proxy"),
         )
@@ -212,7 +224,7 @@ fn main() {
     .unwrap();
     let r = rt();
     let (flushed, flushed_floor) =
-        std::thread::spawn(move || scenario(&r, 5000, 30, &["flush", "ruleset"], None))
+        std::thread::spawn(move || scenario(&r, 5000, 20, &["flush", "ruleset"], None))
             .join()
             .unwrap();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
