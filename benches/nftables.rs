@@ -9,7 +9,7 @@
 //!    all back (one transaction), commit to commit; beside it one `nft -f` of the same
 //!    transaction.
 //!
-//! Runs are spaced 2.1 s apart: a table deleted again within 2 s of its repair three times running
+//! Runs are spaced 3 s apart: a table deleted again within 2 s of its repair three times running
 //! is contested and its repairs back off (that is a fight, not what is measured here).
 //!
 //! Everything happens in throw-away namespaces; this process enters them itself, so `nft` and
@@ -149,9 +149,10 @@ async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
     }
     assert!(child.wait().unwrap().success());
     // A table deleted again within 2 s of its repair, three times running, is contested and
-    // its repairs back off (a fight): runs are spaced beyond that window so that each one
+    // its repairs back off (a fight): runs are spaced well beyond that window (the agent notes
+    // its repair after nft exits and reads it back) so that each one
     // measures a plain repair.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
     out.filter(|_| !lost)
 }
