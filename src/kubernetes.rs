@@ -35,50 +35,65 @@ pub fn run(
     // Before entering the namespace: the Kubernetes thread and its sockets stay on the host's
     // network, where the API server is (see src/cluster/run.rs).
     let (mut updates, pods) = cluster::spawn(opts, telemetry.clone())?;
-    let rt = crate::runtime(netns)?;
+    let (rt, entered) = crate::runtime(netns)?;
     if let Some(listener) = listener {
         let addr = obs::http::spawn(listener, telemetry.clone())?;
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
     }
-    rt.block_on(async move {
-        let shutdown = crate::shutdown_signal();
-        tokio::pin!(shutdown);
-        // Nothing is enforced before the caches are ready or the state file says what to.
-        let first = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            m = updates.recv() => match m {
+    let ended = rt.block_on(async move {
+        let (mut stop, mut hup) =
+            netwarden::lifecycle::install().context("cannot handle signals")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP ignored: in Kubernetes mode the config comes from the ConfigMap, applied on every edit");
+            }
+        });
+        let start = async {
+            // Nothing is enforced before the caches are ready or the state file says what to.
+            let first = match updates.recv().await {
                 Some(Message::Update(u)) => u,
                 Some(Message::Fatal(e)) => return Err(anyhow::Error::new(e)),
                 None => anyhow::bail!("the Kubernetes thread stopped"),
-            },
-        };
-        let cfg = first.config.clone();
-        let ex = first.expansion;
-        // nftables wiring: the engine (src/nftables/) takes `spec.nftables` (no templates).
-        let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
+            };
+            let cfg = first.config.clone();
+            let ex = first.expansion;
+            crate::require_kernel_access(cfg.enforces_anything()).await?;
+            // nftables wiring: the engine (src/nftables/) takes `spec.nftables` (no templates).
+            let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
+                .await?
+                .with_telemetry(telemetry.clone());
+            // A later change of the chain and set selectors reaches the guard as a reload.
+            let adoption = crate::adoption(&cfg.adopt, adopted_state.as_deref());
+            let guard = Guard::start_adopting(
+                ex.chains.clone(),
+                ex.ipsets.clone(),
+                cfg.poll_interval,
+                cfg.resync,
+                backend,
+                adoption,
+            )
             .await?
             .with_telemetry(telemetry.clone());
+            let agent = reconcile::Agent::start_adopting(
+                ex.desired.clone(),
+                cfg.resync,
+                telemetry,
+                adopted_state,
+            )
+            .await?
+            .with_pods(pods);
+            Ok::<_, anyhow::Error>((cfg, ex, nft, guard, agent))
+        };
+        // A stop during the wait for the cluster or the initial sync ends it where it is.
+        let (cfg, ex, nft, guard, agent) = tokio::select! {
+            _ = stop.requested() => {
+                tracing::info!("shutting down during the initial sync; what is in place stays");
+                return Ok(crate::Ended::Stopped);
+            }
+            _ = crate::netns_gone(entered.as_ref()) => return Ok(crate::Ended::NetnsGone),
+            r = start => r?,
+        };
         let (nft_tx, nft_rx) = mpsc::channel(4);
-        // A later change of the chain and set selectors reaches the guard as a reload.
-        let adoption = crate::adoption(&cfg.adopt, adopted_state.as_deref());
-        let guard = Guard::start_adopting(
-            ex.chains.clone(),
-            ex.ipsets.clone(),
-            cfg.poll_interval,
-            cfg.resync,
-            backend,
-            adoption,
-        )
-        .await?
-        .with_telemetry(telemetry.clone());
-        let agent = reconcile::Agent::start_adopting(
-            ex.desired.clone(),
-            cfg.resync,
-            telemetry,
-            adopted_state,
-        )
-        .await?
-        .with_pods(pods);
         let guard = guard.with_store(agent.adopted_store());
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);
@@ -134,14 +149,15 @@ pub fn run(
             anyhow::bail!("the Kubernetes thread stopped")
         };
         tokio::select! {
-            r = agent.run_with(shutdown.as_mut(), Some(reload_rx)) => { r?; }
+            r = agent.run_with(stop.requested(), Some(reload_rx)) => { r?; }
             r = guard.run_with(Some(guard_rx)) => { r?; }
             r = forward => { r?; }
             r = nft.run(Some(nft_rx)) => { r?; }
+            _ = crate::netns_gone(entered.as_ref()) => return Ok(crate::Ended::NetnsGone),
         }
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(crate::Ended::Stopped)
     })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(ended.code())
 }
 
 /// `--configmap NAMESPACE/NAME`, or `NAME` in `--configmap-namespace` (POD_NAMESPACE); `None`:

@@ -12,8 +12,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
-/// Exit code for errors (bad config, cannot reach the kernel); 1 is kept for "drift" in `check`.
+/// Exit code for errors (bad config, cannot reach or change the kernel); 1 is kept for "drift"
+/// in `check`.
 const EXIT_ERROR: u8 = 2;
+/// `run --netns NAME`: the namespace was removed (or replaced) under the agent.
+const EXIT_NETNS_GONE: u8 = 3;
 
 /// The log filter: --log-level (or NETWARDEN_LOG_LEVEL), else RUST_LOG, else `info`. A filter
 /// that does not parse is an error, not a silent fallback.
@@ -39,7 +42,12 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGTERM before `run` installs its handlers must not kill it.
+    netwarden::lifecycle::hold();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        netwarden::lifecycle::release();
+    }
     if let Err(e) = init_logging(&cli) {
         eprintln!("netwarden: {e:#}");
         return ExitCode::from(EXIT_ERROR);
@@ -174,14 +182,63 @@ fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode>
 /// Enters the namespace (setns moves the calling thread only: threads started before, such as the
 /// Kubernetes one, stay on the host's network) and builds a single-threaded runtime: the repair
 /// path is one event → one request, and staying on one thread avoids cross-thread wakeups.
-pub(crate) fn runtime(netns: Option<&str>) -> anyhow::Result<tokio::runtime::Runtime> {
-    if let Some(ns) = netns {
-        netns::enter(ns)?;
-    }
-    tokio::runtime::Builder::new_current_thread()
+pub(crate) fn runtime(
+    netns: Option<&str>,
+) -> anyhow::Result<(tokio::runtime::Runtime, Option<netns::Entered>)> {
+    let entered = netns.map(netns::enter).transpose()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")
+        .context("cannot start the async runtime")?;
+    Ok((rt, entered))
+}
+
+/// How `run` ended, when it did not fail.
+pub(crate) enum Ended {
+    /// SIGTERM or SIGINT.
+    Stopped,
+    /// The namespace given by `--netns` was removed.
+    NetnsGone,
+}
+
+impl Ended {
+    pub(crate) fn code(self) -> ExitCode {
+        match self {
+            Ended::Stopped => ExitCode::SUCCESS,
+            Ended::NetnsGone => ExitCode::from(EXIT_NETNS_GONE),
+        }
+    }
+}
+
+/// Completes when the namespace the agent entered is gone (never, without `--netns`), saying so.
+pub(crate) async fn netns_gone(entered: Option<&netns::Entered>) {
+    match entered {
+        Some(ns) => {
+            ns.gone().await;
+            tracing::error!(
+                netns = %ns.name,
+                "network namespace removed (or replaced) under the agent: nothing left to protect; exiting"
+            );
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Refuses to start (exit 2) when the kernel would refuse every repair: without CAP_NET_ADMIN
+/// over the namespace. An agent that only observes needs no such right and goes on.
+pub(crate) async fn require_kernel_access(enforces: bool) -> anyhow::Result<()> {
+    match netwarden::apply::check_write_access().await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_permission() && !enforces => {
+            tracing::warn!(error = %e, "the kernel refuses changes from this process (no CAP_NET_ADMIN?); fine while everything is observed, but a repair will be refused");
+            Ok(())
+        }
+        Err(e) if e.is_permission() => Err(anyhow::anyhow!(
+            "no kernel access: the kernel refuses changes to this network namespace ({e}); \
+             netwarden needs CAP_NET_ADMIN in it to repair anything"
+        )),
+        Err(e) => Err(anyhow::anyhow!("cannot reach the kernel: {e}")),
+    }
 }
 
 fn run(
@@ -191,76 +248,82 @@ fn run(
     metrics_addr: Option<&str>,
     adopted_state: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let cfg = load(path)?;
+    let text = config::read_text(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg =
+        config::parse(&path.display().to_string(), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let desired = DesiredState::from_config(&cfg);
     let telemetry = obs::Telemetry::new();
     telemetry.config_loaded(true);
     let listener = bind_metrics(metrics_addr)?;
-    let rt = runtime(netns)?;
+    let (rt, entered) = runtime(netns)?;
     if let Some(listener) = listener {
         let addr = obs::http::spawn(listener, telemetry.clone())?;
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
     }
     let path = path.to_path_buf();
-    rt.block_on(async move {
-        // nftables wiring: the engine (src/nftables/) starts first and follows SIGHUP itself.
-        let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
+    let ended = rt.block_on(async move {
+        let (mut stop, hup) = netwarden::lifecycle::install().context("cannot handle signals")?;
+        let start = async {
+            require_kernel_access(cfg.enforces_anything()).await?;
+            // nftables wiring: the engine (src/nftables/) starts first.
+            let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
+                .await?
+                .with_telemetry(telemetry.clone());
+            // Chains and sets first: `initial sync done` then means everything is in place.
+            let adoption = adoption(&cfg.adopt, adopted_state.as_deref());
+            let guard = Guard::start_adopting(
+                cfg.chains.clone(),
+                cfg.ipsets.clone(),
+                cfg.poll_interval,
+                cfg.resync,
+                backend,
+                adoption,
+            )
             .await?
             .with_telemetry(telemetry.clone());
-        let nft_reloads = nft_reload_on_sighup(path.clone(), cfg.nftables.clone());
-        // Chains and sets first: `initial sync done` then means everything is in place.
-        let adoption = adoption(&cfg.adopt, adopted_state.as_deref());
-        let guard = Guard::start_adopting(
-            cfg.chains.clone(),
-            cfg.ipsets.clone(),
-            cfg.poll_interval,
-            cfg.resync,
-            backend,
-            adoption,
-        )
-        .await?
-        .with_telemetry(telemetry.clone());
+            let agent = reconcile::Agent::start_adopting(
+                desired,
+                cfg.resync,
+                telemetry.clone(),
+                adopted_state,
+            )
+            .await?;
+            Ok::<_, anyhow::Error>((nft, guard, agent))
+        };
+        // A stop or the end of the namespace during the initial sync ends it where it is: what
+        // was applied stays, nothing is undone.
+        let (nft, guard, agent) = tokio::select! {
+            _ = stop.requested() => {
+                tracing::info!("shutting down during the initial sync; what is in place stays");
+                return Ok(Ended::Stopped);
+            }
+            _ = netns_gone(entered.as_ref()) => return Ok(Ended::NetnsGone),
+            r = start => r?,
+        };
         let (guard_tx, guard_rx) = tokio::sync::mpsc::channel(1);
-        let reloads = obs::reload_on_sighup(path, telemetry.clone(), Some(guard_tx), &cfg);
-        let agent =
-            reconcile::Agent::start_adopting(desired, cfg.resync, telemetry, adopted_state).await?;
+        let (nft_tx, nft_rx) = tokio::sync::mpsc::channel(1);
+        let reloads = obs::reload_on_sighup(
+            path,
+            hup,
+            text,
+            telemetry,
+            obs::ReloadFollowers {
+                guard: Some(guard_tx),
+                nftables: Some(nft_tx),
+            },
+            &cfg,
+        );
         // One writer for the file: the agent's, which the guard shares for its part.
         let guard = guard.with_store(agent.adopted_store());
         tokio::select! {
-            r = agent.run_with(shutdown_signal(), Some(reloads)) => { r?; }
+            r = agent.run_with(stop.requested(), Some(reloads)) => { r?; }
             r = guard.run_with(Some(guard_rx)) => { r?; }
-            r = nft.run(Some(nft_reloads)) => { r?; }
+            r = nft.run(Some(nft_rx)) => { r?; }
+            _ = netns_gone(entered.as_ref()) => return Ok(Ended::NetnsGone),
         }
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(Ended::Stopped)
     })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// nftables wiring: the `spec.nftables` part of the config, re-read on SIGHUP and sent to the
-/// engine when it changed (a refused file is logged and counted by [`obs::reload_on_sighup`]).
-fn nft_reload_on_sighup(
-    path: std::path::PathBuf,
-    mut current: netwarden::nftables::model::NftConfig,
-) -> tokio::sync::mpsc::Receiver<netwarden::nftables::model::NftConfig> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return rx;
-    };
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let Ok(cfg) = config::load(&path) else {
-                continue;
-            };
-            if cfg.nftables != current {
-                current = cfg.nftables.clone();
-                if tx.send(cfg.nftables).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
+    Ok(ended.code())
 }
 
 /// The chain and set selectors of `spec.adopt`, with the chains and sets the adopted-state
@@ -308,21 +371,6 @@ fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 fn check(
     path: &std::path::Path,
     netns: Option<&str>,
@@ -341,7 +389,7 @@ fn check(
     let adopted = adopted_chains.len() + adopted_sets.len();
     let chains: Vec<_> = cfg.chains.iter().cloned().chain(adopted_chains).collect();
     let sets: Vec<_> = cfg.ipsets.iter().cloned().chain(adopted_sets).collect();
-    let rt = runtime(netns)?;
+    let (rt, _) = runtime(netns)?;
     let plan = rt.block_on(check::check(&desired))?;
     let (chain_drift, ipsets) =
         rt.block_on(netwarden::netfilter::guard::check(&chains, &sets, backend))?;
@@ -426,7 +474,7 @@ fn snapshot(
         membership: ownership(membership),
     };
     let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
-    let rt = runtime(netns)?;
+    let (rt, _) = runtime(netns)?;
     let text = rt.block_on(snapshot::take(
         &sel,
         style,

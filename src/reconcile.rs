@@ -164,6 +164,9 @@ pub struct Agent {
     contest: Contest<ObjectId>,
     /// Enforced objects whose last repair failed.
     failed: HashSet<ObjectId>,
+    /// Those of them the kernel refused for lack of permission (EPERM, EACCES): while any is
+    /// left the agent is not ready (it runs, but cannot do its job).
+    refused: HashSet<ObjectId>,
     /// What the board says about objects not in sync (in sync: absent).
     states: HashMap<ObjectId, (State, Option<String>)>,
     actors: LabelCap,
@@ -270,6 +273,7 @@ impl Agent {
             telemetry,
             contest: Contest::new(Backoff::default()),
             failed: HashSet::default(),
+            refused: HashSet::default(),
             states: HashMap::default(),
             actors: LabelCap::default(),
             attribution,
@@ -286,13 +290,15 @@ impl Agent {
         };
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
-        let drifted = agent.reported.len();
+        // Every protected object not in sync now: pending, observed drift, failed repairs.
+        let drifted = agent.states.len();
         info!(
             protected = agent.desired.len(),
             rules = agent.desired.rules.len(),
             routes = agent.desired.routes.len(),
             addresses = agent.desired.addresses.len(),
             still_drifted = drifted,
+            failed = agent.failed.len(),
             "initial sync done"
         );
         Ok(agent)
@@ -442,6 +448,8 @@ impl Agent {
         self.pending.retain(|id| protects(d, id));
         self.reported.retain(|id, _| protects(d, id));
         self.failed.retain(|id| protects(d, id));
+        self.refused.retain(|id| protects(d, id));
+        self.telemetry.set_refused(self.refused.len());
         self.states.retain(|id, _| protects(d, id));
         self.contest.retain(|id| protects(d, id));
         self.telemetry.set_catalog(d);
@@ -995,6 +1003,9 @@ impl Agent {
         self.pending.remove(id);
         self.reported.remove(id);
         self.failed.remove(id);
+        if self.refused.remove(id) {
+            self.telemetry.set_refused(self.refused.len());
+        }
         self.states.remove(id);
         self.contest.retain(|i| i != id);
         self.telemetry
@@ -1261,6 +1272,7 @@ impl Agent {
                 Outcome::Applied | Outcome::AlreadyThere => {
                     self.pending.remove(&step.id);
                     self.failed.remove(&step.id);
+                    self.refused.remove(&step.id);
                     // The kernel said yes: mirror it now rather than waiting for the
                     // notification, so a burst does not re-plan what is already fixed.
                     for op in &step.ops {
@@ -1309,7 +1321,13 @@ impl Agent {
                         .apply_errors
                         .get_or_create(&ErrorLabels { kind, errno })
                         .inc();
-                    error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair failed");
+                    if e.is_permission() {
+                        self.refused.insert(step.id.clone());
+                        error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair refused: no permission to change the kernel (CAP_NET_ADMIN?); not ready");
+                    } else {
+                        self.refused.remove(&step.id);
+                        error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair failed");
+                    }
                 }
             }
         }
@@ -1319,6 +1337,7 @@ impl Agent {
                 board.record_repair(id, acked_unix);
             }
         }
+        self.telemetry.set_refused(self.refused.len());
         let observed = self.report(&plan, &now_pending, scope);
         if cause != Cause::Start {
             for (id, name) in observed

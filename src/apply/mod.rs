@@ -41,6 +41,25 @@ pub enum ApplyError {
     Socket(String),
 }
 
+impl ApplyError {
+    /// The kernel refused for lack of permission (no CAP_NET_ADMIN over the namespace, or a
+    /// security module said no): no retry will do better.
+    pub fn is_permission(&self) -> bool {
+        matches!(self, ApplyError::Kernel(Errno::EPERM | Errno::EACCES))
+    }
+}
+
+/// Whether this process may change the network state of its namespace: see
+/// [`Applier::probe_write_access`]. Opens a socket of its own.
+///
+/// # Errors
+///
+/// The kernel's refusal (EPERM, EACCES), or why the kernel could not be asked.
+pub async fn check_write_access() -> Result<(), ApplyError> {
+    let mut applier = Applier::open().map_err(|e| ApplyError::Socket(e.to_string()))?;
+    applier.probe_write_access().await
+}
+
 /// Whether the kernel checks a new rule against the rules it holds (see [`Applier::apply`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuleAdd {
@@ -209,6 +228,30 @@ impl Applier {
             .zip(per_step)
             .map(|(step, results)| outcome(&step.ops, &results))
             .collect()
+    }
+
+    /// Asks the kernel whether this process may change the network state of its namespace, and
+    /// changes nothing: a rule request of no address family. The kernel checks the permission
+    /// (CAP_NET_ADMIN over the namespace's user namespace) before it looks at the request and
+    /// refuses with EPERM; with the permission it rejects the family (EAFNOSUPPORT). Checked at
+    /// start because a node where everything is in sync would otherwise not show it.
+    pub async fn probe_write_access(&mut self) -> Result<(), ApplyError> {
+        use rtnetlink::packet_route::rule::RuleMessage;
+        let mut msg = encode::request(
+            RouteNetlinkMessage::NewRule(RuleMessage::default()),
+            true,
+            false,
+        );
+        self.seq = self.seq.wrapping_add(1);
+        msg.header.sequence_number = self.seq;
+        self.buf.clear();
+        self.buf.resize(msg.buffer_len(), 0);
+        msg.emit(&mut self.buf[..]);
+        match self.send_batch(self.seq, 1).await.pop() {
+            Some(Err(e)) if e.is_permission() => Err(e),
+            Some(Err(ApplyError::Kernel(_))) | Some(Ok(())) | None => Ok(()),
+            Some(Err(e)) => Err(e),
+        }
     }
 
     /// Sends the batch in `self.buf` (`count` requests numbered from `first_seq`) and waits for

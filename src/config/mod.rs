@@ -59,6 +59,23 @@ pub struct Config {
     pub nftables: crate::nftables::model::NftConfig,
 }
 
+impl Config {
+    /// Whether anything is enforced (the agent then needs to change the kernel). Objects with
+    /// templates count as enforced: their mode is known once they are expanded.
+    pub fn enforces_anything(&self) -> bool {
+        let enforced = |m: &Mode| *m == Mode::Enforce;
+        self.rules.iter().any(|o| enforced(&o.mode))
+            || self.routes.iter().any(|o| enforced(&o.mode))
+            || self.addresses.iter().any(|o| enforced(&o.mode))
+            || self.chains.iter().any(|o| enforced(&o.mode))
+            || self.ipsets.iter().any(|o| enforced(&o.mode))
+            || self.adopt.iter().any(|o| enforced(&o.mode))
+            || self.nftables.tables.iter().any(|t| enforced(&t.mode))
+            || self.nftables.adopt.iter().any(|s| enforced(&s.adopt.mode))
+            || !self.templates.is_empty()
+    }
+}
+
 pub use expand::{Expanded, Pending, PendingCause, Templates};
 pub use manifest::{parse_document, Document};
 
@@ -80,6 +97,11 @@ pub enum ConfigError {
     /// so that printing the error alone says why.
     #[error("{file}: cannot read the file: {error}")]
     Read { file: String, error: std::io::Error },
+
+    /// Larger than any config needs: refused before it is read to the end (`/dev/zero`, a log
+    /// file named by mistake), so reading it cannot exhaust the agent's memory.
+    #[error("{file}: the config is larger than {max} bytes; refusing it", max = MAX_CONFIG_BYTES)]
+    TooLarge { file: String },
 
     /// Nothing but whitespace and comments: almost certainly a truncated or wrong file, and
     /// running with nothing protected is not what anyone asking for protection wants.
@@ -144,18 +166,47 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// Largest config accepted, from a file, standard input or a ConfigMap: 16 MiB, far above any
+/// real one (a ConfigMap holds at most 1 MiB; 10,000 routes take about 1 MiB of YAML).
+pub const MAX_CONFIG_BYTES: usize = 16 << 20;
+
 /// Reads and parses a config file; errors name the file as given.
 ///
 /// # Errors
 ///
-/// [`ConfigError::Read`] when the file cannot be read, else as [`parse`].
+/// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::TooLarge`], else as
+/// [`parse`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = read_text(path)?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// Reads a config file's text, at most [`MAX_CONFIG_BYTES`] of it (a special file such as
+/// `/dev/zero` or a pipe never ends).
+///
+/// # Errors
+///
+/// [`ConfigError::Read`] (also for text that is not UTF-8), [`ConfigError::TooLarge`].
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+    let read_error = |error| ConfigError::Read {
         file: file.clone(),
         error,
-    })?;
-    parse(&file, &text)
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(read_error)?;
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { file });
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text ({})", e.utf8_error()),
+        ))
+    })
 }
 
 /// Parses config text; `source` names it in error messages (usually the file path).
@@ -169,6 +220,11 @@ pub fn parse(source: &str, text: &str) -> Result<Config, ConfigError> {
 }
 
 fn parse_mode(source: &str, text: &str, kubernetes: bool) -> Result<Config, ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            file: source.to_owned(),
+        });
+    }
     if is_blank(text) {
         return Err(ConfigError::Empty {
             file: source.to_owned(),

@@ -5,6 +5,7 @@
 //! endpoints then live on the host's network (where Prometheus and the operator are), while the
 //! agent watches the namespace.
 
+use super::conns::{Admission, Table};
 use super::metrics::{
     encode_openmetrics, encode_prometheus, wants_openmetrics, OPENMETRICS, PROMETHEUS_TEXT,
 };
@@ -17,13 +18,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
-/// A client has this long to send its request headers.
+/// Connections held open at once. Every connection is accepted at once; beyond this many, an
+/// idle one is closed to make room (see [`super::conns`]), so a client holding connections can
+/// never make a probe wait.
+const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to send its request headers (also between two requests of a
+/// keep-alive connection).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection lives at most this long (keep-alive included).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
@@ -58,6 +62,12 @@ pub fn spawn(listener: TcpListener, telemetry: Arc<Telemetry>) -> std::io::Resul
     Ok(addr)
 }
 
+type Conns = Arc<Mutex<Table<oneshot::Sender<()>>>>;
+
+fn lock(conns: &Conns) -> std::sync::MutexGuard<'_, Table<oneshot::Sender<()>>> {
+    conns.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -66,12 +76,9 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let conns: Conns = Arc::new(Mutex::new(Table::new(MAX_CONNECTIONS)));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.
@@ -80,11 +87,35 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
                 continue;
             }
         };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let id = match lock(&conns).admit(peer.ip(), stop_tx) {
+            Admission::Admitted { id, evicted } => {
+                if let Some(stop) = evicted {
+                    let _ = stop.send(());
+                }
+                id
+            }
+            // Every slot is answering a request: closing this one is all that can be done.
+            Admission::Refused => continue,
+        };
         let telemetry = telemetry.clone();
+        let conns = conns.clone();
         tokio::spawn(async move {
+            let table = conns.clone();
             let service = hyper::service::service_fn(move |req| {
                 let t = telemetry.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&t, req).await) }
+                // Busy until hyper drops the response body, i.e. has written it.
+                lock(&table).set_busy(id, true);
+                let done = Idle {
+                    conns: table.clone(),
+                    id,
+                };
+                async move {
+                    let r = handle(&t, req)
+                        .await
+                        .map(|body| Tracked { body, _done: done });
+                    Ok::<_, std::convert::Infallible>(r)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -95,9 +126,52 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
                 .half_close(true)
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            drop(permit);
+            tokio::select! {
+                _ = conn => {}
+                // Closed to make room for a newer connection (dropping it closes the socket).
+                _ = stop_rx => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+            }
+            lock(&conns).remove(id);
         });
+    }
+}
+
+/// Marks a connection idle again when dropped (with the response body it travels in).
+struct Idle {
+    conns: Conns,
+    id: u64,
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        lock(&self.conns).set_busy(self.id, false);
+    }
+}
+
+/// A response body that keeps its connection busy until hyper is done with it.
+struct Tracked {
+    body: Full<Bytes>,
+    _done: Idle,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -149,7 +223,7 @@ async fn handle(t: &Telemetry, req: Request<Incoming>) -> Response<Full<Bytes>> 
         "/healthz" => {
             if t.ping(PING_TIMEOUT).await {
                 response(StatusCode::OK, PLAIN, "ok\n")
-            } else if !t.is_ready() {
+            } else if !t.is_started() {
                 // The initial dump and sync run before the loop answers probes.
                 response(StatusCode::OK, PLAIN, "starting\n")
             } else {
@@ -160,17 +234,10 @@ async fn handle(t: &Telemetry, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 )
             }
         }
-        "/readyz" => {
-            if t.is_ready() {
-                response(StatusCode::OK, PLAIN, "ready\n")
-            } else {
-                response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    PLAIN,
-                    "initial sync not done\n",
-                )
-            }
-        }
+        "/readyz" => match t.not_ready_reason() {
+            None => response(StatusCode::OK, PLAIN, "ready\n"),
+            Some(why) => response(StatusCode::SERVICE_UNAVAILABLE, PLAIN, why + "\n"),
+        },
         "/status" => {
             let status = t.board().status();
             let body = serde_json::to_string_pretty(&status).unwrap_or_else(|_| "{}".into());
@@ -360,6 +427,43 @@ mod tests {
         assert_eq!(raw(&addr, b""), "");
         // Still serving.
         assert_eq!(get(&addr, "/readyz", None, T).unwrap().0, 503);
+    }
+
+    /// The kubelet's liveness probe: a new connection, one GET, failed after `timeoutSeconds`
+    /// (3 in deploy/base). Other clients hold 300 connections that send nothing and 100 that
+    /// stopped half-way through their headers; the server closes them to make room, they do
+    /// not make the probe wait. (On a server that accepted only 64 connections at once, every
+    /// probe timed out.)
+    #[test]
+    fn probes_are_answered_while_hundreds_of_connections_are_held() {
+        let (t, addr) = server();
+        t.set_ready();
+        let mut pings = t.take_pings().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                while let Some(p) = pings.recv().await {
+                    let _ = p.send(());
+                }
+            })
+        });
+        let mut held = Vec::new();
+        for i in 0..400 {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            if i >= 300 {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: slow\r\nX-Slow: a")
+                    .unwrap();
+            }
+            held.push(s);
+        }
+        for _ in 0..20 {
+            let probe = get(&addr, "/healthz", None, Duration::from_secs(3));
+            assert_eq!(probe.unwrap(), (200, "ok\n".into()));
+        }
+        drop(held);
     }
 
     #[test]

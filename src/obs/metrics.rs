@@ -180,7 +180,7 @@ impl Metrics {
         );
         r.register(
             "config_reloads",
-            "Config loads (at start and on SIGHUP), by result",
+            "Config loads (at start and on SIGHUP), by result (success, failure, unchanged: a SIGHUP found the file as it was)",
             m.config_reloads.clone(),
         );
         r.register_with_unit(
@@ -226,7 +226,7 @@ impl Metrics {
         for reason in RESYNC_REASONS {
             let _ = self.resyncs.get_or_create(&ReasonLabels { reason });
         }
-        for result in ["success", "failure"] {
+        for result in ["success", "failure", "unchanged"] {
             let _ = self.config_reloads.get_or_create(&ResultLabels { result });
         }
         for kind in ["chain", "ipset", super::status::NFTABLES_KIND] {

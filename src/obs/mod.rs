@@ -7,6 +7,7 @@
 //! and runtime of its own, so a scrape never competes with a repair for the loop's thread.
 
 pub mod attribution;
+mod conns;
 pub mod contest;
 pub mod http;
 pub mod metrics;
@@ -21,9 +22,9 @@ use metrics::{Metrics, ResultLabels};
 use prometheus_client::registry::Registry;
 use status::Board;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Default address of the HTTP endpoints. Port 10370: the Prometheus default port allocations
@@ -41,7 +42,11 @@ pub struct Telemetry {
     pub metrics: Metrics,
     registry: Registry,
     board: Arc<Mutex<Board>>,
-    ready: AtomicBool,
+    /// The initial sync is done.
+    synced: AtomicBool,
+    /// Protected objects whose last repair the kernel refused (EPERM, EACCES): the agent is
+    /// running but cannot do its job, so it is not ready.
+    refused: AtomicUsize,
     ping_tx: mpsc::Sender<Ping>,
     ping_rx: Mutex<Option<mpsc::Receiver<Ping>>>,
     /// Where repairs and fights are also told (Kubernetes mode: Events on the Node).
@@ -79,7 +84,8 @@ impl Telemetry {
             metrics,
             registry,
             board,
-            ready: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            refused: AtomicUsize::new(0),
             ping_tx,
             ping_rx: Mutex::new(Some(ping_rx)),
             notices: Mutex::new(None),
@@ -106,13 +112,47 @@ impl Telemetry {
         self.board.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The initial sync is done.
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Release);
-        self.board().ready = true;
+        self.synced.store(true, Ordering::Release);
+        self.publish_readiness();
     }
 
+    /// How many protected objects the kernel refused to repair for lack of permission.
+    pub fn set_refused(&self, objects: usize) {
+        if self.refused.swap(objects, Ordering::AcqRel) != objects {
+            self.publish_readiness();
+        }
+    }
+
+    fn publish_readiness(&self) {
+        let ready = self.is_ready();
+        self.board().ready = ready;
+    }
+
+    /// Whether the initial sync is done (the loop then answers liveness probes).
+    pub fn is_started(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Ready: the initial sync is done and the kernel accepts the agent's repairs.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why the agent is not ready, if it is not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.is_started() {
+            return Some("initial sync not done".into());
+        }
+        match self.refused.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(format!(
+                "the kernel refused the repair of {n} protected object{} (EPERM/EACCES: is \
+                 CAP_NET_ADMIN missing?)",
+                if n == 1 { "" } else { "s" }
+            )),
+        }
     }
 
     /// The loop's end of the liveness probe (taken once).
@@ -144,6 +184,16 @@ impl Telemetry {
         if ok {
             self.metrics.config_last_success.set(status::unix_now());
         }
+    }
+
+    /// Counts a SIGHUP that found the config file as it was: nothing to do.
+    pub fn config_unchanged(&self) {
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabels {
+                result: "unchanged",
+            })
+            .inc();
     }
 
     /// Publishes the protected objects (names, descriptions, modes).
@@ -185,30 +235,65 @@ pub struct Reload {
     pub resync: Duration,
 }
 
-/// Re-reads the config file on SIGHUP (call from within the runtime). A config with errors is refused as a whole: the old one
+/// Where an accepted config's other parts go, each only when it changed.
+#[derive(Debug, Default)]
+pub struct ReloadFollowers {
+    /// Chains, ipsets, their adopt selectors and intervals: the netfilter guard.
+    pub guard: Option<mpsc::Sender<GuardReload>>,
+    /// `spec.nftables`: the nftables engine.
+    pub nftables: Option<mpsc::Sender<crate::nftables::model::NftConfig>>,
+}
+
+/// At most one read of the config file per this interval: a SIGHUP storm costs one read a
+/// second, not one full reload and kernel re-read per signal, and the last signal of a storm is
+/// always followed by a read.
+pub const RELOAD_GAP: Duration = Duration::from_secs(1);
+
+/// Re-reads the config file on each SIGHUP of `hup` (call from within the runtime). A file whose
+/// text is the one read last (at start: `text`) is a no-op: nothing is parsed, nothing re-read
+/// from the kernel, nothing reloaded. A config with errors is refused as a whole: the old one
 /// stays, the error is logged and a failed reload is counted. Returns the stream of accepted
-/// configs for the reconcile loop (empty if the signal cannot be watched); the chains and sets of
-/// an accepted config go to `guard`, when they (or the poll and resync intervals) changed.
+/// configs for the reconcile loop; the chains and sets of an accepted config go to the guard,
+/// when they (or the poll and resync intervals) changed, and its nftables part to the nftables
+/// engine, when it changed.
 pub fn reload_on_sighup(
     path: PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+    text: String,
     telemetry: Arc<Telemetry>,
-    guard: Option<mpsc::Sender<GuardReload>>,
+    followers: ReloadFollowers,
     started_with: &Config,
 ) -> mpsc::Receiver<Reload> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use futures::FutureExt;
     let (tx, rx) = mpsc::channel(1);
-    // Installed now, not in the task: a SIGHUP right after start must not kill the agent.
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; config reload disabled");
-            return rx;
-        }
-    };
+    let ReloadFollowers { guard, nftables } = followers;
     let mut netfilter = guard_reload_of(started_with);
+    let mut nft = started_with.nftables.clone();
+    let mut last_text = text;
     tokio::spawn(async move {
+        let mut last_read: Option<Instant> = None;
         while hup.recv().await.is_some() {
-            match config::load(&path) {
+            if let Some(at) = last_read {
+                tokio::time::sleep(RELOAD_GAP.saturating_sub(at.elapsed())).await;
+            }
+            // The signals that came while waiting are answered by this one read.
+            while let Some(Some(())) = hup.recv().now_or_never() {}
+            last_read = Some(Instant::now());
+            let text = match config::read_text(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    telemetry.config_loaded(false);
+                    tracing::error!(error = %e, "config reload refused; keeping the config in use");
+                    continue;
+                }
+            };
+            if text == last_text {
+                telemetry.config_unchanged();
+                tracing::info!(file = %path.display(), "SIGHUP: config unchanged since it was last read; nothing to do");
+                continue;
+            }
+            last_text = text;
+            match config::parse(&path.display().to_string(), &last_text) {
                 Ok(cfg) => {
                     telemetry.config_loaded(true);
                     let changed = guard_reload_of(&cfg);
@@ -216,6 +301,14 @@ pub fn reload_on_sighup(
                         if changed != netfilter {
                             netfilter = changed.clone();
                             if tx.send(changed).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if let Some(tx) = &nftables {
+                        if cfg.nftables != nft {
+                            nft = cfg.nftables.clone();
+                            if tx.send(cfg.nftables.clone()).await.is_err() {
                                 return;
                             }
                         }
