@@ -44,10 +44,20 @@ impl RouteSelector {
     /// Does a kernel route (on device `device`, if it has one) fall under the selector?
     /// Multipath routes are never adopted: they cannot be restored as seen.
     pub fn matches(&self, key: &RouteKey, route: &ObservedRoute, device: Option<&str>) -> bool {
-        !route.multipath
-            && self.family.is_none_or(|f| f == key.family)
+        !route.multipath && self.covers(key, Some(route.protocol), device)
+    }
+
+    /// Does an adopted route, as it was seen (the adopted-state file, the config before a
+    /// reload), still fall under the selector? Every criterion is checked again: a selector
+    /// narrowed since lets go of what it no longer covers.
+    pub fn covers_adopted(&self, route: &DesiredRoute) -> bool {
+        self.covers(&route.key, route.protocol, route.device.as_deref())
+    }
+
+    fn covers(&self, key: &RouteKey, protocol: Option<u8>, device: Option<&str>) -> bool {
+        self.family.is_none_or(|f| f == key.family)
             && within(self.table, key.table)
-            && (self.protocols.is_empty() || self.protocols.contains(&route.protocol))
+            && (self.protocols.is_empty() || protocol.is_some_and(|p| self.protocols.contains(&p)))
             && self
                 .device
                 .as_deref()
@@ -184,7 +194,7 @@ impl AdoptSelector {
         device: Option<&str>,
     ) -> DesiredRoute {
         DesiredRoute {
-            name: format!("{ADOPTED_PREFIX}{}/{}", self.name, key.destination),
+            name: self.route_name(key),
             mode: self.mode,
             key: key.clone(),
             kind: route.kind,
@@ -196,6 +206,24 @@ impl AdoptSelector {
             onlink: route.onlink,
             mtu: route.mtu,
         }
+    }
+
+    /// An adopted route as it was seen (the adopted-state file, the config before a reload),
+    /// protected again if the selector still covers it; named and moded by this selector, not
+    /// by what the file says.
+    pub fn readopt_route(&self, route: &DesiredRoute) -> Option<DesiredRoute> {
+        self.routes
+            .as_ref()
+            .is_some_and(|r| r.covers_adopted(route))
+            .then(|| DesiredRoute {
+                name: self.route_name(&route.key),
+                mode: self.mode,
+                ..route.clone()
+            })
+    }
+
+    fn route_name(&self, key: &RouteKey) -> String {
+        format!("{ADOPTED_PREFIX}{}/{}", self.name, key.destination)
     }
 
     /// Names of adopted objects say where they come from: `adopted:<selector>/<priority>`.

@@ -59,6 +59,13 @@ pub enum AdoptedStateError {
         "adopted-state file {path}: format version {found}, this agent reads version {VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
+    #[error("adopted-state file {path}: {why}; and it cannot be set aside: {source}")]
+    SetAside {
+        path: PathBuf,
+        why: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Reads the file; an empty state when there is none.
@@ -117,22 +124,49 @@ pub fn merge(
         if desired.routes.contains_key(&key) {
             continue;
         }
+        // A device name goes into requests and logs: only one the kernel could have shown.
+        if let Some(device) = &r.route.device {
+            if crate::config::valid_ifname(device).is_err() {
+                continue;
+            }
+        }
         let Some(sel) = desired.adopt.iter().find(|s| s.name == r.selector) else {
             continue;
         };
-        let covered = sel.routes.as_ref().is_some_and(|s| {
-            s.family.is_none_or(|f| f == key.family)
-                && s.table
-                    .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
-        });
-        if covered {
-            let mut route = r.route;
-            route.mode = sel.mode;
+        if let Some(route) = sel.readopt_route(&r.route) {
             routes.insert(key.clone(), sel.name.clone());
             desired.routes.insert(key, route);
         }
     }
     (rules, routes)
+}
+
+/// Reads the file at start. A file that cannot be used (corrupt, or of another format version)
+/// is renamed `PATH.corrupt-<unix time>` and the state starts empty: the agent's next write
+/// would otherwise destroy what may be the only evidence of what went wrong. Returns the state
+/// and, for a file set aside, where it went and why.
+///
+/// # Errors
+///
+/// A file that cannot be read, or an unusable one that cannot be renamed (nothing may then
+/// write the file: the caller keeps no adopted state).
+pub fn read_or_set_aside(
+    path: &Path,
+) -> Result<(AdoptedState, Option<(PathBuf, AdoptedStateError)>), AdoptedStateError> {
+    match read(path) {
+        Ok(state) => Ok((state, None)),
+        Err(e @ (AdoptedStateError::Corrupt { .. } | AdoptedStateError::Version { .. })) => {
+            let aside = crate::cluster::statefile::set_aside(path).map_err(|source| {
+                AdoptedStateError::SetAside {
+                    path: path.to_owned(),
+                    why: e.to_string(),
+                    source,
+                }
+            })?;
+            Ok((AdoptedState::default(), Some((aside, e))))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A snapshot of one writer's part of the file: the rtnetlink agent owns the rules and routes,
@@ -310,5 +344,125 @@ mod tests {
             read(&path),
             Err(AdoptedStateError::Version { found: 9, .. })
         ));
+    }
+
+    fn eni_route(protocol: u8, device: &str) -> AdoptedRoute {
+        AdoptedRoute {
+            selector: "eni".into(),
+            route: DesiredRoute {
+                name: "adopted:eni/10.1.2.0/24\nforged line".into(),
+                mode: crate::model::Mode::Observe,
+                key: RouteKey::new(Family::Ipv4, 100, "10.1.2.0/24".parse().unwrap(), None),
+                kind: crate::model::RouteType::Unicast,
+                gateway: None,
+                device: Some(device.into()),
+                prefsrc: None,
+                scope: Some(253),
+                protocol: Some(protocol),
+                onlink: false,
+                mtu: None,
+            },
+        }
+    }
+
+    fn with_selector(routes: crate::adopt::RouteSelector) -> crate::desired::DesiredState {
+        crate::desired::DesiredState {
+            adopt: vec![crate::adopt::AdoptSelector {
+                name: "eni".into(),
+                mode: crate::model::Mode::Enforce,
+                rules: None,
+                routes: Some(routes),
+                chains: None,
+                ipsets: None,
+                owners: vec!["aws-k8s-agent".into()],
+                unknown_actor: crate::adopt::UnknownActor::Restore,
+                pod_liveness: None,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn saved_routes_are_checked_against_every_field_of_their_selector() {
+        let saved = |routes| AdoptedState {
+            version: VERSION,
+            routes,
+            ..Default::default()
+        };
+        let all = vec![
+            eni_route(3, "eni1"), // boot, eni1
+            AdoptedRoute {
+                route: DesiredRoute {
+                    key: RouteKey::new(Family::Ipv4, 100, "10.1.3.0/24".parse().unwrap(), None),
+                    ..eni_route(4, "eni1").route
+                },
+                ..eni_route(4, "eni1")
+            }, // static, eni1
+            AdoptedRoute {
+                route: DesiredRoute {
+                    key: RouteKey::new(Family::Ipv4, 100, "10.1.4.0/24".parse().unwrap(), None),
+                    ..eni_route(4, "veth9").route
+                },
+                ..eni_route(4, "veth9")
+            }, // static, veth9
+        ];
+        // Narrowed to protocol static on eni*: only the second is put back.
+        let mut desired = with_selector(crate::adopt::RouteSelector {
+            table: Some((100, 100)),
+            protocols: vec![4],
+            device: Some("eni*".into()),
+            ..Default::default()
+        });
+        let (_, routes) = merge(saved(all.clone()), &mut desired);
+        let kept: Vec<String> = desired
+            .routes
+            .keys()
+            .map(|k| k.destination.to_string())
+            .collect();
+        assert_eq!(kept, ["10.1.3.0/24"]);
+        assert_eq!(routes.len(), 1);
+        // Named and moded by the selector, not by the file.
+        let route = desired.routes.values().next().unwrap();
+        assert_eq!(route.name, "adopted:eni/10.1.3.0/24");
+        assert_eq!(route.mode, crate::model::Mode::Enforce);
+        // The whole selector as it was: all three.
+        let mut desired = with_selector(crate::adopt::RouteSelector {
+            table: Some((100, 100)),
+            ..Default::default()
+        });
+        merge(saved(all), &mut desired);
+        assert_eq!(desired.routes.len(), 3);
+        // A device name no interface can have is not trusted.
+        let mut desired = with_selector(crate::adopt::RouteSelector {
+            table: Some((100, 100)),
+            ..Default::default()
+        });
+        merge(saved(vec![eni_route(3, "eni1\n\u{1b}[31m")]), &mut desired);
+        assert!(desired.routes.is_empty());
+    }
+
+    #[test]
+    fn an_unusable_file_is_set_aside_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adopted.json");
+        let (state, aside) = read_or_set_aside(&path).unwrap();
+        assert_eq!(state, AdoptedState::default(), "no file");
+        assert!(aside.is_none());
+        for bad in [
+            &b"{\"version\": 1, \"rules\": ["[..],
+            b"{\"version\": 9, \"rules\": []}",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let (state, aside) = read_or_set_aside(&path).unwrap();
+            assert_eq!(state, AdoptedState::default());
+            let (aside, _why) = aside.expect("set aside");
+            assert!(!path.exists());
+            assert_eq!(std::fs::read(&aside).unwrap(), bad);
+            let name = aside.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with("adopted.json.corrupt-"), "{name}");
+        }
+        // Twice within the same second: both kept.
+        let kept = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(kept, 2);
     }
 }

@@ -35,6 +35,7 @@ pub fn run(
     // Before entering the namespace: the Kubernetes thread and its sockets stay on the host's
     // network, where the API server is (see src/cluster/run.rs).
     let (mut updates, pods) = cluster::spawn(opts, telemetry.clone())?;
+    let adopted_state = crate::check_adopted_state(adopted_state, &telemetry);
     let (rt, entered) = crate::runtime(netns)?;
     if let Some(listener) = listener {
         let addr = obs::http::spawn(listener, telemetry.clone())?;

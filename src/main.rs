@@ -35,7 +35,8 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Text => builder.init(),
+        // Every field escaped: nothing logged can forge a line (see obs::logfmt).
+        LogFormat::Text => builder.fmt_fields(obs::logfmt::EscapedFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(())
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         eprintln!("netwarden: {e:#}");
         return ExitCode::from(EXIT_ERROR);
     }
+    let running = matches!(cli.command, Command::Run { .. });
     let result = match cli.command {
         Command::Validate {
             file,
@@ -124,8 +126,16 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if running => {
+            // The agent's last log line, escaped like the others.
+            tracing::error!(error = %format!("{e:#}"), "netwarden run failed");
+            ExitCode::from(EXIT_ERROR)
+        }
         Err(e) => {
-            eprintln!("netwarden: {e:#}");
+            // A list of errors keeps its lines; nothing within a line is printed raw.
+            let text = format!("{e:#}");
+            let lines: Vec<String> = text.lines().map(obs::logfmt::escape).collect();
+            eprintln!("netwarden: {}", lines.join("\n"));
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -261,6 +271,7 @@ fn run(
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
     }
     let path = path.to_path_buf();
+    let adopted_state = check_adopted_state(adopted_state, &telemetry);
     let ended = rt.block_on(async move {
         let (mut stop, hup) = netwarden::lifecycle::install().context("cannot handle signals")?;
         let start = async {
@@ -324,6 +335,27 @@ fn run(
         Ok::<_, anyhow::Error>(Ended::Stopped)
     })?;
     Ok(ended.code())
+}
+
+/// Sets an unusable adopted-state file aside before anything reads or writes it (see
+/// [`netwarden::adopted_state::read_or_set_aside`]). Returns the path to keep adopted state in:
+/// none if the file can be neither read nor set aside, so that nothing overwrites it.
+pub(crate) fn check_adopted_state(
+    path: Option<std::path::PathBuf>,
+    telemetry: &obs::Telemetry,
+) -> Option<std::path::PathBuf> {
+    let path = path?;
+    match netwarden::adopted_state::read_or_set_aside(&path) {
+        Ok((_, None)) => Some(path),
+        Ok((_, Some((aside, why)))) => {
+            telemetry.state_file_set_aside("adopted_state", &aside, &why.to_string());
+            Some(path)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "adopted state is neither read nor saved");
+            None
+        }
+    }
 }
 
 /// The chain and set selectors of `spec.adopt`, with the chains and sets the adopted-state

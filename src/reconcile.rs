@@ -422,20 +422,13 @@ impl Agent {
             if self.desired.routes.contains_key(&key) {
                 continue;
             }
-            let keep = self
+            let kept = self
                 .desired
                 .adopt
                 .iter()
                 .find(|s| s.name == selector)
-                .filter(|s| {
-                    s.routes.as_ref().is_some_and(|r| {
-                        r.table
-                            .is_none_or(|(lo, hi)| lo <= key.table && key.table <= hi)
-                    })
-                });
-            if let Some(sel) = keep {
-                let mut route = route.clone();
-                route.mode = sel.mode;
+                .and_then(|s| s.readopt_route(route));
+            if let Some(route) = kept {
                 self.desired.routes.insert(key.clone(), route);
                 self.adopted_routes.insert(key, selector);
             }

@@ -10,7 +10,7 @@
 
 use super::events::{Aggregator, Draft};
 use super::facts::{ClusterFacts, NodeFacts, ServiceFacts};
-use super::statefile::{self, Saved};
+use super::statefile::{self, Saved, StateFileError};
 use crate::config::{self, Config};
 use crate::desired::{self, Expansion};
 use crate::obs::{Notice, Telemetry};
@@ -256,6 +256,13 @@ async fn run(
                 error!(path = %opts.state_file.display(), error = %e, "state file ignored: its config is refused")
             }
         },
+        Err(e @ (StateFileError::Corrupt { .. } | StateFileError::Version { .. })) => {
+            // Set aside, so that the first write does not destroy it.
+            match statefile::set_aside(&opts.state_file) {
+                Ok(aside) => telemetry.state_file_set_aside("state", &aside, &e.to_string()),
+                Err(io) => error!(error = %e, set_aside_error = %io, "state file ignored"),
+            }
+        }
         Err(e) => error!(error = %e, "state file ignored"),
     }
     let client = match client(&opts).await {

@@ -98,6 +98,29 @@ pub fn write(path: &Path, saved: &Saved) -> Result<(), StateFileError> {
     })
 }
 
+/// Moves an unusable file out of the way, to `PATH.corrupt-<unix time>` (`-2`, `-3`… if that
+/// exists): kept for whoever wants to know what went wrong, instead of being overwritten by the
+/// next write. Returns the new path.
+pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let stamp = format!("{name}.corrupt-{now}");
+    let mut aside = path.with_file_name(&stamp);
+    let mut n = 1;
+    while aside.exists() {
+        n += 1;
+        aside = path.with_file_name(format!("{stamp}-{n}"));
+    }
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
 /// Replaces a file atomically: temporary file in the same directory, fsync, rename, fsync of
 /// the directory.
 pub fn write_atomic(path: &Path, json: &[u8]) -> std::io::Result<()> {

@@ -85,6 +85,11 @@ pub fn valid_chain_name(s: &str) -> Result<String, String> {
     netfilter::chain_name(s)
 }
 
+/// The check interface names in the config get (device names read back from a file too).
+pub fn valid_ifname(s: &str) -> Result<String, String> {
+    values::ifname(s)
+}
+
 /// The check `spec.ipsets[].name` gets (adopted sets too: `ipset restore` input).
 pub fn valid_set_name(s: &str) -> Result<String, String> {
     netfilter::set_name(s)

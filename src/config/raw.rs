@@ -215,7 +215,8 @@ pub(super) fn describe_error(text: &str, err: &serde_saphyr::Error) -> Structura
             innermost(err),
             serde_saphyr::Error::DuplicateMappingKey { .. }
         ) || message.starts_with("unknown field");
-        path_at(text, (line, column), about_key)
+        // Built from the document's keys: printed on one line whatever they hold.
+        path_at(text, (line, column), about_key).map(|p| crate::model::text::escape(&p))
     };
     StructuralError {
         line,

@@ -8,6 +8,7 @@
 pub mod address;
 pub mod route;
 pub mod rule;
+pub mod text;
 
 /// Hash maps and sets keyed by kernel objects. A mass repair hashes every rule and route key a
 /// dozen times (mirror, desired state, plan, contest, status); with std's SipHash that was the

@@ -68,6 +68,12 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Which state file: `adopted_state` (`--adopted-state`), `state` (Kubernetes mode).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabels {
+    pub file: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -93,6 +99,7 @@ pub struct Metrics {
     pub forbidden_members: Family<ForbiddenLabels, Counter>,
     pub adopted_forgotten: Family<ForgetLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub state_files_set_aside: Family<FileLabels, Counter>,
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub config_last_ok: Gauge,
     pub start_time: Gauge<f64, AtomicU64>,
@@ -114,6 +121,7 @@ impl Metrics {
             forbidden_members: Family::default(),
             adopted_forgotten: Family::default(),
             config_reloads: Family::default(),
+            state_files_set_aside: Family::default(),
             config_last_success: Gauge::default(),
             config_last_ok: Gauge::default(),
             start_time: Gauge::default(),
@@ -183,6 +191,11 @@ impl Metrics {
             "Config loads (at start and on SIGHUP), by result (success, failure, unchanged: a SIGHUP found the file as it was)",
             m.config_reloads.clone(),
         );
+        r.register(
+            "state_files_set_aside",
+            "State files found unusable at start (corrupt, another format version) and renamed PATH.corrupt-<unix time> rather than overwritten, by file (adopted_state, state)",
+            m.state_files_set_aside.clone(),
+        );
         r.register_with_unit(
             "config_last_reload_success_timestamp",
             "When the config in use was loaded (Unix time)",
@@ -228,6 +241,11 @@ impl Metrics {
         }
         for result in ["success", "failure", "unchanged"] {
             let _ = self.config_reloads.get_or_create(&ResultLabels { result });
+        }
+        for file in ["adopted_state", "state"] {
+            let _ = self
+                .state_files_set_aside
+                .get_or_create(&FileLabels { file });
         }
         for kind in ["chain", "ipset", super::status::NFTABLES_KIND] {
             for result in ["applied", "failed"] {

@@ -10,6 +10,7 @@ pub mod attribution;
 mod conns;
 pub mod contest;
 pub mod http;
+pub mod logfmt;
 pub mod metrics;
 pub mod process;
 pub mod status;
@@ -184,6 +185,16 @@ impl Telemetry {
         if ok {
             self.metrics.config_last_success.set(status::unix_now());
         }
+    }
+
+    /// Reports a state file found unusable at start and renamed `aside` (`file`: which one, as
+    /// the metric labels it).
+    pub fn state_file_set_aside(&self, file: &'static str, aside: &std::path::Path, why: &str) {
+        self.metrics
+            .state_files_set_aside
+            .get_or_create(&metrics::FileLabels { file })
+            .inc();
+        tracing::error!(file, kept_as = %aside.display(), error = %why, "unusable state file set aside; starting without it");
     }
 
     /// Counts a SIGHUP that found the config file as it was: nothing to do.
