@@ -53,3 +53,4 @@ bench: deps
 	$(CARGO) bench --locked --bench cluster
 	$(CARGO) bench --locked --bench scale
 	$(CARGO) bench --locked --bench nftables
+	$(CARGO) bench --locked --bench probes

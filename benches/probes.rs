@@ -14,7 +14,8 @@
 //!
 //! Printed per scenario: probes answered `200` within 3 s (the target is 95 % or more; a kubelet
 //! restarts the pod after 3 failures in a row), latency p50/p99/max, how often the holders had to
-//! reconnect, and the agent's open file descriptors at the end. Targets are printed, not
+//! reconnect (the agent closed their connection: header timeout, or room made for another), and
+//! the agent's open file descriptors and resident memory at the end. Targets are printed, not
 //! asserted. Environment: NETWARDEN_BENCH_CONNECTIONS (300), NETWARDEN_BENCH_PROBES (40),
 //! NETWARDEN_BENCH_PROBE_GAP_MS (250). Results: docs/benchmarks.md.
 
@@ -115,8 +116,8 @@ fn main() -> Result<()> {
          {gap:?}, each failing unless 200 within {PROBE_TIMEOUT:?}"
     );
     println!(
-        "{:<6} {:>10} {:>9} {:>9} {:>9} {:>11} {:>5}",
-        "hold", "answered", "p50", "p99", "max", "reconnects", "fds"
+        "{:<6} {:>10} {:>9} {:>9} {:>9} {:>11} {:>5} {:>8}",
+        "hold", "answered", "p50", "p99", "max", "reconnects", "fds", "RSS KiB"
     );
     for hold in [Hold::None, Hold::Idle, Hold::Slow] {
         scenario(addr, pid, hold, connections, probes, gap)?;
@@ -166,6 +167,14 @@ fn scenario(
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
     stop.store(true, Ordering::Relaxed);
     for h in holders {
         let _ = h.join();
@@ -179,14 +188,15 @@ fn scenario(
     lat.sort();
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
     println!(
-        "{:<6} {:>9.1}% {:>9.1?} {:>9.1?} {:>9.1?} {:>11} {:>5}",
+        "{:<6} {:>9.1}% {:>9.1?} {:>9.1?} {:>9.1?} {:>11} {:>5} {:>8}",
         format!("{hold:?}").to_lowercase(),
         100.0 * answered as f64 / probes as f64,
         pct(0.5),
         pct(0.99),
         lat[lat.len() - 1],
         reconnects.load(Ordering::Relaxed),
-        fds
+        fds,
+        rss_kib
     );
     Ok(())
 }

@@ -216,22 +216,19 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-#[test]
-fn sigterm_during_the_initial_sync_exits_0_and_leaves_everything_in_place() {
-    let ns = sandbox();
-    let dir = tempfile::tempdir().unwrap();
+/// An agent protecting a rule and a chain, held in its initial sync by [`StalledTool`]: returns
+/// once the sync is waiting for the tool.
+fn agent_in_its_initial_sync(ns: &Sandbox, dir: &Path) -> (Run, StalledTool) {
     let cfg = config(
-        dir.path(),
+        dir,
         &format!(
             "{RULE}  chains:\n    - name: fw\n      table: filter\n      chain: NW-TEST\n      \
              content: exact\n      rules:\n        - -j RETURN\n"
         ),
     );
     let tool = StalledTool::new();
-    let before = snapshot(&ns);
-    let marker = tool.marker();
-    let path = tool.path_env();
-    let mut run = Run::start(
+    let (marker, path) = (tool.marker(), tool.path_env());
+    let run = Run::start(
         &[],
         &[
             "--config",
@@ -246,10 +243,18 @@ fn sigterm_during_the_initial_sync_exits_0_and_leaves_everything_in_place() {
             ("NW_TEST_STALLED", marker.to_str().unwrap()),
         ],
     );
-    // The agent is inside its initial sync, waiting for the table it protects a chain of.
     wait_until("the agent reads the protected table", || {
         tool.pid().is_some()
     });
+    (run, tool)
+}
+
+#[test]
+fn sigterm_during_the_initial_sync_exits_0_and_leaves_everything_in_place() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let before = snapshot(&ns);
+    let (mut run, tool) = agent_in_its_initial_sync(&ns, dir.path());
     let stalled = tool.pid().unwrap();
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let status = run.exit();
@@ -266,33 +271,7 @@ fn sigterm_during_the_initial_sync_exits_0_and_leaves_everything_in_place() {
 fn sighup_and_sigint_during_the_initial_sync_do_not_kill_the_agent() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &format!(
-            "{RULE}  chains:\n    - name: fw\n      table: filter\n      chain: NW-TEST\n      \
-             content: exact\n      rules:\n        - -j RETURN\n"
-        ),
-    );
-    let tool = StalledTool::new();
-    let (marker, path) = (tool.marker(), tool.path_env());
-    let mut run = Run::start(
-        &[],
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--netns",
-            &ns.name,
-            "--iptables-backend",
-            "nft",
-        ],
-        &[
-            ("PATH", path.as_str()),
-            ("NW_TEST_STALLED", marker.to_str().unwrap()),
-        ],
-    );
-    wait_until("the agent reads the protected table", || {
-        tool.pid().is_some()
-    });
+    let (mut run, _tool) = agent_in_its_initial_sync(&ns, dir.path());
     // A SIGHUP before the reload handler runs is kept for later, not fatal: had it killed the
     // agent (its default action), the exit status would say so instead of 0.
     run.signal(nix::sys::signal::Signal::SIGHUP);

@@ -24,8 +24,11 @@ use tokio::sync::oneshot;
 
 /// Connections held open at once. Every connection is accepted at once; beyond this many, an
 /// idle one is closed to make room (see [`super::conns`]), so a client holding connections can
-/// never make a probe wait.
-const MAX_CONNECTIONS: usize = 256;
+/// never make a probe wait. High enough that a few hundred idle connections are simply held
+/// until their header timeout (closing one to make room only makes such a client open another
+/// at once), low enough to stay well under the usual soft limit of 1024 open files and to bound
+/// the memory they take.
+const MAX_CONNECTIONS: usize = 512;
 /// A client has this long to send its request headers (also between two requests of a
 /// keep-alive connection).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +46,14 @@ pub fn bind(addr: &str) -> std::io::Result<TcpListener> {
 
 /// Serves the endpoints on their own thread until the process exits.
 pub fn spawn(listener: TcpListener, telemetry: Arc<Telemetry>) -> std::io::Result<SocketAddr> {
+    spawn_with(listener, telemetry, MAX_CONNECTIONS)
+}
+
+fn spawn_with(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    max_connections: usize,
+) -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     std::thread::Builder::new()
         .name("nw-http".into())
@@ -57,7 +68,7 @@ pub fn spawn(listener: TcpListener, telemetry: Arc<Telemetry>) -> std::io::Resul
                     return;
                 }
             };
-            rt.block_on(serve(listener, telemetry));
+            rt.block_on(serve(listener, telemetry, max_connections));
         })?;
     Ok(addr)
 }
@@ -68,7 +79,7 @@ fn lock(conns: &Conns) -> std::sync::MutexGuard<'_, Table<oneshot::Sender<()>>> 
     conns.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
+async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, max_connections: usize) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -76,7 +87,7 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>) {
             return;
         }
     };
-    let conns: Conns = Arc::new(Mutex::new(Table::new(MAX_CONNECTIONS)));
+    let conns: Conns = Arc::new(Mutex::new(Table::new(max_connections)));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -369,22 +380,29 @@ mod tests {
         assert!(s.ready);
     }
 
-    #[test]
-    fn healthz_follows_the_loop() {
-        let (t, addr) = server();
-        t.set_ready();
-        let mut pings = t.take_pings().unwrap();
+    /// A stand-in for the reconcile loop that answers `pings` probes, then ends.
+    fn answer_pings(t: &Telemetry, pings: usize) -> std::thread::JoinHandle<()> {
+        let mut rx = t.take_pings().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let loop_ = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             rt.block_on(async move {
-                if let Some(p) = pings.recv().await {
-                    let _ = p.send(());
+                for _ in 0..pings {
+                    if let Some(p) = rx.recv().await {
+                        let _ = p.send(());
+                    }
                 }
             })
-        });
+        })
+    }
+
+    #[test]
+    fn healthz_follows_the_loop() {
+        let (t, addr) = server();
+        t.set_ready();
+        let loop_ = answer_pings(&t, 1);
         assert_eq!(
             get(&addr, "/healthz", None, T).unwrap(),
             (200, "ok\n".into())
@@ -431,25 +449,18 @@ mod tests {
 
     /// The kubelet's liveness probe: a new connection, one GET, failed after `timeoutSeconds`
     /// (3 in deploy/base). Other clients hold 300 connections that send nothing and 100 that
-    /// stopped half-way through their headers; the server closes them to make room, they do
-    /// not make the probe wait. (On a server that accepted only 64 connections at once, every
-    /// probe timed out.)
+    /// stopped half-way through their headers, far more than the server holds (64 here, to
+    /// keep the test's file descriptors few): it closes them to make room, they do not make the
+    /// probe wait. (On a server that accepted only 64 connections at once and left the others
+    /// in the listen backlog, every probe timed out.)
     #[test]
     fn probes_are_answered_while_hundreds_of_connections_are_held() {
-        let (t, addr) = server();
+        let t = Telemetry::new();
+        let addr = spawn_with(bind("127.0.0.1:0").unwrap(), t.clone(), 64)
+            .unwrap()
+            .to_string();
         t.set_ready();
-        let mut pings = t.take_pings().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        std::thread::spawn(move || {
-            rt.block_on(async move {
-                while let Some(p) = pings.recv().await {
-                    let _ = p.send(());
-                }
-            })
-        });
+        let loop_ = answer_pings(&t, 20);
         let mut held = Vec::new();
         for i in 0..400 {
             let mut s = TcpStream::connect(&addr).unwrap();
@@ -463,6 +474,7 @@ mod tests {
             let probe = get(&addr, "/healthz", None, Duration::from_secs(3));
             assert_eq!(probe.unwrap(), (200, "ok\n".into()));
         }
+        loop_.join().unwrap();
         drop(held);
     }
 
