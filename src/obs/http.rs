@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 /// Connections held open at once. Every connection is accepted at once; beyond this many, an
 /// idle one is closed to make room (see [`super::conns`]), so a client holding connections can
@@ -88,7 +88,14 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, max_connections
         }
     };
     let conns: Conns = Arc::new(Mutex::new(Table::new(max_connections)));
+    // Sockets open at once, those closed to make room and not yet dropped by their task
+    // included: under a flood of new connections, accepting waits the moment it takes those
+    // tasks to end, so that the open files stay bounded.
+    let sockets = Arc::new(Semaphore::new(max_connections + max_connections / 4));
     loop {
+        let Ok(socket) = sockets.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -144,6 +151,7 @@ async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, max_connections
                 _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
             }
             lock(&conns).remove(id);
+            drop(socket);
         });
     }
 }
