@@ -147,16 +147,18 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode> {
+    // Bounded, like every config read: `validate /dev/zero` is an error, not a growing heap.
     let (source, text) = if file == "-" {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .context("cannot read standard input")?;
-        ("<stdin>".to_owned(), text)
+        let source = "<stdin>".to_owned();
+        let text = config::read_from(&source, std::io::stdin().lock());
+        (source, text)
     } else {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("{file}: cannot read the file"))?;
-        (file.to_owned(), text)
+        (
+            file.to_owned(),
+            config::read_text(std::path::Path::new(file)),
+        )
     };
+    let text = text.map_err(|e| anyhow::anyhow!("{e}"))?;
     // The config error already names the file, line and field.
     let doc = config::parse_document(&source, &text, key, kubernetes)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

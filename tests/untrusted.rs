@@ -149,4 +149,16 @@ fn a_config_that_never_ends_is_refused_with_a_clear_error() {
         stderr.contains("/dev/zero: the config is larger than 16777216 bytes"),
         "{stderr}"
     );
+    // The same on standard input.
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "-"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("<stdin>: the config is larger than 16777216 bytes"),
+        "{stderr}"
+    );
 }

@@ -193,18 +193,36 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 ///
 /// [`ConfigError::Read`] (also for text that is not UTF-8), [`ConfigError::TooLarge`].
 pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let source = path.display().to_string();
+    match std::fs::File::open(path) {
+        Ok(f) => read_from(&source, f),
+        Err(error) => Err(ConfigError::Read {
+            file: source,
+            error,
+        }),
+    }
+}
+
+/// [`read_text`] of any reader (standard input); `source` names it in errors.
+///
+/// # Errors
+///
+/// As [`read_text`].
+pub fn read_from(source: &str, reader: impl std::io::Read) -> Result<String, ConfigError> {
     use std::io::Read;
-    let file = path.display().to_string();
     let read_error = |error| ConfigError::Read {
-        file: file.clone(),
+        file: source.to_owned(),
         error,
     };
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
+    reader
+        .take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
         .map_err(read_error)?;
     if bytes.len() > MAX_CONFIG_BYTES {
-        return Err(ConfigError::TooLarge { file });
+        return Err(ConfigError::TooLarge {
+            file: source.to_owned(),
+        });
     }
     String::from_utf8(bytes).map_err(|e| {
         read_error(std::io::Error::new(
