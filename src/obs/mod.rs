@@ -127,8 +127,10 @@ impl Telemetry {
     }
 
     fn publish_readiness(&self) {
-        let ready = self.is_ready();
-        self.board().ready = ready;
+        let why = self.not_ready_reason();
+        let mut board = self.board();
+        board.ready = why.is_none();
+        board.not_ready = why;
     }
 
     /// Whether the initial sync is done (the loop then answers liveness probes).
@@ -144,7 +146,7 @@ impl Telemetry {
     /// Why the agent is not ready, if it is not.
     pub fn not_ready_reason(&self) -> Option<String> {
         if !self.is_started() {
-            return Some("initial sync not done".into());
+            return Some(status::NOT_SYNCED.into());
         }
         match self.refused.load(Ordering::Acquire) {
             0 => None,

@@ -105,6 +105,9 @@ pub struct Status {
     pub kind: String,
     pub version: String,
     pub ready: bool,
+    /// Why the agent is not ready (what `/readyz` answers), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
     pub now_unix: f64,
     pub objects: Vec<ObjectStatus>,
     /// Templated objects waiting for a cluster fact (or left out), and why.
@@ -125,10 +128,15 @@ struct Entry {
     status: ObjectStatus,
 }
 
+/// Why an agent is not ready before its initial sync is done.
+pub const NOT_SYNCED: &str = "initial sync not done";
+
 /// What the loop publishes.
 #[derive(Debug, Default)]
 pub struct Board {
     pub ready: bool,
+    /// Why not ready, when not.
+    pub not_ready: Option<String>,
     objects: HashMap<ObjectId, Entry>,
     /// Chains and sets, by name: published by the netfilter guard.
     netfilter: HashMap<String, ObjectStatus>,
@@ -417,6 +425,7 @@ impl Board {
             kind: status_kind(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready: self.ready,
+            not_ready: self.not_ready.clone(),
             now_unix: unix_now(),
             objects,
             pending: self
@@ -547,10 +556,12 @@ pub fn render_table(status: &Status) -> String {
         status.objects.len(),
         status.objects.len() - not_in_sync,
         not_in_sync,
-        if status.ready {
-            ""
-        } else {
-            "; initial sync not done yet"
+        match (status.ready, status.not_ready.as_deref()) {
+            (true, _) => String::new(),
+            (false, None | Some(NOT_SYNCED)) => {
+                "; initial sync not done yet".to_owned()
+            }
+            (false, Some(why)) => format!("; not ready: {why}"),
         }
     ));
     out
