@@ -495,11 +495,19 @@ fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() 
 fn watch_expiry_outage_and_restart_during_the_outage() {
     let ns = sandbox();
     let mut c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
-    // A corrupt state file from an earlier life is reported and ignored.
+    // A corrupt state file from an earlier life is reported, set aside (not overwritten by the
+    // next write) and ignored.
     std::fs::create_dir_all(c.state_file().parent().unwrap()).unwrap();
-    std::fs::write(c.state_file(), b"{\"version\": 1, \"config\": \"trunc").unwrap();
+    let corrupt = b"{\"version\": 1, \"config\": \"trunc";
+    std::fs::write(c.state_file(), corrupt).unwrap();
     let mut agent = c.agent(&ns);
-    agent.wait_log_all(&["state file ignored", "corrupt or truncated"]);
+    let line = agent.wait_log_all(&["unusable state file set aside", "corrupt or truncated"]);
+    assert!(line.contains("file=\"state\""), "{line}");
+    let kept = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kept_as="))
+        .expect("where it was kept");
+    assert_eq!(std::fs::read(kept).unwrap(), corrupt);
     wait_until("the podCIDR rule", || has_rule(&ns, RULE));
 
     // The history is compacted: every watch gets 410 and relists; a change made meanwhile is
