@@ -388,6 +388,30 @@ fn an_unchanged_sighup_is_a_no_op_and_a_storm_is_coalesced() {
     assert!(run.child.try_wait().unwrap().is_none());
 }
 
+/// One SIGHUP reader serves every part of the config: a changed `spec.nftables` reaches the
+/// nftables engine, and an unchanged file does not.
+#[test]
+fn a_sighup_with_new_nftables_tables_creates_them() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), RULE);
+    let mut run = Run::ready(&ns, &cfg, &[]);
+    let tables = || must(&ns, &["nft", "list", "tables"]);
+    assert!(!tables().contains("nwtest"));
+    rewrite(
+        &cfg,
+        &format!(
+            "{RULE}  nftables:\n    - name: nwtest\n      family: inet\n      table: nwtest\n      \
+             chains:\n        - name: c1\n          rules: [counter]\n"
+        ),
+    );
+    run.signal(nix::sys::signal::Signal::SIGHUP);
+    run.wait_log("config reloaded");
+    wait_until("the nftables table created", || {
+        tables().contains("table inet nwtest")
+    });
+}
+
 /// `setpriv` as root, without CAP_NET_ADMIN in the bounding set: the agent may enter the
 /// namespace (CAP_SYS_ADMIN) but the kernel refuses every change it asks for.
 const NO_NET_ADMIN: &[&str] = &["setpriv", "--bounding-set", "-net_admin", "--"];
