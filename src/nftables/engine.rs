@@ -7,7 +7,10 @@
 //! Transactions of its own `nft` are recognised by pid. A table changed again right after each
 //! repair is contested: its repairs back off ([`crate::obs::contest`]) and are never given up.
 
-use super::adopt::{self, Judgement};
+mod adoption;
+mod report;
+
+use super::adopt;
 use super::events::{Event, Events};
 use super::listing::{self, ObservedTable};
 use super::model::{DesiredTable, NftConfig, TableKey};
@@ -17,9 +20,9 @@ use super::runner::{self, Nft, NftError};
 use super::watch::{Touched, Watch};
 use crate::model::Mode;
 use crate::obs::contest::{Backoff, Contest, Decision};
-use crate::obs::metrics::{DriftLabels, ForbiddenLabels, ForgetLabels, KindLabels, RepairLabels};
 use crate::obs::status::{State, NFTABLES_KIND};
-use crate::obs::{Notice, Telemetry};
+use crate::obs::Telemetry;
+use adoption::ancestors;
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -152,55 +155,6 @@ impl<N: Nft> Engine<N> {
         self.telemetry = Some(telemetry);
         self.publish();
         self
-    }
-
-    fn publish(&self) {
-        let Some(t) = &self.telemetry else { return };
-        let mode = |m: Mode| format!("{m:?}").to_lowercase();
-        let catalog = self
-            .tables
-            .iter()
-            .chain(self.adopted.values())
-            .map(|d| (d.name.clone(), d.key.to_string(), mode(d.mode)))
-            .collect();
-        t.board().set_nftables_catalog(catalog);
-        for d in self.tables.iter().chain(self.adopted.values()) {
-            if let Some(why) = self.reported.get(&d.name) {
-                let state = if d.mode == Mode::Observe {
-                    State::ObserveOnly
-                } else {
-                    State::Drifted
-                };
-                t.board()
-                    .set_nftables_state(&d.name, state, Some(why.clone()), None);
-            }
-        }
-    }
-
-    fn board_state(&self, name: &str, state: State, reason: Option<String>) {
-        if let Some(t) = &self.telemetry {
-            let fighter = self.contest.fighter(&name.to_string()).map(str::to_owned);
-            t.board()
-                .set_nftables_state(name, state, reason, fighter.as_deref());
-        }
-    }
-
-    fn tell(&self, n: Notice) {
-        if let Some(t) = &self.telemetry {
-            t.notice(n);
-        }
-    }
-
-    fn count_repairs(&self, result: &'static str, n: usize) {
-        if let Some(t) = &self.telemetry {
-            t.metrics
-                .repairs
-                .get_or_create(&RepairLabels {
-                    kind: NFTABLES_KIND,
-                    result,
-                })
-                .inc_by(n as u64);
-        }
     }
 
     fn remember_own(&mut self, pid: Option<u32>) {
@@ -481,150 +435,6 @@ impl<N: Nft> Engine<N> {
         }
     }
 
-    /// Adoption's view of a read of an adoptable table: adopted, followed (the owner changed
-    /// it) or forgotten; `true` when the copy is to be compared with the table (and repaired).
-    fn judge_adopted(
-        &mut self,
-        key: &TableKey,
-        t: &Touched,
-        observed: Option<&ObservedTable>,
-    ) -> bool {
-        let Some(sel) = adopt::select(&self.selectors, key).cloned() else {
-            return false;
-        };
-        let copy = self.adopted.get(key);
-        // Any difference from the copy, additions included (an owner's are followed).
-        let changed =
-            copy.is_some_and(|c| observed.map(|o| adopt::copy(&sel, o)).as_ref() != Some(c));
-        let name = t.actor.as_deref().unwrap_or("unknown");
-        let actor = if name == "unknown" {
-            crate::adopt::Actor::Unknown
-        } else {
-            crate::adopt::Actor::Process(name)
-        };
-        let ancestors = t
-            .pid
-            .and_then(|p| self.ancestors.get(&p).cloned())
-            .unwrap_or_default();
-        match adopt::judge(&sel, copy, observed, changed, actor, &ancestors) {
-            Judgement::Adopt(c) => {
-                info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, name = %c.name, table = %key, chains = c.chains.len(), sets = c.sets.len(), "adopted");
-                self.adopted.insert(key.clone(), c);
-                self.publish();
-                false
-            }
-            Judgement::Follow(c) => {
-                debug!(kind = NFTABLES_KIND, name = %c.name, actor = name, ancestors = %ancestors.join(","), "adopted table changed: copy updated");
-                self.adopted.insert(key.clone(), c);
-                false
-            }
-            Judgement::Forget => {
-                let c = self.adopted.remove(key);
-                let reason = if name == "unknown" {
-                    "unknown_actor"
-                } else {
-                    "owner"
-                };
-                info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, table = %key, actor = name, ancestors = %ancestors.join(","), "adopted table removed by an owner (or, under unknownActor: forget, by nobody known): forgotten");
-                if let (Some(t), Some(c)) = (&self.telemetry, c) {
-                    t.metrics
-                        .adopted_forgotten
-                        .get_or_create(&ForgetLabels {
-                            kind: NFTABLES_KIND,
-                            reason,
-                        })
-                        .inc();
-                    self.reported.remove(&c.name);
-                }
-                self.publish();
-                false
-            }
-            Judgement::Restore => true,
-            Judgement::Nothing => {
-                if let Some(c) = self.adopted.get(key) {
-                    let n = c.name.clone();
-                    self.in_sync(&n);
-                }
-                false
-            }
-        }
-    }
-
-    fn in_sync(&mut self, name: &str) {
-        if self.reported.remove(name).is_some() {
-            info!(kind = NFTABLES_KIND, name, "back in sync");
-            self.board_state(name, State::InSync, None);
-        }
-    }
-
-    /// Drift that is only reported (observe mode, or what nft cannot change in place).
-    fn report(&mut self, d: &TableDrift) {
-        let text = d.summary();
-        if self.reported.get(&d.name) == Some(&text) {
-            return;
-        }
-        let mode = if d.mode == Mode::Observe {
-            "observe"
-        } else {
-            "enforce"
-        };
-        warn!(kind = NFTABLES_KIND, name = %d.name, table = %d.object, mode, drift = %text, "drift");
-        let forbidden = d.forbidden();
-        if !forbidden.is_empty() {
-            self.count_forbidden("reported", &d.name, &d.object, &forbidden);
-        }
-        let state = if d.mode == Mode::Observe {
-            State::ObserveOnly
-        } else {
-            State::Drifted
-        };
-        self.board_state(&d.name, state, Some(text.clone()));
-        self.reported.insert(d.name.clone(), text);
-    }
-
-    fn count_forbidden(
-        &mut self,
-        result: &'static str,
-        name: &str,
-        table: &str,
-        elements: &[String],
-    ) {
-        self.stats.forbidden += elements.len() as u64;
-        if let Some(t) = &self.telemetry {
-            t.metrics
-                .forbidden_members
-                .get_or_create(&ForbiddenLabels { result })
-                .inc_by(elements.len() as u64);
-        }
-        for e in elements {
-            warn!(kind = NFTABLES_KIND, name, table, element = %e, action = result, forbidden_total = self.stats.forbidden, "forbidden element in protected set");
-        }
-    }
-
-    fn hold(&mut self, p: &Planned, newly_contested: bool) {
-        self.contest.set_fighter(&p.name, &p.actor);
-        if let Some(t) = &self.telemetry {
-            t.metrics
-                .repairs_deferred
-                .get_or_create(&KindLabels {
-                    kind: NFTABLES_KIND,
-                })
-                .inc();
-        }
-        let delay = self.contest.current_delay(&p.name).unwrap_or_default();
-        if newly_contested {
-            warn!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, actor = %p.actor, drift = %p.drift.summary(), "contested: changed again right after each repair; repairs back off");
-            self.tell(Notice::Contested {
-                kind: NFTABLES_KIND,
-                name: p.name.clone(),
-                actor: p.actor.clone(),
-            });
-        } else {
-            debug!(kind = NFTABLES_KIND, name = %p.name, delay_ms = delay.as_millis() as u64, "repair held back");
-        }
-        self.board_state(&p.name, State::Contested, Some(p.drift.summary()));
-    }
-
     /// Rules the config writes otherwise than nft prints them, from the echo of the `add rule`
     /// commands just applied (same order): compared in the printed form from now on.
     fn learn(&mut self, repairs: &[Repair], echo: &str) {
@@ -649,64 +459,6 @@ impl<N: Nft> Engine<N> {
             if aliases.insert(written.full(), printed.clone()).is_none() {
                 warn!(kind = NFTABLES_KIND, table = %table, chain = %chain, config = %written, printed = %printed, "nft prints this rule otherwise than the config writes it; comparing the printed form from now on (write it that way in the config)");
             }
-        }
-    }
-
-    fn restored(&mut self, p: &Planned, why: Why, took: Duration) {
-        self.stats.repairs += 1;
-        self.count_repairs("applied", 1);
-        let forbidden = p.drift.forbidden();
-        if !forbidden.is_empty() {
-            self.count_forbidden("removed", &p.name, &p.drift.object, &forbidden);
-            self.tell(Notice::ForbiddenRemoved {
-                set: p.drift.object.clone(),
-                members: forbidden.clone(),
-            });
-        }
-        if let Some(t) = &self.telemetry {
-            // What is missing when the agent starts is the initial sync, not drift.
-            if why != Why::Start {
-                t.metrics
-                    .drift_detected
-                    .get_or_create(&DriftLabels {
-                        kind: NFTABLES_KIND,
-                        actor: p.actor.clone(),
-                    })
-                    .inc();
-            }
-            t.metrics
-                .repair_duration
-                .get_or_create(&KindLabels {
-                    kind: NFTABLES_KIND,
-                })
-                .observe(took.as_secs_f64());
-            t.board()
-                .record_nftables_repair(&p.name, &p.actor, crate::obs::status::unix_now());
-        }
-        let more_than_forbidden = p
-            .drift
-            .findings
-            .iter()
-            .any(|f| !matches!(f, plan::Finding::Forbidden { .. }));
-        if more_than_forbidden && why != Why::Start {
-            self.tell(Notice::Restored {
-                counts: vec![(NFTABLES_KIND, 1)],
-                actor: p.actor.clone(),
-            });
-        }
-        self.contest.on_repaired(&p.name, Instant::now());
-        self.reported.remove(&p.name);
-        info!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, actor = %p.actor, what = %p.drift.summary(), took_us = took.as_micros() as u64, "restored");
-    }
-
-    fn failed(&mut self, apply: &[Planned], e: &NftError) {
-        self.stats.failures += 1;
-        self.count_repairs("failed", apply.len());
-        let names: Vec<&str> = apply.iter().map(|p| p.name.as_str()).collect();
-        error!(kind = NFTABLES_KIND, names = %names.join(","), error = %e, "repair failed");
-        for p in apply {
-            self.board_state(&p.name, State::Drifted, Some(e.to_string()));
-            self.reported.insert(p.name.clone(), e.to_string());
         }
     }
 
@@ -759,28 +511,6 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc;
-/// empty when it is already gone.
-fn ancestors(pid: u32) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pid = pid;
-    for _ in 0..4 {
-        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| crate::netfilter::adopted::parent_pid(&s))
-            .filter(|p| *p > 1)
-        else {
-            break;
-        };
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
-            break;
-        };
-        out.push(comm.trim_end().to_owned());
-        pid = parent;
-    }
-    out
 }
 
 /// Reads every protected table once, changing nothing (`netwarden check`).

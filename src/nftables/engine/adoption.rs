@@ -1,0 +1,105 @@
+//! Adoption's side of a sync: whether a read of an adoptable table adopts it, follows its
+//! owner's change, forgets it or restores it ([`crate::nftables::adopt::judge`] decides).
+
+use super::Engine;
+use crate::nftables::adopt::{self, Judgement};
+use crate::nftables::listing::ObservedTable;
+use crate::nftables::model::TableKey;
+use crate::nftables::runner::Nft;
+use crate::nftables::watch::Touched;
+use crate::obs::metrics::ForgetLabels;
+use crate::obs::status::NFTABLES_KIND;
+use tracing::{debug, info};
+
+impl<N: Nft> Engine<N> {
+    /// Adoption's view of a read of an adoptable table: adopted, followed (the owner changed
+    /// it) or forgotten; `true` when the copy is to be compared with the table (and repaired).
+    pub(super) fn judge_adopted(
+        &mut self,
+        key: &TableKey,
+        t: &Touched,
+        observed: Option<&ObservedTable>,
+    ) -> bool {
+        let Some(sel) = adopt::select(&self.selectors, key).cloned() else {
+            return false;
+        };
+        let copy = self.adopted.get(key);
+        // Any difference from the copy, additions included (an owner's are followed).
+        let changed =
+            copy.is_some_and(|c| observed.map(|o| adopt::copy(&sel, o)).as_ref() != Some(c));
+        let name = t.actor.as_deref().unwrap_or("unknown");
+        let actor = if name == "unknown" {
+            crate::adopt::Actor::Unknown
+        } else {
+            crate::adopt::Actor::Process(name)
+        };
+        let ancestors = t
+            .pid
+            .and_then(|p| self.ancestors.get(&p).cloned())
+            .unwrap_or_default();
+        match adopt::judge(&sel, copy, observed, changed, actor, &ancestors) {
+            Judgement::Adopt(c) => {
+                info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, name = %c.name, table = %key, chains = c.chains.len(), sets = c.sets.len(), "adopted");
+                self.adopted.insert(key.clone(), c);
+                self.publish();
+                false
+            }
+            Judgement::Follow(c) => {
+                debug!(kind = NFTABLES_KIND, name = %c.name, actor = name, ancestors = %ancestors.join(","), "adopted table changed: copy updated");
+                self.adopted.insert(key.clone(), c);
+                false
+            }
+            Judgement::Forget => {
+                let c = self.adopted.remove(key);
+                let reason = if name == "unknown" {
+                    "unknown_actor"
+                } else {
+                    "owner"
+                };
+                info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, table = %key, actor = name, ancestors = %ancestors.join(","), "adopted table removed by an owner (or, under unknownActor: forget, by nobody known): forgotten");
+                if let (Some(t), Some(c)) = (&self.telemetry, c) {
+                    t.metrics
+                        .adopted_forgotten
+                        .get_or_create(&ForgetLabels {
+                            kind: NFTABLES_KIND,
+                            reason,
+                        })
+                        .inc();
+                    self.reported.remove(&c.name);
+                }
+                self.publish();
+                false
+            }
+            Judgement::Restore => true,
+            Judgement::Nothing => {
+                if let Some(c) = self.adopted.get(key) {
+                    let n = c.name.clone();
+                    self.in_sync(&n);
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc;
+/// empty when it is already gone.
+pub(super) fn ancestors(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pid = pid;
+    for _ in 0..4 {
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| crate::netfilter::adopted::parent_pid(&s))
+            .filter(|p| *p > 1)
+        else {
+            break;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
+            break;
+        };
+        out.push(comm.trim_end().to_owned());
+        pid = parent;
+    }
+    out
+}
