@@ -141,11 +141,11 @@ pub enum Command {
         /// `spec.mode` of the config: enforce repairs drift, observe only reports it.
         #[arg(long, value_enum, default_value_t = SnapshotMode::Enforce)]
         mode: SnapshotMode,
-        /// `content` of the chains: contains requires today's rules and leaves others alone;
+        /// `content` of the chains (iptables and nftables): contains requires today's rules and leaves others alone;
         /// exact also removes rules added later.
         #[arg(long, value_enum, default_value_t = Ownership::Contains)]
         content: Ownership,
-        /// `membership` of the sets: contains requires today's members and leaves others alone;
+        /// `membership` of the sets (ipsets, nftables sets and maps): contains requires today's members and leaves others alone;
         /// exact also removes members added later.
         #[arg(long, value_enum, default_value_t = Ownership::Contains)]
         membership: Ownership,

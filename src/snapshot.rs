@@ -148,7 +148,7 @@ pub async fn take(
         out.push_str(&render_sets(&sets, re, style.membership));
     }
     if let Some(re) = &sel.nft_tables {
-        out.push_str(&nft_tables(re).await?);
+        out.push_str(&nft_tables(re, &style).await?);
     }
     crate::config::parse("snapshot", &out).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     Ok(out)
@@ -156,7 +156,7 @@ pub async fn take(
 
 /// nftables wiring: the tables whose name `re` matches, read with `nft -a -s list table`. The
 /// tables iptables-nft and its siblings manage are left out (`--chains` covers those).
-async fn nft_tables(re: &Regex) -> Result<String, SnapshotError> {
+async fn nft_tables(re: &Regex, style: &Style) -> Result<String, SnapshotError> {
     use crate::nftables::runner::{Nft, NftBinary};
     let mut nft = NftBinary::default();
     let mut tables = Vec::new();
@@ -168,12 +168,17 @@ async fn nft_tables(re: &Regex) -> Result<String, SnapshotError> {
             tables.push(crate::nftables::listing::parse(&text, &key)?);
         }
     }
-    Ok(render_nft_tables(&tables))
+    Ok(render_nft_tables(&tables, style.content, style.membership))
 }
 
-/// `spec.nftables` for observed tables: every chain with its rules (`exact`), every set and map
-/// with its elements (none for `dynamic` or `timeout` sets, whose elements come and go).
-fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> String {
+/// `spec.nftables` for observed tables: every chain with its rules (`content` as asked), every
+/// set and map with its elements (`membership` as asked; no elements for `dynamic` or `timeout`
+/// sets, whose elements come and go).
+fn render_nft_tables(
+    tables: &[crate::nftables::listing::ObservedTable],
+    content: Content,
+    membership: Content,
+) -> String {
     if tables.is_empty() {
         return String::new();
     }
@@ -214,6 +219,7 @@ fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> Stri
             if let Some(cm) = &c.comment {
                 let _ = writeln!(out, "          comment: {}", q(cm));
             }
+            let _ = writeln!(out, "          content: {content}");
             if !c.rules.is_empty() {
                 out.push_str("          rules:\n");
             }
@@ -244,6 +250,9 @@ fn render_nft_tables(tables: &[crate::nftables::listing::ObservedTable]) -> Stri
                     let _ = writeln!(out, "          comment: {}", q(cm));
                 }
                 let transient = s.flags.iter().any(|f| f == "dynamic" || f == "timeout");
+                if !transient {
+                    let _ = writeln!(out, "          membership: {membership}");
+                }
                 if !s.elements.is_empty() && !transient {
                     out.push_str("          elements:\n");
                     for e in &s.elements {
@@ -674,6 +683,34 @@ mod tests {
         assert_eq!(cfg.mode, Mode::Observe);
         assert_eq!(cfg.ipsets[0].mode, Mode::Observe);
         assert!(yaml.contains("c: type list:set is not supported"));
+    }
+
+    #[test]
+    fn nft_tables_snapshot_takes_content_and_membership() {
+        use crate::nftables::model::{NfFamily, TableKey};
+        let key = TableKey {
+            family: NfFamily::Ip,
+            name: "flannel-ipv4".into(),
+        };
+        let listing = "table ip flannel-ipv4 { # handle 7\n\tset pods { # handle 2\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16 }\n\t}\n\tchain postrtg { # handle 1\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr @pods masquerade # handle 3\n\t}\n}\n";
+        let table = crate::nftables::listing::parse(listing, &key).unwrap();
+        for (content, membership) in [
+            (Content::Contains, Content::Contains),
+            (Content::Exact, Content::Exact),
+            (Content::Contains, Content::Exact),
+        ] {
+            let yaml = format!(
+                "{}{}",
+                header("test", Mode::Enforce),
+                render_nft_tables(std::slice::from_ref(&table), content, membership)
+            );
+            let cfg =
+                crate::config::parse("snap.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+            let t = &cfg.nftables.tables[0];
+            assert_eq!(t.chains[0].content, content, "{yaml}");
+            assert_eq!(t.sets[0].membership, membership, "{yaml}");
+            assert_eq!(t.sets[0].elements.len(), 1, "{yaml}");
+        }
     }
 
     #[test]
