@@ -645,6 +645,7 @@ fn the_agent_does_not_hear_its_own_repairs() {
     let agent = Agent::start(&ns, &config(dir.path(), &spec));
     let http = agent.http();
     let before = value(&http, EVENTS, &[]);
+    let repaired = value(&http, REPAIRS, &[("kind", "rule"), ("result", "applied")]);
     let deletions: String = (0..50)
         .map(|i| format!("rule del priority {}\n", 1000 + i))
         .collect();
@@ -656,12 +657,22 @@ fn the_agent_does_not_hear_its_own_repairs() {
             .count()
             == 50
     });
+    // The rules are in the kernel a moment before their repairs are counted: the sentinel's
+    // count below must not be taken before these are.
+    wait_metric(
+        &http,
+        REPAIRS,
+        &[("kind", "rule"), ("result", "applied")],
+        repaired + 50.0,
+        T,
+    );
     let read = events_read_through_sentinel(&ns, &http, before);
     // 51 removals; with its own 51 re-adds echoed back it would be 102.
     assert!((51.0..=60.0).contains(&read), "events read: {read}");
 }
 
 const EVENTS: &str = "netwarden_netlink_events_total";
+const REPAIRS: &str = "netwarden_repairs_total";
 
 /// Events the agent has read since `before` (its `netlink_events_total` then), up to and including
 /// the removal of the protected rule of priority 1000: a sentinel, whose repair being counted
