@@ -92,11 +92,7 @@ fn adopted(desired: &DesiredState) -> usize {
 }
 
 fn kind_name(k: crate::model::Kind) -> &'static str {
-    match k {
-        crate::model::Kind::Rule => "rule",
-        crate::model::Kind::Route => "route",
-        crate::model::Kind::Address => "address",
-    }
+    k.as_str()
 }
 
 fn mode_name(m: Mode) -> String {

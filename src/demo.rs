@@ -73,12 +73,10 @@ fn object_of(desired: &DesiredState, msg: &M) -> Option<(ObjectId, bool)> {
 }
 
 fn name_of(desired: &DesiredState, id: &ObjectId) -> String {
-    match id {
-        ObjectId::Rule(k) => desired.rules.get(k).map(|r| r.name.clone()),
-        ObjectId::Route(k) => desired.routes.get(k).map(|r| r.name.clone()),
-        ObjectId::Address(k) => desired.addresses.get(k).map(|a| a.name.clone()),
-    }
-    .unwrap_or_default()
+    desired
+        .entry(id)
+        .map(|(name, ..)| name.to_owned())
+        .unwrap_or_default()
 }
 
 /// Runs the demo, writing the report to `out`. Must be called before any other thread exists:
@@ -195,11 +193,7 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
         };
         if removed {
             timings.entry(id.clone()).or_insert_with(|| Timing {
-                kind: match id {
-                    ObjectId::Rule(_) => "rule",
-                    ObjectId::Route(_) => "route",
-                    ObjectId::Address(_) => "address",
-                },
+                kind: id.kind().as_str(),
                 name: name_of(&desired, &id),
                 removed: at,
                 back: None,

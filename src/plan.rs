@@ -4,14 +4,20 @@
 //! old copy of a protected object whose identity cannot be replaced in place). Nothing outside the
 //! config appears in a plan.
 
+mod node;
+
 use crate::desired::{DesiredAddressKey, DesiredState};
 use crate::model::fast::HashSet;
 use crate::model::{
-    protocol_name, DesiredAddress, DesiredRoute, DesiredRule, Kind, Mode, RouteKey, RuleKey,
+    protocol_name, DesiredAddress, DesiredFdb, DesiredNeighbour, DesiredRoute, DesiredRule,
+    FdbId, Kind, Mode, NeighbourId, RouteKey, RuleKey, SysctlKey,
 };
 use crate::observe::mirror::Mirror;
 use serde::Serialize;
 use std::net::IpAddr;
+
+/// Which protected object a finding or step is about (it lives in the model now).
+pub use crate::model::ObjectId;
 
 /// One kernel request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,24 +45,22 @@ pub enum Op {
         address: IpAddr,
         prefix_len: u8,
     },
-}
-
-/// Which protected object a finding or step is about.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ObjectId {
-    Rule(RuleKey),
-    Route(RouteKey),
-    Address(DesiredAddressKey),
-}
-
-impl ObjectId {
-    pub fn kind(&self) -> Kind {
-        match self {
-            ObjectId::Rule(_) => Kind::Rule,
-            ObjectId::Route(_) => Kind::Route,
-            ObjectId::Address(_) => Kind::Address,
-        }
-    }
+    /// Create or replace the entry in place (`ip neigh replace`).
+    PutNeighbour {
+        neighbour: DesiredNeighbour,
+        ifindex: u32,
+    },
+    /// Create, or replace the remote of a unicast MAC in place (`bridge fdb replace`); for a MAC
+    /// with several remotes, add this one to the list (`bridge fdb append`).
+    PutFdb { fdb: DesiredFdb, ifindex: u32 },
+    /// Set the link up and/or its MTU (RTM_SETLINK); `None`: leave as it is.
+    SetLink {
+        ifindex: u32,
+        up: bool,
+        mtu: Option<u32>,
+    },
+    /// Write a setting below /proc/sys/net (not a netlink request).
+    SetSysctl { key: SysctlKey, value: u32 },
 }
 
 /// How an object differs from what is desired.
@@ -112,11 +116,70 @@ pub struct Dirty {
     pub rules: HashSet<RuleKey>,
     pub routes: HashSet<RouteKey>,
     pub addresses: HashSet<DesiredAddressKey>,
+    pub neighbours: HashSet<NeighbourId>,
+    pub fdb: HashSet<FdbId>,
+    pub links: HashSet<String>,
+    pub sysctls: HashSet<SysctlKey>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty() && self.routes.is_empty() && self.addresses.is_empty()
+        self.rules.is_empty()
+            && self.routes.is_empty()
+            && self.addresses.is_empty()
+            && self.neighbours.is_empty()
+            && self.fdb.is_empty()
+            && self.links.is_empty()
+            && self.sysctls.is_empty()
+    }
+
+    /// Adds an object, whatever its kind.
+    pub fn insert(&mut self, id: ObjectId) -> bool {
+        match id {
+            ObjectId::Rule(k) => self.rules.insert(k),
+            ObjectId::Route(k) => self.routes.insert(k),
+            ObjectId::Address(k) => self.addresses.insert(k),
+            ObjectId::Neighbour(k) => self.neighbours.insert(k),
+            ObjectId::Fdb(k) => self.fdb.insert(k),
+            ObjectId::Link(k) => self.links.insert(k),
+            ObjectId::Sysctl(k) => self.sysctls.insert(k),
+        }
+    }
+
+    pub fn remove(&mut self, id: &ObjectId) -> bool {
+        match id {
+            ObjectId::Rule(k) => self.rules.remove(k),
+            ObjectId::Route(k) => self.routes.remove(k),
+            ObjectId::Address(k) => self.addresses.remove(k),
+            ObjectId::Neighbour(k) => self.neighbours.remove(k),
+            ObjectId::Fdb(k) => self.fdb.remove(k),
+            ObjectId::Link(k) => self.links.remove(k),
+            ObjectId::Sysctl(k) => self.sysctls.remove(k),
+        }
+    }
+
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        match id {
+            ObjectId::Rule(k) => self.rules.contains(k),
+            ObjectId::Route(k) => self.routes.contains(k),
+            ObjectId::Address(k) => self.addresses.contains(k),
+            ObjectId::Neighbour(k) => self.neighbours.contains(k),
+            ObjectId::Fdb(k) => self.fdb.contains(k),
+            ObjectId::Link(k) => self.links.contains(k),
+            ObjectId::Sysctl(k) => self.sysctls.contains(k),
+        }
+    }
+
+    /// Keeps only what `keep` says yes to.
+    pub fn retain(&mut self, keep: impl Fn(&ObjectId) -> bool) {
+        self.rules.retain(|k| keep(&ObjectId::Rule(k.clone())));
+        self.routes.retain(|k| keep(&ObjectId::Route(k.clone())));
+        self.addresses.retain(|k| keep(&ObjectId::Address(k.clone())));
+        self.neighbours
+            .retain(|k| keep(&ObjectId::Neighbour(k.clone())));
+        self.fdb.retain(|k| keep(&ObjectId::Fdb(k.clone())));
+        self.links.retain(|k| keep(&ObjectId::Link(k.clone())));
+        self.sysctls.retain(|k| keep(&ObjectId::Sysctl(k.clone())));
     }
 }
 
@@ -132,6 +195,7 @@ pub fn plan_all(desired: &DesiredState, observed: &Mirror) -> Plan {
     for addr in desired.addresses.values() {
         plan_address(addr, observed, &mut plan);
     }
+    node::plan_all(desired, observed, &mut plan);
     sort(&mut plan);
     plan
 }
@@ -154,21 +218,19 @@ pub fn plan_dirty(desired: &DesiredState, observed: &Mirror, dirty: &Dirty) -> P
             plan_address(addr, observed, &mut plan);
         }
     }
+    node::plan_dirty(desired, observed, dirty, &mut plan);
     sort(&mut plan);
     plan
 }
 
-/// Dependencies first: addresses (a route may need one for its gateway or source), then routes
-/// without a gateway (the link route that makes a gateway reachable, often in the same table),
-/// then gateway routes, rules last. Within a rank, by name for stable output.
+/// Dependencies first ([`ObjectId::rank`]): links and their settings, addresses (a route may
+/// need one for its gateway or source), neighbour entries, routes without a gateway (the link
+/// route that makes a gateway reachable, often in the same table), then gateway routes, rules
+/// last. Within a rank, by name for stable output.
 fn sort(plan: &mut Plan) {
-    let rank = |id: &ObjectId| match id {
-        ObjectId::Address(_) => 0,
-        ObjectId::Route(_) => 1,
-        ObjectId::Rule(_) => 3,
-    };
+    let rank = ObjectId::rank;
     let step_rank = |s: &Step| match s.ops.last() {
-        Some(Op::PutRoute { route, .. }) if route.gateway.is_some() => 2,
+        Some(Op::PutRoute { route, .. }) if route.gateway.is_some() => 6,
         _ => rank(&s.id),
     };
     plan.steps.sort_by(|a, b| {
@@ -465,7 +527,7 @@ mod tests {
                 .into_iter()
                 .map(|a| ((a.device.clone(), a.address), a))
                 .collect(),
-            adopt: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -474,8 +536,7 @@ mod tests {
     fn apply_to(mirror: &mut Mirror, plan: &Plan) {
         for step in &plan.steps {
             for op in &step.ops {
-                let msg = crate::apply::message(op);
-                mirror.ingest(&msg);
+                crate::apply::record(mirror, op);
             }
         }
     }

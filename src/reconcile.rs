@@ -5,6 +5,8 @@
 //! address removed, a link down or gone) re-dump the routes first. A lost event (overrun) and the
 //! resync timer re-dump everything.
 
+mod node;
+
 use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome, RuleAdd};
 use crate::burst;
@@ -68,6 +70,8 @@ struct Batch {
     /// Someone else added a protected rule the mirror already held: the rules are re-dumped to
     /// count the copies.
     rule_added_again: bool,
+    /// A link appeared, went or was renamed: device patterns may cover other links now.
+    links_changed: bool,
 }
 
 /// Why a full refresh ran.
@@ -128,12 +132,21 @@ struct Detection {
     newly_contested: Option<Duration>,
 }
 
+/// The `restored` log line.
+#[derive(Debug)]
+struct Restored {
+    /// Objects put back, by kind (every kind, in [`Kind::ALL`] order).
+    counts: Vec<(&'static str, u64)>,
+    took_us: u64,
+    names: String,
+    ports: Vec<u32>,
+}
+
 /// What a plan's execution has to say once the processes behind the changes are known.
 #[derive(Debug, Default)]
 struct Report {
     detections: Vec<Detection>,
-    /// The `restored` log line: counts per kind, took, names, ports.
-    restored: Option<(usize, usize, usize, u64, String, Vec<u32>)>,
+    restored: Option<Restored>,
     /// Known fighters of the contested objects whose held-back repairs went through.
     fighters: Vec<String>,
 }
@@ -194,6 +207,8 @@ pub struct Agent {
     /// a placement, not a repair (no drift, no fight, no `restored` notice or Event: nobody
     /// removed them). An object leaves the set once it is in place.
     placing: HashSet<ObjectId>,
+    /// When the settings the kernel does not notify were last read.
+    polled_at: Instant,
 }
 
 impl Agent {
@@ -287,7 +302,9 @@ impl Agent {
             pods: None,
             liveness: Tracker::default(),
             placing: HashSet::default(),
+            polled_at: Instant::now(),
         };
+        agent.sync_interest();
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
         // Every protected object not in sync now: pending, observed drift, failed repairs.
@@ -351,6 +368,11 @@ impl Agent {
             let grace = tokio::time::sleep_until(tokio::time::Instant::from_std(
                 grace_end.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             ));
+            // The next read of the settings the kernel does not notify.
+            let poll_at = self.next_poll();
+            let poll = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                poll_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            ));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -384,6 +406,7 @@ impl Agent {
                     self.on_pods();
                 }
                 _ = grace, if grace_end.is_some() => self.on_pods(),
+                _ = poll, if poll_at.is_some() => self.on_poll().await,
                 _ = timer.tick() => {
                     self.full_resync(ResyncReason::Timer).await?;
                 }
@@ -394,6 +417,9 @@ impl Agent {
     /// A new config: protect what it names from now on.
     async fn reload(&mut self, reload: Reload) -> Result<(), ReconcileError> {
         let old = std::mem::replace(&mut self.desired, reload.desired);
+        // The new config's device patterns cover the links there are before anything is
+        // compared with the old one.
+        self.follow_links(false);
         // What liveness dismissed stays dismissed (in Kubernetes mode a reload comes with any
         // Service change: clearing would protect a stale rule anew each time), unless no
         // podLiveness selector would adopt it any more.
@@ -438,6 +464,8 @@ impl Agent {
         placing.extend(self.placing.drain().filter(|id| protects(d, id)));
         self.placing = placing;
         self.mirror.set_interest(route_interest(d));
+        self.sync_interest();
+        let d = &self.desired;
         self.pending.retain(|id| protects(d, id));
         self.reported.retain(|id, _| protects(d, id));
         self.failed.retain(|id| protects(d, id));
@@ -475,11 +503,7 @@ impl Agent {
         }
         let mut dirty = Dirty::default();
         for id in &due {
-            match id {
-                ObjectId::Rule(k) => dirty.rules.insert(k.clone()),
-                ObjectId::Route(k) => dirty.routes.insert(k.clone()),
-                ObjectId::Address(k) => dirty.addresses.insert(k.clone()),
-            };
+            dirty.insert(id.clone());
         }
         let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
         self.execute(plan, now, Some(&dirty), &HashMap::default(), Cause::Retry)
@@ -490,12 +514,10 @@ impl Agent {
     }
 
     fn name_of(&self, id: &ObjectId) -> String {
-        match id {
-            ObjectId::Rule(k) => self.desired.rules.get(k).map(|r| r.name.clone()),
-            ObjectId::Route(k) => self.desired.routes.get(k).map(|r| r.name.clone()),
-            ObjectId::Address(k) => self.desired.addresses.get(k).map(|a| a.name.clone()),
-        }
-        .unwrap_or_default()
+        self.desired
+            .entry(id)
+            .map(|(name, ..)| name.to_owned())
+            .unwrap_or_default()
     }
 
     /// Narrows the event socket to the route tables the mirror keeps, or widens it to every
@@ -525,6 +547,7 @@ impl Agent {
         self.count_resync(reason);
         self.rules_maybe_stale = true;
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
+        self.refresh_node_state(reason != ResyncReason::Start);
         self.prune_dismissed();
         let adopted = self.adopt_from_mirror();
         let judged = self.sync_liveness();
@@ -578,6 +601,10 @@ impl Agent {
                     let change = self.mirror.ingest(&m);
                     self.note(change, port, &mut batch);
                 }
+                Event::Netconf(n) => {
+                    let change = self.mirror.ingest_netconf(&n);
+                    self.note(change, attribution::KERNEL_PORT, &mut batch);
+                }
             }
             if batch.removals > settle.removals() {
                 settle.seen(batch.removals, Instant::now());
@@ -622,8 +649,7 @@ impl Agent {
         if batch.adoption_changed {
             if self.sync_liveness() {
                 let d = &self.desired;
-                batch.dirty.rules.retain(|k| d.rules.contains_key(k));
-                batch.dirty.routes.retain(|k| d.routes.contains_key(k));
+                batch.dirty.retain(|id| d.protects(id));
             }
             self.telemetry.set_catalog(&self.desired);
             self.save_adopted();
@@ -651,13 +677,10 @@ impl Agent {
         }
         if batch.appeared {
             for id in &self.pending {
-                match id {
-                    ObjectId::Rule(k) => batch.dirty.rules.insert(k.clone()),
-                    ObjectId::Route(k) => batch.dirty.routes.insert(k.clone()),
-                    ObjectId::Address(k) => batch.dirty.addresses.insert(k.clone()),
-                };
+                batch.dirty.insert(id.clone());
             }
         }
+        let followed = batch.links_changed && self.follow_links(true);
         let plan = if batch.full {
             plan::plan_all(&self.desired, &self.mirror)
         } else if batch.dirty.is_empty() {
@@ -679,6 +702,11 @@ impl Agent {
             )
             .await;
         self.retry_pending(progress).await;
+        if followed {
+            // What a new link brought is placed, or waits like any pending object.
+            let pending = &self.pending;
+            self.placing.retain(|id| pending.contains(id));
+        }
         if settle.is_burst() {
             drop(batch);
             release_freed_memory();
@@ -695,11 +723,7 @@ impl Agent {
             rounds += 1;
             let mut dirty = Dirty::default();
             for id in &self.pending {
-                match id {
-                    ObjectId::Rule(k) => dirty.rules.insert(k.clone()),
-                    ObjectId::Route(k) => dirty.routes.insert(k.clone()),
-                    ObjectId::Address(k) => dirty.addresses.insert(k.clone()),
-                };
+                dirty.insert(id.clone());
             }
             let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
             progress = self
@@ -777,11 +801,15 @@ impl Agent {
                     batch.appeared = true;
                 }
             }
-            Change::LinkReady { .. } => batch.full = true,
+            Change::LinkReady { .. } => {
+                batch.full = true;
+                batch.links_changed = true;
+            }
             Change::LinkLost { .. } => {
                 batch.redump_reason = Some(ResyncReason::LinkDown);
                 batch.redump = Some(None);
                 batch.full = true;
+                batch.links_changed = true;
             }
             Change::RuleAddedAgain { key } => {
                 // Our own adds are not heard (the socket filter), unless the filter could not be
@@ -793,7 +821,11 @@ impl Agent {
                 }
             }
             Change::RouteAppeared => batch.appeared = true,
-            Change::LinkOther | Change::Nothing => {}
+            Change::LinkOther { .. }
+            | Change::Neighbour { .. }
+            | Change::Fdb { .. }
+            | Change::Sysctl { .. } => self.note_node(change, port, batch),
+            Change::Nothing => {}
         }
     }
 
@@ -932,7 +964,7 @@ impl Agent {
                     self.mirror.routes.contains_key(k),
                     self.adopted_routes.get(k),
                 ),
-                ObjectId::Address(_) => continue,
+                _ => continue,
             };
             let Some(sel_name) = selector.filter(|_| !present) else {
                 continue;
@@ -958,15 +990,7 @@ impl Agent {
                     %object,
                     "forgotten: removed by its owner"
                 );
-                match &id {
-                    ObjectId::Rule(k) => {
-                        batch.dirty.rules.remove(k);
-                    }
-                    ObjectId::Route(k) => {
-                        batch.dirty.routes.remove(k);
-                    }
-                    ObjectId::Address(_) => {}
-                }
+                batch.dirty.remove(&id);
                 let reason = match actor {
                     Actor::Unknown => "unknown_actor",
                     _ => "owner",
@@ -991,7 +1015,7 @@ impl Agent {
                 self.adopted_routes.remove(k);
                 self.desired.routes.remove(k);
             }
-            ObjectId::Address(_) => return,
+            _ => return,
         }
         self.pending.remove(id);
         self.reported.remove(id);
@@ -1041,7 +1065,7 @@ impl Agent {
                 let device = r.oif.and_then(|i| m.link(i)).map(|l| l.name.as_str());
                 follows(adopt::select_route(adopt, k, r, device))
             }),
-            ObjectId::Address(_) => false,
+            _ => false,
         });
     }
 
@@ -1097,7 +1121,7 @@ impl Agent {
             let selector = match &id {
                 ObjectId::Rule(k) => self.adopted.get(k),
                 ObjectId::Route(k) => self.adopted_routes.get(k),
-                ObjectId::Address(_) => None,
+                _ => None,
             }
             .cloned()
             .unwrap_or_default();
@@ -1116,7 +1140,7 @@ impl Agent {
             changed |= match &id {
                 ObjectId::Rule(k) => self.adopt_rule(k),
                 ObjectId::Route(k) => self.adopt_route(k),
-                ObjectId::Address(_) => false,
+                _ => false,
             };
         }
         changed
@@ -1132,12 +1156,10 @@ impl Agent {
     }
 
     fn describe(&self, id: &ObjectId) -> String {
-        match id {
-            ObjectId::Rule(k) => self.desired.rules.get(k).map(|r| r.describe()),
-            ObjectId::Route(k) => self.desired.routes.get(k).map(|r| r.describe()),
-            ObjectId::Address(k) => self.desired.addresses.get(k).map(|a| a.describe()),
-        }
-        .unwrap_or_default()
+        self.desired
+            .entry(id)
+            .map(|(_, describe, _)| describe)
+            .unwrap_or_default()
     }
 
     /// Applies a plan's repairs, updates the mirror with what the kernel accepted and logs.
@@ -1269,7 +1291,7 @@ impl Agent {
                     // The kernel said yes: mirror it now rather than waiting for the
                     // notification, so a burst does not re-plan what is already fixed.
                     for op in &step.ops {
-                        self.mirror.ingest(&apply::message(op));
+                        apply::record(&mut self.mirror, op);
                     }
                     repaired.insert(step.id.clone());
                     if self.placing.remove(&step.id) {
@@ -1364,23 +1386,21 @@ impl Agent {
             info!(
                 objects = placed.len(),
                 names = %placed.iter().take(5).copied().collect::<Vec<_>>().join(","),
-                "placed: newly protected by a config change"
+                "placed: newly protected by a config change or a new link"
             );
         }
         if !restored.is_empty() {
-            let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count();
+            let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count() as u64;
             let names: Vec<&str> = restored.iter().take(5).map(|(_, n)| *n).collect();
             let mut by: Vec<u32> = restored_ports(&plan, &repaired, removed_by);
             by.sort_unstable();
             by.dedup();
-            report.restored = Some((
-                count(Kind::Rule),
-                count(Kind::Route),
-                count(Kind::Address),
-                took.as_micros() as u64,
-                names.join(","),
-                by,
-            ));
+            report.restored = Some(Restored {
+                counts: Kind::ALL.iter().map(|k| (k.as_str(), count(*k))).collect(),
+                took_us: took.as_micros() as u64,
+                names: names.join(","),
+                ports: by,
+            });
         }
         self.dispatch(report);
         repaired.len()
@@ -1393,7 +1413,7 @@ impl Agent {
             .detections
             .iter()
             .filter_map(|d| d.port)
-            .chain(report.restored.iter().flat_map(|r| r.5.iter().copied()))
+            .chain(report.restored.iter().flat_map(|r| r.ports.iter().copied()))
             .filter(|p| *p != attribution::KERNEL_PORT)
             .collect();
         ports.sort_unstable();
@@ -1473,8 +1493,8 @@ impl Agent {
                 }
             }
         }
-        if let Some((rules, routes, addresses, took_us, names_list, ports)) = report.restored {
-            let mut actors: Vec<String> = ports.iter().map(|p| actor_of(Some(*p))).collect();
+        if let Some(r) = report.restored {
+            let mut actors: Vec<String> = r.ports.iter().map(|p| actor_of(Some(*p))).collect();
             actors.extend(report.fighters.iter().cloned());
             actors.sort();
             actors.dedup();
@@ -1482,24 +1502,30 @@ impl Agent {
                 // Found missing by a dump (start, resync, a pending retry): nobody was seen.
                 actors.push(attribution::UNKNOWN.to_string());
             }
-            self.telemetry.notice(crate::obs::Notice::Restored {
-                counts: vec![
-                    ("rule", rules as u64),
-                    ("route", routes as u64),
-                    ("address", addresses as u64),
-                ],
-                actor: actors.join(","),
-            });
+            let n = |kind: &str| {
+                r.counts
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map_or(0, |(_, n)| *n)
+            };
             info!(
-                rules,
-                routes,
-                addresses,
-                took_us,
-                names = %names_list,
+                rules = n("rule"),
+                routes = n("route"),
+                addresses = n("address"),
+                neighbours = n("neighbour"),
+                fdb = n("fdb"),
+                links = n("link"),
+                sysctls = n("sysctl"),
+                took_us = r.took_us,
+                names = %r.names,
                 actor = %actors.join(","),
-                removed_by_netlink_port = ?ports,
+                removed_by_netlink_port = ?r.ports,
                 "restored"
             );
+            self.telemetry.notice(crate::obs::Notice::Restored {
+                counts: r.counts,
+                actor: actors.join(","),
+            });
         }
     }
 
@@ -1606,12 +1632,7 @@ impl Agent {
             self.reported.insert(d.id.clone(), finding.clone());
         }
         // A pending object the plan looked at and found nothing wrong with is no longer pending.
-        let looked_at = |id: &ObjectId| match (scope, id) {
-            (None, _) => true,
-            (Some(d), ObjectId::Rule(k)) => d.rules.contains(k),
-            (Some(d), ObjectId::Route(k)) => d.routes.contains(k),
-            (Some(d), ObjectId::Address(k)) => d.addresses.contains(k),
-        };
+        let looked_at = |id: &ObjectId| scope.is_none_or(|d| d.contains(id));
         self.pending
             .retain(|id| seen.contains(id) || !looked_at(id));
         // Anything reported before, looked at by this plan and not drifted is back in sync (also
@@ -1645,38 +1666,15 @@ fn release_freed_memory() {
 
 /// Objects `new` protects that `old` did not.
 fn newly_protected(old: &DesiredState, new: &DesiredState) -> HashSet<ObjectId> {
-    let rules = new
-        .rules
-        .keys()
-        .filter(|k| !old.rules.contains_key(*k))
-        .map(|k| ObjectId::Rule(k.clone()));
-    let routes = new
-        .routes
-        .keys()
-        .filter(|k| !old.routes.contains_key(*k))
-        .map(|k| ObjectId::Route(k.clone()));
-    let addresses = new
-        .addresses
-        .keys()
-        .filter(|k| !old.addresses.contains_key(*k))
-        .map(|k| ObjectId::Address(k.clone()));
-    rules.chain(routes).chain(addresses).collect()
+    new.ids().filter(|id| !old.protects(id)).collect()
 }
 
 fn kind_str(id: &ObjectId) -> &'static str {
-    match id {
-        ObjectId::Rule(_) => "rule",
-        ObjectId::Route(_) => "route",
-        ObjectId::Address(_) => "address",
-    }
+    id.kind().as_str()
 }
 
 fn in_scope(d: &Dirty, id: &ObjectId) -> bool {
-    match id {
-        ObjectId::Rule(k) => d.rules.contains(k),
-        ObjectId::Route(k) => d.routes.contains(k),
-        ObjectId::Address(k) => d.addresses.contains(k),
-    }
+    d.contains(id)
 }
 
 /// Which routes the mirror keeps: the protected ones, and every route of the tables adopt
@@ -1693,11 +1691,7 @@ fn route_interest(d: &DesiredState) -> RouteInterest {
 
 /// Whether the desired state protects an object.
 fn protects(desired: &DesiredState, id: &ObjectId) -> bool {
-    match id {
-        ObjectId::Rule(k) => desired.rules.contains_key(k),
-        ObjectId::Route(k) => desired.routes.contains_key(k),
-        ObjectId::Address(k) => desired.addresses.contains_key(k),
-    }
+    desired.protects(id)
 }
 
 /// Ports of the changes behind the repairs that went through.

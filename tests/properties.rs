@@ -2,12 +2,12 @@
 //! (made of a random subset of the protected objects, some with drifted attributes, plus foreign
 //! objects the config does not name),
 //! - applying the plan to the observed state, the way the kernel would (through the very
-//!   messages the applier sends, `netwarden::apply::message`), leaves it in sync: the next plan
+//!   messages the applier sends, `netwarden::apply::record`), leaves it in sync: the next plan
 //!   is empty;
 //! - the plan for an in-sync state is empty;
 //! - nothing outside the config appears in a plan, and every foreign object survives the repair.
 
-use netwarden::apply::{encode, message};
+use netwarden::apply::{encode, record};
 use netwarden::desired::DesiredState;
 use netwarden::model::{
     AddressKey, DesiredAddress, DesiredRoute, DesiredRule, Family, Mode, RouteKey, RouteType,
@@ -263,7 +263,7 @@ fn observed(case: &Case) -> Mirror {
 fn apply_to(mirror: &mut Mirror, plan: &Plan) {
     for step in &plan.steps {
         for op in &step.ops {
-            mirror.ingest(&message(op));
+            record(mirror, op);
         }
     }
 }
@@ -284,6 +284,8 @@ fn op_is_protected(desired: &DesiredState, op: &Op) -> bool {
                     .addresses
                     .contains_key(&("veth0".to_string(), *address))
         }
+        // The cases generate rules, routes and addresses only.
+        _ => false,
     }
 }
 

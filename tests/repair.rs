@@ -489,7 +489,7 @@ fn rule_requests(
         sock.connect(&SocketAddr::new(0, 0)).unwrap();
         let mut errnos = Vec::new();
         for (i, (op, rules)) in requests.into_iter().enumerate() {
-            let mut msg = netwarden::apply::request(&op, rules);
+            let mut msg = netwarden::apply::request(&op, rules).expect("a netlink request");
             msg.header.sequence_number = i as u32 + 1;
             let mut bytes = vec![0u8; msg.buffer_len()];
             msg.emit(&mut bytes);

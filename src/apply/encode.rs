@@ -1,11 +1,17 @@
 //! model → rtnetlink request messages, shaped the way iproute2 shapes them.
 
-use crate::model::{DesiredRoute, Family, RouteType, RuleAction, RuleKey};
+use crate::model::{
+    DesiredFdb, DesiredNeighbour, DesiredRoute, Family, RouteType, RuleAction, RuleKey,
+};
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
     RouteType as NlRouteType,
@@ -138,6 +144,52 @@ pub fn route(route: &DesiredRoute, oif: Option<u32>) -> RouteMessage {
     a.push(RouteAttribute::Priority(key.metric));
     if let Some(m) = route.mtu {
         a.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(m)]));
+    }
+    msg
+}
+
+/// `ip neigh replace ADDRESS lladdr MAC dev DEVICE nud STATE`.
+pub fn neighbour(n: &DesiredNeighbour, ifindex: u32) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = af(n.family());
+    msg.header.ifindex = ifindex;
+    msg.header.state = NeighbourState::from(n.state.bits());
+    msg.header.kind = NlRouteType::Unicast;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(n.address.into()));
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(n.lladdr.0.to_vec()));
+    msg
+}
+
+/// `bridge fdb replace MAC dev DEVICE dst DST [vni VNI] self permanent` (`append` for a MAC
+/// with several remotes: the request flags say which).
+pub fn fdb(f: &DesiredFdb, ifindex: u32) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = ifindex;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(f.lladdr.0.to_vec()));
+    msg.attributes
+        .push(NeighbourAttribute::Destination(f.dst.into()));
+    if let Some(v) = f.vni {
+        msg.attributes.push(NeighbourAttribute::Vni(v));
+    }
+    msg
+}
+
+/// `ip link set DEVICE up` and/or `mtu N` (RTM_SETLINK: only what is asked changes).
+pub fn set_link(ifindex: u32, up: bool, mtu: Option<u32>) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex;
+    if up {
+        msg.header.flags |= LinkFlags::Up;
+        msg.header.change_mask |= LinkFlags::Up;
+    }
+    if let Some(m) = mtu {
+        msg.attributes.push(LinkAttribute::Mtu(m));
     }
     msg
 }

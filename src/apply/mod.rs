@@ -8,11 +8,14 @@
 //! makes a mass repair keep pace with `ip -batch`. A single repair is one send and one receive.
 
 pub mod encode;
+mod sysctl;
 
 use crate::observe::decode::each_message;
 use crate::plan::{Op, Step};
 use nix::errno::Errno;
-use rtnetlink::packet_core::{Emitable, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_EXCL};
+use rtnetlink::packet_core::{
+    Emitable, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_EXCL, NLM_F_REPLACE,
+};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{
     protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket,
@@ -95,45 +98,75 @@ pub fn is_not_yet(errno: Errno) -> bool {
     )
 }
 
-/// The message for an op, and the message the kernel would notify once it is done (the same).
-pub fn message(op: &Op) -> RouteNetlinkMessage {
-    match op {
-        Op::AddRule { key, protocol } => RouteNetlinkMessage::NewRule(encode::rule(key, *protocol)),
-        Op::DelRule { key, protocol } => RouteNetlinkMessage::DelRule(encode::rule(key, *protocol)),
-        Op::PutRoute { route, oif } => RouteNetlinkMessage::NewRoute(encode::route(route, *oif)),
+/// The netlink message of an op, and the message the kernel would notify once it is done (the
+/// same); `None` for a sysctl write, which is no netlink request.
+pub fn message(op: &Op) -> Option<RouteNetlinkMessage> {
+    use RouteNetlinkMessage as M;
+    Some(match op {
+        Op::AddRule { key, protocol } => M::NewRule(encode::rule(key, *protocol)),
+        Op::DelRule { key, protocol } => M::DelRule(encode::rule(key, *protocol)),
+        Op::PutRoute { route, oif } => M::NewRoute(encode::route(route, *oif)),
         Op::AddAddress {
             ifindex,
             address,
             prefix_len,
-        } => RouteNetlinkMessage::NewAddress(encode::address(*ifindex, *address, *prefix_len)),
+        } => M::NewAddress(encode::address(*ifindex, *address, *prefix_len)),
         Op::DelAddress {
             ifindex,
             address,
             prefix_len,
-        } => RouteNetlinkMessage::DelAddress(encode::address(*ifindex, *address, *prefix_len)),
+        } => M::DelAddress(encode::address(*ifindex, *address, *prefix_len)),
+        Op::PutNeighbour { neighbour, ifindex } => {
+            M::NewNeighbour(encode::neighbour(neighbour, *ifindex))
+        }
+        Op::PutFdb { fdb, ifindex } => M::NewNeighbour(encode::fdb(fdb, *ifindex)),
+        Op::SetLink { ifindex, up, mtu } => M::SetLink(encode::set_link(*ifindex, *up, *mtu)),
+        Op::SetSysctl { .. } => return None,
+    })
+}
+
+/// Folds what a successful op did into the mirror, without waiting for the kernel's
+/// notification (the agent's own are filtered out, and a burst must not re-plan what is fixed).
+pub fn record(mirror: &mut crate::observe::Mirror, op: &Op) {
+    match (op, message(op)) {
+        (Op::SetSysctl { key, value }, _) => {
+            mirror.set_sysctl(key, *value);
+        }
+        (_, Some(m)) => {
+            mirror.ingest(&m);
+        }
+        (_, None) => {}
     }
 }
 
 /// The request for an op, acknowledged (the batching clears that on all but the last). Public
-/// so that tests can send exactly what the applier sends.
-pub fn request(op: &Op, rules: RuleAdd) -> NetlinkMessage<RouteNetlinkMessage> {
+/// so that tests can send exactly what the applier sends. `None` for a sysctl write.
+pub fn request(op: &Op, rules: RuleAdd) -> Option<NetlinkMessage<RouteNetlinkMessage>> {
     let (create, replace) = flags(op);
-    let mut msg = encode::request(message(op), create, replace);
+    let mut msg = encode::request(message(op)?, create, replace);
     if rules == RuleAdd::Unchecked && matches!(op, Op::AddRule { .. }) {
         msg.header.flags &= !NLM_F_EXCL;
     }
-    msg
+    if let Op::PutFdb { fdb, .. } = op {
+        if fdb.lladdr.has_many_remotes() {
+            // One more remote in the list; a replace would leave a list as it is.
+            msg.header.flags = (msg.header.flags & !NLM_F_REPLACE) | NLM_F_APPEND;
+        }
+    }
+    Some(msg)
 }
 
 fn flags(op: &Op) -> (bool, bool) {
     match op {
         Op::AddRule { .. } | Op::AddAddress { .. } => (true, false),
-        Op::PutRoute { .. } => (true, true),
-        Op::DelRule { .. } | Op::DelAddress { .. } => (false, false),
+        Op::PutRoute { .. } | Op::PutNeighbour { .. } | Op::PutFdb { .. } => (true, true),
+        Op::DelRule { .. } | Op::DelAddress { .. } | Op::SetLink { .. } | Op::SetSysctl { .. } => {
+            (false, false)
+        }
     }
 }
 
-fn is_delete(op: &Op) -> bool {
+pub(crate) fn is_delete(op: &Op) -> bool {
     matches!(op, Op::DelRule { .. } | Op::DelAddress { .. })
 }
 
@@ -143,6 +176,8 @@ pub struct Applier {
     port: u32,
     seq: u32,
     buf: Vec<u8>,
+    /// Where settings are written.
+    sysctl: crate::observe::sysctl::SysctlFs,
 }
 
 impl Applier {
@@ -166,6 +201,7 @@ impl Applier {
             port: addr.port_number(),
             seq: 0,
             buf: Vec::with_capacity(BATCH_BYTES),
+            sysctl: crate::observe::sysctl::SysctlFs::default(),
         })
     }
 
@@ -184,9 +220,15 @@ impl Applier {
     /// the caller takes that risk only when its mirror is known to be current, and removes such
     /// a copy when it sees the other add (see `reconcile`).
     pub async fn apply(&mut self, steps: &[Step], rules: RuleAdd) -> Vec<Outcome> {
+        // Settings first (they are files, written at once), then the netlink requests.
+        let mut sysctls: Vec<Option<Outcome>> = steps
+            .iter()
+            .map(|s| sysctl::write_step(&self.sysctl, s))
+            .collect();
         let ops: Vec<(usize, &Op)> = steps
             .iter()
             .enumerate()
+            .filter(|(si, _)| sysctls[*si].is_none())
             .flat_map(|(si, s)| s.ops.iter().map(move |op| (si, op)))
             .collect();
         let mut results: Vec<Result<(), ApplyError>> = Vec::with_capacity(ops.len());
@@ -198,7 +240,9 @@ impl Applier {
             let mut end = at;
             while end < ops.len() {
                 let (_, op) = ops[end];
-                let mut msg = request(op, rules);
+                let Some(mut msg) = request(op, rules) else {
+                    unreachable!("sysctl steps are written, not sent");
+                };
                 let last =
                     end + 1 == ops.len() || self.buf.len() + msg.buffer_len() * 2 > BATCH_BYTES;
                 if !last {
@@ -226,7 +270,11 @@ impl Applier {
         steps
             .iter()
             .zip(per_step)
-            .map(|(step, results)| outcome(&step.ops, &results))
+            .enumerate()
+            .map(|(si, (step, results))| match sysctls[si].take() {
+                Some(written) => written,
+                None => outcome(&step.ops, &results),
+            })
             .collect()
     }
 
@@ -390,11 +438,11 @@ mod tests {
             key: key(),
             protocol: None,
         };
-        let excl = |op: &Op, rules| request(op, rules).header.flags & NLM_F_EXCL != 0;
+        let excl = |op: &Op, rules| request(op, rules).unwrap().header.flags & NLM_F_EXCL != 0;
         assert!(excl(&add, RuleAdd::Exclusive));
         assert!(!excl(&add, RuleAdd::Unchecked));
         assert_ne!(
-            request(&add, RuleAdd::Unchecked).header.flags & NLM_F_CREATE,
+            request(&add, RuleAdd::Unchecked).unwrap().header.flags & NLM_F_CREATE,
             0
         );
         assert!(!excl(&del, RuleAdd::Unchecked));
@@ -405,5 +453,33 @@ mod tests {
             prefix_len: 24,
         };
         assert!(excl(&addr, RuleAdd::Unchecked));
+    }
+
+    #[test]
+    fn fdb_entries_replace_a_unicast_remote_and_append_to_a_list() {
+        use crate::model::{DesiredFdb, Mode};
+        let fdb = |mac: &str| Op::PutFdb {
+            fdb: DesiredFdb {
+                name: "f".into(),
+                mode: Mode::Enforce,
+                device: "vx0".into(),
+                lladdr: mac.parse().unwrap(),
+                dst: "192.168.1.12".parse().unwrap(),
+                vni: None,
+            },
+            ifindex: 4,
+        };
+        let flags = |op: &Op| request(op, RuleAdd::Exclusive).unwrap().header.flags;
+        let unicast = flags(&fdb("0a:58:0a:f4:02:00"));
+        assert!(unicast & NLM_F_REPLACE != 0 && unicast & NLM_F_APPEND == 0);
+        let flood = flags(&fdb("00:00:00:00:00:00"));
+        assert!(flood & NLM_F_APPEND != 0 && flood & NLM_F_REPLACE == 0);
+        // A setting is a file, not a request.
+        let key = crate::model::SysctlKey {
+            scope: crate::model::sysctl::Scope::All,
+            setting: crate::model::sysctl::Setting::find(crate::model::Family::Ipv4, "forwarding")
+                .unwrap(),
+        };
+        assert!(request(&Op::SetSysctl { key, value: 1 }, RuleAdd::Exclusive).is_none());
     }
 }

@@ -156,6 +156,10 @@ impl Builder<'_> {
                 addresses: Vec::new(),
                 chains: Vec::new(),
                 ipsets: Vec::new(),
+                neighbours: Vec::new(),
+                fdb: Vec::new(),
+                links: Vec::new(),
+                sysctls: Vec::new(),
                 poll_interval: super::DEFAULT_POLL_INTERVAL,
                 templates: super::Templates::default(),
                 adopt: Vec::new(),
@@ -264,6 +268,7 @@ impl Builder<'_> {
         let adopt = self.adopt(spec, mode);
         let mut nftables = self.nftables(&spec.nftables, mode);
         nftables.adopt = self.nft_adopt(&spec.adopt, &adopt);
+        let node = self.node_state(spec, mode);
         Config {
             mode,
             resync,
@@ -272,6 +277,10 @@ impl Builder<'_> {
             addresses,
             chains,
             ipsets,
+            neighbours: node.neighbours,
+            fdb: node.fdb,
+            links: node.links,
+            sysctls: node.sysctls,
             poll_interval,
             templates: super::Templates {
                 file: self.file.to_owned(),
@@ -305,7 +314,7 @@ impl Builder<'_> {
         }
     }
 
-    fn name(&mut self, raw: &Scalar, obj: &Object) -> Option<String> {
+    pub(super) fn name(&mut self, raw: &Scalar, obj: &Object) -> Option<String> {
         self.req(raw, obj, "name", values::object_name)
     }
 
@@ -332,6 +341,9 @@ impl Builder<'_> {
         all.extend(named(&spec.ipsets, "ipsets", |s| &s.name));
         all.extend(named(&spec.adopt, "adopt", |a| &a.name));
         all.extend(named(&spec.nftables, "nftables", |t| &t.name));
+        all.extend(named(&spec.neighbours, "neighbours", |n| &n.name));
+        all.extend(named(&spec.links, "links", |l| &l.name));
+        all.extend(named(&spec.sysctls, "sysctls", |s| &s.name));
         all.sort_by_key(|(n, _)| (n.referenced.line(), n.referenced.column()));
         let mut first_use: HashMap<&str, u64> = HashMap::new();
         for (n, path) in all {

@@ -395,7 +395,7 @@ fn expand_set(
 impl Builder<'_> {
     /// Finds the templates of an object. `refused`: fields where a template is an error.
     /// Returns whether the object has any template (valid or not) and the valid ones.
-    fn scan(
+    pub(super) fn scan(
         &mut self,
         obj: &Object,
         allowed: &[(String, &Scalar)],

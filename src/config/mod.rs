@@ -13,6 +13,7 @@ mod expand;
 mod manifest;
 mod netfilter;
 mod nftables;
+mod node;
 mod raw;
 pub mod template;
 mod values;
@@ -20,7 +21,10 @@ mod values;
 #[cfg(test)]
 mod tests;
 
-use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, Mode};
+use crate::model::{
+    DesiredAddress, DesiredFdb, DesiredLink, DesiredNeighbour, DesiredRoute, DesiredRule,
+    DesiredSysctl, Mode,
+};
 use crate::netfilter::model::{DesiredChain, DesiredSet};
 use std::fmt;
 use std::path::Path;
@@ -48,7 +52,13 @@ pub struct Config {
     pub addresses: Vec<DesiredAddress>,
     pub chains: Vec<DesiredChain>,
     pub ipsets: Vec<DesiredSet>,
-    /// Interval of the `iptables-save` / `ipset` polls (`spec.pollInterval`).
+    pub neighbours: Vec<DesiredNeighbour>,
+    pub fdb: Vec<DesiredFdb>,
+    /// Links and sysctls: an entry whose device is a pattern (`cni*`) is kept as written.
+    pub links: Vec<DesiredLink>,
+    pub sysctls: Vec<DesiredSysctl>,
+    /// Interval of the `iptables-save` / `ipset` polls and of the reads of settings the kernel
+    /// does not notify (`spec.pollInterval`).
     pub poll_interval: Duration,
     /// Objects whose values hold templates (Kubernetes mode only): not in the lists above, they
     /// become objects when expanded against cluster facts ([`crate::desired::expand`]).

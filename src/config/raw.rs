@@ -48,6 +48,42 @@ pub(super) struct RawSpec {
     pub ipsets: Option<Vec<Spanned<RawIpSet>>>,
     pub adopt: Option<Vec<Spanned<RawAdopt>>>,
     pub nftables: Option<Vec<Spanned<super::nftables::RawNftTable>>>,
+    pub neighbours: Option<Vec<Spanned<RawNeighbour>>>,
+    pub links: Option<Vec<Spanned<RawLink>>>,
+    pub sysctls: Option<Vec<Spanned<RawSysctl>>>,
+}
+
+/// A neighbour entry (`address`) or an FDB entry of a VXLAN device (`dst`).
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNeighbour {
+    pub name: Scalar,
+    pub device: Scalar,
+    pub address: Scalar,
+    pub lladdr: Scalar,
+    pub state: Scalar,
+    pub dst: Scalar,
+    pub vni: Scalar,
+    pub mode: Scalar,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLink {
+    pub name: Scalar,
+    pub device: Scalar,
+    pub up: Scalar,
+    pub mtu: Scalar,
+    pub mode: Scalar,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSysctl {
+    pub name: Scalar,
+    pub key: Scalar,
+    pub value: Scalar,
+    pub mode: Scalar,
 }
 
 #[derive(Debug, DeriveDeserialize)]

@@ -13,6 +13,9 @@ pub struct AddressKey {
     pub address: IpAddr,
 }
 
+/// Identity of a protected address: the device is a name here (it may not exist yet).
+pub type DesiredAddressKey = (String, IpAddr);
+
 /// Attributes of an address as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ObservedAddress {

@@ -6,9 +6,13 @@
 //! config and from netlink alike) so that two descriptions of the same kernel object compare equal.
 
 pub mod address;
+pub mod link;
+pub mod neighbour;
+pub mod object;
 pub mod route;
 pub mod rule;
 pub mod text;
+pub mod sysctl;
 
 /// Hash maps and sets keyed by kernel objects. A mass repair hashes every rule and route key a
 /// dozen times (mirror, desired state, plan, contest, status); with std's SipHash that was the
@@ -19,9 +23,13 @@ pub mod fast {
     pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 }
 
-pub use address::{AddressKey, DesiredAddress, ObservedAddress};
+pub use address::{AddressKey, DesiredAddress, DesiredAddressKey, ObservedAddress};
+pub use link::DesiredLink;
+pub use neighbour::{DesiredFdb, DesiredNeighbour, FdbId, Mac, NeighbourId};
+pub use object::ObjectId;
 pub use route::{DesiredRoute, ObservedRoute, RouteKey, RouteType};
 pub use rule::{DesiredRule, RuleAction, RuleKey};
+pub use sysctl::{DesiredSysctl, SysctlKey};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -82,15 +90,41 @@ pub enum Kind {
     Rule,
     Route,
     Address,
+    Neighbour,
+    Fdb,
+    Link,
+    Sysctl,
+}
+
+impl Kind {
+    /// Every kind the rtnetlink loop protects, in report order.
+    pub const ALL: [Kind; 7] = [
+        Kind::Rule,
+        Kind::Route,
+        Kind::Address,
+        Kind::Neighbour,
+        Kind::Fdb,
+        Kind::Link,
+        Kind::Sysctl,
+    ];
+
+    /// The name in logs, metric labels and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Rule => "rule",
+            Kind::Route => "route",
+            Kind::Address => "address",
+            Kind::Neighbour => "neighbour",
+            Kind::Fdb => "fdb",
+            Kind::Link => "link",
+            Kind::Sysctl => "sysctl",
+        }
+    }
 }
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Rule => "rule",
-            Kind::Route => "route",
-            Kind::Address => "address",
-        })
+        f.write_str(self.as_str())
     }
 }
 

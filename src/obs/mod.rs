@@ -18,7 +18,6 @@ pub mod status;
 use crate::config::{self, Config};
 use crate::desired::DesiredState;
 use crate::netfilter::guard::GuardReload;
-use crate::plan::ObjectId;
 use metrics::{Metrics, ResultLabels};
 use prometheus_client::registry::Registry;
 use status::Board;
@@ -212,31 +211,14 @@ impl Telemetry {
     /// Publishes the protected objects (names, descriptions, modes).
     pub fn set_catalog(&self, desired: &DesiredState) {
         let mode = |m: crate::model::Mode| format!("{m:?}").to_lowercase();
-        let mut catalog = Vec::with_capacity(desired.len());
-        for r in desired.rules.values() {
-            catalog.push((
-                ObjectId::Rule(r.key.clone()),
-                r.name.clone(),
-                r.describe(),
-                mode(r.mode),
-            ));
-        }
-        for r in desired.routes.values() {
-            catalog.push((
-                ObjectId::Route(r.key.clone()),
-                r.name.clone(),
-                r.describe(),
-                mode(r.mode),
-            ));
-        }
-        for (k, a) in &desired.addresses {
-            catalog.push((
-                ObjectId::Address(k.clone()),
-                a.name.clone(),
-                a.describe(),
-                mode(a.mode),
-            ));
-        }
+        let catalog = desired
+            .ids()
+            .filter_map(|id| {
+                let (name, describe, m) = desired.entry(&id)?;
+                let name = name.to_owned();
+                Some((id, name, describe, mode(m)))
+            })
+            .collect();
         self.board().set_catalog(catalog);
     }
 }

@@ -46,7 +46,15 @@ impl State {
     }
 }
 
-pub const KINDS: [&str; 3] = ["rule", "route", "address"];
+pub const KINDS: [&str; 7] = [
+    "rule",
+    "route",
+    "address",
+    "neighbour",
+    "fdb",
+    "link",
+    "sysctl",
+];
 /// Kinds the netfilter guard publishes (beside the rtnetlink agent's [`KINDS`]).
 pub const NETFILTER_KINDS: [&str; 2] = ["chain", "ipset"];
 /// The kind the nftables engine publishes ([`crate::nftables`]): one object per protected table.
@@ -443,11 +451,7 @@ impl Board {
 }
 
 fn kind_str(id: &ObjectId) -> &'static str {
-    match id {
-        ObjectId::Rule(_) => "rule",
-        ObjectId::Route(_) => "route",
-        ObjectId::Address(_) => "address",
-    }
+    id.kind().as_str()
 }
 
 fn kind_rank(kind: &str) -> usize {
@@ -666,8 +670,8 @@ mod tests {
         let c = b.state_counts();
         assert_eq!(
             c.len(),
-            30,
-            "rule, route, address, chain, ipset, nft_table × 5 states"
+            50,
+            "7 rtnetlink kinds, chain, ipset, nft_table × 5 states"
         );
         assert_eq!(c[&("nft_table", State::InSync)], 0);
         assert_eq!(c[&("rule", State::Contested)], 1);

@@ -2,12 +2,19 @@
 //! suppress_prefixlength -1, the table repeated in an attribute, `proto unspec`, IPv6's cached
 //! clones.
 
+use crate::model::neighbour::{ObservedFdb, ObservedNeighbour};
 use crate::model::route::ObservedRoute;
-use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RouteType, RuleAction, RuleKey};
+use crate::model::sysctl::{Setting, NETCONFA_IFINDEX};
+use crate::model::{
+    AddressKey, Family, Mac, ObservedAddress, RouteKey, RouteType, RuleAction, RuleKey,
+};
 use ipnet::IpNet;
 use rtnetlink::packet_core::{NetlinkBuffer, NetlinkMessage, Parseable};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteType as NlRouteType,
 };
@@ -47,7 +54,11 @@ pub fn each_message(
 pub struct LinkInfo {
     pub index: u32,
     pub name: String,
+    /// Administratively up (IFF_UP).
     pub up: bool,
+    pub mtu: Option<u32>,
+    /// A VXLAN device's own VNI: what its FDB remotes without a VNI of their own use.
+    pub vxlan_id: Option<u32>,
 }
 
 pub fn family(af: AddressFamily) -> Option<Family> {
@@ -234,17 +245,148 @@ pub fn address(msg: &AddressMessage) -> Option<(AddressKey, ObservedAddress)> {
 }
 
 pub fn link(msg: &LinkMessage) -> LinkInfo {
-    let name = msg
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::IfName(n) => Some(n.clone()),
-            _ => None,
-        })
-        .unwrap_or_default();
-    LinkInfo {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkInfo as Info};
+    let mut info = LinkInfo {
         index: msg.header.index,
-        name,
+        name: String::new(),
         up: msg.header.flags.contains(LinkFlags::Up),
+        mtu: None,
+        vxlan_id: None,
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Mtu(m) => info.mtu = Some(*m),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let Info::Data(InfoData::Vxlan(v)) = i {
+                        info.vxlan_id = v.iter().find_map(|x| match x {
+                            InfoVxlan::Id(id) => Some(*id),
+                            _ => None,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
     }
+    info
+}
+
+/// A neighbour entry, by device index and address; `None` for proxy entries, other families
+/// and messages without an address.
+pub fn neighbour(msg: &NeighbourMessage) -> Option<(u32, IpAddr, ObservedNeighbour)> {
+    family(msg.header.family)?;
+    if msg.header.flags.contains(NeighbourFlags::Proxy) {
+        return None;
+    }
+    let mut address = None;
+    let mut lladdr = None;
+    for a in &msg.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                address = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                address = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => lladdr = Some(l.clone()),
+            _ => {}
+        }
+    }
+    let observed = ObservedNeighbour {
+        lladdr,
+        state: u16::from(msg.header.state),
+    };
+    Some((msg.header.ifindex, address?, observed))
+}
+
+/// One remote of an FDB entry a device keeps itself (NTF_SELF: a VXLAN device's), by device
+/// index and MAC; `None` for other families, entries of a bridge's own table (NTF_MASTER) and
+/// messages without a MAC.
+pub fn fdb(msg: &NeighbourMessage) -> Option<(u32, Mac, ObservedFdb)> {
+    if msg.header.family != AddressFamily::Bridge
+        || !msg.header.flags.contains(NeighbourFlags::Own)
+    {
+        return None;
+    }
+    let mut mac = None;
+    let mut observed = ObservedFdb {
+        dst: None,
+        vni: None,
+        state: u16::from(msg.header.state),
+    };
+    for a in &msg.attributes {
+        match a {
+            NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_bytes(l),
+            NeighbourAttribute::Destination(d) => {
+                observed.dst = match d {
+                    NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+                    NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+                    // AF_BRIDGE messages carry the remote as raw bytes.
+                    NeighbourAddress::Other(b) => ip_of_bytes(b),
+                    _ => None,
+                }
+            }
+            NeighbourAttribute::Vni(v) => observed.vni = Some(*v),
+            _ => {}
+        }
+    }
+    Some((msg.header.ifindex, mac?, observed))
+}
+
+fn ip_of_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+/// RTM_NEWNETCONF and RTM_DELNETCONF (netlink-packet-route does not know them).
+pub const RTM_NEWNETCONF: u16 = 80;
+pub const RTM_DELNETCONF: u16 = 81;
+
+/// A netconf notification: a family's settings of one device (or of `all` / `default`,
+/// [`IFINDEX_ALL`](crate::model::sysctl::IFINDEX_ALL)) that changed, with their values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Netconf {
+    pub family: Family,
+    pub ifindex: i32,
+    pub values: Vec<(Setting, u32)>,
+}
+
+/// Decodes the payload of an RTM_NEWNETCONF message: `struct netconfmsg` (the family, padded to
+/// 4 bytes), then NETCONFA_* attributes of 4 bytes each. `None` for other families or a message
+/// without an ifindex.
+pub fn netconf(payload: &[u8]) -> Option<Netconf> {
+    let family = match *payload.first()? {
+        2 => Family::Ipv4,
+        10 => Family::Ipv6,
+        _ => return None,
+    };
+    let mut ifindex = None;
+    let mut values = Vec::new();
+    let mut at = 4;
+    while at + 4 <= payload.len() {
+        let len = usize::from(u16::from_ne_bytes([payload[at], payload[at + 1]]));
+        let kind = u16::from_ne_bytes([payload[at + 2], payload[at + 3]]);
+        if len < 4 || at + len > payload.len() {
+            break;
+        }
+        if len >= 8 {
+            let v = i32::from_ne_bytes(payload[at + 4..at + 8].try_into().ok()?);
+            if kind == NETCONFA_IFINDEX {
+                ifindex = Some(v);
+            } else if let Some(s) = Setting::of_netconf(family, kind) {
+                values.push((s, v.max(0) as u32));
+            }
+        }
+        at += (len + 3) & !3;
+    }
+    Some(Netconf {
+        family,
+        ifindex: ifindex?,
+        values,
+    })
 }

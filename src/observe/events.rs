@@ -7,7 +7,7 @@
 //! system calls and task wake-ups, about a tenth of the agent's CPU in a mass repair. Here the
 //! loop itself waits for the socket and takes up to [`SLOTS`] notifications per `recvmmsg`.
 
-use super::decode::each_message;
+use super::decode::{each_message, netconf, Netconf, RTM_DELNETCONF, RTM_NEWNETCONF};
 use super::kernel::{event_rcvbuf, ignore_own_changes, set_rcvbuf, EventFilter, ObserveError};
 use crate::listen::GROUPS;
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
@@ -30,12 +30,21 @@ pub const SLOTS: usize = 64;
 /// receives is never touched either.
 const SLOT_BYTES: usize = 64 << 10;
 
+/// Multicast groups (RTNLGRP_*) joined only while something of theirs is protected: a node's
+/// neighbour notifications (every ARP state change) are many, and nothing else needs them.
+pub const RTNLGRP_NEIGH: u32 = 3;
+pub const RTNLGRP_IPV4_NETCONF: u32 = 24;
+pub const RTNLGRP_IPV6_NETCONF: u32 = 25;
+
 /// What the event socket delivers.
 #[derive(Debug)]
 pub enum Event {
     /// A notification, with the netlink port id of the socket whose request made the change
     /// (0: the kernel itself).
     Message(RouteNetlinkMessage, u32),
+    /// Settings of a device changed (RTM_NEWNETCONF; always port 0: no request is behind a
+    /// write through /proc).
+    Netconf(Netconf),
     /// Notifications were lost: the socket overran (ENOBUFS), or one was too large to read.
     Overrun,
 }
@@ -45,6 +54,8 @@ pub struct EventSocket {
     fd: AsyncFd<Socket>,
     buf: Vec<u8>,
     queue: VecDeque<Event>,
+    /// The optional groups joined now.
+    joined: Vec<u32>,
 }
 
 impl std::fmt::Debug for EventSocket {
@@ -91,9 +102,31 @@ impl EventSocket {
                 // One allocation, zeroed by the allocator (fresh pages: not touched until used).
                 buf: vec![0u8; SLOTS * SLOT_BYTES],
                 queue: VecDeque::with_capacity(SLOTS),
+                joined: Vec::new(),
             },
             filter,
         ))
+    }
+
+    /// Joins exactly these optional groups ([`RTNLGRP_NEIGH`], the netconf groups) and leaves
+    /// the others. Call before the dump that the notifications then keep current.
+    pub fn set_groups(&mut self, groups: &[u32]) {
+        let sock = self.fd.get_ref();
+        for g in groups {
+            if self.joined.contains(g) {
+                continue;
+            }
+            match sock.add_membership(*g) {
+                Ok(()) => self.joined.push(*g),
+                Err(e) => warn!(group = g, error = %e, "cannot join a netlink group"),
+            }
+        }
+        self.joined.retain(|g| {
+            groups.contains(g) || {
+                let _ = sock.drop_membership(*g);
+                false
+            }
+        });
     }
 
     /// The next event, waiting for one. `None`: the socket failed (logged).
@@ -182,6 +215,23 @@ fn read(fd: RawFd, buf: &mut [u8], queue: &mut VecDeque<Event>) -> std::io::Resu
 
 /// The notifications in one datagram (normally exactly one).
 fn parse_into(data: &[u8], queue: &mut VecDeque<Event>) {
+    // A multicast notification is one message per datagram: netconf ones (which
+    // netlink-packet-route does not parse) are told by their type.
+    if data.len() >= 16 {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let ty = u16::from_ne_bytes([data[4], data[5]]);
+        if ty == RTM_NEWNETCONF {
+            // A message cut short is dropped, as `each_message` drops one.
+            if let Some(n) = data.get(16..len).and_then(netconf) {
+                queue.push_back(Event::Netconf(n));
+            }
+            return;
+        }
+        if ty == RTM_DELNETCONF {
+            // A device going away: its link notification says so.
+            return;
+        }
+    }
     let _ = each_message(data, |msg| {
         if let NetlinkPayload::InnerMessage(m) = msg.payload {
             queue.push_back(Event::Message(m, msg.header.port_number));
@@ -253,6 +303,32 @@ mod tests {
         });
         assert!(flow.is_break());
         assert_eq!(ports, vec![1]);
+    }
+
+    #[test]
+    fn netconf_notifications_are_decoded_by_hand() {
+        // As Linux 6.18 sends `sysctl -w net.ipv4.conf.v0.rp_filter=2` for ifindex 3.
+        let mut data = Vec::new();
+        data.extend_from_slice(&36u32.to_ne_bytes());
+        data.extend_from_slice(&RTM_NEWNETCONF.to_ne_bytes());
+        data.extend_from_slice(&[0; 10]);
+        data.extend_from_slice(&[2, 0, 0, 0]);
+        for (ty, v) in [(1u16, 3i32), (3, 2)] {
+            data.extend_from_slice(&8u16.to_ne_bytes());
+            data.extend_from_slice(&ty.to_ne_bytes());
+            data.extend_from_slice(&v.to_ne_bytes());
+        }
+        let mut queue = VecDeque::new();
+        parse_into(&data, &mut queue);
+        let Some(Event::Netconf(n)) = queue.pop_front() else {
+            panic!("{queue:?}");
+        };
+        assert_eq!((n.family, n.ifindex), (Family::Ipv4, 3));
+        assert_eq!(n.values.len(), 1);
+        assert_eq!((n.values[0].0.name(), n.values[0].1), ("rp_filter", 2));
+        // Cut short: nothing.
+        parse_into(&data[..30], &mut queue);
+        assert!(queue.is_empty());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The rtnetlink request socket (dumps) and the event socket's BPF filter; the event socket itself
 //! is `observe::events`. Subscribing happens before the first dump so that no change falls between.
 
-use super::mirror::Mirror;
-use crate::model::Family;
+use super::mirror::{Change, Mirror};
+use super::sysctl::SysctlFs;
+use crate::model::{Family, SysctlKey};
 use futures::StreamExt;
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
@@ -283,6 +284,10 @@ pub enum Dump {
     Routes(Option<Family>),
     /// The routes of one table (the kernel filters: strict checking).
     Table(Option<Family>, u32),
+    /// IPv4 and IPv6 neighbour entries of one device.
+    Neighbours(u32),
+    /// FDB entries (AF_BRIDGE), of every device.
+    Fdb,
 }
 
 impl Dump {
@@ -292,14 +297,27 @@ impl Dump {
             Dump::Addresses => "addresses",
             Dump::Rules => "rules",
             Dump::Routes(_) | Dump::Table(..) => "routes",
+            Dump::Neighbours(_) => "neighbours",
+            Dump::Fdb => "fdb",
         }
     }
 
     fn request(self) -> RouteNetlinkMessage {
+        use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
         match self {
             Dump::Links => RouteNetlinkMessage::GetLink(LinkMessage::default()),
             Dump::Addresses => RouteNetlinkMessage::GetAddress(AddressMessage::default()),
             Dump::Rules => RouteNetlinkMessage::GetRule(RuleMessage::default()),
+            Dump::Neighbours(ifindex) => {
+                let mut m = NeighbourMessage::default();
+                m.attributes.push(NeighbourAttribute::IfIndex(ifindex));
+                RouteNetlinkMessage::GetNeighbour(m)
+            }
+            Dump::Fdb => {
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Bridge;
+                RouteNetlinkMessage::GetNeighbour(m)
+            }
             Dump::Routes(fam) | Dump::Table(fam, _) => {
                 let mut m = RouteMessage::default();
                 m.header.address_family = match fam {
@@ -379,6 +397,7 @@ pub async fn dump(
             Dump::Table(f, t) => mirror.clear_table(f, t),
             // Every copy of a rule is counted: a retry must not count the first try's again.
             Dump::Rules => mirror.clear_rules(),
+            Dump::Neighbours(_) | Dump::Fdb => mirror.clear_neighbours(),
             _ => {}
         }
     }
@@ -399,13 +418,53 @@ fn table_of(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-/// Replaces the whole mirror with a fresh dump (start, overrun, timer).
+/// Replaces the whole mirror with a fresh dump (start, overrun, timer). Settings are read
+/// separately ([`read_sysctls`]): which ones depends on the links just dumped.
 pub async fn dump_all(handle: &mut Handle, mirror: &mut Mirror) -> Result<(), ObserveError> {
     mirror.clear();
     for what in [Dump::Links, Dump::Addresses, Dump::Rules] {
         dump(handle, mirror, what).await?;
     }
+    dump_neighbours(handle, mirror).await?;
     dump_routes(handle, mirror, None).await.map(|_| ())
+}
+
+/// The protected neighbour entries (device by device: a node's table can be large) and FDB
+/// entries, when there are any.
+async fn dump_neighbours(handle: &mut Handle, mirror: &mut Mirror) -> Result<(), ObserveError> {
+    if mirror.wants_neighbours() {
+        for ifindex in mirror.neighbour_devices() {
+            dump(handle, mirror, Dump::Neighbours(ifindex)).await?;
+        }
+    }
+    if mirror.wants_fdb() {
+        dump(handle, mirror, Dump::Fdb).await?;
+    }
+    Ok(())
+}
+
+/// Reads settings into the mirror (`keys`: the protected ones); returns the changes. A setting
+/// that cannot be read is forgotten (its device went away meanwhile, or the kernel has no such
+/// setting): the plan then writes it, which tells.
+pub fn read_sysctls<'a>(
+    mirror: &mut Mirror,
+    keys: impl IntoIterator<Item = &'a SysctlKey>,
+) -> Vec<Change> {
+    let fs = SysctlFs::default();
+    let mut changes = Vec::new();
+    for key in keys {
+        match fs.read(key) {
+            Ok(v) => match mirror.set_sysctl(key, v) {
+                Change::Nothing => {}
+                c => changes.push(c),
+            },
+            Err(e) => {
+                debug!(key = %key, error = %e, "cannot read setting");
+                mirror.forget_sysctl(key);
+            }
+        }
+    }
+    changes
 }
 
 /// Replaces the mirror's rules with a fresh dump, which counts every copy: after someone added

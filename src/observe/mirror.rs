@@ -1,10 +1,19 @@
 //! The kernel mirror: observed state kept current from dumps and multicast events. Pure: it is fed
 //! decoded messages and says what each one changed; the I/O lives in `observe::kernel`.
 
+mod node;
+
 use super::decode::{self, LinkInfo};
 use crate::model::fast::{HashMap, HashSet};
+use crate::model::neighbour::{ObservedFdb, ObservedNeighbour};
 use crate::model::route::ObservedRoute;
-use crate::model::{AddressKey, Family, ObservedAddress, RouteKey, RuleKey};
+use crate::model::sysctl::Setting;
+use crate::model::{
+    AddressKey, Family, FdbId, Mac, NeighbourId, ObservedAddress, RouteKey, RuleKey,
+};
+use std::net::IpAddr;
+
+pub use node::NeighbourInterest;
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use std::collections::BTreeSet;
 
@@ -87,8 +96,25 @@ pub enum Change {
     LinkLost {
         index: u32,
     },
-    /// Some other link attribute changed.
-    LinkOther,
+    /// Some other link attribute changed (its MTU, say).
+    LinkOther {
+        index: u32,
+    },
+    /// A protected neighbour entry was added, changed or removed.
+    Neighbour {
+        id: NeighbourId,
+        removed: bool,
+    },
+    /// A remote of a protected FDB entry was added, changed or removed.
+    Fdb {
+        id: FdbId,
+        removed: bool,
+    },
+    /// Settings of a device (or `all`/`default`) changed: a netconf notification or a read.
+    Sysctl {
+        family: Family,
+        ifindex: i32,
+    },
     /// A route the mirror does not keep was added: a gateway may be reachable through it now
     /// (systemd-networkd adds its address with `noprefixroute`, then the prefix route).
     RouteAppeared,
@@ -104,6 +130,14 @@ pub struct Mirror {
     /// Usually one per key; `ip route append` can make several IPv4 aliases with one identity.
     pub routes: HashMap<RouteKey, Vec<ObservedRoute>>,
     pub addresses: HashMap<AddressKey, ObservedAddress>,
+    /// Protected neighbour entries only (a node's neighbour table can be large).
+    neighbours: HashMap<(u32, IpAddr), ObservedNeighbour>,
+    /// Remotes of protected FDB entries, by device index, MAC and (for MACs with several
+    /// remotes) remote.
+    fdb: HashMap<(u32, Mac, Option<IpAddr>), Vec<ObservedFdb>>,
+    /// Settings by family, device index (or IFINDEX_ALL / IFINDEX_DEFAULT) and setting.
+    sysctls: HashMap<(Family, i32, Setting), u32>,
+    neighbour_interest: NeighbourInterest,
     interest: RouteInterest,
     /// `interest.tables()`, computed once: asked for on every turn of the reconcile loop.
     tables: Option<Vec<u32>>,
@@ -142,7 +176,13 @@ impl Mirror {
 
     /// Number of objects held, a bound on memory.
     pub fn len(&self) -> usize {
-        self.links.len() + self.rules.len() + self.routes.len() + self.addresses.len()
+        self.links.len()
+            + self.rules.len()
+            + self.routes.len()
+            + self.addresses.len()
+            + self.neighbours.len()
+            + self.fdb.len()
+            + self.sysctls.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -172,6 +212,9 @@ impl Mirror {
         self.rules.clear();
         self.routes.clear();
         self.addresses.clear();
+        self.neighbours.clear();
+        self.fdb.clear();
+        self.sysctls.clear();
     }
 
     /// Forgets the routes of `family` (all when `None`) before a route re-dump is fed in.
@@ -277,16 +320,21 @@ impl Mirror {
                     Some(prev) if prev.name != info.name => Change::LinkReady { index },
                     Some(prev) if !prev.up && info.up => Change::LinkReady { index },
                     Some(prev) if prev.up && !info.up => Change::LinkLost { index },
-                    Some(_) => Change::LinkOther,
+                    Some(_) => Change::LinkOther { index },
                 }
             }
+            M::SetLink(m) => self.set_link(m),
             M::DelLink(m) => {
                 let index = m.header.index;
                 if let Some(prev) = self.links.remove(&index) {
                     self.link_by_name.remove(&prev.name);
                 }
                 self.addresses.retain(|k, _| k.ifindex != index);
+                self.forget_device(index);
                 Change::LinkLost { index }
+            }
+            M::NewNeighbour(m) | M::DelNeighbour(m) => {
+                self.ingest_neighbour(m, matches!(msg, M::DelNeighbour(_)))
             }
             _ => Change::Nothing,
         }
@@ -395,7 +443,7 @@ mod tests {
         );
         assert_eq!(
             m.ingest(&M::NewLink(link(5, "eth0", true))),
-            Change::LinkOther
+            Change::LinkOther { index: 5 }
         );
         assert_eq!(
             m.ingest(&M::NewLink(link(5, "eth0", false))),

@@ -4,5 +4,6 @@ pub mod decode;
 pub mod events;
 pub mod kernel;
 pub mod mirror;
+pub mod sysctl;
 
 pub use mirror::{Change, Mirror, RouteInterest};

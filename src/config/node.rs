@@ -1,0 +1,264 @@
+//! `spec.neighbours`, `spec.links` and `spec.sysctls`: the node state beside rules, routes and
+//! addresses. Checked like every other kind: each value on its own, every problem reported with
+//! its position, two entries for one kernel object refused. Templates are not expanded in these
+//! kinds (their values do not come from cluster facts), so a template here is an error.
+
+use super::build::{Builder, Object};
+use super::raw::{RawLink, RawNeighbour, RawSpec, RawSysctl, Scalar};
+use super::values;
+use crate::model::neighbour::NeighbourState;
+use crate::model::sysctl::{parse_key, DeviceSel, Scope, SysctlKey};
+use crate::model::{
+    DesiredFdb, DesiredLink, DesiredNeighbour, DesiredSysctl, FdbId, Mac, Mode, NeighbourId,
+};
+use std::collections::HashMap;
+
+/// Smallest and largest MTU a link can be given (IPv4's minimum; the kernel checks each
+/// device's own limits and refuses the rest).
+const LINK_MTU_MIN: u32 = 68;
+const LINK_MTU_MAX: u32 = 65535;
+/// VXLAN network identifiers are 24 bits.
+const VNI_MAX: u64 = (1 << 24) - 1;
+
+/// The node state of a config.
+#[derive(Default)]
+pub(super) struct NodeState {
+    pub neighbours: Vec<DesiredNeighbour>,
+    pub fdb: Vec<DesiredFdb>,
+    pub links: Vec<DesiredLink>,
+    pub sysctls: Vec<DesiredSysctl>,
+}
+
+/// An interface name, or a pattern: a prefix ending in `*` (`cni*`; `*` alone: every link).
+fn device_or_pattern(s: &str) -> Result<String, String> {
+    match s.strip_suffix('*') {
+        Some("") => Ok(s.to_owned()),
+        Some(prefix) => values::ifname(prefix)
+            .map(|_| s.to_owned())
+            .map_err(|e| format!("{e} (a pattern is a device name prefix ending in `*`)")),
+        None => values::ifname(s),
+    }
+}
+
+fn lladdr(s: &str) -> Result<Mac, String> {
+    s.parse::<Mac>().map_err(|()| {
+        format!("`{s}` is not a link-layer address: write six hexadecimal octets, e.g. 0a:58:0a:f4:02:00")
+    })
+}
+
+fn neighbour_state(s: &str) -> Result<NeighbourState, String> {
+    match s {
+        "permanent" => Ok(NeighbourState::Permanent),
+        "noarp" => Ok(NeighbourState::Noarp),
+        _ => Err(format!(
+            "unknown state `{s}`: use permanent or noarp (other states are the kernel's cache)"
+        )),
+    }
+}
+
+impl Builder<'_> {
+    pub(super) fn node_state(&mut self, spec: &RawSpec, global: Mode) -> NodeState {
+        let mut out = NodeState::default();
+        let mut neighbour_keys: HashMap<NeighbourId, (String, u64)> = HashMap::new();
+        let mut fdb_keys: HashMap<FdbId, (String, u64)> = HashMap::new();
+        for (i, item) in spec.neighbours.iter().flatten().enumerate() {
+            let obj = Object {
+                at: item.referenced,
+                path: format!("spec.neighbours[{i}]"),
+            };
+            match self.neighbour(&obj, &item.value, global) {
+                Some(Entry::Neighbour(n)) => {
+                    let what = || format!("{} dev {}", n.address, n.device);
+                    self.unique_identity(&mut neighbour_keys, n.id(), &n.name, &obj, "neighbour", what);
+                    out.neighbours.push(n);
+                }
+                Some(Entry::Fdb(f)) => {
+                    let id = f.id();
+                    let what = || match id.dst {
+                        Some(d) => format!("{} dev {} dst {d}", id.lladdr, id.device),
+                        None => format!("{} dev {} (one remote per unicast MAC)", id.lladdr, id.device),
+                    };
+                    self.unique_identity(&mut fdb_keys, f.id(), &f.name, &obj, "FDB entry", what);
+                    out.fdb.push(f);
+                }
+                None => {}
+            }
+        }
+        let mut link_keys: HashMap<String, (String, u64)> = HashMap::new();
+        for (i, item) in spec.links.iter().flatten().enumerate() {
+            let obj = Object {
+                at: item.referenced,
+                path: format!("spec.links[{i}]"),
+            };
+            if let Some(l) = self.link(&obj, &item.value, global) {
+                let what = || l.device.clone();
+                self.unique_identity(&mut link_keys, l.device.clone(), &l.name, &obj, "link", what);
+                out.links.push(l);
+            }
+        }
+        let mut sysctl_keys: HashMap<SysctlKey, (String, u64)> = HashMap::new();
+        for (i, item) in spec.sysctls.iter().flatten().enumerate() {
+            let obj = Object {
+                at: item.referenced,
+                path: format!("spec.sysctls[{i}]"),
+            };
+            if let Some(s) = self.sysctl(&obj, &item.value, global) {
+                let what = || s.key.to_string();
+                self.unique_identity(&mut sysctl_keys, s.key.clone(), &s.name, &obj, "setting", what);
+                out.sysctls.push(s);
+            }
+        }
+        out
+    }
+
+    /// Templates are not expanded in these kinds: each one found is an error.
+    fn no_templates(&mut self, obj: &Object, fields: &[(&str, &Scalar)]) {
+        self.scan(obj, &[], fields);
+    }
+
+    fn neighbour(&mut self, obj: &Object, r: &RawNeighbour, global: Mode) -> Option<Entry> {
+        let before = self.errors.len();
+        self.no_templates(
+            obj,
+            &[("device", &r.device), ("address", &r.address), ("lladdr", &r.lladdr), ("dst", &r.dst)],
+        );
+        let name = self.name(&r.name, obj);
+        let mode = self.opt(&r.mode, obj.field("mode"), values::mode).unwrap_or(global);
+        let device = self.req(&r.device, obj, "device", values::ifname);
+        let lladdr = self.req(&r.lladdr, obj, "lladdr", lladdr);
+        let entry = match (&r.address, &r.dst) {
+            (Some(_), None) => {
+                let address = self.req(&r.address, obj, "address", values::address);
+                let state = self
+                    .opt(&r.state, obj.field("state"), neighbour_state)
+                    .unwrap_or(NeighbourState::Permanent);
+                if let Some(v) = &r.vni {
+                    self.error(v.referenced, obj.field("vni"), "`vni` belongs to an FDB entry (with `dst`), not to a neighbour entry");
+                }
+                if self.errors.len() != before {
+                    return None;
+                }
+                Entry::Neighbour(DesiredNeighbour {
+                    name: name?,
+                    mode,
+                    device: device?,
+                    address: address?,
+                    lladdr: lladdr?,
+                    state,
+                })
+            }
+            (None, Some(_)) => {
+                let dst = self.req(&r.dst, obj, "dst", values::address);
+                let vni = self.opt(&r.vni, obj.field("vni"), |s| {
+                    values::uint(s, 0, VNI_MAX, false).map(|v| v as u32)
+                });
+                if let Some(s) = &r.state {
+                    self.error(s.referenced, obj.field("state"), "FDB entries are always added `permanent`: remove `state`");
+                }
+                if self.errors.len() != before {
+                    return None;
+                }
+                Entry::Fdb(DesiredFdb {
+                    name: name?,
+                    mode,
+                    device: device?,
+                    lladdr: lladdr?,
+                    dst: dst?,
+                    vni,
+                })
+            }
+            (Some(a), Some(_)) => {
+                self.error(
+                    a.referenced,
+                    obj.path.clone(),
+                    "give `address` (a neighbour entry, `ip neigh`) or `dst` (an FDB entry of a VXLAN device, `bridge fdb`), not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.error(
+                    obj.at,
+                    obj.path.clone(),
+                    "needs `address` (a neighbour entry, `ip neigh`) or `dst` (an FDB entry of a VXLAN device, `bridge fdb`)",
+                );
+                return None;
+            }
+        };
+        Some(entry)
+    }
+
+    fn link(&mut self, obj: &Object, r: &RawLink, global: Mode) -> Option<DesiredLink> {
+        let before = self.errors.len();
+        self.no_templates(obj, &[("device", &r.device)]);
+        let name = self.name(&r.name, obj);
+        let mode = self.opt(&r.mode, obj.field("mode"), values::mode).unwrap_or(global);
+        let device = self.req(&r.device, obj, "device", device_or_pattern);
+        let up = self.opt(&r.up, obj.field("up"), values::boolean);
+        if let (Some(false), Some(raw)) = (up, &r.up) {
+            self.error(
+                raw.referenced,
+                obj.field("up"),
+                "`up: false` is not supported: netwarden brings links up, it never takes one down (leave `up` out to not compare the state)",
+            );
+        }
+        let mtu = self.opt(&r.mtu, obj.field("mtu"), |s| {
+            values::uint(s, LINK_MTU_MIN.into(), LINK_MTU_MAX.into(), false).map(|v| v as u32)
+        });
+        if r.up.is_none() && r.mtu.is_none() {
+            self.error(obj.at, obj.path.clone(), "needs `up: true`, `mtu` or both: nothing to protect");
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(DesiredLink {
+            name: name?,
+            mode,
+            device: device?,
+            up: up.unwrap_or(false),
+            mtu,
+            pattern: None,
+        })
+    }
+
+    fn sysctl(&mut self, obj: &Object, r: &RawSysctl, global: Mode) -> Option<DesiredSysctl> {
+        let before = self.errors.len();
+        self.no_templates(obj, &[("key", &r.key), ("value", &r.value)]);
+        let name = self.name(&r.name, obj);
+        let mode = self.opt(&r.mode, obj.field("mode"), values::mode).unwrap_or(global);
+        let key = self.req(&r.key, obj, "key", |s| {
+            parse_key(s, |d| device_or_pattern(d).map(|_| ()))
+        });
+        let value = match &key {
+            Some((_, setting)) => {
+                let max = setting.info().max;
+                self.req(&r.value, obj, "value", |s| {
+                    values::uint(s, 0, max.into(), false)
+                        .map(|v| v as u32)
+                        .map_err(|e| format!("{e} for {}", setting.name()))
+                })
+            }
+            None => None,
+        };
+        if self.errors.len() != before {
+            return None;
+        }
+        let (sel, setting) = key?;
+        let scope = match sel {
+            DeviceSel::All => Scope::All,
+            DeviceSel::Default => Scope::Default,
+            DeviceSel::Device(d) | DeviceSel::Pattern(d) => Scope::Device(d),
+        };
+        Some(DesiredSysctl {
+            name: name?,
+            mode,
+            key: SysctlKey { scope, setting },
+            value: value?,
+            pattern: None,
+        })
+    }
+}
+
+enum Entry {
+    Neighbour(DesiredNeighbour),
+    Fdb(DesiredFdb),
+}
