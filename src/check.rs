@@ -4,18 +4,28 @@ use crate::desired::DesiredState;
 use crate::model::Mode;
 use crate::netfilter::plan::{ChainDrift, ChainFinding, SetDrift, SetFinding};
 use crate::observe::kernel::{self, ObserveError};
+use crate::observe::mirror::NeighbourInterest;
 use crate::observe::{Mirror, RouteInterest};
 use crate::plan::{self, Finding, Plan};
 use serde::Serialize;
 
-/// Reads the kernel once and plans against it.
-pub async fn check(desired: &DesiredState) -> Result<Plan, ObserveError> {
+/// Reads the kernel once and plans against it. Device patterns are made to cover the links
+/// there are (in `desired`, so that the report counts them).
+pub async fn check(desired: &mut DesiredState) -> Result<Plan, ObserveError> {
     let mut handle = kernel::connect()?;
     // Only protected routes: adopted ones come from the adopted-state file, not from a dump.
     let mut mirror = Mirror::new(RouteInterest::Keys(
         desired.routes.keys().cloned().collect(),
     ));
+    mirror.set_neighbour_interest(NeighbourInterest {
+        neighbours: desired.neighbours.keys().cloned().collect(),
+        fdb: desired.fdb.keys().cloned().collect(),
+        devices: None,
+    });
     kernel::dump_all(&mut handle, &mut mirror).await?;
+    let links: Vec<String> = mirror.links().map(|l| l.name.clone()).collect();
+    desired.follow_links(links.iter().map(String::as_str));
+    kernel::read_sysctls(&mut mirror, desired.sysctls.keys());
     Ok(plan::plan_all(desired, &mirror))
 }
 
@@ -30,11 +40,24 @@ pub struct Counts {
     pub addresses: usize,
     pub chains: usize,
     pub ipsets: usize,
+    pub neighbours: usize,
+    pub fdb: usize,
+    /// Links and sysctls: those of a device pattern counted once per link it covers now.
+    pub links: usize,
+    pub sysctls: usize,
 }
 
 impl Counts {
     pub fn total(&self) -> usize {
-        self.rules + self.routes + self.addresses + self.chains + self.ipsets
+        self.rules
+            + self.routes
+            + self.addresses
+            + self.chains
+            + self.ipsets
+            + self.neighbours
+            + self.fdb
+            + self.links
+            + self.sysctls
     }
 }
 
@@ -50,7 +73,19 @@ impl std::fmt::Display for Counts {
             n(self.addresses, "address", "addresses"),
             n(self.chains, "chain", "chains"),
             n(self.ipsets, "ipset", "ipsets")
-        )
+        )?;
+        // The kinds of node state are named when something of theirs is protected.
+        for (count, one, many) in [
+            (self.neighbours, "neighbour", "neighbours"),
+            (self.fdb, "FDB entry", "FDB entries"),
+            (self.links, "link", "links"),
+            (self.sysctls, "sysctl", "sysctls"),
+        ] {
+            if count > 0 {
+                write!(f, ", {}", n(count, one, many))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -140,8 +175,11 @@ impl Report {
                 rules: desired.rules.len(),
                 routes: desired.routes.len(),
                 addresses: desired.addresses.len(),
-                chains: 0,
-                ipsets: 0,
+                neighbours: desired.neighbours.len(),
+                fdb: desired.fdb.len(),
+                links: desired.links.len(),
+                sysctls: desired.sysctls.len(),
+                ..Counts::default()
             },
             adopted: adopted(desired),
             drift,

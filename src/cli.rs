@@ -85,6 +85,11 @@ pub enum Command {
         /// atomically). Without it, adopted rules are protected only while the agent runs.
         #[arg(long, value_name = "PATH")]
         adopted_state: Option<PathBuf>,
+        /// Where net.* settings (`spec.sysctls`) are read and written: /proc/sys/net, or a
+        /// writable mount of it (in a container /proc/sys is read-only; the DaemonSet mounts
+        /// the host's at /host/proc/sys/net).
+        #[arg(long, env = "NETWARDEN_SYSCTL_DIR", value_name = "DIR", default_value = netwarden::observe::sysctl::DEFAULT_DIR)]
+        sysctl_dir: PathBuf,
     },
     /// Ask a running agent for the state of each protected object and its last repair.
     Status {
@@ -112,6 +117,11 @@ pub enum Command {
         /// Also check the rules and routes adopted by a running agent (its --adopted-state).
         #[arg(long, value_name = "PATH")]
         adopted_state: Option<PathBuf>,
+        /// Where net.* settings (`spec.sysctls`) are read and written: /proc/sys/net, or a
+        /// writable mount of it (in a container /proc/sys is read-only; the DaemonSet mounts
+        /// the host's at /host/proc/sys/net).
+        #[arg(long, env = "NETWARDEN_SYSCTL_DIR", value_name = "DIR", default_value = netwarden::observe::sysctl::DEFAULT_DIR)]
+        sysctl_dir: PathBuf,
     },
     /// Print a config that protects what is live now, filtered by selectors (a kind without a
     /// selector is left out). The output validates; review it before use.
@@ -138,6 +148,18 @@ pub enum Command {
         /// table name; the tables iptables-nft manages are left out.
         #[arg(long)]
         nft_tables: Option<String>,
+        /// Devices whose permanent neighbour entries and VXLAN FDB entries (with a remote) to
+        /// protect: a regex matched at the start of the name (`flannel`).
+        #[arg(long)]
+        neighbours: Option<String>,
+        /// Devices whose admin state (up) and MTU to protect: a regex as above.
+        #[arg(long)]
+        links: Option<String>,
+        /// Devices whose IPv4 forwarding and rp_filter and IPv6 forwarding to protect, besides
+        /// those of `all` and `default` (always included): a regex as above; `'$'` for `all`
+        /// and `default` alone.
+        #[arg(long)]
+        sysctls: Option<String>,
         /// `spec.mode` of the config: enforce repairs drift, observe only reports it.
         #[arg(long, value_enum, default_value_t = SnapshotMode::Enforce)]
         mode: SnapshotMode,

@@ -240,8 +240,9 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let mut desired = desired;
     let plan = rt
-        .block_on(crate::check::check(&desired))
+        .block_on(crate::check::check(&mut desired))
         .map_err(|e| DemoError::Agent(e.to_string()))?;
     write!(
         out,

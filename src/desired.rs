@@ -118,8 +118,14 @@ impl DesiredState {
         match id {
             ObjectId::Rule(k) => self.rules.get(k).map(|r| (&r.name, r.describe(), r.mode)),
             ObjectId::Route(k) => self.routes.get(k).map(|r| (&r.name, r.describe(), r.mode)),
-            ObjectId::Address(k) => self.addresses.get(k).map(|a| (&a.name, a.describe(), a.mode)),
-            ObjectId::Neighbour(k) => self.neighbours.get(k).map(|n| (&n.name, n.describe(), n.mode)),
+            ObjectId::Address(k) => self
+                .addresses
+                .get(k)
+                .map(|a| (&a.name, a.describe(), a.mode)),
+            ObjectId::Neighbour(k) => self
+                .neighbours
+                .get(k)
+                .map(|n| (&n.name, n.describe(), n.mode)),
             ObjectId::Fdb(k) => self.fdb.get(k).map(|f| (&f.name, f.describe(), f.mode)),
             ObjectId::Link(k) => self.links.get(k).map(|l| (&l.name, l.describe(), l.mode)),
             ObjectId::Sysctl(k) => self.sysctls.get(k).map(|s| (&s.name, s.describe(), s.mode)),

@@ -54,6 +54,10 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_ERROR);
     }
     let running = matches!(cli.command, Command::Run { .. });
+    // Settings are read and written below this directory by whichever command needs them.
+    if let Command::Run { sysctl_dir, .. } | Command::Check { sysctl_dir, .. } = &cli.command {
+        netwarden::observe::sysctl::set_dir(sysctl_dir.clone());
+    }
     let result = match cli.command {
         Command::Validate {
             file,
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
             iptables_backend,
             metrics_addr,
             adopted_state,
+            sysctl_dir: _,
         } => run(
             &config,
             netns.as_deref(),
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
             iptables_backend,
             metrics_addr,
             adopted_state,
+            sysctl_dir: _,
         } => kubernetes::run(
             kube,
             netns.as_deref(),
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
             output,
             iptables_backend,
             adopted_state,
+            sysctl_dir: _,
         } => check(
             &config,
             netns.as_deref(),
@@ -110,6 +117,9 @@ fn main() -> ExitCode {
             chains,
             sets,
             addresses,
+            neighbours,
+            links,
+            sysctls,
             mode,
             content,
             membership,
@@ -119,7 +129,7 @@ fn main() -> ExitCode {
             netns.as_deref(),
             &tables,
             priorities.as_deref(),
-            [chains, sets, addresses, nft_tables],
+            [chains, sets, addresses, nft_tables, neighbours, links, sysctls],
             (mode, content, membership),
             iptables_backend,
         ),
@@ -181,6 +191,16 @@ fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode>
             "{what}: {} nftables tables\n",
             cfg.nftables.tables.len()
         ))?;
+    }
+    let node = [
+        (cfg.neighbours.len(), "neighbour entries"),
+        (cfg.fdb.len(), "FDB entries"),
+        (cfg.links.len(), "links"),
+        (cfg.sysctls.len(), "sysctls"),
+    ];
+    if node.iter().any(|(n, _)| *n > 0) {
+        let list: Vec<String> = node.iter().map(|(n, what)| format!("{n} {what}")).collect();
+        emit(&format!("{what}: and {}\n", list.join(", ")))?;
     }
     if !cfg.templates.is_empty() {
         emit(&format!(
@@ -424,7 +444,7 @@ fn check(
     let chains: Vec<_> = cfg.chains.iter().cloned().chain(adopted_chains).collect();
     let sets: Vec<_> = cfg.ipsets.iter().cloned().chain(adopted_sets).collect();
     let (rt, _) = runtime(netns)?;
-    let plan = rt.block_on(check::check(&desired))?;
+    let plan = rt.block_on(check::check(&mut desired))?;
     let (chain_drift, ipsets) =
         rt.block_on(netwarden::netfilter::guard::check(&chains, &sets, backend))?;
     // nftables wiring.
@@ -464,7 +484,7 @@ fn snapshot(
     netns: Option<&str>,
     tables: &[String],
     priorities: Option<&str>,
-    [chains, sets, addresses, nft_tables]: [Option<String>; 4],
+    [chains, sets, addresses, nft_tables, neighbours, links, sysctls]: [Option<String>; 7],
     (mode, content, membership): (cli::SnapshotMode, cli::Ownership, cli::Ownership),
     backend: BackendChoice,
 ) -> anyhow::Result<ExitCode> {
@@ -491,9 +511,12 @@ fn snapshot(
         sets: re(sets)?,
         addresses: re(addresses)?,
         nft_tables: re(nft_tables)?,
+        neighbours: re(neighbours)?,
+        links: re(links)?,
+        sysctls: re(sysctls)?,
     };
     if sel.is_empty() {
-        tracing::warn!("no selector given (--tables, --priorities, --chains, --sets, --addresses): the snapshot protects nothing");
+        tracing::warn!("no selector given (--tables, --priorities, --chains, --sets, --addresses, --nft-tables, --neighbours, --links, --sysctls): the snapshot protects nothing");
     }
     let ownership = |o: cli::Ownership| match o {
         cli::Ownership::Contains => Content::Contains,

@@ -9,8 +9,8 @@ mod node;
 use crate::desired::{DesiredAddressKey, DesiredState};
 use crate::model::fast::HashSet;
 use crate::model::{
-    protocol_name, DesiredAddress, DesiredFdb, DesiredNeighbour, DesiredRoute, DesiredRule,
-    FdbId, Kind, Mode, NeighbourId, RouteKey, RuleKey, SysctlKey,
+    protocol_name, DesiredAddress, DesiredFdb, DesiredNeighbour, DesiredRoute, DesiredRule, FdbId,
+    Kind, Mode, NeighbourId, RouteKey, RuleKey, SysctlKey,
 };
 use crate::observe::mirror::Mirror;
 use serde::Serialize;
@@ -52,7 +52,10 @@ pub enum Op {
     },
     /// Create, or replace the remote of a unicast MAC in place (`bridge fdb replace`); for a MAC
     /// with several remotes, add this one to the list (`bridge fdb append`).
-    PutFdb { fdb: DesiredFdb, ifindex: u32 },
+    PutFdb {
+        fdb: DesiredFdb,
+        ifindex: u32,
+    },
     /// Set the link up and/or its MTU (RTM_SETLINK); `None`: leave as it is.
     SetLink {
         ifindex: u32,
@@ -60,7 +63,10 @@ pub enum Op {
         mtu: Option<u32>,
     },
     /// Write a setting below /proc/sys/net (not a netlink request).
-    SetSysctl { key: SysctlKey, value: u32 },
+    SetSysctl {
+        key: SysctlKey,
+        value: u32,
+    },
 }
 
 /// How an object differs from what is desired.
@@ -174,7 +180,8 @@ impl Dirty {
     pub fn retain(&mut self, keep: impl Fn(&ObjectId) -> bool) {
         self.rules.retain(|k| keep(&ObjectId::Rule(k.clone())));
         self.routes.retain(|k| keep(&ObjectId::Route(k.clone())));
-        self.addresses.retain(|k| keep(&ObjectId::Address(k.clone())));
+        self.addresses
+            .retain(|k| keep(&ObjectId::Address(k.clone())));
         self.neighbours
             .retain(|k| keep(&ObjectId::Neighbour(k.clone())));
         self.fdb.retain(|k| keep(&ObjectId::Fdb(k.clone())));

@@ -72,6 +72,9 @@ struct Batch {
     rule_added_again: bool,
     /// A link appeared, went or was renamed: device patterns may cover other links now.
     links_changed: bool,
+    /// A `default` setting changed: the kernel copies it, silently, to every device that never
+    /// had its own value written.
+    sysctl_default_changed: bool,
 }
 
 /// Why a full refresh ran.
@@ -634,6 +637,9 @@ impl Agent {
             }
         }
         self.telemetry.metrics.events.inc_by(count as u64);
+        if batch.sysctl_default_changed {
+            self.reread_device_settings(&mut batch);
+        }
         if settle.is_burst() {
             self.telemetry.metrics.bursts.inc();
             debug!(

@@ -15,6 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use thiserror::Error;
 
+mod node;
+
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error(transparent)]
@@ -43,6 +45,12 @@ pub struct Selectors {
     pub addresses: Option<Regex>,
     /// nftables tables (regex on the table name, anchored at the start).
     pub nft_tables: Option<Regex>,
+    /// Devices whose permanent neighbour entries and VXLAN FDB entries to protect.
+    pub neighbours: Option<Regex>,
+    /// Devices whose admin state and MTU to protect.
+    pub links: Option<Regex>,
+    /// Devices whose forwarding and rp_filter settings to protect (with `all` and `default`).
+    pub sysctls: Option<Regex>,
 }
 
 impl Selectors {
@@ -53,6 +61,13 @@ impl Selectors {
             && self.chains.is_none()
             && self.sets.is_none()
             && self.addresses.is_none()
+            && self.nft_tables.is_none()
+            && !self.node_state()
+    }
+
+    /// Some node state is selected (neighbours, links, sysctls).
+    fn node_state(&self) -> bool {
+        self.neighbours.is_some() || self.links.is_some() || self.sysctls.is_some()
     }
 }
 
@@ -84,7 +99,7 @@ pub fn selector(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})")).map_err(|e| format!("`{pattern}`: {e}"))
 }
 
-fn matches(re: &Regex, s: &str) -> bool {
+pub(crate) fn matches(re: &Regex, s: &str) -> bool {
     re.is_match(s)
 }
 
@@ -114,11 +129,19 @@ pub async fn take(
     if sel.is_empty() {
         out.push_str("  # No selector was given: nothing is protected.\n");
     }
-    if !sel.tables.is_empty() || sel.priorities.is_some() || sel.addresses.is_some() {
+    if !sel.tables.is_empty()
+        || sel.priorities.is_some()
+        || sel.addresses.is_some()
+        || sel.node_state()
+    {
         let mut handle = kernel::connect()?;
         let mut mirror = Mirror::new(RouteInterest::All);
+        if let Some(re) = &sel.neighbours {
+            node::want_neighbours(&mut handle, &mut mirror, re).await?;
+        }
         kernel::dump_all(&mut handle, &mut mirror).await?;
         out.push_str(&render_kernel(sel, &mirror));
+        out.push_str(&node::render(sel, &mut mirror));
     }
     if let Some(re) = &sel.chains {
         let backend = tools::detect(backend).await;
@@ -280,12 +303,12 @@ fn header(command: &str, mode: Mode) -> String {
 }
 
 /// A YAML single-quoted scalar: no escapes but `''`, and nothing in it is a tag or a comment.
-fn q(s: &str) -> String {
+pub(crate) fn q(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
 /// An object name from parts: the config's name alphabet, at most 63 characters.
-fn object_name(parts: &[&str]) -> String {
+pub(crate) fn object_name(parts: &[&str]) -> String {
     let joined = parts.join("-");
     let mut n: String = joined
         .chars()
@@ -303,10 +326,10 @@ fn object_name(parts: &[&str]) -> String {
 
 /// Uniquifies names across the whole file (the config requires it).
 #[derive(Default)]
-struct Names(HashMap<String, usize>);
+pub(crate) struct Names(HashMap<String, usize>);
 
 impl Names {
-    fn get(&mut self, base: String) -> String {
+    pub(crate) fn get(&mut self, base: String) -> String {
         let n = self.0.entry(base.clone()).or_default();
         *n += 1;
         if *n == 1 {

@@ -12,9 +12,9 @@ pub(super) fn write_step(fs: &SysctlFs, step: &Step) -> Option<Outcome> {
         let Op::SetSysctl { key, value } = op else {
             return None;
         };
-        let result = fs.write(key, *value).map_err(|e| {
-            Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))
-        });
+        let result = fs
+            .write(key, *value)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO)));
         outcome = Some(match result {
             Ok(()) => Outcome::Applied,
             // The device is gone or not there yet (or this kernel has no such setting).

@@ -218,13 +218,12 @@ impl Aggregator {
 fn restored_message(kinds: &BTreeMap<&'static str, u64>, actor: &str) -> String {
     let parts: Vec<String> = kinds
         .iter()
-        .map(|(k, n)| {
-            let plural = match (*k, *n) {
-                (_, 1) => String::new(),
-                ("address", _) => "es".to_owned(),
-                _ => "s".to_owned(),
-            };
-            format!("{n} {k}{plural}")
+        .map(|(k, n)| match (*k, *n) {
+            ("fdb", 1) => "1 FDB entry".to_owned(),
+            ("fdb", n) => format!("{n} FDB entries"),
+            (k, 1) => format!("1 {k}"),
+            ("address", n) => format!("{n} addresses"),
+            (k, n) => format!("{n} {k}s"),
         })
         .collect();
     let by = if actor.is_empty() { "unknown" } else { actor };

@@ -69,14 +69,24 @@ impl Builder<'_> {
             match self.neighbour(&obj, &item.value, global) {
                 Some(Entry::Neighbour(n)) => {
                     let what = || format!("{} dev {}", n.address, n.device);
-                    self.unique_identity(&mut neighbour_keys, n.id(), &n.name, &obj, "neighbour", what);
+                    self.unique_identity(
+                        &mut neighbour_keys,
+                        n.id(),
+                        &n.name,
+                        &obj,
+                        "neighbour",
+                        what,
+                    );
                     out.neighbours.push(n);
                 }
                 Some(Entry::Fdb(f)) => {
                     let id = f.id();
                     let what = || match id.dst {
                         Some(d) => format!("{} dev {} dst {d}", id.lladdr, id.device),
-                        None => format!("{} dev {} (one remote per unicast MAC)", id.lladdr, id.device),
+                        None => format!(
+                            "{} dev {} (one remote per unicast MAC)",
+                            id.lladdr, id.device
+                        ),
                     };
                     self.unique_identity(&mut fdb_keys, f.id(), &f.name, &obj, "FDB entry", what);
                     out.fdb.push(f);
@@ -92,7 +102,14 @@ impl Builder<'_> {
             };
             if let Some(l) = self.link(&obj, &item.value, global) {
                 let what = || l.device.clone();
-                self.unique_identity(&mut link_keys, l.device.clone(), &l.name, &obj, "link", what);
+                self.unique_identity(
+                    &mut link_keys,
+                    l.device.clone(),
+                    &l.name,
+                    &obj,
+                    "link",
+                    what,
+                );
                 out.links.push(l);
             }
         }
@@ -104,7 +121,14 @@ impl Builder<'_> {
             };
             if let Some(s) = self.sysctl(&obj, &item.value, global) {
                 let what = || s.key.to_string();
-                self.unique_identity(&mut sysctl_keys, s.key.clone(), &s.name, &obj, "setting", what);
+                self.unique_identity(
+                    &mut sysctl_keys,
+                    s.key.clone(),
+                    &s.name,
+                    &obj,
+                    "setting",
+                    what,
+                );
                 out.sysctls.push(s);
             }
         }
@@ -120,10 +144,17 @@ impl Builder<'_> {
         let before = self.errors.len();
         self.no_templates(
             obj,
-            &[("device", &r.device), ("address", &r.address), ("lladdr", &r.lladdr), ("dst", &r.dst)],
+            &[
+                ("device", &r.device),
+                ("address", &r.address),
+                ("lladdr", &r.lladdr),
+                ("dst", &r.dst),
+            ],
         );
         let name = self.name(&r.name, obj);
-        let mode = self.opt(&r.mode, obj.field("mode"), values::mode).unwrap_or(global);
+        let mode = self
+            .opt(&r.mode, obj.field("mode"), values::mode)
+            .unwrap_or(global);
         let device = self.req(&r.device, obj, "device", values::ifname);
         let lladdr = self.req(&r.lladdr, obj, "lladdr", lladdr);
         let entry = match (&r.address, &r.dst) {
@@ -133,7 +164,11 @@ impl Builder<'_> {
                     .opt(&r.state, obj.field("state"), neighbour_state)
                     .unwrap_or(NeighbourState::Permanent);
                 if let Some(v) = &r.vni {
-                    self.error(v.referenced, obj.field("vni"), "`vni` belongs to an FDB entry (with `dst`), not to a neighbour entry");
+                    self.error(
+                        v.referenced,
+                        obj.field("vni"),
+                        "`vni` belongs to an FDB entry (with `dst`), not to a neighbour entry",
+                    );
                 }
                 if self.errors.len() != before {
                     return None;
@@ -153,7 +188,11 @@ impl Builder<'_> {
                     values::uint(s, 0, VNI_MAX, false).map(|v| v as u32)
                 });
                 if let Some(s) = &r.state {
-                    self.error(s.referenced, obj.field("state"), "FDB entries are always added `permanent`: remove `state`");
+                    self.error(
+                        s.referenced,
+                        obj.field("state"),
+                        "FDB entries are always added `permanent`: remove `state`",
+                    );
                 }
                 if self.errors.len() != before {
                     return None;
@@ -167,9 +206,9 @@ impl Builder<'_> {
                     vni,
                 })
             }
-            (Some(a), Some(_)) => {
+            (Some(_), Some(_)) => {
                 self.error(
-                    a.referenced,
+                    obj.at,
                     obj.path.clone(),
                     "give `address` (a neighbour entry, `ip neigh`) or `dst` (an FDB entry of a VXLAN device, `bridge fdb`), not both",
                 );
@@ -191,7 +230,9 @@ impl Builder<'_> {
         let before = self.errors.len();
         self.no_templates(obj, &[("device", &r.device)]);
         let name = self.name(&r.name, obj);
-        let mode = self.opt(&r.mode, obj.field("mode"), values::mode).unwrap_or(global);
+        let mode = self
+            .opt(&r.mode, obj.field("mode"), values::mode)
+            .unwrap_or(global);
         let device = self.req(&r.device, obj, "device", device_or_pattern);
         let up = self.opt(&r.up, obj.field("up"), values::boolean);
         if let (Some(false), Some(raw)) = (up, &r.up) {
@@ -205,7 +246,11 @@ impl Builder<'_> {
             values::uint(s, LINK_MTU_MIN.into(), LINK_MTU_MAX.into(), false).map(|v| v as u32)
         });
         if r.up.is_none() && r.mtu.is_none() {
-            self.error(obj.at, obj.path.clone(), "needs `up: true`, `mtu` or both: nothing to protect");
+            self.error(
+                obj.at,
+                obj.path.clone(),
+                "needs `up: true`, `mtu` or both: nothing to protect",
+            );
         }
         if self.errors.len() != before {
             return None;
@@ -224,7 +269,9 @@ impl Builder<'_> {
         let before = self.errors.len();
         self.no_templates(obj, &[("key", &r.key), ("value", &r.value)]);
         let name = self.name(&r.name, obj);
-        let mode = self.opt(&r.mode, obj.field("mode"), values::mode).unwrap_or(global);
+        let mode = self
+            .opt(&r.mode, obj.field("mode"), values::mode)
+            .unwrap_or(global);
         let key = self.req(&r.key, obj, "key", |s| {
             parse_key(s, |d| device_or_pattern(d).map(|_| ()))
         });
@@ -237,7 +284,10 @@ impl Builder<'_> {
                         .map_err(|e| format!("{e} for {}", setting.name()))
                 })
             }
-            None => None,
+            // Without a known setting the value is still checked as far as it can be.
+            None => self.req(&r.value, obj, "value", |s| {
+                values::uint(s, 0, u32::MAX.into(), false).map(|v| v as u32)
+            }),
         };
         if self.errors.len() != before {
             return None;
@@ -261,4 +311,106 @@ impl Builder<'_> {
 enum Entry {
     Neighbour(DesiredNeighbour),
     Fdb(DesiredFdb),
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse;
+    use crate::model::neighbour::NeighbourState;
+    use crate::model::sysctl::Scope;
+    use crate::model::{Family, Mode};
+
+    fn spec(body: &str) -> Result<crate::config::Config, String> {
+        parse(
+            "t.yaml",
+            &format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{body}"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_field_of_the_node_state_kinds() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/valid/full.yaml"),
+        )
+        .unwrap();
+        let c = parse("full.yaml", &text).unwrap();
+        let [n] = &c.neighbours[..] else {
+            panic!("{:?}", c.neighbours)
+        };
+        assert_eq!(
+            (n.device.as_str(), n.address.to_string(), n.state),
+            ("flannel.1", "10.244.2.0".into(), NeighbourState::Permanent)
+        );
+        assert_eq!(n.lladdr.to_string(), "0a:58:0a:f4:02:00");
+        let [f] = &c.fdb[..] else {
+            panic!("{:?}", c.fdb)
+        };
+        assert_eq!((f.vni, f.mode), (Some(1), Mode::Observe));
+        assert_eq!(f.dst.to_string(), "192.168.1.12");
+        assert_eq!(c.links.len(), 2);
+        assert!(c.links[0].up && c.links[0].mtu == Some(1450));
+        assert!(!c.links[1].up && c.links[1].device == "veth*");
+        let keys: Vec<String> = c.sysctls.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "net.ipv4.conf.all.forwarding",
+                "net.ipv4.conf.veth*.rp_filter",
+                "net.ipv6.conf.default.forwarding"
+            ]
+        );
+        assert_eq!(c.sysctls[2].key.setting.family(), Family::Ipv6);
+        assert_eq!(c.sysctls[2].key.scope, Scope::Default);
+        assert_eq!(c.sysctls[2].mode, Mode::Observe);
+        // The desired state keeps pattern entries aside.
+        let d = crate::desired::DesiredState::from_config(&c);
+        assert_eq!((d.links.len(), d.link_patterns.len()), (1, 1));
+        assert_eq!((d.sysctls.len(), d.sysctl_patterns.len()), (2, 1));
+        assert_eq!(d.poll, c.poll_interval);
+    }
+
+    #[test]
+    fn every_problem_of_an_entry_is_reported() {
+        let err = spec(
+            "  neighbours:\n    - name: n\n      device: a/b\n      address: 10.0.0.300\n      lladdr: x\n      vni: 7\n",
+        )
+        .unwrap_err();
+        for want in [
+            "t.yaml:6:15: spec.neighbours[0].device: `a/b` is not a valid interface name",
+            "t.yaml:7:16: spec.neighbours[0].address:",
+            "t.yaml:8:15: spec.neighbours[0].lladdr: `x` is not a link-layer address",
+            "t.yaml:9:12: spec.neighbours[0].vni: `vni` belongs to an FDB entry",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+        let err = spec(
+            "  neighbours:\n    - name: n\n      device: vx0\n      lladdr: 0a:58:0a:f4:02:00\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("spec.neighbours[0]: needs `address`"), "{err}");
+        let err = spec("  sysctls:\n    - name: s\n      key: net.ipv4.conf.all.forwarding\n")
+            .unwrap_err();
+        assert!(err.contains("spec.sysctls[0].value: is required"), "{err}");
+        let err = spec("  links:\n    - name: l\n      device: eth0\n      mtu: 67\n").unwrap_err();
+        assert!(err.contains("must be between 68 and 65535"), "{err}");
+        // Two patterns for one device are fine (the first wins); one pattern twice is not.
+        let ok = spec("  links:\n    - {name: a, device: \"c*\", mtu: 1400}\n    - {name: b, device: \"*\", mtu: 1500}\n");
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = spec("  links:\n    - {name: a, device: \"c*\", mtu: 1400}\n    - {name: b, device: \"c*\", up: true}\n").unwrap_err();
+        assert!(err.contains("protects the same link as `a`"), "{err}");
+    }
+
+    #[test]
+    fn flood_entries_are_one_per_remote() {
+        let two = "  neighbours:\n    - {name: a, device: vx0, lladdr: \"00:00:00:00:00:00\", dst: 10.0.0.1}\n    - {name: b, device: vx0, lladdr: \"00:00:00:00:00:00\", dst: 10.0.0.2}\n";
+        let c = spec(two).unwrap();
+        assert_eq!(c.fdb.len(), 2);
+        let same = two.replace("10.0.0.2", "10.0.0.1");
+        let err = spec(&same).unwrap_err();
+        assert!(
+            err.contains("00:00:00:00:00:00 dev vx0 dst 10.0.0.1"),
+            "{err}"
+        );
+    }
 }

@@ -36,7 +36,11 @@ impl DesiredState {
             if links.contains_key(*name) {
                 continue;
             }
-            if let Some(p) = self.link_patterns.iter().find(|p| device_matches(&p.device, name)) {
+            if let Some(p) = self
+                .link_patterns
+                .iter()
+                .find(|p| device_matches(&p.device, name))
+            {
                 links.insert((*name).to_owned(), p.for_device(name));
             }
         }
@@ -108,12 +112,9 @@ mod tests {
         DesiredState {
             links: [(exact.device.clone(), exact)].into_iter().collect(),
             link_patterns: vec![link("cni", "cni*", 1450), link("every", "*", 1500)],
-            sysctls: [
-                (s_exact.key.clone(), s_exact),
-                (all.key.clone(), all),
-            ]
-            .into_iter()
-            .collect(),
+            sysctls: [(s_exact.key.clone(), s_exact), (all.key.clone(), all)]
+                .into_iter()
+                .collect(),
             sysctl_patterns: vec![
                 sysctl("lxc-rp", "lxc*", "rp_filter", 0),
                 sysctl("any-rp", "*", "rp_filter", 2),
@@ -145,7 +146,10 @@ mod tests {
         assert_eq!(rp("eth0"), Some(("any-rp".into(), 2)));
         // all-rp + lxc1-rp, rp_filter on 5 links (one exact), forwarding on lxc1 and lxc2.
         assert_eq!(d.sysctls.len(), 1 + 5 + 2);
-        assert!(!d.follow_links(["cni0", "cni1", "lxc1", "lxc2", "eth0"]), "no change");
+        assert!(
+            !d.follow_links(["cni0", "cni1", "lxc1", "lxc2", "eth0"]),
+            "no change"
+        );
     }
 
     #[test]
@@ -153,9 +157,18 @@ mod tests {
         let mut d = state();
         d.follow_links(["cni0", "cni1", "lxc1", "lxc2"]);
         assert!(d.follow_links(["lxc2"]));
-        assert_eq!(d.links.len(), 2, "the exact cni0 stays, pending: {:?}", d.links.keys());
+        assert_eq!(
+            d.links.len(),
+            2,
+            "the exact cni0 stays, pending: {:?}",
+            d.links.keys()
+        );
         assert!(d.links.contains_key("cni0") && d.links.contains_key("lxc2"));
-        assert_eq!(d.sysctls.len(), 2 + 2, "all-rp, lxc1-rp (exact), lxc2's two");
+        assert_eq!(
+            d.sysctls.len(),
+            2 + 2,
+            "all-rp, lxc1-rp (exact), lxc2's two"
+        );
         // No patterns: nothing to follow.
         let mut plain = DesiredState::default();
         assert!(!plain.has_patterns() && !plain.follow_links(["eth0"]));

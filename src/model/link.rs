@@ -110,7 +110,10 @@ mod tests {
         let down = ObservedLink { up: false, ..up };
         assert!(link(true, None).matches(&up));
         assert!(!link(true, None).matches(&down));
-        assert!(link(false, Some(1500)).matches(&down), "state not asked for");
+        assert!(
+            link(false, Some(1500)).matches(&down),
+            "state not asked for"
+        );
         assert!(!link(false, Some(1450)).matches(&up));
         let one = link(true, Some(1450)).for_device("cni0");
         assert_eq!(one.device, "cni0");

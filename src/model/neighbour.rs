@@ -259,7 +259,13 @@ mod tests {
     fn macs_parse_and_print_as_ip_does() {
         assert_eq!(mac("0A:58:0a:f4:02:0").to_string(), "0a:58:0a:f4:02:00");
         assert_eq!(mac("02-00-00-00-00-01"), mac("02:00:00:00:00:01"));
-        for bad in ["", "0a:58:0a:f4:02", "0a:58:0a:f4:02:00:01", "0g:00:00:00:00:00", "000:0:0:0:0:0"] {
+        for bad in [
+            "",
+            "0a:58:0a:f4:02",
+            "0a:58:0a:f4:02:00:01",
+            "0g:00:00:00:00:00",
+            "000:0:0:0:0:0",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
         assert!(mac("00:00:00:00:00:00").has_many_remotes());
@@ -293,7 +299,13 @@ mod tests {
         };
         assert!(d.matches(&o, Some(1)));
         assert!(!d.matches(&o, Some(2)));
-        assert!(d.matches(&ObservedFdb { vni: Some(1), ..o.clone() }, Some(2)));
+        assert!(d.matches(
+            &ObservedFdb {
+                vni: Some(1),
+                ..o.clone()
+            },
+            Some(2)
+        ));
         let other = ObservedFdb {
             dst: Some("192.168.1.13".parse().unwrap()),
             ..o.clone()
@@ -317,7 +329,10 @@ mod tests {
             state: NUD_PERMANENT,
         };
         assert!(d.matches(&ok));
-        assert!(!d.matches(&ObservedNeighbour { state: 0x02, ..ok.clone() }));
+        assert!(!d.matches(&ObservedNeighbour {
+            state: 0x02,
+            ..ok.clone()
+        }));
         assert!(!d.matches(&ObservedNeighbour {
             lladdr: Some(vec![0; 6]),
             ..ok.clone()

@@ -1,8 +1,6 @@
 //! Which protected object a finding, a repair or a status line is about, whatever its kind.
 
-use super::{
-    DesiredAddressKey, FdbId, Kind, NeighbourId, RouteKey, RuleKey, SysctlKey,
-};
+use super::{DesiredAddressKey, FdbId, Kind, NeighbourId, RouteKey, RuleKey, SysctlKey};
 
 /// A protected object of the rtnetlink loop, by the identity the kernel gives it (devices by
 /// name: they may not exist yet).

@@ -49,7 +49,12 @@ pub const SETTINGS: &[SettingInfo] = &[
     s(V4, "forwarding", 1, Some(NETCONFA_FORWARDING)),
     s(V4, "rp_filter", 2, Some(NETCONFA_RP_FILTER)),
     s(V4, "proxy_arp", 1, Some(NETCONFA_PROXY_NEIGH)),
-    s(V4, "ignore_routes_with_linkdown", 1, Some(NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN)),
+    s(
+        V4,
+        "ignore_routes_with_linkdown",
+        1,
+        Some(NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN),
+    ),
     s(V4, "accept_local", 1, None),
     s(V4, "route_localnet", 1, None),
     s(V4, "src_valid_mark", 1, None),
@@ -61,7 +66,12 @@ pub const SETTINGS: &[SettingInfo] = &[
     s(V4, "bc_forwarding", 1, None),
     s(V6, "forwarding", 1, Some(NETCONFA_FORWARDING)),
     s(V6, "proxy_ndp", 1, Some(NETCONFA_PROXY_NEIGH)),
-    s(V6, "ignore_routes_with_linkdown", 1, Some(NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN)),
+    s(
+        V6,
+        "ignore_routes_with_linkdown",
+        1,
+        Some(NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN),
+    ),
     s(V6, "accept_ra", 2, None),
     s(V6, "accept_redirects", 1, None),
     s(V6, "disable_ipv6", 1, None),
@@ -294,8 +304,14 @@ mod tests {
     #[test]
     fn keys_parse_as_sysctl_writes_them() {
         let (sel, s) = parse("net.ipv4.conf.all.forwarding").unwrap();
-        assert_eq!((sel, s.name(), s.family()), (DeviceSel::All, "forwarding", Family::Ipv4));
-        assert_eq!(parse("net.ipv4.ip_forward").unwrap(), parse("net.ipv4.conf.all.forwarding").unwrap());
+        assert_eq!(
+            (sel, s.name(), s.family()),
+            (DeviceSel::All, "forwarding", Family::Ipv4)
+        );
+        assert_eq!(
+            parse("net.ipv4.ip_forward").unwrap(),
+            parse("net.ipv4.conf.all.forwarding").unwrap()
+        );
         let (sel, s) = parse("net.ipv6.conf.default.forwarding").unwrap();
         assert_eq!((sel, s.family()), (DeviceSel::Default, Family::Ipv6));
         assert_eq!(
@@ -310,12 +326,20 @@ mod tests {
             parse("net.ipv4.conf.lxc*.rp_filter").unwrap().0,
             DeviceSel::Pattern("lxc*".into())
         );
-        assert!(parse("net.ipv6.conf.all.rp_filter").unwrap_err().contains("not an ipv6 setting"));
-        assert!(parse("kernel.panic").unwrap_err().contains("not a per-interface network setting"));
-        assert!(parse("net.ipv4.conf.all").unwrap_err().contains("names no setting"));
-        assert!(parse_key("net.ipv4.conf.a b.rp_filter", |d| Err(format!("bad {d}")))
+        assert!(parse("net.ipv6.conf.all.rp_filter")
             .unwrap_err()
-            .contains("bad a b"));
+            .contains("not an ipv6 setting"));
+        assert!(parse("kernel.panic")
+            .unwrap_err()
+            .contains("not a per-interface network setting"));
+        assert!(parse("net.ipv4.conf.all")
+            .unwrap_err()
+            .contains("names no setting"));
+        assert!(
+            parse_key("net.ipv4.conf.a b.rp_filter", |d| Err(format!("bad {d}")))
+                .unwrap_err()
+                .contains("bad a b")
+        );
     }
 
     #[test]
@@ -340,7 +364,9 @@ mod tests {
         assert_eq!(rp.name(), "rp_filter");
         assert!(rp.notified());
         assert_eq!(
-            Setting::of_netconf(Family::Ipv6, NETCONFA_PROXY_NEIGH).unwrap().name(),
+            Setting::of_netconf(Family::Ipv6, NETCONFA_PROXY_NEIGH)
+                .unwrap()
+                .name(),
             "proxy_ndp"
         );
         assert_eq!(Setting::of_netconf(Family::Ipv6, NETCONFA_RP_FILTER), None);

@@ -351,12 +351,17 @@ pub fn check_namespace_view() -> Result<(), String> {
     }
 }
 
-/// rtnetlink groups whose changes are watched: IPv4/IPv6 addresses, routes and rules.
+/// rtnetlink groups whose changes are watched: IPv4/IPv6 addresses, routes and rules. The loop
+/// adds neighbour entries while some are protected (see `EventFilter::set_membership`): their
+/// notifications name the changer for `ip neigh`-made changes; the kernel's own cache updates
+/// have port 0 and are skipped at once.
 const CHANGE_GROUPS: u32 = (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 18);
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
 /// A port sighted this recently is not looked up again.
@@ -376,7 +381,14 @@ pub fn change_ports(buf: &[u8]) -> Vec<u32> {
         }
         let change = matches!(
             ty,
-            RTM_NEWADDR | RTM_DELADDR | RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE
+            RTM_NEWADDR
+                | RTM_DELADDR
+                | RTM_NEWROUTE
+                | RTM_DELROUTE
+                | RTM_NEWRULE
+                | RTM_DELRULE
+                | RTM_NEWNEIGH
+                | RTM_DELNEIGH
         );
         if change && port != KERNEL_PORT {
             ports.push(port);

@@ -305,8 +305,7 @@ pub fn neighbour(msg: &NeighbourMessage) -> Option<(u32, IpAddr, ObservedNeighbo
 /// index and MAC; `None` for other families, entries of a bridge's own table (NTF_MASTER) and
 /// messages without a MAC.
 pub fn fdb(msg: &NeighbourMessage) -> Option<(u32, Mac, ObservedFdb)> {
-    if msg.header.family != AddressFamily::Bridge
-        || !msg.header.flags.contains(NeighbourFlags::Own)
+    if msg.header.family != AddressFamily::Bridge || !msg.header.flags.contains(NeighbourFlags::Own)
     {
         return None;
     }

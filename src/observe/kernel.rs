@@ -231,6 +231,31 @@ impl EventFilter {
     pub fn tables(&self) -> Option<&[u32]> {
         self.tables.as_deref()
     }
+
+    /// Joins or leaves a multicast group (RTNLGRP_*) on the socket.
+    pub fn set_membership(&self, group: u32, join: bool) {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        let opt = if join {
+            libc::NETLINK_ADD_MEMBERSHIP
+        } else {
+            libc::NETLINK_DROP_MEMBERSHIP
+        };
+        // SAFETY: `group` lives across the call; the kernel copies the int.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                opt,
+                &group as *const u32 as *const libc::c_void,
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            debug!(group, join, error = %e, "netlink group membership unchanged");
+        }
+    }
 }
 
 /// Whether request sockets have NETLINK_GET_STRICT_CHK (Linux ≥ 4.20): only then does the

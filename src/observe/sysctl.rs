@@ -54,15 +54,23 @@ impl SysctlFs {
     /// The value of a setting (a decimal integer, as the kernel prints it).
     pub fn read(&self, key: &SysctlKey) -> io::Result<u32> {
         let text = std::fs::read_to_string(self.path(key))?;
-        text.trim().parse::<i64>().map(|v| v.clamp(0, i64::from(u32::MAX)) as u32).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("`{}` is not a number", text.trim()))
-        })
+        text.trim()
+            .parse::<i64>()
+            .map(|v| v.clamp(0, i64::from(u32::MAX)) as u32)
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("`{}` is not a number", text.trim()),
+                )
+            })
     }
 
     /// Writes a setting: one `write` of the decimal value, as sysctl(8) does.
     pub fn write(&self, key: &SysctlKey, value: u32) -> io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().write(true).open(self.path(key))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(key))?;
         f.write_all(format!("{value}\n").as_bytes())
     }
 }
@@ -88,6 +96,9 @@ mod tests {
         fs.write(&key, 0).unwrap();
         assert_eq!(std::fs::read_to_string(fs.path(&key)).unwrap(), "0\n");
         std::fs::write(fs.path(&key), "x\n").unwrap();
-        assert_eq!(fs.read(&key).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            fs.read(&key).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
     }
 }

@@ -23,7 +23,12 @@ pub(super) fn plan_all(desired: &DesiredState, observed: &Mirror, plan: &mut Pla
     }
 }
 
-pub(super) fn plan_dirty(desired: &DesiredState, observed: &Mirror, dirty: &Dirty, plan: &mut Plan) {
+pub(super) fn plan_dirty(
+    desired: &DesiredState,
+    observed: &Mirror,
+    dirty: &Dirty,
+    plan: &mut Plan,
+) {
     for k in &dirty.neighbours {
         if let Some(n) = desired.neighbours.get(k) {
             plan_neighbour(n, observed, plan);
@@ -57,7 +62,15 @@ fn device_or_pending(
     let index = observed.link_index(device);
     if index.is_none() {
         let reason = format!("device {device} does not exist");
-        record(plan, id.clone(), name, object, mode, Finding::Pending { reason }, vec![]);
+        record(
+            plan,
+            id.clone(),
+            name,
+            object,
+            mode,
+            Finding::Pending { reason },
+            vec![],
+        );
     }
     index
 }

@@ -4,7 +4,7 @@
 
 use super::{Agent, Batch, Cause};
 use crate::model::fast::{HashMap, HashSet};
-use crate::model::sysctl::{Setting, SysctlKey};
+use crate::model::sysctl::{Scope, Setting, SysctlKey};
 use crate::model::ObjectId;
 use crate::obs::attribution::KERNEL_PORT;
 use crate::observe::events::{RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF, RTNLGRP_NEIGH};
@@ -22,10 +22,16 @@ impl Agent {
         self.mirror.set_neighbour_interest(NeighbourInterest {
             neighbours: d.neighbours.keys().cloned().collect(),
             fdb: d.fdb.keys().cloned().collect(),
+            devices: None,
         });
         let mut groups = Vec::new();
-        if !d.neighbours.is_empty() || !d.fdb.is_empty() {
+        let neighbours = !d.neighbours.is_empty() || !d.fdb.is_empty();
+        if neighbours {
             groups.push(RTNLGRP_NEIGH);
+        }
+        // Who deletes a neighbour entry is named only in the notification of its failure.
+        if let Some(f) = &self.sightings_filter {
+            f.set_membership(RTNLGRP_NEIGH, neighbours);
         }
         if !d.sysctls.is_empty() || !d.sysctl_patterns.is_empty() {
             groups.extend([RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF]);
@@ -123,6 +129,7 @@ impl Agent {
                 let Some(scope) = self.mirror.sysctl_scope(ifindex) else {
                     return;
                 };
+                batch.sysctl_default_changed |= scope == Scope::Default;
                 for setting in Setting::of_family(family) {
                     let id = ObjectId::Sysctl(SysctlKey {
                         scope: scope.clone(),
@@ -134,6 +141,22 @@ impl Agent {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A `default` setting changed: the kernel copied it to every device that never had its
+    /// own value written, without a notification for them. The protected device settings are
+    /// read again.
+    pub(super) fn reread_device_settings(&mut self, batch: &mut Batch) {
+        let keys: Vec<SysctlKey> = self
+            .desired
+            .sysctls
+            .keys()
+            .filter(|k| matches!(k.scope, Scope::Device(_)))
+            .cloned()
+            .collect();
+        for change in kernel::read_sysctls(&mut self.mirror, &keys) {
+            self.note_node(change, KERNEL_PORT, batch);
         }
     }
 

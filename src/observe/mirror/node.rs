@@ -4,17 +4,26 @@ use super::{Change, Mirror};
 use crate::model::fast::HashSet;
 use crate::model::neighbour::{ObservedFdb, ObservedNeighbour};
 use crate::model::sysctl::{Scope, Setting, SysctlKey, IFINDEX_ALL, IFINDEX_DEFAULT};
-use crate::model::{Family, FdbId, NeighbourId};
+use crate::model::{Family, FdbId, Mac, NeighbourId};
 use crate::observe::decode::{self, Netconf};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourMessage;
 use std::net::IpAddr;
 
-/// Which neighbour and FDB entries the mirror keeps: the protected ones (by device name).
+/// Which neighbour and FDB entries the mirror keeps: the protected ones (by device name), or
+/// (for `snapshot`) those of some devices.
 #[derive(Clone, Debug, Default)]
 pub struct NeighbourInterest {
     pub neighbours: HashSet<NeighbourId>,
     pub fdb: HashSet<FdbId>,
+    /// Every entry of these devices, besides.
+    pub devices: Option<HashSet<String>>,
+}
+
+impl NeighbourInterest {
+    fn device_wanted(&self, device: &str) -> bool {
+        self.devices.as_ref().is_some_and(|d| d.contains(device))
+    }
 }
 
 impl Mirror {
@@ -25,20 +34,37 @@ impl Mirror {
     /// Neighbour entries are dumped (and their notifications wanted) only when some are
     /// protected.
     pub fn wants_neighbours(&self) -> bool {
-        !self.neighbour_interest.neighbours.is_empty()
+        !self.neighbour_interest.neighbours.is_empty() || self.neighbour_interest.devices.is_some()
     }
 
     pub fn wants_fdb(&self) -> bool {
-        !self.neighbour_interest.fdb.is_empty()
+        !self.neighbour_interest.fdb.is_empty() || self.neighbour_interest.devices.is_some()
+    }
+
+    /// Every neighbour entry kept: device index, address, entry.
+    pub fn neighbours(&self) -> impl Iterator<Item = (u32, IpAddr, &ObservedNeighbour)> {
+        self.neighbours.iter().map(|((i, a), n)| (*i, *a, n))
+    }
+
+    /// Every FDB remote kept: device index, MAC, remote.
+    pub fn fdb_remotes(&self) -> impl Iterator<Item = (u32, Mac, &ObservedFdb)> {
+        self.fdb
+            .iter()
+            .flat_map(|((i, mac, _), list)| list.iter().map(move |r| (*i, *mac, r)))
     }
 
     /// The indexes of the existing devices that hold protected neighbour entries.
     pub fn neighbour_devices(&self) -> Vec<u32> {
-        let mut out: Vec<u32> = self
-            .neighbour_interest
+        let interest = &self.neighbour_interest;
+        let of_devices = self
+            .links()
+            .filter(|l| interest.device_wanted(&l.name))
+            .map(|l| l.index);
+        let mut out: Vec<u32> = interest
             .neighbours
             .iter()
             .filter_map(|n| self.link_index(&n.device))
+            .chain(of_devices)
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -76,7 +102,8 @@ impl Mirror {
                 return Change::Nothing;
             };
             let id = NeighbourId { device, address };
-            if !self.neighbour_interest.neighbours.contains(&id) {
+            let interest = &self.neighbour_interest;
+            if !interest.neighbours.contains(&id) && !interest.device_wanted(&id.device) {
                 return Change::Nothing;
             }
             if removed {
@@ -98,7 +125,8 @@ impl Mirror {
             lladdr: mac,
             dst,
         };
-        if !self.neighbour_interest.fdb.contains(&id) {
+        let interest = &self.neighbour_interest;
+        if !interest.fdb.contains(&id) && !interest.device_wanted(&id.device) {
             return Change::Nothing;
         }
         let remotes = self.fdb.entry((ifindex, mac, dst)).or_default();
@@ -188,7 +216,9 @@ impl Mirror {
         match ifindex {
             IFINDEX_ALL => Some(Scope::All),
             IFINDEX_DEFAULT => Some(Scope::Default),
-            i => Some(Scope::Device(self.link(u32::try_from(i).ok()?)?.name.clone())),
+            i => Some(Scope::Device(
+                self.link(u32::try_from(i).ok()?)?.name.clone(),
+            )),
         }
     }
 }
@@ -239,7 +269,7 @@ mod tests {
         let ours = neighbour("10.244.2.0");
         m.set_neighbour_interest(NeighbourInterest {
             neighbours: [ours.id()].into_iter().collect(),
-            fdb: HashSet::default(),
+            ..Default::default()
         });
         let add = |n: &DesiredNeighbour| M::NewNeighbour(encode::neighbour(n, 7));
         assert_eq!(m.ingest(&add(&neighbour("10.244.3.0"))), Change::Nothing);
@@ -270,8 +300,8 @@ mod tests {
         let f1 = fdb("00:00:00:00:00:00", "192.168.1.12");
         let f2 = fdb("00:00:00:00:00:00", "192.168.1.13");
         m.set_neighbour_interest(NeighbourInterest {
-            neighbours: HashSet::default(),
             fdb: [a.id(), f1.id(), f2.id()].into_iter().collect(),
+            ..Default::default()
         });
         let add = |f: &DesiredFdb| M::NewNeighbour(encode::fdb(f, 7));
         m.ingest(&add(&a));
@@ -329,6 +359,9 @@ mod tests {
         assert!(l.up);
         assert_eq!(l.mtu, Some(1400));
         m.ingest(&M::SetLink(encode::set_link(7, false, None)));
-        assert!(m.link(7).unwrap().up, "a request without the flag changes nothing");
+        assert!(
+            m.link(7).unwrap().up,
+            "a request without the flag changes nothing"
+        );
     }
 }
