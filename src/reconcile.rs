@@ -1333,11 +1333,7 @@ impl Agent {
                 }
                 Outcome::Failed(e) => {
                     self.failed.insert(step.id.clone());
-                    let errno = match e {
-                        apply::ApplyError::Kernel(errno) => format!("{errno:?}"),
-                        apply::ApplyError::Timeout(_) => "timeout".to_string(),
-                        apply::ApplyError::Socket(_) => "socket".to_string(),
-                    };
+                    let errno = e.label();
                     metrics
                         .apply_errors
                         .get_or_create(&ErrorLabels { kind, errno })

@@ -42,6 +42,30 @@ pub enum ApplyError {
     Timeout(Duration),
     #[error("the netlink socket failed: {0}")]
     Socket(String),
+    /// A setting could not be written (`path`: the file below the sysctl directory).
+    #[error("cannot write {path}: {desc}{hint}", desc = .errno.desc(), hint = write_hint(*.errno))]
+    Write { path: String, errno: Errno },
+}
+
+/// What to do about a setting that cannot be written.
+fn write_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::EROFS => " (in a container /proc/sys is read-only: mount the host's /proc/sys/net writable and pass --sysctl-dir, see docs/operator-guide.md)",
+        Errno::EACCES | Errno::EPERM => " (the agent needs to run as root or with CAP_NET_ADMIN)",
+        Errno::EINVAL => " (the kernel refused the value)",
+        _ => "",
+    }
+}
+
+impl ApplyError {
+    /// The errno label of `netwarden_apply_errors_total`.
+    pub fn label(&self) -> String {
+        match self {
+            ApplyError::Kernel(errno) | ApplyError::Write { errno, .. } => format!("{errno:?}"),
+            ApplyError::Timeout(_) => "timeout".to_string(),
+            ApplyError::Socket(_) => "socket".to_string(),
+        }
+    }
 }
 
 impl ApplyError {

@@ -19,7 +19,10 @@ pub(super) fn write_step(fs: &SysctlFs, step: &Step) -> Option<Outcome> {
             Ok(()) => Outcome::Applied,
             // The device is gone or not there yet (or this kernel has no such setting).
             Err(Errno::ENOENT) => Outcome::NotYet(Errno::ENODEV),
-            Err(e) => Outcome::Failed(ApplyError::Kernel(e)),
+            Err(errno) => Outcome::Failed(ApplyError::Write {
+                path: fs.path(key).display().to_string(),
+                errno,
+            }),
         });
         if outcome != Some(Outcome::Applied) {
             break;

@@ -166,3 +166,202 @@ fn plan_sysctl(s: &DesiredSysctl, observed: &Mirror, plan: &mut Plan) {
     }];
     record(plan, id, &s.name, s.describe(), s.mode, finding, ops);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{encode, record};
+    use crate::model::neighbour::NeighbourState;
+    use crate::model::sysctl::{Setting, SysctlKey};
+    use crate::model::{Family, Mode};
+    use crate::observe::mirror::NeighbourInterest;
+    use crate::plan::plan_all;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+
+    fn link(m: &mut Mirror, index: u32, name: &str, up: bool, mtu: u32) {
+        let mut l = LinkMessage::default();
+        l.header.index = index;
+        if up {
+            l.header.flags |= LinkFlags::Up;
+        }
+        l.attributes.push(LinkAttribute::IfName(name.into()));
+        l.attributes.push(LinkAttribute::Mtu(mtu));
+        m.ingest(&M::NewLink(l));
+    }
+
+    fn neighbour() -> DesiredNeighbour {
+        DesiredNeighbour {
+            name: "vtep".into(),
+            mode: Mode::Enforce,
+            device: "flannel.1".into(),
+            address: "10.244.2.0".parse().unwrap(),
+            lladdr: "0a:58:0a:f4:02:00".parse().unwrap(),
+            state: NeighbourState::Permanent,
+        }
+    }
+
+    fn fdb() -> DesiredFdb {
+        DesiredFdb {
+            name: "fdb".into(),
+            mode: Mode::Enforce,
+            device: "flannel.1".into(),
+            lladdr: "0a:58:0a:f4:02:00".parse().unwrap(),
+            dst: "192.168.1.12".parse().unwrap(),
+            vni: None,
+        }
+    }
+
+    fn sysctl(scope: Scope, value: u32) -> DesiredSysctl {
+        DesiredSysctl {
+            name: "rp".into(),
+            mode: Mode::Enforce,
+            key: SysctlKey {
+                scope,
+                setting: Setting::find(Family::Ipv4, "rp_filter").unwrap(),
+            },
+            value,
+            pattern: None,
+        }
+    }
+
+    fn desired() -> DesiredState {
+        let n = neighbour();
+        let f = fdb();
+        let l = DesiredLink {
+            name: "flannel-up".into(),
+            mode: Mode::Enforce,
+            device: "flannel.1".into(),
+            up: true,
+            mtu: Some(1450),
+            pattern: None,
+        };
+        let s = sysctl(Scope::Device("flannel.1".into()), 0);
+        let all = sysctl(Scope::All, 0);
+        DesiredState {
+            neighbours: [(n.id(), n)].into_iter().collect(),
+            fdb: [(f.id(), f)].into_iter().collect(),
+            links: [(l.device.clone(), l)].into_iter().collect(),
+            sysctls: [(s.key.clone(), s), (all.key.clone(), all)]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn mirror(d: &DesiredState) -> Mirror {
+        let mut m = Mirror::default();
+        m.set_neighbour_interest(NeighbourInterest {
+            neighbours: d.neighbours.keys().cloned().collect(),
+            fdb: d.fdb.keys().cloned().collect(),
+            devices: None,
+        });
+        m
+    }
+
+    fn apply(m: &mut Mirror, plan: &Plan) {
+        for op in plan.steps.iter().flat_map(|s| &s.ops) {
+            record(m, op);
+        }
+    }
+
+    #[test]
+    fn everything_waits_for_its_device_then_is_put_in_place() {
+        let d = desired();
+        let mut m = mirror(&d);
+        let p = plan_all(&d, &m);
+        let pending = |p: &Plan| {
+            p.drift
+                .iter()
+                .filter(|x| matches!(x.finding, Finding::Pending { .. }))
+                .count()
+        };
+        assert_eq!(pending(&p), 4, "all but `all`: {p:#?}");
+        assert_eq!(p.steps.len(), 1);
+        link(&mut m, 7, "flannel.1", false, 1500);
+        let p = plan_all(&d, &m);
+        assert_eq!(pending(&p), 0);
+        // The link first, then its setting (after `all`), then the entries on it.
+        let kinds: Vec<&str> = p.steps.iter().map(|s| s.id.kind().as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["link", "sysctl", "sysctl", "fdb", "neighbour"],
+            "{p:#?}"
+        );
+        assert!(matches!(
+            p.steps[0].ops[..],
+            [Op::SetLink {
+                ifindex: 7,
+                up: true,
+                mtu: Some(1450)
+            }]
+        ));
+        assert!(matches!(&p.steps[1].id, ObjectId::Sysctl(k) if k.scope == Scope::All));
+        apply(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty(), "{:#?}", plan_all(&d, &m));
+    }
+
+    #[test]
+    fn only_what_differs_is_repaired() {
+        let d = desired();
+        let mut m = mirror(&d);
+        link(&mut m, 7, "flannel.1", true, 1400);
+        let p = plan_all(&d, &m);
+        apply(&mut m, &p);
+        // Up already: only the MTU is set.
+        let l = p
+            .steps
+            .iter()
+            .find(|s| s.id.kind().as_str() == "link")
+            .unwrap();
+        assert_eq!(
+            l.ops,
+            [Op::SetLink {
+                ifindex: 7,
+                up: false,
+                mtu: Some(1450)
+            }]
+        );
+        // Another MAC and another remote: different, replaced in place.
+        let mut other = neighbour();
+        other.lladdr = "0a:58:0a:f4:09:09".parse().unwrap();
+        m.ingest(&M::NewNeighbour(encode::neighbour(&other, 7)));
+        let mut moved = fdb();
+        moved.dst = "192.168.1.99".parse().unwrap();
+        m.ingest(&M::NewNeighbour(encode::fdb(&moved, 7)));
+        let key = sysctl(Scope::All, 0).key;
+        m.set_sysctl(&key, 2);
+        let p = plan_all(&d, &m);
+        let observed: Vec<String> = p
+            .drift
+            .iter()
+            .map(|x| match &x.finding {
+                Finding::Different { observed } => observed.clone(),
+                f => format!("{f:?}"),
+            })
+            .collect();
+        assert_eq!(
+            observed,
+            [
+                "net.ipv4.conf.all.rp_filter = 2",
+                "dst 192.168.1.99",
+                "lladdr 0a:58:0a:f4:09:09 permanent"
+            ]
+        );
+        apply(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty());
+    }
+
+    #[test]
+    fn observe_mode_reports_and_changes_nothing() {
+        let mut d = desired();
+        for l in d.links.values_mut() {
+            l.mode = Mode::Observe;
+        }
+        let mut m = mirror(&d);
+        link(&mut m, 7, "flannel.1", false, 1450);
+        let p = plan_all(&d, &m);
+        assert!(p.drift.iter().any(|x| x.kind.as_str() == "link"));
+        assert!(!p.steps.iter().any(|s| s.id.kind().as_str() == "link"));
+    }
+}
