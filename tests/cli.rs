@@ -156,7 +156,10 @@ fn check_json_is_one_documented_document_and_o_is_short_for_output() {
     assert_eq!(doc["inSync"], false);
     assert_eq!(
         doc["protected"],
-        serde_json::json!({"rules": 3, "routes": 3, "addresses": 1, "chains": 0, "ipsets": 0})
+        serde_json::json!({
+            "rules": 3, "routes": 3, "addresses": 1, "chains": 0, "ipsets": 0,
+            "neighbours": 0, "fdb": 0, "links": 0, "sysctls": 0
+        })
     );
     for item in doc["drift"].as_array().unwrap() {
         for key in ["kind", "name", "object", "mode", "state", "detail"] {

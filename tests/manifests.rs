@@ -534,6 +534,9 @@ fn daemonset_is_least_privilege_and_host_wide() {
     assert_eq!(host_path_at("/var/lib/netwarden"), "/var/lib/netwarden");
     assert!(arg("--state-file").starts_with("/var/lib/netwarden/"));
     assert_eq!(host_path_at("/run/xtables.lock"), "/run/xtables.lock");
+    // Settings are written through the host's /proc/sys/net (the container's is read-only),
+    // where --sysctl-dir points.
+    assert_eq!(host_path_at(arg("--sysctl-dir")), "/proc/sys/net");
     // Every volume mounted by the read-only container is a hostPath or an emptyDir.
     assert!(volumes
         .iter()
