@@ -54,3 +54,4 @@ bench: deps
 	$(CARGO) bench --locked --bench scale
 	$(CARGO) bench --locked --bench nftables
 	$(CARGO) bench --locked --bench probes
+	$(CARGO) bench --locked --bench node_state
