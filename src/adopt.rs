@@ -3,6 +3,10 @@
 //! forgotten when one of their owners removes them. Pure: selector matching and the
 //! restore-or-forget decision; the loop does the I/O.
 
+mod neighbours;
+
+pub use neighbours::{select_neighbours, NeighbourSelector};
+
 use crate::model::route::ObservedRoute;
 use crate::model::{DesiredRoute, DesiredRule, Family, Mode, RouteKey, RuleKey};
 
@@ -67,12 +71,7 @@ impl RouteSelector {
 
 /// `eni*` matches every name starting with `eni`; anything else matches itself. (Also the
 /// syntax of chain and set name patterns.)
-pub fn device_matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => pattern == name,
-    }
-}
+pub use crate::model::link::device_matches;
 
 /// Which iptables chains a selector adopts: user chains (never builtin ones) of these tables
 /// whose name matches one of the patterns.
@@ -114,6 +113,8 @@ pub struct AdoptSelector {
     pub routes: Option<RouteSelector>,
     pub chains: Option<ChainSelector>,
     pub ipsets: Option<SetSelector>,
+    /// Permanent neighbour and VXLAN FDB entries of some devices.
+    pub neighbours: Option<NeighbourSelector>,
     /// Command names (as in /proc/PID/comm, at most 15 bytes) whose removals are legitimate.
     pub owners: Vec<String>,
     pub unknown_actor: UnknownActor,
@@ -329,6 +330,7 @@ mod tests {
             routes: None,
             chains: None,
             ipsets: None,
+            neighbours: None,
             owners: vec!["aws-k8s-agent".into(), "aws-cni".into()],
             unknown_actor: policy,
             pod_liveness: None,

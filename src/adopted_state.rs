@@ -374,6 +374,7 @@ mod tests {
                 routes: Some(routes),
                 chains: None,
                 ipsets: None,
+                neighbours: None,
                 owners: vec!["aws-k8s-agent".into()],
                 unknown_actor: crate::adopt::UnknownActor::Restore,
                 pod_liveness: None,

@@ -20,7 +20,7 @@ pub async fn check(desired: &mut DesiredState) -> Result<Plan, ObserveError> {
     mirror.set_neighbour_interest(NeighbourInterest {
         neighbours: desired.neighbours.keys().cloned().collect(),
         fdb: desired.fdb.keys().cloned().collect(),
-        devices: None,
+        devices: Vec::new(),
     });
     kernel::dump_all(&mut handle, &mut mirror).await?;
     let links: Vec<String> = mirror.links().map(|l| l.name.clone()).collect();

@@ -129,7 +129,9 @@ fn main() -> ExitCode {
             netns.as_deref(),
             &tables,
             priorities.as_deref(),
-            [chains, sets, addresses, nft_tables, neighbours, links, sysctls],
+            [
+                chains, sets, addresses, nft_tables, neighbours, links, sysctls,
+            ],
             (mode, content, membership),
             iptables_backend,
         ),

@@ -75,6 +75,8 @@ struct Batch {
     /// A `default` setting changed: the kernel copies it, silently, to every device that never
     /// had its own value written.
     sysctl_default_changed: bool,
+    /// Adopted neighbour and FDB entries removed in this batch (judged like adopted rules).
+    adopted_node_removed: Vec<ObjectId>,
 }
 
 /// Why a full refresh ran.
@@ -212,6 +214,8 @@ pub struct Agent {
     placing: HashSet<ObjectId>,
     /// When the settings the kernel does not notify were last read.
     polled_at: Instant,
+    /// Adopted neighbour and FDB entries (in `desired` too), by the selector that adopted them.
+    adopted_node: HashMap<ObjectId, String>,
 }
 
 impl Agent {
@@ -306,6 +310,7 @@ impl Agent {
             liveness: Tracker::default(),
             placing: HashSet::default(),
             polled_at: Instant::now(),
+            adopted_node: HashMap::default(),
         };
         agent.sync_interest();
         agent.full_resync(ResyncReason::Start).await?;
@@ -423,6 +428,7 @@ impl Agent {
         // The new config's device patterns cover the links there are before anything is
         // compared with the old one.
         self.follow_links(false);
+        self.keep_adopted_node(&old);
         // What liveness dismissed stays dismissed (in Kubernetes mode a reload comes with any
         // Service change: clearing would protect a stale rule anew each time), unless no
         // podLiveness selector would adopt it any more.
@@ -651,6 +657,9 @@ impl Agent {
         }
         if !batch.adopted_removed.is_empty() {
             self.judge_adopted_removals(&mut batch);
+        }
+        if !batch.adopted_node_removed.is_empty() {
+            self.judge_adopted_node_removals(&mut batch);
         }
         if batch.adoption_changed {
             if self.sync_liveness() {

@@ -629,3 +629,145 @@ fn settings_are_repaired_with_the_daemonsets_capabilities_through_a_writable_mou
     });
     agent.wait_log(&["restored", "sysctls=1"]);
 }
+
+/// `ip` under flannel's command name: what it does is done by `flanneld` for the agent.
+fn flanneld(dir: &std::path::Path) -> std::path::PathBuf {
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+        .expect("the ip tool");
+    let owner = dir.join("flanneld");
+    std::fs::copy(ip, &owner).unwrap();
+    owner
+}
+
+#[test]
+fn adopted_flannel_entries_follow_their_owner_and_are_restored_for_others() {
+    let ns = vxlan_sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "  adopt:\n    - name: flannel\n      neighbours:\n        devices: [flannel.1]\n      owners: [flanneld]\n",
+    );
+    let owner = flanneld(dir.path());
+    let mut agent = Agent::start(&ns, &cfg);
+    // flanneld learns of node 2: its neighbour entry and FDB entry appear, and are adopted.
+    drop(IpBatch::run_with(
+        &ns,
+        &owner,
+        "neigh add 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev flannel.1 nud permanent",
+    ));
+    must(
+        &ns,
+        &[
+            "bridge",
+            "fdb",
+            "append",
+            VTEP_MAC,
+            "dev",
+            "flannel.1",
+            "dst",
+            "10.200.0.2",
+            "self",
+            "permanent",
+        ],
+    );
+    agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/10.244.2.0"]);
+    agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/0a:58:0a:f4:02:00"]);
+
+    // Someone else flushes them: restored.
+    drop(IpBatch::run(&ns, "neigh flush dev flannel.1 nud all"));
+    must(
+        &ns,
+        &["bridge", "fdb", "del", VTEP_MAC, "dev", "flannel.1", "self"],
+    );
+    wait_until("both entries restored", || {
+        count(&neighbours(&ns), NEIGH) == 1 && count(&fdb(&ns), FDB) == 1
+    });
+
+    // A reload that keeps the selector keeps them protected.
+    let hup = |agent: &Agent| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    hup(&agent);
+    agent.wait_log_all(&["full refresh", "config_change"]);
+    drop(IpBatch::run(&ns, "neigh flush dev flannel.1 nud all"));
+    wait_until("the neighbour entry restored after the reload", || {
+        count(&neighbours(&ns), NEIGH) == 1
+    });
+
+    // The node's address changes: flanneld points the FDB entry elsewhere. Followed, not fought.
+    must(
+        &ns,
+        &[
+            "bridge",
+            "fdb",
+            "replace",
+            VTEP_MAC,
+            "dev",
+            "flannel.1",
+            "dst",
+            "10.200.0.3",
+            "self",
+            "permanent",
+        ],
+    );
+    agent.wait_log_all(&["adopted", "dst 10.200.0.3", "followed=true"]);
+    assert!(
+        fdb(&ns).iter().any(|l| l.contains("dst 10.200.0.3")),
+        "{:?}",
+        fdb(&ns)
+    );
+
+    // Node 2 leaves: flanneld removes the pair. Both are forgotten, not restored.
+    drop(IpBatch::run_with(
+        &ns,
+        &owner,
+        "neigh del 10.244.2.0 dev flannel.1",
+    ));
+    must(
+        &ns,
+        &["bridge", "fdb", "del", VTEP_MAC, "dev", "flannel.1", "self"],
+    );
+    agent.wait_log_all(&["forgotten", "actor=flanneld"]);
+    wait_until("nothing protected any more", || {
+        rig::status(&agent.http()).objects.is_empty()
+    });
+    for kind in ["neighbour", "fdb"] {
+        assert_eq!(
+            metric(
+                &agent,
+                "netwarden_adopted_forgotten_total",
+                &[("kind", kind), ("reason", "owner")]
+            ),
+            1.0,
+            "{kind}"
+        );
+    }
+    assert!(neighbours(&ns).is_empty() && fdb(&ns).iter().all(|l| !l.contains(VTEP_MAC)));
+
+    // Once more, then a reload without the selector: no longer protected.
+    drop(IpBatch::run_with(
+        &ns,
+        &owner,
+        "neigh add 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev flannel.1 nud permanent",
+    ));
+    agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/10.244.2.0"]);
+    config(dir.path(), "  rules: []\n");
+    hup(&agent);
+    agent.wait_log_all(&["full refresh", "config_change"]);
+    drop(IpBatch::run(&ns, "neigh flush dev flannel.1 nud all"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(600);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            neighbours(&ns).is_empty(),
+            "restored after its selector went"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -105,11 +105,12 @@ impl Builder<'_> {
             && a.chains.is_none()
             && a.ipsets.is_none()
             && a.nftables.is_none()
+            && a.neighbours.is_none()
         {
             self.error(
                 obj.at,
                 obj.path.clone(),
-                "adopts nothing: give `rules` (priority, table, protocols, family), `routes` (table, protocols, device, family), `chains` (names, table, family), `ipsets` (names) or `nftables` (tables, family)",
+                "adopts nothing: give `rules` (priority, table, protocols, family), `routes` (table, protocols, device, family), `chains` (names, table, family), `ipsets` (names), `nftables` (tables, family) or `neighbours` (devices)",
             );
             return None;
         }
@@ -146,6 +147,14 @@ impl Builder<'_> {
                 r
             }
         };
+        let neighbours = match &a.neighbours {
+            None => None,
+            Some(raw) => {
+                let r = self.neighbour_selector(obj, raw);
+                ok &= r.is_some();
+                r
+            }
+        };
         let pod_liveness = self.pod_liveness(obj, a);
         ok &= pod_liveness.is_ok();
         let name = name?;
@@ -156,6 +165,7 @@ impl Builder<'_> {
             routes,
             chains,
             ipsets,
+            neighbours,
             owners,
             unknown_actor: unknown,
             pod_liveness: pod_liveness.ok().flatten(),

@@ -4,7 +4,7 @@
 //! kinds (their values do not come from cluster facts), so a template here is an error.
 
 use super::build::{Builder, Object};
-use super::raw::{RawLink, RawNeighbour, RawSpec, RawSysctl, Scalar};
+use super::raw::{RawLink, RawNeighbour, RawNeighbourSelector, RawSpec, RawSysctl, Scalar};
 use super::values;
 use crate::model::neighbour::NeighbourState;
 use crate::model::sysctl::{parse_key, DeviceSel, Scope, SysctlKey};
@@ -133,6 +133,32 @@ impl Builder<'_> {
             }
         }
         out
+    }
+
+    /// `spec.adopt[].neighbours`: the devices whose entries are adopted.
+    pub(super) fn neighbour_selector(
+        &mut self,
+        obj: &Object,
+        raw: &serde_saphyr::Spanned<RawNeighbourSelector>,
+    ) -> Option<crate::adopt::NeighbourSelector> {
+        let path = obj.field("neighbours");
+        let mut devices = Vec::new();
+        let mut ok = true;
+        for (j, d) in raw.value.devices.iter().flatten().enumerate() {
+            match self.opt(d, format!("{path}.devices[{j}]"), device_or_pattern) {
+                Some(d) => devices.push(d),
+                None => ok = false,
+            }
+        }
+        if raw.value.devices.as_ref().is_none_or(Vec::is_empty) {
+            self.error(
+                raw.referenced,
+                format!("{path}.devices"),
+                "is required: name the devices whose entries are adopted (e.g. flannel.1)",
+            );
+            ok = false;
+        }
+        ok.then_some(crate::adopt::NeighbourSelector { devices })
     }
 
     /// Templates are not expanded in these kinds: each one found is an error.
@@ -399,6 +425,20 @@ mod tests {
         assert!(ok.is_ok(), "{ok:?}");
         let err = spec("  links:\n    - {name: a, device: \"c*\", mtu: 1400}\n    - {name: b, device: \"c*\", up: true}\n").unwrap_err();
         assert!(err.contains("protects the same link as `a`"), "{err}");
+    }
+
+    #[test]
+    fn adopt_selectors_name_the_devices_of_neighbour_entries() {
+        let c = spec("  adopt:\n    - name: flannel\n      neighbours:\n        devices: [flannel.1, \"vxlan*\"]\n      owners: [flanneld]\n").unwrap();
+        let n = c.adopt[0].neighbours.as_ref().unwrap();
+        assert!(n.matches("flannel.1") && n.matches("vxlan.calico") && !n.matches("eth0"));
+        let err = spec("  adopt:\n    - name: flannel\n      neighbours: {devices: []}\n      owners: [flanneld]\n").unwrap_err();
+        assert!(
+            err.contains("spec.adopt[0].neighbours.devices: is required"),
+            "{err}"
+        );
+        let err = spec("  adopt:\n    - name: flannel\n      neighbours: {devices: [\"a b\"]}\n      owners: [flanneld]\n").unwrap_err();
+        assert!(err.contains("spec.adopt[0].neighbours.devices[0]"), "{err}");
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub(super) struct RawAdopt {
     pub chains: Option<Spanned<RawChainSelector>>,
     pub ipsets: Option<Spanned<RawSetSelector>>,
     pub nftables: Option<Spanned<super::nftables::RawNftSelector>>,
+    pub neighbours: Option<Spanned<RawNeighbourSelector>>,
     pub owners: Option<Vec<Scalar>>,
     #[serde(rename = "unknownActor")]
     pub unknown_actor: Scalar,
@@ -120,6 +121,12 @@ pub(super) struct RawChainSelector {
     pub family: Scalar,
     pub table: Scalar,
     pub names: Option<Vec<Scalar>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNeighbourSelector {
+    pub devices: Option<Vec<Scalar>>,
 }
 
 #[derive(Debug, DeriveDeserialize)]

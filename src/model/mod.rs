@@ -11,8 +11,8 @@ pub mod neighbour;
 pub mod object;
 pub mod route;
 pub mod rule;
-pub mod text;
 pub mod sysctl;
+pub mod text;
 
 /// Hash maps and sets keyed by kernel objects. A mass repair hashes every rule and route key a
 /// dozen times (mirror, desired state, plan, contest, status); with std's SipHash that was the

@@ -470,6 +470,7 @@ mod tests {
             ipsets: Some(SetSelector {
                 names: vec!["kube-router-*".into()],
             }),
+            neighbours: None,
             owners: vec!["kube-router".into()],
             unknown_actor: policy,
             pod_liveness: None,

@@ -163,6 +163,7 @@ mod tests {
                 routes: None,
                 chains: None,
                 ipsets: None,
+                neighbours: None,
                 owners: vec!["kube-proxy".into()],
                 unknown_actor: UnknownActor::Restore,
                 pod_liveness: None,

@@ -254,7 +254,7 @@ mod tests {
         m.set_neighbour_interest(NeighbourInterest {
             neighbours: d.neighbours.keys().cloned().collect(),
             fdb: d.fdb.keys().cloned().collect(),
-            devices: None,
+            devices: Vec::new(),
         });
         m
     }

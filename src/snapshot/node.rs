@@ -2,7 +2,6 @@
 //! the forwarding and rp_filter settings, of the devices the selectors pick.
 
 use super::{matches, object_name, q, Names, Selectors};
-use crate::model::fast::HashSet;
 use crate::model::neighbour::{Mac, NUD_NOARP, NUD_PERMANENT};
 use crate::model::sysctl::{Scope, Setting, SysctlKey};
 use crate::model::Family;
@@ -27,13 +26,14 @@ pub(super) async fn want_neighbours(
     re: &Regex,
 ) -> Result<(), ObserveError> {
     kernel::dump(handle, mirror, kernel::Dump::Links).await?;
-    let devices: HashSet<String> = mirror
+    // Names without `*` are patterns that match themselves.
+    let devices: Vec<String> = mirror
         .links()
-        .filter(|l| matches(re, &l.name))
+        .filter(|l| matches(re, &l.name) && !l.name.ends_with('*'))
         .map(|l| l.name.clone())
         .collect();
     mirror.set_neighbour_interest(NeighbourInterest {
-        devices: Some(devices),
+        devices,
         ..Default::default()
     });
     Ok(())

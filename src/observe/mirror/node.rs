@@ -2,6 +2,7 @@
 
 use super::{Change, Mirror};
 use crate::model::fast::HashSet;
+use crate::model::link::device_matches;
 use crate::model::neighbour::{ObservedFdb, ObservedNeighbour};
 use crate::model::sysctl::{Scope, Setting, SysctlKey, IFINDEX_ALL, IFINDEX_DEFAULT};
 use crate::model::{Family, FdbId, Mac, NeighbourId};
@@ -16,13 +17,13 @@ use std::net::IpAddr;
 pub struct NeighbourInterest {
     pub neighbours: HashSet<NeighbourId>,
     pub fdb: HashSet<FdbId>,
-    /// Every entry of these devices, besides.
-    pub devices: Option<HashSet<String>>,
+    /// Every entry of the devices these patterns match, besides (adopt selectors, snapshot).
+    pub devices: Vec<String>,
 }
 
 impl NeighbourInterest {
     fn device_wanted(&self, device: &str) -> bool {
-        self.devices.as_ref().is_some_and(|d| d.contains(device))
+        self.devices.iter().any(|p| device_matches(p, device))
     }
 }
 
@@ -34,11 +35,12 @@ impl Mirror {
     /// Neighbour entries are dumped (and their notifications wanted) only when some are
     /// protected.
     pub fn wants_neighbours(&self) -> bool {
-        !self.neighbour_interest.neighbours.is_empty() || self.neighbour_interest.devices.is_some()
+        !self.neighbour_interest.neighbours.is_empty()
+            || !self.neighbour_interest.devices.is_empty()
     }
 
     pub fn wants_fdb(&self) -> bool {
-        !self.neighbour_interest.fdb.is_empty() || self.neighbour_interest.devices.is_some()
+        !self.neighbour_interest.fdb.is_empty() || !self.neighbour_interest.devices.is_empty()
     }
 
     /// Every neighbour entry kept: device index, address, entry.
