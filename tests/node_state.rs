@@ -694,6 +694,10 @@ fn adopted_flannel_entries_follow_their_owner_and_are_restored_for_others() {
         )
         .unwrap()
     };
+    config(
+        dir.path(),
+        "  pollInterval: 2s\n  adopt:\n    - name: flannel\n      neighbours:\n        devices: [flannel.1]\n      owners: [flanneld]\n",
+    );
     hup(&agent);
     agent.wait_log_all(&["full refresh", "config_change"]);
     drop(IpBatch::run(&ns, "neigh flush dev flannel.1 nud all"));
