@@ -14,6 +14,7 @@ use std::time::Instant;
 const VTEP_MAC: &str = "0a:58:0a:f4:02:00";
 const NEIGH: &str = "10.244.2.0 lladdr 0a:58:0a:f4:02:00 PERMANENT";
 const FDB: &str = "0a:58:0a:f4:02:00 dst 10.200.0.2 self permanent";
+const NEIGH6: &str = "fd00:244:2:: lladdr 0a:58:0a:f4:02:00 PERMANENT";
 
 /// The sandbox, with `flannel.1` as flannel's VXLAN backend makes it (VNI 1, port 8472, on
 /// veth0, no learning).
@@ -73,6 +74,10 @@ const FLANNEL_SPEC: &str = r#"  resync: 1h
       device: flannel.1
       address: 10.244.2.0
       lladdr: 0a:58:0a:f4:02:00
+    - name: vtep6-node2
+      device: flannel.1
+      address: "fd00:244:2::"
+      lladdr: 0a:58:0a:f4:02:00
     - name: fdb-node2
       device: flannel.1
       lladdr: 0a:58:0a:f4:02:00
@@ -91,9 +96,11 @@ fn flushed_neighbour_and_deleted_fdb_entries_come_back() {
     // `ip neigh flush` leaves permanent entries alone unless told `nud all` (or permanent), as
     // an operator clearing a device does. The process stays until its batch ends, so the
     // attribution is not a race with its exit.
+    assert_eq!(count(&neighbours(&ns), NEIGH6), 1, "{:?}", neighbours(&ns));
     let flush = IpBatch::run(&ns, "neigh flush dev flannel.1 nud all");
-    wait_until("the neighbour entry back", || {
+    wait_until("the IPv4 and IPv6 neighbour entries back", || {
         count(&neighbours(&ns), NEIGH) == 1
+            && count(&neighbours(&ns), NEIGH6) == 1
             && metric(
                 &agent,
                 "netwarden_drift_detected_total",
@@ -159,7 +166,7 @@ fn flushed_neighbour_and_deleted_fdb_entries_come_back() {
         &["ip", "neigh", "del", "10.244.3.0", "dev", "flannel.1"],
     );
     let status = rig::wait_all_in_sync(&agent.http(), WAIT);
-    assert_eq!(status.objects.len(), 2, "{status:#?}");
+    assert_eq!(status.objects.len(), 3, "{status:#?}");
     assert!(!neighbours(&ns).iter().any(|l| l.contains("10.244.3.0")));
 }
 
@@ -312,6 +319,7 @@ fn a_link_set_down_or_given_another_mtu_is_put_right() {
     wait_until("up again, its entries back", || {
         link_line(&ns, "flannel.1").contains(",UP")
             && count(&neighbours(&ns), NEIGH) == 1
+            && count(&neighbours(&ns), NEIGH6) == 1
             && count(&fdb(&ns), FDB) == 1
     });
     wait_until("the link drift counted", || {
@@ -330,7 +338,7 @@ fn a_link_set_down_or_given_another_mtu_is_put_right() {
             &json["protected"]["neighbours"],
             &json["protected"]["fdb"]
         ),
-        (&1.into(), &1.into(), &1.into())
+        (&1.into(), &2.into(), &1.into())
     );
 }
 
@@ -443,7 +451,7 @@ fn observe_mode_reports_missing_node_state_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("1 neighbour, 1 FDB entry, 1 sysctl") && table.contains("fdb-node2"),
+        table.contains("2 neighbours, 1 FDB entry, 1 sysctl") && table.contains("fdb-node2"),
         "{table}"
     );
 }
