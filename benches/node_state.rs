@@ -49,7 +49,7 @@ fn mac_text(i: usize) -> String {
 
 /// The devices whose forwarding is flipped: both ends of every pair.
 fn device(i: usize) -> String {
-    format!("bn{}{}", i / 2, if i % 2 == 0 { 'a' } else { 'b' })
+    format!("bn{}{}", i / 2, if i.is_multiple_of(2) { 'a' } else { 'b' })
 }
 
 fn setup(sb: &Sandbox) -> Result<()> {
