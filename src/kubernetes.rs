@@ -3,7 +3,8 @@
 use crate::cli::{BackendChoice, KubeArgs};
 use anyhow::Context;
 use netwarden::cluster::{self, Message};
-use netwarden::netfilter::guard::{Guard, GuardReload};
+use netwarden::netfilter::guard::{Guard, GuardError, GuardReload};
+use netwarden::netfilter::tools::Binaries;
 use netwarden::{obs, reconcile};
 use std::process::ExitCode;
 use tokio::sync::mpsc;
@@ -78,7 +79,7 @@ pub fn run(
             let agent = reconcile::Agent::start_adopting(
                 ex.desired.clone(),
                 cfg.resync,
-                telemetry,
+                telemetry.clone(),
                 adopted_state,
             )
             .await?
@@ -95,15 +96,19 @@ pub fn run(
             r = start => r?,
         };
         let (nft_tx, nft_rx) = mpsc::channel(4);
+        let telemetry_reject = telemetry;
         let guard = guard.with_store(agent.adopted_store());
+        let canon = guard.canonicaliser();
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);
         // Fans the updates out to the two loops, each only when its part changed: a Service
-        // change that moves no rule must not make the rtnetlink loop re-read the kernel.
+        // change that moves no rule must not make the rtnetlink loop re-read the kernel. A
+        // ConfigMap edit reaches the guard even when its chains stay the same: it re-affirms them.
         let forward = async move {
             let (mut desired, mut chains, mut sets) = (ex.desired, ex.chains, ex.ipsets);
             let mut adopt = cfg.adopt.clone();
             let mut nftables = cfg.nftables.clone();
+            let mut last = cfg.clone();
             let (mut poll, mut resync) = (cfg.poll_interval, cfg.resync);
             while let Some(m) = updates.recv().await {
                 let u = match m {
@@ -111,6 +116,21 @@ pub fn run(
                     Message::Fatal(e) => return Err(anyhow::Error::new(e)),
                 };
                 let (c, e) = (&u.config, u.expansion);
+                // Rule specs iptables cannot hold as written refuse the edit as a whole.
+                let checked = canon.canonicalise(&Binaries, &e.chains, &e.ipsets).await;
+                if !checked.refused.is_empty() {
+                    let error = GuardError::Refused(checked.refused).to_string();
+                    tracing::error!(error = %error, "config refused; keeping the config in use");
+                    telemetry_reject.config_loaded(false);
+                    telemetry_reject.notice(obs::Notice::ConfigRejected {
+                        source: "ConfigMap".into(),
+                        error,
+                    });
+                    continue;
+                }
+                // A new parse of the ConfigMap (facts-only updates share the last one).
+                let edited = !std::sync::Arc::ptr_eq(c, &last);
+                last = c.clone();
                 if c.nftables != nftables {
                     nftables = c.nftables.clone();
                     if nft_tx.send(c.nftables.clone()).await.is_err() {
@@ -127,7 +147,8 @@ pub fn run(
                         break;
                     }
                 }
-                if e.chains != chains
+                if edited
+                    || e.chains != chains
                     || e.ipsets != sets
                     || c.adopt != adopt
                     || c.poll_interval != poll

@@ -6,7 +6,9 @@ use clap::Parser;
 use cli::{emit, BackendChoice, Cli, Command, LogFormat, Output};
 use netwarden::config::{self, Config};
 use netwarden::desired::DesiredState;
-use netwarden::netfilter::guard::Guard;
+use netwarden::netfilter::canon::{Canonicaliser, Refusal};
+use netwarden::netfilter::guard::{Guard, GuardError};
+use netwarden::netfilter::tools::Binaries;
 use netwarden::{check, demo, netns, obs, reconcile};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -179,6 +181,7 @@ fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode>
         Some(cm) => format!("{source}: {cm}"),
         None => source.clone(),
     };
+    rule_forms(&source, cfg)?;
     emit(&format!(
         "{what}: valid: {} rules, {} routes, {} addresses, {} chains, {} ipsets, resync {:?}\n",
         cfg.rules.len(),
@@ -211,6 +214,41 @@ fn validate(file: &str, kubernetes: bool, key: &str) -> anyhow::Result<ExitCode>
         ))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `validate`: the rule specs as iptables-nft prints them, in a scratch namespace (nothing of the
+/// node's is read or changed). A rule that cannot be made canonical is an error; one spelled
+/// otherwise than printed is said (it is compared in the printed form).
+fn rule_forms(source: &str, cfg: &Config) -> anyhow::Result<()> {
+    if cfg.chains.is_empty() {
+        return Ok(());
+    }
+    let (rt, _) = runtime(None)?;
+    let canon = Canonicaliser::new(BackendChoice::Nft);
+    let out = rt.block_on(canon.canonicalise(&Binaries, &cfg.chains, &cfg.ipsets));
+    if let Some(why) = &out.unavailable {
+        eprintln!(
+            "{source}: rule specs not checked against iptables ({why}): write them as iptables-save prints them"
+        );
+    }
+    for r in &out.rewritten {
+        eprintln!(
+            "{source}: {}: iptables prints `{}` as `{}`; it is compared in that form",
+            r.site, r.written, r.printed
+        );
+    }
+    if !out.refused.is_empty() {
+        anyhow::bail!("{}", refused(source, &out.refused));
+    }
+    Ok(())
+}
+
+/// Rule specs that cannot be made canonical, one per line with the file.
+fn refused(source: &str, r: &[Refusal]) -> String {
+    r.iter()
+        .map(|r| format!("{source}: {}: {} (chain `{}`): `{}`", r.site, r.why, r.chain, r.rule))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Enters the namespace (setns moves the calling thread only: threads started before, such as the
@@ -314,7 +352,13 @@ fn run(
                 backend,
                 adoption,
             )
-            .await?
+            .await
+            .map_err(|e| match e {
+                GuardError::Refused(r) => {
+                    anyhow::anyhow!("{}", refused(&path.display().to_string(), &r))
+                }
+                e => e.into(),
+            })?
             .with_telemetry(telemetry.clone());
             let agent = reconcile::Agent::start_adopting(
                 desired,
@@ -343,7 +387,10 @@ fn run(
             text,
             telemetry,
             obs::ReloadFollowers {
-                guard: Some(guard_tx),
+                guard: Some(obs::GuardSide {
+                    tx: guard_tx,
+                    canon: guard.canonicaliser(),
+                }),
                 nftables: Some(nft_tx),
             },
             &cfg,
@@ -447,16 +494,28 @@ fn check(
     let sets: Vec<_> = cfg.ipsets.iter().cloned().chain(adopted_sets).collect();
     let (rt, _) = runtime(netns)?;
     let plan = rt.block_on(check::check(&mut desired))?;
-    let (chain_drift, ipsets) =
-        rt.block_on(netwarden::netfilter::guard::check(&chains, &sets, backend))?;
+    let canon = Canonicaliser::new(backend);
+    let found = rt
+        .block_on(netwarden::netfilter::guard::check(
+            &Binaries, &canon, &chains, &sets,
+        ))
+        .map_err(|e| match e {
+            netwarden::netfilter::guard::CheckError::Refused(r) => {
+                anyhow::anyhow!("{}", refused(&path.display().to_string(), &r))
+            }
+            e => e.into(),
+        })?;
+    if let Some(why) = &found.unchecked {
+        eprintln!("netwarden: rule specs compared as written ({why})");
+    }
     // nftables wiring.
     let nft = check::NftReport {
         tables: rt.block_on(netwarden::nftables::engine::check(&cfg.nftables.tables))?,
         protected: cfg.nftables.tables.len(),
     };
     let nf = check::NetfilterReport {
-        chains: chain_drift,
-        ipsets,
+        chains: found.chains,
+        ipsets: found.sets,
         chains_protected: chains.len(),
         ipsets_protected: sets.len(),
         adopted,

@@ -426,6 +426,7 @@ mod sets {
                 set: "s".into(),
                 kind: SetType::HashIp,
                 family: Family::Ipv4,
+                options: Default::default(),
                 members: desired
                     .iter()
                     .filter(|h| !forbidden_nets.contains(&(*h % 4)))
@@ -437,10 +438,11 @@ mod sets {
             let observed = SavedSet {
                 kind: "hash:ip".into(),
                 family: Some("inet".into()),
+                options: Vec::new(),
                 members: present.iter().map(|h| member(*h)).collect(),
                 other: Vec::new(),
             };
-            let (_, repairs) = plan_set(&d, Some(&observed));
+            let (_, repairs) = plan_set(&d, Some(&observed), None);
             let mut now: HashSet<Member> = observed.members.clone();
             for r in &repairs {
                 prop_assert!(r.create.is_none());
@@ -474,7 +476,7 @@ mod sets {
             }
             // In sync afterwards.
             let after = SavedSet { members: now, ..observed.clone() };
-            let (drift, repairs) = plan_set(&d, Some(&after));
+            let (drift, repairs) = plan_set(&d, Some(&after), None);
             prop_assert!(drift.is_none(), "{drift:?}");
             prop_assert!(repairs.is_empty());
         }

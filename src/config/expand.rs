@@ -575,6 +575,12 @@ impl Builder<'_> {
             ("family", &s.family),
             ("membership", &s.membership),
             ("mode", &s.mode),
+            ("hashsize", &s.hashsize),
+            ("maxelem", &s.maxelem),
+            ("timeout", &s.timeout),
+            ("counters", &s.counters),
+            ("comment", &s.comment),
+            ("skbinfo", &s.skbinfo),
         ];
         let (any, fields) = self.scan(obj, &allowed, &refused);
         if !any || fields.is_empty() {

@@ -7,7 +7,7 @@ use super::raw::{RawChain, RawIpSet, RawSpec};
 use super::{values, DEFAULT_POLL_INTERVAL};
 use crate::model::{Family, Mode};
 use crate::netfilter::model::{
-    ChainKey, Content, DesiredChain, DesiredSet, Jump, Member, Position, SetType, Table,
+    ChainKey, Content, DesiredChain, DesiredSet, Jump, Member, Position, SetOptions, SetType, Table,
 };
 use crate::netfilter::rulespec::RuleSpec;
 use ipnet::IpNet;
@@ -19,6 +19,10 @@ const CHAIN_MAX: usize = 28;
 /// ipset's limit: IPSET_MAXNAMELEN (32) minus the terminating NUL.
 const SET_MAX: usize = 31;
 const POLL_MIN: Duration = Duration::from_millis(100);
+/// ipset's bounds: the smallest hash size it makes, and IPSET_MAX_TIMEOUT (seconds).
+const HASHSIZE_MIN: u64 = 64;
+const HASHSIZE_MAX: u64 = 1 << 31;
+const TIMEOUT_MAX: u64 = 2_147_483;
 const POLL_MAX: Duration = Duration::from_secs(3600);
 
 /// Targets iptables reserves: a chain cannot be called that.
@@ -80,6 +84,26 @@ fn set_type(s: &str) -> Result<SetType, String> {
     SetType::parse(s).ok_or_else(|| {
         format!("unsupported set type `{s}`: use hash:ip, hash:net, hash:ip,port or hash:net,port")
     })
+}
+
+fn hashsize(s: &str) -> Result<u32, String> {
+    let v = values::uint(s, HASHSIZE_MIN, HASHSIZE_MAX, false)?;
+    if !v.is_power_of_two() {
+        return Err(format!(
+            "`{s}` is not a power of two: ipset rounds hash sizes up to one (use {})",
+            v.next_power_of_two()
+        ));
+    }
+    u32::try_from(v).map_err(|_| format!("`{s}` is out of range"))
+}
+
+fn maxelem(s: &str) -> Result<u32, String> {
+    values::u32_value(s, 1, false)
+}
+
+fn timeout(s: &str) -> Result<u32, String> {
+    let v = values::uint(s, 0, TIMEOUT_MAX, false)?;
+    u32::try_from(v).map_err(|_| format!("`{s}` is out of range"))
 }
 
 fn rule_spec(s: &str) -> Result<RuleSpec, String> {
@@ -319,6 +343,14 @@ impl Builder<'_> {
         let membership = self
             .opt(&r.membership, obj.field("membership"), content)
             .unwrap_or(Content::Contains);
+        let options = SetOptions {
+            hashsize: self.opt(&r.hashsize, obj.field("hashsize"), hashsize),
+            maxelem: self.opt(&r.maxelem, obj.field("maxelem"), maxelem),
+            timeout: self.opt(&r.timeout, obj.field("timeout"), timeout),
+            counters: self.opt(&r.counters, obj.field("counters"), values::boolean),
+            comment: self.opt(&r.comment, obj.field("comment"), values::boolean),
+            skbinfo: self.opt(&r.skbinfo, obj.field("skbinfo"), values::boolean),
+        };
         let mut forbidden: Vec<(IpNet, String)> = Vec::new();
         for (j, raw) in r.forbidden.iter().flatten().enumerate() {
             let field = format!("{}.forbidden[{j}]", obj.path);
@@ -361,6 +393,7 @@ impl Builder<'_> {
             set: set?,
             kind: kind?,
             family,
+            options,
             members,
             membership,
             forbidden: forbidden.into_iter().map(|(f, _)| f).collect(),

@@ -176,6 +176,12 @@ pub(super) struct RawIpSet {
     pub membership: Scalar,
     pub forbidden: Option<Vec<Scalar>>,
     pub mode: Scalar,
+    pub hashsize: Scalar,
+    pub maxelem: Scalar,
+    pub timeout: Scalar,
+    pub counters: Scalar,
+    pub comment: Scalar,
+    pub skbinfo: Scalar,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveDeserialize)]

@@ -15,7 +15,7 @@
 //! owner's (kube-router swaps and flushes sets on every sync), only a destroyed set is judged.
 
 use super::model::{ChainKey, DesiredChain, Member, SetType, TableId};
-use super::parse::{SavedSet, SavedTable};
+use super::parse::{create_options, SavedSet, SavedTable};
 use super::rulespec::RuleSpec;
 use crate::adopt::{self, Actor, AdoptSelector, Verdict};
 use crate::model::{Family, Mode};
@@ -106,6 +106,7 @@ impl AdoptedSet {
             set: self.name.clone(),
             kind: self.kind,
             family: self.family,
+            options: Default::default(),
             members: self.members.iter().copied().collect(),
             membership: super::model::Content::Exact,
             forbidden: Vec::new(),
@@ -291,32 +292,6 @@ pub fn judge_set(
             (Some(now), outcome)
         }
     }
-}
-
-/// `create` options of a set as `ipset save` printed them, without the family (kept apart) and
-/// the hash seed (`initval`, random per set). Only plain words and numbers are kept: they are
-/// written back into `ipset restore` input.
-pub fn create_options(text: &str, name: &str) -> Vec<String> {
-    let Some(line) = text.lines().find(|l| {
-        let mut p = l.split_whitespace();
-        p.next() == Some("create") && p.next() == Some(name)
-    }) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut parts = line.split_whitespace().skip(3);
-    while let Some(p) = parts.next() {
-        if p == "family" || p == "initval" {
-            parts.next();
-            continue;
-        }
-        if p.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':'))
-        {
-            out.push(p.to_owned());
-        }
-    }
-    out
 }
 
 /// `ipset restore -exist` input recreating a set as last seen.

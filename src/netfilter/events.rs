@@ -31,6 +31,14 @@ const NFPROTO_IPV6: u8 = 10;
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 
+/// What a [`NftEvent::Touch`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object {
+    Table,
+    Chain,
+    Rule,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NftEvent {
     /// A table, chain or rule of an iptables family was added or removed. `chain` is `None` for
@@ -40,6 +48,7 @@ pub enum NftEvent {
         table: String,
         chain: Option<String>,
         removed: bool,
+        object: Object,
     },
     /// The end of a transaction, with the process that committed it.
     NewGen {
@@ -147,13 +156,13 @@ pub fn parse_datagram(mut buf: &[u8]) -> Vec<NftEvent> {
             NFPROTO_IPV6 => Family::Ipv6,
             _ => continue,
         };
-        let (chain_attr, removed) = match msg_type {
-            NFT_MSG_NEWTABLE => (None, false),
-            NFT_MSG_DELTABLE => (None, true),
-            NFT_MSG_NEWCHAIN => (Some(NFTA_CHAIN_NAME), false),
-            NFT_MSG_DELCHAIN => (Some(NFTA_CHAIN_NAME), true),
-            NFT_MSG_NEWRULE => (Some(NFTA_RULE_CHAIN), false),
-            NFT_MSG_DELRULE => (Some(NFTA_RULE_CHAIN), true),
+        let (chain_attr, removed, object) = match msg_type {
+            NFT_MSG_NEWTABLE => (None, false, Object::Table),
+            NFT_MSG_DELTABLE => (None, true, Object::Table),
+            NFT_MSG_NEWCHAIN => (Some(NFTA_CHAIN_NAME), false, Object::Chain),
+            NFT_MSG_DELCHAIN => (Some(NFTA_CHAIN_NAME), true, Object::Chain),
+            NFT_MSG_NEWRULE => (Some(NFTA_RULE_CHAIN), false, Object::Rule),
+            NFT_MSG_DELRULE => (Some(NFTA_RULE_CHAIN), true, Object::Rule),
             _ => continue,
         };
         let Some(table) = attr(NFTA_TABLE).map(string) else {
@@ -164,6 +173,7 @@ pub fn parse_datagram(mut buf: &[u8]) -> Vec<NftEvent> {
             table,
             chain: chain_attr.and_then(attr).map(string),
             removed,
+            object,
         });
     }
     out
@@ -237,13 +247,15 @@ mod tests {
                     family: Family::Ipv4,
                     table: "nat".into(),
                     chain: Some("POSTROUTING".into()),
-                    removed: true
+                    removed: true,
+                    object: Object::Rule,
                 },
                 NftEvent::Touch {
                     family: Family::Ipv6,
                     table: "nat".into(),
                     chain: Some("FLANNEL-POSTRTG".into()),
-                    removed: true
+                    removed: true,
+                    object: Object::Chain,
                 },
                 NftEvent::NewGen {
                     pid: Some(4242),

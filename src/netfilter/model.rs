@@ -322,9 +322,122 @@ pub struct DesiredSet {
     pub set: String,
     pub kind: SetType,
     pub family: Family,
+    /// Creation options the config names (`hashsize`, `timeout`, …).
+    pub options: SetOptions,
     pub members: Vec<Member>,
     pub membership: Content,
     pub forbidden: Vec<IpNet>,
+}
+
+/// `ipset create` options that take a value; the others are flags. `initval` (a random hash
+/// seed) is never kept.
+const VALUED_OPTIONS: &[&str] = &[
+    "hashsize",
+    "maxelem",
+    "timeout",
+    "bucketsize",
+    "netmask",
+    "markmask",
+    "size",
+    "initval",
+];
+
+/// Creation options of a set as the config names them (`spec.ipsets[].hashsize` …). A set is
+/// created with them; those a set cannot change afterwards (`maxelem`, `timeout`, `counters`,
+/// `comment`, `skbinfo`) are also compared with the set that exists. `hashsize` is not: the
+/// kernel grows it as the set fills.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SetOptions {
+    pub hashsize: Option<u32>,
+    pub maxelem: Option<u32>,
+    /// Default timeout of members, in seconds; `0`: members stay unless given their own.
+    pub timeout: Option<u32>,
+    pub counters: Option<bool>,
+    pub comment: Option<bool>,
+    pub skbinfo: Option<bool>,
+}
+
+/// `create` words (`hashsize 1024 maxelem 65536 timeout 0 comment`) as (option, value) pairs.
+fn option_pairs(words: &[String]) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut it = words.iter();
+    while let Some(w) = it.next() {
+        if VALUED_OPTIONS.contains(&w.as_str()) {
+            out.push((w.clone(), it.next().cloned()));
+        } else {
+            out.push((w.clone(), None));
+        }
+    }
+    out
+}
+
+impl SetOptions {
+    fn values(&self) -> [(&'static str, Option<u32>); 3] {
+        [
+            ("hashsize", self.hashsize),
+            ("maxelem", self.maxelem),
+            ("timeout", self.timeout),
+        ]
+    }
+
+    fn flags(&self) -> [(&'static str, Option<bool>); 3] {
+        [
+            ("counters", self.counters),
+            ("comment", self.comment),
+            ("skbinfo", self.skbinfo),
+        ]
+    }
+
+    /// The `create` words for a set, starting from `seen` (the set's own options as last seen,
+    /// so that a set its owner made is recreated as it was): what the config names wins.
+    pub fn create_words(&self, seen: &[String]) -> Vec<String> {
+        let mut pairs = option_pairs(seen);
+        for (key, value) in self.values() {
+            let Some(v) = value else { continue };
+            match pairs.iter_mut().find(|(k, _)| k == key) {
+                Some(p) => p.1 = Some(v.to_string()),
+                None => pairs.push((key.to_owned(), Some(v.to_string()))),
+            }
+        }
+        for (key, on) in self.flags() {
+            let Some(on) = on else { continue };
+            let has = pairs.iter().any(|(k, _)| k == key);
+            if on && !has {
+                pairs.push((key.to_owned(), None));
+            } else if !on {
+                pairs.retain(|(k, _)| k != key);
+            }
+        }
+        pairs
+            .into_iter()
+            .filter(|(k, _)| k != "initval")
+            .flat_map(|(k, v)| std::iter::once(k).chain(v))
+            .collect()
+    }
+
+    /// How a set created with `seen` differs from what the config names (only what cannot
+    /// change after creation); `None` when it agrees.
+    pub fn conflict(&self, seen: &[String]) -> Option<String> {
+        let pairs = option_pairs(seen);
+        let get = |key: &str| pairs.iter().find(|(k, _)| k == key);
+        let mut out = Vec::new();
+        for (key, want) in [("maxelem", self.maxelem), ("timeout", self.timeout)] {
+            let Some(want) = want else { continue };
+            match get(key).and_then(|(_, v)| v.as_deref()) {
+                Some(v) if v == want.to_string() => {}
+                Some(v) => out.push(format!("{key} {v} (config: {want})")),
+                None => out.push(format!("no {key} (config: {key} {want})")),
+            }
+        }
+        for (key, want) in self.flags() {
+            match (want, get(key).is_some()) {
+                (Some(true), false) => out.push(format!("no {key} (config: {key}: true)")),
+                (Some(false), true) => out.push(format!("{key} (config: {key}: false)")),
+                _ => {}
+            }
+        }
+        (!out.is_empty()).then(|| out.join(", "))
+    }
 }
 
 impl DesiredSet {
@@ -369,6 +482,45 @@ mod tests {
         assert!(wide.overlaps(&api), "a member network holding the address");
         assert!(!other.overlaps(&api));
         assert!(host.overlaps(&"10.96.0.0/12".parse().unwrap()));
+    }
+
+    #[test]
+    fn set_options_merge_over_what_was_seen_and_compare_what_cannot_change() {
+        let w = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        let seen = w("hashsize 1024 maxelem 65536 timeout 0 bucketsize 12 initval 0x1234");
+        let none = SetOptions::default();
+        assert_eq!(
+            none.create_words(&seen),
+            w("hashsize 1024 maxelem 65536 timeout 0 bucketsize 12"),
+            "recreated as it was, without the random seed"
+        );
+        let cfg = SetOptions {
+            hashsize: Some(4096),
+            timeout: Some(30),
+            comment: Some(true),
+            counters: Some(false),
+            ..SetOptions::default()
+        };
+        assert_eq!(
+            cfg.create_words(&w("hashsize 1024 maxelem 65536 counters")),
+            w("hashsize 4096 maxelem 65536 timeout 30 comment")
+        );
+        assert_eq!(cfg.create_words(&[]), w("hashsize 4096 timeout 30 comment"));
+        // hashsize grows in the kernel: never a conflict.
+        assert_eq!(cfg.conflict(&w("hashsize 8192 timeout 30 comment")), None);
+        assert_eq!(
+            cfg.conflict(&w("hashsize 1024 maxelem 65536 counters")),
+            Some("no timeout (config: timeout 30), counters (config: counters: false), no comment (config: comment: true)".into())
+        );
+        let kube_router = SetOptions {
+            timeout: Some(0),
+            ..SetOptions::default()
+        };
+        assert_eq!(
+            kube_router.conflict(&w("hashsize 1024 maxelem 65536 timeout 5")),
+            Some("timeout 5 (config: 0)".into())
+        );
+        assert_eq!(none.conflict(&seen), None);
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct SavedSet {
     pub kind: String,
     /// `inet` / `inet6` (absent for types without a family).
     pub family: Option<String>,
+    /// Creation options as printed (`hashsize 1024 maxelem 65536 timeout 0`), without the family
+    /// and the random hash seed ([`create_options`]).
+    pub options: Vec<String>,
     pub members: HashSet<Member>,
     /// Members netwarden cannot read (other types' syntax); kept so "exact" never deletes them
     /// blindly. Stored as printed.
@@ -123,6 +126,7 @@ pub fn ipset_save(text: &str) -> Result<HashMap<String, SavedSet>, ParseError> {
                     SavedSet {
                         kind: kind.to_owned(),
                         family,
+                        options: create_options(line, name),
                         ..SavedSet::default()
                     },
                 );
@@ -145,6 +149,32 @@ pub fn ipset_save(text: &str) -> Result<HashMap<String, SavedSet>, ParseError> {
         }
     }
     Ok(sets)
+}
+
+/// `create` options of a set as `ipset save` printed them, without the family (kept apart) and
+/// the hash seed (`initval`, random per set). Only plain words and numbers are kept: they are
+/// written back into `ipset restore` input.
+pub fn create_options(text: &str, name: &str) -> Vec<String> {
+    let Some(line) = text.lines().find(|l| {
+        let mut p = l.split_whitespace();
+        p.next() == Some("create") && p.next() == Some(name)
+    }) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut parts = line.split_whitespace().skip(3);
+    while let Some(p) = parts.next() {
+        if p == "family" || p == "initval" {
+            parts.next();
+            continue;
+        }
+        if p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':'))
+        {
+            out.push(p.to_owned());
+        }
+    }
+    out
 }
 
 /// What `ipset list -t` says about one set: enough to notice that it changed without reading
@@ -249,6 +279,10 @@ COMMIT
         let sets = ipset_save(text).unwrap();
         assert_eq!(sets["s1"].kind, "hash:ip");
         assert_eq!(sets["s1"].family.as_deref(), Some("inet"));
+        assert_eq!(
+            sets["s1"].options,
+            ["hashsize", "1024", "maxelem", "65536", "bucketsize", "12"]
+        );
         assert_eq!(sets["s1"].members.len(), 2);
         assert!(sets["s1"]
             .members

@@ -20,6 +20,8 @@ use std::fmt;
 pub enum ChainFinding {
     /// The chain does not exist.
     Missing,
+    /// Its rules were changed (known from a notification, before the chain was read).
+    Changed,
     /// Rules inside the chain differ (`reordered`: same rules, another order; exact mode only).
     Rules {
         #[serde(serialize_with = "display_list")]
@@ -52,6 +54,7 @@ impl fmt::Display for ChainFinding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChainFinding::Missing => f.write_str("chain missing"),
+            ChainFinding::Changed => f.write_str("rules changed"),
             ChainFinding::Rules {
                 missing,
                 extra,
@@ -111,6 +114,37 @@ impl TableRepair {
             && self.append.is_empty()
             && self.insert_first.is_empty()
     }
+}
+
+/// How many rules each chain a repair writes to holds right after it, given what it held before
+/// (`before`: the table as read, `None` inside when it did not exist; `None`: not read). `None`
+/// for a chain whose count before is not known. A chain declared by the repair holds what the
+/// repair puts in it.
+pub fn expected_counts(
+    repair: &TableRepair,
+    before: Option<Option<&SavedTable>>,
+) -> std::collections::BTreeMap<String, Option<usize>> {
+    let mut out: std::collections::BTreeMap<String, Option<usize>> = Default::default();
+    for (chain, rules) in &repair.rewrite {
+        out.insert(chain.clone(), Some(rules.len()));
+    }
+    let had = |chain: &str| {
+        before.map(|t| {
+            t.and_then(|t| t.chains.get(chain))
+                .map_or(0, |c| c.rules.len())
+        })
+    };
+    let mut change = |chain: &str, delta: isize| {
+        let entry = out.entry(chain.to_owned()).or_insert_with(|| had(chain));
+        *entry = entry.and_then(|n| n.checked_add_signed(delta));
+    };
+    for (chain, _) in &repair.delete {
+        change(chain, -1);
+    }
+    for (chain, _) in repair.append.iter().chain(&repair.insert_first) {
+        change(chain, 1);
+    }
+    out
 }
 
 /// Multiset difference `a - b`, in `a`'s order.
@@ -253,6 +287,11 @@ pub enum SetFinding {
     WrongType {
         observed: String,
     },
+    /// The set exists with creation options other than the config names (`timeout`, …): they
+    /// cannot change without destroying the set, so this needs a person too.
+    OptionsDiffer {
+        differences: String,
+    },
     MembersMissing {
         #[serde(serialize_with = "display_list")]
         members: Vec<Member>,
@@ -282,6 +321,10 @@ impl fmt::Display for SetFinding {
                     "set exists as `{observed}`; not repaired (it would have to be destroyed)"
                 )
             }
+            SetFinding::OptionsDiffer { differences } => write!(
+                f,
+                "set created with other options: {differences}; not repaired (it would have to be destroyed)"
+            ),
             SetFinding::MembersMissing { members } => {
                 write!(f, "members missing: {}", few(members))
             }
@@ -301,6 +344,16 @@ pub struct SetDrift {
     pub findings: Vec<SetFinding>,
 }
 
+impl SetFinding {
+    /// Whether a repair can fix it (a set's type and creation options cannot be changed).
+    pub fn repairable(&self) -> bool {
+        !matches!(
+            self,
+            SetFinding::WrongType { .. } | SetFinding::OptionsDiffer { .. }
+        )
+    }
+}
+
 impl SetDrift {
     pub fn forbidden(&self) -> &[Member] {
         self.findings
@@ -313,9 +366,12 @@ impl SetDrift {
     }
 }
 
+/// A set to create: name, type, family and the `create` option words.
+pub type SetCreate = (String, SetType, Family, Vec<String>);
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetRepair {
-    pub create: Option<(String, SetType, Family)>,
+    pub create: Option<SetCreate>,
     pub add: Vec<(String, Member)>,
     pub del: Vec<(String, Member)>,
 }
@@ -335,7 +391,13 @@ impl SetRepair {
     }
 }
 
-pub fn plan_set(d: &DesiredSet, observed: Option<&SavedSet>) -> (Option<SetDrift>, Vec<SetRepair>) {
+/// Plans one set. `seen`: the set's creation options as last seen, when it was seen: a missing
+/// set is created with them (and the config's options over them), as its owner had made it.
+pub fn plan_set(
+    d: &DesiredSet,
+    observed: Option<&SavedSet>,
+    seen: Option<&[String]>,
+) -> (Option<SetDrift>, Vec<SetRepair>) {
     let enforce = d.mode == Mode::Enforce;
     let mut findings = Vec::new();
     let mut repair = SetRepair::default();
@@ -345,7 +407,8 @@ pub fn plan_set(d: &DesiredSet, observed: Option<&SavedSet>) -> (Option<SetDrift
         None => {
             findings.push(SetFinding::Missing);
             if enforce {
-                repair.create = Some((d.set.clone(), d.kind, d.family));
+                let words = d.options.create_words(seen.unwrap_or_default());
+                repair.create = Some((d.set.clone(), d.kind, d.family, words));
             }
             &empty
         }
@@ -362,7 +425,12 @@ pub fn plan_set(d: &DesiredSet, observed: Option<&SavedSet>) -> (Option<SetDrift
             };
             return (Some(drift), Vec::new());
         }
-        Some(s) => &s.members,
+        Some(s) => {
+            if let Some(differences) = d.options.conflict(&s.options) {
+                findings.push(SetFinding::OptionsDiffer { differences });
+            }
+            &s.members
+        }
     };
     let missing: Vec<Member> = d
         .members
@@ -601,6 +669,7 @@ mod tests {
             set: "kube-router-svip".into(),
             kind: SetType::HashIp,
             family: Family::Ipv4,
+            options: Default::default(),
             members: vec![
                 Member::parse("10.0.0.1").unwrap(),
                 Member::parse("10.0.0.2").unwrap(),
@@ -614,6 +683,7 @@ mod tests {
         SavedSet {
             kind: "hash:ip".into(),
             family: Some("inet".into()),
+            options: Vec::new(),
             members: members.iter().map(|m| Member::parse(m).unwrap()).collect(),
             other: Vec::new(),
         }
@@ -622,7 +692,11 @@ mod tests {
     #[test]
     fn sets_get_missing_members_and_lose_forbidden_ones() {
         let d = set(Content::Contains, Mode::Enforce);
-        let (drift, repair) = plan_set(&d, Some(&saved(&["10.0.0.1", "10.96.0.1", "10.9.9.9"])));
+        let (drift, repair) = plan_set(
+            &d,
+            Some(&saved(&["10.0.0.1", "10.96.0.1", "10.9.9.9"])),
+            None,
+        );
         let drift = drift.unwrap();
         assert_eq!(drift.forbidden(), &[Member::parse("10.96.0.1").unwrap()]);
         assert_eq!(
@@ -641,7 +715,11 @@ mod tests {
         );
         // Exact also removes strangers.
         let d = set(Content::Exact, Mode::Enforce);
-        let (_, repair) = plan_set(&d, Some(&saved(&["10.0.0.1", "10.0.0.2", "10.9.9.9"])));
+        let (_, repair) = plan_set(
+            &d,
+            Some(&saved(&["10.0.0.1", "10.0.0.2", "10.9.9.9"])),
+            None,
+        );
         assert_eq!(
             repair[0].del,
             vec![(
@@ -651,7 +729,7 @@ mod tests {
         );
         // Observe: reported, nothing planned.
         let d = set(Content::Exact, Mode::Observe);
-        let (drift, repair) = plan_set(&d, Some(&saved(&["10.96.0.1"])));
+        let (drift, repair) = plan_set(&d, Some(&saved(&["10.96.0.1"])), None);
         assert_eq!(drift.unwrap().forbidden().len(), 1);
         assert!(repair.is_empty());
     }
@@ -659,23 +737,81 @@ mod tests {
     #[test]
     fn missing_set_is_created_wrong_type_is_left_alone() {
         let d = set(Content::Exact, Mode::Enforce);
-        let (drift, repair) = plan_set(&d, None);
+        let (drift, repair) = plan_set(&d, None, None);
         assert_eq!(drift.unwrap().findings, vec![SetFinding::Missing]);
         assert_eq!(
             repair[0].create,
-            Some(("kube-router-svip".into(), SetType::HashIp, Family::Ipv4))
+            Some((
+                "kube-router-svip".into(),
+                SetType::HashIp,
+                Family::Ipv4,
+                Vec::new()
+            ))
         );
         assert_eq!(repair[0].add.len(), 2);
         let mut wrong = saved(&[]);
         wrong.kind = "hash:net".into();
-        let (drift, repair) = plan_set(&d, Some(&wrong));
+        let (drift, repair) = plan_set(&d, Some(&wrong), None);
         assert!(matches!(
             drift.unwrap().findings[0],
             SetFinding::WrongType { .. }
         ));
         assert!(repair.is_empty());
-        assert!(plan_set(&d, Some(&saved(&["10.0.0.1", "10.0.0.2"])))
+        assert!(plan_set(&d, Some(&saved(&["10.0.0.1", "10.0.0.2"])), None)
             .0
             .is_none());
+    }
+
+    #[test]
+    fn a_set_is_recreated_with_the_options_it_had_and_other_options_are_reported() {
+        let mut d = set(Content::Contains, Mode::Enforce);
+        let seen: Vec<String> = ["hashsize", "1024", "maxelem", "65536", "timeout", "0"]
+            .map(String::from)
+            .to_vec();
+        let (_, repair) = plan_set(&d, None, Some(&seen));
+        assert_eq!(
+            repair[0].create.as_ref().unwrap().3,
+            seen,
+            "as its owner made it"
+        );
+        d.options.timeout = Some(0);
+        let mut without = saved(&["10.0.0.1", "10.0.0.2"]);
+        without.options = vec!["hashsize".into(), "1024".into()];
+        let (drift, repair) = plan_set(&d, Some(&without), None);
+        let drift = drift.unwrap();
+        assert_eq!(
+            drift.findings,
+            vec![SetFinding::OptionsDiffer {
+                differences: "no timeout (config: timeout 0)".into()
+            }]
+        );
+        assert!(!drift.findings[0].repairable());
+        assert!(repair.is_empty(), "nothing a repair could change");
+        without.options = seen;
+        assert!(plan_set(&d, Some(&without), None).0.is_none());
+    }
+
+    #[test]
+    fn expected_counts_follow_the_repair() {
+        let d = flannel(Content::Exact, Position::First);
+        let body = INTACT.replace(
+            "-A POSTROUTING -j FLANNEL-POSTRTG\n",
+            "-A POSTROUTING -j KUBE-POSTROUTING\n-A POSTROUTING -j FLANNEL-POSTRTG\n",
+        );
+        let before = nat(&body);
+        let (_, repair) = plan_table(&[&d], Some(&before));
+        // The jump moves to the head: one deleted, one inserted.
+        let counts = expected_counts(&repair, Some(Some(&before)));
+        assert_eq!(counts.get("POSTROUTING"), Some(&Some(2)));
+        let (_, repair) = plan_table(&[&d], None);
+        let counts = expected_counts(&repair, Some(None));
+        assert_eq!(
+            counts.get("POSTROUTING"),
+            Some(&Some(1)),
+            "no table: nothing before"
+        );
+        let counts = expected_counts(&repair, None);
+        assert_eq!(counts.get("FLANNEL-POSTRTG"), Some(&Some(2)));
+        assert_eq!(counts.get("POSTROUTING"), Some(&None), "not read: unknown");
     }
 }

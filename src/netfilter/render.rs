@@ -1,8 +1,9 @@
 //! Restore input for `iptables-restore --noflush` and `ipset restore -exist`. Pure.
 //!
 //! Everything interpolated here was validated (chain, set and rule specs from config, members
-//! parsed into addresses): a rule spec is re-rendered from its tokens, so no line break, header
-//! or `COMMIT` can come from config.
+//! parsed into addresses, set options numbers or words from config or from `ipset save`, where
+//! only plain words are kept): a rule spec is re-rendered from its tokens, so no line break,
+//! header or `COMMIT` can come from config.
 
 use super::model::{ipset_family, Table};
 use super::plan::{SetRepair, TableRepair};
@@ -42,8 +43,12 @@ pub fn iptables_restore(table: Table, repair: &TableRepair) -> String {
 pub fn ipset_restore(repairs: &[SetRepair]) -> String {
     let mut out = String::new();
     for r in repairs {
-        if let Some((name, kind, family)) = &r.create {
-            let _ = writeln!(out, "create {name} {kind} family {}", ipset_family(*family));
+        if let Some((name, kind, family, options)) = &r.create {
+            let _ = write!(out, "create {name} {kind} family {}", ipset_family(*family));
+            for o in options {
+                let _ = write!(out, " {o}");
+            }
+            out.push('\n');
         }
     }
     for r in repairs {
@@ -94,13 +99,18 @@ mod tests {
     fn set_restore() {
         let m = |s| Member::parse(s).unwrap();
         let repair = SetRepair {
-            create: Some(("svc".into(), SetType::HashIpPort, Family::Ipv6)),
+            create: Some((
+                "svc".into(),
+                SetType::HashIpPort,
+                Family::Ipv6,
+                vec!["timeout".into(), "0".into(), "comment".into()],
+            )),
             add: vec![("svc".into(), m("fd00::1,443"))],
             del: vec![("svc".into(), m("fd00::2,udp:53"))],
         };
         assert_eq!(
             ipset_restore(&[repair]),
-            "create svc hash:ip,port family inet6\ndel svc fd00::2,udp:53\nadd svc fd00::1,tcp:443\n"
+            "create svc hash:ip,port family inet6 timeout 0 comment\ndel svc fd00::2,udp:53\nadd svc fd00::1,tcp:443\n"
         );
     }
 }

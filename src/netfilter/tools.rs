@@ -1,10 +1,15 @@
-//! Running the iptables and ipset binaries: arguments as a vector, data on stdin, never a shell.
-//! Also the backend choice (nft or legacy), made the way kube-proxy's iptables wrapper makes it.
+//! Running the iptables and ipset binaries: arguments as a vector, data on stdin, never a shell
+//! with data in it. Also the backend choice (nft or legacy), made the way kube-proxy's iptables
+//! wrapper makes it, and the scratch network namespace rule specs are printed in
+//! ([`super::canon`]).
+//!
+//! The guard reaches the tools only through [`Tools`], so that its decisions can be tested with
+//! a fake ([`super::fake`]); [`Binaries`] is the real thing.
 
 use super::model::TableId;
-use super::parse::{self, ParseError, SavedSet, SavedTable, SetHeader};
+use super::parse::{self, ParseError, SavedSet, SavedTable};
 use crate::model::Family;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::Stdio;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -33,8 +38,18 @@ pub enum ToolError {
     },
 }
 
+impl ToolError {
+    /// What the tool printed on stderr, when it ran and failed.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            ToolError::Failed { stderr, .. } => Some(stderr),
+            _ => None,
+        }
+    }
+}
+
 /// Which iptables the host uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Backend {
     Nft,
     Legacy,
@@ -72,6 +87,61 @@ impl Backend {
     pub fn restore_binary(self, family: Family) -> String {
         self.binary(family, "restore")
     }
+}
+
+/// One run in a scratch network namespace: sets created, restore input applied, one table read
+/// back. Nothing of it is seen outside the namespace, which goes away with the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScratchRun {
+    pub table: TableId,
+    /// Sets the rules refer to (`-m set --match-set NAME`): name, type, family (`inet`/`inet6`).
+    pub sets: Vec<(String, String, &'static str)>,
+    /// `iptables-restore --noflush` input.
+    pub input: String,
+}
+
+/// The tools the guard runs. Each call is one tool run (or one short script of them).
+// The guard runs on a current-thread runtime: its futures need not be `Send`, so the auto-trait
+// bounds that `async fn` in a public trait cannot name are not needed.
+#[allow(async_fn_in_trait)]
+pub trait Tools {
+    /// `iptables-save -t TABLE`. `None` when the table does not exist.
+    async fn save_table(
+        &self,
+        backend: Backend,
+        table: TableId,
+    ) -> Result<Option<SavedTable>, ToolError>;
+    /// One transaction (`iptables-restore --noflush -w`, input on stdin). Returns the tool's pid,
+    /// which nf_tables names in the NEWGEN message of the transaction.
+    async fn restore(
+        &self,
+        backend: Backend,
+        family: Family,
+        input: &str,
+    ) -> Result<Option<u32>, ToolError>;
+    /// `ipset list -n`: the names of every set.
+    async fn ipset_names(&self) -> Result<HashSet<String>, ToolError>;
+    /// `ipset save NAME` as printed; `None` when the set does not exist.
+    async fn ipset_save_text(&self, name: &str) -> Result<Option<String>, ToolError>;
+    /// `ipset restore -exist`, input on stdin.
+    async fn ipset_restore(&self, input: &str) -> Result<(), ToolError>;
+    /// Rules counted in `iptables-save` of one backend and family (backend detection); `None`
+    /// when that iptables cannot be run.
+    async fn count_rules(&self, backend: Backend, family: Family) -> Option<usize>;
+    /// Runs `run` in a scratch network namespace and returns what `iptables-save -t TABLE`
+    /// printed there; [`ScratchError::Unavailable`] when no namespace can be made.
+    async fn scratch(&self, backend: Backend, run: &ScratchRun) -> Result<String, ScratchError>;
+}
+
+#[derive(Debug, Error)]
+pub enum ScratchError {
+    /// No scratch namespace could be made (no user namespaces and no CAP_SYS_ADMIN, no
+    /// `unshare`): rule specs cannot be printed by iptables before they are written.
+    #[error("no scratch network namespace can be made: {0}")]
+    Unavailable(String),
+    /// The tools ran and refused the input.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Output of a finished tool.
@@ -119,83 +189,114 @@ pub async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Ra
     })
 }
 
+/// The backend in use and how it was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Detected {
+    pub backend: Backend,
+    /// Rules counted per backend (nft, legacy); `None` when the backend was given.
+    pub counts: Option<[usize; 2]>,
+}
+
 /// nft or legacy: whichever holds more rules (IPv4 and IPv6 together); nft on a tie, as it is
 /// the default of every current distribution. This is what kube-proxy's iptables wrapper does.
-pub async fn detect(choice: BackendChoice) -> Backend {
-    match choice {
-        BackendChoice::Nft => return Backend::Nft,
-        BackendChoice::Legacy => return Backend::Legacy,
-        BackendChoice::Auto => {}
-    }
-    let mut counts = [0usize; 2];
-    for (i, backend) in [Backend::Nft, Backend::Legacy].into_iter().enumerate() {
-        for family in [Family::Ipv4, Family::Ipv6] {
-            if let Ok(out) = run(&backend.save_binary(family), &[], None).await {
-                counts[i] += parse::count_rules(&out.stdout);
+/// Logs nothing: `run` says what it found, `check` and `snapshot` keep their output clean.
+pub async fn detect_with<T: Tools>(tools: &T, choice: BackendChoice) -> Detected {
+    let backend = match choice {
+        BackendChoice::Nft => Backend::Nft,
+        BackendChoice::Legacy => Backend::Legacy,
+        BackendChoice::Auto => {
+            let mut counts = [0usize; 2];
+            for (i, backend) in [Backend::Nft, Backend::Legacy].into_iter().enumerate() {
+                for family in [Family::Ipv4, Family::Ipv6] {
+                    counts[i] += tools.count_rules(backend, family).await.unwrap_or(0);
+                }
             }
+            let backend = if counts[1] > counts[0] {
+                Backend::Legacy
+            } else {
+                Backend::Nft
+            };
+            return Detected {
+                backend,
+                counts: Some(counts),
+            };
+        }
+    };
+    Detected {
+        backend,
+        counts: None,
+    }
+}
+
+/// [`detect_with`] the real tools.
+pub async fn detect(choice: BackendChoice) -> Backend {
+    detect_with(&Binaries, choice).await.backend
+}
+
+/// The real tools.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Binaries;
+
+impl Tools for Binaries {
+    async fn save_table(
+        &self,
+        backend: Backend,
+        table: TableId,
+    ) -> Result<Option<SavedTable>, ToolError> {
+        let program = backend.save_binary(table.family);
+        let out = run(&program, &["-t", table.table.as_str()], None).await?;
+        let mut tables = parse::iptables_save(&out.stdout).map_err(|source| ToolError::Parse {
+            program: program.clone(),
+            source,
+        })?;
+        Ok(tables.remove(table.table.as_str()))
+    }
+
+    async fn restore(
+        &self,
+        backend: Backend,
+        family: Family,
+        input: &str,
+    ) -> Result<Option<u32>, ToolError> {
+        let program = backend.restore_binary(family);
+        Ok(run(&program, &["--noflush", "-w"], Some(input)).await?.pid)
+    }
+
+    async fn ipset_names(&self) -> Result<HashSet<String>, ToolError> {
+        let out = run("ipset", &["list", "-n"], None).await?;
+        Ok(out
+            .stdout
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    async fn ipset_save_text(&self, name: &str) -> Result<Option<String>, ToolError> {
+        match run("ipset", &["save", name], None).await {
+            Ok(out) => Ok(Some(out.stdout)),
+            Err(ToolError::Failed { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
+            Err(e) => Err(e),
         }
     }
-    let backend = if counts[1] > counts[0] {
-        Backend::Legacy
-    } else {
-        Backend::Nft
-    };
-    tracing::info!(
-        backend = backend.as_str(),
-        nft_rules = counts[0],
-        legacy_rules = counts[1],
-        "iptables backend detected"
-    );
-    backend
-}
 
-/// Reads one table (`iptables-save -t TABLE`). `None` when the table does not exist.
-pub async fn save_table(backend: Backend, table: TableId) -> Result<Option<SavedTable>, ToolError> {
-    let program = backend.save_binary(table.family);
-    let out = run(&program, &["-t", table.table.as_str()], None).await?;
-    let mut tables = parse::iptables_save(&out.stdout).map_err(|source| ToolError::Parse {
-        program: program.clone(),
-        source,
-    })?;
-    Ok(tables.remove(table.table.as_str()))
-}
+    async fn ipset_restore(&self, input: &str) -> Result<(), ToolError> {
+        run("ipset", &["restore", "-exist"], Some(input))
+            .await
+            .map(drop)
+    }
 
-/// Applies one transaction (`iptables-restore --noflush -w`, input on stdin). Returns the pid.
-pub async fn restore(
-    backend: Backend,
-    family: Family,
-    input: &str,
-) -> Result<Option<u32>, ToolError> {
-    let program = backend.restore_binary(family);
-    Ok(run(&program, &["--noflush", "-w"], Some(input)).await?.pid)
-}
+    async fn count_rules(&self, backend: Backend, family: Family) -> Option<usize> {
+        let out = run(&backend.save_binary(family), &[], None).await.ok()?;
+        Some(parse::count_rules(&out.stdout))
+    }
 
-/// `ipset list -t`: every set's header, without members.
-pub async fn ipset_headers() -> Result<HashMap<String, SetHeader>, ToolError> {
-    let out = run("ipset", &["list", "-t"], None).await?;
-    Ok(parse::ipset_list_terse(&out.stdout))
-}
-
-/// `ipset list -n`: the names of every set.
-pub async fn ipset_names() -> Result<HashSet<String>, ToolError> {
-    let out = run("ipset", &["list", "-n"], None).await?;
-    Ok(out
-        .stdout
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect())
-}
-
-/// `ipset save NAME` as printed; `None` when the set does not exist.
-pub async fn ipset_save_text(name: &str) -> Result<Option<String>, ToolError> {
-    match run("ipset", &["save", name], None).await {
-        Ok(out) => Ok(Some(out.stdout)),
-        Err(ToolError::Failed { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
-        Err(e) => Err(e),
+    async fn scratch(&self, backend: Backend, job: &ScratchRun) -> Result<String, ScratchError> {
+        super::scratch::run(backend, job).await
     }
 }
 
+/// Parses one set out of `ipset save NAME` text.
 pub fn parse_set(name: &str, text: &str) -> Result<Option<SavedSet>, ToolError> {
     let mut sets = parse::ipset_save(text).map_err(|source| ToolError::Parse {
         program: "ipset".into(),
@@ -204,17 +305,10 @@ pub fn parse_set(name: &str, text: &str) -> Result<Option<SavedSet>, ToolError> 
     Ok(sets.remove(name))
 }
 
-/// `ipset save NAME`: one set with its members.
-pub async fn ipset_save(name: &str) -> Result<Option<SavedSet>, ToolError> {
-    match ipset_save_text(name).await? {
+/// `ipset save NAME` through `tools`: one set with its members.
+pub async fn ipset_save<T: Tools>(tools: &T, name: &str) -> Result<Option<SavedSet>, ToolError> {
+    match tools.ipset_save_text(name).await? {
         Some(text) => parse_set(name, &text),
         None => Ok(None),
     }
-}
-
-/// `ipset restore -exist`, input on stdin.
-pub async fn ipset_restore(input: &str) -> Result<(), ToolError> {
-    run("ipset", &["restore", "-exist"], Some(input))
-        .await
-        .map(drop)
 }

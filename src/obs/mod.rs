@@ -17,6 +17,7 @@ pub mod status;
 
 use crate::config::{self, Config};
 use crate::desired::DesiredState;
+use crate::netfilter::canon::Canonicaliser;
 use crate::netfilter::guard::GuardReload;
 use metrics::{Metrics, ResultLabels};
 use prometheus_client::registry::Registry;
@@ -230,11 +231,18 @@ pub struct Reload {
     pub resync: Duration,
 }
 
-/// Where an accepted config's other parts go, each only when it changed.
-#[derive(Debug, Default)]
+/// The chains and sets side of a reload: where they go, and the canonicaliser that checks the
+/// rule specs of a new config before any of it is applied.
+pub struct GuardSide {
+    pub tx: mpsc::Sender<GuardReload>,
+    pub canon: Canonicaliser,
+}
+
+/// Where an accepted config's other parts go.
+#[derive(Default)]
 pub struct ReloadFollowers {
     /// Chains, ipsets, their adopt selectors and intervals: the netfilter guard.
-    pub guard: Option<mpsc::Sender<GuardReload>>,
+    pub guard: Option<GuardSide>,
     /// `spec.nftables`: the nftables engine.
     pub nftables: Option<mpsc::Sender<crate::nftables::model::NftConfig>>,
 }
@@ -247,10 +255,11 @@ pub const RELOAD_GAP: Duration = Duration::from_secs(1);
 /// Re-reads the config file on each SIGHUP of `hup` (call from within the runtime). A file whose
 /// text is the one read last (at start: `text`) is a no-op: nothing is parsed, nothing re-read
 /// from the kernel, nothing reloaded. A config with errors is refused as a whole: the old one
-/// stays, the error is logged and a failed reload is counted. Returns the stream of accepted
-/// configs for the reconcile loop; the chains and sets of an accepted config go to the guard,
-/// when they (or the poll and resync intervals) changed, and its nftables part to the nftables
-/// engine, when it changed.
+/// stays, the error is logged and a failed reload is counted; a rule spec iptables cannot hold as
+/// written is such an error. Returns the stream of accepted configs for the reconcile loop. The
+/// chains and sets of an accepted config go to the guard at every such reload, changed or not: a
+/// reload re-affirms them (a chain whose repair did not take is repaired again); its nftables
+/// part goes to the nftables engine when it changed.
 pub fn reload_on_sighup(
     path: PathBuf,
     mut hup: tokio::signal::unix::Signal,
@@ -262,7 +271,6 @@ pub fn reload_on_sighup(
     use futures::FutureExt;
     let (tx, rx) = mpsc::channel(1);
     let ReloadFollowers { guard, nftables } = followers;
-    let mut netfilter = guard_reload_of(started_with);
     let mut nft = started_with.nftables.clone();
     let mut last_text = text;
     tokio::spawn(async move {
@@ -290,14 +298,27 @@ pub fn reload_on_sighup(
             last_text = text;
             match config::parse(&path.display().to_string(), &last_text) {
                 Ok(cfg) => {
+                    if let Some(g) = &guard {
+                        let checked = g
+                            .canon
+                            .canonicalise(
+                                &crate::netfilter::tools::Binaries,
+                                &cfg.chains,
+                                &cfg.ipsets,
+                            )
+                            .await;
+                        if !checked.refused.is_empty() {
+                            telemetry.config_loaded(false);
+                            let error =
+                                crate::netfilter::guard::GuardError::Refused(checked.refused);
+                            tracing::error!(file = %path.display(), error = %error, "config reload refused; keeping the config in use");
+                            continue;
+                        }
+                    }
                     telemetry.config_loaded(true);
-                    let changed = guard_reload_of(&cfg);
-                    if let Some(tx) = &guard {
-                        if changed != netfilter {
-                            netfilter = changed.clone();
-                            if tx.send(changed).await.is_err() {
-                                return;
-                            }
+                    if let Some(g) = &guard {
+                        if g.tx.send(guard_reload_of(&cfg)).await.is_err() {
+                            return;
                         }
                     }
                     if let Some(tx) = &nftables {

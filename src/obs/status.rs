@@ -268,6 +268,16 @@ impl Board {
         if let Some(st) = self.netfilter.get_mut(name) {
             st.state = state;
             st.reason = reason;
+            if state != State::Contested {
+                st.fighter = None;
+            }
+        }
+    }
+
+    /// Who keeps changing a contested chain.
+    pub fn set_netfilter_fighter(&mut self, name: &str, actor: &str) {
+        if let Some(st) = self.netfilter.get_mut(name) {
+            st.fighter = Some(actor.to_string());
         }
     }
 
@@ -275,6 +285,7 @@ impl Board {
         if let Some(st) = self.netfilter.get_mut(name) {
             st.state = State::InSync;
             st.reason = None;
+            st.fighter = None;
             st.repairs += 1;
             st.last_repair_unix = Some(at_unix);
             st.last_actor = Some(actor.to_string());
@@ -390,17 +401,23 @@ impl Board {
         out
     }
 
-    /// Contested objects by (kind, fighter).
+    /// Contested objects by (kind, fighter), chains included.
     pub fn contested_by_actor(&self) -> BTreeMap<(&'static str, String), usize> {
         let mut out = BTreeMap::new();
+        let fighter = |st: &ObjectStatus| {
+            st.fighter
+                .clone()
+                .unwrap_or_else(|| super::attribution::UNKNOWN.to_string())
+        };
         for (id, e) in &self.objects {
             if e.status.state == State::Contested {
-                let actor = e
-                    .status
-                    .fighter
-                    .clone()
-                    .unwrap_or_else(|| super::attribution::UNKNOWN.to_string());
-                *out.entry((kind_str(id), actor)).or_default() += 1;
+                *out.entry((kind_str(id), fighter(&e.status))).or_default() += 1;
+            }
+        }
+        for st in self.netfilter.values() {
+            let kind = NETFILTER_KINDS.iter().find(|k| **k == st.kind);
+            if let (Some(kind), State::Contested) = (kind, st.state) {
+                *out.entry((*kind, fighter(st))).or_default() += 1;
             }
         }
         for st in self.nftables.values() {
