@@ -193,9 +193,16 @@ fn adopted_chain_and_set_are_restored_as_last_seen_and_forgotten_when_the_owner_
     must(&ns, &["iptables-nft", "-t", "nat", "-N", "OTHER-CHAIN"]);
     agent.wait_log_all(&["adopted", "selector=kube-router", X]);
     agent.wait_log_all(&["adopted", "selector=kube-router", &format!("set={Y}")]);
+    // Sets are polled: the set may have been adopted between `ipset create` and its `ipset add`s,
+    // and it is restored as last seen. Wait until the copy holds both members.
     wait_until("adopted state saved", || {
         netwarden::adopted_state::read(&state)
-            .map(|s| s.chains.len() == 1 && s.chains[0].rules.len() == 2 && s.ipsets.len() == 1)
+            .map(|s| {
+                s.chains.len() == 1
+                    && s.chains[0].rules.len() == 2
+                    && s.ipsets.len() == 1
+                    && s.ipsets[0].members.len() == 2
+            })
             .unwrap_or(false)
     });
 
