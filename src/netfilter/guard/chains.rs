@@ -308,7 +308,7 @@ impl<T: Tools> Guard<T> {
         }
         let delay_ms = delay.as_millis() as u64;
         if newly {
-            warn!(kind = "chain", name = %d.name, object = %d.object, actor = %actor, backoff_ms = delay_ms, "contested: changed again right after each repair; repairs back off");
+            warn!(kind = "chain", name = %d.name, object = %d.object, actor = actor.as_str(), backoff_ms = delay_ms, "contested: changed again right after each repair; repairs back off");
             self.out.tell(Notice::Contested {
                 kind: "chain",
                 name: d.name.clone(),
