@@ -228,7 +228,7 @@ fn rule_forms(source: &str, cfg: &Config) -> anyhow::Result<()> {
     let out = rt.block_on(canon.canonicalise(&Binaries, &cfg.chains, &cfg.ipsets));
     if let Some(why) = &out.unavailable {
         eprintln!(
-            "{source}: rule specs not checked against iptables ({why}): write them as iptables-save prints them"
+            "{source}: rule specs not checked against iptables ({why}): only iptables' own options are put in printed form; write the rest as iptables-save prints them"
         );
     }
     for r in &out.rewritten {
@@ -506,7 +506,9 @@ fn check(
             e => e.into(),
         })?;
     if let Some(why) = &found.unchecked {
-        eprintln!("netwarden: rule specs compared as written ({why})");
+        eprintln!(
+            "netwarden: rule specs compared as written, but for iptables' own options ({why})"
+        );
     }
     // nftables wiring.
     let nft = check::NftReport {

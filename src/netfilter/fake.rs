@@ -1,8 +1,8 @@
 //! A fake of the iptables and ipset tools for unit tests: tables and sets in memory, restore input
 //! applied as one transaction (all or nothing), and a small printer that spells a few rules the
 //! way iptables-save does (`-s 10.0.0.1` → `-s 10.0.0.1/32`, `-p tcp --dport` → `-p tcp -m tcp
-//! --dport`, `-s a,b` → two rules), so that spelling, fights and failures can be played out
-//! without a kernel.
+//! --dport`, `-s a,b` → two rules, conntrack's `ESTABLISHED,RELATED` → `RELATED,ESTABLISHED`),
+//! so that spelling, fights and failures can be played out without a kernel.
 
 use super::model::{Table, TableId};
 use super::parse::{SavedChain, SavedTable};
@@ -124,6 +124,8 @@ pub fn print(rule: &RuleSpec) -> Result<Vec<RuleSpec>, String> {
                 i += 2;
                 continue;
             }
+            // conntrack prints its states in its own order.
+            "ESTABLISHED,RELATED" => out.push("RELATED,ESTABLISHED".into()),
             _ => out.push(tok.to_owned()),
         }
         i += 1;

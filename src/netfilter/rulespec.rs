@@ -142,6 +142,16 @@ impl RuleSpec {
         Ok(RuleSpec(tokens))
     }
 
+    /// A rule from tokens (already validated ones, rearranged): `None` if one of them could act
+    /// as restore input on its own (a line break, `COMMIT`).
+    pub fn from_tokens(tokens: Vec<String>) -> Option<RuleSpec> {
+        let safe = !tokens.is_empty()
+            && tokens
+                .iter()
+                .all(|t| t != "COMMIT" && !t.chars().any(char::is_control));
+        safe.then_some(RuleSpec(tokens))
+    }
+
     pub fn tokens(&self) -> &[String] {
         &self.0
     }

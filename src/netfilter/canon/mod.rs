@@ -12,9 +12,10 @@
 //! A rule is refused, with what iptables printed, when it cannot be made canonical: iptables
 //! refuses it, it becomes several rules (`-s 10.0.0.1,10.0.0.2`), or its printed form prints
 //! differently again. Results are cached per backend, table and rule, so a reload with the same
-//! rules costs nothing. Where no scratch namespace can be made, rules are compared as written
-//! (said once, at `warn`).
+//! rules costs nothing. Where no scratch namespace can be made, only iptables' own options are put
+//! in printed form ([`base`]) and the rest is compared as written (said once, at `warn`).
 
+mod base;
 mod print;
 
 use super::model::{ipset_family, DesiredChain, DesiredSet, TableId};
@@ -169,8 +170,7 @@ impl Canonicaliser {
                     }
                     Err(why) => {
                         *lock(&self.inner.unavailable) = Some(why.clone());
-                        out.unavailable = Some(why);
-                        return out;
+                        return fallback(chains, &by_table, why);
                     }
                 }
             }
@@ -206,6 +206,25 @@ fn sites_by_table(chains: &[DesiredChain]) -> BTreeMap<TableId, Vec<(Site, RuleS
         for (j, jump) in chain.jumps.iter().enumerate() {
             list.push((Site::Jump { chain: c, jump: j }, jump.rule.clone()));
         }
+    }
+    out
+}
+
+/// Without a scratch namespace: iptables' own options put in printed form ([`base`]), the rest
+/// as written.
+fn fallback(
+    chains: &[DesiredChain],
+    by_table: &BTreeMap<TableId, Vec<(Site, RuleSpec)>>,
+    why: String,
+) -> Canonical {
+    let mut out = Canonical {
+        chains: chains.to_vec(),
+        unavailable: Some(why),
+        ..Canonical::default()
+    };
+    for (site, rule) in by_table.values().flatten() {
+        let printed = base::normalise(rule).unwrap_or_else(|| rule.clone());
+        apply(&mut out, *site, rule, &Form::Printed(printed));
     }
     out
 }

@@ -112,15 +112,29 @@ async fn sets_the_rules_match_on_exist_in_the_scratch_namespace() {
 }
 
 #[tokio::test]
-async fn without_a_scratch_namespace_rules_stay_as_written() {
+async fn without_a_scratch_namespace_only_the_core_options_are_normalised() {
     let tools = FakeTools::new();
     tools.with(|s| s.no_scratch = true);
     let canon = Canonicaliser::new(BackendChoice::Nft);
-    let c = chain(&["-p tcp --dport 80 -j ACCEPT"], "-j NW-C");
+    let c = chain(
+        &[
+            "-p tcp --dport 80 -j ACCEPT",
+            "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        ],
+        "-j NW-C",
+    );
     let out = canon
         .canonicalise(&tools, std::slice::from_ref(&c), &[])
         .await;
-    assert_eq!(out.chains, vec![c]);
+    assert_eq!(
+        out.chains[0].rules[0],
+        r("-p tcp -m tcp --dport 80 -j ACCEPT")
+    );
+    assert_eq!(
+        out.chains[0].rules[1], c.rules[1],
+        "an extension's spelling: as written"
+    );
+    assert_eq!(out.rewritten.len(), 1);
     assert!(out.unavailable.is_some());
     assert!(canon.unavailable().is_some());
 }

@@ -144,7 +144,7 @@ pub(super) fn log_canonical(c: &Canonical) {
         );
     }
     if let Some(why) = &c.unavailable {
-        warn!(reason = %why, "rule specs are compared as written (no scratch namespace to print them in): write them as iptables-save prints them");
+        warn!(reason = %why, "rule specs are compared as written, but for iptables' own options (no scratch namespace to print them in): write them as iptables-save prints them");
     }
 }
 

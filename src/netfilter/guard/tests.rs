@@ -250,14 +250,46 @@ async fn a_rule_that_cannot_be_made_canonical_refuses_the_start() {
     );
 }
 
+/// Past what the fallback normalises: conntrack prints its states in its own order.
+const CT_WRITTEN: &str = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT";
+const CT_PRINTED: &str = "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT";
+
+fn reload(chains: Vec<DesiredChain>) -> GuardReload {
+    GuardReload {
+        chains,
+        sets: vec![],
+        adopt: vec![],
+        poll: Duration::from_secs(1),
+        resync: Duration::from_secs(60),
+    }
+}
+
+#[tokio::test]
+async fn without_a_scratch_namespace_the_core_options_are_still_compared_as_printed() {
+    let tools = FakeTools::new();
+    tools.with(|s| s.no_scratch = true);
+    let c = flannel(
+        Content::Contains,
+        &["-s 10.0.0.9 -p tcp --dport 80 -j RETURN"],
+    );
+    let g = guard(tools, vec![c], vec![]).await.unwrap();
+    assert!(!g.ledger.gave_up("flannel"));
+    assert_eq!(
+        g.tools.chain(NAT, "FLANNEL-POSTRTG"),
+        Some(vec![
+            "-s 10.0.0.9/32 -p tcp -m tcp --dport 80 -j RETURN".to_owned()
+        ])
+    );
+}
+
 #[tokio::test]
 async fn without_a_scratch_namespace_a_rule_printed_otherwise_is_given_up_until_a_reload() {
     let tools = FakeTools::new();
     tools.with(|s| s.no_scratch = true);
-    let c = flannel(Content::Contains, &["-s 10.0.0.9 -j RETURN"]);
+    let c = flannel(Content::Contains, &[CT_WRITTEN]);
     let g = guard(tools, vec![c.clone()], vec![]).await.unwrap();
     let (mut g, t) = telemetry(g);
-    // Appended once (the initial sync), read back as `-s 10.0.0.9/32`: given up, not appended
+    // Appended once (the initial sync), read back printed otherwise: given up, not appended
     // again at every read.
     assert!(g.ledger.gave_up("flannel"));
     for _ in 0..3 {
@@ -265,20 +297,13 @@ async fn without_a_scratch_namespace_a_rule_printed_otherwise_is_given_up_until_
     }
     assert_eq!(
         g.tools.chain(NAT, "FLANNEL-POSTRTG"),
-        Some(vec!["-s 10.0.0.9/32 -j RETURN".to_owned()]),
+        Some(vec![CT_PRINTED.to_owned()]),
         "one copy only"
     );
     assert_eq!(state_of(&t, "flannel"), Some(State::Drifted));
     // The operator writes it as printed and reloads: protected again.
     let mut fixed = c.clone();
-    fixed.rules = vec![r("-s 10.0.0.9/32 -j RETURN")];
-    let reload = |chains| GuardReload {
-        chains,
-        sets: vec![],
-        adopt: vec![],
-        poll: Duration::from_secs(1),
-        resync: Duration::from_secs(60),
-    };
+    fixed.rules = vec![r(CT_PRINTED)];
     g.reload(reload(vec![fixed])).await.unwrap();
     assert!(!g.ledger.gave_up("flannel"));
     g.tools
@@ -286,7 +311,7 @@ async fn without_a_scratch_namespace_a_rule_printed_otherwise_is_given_up_until_
     g.sync_table(NAT, Cause::Drift, None).await;
     assert_eq!(
         g.tools.chain(NAT, "FLANNEL-POSTRTG"),
-        Some(vec!["-s 10.0.0.9/32 -j RETURN".to_owned()])
+        Some(vec![CT_PRINTED.to_owned()])
     );
     assert_eq!(state_of(&t, "flannel"), Some(State::InSync));
 }
@@ -295,19 +320,11 @@ async fn without_a_scratch_namespace_a_rule_printed_otherwise_is_given_up_until_
 async fn a_reload_with_the_same_chains_re_affirms_them() {
     let tools = FakeTools::new();
     tools.with(|s| s.no_scratch = true);
-    let c = flannel(Content::Contains, &["-s 10.0.0.9 -j RETURN"]);
+    let c = flannel(Content::Contains, &[CT_WRITTEN]);
     let mut g = guard(tools, vec![c.clone()], vec![]).await.unwrap();
     assert!(g.ledger.gave_up("flannel"));
     let restores = g.tools.with(|s| s.restores.len());
-    g.reload(GuardReload {
-        chains: vec![c],
-        sets: vec![],
-        adopt: vec![],
-        poll: Duration::from_secs(1),
-        resync: Duration::from_secs(60),
-    })
-    .await
-    .unwrap();
+    g.reload(reload(vec![c])).await.unwrap();
     // Repaired again once (the rule is still spelled otherwise, so it is given up again).
     assert_eq!(g.tools.with(|s| s.restores.len()), restores + 1);
     assert!(g.ledger.gave_up("flannel"));
