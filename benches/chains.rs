@@ -4,7 +4,8 @@
 //!    the agent. Measured from outside, on an nf_tables notification socket in the same
 //!    namespace: from the NEWGEN of the deleting transaction to the NEWGEN of the agent's repair
 //!    (commit to commit), ≥ 200 runs. Beside it: how long one `iptables-nft-restore` of the same
-//!    size takes, spawn to exit (what the repair cannot go below).
+//!    size takes, spawn to exit (what the repair cannot go below), and a shell's read-then-write
+//!    (`iptables-nft-save -t nat`, then that restore).
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
@@ -105,13 +106,14 @@ const CHAIN_SPEC: &str = r#"  chains:
 const DELETE: &str = "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n";
 const RECREATE: &str = "*nat\n:BENCH-SCRATCH - [0:0]\n-A BENCH-SCRATCH -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN\n-A BENCH-SCRATCH -s 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n";
 
-fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>) {
+fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let ns = Sandbox::create("nw-bench-chains").unwrap();
     netwarden::netns::enter(&ns.name).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut child = agent(&ns.name, &config(dir.path(), CHAIN_SPEC));
     let mut latencies = Vec::new();
     let mut restore_alone = Vec::new();
+    let mut save_and_restore = Vec::new();
     rt.block_on(async {
         let mut events = NftEvents::subscribe().unwrap();
         for run in 0..RUNS + WARMUP {
@@ -161,13 +163,19 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>) {
                 tokio::time::timeout(Duration::from_millis(1), events.next()).await
             {}
             if run < 50 {
+                let drop_scratch = "*nat\n-F BENCH-SCRATCH\n-X BENCH-SCRATCH\nCOMMIT\n";
                 let (took, _) = pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
                 restore_alone.push(took.as_secs_f64() * 1e3);
-                pipe(
-                    "iptables-nft-restore",
-                    &["--noflush", "-w"],
-                    "*nat\n-F BENCH-SCRATCH\n-X BENCH-SCRATCH\nCOMMIT\n",
-                );
+                pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
+                let t = Instant::now();
+                let saved = Command::new("iptables-nft-save")
+                    .args(["-t", "nat"])
+                    .output()
+                    .unwrap();
+                assert!(saved.status.success());
+                pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
+                save_and_restore.push(t.elapsed().as_secs_f64() * 1e3);
+                pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
                 while let Ok(Ok(_)) =
                     tokio::time::timeout(Duration::from_millis(1), events.next()).await
                 {
@@ -177,7 +185,7 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>) {
     });
     let _ = child.kill();
     let _ = child.wait();
-    (latencies, restore_alone)
+    (latencies, restore_alone, save_and_restore)
 }
 
 fn cpu_ticks(pid: u32) -> (u64, u64) {
@@ -259,7 +267,8 @@ fn main() {
         .build()
         .unwrap();
     // Each part runs in its own thread: each enters its own namespace.
-    let (latencies, alone) = std::thread::spawn(move || chain_bench(&rt)).join().unwrap();
+    let (latencies, alone, save_restore) =
+        std::thread::spawn(move || chain_bench(&rt)).join().unwrap();
     let (restored, own, kids) = std::thread::spawn(set_bench).join().unwrap();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
@@ -284,6 +293,13 @@ fn main() {
         summary(
             "one iptables-nft-restore of a 2-rule chain, spawn to exit (floor)",
             alone
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "iptables-nft-save -t nat, then that restore, spawn to exit (a shell's read-then-write)",
+            save_restore
         )
     );
     println!(

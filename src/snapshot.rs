@@ -585,6 +585,27 @@ pub fn render_chains(
     format!("  chains:\n{body}")
 }
 
+/// The creation options a set was made with that the config can name (`hashsize` is left out:
+/// the kernel grows it as the set fills, so what is seen is not what the owner asked for).
+fn set_options(words: &[String]) -> String {
+    let mut out = String::new();
+    let mut it = words.iter().peekable();
+    while let Some(w) = it.next() {
+        match w.as_str() {
+            "maxelem" | "timeout" => {
+                if let Some(v) = it.next().filter(|v| v.bytes().all(|b| b.is_ascii_digit())) {
+                    let _ = writeln!(out, "      {w}: {v}");
+                }
+            }
+            "counters" | "comment" | "skbinfo" => {
+                let _ = writeln!(out, "      {w}: true");
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 pub fn render_sets(sets: &HashMap<String, SavedSet>, re: &Regex, membership: Content) -> String {
     let mut names: Vec<&String> = sets.keys().filter(|n| matches(re, n)).collect();
     names.sort();
@@ -612,6 +633,7 @@ pub fn render_sets(sets: &HashMap<String, SavedSet>, re: &Regex, membership: Con
             q(n),
             q(&s.kind)
         );
+        body.push_str(&set_options(&s.options));
         if members.is_empty() {
             body.push_str("      members: []\n");
         } else {
@@ -692,7 +714,7 @@ mod tests {
 
     #[test]
     fn sets_snapshot_validates() {
-        let sets = parse::ipset_save("create a hash:ip family inet hashsize 1024\nadd a 10.0.0.1\nadd a 10.0.0.2\ncreate b hash:net,port family inet6\nadd b fd00::/64,tcp:80\ncreate c list:set size 8\ncreate skip hash:ip family inet\n").unwrap();
+        let sets = parse::ipset_save("create a hash:ip family inet hashsize 1024 maxelem 65536 timeout 0 comment bucketsize 12 initval 0x1\nadd a 10.0.0.1\nadd a 10.0.0.2\ncreate b hash:net,port family inet6\nadd b fd00::/64,tcp:80\ncreate c list:set size 8\ncreate skip hash:ip family inet\n").unwrap();
         let yaml = format!(
             "{}{}",
             header("test", Mode::Observe),
@@ -705,6 +727,12 @@ mod tests {
         assert_eq!(cfg.ipsets[0].membership, Content::Contains);
         assert_eq!(cfg.mode, Mode::Observe);
         assert_eq!(cfg.ipsets[0].mode, Mode::Observe);
+        // The options its owner made it with that the config can name (not the grown hashsize).
+        let o = &cfg.ipsets[0].options;
+        assert_eq!(
+            (o.hashsize, o.maxelem, o.timeout, o.comment, o.counters),
+            (None, Some(65536), Some(0), Some(true), None)
+        );
         assert!(yaml.contains("c: type list:set is not supported"));
     }
 
