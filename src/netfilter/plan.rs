@@ -173,7 +173,6 @@ pub fn plan_table(
 ) -> (Vec<ChainDrift>, TableRepair) {
     let mut drifts = Vec::new();
     let mut repair = TableRepair::default();
-    let no_rules: Vec<RuleSpec> = Vec::new();
     let rules_of = |chain: &str| -> Option<&Vec<RuleSpec>> {
         observed.and_then(|t| t.chains.get(chain)).map(|c| &c.rules)
     };
@@ -190,81 +189,22 @@ pub fn plan_table(
     for c in desired {
         let enforce = c.mode == Mode::Enforce;
         let mut findings = Vec::new();
-        match rules_of(&c.key.chain) {
-            None => {
-                findings.push(ChainFinding::Missing);
-                if enforce {
-                    repair.rewrite.push((c.key.chain.clone(), c.rules.clone()));
-                }
-            }
-            Some(observed) => {
-                let missing = minus(&c.rules, observed);
-                match c.content {
-                    Content::Exact if observed != &c.rules => {
-                        let extra = minus(observed, &c.rules);
-                        let reordered = missing.is_empty() && extra.is_empty();
-                        findings.push(ChainFinding::Rules {
-                            missing,
-                            extra,
-                            reordered,
-                        });
-                        if enforce {
-                            repair.rewrite.push((c.key.chain.clone(), c.rules.clone()));
-                        }
-                    }
-                    Content::Contains if !missing.is_empty() => {
-                        if enforce {
-                            for r in &missing {
-                                repair.append.push((c.key.chain.clone(), r.clone()));
-                            }
-                        }
-                        findings.push(ChainFinding::Rules {
-                            missing,
-                            extra: Vec::new(),
-                            reordered: false,
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+        plan_rules(
+            c,
+            rules_of(&c.key.chain),
+            &mut findings,
+            enforce.then_some(&mut repair),
+        );
         for j in &c.jumps {
-            let rules = rules_of(&j.chain).unwrap_or(&no_rules);
-            let at = rules.iter().position(|r| r == &j.rule);
-            match (j.position, at) {
-                (Position::Any, Some(_)) => {}
-                (Position::First, Some(i))
-                    if i < head.get(j.chain.as_str()).copied().unwrap_or(1) => {}
-                (Position::Any, None) => {
-                    findings.push(ChainFinding::JumpMissing {
-                        chain: j.chain.clone(),
-                        rule: j.rule.clone(),
-                    });
-                    if enforce {
-                        repair.append.push((j.chain.clone(), j.rule.clone()));
-                    }
-                }
-                (Position::First, at) => {
-                    let rule = j.rule.clone();
-                    if at.is_some() {
-                        findings.push(ChainFinding::JumpNotFirst {
-                            chain: j.chain.clone(),
-                            rule: rule.clone(),
-                        });
-                        if enforce {
-                            repair.delete.push((j.chain.clone(), rule.clone()));
-                        }
-                    } else {
-                        findings.push(ChainFinding::JumpMissing {
-                            chain: j.chain.clone(),
-                            rule: rule.clone(),
-                        });
-                    }
-                    if enforce {
-                        repair.insert_first.push((j.chain.clone(), rule));
-                    }
-                }
-            }
+            let rules = rules_of(&j.chain).map_or(&[][..], Vec::as_slice);
+            let head = head.get(j.chain.as_str()).copied().unwrap_or(1);
+            plan_jump(
+                j,
+                rules,
+                head,
+                &mut findings,
+                enforce.then_some(&mut repair),
+            );
         }
         if !findings.is_empty() {
             drifts.push(ChainDrift {
@@ -276,6 +216,96 @@ pub fn plan_table(
         }
     }
     (drifts, repair)
+}
+
+/// The chain's own rules against what it holds (`None`: it does not exist).
+fn plan_rules(
+    c: &DesiredChain,
+    observed: Option<&Vec<RuleSpec>>,
+    findings: &mut Vec<ChainFinding>,
+    repair: Option<&mut TableRepair>,
+) {
+    let chain = &c.key.chain;
+    let Some(observed) = observed else {
+        findings.push(ChainFinding::Missing);
+        if let Some(repair) = repair {
+            repair.rewrite.push((chain.clone(), c.rules.clone()));
+        }
+        return;
+    };
+    let missing = minus(&c.rules, observed);
+    match c.content {
+        Content::Exact if observed != &c.rules => {
+            let extra = minus(observed, &c.rules);
+            let reordered = missing.is_empty() && extra.is_empty();
+            findings.push(ChainFinding::Rules {
+                missing,
+                extra,
+                reordered,
+            });
+            if let Some(repair) = repair {
+                repair.rewrite.push((chain.clone(), c.rules.clone()));
+            }
+        }
+        Content::Contains if !missing.is_empty() => {
+            if let Some(repair) = repair {
+                for r in &missing {
+                    repair.append.push((chain.clone(), r.clone()));
+                }
+            }
+            findings.push(ChainFinding::Rules {
+                missing,
+                extra: Vec::new(),
+                reordered: false,
+            });
+        }
+        _ => {}
+    }
+}
+
+/// One jump against the rules of the chain it lives in; `head`: how many first-jumps share the
+/// head of that chain.
+fn plan_jump(
+    j: &super::model::Jump,
+    rules: &[RuleSpec],
+    head: usize,
+    findings: &mut Vec<ChainFinding>,
+    repair: Option<&mut TableRepair>,
+) {
+    let at = rules.iter().position(|r| r == &j.rule);
+    let (chain, rule) = (j.chain.clone(), j.rule.clone());
+    match (j.position, at) {
+        (Position::Any, Some(_)) => {}
+        (Position::First, Some(i)) if i < head => {}
+        (Position::Any, None) => {
+            findings.push(ChainFinding::JumpMissing {
+                chain: chain.clone(),
+                rule: rule.clone(),
+            });
+            if let Some(repair) = repair {
+                repair.append.push((chain, rule));
+            }
+        }
+        (Position::First, at) => {
+            if at.is_some() {
+                findings.push(ChainFinding::JumpNotFirst {
+                    chain: chain.clone(),
+                    rule: rule.clone(),
+                });
+            } else {
+                findings.push(ChainFinding::JumpMissing {
+                    chain: chain.clone(),
+                    rule: rule.clone(),
+                });
+            }
+            if let Some(repair) = repair {
+                if at.is_some() {
+                    repair.delete.push((chain.clone(), rule.clone()));
+                }
+                repair.insert_first.push((chain, rule));
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -432,29 +462,7 @@ pub fn plan_set(
             &s.members
         }
     };
-    let missing: Vec<Member> = d
-        .members
-        .iter()
-        .filter(|m| !members.contains(m))
-        .copied()
-        .collect();
-    let mut forbidden: Vec<Member> = members
-        .iter()
-        .filter(|m| d.forbids(m).is_some())
-        .copied()
-        .collect();
-    forbidden.sort();
-    let mut extra: Vec<Member> = if d.membership == Content::Exact {
-        let want: std::collections::HashSet<&Member> = d.members.iter().collect();
-        members
-            .iter()
-            .filter(|m| !want.contains(m) && d.forbids(m).is_none())
-            .copied()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    extra.sort();
+    let (missing, forbidden, extra) = member_diff(d, members);
     if enforce {
         repair.add = missing.iter().map(|m| (d.set.clone(), *m)).collect();
         repair.del = forbidden
@@ -485,6 +493,37 @@ pub fn plan_set(
         vec![repair]
     };
     (drift, repairs)
+}
+
+/// Members missing, forbidden ones present, and (for `exact`) extra ones, the last two sorted.
+fn member_diff(
+    d: &DesiredSet,
+    members: &std::collections::HashSet<Member>,
+) -> (Vec<Member>, Vec<Member>, Vec<Member>) {
+    let missing: Vec<Member> = d
+        .members
+        .iter()
+        .filter(|m| !members.contains(m))
+        .copied()
+        .collect();
+    let mut forbidden: Vec<Member> = members
+        .iter()
+        .filter(|m| d.forbids(m).is_some())
+        .copied()
+        .collect();
+    forbidden.sort();
+    let mut extra: Vec<Member> = if d.membership == Content::Exact {
+        let want: std::collections::HashSet<&Member> = d.members.iter().collect();
+        members
+            .iter()
+            .filter(|m| !want.contains(m) && d.forbids(m).is_none())
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    extra.sort();
+    (missing, forbidden, extra)
 }
 
 /// Forbidden prefixes that a desired member overlaps (config validation uses this).

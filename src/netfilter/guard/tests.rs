@@ -48,6 +48,17 @@ fn intact() -> Vec<String> {
     RULES.iter().map(|s| s.to_string()).collect()
 }
 
+/// The flannel chain, `exact`, in sync.
+async fn exact_flannel() -> Guard<FakeTools> {
+    guard(
+        FakeTools::new(),
+        vec![flannel(Content::Exact, RULES)],
+        vec![],
+    )
+    .await
+    .unwrap()
+}
+
 async fn guard(
     tools: FakeTools,
     chains: Vec<DesiredChain>,
@@ -75,13 +86,7 @@ fn state_of(t: &Telemetry, name: &str) -> Option<State> {
 
 #[tokio::test]
 async fn initial_sync_places_the_chain_and_its_jump() {
-    let g = guard(
-        FakeTools::new(),
-        vec![flannel(Content::Exact, RULES)],
-        vec![],
-    )
-    .await
-    .unwrap();
+    let g = exact_flannel().await;
     assert_eq!(g.tools.chain(NAT, "FLANNEL-POSTRTG"), Some(intact()));
     assert_eq!(
         g.tools.chain(NAT, "POSTROUTING"),
@@ -92,13 +97,7 @@ async fn initial_sync_places_the_chain_and_its_jump() {
 
 #[tokio::test]
 async fn a_flush_fight_is_contested_held_back_and_repaired_when_it_stops() {
-    let g = guard(
-        FakeTools::new(),
-        vec![flannel(Content::Exact, RULES)],
-        vec![],
-    )
-    .await
-    .unwrap();
+    let g = exact_flannel().await;
     let (mut g, t) = telemetry(g);
     let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
     t.set_notices(tx);
@@ -159,13 +158,7 @@ async fn a_flush_fight_is_contested_held_back_and_repaired_when_it_stops() {
 
 #[tokio::test]
 async fn a_change_between_a_repair_and_its_read_is_drift_not_a_spelling() {
-    let g = guard(
-        FakeTools::new(),
-        vec![flannel(Content::Exact, RULES)],
-        vec![],
-    )
-    .await
-    .unwrap();
+    let g = exact_flannel().await;
     // Someone deletes the jump, then flushes the chain right after the agent put the jump back
     // (`iptables -D …; iptables -F …` in two transactions).
     g.tools.apply(
@@ -186,13 +179,7 @@ async fn a_change_between_a_repair_and_its_read_is_drift_not_a_spelling() {
 
 #[tokio::test]
 async fn occasional_flushes_are_repaired_at_once() {
-    let mut g = guard(
-        FakeTools::new(),
-        vec![flannel(Content::Exact, RULES)],
-        vec![],
-    )
-    .await
-    .unwrap();
+    let mut g = exact_flannel().await;
     // Below the contest threshold every removal is repaired at once.
     for _ in 0..3 {
         g.tools
@@ -332,13 +319,7 @@ async fn a_reload_with_the_same_chains_re_affirms_them() {
 
 #[tokio::test]
 async fn a_deleted_chain_is_written_back_before_the_table_is_read() {
-    let mut g = guard(
-        FakeTools::new(),
-        vec![flannel(Content::Exact, RULES)],
-        vec![],
-    )
-    .await
-    .unwrap();
+    let mut g = exact_flannel().await;
     g.tools.apply(
         Family::Ipv4,
         "*nat\n-D POSTROUTING -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
@@ -369,13 +350,7 @@ async fn a_deleted_chain_is_written_back_before_the_table_is_read() {
 
 #[tokio::test]
 async fn a_refused_repair_is_logged_once_and_retried_at_the_next_change() {
-    let g = guard(
-        FakeTools::new(),
-        vec![flannel(Content::Exact, RULES)],
-        vec![],
-    )
-    .await
-    .unwrap();
+    let g = exact_flannel().await;
     let (mut g, t) = telemetry(g);
     g.tools
         .apply(Family::Ipv4, "*nat\n-F FLANNEL-POSTRTG\nCOMMIT\n");
