@@ -246,7 +246,12 @@ fn rule_forms(source: &str, cfg: &Config) -> anyhow::Result<()> {
 /// Rule specs that cannot be made canonical, one per line with the file.
 fn refused(source: &str, r: &[Refusal]) -> String {
     r.iter()
-        .map(|r| format!("{source}: {}: {} (chain `{}`): `{}`", r.site, r.why, r.chain, r.rule))
+        .map(|r| {
+            format!(
+                "{source}: {}: {} (chain `{}`): `{}`",
+                r.site, r.why, r.chain, r.rule
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

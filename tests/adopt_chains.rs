@@ -289,7 +289,8 @@ fn adopted_chain_and_set_are_restored_as_last_seen_and_forgotten_when_the_owner_
             .lines()
             .find_map(|l| l.strip_prefix(want.as_str())?.trim().parse::<f64>().ok())
     };
-    // The guard logs the decision just before it counts it: wait for the count too.
+    // The guard counts before it logs; the wait costs nothing and keeps the test honest if
+    // that order ever changes.
     wait_until("counted as forgotten by its owner", || {
         forgotten("owner") == Some(1.0)
     });
