@@ -132,6 +132,10 @@ impl Cluster {
     }
 
     fn agent_with(&self, ns: &Sandbox, extra: &[&str]) -> Agent {
+        self.agent_full(ns, extra, &[])
+    }
+
+    fn agent_full(&self, ns: &Sandbox, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let kubeconfig = self.kubeconfig.to_str().unwrap().to_owned();
         let state = self.state_file().to_str().unwrap().to_owned();
         let (configmap, pod_namespace) = daemonset_configmap();
@@ -148,7 +152,9 @@ impl Cluster {
             "200",
         ];
         args.extend_from_slice(extra);
-        Agent::start_run(ns, &args, &[("POD_NAMESPACE", &pod_namespace)])
+        let mut env = env.to_vec();
+        env.push(("POD_NAMESPACE", &pod_namespace));
+        Agent::start_run(ns, &args, &env)
     }
 
     /// Nothing the agent asked for was refused.
@@ -927,4 +933,72 @@ fn the_fake_api_server_pages_like_the_real_one() {
             other => panic!("{other:?}"),
         }
     });
+}
+
+/// A chain spec whose one rule is `rule`, in table filter.
+fn chain_spec(rule: &str) -> String {
+    format!("  pollInterval: 200ms\n  chains:\n    - name: nw-ct\n      table: filter\n      chain: NW-CT\n      content: contains\n      rules: [\"{rule}\"]\n")
+}
+
+fn nw_ct(ns: &Sandbox) -> Vec<String> {
+    must(ns, &["iptables-nft-save", "-t", "filter"])
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A NW-CT "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Without a scratch namespace (as under the runtime's default seccomp profile), a rule written
+/// otherwise than iptables prints it is given up after one write; the ConfigMap edit that writes
+/// it as printed brings protection back.
+#[test]
+fn a_configmap_edit_brings_a_given_up_chain_back() {
+    let ns = sandbox();
+    let c = Cluster::new(
+        &chain_spec("-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+        &[],
+    );
+    let mut agent = c.agent_full(
+        &ns,
+        &["--iptables-backend", "nft"],
+        &[("NETWARDEN_SCRATCH_NETNS", "off")],
+    );
+    agent.wait_log("repair does not take");
+    let printed = "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT";
+    assert_eq!(nw_ct(&ns), [printed]);
+    c.api
+        .apply("", "configmaps", configmap(&chain_spec(printed)));
+    agent.wait_log("chains and sets reloaded");
+    must(&ns, &["iptables-nft", "-F", "NW-CT"]);
+    wait_until("repaired after the edit", || nw_ct(&ns) == [printed]);
+}
+
+/// A ConfigMap edit with a rule iptables makes two of is refused whole: an Event, the config in
+/// use stays.
+#[test]
+fn a_configmap_edit_with_a_rule_iptables_splits_is_rejected() {
+    let ns = sandbox();
+    let c = Cluster::new(&chain_spec("-s 10.0.0.1 -j RETURN"), &[]);
+    let agent = c.agent_with(&ns, &["--iptables-backend", "nft"]);
+    assert_eq!(
+        nw_ct(&ns),
+        ["-s 10.0.0.1/32 -j RETURN"],
+        "compared as printed"
+    );
+    c.api.apply(
+        "",
+        "configmaps",
+        configmap(&chain_spec("-s 10.0.0.1,10.0.0.2 -j RETURN")),
+    );
+    let m = c.wait_event("ConfigRejected", "iptables makes 2 rules of it");
+    assert!(m.contains("spec.chains[0].rules[0]"), "{m}");
+    must(&ns, &["iptables-nft", "-F", "NW-CT"]);
+    wait_until("the config in use still protects the chain", || {
+        nw_ct(&ns) == ["-s 10.0.0.1/32 -j RETURN"]
+    });
+    let (_, metrics) = netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
+    assert!(
+        metrics.contains("netwarden_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
 }
