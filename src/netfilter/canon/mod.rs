@@ -150,6 +150,11 @@ impl Canonicaliser {
         }
         let backend = self.backend(tools).await;
         let by_table = sites_by_table(chains);
+        // Known not to work here: not tried again at every reload (Kubernetes mode reloads at
+        // every Service change).
+        if let Some(why) = self.unavailable() {
+            return fallback(chains, &by_table, why);
+        }
         for (table, sites) in &by_table {
             let wanted: BTreeSet<RuleSpec> = sites.iter().map(|(_, r)| r.clone()).collect();
             let missing: Vec<RuleSpec> = {

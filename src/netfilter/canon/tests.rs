@@ -137,6 +137,11 @@ async fn without_a_scratch_namespace_only_the_core_options_are_normalised() {
     assert_eq!(out.rewritten.len(), 1);
     assert!(out.unavailable.is_some());
     assert!(canon.unavailable().is_some());
+    // Not tried again.
+    tools.with(|s| s.no_scratch = false);
+    let again = canon.canonicalise(&tools, &[c], &[]).await;
+    assert_eq!(again, out);
+    assert_eq!(tools.with(|s| s.scratch_runs), 0);
 }
 
 #[test]
