@@ -219,12 +219,14 @@ impl<T: Tools> Guard<T> {
     /// table `id` ([`blind`]). Returns the restore to verify, if one was applied.
     pub(super) async fn repair_blind(&mut self, id: TableId, touches: &Touches) -> Option<Applied> {
         let now = Instant::now();
-        let candidates: Vec<&DesiredChain> = self
+        let owned: Vec<DesiredChain> = self
             .chains
             .iter()
             .filter(|c| c.key.table_id() == id && c.mode == Mode::Enforce)
             .filter(|c| !self.ledger.gave_up(&c.name) && !self.ledger.is_held(&c.name, now))
+            .cloned()
             .collect();
+        let candidates: Vec<&DesiredChain> = owned.iter().collect();
         let (names, repair) = blind::plan(&candidates, touches);
         if repair.is_empty() {
             return None;
@@ -244,10 +246,24 @@ impl<T: Tools> Guard<T> {
             })
             .collect();
         let (allowed, fresh) = self.decide(&drifts, true, now);
-        if allowed.len() != names.len() {
-            // Some are held back: the read that follows plans what may be repaired.
+        let repair = if allowed.len() == names.len() {
+            repair
+        } else {
+            // This drift made some contested: the others are still repaired now.
+            let allowed: Vec<&DesiredChain> = candidates
+                .iter()
+                .filter(|c| allowed.contains(&c.name))
+                .copied()
+                .collect();
+            blind::plan(&allowed, touches).1
+        };
+        if repair.is_empty() {
             return None;
         }
+        let drifts: Vec<ChainDrift> = drifts
+            .into_iter()
+            .filter(|d| allowed.contains(&d.name))
+            .collect();
         if !self
             .restore(id, &repair, &drifts, (&fresh, true), now)
             .await
