@@ -116,16 +116,7 @@ pub fn run(
                     Message::Fatal(e) => return Err(anyhow::Error::new(e)),
                 };
                 let (c, e) = (&u.config, u.expansion);
-                // Rule specs iptables cannot hold as written refuse the edit as a whole.
-                let checked = canon.canonicalise(&Binaries, &e.chains, &e.ipsets).await;
-                if !checked.refused.is_empty() {
-                    let error = GuardError::Refused(checked.refused).to_string();
-                    tracing::error!(error = %error, "config refused; keeping the config in use");
-                    telemetry_reject.config_loaded(false);
-                    telemetry_reject.notice(obs::Notice::ConfigRejected {
-                        source: "ConfigMap".into(),
-                        error,
-                    });
+                if refused(&canon, &telemetry_reject, &e).await {
                     continue;
                 }
                 // A new parse of the ConfigMap (facts-only updates share the last one).
@@ -195,6 +186,27 @@ fn configmap_ref(arg: &str, namespace: Option<&str>) -> anyhow::Result<(Option<S
         None if arg.is_empty() => Err(bad()),
         None => Ok((namespace.map(str::to_owned), arg.to_owned())),
     }
+}
+
+/// Rule specs iptables cannot hold as written refuse a ConfigMap edit as a whole: logged,
+/// counted and told as `ConfigRejected`; the config in use stays.
+async fn refused(
+    canon: &netwarden::netfilter::canon::Canonicaliser,
+    telemetry: &obs::Telemetry,
+    e: &netwarden::desired::Expansion,
+) -> bool {
+    let checked = canon.canonicalise(&Binaries, &e.chains, &e.ipsets).await;
+    if checked.refused.is_empty() {
+        return false;
+    }
+    let error = GuardError::Refused(checked.refused).to_string();
+    tracing::error!(error = %error, "config refused; keeping the config in use");
+    telemetry.config_loaded(false);
+    telemetry.notice(obs::Notice::ConfigRejected {
+        source: "ConfigMap".into(),
+        error,
+    });
+    true
 }
 
 #[cfg(test)]
