@@ -1,11 +1,12 @@
 //! Chains and sets benchmark (harness = false; reports, asserts nothing).
 //!
 //! 1. A protected nat chain and its jump deleted in one iptables-nft transaction → restored by
-//!    the agent. Measured from outside, on an nf_tables notification socket in the same
+//!    the agent (64 such chains, deleted in turn: a chain deleted again within 2 s of its repair
+//!    would be a fight, which the agent rightly backs off from). Measured from outside, on an nf_tables notification socket in the same
 //!    namespace: from the NEWGEN of the deleting transaction to the NEWGEN of the agent's repair
 //!    (commit to commit), ≥ 200 runs. Beside it: how long one `iptables-nft-restore` of the same
-//!    size takes, spawn to exit (what the repair cannot go below), and a shell's read-then-write
-//!    (`iptables-nft-save -t nat`, then that restore).
+//!    repair takes in the same table, spawn to exit (what the repair cannot go below), and a
+//!    shell's read-then-write (`iptables-nft-save -t nat`, then that restore).
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
@@ -90,27 +91,56 @@ fn summary(name: &str, mut v: Vec<f64>) -> String {
     )
 }
 
-const CHAIN_SPEC: &str = r#"  chains:
-    - name: flannel-postrtg
+/// Protected chains, each deleted in turn: an object deleted again within 2 s of its last
+/// repair counts towards a fight (the agent then backs off, as it should), so each chain is
+/// deleted once every 64 runs, well over 2 s apart.
+const CHAINS: usize = 64;
+
+fn chain_name(i: usize) -> String {
+    format!("FLANNEL-POSTRTG-{i:02}")
+}
+
+/// flannel's nat chain and its jump, `CHAINS` times.
+fn chain_spec() -> String {
+    let mut spec = String::from("  chains:\n");
+    for i in 0..CHAINS {
+        let c = chain_name(i);
+        spec.push_str(&format!(
+            r#"    - name: flannel-postrtg-{i:02}
       table: nat
-      chain: FLANNEL-POSTRTG
+      chain: {c}
       rules:
         - -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
         - -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
       jumps:
         - chain: POSTROUTING
-          rule: -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+          rule: -m comment --comment "flanneld masq" -j {c}
           position: first
-"#;
+"#
+        ));
+    }
+    spec
+}
 
-const DELETE: &str = "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n";
-const RECREATE: &str = "*nat\n:BENCH-SCRATCH - [0:0]\n-A BENCH-SCRATCH -s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN\n-A BENCH-SCRATCH -s 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n";
+/// flannel's cleanup of one chain, in one transaction.
+fn delete(i: usize) -> String {
+    let c = chain_name(i);
+    format!("*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j {c}\n-F {c}\n-X {c}\nCOMMIT\n")
+}
+
+/// The agent's repair of one deleted chain, for an unprotected chain: the chain declared with its
+/// rules and its jump inserted at the head of POSTROUTING (which makes iptables-nft read the
+/// chain's rules first). The floor of the repair.
+const RECREATE: &str = "*nat\n:BENCH-SCRATCH - [0:0]\n\
+    -A BENCH-SCRATCH -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN\n\
+    -A BENCH-SCRATCH -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+    -I POSTROUTING 1 -m comment --comment \"flanneld masq\" -j BENCH-SCRATCH\nCOMMIT\n";
 
 fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let ns = Sandbox::create("nw-bench-chains").unwrap();
     netwarden::netns::enter(&ns.name).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = agent(&ns.name, &config(dir.path(), CHAIN_SPEC));
+    let mut child = agent(&ns.name, &config(dir.path(), &chain_spec()));
     let mut latencies = Vec::new();
     let mut restore_alone = Vec::new();
     let mut save_and_restore = Vec::new();
@@ -128,7 +158,7 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
             del.stdin
                 .take()
                 .unwrap()
-                .write_all(DELETE.as_bytes())
+                .write_all(delete(run % CHAINS).as_bytes())
                 .unwrap();
             let mut t0 = None;
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -157,35 +187,47 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
             if run >= WARMUP {
                 latencies.push((t1 - t0).as_secs_f64() * 1e3);
             }
-            // Let the agent finish verifying before the next deletion.
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            // Let the agent finish verifying before the next deletion (and keep each chain's
+            // deletions more than 2 s apart: 64 chains × 40 ms).
+            tokio::time::sleep(Duration::from_millis(40)).await;
             while let Ok(Ok(_)) =
                 tokio::time::timeout(Duration::from_millis(1), events.next()).await
             {}
-            if run < 50 {
-                let drop_scratch = "*nat\n-F BENCH-SCRATCH\n-X BENCH-SCRATCH\nCOMMIT\n";
-                let (took, _) = pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
-                restore_alone.push(took.as_secs_f64() * 1e3);
-                pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
-                let t = Instant::now();
-                let saved = Command::new("iptables-nft-save")
-                    .args(["-t", "nat"])
-                    .output()
-                    .unwrap();
-                assert!(saved.status.success());
-                pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
-                save_and_restore.push(t.elapsed().as_secs_f64() * 1e3);
-                pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
-                while let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_millis(1), events.next()).await
-                {
-                }
-            }
         }
     });
+    // The floors, with the agent stopped (SIGSTOP) so that it neither reacts to the scratch
+    // jump at the head of POSTROUTING nor competes for the CPU; it is thawed afterwards.
+    freeze(child.id(), true);
+    let drop_scratch = "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j BENCH-SCRATCH\n-F BENCH-SCRATCH\n-X BENCH-SCRATCH\nCOMMIT\n";
+    for _ in 0..50 {
+        let (took, _) = pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
+        restore_alone.push(took.as_secs_f64() * 1e3);
+        pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
+        let t = Instant::now();
+        let saved = Command::new("iptables-nft-save")
+            .args(["-t", "nat"])
+            .output()
+            .unwrap();
+        assert!(saved.status.success());
+        pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
+        save_and_restore.push(t.elapsed().as_secs_f64() * 1e3);
+        pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
+    }
+    freeze(child.id(), false);
     let _ = child.kill();
     let _ = child.wait();
     (latencies, restore_alone, save_and_restore)
+}
+
+/// Stops (SIGSTOP) or continues (SIGCONT) a process started here.
+fn freeze(pid: u32, frozen: bool) {
+    use nix::sys::signal::{kill, Signal};
+    let signal = if frozen {
+        Signal::SIGSTOP
+    } else {
+        Signal::SIGCONT
+    };
+    kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
 }
 
 fn cpu_ticks(pid: u32) -> (u64, u64) {
@@ -284,14 +326,14 @@ fn main() {
     println!(
         "{}",
         summary(
-            "nat chain + jump deleted (one nft transaction) → restored, commit to commit",
+            "nat chain + jump deleted (one nft transaction) → restored, commit to commit (64 chains protected)",
             latencies
         )
     );
     println!(
         "{}",
         summary(
-            "one iptables-nft-restore of a 2-rule chain, spawn to exit (floor)",
+            "one iptables-nft-restore of the same repair (2-rule chain, jump inserted first), spawn to exit (floor)",
             alone
         )
     );

@@ -186,6 +186,24 @@ pub fn plan_table(
             }
         }
     }
+    // Chains whose head block is broken (an enforced first-jump missing or pushed out of it by
+    // another rule): all their enforced first-jumps are put back at the head in one go, not one
+    // per repair.
+    let broken: std::collections::HashSet<&str> = desired
+        .iter()
+        .filter(|c| c.mode == Mode::Enforce)
+        .flat_map(|c| &c.jumps)
+        .filter(|j| j.position == Position::First)
+        .filter(|j| {
+            let rules = rules_of(&j.chain).map_or(&[][..], Vec::as_slice);
+            let head = head.get(j.chain.as_str()).copied().unwrap_or(1);
+            rules
+                .iter()
+                .position(|r| r == &j.rule)
+                .is_none_or(|i| i >= head)
+        })
+        .map(|j| j.chain.as_str())
+        .collect();
     for c in desired {
         let enforce = c.mode == Mode::Enforce;
         let mut findings = Vec::new();
@@ -198,6 +216,7 @@ pub fn plan_table(
         for j in &c.jumps {
             let rules = rules_of(&j.chain).map_or(&[][..], Vec::as_slice);
             let head = head.get(j.chain.as_str()).copied().unwrap_or(1);
+            let head = (head, broken.contains(j.chain.as_str()));
             plan_jump(
                 j,
                 rules,
@@ -264,11 +283,12 @@ fn plan_rules(
 }
 
 /// One jump against the rules of the chain it lives in; `head`: how many first-jumps share the
-/// head of that chain.
+/// head of that chain, and whether that head block is broken (then every first-jump of it is put
+/// back at the head, in config order).
 fn plan_jump(
     j: &super::model::Jump,
     rules: &[RuleSpec],
-    head: usize,
+    (head, broken): (usize, bool),
     findings: &mut Vec<ChainFinding>,
     repair: Option<&mut TableRepair>,
 ) {
@@ -276,7 +296,6 @@ fn plan_jump(
     let (chain, rule) = (j.chain.clone(), j.rule.clone());
     match (j.position, at) {
         (Position::Any, Some(_)) => {}
-        (Position::First, Some(i)) if i < head => {}
         (Position::Any, None) => {
             findings.push(ChainFinding::JumpMissing {
                 chain: chain.clone(),
@@ -287,18 +306,18 @@ fn plan_jump(
             }
         }
         (Position::First, at) => {
-            if at.is_some() {
-                findings.push(ChainFinding::JumpNotFirst {
+            match at {
+                Some(i) if i < head => {}
+                Some(_) => findings.push(ChainFinding::JumpNotFirst {
                     chain: chain.clone(),
                     rule: rule.clone(),
-                });
-            } else {
-                findings.push(ChainFinding::JumpMissing {
+                }),
+                None => findings.push(ChainFinding::JumpMissing {
                     chain: chain.clone(),
                     rule: rule.clone(),
-                });
+                }),
             }
-            if let Some(repair) = repair {
+            if let (Some(repair), true) = (repair, broken) {
                 if at.is_some() {
                     repair.delete.push((chain.clone(), rule.clone()));
                 }
@@ -852,5 +871,39 @@ mod tests {
         let counts = expected_counts(&repair, None);
         assert_eq!(counts.get("FLANNEL-POSTRTG"), Some(&Some(2)));
         assert_eq!(counts.get("POSTROUTING"), Some(&None), "not read: unknown");
+    }
+
+    #[test]
+    fn a_rule_pushed_into_the_head_moves_every_first_jump_at_once() {
+        let mut chains: Vec<DesiredChain> = (0..3)
+            .map(|i| {
+                let mut c = flannel(Content::Exact, Position::First);
+                c.name = format!("f{i}");
+                c.key.chain = format!("F{i}");
+                c.jumps[0].rule = r(&format!("-j F{i}"));
+                c
+            })
+            .collect();
+        chains[2].rules.clear();
+        let mut body = String::from("-A POSTROUTING -j MASQUERADE\n");
+        for (i, c) in chains.iter().enumerate() {
+            body.push_str(&format!(":F{i} - [0:0]\n-A POSTROUTING -j F{i}\n"));
+            for rule in &c.rules {
+                body.push_str(&format!("-A F{i} {rule}\n"));
+            }
+        }
+        let refs: Vec<&DesiredChain> = chains.iter().collect();
+        let (drift, repair) = plan_table(&refs, Some(&nat(&body)));
+        // Only the last one is out of the head block, but all three go back in front of the
+        // foreign rule in one transaction.
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert_eq!(repair.delete.len(), 3);
+        assert_eq!(
+            repair.insert_first,
+            (0..3)
+                .map(|i| ("POSTROUTING".to_owned(), r(&format!("-j F{i}"))))
+                .collect::<Vec<_>>()
+        );
+        assert!(repair.rewrite.is_empty());
     }
 }

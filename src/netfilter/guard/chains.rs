@@ -356,6 +356,10 @@ impl<T: Tools> Guard<T> {
                     if self.own.len() > 16 {
                         self.own.pop_front();
                     }
+                    self.unseen.push((pid, Instant::now()));
+                    if self.unseen.len() > 16 {
+                        self.unseen.remove(0);
+                    }
                 }
                 self.restored(id, &enforced, fresh, started);
                 true

@@ -101,6 +101,11 @@ pub struct Guard<T: Tools = Binaries> {
     ledger: Ledger,
     /// Pids of netwarden's own recent restores.
     own: VecDeque<u32>,
+    /// Own restores whose NEWGEN has not come through the notification socket yet, with when
+    /// they were applied: a transaction read before that NEWGEN committed before the restore, so
+    /// what its notifications say is no longer the whole story (the restore may have repaired
+    /// it already): no repair from the notifications alone then, only the read.
+    unseen: Vec<(u32, Instant)>,
     pub stats: GuardStats,
     out: Out,
     adoption: Adoption,
@@ -194,6 +199,7 @@ impl<T: Tools> Guard<T> {
             watched,
             ledger: Ledger::default(),
             own: VecDeque::new(),
+            unseen: Vec::new(),
             stats: GuardStats::default(),
             out: Out::new(),
             adoption,
@@ -380,14 +386,19 @@ impl<T: Tools> Guard<T> {
                 }
             }
             NftEvent::NewGen { pid, process } => {
-                if pending.is_empty() {
-                    return;
-                }
                 if pid.is_some_and(|p| self.own.contains(&p)) {
                     // Our own restore: already verified after applying it.
+                    self.unseen.retain(|(p, _)| Some(*p) != pid);
                     pending.clear();
                     return;
                 }
+                if pending.is_empty() {
+                    return;
+                }
+                // A restore without changes commits nothing: its NEWGEN never comes.
+                self.unseen
+                    .retain(|(_, at)| at.elapsed() < Duration::from_secs(2));
+                let stale = !self.unseen.is_empty();
                 debug!(pid = ?pid, process = ?process, "transaction touched protected chains");
                 // NEWGEN names the process that committed the transaction: the actor of what
                 // the re-read finds drifted.
@@ -398,7 +409,10 @@ impl<T: Tools> Guard<T> {
                     self.ancestors = ancestors(pid);
                 }
                 for (id, touches) in std::mem::take(pending) {
-                    let applied = self.repair_blind(id, &touches).await;
+                    let applied = match stale {
+                        false => self.repair_blind(id, &touches).await,
+                        true => None,
+                    };
                     self.sync_table(id, Cause::Drift, applied).await;
                 }
                 self.actor = None;
@@ -407,6 +421,7 @@ impl<T: Tools> Guard<T> {
             NftEvent::Overrun => {
                 warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
                 pending.clear();
+                self.unseen.clear();
                 self.sync_tables(all, Cause::Drift).await;
             }
         }
