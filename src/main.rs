@@ -243,6 +243,14 @@ fn rule_forms(source: &str, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The guard's start error, with the file named where rule specs were refused.
+fn guard_error(path: &std::path::Path, e: GuardError) -> anyhow::Error {
+    match e {
+        GuardError::Refused(r) => anyhow::anyhow!("{}", refused(&path.display().to_string(), &r)),
+        e => e.into(),
+    }
+}
+
 /// Rule specs that cannot be made canonical, one per line with the file.
 fn refused(source: &str, r: &[Refusal]) -> String {
     r.iter()
@@ -358,12 +366,7 @@ fn run(
                 adoption,
             )
             .await
-            .map_err(|e| match e {
-                GuardError::Refused(r) => {
-                    anyhow::anyhow!("{}", refused(&path.display().to_string(), &r))
-                }
-                e => e.into(),
-            })?
+            .map_err(|e| guard_error(&path, e))?
             .with_telemetry(telemetry.clone());
             let agent = reconcile::Agent::start_adopting(
                 desired,

@@ -298,22 +298,10 @@ pub fn reload_on_sighup(
             last_text = text;
             match config::parse(&path.display().to_string(), &last_text) {
                 Ok(cfg) => {
-                    if let Some(g) = &guard {
-                        let checked = g
-                            .canon
-                            .canonicalise(
-                                &crate::netfilter::tools::Binaries,
-                                &cfg.chains,
-                                &cfg.ipsets,
-                            )
-                            .await;
-                        if !checked.refused.is_empty() {
-                            telemetry.config_loaded(false);
-                            let error =
-                                crate::netfilter::guard::GuardError::Refused(checked.refused);
-                            tracing::error!(file = %path.display(), error = %error, "config reload refused; keeping the config in use");
-                            continue;
-                        }
+                    if let Some(error) = refused_rule_specs(guard.as_ref(), &cfg).await {
+                        telemetry.config_loaded(false);
+                        tracing::error!(file = %path.display(), error = %error, "config reload refused; keeping the config in use");
+                        continue;
                     }
                     telemetry.config_loaded(true);
                     if let Some(g) = &guard {
@@ -347,6 +335,20 @@ pub fn reload_on_sighup(
         }
     });
     rx
+}
+
+/// The rule specs of `cfg` that iptables cannot hold as written, as the error that refuses it.
+async fn refused_rule_specs(
+    guard: Option<&GuardSide>,
+    cfg: &Config,
+) -> Option<crate::netfilter::guard::GuardError> {
+    let checked = guard?
+        .canon
+        .canonicalise(&crate::netfilter::tools::Binaries, &cfg.chains, &cfg.ipsets)
+        .await;
+    (!checked.refused.is_empty()).then_some(crate::netfilter::guard::GuardError::Refused(
+        checked.refused,
+    ))
 }
 
 fn guard_reload_of(cfg: &Config) -> GuardReload {
