@@ -444,7 +444,7 @@ impl<T: Tools> Guard<T> {
                 object = %d.object,
                 drift = %d.findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
                 printed = %printed.join(", "),
-                "repair does not take: iptables prints these rules otherwise than the config writes them; write them as iptables-save prints them (`netwarden snapshot` does). Only reporting this chain until a reload (SIGHUP, or a ConfigMap edit)"
+                "repair does not take: iptables prints these rules otherwise than the config writes them; write them as iptables-save prints them (`netwarden snapshot` does). Only reporting this chain until a reload (the file edited and a SIGHUP, or a ConfigMap edit)"
             );
             self.ledger.give_up(&d.name);
             self.ledger.report(&d.name, "repair does not take");
