@@ -255,7 +255,15 @@ impl Metrics {
         let _ = self.repairs_deferred.get_or_create(&KindLabels {
             kind: super::status::NFTABLES_KIND,
         });
-        for kind in ["rule", "route", "neighbour", "fdb", "chain", "ipset", super::status::NFTABLES_KIND] {
+        for kind in [
+            "rule",
+            "route",
+            "neighbour",
+            "fdb",
+            "chain",
+            "ipset",
+            super::status::NFTABLES_KIND,
+        ] {
             for reason in FORGET_REASONS {
                 let _ = self
                     .adopted_forgotten
