@@ -311,6 +311,13 @@ mod tests {
             rules: vec!["-j RETURN".into()],
         };
         w.save_netfilter(vec![chain.clone()], vec![]);
+        // Another state than the first: the wait below ends only once this save is written too
+        // (with the same state, the first write could end it with this save still queued, and
+        // the writer dropped below would write it after its successor's).
+        let state = AdoptedState {
+            routes: vec![],
+            ..state
+        };
         w.save(state.clone());
         let want = AdoptedState {
             chains: vec![chain],

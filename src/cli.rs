@@ -211,6 +211,16 @@ pub struct KubeArgs {
     /// kubeconfig file; default: the pod's service account, else $KUBECONFIG or ~/.kube/config.
     #[arg(long, requires = "configmap")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server to talk to (`https://HOST:PORT`, or HOST:PORT), instead of the one the
+    /// credentials name: in a pod that is the `kubernetes` Service VIP, reached through the
+    /// datapath the agent may be repairing. The host must be in the API server's certificate.
+    #[arg(
+        long,
+        env = "NETWARDEN_APISERVER",
+        value_name = "URL",
+        requires = "configmap"
+    )]
+    pub apiserver: Option<String>,
     /// This node's name (the DaemonSet passes spec.nodeName through the downward API).
     #[arg(long, env = "NODE_NAME", requires = "configmap")]
     pub node_name: Option<String>,
@@ -220,9 +230,26 @@ pub struct KubeArgs {
     /// Where the last-known desired state is kept for restarts during API server outages.
     #[arg(long, default_value = "/var/lib/netwarden/state.json")]
     pub state_file: PathBuf,
+    /// Protection failing for longer than this (objects pending, repairs failing, an object
+    /// fought over, forbidden set members coming back) sets the Node condition
+    /// NetworkStateProtected to False.
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = condition_after)]
+    pub node_condition_after: std::time::Duration,
     /// Repairs are summed over this many milliseconds per Event (tests shorten it).
     #[arg(long, hide = true, default_value_t = 10_000)]
     pub event_window_ms: u64,
+    /// Multiplies every API retry delay (tests run the same schedule faster).
+    #[arg(long, hide = true, default_value_t = 1.0)]
+    pub api_backoff_scale: f64,
+}
+
+fn condition_after(s: &str) -> Result<std::time::Duration, String> {
+    netwarden::config::duration_arg(
+        s,
+        "--node-condition-after",
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(24 * 3600),
+    )
 }
 
 /// Checks a log filter: levels (`off`, `error`, `warn`, `info`, `debug`, `trace`) and

@@ -154,6 +154,8 @@ struct Report {
     restored: Option<Restored>,
     /// Known fighters of the contested objects whose held-back repairs went through.
     fighters: Vec<String>,
+    /// From the initial sync: what it restores was missing at start, nobody was seen removing it.
+    at_start: bool,
 }
 
 pub struct Agent {
@@ -1406,6 +1408,7 @@ impl Agent {
             let mut by: Vec<u32> = restored_ports(&plan, &repaired, removed_by);
             by.sort_unstable();
             by.dedup();
+            report.at_start = cause == Cause::Start;
             report.restored = Some(Restored {
                 counts: Kind::ALL.iter().map(|k| (k.as_str(), count(*k))).collect(),
                 took_us: took.as_micros() as u64,
@@ -1519,6 +1522,25 @@ impl Agent {
                     .find(|(k, _)| *k == kind)
                     .map_or(0, |(_, n)| *n)
             };
+            if report.at_start {
+                // Not a repair of anything seen removed: a first start, a reboot, or a removal
+                // while the agent was down; the listener knows which (Kubernetes mode).
+                info!(
+                    rules = n("rule"),
+                    routes = n("route"),
+                    addresses = n("address"),
+                    neighbours = n("neighbour"),
+                    fdb = n("fdb"),
+                    links = n("link"),
+                    sysctls = n("sysctl"),
+                    took_us = r.took_us,
+                    names = %r.names,
+                    "put in place at start"
+                );
+                self.telemetry
+                    .notice(crate::obs::Notice::PlacedAtStart { counts: r.counts });
+                return;
+            }
             info!(
                 rules = n("rule"),
                 routes = n("route"),

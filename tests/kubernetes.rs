@@ -1,245 +1,21 @@
 //! Kubernetes mode against a fake API server (tests/fake_apiserver) on the host's loopback and a
 //! real network namespace: the agent runs with `--netns`, its Kubernetes client stays on the
 //! host's network (the watchers' thread is started before the main thread enters the namespace).
-//! The fake server enforces the RBAC of deploy/ as an operator deploys it in `kube-system` (the
-//! base and the pod-liveness component, rendered by tests/kustomize), and the agent is started
-//! with the DaemonSet's own way of naming its ConfigMap (a bare name and POD_NAMESPACE).
+//! Templates, ConfigMap edits, repairs told as Events, RBAC, paging; pod liveness is in
+//! tests/kubernetes_pods.rs, outages, Events, backoff and the Node condition in
+//! tests/kubernetes_api.rs.
 
+mod cluster;
 mod common;
 mod fake_apiserver;
 mod kustomize;
 
+use cluster::*;
 use common::*;
-use fake_apiserver::{FakeApiServer, Rbac};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-const NODE: &str = "node-1";
-/// Where the tests deploy the agent and its ConfigMap.
-const NAMESPACE: &str = "kube-system";
-
-/// deploy/base with the pod-liveness component, moved to [`NAMESPACE`] by an overlay.
-fn manifests() -> &'static [Value] {
-    static RENDERED: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
-    RENDERED.get_or_init(|| {
-        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-        kustomize::Overlay::new(
-            NAMESPACE,
-            &[&deploy.join("base")],
-            &[&deploy.join("components/pod-liveness")],
-            &[],
-        )
-        .render()
-    })
-}
-
-/// What RBAC grants the agent's ServiceAccount in [`manifests`].
-fn rbac() -> Rbac {
-    Rbac::for_service_account(manifests(), NAMESPACE, "netwarden")
-}
-
-/// The `--configmap` argument and the POD_NAMESPACE the DaemonSet of [`manifests`] gives.
-fn daemonset_configmap() -> (String, String) {
-    let ds = manifests()
-        .iter()
-        .find(|o| o["kind"] == "DaemonSet")
-        .unwrap();
-    let args: Vec<&str> = ds["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let configmap = args[args.iter().position(|a| *a == "--configmap").unwrap() + 1];
-    (
-        configmap.to_owned(),
-        ds["metadata"]["namespace"].as_str().unwrap().to_owned(),
-    )
-}
-const RULE: &str = "100: from 10.244.1.0/24 lookup 77";
-
-fn node(pod_cidrs: &[&str]) -> Value {
-    let mut spec = json!({});
-    if !pod_cidrs.is_empty() {
-        spec = json!({"podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs});
-    }
-    json!({"apiVersion": "v1", "kind": "Node",
-           "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
-           "spec": spec,
-           "status": {"addresses": [{"type": "InternalIP", "address": "10.200.0.1"}]}})
-}
-
-fn configmap(spec: &str) -> Value {
-    let text = format!("apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n{spec}");
-    json!({"apiVersion": "v1", "kind": "ConfigMap",
-           "metadata": {"name": "netwarden", "namespace": NAMESPACE},
-           "data": {"config.yaml": text}})
-}
-
-fn apiserver_slice(ips: &[&str]) -> Value {
-    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": "kubernetes", "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": "kubernetes"}},
-           "addressType": "IPv4",
-           "endpoints": [{"addresses": ips, "conditions": {"ready": true}}],
-           "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]})
-}
-
-fn lb_service(ns: &str, name: &str, ip: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-           "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"],
-                    "ports": [{"port": 80, "protocol": "TCP"}]},
-           "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}})
-}
-
-/// A fake cluster with its kubeconfig and the agent's state file in a temporary directory.
-struct Cluster {
-    api: FakeApiServer,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    fn new(spec: &str, pod_cidrs: &[&str]) -> Cluster {
-        let api = FakeApiServer::start();
-        api.enforce(rbac());
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.kubeconfig(dir.path());
-        api.apply("", "configmaps", configmap(spec));
-        api.apply("", "nodes", node(pod_cidrs));
-        api.apply(
-            "discovery.k8s.io",
-            "endpointslices",
-            apiserver_slice(&["10.0.0.1"]),
-        );
-        Cluster {
-            api,
-            dir,
-            kubeconfig,
-        }
-    }
-
-    fn state_file(&self) -> PathBuf {
-        self.dir.path().join("state/state.json")
-    }
-
-    fn agent(&self, ns: &Sandbox) -> Agent {
-        self.agent_with(ns, &[])
-    }
-
-    fn agent_with(&self, ns: &Sandbox, extra: &[&str]) -> Agent {
-        self.agent_full(ns, extra, &[])
-    }
-
-    fn agent_full(&self, ns: &Sandbox, extra: &[&str], env: &[(&str, &str)]) -> Agent {
-        let kubeconfig = self.kubeconfig.to_str().unwrap().to_owned();
-        let state = self.state_file().to_str().unwrap().to_owned();
-        let (configmap, pod_namespace) = daemonset_configmap();
-        let mut args = vec![
-            "--configmap",
-            &configmap,
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            NODE,
-            "--state-file",
-            &state,
-            "--event-window-ms",
-            "200",
-        ];
-        args.extend_from_slice(extra);
-        let mut env = env.to_vec();
-        env.push(("POD_NAMESPACE", &pod_namespace));
-        Agent::start_run(ns, &args, &env)
-    }
-
-    /// Nothing the agent asked for was refused.
-    fn assert_nothing_denied(&self) {
-        let denied = self.api.denied();
-        assert!(denied.is_empty(), "refused by RBAC: {denied:?}");
-    }
-
-    /// Events the agent posted: (reason, message).
-    fn events(&self) -> Vec<(String, String)> {
-        self.api
-            .objects("", "events")
-            .iter()
-            .map(|e| {
-                assert_eq!(e["involvedObject"]["kind"], "Node");
-                assert_eq!(e["involvedObject"]["name"], NODE);
-                (
-                    e["reason"].as_str().unwrap_or_default().to_owned(),
-                    e["message"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect()
-    }
-
-    fn wait_event(&self, reason: &str, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let events = self.events();
-            if let Some((_, m)) = events
-                .iter()
-                .find(|(r, m)| r == reason && m.contains(needle))
-            {
-                return m.clone();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out after {WAIT:?} waiting for a {reason} Event with `{needle}`; posted: {events:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-const POD_RULE: &str = "  rules:\n    - name: pods-to-overlay\n      priority: 100\n      from: \"{{ node.podCIDRs.ipv4 }}\"\n      table: 77\n";
-
-fn has_rule(ns: &Sandbox, rule: &str) -> bool {
-    count(&rules(ns), rule) == 1
-}
-
-/// The (verb, group, resource) triples the RBAC of [`manifests`] grants the agent.
-fn rbac_grants() -> BTreeSet<(String, String, String)> {
-    rbac().grants()
-}
-
-/// The agent's /status document.
-fn get_status(addr: &str) -> Value {
-    let (code, body) = netwarden::obs::http::get(addr, "/status", None, WAIT).unwrap();
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-/// `netwarden_pending_templated_objects{reason=…}` from /metrics.
-fn pending_gauge(addr: &str, reason: &str) -> Option<u64> {
-    let (_, text) = netwarden::obs::http::get(addr, "/metrics", None, WAIT).unwrap();
-    let series = format!("netwarden_pending_templated_objects{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .map(|v| v.parse().unwrap())
-}
-
-fn ipset_members(ns: &Sandbox, set: &str) -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "ipset", "list", set])
-        .output()
-        .expect("ipset");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split("Members:")
-        .nth(1)
-        .unwrap_or("")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
 
 #[test]
 fn pod_cidr_rule_follows_the_node_and_is_repaired() {
@@ -306,22 +82,51 @@ fn pod_cidr_rule_follows_the_node_and_is_repaired() {
         .collect();
     assert_eq!(told.len(), 1, "only the deletion is a repair: {told:?}");
 
-    // The state file holds the config and the facts the rule came from.
+    // The state file holds the config and the facts the rule came from (written at most every
+    // 2 s: it may trail the kernel by a moment).
+    wait_until("the state file has the podCIDR", || {
+        std::fs::read(c.state_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|saved| saved["facts"]["node"]["pod_cidrs"][0] == "10.244.1.0/24")
+    });
     let saved: Value = serde_json::from_slice(&std::fs::read(c.state_file()).unwrap()).unwrap();
-    assert_eq!(saved["facts"]["node"]["pod_cidrs"][0], "10.244.1.0/24");
     assert!(saved["config"]
         .as_str()
         .unwrap()
         .contains("node.podCIDRs.ipv4"));
+    // Only what the templates read: no Service, no EndpointSlice watched, no label kept.
+    assert_eq!(saved["facts"]["services"], json!({}));
+    assert_eq!(saved["facts"]["node"]["labels"], json!({}));
+    let used = c.api.accesses();
+    for resource in ["services", "endpointslices"] {
+        assert!(
+            !used.iter().any(|(_, _, r)| r == resource),
+            "{resource} not needed, not asked for: {used:?}"
+        );
+    }
 
     let grants = rbac_grants();
-    let used = c.api.accesses();
     assert!(used.is_subset(&grants), "used {used:?}, granted {grants:?}");
+    // Every request said who it came from.
+    let requests = c.api.requests();
+    let agent_name = format!("netwarden/{}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.user_agent.as_deref() == Some(agent_name.as_str())),
+        "{:?}",
+        requests
+            .iter()
+            .map(|r| r.user_agent.clone())
+            .collect::<BTreeSet<_>>()
+    );
     c.assert_nothing_denied();
 }
 
 /// The fake server's RBAC is the API server's: a ConfigMap by name only with the field selector,
-/// in the agent's namespace only; the API server's EndpointSlice by name only.
+/// in the agent's namespace only; the API server's EndpointSlice by name only; a Node's `status`
+/// subresource is a resource of its own (`nodes/status`: patch, and nothing else of the Node).
 #[test]
 fn the_fake_api_server_enforces_the_manifests_rbac() {
     let c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
@@ -348,6 +153,53 @@ fn the_fake_api_server_enforces_the_manifests_rbac() {
         assert_eq!(get(&path), code, "{path}");
     }
     assert_eq!(c.api.denied().len(), 6);
+
+    let condition = r#"{"status":{"conditions":[{"type":"NetworkStateProtected","status":"True"}]}}"#;
+    let node = format!("/api/v1/nodes/{NODE}");
+    for (method, path, code) in [
+        ("PATCH", format!("{node}/status"), 200),
+        ("PATCH", node.clone(), 403),
+        ("GET", format!("{node}/status"), 403),
+    ] {
+        let (got, body) = request(&addr, method, &path, condition);
+        assert_eq!(got, code, "{method} {path}: {body}");
+    }
+    let denied = c.api.denied();
+    let resources: Vec<(&str, &str)> = denied[6..]
+        .iter()
+        .map(|a| (a.verb.as_str(), a.resource.as_str()))
+        .collect();
+    assert_eq!(resources, [("patch", "nodes"), ("get", "nodes/status")]);
+    // The refusal says what kube-apiserver says.
+    let (_, body) = request(&addr, "PATCH", &node, condition);
+    assert!(
+        body.contains(&format!(
+            "nodes \\\"{NODE}\\\" is forbidden: User \\\"system:serviceaccount:{NAMESPACE}:netwarden\\\" cannot patch resource \\\"nodes\\\""
+        )),
+        "{body}"
+    );
+    assert_eq!(
+        c.node_condition("NetworkStateProtected").unwrap()["status"],
+        "True"
+    );
+}
+
+/// One HTTP/1.1 request with a strategic merge patch body; (status code, body).
+fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/strategic-merge-patch+json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let code = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (code, body)
 }
 
 #[test]
@@ -442,8 +294,9 @@ fn chain_and_set_repairs_are_told_on_the_node() {
 #[test]
 fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() {
     let ns = sandbox();
-    // The adopt selector with podLiveness makes the agent watch Pods: every grant is used.
-    let first = "  adopt:\n    - name: cni\n      rules:\n        priority: 512-1536\n      owners: [aws-k8s-agent]\n      podLiveness: true\n  rules:\n    - name: a\n      priority: 100\n      from: 10.244.1.0/24\n      table: 77\n";
+    // The adopt selector with podLiveness makes the agent watch Pods, the set's templates the
+    // Services and the API server's EndpointSlices: every grant is used.
+    let first = "  adopt:\n    - name: cni\n      rules:\n        priority: 512-1536\n      owners: [aws-k8s-agent]\n      podLiveness: true\n  ipsets:\n    - name: lb\n      type: hash:ip\n      members: [\"{{ services.loadBalancerIPs }}\"]\n      forbidden: [\"{{ apiserver.endpoints }}\"]\n  rules:\n    - name: a\n      priority: 100\n      from: 10.244.1.0/24\n      table: 77\n";
     let c = Cluster::new(first, &[]);
     let agent = c.agent(&ns);
     assert!(has_rule(&ns, RULE));
@@ -463,8 +316,10 @@ fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() 
         m.contains("ConfigMap kube-system/netwarden key config.yaml rejected"),
         "{m}"
     );
-    ns.ip(&["rule", "del", "priority", "101"]).unwrap();
+    let mut ip = IpShell::new(&ns);
+    ip.send("rule del priority 101");
     wait_until("rule b is still repaired", || has_rule(&ns, rule_b));
+    c.wait_event("DriftRepaired", "restored 1 rule removed by ip");
     let (_, metrics) = netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
     assert!(
         metrics.contains("netwarden_config_reloads_total{result=\"failure\"} 1"),
@@ -490,9 +345,14 @@ fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() 
     assert!(!has_rule(&ns, rule_b), "not protected any more");
     assert!(has_rule(&ns, RULE));
 
-    // Every (verb, resource) the agent used is exactly what its ClusterRole grants.
-    ns.ip(&["rule", "del", "priority", "100"]).unwrap();
-    c.wait_event("DriftRepaired", "restored 1 rule");
+    // Every (verb, resource) the agent used is exactly what its ClusterRole grants. A second
+    // repair by the same process updates the same Event (patch).
+    ip.send("rule del priority 100");
+    c.wait_event("DriftRepaired", "restored 2 rules removed by ip");
+    // The Node condition was set once the initial sync was done (patch of nodes/status).
+    wait_until("the node condition is set", || {
+        c.node_condition("NetworkStateProtected").is_some()
+    });
     assert_eq!(c.api.accesses(), rbac_grants());
     c.assert_nothing_denied();
 }
@@ -563,251 +423,13 @@ fn watch_expiry_outage_and_restart_during_the_outage() {
     });
 }
 
-/// Per-pod rules adopted from the kernel, tied to the node's pods.
-fn pod_spec(grace: &str) -> String {
-    format!(
-        "  adopt:\n    - name: vpc-cni\n      rules:\n        family: ipv4\n        priority: 512-1536\n      owners: [aws-k8s-agent, aws-cni]\n      podLiveness: true\n      podLivenessGrace: {grace}\n"
-    )
-}
-
-/// `ip`, copied under the name of the VPC CNI's agent: rules it adds come from a process named
-/// like the owner (its command name is the file's name).
-fn owner_tool(dir: &Path) -> PathBuf {
-    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .expect("the ip tool");
-    let owner = dir.join("aws-k8s-agent");
-    std::fs::copy(ip, &owner).unwrap();
-    owner
-}
-
-/// The owner adds a rule (`ARGS` as for `ip rule add`).
-fn owner_adds(ns: &Sandbox, owner: &Path, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(owner)
-        .args(["rule", "add"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-}
-
-/// The pair of rules the VPC CNI adds for a pod on a secondary ENI.
-fn add_pod_rules(ns: &Sandbox, owner: &Path, ip: &str, table: &str) {
-    owner_adds(ns, owner, &["priority", "512", "to", ip, "table", "main"]);
-    owner_adds(ns, owner, &["priority", "1536", "from", ip, "table", table]);
-}
-
-fn pod_rules(ip: &str, table: &str) -> [String; 2] {
-    [
-        format!("512: from all to {ip} lookup main"),
-        format!("1536: from {ip} lookup {table}"),
-    ]
-}
-
-/// A non-owner (`ip`) deletes a pod's two rules.
-fn del_pod_rules(ns: &Sandbox, ip: &str) {
-    ns.ip(&["rule", "del", "priority", "512", "to", ip])
-        .unwrap();
-    ns.ip(&["rule", "del", "priority", "1536", "from", ip])
-        .unwrap();
-}
-
-fn metrics(agent: &Agent) -> String {
-    netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT)
-        .unwrap()
-        .1
-}
-
-#[test]
-fn rules_of_a_deleted_pod_are_forgotten() {
-    let ns = sandbox();
-    // A resync every second: one must pass between the forgetting and the proof.
-    let c = Cluster::new(
-        &format!("  resync: 1s\n{}", pod_spec("1h")),
-        &["10.1.0.0/16"],
-    );
-    c.api.apply_pod("default", "a", NODE, &["10.1.1.20"]);
-    c.api.apply_pod("default", "b", NODE, &["10.1.1.21"]);
-    c.api.apply_pod("default", "c", NODE, &["10.1.1.22"]);
-    let owner = owner_tool(c.dir.path());
-    let adopted = c.dir.path().join("adopted.json");
-    let mut agent = c.agent_with(&ns, &["--adopted-state", adopted.to_str().unwrap()]);
-    agent.wait_log("watching this node's Pods");
-
-    add_pod_rules(&ns, &owner, "10.1.1.20", "2");
-    add_pod_rules(&ns, &owner, "10.1.1.21", "3");
-    add_pod_rules(&ns, &owner, "10.1.1.22", "2");
-    // The pods' IPs are seen held: from now on a pod's deletion forgets its rules at once.
-    agent.wait_log_all(&["pod liveness", "followed=6", "held=6"]);
-
-    // Pod a is deleted; pod c's IP changes.
-    c.api.delete_pod("default", "a");
-    c.api.apply_pod("default", "c", NODE, &["10.1.1.23"]);
-    let forgotten = |ip: &str| {
-        agent
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| {
-                l.contains("forgotten: no pod on this node holds its IP")
-                    && l.contains(&format!("{ip}/32"))
-                    && l.contains("reason=pod_gone")
-            })
-            .count()
-    };
-    wait_until("pod a's and pod c's rules are forgotten", || {
-        forgotten("10.1.1.20") == 2 && forgotten("10.1.1.22") == 2
-    });
-    assert_eq!(forgotten("10.1.1.21"), 0);
-    // A full refresh re-reads the kernel, where the forgotten rules still are: they are not
-    // adopted again.
-    agent.wait_log_all(&["full refresh", "timer"]);
-    // Proof: someone else deletes all six rules; only pod b's are put back.
-    del_pod_rules(&ns, "10.1.1.20");
-    del_pod_rules(&ns, "10.1.1.22");
-    del_pod_rules(&ns, "10.1.1.21");
-    wait_until("pod b's rules are restored", || {
-        pod_rules("10.1.1.21", "3").iter().all(|r| has_rule(&ns, r))
-    });
-    // Deleted before pod b's were, and their removal was handled first: for good.
-    let r = rules(&ns);
-    for ip in ["10.1.1.20", "10.1.1.22"] {
-        for rule in pod_rules(ip, "2") {
-            assert_eq!(count(&r, &rule), 0, "{rule} stays deleted: {r:?}");
-        }
-    }
-    let gone = |t: &str| !t.contains("10.1.1.20") && !t.contains("10.1.1.22");
-    let (_, status) = netwarden::obs::http::get(&agent.http(), "/status", None, WAIT).unwrap();
-    assert!(gone(&status) && status.contains("10.1.1.21"), "{status}");
-    wait_until("the adopted-state file forgets them too", || {
-        std::fs::read_to_string(&adopted).is_ok_and(|t| gone(&t) && t.contains("10.1.1.21"))
-    });
-    // The owner's own removal is counted apart (its process stays while the agent looks it up).
-    let del = IpBatch::run_with(&ns, &owner, "rule del priority 1536 from 10.1.1.21");
-    agent.wait_log("forgotten: removed by its owner");
-    drop(del);
-    let m = metrics(&agent);
-    for (reason, n) in [("pod_gone", 4), ("owner", 1), ("pod_grace_expired", 0)] {
-        let line =
-            format!("netwarden_adopted_forgotten_total{{kind=\"rule\",reason=\"{reason}\"}} {n}");
-        assert!(m.contains(&line), "{line} in:\n{m}");
-    }
-
-    // Pods were listed and watched by node, as the ClusterRole allows.
-    let used = c.api.accesses();
-    for verb in ["list", "watch"] {
-        assert!(used.contains(&(verb.into(), String::new(), "pods".into())));
-    }
-    let grants = rbac_grants();
-    assert!(used.is_subset(&grants), "used {used:?}, granted {grants:?}");
-    c.assert_nothing_denied();
-}
-
-#[test]
-fn an_ip_no_pod_holds_is_kept_through_the_grace_period_then_forgotten() {
-    let ns = sandbox();
-    let c = Cluster::new(&pod_spec("4s"), &["10.1.0.0/16"]);
-    // The CNI sets up pod `late` before the API server shows its IP.
-    c.api.apply_pod("default", "late", NODE, &[]);
-    // The orphan's IP is held, but on another node: it is none of this node's business.
-    c.api
-        .apply_pod("default", "elsewhere", "node-2", &["10.1.1.30"]);
-    let owner = owner_tool(c.dir.path());
-    let mut agent = c.agent(&ns);
-    agent.wait_log("watching this node's Pods");
-
-    let late = "1536: from 10.1.1.31 lookup 2";
-    let orphan = "1536: from 10.1.1.30 lookup 2";
-    owner_adds(
-        &ns,
-        &owner,
-        &["priority", "1536", "from", "10.1.1.31", "table", "2"],
-    );
-    agent.wait_log_all(&["pod liveness", "followed=1", "held=0"]);
-    c.api.apply_pod("default", "late", NODE, &["10.1.1.31"]);
-    agent.wait_log_all(&["pod liveness", "followed=1", "held=1"]);
-    owner_adds(
-        &ns,
-        &owner,
-        &["priority", "1536", "from", "10.1.1.30", "table", "2"],
-    );
-    agent.wait_log_all(&["pod liveness", "followed=2", "held=1"]);
-
-    // Within the grace period the orphan is protected like any adopted rule.
-    ns.ip(&["rule", "del", "priority", "1536", "from", "10.1.1.30"])
-        .unwrap();
-    wait_until("the orphan is restored", || has_rule(&ns, orphan));
-
-    agent.wait_log_all(&[
-        "forgotten: no pod on this node holds its IP",
-        "10.1.1.30",
-        "reason=pod_grace_expired",
-    ]);
-    ns.ip(&["rule", "del", "priority", "1536", "from", "10.1.1.30"])
-        .unwrap();
-    // The late pod's rule, whose grace period (had its IP not shown up) ended first, is still
-    // protected.
-    ns.ip(&["rule", "del", "priority", "1536", "from", "10.1.1.31"])
-        .unwrap();
-    wait_until("the late pod's rule is restored", || has_rule(&ns, late));
-    assert!(!has_rule(&ns, orphan), "forgotten: {:?}", rules(&ns));
-    let forgotten = agent
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("forgotten"))
-        .cloned()
-        .collect::<Vec<_>>();
-    assert_eq!(forgotten.len(), 1, "{forgotten:?}");
-    let m = metrics(&agent);
-    assert!(
-        m.contains(
-            "netwarden_adopted_forgotten_total{kind=\"rule\",reason=\"pod_grace_expired\"} 1"
-        ),
-        "{m}"
-    );
-}
-
-#[test]
-fn a_pod_deleted_during_an_outage_is_forgotten_once_the_api_server_is_back() {
-    let ns = sandbox();
-    let mut c = Cluster::new(&pod_spec("1h"), &["10.1.0.0/16"]);
-    c.api.apply_pod("default", "a", NODE, &["10.1.1.20"]);
-    let owner = owner_tool(c.dir.path());
-    let mut agent = c.agent(&ns);
-    agent.wait_log("watching this node's Pods");
-    add_pod_rules(&ns, &owner, "10.1.1.20", "2");
-    agent.wait_log_all(&["pod liveness", "followed=2", "held=2"]);
-
-    // The API server goes away; meanwhile the pod is deleted.
-    c.api.stop();
-    agent.wait_log("API server unreachable");
-    c.api.delete_pod("default", "a");
-    // The agent cannot know: the rules stay protected.
-    del_pod_rules(&ns, "10.1.1.20");
-    wait_until("the rules are restored during the outage", || {
-        pod_rules("10.1.1.20", "2").iter().all(|r| has_rule(&ns, r))
-    });
-
-    // Back (history compacted: the Pods are listed again), the deletion is seen.
-    c.api.start_again();
-    agent.wait_log_all(&["forgotten", "10.1.1.20", "reason=pod_gone"]);
-}
-
 /// The LoadBalancer IP of the `i`-th Service of the paging tests.
 fn nth_ip(i: usize) -> String {
     format!("198.18.{}.{}", i / 200, i % 200 + 1)
 }
 
 #[test]
-fn more_services_than_one_page_are_all_seen() {
-    // kube-runtime's watcher lists 500 objects a page: 1,200 Services take three.
+fn services_are_listed_from_the_watch_cache_and_relisted_in_pages_after_a_410() {
     const SERVICES: usize = 1_200;
     let ns = sandbox();
     let spec = "  ipsets:\n    - name: lb-ips\n      type: hash:ip\n      membership: exact\n      members:\n        - \"{{ services.loadBalancerIPs(type=LoadBalancer) }}\"\n";
@@ -819,27 +441,53 @@ fn more_services_than_one_page_are_all_seen() {
             lb_service(&format!("ns{}", i % 7), &format!("svc{i}"), &nth_ip(i)),
         );
     }
-    // etcd compacts while the agent pages: its first continue gets 410 and it lists again.
-    c.api.expire_after_first_page("services");
     let mut agent = c.agent(&ns);
     agent.wait_log("chains and sets in sync");
     let want: BTreeSet<String> = (0..SERVICES).map(nth_ip).collect();
     let members: BTreeSet<String> = ipset_members(&ns, "lb-ips").into_iter().collect();
-    assert_eq!(members.len(), SERVICES);
     assert_eq!(members, want);
-
+    // Every node lists with resourceVersion=0: the watch cache answers, not etcd, with every
+    // Service in one response.
     let pages = c.api.list_pages("services");
-    // The first list: one page, then its token had expired.
-    assert!(!pages[0].continued && pages[0].more, "{pages:?}");
-    assert!(pages[1].expired, "{pages:?}");
-    // The list again, in pages of one snapshot: the first without a token, the others continuing
-    // it, all at its resourceVersion, with the count of what is left.
-    let list = &pages[2..];
+    assert_eq!(pages.len(), 1, "{pages:?}");
+    assert!(pages[0].from_cache && pages[0].items == SERVICES && !pages[0].more);
+
+    // The history is compacted: the watch gets 410. The cache that served the list may be
+    // behind, so the agent lists the most recent version, from etcd, in pages of one snapshot;
+    // and etcd compacts again while it pages: its first continue gets 410 and it lists again.
+    c.api.delete("", "services", "ns0", "svc0");
+    c.api.expire_after_first_page("services");
+    c.api.expire();
+    let mut want = want;
+    want.remove(&nth_ip(0));
+    agent.wait_log_all(&["listed", "resource=\"services\"", "objects=1199"]);
+    wait_until("the deleted Service's IP leaves the set", || {
+        ipset_members(&ns, "lb-ips").len() == SERVICES - 1
+    });
+    let members: BTreeSet<String> = ipset_members(&ns, "lb-ips").into_iter().collect();
+    assert_eq!(members, want);
+    let pages = c.api.list_pages("services");
+    let after = &pages[1..];
+    assert!(
+        !after[0].from_cache && !after[0].continued && after[0].more,
+        "{pages:?}"
+    );
+    assert!(after[1].expired, "{pages:?}");
+    // The list again: the first page without a token, the others continuing it, all at its
+    // resourceVersion, with the count of what is left.
+    let list = &after[2..];
     let first = &list[0];
-    assert!(first.limit > 0 && first.limit < SERVICES, "{pages:?}");
-    assert!(!first.continued && first.more, "{pages:?}");
-    assert_eq!(first.remaining, Some(SERVICES - first.items), "{pages:?}");
-    assert!(list.len() >= 3, "{pages:?}");
+    assert!(first.limit == 500, "{pages:?}");
+    assert!(
+        !first.continued && first.more && !first.from_cache,
+        "{pages:?}"
+    );
+    assert_eq!(
+        first.remaining,
+        Some(SERVICES - 1 - first.items),
+        "{pages:?}"
+    );
+    assert_eq!(list.len(), 3, "{pages:?}");
     assert!(
         list.iter()
             .all(|p| p.resource_version == first.resource_version && !p.expired),
@@ -848,7 +496,7 @@ fn more_services_than_one_page_are_all_seen() {
     assert!(list[1..].iter().all(|p| p.continued), "{pages:?}");
     assert_eq!(
         list.iter().map(|p| p.items).sum::<usize>(),
-        SERVICES,
+        SERVICES - 1,
         "{pages:?}"
     );
     assert!(!list.last().unwrap().more, "{pages:?}");

@@ -93,6 +93,8 @@ fn truncated_or_corrupt_state_files_are_clear_errors() {
         config: "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec: {}\n".into(),
         facts: Default::default(),
         written_at: 1,
+        boot_id: statefile::boot_id(),
+        netns: Some("4:4026531840".into()),
     };
     statefile::write(&path, &saved).unwrap();
     assert_eq!(statefile::read(&path).unwrap(), Some(saved));

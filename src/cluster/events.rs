@@ -1,21 +1,33 @@
-//! Kubernetes Events on the Node: what netwarden did, aggregated and rate-limited so that a
-//! repair storm (a networkd restart removing 200 rules, or two agents fighting) becomes a few
-//! Events, not thousands of API requests. The aggregation is pure ([`Aggregator`]); posting is in
-//! [`super::run`].
+//! Kubernetes Events on the Node: what netwarden did, aggregated the way client-go's recorder
+//! does it (one Event object per kind of happening, whose `count`, `lastTimestamp` and message
+//! are updated as it happens again) and rate-limited, so that a repair storm is one Event with a
+//! large count, not thousands of API requests. Pure: [`Aggregator`] decides what to send; the
+//! sending is in [`super::recorder`].
+//!
+//! A *series* is keyed by reason and subject (`DriftRepaired` by the actor that removed the
+//! objects, `ForbiddenMembersRemoved` by set, `Contested` by object, `ConfigRejected` by
+//! ConfigMap). It holds cumulative totals since its Event was created; a post makes the server's
+//! Event match them, so whatever the server missed (an outage, the rate limit) is merged into the
+//! next post and no count is lost. A series quiet for [`SERIES_GAP`] ends: what comes after is a
+//! new Event, as client-go starts a new one once its aggregation window has passed.
 
 use crate::obs::Notice;
-use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
 
-/// Repairs are summed over this window before one Event tells them.
+/// Repairs are summed over this window before a post tells them.
 pub const WINDOW: Duration = Duration::from_secs(10);
-/// Events in a burst, then one per [`REFILL`]: at most ~10 a minute from one node.
+/// Posts in a burst, then one per [`REFILL`]: at most ~10 a minute from one node.
 pub const BURST: u32 = 10;
 pub const REFILL: Duration = Duration::from_secs(6);
-/// Queued Events beyond this are dropped (and counted in the next one).
-const QUEUE_MAX: usize = 20;
+/// A series without a new occurrence for this long ends (its Event stays as it is).
+pub const SERIES_GAP: Duration = Duration::from_secs(600);
+/// Distinct series held at most; a new one beyond that is dropped (and counted).
+const SERIES_MAX: usize = 64;
 /// Forbidden members named in one Event at most (the count is always whole).
 const MEMBERS_NAMED: usize = 5;
+/// Retries of a post that found no server: doubling from 1 s to this.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
@@ -32,12 +44,68 @@ impl EventType {
     }
 }
 
-/// An Event to post.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Draft {
+/// What a series is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
     pub reason: &'static str,
+    pub subject: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum What {
+    /// Objects put back, per kind; `at_start`: found missing when the agent started.
+    Restored {
+        kinds: BTreeMap<&'static str, u64>,
+        at_start: bool,
+    },
+    /// Forbidden members taken out of a set, the first few named.
+    Forbidden { named: Vec<String> },
+    /// A message told as it is (the latest one).
+    Text(String),
+}
+
+#[derive(Clone, Debug)]
+struct Series {
+    kind: EventType,
+    what: What,
+    /// Occurrences since the Event was created (objects restored, members removed, times).
+    count: u64,
+    first: SystemTime,
+    last: SystemTime,
+    last_seen: Instant,
+    /// Not told yet since this time.
+    dirty_since: Option<Instant>,
+    /// Told at once rather than summed over the window.
+    immediate: bool,
+    /// The Event on the server: its name and the count it holds.
+    posted: Option<(String, u64)>,
+    in_flight: bool,
+}
+
+/// One request to make: create an Event (`name: None`) or update one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Post {
+    pub key: Key,
+    pub name: Option<String>,
     pub kind: EventType,
     pub message: String,
+    pub count: u64,
+    pub first: SystemTime,
+    pub last: SystemTime,
+}
+
+/// How a post went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Created, with the server's name for it.
+    Created(String),
+    Updated,
+    /// The Event to update is gone (expired after its TTL, or deleted): create a new one.
+    Gone,
+    /// No server, or it answered "later" (429, 5xx): keep it and try again.
+    Retry,
+    /// The server refused it for good (403, 422): forget this post.
+    Rejected,
 }
 
 #[derive(Debug)]
@@ -47,13 +115,11 @@ pub struct Aggregator {
     burst: u32,
     refill: Duration,
     last_refill: Instant,
-    /// Repairs not told yet: per actor, per kind, a count; and when the first came.
-    restored: BTreeMap<String, BTreeMap<&'static str, u64>>,
-    /// Forbidden members removed and not told yet, per set: a count and the first few.
-    forbidden: BTreeMap<String, (u64, Vec<String>)>,
-    since: Option<Instant>,
-    queue: VecDeque<Draft>,
-    /// Events dropped for the rate limit since the last one posted.
+    series: BTreeMap<Key, Series>,
+    /// No post before this (after a post found no server).
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    /// Series dropped because [`SERIES_MAX`] were held.
     dropped: u64,
 }
 
@@ -69,68 +135,142 @@ impl Aggregator {
             burst,
             refill,
             last_refill: now,
-            restored: BTreeMap::new(),
-            forbidden: BTreeMap::new(),
-            since: None,
-            queue: VecDeque::new(),
+            series: BTreeMap::new(),
+            retry_at: None,
+            retry_delay: Duration::ZERO,
             dropped: 0,
         }
     }
 
-    pub fn record(&mut self, notice: Notice, now: Instant) {
-        match notice {
+    pub fn record(&mut self, notice: Notice, now: Instant, wall: SystemTime) {
+        let (key, kind, what, n, immediate) = match notice {
             Notice::Restored { counts, actor } => {
-                // Nothing counted is nothing to tell (not an Event saying "restored  removed").
-                if counts.iter().all(|(_, n)| *n == 0) {
-                    return;
-                }
-                let per_kind = self.restored.entry(actor).or_default();
-                for (kind, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
-                    *per_kind.entry(kind).or_default() += n;
-                }
-                self.since.get_or_insert(now);
+                let kinds: BTreeMap<&'static str, u64> =
+                    counts.into_iter().filter(|(_, n)| *n > 0).collect();
+                let by = if actor.is_empty() { "unknown" } else { &actor };
+                let key = key("DriftRepaired", by);
+                (
+                    key,
+                    EventType::Normal,
+                    What::restored(kinds, false),
+                    0,
+                    false,
+                )
             }
-            Notice::Contested { kind, name, actor } => self.enqueue(Draft {
-                reason: "Contested",
-                kind: EventType::Warning,
-                message: format!(
-                    "{kind} {name} is removed again right after each repair (by {actor}); repairs back off"
-                ),
-            }),
+            Notice::PlacedAtStart { counts } => {
+                let kinds: BTreeMap<&'static str, u64> =
+                    counts.into_iter().filter(|(_, n)| *n > 0).collect();
+                let key = key("DriftRepaired", "at start");
+                (
+                    key,
+                    EventType::Normal,
+                    What::restored(kinds, true),
+                    0,
+                    false,
+                )
+            }
             Notice::ForbiddenRemoved { set, members } => {
-                if members.is_empty() {
-                    return;
-                }
-                let (n, named) = self.forbidden.entry(set).or_default();
-                *n += members.len() as u64;
-                for m in members {
-                    if named.len() < MEMBERS_NAMED && !named.contains(&m) {
-                        named.push(m);
-                    }
-                }
-                self.since.get_or_insert(now);
+                let n = members.len() as u64;
+                let what = What::Forbidden { named: members };
+                let key = key("ForbiddenMembersRemoved", &set);
+                (key, EventType::Warning, what, n, false)
             }
-            Notice::ConfigRejected { source, error } => self.enqueue(Draft {
-                reason: "ConfigRejected",
-                kind: EventType::Warning,
-                message: format!(
+            Notice::Contested { kind, name, actor } => {
+                let text = format!(
+                    "{kind} {name} is removed again right after each repair (by {actor}); repairs back off"
+                );
+                let key = key("Contested", &format!("{kind} {name}"));
+                (key, EventType::Warning, What::Text(text), 1, true)
+            }
+            Notice::ConfigRejected { source, error } => {
+                let text = format!(
                     "{source} rejected, the last good config stays in force: {}",
                     truncate(&error, 800)
-                ),
-            }),
+                );
+                let key = key("ConfigRejected", &source);
+                (key, EventType::Warning, What::Text(text), 1, true)
+            }
+            Notice::ConfigAccepted { source } => {
+                self.superseded(&key("ConfigRejected", &source));
+                return;
+            }
+        };
+        let n = match &what {
+            What::Restored { kinds, .. } => kinds.values().sum(),
+            _ => n,
+        };
+        // Nothing counted is nothing to tell (not an Event saying "restored  removed").
+        if n == 0 {
+            return;
+        }
+        self.expire(now);
+        let ended = self.series.get(&key).is_some_and(|s| {
+            s.dirty_since.is_none() && !s.in_flight && now.duration_since(s.last_seen) >= SERIES_GAP
+        });
+        if ended {
+            self.series.remove(&key);
+        }
+        if !self.series.contains_key(&key) && self.series.len() >= SERIES_MAX && !self.evict() {
+            self.dropped += 1;
+            return;
+        }
+        let s = self.series.entry(key).or_insert_with(|| Series {
+            kind,
+            what: match &what {
+                What::Restored { at_start, .. } => What::restored(BTreeMap::new(), *at_start),
+                What::Forbidden { .. } => What::Forbidden { named: Vec::new() },
+                What::Text(t) => What::Text(t.clone()),
+            },
+            count: 0,
+            first: wall,
+            last: wall,
+            last_seen: now,
+            dirty_since: None,
+            immediate,
+            posted: None,
+            in_flight: false,
+        });
+        s.merge(what);
+        s.count += n;
+        s.last = wall;
+        s.last_seen = now;
+        s.dirty_since.get_or_insert(now);
+    }
+
+    /// A good config replaced a refused one: a rejection not told yet is not told at all.
+    fn superseded(&mut self, key: &Key) {
+        if let Some(s) = self.series.get_mut(key) {
+            if s.in_flight {
+                return;
+            }
+            match &s.posted {
+                None => {
+                    self.series.remove(key);
+                }
+                Some((_, count)) => {
+                    s.count = *count;
+                    s.dirty_since = None;
+                }
+            }
         }
     }
 
-    fn enqueue(&mut self, d: Draft) {
-        // The same thing said twice while waiting is said once.
-        if self.queue.contains(&d) {
-            return;
-        }
-        if self.queue.len() >= QUEUE_MAX {
-            self.queue.pop_front();
-            self.dropped += 1;
-        }
-        self.queue.push_back(d);
+    /// Drops series that ended (told, and quiet for [`SERIES_GAP`]).
+    fn expire(&mut self, now: Instant) {
+        self.series.retain(|_, s| {
+            s.dirty_since.is_some() || s.in_flight || now.duration_since(s.last_seen) < SERIES_GAP
+        });
+    }
+
+    /// Makes room by forgetting the told series quiet the longest; false if all wait to be told.
+    fn evict(&mut self) -> bool {
+        let oldest = self
+            .series
+            .iter()
+            .filter(|(_, s)| s.dirty_since.is_none() && !s.in_flight)
+            .min_by_key(|(_, s)| s.last_seen)
+            .map(|(k, _)| k.clone());
+        oldest.is_some_and(|k| self.series.remove(&k).is_some())
     }
 
     fn refill(&mut self, now: Instant) {
@@ -143,91 +283,189 @@ impl Aggregator {
         }
     }
 
-    /// When [`Aggregator::take_due`] may have something: `None` when nothing waits.
-    pub fn next_due(&self) -> Option<Instant> {
-        let work = match (self.queue.is_empty(), self.since) {
-            (false, _) => Some(self.last_refill),
-            (true, Some(since)) => Some(since + self.window),
-            (true, None) => None,
-        }?;
-        if self.tokens == 0 {
-            Some(work.max(self.last_refill + self.refill))
-        } else {
-            Some(work)
+    fn due_at(&self, s: &Series) -> Option<Instant> {
+        if s.in_flight {
+            return None;
         }
+        let since = s.dirty_since?;
+        Some(if s.immediate {
+            since
+        } else {
+            since + self.window
+        })
     }
 
-    /// The Events to post now, within the rate limit. Repairs (and forbidden members removed)
-    /// are never queued as drafts: they stay summed per actor (per set) until a token is free,
-    /// so a storm loses no count, it is only told later and in fewer Events.
-    pub fn take_due(&mut self, now: Instant) -> Vec<Draft> {
+    /// When [`Aggregator::take`] may have something: `None` when nothing waits.
+    pub fn next_due(&self) -> Option<Instant> {
+        let mut due = self.series.values().filter_map(|s| self.due_at(s)).min()?;
+        if self.tokens == 0 {
+            due = due.max(self.last_refill + self.refill);
+        }
+        if let Some(r) = self.retry_at {
+            due = due.max(r);
+        }
+        Some(due)
+    }
+
+    /// The next post to make now, if any (the one waiting longest), within the rate limit. It
+    /// is in flight until [`Aggregator::done`].
+    pub fn take(&mut self, now: Instant) -> Option<Post> {
+        if self.retry_at.is_some_and(|r| now < r) {
+            return None;
+        }
         self.refill(now);
-        let mut out = Vec::new();
-        while self.tokens > 0 {
-            let Some(d) = self.queue.pop_front() else {
-                break;
-            };
-            self.tokens -= 1;
-            out.push(d);
+        if self.tokens == 0 {
+            return None;
         }
-        if self.since.is_some_and(|s| now >= s + self.window) {
-            while self.tokens > 0 {
-                let Some((actor, kinds)) = self.restored.pop_first() else {
-                    break;
-                };
-                self.tokens -= 1;
-                out.push(Draft {
-                    reason: "DriftRepaired",
-                    kind: EventType::Normal,
-                    message: restored_message(&kinds, &actor),
-                });
+        let key = self
+            .series
+            .iter()
+            .filter_map(|(k, s)| self.due_at(s).filter(|d| *d <= now).map(|d| (d, k)))
+            .min()
+            .map(|(_, k)| k.clone())?;
+        self.tokens -= 1;
+        let s = self.series.get_mut(&key)?;
+        s.in_flight = true;
+        Some(Post {
+            name: s.posted.as_ref().map(|(n, _)| n.clone()),
+            kind: s.kind,
+            message: s.message(&key),
+            count: s.count,
+            first: s.first,
+            last: s.last,
+            key,
+        })
+    }
+
+    /// The outcome of a post made from [`Aggregator::take`].
+    pub fn done(&mut self, post: &Post, outcome: Outcome, now: Instant) {
+        let Some(s) = self.series.get_mut(&post.key) else {
+            return;
+        };
+        s.in_flight = false;
+        let told = |s: &mut Series, name: String| {
+            s.posted = Some((name, post.count));
+            // Occurrences recorded while the post was on its way are still to be told.
+            if s.count == post.count {
+                s.dirty_since = None;
+            } else {
+                s.dirty_since = Some(now);
             }
-            while self.tokens > 0 {
-                let Some((set, (n, named))) = self.forbidden.pop_first() else {
-                    break;
-                };
-                self.tokens -= 1;
-                let more = if n > named.len() as u64 { ", …" } else { "" };
-                out.push(Draft {
-                    reason: "ForbiddenMembersRemoved",
-                    kind: EventType::Warning,
-                    message: format!(
-                        "removed {n} forbidden member{} from ipset {set}: {}{more}",
-                        if n == 1 { "" } else { "s" },
-                        named.join(", ")
-                    ),
-                });
+        };
+        match outcome {
+            Outcome::Created(name) => told(s, name),
+            Outcome::Updated => {
+                let name = post.name.clone().unwrap_or_default();
+                told(s, name);
             }
-            if self.restored.is_empty() && self.forbidden.is_empty() {
-                self.since = None;
+            Outcome::Gone => {
+                // Told again on a new Event, at once.
+                s.posted = None;
+                s.dirty_since = Some(now - self.window.min(now.elapsed()));
+                self.tokens += 1;
+            }
+            Outcome::Retry => {
+                // Not the rate limit's doing: the token is not spent.
+                self.tokens = (self.tokens + 1).min(self.burst);
+                self.retry_delay = (self.retry_delay * 2).clamp(Duration::from_secs(1), RETRY_MAX);
+                self.retry_at = Some(now + self.retry_delay);
+                return;
+            }
+            Outcome::Rejected => {
+                self.series.remove(&post.key);
             }
         }
-        if let Some(first) = out.first_mut() {
-            if self.dropped > 0 {
-                first.message.push_str(&format!(
-                    " ({} more events dropped by the rate limit)",
-                    self.dropped
-                ));
-                self.dropped = 0;
-            }
-        }
-        out
+        self.retry_delay = Duration::ZERO;
+        self.retry_at = None;
+    }
+
+    /// The server is back: posts waiting for it may go now.
+    pub fn reachable_again(&mut self) {
+        self.retry_at = None;
+        self.retry_delay = Duration::ZERO;
+    }
+
+    /// Series with something not told yet.
+    pub fn unsent(&self) -> usize {
+        self.series
+            .values()
+            .filter(|s| s.dirty_since.is_some())
+            .count()
+    }
+
+    /// Series dropped since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 }
 
-fn restored_message(kinds: &BTreeMap<&'static str, u64>, actor: &str) -> String {
-    let parts: Vec<String> = kinds
-        .iter()
-        .map(|(k, n)| match (*k, *n) {
-            ("fdb", 1) => "1 FDB entry".to_owned(),
-            ("fdb", n) => format!("{n} FDB entries"),
-            (k, 1) => format!("1 {k}"),
-            ("address", n) => format!("{n} addresses"),
-            (k, n) => format!("{n} {k}s"),
-        })
-        .collect();
-    let by = if actor.is_empty() { "unknown" } else { actor };
-    format!("restored {} removed by {by}", parts.join(", "))
+fn key(reason: &'static str, subject: &str) -> Key {
+    Key {
+        reason,
+        subject: subject.to_owned(),
+    }
+}
+
+impl What {
+    fn restored(kinds: BTreeMap<&'static str, u64>, at_start: bool) -> What {
+        What::Restored { kinds, at_start }
+    }
+}
+
+impl Series {
+    fn merge(&mut self, what: What) {
+        match (&mut self.what, what) {
+            (What::Restored { kinds, .. }, What::Restored { kinds: more, .. }) => {
+                for (k, n) in more {
+                    *kinds.entry(k).or_default() += n;
+                }
+            }
+            (What::Forbidden { named }, What::Forbidden { named: more }) => {
+                for m in more {
+                    if named.len() < MEMBERS_NAMED && !named.contains(&m) {
+                        named.push(m);
+                    }
+                }
+            }
+            (mine, other) => *mine = other,
+        }
+    }
+
+    fn message(&self, key: &Key) -> String {
+        match &self.what {
+            What::Restored { kinds, at_start } => {
+                let parts: Vec<String> = kinds
+                    .iter()
+                    .map(|(k, n)| match (*k, *n) {
+                        ("fdb", 1) => "1 FDB entry".to_owned(),
+                        ("fdb", n) => format!("{n} FDB entries"),
+                        (k, 1) => format!("1 {k}"),
+                        ("address", n) => format!("{n} addresses"),
+                        (k, n) => format!("{n} {k}s"),
+                    })
+                    .collect();
+                if *at_start {
+                    format!(
+                        "restored {} missing at start: removed while netwarden was not running",
+                        parts.join(", ")
+                    )
+                } else {
+                    format!("restored {} removed by {}", parts.join(", "), key.subject)
+                }
+            }
+            What::Forbidden { named } => {
+                let n = self.count;
+                let more = if n > named.len() as u64 { ", …" } else { "" };
+                format!(
+                    "removed {n} forbidden member{} from ipset {}: {}{more}",
+                    if n == 1 { "" } else { "s" },
+                    key.subject,
+                    named.join(", ")
+                )
+            }
+            What::Text(t) => t.clone(),
+        }
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -242,187 +480,5 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn restored(n: u64, actor: &str) -> Notice {
-        Notice::Restored {
-            counts: vec![("rule", n), ("route", 0), ("address", 1)],
-            actor: actor.into(),
-        }
-    }
-
-    #[test]
-    fn repairs_are_summed_over_the_window() {
-        let t0 = Instant::now();
-        let mut a = Aggregator::new(t0);
-        assert_eq!(a.next_due(), None);
-        for i in 0..12 {
-            a.record(
-                restored(1, "systemd-network"),
-                t0 + Duration::from_millis(i),
-            );
-        }
-        a.record(restored(3, "ip"), t0 + Duration::from_secs(1));
-        assert_eq!(a.next_due(), Some(t0 + WINDOW));
-        assert!(
-            a.take_due(t0 + Duration::from_secs(5)).is_empty(),
-            "inside the window"
-        );
-        let out = a.take_due(t0 + WINDOW);
-        let messages: Vec<&str> = out.iter().map(|d| d.message.as_str()).collect();
-        assert_eq!(
-            messages,
-            [
-                "restored 1 address, 3 rules removed by ip",
-                "restored 12 addresses, 12 rules removed by systemd-network"
-            ]
-        );
-        assert!(out
-            .iter()
-            .all(|d| d.reason == "DriftRepaired" && d.kind == EventType::Normal));
-        assert_eq!(a.next_due(), None);
-    }
-
-    #[test]
-    fn a_storm_is_rate_limited_and_nothing_is_lost() {
-        let t0 = Instant::now();
-        let mut a = Aggregator::with(t0, Duration::ZERO, 2, Duration::from_secs(6));
-        let mut posted = Vec::new();
-        // 1000 contests of distinct objects in one second, plus repairs all along.
-        for i in 0..1000u64 {
-            let now = t0 + Duration::from_millis(i);
-            a.record(
-                Notice::Contested {
-                    kind: "rule",
-                    name: format!("r{i}"),
-                    actor: "x".into(),
-                },
-                now,
-            );
-            a.record(restored(1, "x"), now);
-            posted.extend(a.take_due(now));
-        }
-        assert_eq!(posted.len(), 2, "only the burst within the first second");
-        // A minute later: one token per 6 s.
-        let later = a.take_due(t0 + Duration::from_secs(61));
-        assert_eq!(later.len(), 2, "burst refilled to its cap, not beyond");
-        assert!(later
-            .iter()
-            .chain(&posted)
-            .any(|d| d.message.contains("dropped by the rate limit")));
-        // Drain: the repairs summed meanwhile are still told, with every count.
-        let mut all: Vec<Draft> = posted.into_iter().chain(later).collect();
-        let mut now = t0 + Duration::from_secs(61);
-        for _ in 0..30 {
-            now += Duration::from_secs(6);
-            all.extend(a.take_due(now));
-        }
-        assert_eq!(a.next_due(), None, "everything told");
-        let total_rules: u64 = all
-            .iter()
-            .filter(|d| d.reason == "DriftRepaired")
-            .map(|d| {
-                let rules = d.message.split(", ").nth(1).unwrap();
-                rules.split(' ').next().unwrap().parse::<u64>().unwrap()
-            })
-            .sum();
-        assert!(
-            all.iter().filter(|d| d.reason == "DriftRepaired").count() < 5,
-            "a few summed Events, not one per repair"
-        );
-        assert_eq!(total_rules, 1000);
-    }
-
-    #[test]
-    fn chains_sets_and_forbidden_members_are_told_like_rules() {
-        let t0 = Instant::now();
-        let mut a = Aggregator::new(t0);
-        for _ in 0..2 {
-            a.record(
-                Notice::Restored {
-                    counts: vec![("chain", 1)],
-                    actor: "iptables-nft".into(),
-                },
-                t0,
-            );
-        }
-        a.record(
-            Notice::Restored {
-                counts: vec![("ipset", 1)],
-                actor: "unknown".into(),
-            },
-            t0,
-        );
-        for m in ["10.0.0.1", "10.0.0.2"] {
-            a.record(
-                Notice::ForbiddenRemoved {
-                    set: "lb-ips".into(),
-                    members: vec![m.into()],
-                },
-                t0,
-            );
-        }
-        a.record(
-            Notice::ForbiddenRemoved {
-                set: "lb-ips".into(),
-                members: (3..10).map(|i| format!("10.0.0.{i}")).collect(),
-            },
-            t0,
-        );
-        let out = a.take_due(t0 + WINDOW);
-        let messages: Vec<&str> = out.iter().map(|d| d.message.as_str()).collect();
-        assert_eq!(
-            messages,
-            [
-                "restored 2 chains removed by iptables-nft",
-                "restored 1 ipset removed by unknown",
-                "removed 9 forbidden members from ipset lb-ips: 10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4, 10.0.0.5, …"
-            ]
-        );
-        assert_eq!(out[2].reason, "ForbiddenMembersRemoved");
-        // Empty notices are no Events.
-        a.record(
-            Notice::Restored {
-                counts: vec![("chain", 0)],
-                actor: "x".into(),
-            },
-            t0,
-        );
-        a.record(
-            Notice::ForbiddenRemoved {
-                set: "lb-ips".into(),
-                members: Vec::new(),
-            },
-            t0,
-        );
-        assert_eq!(out[2].kind, EventType::Warning);
-        assert_eq!(a.next_due(), None);
-    }
-
-    #[test]
-    fn the_same_rejection_is_told_once() {
-        let t0 = Instant::now();
-        let mut a = Aggregator::with(t0, WINDOW, 1, Duration::from_secs(60));
-        let rejected = Notice::ConfigRejected {
-            source: "ConfigMap kube-system/nw".into(),
-            error: "x:1:1: bad".into(),
-        };
-        a.record(rejected.clone(), t0);
-        let out = a.take_due(t0);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, EventType::Warning);
-        assert!(out[0].message.starts_with(
-            "ConfigMap kube-system/nw rejected, the last good config stays in force: x:1:1: bad"
-        ));
-        a.record(rejected.clone(), t0);
-        a.record(rejected, t0);
-        assert_eq!(a.take_due(t0).len(), 0, "no token");
-        assert_eq!(a.next_due(), Some(t0 + Duration::from_secs(60)));
-        assert_eq!(
-            a.take_due(t0 + Duration::from_secs(60)).len(),
-            1,
-            "queued once"
-        );
-    }
-}
+#[path = "events_tests.rs"]
+mod tests;

@@ -35,15 +35,15 @@ fn node(cidrs: &[&str]) -> ClusterFacts {
 }
 
 fn lb(facts: &mut ClusterFacts, ns: &str, name: &str, ip: &str) {
-    facts.services.insert(
+    std::sync::Arc::make_mut(&mut facts.services).insert(
         format!("{ns}/{name}"),
-        ServiceFacts {
+        std::sync::Arc::new(ServiceFacts {
             namespace: ns.into(),
             name: name.into(),
             kind: "LoadBalancer".into(),
             load_balancer_ips: vec![ip.parse().unwrap()],
             ..Default::default()
-        },
+        }),
     );
 }
 
@@ -168,7 +168,7 @@ fn service_ips_join_a_set_but_forbidden_ones_never() {
         ex.pending
     );
     // The Service goes away: the member leaves the set.
-    facts.services.remove("kube-system/a");
+    std::sync::Arc::make_mut(&mut facts.services).remove("kube-system/a");
     let ex = expand(&cfg, &facts);
     assert_eq!(ex.ipsets[0].members.len(), 1);
 }

@@ -1,10 +1,27 @@
-//! Kubernetes mode: cluster facts for config templates, the ConfigMap as live config, Events on
-//! the Node, and the state file that carries the agent through API server outages.
+//! Kubernetes mode: cluster facts for config templates, the ConfigMap as live config, Events and
+//! a condition on the Node, and the state file that carries the agent through API server
+//! outages.
+//!
+//! Pure: `facts` (what templates read), `needs` (what a config needs watched), `slim` (the fields
+//! read from each object), `listing` (a list response read as it arrives), `retry` (when to ask
+//! again), `events` (aggregation of Events), `condition` (the Node condition). Effectful:
+//! `client`, `cache`, `health`, `watch` (list and watch into caches), `report` (Events and the condition),
+//! `statefile`, `run` (the thread that ties them together).
 
+pub mod cache;
+pub mod client;
+pub mod condition;
 pub mod events;
 pub mod facts;
+pub mod health;
+pub mod listing;
+pub mod needs;
+pub mod report;
+pub mod retry;
 pub mod run;
+pub mod slim;
 pub mod statefile;
+pub mod watch;
 
 pub use run::{spawn, ClusterError, Message, Options, Update};
 

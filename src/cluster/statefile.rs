@@ -26,6 +26,21 @@ pub struct Saved {
     pub facts: ClusterFacts,
     /// Seconds since the epoch, for operators reading the file.
     pub written_at: u64,
+    /// The kernel's boot and the network namespace this state was enforced in: an agent
+    /// starting in the same ones finds the kernel as its predecessor left it, so what is
+    /// missing then was removed while no agent ran (docs/kubernetes.md, "At start").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), if readable.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 #[derive(Debug, Error)]
@@ -86,13 +101,15 @@ pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
     serde_json::from_slice(&bytes).map(Some).map_err(corrupt)
 }
 
-/// Replaces the state file atomically.
+/// Replaces the state file atomically. Written as it is serialized (with every Service a
+/// template selects, the text can be megabytes: it is never held whole in memory).
 pub fn write(path: &Path, saved: &Saved) -> Result<(), StateFileError> {
-    let json = serde_json::to_vec_pretty(saved).map_err(|e| StateFileError::Write {
-        path: path.to_owned(),
-        source: e.into(),
-    })?;
-    write_atomic(path, &json).map_err(|source| StateFileError::Write {
+    write_atomic_with(path, |f| {
+        let mut w = std::io::BufWriter::new(f);
+        serde_json::to_writer_pretty(&mut w, saved)?;
+        w.flush()
+    })
+    .map_err(|source| StateFileError::Write {
         path: path.to_owned(),
         source,
     })
@@ -124,6 +141,13 @@ pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
 /// Replaces a file atomically: temporary file in the same directory, fsync, rename, fsync of
 /// the directory.
 pub fn write_atomic(path: &Path, json: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |mut f| f.write_all(json))
+}
+
+fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -132,8 +156,8 @@ pub fn write_atomic(path: &Path, json: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
     let tmp = dir.join(format!(".{name}.tmp"));
     {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(json)?;
+        let f = std::fs::File::create(&tmp)?;
+        fill(&f)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -161,6 +185,8 @@ mod tests {
                 ..Default::default()
             },
             written_at: 1,
+            boot_id: boot_id(),
+            netns: Some("4:4026531840".into()),
         }
     }
 

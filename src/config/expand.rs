@@ -149,6 +149,13 @@ impl Templates {
         self.objects.len()
     }
 
+    /// Every template of the config (Kubernetes mode watches what they refer to).
+    pub fn templates(&self) -> impl Iterator<Item = &template::Template> {
+        self.objects
+            .iter()
+            .flat_map(|o| o.fields.iter().map(|(_, t)| &t.template))
+    }
+
     /// Expands every templated object against the facts.
     pub fn expand(&self, facts: &ClusterFacts) -> Expanded {
         let mut out = Expanded::default();

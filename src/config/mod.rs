@@ -287,6 +287,12 @@ pub fn parse_kubernetes(source: &str, text: &str) -> Result<Config, ConfigError>
     parse_mode(source, text, true)
 }
 
+/// A duration given on the command line (`30s`, `5m`, `1h`), as the config writes them: from
+/// `min` to `max`; `what` names the flag in messages.
+pub fn duration_arg(s: &str, what: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    values::duration_within(s, what, min, max)
+}
+
 /// Only whitespace and comment lines (and a byte-order mark, which editors add unseen).
 fn is_blank(text: &str) -> bool {
     text.trim_start_matches('\u{feff}').lines().all(|line| {

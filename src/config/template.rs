@@ -294,8 +294,10 @@ pub fn label_selector(s: &str) -> Result<Vec<LabelRequirement>, String> {
 
 impl ServiceSelector {
     pub fn matches(&self, s: &ServiceFacts) -> bool {
-        self.namespace.as_ref().is_none_or(|n| *n == s.namespace)
-            && self.kind.as_ref().is_none_or(|k| *k == s.kind)
+        self.namespace
+            .as_ref()
+            .is_none_or(|n| n.as_str() == &*s.namespace)
+            && self.kind.as_ref().is_none_or(|k| k.as_str() == &*s.kind)
             && self.labels.iter().all(|r| match r {
                 LabelRequirement::Equals(k, v) => s.labels.get(k) == Some(v),
                 LabelRequirement::NotEquals(k, v) => s.labels.get(k) != Some(v),
@@ -419,9 +421,9 @@ mod tests {
             ("default", "lb3", "LoadBalancer", "x", "198.51.100.3"),
             ("default", "c1", "ClusterIP", "x", ""),
         ] {
-            f.services.insert(
+            std::sync::Arc::make_mut(&mut f.services).insert(
                 format!("{ns}/{name}"),
-                ServiceFacts {
+                std::sync::Arc::new(ServiceFacts {
                     namespace: ns.into(),
                     name: name.into(),
                     kind: kind.into(),
@@ -429,7 +431,7 @@ mod tests {
                     cluster_ips: vec!["10.96.0.10".parse().unwrap()],
                     external_ips: vec![],
                     load_balancer_ips: ip.parse().into_iter().collect(),
-                },
+                }),
             );
         }
         f

@@ -74,6 +74,26 @@ pub struct FileLabels {
     pub file: &'static str,
 }
 
+/// A request to the Kubernetes API that failed: the resource, the verb, and what the server said
+/// (`forbidden`, `unauthorized`, `too_many_requests`, `server_error`, `expired`, `unreachable`,
+/// `timeout`, `not_found`, `other`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiFailureLabels {
+    pub resource: &'static str,
+    pub verb: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -103,6 +123,13 @@ pub struct Metrics {
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub config_last_ok: Gauge,
     pub start_time: Gauge<f64, AtomicU64>,
+    /// Kubernetes mode (src/cluster): requests that failed, watches failing now, Events.
+    pub kube_request_failures: Family<ApiFailureLabels, Counter>,
+    pub kube_watch_failing: Family<ResourceLabels, Gauge>,
+    pub kube_events: Family<ResultLabels, Counter>,
+    pub kube_events_unsent: Gauge,
+    /// The Node condition as evaluated: one series, labelled with its reason, 1 (True) or 0.
+    pub network_state_protected: Family<ConditionLabels, Gauge>,
 }
 
 impl Metrics {
@@ -125,6 +152,11 @@ impl Metrics {
             config_last_success: Gauge::default(),
             config_last_ok: Gauge::default(),
             start_time: Gauge::default(),
+            kube_request_failures: Family::default(),
+            kube_watch_failing: Family::default(),
+            kube_events: Family::default(),
+            kube_events_unsent: Gauge::default(),
+            network_state_protected: Family::default(),
         };
         // The agent's own metrics under `netwarden_`; the standard process metrics beside them,
         // without the prefix, as every Prometheus client library names them.
@@ -213,6 +245,31 @@ impl Metrics {
             Unit::Seconds,
             m.start_time.clone(),
         );
+        r.register(
+            "kubernetes_request_failures",
+            "Kubernetes mode: requests to the API server that failed, by resource, verb and what the server said (reason)",
+            m.kube_request_failures.clone(),
+        );
+        r.register(
+            "kubernetes_watch_failing",
+            "Kubernetes mode: 1 while the watch of a resource fails (the agent enforces the last-known state), else 0",
+            m.kube_watch_failing.clone(),
+        );
+        r.register(
+            "kubernetes_events",
+            "Kubernetes mode: Events on the Node, by result (created, updated, rejected, dropped)",
+            m.kube_events.clone(),
+        );
+        r.register(
+            "kubernetes_events_unsent",
+            "Kubernetes mode: Events waiting to be posted (API server unreachable, or the rate limit)",
+            m.kube_events_unsent.clone(),
+        );
+        r.register(
+            "network_state_protected",
+            "Kubernetes mode: the NetworkStateProtected Node condition as evaluated, 1 (True) or 0 (False), labelled with its reason",
+            m.network_state_protected.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -275,6 +332,9 @@ impl Metrics {
                 .forbidden_members
                 .get_or_create(&ForbiddenLabels { result });
         }
+        for result in EVENT_RESULTS {
+            let _ = self.kube_events.get_or_create(&ResultLabels { result });
+        }
     }
 }
 
@@ -282,6 +342,10 @@ impl Metrics {
 /// be identified under `unknownActor: forget`; `podLiveness`: the pod holding the IP is gone, or
 /// no pod has held the IP for the grace period.
 pub const FORGET_REASONS: [&str; 4] = ["owner", "unknown_actor", "pod_gone", "pod_grace_expired"];
+
+/// What happened to an Event: `created`, `updated` (its count and message), `rejected` (the API
+/// server refused it for good), `dropped` (too many distinct Events waiting).
+pub const EVENT_RESULTS: [&str; 4] = ["created", "updated", "rejected", "dropped"];
 
 pub const REPAIR_RESULTS: [&str; 4] = ["applied", "already_present", "not_yet", "failed"];
 pub const RESYNC_REASONS: [&str; 7] = [
@@ -311,6 +375,23 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
             errno: "EINVAL".into(),
         })
         .inc();
+    m.kube_request_failures
+        .get_or_create(&ApiFailureLabels {
+            resource: "services",
+            verb: "list",
+            reason: "forbidden",
+        })
+        .inc();
+    m.kube_watch_failing
+        .get_or_create(&ResourceLabels {
+            resource: "services",
+        })
+        .set(0);
+    m.network_state_protected
+        .get_or_create(&ConditionLabels {
+            reason: "Protected",
+        })
+        .set(1);
     let text = encode_prometheus(&r);
     let mut names: std::collections::BTreeSet<String> = text
         .lines()

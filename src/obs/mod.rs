@@ -73,6 +73,11 @@ pub enum Notice {
     ConfigRejected { source: String, error: String },
     /// Members a protected set must never hold were taken out of it.
     ForbiddenRemoved { set: String, members: Vec<String> },
+    /// Objects found missing and put in place by the initial sync, counted per kind. Whether
+    /// that is drift depends on what ran before (Kubernetes mode decides, docs/kubernetes.md).
+    PlacedAtStart { counts: Vec<(&'static str, u64)> },
+    /// A new config was loaded: an earlier refusal of it is superseded.
+    ConfigAccepted { source: String },
 }
 
 impl Telemetry {

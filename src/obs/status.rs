@@ -401,6 +401,25 @@ impl Board {
         out
     }
 
+    /// Objects enforced and not in place (pending, drifted, contested): `(kind, name, state,
+    /// reason)`. Objects in observe mode are not failing: they are left alone by choice.
+    pub fn unhealthy(&self) -> Vec<(String, String, State, Option<String>)> {
+        self.objects
+            .values()
+            .map(|e| &e.status)
+            .chain(self.netfilter.values())
+            .filter(|st| matches!(st.state, State::Pending | State::Drifted | State::Contested))
+            .map(|st| {
+                (
+                    st.kind.clone(),
+                    st.name.clone(),
+                    st.state,
+                    st.reason.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Contested objects by (kind, fighter), chains included.
     pub fn contested_by_actor(&self) -> BTreeMap<(&'static str, String), usize> {
         let mut out = BTreeMap::new();

@@ -17,7 +17,16 @@
 //! - expiry: [`FakeApiServer::expire`] compacts the history and ends every open watch with an
 //!   `ERROR` event carrying a 410 Status, as etcd compaction does; resuming from an older version
 //!   gets 410 too, so the client has to relist;
-//! - create (POST) of Events, which are kept for the test to read;
+//! - `resourceVersion=0` lists are served as from the watch cache: the whole list in one
+//!   response, `limit` ignored, as kube-apiserver's cacher does before snapshot pagination
+//!   (Kubernetes 1.34's ListFromCacheSnapshot); [`ListPage::from_cache`] tells them apart;
+//! - RBAC, once [`FakeApiServer::enforce`]d (below), with kube-apiserver's 403 Status;
+//!   [`FakeApiServer::revoke`] takes a grant away for a while, [`FakeApiServer::fail`] makes
+//!   requests fail with another code;
+//! - create (POST) of Events (409 AlreadyExists for a name taken), kept for the test to read;
+//! - PATCH (JSON merge and strategic merge, [`patch`]) of Events and of a Node's `status`
+//!   subresource (`nodes/status`: only `status` changes, conditions merge by type);
+//! - every request is logged with its time, answer and User-Agent ([`FakeApiServer::requests`]);
 //! - [`FakeApiServer::stop`] / [`FakeApiServer::start_again`]: the server goes away and comes
 //!   back on the same port with the same objects.
 //!
@@ -26,9 +35,12 @@
 //! request as one ServiceAccount against Roles, ClusterRoles and their bindings (the rendered
 //! manifests), the way kube-apiserver's RBAC authorizer does: a RoleBinding grants in its own
 //! namespace only, `resourceNames` match the object's name, and a list or watch has a name only
-//! when its field selector asks for `metadata.name=NAME`. Refused requests get 403 Forbidden and
-//! are recorded ([`FakeApiServer::denied`]).
+//! when its field selector asks for `metadata.name=NAME`, and a subresource is its own resource
+//! (`nodes/status`). Refused requests get 403 Forbidden and are recorded
+//! ([`FakeApiServer::denied`]).
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod patch;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -39,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 
 mod rbac;
@@ -70,7 +82,8 @@ struct State {
     objects: BTreeMap<Key, Value>,
     /// Every change, for watches resuming from a resourceVersion.
     history: Vec<(u64, Key, &'static str, Value)>,
-    /// Resuming from a version below this one gets 410 Gone.
+    /// Resuming from a version below this one gets 410 Gone (as etcd compacted at this
+    /// revision: a watch from it has nothing missing, one from before it has).
     compacted: u64,
     accesses: BTreeSet<Access>,
     /// Watch requests served, for tests that wait for a relist.
@@ -85,7 +98,26 @@ struct State {
     expire_after_first_page: Option<String>,
     /// RBAC in force; `None`: everything is allowed.
     rbac: Option<Rbac>,
+    /// Grants of `rbac` taken away for a while ([`FakeApiServer::revoke`]).
+    revoked: BTreeSet<Access>,
     denied: Vec<Attributes>,
+    /// Requests answered with an error instead: (verb, resource) -> code.
+    failures: BTreeMap<(String, String), u16>,
+    requests: Vec<Served>,
+}
+
+/// One request, as served.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub at: Instant,
+    pub verb: String,
+    pub group: String,
+    /// `resource` or `resource/subresource`.
+    pub resource: String,
+    pub code: u16,
+    pub user_agent: Option<String>,
+    /// For lists: the query's `resourceVersion` (None: unset).
+    pub resource_version: Option<String>,
 }
 
 /// Snapshots kept for paged lists; a continue token for an older one gets 410.
@@ -108,6 +140,8 @@ pub struct ListPage {
     pub more: bool,
     /// Answered 410 Expired: the continue token was too old.
     pub expired: bool,
+    /// `resourceVersion=0`: served from the watch cache, whole, `limit` ignored.
+    pub from_cache: bool,
 }
 
 struct Inner {
@@ -174,7 +208,7 @@ impl FakeApiServer {
     pub fn start_again(&mut self) {
         {
             let mut st = self.inner.state.lock().unwrap();
-            st.compacted = st.rv + 1;
+            st.compacted = st.rv;
             st.snapshots.clear();
         }
         self.serve();
@@ -273,7 +307,7 @@ impl FakeApiServer {
     pub fn expire(&self) {
         {
             let mut st = self.inner.state.lock().unwrap();
-            st.compacted = st.rv + 1;
+            st.compacted = st.rv;
             st.history.clear();
             st.snapshots.clear();
         }
@@ -299,6 +333,37 @@ impl FakeApiServer {
     /// The requests refused by RBAC so far.
     pub fn denied(&self) -> Vec<Attributes> {
         self.inner.state.lock().unwrap().denied.clone()
+    }
+
+    /// Takes a grant of the enforced RBAC away: such requests get 403 from now on.
+    pub fn revoke(&self, verb: &str, group: &str, resource: &str) {
+        let grant = (verb.to_owned(), group.to_owned(), resource.to_owned());
+        let mut st = self.inner.state.lock().unwrap();
+        let granted = st.rbac.as_ref().is_some_and(|r| r.grants().contains(&grant));
+        assert!(granted, "{grant:?} is not granted by the enforced RBAC");
+        st.revoked.insert(grant);
+    }
+
+    /// Gives a revoked grant back.
+    pub fn grant(&self, verb: &str, group: &str, resource: &str) {
+        let grant = (verb.to_owned(), group.to_owned(), resource.to_owned());
+        self.inner.state.lock().unwrap().revoked.remove(&grant);
+    }
+
+    /// Answers `verb` on `resource` with `code` (a Status of kube-apiserver's reason for it)
+    /// from now on; `None` stops.
+    pub fn fail(&self, verb: &str, resource: &str, code: Option<u16>) {
+        let key = (verb.to_owned(), resource.to_owned());
+        let mut st = self.inner.state.lock().unwrap();
+        match code {
+            Some(c) => st.failures.insert(key, c),
+            None => st.failures.remove(&key),
+        };
+    }
+
+    /// Every request served so far, in order.
+    pub fn requests(&self) -> Vec<Served> {
+        self.inner.state.lock().unwrap().requests.clone()
     }
 
     /// Every (verb, group, resource) requested so far (refused ones included).
@@ -393,6 +458,18 @@ struct Target {
     namespace: Option<String>,
     resource: String,
     name: Option<String>,
+    /// `status` of `nodes/NAME/status`.
+    subresource: Option<String>,
+}
+
+impl Target {
+    /// `resource` or `resource/subresource`, as RBAC names it.
+    fn rbac_resource(&self) -> String {
+        match &self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource),
+            None => self.resource.clone(),
+        }
+    }
 }
 
 fn target(path: &str) -> Option<Target> {
@@ -406,9 +483,10 @@ fn target(path: &str) -> Option<Target> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         _ => (None, rest),
     };
-    let (resource, name) = match rest {
-        [r] => (r.to_string(), None),
-        [r, n] => (r.to_string(), Some(n.to_string())),
+    let (resource, name, subresource) = match rest {
+        [r] => (r.to_string(), None, None),
+        [r, n] => (r.to_string(), Some(n.to_string()), None),
+        [r, n, sub] => (r.to_string(), Some(n.to_string()), Some(sub.to_string())),
         _ => return None,
     };
     Some(Target {
@@ -417,6 +495,7 @@ fn target(path: &str) -> Option<Target> {
         namespace,
         resource,
         name,
+        subresource,
     })
 }
 
@@ -571,7 +650,11 @@ async fn handle(
     let Some(t) = target(req.uri().path()) else {
         return full(
             StatusCode::NOT_FOUND,
-            status(404, "NotFound", "no such path"),
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     };
     let q = query(&req);
@@ -586,11 +669,54 @@ async fn handle(
         (Method::DELETE, _, _) => "delete",
         _ => "unknown",
     };
-    inner.state.lock().unwrap().accesses.insert((
-        verb.to_owned(),
-        t.group.clone(),
-        t.resource.clone(),
-    ));
+    let user_agent = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let served = Served {
+        at: Instant::now(),
+        verb: verb.to_owned(),
+        group: t.group.clone(),
+        resource: t.rbac_resource(),
+        code: 0,
+        user_agent,
+        resource_version: q.get("resourceVersion").cloned(),
+    };
+    let response = respond(&inner, t, verb, q, req, stop).await;
+    let mut st = inner.state.lock().unwrap();
+    st.requests.push(Served {
+        code: response.status().as_u16(),
+        ..served
+    });
+    response
+}
+
+/// The reason kube-apiserver gives with a code.
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "Conflict",
+        410 => "Expired",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "Unknown",
+    }
+}
+
+async fn respond(
+    inner: &Arc<Inner>,
+    t: Target,
+    verb: &str,
+    q: BTreeMap<String, String>,
+    req: Request<hyper::body::Incoming>,
+    stop: watch::Receiver<bool>,
+) -> Response<Body> {
+    let resource = t.rbac_resource();
     let filter = match Filter::parse(&q, t.namespace.clone()) {
         Ok(f) => f,
         Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e)),
@@ -598,7 +724,7 @@ async fn handle(
     let attributes = Attributes {
         verb: verb.to_owned(),
         group: t.group.clone(),
-        resource: t.resource.clone(),
+        resource: resource.clone(),
         namespace: t.namespace.clone(),
         // kube-apiserver's RequestInfo: a list or watch names an object only through an exact
         // metadata.name field selector.
@@ -616,21 +742,25 @@ async fn handle(
     };
     {
         let mut st = inner.state.lock().unwrap();
-        if st.rbac.as_ref().is_some_and(|r| !r.allows(&attributes)) {
-            let message = format!(
-                "{} \"{}\" is forbidden: User \"system:serviceaccount:…\" cannot {} resource \"{}\" in API group \"{}\"{}",
-                t.resource,
-                attributes.name.as_deref().unwrap_or(""),
-                verb,
-                t.resource,
-                t.group,
-                t.namespace
-                    .as_ref()
-                    .map(|n| format!(" in the namespace \"{n}\""))
-                    .unwrap_or_else(|| " at the cluster scope".to_owned())
+        // Authorization comes first, as in kube-apiserver's handler chain; what is refused is
+        // recorded as used all the same (the agent asked for it).
+        st.accesses
+            .insert((verb.to_owned(), t.group.clone(), resource.clone()));
+        let grant = (verb.to_owned(), t.group.clone(), resource.clone());
+        if let Some(rbac) = &st.rbac {
+            if !rbac.allows(&attributes) || st.revoked.contains(&grant) {
+                let body = rbac.forbidden(&attributes);
+                st.denied.push(attributes);
+                return full(StatusCode::FORBIDDEN, body);
+            }
+        }
+        if let Some(code) = st.failures.get(&(verb.to_owned(), resource.clone())) {
+            let code = *code;
+            let message = format!("the server cannot {verb} {resource} right now");
+            return full(
+                StatusCode::from_u16(code).unwrap(),
+                status(code, reason_of(code), &message),
             );
-            st.denied.push(attributes);
-            return full(StatusCode::FORBIDDEN, status(403, "Forbidden", &message));
         }
     }
     // Field labels are per resource: spec.nodeName exists for Pods only.
@@ -639,9 +769,10 @@ async fn handle(
         return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", e));
     }
     match verb {
-        "list" => list(&inner, &t, &filter, &q),
-        "watch" => watch_stream(inner, &t, filter, &q, stop),
-        "create" => create(&inner, t, req).await,
+        "list" => list(inner, &t, &filter, &q),
+        "watch" => watch_stream(inner.clone(), &t, filter, &q, stop),
+        "create" => create(inner, t, req).await,
+        "patch" => patch_object(inner, t, req).await,
         "get" => {
             let key = (
                 t.group,
@@ -680,6 +811,12 @@ fn parse_continue(token: &str) -> Option<(u64, Key)> {
     Some((v["rv"].as_u64()?, (part(0)?, part(1)?, part(2)?, part(3)?)))
 }
 
+/// Items of a list response, already serialized (a list of 50,000 objects is not cloned).
+struct Items {
+    json: Vec<u8>,
+    count: usize,
+}
+
 /// One page of `map`'s matching objects after `after`: the items, the last key served, and how
 /// many match beyond it.
 fn page_of(
@@ -687,23 +824,31 @@ fn page_of(
     after: Option<&Key>,
     limit: usize,
     matches: impl Fn(&Key, &Value) -> bool,
-) -> (Vec<Value>, Option<Key>, usize) {
+) -> (Items, Option<Key>, usize) {
     use std::ops::Bound;
     let from = after.map_or(Bound::Unbounded, Bound::Excluded);
     let mut matching = map
         .range::<Key, _>((from, Bound::Unbounded))
         .filter(|(k, v)| matches(k, v));
-    let page: Vec<(&Key, &Value)> = matching
+    let mut items = Items {
+        json: b"[".to_vec(),
+        count: 0,
+    };
+    let mut last = None;
+    for (k, v) in matching
         .by_ref()
         .take(if limit == 0 { usize::MAX } else { limit })
-        .collect();
-    let rest = matching.count();
-    let last = page.last().map(|(k, _)| (*k).clone());
-    (
-        page.into_iter().map(|(_, v)| v.clone()).collect(),
-        last,
-        rest,
-    )
+    {
+        if items.count > 0 {
+            items.json.push(b',');
+        }
+        serde_json::to_writer(&mut items.json, v).unwrap();
+        items.count += 1;
+        last = Some(k);
+    }
+    items.json.push(b']');
+    let last = last.cloned();
+    (items, last, matching.count())
 }
 
 fn list(
@@ -714,8 +859,14 @@ fn list(
 ) -> Response<Body> {
     let mut st = inner.state.lock().unwrap();
     st.lists += 1;
-    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
     let token = q.get("continue").filter(|c| !c.is_empty());
+    // resourceVersion=0: any version will do, so the watch cache answers, with everything it
+    // holds (it does not paginate: `limit` is ignored).
+    let from_cache = token.is_none() && q.get("resourceVersion").is_some_and(|v| v == "0");
+    let limit: usize = match from_cache {
+        true => 0,
+        false => q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0),
+    };
     let matches = |k: &Key, v: &Value| k.0 == t.group && k.1 == t.resource && filter.matches(k, v);
     let (rv, (items, last, rest)) = match token {
         // A later page: cut from the first page's snapshot, after the last key it served.
@@ -749,6 +900,7 @@ fn list(
                         remaining: None,
                         more: false,
                         expired: true,
+                        from_cache: false,
                     });
                     return full(
                         StatusCode::GONE,
@@ -787,15 +939,16 @@ fn list(
         limit,
         continued: token.is_some(),
         resource_version: rv,
-        items: items.len(),
+        items: items.count,
         remaining: metadata["remainingItemCount"].as_u64().map(|n| n as usize),
         more: rest > 0,
         expired: false,
+        from_cache,
     };
     st.pages.push(page);
     if rest > 0 && token.is_none() && st.expire_after_first_page.as_ref() == Some(&t.resource) {
         st.expire_after_first_page = None;
-        st.compacted = st.rv + 1;
+        st.compacted = st.rv;
         st.history.clear();
         st.snapshots.clear();
         drop(st);
@@ -807,11 +960,19 @@ fn list(
     } else {
         format!("{}/{}", t.group, t.version)
     };
-    full(
-        StatusCode::OK,
-        json!({"kind": format!("{}List", kind_of(&t.resource)), "apiVersion": api_version,
-               "metadata": metadata, "items": items}),
-    )
+    let mut body = json!({"kind": format!("{}List", kind_of(&t.resource)),
+                          "apiVersion": api_version, "metadata": metadata})
+    .to_string()
+    .into_bytes();
+    body.pop();
+    body.extend_from_slice(b",\"items\":");
+    body.extend_from_slice(&items.json);
+    body.push(b'}');
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap()
 }
 
 fn line(kind: &str, object: &Value) -> Bytes {
@@ -968,6 +1129,89 @@ async fn create(inner: &Inner, t: Target, req: Request<hyper::body::Incoming>) -
     object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
     st.objects.insert(key, object.clone());
     full(StatusCode::CREATED, object)
+}
+
+/// PATCH of an object, or of a Node's status (only `status` changes). Bumps the
+/// resourceVersion and tells watches (MODIFIED), as any write.
+async fn patch_object(
+    inner: &Inner,
+    t: Target,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let strategic = match content_type.split(';').next().unwrap_or("").trim() {
+        patch::STRATEGIC => true,
+        patch::MERGE => false,
+        other => {
+            return full(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got `{other}`)"),
+                ),
+            )
+        }
+    };
+    if t.subresource.as_deref().is_some_and(|s| s != "status") {
+        return full(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", "no such subresource"),
+        );
+    }
+    let Ok(body) = req.into_body().collect().await else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            status(400, "BadRequest", "unreadable body"),
+        );
+    };
+    let mut p: Value = match serde_json::from_slice(&body.to_bytes()) {
+        Ok(v) => v,
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            )
+        }
+    };
+    if t.subresource.is_some() {
+        // The status subresource ignores everything but status.
+        p = json!({"status": p["status"].clone()});
+    } else if let Some(m) = p.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+        m.remove("name");
+        m.remove("namespace");
+    }
+    let key = (
+        t.group.clone(),
+        t.resource.clone(),
+        t.namespace.clone().unwrap_or_default(),
+        t.name.clone().unwrap_or_default(),
+    );
+    let mut st = inner.state.lock().unwrap();
+    let Some(mut object) = st.objects.get(&key).cloned() else {
+        let message = format!("{} \"{}\" not found", t.resource, key.3);
+        return full(StatusCode::NOT_FOUND, status(404, "NotFound", &message));
+    };
+    patch::apply(&mut object, &p, strategic, "");
+    st.rv += 1;
+    let rv = st.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    st.objects.insert(key.clone(), object.clone());
+    st.history
+        .push((rv, key.clone(), "MODIFIED", object.clone()));
+    let _ = inner.changes.send(Change::Event {
+        rv,
+        key,
+        kind: "MODIFIED",
+        object: object.clone(),
+    });
+    full(StatusCode::OK, object)
 }
 
 /// A running Pod bound to `node`, holding `ips` (none: its IP is not known yet).

@@ -1,8 +1,9 @@
 //! RBAC as kube-apiserver's authorizer evaluates it, for one ServiceAccount: the grants of the
-//! rendered manifests (Roles, ClusterRoles and their bindings).
+//! rendered manifests (Roles, ClusterRoles and their bindings), and the 403 Status it answers a
+//! refused request with.
 
 use super::Access;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
 /// What RBAC decides on: kube-apiserver's request attributes.
@@ -57,6 +58,8 @@ impl PolicyRule {
 /// from a ClusterRoleBinding; `Some(ns)`: from a RoleBinding in `ns`).
 #[derive(Clone, Debug, Default)]
 pub struct Rbac {
+    /// `system:serviceaccount:NAMESPACE:NAME`, as refusals name it.
+    user: String,
     rules: Vec<(Option<String>, PolicyRule)>,
 }
 
@@ -115,7 +118,10 @@ impl Rbac {
                 rules.push((scope.clone(), PolicyRule::parse(rule)));
             }
         }
-        Rbac { rules }
+        Rbac {
+            user: format!("system:serviceaccount:{namespace}:{name}"),
+            rules,
+        }
     }
 
     pub fn allows(&self, a: &Attributes) -> bool {
@@ -142,5 +148,29 @@ impl Rbac {
             }
         }
         out
+    }
+
+    /// The Status kube-apiserver answers a request RBAC refuses with: the object's name when
+    /// the request has one, the subresource as part of the resource (`nodes/status`).
+    pub fn forbidden(&self, a: &Attributes) -> Value {
+        let plural = a.resource.split('/').next().unwrap_or(&a.resource);
+        let what = match &a.name {
+            Some(n) => format!("{plural} \"{n}\""),
+            None => plural.to_owned(),
+        };
+        let scope = match &a.namespace {
+            Some(ns) => format!("in the namespace \"{ns}\""),
+            None => "at the cluster scope".to_owned(),
+        };
+        let message = format!(
+            "{what} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+            self.user, a.verb, a.resource, a.group
+        );
+        let mut details = json!({"group": a.group, "kind": plural});
+        if let Some(n) = &a.name {
+            details["name"] = json!(n);
+        }
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": "Forbidden", "details": details, "code": 403})
     }
 }
