@@ -353,13 +353,27 @@ fn check_rbac(objects: &[Value], pods: bool) {
             assert!(!allowed(&a), "allowed: {a:?}");
         }
     }
-    assert!(allowed(&request(
-        "create",
-        "",
-        "events",
-        Some("default"),
-        None
-    )));
+    // Events: created, and updated when they happen again (aggregation, src/cluster/events.rs);
+    // the Node condition: a patch of the status subresource and nothing else of the Node.
+    for a in [
+        request("create", "", "events", Some("default"), None),
+        request("patch", "", "events", Some("default"), Some("node-1.abc")),
+        request("patch", "", "nodes/status", None, Some("node-1")),
+    ] {
+        assert!(allowed(&a), "not allowed: {a:?}");
+    }
+    for verb in ["get", "update", "patch", "delete"] {
+        assert!(
+            !allowed(&request(verb, "", "nodes", None, Some("node-1"))),
+            "{verb} nodes"
+        );
+    }
+    for verb in ["get", "update"] {
+        assert!(
+            !allowed(&request(verb, "", "nodes/status", None, Some("node-1"))),
+            "{verb} nodes/status"
+        );
+    }
     for verb in ["get", "update", "delete", "create", "patch"] {
         assert!(
             !allowed(&request(verb, "", "configmaps", Some(&ns), Some(&cm))),
