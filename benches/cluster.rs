@@ -9,7 +9,7 @@
 //!    watching the fake API server (tests/fake_apiserver) that holds the Services. Printed: the
 //!    list (`resourceVersion=0`, one response from the "watch cache", read as it arrives), the
 //!    time to the initial sync, the agent's peak RSS (VmHWM; goal: 64 MiB, the DaemonSet's limit
-//!    is 128Mi) and, with the template, one Service created → its IP in the kernel set (`ipset
+//!    is 256Mi) and, with the template, one Service created → its IP in the kernel set (`ipset
 //!    test`, polled; target 100 ms). The same agent with a config without `services.*`
 //!    templates shows what it costs when nothing needs the Services (it does not watch them).
 //!

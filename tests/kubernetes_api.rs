@@ -268,20 +268,8 @@ fn an_explicit_api_server_endpoint_is_used() {
     drop(dead);
     let text = std::fs::read_to_string(&c.kubeconfig).unwrap();
     std::fs::write(&c.kubeconfig, text.replace(&c.api.url(), &dead_url)).unwrap();
-    let kubeconfig = c.kubeconfig.to_str().unwrap().to_owned();
-    let state = c.state_file().to_str().unwrap().to_owned();
-    let args = [
-        "--configmap",
-        "kube-system/netwarden",
-        "--kubeconfig",
-        &kubeconfig,
-        "--node-name",
-        NODE,
-        "--state-file",
-        &state,
-    ];
     let url = c.api.url();
-    let _agent = Agent::start_run(&ns, &args, &[("NETWARDEN_APISERVER", url.as_str())]);
+    let _agent = c.agent_full(&ns, &[], &[("NETWARDEN_APISERVER", url.as_str())]);
     assert!(has_rule(&ns, RULE));
     assert!(!c.api.requests().is_empty());
 }

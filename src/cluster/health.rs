@@ -109,11 +109,7 @@ impl Health {
                 reason,
                 message,
             } if warn_now => {
-                let what = if *code == 403 {
-                    "forbidden"
-                } else {
-                    "the API server answered with an error"
-                };
+                let what = answered(*code);
                 warn!(resource, verb, code, reason = ?reason, message = ?message, retry_in_ms, "{what}: cannot {verb} {resource}");
             }
             _ => debug!(resource, verb, error = %f, retry_in_ms, "request failed"),
@@ -173,11 +169,7 @@ impl Health {
                 reason: status_reason,
                 message,
             } if warn_now => {
-                let what = if *code == 403 {
-                    "forbidden"
-                } else {
-                    "the API server answered with an error"
-                };
+                let what = answered(*code);
                 warn!(
                     resource,
                     verb,
@@ -190,5 +182,14 @@ impl Health {
             }
             _ => debug!(resource, verb, error = %f, retry_in_ms, "request failed"),
         }
+    }
+}
+
+/// How a log line names an error the API server answered with.
+fn answered(code: u16) -> &'static str {
+    if code == 403 {
+        "forbidden"
+    } else {
+        "the API server answered with an error"
     }
 }
