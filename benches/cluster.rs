@@ -1,5 +1,5 @@
 //! `cargo bench --bench cluster`: Kubernetes mode with 10,000 and 50,000 Services as kubectl
-//! leaves them (managedFields, the last-applied annotation; about 3 KB of JSON each).
+//! leaves them (managedFields, the last-applied annotation; about 2.3 KB of JSON each).
 //!
 //! 1. Pure: the Services' JSON read into what the agent keeps (`cluster::slim`; paid once per
 //!    Service, as it is listed or changes), and the rebuild a change causes: the config (a set of

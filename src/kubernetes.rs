@@ -217,29 +217,6 @@ async fn refused(
     true
 }
 
-#[cfg(test)]
-mod tests {
-    use super::configmap_ref;
-
-    #[test]
-    fn the_configmap_namespace_comes_from_the_argument_or_the_pod() {
-        let r = |a, ns| configmap_ref(a, ns).map_err(|e| e.to_string());
-        assert_eq!(
-            r("kube-system/nw", Some("x")),
-            Ok((Some("kube-system".into()), "nw".into()))
-        );
-        assert_eq!(
-            r("nw", Some("kube-system")),
-            Ok((Some("kube-system".into()), "nw".into()))
-        );
-        assert_eq!(r("nw", None), Ok((None, "nw".into())));
-        assert_eq!(r("nw", Some(" ")), Ok((None, "nw".into())));
-        for bad in ["", "/nw", "ns/", "a/b/c"] {
-            assert!(r(bad, None).is_err(), "{bad}");
-        }
-    }
-}
-
 /// The network namespace the agent will enforce in, as `dev:inode` of its file: recorded in the
 /// state file, so that the next start knows whether it finds the same kernel state.
 fn netns_id(netns: Option<&str>) -> Option<String> {
@@ -265,5 +242,28 @@ fn one_malloc_arena() {
     // SAFETY: mallopt only sets a malloc parameter, and is called before other threads exist.
     unsafe {
         nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::configmap_ref;
+
+    #[test]
+    fn the_configmap_namespace_comes_from_the_argument_or_the_pod() {
+        let r = |a, ns| configmap_ref(a, ns).map_err(|e| e.to_string());
+        assert_eq!(
+            r("kube-system/nw", Some("x")),
+            Ok((Some("kube-system".into()), "nw".into()))
+        );
+        assert_eq!(
+            r("nw", Some("kube-system")),
+            Ok((Some("kube-system".into()), "nw".into()))
+        );
+        assert_eq!(r("nw", None), Ok((None, "nw".into())));
+        assert_eq!(r("nw", Some(" ")), Ok((None, "nw".into())));
+        for bad in ["", "/nw", "ns/", "a/b/c"] {
+            assert!(r(bad, None).is_err(), "{bad}");
+        }
     }
 }

@@ -154,7 +154,8 @@ fn the_fake_api_server_enforces_the_manifests_rbac() {
     }
     assert_eq!(c.api.denied().len(), 6);
 
-    let condition = r#"{"status":{"conditions":[{"type":"NetworkStateProtected","status":"True"}]}}"#;
+    let condition =
+        r#"{"status":{"conditions":[{"type":"NetworkStateProtected","status":"True"}]}}"#;
     let node = format!("/api/v1/nodes/{NODE}");
     for (method, path, code) in [
         ("PATCH", format!("{node}/status"), 200),
@@ -198,7 +199,10 @@ fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut answer = String::new();
     conn.read_to_string(&mut answer).unwrap();
     let code = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
     (code, body)
 }
 

@@ -339,7 +339,10 @@ impl FakeApiServer {
     pub fn revoke(&self, verb: &str, group: &str, resource: &str) {
         let grant = (verb.to_owned(), group.to_owned(), resource.to_owned());
         let mut st = self.inner.state.lock().unwrap();
-        let granted = st.rbac.as_ref().is_some_and(|r| r.grants().contains(&grant));
+        let granted = st
+            .rbac
+            .as_ref()
+            .is_some_and(|r| r.grants().contains(&grant));
         assert!(granted, "{grant:?} is not granted by the enforced RBAC");
         st.revoked.insert(grant);
     }
