@@ -550,22 +550,22 @@ fn a_protected_rule_held_twice_is_cut_back_to_one_copy() {
 
     // Twice while it runs: the notification of a rule it already holds makes it count again.
     add_rule_again(&ns);
-    wait_until("the second copy removed", || {
+    // The loop counts the resync, the repair and then the drift: wait for all of them (a
+    // drift never counted fails here after the bound).
+    wait_until("the second copy removed and the drift counted", || {
+        let metrics = rig::scrape(&agent.http());
         count(&rules(&ns), RULE) == 1
             && rig::total(
-                &rig::scrape(&agent.http()),
+                &metrics,
                 "netwarden_resyncs_total",
                 &[("reason", "rule_added_again")],
             ) >= 1.0
+            && rig::total(
+                &metrics,
+                "netwarden_drift_detected_total",
+                &[("kind", "rule")],
+            ) >= 1.0
     });
-    let metrics = rig::scrape(&agent.http());
-    assert!(
-        rig::total(
-            &metrics,
-            "netwarden_drift_detected_total",
-            &[("kind", "rule")]
-        ) >= 1.0
-    );
     // Nothing else was touched, and nothing is left to do.
     assert_eq!(count(&rules6(&ns), RULE6), 1);
     let out = check(&ns, &cfg, &[]);
