@@ -213,7 +213,7 @@ fn kube_proxy_and_flannel_tables_come_back_and_nothing_else_is_touched() {
         "in sync before anything: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let mut agent = Agent::start_capped(&ns, &config);
+    let mut agent = Agent::start_as_deployed(&ns, &config, &[]);
     agent.wait_log("nftables in sync");
     assert!(protected_in_place(&ns));
     assert_eq!(
@@ -336,7 +336,7 @@ fn check_reports_drift_of_nft_tables() {
 fn a_reactive_fighter_is_contested_not_given_up_on() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);
-    let mut agent = Agent::start_capped(&ns, &example());
+    let mut agent = Agent::start_as_deployed(&ns, &example(), &[]);
     agent.wait_log("nftables in sync");
     let script = "nft monitor elements | while read -r line; do case \"$line\" in *'add element ip kube-proxy cluster-ips'*'10.96.0.1'*) nft delete element ip kube-proxy cluster-ips '{ 10.96.0.1 }' ;; esac; done";
     use std::os::unix::process::CommandExt;
@@ -493,7 +493,7 @@ fn an_adopted_table_follows_its_owner_and_is_restored_for_others() {
         dir.path(),
         "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n",
     );
-    let mut agent = Agent::start_capped(&ns, &cfg);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
     agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
     assert!(!agent
         .log

@@ -2,6 +2,10 @@
 //! the real agent binary running inside it (killed by pid on drop), real iproute2 to break things.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod deployed;
+pub mod offender;
+
+pub use deployed::Privileges;
 pub use netwarden::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -12,6 +16,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The agent binary [`Agent`] starts: this build's, or the one NETWARDEN_AGENT_BIN names (a
+/// before/after measurement with another build: benches/attribution.rs).
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("NETWARDEN_AGENT_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
 
 /// A namespace with `veth0` (10.200.0.1/24, fd00:200::1/64) <-> `veth1` (10.200.0.2/24), both up.
 pub fn sandbox() -> Sandbox {
@@ -51,12 +61,33 @@ pub fn config(dir: &Path, spec: &str) -> PathBuf {
     path
 }
 
+/// How the agent is started.
+#[derive(Clone, Debug)]
+pub enum Shape {
+    /// As root with every capability, entering the namespace itself (`--netns`); its HTTP
+    /// endpoints are on the host's loopback.
+    Root,
+    /// With exactly the given privileges (normally [`Privileges::of_daemonset`]), started inside
+    /// the namespace as the DaemonSet's container is (hostNetwork, hostPID); its HTTP endpoints
+    /// are inside the namespace and forwarded to the host's loopback ([`deployed::forward`]).
+    Deployed(Privileges),
+}
+
+impl Shape {
+    /// The DaemonSet's shape.
+    pub fn deployed() -> Shape {
+        Shape::Deployed(Privileges::of_daemonset())
+    }
+}
+
 /// The agent, running in a namespace. Its stderr is collected line by line.
 pub struct Agent {
     child: Child,
     lines: Receiver<String>,
     pub log: Arc<Mutex<Vec<String>>>,
     cursor: usize,
+    /// Where a test reaches the HTTP endpoints, when not where the agent logged them.
+    http: Option<String>,
 }
 
 impl Agent {
@@ -76,51 +107,63 @@ impl Agent {
     }
 
     pub fn start_full(ns: &Sandbox, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_shaped(&Shape::Root, ns, config, extra, env)
+    }
+
+    /// Starts `netwarden run --config CONFIG EXTRA…` with the DaemonSet's privileges (see
+    /// [`Shape::Deployed`]) and waits until it reports its initial sync.
+    pub fn start_as_deployed(ns: &Sandbox, config: &Path, extra: &[&str]) -> Agent {
+        Agent::start_shaped(&Shape::deployed(), ns, config, extra, &[])
+    }
+
+    /// As [`Agent::start_full`], in the given shape.
+    pub fn start_shaped(
+        shape: &Shape,
+        ns: &Sandbox,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let config = config.to_str().expect("UTF-8 path");
         let args: Vec<&str> = ["--config", config]
             .into_iter()
             .chain(extra.iter().copied())
             .collect();
-        Agent::start_run(ns, &args, env)
+        Agent::start_run_shaped(shape, ns, &args, env)
     }
 
     /// Starts `netwarden run ARGS --netns NS` (no `--config` of its own: Kubernetes mode passes
     /// `--configmap`) and waits until it reports its initial sync.
     pub fn start_run(ns: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let mut cmd = Command::new(BIN);
-        cmd.envs(env.iter().copied())
-            .arg("run")
-            .args(args)
-            .args(["--netns", &ns.name, "--log-level", "debug"])
-            // Any free port on the host's loopback; see Agent::http.
-            .args(["--metrics-addr", "127.0.0.1:0"]);
-        Agent::spawn(cmd)
+        Agent::start_run_shaped(&Shape::Root, ns, args, env)
     }
 
-    /// Starts `netwarden run --config CONFIG` in the namespace as the DaemonSet runs it: root
-    /// uid with only CAP_NET_ADMIN and CAP_NET_RAW (`ip netns exec` enters the namespace, as
-    /// setns needs a capability the agent does not have), and waits for its initial sync.
-    pub fn start_capped(ns: &Sandbox, config: &Path) -> Agent {
-        let caps = "-all,+net_admin,+net_raw";
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, "setpriv"])
-            .args([
-                "--inh-caps",
-                caps,
-                "--ambient-caps",
-                caps,
-                "--bounding-set",
-                caps,
-            ])
-            .arg("--")
-            .arg(BIN)
-            .args(["run", "--config", config.to_str().expect("UTF-8 path")])
-            .args(["--log-level", "debug", "--metrics-addr", "127.0.0.1:0"]);
-        Agent::spawn(cmd)
-    }
-
-    fn spawn(mut cmd: Command) -> Agent {
+    /// As [`Agent::start_run`], in the given shape.
+    pub fn start_run_shaped(
+        shape: &Shape,
+        ns: &Sandbox,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut cmd = match shape {
+            Shape::Root => {
+                let mut cmd = Command::new(agent_bin());
+                cmd.arg("run").args(args).args(["--netns", &ns.name]);
+                cmd
+            }
+            Shape::Deployed(privileges) => {
+                let mut cmd = privileges.command(&agent_bin());
+                cmd.arg("run").args(args);
+                deployed::in_netns(&mut cmd, &ns.name);
+                cmd
+            }
+        };
         let mut child = cmd
+            .envs(env.iter().copied())
+            .args(["--log-level", "debug"])
+            // Any free port on the loopback (the host's, or the namespace's when deployed); see
+            // Agent::http.
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -140,10 +183,15 @@ impl Agent {
             lines,
             log,
             cursor: 0,
+            http: None,
         };
         agent.wait_log("initial sync done");
         // Later waits also see what was logged during the initial sync.
         agent.cursor = 0;
+        if let Shape::Deployed(_) = shape {
+            let inside = agent.logged_http().parse().expect("a socket address");
+            agent.http = Some(deployed::forward(&ns.name, inside));
+        }
         agent
     }
 
@@ -176,8 +224,13 @@ impl Agent {
         self.wait_log_all(&[needle])
     }
 
-    /// The address of the agent's HTTP endpoints, from its log.
+    /// The address of the agent's HTTP endpoints on the host's loopback.
     pub fn http(&self) -> String {
+        self.http.clone().unwrap_or_else(|| self.logged_http())
+    }
+
+    /// The address the agent logged for its HTTP endpoints.
+    fn logged_http(&self) -> String {
         let log = self.log.lock().unwrap();
         let line = log
             .iter()

@@ -1,0 +1,161 @@
+//! `cargo bench --bench attribution`: how often the agent names the process that removed a
+//! protected rule, by the agent's privileges and the offender's shape.
+//!
+//! The agent runs in the DaemonSet's shape (tests/common/deployed.rs: the capabilities,
+//! runAsUser and no_new_privs of deploy/base/daemonset.yaml, in the host's PID namespace), and,
+//! for comparison, with that set minus or plus a capability and as full root. Each offender
+//! (tests/common/offender.rs) deletes the rule with the real `ip`, under a name of its own:
+//!
+//! - who: root with every capability (more than the agent has) or systemd-networkd's user with
+//!   an ambient NET_ADMIN;
+//! - through its first netlink socket (port id = pid) or a later one (port id ≠ pid);
+//! - long-lived (`ip -batch -` holding its socket until the agent has answered) or short-lived
+//!   (`ip rule del`, gone a fraction of a millisecond after the change).
+//!
+//! Each deletion is repaired and its `restored … actor=` line read: the actor is the offender's
+//! name (named), `unknown`, or another name (wrong). Reported, not asserted. Environment:
+//! NETWARDEN_BENCH_TRIALS (20 per cell); NETWARDEN_AGENT_BIN measures another build of the agent
+//! (the "before" figures of docs/benchmarks.md). Results: docs/benchmarks.md.
+
+#[allow(dead_code)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::offender::{named_ip, once, Offender, Socket, Who};
+use common::{config, sandbox, Agent, Privileges, Sandbox, Shape};
+use std::fmt::Write as _;
+
+const SPEC: &str = "  rules:
+    - name: r100
+      priority: 100
+      from: 10.244.1.0/24
+      table: 77
+";
+
+#[derive(Default)]
+struct Tally {
+    named: u32,
+    unknown: u32,
+    wrong: Vec<String>,
+}
+
+fn actor_of(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("actor="))
+        .unwrap_or("?")
+        .trim_matches('"')
+        .to_string()
+}
+
+/// One cell: `trials` deletions by one offender shape.
+fn cell(
+    agent: &mut Agent,
+    ns: &Sandbox,
+    program: &std::path::Path,
+    who: Who,
+    socket: Socket,
+    long: bool,
+    trials: u32,
+) -> Tally {
+    let name = program.file_name().unwrap().to_str().unwrap().to_string();
+    let mut t = Tally::default();
+    for _ in 0..trials {
+        let line = if long {
+            let _holder = Offender::batch(&ns.name, who, socket, program, "rule del priority 100");
+            agent.wait_log_all(&["restored", "names=r100"])
+        } else {
+            once(
+                &ns.name,
+                who,
+                socket,
+                program,
+                &["rule", "del", "priority", "100"],
+            );
+            agent.wait_log_all(&["restored", "names=r100"])
+        };
+        match actor_of(&line) {
+            a if a == name => t.named += 1,
+            a if a == "unknown" => t.unknown += 1,
+            a => t.wrong.push(a),
+        }
+    }
+    t
+}
+
+fn main() {
+    let trials: u32 = std::env::var("NETWARDEN_BENCH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let base = Privileges::of_daemonset();
+    // The DaemonSet's set, then without the capabilities attribution needs beyond NET_ADMIN
+    // and NET_RAW, one and both.
+    let mut shapes: Vec<(String, Shape)> = vec![(
+        format!("DaemonSet ({})", base.capabilities.join(" + ")),
+        Shape::Deployed(base.clone()),
+    )];
+    for less in [
+        &["DAC_READ_SEARCH"][..],
+        &["SYS_PTRACE"],
+        &["SYS_PTRACE", "DAC_READ_SEARCH"],
+    ] {
+        if less
+            .iter()
+            .all(|c| base.capabilities.iter().any(|b| b == c))
+        {
+            shapes.push((
+                format!("DaemonSet without {}", less.join(", ")),
+                Shape::Deployed(base.clone().without(less)),
+            ));
+        }
+    }
+    shapes.push(("root (every capability)".into(), Shape::Root));
+    let dir = tempfile::tempdir().unwrap();
+    let program = named_ip(dir.path(), "nw-offender");
+    let mut report = String::new();
+    for (label, shape) in &shapes {
+        let ns = sandbox();
+        let cfg = config(dir.path(), SPEC);
+        let mut agent = Agent::start_shaped(shape, &ns, &cfg, &[], &[]);
+        // Past the initial sync's own `restored` line: each trial waits for its own.
+        agent.wait_log("initial sync done");
+        writeln!(report, "\nagent: {label}; {trials} deletions per cell").unwrap();
+        writeln!(
+            report,
+            "| offender | socket | lifetime | named | unknown | wrong |"
+        )
+        .unwrap();
+        writeln!(report, "|---|---|---|---|---|---|").unwrap();
+        for (who_label, who) in [
+            ("root, all capabilities", Who::Root),
+            (
+                "systemd-network uid, ambient NET_ADMIN",
+                Who::network_user(),
+            ),
+        ] {
+            for (socket_label, socket) in [("first", Socket::First), ("later", Socket::Later)] {
+                for (life, long) in [("long-lived", true), ("short-lived", false)] {
+                    let t = cell(&mut agent, &ns, &program, who, socket, long, trials);
+                    let mut wrong: Vec<String> = t.wrong.clone();
+                    wrong.sort();
+                    wrong.dedup();
+                    writeln!(
+                        report,
+                        "| {who_label} | {socket_label} | {life} | {} | {} | {}{} |",
+                        t.named,
+                        t.unknown,
+                        t.wrong.len(),
+                        if wrong.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", wrong.join(", "))
+                        }
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        eprintln!("{report}");
+    }
+    println!("{report}");
+}
