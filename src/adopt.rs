@@ -165,6 +165,19 @@ impl AdoptSelector {
             .any(|o| crate::obs::attribution::clean_name(o) == name)
     }
 
+    /// The actor as this selector sees it: a process whose parent (or grandparent…, see
+    /// `ancestors`) is an owner acts for that owner. CNIs run `ip`, `iptables` and
+    /// `iptables-restore` as child processes, and those are what the kernel names.
+    pub fn on_behalf<'a>(&self, actor: Actor<'a>, ancestors: &'a [String]) -> Actor<'a> {
+        match actor {
+            Actor::Process(name) if !self.is_owner(name) => ancestors
+                .iter()
+                .find(|a| self.is_owner(a))
+                .map_or(actor, |a| Actor::Process(a)),
+            _ => actor,
+        }
+    }
+
     /// The restore-or-forget decision for a removal made by `actor`.
     pub fn decide(&self, actor: Actor<'_>) -> Verdict {
         match actor {
@@ -505,6 +518,34 @@ mod tests {
         for (policy, actor, want) in cases {
             assert_eq!(vpc(policy).decide(actor), want, "{policy:?} {actor:?}");
         }
+    }
+
+    #[test]
+    fn a_child_of_an_owner_acts_for_it() {
+        use Actor::*;
+        let s = vpc(UnknownActor::Restore);
+        let owner_above = ["sh".to_string(), "aws-k8s-agent".to_string()];
+        let shell = ["bash".to_string(), "sshd".to_string()];
+        assert_eq!(
+            s.on_behalf(Process("ip"), &owner_above),
+            Process("aws-k8s-agent")
+        );
+        assert_eq!(
+            s.decide(s.on_behalf(Process("ip"), &owner_above)),
+            Verdict::Forget
+        );
+        assert_eq!(s.on_behalf(Process("ip"), &shell), Process("ip"));
+        assert_eq!(
+            s.decide(s.on_behalf(Process("ip"), &shell)),
+            Verdict::Restore
+        );
+        assert_eq!(s.on_behalf(Process("aws-cni"), &shell), Process("aws-cni"));
+        assert_eq!(
+            s.on_behalf(Unknown, &owner_above),
+            Unknown,
+            "no process, no parent"
+        );
+        assert_eq!(s.on_behalf(Kernel, &owner_above), Kernel);
     }
 
     #[test]

@@ -271,11 +271,17 @@ impl Agent {
         let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
+        let mut resolver = attribution::Resolver::default();
         let (attribution, sightings_filter) = match attribution::spawn_filtered(
             answers_tx,
             Some(applier.port()),
         ) {
-            Ok((tx, filter)) => (Some(tx), filter),
+            Ok(spawned) => {
+                // Adopted removals are judged on the loop with a resolver of its own: it uses
+                // what the watcher saw too (a short-lived owner is gone by then).
+                resolver = resolver.with_sightings(spawned.sightings);
+                (Some(spawned.requests), spawned.filter)
+            }
             Err(e) => {
                 warn!(error = %e, "cannot start the attribution thread; actors will be unknown");
                 (None, None)
@@ -306,7 +312,7 @@ impl Agent {
             next_report: 0,
             adopted,
             adopted_routes,
-            resolver: attribution::Resolver::default(),
+            resolver,
             store,
             pods: None,
             liveness: Tracker::default(),
@@ -972,7 +978,7 @@ impl Agent {
         let mut ports: Vec<u32> = batch.adopted_removed.iter().map(|(_, p)| *p).collect();
         ports.sort_unstable();
         ports.dedup();
-        let names = self.resolver.resolve(&ports);
+        let identities = self.resolver.identify(&ports);
         for (id, port) in std::mem::take(&mut batch.adopted_removed) {
             // Removed and added again within the batch: still there, nothing to decide.
             let (present, selector) = match &id {
@@ -989,34 +995,40 @@ impl Agent {
             let Some(sel) = self.desired.adopt.iter().find(|s| &s.name == sel_name) else {
                 continue;
             };
-            let name = names.get(&port).map(String::as_str);
+            let who = identities.get(&port);
+            let name = who.map(|w| w.name.as_str());
+            let ancestors = who.map_or(&[][..], |w| w.ancestors.as_slice());
             let actor = match (port, name) {
                 (attribution::KERNEL_PORT, _) => Actor::Kernel,
                 (_, None) | (_, Some(attribution::UNKNOWN)) => Actor::Unknown,
                 (_, Some(n)) => Actor::Process(n),
             };
+            // A child of an owner (`ip` run by a CNI daemon) acts for the owner.
+            let actor = sel.on_behalf(actor, ancestors);
             let verdict = sel.decide(actor);
             let actor_name = name.unwrap_or(attribution::UNKNOWN).to_string();
             let object = self.describe(&id);
+            let reason = match actor {
+                Actor::Unknown => "unknown_actor",
+                _ => "owner",
+            };
             if verdict == Verdict::Forget {
                 info!(
                     selector = %sel.name,
                     actor = %actor_name,
+                    ancestors = %ancestors.join(","),
                     netlink_port = port,
                     kind = kind_str(&id),
                     %object,
-                    "forgotten: removed by its owner"
+                    reason,
+                    "forgotten: removed by its owner (or by nobody known, under unknownActor: forget)"
                 );
                 batch.dirty.remove(&id);
-                let reason = match actor {
-                    Actor::Unknown => "unknown_actor",
-                    _ => "owner",
-                };
                 self.drop_adopted(&id, reason);
                 batch.removed_by.remove(&id);
                 batch.adoption_changed = true;
             } else {
-                debug!(selector = %sel.name, actor = %actor_name, %object, "adopted object removed by a non-owner: drift");
+                debug!(selector = %sel.name, actor = %actor_name, ancestors = %ancestors.join(","), %object, "adopted object removed by a non-owner: drift");
             }
         }
     }

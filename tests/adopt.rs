@@ -2,6 +2,8 @@
 //! by a process named like the AWS VPC CNI's agent are adopted as they appear; a restart of the
 //! distribution's systemd-networkd (tests/rig/networkd.rs) wipes them and they are all restored;
 //! the owner deleting one is legitimate (it stays deleted); `ip` deleting one is drift (restored).
+//! The agent runs as the DaemonSet runs it (tests/common/deployed.rs), and the AWS VPC CNI
+//! overlay's own selector is tested against the CNI's processes in their real shapes.
 
 mod common;
 mod rig;
@@ -176,7 +178,7 @@ fn adopted_rules_survive_networkd_owner_deletions_are_kept_others_repaired() {
     let (ns, mut nd) = node_with_networkd();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), SPEC);
-    let mut agent = Agent::start(&ns, &cfg);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
     agent.wait_log("initial sync done");
 
     let mut owner = Owner::start(&ns, "aws-k8s-agent");
@@ -281,7 +283,7 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
     let cfg = config(dir.path(), SPEC);
     let state = dir.path().join("adopted.json");
     let state_arg = state.to_str().unwrap();
-    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
     let mut owner = Owner::start(&ns, "aws-k8s-agent");
     add_pods(&mut owner);
     wait_until("every per-pod rule adopted", || {
@@ -345,7 +347,7 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
     );
 
     // Restarted, the agent knows it from the file and puts it back at its initial sync.
-    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["adopted state read", "rules=6"]);
     assert!(all_present(&ns), "{:?}", rules(&ns));
 
@@ -384,7 +386,7 @@ fn adopted_routes_are_restored_after_the_kernel_drops_them_and_forgotten_when_th
       owners: [ip]
 ",
     );
-    let mut agent = Agent::start(&ns, &cfg);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
     let gw = "default via 10.200.0.2 dev veth0";
     ns.ip(&[
         "route",
@@ -443,4 +445,161 @@ fn adopted_routes_are_restored_after_the_kernel_drops_them_and_forgotten_when_th
     std::thread::sleep(Duration::from_millis(300));
     assert!(routes(&ns, "151").is_empty(), "{:?}", routes(&ns, "151"));
     assert_eq!(count(&routes(&ns, "150"), gw), 1);
+}
+
+/// The AWS VPC CNI overlay's adopt selectors (deploy/examples/aws-vpc-cni/configmap.yaml), as
+/// a `spec` body for a file config: `podLiveness` dropped (it needs Kubernetes mode); everything
+/// else, `owners` and `unknownActor` included, as shipped.
+fn vpc_cni_overlay_adopt() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/examples/aws-vpc-cni/configmap.yaml");
+    let cm: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_saphyr::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let mut adopt = config["spec"]["adopt"].clone();
+    for sel in adopt.as_array_mut().unwrap() {
+        sel.as_object_mut().unwrap().remove("podLiveness");
+    }
+    // JSON is YAML (flow style).
+    format!("  adopt: {adopt}\n")
+}
+
+/// A pod's `512: from all to POD lookup main`, as the CNI adds it; waits until it is adopted.
+fn add_pod_rule(ns: &Sandbox, agent: &mut Agent, pod: &str) {
+    ns.ip(&["rule", "add", "priority", "512", "to", pod, "table", "main"])
+        .unwrap();
+    agent.wait_log_all(&["adopted", &format!("to {pod}")]);
+}
+
+/// `rule del` of that pod's rule, as `ip` reads it.
+fn del_pod_rule(pod: &str) -> String {
+    format!("rule del priority 512 to {pod} table main")
+}
+
+/// Waits for the decision on `pod`'s rule: `forgotten` (returns the log line) or `restored`.
+fn forgotten(agent: &mut Agent, pod: &str) -> String {
+    agent.wait_log_all(&["forgotten", &format!("to {pod}")])
+}
+
+#[test]
+fn as_deployed_the_vpc_cni_overlays_owners_are_forgotten_and_strangers_repaired() {
+    use common::offender::{named_ip, once, Offender, Socket, Who};
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = vpc_cni_overlay_adopt();
+    assert!(spec.contains("aws-k8s-agent"), "{spec}");
+    let cfg = config(dir.path(), &spec);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    agent.wait_log("initial sync done");
+    let http = agent.http();
+
+    // aws-k8s-agent (ipamd): a root process with more capabilities than the agent, deleting
+    // through a later netlink socket of a long-lived process. Named, so forgotten as the owner's.
+    let pod = "10.1.1.31";
+    add_pod_rule(&ns, &mut agent, pod);
+    let ipamd = named_ip(dir.path(), "aws-k8s-agent");
+    let holder = Offender::batch(
+        &ns.name,
+        Who::Root,
+        Socket::Later,
+        &ipamd,
+        &del_pod_rule(pod),
+    );
+    let line = forgotten(&mut agent, pod);
+    assert!(
+        line.contains("actor=aws-k8s-agent") && line.contains("reason=\"owner\""),
+        "{line}"
+    );
+    drop(holder);
+
+    // `ip` run by aws-k8s-agent (a child of the owner acts for it): named `ip`, forgotten
+    // through its parent.
+    let pod = "10.1.1.32";
+    add_pod_rule(&ns, &mut agent, pod);
+    let parent = dir.path().join("nwsh");
+    std::fs::create_dir_all(&parent).unwrap();
+    let parent = parent.join("aws-k8s-agent");
+    std::os::unix::fs::symlink("/bin/sh", &parent).unwrap();
+    let mut cmd = std::process::Command::new(&parent);
+    // A compound command: the shell forks `ip` instead of becoming it.
+    cmd.args(["-c", "ip -batch -; true"])
+        .stdin(std::process::Stdio::piped());
+    common::deployed::in_netns(&mut cmd, &ns.name);
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{}", del_pod_rule(pod)).unwrap();
+    stdin.flush().unwrap();
+    let line = forgotten(&mut agent, pod);
+    assert!(
+        line.contains("actor=ip")
+            && line.contains("ancestors=aws-k8s-agent")
+            && line.contains("reason=\"owner\""),
+        "{line}"
+    );
+    drop(stdin);
+    child.wait().unwrap();
+
+    // The aws-cni plugin: a short-lived host process (run by the container runtime at pod
+    // deletion), its first socket. Named if seen in time, unknown otherwise: forgotten either
+    // way under the overlay's `unknownActor`.
+    let pod = "10.1.1.33";
+    add_pod_rule(&ns, &mut agent, pod);
+    let plugin = named_ip(dir.path(), "aws-cni");
+    once(
+        &ns.name,
+        Who::Root,
+        Socket::First,
+        &plugin,
+        &del_pod_rule(pod).split(' ').collect::<Vec<_>>(),
+    );
+    forgotten(&mut agent, pod);
+
+    // aws-k8s-agent in the aws-node container's own PID namespace (no hostPID there): its
+    // port id is its pid *in that namespace* (1 here), which on the node is another process.
+    // Short-lived socket: gone before it can be looked up; never named after the node's pid 1.
+    let pod = "10.1.1.34";
+    add_pod_rule(&ns, &mut agent, pod);
+    let del = del_pod_rule(pod);
+    let mut args = vec!["--pid", "--fork", ipamd.to_str().unwrap()];
+    args.extend(del.split(' '));
+    once(
+        &ns.name,
+        Who::Root,
+        Socket::First,
+        std::path::Path::new("unshare"),
+        &args,
+    );
+    let line = forgotten(&mut agent, pod);
+    assert!(
+        line.contains("actor=aws-k8s-agent") || line.contains("actor=unknown"),
+        "{line}"
+    );
+
+    // A stranger: systemd-networkd's user with an ambient NET_ADMIN, a later socket. Named,
+    // not an owner: repaired.
+    let pod = "10.1.1.35";
+    add_pod_rule(&ns, &mut agent, pod);
+    let networkd = named_ip(dir.path(), "systemd-networkd");
+    let holder = Offender::batch(
+        &ns.name,
+        Who::network_user(),
+        Socket::Later,
+        &networkd,
+        &del_pod_rule(pod),
+    );
+    agent.wait_log_all(&["restored", "actor=systemd-network"]);
+    wait_until("the stranger's deletion repaired", || {
+        count(&rules(&ns), &to_rule(pod)) == 1
+    });
+    drop(holder);
+
+    // What stays protected: the stranger's victim; what does not: the owners' four.
+    let st = rig::status(&http);
+    let adopted = st.objects.iter().filter(|o| o.origin == "adopted").count();
+    assert_eq!(adopted, 1, "{st:#?}");
+    let r = rules(&ns);
+    for pod in ["10.1.1.31", "10.1.1.32", "10.1.1.33", "10.1.1.34"] {
+        assert_eq!(count(&r, &to_rule(pod)), 0, "{pod}: {r:?}");
+    }
 }

@@ -1,8 +1,11 @@
 //! Observability against the real kernel and the real agent: drift attributed to the process
 //! that made it (`ip`, a program of another name, the kernel), a fighter making an object
 //! contested, the metrics scraped by promtool and by a real Prometheus server, `netwarden
-//! status`, and config reload on SIGHUP. Each test has a namespace of its own; the agent's HTTP
-//! endpoints are on the host's loopback (bound before it enters the namespace).
+//! status`, and config reload on SIGHUP. Each test has a namespace of its own. The attribution
+//! tests run the agent as the DaemonSet does (tests/common/deployed.rs: its capabilities only,
+//! started inside the namespace), against offenders in their real shapes
+//! (tests/common/offender.rs); the others as root, with the agent's HTTP endpoints on the host's
+//! loopback (bound before it enters the namespace).
 
 mod common;
 use common::*;
@@ -153,7 +156,7 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), SPEC);
-    let mut agent = Agent::start(&ns, &cfg);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
     let http = agent.http();
     assert_eq!(get(&http, "/readyz", None, T).unwrap().0, 200);
     assert_eq!(
@@ -316,7 +319,7 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
 fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(&ns, &config(dir.path(), SPEC));
+    let mut agent = Agent::start_as_deployed(&ns, &config(dir.path(), SPEC), &[]);
     let http = agent.http();
     let applied = |http: &str| {
         value(
@@ -725,4 +728,114 @@ fn the_agent_does_not_hear_foreign_tables() {
     let read = events_read_through_sentinel(&ns, &http, before);
     // The route's and the rule's removals; with table 200 heard it would be over 1,000.
     assert!((2.0..=20.0).contains(&read), "events read: {read}");
+}
+
+/// The capability mask of `names` (`NET_ADMIN`, …) as /proc/PID/status prints it.
+fn capability_mask(names: &[String]) -> u64 {
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "DAC_READ_SEARCH" => 2,
+            "NET_ADMIN" => 12,
+            "NET_RAW" => 13,
+            "SYS_PTRACE" => 19,
+            other => panic!("capability {other}: add its number here"),
+        })
+        .fold(0, |m, bit| m | 1 << bit)
+}
+
+#[test]
+fn the_deployed_agent_has_the_daemonsets_privileges_and_no_more() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_as_deployed(&ns, &config(dir.path(), SPEC), &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+            .trim()
+            .to_string()
+    };
+    let want = Privileges::of_daemonset();
+    let mask = format!("{:016x}", capability_mask(&want.capabilities));
+    for set in ["CapPrm:", "CapEff:", "CapBnd:"] {
+        assert_eq!(field(set), mask, "{set}");
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000");
+    assert_eq!(field("CapAmb:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert!(field("Uid:").starts_with(&format!("{}\t", want.uid)));
+    // In the namespace from the start (hostNetwork), in the host's PID namespace (hostPID).
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let holder = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    let inode = std::os::unix::fs::MetadataExt::ino(&holder.metadata().unwrap());
+    assert_eq!(
+        netns(&agent.pid().to_string()).to_string_lossy(),
+        format!("net:[{inode}]")
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/ns/pid", agent.pid())).unwrap(),
+        std::fs::read_link("/proc/self/ns/pid").unwrap()
+    );
+    // And its endpoints answer through the rig's forwarder.
+    assert_eq!(get(&agent.http(), "/readyz", None, T).unwrap().0, 200);
+}
+
+/// The `drift` debug line of the rule's deletion by `name`; returns its netlink port.
+fn drift_port(agent: &mut Agent, name: &str) -> u32 {
+    let line = agent.wait_log_all(&["drift", "pods-to-overlay", &format!("actor={name}")]);
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("netlink_port=Some("))
+        .and_then(|p| p.strip_suffix(')')?.parse().ok())
+        .unwrap_or_else(|| panic!("no netlink_port in {line}"))
+}
+
+#[test]
+fn as_deployed_another_uid_and_a_more_capable_root_are_named_through_any_socket() {
+    use common::offender::{named_ip, Offender, Socket, Who};
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start_as_deployed(&ns, &config(dir.path(), SPEC), &[]);
+    agent.wait_log("initial sync done");
+    let unknown = |text: &str| {
+        sample(
+            text,
+            "netwarden_drift_detected_total",
+            &[("kind", "rule"), ("actor", "unknown")],
+        )
+    };
+    let unknown_before = unknown(&scrape(&agent.http()));
+    let cases = [
+        ("nw-root-first", Who::Root, Socket::First),
+        ("nw-root-later", Who::Root, Socket::Later),
+        ("nw-uid-first", Who::network_user(), Socket::First),
+        ("nw-uid-later", Who::network_user(), Socket::Later),
+    ];
+    for (name, who, socket) in cases {
+        wait_until("rule in place", || count(&rules(&ns), RULE) == 1);
+        let program = named_ip(dir.path(), name);
+        let offender = Offender::batch(&ns.name, who, socket, &program, "rule del priority 100");
+        // Named while it still holds the socket: no race with its exit.
+        let port = drift_port(&mut agent, name);
+        match socket {
+            Socket::First => assert_eq!(port, offender.pid(), "{name}: port id = pid"),
+            Socket::Later => assert_ne!(port, offender.pid(), "{name}: a later socket"),
+        }
+        agent.wait_log_all(&["restored", "pods-to-overlay", &format!("actor={name}")]);
+    }
+    let text = scrape(&agent.http());
+    for (name, ..) in cases {
+        assert_eq!(
+            sample(
+                &text,
+                "netwarden_drift_detected_total",
+                &[("kind", "rule"), ("actor", name)]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    assert_eq!(unknown(&text), unknown_before, "{text}");
 }

@@ -130,31 +130,11 @@ fn removal(sel: &AdoptSelector, actor: Actor<'_>) -> Outcome {
     }
 }
 
-/// The actor as a selector sees it: a process whose parent (or grandparent…) is an owner acts
-/// for that owner. CNIs run `iptables` and `iptables-restore` as child processes, and those are
-/// what nf_tables names.
-pub fn on_behalf<'a>(sel: &AdoptSelector, actor: Actor<'a>, ancestors: &'a [String]) -> Actor<'a> {
-    match actor {
-        Actor::Process(name) if !sel.is_owner(name) => ancestors
-            .iter()
-            .find(|a| sel.is_owner(a))
-            .map_or(actor, |a| Actor::Process(a)),
-        _ => actor,
-    }
-}
-
-/// The parent pid in the text of /proc/PID/stat (`pid (comm) state ppid …`; the command name
-/// may hold spaces and parentheses, so fields are counted after the last `)`).
-pub fn parent_pid(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Judges one read of table `id`: updates `adopted` (new chains adopted, owners' changes
 /// followed, forgotten chains dropped) and says what happened to each chain that changed.
 /// Chains to restore keep their last-seen copy. `configured` are the chains `spec.chains`
 /// protects (never adopted); `actor` made the transaction that was read (unknown for polls),
-/// `ancestors` are the names of its parent, grandparent… (see [`on_behalf`]).
+/// `ancestors` are the names of its parent, grandparent… (see [`AdoptSelector::on_behalf`]).
 pub fn judge_table(
     selectors: &[AdoptSelector],
     adopted: &mut BTreeMap<ChainKey, AdoptedChain>,
@@ -181,7 +161,7 @@ pub fn judge_table(
             out.push((key, Outcome::Forgotten));
             continue;
         };
-        let actor = on_behalf(sel, actor, ancestors);
+        let actor = sel.on_behalf(actor, ancestors);
         let Some(copy) = adopted.get_mut(&key) else {
             continue;
         };
@@ -616,14 +596,7 @@ mod tests {
             &never,
         );
         assert_eq!(out[0].1, Outcome::Restore);
-        assert_eq!(on_behalf(&sels[0], Actor::Unknown, &family), Actor::Unknown);
-        assert_eq!(parent_pid("4242 (iptables) S 4200 4242 1 0"), Some(4200));
-        assert_eq!(
-            parent_pid("7 (a) b (c) R 1 7 7 0"),
-            Some(1),
-            "names with `) `"
-        );
-        assert_eq!(parent_pid("garbage"), None);
+        assert_eq!(sels[0].on_behalf(Actor::Unknown, &family), Actor::Unknown);
     }
 
     #[test]

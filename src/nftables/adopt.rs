@@ -124,7 +124,7 @@ pub fn judge(
     actor: Actor<'_>,
     ancestors: &[String],
 ) -> Judgement {
-    let actor = crate::netfilter::adopted::on_behalf(&sel.adopt, actor, ancestors);
+    let actor = sel.adopt.on_behalf(actor, ancestors);
     match (copy_now, observed) {
         (None, Some(t)) => Judgement::Adopt(copy(sel, t)),
         (None, None) => Judgement::Nothing,

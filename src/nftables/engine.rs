@@ -22,7 +22,6 @@ use crate::model::Mode;
 use crate::obs::contest::{Backoff, Contest, Decision};
 use crate::obs::status::{State, NFTABLES_KIND};
 use crate::obs::Telemetry;
-use adoption::ancestors;
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -230,7 +229,8 @@ impl<N: Nft> Engine<N> {
                     if self.ancestors.len() > 64 {
                         self.ancestors.clear();
                     }
-                    self.ancestors.insert(*pid, ancestors(*pid));
+                    self.ancestors
+                        .insert(*pid, crate::obs::attribution::ancestors(*pid));
                 }
             }
             self.watch.on_event(ev, |p| own.contains(&p));

@@ -1,7 +1,18 @@
 //! Who changed it: an rtnetlink notification's header carries the port id of the socket that
 //! made the change. /proc/net/netlink maps the port id to the socket's inode, and a /proc/PID/fd
-//! link `socket:[INODE]` to the process that holds it; /proc/PID/comm names it. Port 0 is the
+//! link `socket:[INODE]` to the process that holds it; /proc/PID/comm names it, /proc/PID/stat
+//! gives its parent (an owner's child acts for the owner, see [`crate::adopt`]). Port 0 is the
 //! kernel itself (a link went down, an address went away).
+//!
+//! Reading another process's /proc/PID/fd needs ptrace read access to it: denied, without
+//! CAP_SYS_PTRACE, for a process of another uid (systemd-networkd runs as `systemd-network`) and
+//! for a root process with capabilities the agent lacks (a privileged CNI container). Nothing
+//! else the kernel offers maps a socket to its process (the socket table and sock_diag list
+//! no owner; notifications carry the kernel's credentials, not the requester's), so the
+//! DaemonSet grants CAP_SYS_PTRACE; docs/operator-guide.md ("Privileges") weighs it. Without it
+//! only the port id itself is left: a process's first netlink socket gets its pid as port id
+//! (in the pid namespace of the process: a container's init has pid 1 there), which names the
+//! process without ptrace access — a *guess*, used only when nothing better is known.
 //!
 //! /proc/net/netlink lists the sockets of the *reading thread's* network namespace. The agent
 //! enters its namespace with setns before it starts any thread, so every thread, and the lookup
@@ -9,9 +20,17 @@
 //! [`check_namespace_view`] verifies that at start with a socket of its own.
 //!
 //! The lookup runs on its own thread, after the repair was sent, so it never delays a repair;
-//! names are cached by socket inode. A short-lived process (`ip rule del`) may be gone before the
-//! lookup: it is then `unknown`.
+//! identities are cached by socket inode. A short-lived process (`ip rule del`) may be gone
+//! before the lookup: the watcher ([`watch::watch_changes`]) identifies changers the moment the
+//! change is notified; what neither finds is `unknown`.
 
+mod procfs;
+mod watch;
+
+pub use procfs::{clean_name, parse_netlink_table, socket_inode};
+pub use watch::{change_ports, spawn, spawn_filtered, watch_changes, Answer, Request, Spawned};
+
+use procfs::NETLINK_ROUTE;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,65 +48,13 @@ pub const OTHER: &str = "other";
 pub const MAX_ACTORS: usize = 16;
 /// Longest a full /proc scan may take before the rest is `unknown`.
 const SCAN_BUDGET: Duration = Duration::from_millis(50);
-/// Cached names (socket inode → name); the cache is dropped when it grows past this.
+/// Cached identities (socket inode → process); the cache is dropped when it grows past this.
 const CACHE_MAX: usize = 4096;
-/// NETLINK_ROUTE, in /proc/net/netlink's `Eth` column.
-const NETLINK_ROUTE: u32 = 0;
-
-/// Port id → socket inode for one netlink protocol, from the text of /proc/net/netlink:
-///
-/// ```text
-/// sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode
-/// 00000000a1b2c3d4 0   1234       00000000 0        0        0     2        0        56789
-/// ```
-///
-/// Columns are found by their header names; malformed lines are skipped.
-pub fn parse_netlink_table(text: &str, protocol: u32) -> HashMap<u32, u64> {
-    let mut lines = text.lines();
-    let Some(header) = lines.next() else {
-        return HashMap::new();
-    };
-    let cols: Vec<&str> = header.split_whitespace().collect();
-    let find = |name: &str| cols.iter().position(|c| c.eq_ignore_ascii_case(name));
-    let (Some(eth), Some(pid), Some(inode)) = (find("Eth"), find("Pid"), find("Inode")) else {
-        return HashMap::new();
-    };
-    let mut table = HashMap::new();
-    for line in lines {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let get = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-        if let (Some(e), Some(p), Some(n)) = (get(eth), get(pid), get(inode)) {
-            if e == u64::from(protocol) && p <= u64::from(u32::MAX) && n != 0 {
-                table.insert(p as u32, n);
-            }
-        }
-    }
-    table
-}
-
-/// The inode of a `socket:[INODE]` fd link.
-pub fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// A process name fit for logs and label values: printable, at most 15 bytes (the kernel's
-/// TASK_COMM_LEN - 1), never empty.
-pub fn clean_name(comm: &str) -> String {
-    let name: String = comm
-        .trim_end_matches('\n')
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .take(15)
-        .collect();
-    if name.is_empty() {
-        UNKNOWN.to_string()
-    } else {
-        name
-    }
-}
+/// Processes remembered as holders of sockets whose port id is not their pid.
+const RECENT_HOLDERS: usize = 16;
+/// The init process: it binds the sockets of socket-activated services (systemd-networkd's
+/// netlink socket), which then make the changes.
+const INIT: u32 = 1;
 
 /// Caps the number of distinct actor label values: the first [`MAX_ACTORS`] names seen are kept,
 /// later ones become `other`. `kernel`, `unknown` and `other` are always allowed.
@@ -123,19 +90,55 @@ impl LabelCap {
     }
 }
 
-/// Names read the moment a change was notified, by port id (see [`watch_changes`]).
-pub type Sightings = Arc<Mutex<HashMap<u32, (String, Instant)>>>;
+/// A process that made a change: its name and the names of its parent, grandparent… (init
+/// excluded), as /proc showed them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub ancestors: Vec<String>,
+}
+
+impl Identity {
+    /// A name with no known ancestors (`kernel`, `unknown`).
+    pub fn named(name: &str) -> Identity {
+        Identity {
+            name: name.to_string(),
+            ancestors: Vec::new(),
+        }
+    }
+
+    fn of(proc_root: &Path, pid: u32) -> Option<Identity> {
+        Some(Identity {
+            name: procfs::read_comm(proc_root, pid)?,
+            ancestors: procfs::ancestors(proc_root, pid),
+        })
+    }
+}
+
+/// What the watcher identified the moment a change was notified.
+#[derive(Clone, Debug)]
+pub struct Sighting {
+    pub who: Identity,
+    pub at: Instant,
+}
+
+/// Sightings by port id (see [`watch_changes`]).
+pub type Sightings = Arc<Mutex<HashMap<u32, Sighting>>>;
 /// How long a lookup waits for the watcher's sighting of a socket already gone.
 const SIGHTING_WAIT: Duration = Duration::from_millis(5);
 /// How long a sighting is trusted.
 const SIGHTING_TTL: Duration = Duration::from_secs(10);
 
-/// Resolves port ids to process names through /proc.
+/// Resolves port ids to processes through /proc.
 #[derive(Debug)]
 pub struct Resolver {
     proc_root: PathBuf,
-    cache: HashMap<u64, String>,
+    cache: HashMap<u64, Identity>,
     sightings: Option<Sightings>,
+    /// Processes that held a socket whose port id was not their pid, most recent first: looked
+    /// at before every other process (a daemon that opens a socket per request).
+    recent: Vec<u32>,
+    scan_budget: Duration,
 }
 
 impl Default for Resolver {
@@ -144,29 +147,40 @@ impl Default for Resolver {
     }
 }
 
+/// Sockets found: inode → (the pid holding it, who that is).
+type Holders = HashMap<u64, (u32, Identity)>;
+
 impl Resolver {
     pub fn new(proc_root: impl Into<PathBuf>) -> Resolver {
         Resolver {
             proc_root: proc_root.into(),
             cache: HashMap::new(),
             sightings: None,
+            recent: Vec::new(),
+            scan_budget: SCAN_BUDGET,
         }
     }
 
-    /// Also uses the names [`watch_changes`] saw.
+    /// Also uses the identities [`watch_changes`] saw.
     pub fn with_sightings(mut self, sightings: Sightings) -> Resolver {
         self.sightings = Some(sightings);
+        self
+    }
+
+    /// Scans every process for at most `budget` per lookup.
+    pub fn with_scan_budget(mut self, budget: Duration) -> Resolver {
+        self.scan_budget = budget;
         self
     }
 
     /// The socket is gone: the watcher may be storing its sighting right now, in parallel. One
     /// `deadline` serves a whole lookup, so a burst of a thousand gone sockets (`ip rule flush`
     /// opens one per rule) waits once, not a thousand times.
-    fn wait_for_sighting(&self, port: u32, deadline: Instant) -> Option<String> {
+    fn wait_for_sighting(&self, port: u32, deadline: Instant) -> Option<Identity> {
         self.sightings.as_ref()?;
         loop {
-            if let Some(name) = self.sighting(port) {
-                return Some(name);
+            if let Some(who) = self.sighting(port) {
+                return Some(who);
             }
             if Instant::now() >= deadline {
                 return None;
@@ -175,10 +189,25 @@ impl Resolver {
         }
     }
 
-    fn sighting(&self, port: u32) -> Option<String> {
+    fn sighting(&self, port: u32) -> Option<Identity> {
         let s = self.sightings.as_ref()?.lock().ok()?;
-        let (name, at) = s.get(&port)?;
-        (at.elapsed() < SIGHTING_TTL).then(|| name.clone())
+        let x = s.get(&port)?;
+        (x.at.elapsed() < SIGHTING_TTL).then(|| x.who.clone())
+    }
+
+    /// The process whose pid is `port`, if it may have bound it: a process's first netlink
+    /// socket gets the process's pid as port id, *in the process's own pid namespace*. Not
+    /// PID 1 (the port of a container's init — pid 1 in its namespace — or of a socket that
+    /// init bound for a service), not a kernel thread (holds no user socket: the port is a pid
+    /// of another namespace). Read without ptrace access.
+    fn guess(&self, port: u32) -> Option<Identity> {
+        if port <= INIT {
+            return None;
+        }
+        if procfs::read_stat(&self.proc_root, port)?.kernel_thread {
+            return None;
+        }
+        Identity::of(&self.proc_root, port)
     }
 
     /// The netlink socket table of the calling thread's network namespace.
@@ -194,17 +223,33 @@ impl Resolver {
     /// Process names for port ids: `kernel` for 0, `unknown` when the socket or its process is
     /// gone (or the lookup ran out of time).
     pub fn resolve(&mut self, ports: &[u32]) -> HashMap<u32, String> {
-        let mut out: HashMap<u32, String> = HashMap::new();
+        self.identify(ports)
+            .into_iter()
+            .map(|(port, who)| (port, who.name))
+            .collect()
+    }
+
+    /// The processes behind port ids, with their ancestors (see [`Resolver::resolve`]).
+    pub fn identify(&mut self, ports: &[u32]) -> HashMap<u32, Identity> {
+        self.lookup(ports, true)
+    }
+
+    /// As [`Resolver::identify`], without waiting for sightings (the watcher's own lookup).
+    pub fn identify_now(&mut self, ports: &[u32]) -> HashMap<u32, Identity> {
+        self.lookup(ports, false)
+    }
+
+    fn lookup(&mut self, ports: &[u32], wait: bool) -> HashMap<u32, Identity> {
+        let mut out: HashMap<u32, Identity> = HashMap::new();
         let mut wanted: HashMap<u64, Vec<u32>> = HashMap::new();
-        let deadline = Instant::now() + SIGHTING_WAIT;
-        // A process's first netlink socket gets its pid as port id. A short-lived process (`ip
-        // rule del`) exits within a fraction of a millisecond of its change: read the name
-        // behind the pid first, while it may still be there; it is used only if the socket is
-        // gone by the time the table is read (the process closed it or exited).
-        let early: HashMap<u32, String> = ports
+        let deadline = Instant::now() + if wait { SIGHTING_WAIT } else { Duration::ZERO };
+        // A short-lived process (`ip rule del`) exits within a fraction of a millisecond of its
+        // change: read the process behind the pid first, while it may still be there; it is
+        // used only if nothing better is found.
+        let guesses: HashMap<u32, Identity> = ports
             .iter()
             .filter(|p| **p != KERNEL_PORT)
-            .filter_map(|p| Some((*p, read_comm(&self.proc_root.join(p.to_string()))?)))
+            .filter_map(|p| Some((*p, self.guess(*p)?)))
             .collect();
         let table = if ports.iter().any(|p| *p != KERNEL_PORT) {
             self.netlink_table()
@@ -213,79 +258,103 @@ impl Resolver {
         };
         for &port in ports {
             if port == KERNEL_PORT {
-                out.insert(port, KERNEL.to_string());
+                out.insert(port, Identity::named(KERNEL));
                 continue;
             }
             match table.get(&port) {
                 None => {
-                    let name = self
+                    let who = self
                         .wait_for_sighting(port, deadline)
-                        .or_else(|| early.get(&port).cloned());
-                    out.insert(port, name.unwrap_or_else(|| UNKNOWN.to_string()));
+                        .or_else(|| guesses.get(&port).cloned());
+                    out.insert(port, who.unwrap_or_else(|| Identity::named(UNKNOWN)));
                 }
                 Some(inode) => match self.cache.get(inode) {
-                    Some(name) => {
-                        out.insert(port, name.clone());
+                    Some(who) => {
+                        out.insert(port, who.clone());
                     }
                     None => wanted.entry(*inode).or_default().push(port),
                 },
             }
         }
-        if !wanted.is_empty() {
-            // The first socket a process binds gets its pid as port id: look there first.
-            let hints: Vec<u32> = wanted.values().flatten().copied().collect();
-            let found = self.find_owners(&wanted.keys().copied().collect(), &hints);
-            if self.cache.len() + found.len() > CACHE_MAX {
-                self.cache.clear();
+        if wanted.is_empty() {
+            return out;
+        }
+        let ports_wanted: Vec<u32> = wanted.values().flatten().copied().collect();
+        let found = self.find_holders(&wanted.keys().copied().collect(), &ports_wanted);
+        if self.cache.len() + found.len() > CACHE_MAX {
+            self.cache.clear();
+        }
+        for (inode, ports) in wanted {
+            let who = found.get(&inode).map(|(_, who)| who.clone());
+            if let Some(w) = &who {
+                self.cache.insert(inode, w.clone());
             }
-            for (inode, ports) in wanted {
-                let name = found.get(&inode).cloned();
-                if let Some(n) = &name {
-                    self.cache.insert(inode, n.clone());
-                }
-                for port in ports {
-                    // Not found: the process exited between the table read and the scan.
-                    let name = name
-                        .clone()
-                        .or_else(|| self.wait_for_sighting(port, deadline))
-                        .or_else(|| early.get(&port).cloned());
-                    out.insert(port, name.unwrap_or_else(|| UNKNOWN.to_string()));
-                }
+            for port in ports {
+                // Not found: no access to the holder's fds, or it exited between the table
+                // read and the scan.
+                let who = who
+                    .clone()
+                    .or_else(|| self.wait_for_sighting(port, deadline))
+                    .or_else(|| guesses.get(&port).cloned());
+                out.insert(port, who.unwrap_or_else(|| Identity::named(UNKNOWN)));
             }
         }
         out
     }
 
-    /// Socket inode → name of the process holding it, for as many of `inodes` as can be found.
-    fn find_owners(&self, inodes: &HashSet<u64>, hints: &[u32]) -> HashMap<u64, String> {
-        let mut found = HashMap::new();
-        for &pid in hints {
-            self.scan_pid(pid, inodes, &mut found);
-        }
-        if found.len() == inodes.len() {
-            return found;
-        }
-        let started = Instant::now();
-        let mut pids: Vec<u32> = match std::fs::read_dir(&self.proc_root) {
-            Ok(dir) => dir
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect(),
-            Err(_) => return found,
+    /// Socket inode → the process holding it, for as many of `inodes` as can be found. Looks
+    /// first at the pids the port ids name, then at processes that held such sockets before,
+    /// then at every process, newest first, for at most the scan budget. A socket held by init
+    /// and by another process (socket activation: init bound it, the service uses it) is the
+    /// other process's.
+    fn find_holders(&mut self, inodes: &HashSet<u64>, ports: &[u32]) -> Holders {
+        let mut found = Holders::new();
+        let done = |found: &Holders| {
+            inodes
+                .iter()
+                .all(|i| found.get(i).is_some_and(|(pid, _)| *pid != INIT))
         };
-        // Newest first: the changer is likely a recent, short-lived process.
-        pids.sort_unstable_by(|a, b| b.cmp(a));
-        for pid in pids {
-            if found.len() == inodes.len() || started.elapsed() > SCAN_BUDGET {
+        let mut looked: HashSet<u32> = HashSet::new();
+        let hints: Vec<u32> = ports.iter().chain(self.recent.iter()).copied().collect();
+        for pid in hints {
+            if looked.insert(pid) {
+                self.scan_pid(pid, inodes, &mut found);
+            }
+            if done(&found) {
                 break;
             }
-            if !hints.contains(&pid) {
-                self.scan_pid(pid, inodes, &mut found);
+        }
+        if !done(&found) {
+            let started = Instant::now();
+            let mut pids: Vec<u32> = match std::fs::read_dir(&self.proc_root) {
+                Ok(dir) => dir
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            // Newest first: the changer is likely a recent, short-lived process.
+            pids.sort_unstable_by(|a, b| b.cmp(a));
+            for pid in pids {
+                if done(&found) || started.elapsed() > self.scan_budget {
+                    break;
+                }
+                if looked.insert(pid) {
+                    self.scan_pid(pid, inodes, &mut found);
+                }
+            }
+        }
+        for (pid, _) in found.values() {
+            if !ports.contains(pid) && *pid != INIT {
+                self.recent.retain(|p| p != pid);
+                self.recent.insert(0, *pid);
+                self.recent.truncate(RECENT_HOLDERS);
             }
         }
         found
     }
 
-    fn scan_pid(&self, pid: u32, inodes: &HashSet<u64>, found: &mut HashMap<u64, String>) {
+    /// Records which of `inodes` process `pid` holds (nothing when its fds cannot be read).
+    fn scan_pid(&self, pid: u32, inodes: &HashSet<u64>, found: &mut Holders) {
         let dir = self.proc_root.join(pid.to_string());
         let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
             return;
@@ -294,7 +363,8 @@ impl Resolver {
         for fd in fds.flatten() {
             if let Ok(link) = std::fs::read_link(fd.path()) {
                 if let Some(inode) = link.to_str().and_then(socket_inode) {
-                    if inodes.contains(&inode) && !found.contains_key(&inode) {
+                    let better = found.get(&inode).is_none_or(|(p, _)| *p == INIT);
+                    if inodes.contains(&inode) && better && !mine.contains(&inode) {
                         mine.push(inode);
                     }
                 }
@@ -303,17 +373,19 @@ impl Resolver {
         if mine.is_empty() {
             return;
         }
-        let name = read_comm(&dir).unwrap_or_else(|| UNKNOWN.to_string());
+        let who = Identity::of(&self.proc_root, pid).unwrap_or_else(|| Identity::named(UNKNOWN));
         for inode in mine {
-            found.insert(inode, name.clone());
+            if pid != INIT || !found.contains_key(&inode) {
+                found.insert(inode, (pid, who.clone()));
+            }
         }
     }
 }
 
-fn read_comm(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join("comm"))
-        .ok()
-        .map(|c| clean_name(&c))
+/// Names of the parent, grandparent… of process `pid` (at most four, init excluded), from
+/// /proc (no ptrace access needed); empty when it is already gone.
+pub fn ancestors(pid: u32) -> Vec<String> {
+    procfs::ancestors(Path::new("/proc"), pid)
 }
 
 /// Checks that the calling thread's /proc view of netlink sockets is its own network namespace:
@@ -351,410 +423,5 @@ pub fn check_namespace_view() -> Result<(), String> {
     }
 }
 
-/// rtnetlink groups whose changes are watched: IPv4/IPv6 addresses, routes and rules. The loop
-/// adds neighbour entries while some are protected (see `EventFilter::set_membership`): their
-/// notifications name the changer for `ip neigh`-made changes; the kernel's own cache updates
-/// have port 0 and are skipped at once.
-const CHANGE_GROUPS: u32 = (1 << 4) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 18);
-const RTM_NEWADDR: u16 = 20;
-const RTM_DELADDR: u16 = 21;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_DELNEIGH: u16 = 29;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-/// A port sighted this recently is not looked up again.
-const SIGHTING_FRESH: Duration = Duration::from_secs(1);
-
-/// Port ids of the changes (additions, replacements, removals of addresses, routes and rules) in
-/// a buffer of netlink messages.
-pub fn change_ports(buf: &[u8]) -> Vec<u32> {
-    let mut ports = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
-        let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
-        let port = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap_or_default());
-        if len < 16 {
-            break;
-        }
-        let change = matches!(
-            ty,
-            RTM_NEWADDR
-                | RTM_DELADDR
-                | RTM_NEWROUTE
-                | RTM_DELROUTE
-                | RTM_NEWRULE
-                | RTM_DELRULE
-                | RTM_NEWNEIGH
-                | RTM_DELNEIGH
-        );
-        if change && port != KERNEL_PORT {
-            ports.push(port);
-        }
-        off += (len + 3) & !3;
-    }
-    ports
-}
-
-/// Watches changes on a socket of its own, on its own thread, and reads the name behind each
-/// changer's port id at once, in parallel with the repair: a short-lived `ip rule del` is
-/// usually gone by the time the repair is acknowledged, and this is the earliest moment it can
-/// be seen. Best effort: a lost or late sighting leaves the lookup to [`Resolver`].
-/// Returns the socket's filter: route notifications of foreign tables need no sighting (their
-/// changes are never reported), and on a host with a churning big table they were most of this
-/// thread's work.
-pub fn watch_changes(
-    sightings: Sightings,
-    own_port: Option<u32>,
-) -> std::io::Result<crate::observe::kernel::EventFilter> {
-    use nix::sys::socket::{
-        bind, recvmmsg, setsockopt, socket, sockopt, AddressFamily, MsgFlags, MultiHeaders,
-        NetlinkAddr, SockFlag, SockProtocol, SockType,
-    };
-    use std::io::IoSliceMut;
-    use std::os::fd::AsRawFd;
-    /// Notification headers read per system call.
-    const HEADERS: usize = 64;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )?;
-    let _ = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
-    if let Some(port) = own_port {
-        // The agent's own repairs need no name; in a mass repair they would be half the traffic.
-        use std::os::fd::AsFd;
-        let _ = crate::observe::kernel::ignore_own_changes(fd.as_fd(), port);
-    }
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, CHANGE_GROUPS))?;
-    let filter = crate::observe::kernel::EventFilter::new(fd.try_clone()?, own_port);
-    std::thread::Builder::new()
-        .name("nw-sightings".into())
-        .spawn(move || {
-            // Not lowered: it must read the name before a short-lived process is gone.
-            let proc_root = Path::new("/proc");
-            // Only the 16-byte header of each notification is read (the rest of the datagram
-            // is discarded by the kernel, MSG_TRUNC), up to HEADERS of them per system call: a
-            // mass deletion sends tens of thousands, and this thread reading each in full, one
-            // recv at a time, cost a tenth of the agent's CPU in a mass repair. Notifications
-            // carry one message per datagram, so the header is the whole story.
-            let mut heads = [[0u8; 16]; HEADERS];
-            let mut headers = MultiHeaders::<()>::preallocate(HEADERS, None);
-            let mut ports: Vec<u32> = Vec::with_capacity(HEADERS);
-            loop {
-                ports.clear();
-                {
-                    let mut slices: Vec<[IoSliceMut; 1]> =
-                        heads.iter_mut().map(|h| [IoSliceMut::new(h)]).collect();
-                    match recvmmsg(
-                        fd.as_raw_fd(),
-                        &mut headers,
-                        slices.iter_mut(),
-                        MsgFlags::MSG_WAITFORONE,
-                        None,
-                    ) {
-                        Ok(results) => {
-                            for r in results {
-                                if let Some(head) = r.iovs().next() {
-                                    ports.extend(change_ports(head));
-                                }
-                            }
-                        }
-                        // ENOBUFS: sightings were lost; the resolver still looks later.
-                        Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EINTR) => continue,
-                        Err(_) => return,
-                    }
-                }
-                let mut seen: Vec<(u32, String)> = Vec::new();
-                let fresh: Vec<u32> = {
-                    let Ok(s) = sightings.lock() else { return };
-                    let now = Instant::now();
-                    ports
-                        .iter()
-                        .copied()
-                        .filter(|p| {
-                            s.get(p)
-                                .is_none_or(|(_, at)| now.duration_since(*at) >= SIGHTING_FRESH)
-                        })
-                        .collect()
-                };
-                for port in fresh {
-                    if seen.iter().any(|(p, _)| *p == port) {
-                        continue;
-                    }
-                    if let Some(name) = read_comm(&proc_root.join(port.to_string())) {
-                        seen.push((port, name));
-                    }
-                }
-                if seen.is_empty() {
-                    continue;
-                }
-                let now = Instant::now();
-                let Ok(mut s) = sightings.lock() else { return };
-                if s.len() > 1024 {
-                    s.retain(|_, (_, at)| now.duration_since(*at) < SIGHTING_TTL);
-                }
-                for (port, name) in seen {
-                    s.insert(port, (name, now));
-                }
-            }
-        })?;
-    Ok(filter)
-}
-
-/// Lowers the calling thread's scheduling priority (nice 10): on a busy node the attribution
-/// threads yield the CPU to the reconcile loop, which does the repairs.
-fn lower_priority() {
-    // SAFETY: plain syscalls on the calling thread; setpriority with a thread id affects only
-    // that thread on Linux.
-    unsafe {
-        let tid = nix::libc::gettid();
-        nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, 10);
-    }
-}
-
-/// A lookup on the attribution thread.
-#[derive(Debug)]
-pub struct Request {
-    pub id: u64,
-    pub ports: Vec<u32>,
-}
-
-/// Its answer: port id → process name (not yet capped as a label).
-#[derive(Debug)]
-pub struct Answer {
-    pub id: u64,
-    pub names: HashMap<u32, String>,
-}
-
-/// Starts the attribution thread (in the calling thread's network namespace). Requests go in
-/// through the returned sender; answers come out through `answers`.
-pub fn spawn(
-    answers: tokio::sync::mpsc::UnboundedSender<Answer>,
-    own_port: Option<u32>,
-) -> std::io::Result<std::sync::mpsc::Sender<Request>> {
-    spawn_filtered(answers, own_port).map(|(tx, _)| tx)
-}
-
-/// [`spawn`], also returning the filter of the socket that watches changes (none if it could not
-/// be opened), to narrow it to the route tables of interest.
-pub fn spawn_filtered(
-    answers: tokio::sync::mpsc::UnboundedSender<Answer>,
-    own_port: Option<u32>,
-) -> std::io::Result<(
-    std::sync::mpsc::Sender<Request>,
-    Option<crate::observe::kernel::EventFilter>,
-)> {
-    let (tx, rx) = std::sync::mpsc::channel::<Request>();
-    let sightings: Sightings = Arc::default();
-    let mut resolver = Resolver::default();
-    let filter = match watch_changes(sightings.clone(), own_port) {
-        Ok(filter) => {
-            resolver = resolver.with_sightings(sightings);
-            Some(filter)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch changes as they happen");
-            None
-        }
-    };
-    std::thread::Builder::new()
-        .name("nw-attribution".into())
-        .spawn(move || {
-            lower_priority();
-            if let Err(e) = check_namespace_view() {
-                tracing::warn!(error = %e, "attribution of changes to processes may be wrong");
-            }
-            // Requests that queued up while a lookup ran are looked up together: during a mass
-            // repair there is one per batch of events, and each lookup reads the whole netlink
-            // socket table and may wait for sightings.
-            while let Ok(first) = rx.recv() {
-                let mut requests = vec![first];
-                requests.extend(rx.try_iter());
-                let mut ports: Vec<u32> = requests
-                    .iter()
-                    .flat_map(|r| r.ports.iter().copied())
-                    .collect();
-                ports.sort_unstable();
-                ports.dedup();
-                let names = resolver.resolve(&ports);
-                for req in requests {
-                    let mine = req
-                        .ports
-                        .iter()
-                        .filter_map(|p| Some((*p, names.get(p)?.clone())))
-                        .collect();
-                    if answers
-                        .send(Answer {
-                            id: req.id,
-                            names: mine,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        })?;
-    Ok((tx, filter))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TABLE: &str = "\
-sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode
-ffff8f0a4a6b3800 0   0          00000000 0        0        0     2        0        12
-ffff8f0a4a6b4000 0   4242       000c07d1 0        0        0     2        0        98765
-ffff8f0a4a6b4800 9   4242       00000001 0        0        0     2        0        98766
-ffff8f0a4a6b5000 0   -2147483641 00000000 0       0        0     2        0        98767
-ffff8f0a4a6b5800 0   3221225472 00000000 0        0        0     2        0        98768
-garbage line
-ffff8f0a4a6b6000 0   77
-";
-
-    #[test]
-    fn netlink_table_maps_route_ports_to_inodes() {
-        let t = parse_netlink_table(TABLE, NETLINK_ROUTE);
-        assert_eq!(
-            t.get(&4242),
-            Some(&98765),
-            "the audit socket (Eth 9) is not a route socket"
-        );
-        assert_eq!(t.get(&0), Some(&12));
-        assert_eq!(t.get(&3221225472), Some(&98768), "large port ids");
-        assert_eq!(t.len(), 3, "{t:?}");
-        assert_eq!(parse_netlink_table(TABLE, 9).get(&4242), Some(&98766));
-        assert!(parse_netlink_table("", 0).is_empty());
-        assert!(parse_netlink_table("no header here\n1 2 3", 0).is_empty());
-    }
-
-    #[test]
-    fn socket_links_and_names() {
-        assert_eq!(socket_inode("socket:[98765]"), Some(98765));
-        assert_eq!(socket_inode("pipe:[98765]"), None);
-        assert_eq!(socket_inode("socket:[x]"), None);
-        assert_eq!(clean_name("ip\n"), "ip");
-        assert_eq!(clean_name("a\tb"), "a?b");
-        assert_eq!(clean_name("a-very-long-process-name"), "a-very-long-pro");
-        assert_eq!(clean_name("\n"), UNKNOWN);
-    }
-
-    #[test]
-    fn label_cap_folds_late_names_into_other() {
-        let mut cap = LabelCap::new(2);
-        assert_eq!(cap.label("ip"), "ip");
-        assert_eq!(cap.label("python3"), "python3");
-        assert_eq!(cap.label("networkd"), OTHER);
-        assert_eq!(cap.label("ip"), "ip", "known names stay");
-        assert_eq!(cap.label(KERNEL), KERNEL);
-        assert_eq!(cap.label(UNKNOWN), UNKNOWN);
-    }
-
-    /// A fake /proc: the port's socket held by pid 4242 (`ip`), another by pid 10 (`fighter`).
-    fn fake_proc() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        std::fs::create_dir_all(root.join("thread-self/net")).unwrap();
-        std::fs::write(
-            root.join("thread-self/net/netlink"),
-            "sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode\n\
-             1 0 4242 0 0 0 0 2 0 98765\n\
-             2 0 -5 0 0 0 0 2 0 555\n",
-        )
-        .unwrap();
-        for (pid, comm, inode) in [(4242, "ip", 98765), (10, "fighter", 555), (11, "bash", 1)] {
-            let p = root.join(pid.to_string());
-            std::fs::create_dir_all(p.join("fd")).unwrap();
-            std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
-            std::os::unix::fs::symlink(format!("socket:[{inode}]"), p.join("fd/3")).unwrap();
-            std::os::unix::fs::symlink("/dev/null", p.join("fd/0")).unwrap();
-        }
-        dir
-    }
-
-    #[test]
-    fn resolver_finds_owners_and_caches_them() {
-        let dir = fake_proc();
-        let mut r = Resolver::new(dir.path());
-        // Port 4294967291 is -5 as printed by an old kernel: parsed as i32 text, so not listed.
-        let names = r.resolve(&[4242, 0, 999]);
-        assert_eq!(names[&4242], "ip");
-        assert_eq!(names[&0], KERNEL);
-        assert_eq!(names[&999], UNKNOWN, "a socket that is gone");
-        // A socket that is gone, but the process whose pid is its port id was seen.
-        assert_eq!(r.resolve(&[10])[&10], "fighter");
-        assert_eq!(r.cache.get(&98765).map(String::as_str), Some("ip"));
-        // The process exits but its socket is still listed (cached by inode).
-        std::fs::remove_dir_all(dir.path().join("4242")).unwrap();
-        assert_eq!(r.resolve(&[4242])[&4242], "ip");
-    }
-
-    #[test]
-    fn resolver_scans_every_process_when_the_port_is_not_a_pid() {
-        let dir = fake_proc();
-        std::fs::write(
-            dir.path().join("thread-self/net/netlink"),
-            "sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode\n1 0 3000000000 0 0 0 0 2 0 555\n",
-        )
-        .unwrap();
-        let mut r = Resolver::new(dir.path());
-        assert_eq!(r.resolve(&[3000000000])[&3000000000], "fighter");
-    }
-
-    #[test]
-    fn change_ports_are_read_from_message_headers() {
-        let msg = |len: u32, ty: u16, port: u32| {
-            let mut m = Vec::new();
-            m.extend_from_slice(&len.to_ne_bytes());
-            m.extend_from_slice(&ty.to_ne_bytes());
-            m.extend_from_slice(&0u16.to_ne_bytes());
-            m.extend_from_slice(&0u32.to_ne_bytes());
-            m.extend_from_slice(&port.to_ne_bytes());
-            m.resize(((len + 3) & !3) as usize, 0);
-            m
-        };
-        let mut buf = msg(20, RTM_DELRULE, 4242);
-        buf.extend(msg(16, RTM_NEWRULE, 7));
-        buf.extend(msg(18, RTM_DELROUTE, 0));
-        buf.extend(msg(16, 16 /* RTM_NEWLINK */, 8));
-        buf.extend(msg(16, RTM_DELADDR, 99));
-        buf.extend([1, 2, 3]);
-        assert_eq!(change_ports(&buf), [4242, 7, 99]);
-        assert!(change_ports(&msg(8, RTM_DELRULE, 1)[..8]).is_empty());
-        assert!(
-            change_ports(&[0u8; 32]).is_empty(),
-            "a zero length stops the walk"
-        );
-    }
-
-    #[test]
-    fn this_thread_sees_its_own_namespace() {
-        // Read-only: opens a socket and reads /proc; fine in any namespace.
-        check_namespace_view().unwrap();
-    }
-
-    #[test]
-    fn resolves_a_live_socket_of_this_process() {
-        use nix::sys::socket::{
-            bind, getsockname, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
-        };
-        use std::os::fd::AsRawFd;
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkRoute,
-        )
-        .unwrap();
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).unwrap();
-        let addr: NetlinkAddr = getsockname(fd.as_raw_fd()).unwrap();
-        let me = clean_name(&std::fs::read_to_string("/proc/self/comm").unwrap());
-        let names = Resolver::default().resolve(&[addr.pid()]);
-        assert_eq!(names[&addr.pid()], me);
-    }
-}
+mod tests;

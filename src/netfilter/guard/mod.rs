@@ -406,7 +406,7 @@ impl<T: Tools> Guard<T> {
                 // Read now, before the tools run: the process is about to exit (its parent can
                 // still be read while it is a zombie).
                 if let (Some(pid), true) = (pid, self.adoption.adopts_chains()) {
-                    self.ancestors = ancestors(pid);
+                    self.ancestors = crate::obs::attribution::ancestors(pid);
                 }
                 for (id, touches) in std::mem::take(pending) {
                     let applied = match stale {
@@ -560,30 +560,6 @@ fn watched_tables(
         w.extend(c.jumps.iter().map(|j| j.chain.clone()));
     }
     watched
-}
-
-/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc.
-/// Empty when the process is already gone.
-fn ancestors(pid: u32) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pid = pid;
-    for _ in 0..4 {
-        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| super::adopted::parent_pid(&s))
-        else {
-            break;
-        };
-        if parent <= 1 {
-            break;
-        }
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
-            break;
-        };
-        out.push(comm.trim_end().to_owned());
-        pid = parent;
-    }
-    out
 }
 
 async fn next_reload(r: &mut Option<mpsc::Receiver<GuardReload>>) -> Option<GuardReload> {

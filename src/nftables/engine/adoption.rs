@@ -81,25 +81,3 @@ impl<N: Nft> Engine<N> {
         }
     }
 }
-
-/// Names of the parent, grandparent… of a process (at most four, init excluded), from /proc;
-/// empty when it is already gone.
-pub(super) fn ancestors(pid: u32) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut pid = pid;
-    for _ in 0..4 {
-        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| crate::netfilter::adopted::parent_pid(&s))
-            .filter(|p| *p > 1)
-        else {
-            break;
-        };
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{parent}/comm")) else {
-            break;
-        };
-        out.push(comm.trim_end().to_owned());
-        pid = parent;
-    }
-    out
-}
