@@ -58,9 +58,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/netwarden /usr/local/bin/netwarden
 COPY deploy/entrypoint.sh /usr/local/bin/netwarden-entrypoint
-# root inside the container, but with only NET_ADMIN and NET_RAW (the DaemonSet drops every other
-# capability): netlink, iptables-restore and ipset need them, and Kubernetes cannot hand
-# capabilities to a non-root process (no ambient capabilities). The root filesystem is read-only;
+# root inside the container, but with only NET_ADMIN and NET_RAW (netlink, iptables-restore,
+# ipset, iptables-legacy) and SYS_PTRACE and DAC_READ_SEARCH (naming who removed an object): the
+# DaemonSet drops every other capability, and Kubernetes cannot hand capabilities to a non-root
+# process (no ambient capabilities). The root filesystem is read-only;
 # the agent writes only its state file (hostPath /var/lib/netwarden) and /run/xtables.lock.
 # hadolint ignore=DL3002
 USER 0:0

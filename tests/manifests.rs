@@ -507,6 +507,8 @@ fn daemonset_is_least_privilege_and_host_wide() {
         add,
         BTreeSet::from(["NET_ADMIN", "NET_RAW", "SYS_PTRACE", "DAC_READ_SEARCH"])
     );
+    // The same on AppArmor nodes (the runtime's default profile closes ptrace read access).
+    assert_eq!(sc["appArmorProfile"]["type"], "Unconfined");
 
     let env = c["env"].as_array().unwrap();
     assert!(env

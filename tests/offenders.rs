@@ -3,7 +3,8 @@
 //! namespace (tests/rig/networkd.rs), the real iptables and ipset run the way flannel and
 //! kube-router do, a late link for Submariner. Each asserts that the offender really removed the
 //! protected objects (networkd's own log, and the agent naming the actor), that every object is
-//! back, and prints the outage as an independent netlink listener saw it.
+//! back, and prints the outage as an independent netlink listener saw it. The tests that name
+//! systemd-networkd run the agent with the DaemonSet's privileges (tests/common/deployed.rs).
 
 mod common;
 mod rig;
@@ -130,7 +131,7 @@ fn kube_router_rule_and_table_77_survive_networkd_restart_and_reconfigure() {
     let mut nd = networkd_for(&ns, &[("veth0", "10.200.0.1/24")]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), KUBE_ROUTER);
-    let mut agent = Agent::start(&ns, &cfg);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
     let http = agent.http();
     wait_all_in_sync(&http, WAIT);
     assert!(kube_router_present(&ns), "{:?}", snapshot(&ns));
@@ -268,7 +269,7 @@ fn aws_vpc_cni_per_pod_rules_survive_networkd_restart() {
     let mut nd = networkd_for(&ns, &links);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &aws_spec());
-    let mut agent = Agent::start(&ns, &cfg);
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
     let http = agent.http();
     wait_all_in_sync(&http, WAIT);
     assert!(aws_present(&ns), "{:?}", snapshot(&ns));

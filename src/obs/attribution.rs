@@ -279,8 +279,7 @@ impl Resolver {
         if wanted.is_empty() {
             return out;
         }
-        let ports_wanted: Vec<u32> = wanted.values().flatten().copied().collect();
-        let found = self.find_holders(&wanted.keys().copied().collect(), &ports_wanted);
+        let found = self.find_holders(&wanted);
         if self.cache.len() + found.len() > CACHE_MAX {
             self.cache.clear();
         }
@@ -302,44 +301,60 @@ impl Resolver {
         out
     }
 
-    /// Socket inode → the process holding it, for as many of `inodes` as can be found. Looks
-    /// first at the pids the port ids name, then at processes that held such sockets before,
-    /// then at every process, newest first, for at most the scan budget. A socket held by init
-    /// and by another process (socket activation: init bound it, the service uses it) is the
-    /// other process's.
-    fn find_holders(&mut self, inodes: &HashSet<u64>, ports: &[u32]) -> Holders {
+    /// Socket inode → the process holding it, for as many of the `wanted` sockets (inode → its
+    /// port ids) as can be found. Looks first at the pids the port ids name, then at processes
+    /// that held such sockets before, then at every process, newest first, for at most the scan
+    /// budget. A socket held by init and by another process (socket activation: init bound it,
+    /// the service uses it) is the other process's. A socket whose port id names a process
+    /// whose fds the agent may not read is not searched for further: that process most likely
+    /// holds it (its first socket), it stays the guess, and without the privilege the scan
+    /// would mostly meet closed doors too.
+    fn find_holders(&mut self, wanted: &HashMap<u64, Vec<u32>>) -> Holders {
         let mut found = Holders::new();
+        let inodes: HashSet<u64> = wanted.keys().copied().collect();
+        let ports: Vec<u32> = wanted.values().flatten().copied().collect();
+        let mut closed: HashSet<u64> = HashSet::new();
+        let mut looked: HashSet<u32> = HashSet::new();
+        for (inode, ports) in wanted {
+            for &pid in ports {
+                // Port 1 is most often a container's init, not the node's: always searched.
+                let denied =
+                    looked.insert(pid) && self.scan_pid(pid, &inodes, &mut found) == Access::Denied;
+                if denied && pid != INIT {
+                    closed.insert(*inode);
+                }
+            }
+        }
         let done = |found: &Holders| {
             inodes
                 .iter()
-                .all(|i| found.get(i).is_some_and(|(pid, _)| *pid != INIT))
+                .all(|i| closed.contains(i) || found.get(i).is_some_and(|(pid, _)| *pid != INIT))
         };
-        let mut looked: HashSet<u32> = HashSet::new();
-        let hints: Vec<u32> = ports.iter().chain(self.recent.iter()).copied().collect();
-        for pid in hints {
-            if looked.insert(pid) {
-                self.scan_pid(pid, inodes, &mut found);
-            }
+        for pid in self.recent.clone() {
             if done(&found) {
                 break;
+            }
+            if looked.insert(pid) {
+                self.scan_pid(pid, &inodes, &mut found);
             }
         }
         if !done(&found) {
             let started = Instant::now();
-            let mut pids: Vec<u32> = match std::fs::read_dir(&self.proc_root) {
+            let pids: Vec<u32> = match std::fs::read_dir(&self.proc_root) {
                 Ok(dir) => dir
                     .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                     .collect(),
                 Err(_) => Vec::new(),
             };
-            // Newest first: the changer is likely a recent, short-lived process.
-            pids.sort_unstable_by(|a, b| b.cmp(a));
-            for pid in pids {
+            let last = std::fs::read_to_string(self.proc_root.join("sys/kernel/ns_last_pid"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            for pid in newest_first(pids, last) {
                 if done(&found) || started.elapsed() > self.scan_budget {
                     break;
                 }
                 if looked.insert(pid) {
-                    self.scan_pid(pid, inodes, &mut found);
+                    self.scan_pid(pid, &inodes, &mut found);
                 }
             }
         }
@@ -353,33 +368,64 @@ impl Resolver {
         found
     }
 
-    /// Records which of `inodes` process `pid` holds (nothing when its fds cannot be read).
-    fn scan_pid(&self, pid: u32, inodes: &HashSet<u64>, found: &mut Holders) {
+    /// Records which of `inodes` process `pid` holds.
+    fn scan_pid(&self, pid: u32, inodes: &HashSet<u64>, found: &mut Holders) -> Access {
         let dir = self.proc_root.join(pid.to_string());
-        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
-            return;
+        let fds = match std::fs::read_dir(dir.join("fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Access::Denied,
+            Err(_) => return Access::Gone,
         };
         let mut mine = Vec::new();
+        let mut denied = false;
         for fd in fds.flatten() {
-            if let Ok(link) = std::fs::read_link(fd.path()) {
-                if let Some(inode) = link.to_str().and_then(socket_inode) {
-                    let better = found.get(&inode).is_none_or(|(p, _)| *p == INIT);
-                    if inodes.contains(&inode) && better && !mine.contains(&inode) {
-                        mine.push(inode);
+            match std::fs::read_link(fd.path()) {
+                Ok(link) => {
+                    if let Some(inode) = link.to_str().and_then(socket_inode) {
+                        let better = found.get(&inode).is_none_or(|(p, _)| *p == INIT);
+                        if inodes.contains(&inode) && better && !mine.contains(&inode) {
+                            mine.push(inode);
+                        }
                     }
+                }
+                Err(e) => denied |= e.kind() == std::io::ErrorKind::PermissionDenied,
+            }
+        }
+        if !mine.is_empty() {
+            let who =
+                Identity::of(&self.proc_root, pid).unwrap_or_else(|| Identity::named(UNKNOWN));
+            for inode in mine {
+                if pid != INIT || !found.contains_key(&inode) {
+                    found.insert(inode, (pid, who.clone()));
                 }
             }
         }
-        if mine.is_empty() {
-            return;
-        }
-        let who = Identity::of(&self.proc_root, pid).unwrap_or_else(|| Identity::named(UNKNOWN));
-        for inode in mine {
-            if pid != INIT || !found.contains_key(&inode) {
-                found.insert(inode, (pid, who.clone()));
-            }
+        if denied {
+            Access::Denied
+        } else {
+            Access::Read
         }
     }
+}
+
+/// Pids in the order they were probably created, newest first: the changer is likely a recent,
+/// short-lived process. Pids are handed out upwards from the last one (`last`, from
+/// /proc/sys/kernel/ns_last_pid) and wrap around at pid_max, which a busy node reaches within
+/// hours: the pids at or below the last one come first, then those above it.
+fn newest_first(mut pids: Vec<u32>, last: Option<u32>) -> Vec<u32> {
+    let last = last.unwrap_or(u32::MAX);
+    pids.sort_unstable_by_key(|p| (*p > last, std::cmp::Reverse(*p)));
+    pids
+}
+
+/// Whether a process's fds could be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Read,
+    /// No ptrace access (or no permission on its fd directory).
+    Denied,
+    /// No such process.
+    Gone,
 }
 
 /// Names of the parent, grandparent… of process `pid` (at most four, init excluded), from

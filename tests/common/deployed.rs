@@ -8,9 +8,10 @@
 //! add: [X, Y]}`: bounding set {X, Y}; the permitted and effective sets of the root process it
 //! execs are then {X, Y} as well; no inheritable (containerd and CRI-O stopped setting it:
 //! CVE-2022-24769) and no ambient capabilities. `allowPrivilegeEscalation: false` is the
-//! process's no_new_privs bit. Not reproduced: the read-only root filesystem and the
-//! RuntimeDefault seccomp profile (neither restricts what the agent does in these tests: it
-//! writes only to the state paths the tests give it, and the profile allows its system calls).
+//! process's no_new_privs bit. Not reproduced: the read-only root filesystem, the RuntimeDefault
+//! seccomp profile (neither restricts what the agent does in these tests: it writes only to the
+//! state paths the tests give it, and the profile allows its system calls) and the AppArmor
+//! profile (`Unconfined` in the manifest: what the rig's processes have without AppArmor).
 #![allow(dead_code)] // each test binary (and the attribution bench) uses its own subset
 
 use k8s_openapi::api::apps::v1::DaemonSet;

@@ -24,6 +24,10 @@ pub enum Who {
     Root,
     /// This uid (and gid), with NET_ADMIN as its only, ambient, capability.
     User(u32),
+    /// Root with every capability in a PID namespace of its own, as a CNI daemon in a container
+    /// without hostPID (aws-node's aws-k8s-agent): its port ids are pids of that namespace (its
+    /// first socket: 1 here), which are other processes' on the node.
+    Contained,
 }
 
 impl Who {
@@ -71,6 +75,11 @@ pub fn named_ip(dir: &Path, name: &str) -> PathBuf {
 fn command(ns: &str, who: Who, socket: Socket, program: &Path) -> Command {
     let mut cmd = match who {
         Who::Root => Command::new(program),
+        Who::Contained => {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--pid", "--fork", "--"]).arg(program);
+            cmd
+        }
         Who::User(uid) => {
             let mut cmd = Command::new("setpriv");
             cmd.args([

@@ -168,3 +168,13 @@ fn resolves_a_live_socket_of_this_process() {
     let names = Resolver::default().resolve(&[addr.pid()]);
     assert_eq!(names[&addr.pid()], me);
 }
+
+#[test]
+fn processes_are_scanned_newest_first_across_the_pid_wraparound() {
+    // The last pid handed out was 120: 120 and below are the newest, then the old high ones.
+    assert_eq!(
+        newest_first(vec![5, 32000, 120, 31000, 7, 119], Some(120)),
+        [120, 119, 7, 5, 32000, 31000]
+    );
+    assert_eq!(newest_first(vec![5, 300, 7], None), [300, 7, 5]);
+}
