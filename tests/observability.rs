@@ -783,9 +783,24 @@ fn the_deployed_agent_has_the_daemonsets_privileges_and_no_more() {
     assert_eq!(get(&agent.http(), "/readyz", None, T).unwrap().0, 200);
 }
 
-/// The `drift` debug line of the rule's deletion by `name`; returns its netlink port.
-fn drift_port(agent: &mut Agent, name: &str) -> u32 {
-    let line = agent.wait_log_all(&["drift", "pods-to-overlay", &format!("actor={name}")]);
+/// One protected rule per offender shape (priority 101…), so that the shapes' deletions, which
+/// follow each other within milliseconds, are four objects' first removals and not one object's
+/// fight (three removals of one object within 2 s make it contested, and its repair is then
+/// held back and logged without the actor).
+fn shape_rules(n: u32) -> String {
+    (1..=n)
+        .map(|i| {
+            format!(
+                "    - name: shape-{i}\n      priority: {}\n      from: 10.244.{i}.0/24\n      table: 77\n",
+                100 + i
+            )
+        })
+        .collect::<String>()
+}
+
+/// The `drift` debug line of the deletion of rule `rule` by `name`; returns its netlink port.
+fn drift_port(agent: &mut Agent, rule: &str, name: &str) -> u32 {
+    let line = agent.wait_log_all(&["drift", &format!("name={rule} "), &format!("actor={name}")]);
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("netlink_port=Some("))
         .and_then(|p| p.strip_suffix(')')?.parse().ok())
@@ -797,7 +812,8 @@ fn as_deployed_another_uid_and_a_more_capable_root_are_named_through_any_socket(
     use common::offender::{named_ip, Offender, Socket, Who};
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start_as_deployed(&ns, &config(dir.path(), SPEC), &[]);
+    let spec = format!("  rules:\n{}", shape_rules(4));
+    let mut agent = Agent::start_as_deployed(&ns, &config(dir.path(), &spec), &[]);
     agent.wait_log("initial sync done");
     let unknown = |text: &str| {
         sample(
@@ -813,17 +829,23 @@ fn as_deployed_another_uid_and_a_more_capable_root_are_named_through_any_socket(
         ("nw-uid-first", Who::network_user(), Socket::First),
         ("nw-uid-later", Who::network_user(), Socket::Later),
     ];
-    for (name, who, socket) in cases {
-        wait_until("rule in place", || count(&rules(&ns), RULE) == 1);
+    for (i, (name, who, socket)) in (1..).zip(cases) {
+        let (rule, line) = (
+            format!("shape-{i}"),
+            format!("{}: from 10.244.{i}.0/24 lookup 77", 100 + i),
+        );
+        wait_until("rule in place", || count(&rules(&ns), &line) == 1);
         let program = named_ip(dir.path(), name);
-        let offender = Offender::batch(&ns.name, who, socket, &program, "rule del priority 100");
+        let del = format!("rule del priority {}", 100 + i);
+        let offender = Offender::batch(&ns.name, who, socket, &program, &del);
         // Named while it still holds the socket: no race with its exit.
-        let port = drift_port(&mut agent, name);
+        let port = drift_port(&mut agent, &rule, name);
         match socket {
             Socket::First => assert_eq!(port, offender.pid(), "{name}: port id = pid"),
             Socket::Later => assert_ne!(port, offender.pid(), "{name}: a later socket"),
         }
-        agent.wait_log_all(&["restored", "pods-to-overlay", &format!("actor={name}")]);
+        agent.wait_log_all(&["restored", &format!("names={rule} "), &format!("actor={name}")]);
+        wait_until("rule restored", || count(&rules(&ns), &line) == 1);
     }
     let text = scrape(&agent.http());
     for (name, ..) in cases {

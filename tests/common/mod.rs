@@ -243,6 +243,11 @@ impl Agent {
         addr.to_string()
     }
 
+    /// The agent's exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait for the agent")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -279,6 +284,12 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what the agent said (wait_until's message does not).
+            if let Ok(log) = self.log.lock() {
+                eprintln!("agent log (pid {}):\n{}", self.child.id(), log.join("\n"));
+            }
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             self.freeze(false);
             let _ = self.child.kill();
