@@ -26,12 +26,25 @@ use common::offender::{named_ip, once, Offender, Socket, Who};
 use common::{config, sandbox, Agent, Privileges, Sandbox, Shape};
 use std::fmt::Write as _;
 
-const SPEC: &str = "  rules:
-    - name: r100
-      priority: 100
-      from: 10.244.1.0/24
-      table: 77
-";
+/// Protected rules the deletions rotate over. One object removed again within 2 s of each of its
+/// last three repairs is contested (src/obs/contest.rs): its repair is then held back and logged
+/// without the actor, which would be counted here as `unknown`. With this many rules each one is
+/// deleted again only after 200 other deletions, each of which waits for its repair.
+const RULES: u32 = 200;
+
+/// `spec` with the [`RULES`] rules: `r{i}`, priority 1000 + i, from 10.245.i.0/24.
+fn spec() -> String {
+    let mut s = String::from("  rules:\n");
+    for i in 0..RULES {
+        write!(
+            s,
+            "    - name: r{i}\n      priority: {}\n      from: 10.245.{i}.0/24\n      table: 77\n",
+            1000 + i
+        )
+        .unwrap();
+    }
+    s
+}
 
 #[derive(Default)]
 struct Tally {
@@ -48,7 +61,9 @@ fn actor_of(line: &str) -> String {
         .to_string()
 }
 
-/// One cell: `trials` deletions by one offender shape.
+/// One cell: `trials` deletions by one offender shape; `next` is the rule to delete next (see
+/// [`RULES`]).
+#[allow(clippy::too_many_arguments)]
 fn cell(
     agent: &mut Agent,
     ns: &Sandbox,
@@ -57,22 +72,28 @@ fn cell(
     socket: Socket,
     long: bool,
     trials: u32,
+    next: &mut u32,
 ) -> Tally {
     let name = program.file_name().unwrap().to_str().unwrap().to_string();
     let mut t = Tally::default();
     for _ in 0..trials {
+        let i = *next;
+        *next = (*next + 1) % RULES;
+        let priority = (1000 + i).to_string();
+        let restored = format!("names=r{i} ");
         let line = if long {
-            let _holder = Offender::batch(&ns.name, who, socket, program, "rule del priority 100");
-            agent.wait_log_all(&["restored", "names=r100"])
+            let del = format!("rule del priority {priority}");
+            let _holder = Offender::batch(&ns.name, who, socket, program, &del);
+            agent.wait_log_all(&["restored", &restored])
         } else {
             once(
                 &ns.name,
                 who,
                 socket,
                 program,
-                &["rule", "del", "priority", "100"],
+                &["rule", "del", "priority", &priority],
             );
-            agent.wait_log_all(&["restored", "names=r100"])
+            agent.wait_log_all(&["restored", &restored])
         };
         match actor_of(&line) {
             a if a == name => t.named += 1,
@@ -116,7 +137,8 @@ fn main() {
     let mut report = String::new();
     for (label, shape) in &shapes {
         let ns = sandbox();
-        let cfg = config(dir.path(), SPEC);
+        let cfg = config(dir.path(), &spec());
+        let mut next = 0;
         let mut agent = Agent::start_shaped(shape, &ns, &cfg, &[], &[]);
         // Past the initial sync's own `restored` line: each trial waits for its own.
         agent.wait_log("initial sync done");
@@ -141,7 +163,9 @@ fn main() {
                     continue;
                 }
                 for (life, long) in [("long-lived", true), ("short-lived", false)] {
-                    let t = cell(&mut agent, &ns, &program, who, socket, long, trials);
+                    let t = cell(
+                        &mut agent, &ns, &program, who, socket, long, trials, &mut next,
+                    );
                     let mut wrong: Vec<String> = t.wrong.clone();
                     wrong.sort();
                     wrong.dedup();
