@@ -18,7 +18,6 @@
 //! NETWARDEN_BENCH_TRIALS (20 per cell); NETWARDEN_AGENT_BIN measures another build of the agent
 //! (the "before" figures of docs/benchmarks.md). Results: docs/benchmarks.md.
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

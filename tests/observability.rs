@@ -844,7 +844,11 @@ fn as_deployed_another_uid_and_a_more_capable_root_are_named_through_any_socket(
             Socket::First => assert_eq!(port, offender.pid(), "{name}: port id = pid"),
             Socket::Later => assert_ne!(port, offender.pid(), "{name}: a later socket"),
         }
-        agent.wait_log_all(&["restored", &format!("names={rule} "), &format!("actor={name}")]);
+        agent.wait_log_all(&[
+            "restored",
+            &format!("names={rule} "),
+            &format!("actor={name}"),
+        ]);
         wait_until("rule restored", || count(&rules(&ns), &line) == 1);
     }
     let text = scrape(&agent.http());

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A plain HTTP/1.1 exchange over a fresh connection; returns the whole response ("" when the
 /// server closed the connection without answering).
