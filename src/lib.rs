@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod desired;
+pub mod handoff;
 pub mod lifecycle;
 pub mod listen;
 pub mod model;

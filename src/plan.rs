@@ -10,7 +10,7 @@ use crate::desired::{DesiredAddressKey, DesiredState};
 use crate::model::fast::HashSet;
 use crate::model::{
     protocol_name, DesiredAddress, DesiredFdb, DesiredNeighbour, DesiredRoute, DesiredRule, FdbId,
-    Kind, Mode, NeighbourId, RouteKey, RuleKey, SysctlKey,
+    Kind, Mode, NeighbourId, ObservedAddress, RouteKey, RuleKey, SysctlKey,
 };
 use crate::observe::mirror::Mirror;
 use serde::Serialize;
@@ -35,10 +35,12 @@ pub enum Op {
         route: DesiredRoute,
         oif: Option<u32>,
     },
+    /// The address with the attributes to give it (`attrs.prefix_len` is the configured one):
+    /// as it was before it went, when the mirror saw it go.
     AddAddress {
         ifindex: u32,
         address: IpAddr,
-        prefix_len: u8,
+        attrs: ObservedAddress,
     },
     DelAddress {
         ifindex: u32,
@@ -426,10 +428,17 @@ fn plan_address(addr: &DesiredAddress, observed: &Mirror, plan: &mut Plan) {
         ifindex,
         address: addr.address,
     };
+    // As it was, if it went with the prefix length it must have (its broadcast, label, flags
+    // and protocol are its owner's: see `ObservedAddress`); only the prefix otherwise.
+    let attrs = observed
+        .departed_address(&key)
+        .filter(|was| was.prefix_len == addr.prefix_len)
+        .cloned()
+        .unwrap_or_else(|| ObservedAddress::with_prefix(addr.prefix_len));
     let add = Op::AddAddress {
         ifindex,
         address: addr.address,
-        prefix_len: addr.prefix_len,
+        attrs,
     };
     let (finding, ops) = match observed.addresses.get(&key) {
         Some(o) if o.prefix_len == addr.prefix_len => return,
@@ -511,6 +520,7 @@ mod tests {
             device: "veth0".into(),
             address: "10.0.0.1".parse().unwrap(),
             prefix_len: 24,
+            managed_by: None,
         }
     }
 
@@ -697,6 +707,56 @@ mod tests {
         assert_eq!(p.steps[0].ops.len(), 2);
         apply_to(&mut m, &p);
         assert!(plan_all(&d, &m).is_empty());
+    }
+
+    /// The address as its owner made it (systemd-networkd: with a broadcast address), removed:
+    /// the repair gives it back every attribute a request can set.
+    #[test]
+    fn a_removed_address_is_put_back_exactly_as_it_was() {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+        let d = desired(vec![], vec![], vec![address("a")]);
+        let mut m = Mirror::default();
+        with_link(&mut m);
+        let mut was = ObservedAddress::with_prefix(24);
+        was.broadcast = Some("10.0.0.255".parse().unwrap());
+        was.label = Some("veth0:nd".into());
+        was.protocol = Some(3);
+        was.route_priority = Some(50);
+        // noprefixroute and permanent: only the first is a request's to set.
+        was.flags = 0x200 | 0x80;
+        let msg = encode::address_as(4, "10.0.0.1".parse().unwrap(), &was);
+        m.ingest(&M::NewAddress(msg.clone()));
+        assert!(plan_all(&d, &m).is_empty());
+        m.ingest(&M::DelAddress(msg));
+        let p = plan_all(&d, &m);
+        let Op::AddAddress { attrs, .. } = &p.steps[0].ops[0] else {
+            panic!("{p:?}")
+        };
+        assert_eq!(attrs.broadcast, was.broadcast);
+        assert_eq!(attrs.label, was.label);
+        assert_eq!(attrs.protocol, Some(3));
+        assert_eq!(attrs.route_priority, Some(50));
+        let Some(M::NewAddress(sent)) = crate::apply::message(&p.steps[0].ops[0]) else {
+            panic!()
+        };
+        assert!(sent
+            .attributes
+            .contains(&AddressAttribute::Broadcast("10.0.0.255".parse().unwrap())));
+        let flags = sent.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        });
+        assert_eq!(flags, Some(AddressFlags::Noprefixroute));
+        apply_to(&mut m, &p);
+        assert!(plan_all(&d, &m).is_empty());
+        // Nothing known of it (it was already gone when the agent started): as configured.
+        let mut fresh = Mirror::default();
+        with_link(&mut fresh);
+        let p = plan_all(&d, &fresh);
+        let Op::AddAddress { attrs, .. } = &p.steps[0].ops[0] else {
+            panic!("{p:?}")
+        };
+        assert_eq!(*attrs, ObservedAddress::with_prefix(24));
     }
 
     #[test]

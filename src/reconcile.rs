@@ -11,12 +11,13 @@ use crate::adopt::{self, Actor, Verdict};
 use crate::apply::{self, Applier, Outcome, RuleAdd};
 use crate::burst;
 use crate::desired::DesiredState;
+use crate::handoff::{self, Handoff, Remover};
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
 use crate::obs::metrics::{
-    DriftLabels, ErrorLabels, ForgetLabels, KindLabels, ReasonLabels, RepairLabels,
+    DriftLabels, ErrorLabels, ForgetLabels, HandoffLabels, KindLabels, ReasonLabels, RepairLabels,
 };
 use crate::obs::status::State;
 use crate::obs::{Ping, Reload, Telemetry};
@@ -63,6 +64,9 @@ struct Batch {
     /// Adopted rules removed in this batch, with the port of the removal: an owner's removal
     /// is forgotten rather than repaired.
     adopted_removed: Vec<(ObjectId, u32)>,
+    /// Protected addresses removed in this batch, with the port of the removal: an owner's
+    /// removal is left to the owner first (see `handoff`).
+    addresses_removed: Vec<(ObjectId, u32)>,
     /// Rules were adopted or forgotten: the status catalog is out of date.
     adoption_changed: bool,
     /// Protected objects seen removed (a burst holds the repair until they stop).
@@ -122,6 +126,8 @@ enum Cause {
     Events { redumped: bool, rules_current: bool },
     /// Held-back repairs of contested objects whose time has come.
     Retry,
+    /// Addresses their owner did not put back within the grace (see `handoff`).
+    OwnerLate,
     /// Pending objects, retried because the agent's own repairs may have made them possible.
     Pending,
 }
@@ -182,6 +188,8 @@ pub struct Agent {
     telemetry: Arc<Telemetry>,
     /// Objects fought over, and their held-back repairs.
     contest: Contest<ObjectId>,
+    /// Addresses removed by their owner, left to it to put back for a while.
+    handoff: Handoff<ObjectId>,
     /// Enforced objects whose last repair failed.
     failed: HashSet<ObjectId>,
     /// Those of them the kernel refused for lack of permission (EPERM, EACCES): while any is
@@ -302,6 +310,7 @@ impl Agent {
             pings: telemetry.take_pings(),
             telemetry,
             contest: Contest::new(Backoff::default()),
+            handoff: Handoff::default(),
             failed: HashSet::default(),
             refused: HashSet::default(),
             states: HashMap::default(),
@@ -381,6 +390,11 @@ impl Agent {
             ));
             // The earliest end of a grace period of an adopted object no pod holds the IP of.
             let grace_end = self.liveness.next_deadline();
+            // The earliest end of an owner's chance to put its address back.
+            let owner_due = self.handoff.next_deadline();
+            let owner_late = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                owner_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            ));
             let grace = tokio::time::sleep_until(tokio::time::Instant::from_std(
                 grace_end.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             ));
@@ -423,6 +437,7 @@ impl Agent {
                 }
                 _ = grace, if grace_end.is_some() => self.on_pods(),
                 _ = poll, if poll_at.is_some() => self.on_poll().await,
+                _ = owner_late, if owner_due.is_some() => self.on_owner_late().await,
                 _ = timer.tick() => {
                     self.full_resync(ResyncReason::Timer).await?;
                 }
@@ -490,6 +505,7 @@ impl Agent {
         self.telemetry.set_refused(self.refused.len());
         self.states.retain(|id, _| protects(d, id));
         self.contest.retain(|id| protects(d, id));
+        self.handoff.retain(|id| protects(d, id));
         self.telemetry.set_catalog(d);
         self.save_adopted();
         let r = self.full_resync(ResyncReason::ConfigChange).await;
@@ -669,6 +685,9 @@ impl Agent {
         if !batch.adopted_node_removed.is_empty() {
             self.judge_adopted_node_removals(&mut batch);
         }
+        if !batch.addresses_removed.is_empty() {
+            self.hand_off_addresses(&mut batch);
+        }
         if batch.adoption_changed {
             if self.sync_liveness() {
                 let d = &self.desired;
@@ -804,7 +823,13 @@ impl Agent {
                 if let Some(link) = self.mirror.link(key.ifindex) {
                     let dk = (link.name.clone(), key.address);
                     if self.desired.addresses.contains_key(&dk) {
-                        batch.removed_by.insert(ObjectId::Address(dk.clone()), port);
+                        let id = ObjectId::Address(dk.clone());
+                        if removed {
+                            batch.addresses_removed.push((id.clone(), port));
+                        } else {
+                            self.owner_returned(&id);
+                        }
+                        batch.removed_by.insert(id, port);
                         batch.dirty.addresses.insert(dk);
                     }
                 }
@@ -969,6 +994,125 @@ impl Agent {
             any |= self.adopt_route(&key);
         }
         any
+    }
+
+    /// Decides, before any repair, which removed addresses are left to their owner for a while
+    /// (see `handoff`): those leave the batch. One lookup of the removing processes serves the
+    /// whole batch.
+    fn hand_off_addresses(&mut self, batch: &mut Batch) {
+        let removed = std::mem::take(&mut batch.addresses_removed);
+        let mut ports: Vec<u32> = removed
+            .iter()
+            .map(|(_, p)| *p)
+            .filter(|p| *p != attribution::KERNEL_PORT)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let names = if ports.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            self.resolver.resolve(&ports)
+        };
+        let now = Instant::now();
+        for (id, port) in removed {
+            let ObjectId::Address(dk) = &id else { continue };
+            let (Some(want), Some(index)) = (
+                self.desired.addresses.get(dk),
+                self.mirror.link_index(&dk.0),
+            ) else {
+                continue;
+            };
+            let key = crate::model::AddressKey {
+                ifindex: index,
+                address: dk.1,
+            };
+            // Removed and added again within the batch: nothing to decide.
+            if self.mirror.addresses.contains_key(&key) || want.mode != Mode::Enforce {
+                continue;
+            }
+            let remover = match (port, names.get(&port).map(String::as_str)) {
+                (attribution::KERNEL_PORT, _) => Remover::Kernel,
+                (_, None | Some(attribution::UNKNOWN)) => Remover::Unknown,
+                (_, Some(n)) => Remover::Process(n),
+            };
+            let handoff::Verdict::AwaitOwner(owner) =
+                handoff::judge(want.managed_by.as_deref(), remover)
+            else {
+                continue;
+            };
+            info!(
+                name = %want.name,
+                object = %want.describe(),
+                owner = %owner,
+                netlink_port = port,
+                grace_ms = self.handoff.grace().as_millis() as u64,
+                "address removed by its owner; leaving it to the owner to put back"
+            );
+            self.handoff.await_owner(&id, &owner, port, now);
+            batch.dirty.addresses.remove(dk);
+            let reason = format!(
+                "removed by {owner}, its owner: waiting for {owner} to put it back (up to {} ms)",
+                self.handoff.grace().as_millis()
+            );
+            self.states
+                .insert(id.clone(), (State::Pending, Some(reason.clone())));
+            self.telemetry
+                .board()
+                .set_state(&id, State::Pending, Some(reason));
+        }
+    }
+
+    /// A protected address came back while left to its owner: the owner put it back.
+    fn owner_returned(&mut self, id: &ObjectId) {
+        let Some(back) = self.handoff.returned(id, Instant::now()) else {
+            return;
+        };
+        info!(
+            name = %self.name_of(id),
+            owner = %back.owner,
+            waited_us = back.waited.as_micros() as u64,
+            "address put back by its owner"
+        );
+        self.count_handoff("owner_restored");
+    }
+
+    /// Owners that did not put their address back within the grace: the agent does.
+    async fn on_owner_late(&mut self) {
+        let now = Instant::now();
+        let late = self.handoff.expired(now);
+        if late.is_empty() {
+            return;
+        }
+        let mut dirty = Dirty::default();
+        let mut removed_by = HashMap::default();
+        for l in &late {
+            info!(
+                name = %self.name_of(&l.id),
+                owner = %l.owner,
+                waited_ms = l.waited.as_millis() as u64,
+                "address not put back by its owner in time; restoring it"
+            );
+            self.count_handoff("grace_expired");
+            // Its waiting state is no drift seen before: the repair is counted as a new one.
+            self.states.remove(&l.id);
+            if let ObjectId::Address(k) = &l.id {
+                dirty.addresses.insert(k.clone());
+            }
+            removed_by.insert(l.id.clone(), l.port);
+        }
+        let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
+        let progress = self
+            .execute(plan, now, Some(&dirty), &removed_by, Cause::OwnerLate)
+            .await;
+        self.retry_pending(progress).await;
+    }
+
+    fn count_handoff(&self, outcome: &'static str) {
+        self.telemetry
+            .metrics
+            .handoffs
+            .get_or_create(&HandoffLabels { outcome })
+            .inc();
     }
 
     /// Decides, before any repair, which removals of adopted rules were their owners': those
@@ -1204,6 +1348,12 @@ impl Agent {
     ) -> usize {
         let now = Instant::now();
         let mut report = Report::default();
+        if self.handoff.next_deadline().is_some() {
+            // Left to their owners for now: no repair, and no drift to report yet.
+            let h = &self.handoff;
+            plan.steps.retain(|s| !h.is_waiting(&s.id));
+            plan.drift.retain(|d| !h.is_waiting(&d.id));
+        }
         let port_of = |id: &ObjectId| match (removed_by.get(id), id, cause) {
             (Some(p), _, _) => Some(*p),
             // Found missing after a re-dump: the kernel dropped it with an address or link.

@@ -75,6 +75,7 @@ fn desired_address(host: u8, prefix_len: u8) -> DesiredAddress {
         device: "veth0".into(),
         address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, host)),
         prefix_len,
+        managed_by: None,
     }
 }
 

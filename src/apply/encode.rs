@@ -1,7 +1,9 @@
 //! model → rtnetlink request messages, shaped the way iproute2 shapes them.
 
+use crate::model::address::{FOREVER, SETTABLE_FLAGS};
 use crate::model::{
-    DesiredFdb, DesiredNeighbour, DesiredRoute, Family, RouteType, RuleAction, RuleKey,
+    DesiredFdb, DesiredNeighbour, DesiredRoute, Family, ObservedAddress, RouteType, RuleAction,
+    RuleKey,
 };
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
@@ -195,24 +197,64 @@ pub fn set_link(ifindex: u32, up: bool, mtu: Option<u32>) -> LinkMessage {
 }
 
 pub fn address(ifindex: u32, address: IpAddr, prefix_len: u8) -> AddressMessage {
+    address_as(ifindex, address, &ObservedAddress::with_prefix(prefix_len))
+}
+
+/// An address with the attributes it had (see [`ObservedAddress`]): broadcast, peer, label, the
+/// flags a request may set, protocol, prefix route metric, lifetimes. The scope is the kernel's
+/// default for the address unless one was seen.
+pub fn address_as(ifindex: u32, address: IpAddr, attrs: &ObservedAddress) -> AddressMessage {
+    use rtnetlink::packet_route::address::{AddressFlags, AddressHeaderFlags, CacheInfo};
     let mut msg = AddressMessage::default();
     msg.header.index = ifindex;
-    msg.header.prefix_len = prefix_len;
-    msg.header.scope = if address.is_loopback() {
+    msg.header.prefix_len = attrs.prefix_len;
+    msg.header.scope = if attrs.scope != 0 {
+        AddressScope::from(attrs.scope)
+    } else if address.is_loopback() {
         AddressScope::Host
     } else {
         AddressScope::Universe
     };
+    let flags = attrs.flags & SETTABLE_FLAGS;
+    msg.header.flags = AddressHeaderFlags::from_bits_retain(flags as u8);
+    let peer = attrs.peer.unwrap_or(address);
     match address {
         IpAddr::V4(_) => {
             msg.header.family = AddressFamily::Inet;
             msg.attributes.push(AddressAttribute::Local(address));
-            msg.attributes.push(AddressAttribute::Address(address));
+            msg.attributes.push(AddressAttribute::Address(peer));
+            if let Some(b) = attrs.broadcast {
+                msg.attributes.push(AddressAttribute::Broadcast(b));
+            }
+            if let Some(l) = &attrs.label {
+                msg.attributes.push(AddressAttribute::Label(l.clone()));
+            }
         }
         IpAddr::V6(_) => {
             msg.header.family = AddressFamily::Inet6;
-            msg.attributes.push(AddressAttribute::Address(address));
+            if attrs.peer.is_some() {
+                msg.attributes.push(AddressAttribute::Local(address));
+            }
+            msg.attributes.push(AddressAttribute::Address(peer));
         }
+    }
+    if flags > 0xff {
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::from_bits_retain(
+                flags,
+            )));
+    }
+    if let Some(p) = attrs.protocol.filter(|p| *p != 0) {
+        msg.attributes.push(AddressAttribute::Protocol(p.into()));
+    }
+    if let Some(p) = attrs.route_priority {
+        msg.attributes.push(AddressAttribute::RoutePriority(p));
+    }
+    if attrs.valid_lft.is_some() || attrs.preferred_lft.is_some() {
+        let mut lifetimes = CacheInfo::default();
+        lifetimes.ifa_valid = attrs.valid_lft.unwrap_or(FOREVER);
+        lifetimes.ifa_preferred = attrs.preferred_lft.unwrap_or(FOREVER);
+        msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
     }
     msg
 }

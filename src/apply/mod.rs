@@ -133,8 +133,8 @@ pub fn message(op: &Op) -> Option<RouteNetlinkMessage> {
         Op::AddAddress {
             ifindex,
             address,
-            prefix_len,
-        } => M::NewAddress(encode::address(*ifindex, *address, *prefix_len)),
+            attrs,
+        } => M::NewAddress(encode::address_as(*ifindex, *address, attrs)),
         Op::DelAddress {
             ifindex,
             address,
@@ -474,7 +474,7 @@ mod tests {
         let addr = Op::AddAddress {
             ifindex: 2,
             address: "10.0.0.1".parse().unwrap(),
-            prefix_len: 24,
+            attrs: crate::model::ObservedAddress::with_prefix(24),
         };
         assert!(excl(&addr, RuleAdd::Unchecked));
     }

@@ -625,6 +625,7 @@ impl Builder<'_> {
             .unwrap_or(global);
         let device = self.req(&r.device, obj, "device", values::ifname);
         let address = self.req(&r.address, obj, "address", values::interface_address);
+        let managed_by = self.opt(&r.managed_by, obj.field("managedBy"), values::process_name);
         if self.errors.len() != before {
             return None;
         }
@@ -635,6 +636,7 @@ impl Builder<'_> {
             device: device?,
             address: address.addr(),
             prefix_len: address.prefix_len(),
+            managed_by,
         })
     }
 }

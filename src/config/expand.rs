@@ -551,7 +551,12 @@ impl Builder<'_> {
 
     pub(super) fn templated_address(&mut self, obj: &Object, a: &RawAddress, mode: Mode) -> bool {
         let allowed = [("address".to_owned(), &a.address)];
-        let refused = [("name", &a.name), ("device", &a.device), ("mode", &a.mode)];
+        let refused = [
+            ("name", &a.name),
+            ("device", &a.device),
+            ("managedBy", &a.managed_by),
+            ("mode", &a.mode),
+        ];
         let (any, fields) = self.scan(obj, &allowed, &refused);
         if !any || fields.is_empty() {
             return any;

@@ -228,6 +228,8 @@ pub(super) struct RawAddress {
     pub name: Scalar,
     pub device: Scalar,
     pub address: Scalar,
+    #[serde(rename = "managedBy")]
+    pub managed_by: Scalar,
     pub mode: Scalar,
 }
 

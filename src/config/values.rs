@@ -201,6 +201,18 @@ pub(super) fn object_name(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// A process name as the kernel reports it (`comm`) and the agent's actor labels show it. Longer
+/// names are accepted and compared on their first 15 bytes, the kernel's limit: so
+/// `systemd-networkd` names the process the kernel calls `systemd-network`.
+pub(super) fn process_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > NAME_MAX || s.contains('/') || s.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "`{s}` is not a process name: 1 to {NAME_MAX} characters, no '/' or whitespace (as `ps -o comm` shows it, e.g. systemd-networkd or NetworkManager)"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 /// An interface name the kernel would accept (`dev_valid_name()`).
 pub(super) fn ifname(s: &str) -> Result<String, String> {
     let reason = if s.is_empty() {

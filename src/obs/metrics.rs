@@ -94,6 +94,12 @@ pub struct ConditionLabels {
     pub reason: &'static str,
 }
 
+/// How an address left to its owner came back (see [`HANDOFF_OUTCOMES`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -118,6 +124,7 @@ pub struct Metrics {
     pub apply_errors: Family<ErrorLabels, Counter>,
     pub forbidden_members: Family<ForbiddenLabels, Counter>,
     pub adopted_forgotten: Family<ForgetLabels, Counter>,
+    pub handoffs: Family<HandoffLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub state_files_set_aside: Family<FileLabels, Counter>,
     pub config_last_success: Gauge<f64, AtomicU64>,
@@ -147,6 +154,7 @@ impl Metrics {
             apply_errors: Family::default(),
             forbidden_members: Family::default(),
             adopted_forgotten: Family::default(),
+            handoffs: Family::default(),
             config_reloads: Family::default(),
             state_files_set_aside: Family::default(),
             config_last_success: Gauge::default(),
@@ -217,6 +225,11 @@ impl Metrics {
             "adopted_forgotten",
             "Adopted objects no longer protected, by kind and reason (owner, unknown_actor, pod_gone, pod_grace_expired)",
             m.adopted_forgotten.clone(),
+        );
+        r.register(
+            "owner_handoffs",
+            "Addresses removed by their owner (a network manager) and left to it to put back, by outcome: owner_restored (it did), grace_expired (it did not within the grace; the agent restored them)",
+            m.handoffs.clone(),
         );
         r.register(
             "config_reloads",
@@ -327,6 +340,9 @@ impl Metrics {
                     .get_or_create(&ForgetLabels { kind, reason });
             }
         }
+        for outcome in HANDOFF_OUTCOMES {
+            let _ = self.handoffs.get_or_create(&HandoffLabels { outcome });
+        }
         for result in ["removed", "reported"] {
             let _ = self
                 .forbidden_members
@@ -346,6 +362,10 @@ pub const FORGET_REASONS: [&str; 4] = ["owner", "unknown_actor", "pod_gone", "po
 /// What happened to an Event: `created`, `updated` (its count and message), `rejected` (the API
 /// server refused it for good), `dropped` (too many distinct Events waiting).
 pub const EVENT_RESULTS: [&str; 4] = ["created", "updated", "rejected", "dropped"];
+
+/// How an address left to its owner came back: put back by the owner, or by the agent once the
+/// grace ran out.
+pub const HANDOFF_OUTCOMES: [&str; 2] = ["owner_restored", "grace_expired"];
 
 pub const REPAIR_RESULTS: [&str; 4] = ["applied", "already_present", "not_yet", "failed"];
 pub const RESYNC_REASONS: [&str; 7] = [

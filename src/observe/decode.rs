@@ -223,24 +223,39 @@ pub fn address(msg: &AddressMessage) -> Option<(AddressKey, ObservedAddress)> {
     family(msg.header.family)?;
     let mut local = None;
     let mut peer = None;
+    let mut observed = ObservedAddress {
+        prefix_len: msg.header.prefix_len,
+        flags: u32::from(msg.header.flags.bits()),
+        scope: u8::from(msg.header.scope),
+        ..ObservedAddress::default()
+    };
     for attr in &msg.attributes {
         match attr {
             AddressAttribute::Local(a) => local = Some(*a),
             AddressAttribute::Address(a) => peer = Some(*a),
+            AddressAttribute::Broadcast(b) => observed.broadcast = Some(*b),
+            AddressAttribute::Label(l) => observed.label = Some(l.clone()),
+            AddressAttribute::Flags(f) => observed.flags = f.bits(),
+            AddressAttribute::Protocol(p) => observed.protocol = Some(u8::from(*p)),
+            AddressAttribute::RoutePriority(p) => observed.route_priority = Some(*p),
+            AddressAttribute::CacheInfo(c) => {
+                let left = |v: u32| (v != crate::model::address::FOREVER).then_some(v);
+                observed.valid_lft = left(c.ifa_valid);
+                observed.preferred_lft = left(c.ifa_preferred);
+            }
             _ => {}
         }
     }
     // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer on point-to-point links
     // and equal to IFA_LOCAL otherwise. IPv6 sends only IFA_ADDRESS unless it is point-to-point.
     let address = local.or(peer)?;
+    observed.peer = peer.filter(|p| *p != address);
     Some((
         AddressKey {
             ifindex: msg.header.index,
             address,
         },
-        ObservedAddress {
-            prefix_len: msg.header.prefix_len,
-        },
+        observed,
     ))
 }
 

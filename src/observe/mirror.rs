@@ -138,6 +138,9 @@ pub struct Mirror {
     /// Settings by family, device index (or IFINDEX_ALL / IFINDEX_DEFAULT) and setting.
     sysctls: HashMap<(Family, i32, Setting), u32>,
     neighbour_interest: NeighbourInterest,
+    /// The attributes addresses had when they were last removed (until they come back): a repair
+    /// puts an address back exactly as it was. Kept across dumps.
+    departed: HashMap<AddressKey, ObservedAddress>,
     interest: RouteInterest,
     /// `interest.tables()`, computed once: asked for on every turn of the reconcile loop.
     tables: Option<Vec<u32>>,
@@ -172,6 +175,11 @@ impl Mirror {
 
     pub fn links(&self) -> impl Iterator<Item = &LinkInfo> {
         self.links.values()
+    }
+
+    /// The attributes of an address that is gone, as it was when it went (see `departed`).
+    pub fn departed_address(&self, key: &AddressKey) -> Option<&ObservedAddress> {
+        self.departed.get(key)
     }
 
     /// Number of objects held, a bound on memory.
@@ -299,8 +307,14 @@ impl Mirror {
                 };
                 let removed = matches!(msg, M::DelAddress(_));
                 if removed {
-                    self.addresses.remove(&key);
+                    let known = self.addresses.remove(&key);
+                    if self.departed.len() >= MAX_DEPARTED {
+                        self.departed.clear();
+                    }
+                    self.departed
+                        .insert(key.clone(), merge_departed(known, addr));
                 } else {
+                    self.departed.remove(&key);
                     self.addresses.insert(key.clone(), addr);
                 }
                 Change::Address { key, removed }
@@ -331,6 +345,7 @@ impl Mirror {
                 }
                 self.addresses.retain(|k, _| k.ifindex != index);
                 self.forget_device(index);
+                self.departed.retain(|k, _| k.ifindex != index);
                 Change::LinkLost { index }
             }
             M::NewNeighbour(m) | M::DelNeighbour(m) => {
@@ -338,6 +353,24 @@ impl Mirror {
             }
             _ => Change::Nothing,
         }
+    }
+}
+
+/// Addresses whose last attributes are kept after they went (a host with churning temporary
+/// IPv6 addresses must not grow the mirror without end).
+const MAX_DEPARTED: usize = 4096;
+
+/// What to remember of a removed address: what the mirror last knew of it (a notification or a
+/// dump: complete), with the lifetimes the deletion reported (they run down as time passes). The
+/// deletion alone when the mirror did not know it.
+fn merge_departed(known: Option<ObservedAddress>, deleted: ObservedAddress) -> ObservedAddress {
+    match known {
+        None => deleted,
+        Some(known) => ObservedAddress {
+            valid_lft: deleted.valid_lft.or(known.valid_lft),
+            preferred_lft: deleted.preferred_lft.or(known.preferred_lft),
+            ..known
+        },
     }
 }
 

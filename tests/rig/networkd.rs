@@ -234,6 +234,35 @@ impl Networkd {
         }
     }
 
+    /// The link's `ADMIN_STATE` as networkd's state file says (`configured`, `configuring`,
+    /// `failed`, ...), if there is one yet.
+    pub fn admin_state(&self, link: &str) -> Option<String> {
+        let index = self.ifindex(link).ok()?;
+        let text = std::fs::read_to_string(self.path(&format!("/run/systemd/netif/links/{index}")))
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("ADMIN_STATE="))
+            .map(str::to_string)
+    }
+
+    /// Waits (bounded by `within`) until networkd is done with `link`, one way or the other:
+    /// `configured` or `failed`. Returns the state (or the last one seen, at the deadline).
+    pub fn wait_settled(&self, link: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let state = self.admin_state(link).unwrap_or_default();
+            if state == "configured" || state == "failed" || Instant::now() >= deadline {
+                return state;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Forgets the log collected so far (a long run at debug level grows it).
+    pub fn clear_log(&self) {
+        self.log.lock().unwrap().clear();
+    }
+
     /// SIGTERM, then waits (bounded) for the exit; SIGKILL if it does not come.
     pub fn stop(&mut self) -> Result<()> {
         let Some(child) = self.daemon.take() else {
