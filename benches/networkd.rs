@@ -2,21 +2,30 @@
 //!
 //! A throw-away namespace with `veth0` managed by the distribution's systemd-networkd (run by
 //! the rig of tests/rig/networkd.rs: private mount namespace, private /run, fake udev database),
-//! 200 protected rules and 2,000 protected routes on `veth0`. Each round restarts networkd (stop
-//! with SIGTERM and wait, start again): it deletes every foreign rule and route, then removes and
-//! re-adds its own address (the kernel drops every IPv4 route on the link with it), and the agent
-//! puts everything back. An independent rtnetlink listener (`netwarden::listen::Listener`,
-//! created inside the namespace) times, per round:
+//! 200 protected rules and 2,000 protected routes on `veth0`: 1,000 device routes and 1,000
+//! through a gateway on veth0's subnet. Each round restarts networkd (stop with SIGTERM and
+//! wait, start again): it deletes every foreign rule and route, then removes and re-adds its own
+//! address (the kernel drops every IPv4 route on the link with it; the gateway routes cannot be
+//! put back until the address is: ENETUNREACH), and the agent puts everything back. An
+//! independent rtnetlink listener (`netwarden::listen::Listener`, created inside the namespace)
+//! times, per round:
 //!
 //! - **flush → all back**: from the first protected object lost to the last one seen re-added;
 //! - the flush itself: from the first loss to the last (networkd deleting, the kernel dropping);
 //! - **longest missing**: the longest any single protected object was missing;
+//! - **longest missing, less the time its link had no address** (when nobody can add it);
 //! - networkd's own address gap (its address removed → re-added).
+//!
+//! With NETWARDEN_BENCH_DROPIN=1 networkd runs with the drop-ins `netwarden networkd` prints for
+//! this config (ManageForeignRoutingPolicyRules=no, ManageForeignRoutes=no, KeepConfiguration=
+//! static on veth0): then a restart should remove nothing protected.
 //!
 //! Reported (median, p90, max over the rounds), not asserted. Environment:
 //! NETWARDEN_BENCH_RESTARTS (20), NETWARDEN_BENCH_RESTART_GAP_MS (2500: longer than the agent's
 //! 2 s "contested" window, so that each restart is measured as a fresh event; shorter gaps show
-//! the backoff instead), NETWARDEN_BENCH_LOG_LEVEL (info). Results: docs/benchmarks.md.
+//! the backoff instead), NETWARDEN_BENCH_LOG_LEVEL (info), NETWARDEN_BENCH_AGENT (another
+//! `netwarden` binary to measure, e.g. one built from an older commit, for a before/after).
+//! Results: docs/benchmarks.md.
 
 #[allow(dead_code)]
 #[path = "../tests/rig/networkd.rs"]
@@ -39,7 +48,9 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
 const RULES: usize = 200;
+/// Half of them device routes, half through the gateway.
 const ROUTES: usize = 2_000;
+const GATEWAY: &str = "10.200.0.254";
 const TABLE: u32 = 100;
 const AGENT_READY: Duration = Duration::from_secs(60);
 const ALL_BACK: Duration = Duration::from_secs(30);
@@ -53,8 +64,9 @@ fn env_num(name: &str, default: u64) -> Result<u64> {
     }
 }
 
-/// 200 rules `priority 1000+i from 10.16.i.0/24 lookup 100`, 2,000 routes `10.64.x.y/32 dev
-/// veth0` in table 100 (device routes on the link networkd manages).
+/// 200 rules `priority 1000+i from 10.16.i.0/24 lookup 100`; in table 100, 1,000 routes
+/// `10.64.x.y/32 dev veth0` (device routes on the link networkd manages) and 1,000 routes
+/// `10.65.x.y/32 via 10.200.0.254 dev veth0` (through a gateway on its subnet).
 fn config_yaml() -> String {
     let mut y = String::from(
         "apiVersion: netwarden.io/v1alpha1\nkind: ProtectedState\nspec:\n  resync: 600s\n  rules:\n",
@@ -67,10 +79,16 @@ fn config_yaml() -> String {
         );
     }
     y.push_str("  routes:\n");
-    for j in 0..ROUTES {
+    for j in 0..ROUTES / 2 {
         let _ = writeln!(
             y,
             "    - name: route-{j}\n      table: {TABLE}\n      destination: 10.64.{}.{}/32\n      device: veth0",
+            j / 256,
+            j % 256
+        );
+        let _ = writeln!(
+            y,
+            "    - name: via-{j}\n      table: {TABLE}\n      destination: 10.65.{}.{}/32\n      gateway: {GATEWAY}\n      device: veth0",
             j / 256,
             j % 256
         );
@@ -88,7 +106,11 @@ fn present(ns: &Sandbox) -> Result<(usize, usize)> {
     let routes = ns
         .ip(&["route", "show", "table", &TABLE.to_string()])?
         .lines()
-        .filter(|l| l.starts_with("10.64.") && l.contains("dev veth0"))
+        .filter(|l| {
+            (l.starts_with("10.64.") || l.starts_with("10.65."))
+                && l.contains("dev veth0")
+                && !l.contains("linkdown")
+        })
         .count();
     Ok((rules, routes))
 }
@@ -102,7 +124,8 @@ struct Agent {
 
 impl Agent {
     fn spawn(config: &Path, netns: &str, level: &str) -> Result<Agent> {
-        let mut child = Command::new(BIN)
+        let bin = std::env::var("NETWARDEN_BENCH_AGENT").unwrap_or_else(|_| BIN.to_string());
+        let mut child = Command::new(&bin)
             .args(["run", "--config"])
             .arg(config)
             .args(["--netns", netns, "--log-level", level])
@@ -111,7 +134,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot start {BIN}"))?;
+            .with_context(|| format!("cannot start {bin}"))?;
         let stderr = child.stderr.take().context("agent stderr")?;
         let (tx, ready) = channel();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -121,7 +144,11 @@ impl Agent {
                 if line.contains("initial sync done") {
                     let _ = tx.send(());
                 }
-                if line.contains("contested") || line.contains("WARN") || line.contains("ERROR") {
+                if line.contains("contested")
+                    || line.contains("WARN")
+                    || line.contains("ERROR")
+                    || line.contains("restored")
+                {
                     keep.lock().unwrap().push(line);
                 }
             }
@@ -153,6 +180,8 @@ struct Round {
     span: Duration,
     flush: Duration,
     longest: Duration,
+    addressed: Duration,
+    no_address: Duration,
     address_gap: Duration,
     address_removals: usize,
     lost: usize,
@@ -180,9 +209,11 @@ fn main() -> Result<()> {
     let level = std::env::var("NETWARDEN_BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     ensure!(restarts > 0, "NETWARDEN_BENCH_RESTARTS must be at least 1");
     println!("netwarden networkd-restart benchmark");
+    let dropin = std::env::var_os("NETWARDEN_BENCH_DROPIN").is_some_and(|v| v == "1");
     println!(
-        "state: {RULES} rules (priority 1000.., from 10.16.i.0/24 lookup {TABLE}) and {ROUTES} routes (10.64.x.y/32 dev veth0 table {TABLE}); veth0 managed by {}",
-        networkd::BINARY
+        "state: {RULES} rules (priority 1000.., from 10.16.i.0/24 lookup {TABLE}) and {ROUTES} routes in table {TABLE} (half 10.64.x.y/32 dev veth0, half 10.65.x.y/32 via {GATEWAY} dev veth0); veth0 managed by {}{}",
+        networkd::BINARY,
+        if dropin { ", with the drop-ins that prevent its flush" } else { "" }
     );
 
     let ns = Sandbox::create("nwbench-nd")?;
@@ -193,6 +224,18 @@ fn main() -> Result<()> {
     ns.ip(&["link", "set", "veth0", "up"])?;
     let network = "[Match]\nName=veth0\n\n[Network]\nAddress=10.200.0.1/24\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n";
     let mut nd = Networkd::new(&ns.name, &[("10-veth0.network", network)])?;
+    if dropin {
+        // What `netwarden networkd` prints for this config (tests/offenders_networkd_advice.rs
+        // checks that it does).
+        nd.write_conf(
+            "60-netwarden.conf",
+            "[Network]\nManageForeignRoutingPolicyRules=no\nManageForeignRoutes=no\n",
+        )?;
+        nd.write_etc(
+            "network/10-veth0.network.d/60-netwarden.conf",
+            "[Network]\nKeepConfiguration=static\n",
+        )?;
+    }
     nd.start()?;
     nd.wait_configured("veth0")?;
 
@@ -212,6 +255,8 @@ fn main() -> Result<()> {
         std::thread::sleep(gap);
         let listener = listener_in(&ns.name)?;
         let mut out = Outage::for_config(&cfg, |d| nd.ifindex(d).ok())?;
+        out.seed_addresses([(nd.ifindex("veth0")?, "10.200.0.1".parse()?)]);
+        let logged = agent.log.lock().unwrap().len();
         nd.restart()?;
         let back = out.settle(&listener, ALL_BACK, || {
             present(&ns).is_ok_and(|p| p == (RULES, ROUTES))
@@ -228,21 +273,39 @@ fn main() -> Result<()> {
         if std::env::var_os("NW_OUTAGE_TRACE").is_some() {
             eprintln!("{}", out.summary(&format!("restart {i}")));
         }
+        let (addressed, worst) = out.longest_with_address();
+        let worst = worst.map(|k| k.to_string()).unwrap_or_default();
         let r = Round {
             span: out.span(),
             flush: out.flush(),
             longest: out.longest(),
+            addressed,
+            no_address: out.longest_without_address(),
             address_gap: out.longest_address_gap,
             address_removals: out.address_removals,
             lost: out.lost().len(),
             overrun: out.overrun,
         };
+        let (pending, unknown) = {
+            let log = agent.log.lock().unwrap();
+            let new = &log[logged..];
+            (
+                new.iter()
+                    .filter(|l| l.contains("WARN") && l.contains("pending"))
+                    .count(),
+                new.iter()
+                    .filter(|l| l.contains("restored") && l.contains("actor=unknown"))
+                    .count(),
+            )
+        };
         println!(
-            "  restart {i:>2}: {:>4} objects lost, first -> last loss {:>7.3} ms, flush -> all back {:>8.3} ms, longest missing {:>8.3} ms, networkd's address gap {:>7.3} ms ({} removal){}",
+            "  restart {i:>2}: {:>4} objects lost, first -> last loss {:>7.3} ms, flush -> all back {:>8.3} ms, longest missing {:>8.3} ms ({:>7.3} ms less no-address time: {worst}), no address {:>7.3} ms, networkd's address gap {:>7.3} ms ({} removal); agent: {pending} `pending` warnings, {unknown} repairs of actor=unknown{}",
             r.lost,
             ms(r.flush),
             ms(r.span),
             ms(r.longest),
+            ms(r.addressed),
+            ms(r.no_address),
             ms(r.address_gap),
             r.address_removals,
             if r.overrun { " (listener overran)" } else { "" }
@@ -250,8 +313,10 @@ fn main() -> Result<()> {
         rounds.push(r);
     }
     ensure!(
-        !nd.log_lines("Removing foreign routing policy rule")
-            .is_empty(),
+        dropin
+            || !nd
+                .log_lines("Removing foreign routing policy rule")
+                .is_empty(),
         "networkd never removed a foreign rule: it did not flush (container mode?)"
     );
 
@@ -266,6 +331,10 @@ fn main() -> Result<()> {
     line("first -> last loss (networkd's flush)", &flushes);
     line("flush -> last object restored", &spans);
     line("longest any protected object missing", &longest);
+    let addressed: Vec<Duration> = rounds.iter().map(|r| r.addressed).collect();
+    line("  less the time its link had no address", &addressed);
+    let no_address: Vec<Duration> = rounds.iter().map(|r| r.no_address).collect();
+    line("veth0 without an IPv4 address", &no_address);
     line("networkd's own address gap", &gaps);
     let lost: Vec<usize> = rounds.iter().map(|r| r.lost).collect();
     println!(

@@ -1,4 +1,5 @@
-//! When to repair a burst of removals: once it has settled. Pure timing logic, no I/O.
+//! When to repair a burst of removals: as it goes, or once it has settled. Pure timing logic, no
+//! I/O.
 //!
 //! Deleting tools work in passes. `ip route flush` dumps the table and deletes what it finds,
 //! then dumps again, and stops only when a dump comes back empty. So a route put back while the
@@ -13,7 +14,18 @@
 //! least [`BURST_MIN`] removals of protected objects does the agent keep reading events, until no
 //! protected object has been removed for [`QUIET`], or [`HOLD_MAX`] after the batch began, then
 //! plans once for everything the burst touched.
+//!
+//! Not every deleter runs in passes. systemd-networkd marks the foreign rules and routes once
+//! when it (re)configures a link and deletes each of them once, one request at a time (tens of
+//! milliseconds for a few thousand): an object put back meanwhile is a new foreign object to it,
+//! not deleted again until its next (re)configuration. Holding its burst kept the first objects it
+//! deleted away for its whole flush. So [`Pacer`] tells the two apart: a burst whose removals all
+//! come from a deleter known to delete once ([`ONE_PASS`]) is repaired as it goes, unless an
+//! object the agent put back during it is removed again, which shows passes after all; everything
+//! else is held as above.
 
+use crate::model::fast::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 /// Protected objects removed in one batch of events that make it a burst.
@@ -25,12 +37,131 @@ pub const QUIET: Duration = Duration::from_millis(5);
 /// never stops does not keep the objects it removed away for longer than this.
 pub const HOLD_MAX: Duration = Duration::from_millis(250);
 
+/// Process names (as the kernel reports them) of deleters that delete each object once per
+/// run: a burst of theirs is repaired as it goes.
+pub const ONE_PASS: &[&str] = &["systemd-network"];
+
+/// How long an object put back during a burst repaired as it goes is watched for a second
+/// removal (a deleter in passes comes back to it within its own run).
+pub const REDELETION_WATCH: Duration = Duration::from_secs(1);
+
+/// How a burst is repaired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pace {
+    /// Once it has settled (or at [`HOLD_MAX`]).
+    #[default]
+    Held,
+    /// Batch by batch, as the events arrive.
+    AsItGoes,
+}
+
+impl Pace {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pace::Held => "held",
+            Pace::AsItGoes => "as_it_goes",
+        }
+    }
+}
+
+/// Who removed the objects of a burst: a process name per netlink port, or nothing known
+/// (`None`: the process was gone, or processes cannot be looked up).
+pub type Deleters<'a> = &'a [Option<&'a str>];
+
+/// Decides a burst's pace. A deleter that could not be named is treated as one that runs in
+/// passes: holding costs only time, repairing in the middle of a flush costs the work twice.
+pub fn pace(deleters: Deleters<'_>, deleted_again: bool) -> Pace {
+    let one_pass = |d: &Option<&str>| d.is_some_and(|n| ONE_PASS.contains(&n));
+    if !deleted_again && !deleters.is_empty() && deleters.iter().all(one_pass) {
+        Pace::AsItGoes
+    } else {
+        Pace::Held
+    }
+}
+
+/// What a burst repaired as it goes needs across batches: the objects put back, to see them
+/// deleted again; and the names of the deleters, looked up once per netlink port.
+#[derive(Clone, Debug)]
+pub struct Pacer<K> {
+    repaired: HashMap<K, Instant>,
+    names: HashMap<u32, (Option<String>, Instant)>,
+}
+
+impl<K: Clone + Eq + Hash> Default for Pacer<K> {
+    fn default() -> Self {
+        Pacer {
+            repaired: HashMap::default(),
+            names: HashMap::default(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> Pacer<K> {
+    /// The ports among `ports` whose process is not known yet (to look up, then [`Pacer::learn`]).
+    pub fn unnamed(&self, ports: &[u32]) -> Vec<u32> {
+        ports
+            .iter()
+            .filter(|p| !self.names.contains_key(p))
+            .copied()
+            .collect()
+    }
+
+    /// Remembers the process behind a port (`None`: unknown) as of `now`.
+    pub fn learn(&mut self, port: u32, name: Option<String>, now: Instant) {
+        self.names.insert(port, (name, now));
+    }
+
+    /// The pace of a burst whose removals so far came from `ports` and removed `removed`.
+    pub fn pace<'a>(
+        &self,
+        ports: &[u32],
+        removed: impl IntoIterator<Item = &'a K>,
+        now: Instant,
+    ) -> Pace
+    where
+        K: 'a,
+    {
+        let deleted_again = removed.into_iter().any(|k| {
+            self.repaired
+                .get(k)
+                .is_some_and(|t| now.saturating_duration_since(*t) < REDELETION_WATCH)
+        });
+        let names: Vec<Option<&str>> = ports
+            .iter()
+            .map(|p| self.names.get(p).and_then(|(n, _)| n.as_deref()))
+            .collect();
+        pace(&names, deleted_again)
+    }
+
+    /// Objects put back by a repair of a burst that goes as it goes, at `now`.
+    pub fn repaired<'a>(&mut self, ids: impl IntoIterator<Item = &'a K>, now: Instant)
+    where
+        K: 'a,
+    {
+        for id in ids {
+            self.repaired.insert(id.clone(), now);
+        }
+    }
+
+    /// Forgets what is older than the watch (names too: a port may be another process's later).
+    pub fn prune(&mut self, now: Instant) {
+        let fresh = |t: &Instant| now.saturating_duration_since(*t) < REDELETION_WATCH;
+        self.repaired.retain(|_, t| fresh(t));
+        self.names.retain(|_, (_, t)| fresh(t));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.repaired.is_empty() && self.names.is_empty()
+    }
+}
+
 /// Whether to keep reading events before planning, for one batch.
 #[derive(Clone, Debug)]
 pub struct Settle {
     started: Instant,
     removals: usize,
     last_removal: Instant,
+    pace: Pace,
 }
 
 impl Settle {
@@ -40,7 +171,22 @@ impl Settle {
             started,
             removals: 0,
             last_removal: started,
+            pace: Pace::Held,
         }
+    }
+
+    /// Sets how the burst is repaired (held by default).
+    pub fn set_pace(&mut self, pace: Pace) {
+        self.pace = pace;
+    }
+
+    pub fn pace(&self) -> Pace {
+        self.pace
+    }
+
+    /// Whether this batch is a burst whose repair waits for it to settle.
+    pub fn holds(&self) -> bool {
+        self.is_burst() && self.pace == Pace::Held
     }
 
     /// The batch has seen `removals` protected objects removed so far (a running total), the
@@ -59,7 +205,7 @@ impl Settle {
 
     /// How long to wait for more events before planning; `None`: plan now.
     pub fn wait(&self, now: Instant) -> Option<Duration> {
-        if !self.is_burst() {
+        if !self.holds() {
             return None;
         }
         let until = (self.last_removal + QUIET).min(self.started + HOLD_MAX);
@@ -112,6 +258,64 @@ mod tests {
         s.seen(BURST_MIN + 10, t0 + ms(8));
         assert_eq!(s.wait(t0 + ms(4) + QUIET), None);
         assert_eq!(s.removals(), BURST_MIN + 10);
+    }
+
+    #[test]
+    fn a_burst_repaired_as_it_goes_does_not_wait() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(t0);
+        s.seen(BURST_MIN * 3, t0);
+        s.set_pace(Pace::AsItGoes);
+        assert!(s.is_burst());
+        assert!(!s.holds());
+        assert_eq!(s.wait(t0), None);
+    }
+
+    #[test]
+    fn networkd_is_repaired_as_it_goes_everyone_else_is_held() {
+        assert_eq!(pace(&[Some("systemd-network")], false), Pace::AsItGoes);
+        assert_eq!(pace(&[Some("ip")], false), Pace::Held);
+        assert_eq!(pace(&[None], false), Pace::Held, "unknown deleter");
+        assert_eq!(pace(&[], false), Pace::Held);
+        assert_eq!(
+            pace(&[Some("systemd-network"), Some("ip")], false),
+            Pace::Held,
+            "networkd and a flush at once"
+        );
+        assert_eq!(
+            pace(&[Some("systemd-network")], true),
+            Pace::Held,
+            "an object put back was deleted again: passes after all"
+        );
+    }
+
+    #[test]
+    fn the_pacer_sees_objects_deleted_again_within_the_watch() {
+        let t0 = Instant::now();
+        let mut p: Pacer<u32> = Pacer::default();
+        assert_eq!(p.unnamed(&[10, 11]), [10, 11]);
+        p.learn(10, Some("systemd-network".into()), t0);
+        p.learn(11, None, t0);
+        assert!(p.unnamed(&[10, 11]).is_empty());
+        assert_eq!(p.pace(&[10], &[1, 2], t0), Pace::AsItGoes);
+        assert_eq!(
+            p.pace(&[10, 11], &[1], t0),
+            Pace::Held,
+            "one deleter unknown"
+        );
+        p.repaired(&[1, 2], t0 + ms(1));
+        assert_eq!(p.pace(&[10], &[3], t0 + ms(2)), Pace::AsItGoes);
+        assert_eq!(
+            p.pace(&[10], &[3, 2], t0 + ms(2)),
+            Pace::Held,
+            "2 deleted again"
+        );
+        // Long after: another run, not a second pass.
+        let later = t0 + ms(1) + REDELETION_WATCH;
+        assert_eq!(p.pace(&[10], &[2], later), Pace::AsItGoes);
+        p.prune(later);
+        assert!(p.is_empty(), "names are forgotten too");
+        assert_eq!(p.unnamed(&[10]), [10]);
     }
 
     #[test]

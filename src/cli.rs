@@ -90,6 +90,10 @@ pub enum Command {
         /// the host's at /host/proc/sys/net).
         #[arg(long, env = "NETWARDEN_SYSCTL_DIR", value_name = "DIR", default_value = netwarden::observe::sysctl::DEFAULT_DIR)]
         sysctl_dir: PathBuf,
+        /// The node's root directory as seen by the agent, for the check at start of what
+        /// systemd-networkd's next restart would remove (`netwarden networkd`); `off` skips it.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        networkd_root: String,
     },
     /// Ask a running agent for the state of each protected object and its last repair.
     Status {
@@ -174,6 +178,26 @@ pub enum Command {
         /// iptables backend to read chains from: auto picks the one holding rules.
         #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
         iptables_backend: BackendChoice,
+    },
+    /// What systemd-networkd's next restart (or a reconfigure) would remove of what a config
+    /// protects, and the drop-ins that prevent it. Exit 0 nothing at risk at a restart, 1 at
+    /// risk, 2 error. Changes nothing unless --write-root is given; never restarts networkd.
+    Networkd {
+        #[arg(long)]
+        config: PathBuf,
+        /// Look at the links of this network namespace (a name under /run/netns, or a path).
+        #[arg(long)]
+        netns: Option<String>,
+        /// The node's root directory as seen from here: networkd's configuration and state are
+        /// read below it (`/host` when the node's root is mounted there).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Write the drop-ins below this directory (`/` for the node itself: the
+        /// /etc/systemd/... paths shown). They take effect at networkd's next start.
+        #[arg(long, value_name = "DIR")]
+        write_root: Option<PathBuf>,
     },
     /// Validate a config file, or a ConfigMap manifest holding one (`-`: standard input).
     /// Exit 0 valid, 2 invalid.

@@ -15,6 +15,7 @@ pub fn run(
     backend: BackendChoice,
     metrics_addr: Option<&str>,
     adopted_state: Option<std::path::PathBuf>,
+    networkd_root: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let cm = kube.configmap.context("--configmap is required")?;
     let (namespace, name) = configmap_ref(&cm, kube.configmap_namespace.as_deref())?;
@@ -103,6 +104,7 @@ pub fn run(
             _ = crate::netns_gone(entered.as_ref()) => return Ok(crate::Ended::NetnsGone),
             r = start => r?,
         };
+        crate::check_networkd(networkd_root, &ex.desired, &telemetry);
         let (nft_tx, nft_rx) = mpsc::channel(4);
         let telemetry_reject = telemetry;
         let guard = guard.with_store(agent.adopted_store());

@@ -19,6 +19,7 @@ pub mod listen;
 pub mod model;
 pub mod netfilter;
 pub mod netns;
+pub mod networkd;
 pub mod nftables;
 pub mod obs;
 pub mod observe;

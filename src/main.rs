@@ -74,12 +74,14 @@ fn main() -> ExitCode {
             metrics_addr,
             adopted_state,
             sysctl_dir: _,
+            networkd_root,
         } => run(
             &config,
             netns.as_deref(),
             iptables_backend,
             metrics_addr.as_deref(),
             adopted_state,
+            networkd_root_of(&networkd_root),
         ),
         Command::Run {
             config: None,
@@ -89,12 +91,14 @@ fn main() -> ExitCode {
             metrics_addr,
             adopted_state,
             sysctl_dir: _,
+            networkd_root,
         } => kubernetes::run(
             kube,
             netns.as_deref(),
             iptables_backend,
             metrics_addr.as_deref(),
             adopted_state,
+            networkd_root_of(&networkd_root),
         ),
         Command::Status { addr, output } => status(&addr, output),
         Command::Check {
@@ -112,6 +116,19 @@ fn main() -> ExitCode {
             adopted_state.as_deref(),
         ),
         Command::Demo => demo_command(),
+        Command::Networkd {
+            config,
+            netns,
+            root,
+            output,
+            write_root,
+        } => networkd(
+            &config,
+            netns.as_deref(),
+            &root,
+            output,
+            write_root.as_deref(),
+        ),
         Command::Snapshot {
             netns,
             tables,
@@ -326,12 +343,33 @@ pub(crate) async fn require_kernel_access(enforces: bool) -> anyhow::Result<()> 
     }
 }
 
+/// `--networkd-root`: a directory, or `off`.
+fn networkd_root_of(arg: &str) -> Option<std::path::PathBuf> {
+    (arg != "off").then(|| std::path::PathBuf::from(arg))
+}
+
+/// Starts the check at start of what systemd-networkd would remove (see `networkd::host`).
+pub(crate) fn check_networkd(
+    root: Option<std::path::PathBuf>,
+    desired: &DesiredState,
+    telemetry: &std::sync::Arc<obs::Telemetry>,
+) {
+    if let Some(root) = root {
+        tokio::spawn(netwarden::networkd::host::check_at_start(
+            root,
+            desired.clone(),
+            telemetry.clone(),
+        ));
+    }
+}
+
 fn run(
     path: &std::path::Path,
     netns: Option<&str>,
     backend: BackendChoice,
     metrics_addr: Option<&str>,
     adopted_state: Option<std::path::PathBuf>,
+    networkd_root: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let text = config::read_text(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg =
@@ -349,6 +387,7 @@ fn run(
     let adopted_state = check_adopted_state(adopted_state, &telemetry);
     let ended = rt.block_on(async move {
         let (mut stop, hup) = netwarden::lifecycle::install().context("cannot handle signals")?;
+        let checked = desired.clone();
         let start = async {
             require_kernel_access(cfg.enforces_anything()).await?;
             // nftables wiring: the engine (src/nftables/) starts first.
@@ -393,7 +432,7 @@ fn run(
             path,
             hup,
             text,
-            telemetry,
+            telemetry.clone(),
             obs::ReloadFollowers {
                 guard: Some(obs::GuardSide {
                     tx: guard_tx,
@@ -403,6 +442,7 @@ fn run(
             },
             &cfg,
         );
+        check_networkd(networkd_root, &checked, &telemetry);
         // One writer for the file: the agent's, which the guard shares for its part.
         let guard = guard.with_store(agent.adopted_store());
         tokio::select! {
@@ -539,6 +579,42 @@ fn check(
         ))?,
     }
     Ok(if report.in_sync && nft.tables.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn networkd(
+    path: &std::path::Path,
+    netns: Option<&str>,
+    root: &std::path::Path,
+    output: Output,
+    write_root: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use netwarden::networkd::{host, report};
+    let cfg = load(path)?;
+    let desired = DesiredState::from_config(&cfg);
+    let (rt, _entered) = runtime(netns)?;
+    let found = rt.block_on(host::report(root, &desired))?;
+    match output {
+        Output::Table => print!("{}", report::render_table(&found)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+    }
+    if let Some(dir) = write_root {
+        if found.dropins.is_empty() {
+            eprintln!("netwarden: nothing to write: a restart removes nothing protected");
+        }
+        for p in host::write(dir, &found.dropins)
+            .with_context(|| format!("cannot write the drop-ins below {}", dir.display()))?
+        {
+            eprintln!(
+                "netwarden: wrote {} (read at networkd's next start; networkd was not restarted)",
+                p.display()
+            );
+        }
+    }
+    Ok(if found.at_risk() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -17,7 +17,8 @@ use crate::model::{DesiredRule, Family, Kind, Mode, RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest, Decision};
 use crate::obs::metrics::{
-    DriftLabels, ErrorLabels, ForgetLabels, HandoffLabels, KindLabels, ReasonLabels, RepairLabels,
+    BurstLabels, DriftLabels, ErrorLabels, ForgetLabels, HandoffLabels, KindLabels, ReasonLabels,
+    RepairLabels,
 };
 use crate::obs::status::State;
 use crate::obs::{Ping, Reload, Telemetry};
@@ -71,6 +72,10 @@ struct Batch {
     adoption_changed: bool,
     /// Protected objects seen removed (a burst holds the repair until they stop).
     removals: usize,
+    /// The protected objects removed, and the ports of the processes that removed them (few),
+    /// to decide a burst's pace.
+    removed_ids: Vec<ObjectId>,
+    removal_ports: Vec<u32>,
     /// Someone else added a protected rule the mirror already held: the rules are re-dumped to
     /// count the copies.
     rule_added_again: bool,
@@ -81,6 +86,17 @@ struct Batch {
     sysctl_default_changed: bool,
     /// Adopted neighbour and FDB entries removed in this batch (judged like adopted rules).
     adopted_node_removed: Vec<ObjectId>,
+}
+
+impl Batch {
+    /// A protected rule or route was removed by the process behind `port`.
+    fn removed(&mut self, id: &ObjectId, port: u32) {
+        self.removals += 1;
+        self.removed_ids.push(id.clone());
+        if !self.removal_ports.contains(&port) {
+            self.removal_ports.push(port);
+        }
+    }
 }
 
 /// Why a full refresh ran.
@@ -185,11 +201,16 @@ pub struct Agent {
     /// Enforced objects that could not be applied yet. Retried when something appears (a link,
     /// an address, a route, a rule): any of those can make a device or gateway available.
     pending: HashSet<ObjectId>,
+    /// The netlink port of the change that made a pending object missing, when known: its
+    /// eventual repair is logged with that actor, as its drift was counted.
+    pending_by: HashMap<ObjectId, u32>,
     telemetry: Arc<Telemetry>,
     /// Objects fought over, and their held-back repairs.
     contest: Contest<ObjectId>,
     /// Addresses removed by their owner, left to it to put back for a while.
     handoff: Handoff<ObjectId>,
+    /// Bursts repaired as they go: what was put back, and who deletes (see `burst`).
+    pacer: burst::Pacer<ObjectId>,
     /// Enforced objects whose last repair failed.
     failed: HashSet<ObjectId>,
     /// Those of them the kernel refused for lack of permission (EPERM, EACCES): while any is
@@ -307,10 +328,12 @@ impl Agent {
             resync,
             reported: HashMap::default(),
             pending: HashSet::default(),
+            pending_by: HashMap::default(),
             pings: telemetry.take_pings(),
             telemetry,
             contest: Contest::new(Backoff::default()),
             handoff: Handoff::default(),
+            pacer: burst::Pacer::default(),
             failed: HashSet::default(),
             refused: HashSet::default(),
             states: HashMap::default(),
@@ -499,6 +522,7 @@ impl Agent {
         self.sync_interest();
         let d = &self.desired;
         self.pending.retain(|id| protects(d, id));
+        self.pending_by.retain(|id, _| protects(d, id));
         self.reported.retain(|id, _| protects(d, id));
         self.failed.retain(|id| protects(d, id));
         self.refused.retain(|id| protects(d, id));
@@ -640,11 +664,15 @@ impl Agent {
                 }
             }
             if batch.removals > settle.removals() {
+                let was_burst = settle.is_burst();
                 settle.seen(batch.removals, Instant::now());
+                if settle.is_burst() && !was_burst {
+                    settle.set_pace(self.burst_pace(&batch));
+                }
             }
-            // A burst reads on (past MAX_BATCH too) until it settles, but never past its longest
-            // hold, even if events keep coming; see `burst`.
-            let read_on = if settle.is_burst() {
+            // A held burst reads on (past MAX_BATCH too) until it settles, but never past its
+            // longest hold, even if events keep coming; see `burst`.
+            let read_on = if settle.holds() {
                 settle.may_hold(Instant::now())
             } else {
                 count < MAX_BATCH
@@ -671,12 +699,18 @@ impl Agent {
             self.reread_device_settings(&mut batch);
         }
         if settle.is_burst() {
-            self.telemetry.metrics.bursts.inc();
+            let pace = settle.pace().as_str();
+            self.telemetry
+                .metrics
+                .bursts
+                .get_or_create(&BurstLabels { pace })
+                .inc();
             debug!(
                 removed = settle.removals(),
                 events = count,
                 held_ms = settle.held(Instant::now()).as_millis() as u64,
-                "a burst of removals settled; repairing"
+                pace,
+                "a burst of removals; repairing"
             );
         }
         if !batch.adopted_removed.is_empty() {
@@ -750,10 +784,40 @@ impl Agent {
             self.placing.retain(|id| pending.contains(id));
         }
         if settle.is_burst() {
+            if settle.pace() == burst::Pace::AsItGoes {
+                // Watched for a second removal: a deleter in passes after all.
+                self.pacer.repaired(&batch.removed_ids, Instant::now());
+            }
             drop(batch);
             release_freed_memory();
         }
         Ok(())
+    }
+
+    /// The pace of a burst (see `burst`): who removed its objects so far (looked up once per
+    /// netlink port, synchronously: this decides whether to wait), and whether it removed again
+    /// what the agent put back during a burst repaired as it goes.
+    fn burst_pace(&mut self, batch: &Batch) -> burst::Pace {
+        let now = Instant::now();
+        self.pacer.prune(now);
+        let unnamed: Vec<u32> = self
+            .pacer
+            .unnamed(&batch.removal_ports)
+            .into_iter()
+            .filter(|p| *p != attribution::KERNEL_PORT)
+            .collect();
+        if !unnamed.is_empty() {
+            let names = self.resolver.resolve(&unnamed);
+            for port in unnamed {
+                let name = names
+                    .get(&port)
+                    .filter(|n| n.as_str() != attribution::UNKNOWN)
+                    .cloned();
+                self.pacer.learn(port, name, now);
+            }
+        }
+        self.pacer
+            .pace(&batch.removal_ports, &batch.removed_ids, now)
     }
 
     /// The agent does not hear its own changes (see `EventSocket::subscribe`), so what its repairs
@@ -796,8 +860,11 @@ impl Agent {
                     batch.adoption_changed |= self.adopt_rule(&key);
                 }
                 if self.desired.rules.contains_key(&key) {
-                    batch.removals += removed as usize;
-                    batch.removed_by.insert(ObjectId::Rule(key.clone()), port);
+                    let id = ObjectId::Rule(key.clone());
+                    if removed {
+                        batch.removed(&id, port);
+                    }
+                    batch.removed_by.insert(id, port);
                     batch.dirty.rules.insert(key);
                 }
             }
@@ -814,8 +881,11 @@ impl Agent {
                     batch.adoption_changed |= self.adopt_route(&key);
                 }
                 if self.desired.routes.contains_key(&key) {
-                    batch.removals += removed as usize;
-                    batch.removed_by.insert(ObjectId::Route(key.clone()), port);
+                    let id = ObjectId::Route(key.clone());
+                    if removed {
+                        batch.removed(&id, port);
+                    }
+                    batch.removed_by.insert(id, port);
                     batch.dirty.routes.insert(key);
                 }
             }
@@ -1191,6 +1261,7 @@ impl Agent {
             _ => return,
         }
         self.pending.remove(id);
+        self.pending_by.remove(id);
         self.reported.remove(id);
         self.failed.remove(id);
         if self.refused.remove(id) {
@@ -1354,13 +1425,22 @@ impl Agent {
             plan.steps.retain(|s| !h.is_waiting(&s.id));
             plan.drift.retain(|d| !h.is_waiting(&d.id));
         }
+        // Who made the pending objects of this plan missing: their repair is that change's.
+        let earlier: HashMap<ObjectId, u32> = if self.pending_by.is_empty() {
+            HashMap::default()
+        } else {
+            plan.steps
+                .iter()
+                .filter_map(|s| Some((s.id.clone(), *self.pending_by.get(&s.id)?)))
+                .collect()
+        };
         let port_of = |id: &ObjectId| match (removed_by.get(id), id, cause) {
             (Some(p), _, _) => Some(*p),
             // Found missing after a re-dump: the kernel dropped it with an address or link.
             (None, ObjectId::Route(_), Cause::Events { redumped: true, .. }) => {
                 Some(attribution::KERNEL_PORT)
             }
-            _ => None,
+            _ => earlier.get(id).copied(),
         };
         let mut held: HashSet<ObjectId> = HashSet::default();
         // Objects already known not to be in sync (pending, failed): a retry, not new drift.
@@ -1465,6 +1545,7 @@ impl Agent {
             match outcome {
                 Outcome::Applied | Outcome::AlreadyThere => {
                     self.pending.remove(&step.id);
+                    self.pending_by.remove(&step.id);
                     self.failed.remove(&step.id);
                     self.refused.remove(&step.id);
                     // The kernel said yes: mirror it now rather than waiting for the
@@ -1490,6 +1571,9 @@ impl Agent {
                 }
                 Outcome::NotYet(errno) => {
                     self.pending.insert(step.id.clone());
+                    if let Some(port) = port_of(&step.id) {
+                        self.pending_by.insert(step.id.clone(), port);
+                    }
                     let errno_label = format!("{errno:?}");
                     metrics
                         .apply_errors
@@ -1567,7 +1651,7 @@ impl Agent {
         if !restored.is_empty() {
             let count = |k| restored.iter().filter(|(kind, _)| *kind == k).count() as u64;
             let names: Vec<&str> = restored.iter().take(5).map(|(_, n)| *n).collect();
-            let mut by: Vec<u32> = restored_ports(&plan, &repaired, removed_by);
+            let mut by: Vec<u32> = restored_ports(&plan, &repaired, port_of);
             by.sort_unstable();
             by.dedup();
             report.at_start = cause == Cause::Start;
@@ -1797,6 +1881,7 @@ impl Agent {
     ) -> Vec<(ObjectId, String)> {
         let mut observed = Vec::new();
         let mut seen: HashSet<ObjectId> = HashSet::default();
+        let mut newly_pending: Vec<(&Drift, &str)> = Vec::new();
         for d in &plan.drift {
             let finding = now_pending.get(&d.id).unwrap_or(&d.finding);
             let repaired = d.mode == Mode::Enforce
@@ -1814,9 +1899,7 @@ impl Agent {
                 observed.push((d.id.clone(), d.name.clone()));
             }
             match finding {
-                Finding::Pending { reason } => {
-                    warn!(kind = %d.kind, name = %d.name, object = %d.object, %reason, "pending")
-                }
+                Finding::Pending { reason } => newly_pending.push((d, reason)),
                 Finding::Missing => {
                     warn!(kind = %d.kind, name = %d.name, object = %d.object, mode = "observe", "drift: missing")
                 }
@@ -1826,10 +1909,13 @@ impl Agent {
             }
             self.reported.insert(d.id.clone(), finding.clone());
         }
+        log_pending(&newly_pending);
         // A pending object the plan looked at and found nothing wrong with is no longer pending.
         let looked_at = |id: &ObjectId| scope.is_none_or(|d| d.contains(id));
         self.pending
             .retain(|id| seen.contains(id) || !looked_at(id));
+        let pending = &self.pending;
+        self.pending_by.retain(|id, _| pending.contains(id));
         // Anything reported before, looked at by this plan and not drifted is back in sync (also
         // after a plan of only the objects events touched: otherwise the next drift of an
         // observe-mode object would match the stale report and go unlogged).
@@ -1844,6 +1930,40 @@ impl Agent {
             info!(kind = %id.kind(), "back in sync");
         }
         observed
+    }
+}
+
+/// Objects newly found pending, one warning each when they are few; one warning per reason,
+/// with a count and the first names, when many wait for the same thing (a networkd restart leaves
+/// a thousand routes through its gateway waiting for its address: a thousand lines said nothing
+/// more than one). Each is still logged at debug.
+fn log_pending(pending: &[(&Drift, &str)]) {
+    /// Up to this many objects of one reason are logged one by one.
+    const EACH: usize = 3;
+    let mut by_reason: Vec<(&str, Vec<&Drift>)> = Vec::new();
+    for (d, reason) in pending {
+        match by_reason.iter_mut().find(|(r, _)| r == reason) {
+            Some((_, list)) => list.push(d),
+            None => by_reason.push((reason, vec![d])),
+        }
+    }
+    for (reason, list) in by_reason {
+        if list.len() <= EACH {
+            for d in list {
+                warn!(kind = %d.kind, name = %d.name, object = %d.object, %reason, "pending");
+            }
+            continue;
+        }
+        for d in &list {
+            debug!(kind = %d.kind, name = %d.name, object = %d.object, %reason, "pending");
+        }
+        let names: Vec<&str> = list.iter().take(5).map(|d| d.name.as_str()).collect();
+        warn!(
+            objects = list.len(),
+            names = %names.join(","),
+            %reason,
+            "pending: objects that cannot be applied yet"
+        );
     }
 }
 
@@ -1893,12 +2013,12 @@ fn protects(desired: &DesiredState, id: &ObjectId) -> bool {
 fn restored_ports(
     plan: &Plan,
     repaired: &HashSet<ObjectId>,
-    removed_by: &HashMap<ObjectId, u32>,
+    port_of: impl Fn(&ObjectId) -> Option<u32>,
 ) -> Vec<u32> {
     plan.steps
         .iter()
         .filter(|s| repaired.contains(&s.id))
-        .filter_map(|s| removed_by.get(&s.id).copied())
+        .filter_map(|s| port_of(&s.id))
         .collect()
 }
 

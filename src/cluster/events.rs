@@ -182,6 +182,24 @@ impl Aggregator {
                 let key = key("Contested", &format!("{kind} {name}"));
                 (key, EventType::Warning, What::Text(text), 1, true)
             }
+            Notice::NetworkdAtRisk {
+                objects,
+                names,
+                preventable,
+            } => {
+                let text = format!(
+                    "systemd-networkd's next restart would remove {objects} protected objects ({}{}); {}",
+                    names.join(", "),
+                    if objects > names.len() { ", ..." } else { "" },
+                    if preventable {
+                        "`netwarden networkd` prints the drop-in that prevents it; netwarden repairs them meanwhile"
+                    } else {
+                        "netwarden repairs them"
+                    }
+                );
+                let key = key("NetworkdWillRemove", "restart");
+                (key, EventType::Warning, What::Text(text), 1, true)
+            }
             Notice::ConfigRejected { source, error } => {
                 let text = format!(
                     "{source} rejected, the last good config stays in force: {}",

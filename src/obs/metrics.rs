@@ -94,6 +94,19 @@ pub struct ConditionLabels {
     pub reason: &'static str,
 }
 
+/// How a burst of removals was repaired: `held` until it settled, or `as_it_goes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BurstLabels {
+    pub pace: &'static str,
+}
+
+/// What systemd-networkd would take away: `event` restart or reconfigure, `kind` of object.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AtRiskLabels {
+    pub event: &'static str,
+    pub kind: &'static str,
+}
+
 /// How an address left to its owner came back (see [`HANDOFF_OUTCOMES`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandoffLabels {
@@ -119,12 +132,13 @@ pub struct Metrics {
     pub repairs_deferred: Family<KindLabels, Counter>,
     pub resyncs: Family<ReasonLabels, Counter>,
     pub overruns: Counter,
-    pub bursts: Counter,
+    pub bursts: Family<BurstLabels, Counter>,
     pub events: Counter,
     pub apply_errors: Family<ErrorLabels, Counter>,
     pub forbidden_members: Family<ForbiddenLabels, Counter>,
     pub adopted_forgotten: Family<ForgetLabels, Counter>,
     pub handoffs: Family<HandoffLabels, Counter>,
+    pub networkd_at_risk: Family<AtRiskLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub state_files_set_aside: Family<FileLabels, Counter>,
     pub config_last_success: Gauge<f64, AtomicU64>,
@@ -149,12 +163,13 @@ impl Metrics {
             repairs_deferred: Family::default(),
             resyncs: Family::default(),
             overruns: Counter::default(),
-            bursts: Counter::default(),
+            bursts: Family::default(),
             events: Counter::default(),
             apply_errors: Family::default(),
             forbidden_members: Family::default(),
             adopted_forgotten: Family::default(),
             handoffs: Family::default(),
+            networkd_at_risk: Family::default(),
             config_reloads: Family::default(),
             state_files_set_aside: Family::default(),
             config_last_success: Gauge::default(),
@@ -203,7 +218,7 @@ impl Metrics {
         );
         r.register(
             "removal_bursts",
-            "Bursts of removals (64 or more protected objects in one batch) whose repair waited for them to settle",
+            "Bursts of removals (64 or more protected objects in one batch), by pace: held (repaired once they settled) or as_it_goes (a deleter that deletes each object once, such as systemd-networkd)",
             m.bursts.clone(),
         );
         r.register(
@@ -230,6 +245,11 @@ impl Metrics {
             "owner_handoffs",
             "Addresses removed by their owner (a network manager) and left to it to put back, by outcome: owner_restored (it did), grace_expired (it did not within the grace; the agent restored them)",
             m.handoffs.clone(),
+        );
+        r.register(
+            "networkd_objects_at_risk",
+            "Protected objects systemd-networkd would take away (checked at start), by event (restart, reconfigure) and kind; absent when the check did not run",
+            m.networkd_at_risk.clone(),
         );
         r.register(
             "config_reloads",
@@ -339,6 +359,9 @@ impl Metrics {
                     .adopted_forgotten
                     .get_or_create(&ForgetLabels { kind, reason });
             }
+        }
+        for pace in ["held", "as_it_goes"] {
+            let _ = self.bursts.get_or_create(&BurstLabels { pace });
         }
         for outcome in HANDOFF_OUTCOMES {
             let _ = self.handoffs.get_or_create(&HandoffLabels { outcome });

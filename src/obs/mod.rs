@@ -78,6 +78,13 @@ pub enum Notice {
     PlacedAtStart { counts: Vec<(&'static str, u64)> },
     /// A new config was loaded: an earlier refusal of it is superseded.
     ConfigAccepted { source: String },
+    /// systemd-networkd's next restart would take protected objects away (told once, at start):
+    /// how many, the first names, and whether a drop-in prevents it.
+    NetworkdAtRisk {
+        objects: usize,
+        names: Vec<String>,
+        preventable: bool,
+    },
 }
 
 impl Telemetry {

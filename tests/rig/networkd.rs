@@ -7,9 +7,11 @@
 //!   sits in the test's network namespace (`nsenter --net`). In that mount namespace it mounts a
 //!   tmpfs at /run (with /run/systemd, /run/dbus, /run/udev/data), a fresh sysfs at /sys (so /sys
 //!   shows the namespace's links, read-write: with a read-only /sys networkd takes "container
-//!   mode" and does not flush foreign rules and routes, unlike on a real host), and bind-mounts
-//!   the rig's `.network` directory at /etc/systemd/network. Nothing of the host's /run, /sys or
-//!   /etc/systemd/network is touched: the mounts exist only in that namespace.
+//!   mode" and does not flush foreign rules and routes, unlike on a real host), a tmpfs at
+//!   /etc/systemd with the rig's own `network/` (the `.network` files) and `networkd.conf.d/`
+//!   (drop-ins for networkd.conf) bind-mounted in it. Nothing of the host's /run, /sys or
+//!   /etc/systemd is touched: the mounts exist only in that namespace. (/usr/lib/systemd/network
+//!   is the host's, as on any node: its files match links this rig never has.)
 //! - networkd (and, for `networkctl`, a private `dbus-daemon --system`) are started with
 //!   `nsenter -t HOLDER -m -n` into that mount and network namespace. networkd drops to the
 //!   `systemd-network` user by itself.
@@ -43,7 +45,10 @@ mount -t tmpfs -o mode=0755 netwarden-rig /run
 mkdir -p /run/systemd /run/dbus /run/udev/data
 umount -l /sys
 mount -t sysfs sysfs /sys
+mount -t tmpfs -o mode=0755 netwarden-rig-etc /etc/systemd
+mkdir -p /etc/systemd/network /etc/systemd/networkd.conf.d
 mount --bind "$1" /etc/systemd/network
+mount --bind "$2" /etc/systemd/networkd.conf.d
 echo ready
 exec sleep infinity
 "#;
@@ -68,8 +73,8 @@ impl Networkd {
             "{BINARY} is missing (Debian's systemd package)"
         );
         ensure!(
-            Path::new("/etc/systemd/network").is_dir(),
-            "/etc/systemd/network is missing: it is the mount point of the rig's .network files"
+            Path::new("/etc/systemd").is_dir(),
+            "/etc/systemd is missing: it is the mount point of the rig's configuration"
         );
         let dir = tempfile::Builder::new().prefix("nw-networkd").tempdir()?;
         let network = dir.path().join("network");
@@ -77,11 +82,14 @@ impl Networkd {
         for (name, text) in files {
             std::fs::write(network.join(name), text)?;
         }
+        let conf = dir.path().join("networkd.conf.d");
+        std::fs::create_dir(&conf)?;
         let mut holder = Command::new("unshare")
             .args(["-m", "--propagation", "private", "--", "nsenter"])
             .arg(format!("--net=/run/netns/{netns}"))
             .args(["--", "sh", "-c", HOLDER, "netwarden-rig-holder"])
             .arg(&network)
+            .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -159,6 +167,34 @@ impl Networkd {
     pub fn write_file(&self, name: &str, text: &str) -> Result<()> {
         std::fs::write(self.dir.path().join("network").join(name), text)?;
         Ok(())
+    }
+
+    /// Writes (or replaces) a drop-in in /etc/systemd/networkd.conf.d; networkd reads it at its
+    /// next start.
+    pub fn write_conf(&self, name: &str, text: &str) -> Result<()> {
+        std::fs::write(self.dir.path().join("networkd.conf.d").join(name), text)?;
+        Ok(())
+    }
+
+    /// Writes a file at `path` below the rig's /etc/systemd (`network/10-veth0.network.d/x.conf`),
+    /// creating its directories: what `netwarden networkd --write-root` would write there.
+    pub fn write_etc(&self, path: &str, text: &str) -> Result<()> {
+        let (top, rest) = path
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{path}: not below network/ or networkd.conf.d/"))?;
+        ensure!(
+            top == "network" || top == "networkd.conf.d",
+            "{path}: only network/ and networkd.conf.d/ are the rig's"
+        );
+        let full = self.dir.path().join(top).join(rest);
+        std::fs::create_dir_all(full.parent().unwrap())?;
+        std::fs::write(full, text)?;
+        Ok(())
+    }
+
+    /// The holder's pid: `/proc/PID/root` is the private mount namespace's view.
+    pub fn holder_pid(&self) -> u32 {
+        self.holder.id()
     }
 
     /// Starts networkd (debug logging to standard error, collected in [`Networkd::log`]).

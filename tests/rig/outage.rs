@@ -7,6 +7,11 @@
 //! RTM_DELADDR of an IPv4 address on a link counts as the loss of every protected IPv4 route
 //! through that link that is not already missing; [`Outage::settle`] checks the kernel's own
 //! listing at the end, so a route that did survive is not counted.
+//!
+//! While a link has no IPv4 address nobody can put a route through a gateway on it back
+//! (ENETUNREACH): [`Outage::longest_with_address`] leaves that time out of each outage of a
+//! route on that link. Which addresses a link holds at the start is told with
+//! [`Outage::seed_addresses`].
 
 use anyhow::{anyhow, Context, Result};
 use netwarden::desired::DesiredState;
@@ -54,7 +59,17 @@ pub struct Outage {
     missing: HashMap<Key, Instant>,
     /// Per object: the longest it was missing.
     pub gaps: HashMap<Key, Duration>,
+    /// Every outage seen: object, from, to.
+    pub outages: Vec<(Key, Instant, Instant)>,
+    /// IPv4 addresses each link holds, as far as the listener knows (see `seed_addresses`).
+    link_addresses: HashMap<u32, HashSet<std::net::IpAddr>>,
+    /// Per link: the times it had no IPv4 address (the end is `None` while it still has none).
+    no_address: HashMap<u32, Vec<(Instant, Option<Instant>)>>,
     pub first_loss: Option<Instant>,
+    /// The last RTM_DEL* of a protected object (losses inferred from an address left out).
+    pub last_deleted: Option<Instant>,
+    /// The first re-add of a protected object.
+    pub first_back: Option<Instant>,
     /// The last loss (a deletion, or the silent drop with an address).
     pub last_loss: Option<Instant>,
     pub last_back: Option<Instant>,
@@ -94,7 +109,12 @@ impl Outage {
             protected,
             missing: HashMap::new(),
             gaps: HashMap::new(),
+            outages: Vec::new(),
+            link_addresses: HashMap::new(),
+            no_address: HashMap::new(),
             first_loss: None,
+            last_deleted: None,
+            first_back: None,
             last_loss: None,
             last_back: None,
             losses: 0,
@@ -110,6 +130,46 @@ impl Outage {
         self.protected.len()
     }
 
+    /// The IPv4 addresses the links hold now (ifindex, address), before anything happens.
+    pub fn seed_addresses(&mut self, addresses: impl IntoIterator<Item = (u32, std::net::IpAddr)>) {
+        for (index, address) in addresses {
+            self.link_addresses
+                .entry(index)
+                .or_default()
+                .insert(address);
+        }
+    }
+
+    /// The longest outage of any object, less the time the link of a route had no IPv4 address
+    /// during it; and that object.
+    pub fn longest_with_address(&self) -> (Duration, Option<&Key>) {
+        let mut worst = (Duration::ZERO, None);
+        for (key, from, to) in &self.outages {
+            let mut d = to.saturating_duration_since(*from);
+            if let Some(Some(index)) = self.protected.get(key) {
+                for (a, b) in self.no_address.get(index).into_iter().flatten() {
+                    let start = (*a).max(*from);
+                    let end = b.unwrap_or(*to).min(*to);
+                    d = d.saturating_sub(end.saturating_duration_since(start));
+                }
+            }
+            if d > worst.0 {
+                worst = (d, Some(key));
+            }
+        }
+        worst
+    }
+
+    /// The longest time a link had no IPv4 address.
+    pub fn longest_without_address(&self) -> Duration {
+        self.no_address
+            .values()
+            .flatten()
+            .filter_map(|(a, b)| b.map(|b| b.saturating_duration_since(*a)))
+            .max()
+            .unwrap_or_default()
+    }
+
     fn lose(&mut self, key: Key, at: Instant) {
         self.trace.push((at, format!("lost {key}")));
         self.losses += 1;
@@ -122,6 +182,8 @@ impl Outage {
         self.trace.push((at, format!("back {key}")));
         if let Some(since) = self.missing.remove(&key) {
             let gap = at.saturating_duration_since(since);
+            self.outages.push((key.clone(), since, at));
+            self.first_back.get_or_insert(at);
             let longest = self.gaps.entry(key).or_default();
             *longest = (*longest).max(gap);
             self.last_back = Some(at);
@@ -147,6 +209,7 @@ impl Outage {
                 if matches!(msg, M::NewRule(_)) {
                     self.back(key, at);
                 } else {
+                    self.last_deleted = Some(at);
                     self.lose(key, at);
                 }
             }
@@ -164,6 +227,7 @@ impl Outage {
                 if matches!(msg, M::NewRoute(_)) {
                     self.back(key, at);
                 } else {
+                    self.last_deleted = Some(at);
                     self.lose(key, at);
                 }
             }
@@ -174,6 +238,20 @@ impl Outage {
                     if let Some(since) = self.addresses_away.remove(&(k.ifindex, k.address)) {
                         let gap = at.saturating_duration_since(since);
                         self.longest_address_gap = self.longest_address_gap.max(gap);
+                    }
+                    if Family::of(&k.address) == Family::Ipv4 {
+                        let held = self.link_addresses.entry(k.ifindex).or_default();
+                        if held.is_empty() {
+                            if let Some(open) = self
+                                .no_address
+                                .get_mut(&k.ifindex)
+                                .and_then(|v| v.last_mut())
+                                .filter(|(_, end)| end.is_none())
+                            {
+                                open.1 = Some(at);
+                            }
+                        }
+                        held.insert(k.address);
                     }
                 }
             }
@@ -188,6 +266,14 @@ impl Outage {
                     .push((at, format!("address {} gone from {}", k.address, k.ifindex)));
                 self.address_removals += 1;
                 self.addresses_away.insert((k.ifindex, k.address), at);
+                let held = self.link_addresses.entry(k.ifindex).or_default();
+                held.remove(&k.address);
+                if held.is_empty() {
+                    self.no_address
+                        .entry(k.ifindex)
+                        .or_default()
+                        .push((at, None));
+                }
                 let dropped: Vec<Key> = self
                     .protected
                     .iter()
@@ -245,6 +331,23 @@ impl Outage {
         self.gaps.keys().collect()
     }
 
+    /// Objects that were lost at least once, back since or not.
+    pub fn lost_ever(&self) -> HashSet<&Key> {
+        self.gaps.keys().chain(self.missing.keys()).collect()
+    }
+
+    /// Reads notifications until none came for `quiet` (or `within` passed): the offender is
+    /// done, nobody repairs. Unlike [`Outage::settle`], what is missing stays missing.
+    pub fn read_until_quiet(&mut self, listener: &Listener, quiet: Duration, within: Duration) {
+        let deadline = Instant::now() + within;
+        while let Some(seen) = listener.next(quiet) {
+            self.take(&seen);
+            if Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+
     pub fn longest(&self) -> Duration {
         self.gaps.values().copied().max().unwrap_or_default()
     }
@@ -283,12 +386,14 @@ impl Outage {
                 trace += &format!("\n  {rel:9.3} ms  {line}");
             }
         }
+        let (addressed, _) = self.longest_with_address();
         format!(
-            "{what}: {} of {} protected objects lost ({} losses), longest missing {:.3} ms{worst}, first loss to last re-add {:.3} ms, longest IPv4 address gap {:.3} ms{}",
+            "{what}: {} of {} protected objects lost ({} losses), longest missing {:.3} ms{worst} ({:.3} ms less the time its link had no address), first loss to last re-add {:.3} ms, longest IPv4 address gap {:.3} ms{}",
             self.gaps.len(),
             self.protected.len(),
             self.losses,
             ms(self.longest()),
+            ms(addressed),
             ms(self.span()),
             ms(self.longest_address_gap),
             if self.overrun { " (listener overran: incomplete)" } else { "" },

@@ -1,0 +1,807 @@
+//! systemd-networkd's effective configuration, read as systemd 252 reads it (only what decides
+//! what a restart removes). Pure: files come through [`Tree`], which the host side implements
+//! on a root directory and the tests on a map.
+//!
+//! - **networkd.conf**: `/etc/systemd/networkd.conf`, then the `*.conf` drop-ins of
+//!   `networkd.conf.d/` in /etc/systemd, /run/systemd, /usr/local/lib/systemd, /usr/lib/systemd
+//!   and /lib/systemd, ordered by file name (a name in an earlier directory hides the same name in
+//!   later ones; an empty file or a symlink to /dev/null hides and says nothing). Later
+//!   assignments win. `[Network] ManageForeignRoutingPolicyRules=` and `ManageForeignRoutes=`,
+//!   both `yes` by default.
+//! - **.network files**: `*.network` in the `systemd/network` directories of the same five
+//!   places, masked and ordered the same way; each with its `NAME.network.d/*.conf` drop-ins.
+//!   A file whose `[Match]` holds nothing is ignored, as networkd ignores it.
+
+use super::glob::fnmatch;
+use super::unit::{self, Unit};
+use ipnet::IpNet;
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Where systemd looks, in order of precedence (the last one is the split-/usr location; on a
+/// merged-/usr system it is the same directory as the one before).
+pub const PLACES: [&str; 5] = [
+    "/etc/systemd",
+    "/run/systemd",
+    "/usr/local/lib/systemd",
+    "/usr/lib/systemd",
+    "/lib/systemd",
+];
+
+/// networkd.conf itself (only in /etc).
+pub const CONF: &str = "/etc/systemd/networkd.conf";
+
+/// Read access to the files networkd would read.
+pub trait Tree {
+    /// The regular files directly in `dir`: name and content; `None` content for an empty file
+    /// or a symlink to /dev/null (a mask). An absent directory has none.
+    fn list(&self, dir: &str) -> Vec<(String, Option<String>)>;
+    /// One file's content (`None`: absent, empty or masked).
+    fn read(&self, path: &str) -> Option<String>;
+}
+
+/// The files with `suffix` across `dirs`: an earlier directory's file hides a later one of the
+/// same name; sorted by name. Masks are dropped after hiding.
+pub fn layered(tree: &dyn Tree, dirs: &[String], suffix: &str) -> Vec<(String, String)> {
+    let mut seen: Vec<(String, Option<(String, String)>)> = Vec::new();
+    for dir in dirs {
+        for (name, text) in tree.list(dir) {
+            if !name.ends_with(suffix) || seen.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let path = format!("{}/{name}", dir.trim_end_matches('/'));
+            seen.push((name, text.map(|t| (path, t))));
+        }
+    }
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    seen.into_iter().filter_map(|(_, f)| f).collect()
+}
+
+/// networkd's manager-wide settings that decide what it removes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Settings {
+    #[serde(rename = "manageForeignRoutingPolicyRules")]
+    pub manage_foreign_rules: bool,
+    #[serde(rename = "manageForeignRoutes")]
+    pub manage_foreign_routes: bool,
+    /// The files read, in order.
+    pub files: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads networkd.conf and its drop-ins.
+pub fn settings(tree: &dyn Tree) -> Settings {
+    let mut s = Settings {
+        manage_foreign_rules: true,
+        manage_foreign_routes: true,
+        files: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let mut files: Vec<(String, String)> = Vec::new();
+    if let Some(text) = tree.read(CONF) {
+        files.push((CONF.to_string(), text));
+    }
+    let dirs: Vec<String> = PLACES
+        .iter()
+        .map(|p| format!("{p}/networkd.conf.d"))
+        .collect();
+    files.extend(layered(tree, &dirs, ".conf"));
+    for (path, text) in files {
+        let u = unit::parse(&text);
+        s.warnings
+            .extend(u.warnings.iter().map(|w| format!("{path}: {w}")));
+        for e in u.entries.iter().filter(|e| e.section == "Network") {
+            let target = match e.key.as_str() {
+                "ManageForeignRoutingPolicyRules" => &mut s.manage_foreign_rules,
+                "ManageForeignRoutes" => &mut s.manage_foreign_routes,
+                _ => continue,
+            };
+            match unit::boolean(&e.value) {
+                Some(b) => *target = b,
+                None => s.warnings.push(format!(
+                    "{path}:{}: {}=`{}` is not a boolean; ignored, as networkd ignores it",
+                    e.line, e.key, e.value
+                )),
+            }
+        }
+        s.files.push(path);
+    }
+    s
+}
+
+/// `KeepConfiguration=` (and the deprecated `CriticalConnection=`), as systemd 252 parses it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    #[default]
+    No,
+    DhcpOnStop,
+    Dhcp,
+    Static,
+    Yes,
+}
+
+impl Keep {
+    pub fn parse(s: &str) -> Option<Keep> {
+        if let Some(b) = unit::boolean(s) {
+            return Some(if b { Keep::Yes } else { Keep::No });
+        }
+        Some(match s {
+            "dhcp-on-stop" => Keep::DhcpOnStop,
+            "dhcp" => Keep::Dhcp,
+            "static" => Keep::Static,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Keep::No => "no",
+            Keep::DhcpOnStop => "dhcp-on-stop",
+            Keep::Dhcp => "dhcp",
+            Keep::Static => "static",
+            Keep::Yes => "yes",
+        }
+    }
+
+    /// Foreign routes of `protocol` networkd leaves alone with this setting (its flags STATIC and
+    /// DHCP; `yes` holds both).
+    pub fn keeps_route_protocol(self, protocol: u8) -> bool {
+        const STATIC: u8 = crate::model::PROTO_STATIC;
+        const DHCP: u8 = 16;
+        match protocol {
+            STATIC => matches!(self, Keep::Static | Keep::Yes),
+            DHCP => matches!(self, Keep::Dhcp | Keep::Yes),
+            _ => false,
+        }
+    }
+}
+
+/// `Broadcast=` of an address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Broadcast {
+    /// Not set: networkd computes it when it adds the address (IPv4, prefix up to /30).
+    #[default]
+    Unset,
+    /// `yes` or `no`: computed or none, when it adds it.
+    Boolean(bool),
+    Address(Ipv4Addr),
+}
+
+/// An address a .network file configures (`[Network] Address=`, `[Address]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfAddress {
+    pub address: IpAddr,
+    pub prefix_len: u8,
+    pub peer: Option<IpAddr>,
+    pub broadcast: Broadcast,
+    pub label: Option<String>,
+}
+
+impl ConfAddress {
+    /// The broadcast address networkd compares with the kernel's when deciding whether an
+    /// address it finds is the one it configures: only an explicit `Broadcast=ADDRESS` is set
+    /// at that point (systemd 252 computes the default only when it adds the address).
+    pub fn compared_broadcast(&self) -> Option<Ipv4Addr> {
+        match self.broadcast {
+            Broadcast::Address(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// A route a .network file configures (`[Route]`, `[Network] Gateway=`): only what identifies it
+/// for the prediction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfRoute {
+    pub destination: Option<IpNet>,
+    pub gateway: Option<IpAddr>,
+    pub table: Option<u32>,
+    pub metric: Option<u32>,
+}
+
+/// A rule a .network file configures (`[RoutingPolicyRule]`): what identifies it for the
+/// prediction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfRule {
+    pub priority: Option<u32>,
+    pub from: Option<IpNet>,
+    pub to: Option<IpNet>,
+    pub table: Option<u32>,
+    pub fwmark: Option<u32>,
+    pub iif: Option<String>,
+    pub oif: Option<String>,
+}
+
+/// What one .network file says about matching and keeping.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub path: String,
+    pub dropins: Vec<String>,
+    pub names: Vec<String>,
+    pub types: Vec<String>,
+    pub kinds: Vec<String>,
+    pub drivers: Vec<String>,
+    pub macs: Vec<String>,
+    pub permanent_macs: Vec<String>,
+    /// `[Match]` keys present that the prediction does not evaluate (Path=, Property=, Host=,
+    /// Virtualization=, ...): such a file is taken not to match, and said so.
+    pub unevaluated: Vec<String>,
+    pub unmanaged: bool,
+    pub keep: Keep,
+    pub addresses: Vec<ConfAddress>,
+    pub routes: Vec<ConfRoute>,
+    pub rules: Vec<ConfRule>,
+    pub warnings: Vec<String>,
+}
+
+/// What is known of a link for `[Match]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LinkFacts {
+    pub index: u32,
+    pub name: String,
+    pub altnames: Vec<String>,
+    /// `Type=`: udev's DEVTYPE, else the ARPHRD name in lower case (`ether`, `loopback`, ...).
+    pub iftype: Option<String>,
+    /// `Kind=`: the rtnetlink link kind (`veth`, `bridge`, `vxlan`, ...).
+    pub kind: Option<String>,
+    /// `Driver=`: as `ethtool -i` reports it.
+    pub driver: Option<String>,
+    /// Lower-case `aa:bb:cc:dd:ee:ff`.
+    pub mac: Option<String>,
+    pub permanent_mac: Option<String>,
+    pub loopback: bool,
+}
+
+/// Whether a .network file applies to a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fit {
+    Yes,
+    No,
+    /// Every key it evaluates matches, but it has keys it does not evaluate.
+    Unknown(Vec<String>),
+}
+
+/// systemd's `net_condition_test_strv`: patterns, `!` negating; an empty list matches.
+fn test_strv(patterns: &[String], value: Option<&str>) -> bool {
+    if patterns.is_empty() {
+        return true;
+    }
+    let mut matched = false;
+    let mut positive = false;
+    for p in patterns {
+        let (invert, pat) = match p.strip_prefix('!') {
+            Some(rest) => (true, rest),
+            None => (false, p.as_str()),
+        };
+        positive |= !invert;
+        if value.is_some_and(|v| fnmatch(pat, v)) {
+            if invert {
+                return false;
+            }
+            matched = true;
+        }
+    }
+    if positive {
+        matched
+    } else {
+        true
+    }
+}
+
+impl Network {
+    /// Whether the file applies to the link (systemd's `net_match_config`).
+    pub fn fits(&self, link: &LinkFacts) -> Fit {
+        let in_set = |set: &[String], v: &Option<String>| {
+            set.is_empty() || v.as_ref().is_some_and(|v| set.contains(v))
+        };
+        let name = test_strv(&self.names, Some(&link.name))
+            || link
+                .altnames
+                .iter()
+                .any(|a| test_strv(&self.names, Some(a)));
+        let ok = name
+            && in_set(&self.macs, &link.mac)
+            && in_set(&self.permanent_macs, &link.permanent_mac)
+            && test_strv(&self.types, link.iftype.as_deref())
+            && test_strv(&self.kinds, link.kind.as_deref())
+            && test_strv(&self.drivers, link.driver.as_deref());
+        match (ok, self.unevaluated.is_empty()) {
+            (false, _) => Fit::No,
+            (true, true) => Fit::Yes,
+            (true, false) => Fit::Unknown(self.unevaluated.clone()),
+        }
+    }
+}
+
+/// `[Match]` keys that take lists of patterns (empty value: reset).
+const LISTS: [&str; 4] = ["Name", "Type", "Kind", "Driver"];
+/// `[Match]` keys the prediction does not evaluate.
+const UNEVALUATED: [&str; 13] = [
+    "Path",
+    "Property",
+    "WLANInterfaceType",
+    "SSID",
+    "BSSID",
+    "Host",
+    "Virtualization",
+    "KernelCommandLine",
+    "KernelVersion",
+    "Credential",
+    "Architecture",
+    "Firmware",
+    "Condition",
+];
+
+/// Reads every .network file with its drop-ins, in the order networkd tries them.
+pub fn networks(tree: &dyn Tree) -> Vec<Network> {
+    let dirs: Vec<String> = PLACES.iter().map(|p| format!("{p}/network")).collect();
+    let mut out = Vec::new();
+    for (path, text) in layered(tree, &dirs, ".network") {
+        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        let dropin_dirs: Vec<String> = dirs.iter().map(|d| format!("{d}/{name}.d")).collect();
+        let dropins = layered(tree, &dropin_dirs, ".conf");
+        let mut units = vec![(path.clone(), unit::parse(&text))];
+        units.extend(dropins.iter().map(|(p, t)| (p.clone(), unit::parse(t))));
+        let mut net = network(&units);
+        net.path = path;
+        net.dropins = dropins.into_iter().map(|(p, _)| p).collect();
+        let empty = net.names.is_empty()
+            && net.types.is_empty()
+            && net.kinds.is_empty()
+            && net.drivers.is_empty()
+            && net.macs.is_empty()
+            && net.permanent_macs.is_empty()
+            && net.unevaluated.is_empty();
+        if !empty {
+            out.push(net);
+        }
+    }
+    out
+}
+
+/// One .network file (the file, then its drop-ins in order).
+fn network(units: &[(String, Unit)]) -> Network {
+    let mut n = Network::default();
+    let mut critical: Option<bool> = None;
+    let mut keep: Option<Keep> = None;
+    for (path, u) in units {
+        n.warnings
+            .extend(u.warnings.iter().map(|w| format!("{path}: {w}")));
+        for e in &u.entries {
+            let warn = |n: &mut Network, what: &str| {
+                n.warnings.push(format!(
+                    "{path}:{}: {}=`{}`: {what}; ignored, as networkd ignores it",
+                    e.line, e.key, e.value
+                ))
+            };
+            match (e.section.as_str(), e.key.as_str()) {
+                ("Match", k) if LISTS.contains(&k) => {
+                    let list = match k {
+                        "Name" => &mut n.names,
+                        "Type" => &mut n.types,
+                        "Kind" => &mut n.kinds,
+                        _ => &mut n.drivers,
+                    };
+                    if e.value.is_empty() {
+                        list.clear();
+                    } else {
+                        list.extend(unit::words(&e.value));
+                    }
+                }
+                ("Match", k @ ("MACAddress" | "PermanentMACAddress")) => {
+                    let list = if k == "MACAddress" {
+                        &mut n.macs
+                    } else {
+                        &mut n.permanent_macs
+                    };
+                    if e.value.is_empty() {
+                        list.clear();
+                    } else {
+                        list.extend(unit::words(&e.value).iter().map(|m| m.to_ascii_lowercase()));
+                    }
+                }
+                ("Match", k)
+                    if (UNEVALUATED.contains(&k) || k.starts_with("Condition"))
+                        && !n.unevaluated.iter().any(|u| u == k) =>
+                {
+                    n.unevaluated.push(k.to_string());
+                }
+                ("Link", "Unmanaged") => match unit::boolean(&e.value) {
+                    Some(b) => n.unmanaged = b,
+                    None => warn(&mut n, "not a boolean"),
+                },
+                ("Network", "KeepConfiguration") => match Keep::parse(&e.value) {
+                    Some(k) => keep = Some(k),
+                    None => warn(&mut n, "not a KeepConfiguration= value"),
+                },
+                ("DHCP" | "DHCPv4", "CriticalConnection") => critical = unit::boolean(&e.value),
+                ("Network", "Address") => match conf_address(&e.value) {
+                    Some((address, prefix_len)) => n.addresses.push(ConfAddress {
+                        address,
+                        prefix_len,
+                        peer: None,
+                        broadcast: Broadcast::Unset,
+                        label: None,
+                    }),
+                    None => warn(&mut n, "not an address"),
+                },
+                ("Network", "Gateway") => match e.value.parse::<IpAddr>() {
+                    Ok(g) => n.routes.push(ConfRoute {
+                        destination: None,
+                        gateway: Some(g),
+                        table: None,
+                        metric: None,
+                    }),
+                    Err(_) => warn(&mut n, "not an address"),
+                },
+                _ => {}
+            }
+        }
+        for block in u.blocks("Address") {
+            if let Some(a) = address_section(&block) {
+                n.addresses.push(a);
+            }
+        }
+        for block in u.blocks("Route") {
+            n.routes.push(route_section(&block));
+        }
+        for block in u.blocks("RoutingPolicyRule") {
+            n.rules.push(rule_section(&block));
+        }
+    }
+    n.keep = match (keep, critical) {
+        (Some(k), _) => k,
+        // The deprecated CriticalConnection=yes keeps foreign static configuration too.
+        (None, Some(true)) => Keep::Yes,
+        _ => Keep::No,
+    };
+    n
+}
+
+/// `Address=` as systemd reads it: a prefix length is optional (IPv4 then takes its class's, as
+/// systemd 252's `in_addr_prefix_from_string_auto` does; IPv6 /128).
+fn conf_address(s: &str) -> Option<(IpAddr, u8)> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some((net.addr(), net.prefix_len()));
+    }
+    let ip: IpAddr = s.parse().ok()?;
+    let len = match ip {
+        IpAddr::V4(v4) => match v4.octets()[0] {
+            0..=127 => 8,
+            128..=191 => 16,
+            192..=223 => 24,
+            _ => return None,
+        },
+        IpAddr::V6(_) => 128,
+    };
+    Some((ip, len))
+}
+
+fn address_section(block: &[&unit::Entry]) -> Option<ConfAddress> {
+    let mut a: Option<(IpAddr, u8)> = None;
+    let mut peer = None;
+    let mut broadcast = Broadcast::Unset;
+    let mut label = None;
+    for e in block {
+        match e.key.as_str() {
+            "Address" => a = conf_address(&e.value),
+            "Peer" => peer = conf_address(&e.value).map(|(p, _)| p),
+            "Broadcast" => {
+                broadcast = match (unit::boolean(&e.value), e.value.parse::<Ipv4Addr>()) {
+                    _ if e.value.is_empty() => Broadcast::Unset,
+                    (Some(b), _) => Broadcast::Boolean(b),
+                    (None, Ok(addr)) => Broadcast::Address(addr),
+                    (None, Err(_)) => broadcast,
+                }
+            }
+            "Label" => label = (!e.value.is_empty()).then(|| e.value.clone()),
+            _ => {}
+        }
+    }
+    let (address, prefix_len) = a?;
+    Some(ConfAddress {
+        address,
+        prefix_len,
+        peer,
+        broadcast,
+        label,
+    })
+}
+
+fn table_value(s: &str) -> Option<u32> {
+    crate::model::parse_table(s)
+}
+
+fn route_section(block: &[&unit::Entry]) -> ConfRoute {
+    let mut r = ConfRoute {
+        destination: None,
+        gateway: None,
+        table: None,
+        metric: None,
+    };
+    for e in block {
+        match e.key.as_str() {
+            "Destination" => {
+                r.destination = conf_address(&e.value)
+                    .and_then(|(a, l)| IpNet::new(a, l).ok())
+                    .map(|n| n.trunc())
+            }
+            "Gateway" => r.gateway = e.value.parse().ok(),
+            "Table" => r.table = table_value(&e.value),
+            "Metric" => r.metric = e.value.parse().ok(),
+            _ => {}
+        }
+    }
+    r
+}
+
+fn rule_section(block: &[&unit::Entry]) -> ConfRule {
+    let mut r = ConfRule {
+        priority: None,
+        from: None,
+        to: None,
+        table: None,
+        fwmark: None,
+        iif: None,
+        oif: None,
+    };
+    let net = |s: &str| {
+        conf_address(s)
+            .and_then(|(a, l)| IpNet::new(a, l).ok())
+            .map(|n| n.trunc())
+    };
+    for e in block {
+        match e.key.as_str() {
+            "Priority" => r.priority = e.value.parse().ok(),
+            "From" => r.from = net(&e.value),
+            "To" => r.to = net(&e.value),
+            "Table" => r.table = table_value(&e.value),
+            "FirewallMark" => {
+                let mark = e.value.split('/').next().unwrap_or_default();
+                r.fwmark = match mark.strip_prefix("0x") {
+                    Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                    None => mark.parse().ok(),
+                }
+            }
+            "IncomingInterface" => r.iif = Some(e.value.clone()),
+            "OutgoingInterface" => r.oif = Some(e.value.clone()),
+            _ => {}
+        }
+    }
+    r
+}
+
+/// Which .network file networkd gives a link: the first that matches. The files with keys the
+/// prediction does not evaluate that came first, and might apply instead, are returned too.
+pub fn network_for<'a>(
+    nets: &'a [Network],
+    link: &LinkFacts,
+) -> (Option<&'a Network>, Vec<&'a Network>) {
+    let mut doubtful = Vec::new();
+    for n in nets {
+        match n.fits(link) {
+            Fit::Yes => return (Some(n), doubtful),
+            Fit::Unknown(_) => doubtful.push(n),
+            Fit::No => {}
+        }
+    }
+    (None, doubtful)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Files by path; `None` content is a mask.
+    #[derive(Default)]
+    pub struct MapTree(pub BTreeMap<String, Option<String>>);
+
+    impl MapTree {
+        pub fn with(mut self, path: &str, text: &str) -> MapTree {
+            self.0.insert(path.to_string(), Some(text.to_string()));
+            self
+        }
+        pub fn masked(mut self, path: &str) -> MapTree {
+            self.0.insert(path.to_string(), None);
+            self
+        }
+    }
+
+    impl Tree for MapTree {
+        fn list(&self, dir: &str) -> Vec<(String, Option<String>)> {
+            let prefix = format!("{dir}/");
+            self.0
+                .iter()
+                .filter_map(|(p, t)| {
+                    let name = p.strip_prefix(&prefix)?;
+                    (!name.contains('/')).then(|| (name.to_string(), t.clone()))
+                })
+                .collect()
+        }
+        fn read(&self, path: &str) -> Option<String> {
+            self.0.get(path).cloned().flatten()
+        }
+    }
+
+    fn link(name: &str) -> LinkFacts {
+        LinkFacts {
+            index: 2,
+            name: name.into(),
+            iftype: Some("ether".into()),
+            kind: Some("veth".into()),
+            driver: Some("veth".into()),
+            mac: Some("02:00:00:00:00:01".into()),
+            ..LinkFacts::default()
+        }
+    }
+
+    #[test]
+    fn settings_default_to_managing_foreign_rules_and_routes() {
+        let s = settings(&MapTree::default());
+        assert!(s.manage_foreign_rules && s.manage_foreign_routes);
+        assert!(s.files.is_empty());
+    }
+
+    #[test]
+    fn drop_ins_are_read_in_name_order_and_etc_hides_usr() {
+        let t = MapTree::default()
+            .with(CONF, "[Network]\nManageForeignRoutes=no\n")
+            .with(
+                "/usr/lib/systemd/networkd.conf.d/10-vendor.conf",
+                "[Network]\nManageForeignRoutingPolicyRules=no\nManageForeignRoutes=yes\n",
+            )
+            .with(
+                "/run/systemd/networkd.conf.d/20-late.conf",
+                "[Network]\nManageForeignRoutes=off\n",
+            )
+            .with(
+                "/etc/systemd/networkd.conf.d/30-bad.conf",
+                "[Network]\nManageForeignRoutingPolicyRules=perhaps\n",
+            );
+        let s = settings(&t);
+        assert!(!s.manage_foreign_rules, "the vendor drop-in, not undone");
+        assert!(
+            !s.manage_foreign_routes,
+            "20-late.conf comes after 10-vendor.conf"
+        );
+        assert_eq!(s.files.len(), 4);
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        // The same name in /etc hides the vendor's; an empty (masked) one hides it and says
+        // nothing.
+        let masked = MapTree::default()
+            .with(
+                "/usr/lib/systemd/networkd.conf.d/10-vendor.conf",
+                "[Network]\nManageForeignRoutingPolicyRules=no\n",
+            )
+            .masked("/etc/systemd/networkd.conf.d/10-vendor.conf");
+        assert!(settings(&masked).manage_foreign_rules);
+    }
+
+    #[test]
+    fn network_files_order_masking_drop_ins_and_match() {
+        let t = MapTree::default()
+            .with(
+                "/usr/lib/systemd/network/10-eth.network",
+                "[Match]\nName=eth*\n[Network]\nAddress=10.0.0.5/24\n",
+            )
+            .with(
+                "/etc/systemd/network/05-veth.network",
+                "[Match]\nName=veth0 !veth1\nKind=veth\n[Network]\nDHCP=no\nAddress=10.200.0.1/24\nKeepConfiguration=no\n[Address]\nAddress=10.201.0.1/24\nBroadcast=10.201.0.255\nLabel=veth0:x\n[Route]\nDestination=10.99.0.0/16\nGateway=10.200.0.254\n[RoutingPolicyRule]\nPriority=100\nFrom=10.244.1.0/24\nTable=77\n",
+            )
+            .with(
+                "/etc/systemd/network/05-veth.network.d/50-keep.conf",
+                "[Network]\nKeepConfiguration=static\n",
+            )
+            .with(
+                "/usr/lib/systemd/network/05-veth.network.d/40-x.conf",
+                "[Match]\nName=\nName=veth0\n",
+            )
+            .with("/usr/lib/systemd/network/90-nothing.network", "[Network]\nDHCP=yes\n")
+            .with(
+                "/usr/lib/systemd/network/80-container-host0.network",
+                "[Match]\nVirtualization=container\nName=host0\n",
+            )
+            .masked("/etc/systemd/network/10-eth.network");
+        let nets = networks(&t);
+        let paths: Vec<&str> = nets.iter().map(|n| n.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/etc/systemd/network/05-veth.network",
+                "/usr/lib/systemd/network/80-container-host0.network"
+            ],
+            "10-eth is masked, 90-nothing has no [Match]"
+        );
+        let veth = &nets[0];
+        assert_eq!(veth.keep, Keep::Static, "the drop-in comes last");
+        assert_eq!(veth.names, ["veth0"], "an empty Name= resets the list");
+        assert_eq!(veth.dropins.len(), 2);
+        assert_eq!(veth.addresses.len(), 2);
+        assert_eq!(
+            veth.addresses[1].compared_broadcast(),
+            Some("10.201.0.255".parse().unwrap())
+        );
+        assert_eq!(veth.addresses[1].label.as_deref(), Some("veth0:x"));
+        assert_eq!(veth.routes[0].table, None);
+        assert_eq!(veth.rules[0].priority, Some(100));
+        assert_eq!(network_for(&nets, &link("veth0")).0, Some(veth));
+        assert_eq!(network_for(&nets, &link("veth2")).0, None);
+        let (none, doubt) = network_for(&nets, &link("host0"));
+        assert_eq!(none, None);
+        assert_eq!(doubt.len(), 1, "Virtualization= is not evaluated");
+    }
+
+    #[test]
+    fn match_lists_follow_systemd() {
+        let n = |names: &[&str]| Network {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            ..Network::default()
+        };
+        let l = link("eth0");
+        assert_eq!(n(&["eth*"]).fits(&l), Fit::Yes);
+        assert_eq!(n(&["!eth0"]).fits(&l), Fit::No);
+        assert_eq!(n(&["!wlan*"]).fits(&l), Fit::Yes, "only negative patterns");
+        assert_eq!(n(&["wlan0", "!eth0"]).fits(&l), Fit::No);
+        let mut alt = link("enp3s0");
+        alt.altnames = vec!["eth0".into()];
+        assert_eq!(
+            n(&["eth0"]).fits(&alt),
+            Fit::Yes,
+            "alternative names match too"
+        );
+        let macs = Network {
+            macs: vec!["02:00:00:00:00:01".into()],
+            ..Network::default()
+        };
+        assert_eq!(macs.fits(&l), Fit::Yes);
+        let mut other = l.clone();
+        other.mac = Some("02:00:00:00:00:02".into());
+        assert_eq!(macs.fits(&other), Fit::No);
+        let driver = Network {
+            drivers: vec!["virtio_net".into()],
+            ..Network::default()
+        };
+        assert_eq!(driver.fits(&l), Fit::No);
+    }
+
+    #[test]
+    fn keep_configuration_values() {
+        assert_eq!(Keep::parse("yes"), Some(Keep::Yes));
+        assert_eq!(Keep::parse("false"), Some(Keep::No));
+        assert_eq!(Keep::parse("static"), Some(Keep::Static));
+        assert_eq!(Keep::parse("dhcp-on-stop"), Some(Keep::DhcpOnStop));
+        assert_eq!(Keep::parse("sometimes"), None);
+        assert!(Keep::Static.keeps_route_protocol(4));
+        assert!(!Keep::Static.keeps_route_protocol(16));
+        assert!(Keep::Yes.keeps_route_protocol(16));
+        assert!(!Keep::DhcpOnStop.keeps_route_protocol(16));
+        let t = MapTree::default().with(
+            "/etc/systemd/network/10-a.network",
+            "[Match]\nName=a\n[DHCPv4]\nCriticalConnection=yes\n",
+        );
+        assert_eq!(networks(&t)[0].keep, Keep::Yes);
+    }
+
+    #[test]
+    fn addresses_without_a_prefix_take_their_class() {
+        assert_eq!(
+            conf_address("10.1.2.3"),
+            Some(("10.1.2.3".parse().unwrap(), 8))
+        );
+        assert_eq!(
+            conf_address("172.16.0.1"),
+            Some(("172.16.0.1".parse().unwrap(), 16))
+        );
+        assert_eq!(
+            conf_address("fd00::1"),
+            Some(("fd00::1".parse().unwrap(), 128))
+        );
+        assert_eq!(
+            conf_address("10.1.2.3/24"),
+            Some(("10.1.2.3".parse().unwrap(), 24))
+        );
+        assert_eq!(conf_address("nonsense"), None);
+    }
+}

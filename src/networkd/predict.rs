@@ -1,0 +1,760 @@
+//! What systemd-networkd's next restart, or a reconfigure of a link, does to the protected
+//! objects, following systemd 252 (src/network: `link_drop_foreign_config`,
+//! `link_drop_managed_config`), and the drop-ins that prevent what can be prevented. Pure.
+//!
+//! - **Rules**: with `ManageForeignRoutingPolicyRules=yes`, when any link it manages is
+//!   (re)configured without `KeepConfiguration=yes`, networkd removes every rule whose protocol is
+//!   not `kernel` and that no `[RoutingPolicyRule]` of a managed link configures.
+//! - **Routes**: with `ManageForeignRoutes=yes`, the routes through a managed link (and routes
+//!   without a device, such as blackholes, when any link is configured) whose protocol is not
+//!   `kernel`, that no `[Route]`/`Gateway=` configures and that `KeepConfiguration=static`
+//!   (protocol `static`) or `dhcp` (protocol `dhcp`) does not keep.
+//! - **Addresses** of a managed link: one its .network does not configure is removed; one it does
+//!   is kept only if it compares equal to the configured one (prefix, peer, and for IPv4 its
+//!   label and broadcast: networkd 252 sets a default broadcast only when it adds the address, so
+//!   an address it added itself compares unequal and is removed and added again).
+//!   `KeepConfiguration=static` keeps addresses with an infinite lifetime, `dhcp` the others.
+//!   A reconfigure first removes the addresses networkd configured, whatever the settings.
+//! - **Dropped with an address**: when every IPv4 address of a link goes, the kernel drops every
+//!   IPv4 route through it (no notification); when only some go, the routes whose preferred
+//!   source they were.
+//!
+//! Loopback links and `[Link] Unmanaged=yes` links are left alone, as networkd leaves them.
+
+use super::config::{network_for, ConfRoute, ConfRule, Keep, LinkFacts, Network, Settings};
+use crate::model::{Family, Kind, ObservedAddress, ObservedRoute, RouteKey, RuleKey, PROTO_KERNEL};
+use crate::plan::ObjectId;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+/// What the kernel holds, as far as the prediction needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Kernel {
+    pub links: Vec<LinkFacts>,
+    /// Every address: link index, address, attributes.
+    pub addresses: Vec<(u32, IpAddr, ObservedAddress)>,
+}
+
+/// A protected object present in the kernel now.
+#[derive(Clone, Debug)]
+pub enum Present {
+    Rule {
+        id: ObjectId,
+        name: String,
+        key: RuleKey,
+        protocol: Option<u8>,
+    },
+    Route {
+        id: ObjectId,
+        name: String,
+        key: RouteKey,
+        route: ObservedRoute,
+    },
+    Address {
+        id: ObjectId,
+        name: String,
+        ifindex: u32,
+        address: IpAddr,
+    },
+}
+
+/// What happens to a protected object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    /// networkd deletes it (for good).
+    Removed,
+    /// networkd removes it and adds it again (its own address).
+    Readded,
+    /// The kernel drops it when an address goes.
+    DroppedWithAddress,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Removed => "removed",
+            Effect::Readded => "readded",
+            Effect::DroppedWithAddress => "dropped_with_address",
+        }
+    }
+}
+
+/// A protected object the event would take away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AtRisk {
+    #[serde(skip)]
+    pub id: ObjectId,
+    pub kind: Kind,
+    pub name: String,
+    pub effect: Effect,
+    /// Why, in networkd's terms.
+    pub why: String,
+}
+
+/// A link networkd manages, and with what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Managed {
+    pub link: String,
+    pub network: String,
+    #[serde(rename = "keepConfiguration")]
+    pub keep: Keep,
+    /// Files that come first and might apply instead (keys not evaluated).
+    pub doubtful: Vec<String>,
+}
+
+/// Which event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// networkd starts or restarts (also `networkctl reload` after a .network file changed, for
+    /// the links whose file changed).
+    Restart,
+    /// `networkctl reconfigure LINK` of every managed link.
+    Reconfigure,
+}
+
+/// The links networkd manages (a matching .network, not unmanaged), by index.
+pub fn managed_links(nets: &[Network], links: &[LinkFacts]) -> Vec<(LinkFacts, Network, Managed)> {
+    let mut out = Vec::new();
+    for l in links {
+        let (net, doubtful) = network_for(nets, l);
+        let Some(net) = net.filter(|n| !n.unmanaged) else {
+            continue;
+        };
+        out.push((
+            l.clone(),
+            net.clone(),
+            Managed {
+                link: l.name.clone(),
+                network: net.path.clone(),
+                keep: net.keep,
+                doubtful: doubtful.iter().map(|n| n.path.clone()).collect(),
+            },
+        ));
+    }
+    out
+}
+
+/// What happens to each address of a managed link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AddressFate {
+    Kept,
+    Removed,
+    Readded,
+}
+
+fn address_fate(
+    event: Event,
+    link: &LinkFacts,
+    net: &Network,
+    address: &IpAddr,
+    a: &ObservedAddress,
+) -> AddressFate {
+    if let IpAddr::V6(v6) = address {
+        if v6.segments()[0] & 0xffc0 == 0xfe80 {
+            return AddressFate::Kept; // the kernel's (or dropped elsewhere)
+        }
+    }
+    let configured = net.addresses.iter().find(|c| {
+        c.address == *address
+            && (Family::of(address) == Family::Ipv6 || c.prefix_len == a.prefix_len)
+    });
+    if event == Event::Reconfigure && configured.is_some() {
+        // link_drop_managed_config: networkd's own addresses go first, whatever the settings.
+        return AddressFate::Readded;
+    }
+    if net.keep == Keep::Yes {
+        return AddressFate::Kept;
+    }
+    let dynamic = a.preferred_lft.is_some();
+    if matches!(net.keep, Keep::Dhcp | Keep::Static) && dynamic == (net.keep == Keep::Dhcp) {
+        return AddressFate::Kept;
+    }
+    match configured {
+        None => AddressFate::Removed,
+        Some(c) => {
+            let label = a.label.clone().filter(|l| *l != link.name);
+            let equal = c.prefix_len == a.prefix_len
+                && c.peer == a.peer
+                && (Family::of(address) == Family::Ipv6
+                    || (c.label == label && c.compared_broadcast() == a.broadcast));
+            if equal {
+                AddressFate::Kept
+            } else {
+                AddressFate::Readded
+            }
+        }
+    }
+}
+
+fn rule_configured(c: &ConfRule, key: &RuleKey) -> bool {
+    c.priority.is_none_or(|p| p == key.priority)
+        && c.from == key.from
+        && c.to == key.to
+        && c.table.unwrap_or(crate::model::TABLE_MAIN) == key.table
+        && c.fwmark == key.fwmark.map(|(m, _)| m)
+        && c.iif == key.iif
+        && c.oif == key.oif
+}
+
+fn route_configured(c: &ConfRoute, key: &RouteKey, r: &ObservedRoute) -> bool {
+    let dst = c.destination.unwrap_or_else(|| key.family.any());
+    dst == key.destination
+        && c.table.unwrap_or(crate::model::TABLE_MAIN) == key.table
+        && c.metric.unwrap_or(0) == key.metric
+        && c.gateway == r.gateway
+}
+
+/// The protected objects `event` would take away.
+pub fn predict(
+    event: Event,
+    settings: &Settings,
+    nets: &[Network],
+    kernel: &Kernel,
+    present: &[Present],
+) -> Vec<AtRisk> {
+    let managed = managed_links(nets, &kernel.links);
+    let by_index: HashMap<u32, (&LinkFacts, &Network)> =
+        managed.iter().map(|(l, n, _)| (l.index, (l, n))).collect();
+    // Links whose (re)configuration drops foreign configuration.
+    let drops = |index: u32| {
+        by_index
+            .get(&index)
+            .is_some_and(|(l, n)| !l.loopback && n.keep != Keep::Yes)
+    };
+    let any_drops = managed.iter().any(|(l, _, _)| drops(l.index));
+    let configuring: Vec<&Network> = managed.iter().map(|(_, n, _)| n).collect();
+
+    // Per link: its IPv4 addresses, and those that go.
+    let mut fates: HashMap<(u32, IpAddr), AddressFate> = HashMap::new();
+    for (index, address, a) in &kernel.addresses {
+        let Some((l, n)) = by_index.get(index) else {
+            continue;
+        };
+        if l.loopback {
+            continue;
+        }
+        let fate = if event == Event::Restart && !drops(*index) {
+            AddressFate::Kept
+        } else {
+            address_fate(event, l, n, address, a)
+        };
+        fates.insert((*index, *address), fate);
+    }
+    let mut v4: BTreeMap<u32, (usize, Vec<IpAddr>)> = BTreeMap::new();
+    for (index, address, _) in &kernel.addresses {
+        if Family::of(address) != Family::Ipv4 {
+            continue;
+        }
+        let e = v4.entry(*index).or_default();
+        e.0 += 1;
+        if matches!(
+            fates.get(&(*index, *address)),
+            Some(AddressFate::Removed | AddressFate::Readded)
+        ) {
+            e.1.push(*address);
+        }
+    }
+    let name_of = |index: u32| {
+        kernel
+            .links
+            .iter()
+            .find(|l| l.index == index)
+            .map(|l| l.name.clone())
+            .unwrap_or_else(|| format!("#{index}"))
+    };
+
+    let mut out = Vec::new();
+    for p in present {
+        match p {
+            Present::Rule {
+                id,
+                name,
+                key,
+                protocol,
+            } => {
+                if !settings.manage_foreign_rules || !any_drops || *protocol == Some(PROTO_KERNEL) {
+                    continue;
+                }
+                if configuring
+                    .iter()
+                    .any(|n| n.rules.iter().any(|c| rule_configured(c, key)))
+                {
+                    continue;
+                }
+                out.push(AtRisk {
+                    id: id.clone(),
+                    kind: Kind::Rule,
+                    name: name.clone(),
+                    effect: Effect::Removed,
+                    why: "a foreign rule: ManageForeignRoutingPolicyRules=yes".into(),
+                });
+            }
+            Present::Route {
+                id,
+                name,
+                key,
+                route,
+            } => {
+                let foreign = settings.manage_foreign_routes
+                    && route.protocol != PROTO_KERNEL
+                    && !configuring
+                        .iter()
+                        .any(|n| n.routes.iter().any(|c| route_configured(c, key, route)));
+                let removed = match route.oif {
+                    Some(oif) => {
+                        foreign
+                            && drops(oif)
+                            && !by_index[&oif].1.keep.keeps_route_protocol(route.protocol)
+                    }
+                    None => foreign && any_drops,
+                };
+                if removed {
+                    let on = route
+                        .oif
+                        .map(|i| format!(" on {}", name_of(i)))
+                        .unwrap_or_default();
+                    out.push(AtRisk {
+                        id: id.clone(),
+                        kind: Kind::Route,
+                        name: name.clone(),
+                        effect: Effect::Removed,
+                        why: format!("a foreign route{on}: ManageForeignRoutes=yes"),
+                    });
+                    continue;
+                }
+                let Some(oif) = route.oif else { continue };
+                if key.family != Family::Ipv4 {
+                    continue;
+                }
+                let Some((count, gone)) = v4.get(&oif) else {
+                    continue;
+                };
+                let last = !gone.is_empty() && gone.len() == *count;
+                let source = route.prefsrc.filter(|s| gone.contains(s));
+                if last || source.is_some() {
+                    let what = match source {
+                        Some(s) if !last => format!("its preferred source {s}"),
+                        _ => format!("the last IPv4 address of {}", name_of(oif)),
+                    };
+                    out.push(AtRisk {
+                        id: id.clone(),
+                        kind: Kind::Route,
+                        name: name.clone(),
+                        effect: Effect::DroppedWithAddress,
+                        why: format!(
+                            "the kernel drops it when networkd removes {what} ({})",
+                            gone_list(gone)
+                        ),
+                    });
+                }
+            }
+            Present::Address {
+                id,
+                name,
+                ifindex,
+                address,
+            } => {
+                let (effect, why) = match fates.get(&(*ifindex, *address)) {
+                    Some(AddressFate::Removed) => (
+                        Effect::Removed,
+                        format!("{} does not configure it", network_of(&by_index, *ifindex)),
+                    ),
+                    Some(AddressFate::Readded) if event == Event::Reconfigure => (
+                        Effect::Readded,
+                        "networkd removes the addresses it configured and adds them again".to_string(),
+                    ),
+                    Some(AddressFate::Readded) => (
+                        Effect::Readded,
+                        format!(
+                            "it differs from the one {} configures (networkd 252 compares the broadcast and label it would set) and is removed and added again",
+                            network_of(&by_index, *ifindex)
+                        ),
+                    ),
+                    _ => continue,
+                };
+                out.push(AtRisk {
+                    id: id.clone(),
+                    kind: Kind::Address,
+                    name: name.clone(),
+                    effect,
+                    why,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    out
+}
+
+fn gone_list(gone: &[IpAddr]) -> String {
+    gone.iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn network_of(by_index: &HashMap<u32, (&LinkFacts, &Network)>, index: u32) -> String {
+    by_index
+        .get(&index)
+        .map(|(_, n)| n.path.rsplit('/').next().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// A file that would prevent what a restart takes away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DropIn {
+    /// Where it goes (absolute, on the node).
+    pub path: String,
+    pub text: String,
+}
+
+/// The drop-in file name netwarden suggests (after the usual vendor ones).
+pub const DROPIN_NAME: &str = "60-netwarden.conf";
+
+/// The drop-ins that prevent what `at_risk` (a restart's prediction) lists: networkd.conf
+/// settings for foreign rules and routes, `KeepConfiguration=` for the links whose addresses go.
+pub fn dropins(
+    at_risk: &[AtRisk],
+    nets: &[Network],
+    kernel: &Kernel,
+    present: &[Present],
+) -> Vec<DropIn> {
+    let mut out = Vec::new();
+    let rules = at_risk
+        .iter()
+        .any(|a| a.kind == Kind::Rule && a.effect == Effect::Removed);
+    let routes = at_risk
+        .iter()
+        .any(|a| a.kind == Kind::Route && a.effect == Effect::Removed);
+    if rules || routes {
+        let mut text = String::from("# Written by `netwarden networkd`: networkd leaves the rules and routes it did not\n# configure alone (read when networkd starts).\n[Network]\n");
+        if rules {
+            text.push_str("ManageForeignRoutingPolicyRules=no\n");
+        }
+        if routes {
+            text.push_str("ManageForeignRoutes=no\n");
+        }
+        out.push(DropIn {
+            path: format!("/etc/systemd/networkd.conf.d/{DROPIN_NAME}"),
+            text,
+        });
+    }
+    // Links whose addresses go (a protected address, or routes dropped with them).
+    let managed = managed_links(nets, &kernel.links);
+    let mut links: Vec<u32> = Vec::new();
+    for a in at_risk {
+        let index = present.iter().find_map(|p| match p {
+            Present::Address { id, ifindex, .. } if *id == a.id => Some(*ifindex),
+            Present::Route { id, route, .. }
+                if *id == a.id && a.effect == Effect::DroppedWithAddress =>
+            {
+                route.oif
+            }
+            _ => None,
+        });
+        if let Some(i) = index.filter(|i| !links.contains(i)) {
+            links.push(i);
+        }
+    }
+    for index in links {
+        let Some((link, net, _)) = managed.iter().find(|(l, _, _)| l.index == index) else {
+            continue;
+        };
+        let (mut finite, mut infinite) = (false, false);
+        for (_, _, a) in kernel.addresses.iter().filter(|(i, _, _)| *i == index) {
+            if a.preferred_lft.is_some() {
+                finite = true;
+            } else {
+                infinite = true;
+            }
+        }
+        let keep = match (infinite, finite) {
+            (true, true) => Keep::Yes,
+            (false, true) => Keep::Dhcp,
+            _ => Keep::Static,
+        };
+        let file = net.path.rsplit('/').next().unwrap_or_default();
+        out.push(DropIn {
+            path: format!("/etc/systemd/network/{file}.d/{DROPIN_NAME}"),
+            text: format!(
+                "# Written by `netwarden networkd`: networkd keeps {}'s addresses when it starts, so the\n# routes through it are not dropped with them (read when networkd starts or reloads).\n[Network]\nKeepConfiguration={}\n",
+                link.name,
+                keep.as_str()
+            ),
+        });
+    }
+    out
+}
+
+/// The settings and files as they would be with `dropins` in place (to predict again).
+pub fn with_dropins(
+    settings: &Settings,
+    nets: &[Network],
+    dropins: &[DropIn],
+) -> (Settings, Vec<Network>) {
+    let mut s = settings.clone();
+    let mut n = nets.to_vec();
+    for d in dropins {
+        for line in d.text.lines() {
+            match line {
+                "ManageForeignRoutingPolicyRules=no" => s.manage_foreign_rules = false,
+                "ManageForeignRoutes=no" => s.manage_foreign_routes = false,
+                l => {
+                    let Some(keep) = l.strip_prefix("KeepConfiguration=").and_then(Keep::parse)
+                    else {
+                        continue;
+                    };
+                    let file = d
+                        .path
+                        .strip_prefix("/etc/systemd/network/")
+                        .and_then(|p| p.split_once(".d/"))
+                        .map(|(f, _)| f);
+                    for net in n.iter_mut() {
+                        if Some(net.path.rsplit('/').next().unwrap_or_default()) == file {
+                            net.keep = keep;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (s, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::config::tests::MapTree;
+    use super::super::config::{networks, settings};
+    use super::*;
+    use crate::model::{RouteType, RuleAction};
+
+    const NETWORK: &str = "[Match]\nName=eth0\n[Network]\nAddress=10.0.0.5/24\n";
+
+    fn facts() -> Kernel {
+        let link = |index, name: &str| LinkFacts {
+            index,
+            name: name.into(),
+            iftype: Some("ether".into()),
+            ..LinkFacts::default()
+        };
+        let mut a = ObservedAddress::with_prefix(24);
+        a.broadcast = Some("10.0.0.255".parse().unwrap());
+        a.label = Some("eth0".into());
+        Kernel {
+            links: vec![link(2, "eth0"), link(3, "cni0")],
+            addresses: vec![
+                (2, "10.0.0.5".parse().unwrap(), a),
+                (
+                    3,
+                    "10.244.1.1".parse().unwrap(),
+                    ObservedAddress::with_prefix(24),
+                ),
+            ],
+        }
+    }
+
+    fn rule(priority: u32, protocol: Option<u8>) -> Present {
+        let key = RuleKey::new(
+            Family::Ipv4,
+            priority,
+            Some("10.244.1.0/24".parse().unwrap()),
+            None,
+            None,
+            None,
+            None,
+            None,
+            77,
+            RuleAction::Lookup,
+        );
+        Present::Rule {
+            id: ObjectId::Rule(key.clone()),
+            name: format!("rule-{priority}"),
+            key,
+            protocol,
+        }
+    }
+
+    fn route(dst: &str, oif: u32, gateway: Option<&str>, protocol: u8) -> Present {
+        let key = RouteKey::new(Family::Ipv4, 77, dst.parse().unwrap(), None);
+        Present::Route {
+            id: ObjectId::Route(key.clone()),
+            name: format!("route-{dst}"),
+            key,
+            route: ObservedRoute {
+                kind: RouteType::Unicast,
+                gateway: gateway.map(|g| g.parse().unwrap()),
+                oif: Some(oif),
+                prefsrc: None,
+                scope: 0,
+                protocol,
+                onlink: false,
+                mtu: None,
+                multipath: false,
+            },
+        }
+    }
+
+    fn address() -> Present {
+        Present::Address {
+            id: ObjectId::Address(("eth0".into(), "10.0.0.5".parse().unwrap())),
+            name: "node".into(),
+            ifindex: 2,
+            address: "10.0.0.5".parse().unwrap(),
+        }
+    }
+
+    fn names(v: &[AtRisk]) -> Vec<(String, Effect)> {
+        v.iter().map(|a| (a.name.clone(), a.effect)).collect()
+    }
+
+    fn present() -> Vec<Present> {
+        vec![
+            rule(100, Some(3)),
+            rule(0, Some(PROTO_KERNEL)),
+            route("10.244.0.0/16", 2, Some("10.0.0.254"), 3),
+            route("10.96.0.0/12", 3, None, 3),
+            address(),
+        ]
+    }
+
+    #[test]
+    fn a_default_networkd_removes_foreign_rules_routes_and_re_adds_its_address() {
+        let tree = MapTree::default().with("/etc/systemd/network/10-eth0.network", NETWORK);
+        let (s, nets) = (settings(&tree), networks(&tree));
+        let p = present();
+        let at_risk = predict(Event::Restart, &s, &nets, &facts(), &p);
+        assert_eq!(
+            names(&at_risk),
+            [
+                ("rule-100".to_string(), Effect::Removed),
+                ("route-10.244.0.0/16".to_string(), Effect::Removed),
+                ("node".to_string(), Effect::Readded),
+            ],
+            "the kernel's rule and the route on the unmanaged cni0 stay: {at_risk:#?}"
+        );
+        let d = dropins(&at_risk, &nets, &facts(), &p);
+        assert_eq!(d.len(), 2, "{d:#?}");
+        assert_eq!(d[0].path, "/etc/systemd/networkd.conf.d/60-netwarden.conf");
+        assert!(d[0]
+            .text
+            .contains("ManageForeignRoutingPolicyRules=no\nManageForeignRoutes=no\n"));
+        assert_eq!(
+            d[1].path,
+            "/etc/systemd/network/10-eth0.network.d/60-netwarden.conf"
+        );
+        assert!(d[1].text.contains("KeepConfiguration=static"));
+        let (s2, n2) = with_dropins(&s, &nets, &d);
+        assert!(predict(Event::Restart, &s2, &n2, &facts(), &p).is_empty());
+        // A reconfigure still removes and re-adds networkd's own address, and the route through
+        // it goes with it: no setting prevents that.
+        let again = predict(Event::Reconfigure, &s2, &n2, &facts(), &p);
+        assert_eq!(
+            names(&again),
+            [
+                (
+                    "route-10.244.0.0/16".to_string(),
+                    Effect::DroppedWithAddress
+                ),
+                ("node".to_string(), Effect::Readded),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_address_without_the_broadcast_networkd_would_set_is_kept_and_routes_stay() {
+        let tree = MapTree::default().with("/etc/systemd/network/10-eth0.network", NETWORK);
+        let mut k = facts();
+        k.addresses[0].2.broadcast = None;
+        let s = Settings {
+            manage_foreign_routes: false,
+            ..settings(&tree)
+        };
+        let at_risk = predict(Event::Restart, &s, &networks(&tree), &k, &present());
+        assert_eq!(names(&at_risk), [("rule-100".to_string(), Effect::Removed)]);
+    }
+
+    #[test]
+    fn a_foreign_address_goes_and_its_routes_with_it() {
+        let tree = MapTree::default().with(
+            "/etc/systemd/network/10-eth0.network",
+            "[Match]\nName=eth0\n[Network]\nDHCP=yes\n",
+        );
+        let s = Settings {
+            manage_foreign_routes: false,
+            manage_foreign_rules: false,
+            ..settings(&tree)
+        };
+        let at_risk = predict(Event::Restart, &s, &networks(&tree), &facts(), &present());
+        assert_eq!(
+            names(&at_risk),
+            [
+                (
+                    "route-10.244.0.0/16".to_string(),
+                    Effect::DroppedWithAddress
+                ),
+                ("node".to_string(), Effect::Removed),
+            ]
+        );
+    }
+
+    #[test]
+    fn keep_configuration_and_configured_objects_are_left_alone() {
+        let tree = MapTree::default().with(
+            "/etc/systemd/network/10-eth0.network",
+            "[Match]\nName=eth0\n[Network]\nAddress=10.0.0.5/24\nKeepConfiguration=yes\n",
+        );
+        assert!(predict(
+            Event::Restart,
+            &settings(&tree),
+            &networks(&tree),
+            &facts(),
+            &present()
+        )
+        .is_empty());
+        let tree = MapTree::default().with(
+            "/etc/systemd/network/10-eth0.network",
+            "[Match]\nName=eth0\n[Network]\nAddress=10.0.0.5/24\nKeepConfiguration=static\n[RoutingPolicyRule]\nPriority=100\nFrom=10.244.1.0/24\nTable=77\n",
+        );
+        let p = vec![
+            rule(100, Some(3)),
+            route(
+                "10.244.0.0/16",
+                2,
+                Some("10.0.0.254"),
+                crate::model::PROTO_STATIC,
+            ),
+            route("10.245.0.0/16", 2, Some("10.0.0.254"), 3),
+        ];
+        let at_risk = predict(
+            Event::Restart,
+            &settings(&tree),
+            &networks(&tree),
+            &facts(),
+            &p,
+        );
+        assert_eq!(
+            names(&at_risk),
+            [("route-10.245.0.0/16".to_string(), Effect::Removed)],
+            "the configured rule and the static route stay"
+        );
+    }
+
+    #[test]
+    fn nothing_happens_without_a_managed_link() {
+        let tree = MapTree::default().with(
+            "/etc/systemd/network/10-eth0.network",
+            "[Match]\nName=eth0\n[Link]\nUnmanaged=yes\n",
+        );
+        assert!(predict(
+            Event::Restart,
+            &settings(&tree),
+            &networks(&tree),
+            &facts(),
+            &present()
+        )
+        .is_empty());
+        assert!(managed_links(&networks(&tree), &facts().links).is_empty());
+    }
+}
