@@ -51,6 +51,7 @@ bench: deps
 	$(CARGO) bench --locked --bench repair
 	$(CARGO) bench --locked --bench chains
 	$(CARGO) bench --locked --bench networkd
+	$(CARGO) bench --locked --bench networkd_address
 	$(CARGO) bench --locked --bench cluster
 	$(CARGO) bench --locked --bench scale
 	$(CARGO) bench --locked --bench nftables

@@ -192,7 +192,8 @@ pub enum Command {
         /// read below it (`/host` when the node's root is mounted there).
         #[arg(long, default_value = "/")]
         root: PathBuf,
-        #[arg(long, value_enum, default_value_t = Output::Table)]
+        /// Output format: a table, or JSON.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
         /// Write the drop-ins below this directory (`/` for the node itself: the
         /// /etc/systemd/... paths shown). They take effect at networkd's next start.

@@ -66,7 +66,8 @@ impl Tree for RootTree {
 }
 
 /// networkd's processes in the calling thread's network namespace (another namespace's networkd
-/// manages other links).
+/// manages other links). A process whose namespace cannot be read (no CAP_SYS_PTRACE, as in the
+/// DaemonSet, where the agent shares the node's namespace anyway) counts.
 pub fn networkd_pids(proc_root: &Path) -> Vec<u32> {
     let ns = |p: &Path| std::fs::read_link(p.join("ns/net")).ok();
     let Some(mine) = ns(&proc_root.join("thread-self")) else {
@@ -81,7 +82,7 @@ pub fn networkd_pids(proc_root: &Path) -> Vec<u32> {
         .filter(|pid| {
             let dir = proc_root.join(pid.to_string());
             std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == COMM)
-                && ns(&dir).as_ref() == Some(&mine)
+                && ns(&dir).is_none_or(|theirs| theirs == mine)
         })
         .collect();
     pids.sort_unstable();
