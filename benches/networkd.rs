@@ -139,12 +139,15 @@ impl Agent {
         let (tx, ready) = channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let keep = log.clone();
+        // NW_BENCH_AGENT_LOG=1: keep every line, and print the last ones if a round fails.
+        let keep_all = std::env::var_os("NW_BENCH_AGENT_LOG").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("initial sync done") {
                     let _ = tx.send(());
                 }
-                if line.contains("contested")
+                if keep_all
+                    || line.contains("contested")
                     || line.contains("WARN")
                     || line.contains("ERROR")
                     || line.contains("restored")
@@ -261,6 +264,27 @@ fn main() -> Result<()> {
         let back = out.settle(&listener, ALL_BACK, || {
             present(&ns).is_ok_and(|p| p == (RULES, ROUTES))
         });
+        if !back && std::env::var_os("NW_BENCH_AGENT_LOG").is_some() {
+            let log = agent.log.lock().unwrap();
+            for l in &log[logged..] {
+                eprintln!("agent: {l}");
+            }
+            eprintln!("{}", out.summary("failed round"));
+            let mut missing = out.missing();
+            missing.sort();
+            eprintln!(
+                "missing per the listener: {} {:?}",
+                missing.len(),
+                &missing[..missing.len().min(20)]
+            );
+            let table = ns.ip(&["route", "show", "table", &TABLE.to_string()])?;
+            eprintln!(
+                "table {TABLE}: {} routes, {} linkdown; veth0: {}",
+                table.lines().count(),
+                table.lines().filter(|l| l.contains("linkdown")).count(),
+                ns.ip(&["-4", "address", "show", "dev", "veth0"])?
+            );
+        }
         ensure!(
             back,
             "restart {i}: not everything back within {ALL_BACK:?}: {:?}",
@@ -286,6 +310,25 @@ fn main() -> Result<()> {
             lost: out.lost().len(),
             overrun: out.overrun,
         };
+        if std::env::var_os("NW_BENCH_AGENT_LOG").is_some() {
+            let log = agent.log.lock().unwrap();
+            for l in log[logged..].iter().filter(|l| {
+                [
+                    "burst", "deleters", "WARN", "dumped", "resync", "rules=2", "rules=1",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
+            }) {
+                eprintln!("agent: {}", &l[..l.len().min(240)]);
+            }
+            eprintln!(
+                "listener: first loss {:?}, last deletion {:?}, first back {:?}, last back {:?}",
+                out.first_loss.map(|t| t.elapsed()),
+                out.last_deleted.map(|t| t.elapsed()),
+                out.first_back.map(|t| t.elapsed()),
+                out.last_back.map(|t| t.elapsed())
+            );
+        }
         let (pending, unknown) = {
             let log = agent.log.lock().unwrap();
             let new = &log[logged..];

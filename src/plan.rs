@@ -118,6 +118,91 @@ impl Plan {
     }
 }
 
+impl Step {
+    /// Whether the step puts a route through a gateway in place: the kernel refuses it
+    /// (ENETUNREACH) while the gateway is not reachable.
+    pub fn needs_gateway(&self) -> bool {
+        matches!(self.ops.last(), Some(Op::PutRoute { route, .. }) if route.gateway.is_some())
+    }
+}
+
+/// What a plan's repairs put in place that can make pending objects possible: how many went
+/// through, the prefixes now reachable (the destinations of routes put back, the subnets and
+/// addresses of addresses put back), and whether an object of another kind was put back (a link
+/// brought up, a neighbour entry: what that makes possible is not worked out here).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub repaired: usize,
+    pub reachable: Vec<ipnet::IpNet>,
+    pub other: bool,
+}
+
+impl Progress {
+    /// Of the steps of `plan` that went through (`repaired`).
+    pub fn of(plan: &Plan, repaired: &HashSet<ObjectId>) -> Progress {
+        let mut reachable = Vec::new();
+        let mut other = false;
+        for s in plan.steps.iter().filter(|s| repaired.contains(&s.id)) {
+            other |= !matches!(
+                s.id,
+                ObjectId::Rule(_) | ObjectId::Route(_) | ObjectId::Address(_)
+            );
+            match s.ops.last() {
+                Some(Op::PutRoute { route, .. }) if route.kind.forwards() => {
+                    reachable.push(route.key.destination)
+                }
+                Some(Op::AddAddress { address, attrs, .. }) => {
+                    if let Ok(net) = ipnet::IpNet::new(*address, attrs.prefix_len) {
+                        reachable.push(net.trunc());
+                    }
+                    reachable.push(ipnet::IpNet::from(*address));
+                }
+                _ => {}
+            }
+        }
+        Progress {
+            repaired: repaired.len(),
+            reachable,
+            other,
+        }
+    }
+}
+
+/// The pending objects that `progress` can make possible: routes whose gateway or preferred
+/// source lies in what became reachable (a thousand routes through a gateway whose link lost its
+/// address are not tried again because other routes came back), every pending route when an
+/// object of another kind was put back (a link brought up), and pending objects of the other
+/// kinds always (few, and what they wait for is not worked out here).
+pub fn unblocked(
+    desired: &DesiredState,
+    pending: &HashSet<ObjectId>,
+    progress: &Progress,
+) -> Dirty {
+    let reachable = &progress.reachable;
+    let covered =
+        |ip: &Option<IpAddr>| ip.is_some_and(|ip| reachable.iter().any(|n| n.contains(&ip)));
+    let mut dirty = Dirty::default();
+    for id in pending {
+        match id {
+            ObjectId::Route(k) => {
+                if progress.other
+                    || desired
+                        .routes
+                        .get(k)
+                        .is_some_and(|r| covered(&r.gateway) || covered(&r.prefsrc))
+                {
+                    dirty.routes.insert(k.clone());
+                }
+            }
+            ObjectId::Rule(_) | ObjectId::Address(_) => {}
+            other => {
+                dirty.insert(other.clone());
+            }
+        }
+    }
+    dirty
+}
+
 /// Objects to look at: everything (a full refresh), or those named by events.
 #[derive(Clone, Debug, Default)]
 pub struct Dirty {
@@ -757,6 +842,51 @@ mod tests {
             panic!("{p:?}")
         };
         assert_eq!(*attrs, ObservedAddress::with_prefix(24));
+    }
+
+    /// After a repair, only the pending routes it can have made possible are tried again: one
+    /// through a gateway in the subnet of an address put back, not one through another gateway.
+    #[test]
+    fn repairs_unblock_only_routes_through_what_they_put_back() {
+        let d = desired(
+            vec![],
+            vec![
+                route("near", "10.65.0.1/32", "10.0.0.254"),
+                route("far", "10.65.0.2/32", "10.9.0.254"),
+            ],
+            vec![address("a")],
+        );
+        let mut m = Mirror::default();
+        with_link(&mut m);
+        let p = plan_all(&d, &m);
+        let addr = p
+            .steps
+            .iter()
+            .find(|s| matches!(s.id, ObjectId::Address(_)))
+            .unwrap()
+            .id
+            .clone();
+        assert!(p.steps.iter().filter(|s| s.needs_gateway()).count() == 2);
+        let progress = Progress::of(&p, &[addr].into_iter().collect());
+        assert_eq!(progress.repaired, 1);
+        let pending: HashSet<ObjectId> = d
+            .routes
+            .keys()
+            .map(|k| ObjectId::Route(k.clone()))
+            .collect();
+        let again = unblocked(&d, &pending, &progress);
+        let names: Vec<&str> = again
+            .routes
+            .iter()
+            .map(|k| d.routes[k].name.as_str())
+            .collect();
+        assert_eq!(names, ["near"]);
+        assert!(unblocked(&d, &pending, &Progress::default()).is_empty());
+        let link_up = Progress {
+            other: true,
+            ..Progress::default()
+        };
+        assert_eq!(unblocked(&d, &pending, &link_up).routes.len(), 2);
     }
 
     #[test]

@@ -403,9 +403,9 @@ impl Agent {
         };
         let mut timer = new_timer(self.resync);
         loop {
-            if self.sync_event_filter() {
-                self.retry_pending(1).await;
-            }
+            // Wide already if something is pending: it was widened before the repair that failed
+            // (see `execute`), so nothing that could make it possible went unheard.
+            self.sync_event_filter();
             // The earliest held-back repair of a contested object (or end of a fight).
             let deadline = self.contest.next_deadline();
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(
@@ -597,6 +597,13 @@ impl Agent {
         filter.set_tables(tables) && widened
     }
 
+    /// Lets route notifications of every table through (see `sync_event_filter`).
+    fn widen_event_filter(&mut self) {
+        if let Some(filter) = &mut self.event_filter {
+            filter.set_tables(None);
+        }
+    }
+
     async fn full_resync(&mut self, reason: ResyncReason) -> Result<(), ReconcileError> {
         let started = Instant::now();
         // Before the dump: a new config's tables must be heard from now on.
@@ -739,6 +746,8 @@ impl Agent {
         if let Some(family) = batch.redump {
             if !self.desired.routes.is_empty() {
                 self.count_resync(batch.redump_reason.unwrap_or(ResyncReason::LinkDown));
+                // The kernel drops the routes after it notified the change: let it finish.
+                self.applier.barrier().await;
                 kernel::dump_routes(&mut self.handle, &mut self.mirror, family).await?;
                 batch.full = true;
                 redumped = true;
@@ -807,7 +816,14 @@ impl Agent {
             .filter(|p| *p != attribution::KERNEL_PORT)
             .collect();
         if !unnamed.is_empty() {
+            let started = Instant::now();
             let names = self.resolver.resolve(&unnamed);
+            debug!(
+                ports = ?unnamed,
+                names = ?names,
+                took_us = started.elapsed().as_micros() as u64,
+                "deleters of a burst looked up"
+            );
             for port in unnamed {
                 let name = names
                     .get(&port)
@@ -823,13 +839,15 @@ impl Agent {
     /// The agent does not hear its own changes (see `EventSocket::subscribe`), so what its repairs
     /// make possible — a link route that makes a pending gateway route's next hop reachable, an
     /// address a route needs — is retried here, for as long as the retries make progress.
-    async fn retry_pending(&mut self, mut progress: usize) {
+    async fn retry_pending(&mut self, mut progress: plan::Progress) {
         let mut rounds = 0;
-        while progress > 0 && !self.pending.is_empty() && rounds < 8 {
+        while progress.repaired > 0 && !self.pending.is_empty() && rounds < 8 {
             rounds += 1;
-            let mut dirty = Dirty::default();
-            for id in &self.pending {
-                dirty.insert(id.clone());
+            // Only what the repairs can have made possible: a thousand routes through a gateway
+            // whose link lost its address are not tried again because other routes came back.
+            let dirty = plan::unblocked(&self.desired, &self.pending, &progress);
+            if dirty.is_empty() {
+                return;
             }
             let plan = plan::plan_dirty(&self.desired, &self.mirror, &dirty);
             progress = self
@@ -1416,7 +1434,7 @@ impl Agent {
         scope: Option<&Dirty>,
         removed_by: &HashMap<ObjectId, u32>,
         cause: Cause,
-    ) -> usize {
+    ) -> plan::Progress {
         let now = Instant::now();
         let mut report = Report::default();
         if self.handoff.next_deadline().is_some() {
@@ -1500,6 +1518,11 @@ impl Agent {
                 }
                 keep
             });
+        }
+        if plan.steps.iter().any(plan::Step::needs_gateway) {
+            // Heard from now on: a route or address appearing anywhere may make this one possible
+            // if it fails (pending objects are retried on what appears).
+            self.widen_event_filter();
         }
         let outcomes = if plan.steps.is_empty() {
             Vec::new()
@@ -1663,7 +1686,7 @@ impl Agent {
             });
         }
         self.dispatch(report);
-        repaired.len()
+        plan::Progress::of(&plan, &repaired)
     }
 
     /// Sends a report's ports for lookup on the attribution thread (after the repair, so the

@@ -219,6 +219,15 @@ fn a_flush_is_repaired_once_it_settles_not_pass_by_pass() {
     );
     let metrics = rig::scrape(&agent.http());
     assert!(rig::total(&metrics, "netwarden_removal_bursts_total", &[]) >= 1.0);
+    // `ip` is not a deleter known to delete each object once: held, not repaired as it goes.
+    assert_eq!(
+        rig::total(
+            &metrics,
+            "netwarden_removal_bursts_total",
+            &[("pace", "as_it_goes")]
+        ),
+        0.0
+    );
 }
 
 #[test]

@@ -55,6 +55,23 @@ pub fn request(
     msg
 }
 
+/// A route deletion that matches no route there is (0.0.0.0/32 in the main table, of protocol
+/// 255): the kernel answers it with ESRCH, after taking the routing lock. See
+/// `Applier::barrier`.
+pub fn no_such_route() -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = 32;
+    msg.header.table = crate::model::TABLE_MAIN as u8;
+    msg.header.protocol = RouteProtocol::from(255u8);
+    msg.header.scope = RouteScope::NoWhere;
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(
+            std::net::Ipv4Addr::UNSPECIFIED,
+        )));
+    msg
+}
+
 pub fn rule(key: &RuleKey, protocol: Option<u8>) -> RuleMessage {
     let mut msg = RuleMessage::default();
     msg.header.family = af(key.family);

@@ -235,6 +235,62 @@ impl Applier {
         self.port
     }
 
+    /// Returns once the kernel has finished the changes of this network namespace that were
+    /// under way when it was called. Deleting an address drops the routes that depended on it
+    /// only after the deletion was notified, under the routing lock; route dumps do not take
+    /// that lock (Linux 6.9 and later), so a dump right after the notification could still list
+    /// routes about to go, and they would be believed present. A request that takes the lock (a
+    /// deletion that matches nothing, answered ESRCH) is answered after those changes are done.
+    pub async fn barrier(&mut self) {
+        let mut msg = encode::request(
+            RouteNetlinkMessage::DelRoute(encode::no_such_route()),
+            false,
+            false,
+        );
+        self.seq = self.seq.wrapping_add(1);
+        msg.header.sequence_number = self.seq;
+        self.buf.clear();
+        self.buf.resize(msg.buffer_len(), 0);
+        msg.emit(&mut self.buf);
+        let _ = self.send_batch(self.seq, 1).await;
+    }
+
+    /// [`Applier::apply_all`], sending first one route per nexthop (see [`nexthop_probes`]): when
+    /// the kernel cannot take that one yet (its gateway unreachable: the link lost its address),
+    /// the others through the same nexthop are not sent, they share its outcome. A networkd
+    /// restart leaves a thousand routes through one gateway unplaceable until its address is
+    /// back; sending each to be refused was most of the agent's work after the address went.
+    pub async fn apply(&mut self, steps: &[Step], rules: RuleAdd) -> Vec<Outcome> {
+        let probes = nexthop_probes(steps);
+        if probes.iter().all(Option::is_none) {
+            return self.apply_all(steps, rules).await;
+        }
+        let first: Vec<usize> = (0..steps.len()).filter(|i| probes[*i].is_none()).collect();
+        let sent: Vec<&Step> = first.iter().map(|i| &steps[*i]).collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; steps.len()];
+        for (i, o) in first.iter().zip(self.apply_refs(&sent, rules).await) {
+            outcomes[*i] = Some(o);
+        }
+        let mut rest = Vec::new();
+        for (i, probe) in probes.iter().enumerate() {
+            let Some(p) = probe else { continue };
+            match &outcomes[*p] {
+                Some(Outcome::NotYet(e)) => outcomes[i] = Some(Outcome::NotYet(*e)),
+                _ => rest.push(i),
+            }
+        }
+        if !rest.is_empty() {
+            let sent: Vec<&Step> = rest.iter().map(|i| &steps[*i]).collect();
+            for (i, o) in rest.iter().zip(self.apply_refs(&sent, rules).await) {
+                outcomes[*i] = Some(o);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Failed(ApplyError::Socket("not sent".into()))))
+            .collect()
+    }
+
     /// Sends every op of every step, in order, and returns one outcome per step.
     ///
     /// `rules`: how rules are added. Asking the kernel to refuse an existing rule (NLM_F_EXCL)
@@ -243,7 +299,12 @@ impl Applier {
     /// the scale bench. Without it a rule someone else put back first is added a second time;
     /// the caller takes that risk only when its mirror is known to be current, and removes such
     /// a copy when it sees the other add (see `reconcile`).
-    pub async fn apply(&mut self, steps: &[Step], rules: RuleAdd) -> Vec<Outcome> {
+    pub async fn apply_all(&mut self, steps: &[Step], rules: RuleAdd) -> Vec<Outcome> {
+        let refs: Vec<&Step> = steps.iter().collect();
+        self.apply_refs(&refs, rules).await
+    }
+
+    async fn apply_refs(&mut self, steps: &[&Step], rules: RuleAdd) -> Vec<Outcome> {
         // Settings first (they are files, written at once), then the netlink requests.
         let mut sysctls: Vec<Option<Outcome>> = steps
             .iter()
@@ -372,6 +433,48 @@ impl Applier {
     }
 }
 
+/// For each step, the earlier step whose outcome it shares if that one cannot be placed yet: the
+/// first step putting a route through the same nexthop (family, table, gateway, device, onlink,
+/// scope: what the kernel checks the gateway's reachability with). `None` for the first of each
+/// such group and for every other step.
+pub fn nexthop_probes(steps: &[Step]) -> Vec<Option<usize>> {
+    type Nexthop = (
+        crate::model::Family,
+        u32,
+        std::net::IpAddr,
+        Option<u32>,
+        bool,
+        Option<u8>,
+    );
+    let mut first: std::collections::HashMap<Nexthop, usize> = std::collections::HashMap::new();
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            // A swap (delete, then add) is sent whole.
+            let [Op::PutRoute { route, oif }] = s.ops.as_slice() else {
+                return None;
+            };
+            let gateway = route.gateway?;
+            let hop = (
+                route.key.family,
+                route.key.table,
+                gateway,
+                *oif,
+                route.onlink,
+                route.scope,
+            );
+            match first.get(&hop) {
+                Some(p) => Some(*p),
+                None => {
+                    first.insert(hop, i);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
 /// A step succeeds when its last op (the add) does; a delete that finds nothing to delete is fine
 /// (the old copy is already gone).
 fn outcome(ops: &[Op], results: &[Result<(), ApplyError>]) -> Outcome {
@@ -449,6 +552,57 @@ mod tests {
             outcome(&swap, &[k(Errno::EPERM), Ok(())]),
             Outcome::Failed(ApplyError::Kernel(Errno::EPERM))
         );
+    }
+
+    #[test]
+    fn one_route_per_nexthop_is_sent_first() {
+        use crate::model::{DesiredRoute, Mode, RouteKey, RouteType};
+        use crate::plan::ObjectId;
+        let step = |dst: &str, gw: Option<&str>, oif: u32| {
+            let route = DesiredRoute {
+                name: dst.into(),
+                mode: Mode::Enforce,
+                key: RouteKey::new(Family::Ipv4, 100, dst.parse().unwrap(), None),
+                kind: RouteType::Unicast,
+                gateway: gw.map(|g| g.parse().unwrap()),
+                device: Some("veth0".into()),
+                prefsrc: None,
+                scope: None,
+                protocol: None,
+                onlink: false,
+                mtu: None,
+            };
+            Step {
+                id: ObjectId::Route(route.key.clone()),
+                name: dst.into(),
+                ops: vec![Op::PutRoute {
+                    route,
+                    oif: Some(oif),
+                }],
+            }
+        };
+        let steps = [
+            step("10.64.0.1/32", None, 3),
+            step("10.65.0.1/32", Some("10.200.0.254"), 3),
+            step("10.65.0.2/32", Some("10.200.0.254"), 3),
+            step("10.65.0.3/32", Some("10.200.0.1"), 3),
+            step("10.65.0.4/32", Some("10.200.0.254"), 4),
+            step("10.65.0.5/32", Some("10.200.0.254"), 3),
+        ];
+        assert_eq!(
+            nexthop_probes(&steps),
+            [None, None, Some(1), None, None, Some(1)],
+            "another gateway or device is another nexthop"
+        );
+    }
+
+    #[test]
+    fn the_barrier_deletes_nothing_there_is() {
+        let msg = encode::no_such_route();
+        let (key, route) = crate::observe::decode::route(&msg).unwrap();
+        assert_eq!(key.destination, "0.0.0.0/32".parse().unwrap());
+        assert_eq!(key.table, crate::model::TABLE_MAIN);
+        assert_eq!(route.protocol, 255);
     }
 
     #[test]
