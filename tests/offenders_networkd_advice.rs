@@ -151,6 +151,8 @@ fn the_prediction_is_what_a_restart_removes_and_the_drop_ins_prevent_it() {
 
     let (code, json) = command(&ns, &nd, &cfg, &[]);
     assert_eq!(code, 1, "objects at risk: {json:#}");
+    assert_eq!(json["apiVersion"], "netwarden.io/v1alpha1");
+    assert_eq!(json["kind"], "NetworkdReport");
     assert_eq!(json["running"], true);
     assert_eq!(json["managed"][0]["link"], "veth0");
     let restart = predicted(&json, "restart");

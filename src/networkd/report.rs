@@ -22,8 +22,14 @@ pub struct LinkState {
     pub network: Option<String>,
 }
 
+/// The JSON report's `kind` (its `apiVersion` is the config's).
+pub const REPORT_KIND: &str = "NetworkdReport";
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    #[serde(rename = "apiVersion")]
+    pub api_version: &'static str,
+    pub kind: &'static str,
     pub running: bool,
     pub networkd: Running,
     pub settings: Settings,
@@ -82,6 +88,8 @@ pub fn analyse(
         }
     }
     Report {
+        api_version: crate::config::API_VERSION,
+        kind: REPORT_KIND,
         running: !running.pids.is_empty(),
         networkd: running,
         settings,
