@@ -387,11 +387,12 @@ fn main() -> Result<()> {
         RULES + ROUTES,
         rounds.iter().filter(|r| r.overrun).count()
     );
-    let warnings = agent.log.lock().unwrap().clone();
-    let contested = warnings.iter().filter(|l| l.contains("contested")).count();
-    println!(
-        "  agent: {contested} `contested` log lines, {} warnings/errors",
-        warnings.len()
-    );
+    let kept = agent.log.lock().unwrap().clone();
+    let contested = kept.iter().filter(|l| l.contains("contested")).count();
+    let warnings = kept
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    println!("  agent: {contested} `contested` log lines, {warnings} warnings/errors");
     Ok(())
 }

@@ -183,6 +183,7 @@ pub enum Command {
     /// protects, and the drop-ins that prevent it. Exit 0 nothing at risk at a restart, 1 at
     /// risk, 2 error. Changes nothing unless --write-root is given; never restarts networkd.
     Networkd {
+        /// Config file whose protected objects to look for (as `check` takes it).
         #[arg(long)]
         config: PathBuf,
         /// Look at the links of this network namespace (a name under /run/netns, or a path).

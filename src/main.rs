@@ -598,8 +598,8 @@ fn networkd(
     let (rt, _entered) = runtime(netns)?;
     let found = rt.block_on(host::report(root, &desired))?;
     match output {
-        Output::Table => print!("{}", report::render_table(&found)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+        Output::Table => emit(&report::render_table(&found))?,
+        Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&found)?))?,
     }
     if let Some(dir) = write_root {
         if found.dropins.is_empty() {
