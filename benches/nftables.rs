@@ -8,6 +8,9 @@
 //! 2. `nft flush ruleset` with that table and a table holding a 5,000-element protected set →
 //!    all back (one transaction), commit to commit; beside it one `nft -f` of the same
 //!    transaction.
+//! 3. Beside each, the reactive floor: with the agent gone, the same trigger, and the moment its
+//!    NEWGEN arrives the same `nft -f` spawned, commit to commit: what a perfectly reactive
+//!    script doing the agent's work takes, kernel work after the deletion included.
 //!
 //! Runs are spaced 3 s apart: a table deleted again within 2 s of its repair three times running
 //! is contested and its repairs back off (that is a fight, not what is measured here).
@@ -157,13 +160,62 @@ async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
     out.filter(|_| !lost)
 }
 
+/// The floor measured like the repair: `trigger` runs, and the moment its NEWGEN arrives an
+/// `nft -f` of the repair transaction is spawned; from that NEWGEN to the `nft -f`'s own. This
+/// is a perfectly reactive script doing the agent's work, kernel costs after the deletion
+/// included (a deleted base chain's hooks are released after an RCU grace period).
+async fn measure_reactive(events: &mut Events, trigger: &[&str], create: &str) -> Option<f64> {
+    let mut child = Command::new("nft").args(trigger).spawn().unwrap();
+    let me = Some(child.id());
+    let mut t0 = None;
+    let mut repairer = None;
+    let mut out = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.is_none() && Instant::now() < deadline {
+        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
+        else {
+            break;
+        };
+        let now = Instant::now();
+        for ev in batch {
+            let Event::NewGen { pid, .. } = ev else {
+                continue;
+            };
+            if pid == me && t0.is_none() {
+                t0 = Some(now);
+                let mut r = Command::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .expect("nft");
+                r.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(create.as_bytes())
+                    .unwrap();
+                repairer = Some(r);
+            } else if let (Some(t0), Some(r)) = (t0, &repairer) {
+                if pid == Some(r.id()) {
+                    out = Some((now - t0).as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    if let Some(mut r) = repairer {
+        assert!(r.wait().unwrap().success(), "nft -f of the repair failed");
+    }
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
+    out
+}
+
 fn scenario(
     rt: &tokio::runtime::Runtime,
     elements: usize,
     runs: usize,
     trigger: &[&str],
     only: Option<&str>,
-) -> (Vec<f64>, Vec<f64>) {
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let ns = Sandbox::create("nw-bench-nft").unwrap();
     netwarden::netns::enter(&ns.name).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +246,14 @@ fn scenario(
         let (took, _) = nft(&["-f", "-"], &create);
         floor.push(took.as_secs_f64() * 1e3);
     }
-    (repaired, floor)
+    let mut reactive = Vec::new();
+    rt.block_on(async {
+        let mut events = Events::subscribe().unwrap();
+        for _ in 0..runs {
+            reactive.extend(measure_reactive(&mut events, trigger, &create).await);
+        }
+    });
+    (repaired, floor, reactive)
 }
 
 fn main() {
@@ -212,7 +271,7 @@ fn main() {
             .unwrap()
     };
     let r = rt();
-    let (deleted, deleted_floor) = std::thread::spawn(move || {
+    let (deleted, deleted_floor, deleted_reactive) = std::thread::spawn(move || {
         scenario(
             &r,
             0,
@@ -224,7 +283,7 @@ fn main() {
     .join()
     .unwrap();
     let r = rt();
-    let (flushed, flushed_floor) =
+    let (flushed, flushed_floor, flushed_reactive) =
         std::thread::spawn(move || scenario(&r, 5000, 20, &["flush", "ruleset"], None))
             .join()
             .unwrap();
@@ -258,6 +317,13 @@ fn main() {
     println!(
         "{}",
         summary(
+            "the same `nft -f` spawned at the deletion's NEWGEN, commit to commit (reactive floor)",
+            deleted_reactive
+        )
+    );
+    println!(
+        "{}",
+        summary(
             "`nft flush ruleset`, 3 tables (one a 5,000-element set) → all back, commit to commit",
             flushed
         )
@@ -267,6 +333,13 @@ fn main() {
         summary(
             "one `nft -f` of the same three tables, spawn to exit (floor)",
             flushed_floor
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "the same `nft -f` spawned at the flush's NEWGEN, commit to commit (reactive floor)",
+            flushed_reactive
         )
     );
 }
