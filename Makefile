@@ -42,10 +42,11 @@ demo: deps
 	$(CARGO) build --release --locked
 	./target/release/netwarden demo
 
+# No incremental state: it serves rebuilds, and a test run builds once; it would only take disk.
 test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
-	$(CARGO) test --locked
+	CARGO_INCREMENTAL=0 $(CARGO) test --locked
 
 bench: deps
 	$(CARGO) bench --locked --bench repair
