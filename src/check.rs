@@ -317,7 +317,7 @@ mod tests {
         let (id, rule) = desired.rules.iter().next().unwrap();
         Plan {
             drift: vec![Drift {
-                id: crate::plan::ObjectId::Rule(id.clone()),
+                id: crate::model::ObjectId::Rule(id.clone()),
                 kind: Kind::Rule,
                 name: rule.name.clone(),
                 object: id.to_string(),

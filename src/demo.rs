@@ -5,8 +5,8 @@
 use crate::config;
 use crate::desired::DesiredState;
 use crate::listen::Listener;
+use crate::model::ObjectId;
 use crate::observe::decode;
-use crate::plan::ObjectId;
 use crate::reconcile::Agent;
 use crate::sandbox::{Sandbox, SandboxError};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;

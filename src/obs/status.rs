@@ -5,7 +5,7 @@
 
 use crate::config::{Pending, PendingCause};
 use crate::model::fast::HashMap;
-use crate::plan::ObjectId;
+use crate::model::ObjectId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
