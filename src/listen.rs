@@ -3,6 +3,7 @@
 //! the benchmarks use it to time repairs from outside the agent.
 
 use crate::observe::decode::each_message;
+use crate::observe::events::GROUPS;
 use crate::observe::kernel::EVENT_RCVBUF;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -15,14 +16,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// rtnetlink multicast group bits (RTNLGRP_* - 1): everything the agent watches.
-pub const GROUPS: u32 = (1 << 0) // link
-    | (1 << 4) // ipv4 ifaddr
-    | (1 << 6) // ipv4 route
-    | (1 << 7) // ipv4 rule
-    | (1 << 8) // ipv6 ifaddr
-    | (1 << 10) // ipv6 route
-    | (1 << 18); // ipv6 rule
 /// Only IPv4 rules: for timing rule repairs beside a churning route table, whose notifications
 /// would otherwise queue in front of the one being timed (and cost the listener CPU).
 pub const IPV4_RULES: u32 = 1 << 7;

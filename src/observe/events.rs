@@ -9,7 +9,6 @@
 
 use super::decode::{each_message, netconf, Netconf, RTM_DELNETCONF, RTM_NEWNETCONF};
 use super::kernel::{event_rcvbuf, ignore_own_changes, set_rcvbuf, EventFilter, ObserveError};
-use crate::listen::GROUPS;
 use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -21,6 +20,15 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::warn;
+
+/// rtnetlink multicast group bits (RTNLGRP_* - 1): everything the agent watches.
+pub const GROUPS: u32 = (1 << 0) // link
+    | (1 << 4) // ipv4 ifaddr
+    | (1 << 6) // ipv4 route
+    | (1 << 7) // ipv4 rule
+    | (1 << 8) // ipv6 ifaddr
+    | (1 << 10) // ipv6 route
+    | (1 << 18); // ipv6 rule
 
 /// Notifications read per system call.
 pub const SLOTS: usize = 64;
