@@ -173,9 +173,9 @@ impl Progress {
 /// address are not tried again because other routes came back), every pending route when an
 /// object of another kind was put back (a link brought up), and pending objects of the other
 /// kinds always (few, and what they wait for is not worked out here).
-pub fn unblocked(
+pub fn unblocked<'a>(
     desired: &DesiredState,
-    pending: &HashSet<ObjectId>,
+    pending: impl IntoIterator<Item = &'a ObjectId>,
     progress: &Progress,
 ) -> Dirty {
     let reachable = &progress.reachable;

@@ -224,14 +224,9 @@ impl Agent {
             }
             _ => return,
         }
-        self.pending.remove(id);
-        self.pending_by.remove(id);
-        self.reported.remove(id);
-        self.failed.remove(id);
-        if self.refused.remove(id) {
-            self.telemetry.set_refused(self.refused.len());
+        if self.ledger.forget(id).is_some_and(|s| s.refused) {
+            self.telemetry.set_refused(self.ledger.refused_count());
         }
-        self.states.remove(id);
         self.contest.retain(|i| i != id);
         self.telemetry
             .metrics

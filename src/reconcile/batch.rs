@@ -198,7 +198,7 @@ impl Agent {
             kernel::dump_rules(&mut self.handle, &mut self.mirror).await?;
         }
         if batch.appeared {
-            for id in &self.pending {
+            for id in self.ledger.pending() {
                 batch.dirty.insert(id.clone());
             }
         }
@@ -226,8 +226,7 @@ impl Agent {
         self.retry_pending(progress).await;
         if followed {
             // What a new link brought is placed, or waits like any pending object.
-            let pending = &self.pending;
-            self.placing.retain(|id| pending.contains(id));
+            self.ledger.placed_unless_pending();
         }
         if settle.is_burst() {
             if settle.pace() == burst::Pace::AsItGoes {

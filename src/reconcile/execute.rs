@@ -3,7 +3,7 @@
 
 use crate::apply::{self, Outcome, RuleAdd};
 use crate::model::fast::{HashMap, HashSet};
-use crate::model::{Kind, Mode};
+use crate::model::Kind;
 use crate::obs::attribution;
 use crate::obs::contest::Decision;
 use crate::obs::metrics::{ErrorLabels, KindLabels, RepairLabels};
@@ -53,12 +53,12 @@ impl Agent {
             plan.drift.retain(|d| !h.is_waiting(&d.id));
         }
         // Who made the pending objects of this plan missing: their repair is that change's.
-        let earlier: HashMap<ObjectId, u32> = if self.pending_by.is_empty() {
+        let earlier: HashMap<ObjectId, u32> = if !self.ledger.has_pending() {
             HashMap::default()
         } else {
             plan.steps
                 .iter()
-                .filter_map(|s| Some((s.id.clone(), *self.pending_by.get(&s.id)?)))
+                .filter_map(|s| Some((s.id.clone(), self.ledger.pending_port(&s.id)?)))
                 .collect()
         };
         let port_of = |id: &ObjectId| match (removed_by.get(id), id, cause) {
@@ -74,25 +74,21 @@ impl Agent {
         let known: HashSet<ObjectId> = plan
             .steps
             .iter()
-            .filter(|s| {
-                self.pending.contains(&s.id)
-                    || matches!(self.states.get(&s.id), Some((st, _)) if *st != State::Contested)
-            })
+            .filter(|s| self.ledger.known_out_of_sync(&s.id))
             .map(|s| s.id.clone())
             .collect();
         if cause != Cause::Start {
             let metrics = &self.telemetry.metrics;
             let contest = &mut self.contest;
-            let pending = &self.pending;
-            let placing = &self.placing;
+            let ledger = &self.ledger;
             plan.steps.retain(|step| {
-                if placing.contains(&step.id) {
+                if ledger.is_placing(&step.id) {
                     return true;
                 }
                 // A retry of a pending object (something appeared) is not a new removal: it
                 // must not count towards a fight, or a route waiting for its gateway would be
                 // held back after three retries.
-                let decision = if pending.contains(&step.id) && !contest.is_held(&step.id, now) {
+                let decision = if ledger.is_pending(&step.id) && !contest.is_held(&step.id, now) {
                     Decision::Now { fresh: false }
                 } else {
                     contest.on_drift(&step.id, now)
@@ -176,17 +172,14 @@ impl Agent {
                 .inc();
             match outcome {
                 Outcome::Applied | Outcome::AlreadyThere => {
-                    self.pending.remove(&step.id);
-                    self.pending_by.remove(&step.id);
-                    self.failed.remove(&step.id);
-                    self.refused.remove(&step.id);
+                    let placement = self.ledger.applied(&step.id);
                     // The kernel said yes: mirror it now rather than waiting for the
                     // notification, so a burst does not re-plan what is already fixed.
                     for op in &step.ops {
                         apply::record(&mut self.mirror, op);
                     }
                     repaired.insert(step.id.clone());
-                    if self.placing.remove(&step.id) {
+                    if placement {
                         placed.push(&step.name);
                         continue;
                     }
@@ -202,10 +195,7 @@ impl Agent {
                     }
                 }
                 Outcome::NotYet(errno) => {
-                    self.pending.insert(step.id.clone());
-                    if let Some(port) = port_of(&step.id) {
-                        self.pending_by.insert(step.id.clone(), port);
-                    }
+                    self.ledger.not_yet(&step.id, port_of(&step.id));
                     let errno_label = format!("{errno:?}");
                     metrics
                         .apply_errors
@@ -221,17 +211,15 @@ impl Agent {
                     now_pending.insert(step.id.clone(), Finding::Pending { reason });
                 }
                 Outcome::Failed(e) => {
-                    self.failed.insert(step.id.clone());
+                    self.ledger.failed(&step.id, e.is_permission());
                     let errno = e.label();
                     metrics
                         .apply_errors
                         .get_or_create(&ErrorLabels { kind, errno })
                         .inc();
                     if e.is_permission() {
-                        self.refused.insert(step.id.clone());
                         error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair refused: no permission to change the kernel (CAP_NET_ADMIN?); not ready");
                     } else {
-                        self.refused.remove(&step.id);
                         error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair failed");
                     }
                 }
@@ -243,12 +231,12 @@ impl Agent {
                 board.record_repair(id, acked_unix);
             }
         }
-        self.telemetry.set_refused(self.refused.len());
+        self.telemetry.set_refused(self.ledger.refused_count());
         let observed = self.report(&plan, &now_pending, scope);
         if cause != Cause::Start {
             for (id, name) in observed
                 .into_iter()
-                .filter(|(id, _)| !self.placing.contains(id))
+                .filter(|(id, _)| !self.ledger.is_placing(id))
             {
                 let port = port_of(&id);
                 report.detections.push(Detection {
@@ -261,8 +249,8 @@ impl Agent {
         }
         let mut touched: Vec<ObjectId> = plan.drift.iter().map(|d| d.id.clone()).collect();
         match scope {
-            None => touched.extend(self.states.keys().cloned()),
-            Some(d) => touched.extend(self.states.keys().filter(|id| in_scope(d, id)).cloned()),
+            None => touched.extend(self.ledger.boarded().cloned()),
+            Some(d) => touched.extend(self.ledger.boarded().filter(|id| in_scope(d, id)).cloned()),
         }
         let drift: HashMap<ObjectId, &Drift> =
             plan.drift.iter().map(|d| (d.id.clone(), d)).collect();
@@ -307,44 +295,15 @@ impl Agent {
     ) {
         let mut changes: Vec<(ObjectId, State, Option<String>)> = Vec::new();
         for id in ids {
-            let (state, reason) = if !protects(&self.desired, id) {
+            if !protects(&self.desired, id) {
                 continue;
-            } else if self.contest.is_contested(id) {
-                (State::Contested, None)
-            } else if let Some(Finding::Pending { reason }) = self.reported.get(id) {
-                (State::Pending, Some(reason.clone()))
-            } else if self.pending.contains(id) {
-                (State::Pending, None)
-            } else if self.failed.contains(id) {
-                (State::Drifted, Some("the last repair failed".to_string()))
-            } else {
-                match drift.get(id) {
-                    Some(d) if repaired.contains(id) => {
-                        let _ = d;
-                        (State::InSync, None)
-                    }
-                    Some(d) => {
-                        let what = match &d.finding {
-                            Finding::Missing => "missing".to_string(),
-                            Finding::Different { observed } => format!("different: {observed}"),
-                            Finding::Pending { reason } => reason.clone(),
-                        };
-                        match (&d.finding, d.mode) {
-                            (Finding::Pending { .. }, _) => (State::Pending, Some(what)),
-                            (_, Mode::Observe) => (State::ObserveOnly, Some(what)),
-                            _ => (State::Drifted, Some(what)),
-                        }
-                    }
-                    None => (State::InSync, None),
-                }
-            };
-            let old = self.states.get(id);
-            if state == State::InSync {
-                if self.states.remove(id).is_some() {
-                    changes.push((id.clone(), state, None));
-                }
-            } else if old != Some(&(state, reason.clone())) {
-                self.states.insert(id.clone(), (state, reason.clone()));
+            }
+            let contested = self.contest.is_contested(id);
+            let found = drift.get(id).map(|d| (&d.finding, d.mode));
+            if let Some((state, reason)) =
+                self.ledger
+                    .restate(id, contested, found, repaired.contains(id))
+            {
                 changes.push((id.clone(), state, reason));
             }
         }

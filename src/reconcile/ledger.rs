@@ -18,6 +18,9 @@ pub struct ObjectState {
     /// Enforced, but the kernel would not take it yet (its device, address or gateway is
     /// missing): retried when something appears.
     pub pending: bool,
+    /// The netlink port of the change that made a pending object missing, when known: its
+    /// eventual repair is told with that actor, as its drift was counted.
+    pub pending_by: Option<u32>,
     /// Enforced, and its last repair failed.
     pub failed: bool,
     /// Its last repair was refused for lack of permission: while any object is, the agent is
@@ -35,6 +38,7 @@ pub struct ObjectState {
 impl ObjectState {
     fn is_clear(&self) -> bool {
         !self.pending
+            && self.pending_by.is_none()
             && !self.failed
             && !self.refused
             && !self.placing
@@ -147,8 +151,19 @@ impl<K: Clone + Eq + Hash> Ledger<K> {
             .map(|(id, _)| id)
     }
 
+    /// Sets or clears pending (clearing forgets who made it missing).
     pub fn set_pending(&mut self, id: &K, on: bool) {
-        self.update(id, |s| s.pending = on);
+        self.update(id, |s| {
+            s.pending = on;
+            if !on {
+                s.pending_by = None;
+            }
+        });
+    }
+
+    /// The port of the change that made a pending object missing, when known.
+    pub fn pending_port(&self, id: &K) -> Option<u32> {
+        self.get(id).and_then(|s| s.pending_by)
     }
 
     /// Keeps pending only the objects `keep` says yes to.
@@ -236,15 +251,22 @@ impl<K: Clone + Eq + Hash> Ledger<K> {
         }
         self.update(id, |s| {
             s.pending = false;
+            s.pending_by = None;
             s.failed = false;
             s.refused = false;
             std::mem::take(&mut s.placing)
         })
     }
 
-    /// The kernel would not take it yet.
-    pub fn not_yet(&mut self, id: &K) {
-        self.set_pending(id, true);
+    /// The kernel would not take it yet; `port`: the change that made it missing, if known (an
+    /// earlier one is kept otherwise).
+    pub fn not_yet(&mut self, id: &K, port: Option<u32>) {
+        self.update(id, |s| {
+            s.pending = true;
+            if port.is_some() {
+                s.pending_by = port;
+            }
+        });
     }
 
     /// The repair failed; `refused`: for lack of permission.
@@ -346,11 +368,13 @@ impl<K: Clone + Eq + Hash> Ledger<K> {
             .then_some((state, reason))
     }
 
-    /// Number of objects with a record (for tests and the initial-sync log).
+    /// Number of objects with a record.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.objects.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty()
     }
@@ -374,17 +398,20 @@ mod tests {
         l.set_reported(&1, None);
         assert!(!l.set_board(&1, State::InSync, None));
         assert!(l.is_empty());
-        l.not_yet(&1);
+        l.not_yet(&1, None);
         assert_eq!(l.len(), 1);
         assert!(!l.applied(&1));
-        assert!(l.is_empty(), "applied and nothing else known: the record goes");
+        assert!(
+            l.is_empty(),
+            "applied and nothing else known: the record goes"
+        );
     }
 
     #[test]
     fn counts_follow_every_change() {
         let mut l: Ledger<u32> = Ledger::default();
-        l.not_yet(&1);
-        l.not_yet(&2);
+        l.not_yet(&1, None);
+        l.not_yet(&2, None);
         l.failed(&3, true);
         l.failed(&4, false);
         assert!(l.has_pending());
@@ -403,7 +430,7 @@ mod tests {
         assert_eq!(l.failed_count(), 0);
         assert!(l.is_empty());
         // Retain and forget keep the counts of what is left.
-        l.not_yet(&5);
+        l.not_yet(&5, None);
         l.set_board(&5, State::Pending, None);
         l.set_board(&6, State::Drifted, None);
         assert_eq!(l.board_count(), 2);
@@ -414,10 +441,29 @@ mod tests {
     }
 
     #[test]
+    fn who_made_a_pending_object_missing_is_kept_until_it_is_no_longer_pending() {
+        let mut l: Ledger<u32> = Ledger::default();
+        l.not_yet(&1, Some(42));
+        assert_eq!(l.pending_port(&1), Some(42));
+        // A retry that fails again without a known change keeps the first one.
+        l.not_yet(&1, None);
+        assert_eq!(l.pending_port(&1), Some(42));
+        l.not_yet(&1, Some(7));
+        assert_eq!(l.pending_port(&1), Some(7));
+        l.retain_pending(|_| false);
+        assert_eq!(l.pending_port(&1), None);
+        assert!(l.is_empty(), "nothing left to remember");
+        l.not_yet(&2, Some(9));
+        l.applied(&2);
+        assert_eq!(l.pending_port(&2), None);
+        assert!(l.is_empty());
+    }
+
+    #[test]
     fn a_placement_is_told_once_and_only_for_objects_being_placed() {
         let mut l: Ledger<u32> = Ledger::default();
         l.set_placing(&1);
-        l.not_yet(&1);
+        l.not_yet(&1, None);
         l.set_placing(&2);
         assert!(l.is_placing(&1));
         // A reload's end: what is in place was placed, what is pending still is being placed.
@@ -427,20 +473,26 @@ mod tests {
         assert!(l.applied(&1), "its first repair is its placement");
         assert!(!l.applied(&1), "told once");
         assert!(!l.is_pending(&1));
-        l.not_yet(&3);
-        assert!(!l.applied(&3), "a pending object that was not being placed is repaired");
+        l.not_yet(&3, None);
+        assert!(
+            !l.applied(&3),
+            "a pending object that was not being placed is repaired"
+        );
     }
 
     #[test]
     fn a_retry_is_known_drift_unless_the_object_is_contested() {
         let mut l: Ledger<u32> = Ledger::default();
         assert!(!l.known_out_of_sync(&1));
-        l.not_yet(&1);
+        l.not_yet(&1, None);
         assert!(l.known_out_of_sync(&1));
         l.set_board(&2, State::Drifted, Some("the last repair failed".into()));
         assert!(l.known_out_of_sync(&2));
         l.set_board(&3, State::Contested, None);
-        assert!(!l.known_out_of_sync(&3), "each removal of a contested object is drift");
+        assert!(
+            !l.known_out_of_sync(&3),
+            "each removal of a contested object is drift"
+        );
     }
 
     #[test]
@@ -451,7 +503,7 @@ mod tests {
             observed: "table 5".into(),
         };
         // Contested wins over everything.
-        l.not_yet(&1);
+        l.not_yet(&1, None);
         assert_eq!(l.state_of(&1, true, None, false), (State::Contested, None));
         // Reported pending: with the reason; pending without a report: without.
         l.set_reported(&1, Some(pending("no device eth9")));
@@ -459,7 +511,7 @@ mod tests {
             l.state_of(&1, false, Some((&missing, Mode::Enforce)), false),
             (State::Pending, Some("no device eth9".into()))
         );
-        l.not_yet(&2);
+        l.not_yet(&2, None);
         assert_eq!(l.state_of(&2, false, None, false), (State::Pending, None));
         l.failed(&3, false);
         assert_eq!(
@@ -498,10 +550,17 @@ mod tests {
         );
         assert_eq!(l.restate(&1, false, observe, false), None, "no change");
         assert_eq!(l.board_count(), 1);
-        assert_eq!(l.restate(&1, false, None, false), Some((State::InSync, None)));
+        assert_eq!(
+            l.restate(&1, false, None, false),
+            Some((State::InSync, None))
+        );
         assert_eq!(l.board_count(), 0);
         assert!(l.is_empty());
-        assert_eq!(l.restate(&1, false, None, false), None, "in sync stays quiet");
+        assert_eq!(
+            l.restate(&1, false, None, false),
+            None,
+            "in sync stays quiet"
+        );
     }
 
     #[test]
@@ -510,7 +569,7 @@ mod tests {
         l.set_reported(&1, Some(Finding::Missing));
         l.set_reported(&2, Some(Finding::Missing));
         l.set_reported(&3, Some(Finding::Missing));
-        l.not_yet(&4);
+        l.not_yet(&4, None);
         // The plan looked at 1, 2 and 4 and still found 2 drifted.
         let mut back = l.back_in_sync(|id| *id == 2, |id| *id != 3);
         back.sort();

@@ -10,11 +10,13 @@
 //! the board brought up to date); [`tell`]: what was found and done, counted and logged with the
 //! processes behind it; [`refresh`]: full refreshes, reloads, retries; [`adoption`]: `spec.adopt`
 //! and pod liveness; [`owners`]: addresses left to their owner to put back; [`node`]:
-//! neighbours, links and sysctls.
+//! neighbours, links and sysctls; [`ledger`]: one record per protected object (pending, failed,
+//! refused, reported, placing, board state), pure.
 
 mod adoption;
 mod batch;
 mod execute;
+mod ledger;
 mod node;
 mod owners;
 mod refresh;
@@ -24,19 +26,19 @@ use crate::apply::Applier;
 use crate::burst;
 use crate::desired::DesiredState;
 use crate::handoff::Handoff;
-use crate::model::fast::{HashMap, HashSet};
+use crate::model::fast::HashMap;
 use crate::model::{RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest};
-use crate::obs::status::State;
 use crate::obs::{Ping, Reload, Telemetry};
 use crate::observe::events::EventSocket;
 use crate::observe::kernel::{self, ObserveError};
 use crate::observe::Mirror;
-use crate::plan::{Finding, ObjectId};
+use crate::plan::ObjectId;
 use crate::pod_liveness::{PodView, Tracker};
 use adoption::route_interest;
 use batch::Batch;
+use ledger::Ledger;
 use rtnetlink::Handle;
 use std::future::Future;
 use std::sync::Arc;
@@ -119,14 +121,10 @@ pub struct Agent {
     /// The same for the attribution's socket (never widened: only protected changes are named).
     sightings_filter: Option<kernel::EventFilter>,
     resync: Duration,
-    /// What was last said about each drifted object, so logs speak of transitions, not repeats.
-    reported: HashMap<ObjectId, Finding>,
-    /// Enforced objects that could not be applied yet. Retried when something appears (a link,
-    /// an address, a route, a rule): any of those can make a device or gateway available.
-    pending: HashSet<ObjectId>,
-    /// The netlink port of the change that made a pending object missing, when known: its
-    /// eventual repair is logged with that actor, as its drift was counted.
-    pending_by: HashMap<ObjectId, u32>,
+    /// What is known about each protected object not simply in sync: pending (retried when
+    /// something appears: a link, an address, a route or a rule can make a device or gateway
+    /// available), failed, refused, last reported, being placed, its board state.
+    ledger: Ledger<ObjectId>,
     telemetry: Arc<Telemetry>,
     /// Objects fought over, and their held-back repairs.
     contest: Contest<ObjectId>,
@@ -134,13 +132,6 @@ pub struct Agent {
     handoff: Handoff<ObjectId>,
     /// Bursts repaired as they go: what was put back, and who deletes (see `burst`).
     pacer: burst::Pacer<ObjectId>,
-    /// Enforced objects whose last repair failed.
-    failed: HashSet<ObjectId>,
-    /// Those of them the kernel refused for lack of permission (EPERM, EACCES): while any is
-    /// left the agent is not ready (it runs, but cannot do its job).
-    refused: HashSet<ObjectId>,
-    /// What the board says about objects not in sync (in sync: absent).
-    states: HashMap<ObjectId, (State, Option<String>)>,
     actors: LabelCap,
     /// Lookups of the processes behind changes, on their own thread.
     attribution: Option<std::sync::mpsc::Sender<attribution::Request>>,
@@ -162,10 +153,6 @@ pub struct Agent {
     pods: Option<watch::Receiver<PodView>>,
     /// Adopted objects of `podLiveness` selectors tied to a pod IP.
     liveness: Tracker<ObjectId>,
-    /// Objects a config change newly protects that were not put in place yet: adding them is
-    /// a placement, not a repair (no drift, no fight, no `restored` notice or Event: nobody
-    /// removed them). An object leaves the set once it is in place.
-    placing: HashSet<ObjectId>,
     /// When the settings the kernel does not notify were last read.
     polled_at: Instant,
     /// Adopted neighbour and FDB entries (in `desired` too), by the selector that adopted them.
@@ -274,17 +261,12 @@ impl Agent {
             event_filter,
             sightings_filter,
             resync,
-            reported: HashMap::default(),
-            pending: HashSet::default(),
-            pending_by: HashMap::default(),
+            ledger: Ledger::default(),
             pings: telemetry.take_pings(),
             telemetry,
             contest: Contest::new(Backoff::default()),
             handoff: Handoff::default(),
             pacer: burst::Pacer::default(),
-            failed: HashSet::default(),
-            refused: HashSet::default(),
-            states: HashMap::default(),
             actors: LabelCap::default(),
             attribution,
             answers,
@@ -296,7 +278,6 @@ impl Agent {
             store,
             pods: None,
             liveness: Tracker::default(),
-            placing: HashSet::default(),
             polled_at: Instant::now(),
             adopted_node: HashMap::default(),
         };
@@ -304,14 +285,14 @@ impl Agent {
         agent.full_resync(ResyncReason::Start).await?;
         agent.telemetry.set_ready();
         // Every protected object not in sync now: pending, observed drift, failed repairs.
-        let drifted = agent.states.len();
+        let drifted = agent.ledger.board_count();
         info!(
             protected = agent.desired.len(),
             rules = agent.desired.rules.len(),
             routes = agent.desired.routes.len(),
             addresses = agent.desired.addresses.len(),
             still_drifted = drifted,
-            failed = agent.failed.len(),
+            failed = agent.ledger.failed_count(),
             "initial sync done"
         );
         Ok(agent)

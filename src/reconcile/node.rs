@@ -75,7 +75,9 @@ impl Agent {
         }
         if place {
             let after = self.pattern_ids();
-            self.placing.extend(after.difference(&before).cloned());
+            for id in after.difference(&before) {
+                self.ledger.set_placing(id);
+            }
         }
         // New settings are read before they are planned.
         let new: Vec<SysctlKey> = self
@@ -87,12 +89,9 @@ impl Agent {
             .collect();
         kernel::read_sysctls(&mut self.mirror, &new);
         let d = &self.desired;
-        self.pending.retain(|id| d.protects(id));
-        self.reported.retain(|id, _| d.protects(id));
-        self.failed.retain(|id| d.protects(id));
-        self.states.retain(|id, _| d.protects(id));
+        self.ledger.retain(|id| d.protects(id));
+        self.telemetry.set_refused(self.ledger.refused_count());
         self.contest.retain(|id| d.protects(id));
-        self.placing.retain(|id| d.protects(id));
         self.telemetry.set_catalog(d);
         true
     }
@@ -468,10 +467,9 @@ impl Agent {
             }
             _ => return,
         }
-        self.pending.remove(id);
-        self.reported.remove(id);
-        self.failed.remove(id);
-        self.states.remove(id);
+        if self.ledger.forget(id).is_some_and(|s| s.refused) {
+            self.telemetry.set_refused(self.ledger.refused_count());
+        }
         self.contest.retain(|i| i != id);
         self.telemetry
             .metrics

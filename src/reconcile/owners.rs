@@ -73,8 +73,8 @@ impl Agent {
                 "removed by {owner}, its owner: waiting for {owner} to put it back (up to {} ms)",
                 self.handoff.grace().as_millis()
             );
-            self.states
-                .insert(id.clone(), (State::Pending, Some(reason.clone())));
+            self.ledger
+                .set_board(&id, State::Pending, Some(reason.clone()));
             self.telemetry
                 .board()
                 .set_state(&id, State::Pending, Some(reason));
@@ -113,7 +113,7 @@ impl Agent {
             );
             self.count_handoff("grace_expired");
             // Its waiting state is no drift seen before: the repair is counted as a new one.
-            self.states.remove(&l.id);
+            self.ledger.set_board(&l.id, State::InSync, None);
             if let ObjectId::Address(k) = &l.id {
                 dirty.addresses.insert(k.clone());
             }

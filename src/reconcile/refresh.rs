@@ -68,27 +68,22 @@ impl Agent {
             }
         }
         let d = &self.desired;
-        let mut placing = newly_protected(&old, d);
-        placing.extend(self.placing.drain().filter(|id| protects(d, id)));
-        self.placing = placing;
+        // Forgets what the new config no longer protects (placements too).
+        self.ledger.retain(|id| protects(d, id));
+        for id in newly_protected(&old, d) {
+            self.ledger.set_placing(&id);
+        }
         self.mirror.set_interest(route_interest(d));
         self.sync_interest();
         let d = &self.desired;
-        self.pending.retain(|id| protects(d, id));
-        self.pending_by.retain(|id, _| protects(d, id));
-        self.reported.retain(|id, _| protects(d, id));
-        self.failed.retain(|id| protects(d, id));
-        self.refused.retain(|id| protects(d, id));
-        self.telemetry.set_refused(self.refused.len());
-        self.states.retain(|id, _| protects(d, id));
+        self.telemetry.set_refused(self.ledger.refused_count());
         self.contest.retain(|id| protects(d, id));
         self.handoff.retain(|id| protects(d, id));
         self.telemetry.set_catalog(d);
         self.save_adopted();
         let r = self.full_resync(ResyncReason::ConfigChange).await;
         // What is in place now was placed; what is still pending is placed when it can be.
-        let pending = &self.pending;
-        self.placing.retain(|id| pending.contains(id));
+        self.ledger.placed_unless_pending();
         r
     }
 
@@ -134,7 +129,7 @@ impl Agent {
         let Some(filter) = &mut self.event_filter else {
             return false;
         };
-        let tables = if self.pending.is_empty() {
+        let tables = if !self.ledger.has_pending() {
             self.mirror.route_tables()
         } else {
             None
@@ -199,11 +194,11 @@ impl Agent {
     /// address a route needs — is retried here, for as long as the retries make progress.
     pub(super) async fn retry_pending(&mut self, mut progress: plan::Progress) {
         let mut rounds = 0;
-        while progress.repaired > 0 && !self.pending.is_empty() && rounds < 8 {
+        while progress.repaired > 0 && self.ledger.has_pending() && rounds < 8 {
             rounds += 1;
             // Only what the repairs can have made possible: a thousand routes through a gateway
             // whose link lost its address are not tried again because other routes came back.
-            let dirty = plan::unblocked(&self.desired, &self.pending, &progress);
+            let dirty = plan::unblocked(&self.desired, self.ledger.pending(), &progress);
             if dirty.is_empty() {
                 return;
             }

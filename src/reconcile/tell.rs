@@ -243,10 +243,10 @@ impl Agent {
                 && !now_pending.contains_key(&d.id);
             seen.insert(d.id.clone());
             if repaired {
-                self.reported.remove(&d.id);
+                self.ledger.set_reported(&d.id, None);
                 continue;
             }
-            if self.reported.get(&d.id) == Some(finding) {
+            if self.ledger.reported(&d.id) == Some(finding) {
                 continue;
             }
             if d.mode == Mode::Observe && !matches!(finding, Finding::Pending { .. }) {
@@ -261,26 +261,17 @@ impl Agent {
                     warn!(kind = %d.kind, name = %d.name, object = %d.object, %observed, mode = "observe", "drift: different")
                 }
             }
-            self.reported.insert(d.id.clone(), finding.clone());
+            self.ledger.set_reported(&d.id, Some(finding.clone()));
         }
         log_pending(&newly_pending);
         // A pending object the plan looked at and found nothing wrong with is no longer pending.
         let looked_at = |id: &ObjectId| scope.is_none_or(|d| d.contains(id));
-        self.pending
-            .retain(|id| seen.contains(id) || !looked_at(id));
-        let pending = &self.pending;
-        self.pending_by.retain(|id, _| pending.contains(id));
+        self.ledger
+            .retain_pending(|id| seen.contains(id) || !looked_at(id));
         // Anything reported before, looked at by this plan and not drifted is back in sync (also
         // after a plan of only the objects events touched: otherwise the next drift of an
         // observe-mode object would match the stale report and go unlogged).
-        let back: Vec<ObjectId> = self
-            .reported
-            .keys()
-            .filter(|id| !seen.contains(id) && looked_at(id))
-            .cloned()
-            .collect();
-        for id in back {
-            self.reported.remove(&id);
+        for id in self.ledger.back_in_sync(|id| seen.contains(id), looked_at) {
             info!(kind = %id.kind(), "back in sync");
         }
         observed
