@@ -7,7 +7,7 @@ use crate::desired::DesiredState;
 use crate::listen::Listener;
 use crate::model::ObjectId;
 use crate::observe::decode;
-use crate::reconcile::Agent;
+use crate::reconcile::{Agent, Options};
 use crate::sandbox::{Sandbox, SandboxError};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
 use std::collections::HashMap;
@@ -121,7 +121,7 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
             Err(e) => return ready_tx.send(Err(e.to_string())).unwrap_or(()),
         };
         rt.block_on(async move {
-            match Agent::start(agent_desired, resync).await {
+            match Agent::start(agent_desired, Options::new(resync)).await {
                 Ok(agent) => {
                     let _ = ready_tx.send(Ok(()));
                     if let Err(e) = agent

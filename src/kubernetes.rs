@@ -85,14 +85,13 @@ pub fn run(
             )
             .await?
             .with_telemetry(telemetry.clone());
-            let agent = reconcile::Agent::start_adopting(
-                ex.desired.clone(),
-                cfg.resync,
-                telemetry.clone(),
+            let opts = reconcile::Options {
+                resync: cfg.resync,
+                telemetry: telemetry.clone(),
                 adopted_state,
-            )
-            .await?
-            .with_pods(pods);
+                pods: Some(pods),
+            };
+            let agent = reconcile::Agent::start(ex.desired.clone(), opts).await?;
             Ok::<_, anyhow::Error>((cfg, ex, nft, guard, agent))
         };
         // A stop during the wait for the cluster or the initial sync ends it where it is.

@@ -7,7 +7,6 @@
 pub mod adopt;
 pub mod adopted_state;
 pub mod apply;
-pub mod burst;
 pub mod check;
 pub mod cluster;
 pub mod config;

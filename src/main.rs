@@ -407,13 +407,13 @@ fn run(
             .await
             .map_err(|e| guard_error(&path, e))?
             .with_telemetry(telemetry.clone());
-            let agent = reconcile::Agent::start_adopting(
-                desired,
-                cfg.resync,
-                telemetry.clone(),
+            let opts = reconcile::Options {
+                resync: cfg.resync,
+                telemetry: telemetry.clone(),
                 adopted_state,
-            )
-            .await?;
+                pods: None,
+            };
+            let agent = reconcile::Agent::start(desired, opts).await?;
             Ok::<_, anyhow::Error>((nft, guard, agent))
         };
         // A stop or the end of the namespace during the initial sync ends it where it is: what

@@ -17,7 +17,7 @@ use serde::Serialize;
 use std::net::IpAddr;
 
 /// Which protected object a finding or step is about (it lives in the model now).
-pub use crate::model::ObjectId;
+use crate::model::ObjectId;
 
 /// One kernel request.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -295,10 +295,10 @@ impl Applier {
     ///
     /// `rules`: how rules are added. Asking the kernel to refuse an existing rule (NLM_F_EXCL)
     /// makes it compare the new rule with every rule it holds first: with 1,000 rules whose cache
-    /// lines a busy host keeps evicting, that walk cost about 0.05-0.08 ms of a 0.3 ms repair in
-    /// the scale bench. Without it a rule someone else put back first is added a second time;
-    /// the caller takes that risk only when its mirror is known to be current, and removes such
-    /// a copy when it sees the other add (see `reconcile`).
+    /// lines a busy host keeps evicting, that walk is a measurable share of a repair in the scale
+    /// bench (docs/benchmarks.md). Without it a rule someone else put back first is added a
+    /// second time; the caller takes that risk only when its mirror is known to be current, and
+    /// removes such a copy when it sees the other add (see `reconcile`).
     pub async fn apply_all(&mut self, steps: &[Step], rules: RuleAdd) -> Vec<Outcome> {
         let refs: Vec<&Step> = steps.iter().collect();
         self.apply_refs(&refs, rules).await
@@ -556,8 +556,8 @@ mod tests {
 
     #[test]
     fn one_route_per_nexthop_is_sent_first() {
+        use crate::model::ObjectId;
         use crate::model::{DesiredRoute, Mode, RouteKey, RouteType};
-        use crate::plan::ObjectId;
         let step = |dst: &str, gw: Option<&str>, oif: u32| {
             let route = DesiredRoute {
                 name: dst.into(),

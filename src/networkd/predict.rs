@@ -22,8 +22,8 @@
 //! Loopback links and `[Link] Unmanaged=yes` links are left alone, as networkd leaves them.
 
 use super::config::{network_for, ConfRoute, ConfRule, Keep, LinkFacts, Network, Settings};
+use crate::model::ObjectId;
 use crate::model::{Family, Kind, ObservedAddress, ObservedRoute, RouteKey, RuleKey, PROTO_KERNEL};
-use crate::plan::ObjectId;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

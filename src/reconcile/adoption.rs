@@ -4,18 +4,53 @@
 
 use crate::adopt::{self, Actor, Verdict};
 use crate::desired::DesiredState;
-use crate::model::fast::HashSet;
+use crate::model::fast::{HashMap, HashSet};
+use crate::model::ObjectId;
 use crate::model::{DesiredRule, RouteKey, RuleKey};
 use crate::obs::attribution;
 use crate::obs::metrics::ForgetLabels;
 use crate::observe::RouteInterest;
-use crate::plan::ObjectId;
 use crate::pod_liveness;
+use std::path::PathBuf;
 use std::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use super::batch::Batch;
 use super::{kind_str, Agent};
+
+/// Reads the adopted-state file (the rules and routes it holds join `desired`) and starts its
+/// writer. A file that cannot be read is ignored: the selectors adopt again what is there.
+pub(super) fn open_adopted_state(
+    path: PathBuf,
+    desired: &mut DesiredState,
+) -> (
+    HashMap<RuleKey, String>,
+    HashMap<RouteKey, String>,
+    Option<crate::adopted_state::Writer>,
+) {
+    let mut adopted = HashMap::default();
+    let mut adopted_routes = HashMap::default();
+    match crate::adopted_state::read(&path) {
+        Ok(saved) => {
+            (adopted, adopted_routes) = crate::adopted_state::merge(saved, desired);
+            info!(
+                path = %path.display(),
+                rules = adopted.len(),
+                routes = adopted_routes.len(),
+                "adopted state read"
+            );
+        }
+        Err(e) => error!(error = %e, "adopted-state file ignored"),
+    }
+    let store = match crate::adopted_state::Writer::spawn(path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            error!(error = %e, "cannot start the adopted-state writer");
+            None
+        }
+    };
+    (adopted, adopted_routes, store)
+}
 
 /// Which routes the mirror keeps: the protected ones, and every route of the tables adopt
 /// selectors look at.

@@ -2,19 +2,19 @@
 //! and by which port, what calls for a re-dump), a burst of removals is read on until it settles,
 //! then the batch is planned and executed.
 
-use crate::burst;
 use crate::model::fast::HashMap;
-use crate::model::Family;
+use crate::model::ObjectId;
+use crate::model::{AddressKey, Family};
 use crate::obs::attribution;
 use crate::obs::metrics::BurstLabels;
 use crate::observe::events::Event;
 use crate::observe::kernel;
 use crate::observe::Change;
-use crate::plan::{self, Dirty, ObjectId};
+use crate::plan::{self, Dirty};
 use std::time::Instant;
 use tracing::{debug, warn};
 
-use super::{Agent, Cause, ReconcileError, ResyncReason};
+use super::{burst, Agent, Cause, ReconcileError, ResyncReason};
 
 /// Most events folded into one plan; the rest wait for the next turn of the loop.
 pub(super) const MAX_BATCH: usize = 16_384;
@@ -74,8 +74,8 @@ impl Batch {
 
 /// Gives the heap a burst's plan used back to the system. One plan for thousands of objects
 /// peaks at several MiB; glibc keeps freed memory below the top of its heap, and the idle agent
-/// would then show that peak as its resident size for good (62 MiB instead of 49 MiB after the
-/// repair bench's mass rounds). Bursts are rare, so the trim's cost does not matter.
+/// would then show that peak as its resident size for good (measured: docs/benchmarks.md,
+/// "Things the bench had to allow for"). Bursts are rare, so the trim's cost does not matter.
 pub(super) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
@@ -89,29 +89,102 @@ impl Agent {
     pub(super) async fn on_events(&mut self, first: Event) -> Result<(), ReconcileError> {
         let started = Instant::now();
         let mut batch = Batch::default();
-        let mut next = Some(first);
-        let mut count = 0;
         let mut settle = burst::Settle::new(started);
         // Decided before reading: this batch may hold notifications older than the last dump.
         let mut rules_current = !self.rules_maybe_stale;
+        let count = self.read_batch(first, &mut batch, &mut settle).await?;
+        self.telemetry.metrics.events.inc_by(count as u64);
+        if batch.sysctl_default_changed {
+            self.reread_device_settings(&mut batch);
+        }
+        if settle.is_burst() {
+            let pace = settle.pace().as_str();
+            self.telemetry
+                .metrics
+                .bursts
+                .get_or_create(&BurstLabels { pace })
+                .inc();
+            debug!(
+                removed = settle.removals(),
+                events = count,
+                held_ms = settle.held(Instant::now()).as_millis() as u64,
+                pace,
+                "a burst of removals; repairing"
+            );
+        }
+        self.judge_removals(&mut batch);
+        if batch.overrun {
+            self.telemetry.metrics.overruns.inc();
+            warn!("netlink events were lost (socket overrun); re-reading the kernel state");
+            return self.full_resync(ResyncReason::Overrun).await;
+        }
+        let (redumped, rules_reread) = self.redump(&mut batch).await?;
+        rules_current &= !rules_reread;
+        if batch.appeared {
+            for id in self.ledger.pending() {
+                batch.dirty.insert(id.clone());
+            }
+        }
+        let followed = batch.links_changed && self.follow_links(true);
+        let plan = if batch.full {
+            plan::plan_all(&self.desired, &self.mirror)
+        } else if batch.dirty.is_empty() {
+            return Ok(());
+        } else {
+            plan::plan_dirty(&self.desired, &self.mirror, &batch.dirty)
+        };
+        let scope = (!batch.full).then_some(&batch.dirty);
+        let cause = Cause::Events {
+            redumped,
+            rules_current,
+        };
+        let progress = self
+            .execute(plan, started, scope, &batch.removed_by, cause)
+            .await;
+        self.retry_pending(progress).await;
+        if followed {
+            // What a new link brought is placed, or waits like any pending object.
+            self.ledger.placed_unless_pending();
+        }
+        if settle.is_burst() {
+            if settle.pace() == burst::Pace::AsItGoes {
+                // Watched for a second removal: a deleter in passes after all.
+                self.pacer.repaired(&batch.removed_ids, Instant::now());
+            }
+            drop(batch);
+            release_freed_memory();
+        }
+        Ok(())
+    }
+
+    /// Folds `first` and the events queued behind it into the mirror and notes them in `batch`;
+    /// a held burst of removals is read on until it settles. Returns how many events were read.
+    async fn read_batch(
+        &mut self,
+        first: Event,
+        batch: &mut Batch,
+        settle: &mut burst::Settle,
+    ) -> Result<usize, ReconcileError> {
+        let mut next = Some(first);
+        let mut count = 0;
         while let Some(event) = next.take() {
             count += 1;
             match event {
                 Event::Overrun => batch.overrun = true,
                 Event::Message(m, port) => {
                     let change = self.mirror.ingest(&m);
-                    self.note(change, port, &mut batch);
+                    self.note(change, port, batch);
                 }
                 Event::Netconf(n) => {
                     let change = self.mirror.ingest_netconf(&n);
-                    self.note(change, attribution::KERNEL_PORT, &mut batch);
+                    self.note(change, attribution::KERNEL_PORT, batch);
                 }
             }
             if batch.removals > settle.removals() {
                 let was_burst = settle.is_burst();
                 settle.seen(batch.removals, Instant::now());
                 if settle.is_burst() && !was_burst {
-                    settle.set_pace(self.burst_pace(&batch));
+                    settle.set_pace(self.burst_pace(batch));
                 }
             }
             // A held burst reads on (past MAX_BATCH too) until it settles, but never past its
@@ -138,33 +211,21 @@ impl Agent {
                 }
             }
         }
-        self.telemetry.metrics.events.inc_by(count as u64);
-        if batch.sysctl_default_changed {
-            self.reread_device_settings(&mut batch);
-        }
-        if settle.is_burst() {
-            let pace = settle.pace().as_str();
-            self.telemetry
-                .metrics
-                .bursts
-                .get_or_create(&BurstLabels { pace })
-                .inc();
-            debug!(
-                removed = settle.removals(),
-                events = count,
-                held_ms = settle.held(Instant::now()).as_millis() as u64,
-                pace,
-                "a burst of removals; repairing"
-            );
-        }
+        Ok(count)
+    }
+
+    /// Before any repair: judges the removals of adopted objects (an owner's are forgotten),
+    /// leaves addresses their owner removed to the owner, and brings the catalog and the
+    /// adopted-state file up to date.
+    fn judge_removals(&mut self, batch: &mut Batch) {
         if !batch.adopted_removed.is_empty() {
-            self.judge_adopted_removals(&mut batch);
+            self.judge_adopted_removals(batch);
         }
         if !batch.adopted_node_removed.is_empty() {
-            self.judge_adopted_node_removals(&mut batch);
+            self.judge_adopted_node_removals(batch);
         }
         if !batch.addresses_removed.is_empty() {
-            self.hand_off_addresses(&mut batch);
+            self.hand_off_addresses(batch);
         }
         if batch.adoption_changed {
             if self.sync_liveness() {
@@ -174,11 +235,12 @@ impl Agent {
             self.telemetry.set_catalog(&self.desired);
             self.save_adopted();
         }
-        if batch.overrun {
-            self.telemetry.metrics.overruns.inc();
-            warn!("netlink events were lost (socket overrun); re-reading the kernel state");
-            return self.full_resync(ResyncReason::Overrun).await;
-        }
+    }
+
+    /// Re-reads what the batch says the kernel may have changed silently or twice: the routes
+    /// (after an address or link went) and the rules (a protected rule added again). Returns
+    /// whether the routes were re-read and whether the rules were.
+    async fn redump(&mut self, batch: &mut Batch) -> Result<(bool, bool), ReconcileError> {
         let mut redumped = false;
         if let Some(family) = batch.redump {
             if !self.desired.routes.is_empty() {
@@ -190,53 +252,14 @@ impl Agent {
                 redumped = true;
             }
         }
-        if batch.rule_added_again {
-            // Counts the copies: a second one is removed by the plan (the keys are dirty).
-            self.count_resync(ResyncReason::RuleAddedAgain);
-            self.rules_maybe_stale = true;
-            rules_current = false;
-            kernel::dump_rules(&mut self.handle, &mut self.mirror).await?;
+        if !batch.rule_added_again {
+            return Ok((redumped, false));
         }
-        if batch.appeared {
-            for id in self.ledger.pending() {
-                batch.dirty.insert(id.clone());
-            }
-        }
-        let followed = batch.links_changed && self.follow_links(true);
-        let plan = if batch.full {
-            plan::plan_all(&self.desired, &self.mirror)
-        } else if batch.dirty.is_empty() {
-            return Ok(());
-        } else {
-            plan::plan_dirty(&self.desired, &self.mirror, &batch.dirty)
-        };
-        let scope = (!batch.full).then_some(&batch.dirty);
-        let progress = self
-            .execute(
-                plan,
-                started,
-                scope,
-                &batch.removed_by,
-                Cause::Events {
-                    redumped,
-                    rules_current,
-                },
-            )
-            .await;
-        self.retry_pending(progress).await;
-        if followed {
-            // What a new link brought is placed, or waits like any pending object.
-            self.ledger.placed_unless_pending();
-        }
-        if settle.is_burst() {
-            if settle.pace() == burst::Pace::AsItGoes {
-                // Watched for a second removal: a deleter in passes after all.
-                self.pacer.repaired(&batch.removed_ids, Instant::now());
-            }
-            drop(batch);
-            release_freed_memory();
-        }
-        Ok(())
+        // Counts the copies: a second one is removed by the plan (the keys are dirty).
+        self.count_resync(ResyncReason::RuleAddedAgain);
+        self.rules_maybe_stale = true;
+        kernel::dump_rules(&mut self.handle, &mut self.mirror).await?;
+        Ok((redumped, true))
     }
 
     /// The pace of a burst (see `burst`): who removed its objects so far (looked up once per
@@ -317,36 +340,7 @@ impl Agent {
                     batch.dirty.routes.insert(key);
                 }
             }
-            Change::Address { key, removed } => {
-                if let Some(link) = self.mirror.link(key.ifindex) {
-                    let dk = (link.name.clone(), key.address);
-                    if self.desired.addresses.contains_key(&dk) {
-                        let id = ObjectId::Address(dk.clone());
-                        if removed {
-                            batch.addresses_removed.push((id.clone(), port));
-                        } else {
-                            self.owner_returned(&id);
-                        }
-                        batch.removed_by.insert(id, port);
-                        batch.dirty.addresses.insert(dk);
-                    }
-                }
-                if removed {
-                    // The kernel drops IPv4 routes that depended on the address (its prefix,
-                    // gateways behind it, prefsrc) without RTM_DELROUTE.
-                    let fam = Family::of(&key.address);
-                    batch
-                        .redump_reason
-                        .get_or_insert(ResyncReason::AddressRemoved);
-                    batch.redump = Some(match batch.redump {
-                        None => Some(fam),
-                        Some(Some(f)) if f == fam => Some(fam),
-                        _ => None,
-                    });
-                } else {
-                    batch.appeared = true;
-                }
-            }
+            Change::Address { key, removed } => self.note_address(&key, removed, port, batch),
             Change::LinkReady { .. } => {
                 batch.full = true;
                 batch.links_changed = true;
@@ -373,5 +367,37 @@ impl Agent {
             | Change::Sysctl { .. } => self.note_node(change, port, batch),
             Change::Nothing => {}
         }
+    }
+
+    /// An address added or removed: a protected one is dirty (and, removed, maybe left to its
+    /// owner); a removal re-dumps the routes (the kernel drops IPv4 routes that depended on the
+    /// address, its prefix, gateways behind it, prefsrc, without RTM_DELROUTE).
+    fn note_address(&mut self, key: &AddressKey, removed: bool, port: u32, batch: &mut Batch) {
+        if let Some(link) = self.mirror.link(key.ifindex) {
+            let dk = (link.name.clone(), key.address);
+            if self.desired.addresses.contains_key(&dk) {
+                let id = ObjectId::Address(dk.clone());
+                if removed {
+                    batch.addresses_removed.push((id.clone(), port));
+                } else {
+                    self.owner_returned(&id);
+                }
+                batch.removed_by.insert(id, port);
+                batch.dirty.addresses.insert(dk);
+            }
+        }
+        if !removed {
+            batch.appeared = true;
+            return;
+        }
+        let fam = Family::of(&key.address);
+        batch
+            .redump_reason
+            .get_or_insert(ResyncReason::AddressRemoved);
+        batch.redump = Some(match batch.redump {
+            None => Some(fam),
+            Some(Some(f)) if f == fam => Some(fam),
+            _ => None,
+        });
     }
 }

@@ -6,15 +6,17 @@
 //! resync timer re-dump everything.
 //!
 //! Here: the agent, its constructor and the select loop. [`batch`]: events into a batch;
-//! [`execute`]: a plan executed (contested repairs held back, the rest applied, the mirror and
-//! the board brought up to date); [`tell`]: what was found and done, counted and logged with the
-//! processes behind it; [`refresh`]: full refreshes, reloads, retries; [`adoption`]: `spec.adopt`
-//! and pod liveness; [`owners`]: addresses left to their owner to put back; [`node`]:
-//! neighbours, links and sysctls; [`ledger`]: one record per protected object (pending, failed,
-//! refused, reported, placing, board state), pure.
+//! [`burst`]: when a burst of removals is repaired; [`execute`]: a plan executed (contested
+//! repairs held back, the rest applied, the mirror and the board brought up to date); [`ledger`]:
+//! one record per protected object (pending, failed, refused, reported, placing, board state),
+//! pure; [`tell`]: what was found and done, counted and logged with the processes behind it;
+//! [`refresh`]: full refreshes, reloads, retries; [`adoption`]: `spec.adopt` and pod liveness;
+//! [`owners`]: addresses left to their owner to put back; [`node`]: neighbours, links and
+//! sysctls.
 
 mod adoption;
 mod batch;
+mod burst;
 mod execute;
 mod ledger;
 mod node;
@@ -23,10 +25,10 @@ mod refresh;
 mod tell;
 
 use crate::apply::Applier;
-use crate::burst;
 use crate::desired::DesiredState;
 use crate::handoff::Handoff;
 use crate::model::fast::HashMap;
+use crate::model::ObjectId;
 use crate::model::{RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest};
@@ -34,19 +36,20 @@ use crate::obs::{Ping, Reload, Telemetry};
 use crate::observe::events::EventSocket;
 use crate::observe::kernel::{self, ObserveError};
 use crate::observe::Mirror;
-use crate::plan::ObjectId;
 use crate::pod_liveness::{PodView, Tracker};
-use adoption::route_interest;
+use adoption::{open_adopted_state, route_interest};
 use batch::Batch;
 use ledger::Ledger;
 use rtnetlink::Handle;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tell::spawn_attribution;
 use tell::Report;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 #[derive(Debug, Error)]
 pub enum ReconcileError {
@@ -103,6 +106,33 @@ enum Cause {
     OwnerLate,
     /// Pending objects, retried because the agent's own repairs may have made them possible.
     Pending,
+}
+
+/// How an agent starts, besides its desired state.
+pub struct Options {
+    /// How often the whole kernel state is read again and compared.
+    pub resync: Duration,
+    /// Where metrics and object states are published.
+    pub telemetry: Arc<Telemetry>,
+    /// The adopted-state file: the rules and routes adopted through `spec.adopt` are kept in it
+    /// and read from it at start (protected at once, also those removed while the agent was
+    /// down).
+    pub adopted_state: Option<PathBuf>,
+    /// The IPs of this node's pods (Kubernetes mode, from its thread), for `podLiveness`
+    /// selectors.
+    pub pods: Option<watch::Receiver<PodView>>,
+}
+
+impl Options {
+    /// Resyncs every `resync`, with telemetry of its own, no adopted-state file and no pods.
+    pub fn new(resync: Duration) -> Options {
+        Options {
+            resync,
+            telemetry: Telemetry::new(),
+            adopted_state: None,
+            pods: None,
+        }
+    }
 }
 
 pub struct Agent {
@@ -187,70 +217,25 @@ async fn next<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 impl Agent {
     /// Subscribes to kernel events, dumps the kernel and repairs everything once. Events that
     /// happen during the dump are queued and handled by [`Agent::run`].
-    pub async fn start(desired: DesiredState, resync: Duration) -> Result<Agent, ReconcileError> {
-        Agent::start_with(desired, resync, Telemetry::new()).await
-    }
-
-    /// [`Agent::start`], publishing metrics and object states to `telemetry`.
-    pub async fn start_with(
-        desired: DesiredState,
-        resync: Duration,
-        telemetry: Arc<Telemetry>,
-    ) -> Result<Agent, ReconcileError> {
-        Agent::start_adopting(desired, resync, telemetry, None).await
-    }
-
-    /// [`Agent::start_with`], keeping the rules adopted through `spec.adopt` in `adopted_state`
-    /// (read at start: they are protected at once, also those removed while the agent was down).
-    pub async fn start_adopting(
-        mut desired: DesiredState,
-        resync: Duration,
-        telemetry: Arc<Telemetry>,
-        adopted_state: Option<std::path::PathBuf>,
-    ) -> Result<Agent, ReconcileError> {
-        let mut adopted = HashMap::default();
-        let mut adopted_routes = HashMap::default();
-        let mut store = None;
-        if let Some(path) = adopted_state {
-            match crate::adopted_state::read(&path) {
-                Ok(saved) => {
-                    (adopted, adopted_routes) = crate::adopted_state::merge(saved, &mut desired);
-                    info!(
-                        path = %path.display(),
-                        rules = adopted.len(),
-                        routes = adopted_routes.len(),
-                        "adopted state read"
-                    );
-                }
-                Err(e) => error!(error = %e, "adopted-state file ignored"),
-            }
-            match crate::adopted_state::Writer::spawn(path) {
-                Ok(w) => store = Some(w),
-                Err(e) => error!(error = %e, "cannot start the adopted-state writer"),
-            }
-        }
+    pub async fn start(mut desired: DesiredState, opts: Options) -> Result<Agent, ReconcileError> {
+        let Options {
+            resync,
+            telemetry,
+            adopted_state,
+            pods,
+        } = opts;
+        let (adopted, adopted_routes, store) = match adopted_state {
+            Some(path) => open_adopted_state(path, &mut desired),
+            None => Default::default(),
+        };
         let applier = Applier::open().map_err(ObserveError::Socket)?;
         let (events, event_filter) = EventSocket::subscribe(Some(applier.port()))?;
         let handle = kernel::connect()?;
         let interest = route_interest(&desired);
         telemetry.set_catalog(&desired);
         let (answers_tx, answers) = mpsc::unbounded_channel();
-        let mut resolver = attribution::Resolver::default();
-        let (attribution, sightings_filter) = match attribution::spawn_filtered(
-            answers_tx,
-            Some(applier.port()),
-        ) {
-            Ok(spawned) => {
-                // Adopted removals are judged on the loop with a resolver of its own: it uses
-                // what the watcher saw too (a short-lived owner is gone by then).
-                resolver = resolver.with_sightings(spawned.sightings);
-                (Some(spawned.requests), spawned.filter)
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot start the attribution thread; actors will be unknown");
-                (None, None)
-            }
-        };
+        let (attribution, sightings_filter, resolver) =
+            spawn_attribution(answers_tx, applier.port());
         let mut agent = Agent {
             desired,
             mirror: Mirror::new(interest),
@@ -295,6 +280,9 @@ impl Agent {
             failed = agent.ledger.failed_count(),
             "initial sync done"
         );
+        if let Some(pods) = pods {
+            agent.follow_pods(pods);
+        }
         Ok(agent)
     }
 
@@ -304,13 +292,12 @@ impl Agent {
 
     /// Ties the adopted objects of `podLiveness` selectors to the pods of this node: `pods`
     /// tells which IPs they hold (from the Kubernetes thread).
-    pub fn with_pods(mut self, pods: watch::Receiver<PodView>) -> Agent {
+    fn follow_pods(&mut self, pods: watch::Receiver<PodView>) {
         self.pods = Some(pods);
         if self.sync_liveness() {
             self.telemetry.set_catalog(&self.desired);
             self.save_adopted();
         }
-        self
     }
 
     /// Runs until `shutdown` completes. Leaves every object in place on the way out.

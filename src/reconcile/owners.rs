@@ -4,10 +4,11 @@
 use crate::handoff::{self, Remover};
 use crate::model::fast::HashMap;
 use crate::model::Mode;
+use crate::model::ObjectId;
 use crate::obs::attribution;
 use crate::obs::metrics::HandoffLabels;
 use crate::obs::status::State;
-use crate::plan::{self, Dirty, ObjectId};
+use crate::plan::{self, Dirty};
 use std::time::Instant;
 use tracing::info;
 

@@ -4,11 +4,12 @@
 use crate::adopt;
 use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
+use crate::model::ObjectId;
 use crate::obs::attribution;
 use crate::obs::metrics::ReasonLabels;
 use crate::obs::Reload;
 use crate::observe::kernel;
-use crate::plan::{self, Dirty, ObjectId};
+use crate::plan::{self, Dirty};
 use std::time::Instant;
 use tracing::{debug, info};
 

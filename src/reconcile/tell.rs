@@ -3,11 +3,14 @@
 
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::Mode;
+use crate::model::ObjectId;
 use crate::obs::attribution;
 use crate::obs::metrics::DriftLabels;
 use crate::obs::status::State;
-use crate::plan::{Dirty, Drift, Finding, ObjectId, Plan};
+use crate::observe::kernel;
+use crate::plan::{Dirty, Drift, Finding, Plan};
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{kind_str, Agent};
@@ -78,6 +81,44 @@ pub(super) fn log_pending(pending: &[(&Drift, &str)]) {
     }
 }
 
+/// Starts the attribution thread: its requests, the filter of its socket, and the loop's own
+/// resolver for decisions that need the actor at once (it uses what the thread's watcher saw
+/// too: a short-lived owner is gone by then). Without the thread actors are unknown.
+pub(super) fn spawn_attribution(
+    answers: mpsc::UnboundedSender<attribution::Answer>,
+    own_port: u32,
+) -> (
+    Option<std::sync::mpsc::Sender<attribution::Request>>,
+    Option<kernel::EventFilter>,
+    attribution::Resolver,
+) {
+    let resolver = attribution::Resolver::default();
+    match attribution::spawn_filtered(answers, Some(own_port)) {
+        Ok(spawned) => (
+            Some(spawned.requests),
+            spawned.filter,
+            resolver.with_sightings(spawned.sightings),
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot start the attribution thread; actors will be unknown");
+            (None, None, resolver)
+        }
+    }
+}
+
+/// The process behind a change: its name from `names`, `kernel` for the kernel's own, or
+/// `unknown`.
+fn actor_of(port: Option<u32>, names: &std::collections::HashMap<u32, String>) -> String {
+    match port {
+        None => attribution::UNKNOWN.to_string(),
+        Some(attribution::KERNEL_PORT) => attribution::KERNEL.to_string(),
+        Some(p) => names
+            .get(&p)
+            .cloned()
+            .unwrap_or_else(|| attribution::UNKNOWN.to_string()),
+    }
+}
+
 impl Agent {
     /// Sends a report's ports for lookup on the attribution thread (after the repair, so the
     /// lookup never delays it), or finishes it at once when no lookup is needed.
@@ -113,19 +154,22 @@ impl Agent {
         report: Report,
         names: &std::collections::HashMap<u32, String>,
     ) {
-        let actor_of = |port: Option<u32>| -> String {
-            match port {
-                None => attribution::UNKNOWN.to_string(),
-                Some(attribution::KERNEL_PORT) => attribution::KERNEL.to_string(),
-                Some(p) => names
-                    .get(&p)
-                    .cloned()
-                    .unwrap_or_else(|| attribution::UNKNOWN.to_string()),
-            }
-        };
+        self.count_detections(&report.detections, names);
+        if let Some(r) = report.restored {
+            self.tell_restored(r, &report.fighters, report.at_start, names);
+        }
+    }
+
+    /// Counts drift by actor, names the fighters of contested objects, and puts the actors on
+    /// the board.
+    fn count_detections(
+        &mut self,
+        detections: &[Detection],
+        names: &std::collections::HashMap<u32, String>,
+    ) {
         let mut board_actors: Vec<(ObjectId, String, Option<String>)> = Vec::new();
-        for d in &report.detections {
-            let actor = actor_of(d.port);
+        for d in detections {
+            let actor = actor_of(d.port, names);
             let label = self.actors.label(&actor);
             let kind = kind_str(&d.id);
             self.telemetry
@@ -159,51 +203,46 @@ impl Agent {
             }
             board_actors.push((d.id.clone(), actor, fighter));
         }
-        if !board_actors.is_empty() {
-            let mut board = self.telemetry.board();
-            for (id, actor, fighter) in &board_actors {
-                board.record_actor(id, actor);
-                if let Some(f) = fighter {
-                    if board.state(id) == Some(State::Contested) {
-                        board.set_fighter(id, f);
-                    }
+        if board_actors.is_empty() {
+            return;
+        }
+        let mut board = self.telemetry.board();
+        for (id, actor, fighter) in &board_actors {
+            board.record_actor(id, actor);
+            if let Some(f) = fighter {
+                if board.state(id) == Some(State::Contested) {
+                    board.set_fighter(id, f);
                 }
             }
         }
-        if let Some(r) = report.restored {
-            let mut actors: Vec<String> = r.ports.iter().map(|p| actor_of(Some(*p))).collect();
-            actors.extend(report.fighters.iter().cloned());
-            actors.sort();
-            actors.dedup();
-            if actors.is_empty() {
-                // Found missing by a dump (start, resync, a pending retry): nobody was seen.
-                actors.push(attribution::UNKNOWN.to_string());
-            }
-            let n = |kind: &str| {
-                r.counts
-                    .iter()
-                    .find(|(k, _)| *k == kind)
-                    .map_or(0, |(_, n)| *n)
-            };
-            if report.at_start {
-                // Not a repair of anything seen removed: a first start, a reboot, or a removal
-                // while the agent was down; the listener knows which (Kubernetes mode).
-                info!(
-                    rules = n("rule"),
-                    routes = n("route"),
-                    addresses = n("address"),
-                    neighbours = n("neighbour"),
-                    fdb = n("fdb"),
-                    links = n("link"),
-                    sysctls = n("sysctl"),
-                    took_us = r.took_us,
-                    names = %r.names,
-                    "put in place at start"
-                );
-                self.telemetry
-                    .notice(crate::obs::Notice::PlacedAtStart { counts: r.counts });
-                return;
-            }
+    }
+
+    /// The `restored` log line and notice (at start: `put in place at start`, nobody having
+    /// been seen removing anything).
+    fn tell_restored(
+        &self,
+        r: Restored,
+        fighters: &[String],
+        at_start: bool,
+        names: &std::collections::HashMap<u32, String>,
+    ) {
+        let mut actors: Vec<String> = r.ports.iter().map(|p| actor_of(Some(*p), names)).collect();
+        actors.extend(fighters.iter().cloned());
+        actors.sort();
+        actors.dedup();
+        if actors.is_empty() {
+            // Found missing by a dump (start, resync, a pending retry): nobody was seen.
+            actors.push(attribution::UNKNOWN.to_string());
+        }
+        let n = |kind: &str| {
+            r.counts
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(0, |(_, n)| *n)
+        };
+        if at_start {
+            // Not a repair of anything seen removed: a first start, a reboot, or a removal
+            // while the agent was down; the listener knows which (Kubernetes mode).
             info!(
                 rules = n("rule"),
                 routes = n("route"),
@@ -214,15 +253,30 @@ impl Agent {
                 sysctls = n("sysctl"),
                 took_us = r.took_us,
                 names = %r.names,
-                actor = %actors.join(","),
-                removed_by_netlink_port = ?r.ports,
-                "restored"
+                "put in place at start"
             );
-            self.telemetry.notice(crate::obs::Notice::Restored {
-                counts: r.counts,
-                actor: actors.join(","),
-            });
+            self.telemetry
+                .notice(crate::obs::Notice::PlacedAtStart { counts: r.counts });
+            return;
         }
+        info!(
+            rules = n("rule"),
+            routes = n("route"),
+            addresses = n("address"),
+            neighbours = n("neighbour"),
+            fdb = n("fdb"),
+            links = n("link"),
+            sysctls = n("sysctl"),
+            took_us = r.took_us,
+            names = %r.names,
+            actor = %actors.join(","),
+            removed_by_netlink_port = ?r.ports,
+            "restored"
+        );
+        self.telemetry.notice(crate::obs::Notice::Restored {
+            counts: r.counts,
+            actor: actors.join(","),
+        });
     }
 
     /// Logs drift that is not being repaired (observe mode, pending) when it starts and stops.

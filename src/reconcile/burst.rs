@@ -5,10 +5,8 @@
 //! then dumps again, and stops only when a dump comes back empty. So a route put back while the
 //! flush is still running is found by its next pass and deleted again: each such repair is wasted
 //! work for the agent, for the flushing process and for every other listener on the node, and it
-//! makes the flush itself take longer. Measured with 11,000 objects (`cargo bench --bench repair`),
-//! repairing during the flush meant 12–16k deletions instead of 11k and all objects back after
-//! 1.7–2.7× the time `ip -batch` takes to add them; holding the repair until the burst settles
-//! brought that to about 1.2×.
+//! makes the flush itself take longer. `cargo bench --bench repair` measures what holding the
+//! repair until the burst settles saves (docs/benchmarks.md, "Everything at once").
 //!
 //! A single removal, or a few, is still repaired at once: only when one batch of events holds at
 //! least [`BURST_MIN`] removals of protected objects does the agent keep reading events, until no
@@ -150,6 +148,7 @@ impl<K: Clone + Eq + Hash> Pacer<K> {
         self.names.retain(|_, (_, t)| fresh(t));
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.repaired.is_empty() && self.names.is_empty()
     }
