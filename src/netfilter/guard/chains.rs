@@ -346,10 +346,15 @@ impl<T: Tools> Guard<T> {
         started: Instant,
     ) -> bool {
         let input = render::iptables_restore(id.table, repair);
-        debug!(table = %id, input = %input, "restoring");
+        // Where a repair's time goes: from its cause (the NEWGEN or the read) to the spawn, then
+        // the tool's run (spawn to exit, which holds its commit).
+        debug!(table = %id, input = %input, since_cause_us = started.elapsed().as_micros() as u64, "restoring");
         let enforced: Vec<&ChainDrift> =
             drifts.iter().filter(|d| d.mode == Mode::Enforce).collect();
-        match self.tools.restore(self.backend, id.family, &input).await {
+        let spawned = Instant::now();
+        let ran = self.tools.restore(self.backend, id.family, &input).await;
+        debug!(table = %id, tool_us = spawned.elapsed().as_micros() as u64, ok = ran.is_ok(), "restore ran");
+        match ran {
             Ok(pid) => {
                 if let Some(pid) = pid {
                     self.own.push_back(pid);
@@ -458,7 +463,10 @@ impl<T: Tools> Guard<T> {
 
     async fn read_table(&mut self, id: TableId) -> Option<Option<SavedTable>> {
         self.stats.table_reads += 1;
-        match self.tools.save_table(self.backend, id).await {
+        let started = Instant::now();
+        let read = self.tools.save_table(self.backend, id).await;
+        debug!(table = %id, took_us = started.elapsed().as_micros() as u64, "table read");
+        match read {
             Ok(t) => Some(t),
             Err(e) => {
                 error!(table = %id, error = %e, "cannot read the table");
