@@ -2,11 +2,15 @@
 //!
 //! 1. A protected nat chain and its jump deleted in one iptables-nft transaction → restored by
 //!    the agent (64 such chains, deleted in turn: a chain deleted again within 2 s of its repair
-//!    would be a fight, which the agent rightly backs off from). Measured from outside, on an nf_tables notification socket in the same
-//!    namespace: from the NEWGEN of the deleting transaction to the NEWGEN of the agent's repair
-//!    (commit to commit), ≥ 200 runs. Beside it: how long one `iptables-nft-restore` of the same
-//!    repair takes in the same table, spawn to exit (what the repair cannot go below), and a
-//!    shell's read-then-write (`iptables-nft-save -t nat`, then that restore).
+//!    would be a fight, which the agent rightly backs off from). Measured from outside, on an
+//!    nf_tables notification socket in the same namespace: from the NEWGEN of the deleting
+//!    transaction to the NEWGEN of the agent's repair (commit to commit), 200 runs. Beside it: how long one `iptables-nft-restore` of the same
+//!    repair takes in the same table, spawn to exit, and a shell's read-then-write
+//!    (`iptables-nft-save -t nat`, then that restore). And the reactive floor: the agent gone,
+//!    the same deletion, and the instant its NEWGEN arrives the same `iptables-nft-restore` the
+//!    agent applies is spawned, timed like the repair (commit to commit). It holds what the
+//!    kernel costs after the deletion (and what a busy machine costs a woken process), which a
+//!    restore into a quiet table does not: what a perfectly reactive agent would take.
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
@@ -34,16 +38,27 @@ fn config(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
     p
 }
 
-/// Starts the agent (release build when benchmarking) and waits for its initial sync.
+/// Starts the agent (release build when benchmarking) and waits for its initial sync. With
+/// `CHAINS_BENCH_LOG=FILE` in the environment it logs at debug level, appended to FILE (where each
+/// repair's time goes: `restoring` since_cause_us, `restore ran` tool_us, `table read` took_us).
 fn agent(ns: &str, cfg: &std::path::Path) -> Child {
+    let keep = std::env::var_os("CHAINS_BENCH_LOG");
+    let level = if keep.is_some() { "debug" } else { "info" };
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(cfg)
-        .args(["--netns", ns, "--log-level", "info"])
+        .args(["--netns", ns, "--log-level", level])
         .stderr(Stdio::piped())
         .spawn()
         .expect("start agent");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = keep.map(|path| {
+        let mut file = std::fs::OpenOptions::new();
+        file.create(true)
+            .append(true)
+            .open(path)
+            .expect("CHAINS_BENCH_LOG")
+    });
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line.contains("initial sync done") {
@@ -51,7 +66,13 @@ fn agent(ns: &str, cfg: &std::path::Path) -> Child {
         }
     }
     // Keep draining so the agent never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Some(log) = log.as_mut() {
+                let _ = writeln!(log, "{line}");
+            }
+        }
+    });
     child
 }
 
@@ -128,38 +149,98 @@ fn delete(i: usize) -> String {
     format!("*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j {c}\n-F {c}\n-X {c}\nCOMMIT\n")
 }
 
-/// The agent's repair of one deleted chain, for an unprotected chain: the chain declared with its
-/// rules and its jump inserted at the head of POSTROUTING (which makes iptables-nft read the
-/// chain's rules first). The floor of the repair.
-const RECREATE: &str = "*nat\n:BENCH-SCRATCH - [0:0]\n\
-    -A BENCH-SCRATCH -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN\n\
-    -A BENCH-SCRATCH -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
-    -I POSTROUTING 1 -m comment --comment \"flanneld masq\" -j BENCH-SCRATCH\nCOMMIT\n";
+/// The agent's repair of deleted chain `c` (as its debug log shows it): the chain declared with
+/// its rules and its jump inserted at the head of POSTROUTING (which makes iptables-nft read that
+/// chain's rules first).
+fn recreate(c: &str) -> String {
+    format!(
+        "*nat\n:{c} - [0:0]\n\
+         -A {c} -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A {c} -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+         -I POSTROUTING 1 -m comment --comment \"flanneld masq\" -j {c}\nCOMMIT\n"
+    )
+}
 
-fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+/// Spawns `iptables-nft-restore --noflush -w` with `input`, not waited for.
+fn spawn_restore(input: &str) -> Child {
+    let mut child = Command::new("iptables-nft-restore")
+        .args(["--noflush", "-w"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("iptables-nft-restore");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child
+}
+
+/// The reactive floor of one run: chain `i` deleted as in the agent's runs and, the instant the
+/// deletion's NEWGEN arrives, the agent's repair spawned from here: commit to commit. `None`
+/// when either NEWGEN is not seen within 5 s.
+async fn measure_reactive(events: &mut NftEvents, i: usize) -> Option<f64> {
+    let mut del = spawn_restore(&delete(i));
+    let deleter = Some(del.id());
+    let mut t0 = None;
+    let mut repairer: Option<Child> = None;
+    let mut out = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.is_none() && Instant::now() < deadline {
+        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
+        else {
+            break;
+        };
+        let now = Instant::now();
+        for ev in batch {
+            let NftEvent::NewGen { pid, .. } = ev else {
+                continue;
+            };
+            if pid == deleter && t0.is_none() {
+                t0 = Some(now);
+                repairer = Some(spawn_restore(&recreate(&chain_name(i))));
+            } else if let (Some(t0), Some(r)) = (t0, &repairer) {
+                if pid == Some(r.id()) {
+                    out = Some((now - t0).as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    assert!(del.wait().unwrap().success());
+    if let Some(mut r) = repairer {
+        assert!(r.wait().unwrap().success(), "the reactive repair failed");
+    }
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
+    out
+}
+
+/// What [`chain_bench`] measured, in ms.
+struct ChainFigures {
+    repaired: Vec<f64>,
+    restore_alone: Vec<f64>,
+    save_and_restore: Vec<f64>,
+    reactive: Vec<f64>,
+}
+
+fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
     let ns = Sandbox::create("nw-bench-chains").unwrap();
     netwarden::netns::enter(&ns.name).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut child = agent(&ns.name, &config(dir.path(), &chain_spec()));
-    let mut latencies = Vec::new();
-    let mut restore_alone = Vec::new();
-    let mut save_and_restore = Vec::new();
+    let mut f = ChainFigures {
+        repaired: Vec::new(),
+        restore_alone: Vec::new(),
+        save_and_restore: Vec::new(),
+        reactive: Vec::new(),
+    };
     rt.block_on(async {
         let mut events = NftEvents::subscribe().unwrap();
         for run in 0..RUNS + WARMUP {
             // Not waited for here: the notification socket must be read while the transaction
             // commits, or both NEWGENs would be timestamped when this process gets to them.
-            let mut del = Command::new("iptables-nft-restore")
-                .args(["--noflush", "-w"])
-                .stdin(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let mut del = spawn_restore(&delete(run % CHAINS));
             let deleter = Some(del.id());
-            del.stdin
-                .take()
-                .unwrap()
-                .write_all(delete(run % CHAINS).as_bytes())
-                .unwrap();
             let mut t0 = None;
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut repaired = None;
@@ -185,7 +266,7 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
                 panic!("run {run}: no repair seen within 5 s");
             };
             if run >= WARMUP {
-                latencies.push((t1 - t0).as_secs_f64() * 1e3);
+                f.repaired.push((t1 - t0).as_secs_f64() * 1e3);
             }
             // Let the agent finish verifying before the next deletion (and keep each chain's
             // deletions more than 2 s apart: 64 chains × 40 ms).
@@ -195,39 +276,49 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
             {}
         }
     });
-    // The floors, with the agent stopped (SIGSTOP) so that it neither reacts to the scratch
-    // jump at the head of POSTROUTING nor competes for the CPU; it is thawed afterwards.
-    freeze(child.id(), true);
-    let drop_scratch = "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j BENCH-SCRATCH\n-F BENCH-SCRATCH\n-X BENCH-SCRATCH\nCOMMIT\n";
+    // The floors, with the agent gone: it neither reacts to them nor competes for the CPU. The
+    // table holds what it held during the agent's runs.
+    let _ = child.kill();
+    let _ = child.wait();
+    let scratch = "BENCH-SCRATCH";
+    let drop_scratch = format!(
+        "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j {scratch}\n-F {scratch}\n-X {scratch}\nCOMMIT\n"
+    );
     for _ in 0..50 {
-        let (took, _) = pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
-        restore_alone.push(took.as_secs_f64() * 1e3);
-        pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
+        let (took, _) = pipe(
+            "iptables-nft-restore",
+            &["--noflush", "-w"],
+            &recreate(scratch),
+        );
+        f.restore_alone.push(took.as_secs_f64() * 1e3);
+        pipe("iptables-nft-restore", &["--noflush", "-w"], &drop_scratch);
         let t = Instant::now();
         let saved = Command::new("iptables-nft-save")
             .args(["-t", "nat"])
             .output()
             .unwrap();
         assert!(saved.status.success());
-        pipe("iptables-nft-restore", &["--noflush", "-w"], RECREATE);
-        save_and_restore.push(t.elapsed().as_secs_f64() * 1e3);
-        pipe("iptables-nft-restore", &["--noflush", "-w"], drop_scratch);
+        pipe(
+            "iptables-nft-restore",
+            &["--noflush", "-w"],
+            &recreate(scratch),
+        );
+        f.save_and_restore.push(t.elapsed().as_secs_f64() * 1e3);
+        pipe("iptables-nft-restore", &["--noflush", "-w"], &drop_scratch);
     }
-    freeze(child.id(), false);
-    let _ = child.kill();
-    let _ = child.wait();
-    (latencies, restore_alone, save_and_restore)
-}
-
-/// Stops (SIGSTOP) or continues (SIGCONT) a process started here.
-fn freeze(pid: u32, frozen: bool) {
-    use nix::sys::signal::{kill, Signal};
-    let signal = if frozen {
-        Signal::SIGSTOP
-    } else {
-        Signal::SIGCONT
-    };
-    kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+    rt.block_on(async {
+        let mut events = NftEvents::subscribe().unwrap();
+        for run in 0..RUNS + WARMUP {
+            match measure_reactive(&mut events, run % CHAINS).await {
+                Some(ms) if run >= WARMUP => f.reactive.push(ms),
+                Some(_) => {}
+                None => eprintln!("reactive run {run}: not timed (no NEWGEN within 5 s)"),
+            }
+            // The same pause between runs as the agent's.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    });
+    f
 }
 
 fn cpu_ticks(pid: u32) -> (u64, u64) {
@@ -309,8 +400,7 @@ fn main() {
         .build()
         .unwrap();
     // Each part runs in its own thread: each enters its own namespace.
-    let (latencies, alone, save_restore) =
-        std::thread::spawn(move || chain_bench(&rt)).join().unwrap();
+    let chains = std::thread::spawn(move || chain_bench(&rt)).join().unwrap();
     let (restored, own, kids) = std::thread::spawn(set_bench).join().unwrap();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
@@ -327,21 +417,28 @@ fn main() {
         "{}",
         summary(
             "nat chain + jump deleted (one nft transaction) → restored, commit to commit (64 chains protected)",
-            latencies
+            chains.repaired
         )
     );
     println!(
         "{}",
         summary(
-            "one iptables-nft-restore of the same repair (2-rule chain, jump inserted first), spawn to exit (floor)",
-            alone
+            "the same repair spawned by a script at the deletion's NEWGEN, agent gone, commit to commit (reactive floor)",
+            chains.reactive
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "one iptables-nft-restore of the same repair (2-rule chain, jump inserted first) into a quiet table, spawn to exit (floor)",
+            chains.restore_alone
         )
     );
     println!(
         "{}",
         summary(
             "iptables-nft-save -t nat, then that restore, spawn to exit (a shell's read-then-write)",
-            save_restore
+            chains.save_and_restore
         )
     );
     println!(
