@@ -10,7 +10,9 @@
 //!    the same deletion, and the instant its NEWGEN arrives the same `iptables-nft-restore` the
 //!    agent applies is spawned, timed like the repair (commit to commit). It holds what the
 //!    kernel costs after the deletion (and what a busy machine costs a woken process), which a
-//!    restore into a quiet table does not: what a perfectly reactive agent would take.
+//!    restore into a quiet table does not: what a perfectly reactive agent would take. And that
+//!    kernel cost alone: how long closing a netfilter netlink socket blocks at the deletion's
+//!    NEWGEN (see [`measure_release_wait`]).
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
@@ -215,12 +217,53 @@ async fn measure_reactive(events: &mut NftEvents, i: usize) -> Option<f64> {
     out
 }
 
+/// The kernel's part of the gap between the floor and the reactive floor, for one run: chain
+/// `i` deleted and, the instant the deletion's NEWGEN arrives, a netfilter netlink socket
+/// opened, bound and closed here, the close timed. On current kernels, releasing such a socket
+/// waits (holding the nf_tables commit mutex) for the pending release of the objects of the last
+/// transaction (nf_tables' destroy work), which waits for an RCU grace period; a
+/// transaction with an xtables match or target (`-m comment`, `-j MASQUERADE`) waits for the
+/// same before it commits. Every iptables-nft run closes such sockets (its extension revision
+/// probes) before committing. The chain is put back afterwards, untimed.
+async fn measure_release_wait(events: &mut NftEvents, i: usize) -> Option<f64> {
+    use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
+    let mut del = spawn_restore(&delete(i));
+    let deleter = Some(del.id());
+    let mut out = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.is_none() && Instant::now() < deadline {
+        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
+        else {
+            break;
+        };
+        if batch
+            .iter()
+            .any(|ev| matches!(ev, NftEvent::NewGen { pid, .. } if *pid == deleter))
+        {
+            let mut socket = Socket::new(NETLINK_NETFILTER).unwrap();
+            socket.bind_auto().unwrap();
+            let t = Instant::now();
+            drop(socket);
+            out = Some(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    assert!(del.wait().unwrap().success());
+    pipe(
+        "iptables-nft-restore",
+        &["--noflush", "-w"],
+        &recreate(&chain_name(i)),
+    );
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
+    out
+}
+
 /// What [`chain_bench`] measured, in ms.
 struct ChainFigures {
     repaired: Vec<f64>,
     restore_alone: Vec<f64>,
     save_and_restore: Vec<f64>,
     reactive: Vec<f64>,
+    release_wait: Vec<f64>,
 }
 
 fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
@@ -233,6 +276,7 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
         restore_alone: Vec::new(),
         save_and_restore: Vec::new(),
         reactive: Vec::new(),
+        release_wait: Vec::new(),
     };
     rt.block_on(async {
         let mut events = NftEvents::subscribe().unwrap();
@@ -315,6 +359,14 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
                 None => eprintln!("reactive run {run}: not timed (no NEWGEN within 5 s)"),
             }
             // The same pause between runs as the agent's.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        for run in 0..50 + WARMUP {
+            match measure_release_wait(&mut events, run % CHAINS).await {
+                Some(ms) if run >= WARMUP => f.release_wait.push(ms),
+                Some(_) => {}
+                None => eprintln!("release run {run}: not timed (no NEWGEN within 5 s)"),
+            }
             tokio::time::sleep(Duration::from_millis(40)).await;
         }
     });
@@ -425,6 +477,13 @@ fn main() {
         summary(
             "the same repair spawned by a script at the deletion's NEWGEN, agent gone, commit to commit (reactive floor)",
             chains.reactive
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "a netfilter netlink socket closed at the deletion's NEWGEN: how long close() waits for the kernel to release the deleted objects (an RCU grace period)",
+            chains.release_wait
         )
     );
     println!(
