@@ -4,15 +4,15 @@
 //!    the agent (64 such chains, deleted in turn: a chain deleted again within 2 s of its repair
 //!    would be a fight, which the agent rightly backs off from). Measured from outside, on an
 //!    nf_tables notification socket in the same namespace: from the NEWGEN of the deleting
-//!    transaction to the NEWGEN of the agent's repair (commit to commit), 200 runs. Beside it: how long one `iptables-nft-restore` of the same
-//!    repair takes in the same table, spawn to exit, and a shell's read-then-write
-//!    (`iptables-nft-save -t nat`, then that restore). And the reactive floor: the agent gone,
-//!    the same deletion, and the instant its NEWGEN arrives the same `iptables-nft-restore` the
-//!    agent applies is spawned, timed like the repair (commit to commit). It holds what the
-//!    kernel costs after the deletion (and what a busy machine costs a woken process), which a
-//!    restore into a quiet table does not: what a perfectly reactive agent would take. And that
-//!    kernel cost alone: how long closing a netfilter netlink socket blocks at the deletion's
-//!    NEWGEN (see [`measure_release_wait`]).
+//!    transaction to the NEWGEN of the agent's repair (commit to commit), 200 runs. Beside it,
+//!    with the agent gone: how long one `iptables-nft-restore` of the same repair takes in the
+//!    same table, spawn to exit, and a shell's read-then-write (`iptables-nft-save -t nat`, then
+//!    that restore). And the reactive floor: the agent gone, the same deletion, and the instant
+//!    its NEWGEN arrives the same `iptables-nft-restore` the agent applies is spawned, timed like
+//!    the repair (commit to commit). It holds what the kernel costs after the deletion (and what
+//!    a busy machine costs a woken process), which a restore into a quiet table does not: what a
+//!    perfectly reactive agent would take. And that kernel cost alone: how long closing a
+//!    netfilter netlink socket blocks at the deletion's NEWGEN (see [`measure_release_wait`]).
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
