@@ -220,8 +220,8 @@ async fn measure_reactive(events: &mut NftEvents, i: usize) -> Option<f64> {
 /// The kernel's part of the gap between the floor and the reactive floor, for one run: chain
 /// `i` deleted and, the instant the deletion's NEWGEN arrives, a netfilter netlink socket
 /// opened, bound and closed here, the close timed. On current kernels, releasing such a socket
-/// waits (holding the nf_tables commit mutex) for the pending release of the objects of the last
-/// transaction (nf_tables' destroy work), which waits for an RCU grace period; a
+/// waits (holding the nf_tables commit mutex) for the pending release of what the last
+/// transaction deleted (nf_tables' destroy work), which waits for an RCU grace period; a
 /// transaction with an xtables match or target (`-m comment`, `-j MASQUERADE`) waits for the
 /// same before it commits. Every iptables-nft run closes such sockets (its extension revision
 /// probes) before committing. The chain is put back afterwards, untimed.
