@@ -163,7 +163,8 @@ async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
 /// The floor measured like the repair: `trigger` runs, and the moment its NEWGEN arrives an
 /// `nft -f` of the repair transaction is spawned; from that NEWGEN to the `nft -f`'s own. This
 /// is a perfectly reactive script doing the agent's work, kernel costs after the deletion
-/// included (a deleted base chain's hooks are released after an RCU grace period).
+/// included (deleted chains and rules are freed after an RCU grace period, and the next
+/// transaction waits for that).
 async fn measure_reactive(events: &mut Events, trigger: &[&str], create: &str) -> Option<f64> {
     let mut child = Command::new("nft").args(trigger).spawn().unwrap();
     let me = Some(child.id());
