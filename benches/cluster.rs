@@ -21,8 +21,8 @@
 mod fake_apiserver;
 
 use fake_apiserver::FakeApiServer;
-use netwarden::cluster::facts::ClusterFacts;
 use netwarden::cluster::slim::{service_facts, Interner, Service};
+use netwarden::model::facts::ClusterFacts;
 use netwarden::sandbox::Sandbox;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};

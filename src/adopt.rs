@@ -162,7 +162,7 @@ impl AdoptSelector {
     pub fn is_owner(&self, name: &str) -> bool {
         self.owners
             .iter()
-            .any(|o| crate::obs::attribution::clean_name(o) == name)
+            .any(|o| crate::model::text::clean_name(o) == name)
     }
 
     /// The actor as this selector sees it: a process whose parent (or grandparent…, see

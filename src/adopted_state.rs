@@ -156,13 +156,12 @@ pub fn read_or_set_aside(
     match read(path) {
         Ok(state) => Ok((state, None)),
         Err(e @ (AdoptedStateError::Corrupt { .. } | AdoptedStateError::Version { .. })) => {
-            let aside = crate::cluster::statefile::set_aside(path).map_err(|source| {
-                AdoptedStateError::SetAside {
+            let aside =
+                crate::files::set_aside(path).map_err(|source| AdoptedStateError::SetAside {
                     path: path.to_owned(),
                     why: e.to_string(),
                     source,
-                }
-            })?;
+                })?;
             Ok((AdoptedState::default(), Some((aside, e))))
         }
         Err(e) => Err(e),
@@ -216,7 +215,7 @@ impl Writer {
                             continue;
                         }
                     };
-                    if let Err(e) = crate::cluster::statefile::write_atomic(&path, &json) {
+                    if let Err(e) = crate::files::write_atomic(&path, &json) {
                         tracing::error!(path = %path.display(), error = %e, "cannot write the adopted-state file");
                     }
                 }

@@ -2,6 +2,7 @@
 //! agent, then what a systemd-networkd restart does to it (protected rules and routes deleted,
 //! the address removed), timed from outside the agent by an independent netlink listener.
 
+use crate::app::{Engines, Inputs};
 use crate::config;
 use crate::desired::DesiredState;
 use crate::listen::Listener;
@@ -85,6 +86,40 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
     let cfg = config::parse(EXAMPLE_PATH, EXAMPLE).map_err(|e| DemoError::Config(e.to_string()))?;
     let desired = DesiredState::from_config(&cfg);
     let sandbox = Sandbox::create("netwarden-demo")?;
+    set_up(&sandbox, &cfg, out)?;
+    crate::netns::enter(&sandbox.name)?;
+    let started = Instant::now();
+    let agent = AgentThread::start(desired.clone(), cfg.resync, timeout)?;
+    writeln!(
+        out,
+        "agent ready: initial sync took {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    )?;
+    let listener = Listener::start()?;
+    let t0 = restart_networkd(&sandbox, &cfg, out)?;
+    let (timings, overruns) = watch_restores(&listener, &desired, timeout)?;
+    report(out, &timings, t0, overruns)?;
+    // An independent check, as an operator would run it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut desired = desired;
+    let plan = rt
+        .block_on(crate::check::check(&mut desired))
+        .map_err(|e| DemoError::Agent(e.to_string()))?;
+    write!(
+        out,
+        "check: {}",
+        crate::check::Report::new(&desired, &plan).render_table()
+    )?;
+    agent.stop();
+    drop(listener);
+    writeln!(out, "sandbox {} removed", sandbox.name)?;
+    Ok(())
+}
+
+/// A veth pair with an address at each end in the sandbox.
+fn set_up(sandbox: &Sandbox, cfg: &config::Config, out: &mut impl Write) -> Result<(), DemoError> {
     sandbox.ip(&[
         "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
     ])?;
@@ -104,52 +139,65 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
         cfg.routes.len(),
         cfg.addresses.len()
     )?;
-    crate::netns::enter(&sandbox.name)?;
+    Ok(())
+}
 
-    // The agent on its own thread and runtime, exactly as `netwarden run` would run it.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent_desired = desired.clone();
-    let resync = cfg.resync;
-    let started = Instant::now();
-    let agent = std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => return ready_tx.send(Err(e.to_string())).unwrap_or(()),
-        };
-        rt.block_on(async move {
-            match Agent::start(agent_desired, Options::new(resync)).await {
-                Ok(agent) => {
-                    let _ = ready_tx.send(Ok(()));
-                    if let Err(e) = agent
-                        .run(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await
-                    {
-                        tracing::error!(error = %e, "agent stopped");
-                    }
+/// The agent on its own thread and runtime, wired as `netwarden run` wires it ([`crate::app`]).
+struct AgentThread {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AgentThread {
+    /// Returns once the agent's initial sync is done.
+    fn start(
+        desired: DesiredState,
+        resync: Duration,
+        timeout: Duration,
+    ) -> Result<Self, DemoError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = match crate::app::runtime(None) {
+                Ok((rt, _)) => rt,
+                Err(e) => return ready_tx.send(Err(e.to_string())).unwrap_or(()),
+            };
+            rt.block_on(async move {
+                let agent = match Agent::start(desired, Options::new(resync)).await {
+                    Ok(agent) => agent,
+                    Err(e) => return ready_tx.send(Err(e.to_string())).unwrap_or(()),
+                };
+                let _ = ready_tx.send(Ok(()));
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                let engines = Engines::agent_only(agent);
+                let beside = std::future::pending();
+                if let Err(e) = engines.run(stop, Inputs::default(), beside).await {
+                    tracing::error!(error = %e, "agent stopped");
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                }
-            }
+            });
         });
-    });
-    let ready = ready_rx
-        .recv_timeout(timeout)
-        .map_err(|_| DemoError::Agent("not ready in time".into()))?;
-    ready.map_err(DemoError::Agent)?;
-    writeln!(
-        out,
-        "agent ready: initial sync took {:.1} ms",
-        started.elapsed().as_secs_f64() * 1e3
-    )?;
+        let ready = ready_rx
+            .recv_timeout(timeout)
+            .map_err(|_| DemoError::Agent("not ready in time".into()))?;
+        ready.map_err(DemoError::Agent)?;
+        Ok(AgentThread { stop, thread })
+    }
 
-    let listener = Listener::start()?;
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// What a systemd-networkd restart does: the rules deleted, table 77 flushed, the address
+/// removed. Returns when it started.
+fn restart_networkd(
+    sandbox: &Sandbox,
+    cfg: &config::Config,
+    out: &mut impl Write,
+) -> Result<Instant, DemoError> {
     writeln!(
         out,
         "\nsimulating a systemd-networkd restart: deleting the rules, flushing table 77, removing 10.200.0.1/24 from veth0"
@@ -169,7 +217,16 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
     let t0 = Instant::now();
     sandbox.batch(&["-6"], &v6)?;
     sandbox.batch(&[], &v4)?;
+    Ok(t0)
+}
 
+/// Each protected object's removal and return, as the outside listener saw them, and how many
+/// times the listener overran.
+fn watch_restores(
+    listener: &Listener,
+    desired: &DesiredState,
+    timeout: Duration,
+) -> Result<(HashMap<ObjectId, Timing>, usize), DemoError> {
     let mut timings: HashMap<ObjectId, Timing> = HashMap::new();
     let deadline = Instant::now() + timeout;
     let total = desired.len();
@@ -188,13 +245,13 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
             overruns += 1;
             continue;
         };
-        let Some((id, removed)) = object_of(&desired, &msg) else {
+        let Some((id, removed)) = object_of(desired, &msg) else {
             continue;
         };
         if removed {
             timings.entry(id.clone()).or_insert_with(|| Timing {
                 kind: id.kind().as_str(),
-                name: name_of(&desired, &id),
+                name: name_of(desired, &id),
                 removed: at,
                 back: None,
             });
@@ -202,6 +259,16 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
             t.back.get_or_insert(at);
         }
     }
+    Ok((timings, overruns))
+}
+
+/// The table of outages and its summary.
+fn report(
+    out: &mut impl Write,
+    timings: &HashMap<ObjectId, Timing>,
+    t0: Instant,
+    overruns: usize,
+) -> Result<(), DemoError> {
     let mut rows: Vec<&Timing> = timings.values().collect();
     rows.sort_by_key(|t| t.removed);
     writeln!(
@@ -236,22 +303,5 @@ pub fn run(out: &mut impl Write, timeout: Duration) -> Result<(), DemoError> {
         last_back.duration_since(t0).as_secs_f64() * 1e3,
         if overruns > 0 { format!(" ({overruns} listener overruns)") } else { String::new() }
     )?;
-    // An independent check, as an operator would run it.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut desired = desired;
-    let plan = rt
-        .block_on(crate::check::check(&mut desired))
-        .map_err(|e| DemoError::Agent(e.to_string()))?;
-    write!(
-        out,
-        "check: {}",
-        crate::check::Report::new(&desired, &plan).render_table()
-    )?;
-    let _ = stop_tx.send(());
-    let _ = agent.join();
-    drop(listener);
-    writeln!(out, "sandbox {} removed", sandbox.name)?;
     Ok(())
 }

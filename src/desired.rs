@@ -175,7 +175,7 @@ pub struct Expansion {
 /// Pure. An expanded object with the identity of an object already protected (a literal one, or
 /// an earlier expansion) is left out and reported as pending, as validation would have refused it
 /// had it been written out.
-pub fn expand(config: &Config, facts: &crate::cluster::facts::ClusterFacts) -> Expansion {
+pub fn expand(config: &Config, facts: &crate::model::facts::ClusterFacts) -> Expansion {
     let mut desired = DesiredState::from_config(config);
     let ex = config.templates.expand(facts);
     let mut pending = ex.pending;

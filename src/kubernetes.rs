@@ -2,11 +2,15 @@
 
 use crate::cli::{BackendChoice, KubeArgs};
 use anyhow::Context;
+use netwarden::app;
 use netwarden::cluster::{self, Message};
-use netwarden::netfilter::guard::{Guard, GuardError, GuardReload};
+use netwarden::netfilter::canon::Canonicaliser;
+use netwarden::netfilter::guard::{GuardError, GuardReload};
 use netwarden::netfilter::tools::Binaries;
+use netwarden::nftables::model::NftConfig;
 use netwarden::{obs, reconcile};
 use std::process::ExitCode;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub fn run(
@@ -40,146 +44,163 @@ pub fn run(
         netns_id: netns_id(netns),
     };
     one_malloc_arena();
+    let host = app::HostOptions {
+        netns,
+        metrics_addr,
+        adopted_state,
+    };
+    // The Kubernetes thread and its sockets stay on the host's network, where the API server is
+    // (see src/cluster/run.rs).
     let telemetry = obs::Telemetry::new();
-    let listener = crate::bind_metrics(metrics_addr)?;
-    // Before entering the namespace: the Kubernetes thread and its sockets stay on the host's
-    // network, where the API server is (see src/cluster/run.rs).
-    let (mut updates, pods) = cluster::spawn(opts, telemetry.clone())?;
-    let adopted_state = crate::check_adopted_state(adopted_state, &telemetry);
-    let (rt, entered) = crate::runtime(netns)?;
-    if let Some(listener) = listener {
-        let addr = obs::http::spawn(listener, telemetry.clone())?;
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
-    }
+    let on_host = || Ok(cluster::spawn(opts, telemetry.clone())?);
+    let (host, (updates, pods)) = app::Host::prepare(host, telemetry.clone(), on_host)?;
+    let app::Host { rt, env: host } = host;
     let ended = rt.block_on(async move {
-        let (mut stop, mut hup) =
-            netwarden::lifecycle::install().context("cannot handle signals")?;
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP ignored: in Kubernetes mode the config comes from the ConfigMap, applied on every edit");
-            }
-        });
-        let start = async {
-            // Nothing is enforced before the caches are ready or the state file says what to.
-            let first = match updates.recv().await {
-                Some(Message::Update(u)) => u,
-                Some(Message::Fatal(e)) => return Err(anyhow::Error::new(e)),
-                None => anyhow::bail!("the Kubernetes thread stopped"),
+        let (mut stop, hup) = netwarden::lifecycle::install().context("cannot handle signals")?;
+        ignore_sighup(hup);
+        let start = start(updates, pods, backend, &host);
+        let (first, mut updates, engines) =
+            match app::unless_ended(&mut stop, host.entered.as_ref(), start).await? {
+                Ok(started) => started,
+                Err(ended) => return Ok(ended),
             };
-            let cfg = first.config.clone();
-            let ex = first.expansion;
-            crate::require_kernel_access(cfg.enforces_anything()).await?;
-            // nftables wiring: the engine (src/nftables/) takes `spec.nftables` (no templates).
-            let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
-                .await?
-                .with_telemetry(telemetry.clone());
-            // A later change of the chain and set selectors reaches the guard as a reload.
-            let adoption = crate::adoption(&cfg.adopt, adopted_state.as_deref());
-            let guard = Guard::start_adopting(
-                ex.chains.clone(),
-                ex.ipsets.clone(),
-                cfg.poll_interval,
-                cfg.resync,
-                backend,
-                adoption,
-            )
-            .await?
-            .with_telemetry(telemetry.clone());
-            let opts = reconcile::Options {
-                resync: cfg.resync,
-                telemetry: telemetry.clone(),
-                adopted_state,
-                pods: Some(pods),
-            };
-            let agent = reconcile::Agent::start(ex.desired.clone(), opts).await?;
-            Ok::<_, anyhow::Error>((cfg, ex, nft, guard, agent))
-        };
-        // A stop during the wait for the cluster or the initial sync ends it where it is.
-        let (cfg, ex, nft, guard, agent) = tokio::select! {
-            _ = stop.requested() => {
-                tracing::info!("shutting down during the initial sync; what is in place stays");
-                return Ok(crate::Ended::Stopped);
-            }
-            _ = crate::netns_gone(entered.as_ref()) => return Ok(crate::Ended::NetnsGone),
-            r = start => r?,
-        };
-        crate::check_networkd(networkd_root, &ex.desired, &telemetry);
+        app::check_networkd(networkd_root, &first.expansion.desired, &host.telemetry);
         let (nft_tx, nft_rx) = mpsc::channel(4);
-        let telemetry_reject = telemetry;
-        let guard = guard.with_store(agent.adopted_store());
-        let canon = guard.canonicaliser();
         let (reload_tx, reload_rx) = mpsc::channel(4);
         let (guard_tx, guard_rx) = mpsc::channel(4);
-        // Fans the updates out to the two loops, each only when its part changed: a Service
-        // change that moves no rule must not make the rtnetlink loop re-read the kernel. A
-        // ConfigMap edit reaches the guard even when its chains stay the same: it re-affirms them.
-        let forward = async move {
-            let (mut desired, mut chains, mut sets) = (ex.desired, ex.chains, ex.ipsets);
-            let mut adopt = cfg.adopt.clone();
-            let mut nftables = cfg.nftables.clone();
-            let mut last = cfg.clone();
-            let (mut poll, mut resync) = (cfg.poll_interval, cfg.resync);
-            while let Some(m) = updates.recv().await {
-                let u = match m {
-                    Message::Update(u) => u,
-                    Message::Fatal(e) => return Err(anyhow::Error::new(e)),
-                };
-                let (c, e) = (&u.config, u.expansion);
-                if refused(&canon, &telemetry_reject, &e).await {
-                    continue;
-                }
-                // A new parse of the ConfigMap (facts-only updates share the last one).
-                let edited = !std::sync::Arc::ptr_eq(c, &last);
-                last = c.clone();
-                if c.nftables != nftables {
-                    nftables = c.nftables.clone();
-                    if nft_tx.send(c.nftables.clone()).await.is_err() {
-                        break;
-                    }
-                }
-                if e.desired != desired || c.resync != resync {
-                    desired = e.desired.clone();
-                    let reload = obs::Reload {
-                        desired: e.desired,
-                        resync: c.resync,
-                    };
-                    if reload_tx.send(reload).await.is_err() {
-                        break;
-                    }
-                }
-                if edited
-                    || e.chains != chains
-                    || e.ipsets != sets
-                    || c.adopt != adopt
-                    || c.poll_interval != poll
-                    || c.resync != resync
-                {
-                    (chains, sets, adopt) = (e.chains.clone(), e.ipsets.clone(), c.adopt.clone());
-                    let reload = GuardReload {
-                        chains: e.chains,
-                        sets: e.ipsets,
-                        adopt: c.adopt.clone(),
-                        poll: c.poll_interval,
-                        resync: c.resync,
-                    };
-                    if guard_tx.send(reload).await.is_err() {
-                        break;
-                    }
-                }
-                (poll, resync) = (c.poll_interval, c.resync);
-            }
-            anyhow::bail!("the Kubernetes thread stopped")
+        let to = Followers {
+            canon: engines.canonicaliser().context("the guard runs")?,
+            telemetry: host.telemetry.clone(),
+            agent: reload_tx,
+            guard: guard_tx,
+            nftables: nft_tx,
         };
-        tokio::select! {
-            r = agent.run_with(stop.requested(), Some(reload_rx)) => { r?; }
-            r = guard.run_with(Some(guard_rx)) => { r?; }
-            r = forward => { r?; }
-            r = nft.run(Some(nft_rx)) => { r?; }
-            _ = crate::netns_gone(entered.as_ref()) => return Ok(crate::Ended::NetnsGone),
-        }
-        Ok::<_, anyhow::Error>(crate::Ended::Stopped)
+        let forward = forward(first, &mut updates, to);
+        let inputs = app::Inputs {
+            agent: Some(reload_rx),
+            guard: Some(guard_rx),
+            nftables: Some(nft_rx),
+        };
+        engines
+            .run_in(host.entered.as_ref(), stop.requested(), inputs, forward)
+            .await
     })?;
     Ok(ended.code())
+}
+
+fn ignore_sighup(mut hup: tokio::signal::unix::Signal) {
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP ignored: in Kubernetes mode the config comes from the ConfigMap, applied on every edit");
+        }
+    });
+}
+
+/// Waits for the first config (nothing is enforced before the caches are ready or the state
+/// file says what to), then starts the engines on it.
+async fn start(
+    mut updates: mpsc::Receiver<Message>,
+    pods: tokio::sync::watch::Receiver<netwarden::pod_liveness::PodView>,
+    backend: BackendChoice,
+    host: &app::Env,
+) -> anyhow::Result<(cluster::Update, mpsc::Receiver<Message>, app::Engines)> {
+    let first = match updates.recv().await {
+        Some(Message::Update(u)) => u,
+        Some(Message::Fatal(e)) => return Err(anyhow::Error::new(e)),
+        None => anyhow::bail!("the Kubernetes thread stopped"),
+    };
+    let ex = &first.expansion;
+    // `spec.nftables` has no templates; a later change of the chain and set selectors reaches
+    // the guard as a reload.
+    let protect = app::Protect {
+        config: &first.config,
+        desired: ex.desired.clone(),
+        chains: ex.chains.clone(),
+        sets: ex.ipsets.clone(),
+        pods: Some(pods),
+    };
+    let wiring = app::Wiring {
+        backend,
+        telemetry: host.telemetry.clone(),
+        adopted_state: host.adopted_state.clone(),
+    };
+    let engines = app::Engines::start(protect, wiring).await?;
+    Ok((*first, updates, engines))
+}
+
+/// Where [`forward`] sends each part of an update.
+struct Followers {
+    canon: Canonicaliser,
+    telemetry: Arc<obs::Telemetry>,
+    agent: mpsc::Sender<reconcile::Reload>,
+    guard: mpsc::Sender<GuardReload>,
+    nftables: mpsc::Sender<NftConfig>,
+}
+
+/// Fans the updates out to the engines, each only when its part changed: a Service change that
+/// moves no rule must not make the rtnetlink loop re-read the kernel. A ConfigMap edit reaches
+/// the guard even when its chains stay the same: it re-affirms them.
+async fn forward(
+    first: cluster::Update,
+    updates: &mut mpsc::Receiver<Message>,
+    to: Followers,
+) -> anyhow::Result<()> {
+    let (cfg, ex) = (first.config, first.expansion);
+    let (mut desired, mut chains, mut sets) = (ex.desired, ex.chains, ex.ipsets);
+    let mut adopt = cfg.adopt.clone();
+    let mut nftables = cfg.nftables.clone();
+    let mut last = cfg.clone();
+    let (mut poll, mut resync) = (cfg.poll_interval, cfg.resync);
+    while let Some(m) = updates.recv().await {
+        let u = match m {
+            Message::Update(u) => u,
+            Message::Fatal(e) => return Err(anyhow::Error::new(e)),
+        };
+        let (c, e) = (&u.config, u.expansion);
+        if refused(&to.canon, &to.telemetry, &e).await {
+            continue;
+        }
+        // A new parse of the ConfigMap (facts-only updates share the last one).
+        let edited = !Arc::ptr_eq(c, &last);
+        last = c.clone();
+        if c.nftables != nftables {
+            nftables = c.nftables.clone();
+            if to.nftables.send(c.nftables.clone()).await.is_err() {
+                break;
+            }
+        }
+        if e.desired != desired || c.resync != resync {
+            desired = e.desired.clone();
+            let reload = reconcile::Reload {
+                desired: e.desired,
+                resync: c.resync,
+            };
+            if to.agent.send(reload).await.is_err() {
+                break;
+            }
+        }
+        if edited
+            || e.chains != chains
+            || e.ipsets != sets
+            || c.adopt != adopt
+            || c.poll_interval != poll
+            || c.resync != resync
+        {
+            (chains, sets, adopt) = (e.chains.clone(), e.ipsets.clone(), c.adopt.clone());
+            let reload = GuardReload {
+                chains: e.chains,
+                sets: e.ipsets,
+                adopt: c.adopt.clone(),
+                poll: c.poll_interval,
+                resync: c.resync,
+            };
+            if to.guard.send(reload).await.is_err() {
+                break;
+            }
+        }
+        (poll, resync) = (c.poll_interval, c.resync);
+    }
+    anyhow::bail!("the Kubernetes thread stopped")
 }
 
 /// `--configmap NAMESPACE/NAME`, or `NAME` in `--configmap-namespace` (POD_NAMESPACE); `None`:
@@ -200,7 +221,7 @@ fn configmap_ref(arg: &str, namespace: Option<&str>) -> anyhow::Result<(Option<S
 /// Rule specs iptables cannot hold as written refuse a ConfigMap edit as a whole: logged,
 /// counted and told as `ConfigRejected`; the config in use stays.
 async fn refused(
-    canon: &netwarden::netfilter::canon::Canonicaliser,
+    canon: &Canonicaliser,
     telemetry: &obs::Telemetry,
     e: &netwarden::desired::Expansion,
 ) -> bool {

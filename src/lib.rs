@@ -6,12 +6,14 @@
 
 pub mod adopt;
 pub mod adopted_state;
+pub mod app;
 pub mod apply;
 pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod desired;
+pub mod files;
 pub mod handoff;
 pub mod lifecycle;
 pub mod listen;

@@ -4,21 +4,20 @@ mod kubernetes;
 use anyhow::Context;
 use clap::Parser;
 use cli::{emit, BackendChoice, Cli, Command, LogFormat, Output};
+use netwarden::app::{self, runtime};
 use netwarden::config::{self, Config};
 use netwarden::desired::DesiredState;
 use netwarden::netfilter::canon::{Canonicaliser, Refusal};
-use netwarden::netfilter::guard::{Guard, GuardError};
+use netwarden::netfilter::guard::GuardError;
 use netwarden::netfilter::tools::Binaries;
-use netwarden::{check, demo, netns, obs, reconcile};
+use netwarden::{check, demo, obs};
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 /// Exit code for errors (bad config, cannot reach or change the kernel); 1 is kept for "drift"
-/// in `check`.
+/// in `check`; 3 is `run --netns NAME` ending with its namespace ([`app::EXIT_NETNS_GONE`]).
 const EXIT_ERROR: u8 = 2;
-/// `run --netns NAME`: the namespace was removed (or replaced) under the agent.
-const EXIT_NETNS_GONE: u8 = 3;
 
 /// The log filter: --log-level (or NETWARDEN_LOG_LEVEL), else RUST_LOG, else `info`. A filter
 /// that does not parse is an error, not a silent fallback.
@@ -60,7 +59,27 @@ fn main() -> ExitCode {
     if let Command::Run { sysctl_dir, .. } | Command::Check { sysctl_dir, .. } = &cli.command {
         netwarden::observe::sysctl::set_dir(sysctl_dir.clone());
     }
-    let result = match cli.command {
+    let result = dispatch(cli.command);
+    match result {
+        Ok(code) => code,
+        Err(e) if running => {
+            // The agent's last log line, escaped like the others.
+            tracing::error!(error = %format!("{e:#}"), "netwarden run failed");
+            ExitCode::from(EXIT_ERROR)
+        }
+        Err(e) => {
+            // A list of errors keeps its lines; nothing within a line is printed raw.
+            let text = format!("{e:#}");
+            let lines: Vec<String> = text.lines().map(obs::logfmt::escape).collect();
+            eprintln!("netwarden: {}", lines.join("\n"));
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// The agent and the commands that read no kernel state.
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Validate {
             file,
             kubernetes,
@@ -101,6 +120,14 @@ fn main() -> ExitCode {
             networkd_root_of(&networkd_root),
         ),
         Command::Status { addr, output } => status(&addr, output),
+        Command::Demo => demo_command(),
+        inspect => inspect_command(inspect),
+    }
+}
+
+/// The commands that look at the node: check, networkd, snapshot.
+fn inspect_command(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Check {
             config,
             netns,
@@ -115,7 +142,6 @@ fn main() -> ExitCode {
             iptables_backend,
             adopted_state.as_deref(),
         ),
-        Command::Demo => demo_command(),
         Command::Networkd {
             config,
             netns,
@@ -154,21 +180,7 @@ fn main() -> ExitCode {
             (mode, content, membership),
             iptables_backend,
         ),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) if running => {
-            // The agent's last log line, escaped like the others.
-            tracing::error!(error = %format!("{e:#}"), "netwarden run failed");
-            ExitCode::from(EXIT_ERROR)
-        }
-        Err(e) => {
-            // A list of errors keeps its lines; nothing within a line is printed raw.
-            let text = format!("{e:#}");
-            let lines: Vec<String> = text.lines().map(obs::logfmt::escape).collect();
-            eprintln!("netwarden: {}", lines.join("\n"));
-            ExitCode::from(EXIT_ERROR)
-        }
+        other => anyhow::bail!("not a command that inspects the node: {other:?}"),
     }
 }
 
@@ -281,86 +293,9 @@ fn refused(source: &str, r: &[Refusal]) -> String {
         .join("\n")
 }
 
-/// Enters the namespace (setns moves the calling thread only: threads started before, such as the
-/// Kubernetes one, stay on the host's network) and builds a single-threaded runtime: the repair
-/// path is one event → one request, and staying on one thread avoids cross-thread wakeups.
-pub(crate) fn runtime(
-    netns: Option<&str>,
-) -> anyhow::Result<(tokio::runtime::Runtime, Option<netns::Entered>)> {
-    let entered = netns.map(netns::enter).transpose()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    Ok((rt, entered))
-}
-
-/// How `run` ended, when it did not fail.
-pub(crate) enum Ended {
-    /// SIGTERM or SIGINT.
-    Stopped,
-    /// The namespace given by `--netns` was removed.
-    NetnsGone,
-}
-
-impl Ended {
-    pub(crate) fn code(self) -> ExitCode {
-        match self {
-            Ended::Stopped => ExitCode::SUCCESS,
-            Ended::NetnsGone => ExitCode::from(EXIT_NETNS_GONE),
-        }
-    }
-}
-
-/// Completes when the namespace the agent entered is gone (never, without `--netns`), saying so.
-pub(crate) async fn netns_gone(entered: Option<&netns::Entered>) {
-    match entered {
-        Some(ns) => {
-            ns.gone().await;
-            tracing::error!(
-                netns = %ns.name,
-                "network namespace removed (or replaced) under the agent: nothing left to protect; exiting"
-            );
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Refuses to start (exit 2) when the kernel would refuse every repair: without CAP_NET_ADMIN
-/// over the namespace. An agent that only observes needs no such right and goes on.
-pub(crate) async fn require_kernel_access(enforces: bool) -> anyhow::Result<()> {
-    match netwarden::apply::check_write_access().await {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_permission() && !enforces => {
-            tracing::warn!(error = %e, "the kernel refuses changes from this process (no CAP_NET_ADMIN?); fine while everything is observed, but a repair will be refused");
-            Ok(())
-        }
-        Err(e) if e.is_permission() => Err(anyhow::anyhow!(
-            "no kernel access: the kernel refuses changes to this network namespace ({e}); \
-             netwarden needs CAP_NET_ADMIN in it to repair anything"
-        )),
-        Err(e) => Err(anyhow::anyhow!("cannot reach the kernel: {e}")),
-    }
-}
-
 /// `--networkd-root`: a directory, or `off`.
 fn networkd_root_of(arg: &str) -> Option<std::path::PathBuf> {
     (arg != "off").then(|| std::path::PathBuf::from(arg))
-}
-
-/// Starts the check at start of what systemd-networkd would remove (see `networkd::host`).
-pub(crate) fn check_networkd(
-    root: Option<std::path::PathBuf>,
-    desired: &DesiredState,
-    telemetry: &std::sync::Arc<obs::Telemetry>,
-) {
-    if let Some(root) = root {
-        tokio::spawn(netwarden::networkd::host::check_at_start(
-            root,
-            desired.clone(),
-            telemetry.clone(),
-        ));
-    }
 }
 
 fn run(
@@ -377,132 +312,67 @@ fn run(
     let desired = DesiredState::from_config(&cfg);
     let telemetry = obs::Telemetry::new();
     telemetry.config_loaded(true);
-    let listener = bind_metrics(metrics_addr)?;
-    let (rt, entered) = runtime(netns)?;
-    if let Some(listener) = listener {
-        let addr = obs::http::spawn(listener, telemetry.clone())?;
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
-    }
+    let opts = app::HostOptions {
+        netns,
+        metrics_addr,
+        adopted_state,
+    };
+    let (host, ()) = app::Host::prepare(opts, telemetry, || Ok(()))?;
+    let app::Host { rt, env } = host;
+    let app::Env {
+        entered,
+        telemetry,
+        adopted_state,
+    } = env;
     let path = path.to_path_buf();
-    let adopted_state = check_adopted_state(adopted_state, &telemetry);
     let ended = rt.block_on(async move {
         let (mut stop, hup) = netwarden::lifecycle::install().context("cannot handle signals")?;
-        let checked = desired.clone();
-        let start = async {
-            require_kernel_access(cfg.enforces_anything()).await?;
-            // nftables wiring: the engine (src/nftables/) starts first.
-            let nft = netwarden::nftables::engine::Engine::start(cfg.nftables.clone(), cfg.resync)
-                .await?
-                .with_telemetry(telemetry.clone());
-            // Chains and sets first: `initial sync done` then means everything is in place.
-            let adoption = adoption(&cfg.adopt, adopted_state.as_deref());
-            let guard = Guard::start_adopting(
-                cfg.chains.clone(),
-                cfg.ipsets.clone(),
-                cfg.poll_interval,
-                cfg.resync,
-                backend,
-                adoption,
-            )
-            .await
-            .map_err(|e| guard_error(&path, e))?
-            .with_telemetry(telemetry.clone());
-            let opts = reconcile::Options {
-                resync: cfg.resync,
-                telemetry: telemetry.clone(),
-                adopted_state,
-                pods: None,
-            };
-            let agent = reconcile::Agent::start(desired, opts).await?;
-            Ok::<_, anyhow::Error>((nft, guard, agent))
+        let protect = app::Protect {
+            config: &cfg,
+            desired: desired.clone(),
+            chains: cfg.chains.clone(),
+            sets: cfg.ipsets.clone(),
+            pods: None,
         };
-        // A stop or the end of the namespace during the initial sync ends it where it is: what
-        // was applied stays, nothing is undone.
-        let (nft, guard, agent) = tokio::select! {
-            _ = stop.requested() => {
-                tracing::info!("shutting down during the initial sync; what is in place stays");
-                return Ok(Ended::Stopped);
-            }
-            _ = netns_gone(entered.as_ref()) => return Ok(Ended::NetnsGone),
-            r = start => r?,
+        let wiring = app::Wiring {
+            backend,
+            telemetry: telemetry.clone(),
+            adopted_state,
+        };
+        let start = async {
+            app::Engines::start(protect, wiring).await.map_err(|e| {
+                match e.downcast::<GuardError>() {
+                    Ok(e) => guard_error(&path, e),
+                    Err(e) => e,
+                }
+            })
+        };
+        let engines = match app::unless_ended(&mut stop, entered.as_ref(), start).await? {
+            Ok(engines) => engines,
+            Err(ended) => return Ok(ended),
         };
         let (guard_tx, guard_rx) = tokio::sync::mpsc::channel(1);
         let (nft_tx, nft_rx) = tokio::sync::mpsc::channel(1);
-        let reloads = obs::reload_on_sighup(
-            path,
-            hup,
-            text,
-            telemetry.clone(),
-            obs::ReloadFollowers {
-                guard: Some(obs::GuardSide {
-                    tx: guard_tx,
-                    canon: guard.canonicaliser(),
-                }),
-                nftables: Some(nft_tx),
-            },
-            &cfg,
-        );
-        check_networkd(networkd_root, &checked, &telemetry);
-        // One writer for the file: the agent's, which the guard shares for its part.
-        let guard = guard.with_store(agent.adopted_store());
-        tokio::select! {
-            r = agent.run_with(stop.requested(), Some(reloads)) => { r?; }
-            r = guard.run_with(Some(guard_rx)) => { r?; }
-            r = nft.run(Some(nft_rx)) => { r?; }
-            _ = netns_gone(entered.as_ref()) => return Ok(Ended::NetnsGone),
-        }
-        Ok::<_, anyhow::Error>(Ended::Stopped)
+        let followers = app::ReloadFollowers {
+            guard: engines.canonicaliser().map(|canon| app::GuardSide {
+                tx: guard_tx,
+                canon,
+            }),
+            nftables: Some(nft_tx),
+        };
+        let reloads = app::reload_on_sighup(path, hup, text, telemetry.clone(), followers, &cfg);
+        app::check_networkd(networkd_root, &desired, &telemetry);
+        let inputs = app::Inputs {
+            agent: Some(reloads),
+            guard: Some(guard_rx),
+            nftables: Some(nft_rx),
+        };
+        let beside = std::future::pending();
+        engines
+            .run_in(entered.as_ref(), stop.requested(), inputs, beside)
+            .await
     })?;
     Ok(ended.code())
-}
-
-/// Sets an unusable adopted-state file aside before anything reads or writes it (see
-/// [`netwarden::adopted_state::read_or_set_aside`]). Returns the path to keep adopted state in:
-/// none if the file can be neither read nor set aside, so that nothing overwrites it.
-pub(crate) fn check_adopted_state(
-    path: Option<std::path::PathBuf>,
-    telemetry: &obs::Telemetry,
-) -> Option<std::path::PathBuf> {
-    let path = path?;
-    match netwarden::adopted_state::read_or_set_aside(&path) {
-        Ok((_, None)) => Some(path),
-        Ok((_, Some((aside, why)))) => {
-            telemetry.state_file_set_aside("adopted_state", &aside, &why.to_string());
-            Some(path)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "adopted state is neither read nor saved");
-            None
-        }
-    }
-}
-
-/// The chain and set selectors of `spec.adopt`, with the chains and sets the adopted-state
-/// file kept for them (a file that cannot be read is reported by the agent and ignored here).
-pub(crate) fn adoption(
-    selectors: &[netwarden::adopt::AdoptSelector],
-    state: Option<&std::path::Path>,
-) -> netwarden::netfilter::guard::Adoption {
-    let saved = state.and_then(|p| netwarden::adopted_state::read(p).ok());
-    netwarden::netfilter::guard::Adoption::new(selectors, saved.as_ref())
-}
-
-/// Binds the HTTP endpoints' port. Call before entering the namespace, so that the endpoints are
-/// on the host's network.
-pub(crate) fn bind_metrics(
-    metrics_addr: Option<&str>,
-) -> anyhow::Result<Option<std::net::TcpListener>> {
-    Ok(match metrics_addr {
-        Some("off") => None,
-        Some(addr) => Some(
-            obs::http::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => obs::http::bind(obs::DEFAULT_METRICS_ADDR)
-            .map_err(|e| {
-                tracing::warn!(addr = obs::DEFAULT_METRICS_ADDR, error = %e, "no HTTP endpoints")
-            })
-            .ok(),
-    })
 }
 
 fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
@@ -536,7 +406,7 @@ fn check(
         netwarden::adopted_state::merge(saved, &mut desired);
     }
     // Adopted chains and sets are checked as the state file last saw them.
-    let (adopted_chains, adopted_sets) = adoption(&cfg.adopt, adopted_state).desired();
+    let (adopted_chains, adopted_sets) = app::adoption(&cfg.adopt, adopted_state).desired();
     let adopted = adopted_chains.len() + adopted_sets.len();
     let chains: Vec<_> = cfg.chains.iter().cloned().chain(adopted_chains).collect();
     let sets: Vec<_> = cfg.ipsets.iter().cloned().chain(adopted_sets).collect();

@@ -2,8 +2,8 @@
 //! a condition on the Node, and the state file that carries the agent through API server
 //! outages.
 //!
-//! Pure: `facts` (what templates read), `needs` (what a config needs watched), `slim` (the fields
-//! read from each object), `listing` (a list response read as it arrives), `retry` (when to ask
+//! Pure: `facts` (what templates read; plain data in [`crate::model::facts`]), `needs` (what a
+//! config needs watched), `slim` (the fields read from each object), `listing` (a list response read as it arrives), `retry` (when to ask
 //! again), `events` (aggregation of Events), `condition` (the Node condition). Effectful:
 //! `client`, `cache`, `health`, `watch` (list and watch into caches), `report` (Events and the condition),
 //! `statefile`, `run` (the thread that ties them together).
@@ -12,7 +12,6 @@ pub mod cache;
 pub mod client;
 pub mod condition;
 pub mod events;
-pub mod facts;
 pub mod health;
 pub mod listing;
 pub mod needs;
@@ -22,6 +21,8 @@ pub mod run;
 pub mod slim;
 pub mod statefile;
 pub mod watch;
+
+pub use crate::model::facts;
 
 pub use run::{spawn, ClusterError, Message, Options, Update};
 

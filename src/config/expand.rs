@@ -11,7 +11,7 @@ use super::build::{Builder, Object};
 use super::raw::{RawAddress, RawIpSet, RawRoute, RawRule, Scalar};
 use super::template::{self, Templated};
 use super::values;
-use crate::cluster::facts::ClusterFacts;
+use crate::model::facts::ClusterFacts;
 use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, Family, Mode};
 use crate::netfilter::model::{DesiredSet, Member};
 use serde_saphyr::{Location, Spanned};

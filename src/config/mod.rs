@@ -89,21 +89,12 @@ impl Config {
 pub use expand::{Expanded, Pending, PendingCause, Templates};
 pub use manifest::{parse_document, Document};
 
-/// The check `spec.chains[].chain` gets; names of adopted chains go through it too, as they end
-/// up in `iptables-restore` input.
-pub fn valid_chain_name(s: &str) -> Result<String, String> {
-    netfilter::chain_name(s)
-}
-
 /// The check interface names in the config get (device names read back from a file too).
 pub fn valid_ifname(s: &str) -> Result<String, String> {
     values::ifname(s)
 }
 
-/// The check `spec.ipsets[].name` gets (adopted sets too: `ipset restore` input).
-pub fn valid_set_name(s: &str) -> Result<String, String> {
-    netfilter::set_name(s)
-}
+pub use crate::netfilter::model::{valid_chain_name, valid_set_name};
 
 /// Why a config file was refused. `Display` is the message for the operator.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,9 @@ use super::build::{Builder, Object};
 use super::raw::{RawChain, RawIpSet, RawSpec};
 use super::{values, DEFAULT_POLL_INTERVAL};
 use crate::model::{Family, Mode};
+pub(super) use crate::netfilter::model::{
+    valid_chain_name as chain_name, valid_set_name as set_name,
+};
 use crate::netfilter::model::{
     ChainKey, Content, DesiredChain, DesiredSet, Jump, Member, Position, SetOptions, SetType, Table,
 };
@@ -14,51 +17,12 @@ use ipnet::IpNet;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// iptables' limit: XT_EXTENSION_MAXNAMELEN (29) minus the terminating NUL.
-const CHAIN_MAX: usize = 28;
-/// ipset's limit: IPSET_MAXNAMELEN (32) minus the terminating NUL.
-const SET_MAX: usize = 31;
 const POLL_MIN: Duration = Duration::from_millis(100);
 /// ipset's bounds: the smallest hash size it makes, and IPSET_MAX_TIMEOUT (seconds).
 const HASHSIZE_MIN: u64 = 64;
 const HASHSIZE_MAX: u64 = 1 << 31;
 const TIMEOUT_MAX: u64 = 2_147_483;
 const POLL_MAX: Duration = Duration::from_secs(3600);
-
-/// Targets iptables reserves: a chain cannot be called that.
-const RESERVED: &[&str] = &["ACCEPT", "DROP", "RETURN", "QUEUE", "CONTINUE"];
-
-pub(super) fn chain_name(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= CHAIN_MAX
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if !ok {
-        return Err(format!(
-            "`{s}` is not a valid chain name: use 1 to {CHAIN_MAX} characters from A-Z, a-z, 0-9, '_', '-', '.', starting with a letter, digit or '_'"
-        ));
-    }
-    if RESERVED.contains(&s) {
-        return Err(format!("`{s}` is a built-in target, not a chain name"));
-    }
-    Ok(s.to_owned())
-}
-
-pub(super) fn set_name(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= SET_MAX
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-    if ok {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "`{s}` is not a valid set name: use 1 to {SET_MAX} characters from A-Z, a-z, 0-9, '_', '-', '.', ':', starting with a letter, digit or '_'"
-        ))
-    }
-}
 
 pub(super) fn table(s: &str) -> Result<Table, String> {
     Table::parse(s).ok_or_else(|| format!("unknown table `{s}`: use filter, nat, mangle or raw"))

@@ -18,7 +18,7 @@
 //! LoadBalancer|ExternalName`, `labels=SELECTOR` (`k=v`, `k!=v`, `k`, `!k`, comma-separated;
 //! quote it when other arguments follow: `labels="app=x,tier=y", type=LoadBalancer`).
 
-use crate::cluster::facts::{ClusterFacts, ServiceFacts};
+use crate::model::facts::{ClusterFacts, ServiceFacts};
 use crate::model::Family;
 use ipnet::IpNet;
 use std::fmt;
@@ -393,7 +393,7 @@ impl Templated {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::facts::NodeFacts;
+    use crate::model::facts::NodeFacts;
 
     fn facts() -> ClusterFacts {
         let mut f = ClusterFacts {

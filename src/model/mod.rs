@@ -6,6 +6,7 @@
 //! config and from netlink alike) so that two descriptions of the same kernel object compare equal.
 
 pub mod address;
+pub mod facts;
 pub mod link;
 pub mod neighbour;
 pub mod object;

@@ -39,6 +39,25 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// The name given to a process whose name is unknown (or empty).
+pub const UNKNOWN_PROCESS: &str = "unknown";
+
+/// A process name fit for logs and label values: printable, at most 15 bytes (the kernel's
+/// TASK_COMM_LEN - 1), never empty.
+pub fn clean_name(comm: &str) -> String {
+    let name: String = comm
+        .trim_end_matches('\n')
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(15)
+        .collect();
+    if name.is_empty() {
+        UNKNOWN_PROCESS.to_string()
+    } else {
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -196,7 +196,7 @@ pub fn judge_table(
             continue;
         };
         // The name goes into restore input: only names config validation would accept.
-        if crate::config::valid_chain_name(chain).is_err() {
+        if crate::netfilter::model::valid_chain_name(chain).is_err() {
             continue;
         }
         adopted.insert(
@@ -214,7 +214,7 @@ pub fn judge_table(
 
 /// Why a set that a selector matches cannot be adopted.
 pub fn set_unadoptable(name: &str, seen: &SavedSet) -> Option<String> {
-    if crate::config::valid_set_name(name).is_err() {
+    if crate::netfilter::model::valid_set_name(name).is_err() {
         return Some("its name is not one netwarden writes into restore input".into());
     }
     if SetType::parse(&seen.kind).is_none() {
@@ -355,7 +355,7 @@ pub fn from_saved(
             .iter()
             .find(|s| s.name == c.selector)
             .is_some_and(|s| s.chains.as_ref().is_some_and(|sel| sel.matches(&c.key)));
-        if !covered || crate::config::valid_chain_name(&c.key.chain).is_err() {
+        if !covered || crate::netfilter::model::valid_chain_name(&c.key.chain).is_err() {
             continue;
         }
         let rules: Result<Vec<RuleSpec>, _> =
@@ -379,7 +379,7 @@ pub fn from_saved(
         let Some(kind) = SetType::parse(&s.kind) else {
             continue;
         };
-        if !covered || crate::config::valid_set_name(&s.name).is_err() {
+        if !covered || crate::netfilter::model::valid_set_name(&s.name).is_err() {
             continue;
         }
         let members: Result<BTreeSet<Member>, _> =

@@ -446,6 +446,48 @@ impl DesiredSet {
     }
 }
 
+/// iptables' limit: XT_EXTENSION_MAXNAMELEN (29) minus the terminating NUL.
+const CHAIN_MAX: usize = 28;
+/// ipset's limit: IPSET_MAXNAMELEN (32) minus the terminating NUL.
+const SET_MAX: usize = 31;
+/// Targets iptables reserves: a chain cannot be called that.
+const RESERVED: &[&str] = &["ACCEPT", "DROP", "RETURN", "QUEUE", "CONTINUE"];
+
+/// The check `spec.chains[].chain` gets; names of adopted chains go through it too, as they end
+/// up in `iptables-restore` input.
+pub fn valid_chain_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= CHAIN_MAX
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !ok {
+        return Err(format!(
+            "`{s}` is not a valid chain name: use 1 to {CHAIN_MAX} characters from A-Z, a-z, 0-9, '_', '-', '.', starting with a letter, digit or '_'"
+        ));
+    }
+    if RESERVED.contains(&s) {
+        return Err(format!("`{s}` is a built-in target, not a chain name"));
+    }
+    Ok(s.to_owned())
+}
+
+/// The check `spec.ipsets[].name` gets (adopted sets too: `ipset restore` input).
+pub fn valid_set_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= SET_MAX
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid set name: use 1 to {SET_MAX} characters from A-Z, a-z, 0-9, '_', '-', '.', ':', starting with a letter, digit or '_'"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,7 @@ pub const KERNEL_PORT: u32 = 0;
 /// Label for changes made by the kernel itself.
 pub const KERNEL: &str = "kernel";
 /// Label for a process that could not be found (gone before the lookup) or no notification.
-pub const UNKNOWN: &str = "unknown";
+pub const UNKNOWN: &str = crate::model::text::UNKNOWN_PROCESS;
 /// Label for names beyond the cardinality cap.
 pub const OTHER: &str = "other";
 /// Distinct process names kept as label values; any further name is `other`.

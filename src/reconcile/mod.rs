@@ -32,7 +32,7 @@ use crate::model::ObjectId;
 use crate::model::{RouteKey, RuleKey};
 use crate::obs::attribution::{self, LabelCap};
 use crate::obs::contest::{Backoff, Contest};
-use crate::obs::{Ping, Reload, Telemetry};
+use crate::obs::{Ping, Telemetry};
 use crate::observe::events::EventSocket;
 use crate::observe::kernel::{self, ObserveError};
 use crate::observe::Mirror;
@@ -50,6 +50,13 @@ use tell::Report;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
+
+/// A new config for the loop (from a SIGHUP or a ConfigMap edit).
+#[derive(Debug)]
+pub struct Reload {
+    pub desired: DesiredState,
+    pub resync: Duration,
+}
 
 #[derive(Debug, Error)]
 pub enum ReconcileError {

@@ -1,13 +1,13 @@
 //! Re-reading the kernel: full refreshes (start, timer, overrun, a new config), the event
 //! filter, held-back repairs whose time came, and pending objects retried after progress.
 
+use super::Reload;
 use crate::adopt;
 use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::ObjectId;
 use crate::obs::attribution;
 use crate::obs::metrics::ReasonLabels;
-use crate::obs::Reload;
 use crate::observe::kernel;
 use crate::plan::{self, Dirty};
 use std::time::Instant;

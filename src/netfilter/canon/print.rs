@@ -4,7 +4,6 @@
 //! the batch) so that the rest still gets printed.
 
 use super::{Form, Hints};
-use crate::config;
 use crate::netfilter::model::{ipset_family, TableId};
 use crate::netfilter::parse;
 use crate::netfilter::rulespec::RuleSpec;
@@ -49,7 +48,7 @@ impl<'a> Scratch<'a> {
             let chain = !VERDICTS.contains(&t)
                 && (self.hints.chains.contains(t)
                     || self.hints.is_extension(t, self.table.family) == Some(false));
-            if chain && config::valid_chain_name(t).is_ok() {
+            if chain && crate::netfilter::model::valid_chain_name(t).is_ok() {
                 self.chains.insert(t.to_owned());
             }
         }
@@ -59,7 +58,7 @@ impl<'a> Scratch<'a> {
     }
 
     fn add_set(&mut self, name: &str, dims: usize) -> bool {
-        if self.sets.contains_key(name) || config::valid_set_name(name).is_err() {
+        if self.sets.contains_key(name) || crate::netfilter::model::valid_set_name(name).is_err() {
             return false;
         }
         let family = ipset_family(self.table.family);
@@ -100,7 +99,9 @@ impl<'a> Scratch<'a> {
     /// Learns from a refusal what was missing; true when a retry may succeed.
     fn learn(&mut self, message: &str) -> bool {
         if let Some(chain) = missing_chain(message) {
-            if !self.chains.contains(&chain) && config::valid_chain_name(&chain).is_ok() {
+            if !self.chains.contains(&chain)
+                && crate::netfilter::model::valid_chain_name(&chain).is_ok()
+            {
                 self.chains.insert(chain);
                 return true;
             }

@@ -72,21 +72,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
-/// A process name fit for logs and label values: printable, at most 15 bytes (the kernel's
-/// TASK_COMM_LEN - 1), never empty.
-pub fn clean_name(comm: &str) -> String {
-    let name: String = comm
-        .trim_end_matches('\n')
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .take(15)
-        .collect();
-    if name.is_empty() {
-        super::UNKNOWN.to_string()
-    } else {
-        name
-    }
-}
+pub use crate::model::text::clean_name;
 
 /// The name of process `pid` (its `comm`), cleaned.
 pub fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {

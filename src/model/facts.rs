@@ -1,6 +1,6 @@
 //! What the cluster tells about this node: the facts config templates refer to. Plain data, no
-//! I/O: filled from the watchers' caches (or read back from the state file) and handed to the pure
-//! expansion ([`crate::desired::expand`]).
+//! I/O: filled by Kubernetes mode ([`crate::cluster`]) from the watchers' caches (or read back
+//! from the state file) and handed to the pure expansion ([`crate::desired::expand`]).
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
