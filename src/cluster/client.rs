@@ -1,8 +1,17 @@
 //! The Kubernetes client: credentials from a kubeconfig or the pod's service account, an
 //! optional explicit API server endpoint, and the agent's name on every request.
 
-use super::run::ClusterError;
 use std::path::Path;
+use thiserror::Error;
+
+/// Why Kubernetes mode could not start.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error("cannot start the Kubernetes thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("Kubernetes client configuration: {0}")]
+    Client(String),
+}
 
 /// `User-Agent` of every request: audit logs and API server metrics attribute the traffic.
 pub const USER_AGENT: &str = concat!("netwarden/", env!("CARGO_PKG_VERSION"));

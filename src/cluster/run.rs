@@ -9,6 +9,7 @@
 //! is reachable (with a DaemonSet on `hostNetwork`, that is the node's namespace anyway). The
 //! reconcile loop runs on the main thread inside the namespace; the two talk over channels.
 
+pub use super::client::ClusterError;
 use super::facts::{ClusterFacts, ServiceFacts};
 use super::needs::{self, Needs, ServiceNeeds};
 use super::report::{self, Reporter};
@@ -23,7 +24,6 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use thiserror::Error;
 use tokio::sync::{mpsc, watch as latest, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
@@ -67,14 +67,6 @@ impl Options {
             namespace, self.configmap_name, self.configmap_key
         )
     }
-}
-
-#[derive(Debug, Error)]
-pub enum ClusterError {
-    #[error("cannot start the Kubernetes thread: {0}")]
-    Thread(#[source] std::io::Error),
-    #[error("Kubernetes client configuration: {0}")]
-    Client(String),
 }
 
 /// A config with its templates expanded: what to enforce from now on.

@@ -1,7 +1,8 @@
 //! Checks every value of a shape-valid document and builds the model values. All problems are
 //! collected; a [`Config`] is returned only when there are none.
 
-use super::raw::{RawAddress, RawDocument, RawRoute, RawRule, RawSpec, Scalar};
+use super::raw::{RawAddress, RawDocument, RawIpSet, RawRoute, RawRule, RawSpec, Scalar};
+use super::template::Templated;
 use super::values::{self, Selector};
 use super::{Config, FieldError, API_VERSION, DEFAULT_RESYNC, KIND};
 use crate::model::{
@@ -16,6 +17,25 @@ use std::net::IpAddr;
 const MTU_MIN_V4: u32 = 68;
 const MTU_MIN_V6: u32 = 1280;
 const MTU_MAX: u32 = 65535;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+/// An object with templates, kept as written until it is expanded (`super::expand`).
+pub(super) struct TemplatedObject {
+    pub(super) at: Location,
+    pub(super) path: String,
+    pub(super) name: String,
+    pub(super) kind: TemplatedKind,
+    /// Field (`from`, `members[2]`) and its template.
+    pub(super) fields: Vec<(String, Templated)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum TemplatedKind {
+    Rule(RawRule),
+    Route(RawRoute),
+    Address(RawAddress),
+    IpSet(RawIpSet),
+}
 
 /// Checks a document; `kubernetes`: templates are allowed (Kubernetes mode), else each is an error.
 pub(super) fn build_with(
@@ -44,7 +64,7 @@ pub(super) struct Builder<'f> {
     /// Templates are allowed (Kubernetes mode).
     pub(super) kubernetes: bool,
     /// Objects with templates, set aside for expansion against cluster facts.
-    pub(super) templated: Vec<super::expand::TemplatedObject>,
+    pub(super) templated: Vec<TemplatedObject>,
 }
 
 /// Where an object sits: its position (for problems with the object or a missing field) and its

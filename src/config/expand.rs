@@ -7,14 +7,14 @@
 //! (no podCIDR, no such annotation, no matching Service) leaves the object *pending*: reported,
 //! not an error, and expanded as soon as the fact appears.
 
-use super::build::{Builder, Object};
+use super::build::{Builder, Object, TemplatedKind as Kind, TemplatedObject};
 use super::raw::{RawAddress, RawIpSet, RawRoute, RawRule, Scalar};
 use super::template::{self, Templated};
 use super::values;
 use crate::model::facts::ClusterFacts;
 use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, Family, Mode};
 use crate::netfilter::model::{DesiredSet, Member};
-use serde_saphyr::{Location, Spanned};
+use serde_saphyr::Spanned;
 
 /// Upper bound on the objects one templated object may expand to (the product of its fields'
 /// values): a mistaken template must not make the agent build millions of rules.
@@ -29,24 +29,6 @@ pub struct Templates {
     /// `spec.mode`, for objects without their own.
     pub(super) mode: Mode,
     pub(super) objects: Vec<TemplatedObject>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct TemplatedObject {
-    at: Location,
-    path: String,
-    name: String,
-    kind: Kind,
-    /// Field (`from`, `members[2]`) and its template.
-    fields: Vec<(String, Templated)>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Kind {
-    Rule(RawRule),
-    Route(RawRoute),
-    Address(RawAddress),
-    IpSet(RawIpSet),
 }
 
 /// An object that could not be expanded (yet), and why.

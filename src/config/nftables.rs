@@ -6,7 +6,7 @@
 
 use super::build::{Builder, Object};
 use super::netfilter::content;
-use super::raw::Scalar;
+use super::raw::{RawNftChain, RawNftSet, RawNftTable, Scalar};
 use super::values;
 use crate::model::Mode;
 use crate::nftables::model::{
@@ -14,62 +14,8 @@ use crate::nftables::model::{
     NftConfig, RuleText, TableKey,
 };
 use crate::nftables::{schema, text};
-use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::collections::{HashMap, HashSet};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawNftTable {
-    pub name: Scalar,
-    pub family: Scalar,
-    pub table: Scalar,
-    pub comment: Scalar,
-    pub dormant: Scalar,
-    pub mode: Scalar,
-    pub chains: Option<Vec<Spanned<RawNftChain>>>,
-    pub sets: Option<Vec<Spanned<RawNftSet>>>,
-    pub maps: Option<Vec<Spanned<RawNftSet>>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawNftChain {
-    pub name: Scalar,
-    #[serde(rename = "type")]
-    pub kind: Scalar,
-    pub hook: Scalar,
-    pub priority: Scalar,
-    pub policy: Scalar,
-    pub device: Scalar,
-    pub comment: Scalar,
-    pub content: Scalar,
-    pub rules: Option<Vec<Scalar>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawNftSet {
-    pub name: Scalar,
-    #[serde(rename = "type")]
-    pub kind: Scalar,
-    #[serde(rename = "typeof")]
-    pub type_of: Scalar,
-    pub flags: Option<Vec<Scalar>>,
-    pub timeout: Scalar,
-    pub comment: Scalar,
-    pub elements: Option<Vec<Scalar>>,
-    pub membership: Scalar,
-    pub forbidden: Option<Vec<Scalar>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawNftSelector {
-    pub family: Scalar,
-    /// Table names, exact or a prefix ending in `*` (as for chain and set selectors).
-    pub names: Option<Vec<Scalar>>,
-}
 
 fn family(s: &str) -> Result<NfFamily, String> {
     NfFamily::parse(s)

@@ -47,7 +47,7 @@ pub(super) struct RawSpec {
     pub chains: Option<Vec<Spanned<RawChain>>>,
     pub ipsets: Option<Vec<Spanned<RawIpSet>>>,
     pub adopt: Option<Vec<Spanned<RawAdopt>>>,
-    pub nftables: Option<Vec<Spanned<super::nftables::RawNftTable>>>,
+    pub nftables: Option<Vec<Spanned<RawNftTable>>>,
     pub neighbours: Option<Vec<Spanned<RawNeighbour>>>,
     pub links: Option<Vec<Spanned<RawLink>>>,
     pub sysctls: Option<Vec<Spanned<RawSysctl>>>,
@@ -95,7 +95,7 @@ pub(super) struct RawAdopt {
     pub routes: Option<Spanned<RawRouteSelector>>,
     pub chains: Option<Spanned<RawChainSelector>>,
     pub ipsets: Option<Spanned<RawSetSelector>>,
-    pub nftables: Option<Spanned<super::nftables::RawNftSelector>>,
+    pub nftables: Option<Spanned<RawNftSelector>>,
     pub neighbours: Option<Spanned<RawNeighbourSelector>>,
     pub owners: Option<Vec<Scalar>>,
     #[serde(rename = "unknownActor")]
@@ -455,4 +455,59 @@ fn path_at(text: &str, at: (u64, u64), about_key: bool) -> Option<String> {
         hits.iter().min_by_key(|h| h.depth)
     };
     best.or_else(|| hits.first()).map(|h| h.path.clone())
+}
+
+// `spec.nftables` (checked in `super::nftables`).
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNftTable {
+    pub name: Scalar,
+    pub family: Scalar,
+    pub table: Scalar,
+    pub comment: Scalar,
+    pub dormant: Scalar,
+    pub mode: Scalar,
+    pub chains: Option<Vec<Spanned<RawNftChain>>>,
+    pub sets: Option<Vec<Spanned<RawNftSet>>>,
+    pub maps: Option<Vec<Spanned<RawNftSet>>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNftChain {
+    pub name: Scalar,
+    #[serde(rename = "type")]
+    pub kind: Scalar,
+    pub hook: Scalar,
+    pub priority: Scalar,
+    pub policy: Scalar,
+    pub device: Scalar,
+    pub comment: Scalar,
+    pub content: Scalar,
+    pub rules: Option<Vec<Scalar>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNftSet {
+    pub name: Scalar,
+    #[serde(rename = "type")]
+    pub kind: Scalar,
+    #[serde(rename = "typeof")]
+    pub type_of: Scalar,
+    pub flags: Option<Vec<Scalar>>,
+    pub timeout: Scalar,
+    pub comment: Scalar,
+    pub elements: Option<Vec<Scalar>>,
+    pub membership: Scalar,
+    pub forbidden: Option<Vec<Scalar>>,
+}
+
+#[derive(Debug, DeriveDeserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNftSelector {
+    pub family: Scalar,
+    /// Table names, exact or a prefix ending in `*` (as for chain and set selectors).
+    pub names: Option<Vec<Scalar>>,
 }

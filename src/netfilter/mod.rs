@@ -5,9 +5,9 @@
 //! (`iptables-save` / `ipset save` output), [`plan`] (the diff), [`blind`] (repairs from
 //! notifications alone), [`render`] (restore input), [`adopted`] (judging adopted chains and
 //! sets). Effectful: [`tools`] (the iptables and ipset binaries behind a trait, with arguments as
-//! vectors and data on stdin), [`scratch`] and [`canon`] (rule specs printed by iptables in a
-//! scratch namespace), [`events`] (the nf_tables netlink socket) and [`guard`] (the task that
-//! keeps them in place).
+//! vectors and data on stdin; `tools/scratch.rs`: a scratch namespace per run), [`canon`] (rule
+//! specs printed by iptables in a scratch namespace), [`events`] (the nf_tables netlink socket)
+//! and [`guard`] (the task that keeps them in place).
 
 pub mod adopted;
 pub mod blind;
@@ -21,5 +21,4 @@ pub mod parse;
 pub mod plan;
 pub mod render;
 pub mod rulespec;
-pub mod scratch;
 pub mod tools;

@@ -6,6 +6,8 @@
 //! The guard reaches the tools only through [`Tools`], so that its decisions can be tested with
 //! a fake ([`super::fake`]); [`Binaries`] is the real thing.
 
+mod scratch;
+
 use super::model::TableId;
 use super::parse::{self, ParseError, SavedSet, SavedTable};
 use crate::model::Family;
@@ -292,7 +294,7 @@ impl Tools for Binaries {
     }
 
     async fn scratch(&self, backend: Backend, job: &ScratchRun) -> Result<String, ScratchError> {
-        super::scratch::run(backend, job).await
+        scratch::run(backend, job).await
     }
 }
 

@@ -12,40 +12,11 @@
 //! `timeout` sets are never protected (they come and go without notice).
 
 use super::listing::ObservedTable;
-use super::model::{
-    BaseChain, Content, DesiredChain, DesiredSet, DesiredTable, NfFamily, TableKey,
-};
-use crate::adopt::{Actor, AdoptSelector, Verdict, ADOPTED_PREFIX};
+use super::model::{BaseChain, Content, DesiredChain, DesiredSet, DesiredTable, TableKey};
+use crate::adopt::{Actor, Verdict, ADOPTED_PREFIX};
 use crate::model::Mode;
 
-/// One `spec.adopt` entry's `nftables` part, with the entry's name, owners and policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Selector {
-    pub adopt: AdoptSelector,
-    /// `None`: every family.
-    pub family: Option<NfFamily>,
-    /// Table names, exact or a prefix ending in `*`.
-    pub tables: Vec<String>,
-}
-
-impl Selector {
-    /// Tables iptables-nft and its siblings manage are never adopted.
-    pub fn matches(&self, key: &TableKey) -> bool {
-        !key.family.is_xtables_table(&key.name)
-            && self.family.is_none_or(|f| f == key.family)
-            && self
-                .tables
-                .iter()
-                .any(|p| crate::adopt::device_matches(p, &key.name))
-    }
-
-    pub fn object_name(&self, key: &TableKey) -> String {
-        format!(
-            "{ADOPTED_PREFIX}{}/{}/{}",
-            self.adopt.name, key.family, key.name
-        )
-    }
-}
+pub use super::model::Selector;
 
 /// The first selector that adopts a table.
 pub fn select<'a>(selectors: &'a [Selector], key: &TableKey) -> Option<&'a Selector> {
@@ -151,8 +122,9 @@ pub fn mode(selectors: &[Selector], name: &str) -> Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adopt::UnknownActor;
+    use crate::adopt::{AdoptSelector, UnknownActor};
     use crate::nftables::listing;
+    use crate::nftables::model::NfFamily;
 
     fn sel() -> Selector {
         Selector {

@@ -228,5 +228,37 @@ impl DesiredTable {
 pub struct NftConfig {
     pub tables: Vec<DesiredTable>,
     /// Selectors of tables protected as they are seen.
-    pub adopt: Vec<super::adopt::Selector>,
+    pub adopt: Vec<Selector>,
+}
+
+/// One `spec.adopt` entry's `nftables` part, with the entry's name, owners and policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    pub adopt: crate::adopt::AdoptSelector,
+    /// `None`: every family.
+    pub family: Option<NfFamily>,
+    /// Table names, exact or a prefix ending in `*`.
+    pub tables: Vec<String>,
+}
+
+impl Selector {
+    /// Tables iptables-nft and its siblings manage are never adopted.
+    pub fn matches(&self, key: &TableKey) -> bool {
+        !key.family.is_xtables_table(&key.name)
+            && self.family.is_none_or(|f| f == key.family)
+            && self
+                .tables
+                .iter()
+                .any(|p| crate::adopt::device_matches(p, &key.name))
+    }
+
+    pub fn object_name(&self, key: &TableKey) -> String {
+        format!(
+            "{}{}/{}/{}",
+            crate::adopt::ADOPTED_PREFIX,
+            self.adopt.name,
+            key.family,
+            key.name
+        )
+    }
 }

@@ -1,6 +1,6 @@
 //! A scratch network namespace for one run of the iptables tools: the rule specs of the config
 //! are restored there and read back, so that they can be compared in the form the kernel will
-//! hold (see [`super::canon`]). The namespace belongs to the run's processes only and goes away
+//! hold (see [`crate::netfilter::canon`]). The namespace belongs to the run's processes only and goes away
 //! with them: nothing is seen in the node's namespaces, and nothing is mounted or named.
 //!
 //! The namespace comes from util-linux `unshare`. First with a user namespace of its own
@@ -10,7 +10,7 @@
 //! `NETWARDEN_SCRATCH_NETNS=off` turns the scratch namespace off (rule specs are then compared as
 //! written).
 
-use super::tools::{self, Backend, ScratchError, ScratchRun, ToolError};
+use super::{self as tools, Backend, ScratchError, ScratchRun, ToolError};
 
 /// Creates the sets (name, type, family triples), applies the restore input from stdin, prints
 /// the table. The data never becomes script text: it arrives as arguments and on stdin.
