@@ -21,7 +21,7 @@
 //! runs and its notification socket live there too. Run as root: `cargo bench --bench chains`.
 
 use netwarden::netfilter::events::{NftEvent, NftEvents};
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -23,7 +23,7 @@ mod fake_apiserver;
 use fake_apiserver::FakeApiServer;
 use netwarden::cluster::slim::{service_facts, Interner, Service};
 use netwarden::model::facts::ClusterFacts;
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::sandbox::Sandbox;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

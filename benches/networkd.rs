@@ -7,7 +7,7 @@
 //! wait, start again): it deletes every foreign rule and route, then removes and re-adds its own
 //! address (the kernel drops every IPv4 route on the link with it; the gateway routes cannot be
 //! put back until the address is: ENETUNREACH), and the agent puts everything back. An
-//! independent rtnetlink listener (`netwarden::listen::Listener`, created inside the namespace)
+//! independent rtnetlink listener (`netwarden::testing::listen::Listener`, created inside the namespace)
 //! times, per round:
 //!
 //! - **flush → all back**: from the first protected object lost to the last one seen re-added;
@@ -35,7 +35,7 @@ mod networkd;
 mod outage;
 
 use anyhow::{bail, ensure, Context, Result};
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::sandbox::Sandbox;
 use networkd::Networkd;
 use outage::{listener_in, ms, Outage};
 use std::fmt::Write as _;

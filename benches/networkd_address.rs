@@ -27,8 +27,8 @@ mod networkd;
 mod outage;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use netwarden::listen::{Listener, Seen};
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::listen::{Listener, Seen};
+use netwarden::testing::sandbox::Sandbox;
 use networkd::Networkd;
 use outage::{listener_in, ms};
 use rtnetlink::packet_core::{

@@ -21,7 +21,7 @@
 use netwarden::nftables::events::{Event, Events};
 use netwarden::nftables::plan::{self, Aliases};
 use netwarden::nftables::render;
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

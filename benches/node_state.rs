@@ -13,7 +13,7 @@
 //! Results: docs/benchmarks.md.
 
 use anyhow::{bail, Context, Result};
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::sandbox::Sandbox;
 use rtnetlink::packet_core::{Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
 use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};

@@ -20,7 +20,7 @@
 //! NETWARDEN_BENCH_PROBE_GAP_MS (250). Results: docs/benchmarks.md.
 
 use anyhow::{ensure, Context, Result};
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

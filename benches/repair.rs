@@ -1,7 +1,7 @@
 //! `cargo bench --bench repair`: how fast the real agent puts deleted state back, timed from
-//! outside the agent by an independent rtnetlink listener (`netwarden::listen::Listener`).
+//! outside the agent by an independent rtnetlink listener (`netwarden::testing::listen::Listener`).
 //!
-//! Everything happens inside a throw-away network namespace (`netwarden::sandbox::Sandbox`,
+//! Everything happens inside a throw-away network namespace (`netwarden::testing::sandbox::Sandbox`,
 //! removed on drop, also on panic); the host's own namespace is never touched. The agent runs as
 //! a separate process (`netwarden run --config F --netns NS`) and is killed by pid on drop.
 //!
@@ -22,10 +22,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use netwarden::apply::encode;
 use netwarden::config;
 use netwarden::desired::DesiredState;
-use netwarden::listen::{Listener, Seen};
 use netwarden::model::{RouteKey, RuleKey};
 use netwarden::observe::decode;
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::listen::{Listener, Seen};
+use netwarden::testing::sandbox::Sandbox;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use rtnetlink::packet_core::{Emitable, NetlinkBuffer, NetlinkMessage, NetlinkPayload, Parseable};

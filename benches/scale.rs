@@ -10,10 +10,10 @@
 
 use anyhow::{anyhow, ensure, Context, Result};
 use netwarden::apply::encode;
-use netwarden::listen::{Listener, Seen};
 use netwarden::model::{Family, RuleAction, RuleKey};
 use netwarden::observe::decode;
-use netwarden::sandbox::Sandbox;
+use netwarden::testing::listen::{Listener, Seen};
+use netwarden::testing::sandbox::Sandbox;
 use rtnetlink::packet_core::{Emitable, NetlinkBuffer, NetlinkMessage, NetlinkPayload, Parseable};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -254,7 +254,7 @@ fn main() -> Result<()> {
     let listener = if std::env::var_os("NETWARDEN_SCALE_LISTEN_ALL").is_some() {
         Listener::start()?
     } else {
-        Listener::start_groups(netwarden::listen::IPV4_RULES)?
+        Listener::start_groups(netwarden::testing::listen::IPV4_RULES)?
     };
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;

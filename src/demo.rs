@@ -5,11 +5,11 @@
 use crate::app::{Engines, Inputs};
 use crate::config;
 use crate::desired::DesiredState;
-use crate::listen::Listener;
 use crate::model::ObjectId;
 use crate::observe::decode;
 use crate::reconcile::{Agent, Options};
-use crate::sandbox::{Sandbox, SandboxError};
+use crate::testing::listen::Listener;
+use crate::testing::sandbox::{Sandbox, SandboxError};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
 use std::collections::HashMap;
 use std::io::Write;

@@ -16,7 +16,6 @@ pub mod desired;
 pub mod files;
 pub mod handoff;
 pub mod lifecycle;
-pub mod listen;
 pub mod model;
 pub mod netfilter;
 pub mod netns;
@@ -27,5 +26,6 @@ pub mod observe;
 pub mod plan;
 pub mod pod_liveness;
 pub mod reconcile;
-pub mod sandbox;
 pub mod snapshot;
+#[doc(hidden)]
+pub mod testing;

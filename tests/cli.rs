@@ -103,7 +103,7 @@ fn demo_restores_everything_and_cleans_up() {
         .split_whitespace()
         .find(|w| w.starts_with("netwarden-demo-"))
         .expect("sandbox name in the report");
-    let left = netwarden::sandbox::run_ip(&["netns", "list"]).unwrap();
+    let left = netwarden::testing::sandbox::run_ip(&["netns", "list"]).unwrap();
     assert!(!left.contains(name), "sandbox {name} left behind");
 }
 

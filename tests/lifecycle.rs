@@ -287,7 +287,7 @@ fn a_removed_namespace_is_reported_and_the_agent_exits_3() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), RULE);
     let mut run = Run::ready(&ns, &cfg, &[]);
-    netwarden::sandbox::run_ip(&["netns", "del", &ns.name]).unwrap();
+    netwarden::testing::sandbox::run_ip(&["netns", "del", &ns.name]).unwrap();
     let line = run.wait_log("network namespace removed");
     assert!(line.contains(&ns.name), "{line}");
     let status = run.exit();
@@ -300,8 +300,8 @@ fn a_namespace_replaced_under_the_same_name_is_not_the_one_protected() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), RULE);
     let mut run = Run::ready(&ns, &cfg, &[]);
-    netwarden::sandbox::run_ip(&["netns", "del", &ns.name]).unwrap();
-    netwarden::sandbox::run_ip(&["netns", "add", &ns.name]).unwrap();
+    netwarden::testing::sandbox::run_ip(&["netns", "del", &ns.name]).unwrap();
+    netwarden::testing::sandbox::run_ip(&["netns", "add", &ns.name]).unwrap();
     run.wait_log("network namespace removed");
     assert_eq!(run.exit().code(), Some(3), "{}", run.text());
     // The new namespace of that name was not touched.

@@ -62,7 +62,7 @@ fn networkd_for(ns: &Sandbox, links: &[(&str, &str)]) -> Networkd {
 fn measure(
     what: &str,
     ns: &Sandbox,
-    listener: &netwarden::listen::Listener,
+    listener: &netwarden::testing::listen::Listener,
     outage: &mut Outage,
     present: impl Fn(&Sandbox) -> bool,
 ) {

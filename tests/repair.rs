@@ -48,7 +48,7 @@ fn basic_spec() -> &'static str {
 }
 
 /// Deletes the protected IPv6 rule of `basic_spec` (RULE6) with iproute2.
-fn delete_rule6(ns: &netwarden::sandbox::Sandbox) {
+fn delete_rule6(ns: &netwarden::testing::sandbox::Sandbox) {
     ns.ip(&[
         "-6",
         "rule",
@@ -482,7 +482,7 @@ fn v4_rule(priority: u32, from: &str) -> RuleKey {
 /// applier encodes them: each `(op, how a rule is added)` in turn, `pause(i)` after the i-th;
 /// returns the errno of each (0: done).
 fn rule_requests(
-    ns: &netwarden::sandbox::Sandbox,
+    ns: &netwarden::testing::sandbox::Sandbox,
     requests: Vec<(Op, RuleAdd)>,
     pause: impl Fn(usize) -> Duration + Send + 'static,
 ) -> Vec<i32> {
@@ -539,7 +539,7 @@ fn delete(key: RuleKey) -> Op {
 
 /// The protected IPv4 rule of `basic_spec` once more, without NLM_F_EXCL (iproute2 always sets
 /// it): the kernel then holds it twice.
-fn add_rule_again(ns: &netwarden::sandbox::Sandbox) {
+fn add_rule_again(ns: &netwarden::testing::sandbox::Sandbox) {
     let key = v4_rule(100, "10.244.1.0/24");
     let errnos = rule_requests(ns, vec![(add(key), RuleAdd::Unchecked)], |_| Duration::ZERO);
     assert_eq!(errnos, [0], "rule refused");

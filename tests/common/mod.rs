@@ -6,7 +6,7 @@ pub mod deployed;
 pub mod offender;
 
 pub use deployed::Privileges;
-pub use netwarden::sandbox::Sandbox;
+pub use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

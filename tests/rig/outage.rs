@@ -1,5 +1,5 @@
 //! How long protected objects were missing, as an independent rtnetlink listener
-//! ([`netwarden::listen::Listener`], arrival timestamps) sees it from inside the namespace.
+//! ([`netwarden::testing::listen::Listener`], arrival timestamps) sees it from inside the namespace.
 //!
 //! A rule or route is missing from its RTM_DEL* notification to its next RTM_NEW*. The kernel
 //! also drops IPv4 routes *without* a notification: when the last IPv4 address of their link
@@ -15,9 +15,9 @@
 
 use anyhow::{anyhow, Context, Result};
 use netwarden::desired::DesiredState;
-use netwarden::listen::{Listener, Seen};
 use netwarden::model::{Family, RouteKey, RuleKey};
 use netwarden::observe::decode;
+use netwarden::testing::listen::{Listener, Seen};
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

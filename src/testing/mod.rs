@@ -1,0 +1,7 @@
+//! Test support, not the production API: the rigs the integration tests, the benchmarks and
+//! `netwarden demo` drive the agent with. [`sandbox`]: a throw-away network namespace driven
+//! with the real iproute2; [`listen`]: an independent rtnetlink listener that sees the kernel's
+//! notifications the way any other process would.
+
+pub mod listen;
+pub mod sandbox;
