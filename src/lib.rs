@@ -1,8 +1,9 @@
 //! netwarden: keeps a Linux node's ip rules, routes and addresses the way they are meant to be.
 //!
-//! Layers, from pure to effectful: [`model`] (types and identities), [`config`] (the YAML schema and
-//! its validation), [`desired`] (what must exist), [`plan`] (the diff), [`observe`] (the kernel
-//! mirror fed by rtnetlink), [`apply`] (pipelined rtnetlink requests), [`reconcile`] (the loop).
+//! Layers, from pure to effectful, are listed in README.md (Layout) and checked by
+//! `tests/layers.rs`: [`model`], [`config`], [`desired`], [`plan`] are pure; [`observe`],
+//! [`apply`], the engines ([`reconcile`], [`netfilter`], [`nftables`]), [`obs`], [`cluster`] and
+//! [`app`] (the wiring) are effectful; `testing` is test support, not the production API.
 
 pub mod adopt;
 pub mod adopted_state;
