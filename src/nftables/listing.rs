@@ -101,143 +101,203 @@ enum Block {
 
 /// Parses one table's listing.
 pub fn parse(listing: &str, key: &TableKey) -> Result<ObservedTable, ListingError> {
-    let mut table: Option<ObservedTable> = None;
-    let mut stack: Vec<Block> = Vec::new();
-    // An `elements = { …` list still open, with its text so far.
-    let mut elements: Option<String> = None;
-    let header = format!("table {} {} {{", key.family, key.name);
+    let mut parser = Parser::new(key);
     for (n, raw) in listing.lines().enumerate() {
-        let line_no = n + 1;
-        let err = |message: String| ListingError::Syntax {
-            line: line_no,
-            message,
-        };
-        let line = raw.trim();
-        if let Some(acc) = &mut elements {
-            acc.push(' ');
-            acc.push_str(line);
-            if text::unquoted_balance(acc) == 0 {
-                let list = elements.take().unwrap_or_default();
-                if let Some(Block::Set(s)) = stack.last_mut() {
-                    s.elements = parse_elements(&list, s.map).map_err(err)?;
-                }
-            }
-            continue;
-        }
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (line, handle) = split_handle(line);
-        if stack.is_empty() {
-            if line == header {
-                table = Some(ObservedTable {
-                    key: key.clone(),
-                    handle,
-                    comment: None,
-                    flags: Vec::new(),
-                    chains: Vec::new(),
-                    sets: Vec::new(),
-                });
-                stack.push(Block::Table);
-            } else if line.ends_with('{') {
-                stack.push(Block::Skipped(1));
-            }
-            continue;
-        }
-        if let Some(Block::Skipped(depth)) = stack.last_mut() {
-            *depth += line.matches('{').count();
-            *depth -= line.matches('}').count().min(*depth);
-            if *depth == 0 {
-                stack.pop();
-            }
-            continue;
-        }
-        if line == "}" {
-            match stack.pop() {
-                Some(Block::Chain(c)) => {
-                    if let Some(t) = &mut table {
-                        t.chains.push(c);
-                    }
-                }
-                Some(Block::Set(s)) => {
-                    if let Some(t) = &mut table {
-                        t.sets.push(s);
-                    }
-                }
-                _ => {}
-            }
-            continue;
-        }
-        match stack.last_mut() {
-            Some(Block::Table) => {
-                let Some(t) = &mut table else { continue };
-                if let Some(rest) = line.strip_suffix('{') {
-                    let words: Vec<&str> = rest.split_whitespace().collect();
-                    match words.as_slice() {
-                        ["chain", name] => stack.push(Block::Chain(ObservedChain {
-                            name: (*name).to_owned(),
-                            handle,
-                            ..ObservedChain::default()
-                        })),
-                        [kind @ ("set" | "map"), name] => stack.push(Block::Set(ObservedSet {
-                            name: (*name).to_owned(),
-                            handle,
-                            map: *kind == "map",
-                            ..ObservedSet::default()
-                        })),
-                        _ => stack.push(Block::Skipped(1)),
-                    }
-                } else if let Some(c) = line.strip_prefix("comment ") {
-                    t.comment = quoted(c);
-                } else if let Some(f) = line.strip_prefix("flags ") {
-                    t.flags = f.split(',').map(|s| s.trim().to_owned()).collect();
-                }
-            }
-            Some(Block::Chain(c)) => {
-                if line.starts_with("type ") && line.contains(" hook ") {
-                    c.base = Some(base_chain(key.family, line).map_err(err)?);
-                } else if let Some(cm) = line.strip_prefix("comment ").and_then(quoted) {
-                    c.comment = Some(cm);
-                } else {
-                    let Some(handle) = handle else {
-                        return Err(err(format!("a rule without a handle: `{line}`")));
-                    };
-                    let (body, comment) = text::split_comment(&text::collapse(line));
-                    c.rules.push(ObservedRule {
-                        handle,
-                        text: RuleText { body, comment },
-                    });
-                }
-            }
-            Some(Block::Set(s)) => {
-                if line.starts_with("type ") || line.starts_with("typeof ") {
-                    s.declaration = text::collapse(line);
-                } else if let Some(f) = line.strip_prefix("flags ") {
-                    s.flags = f.split(',').map(|x| x.trim().to_owned()).collect();
-                } else if let Some(t) = line.strip_prefix("timeout ") {
-                    s.timeout = Some(t.trim().to_owned());
-                } else if let Some(cm) = line.strip_prefix("comment ").and_then(quoted) {
-                    s.comment = Some(cm);
-                } else if let Some(list) = line.strip_prefix("elements = ") {
-                    if text::unquoted_balance(list) == 0 {
-                        s.elements = parse_elements(list, s.map).map_err(err)?;
-                    } else {
-                        elements = Some(list.to_owned());
-                    }
-                } else {
-                    s.other.push(text::collapse(line));
-                }
-            }
-            _ => {}
-        }
+        parser
+            .line(raw.trim())
+            .map_err(|message| ListingError::Syntax {
+                line: n + 1,
+                message,
+            })?;
     }
-    if elements.is_some() || !stack.is_empty() {
+    if parser.elements.is_some() || !parser.stack.is_empty() {
         return Err(ListingError::Syntax {
             line: listing.lines().count(),
             message: "the listing ends inside a block".into(),
         });
     }
-    table.ok_or_else(|| ListingError::NoTable(key.clone()))
+    parser
+        .table
+        .ok_or_else(|| ListingError::NoTable(key.clone()))
+}
+
+/// The state of a listing read line by line: the table found so far and the blocks open.
+struct Parser<'k> {
+    key: &'k TableKey,
+    /// `table FAMILY NAME {`: the line that opens the table asked for.
+    header: String,
+    table: Option<ObservedTable>,
+    stack: Vec<Block>,
+    /// An `elements = { …` list still open, with its text so far.
+    elements: Option<String>,
+}
+
+impl<'k> Parser<'k> {
+    fn new(key: &'k TableKey) -> Self {
+        Parser {
+            key,
+            header: format!("table {} {} {{", key.family, key.name),
+            table: None,
+            stack: Vec::new(),
+            elements: None,
+        }
+    }
+
+    /// One trimmed line of the listing.
+    fn line(&mut self, line: &str) -> Result<(), String> {
+        if self.elements.is_some() {
+            return self.continue_elements(line);
+        }
+        if line.is_empty() || line.starts_with('#') {
+            return Ok(());
+        }
+        let (line, handle) = split_handle(line);
+        if self.stack.is_empty() {
+            self.top_level(line, handle);
+            return Ok(());
+        }
+        if let Some(Block::Skipped(depth)) = self.stack.last_mut() {
+            *depth += line.matches('{').count();
+            *depth -= line.matches('}').count().min(*depth);
+            if *depth == 0 {
+                self.stack.pop();
+            }
+            return Ok(());
+        }
+        if line == "}" {
+            self.close_block();
+            return Ok(());
+        }
+        match self.stack.last_mut() {
+            Some(Block::Table) => self.table_line(line, handle),
+            Some(Block::Chain(c)) => chain_line(c, self.key.family, line, handle)?,
+            Some(Block::Set(s)) => {
+                if let Some(open) = set_line(s, line)? {
+                    self.elements = Some(open);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A line of an `elements = { …` list that spans several lines.
+    fn continue_elements(&mut self, line: &str) -> Result<(), String> {
+        let Some(acc) = &mut self.elements else {
+            return Ok(());
+        };
+        acc.push(' ');
+        acc.push_str(line);
+        if text::unquoted_balance(acc) == 0 {
+            let list = self.elements.take().unwrap_or_default();
+            if let Some(Block::Set(s)) = self.stack.last_mut() {
+                s.elements = parse_elements(&list, s.map)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A line outside any block: the table asked for opens, any other block is skipped.
+    fn top_level(&mut self, line: &str, handle: Option<u64>) {
+        if line == self.header {
+            self.table = Some(ObservedTable {
+                key: self.key.clone(),
+                handle,
+                comment: None,
+                flags: Vec::new(),
+                chains: Vec::new(),
+                sets: Vec::new(),
+            });
+            self.stack.push(Block::Table);
+        } else if line.ends_with('{') {
+            self.stack.push(Block::Skipped(1));
+        }
+    }
+
+    /// `}`: a finished chain or set joins the table.
+    fn close_block(&mut self) {
+        let Some(t) = &mut self.table else {
+            self.stack.pop();
+            return;
+        };
+        match self.stack.pop() {
+            Some(Block::Chain(c)) => t.chains.push(c),
+            Some(Block::Set(s)) => t.sets.push(s),
+            _ => {}
+        }
+    }
+
+    /// A line directly inside the table: a chain or set opens, or a table attribute.
+    fn table_line(&mut self, line: &str, handle: Option<u64>) {
+        let Some(t) = &mut self.table else { return };
+        if let Some(rest) = line.strip_suffix('{') {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            self.stack.push(match words.as_slice() {
+                ["chain", name] => Block::Chain(ObservedChain {
+                    name: (*name).to_owned(),
+                    handle,
+                    ..ObservedChain::default()
+                }),
+                [kind @ ("set" | "map"), name] => Block::Set(ObservedSet {
+                    name: (*name).to_owned(),
+                    handle,
+                    map: *kind == "map",
+                    ..ObservedSet::default()
+                }),
+                _ => Block::Skipped(1),
+            });
+        } else if let Some(c) = line.strip_prefix("comment ") {
+            t.comment = quoted(c);
+        } else if let Some(f) = line.strip_prefix("flags ") {
+            t.flags = f.split(',').map(|s| s.trim().to_owned()).collect();
+        }
+    }
+}
+
+/// A line inside a chain: its base-chain declaration, its comment, or a rule (with its handle).
+fn chain_line(
+    c: &mut ObservedChain,
+    family: NfFamily,
+    line: &str,
+    handle: Option<u64>,
+) -> Result<(), String> {
+    if line.starts_with("type ") && line.contains(" hook ") {
+        c.base = Some(base_chain(family, line)?);
+    } else if let Some(cm) = line.strip_prefix("comment ").and_then(quoted) {
+        c.comment = Some(cm);
+    } else {
+        let Some(handle) = handle else {
+            return Err(format!("a rule without a handle: `{line}`"));
+        };
+        let (body, comment) = text::split_comment(&text::collapse(line));
+        c.rules.push(ObservedRule {
+            handle,
+            text: RuleText { body, comment },
+        });
+    }
+    Ok(())
+}
+
+/// A line inside a set. Returns the start of an `elements = { …` list that the next lines
+/// continue, if this line opens one.
+fn set_line(s: &mut ObservedSet, line: &str) -> Result<Option<String>, String> {
+    if line.starts_with("type ") || line.starts_with("typeof ") {
+        s.declaration = text::collapse(line);
+    } else if let Some(f) = line.strip_prefix("flags ") {
+        s.flags = f.split(',').map(|x| x.trim().to_owned()).collect();
+    } else if let Some(t) = line.strip_prefix("timeout ") {
+        s.timeout = Some(t.trim().to_owned());
+    } else if let Some(cm) = line.strip_prefix("comment ").and_then(quoted) {
+        s.comment = Some(cm);
+    } else if let Some(list) = line.strip_prefix("elements = ") {
+        if text::unquoted_balance(list) != 0 {
+            return Ok(Some(list.to_owned()));
+        }
+        s.elements = parse_elements(list, s.map)?;
+    } else {
+        s.other.push(text::collapse(line));
+    }
+    Ok(None)
 }
 
 fn parse_elements(list: &str, map: bool) -> Result<Vec<Element>, String> {
@@ -421,6 +481,27 @@ mod tests {
             )
             .is_err(),
             "rules without handles cannot be repaired by handle"
+        );
+    }
+
+    #[test]
+    fn set_lines_open_a_multi_line_element_list_and_chain_lines_need_handles() {
+        let mut s = ObservedSet::default();
+        assert_eq!(set_line(&mut s, "elements = { 1.1.1.1 }"), Ok(None));
+        assert_eq!(s.elements.len(), 1);
+        assert_eq!(
+            set_line(&mut s, "elements = { 1.1.1.1,"),
+            Ok(Some("{ 1.1.1.1,".to_owned()))
+        );
+        assert_eq!(set_line(&mut s, "policy memory"), Ok(None));
+        assert_eq!(s.other, vec!["policy memory"]);
+
+        let mut c = ObservedChain::default();
+        assert!(chain_line(&mut c, NfFamily::Ip, "accept", None).is_err());
+        chain_line(&mut c, NfFamily::Ip, "accept", Some(4)).unwrap();
+        assert_eq!(
+            (c.rules[0].handle, c.rules[0].text.body.as_str()),
+            (4, "accept")
         );
     }
 }
