@@ -91,6 +91,9 @@ fn quoted(s: &str) -> Option<String> {
     (!inner.contains('"')).then(|| inner.to_owned())
 }
 
+/// What ends a line that opens a block.
+const OPEN: char = '{';
+
 enum Block {
     Table,
     Chain(ObservedChain),
@@ -136,7 +139,7 @@ impl<'k> Parser<'k> {
     fn new(key: &'k TableKey) -> Self {
         Parser {
             key,
-            header: format!("table {} {} {{", key.family, key.name),
+            header: format!("table {} {} {OPEN}", key.family, key.name),
             table: None,
             stack: Vec::new(),
             elements: None,
@@ -209,7 +212,7 @@ impl<'k> Parser<'k> {
                 sets: Vec::new(),
             });
             self.stack.push(Block::Table);
-        } else if line.ends_with('{') {
+        } else if line.ends_with(OPEN) {
             self.stack.push(Block::Skipped(1));
         }
     }
@@ -230,7 +233,7 @@ impl<'k> Parser<'k> {
     /// A line directly inside the table: a chain or set opens, or a table attribute.
     fn table_line(&mut self, line: &str, handle: Option<u64>) {
         let Some(t) = &mut self.table else { return };
-        if let Some(rest) = line.strip_suffix('{') {
+        if let Some(rest) = line.strip_suffix(OPEN) {
             let words: Vec<&str> = rest.split_whitespace().collect();
             self.stack.push(match words.as_slice() {
                 ["chain", name] => Block::Chain(ObservedChain {
