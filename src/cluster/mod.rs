@@ -6,7 +6,8 @@
 //! config needs watched), `slim` (the fields read from each object), `listing` (a list response read as it arrives), `retry` (when to ask
 //! again), `events` (aggregation of Events), `condition` (the Node condition). Effectful:
 //! `client`, `cache`, `health`, `watch` (list and watch into caches), `report` (Events and the condition),
-//! `statefile`, `run` (the thread that ties them together).
+//! `statefile`, `optional` (the watches a config may or may not need), `run` (the thread that
+//! ties them together).
 
 pub mod cache;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod events;
 pub mod health;
 pub mod listing;
 pub mod needs;
+mod optional;
 pub mod report;
 pub mod retry;
 pub mod run;

@@ -10,8 +10,9 @@
 //! reconcile loop runs on the main thread inside the namespace; the two talk over channels.
 
 pub use super::client::ClusterError;
-use super::facts::{ClusterFacts, ServiceFacts};
-use super::needs::{self, Needs, ServiceNeeds};
+use super::facts::ClusterFacts;
+use super::needs::{self, Needs};
+use super::optional::{Optional, Stamp};
 use super::report::{self, Reporter};
 use super::slim::{self, NodeItem};
 use super::statefile::{self, Saved, StateFileError};
@@ -20,19 +21,14 @@ use crate::config::{self, Config};
 use crate::desired::{self, Expansion};
 use crate::obs::{Notice, Telemetry};
 use crate::pod_liveness::PodView;
-use std::net::IpAddr;
+use kube::Client;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch as latest, Notify};
-use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-/// Label of the EndpointSlices of `default/kubernetes` (the API server's endpoints).
-const APISERVER_SLICES: &str = "kubernetes.io/service-name=kubernetes";
-/// The name the API server gives its own EndpointSlice. Asked for as a field selector too, so
-/// that RBAC can grant that one object by name (`resourceNames: [kubernetes]`).
-const APISERVER_SLICE_NAME: &str = "kubernetes";
 /// The state file is written at most this often, and at most a tenth of the time (a busy
 /// cluster changes Services all the time, and with every Service a template selects the file
 /// can be megabytes; it is for restarts, a few seconds behind is fine).
@@ -127,10 +123,10 @@ struct Channels {
 }
 
 /// A config: its text, parsed, and what it needs from the cluster.
-struct Loaded {
-    text: String,
-    config: Arc<Config>,
-    needs: Needs,
+pub(super) struct Loaded {
+    pub(super) text: String,
+    pub(super) config: Arc<Config>,
+    pub(super) needs: Needs,
 }
 
 impl Loaded {
@@ -218,19 +214,10 @@ async fn run(
     // What was enforced before a restart, until the API server answers.
     let restored = from_state_file(&opts, &telemetry, &ch.tx).await;
     let tell_start = restored.as_ref().is_some_and(|(_, same)| *same);
-    let mut current: Option<Loaded> = restored.map(|(l, _)| l);
-    let client =
-        match super::client::client(opts.kubeconfig.as_deref(), opts.apiserver.as_deref()).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ch.tx.send(Message::Fatal(e)).await;
-                return;
-            }
-        };
-    let namespace = opts
-        .configmap_namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let current: Option<Loaded> = restored.map(|(l, _)| l);
+    let Some((client, namespace)) = connect(&opts, &ch.tx).await else {
+        return;
+    };
     let source = opts.source(&namespace);
     info!(source = %source, "watching the config");
     let notify = Arc::new(Notify::new());
@@ -241,6 +228,84 @@ async fn run(
         notify: notify.clone(),
         backoff_scale: opts.backoff_scale,
     };
+    let (nodes, maps) = watch_node_and_configmap(&opts, &namespace, &ctx);
+    let reporter = Reporter {
+        client,
+        node: opts.node_name.clone(),
+        nodes: nodes.clone(),
+        telemetry: telemetry.clone(),
+        health,
+        window: opts.event_window,
+        tell_start,
+        condition_after: opts.condition_after,
+        backoff_scale: opts.backoff_scale,
+    };
+    tokio::spawn(report::run(reporter, notices_rx));
+    let mut optional = Optional::new(ctx, opts.clone(), ch.pods.clone());
+    if let Some(c) = &current {
+        optional.follow(&c.needs);
+    }
+    let mut follower = Follower {
+        seen: current.as_ref().map(|c| c.text.clone()),
+        current,
+        candidate: None,
+        announced: false,
+        missing_said: false,
+        last: None,
+        last_pending: Vec::new(),
+        save_due: None,
+        next_save: None,
+        opts,
+        source,
+        telemetry,
+        ch,
+        nodes,
+        maps,
+        optional,
+    };
+    loop {
+        let save_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            follower
+                .save_due
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+        ));
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = save_timer, if follower.save_due.is_some() => {
+                follower.save_when_due();
+                continue;
+            }
+        }
+        if follower.wake().await.is_break() {
+            return;
+        }
+    }
+}
+
+/// The API client, and the ConfigMap's namespace; `None` (told as fatal) if the client cannot
+/// be configured.
+async fn connect(opts: &Options, tx: &mpsc::Sender<Message>) -> Option<(Client, String)> {
+    let client =
+        match super::client::client(opts.kubeconfig.as_deref(), opts.apiserver.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.send(Message::Fatal(e)).await;
+                return None;
+            }
+        };
+    let namespace = opts
+        .configmap_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    Some((client, namespace))
+}
+
+/// The Node (for its facts and condition) and the ConfigMap (for the config's text).
+fn watch_node_and_configmap(
+    opts: &Options,
+    namespace: &str,
+    ctx: &Context,
+) -> (Arc<Cache<NodeItem>>, Arc<Cache<Option<String>>>) {
     let by_name = |name: &str| Some(format!("metadata.name={name}"));
     let (nodes, _) = watch::spawn(
         Target {
@@ -263,118 +328,52 @@ async fn run(
         ctx.clone(),
         move |cm: slim::ConfigMap| Some(cm.data.and_then(|mut d| d.remove(&key))),
     );
-    tokio::spawn(report::run(
-        Reporter {
-            client: client.clone(),
-            node: opts.node_name.clone(),
-            nodes: nodes.clone(),
-            telemetry: telemetry.clone(),
-            health: health.clone(),
-            window: opts.event_window,
-            tell_start,
-            condition_after: opts.condition_after,
-            backoff_scale: opts.backoff_scale,
-        },
-        notices_rx,
-    ));
-    let mut optional = Optional {
-        ctx,
-        opts: opts.clone(),
-        pods_tx: ch.pods.clone(),
-        services: None,
-        slices: None,
-        pods: None,
-        epoch: 0,
-    };
-    if let Some(c) = &current {
-        optional.follow(&c.needs);
-    }
+    (nodes, maps)
+}
 
-    let mut announced = false;
-    let mut missing_said = false;
-    // The last ConfigMap text looked at (good or refused): a text is judged once.
-    let mut seen: Option<String> = current.as_ref().map(|c| c.text.clone());
-    // A new config waiting for the watches it needs to list.
-    let mut candidate: Option<Loaded> = None;
-    let mut last: Option<Stamp> = None;
-    let mut last_pending: Vec<config::Pending> = Vec::new();
-    let mut save_due: Option<Instant> = None;
-    // No write before this (after the last one).
-    let mut next_save: Option<Instant> = None;
-    loop {
-        let save_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
-            save_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
-        ));
-        tokio::select! {
-            _ = notify.notified() => {}
-            _ = save_timer, if save_due.is_some() => {
-                save_due = None;
-                if let Some(c) = &current {
-                    if optional.ready_for(&c.needs) {
-                        next_save = save(&opts, &source, c, &optional.facts(&c.needs, &nodes));
-                    }
-                }
-                continue;
-            }
+/// The config loop between wake-ups: the config in force, the one waiting to take over, and
+/// what was last sent and saved.
+struct Follower {
+    opts: Options,
+    source: String,
+    telemetry: Arc<Telemetry>,
+    ch: Channels,
+    nodes: Arc<Cache<NodeItem>>,
+    maps: Arc<Cache<Option<String>>>,
+    optional: Optional,
+    current: Option<Loaded>,
+    /// A new config waiting for the watches it needs to list.
+    candidate: Option<Loaded>,
+    /// The last ConfigMap text looked at (good or refused): a text is judged once.
+    seen: Option<String>,
+    announced: bool,
+    missing_said: bool,
+    last: Option<Stamp>,
+    last_pending: Vec<config::Pending>,
+    save_due: Option<Instant>,
+    /// No write before this (after the last one).
+    next_save: Option<Instant>,
+}
+
+impl Follower {
+    /// A watch changed: judge a new ConfigMap text, and expand and send the config in force if
+    /// what it was made from changed. Breaks when the reconcile loop is gone.
+    async fn wake(&mut self) -> ControlFlow<()> {
+        if !(self.nodes.ready() && self.maps.ready()) {
+            return ControlFlow::Continue(());
         }
-        if !(nodes.ready() && maps.ready()) {
-            continue;
-        }
-        if !announced {
+        if !self.announced {
             info!("Node and ConfigMap listed");
-            announced = true;
+            self.announced = true;
         }
-        let text = maps.snapshot().values().next().cloned().flatten();
-        match text {
-            None => {
-                if !missing_said {
-                    warn!(source = %source, "no such ConfigMap or key; keeping the config in force (if any)");
-                    missing_said = true;
-                }
-            }
-            Some(text) if seen.as_ref() == Some(&text) => {}
-            Some(text) => {
-                missing_said = false;
-                seen = Some(text.clone());
-                match config::parse_kubernetes(&source, &text) {
-                    Ok(cfg) => {
-                        telemetry.config_loaded(true);
-                        info!(source = %source, "config loaded");
-                        let _ = ch.notices.send(Notice::ConfigAccepted {
-                            source: source.clone(),
-                        });
-                        let loaded = Loaded::new(text, cfg);
-                        optional.follow(&loaded.needs);
-                        candidate = Some(loaded);
-                    }
-                    Err(e) => {
-                        telemetry.config_loaded(false);
-                        error!(source = %source, error = %e, "config refused; keeping the last good config");
-                        let _ = ch.notices.send(Notice::ConfigRejected {
-                            source: source.clone(),
-                            error: e.to_string(),
-                        });
-                    }
-                }
-            }
-        }
-        // A new config takes over once what it needs is listed (a Service template must not
-        // expand to nothing while the Services are being read).
-        let wanted = candidate.as_ref().or(current.as_ref());
-        if !wanted.is_some_and(|w| optional.ready_for(&w.needs)) {
-            continue;
-        }
-        if let Some(c) = candidate.take() {
-            current = Some(c);
-        }
-        let Some(cur) = &current else { continue };
-        let facts = optional.facts(&cur.needs, &nodes);
-        let stamp = optional.stamp(cur, &facts);
-        if last.as_ref() == Some(&stamp) {
-            continue;
-        }
-        let first_from_api = last.is_none();
-        last = Some(stamp);
+        let text = self.maps.snapshot().values().next().cloned().flatten();
+        self.judge_text(text);
+        let Some((facts, first_from_api)) = self.take_over() else {
+            return ControlFlow::Continue(());
+        };
+        let Some(cur) = &self.current else {
+            return ControlFlow::Continue(());
+        };
         let started = Instant::now();
         let expansion = desired::expand(&cur.config, &facts);
         debug!(
@@ -383,31 +382,114 @@ async fn run(
             "desired state rebuilt"
         );
         drop(facts);
-        log_pending(&mut last_pending, &expansion.pending);
+        log_pending(&mut self.last_pending, &expansion.pending);
         // For /status and the pending gauge (also replacing what the state file's expansion said).
-        telemetry
+        self.telemetry
             .board()
             .set_templates_pending(expansion.pending.clone());
-        if ch
+        let update = Update {
+            config: cur.config.clone(),
+            expansion,
+            from_state_file: false,
+        };
+        if self
+            .ch
             .tx
-            .send(Message::Update(Box::new(Update {
-                config: cur.config.clone(),
-                expansion,
-                from_state_file: false,
-            })))
+            .send(Message::Update(Box::new(update)))
             .await
             .is_err()
         {
-            return;
+            return ControlFlow::Break(());
         }
         // After the update is on its way: the file is for the next start, not this repair.
+        self.save_after_update(first_from_api);
+        ControlFlow::Continue(())
+    }
+
+    /// The ConfigMap's text (if any), judged once: a good config becomes the candidate, a
+    /// refused one is told and the last good config stays.
+    fn judge_text(&mut self, text: Option<String>) {
+        let source = &self.source;
+        let Some(text) = text else {
+            if !self.missing_said {
+                warn!(source = %source, "no such ConfigMap or key; keeping the config in force (if any)");
+                self.missing_said = true;
+            }
+            return;
+        };
+        if self.seen.as_ref() == Some(&text) {
+            return;
+        }
+        self.missing_said = false;
+        self.seen = Some(text.clone());
+        match config::parse_kubernetes(source, &text) {
+            Ok(cfg) => {
+                self.telemetry.config_loaded(true);
+                info!(source = %source, "config loaded");
+                let _ = self.ch.notices.send(Notice::ConfigAccepted {
+                    source: source.clone(),
+                });
+                let loaded = Loaded::new(text, cfg);
+                self.optional.follow(&loaded.needs);
+                self.candidate = Some(loaded);
+            }
+            Err(e) => {
+                self.telemetry.config_loaded(false);
+                error!(source = %source, error = %e, "config refused; keeping the last good config");
+                let _ = self.ch.notices.send(Notice::ConfigRejected {
+                    source: source.clone(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// A new config takes over once what it needs is listed (a Service template must not
+    /// expand to nothing while the Services are being read). Then, if what the config in force
+    /// expands from changed: the facts to expand it with, and whether this is the first
+    /// expansion from the API server.
+    fn take_over(&mut self) -> Option<(ClusterFacts, bool)> {
+        let wanted = self.candidate.as_ref().or(self.current.as_ref());
+        if !wanted.is_some_and(|w| self.optional.ready_for(&w.needs)) {
+            return None;
+        }
+        if let Some(c) = self.candidate.take() {
+            self.current = Some(c);
+        }
+        let cur = self.current.as_ref()?;
+        let facts = self.optional.facts(&cur.needs, &self.nodes);
+        let stamp = self.optional.stamp(cur, &facts);
+        if self.last.as_ref() == Some(&stamp) {
+            return None;
+        }
+        let first_from_api = self.last.is_none();
+        self.last = Some(stamp);
+        Some((facts, first_from_api))
+    }
+
+    /// The save timer fired: write the state file if the config in force can be expanded.
+    fn save_when_due(&mut self) {
+        self.save_due = None;
+        if let Some(c) = &self.current {
+            if self.optional.ready_for(&c.needs) {
+                let facts = self.optional.facts(&c.needs, &self.nodes);
+                self.next_save = save(&self.opts, &self.source, c, &facts);
+            }
+        }
+    }
+
+    /// After an update: write the state file now (the first from the API server, or when the
+    /// last write is long enough ago), or when the next write may come.
+    fn save_after_update(&mut self, first_from_api: bool) {
+        let Some(cur) = &self.current else { return };
         let now = Instant::now();
-        let earliest = next_save.unwrap_or(now);
+        let earliest = self.next_save.unwrap_or(now);
         if first_from_api || earliest <= now {
-            next_save = save(&opts, &source, cur, &optional.facts(&cur.needs, &nodes));
-            save_due = None;
+            let facts = self.optional.facts(&cur.needs, &self.nodes);
+            self.next_save = save(&self.opts, &self.source, cur, &facts);
+            self.save_due = None;
         } else {
-            save_due.get_or_insert(earliest);
+            self.save_due.get_or_insert(earliest);
         }
     }
 }
@@ -444,205 +526,4 @@ fn save(opts: &Options, source: &str, cur: &Loaded, facts: &ClusterFacts) -> Opt
     let took = started.elapsed();
     debug!(took_ms = took.as_millis() as u64, "state saved");
     Some(Instant::now() + SAVE_EVERY.max(took * 10))
-}
-
-/// What an expansion was made from; the same stamp again means nothing to do.
-#[derive(Debug, PartialEq, Eq)]
-struct Stamp {
-    config: String,
-    node: Option<super::facts::NodeFacts>,
-    apiserver: Vec<IpAddr>,
-    /// (watch epoch, cache generation) of the Services.
-    services: Option<(u64, u64)>,
-}
-
-/// A running watch and its cache.
-type Watching<I> = (Arc<Cache<I>>, JoinHandle<()>);
-
-/// The Service watch: what it keeps, and its epoch (a restart starts a new cache).
-struct ServiceWatch {
-    needs: ServiceNeeds,
-    epoch: u64,
-    cache: Arc<Cache<Arc<ServiceFacts>>>,
-    task: JoinHandle<()>,
-}
-
-/// The watches a config may or may not need.
-struct Optional {
-    ctx: Context,
-    opts: Options,
-    pods_tx: latest::Sender<PodView>,
-    services: Option<ServiceWatch>,
-    slices: Option<Watching<Vec<IpAddr>>>,
-    pods: Option<[JoinHandle<()>; 2]>,
-    /// Bumped at each (re)start of the Service watch.
-    epoch: u64,
-}
-
-impl Optional {
-    /// Starts, restarts or stops the watches as `needs` says.
-    fn follow(&mut self, needs: &Needs) {
-        self.follow_services(needs.services.as_ref());
-        match (needs.apiserver, self.slices.take()) {
-            (true, None) => {
-                self.slices = Some(watch::spawn(
-                    Target {
-                        resource: "endpointslices",
-                        path: "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices".into(),
-                        fields: Some(format!("metadata.name={APISERVER_SLICE_NAME}")),
-                        labels: Some(APISERVER_SLICES.into()),
-                    },
-                    self.ctx.clone(),
-                    |s: slim::EndpointSlice| Some(slim::slice_ips(s)),
-                ));
-            }
-            (false, Some((_, task))) => {
-                task.abort();
-                self.ctx.health.stopped("endpointslices");
-                info!("no longer watching EndpointSlices: no template uses apiserver.endpoints");
-            }
-            (_, kept) => self.slices = kept,
-        }
-        match (needs.pods, self.pods.take()) {
-            (true, None) => {
-                info!(node = %self.opts.node_name, "watching this node's Pods (podLiveness)");
-                self.pods = Some(watch_pods(
-                    &self.ctx,
-                    &self.opts.node_name,
-                    self.pods_tx.clone(),
-                ));
-            }
-            (false, Some(tasks)) => {
-                tasks.iter().for_each(JoinHandle::abort);
-                self.ctx.health.stopped("pods");
-                self.pods_tx.send_replace(PodView::default());
-                info!("no longer watching Pods: no selector asks for podLiveness");
-            }
-            (_, kept) => self.pods = kept,
-        }
-    }
-
-    fn follow_services(&mut self, needs: Option<&ServiceNeeds>) {
-        if self.services.as_ref().map(|s| &s.needs) == needs {
-            return;
-        }
-        if let Some(ServiceWatch { task, .. }) = self.services.take() {
-            task.abort();
-            self.ctx.health.stopped("services");
-        }
-        let Some(needs) = needs else {
-            info!("not watching Services: no template uses services.*");
-            return;
-        };
-        let path = match needs.namespace() {
-            Some(ns) => format!("/api/v1/namespaces/{ns}/services"),
-            None => "/api/v1/services".to_owned(),
-        };
-        info!(path = %path, "watching Services (only those templates select are kept)");
-        let keep = needs.clone();
-        let strings = slim::Interner::default();
-        let (cache, task) = watch::spawn(
-            Target {
-                resource: "services",
-                path,
-                fields: None,
-                labels: self.opts.service_selector.clone(),
-            },
-            self.ctx.clone(),
-            move |s: slim::Service| keep.keep(slim::service_facts(s, &strings)).map(Arc::new),
-        );
-        self.epoch += 1;
-        self.services = Some(ServiceWatch {
-            needs: needs.clone(),
-            epoch: self.epoch,
-            cache,
-            task,
-        });
-    }
-
-    /// Whether every watch `needs` asks for has listed (Pods excepted: pod liveness decides on
-    /// its own when its view is usable).
-    fn ready_for(&self, needs: &Needs) -> bool {
-        let services = match (&needs.services, &self.services) {
-            (None, _) => true,
-            (Some(n), Some(w)) => *n == w.needs && w.cache.ready(),
-            (Some(_), None) => false,
-        };
-        let slices = !needs.apiserver || self.slices.as_ref().is_some_and(|(c, _)| c.ready());
-        services && slices
-    }
-
-    fn facts(&self, needs: &Needs, nodes: &Cache<NodeItem>) -> ClusterFacts {
-        let node = nodes
-            .snapshot()
-            .values()
-            .find(|n| n.facts.name == self.opts.node_name)
-            .map(|n| needs.node_facts(&n.facts));
-        let services = match (&needs.services, &self.services) {
-            (Some(_), Some(w)) => w.cache.snapshot(),
-            _ => Arc::default(),
-        };
-        let mut apiserver: Vec<IpAddr> = match (needs.apiserver, &self.slices) {
-            (true, Some((cache, _))) => cache.snapshot().values().flatten().copied().collect(),
-            _ => Vec::new(),
-        };
-        apiserver.sort_unstable();
-        apiserver.dedup();
-        ClusterFacts {
-            node,
-            services,
-            apiserver,
-        }
-    }
-
-    fn stamp(&self, cur: &Loaded, facts: &ClusterFacts) -> Stamp {
-        Stamp {
-            config: cur.text.clone(),
-            node: facts.node.clone(),
-            apiserver: facts.apiserver.clone(),
-            services: self
-                .services
-                .as_ref()
-                .filter(|_| cur.needs.services.is_some())
-                .map(|w| (w.epoch, w.cache.generation())),
-        }
-    }
-}
-
-/// Watches the Pods bound to `node` (field selector `spec.nodeName`, as the kubelet does) and
-/// publishes the IPs they hold. Until the first list is complete the view is not synced; while
-/// the watch fails it is not fresh: the reconcile loop decides nothing on such a view.
-fn watch_pods(ctx: &Context, node: &str, tx: latest::Sender<PodView>) -> [JoinHandle<()>; 2] {
-    let notify = Arc::new(Notify::new());
-    let (cache, task) = watch::spawn(
-        Target {
-            resource: "pods",
-            path: "/api/v1/pods".into(),
-            fields: Some(format!("spec.nodeName={node}")),
-            labels: None,
-        },
-        Context {
-            notify: notify.clone(),
-            ..ctx.clone()
-        },
-        |p: slim::Pod| Some(slim::pod_ips(&p)),
-    );
-    let publisher = tokio::spawn(async move {
-        loop {
-            notify.notified().await;
-            let view = PodView {
-                synced: cache.listed(),
-                fresh: !cache.failing(),
-                ips: cache.snapshot().values().flatten().copied().collect(),
-            };
-            tx.send_if_modified(|v| {
-                let changed = *v != view;
-                if changed {
-                    *v = view;
-                }
-                changed
-            });
-        }
-    });
-    [task, publisher]
 }
