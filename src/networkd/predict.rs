@@ -215,177 +215,246 @@ pub fn predict(
     present: &[Present],
 ) -> Vec<AtRisk> {
     let managed = managed_links(nets, &kernel.links);
-    let by_index: HashMap<u32, (&LinkFacts, &Network)> =
-        managed.iter().map(|(l, n, _)| (l.index, (l, n))).collect();
-    // Links whose (re)configuration drops foreign configuration.
-    let drops = |index: u32| {
-        by_index
+    let scene = Scene::new(event, settings, kernel, &managed);
+    let mut out: Vec<AtRisk> = present
+        .iter()
+        .filter_map(|p| {
+            let (id, kind, name, fate) = match p {
+                Present::Rule {
+                    id,
+                    name,
+                    key,
+                    protocol,
+                } => (id, Kind::Rule, name, scene.rule_effect(key, *protocol)),
+                Present::Route {
+                    id,
+                    name,
+                    key,
+                    route,
+                } => (id, Kind::Route, name, scene.route_effect(key, route)),
+                Present::Address {
+                    id,
+                    name,
+                    ifindex,
+                    address,
+                } => (
+                    id,
+                    Kind::Address,
+                    name,
+                    scene.address_effect(*ifindex, address),
+                ),
+            };
+            let (effect, why) = fate?;
+            Some(AtRisk {
+                id: id.clone(),
+                kind,
+                name: name.clone(),
+                effect,
+                why,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    out
+}
+
+/// What the event does to the node as a whole: the managed links, whether their
+/// (re)configuration drops foreign configuration, and the fate of each address.
+struct Scene<'a> {
+    event: Event,
+    settings: &'a Settings,
+    kernel: &'a Kernel,
+    by_index: HashMap<u32, (&'a LinkFacts, &'a Network)>,
+    /// The .network files of the managed links (what networkd configures).
+    configuring: Vec<&'a Network>,
+    /// Whether any managed link drops foreign configuration.
+    any_drops: bool,
+    fates: HashMap<(u32, IpAddr), AddressFate>,
+    /// Per link: how many IPv4 addresses it has, and those that go.
+    v4: BTreeMap<u32, (usize, Vec<IpAddr>)>,
+}
+
+impl<'a> Scene<'a> {
+    fn new(
+        event: Event,
+        settings: &'a Settings,
+        kernel: &'a Kernel,
+        managed: &'a [(LinkFacts, Network, Managed)],
+    ) -> Self {
+        let mut scene = Scene {
+            event,
+            settings,
+            kernel,
+            by_index: managed.iter().map(|(l, n, _)| (l.index, (l, n))).collect(),
+            configuring: managed.iter().map(|(_, n, _)| n).collect(),
+            any_drops: false,
+            fates: HashMap::new(),
+            v4: BTreeMap::new(),
+        };
+        scene.any_drops = managed.iter().any(|(l, _, _)| scene.drops(l.index));
+        scene.fates = scene.address_fates();
+        scene.v4 = scene.ipv4_going();
+        scene
+    }
+
+    /// Whether the link's (re)configuration drops foreign configuration.
+    fn drops(&self, index: u32) -> bool {
+        self.by_index
             .get(&index)
             .is_some_and(|(l, n)| !l.loopback && n.keep != Keep::Yes)
-    };
-    let any_drops = managed.iter().any(|(l, _, _)| drops(l.index));
-    let configuring: Vec<&Network> = managed.iter().map(|(_, n, _)| n).collect();
+    }
 
-    // Per link: its IPv4 addresses, and those that go.
-    let mut fates: HashMap<(u32, IpAddr), AddressFate> = HashMap::new();
-    for (index, address, a) in &kernel.addresses {
-        let Some((l, n)) = by_index.get(index) else {
-            continue;
-        };
-        if l.loopback {
-            continue;
+    /// The fate of every address of a managed link (loopback excepted).
+    fn address_fates(&self) -> HashMap<(u32, IpAddr), AddressFate> {
+        let mut fates = HashMap::new();
+        for (index, address, a) in &self.kernel.addresses {
+            let Some((l, n)) = self.by_index.get(index) else {
+                continue;
+            };
+            if l.loopback {
+                continue;
+            }
+            let fate = if self.event == Event::Restart && !self.drops(*index) {
+                AddressFate::Kept
+            } else {
+                address_fate(self.event, l, n, address, a)
+            };
+            fates.insert((*index, *address), fate);
         }
-        let fate = if event == Event::Restart && !drops(*index) {
-            AddressFate::Kept
-        } else {
-            address_fate(event, l, n, address, a)
-        };
-        fates.insert((*index, *address), fate);
+        fates
     }
-    let mut v4: BTreeMap<u32, (usize, Vec<IpAddr>)> = BTreeMap::new();
-    for (index, address, _) in &kernel.addresses {
-        if Family::of(address) != Family::Ipv4 {
-            continue;
+
+    /// Per link: its IPv4 addresses counted, and those that go.
+    fn ipv4_going(&self) -> BTreeMap<u32, (usize, Vec<IpAddr>)> {
+        let mut v4: BTreeMap<u32, (usize, Vec<IpAddr>)> = BTreeMap::new();
+        for (index, address, _) in &self.kernel.addresses {
+            if Family::of(address) != Family::Ipv4 {
+                continue;
+            }
+            let e = v4.entry(*index).or_default();
+            e.0 += 1;
+            if matches!(
+                self.fates.get(&(*index, *address)),
+                Some(AddressFate::Removed | AddressFate::Readded)
+            ) {
+                e.1.push(*address);
+            }
         }
-        let e = v4.entry(*index).or_default();
-        e.0 += 1;
-        if matches!(
-            fates.get(&(*index, *address)),
-            Some(AddressFate::Removed | AddressFate::Readded)
-        ) {
-            e.1.push(*address);
-        }
+        v4
     }
-    let name_of = |index: u32| {
-        kernel
+
+    fn name_of(&self, index: u32) -> String {
+        self.kernel
             .links
             .iter()
             .find(|l| l.index == index)
             .map(|l| l.name.clone())
             .unwrap_or_else(|| format!("#{index}"))
-    };
+    }
 
-    let mut out = Vec::new();
-    for p in present {
-        match p {
-            Present::Rule {
-                id,
-                name,
-                key,
-                protocol,
-            } => {
-                if !settings.manage_foreign_rules || !any_drops || *protocol == Some(PROTO_KERNEL) {
-                    continue;
-                }
-                if configuring
-                    .iter()
-                    .any(|n| n.rules.iter().any(|c| rule_configured(c, key)))
-                {
-                    continue;
-                }
-                out.push(AtRisk {
-                    id: id.clone(),
-                    kind: Kind::Rule,
-                    name: name.clone(),
-                    effect: Effect::Removed,
-                    why: "a foreign rule: ManageForeignRoutingPolicyRules=yes".into(),
-                });
+    fn rule_effect(&self, key: &RuleKey, protocol: Option<u8>) -> Option<(Effect, String)> {
+        if !self.settings.manage_foreign_rules || !self.any_drops || protocol == Some(PROTO_KERNEL)
+        {
+            return None;
+        }
+        let configured = self
+            .configuring
+            .iter()
+            .any(|n| n.rules.iter().any(|c| rule_configured(c, key)));
+        (!configured).then(|| {
+            (
+                Effect::Removed,
+                "a foreign rule: ManageForeignRoutingPolicyRules=yes".into(),
+            )
+        })
+    }
+
+    fn route_effect(&self, key: &RouteKey, route: &ObservedRoute) -> Option<(Effect, String)> {
+        if self.foreign_route_removed(key, route) {
+            let on = route
+                .oif
+                .map(|i| format!(" on {}", self.name_of(i)))
+                .unwrap_or_default();
+            return Some((
+                Effect::Removed,
+                format!("a foreign route{on}: ManageForeignRoutes=yes"),
+            ));
+        }
+        self.route_dropped_with_address(key, route)
+    }
+
+    /// networkd removes the route as foreign configuration.
+    fn foreign_route_removed(&self, key: &RouteKey, route: &ObservedRoute) -> bool {
+        let foreign = self.settings.manage_foreign_routes
+            && route.protocol != PROTO_KERNEL
+            && !self
+                .configuring
+                .iter()
+                .any(|n| n.routes.iter().any(|c| route_configured(c, key, route)));
+        match route.oif {
+            Some(oif) => {
+                foreign
+                    && self.drops(oif)
+                    && !self.by_index[&oif]
+                        .1
+                        .keep
+                        .keeps_route_protocol(route.protocol)
             }
-            Present::Route {
-                id,
-                name,
-                key,
-                route,
-            } => {
-                let foreign = settings.manage_foreign_routes
-                    && route.protocol != PROTO_KERNEL
-                    && !configuring
-                        .iter()
-                        .any(|n| n.routes.iter().any(|c| route_configured(c, key, route)));
-                let removed = match route.oif {
-                    Some(oif) => {
-                        foreign
-                            && drops(oif)
-                            && !by_index[&oif].1.keep.keeps_route_protocol(route.protocol)
-                    }
-                    None => foreign && any_drops,
-                };
-                if removed {
-                    let on = route
-                        .oif
-                        .map(|i| format!(" on {}", name_of(i)))
-                        .unwrap_or_default();
-                    out.push(AtRisk {
-                        id: id.clone(),
-                        kind: Kind::Route,
-                        name: name.clone(),
-                        effect: Effect::Removed,
-                        why: format!("a foreign route{on}: ManageForeignRoutes=yes"),
-                    });
-                    continue;
-                }
-                let Some(oif) = route.oif else { continue };
-                if key.family != Family::Ipv4 {
-                    continue;
-                }
-                let Some((count, gone)) = v4.get(&oif) else {
-                    continue;
-                };
-                let last = !gone.is_empty() && gone.len() == *count;
-                let source = route.prefsrc.filter(|s| gone.contains(s));
-                if last || source.is_some() {
-                    let what = match source {
-                        Some(s) if !last => format!("its preferred source {s}"),
-                        _ => format!("the last IPv4 address of {}", name_of(oif)),
-                    };
-                    out.push(AtRisk {
-                        id: id.clone(),
-                        kind: Kind::Route,
-                        name: name.clone(),
-                        effect: Effect::DroppedWithAddress,
-                        why: format!(
-                            "the kernel drops it when networkd removes {what} ({})",
-                            gone_list(gone)
-                        ),
-                    });
-                }
-            }
-            Present::Address {
-                id,
-                name,
-                ifindex,
-                address,
-            } => {
-                let (effect, why) = match fates.get(&(*ifindex, *address)) {
-                    Some(AddressFate::Removed) => (
-                        Effect::Removed,
-                        format!("{} does not configure it", network_of(&by_index, *ifindex)),
-                    ),
-                    Some(AddressFate::Readded) if event == Event::Reconfigure => (
-                        Effect::Readded,
-                        "networkd removes the addresses it configured and adds them again".to_string(),
-                    ),
-                    Some(AddressFate::Readded) => (
-                        Effect::Readded,
-                        format!(
-                            "it differs from the one {} configures (networkd 252 compares the broadcast and label it would set) and is removed and added again",
-                            network_of(&by_index, *ifindex)
-                        ),
-                    ),
-                    _ => continue,
-                };
-                out.push(AtRisk {
-                    id: id.clone(),
-                    kind: Kind::Address,
-                    name: name.clone(),
-                    effect,
-                    why,
-                });
-            }
+            None => foreign && self.any_drops,
         }
     }
-    out.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
-    out
+
+    /// The kernel drops an IPv4 route when the last IPv4 address of its link goes, or its
+    /// preferred source.
+    fn route_dropped_with_address(
+        &self,
+        key: &RouteKey,
+        route: &ObservedRoute,
+    ) -> Option<(Effect, String)> {
+        let oif = route.oif?;
+        if key.family != Family::Ipv4 {
+            return None;
+        }
+        let (count, gone) = self.v4.get(&oif)?;
+        let last = !gone.is_empty() && gone.len() == *count;
+        let source = route.prefsrc.filter(|s| gone.contains(s));
+        if !last && source.is_none() {
+            return None;
+        }
+        let what = match source {
+            Some(s) if !last => format!("its preferred source {s}"),
+            _ => format!("the last IPv4 address of {}", self.name_of(oif)),
+        };
+        Some((
+            Effect::DroppedWithAddress,
+            format!(
+                "the kernel drops it when networkd removes {what} ({})",
+                gone_list(gone)
+            ),
+        ))
+    }
+
+    fn address_effect(&self, ifindex: u32, address: &IpAddr) -> Option<(Effect, String)> {
+        let network = || network_of(&self.by_index, ifindex);
+        match self.fates.get(&(ifindex, *address))? {
+            AddressFate::Removed => Some((
+                Effect::Removed,
+                format!("{} does not configure it", network()),
+            )),
+            AddressFate::Readded if self.event == Event::Reconfigure => Some((
+                Effect::Readded,
+                "networkd removes the addresses it configured and adds them again".to_string(),
+            )),
+            AddressFate::Readded => Some((
+                Effect::Readded,
+                format!(
+                    "it differs from the one {} configures (networkd 252 compares the broadcast and label it would set) and is removed and added again",
+                    network()
+                ),
+            )),
+            AddressFate::Kept => None,
+        }
+    }
 }
 
 fn gone_list(gone: &[IpAddr]) -> String {
