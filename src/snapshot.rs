@@ -3,8 +3,7 @@
 //! YAML rendering is pure and unit-tested. The output is validated with the config parser
 //! before it is printed.
 
-use crate::model::route::scope_name;
-use crate::model::{protocol_name, table_name, Family, Mode, RouteType, RuleAction, PROTO_UNSPEC};
+use crate::model::{Family, Mode};
 use crate::netfilter::model::{Content, Table, TableId};
 use crate::netfilter::parse::{self, SavedSet, SavedTable};
 use crate::netfilter::tools::{self, BackendChoice, ToolError};
@@ -15,7 +14,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use thiserror::Error;
 
+mod nft;
 mod node;
+mod routing;
+
+#[cfg(test)]
+use nft::render_nft_tables;
 
 #[derive(Debug, Error)]
 pub enum SnapshotError {
@@ -140,7 +144,7 @@ pub async fn take(
             node::want_neighbours(&mut handle, &mut mirror, re).await?;
         }
         kernel::dump_all(&mut handle, &mut mirror).await?;
-        out.push_str(&render_kernel(sel, &mirror));
+        out.push_str(&routing::render(sel, &mirror));
         out.push_str(&node::render(sel, &mut mirror));
     }
     if let Some(re) = &sel.chains {
@@ -171,121 +175,10 @@ pub async fn take(
         out.push_str(&render_sets(&sets, re, style.membership));
     }
     if let Some(re) = &sel.nft_tables {
-        out.push_str(&nft_tables(re, &style).await?);
+        out.push_str(&nft::nft_tables(re, &style).await?);
     }
     crate::config::parse("snapshot", &out).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     Ok(out)
-}
-
-/// nftables wiring: the tables whose name `re` matches, read with `nft -a -s list table`. The
-/// tables iptables-nft and its siblings manage are left out (`--chains` covers those).
-async fn nft_tables(re: &Regex, style: &Style) -> Result<String, SnapshotError> {
-    use crate::nftables::runner::{Nft, NftBinary};
-    let mut nft = NftBinary::default();
-    let mut tables = Vec::new();
-    for key in nft.tables().await? {
-        if !matches(re, &key.name) || key.family.is_xtables_table(&key.name) {
-            continue;
-        }
-        if let Some(text) = nft.list(&key).await? {
-            tables.push(crate::nftables::listing::parse(&text, &key)?);
-        }
-    }
-    Ok(render_nft_tables(&tables, style.content, style.membership))
-}
-
-/// `spec.nftables` for observed tables: every chain with its rules (`content` as asked), every
-/// set and map with its elements (`membership` as asked; no elements for `dynamic` or `timeout`
-/// sets, whose elements come and go).
-fn render_nft_tables(
-    tables: &[crate::nftables::listing::ObservedTable],
-    content: Content,
-    membership: Content,
-) -> String {
-    if tables.is_empty() {
-        return String::new();
-    }
-    let mut out = String::from("  nftables:\n");
-    for t in tables {
-        let _ = writeln!(
-            out,
-            "    - name: {}",
-            object_name(&["nft", t.key.family.as_str(), &t.key.name])
-        );
-        let _ = writeln!(
-            out,
-            "      family: {}\n      table: {}",
-            t.key.family,
-            q(&t.key.name)
-        );
-        if let Some(c) = &t.comment {
-            let _ = writeln!(out, "      comment: {}", q(c));
-        }
-        if !t.chains.is_empty() {
-            out.push_str("      chains:\n");
-        }
-        for c in &t.chains {
-            let _ = writeln!(out, "        - name: {}", q(&c.name));
-            if let Some(b) = &c.base {
-                let _ = writeln!(
-                    out,
-                    "          type: {}\n          hook: {}\n          priority: {}",
-                    b.kind, b.hook, b.priority
-                );
-                if let Some(p) = &b.policy {
-                    let _ = writeln!(out, "          policy: {p}");
-                }
-                if let Some(d) = &b.device {
-                    let _ = writeln!(out, "          device: {}", q(d));
-                }
-            }
-            if let Some(cm) = &c.comment {
-                let _ = writeln!(out, "          comment: {}", q(cm));
-            }
-            let _ = writeln!(out, "          content: {content}");
-            if !c.rules.is_empty() {
-                out.push_str("          rules:\n");
-            }
-            for r in &c.rules {
-                let _ = writeln!(out, "            - {}", q(&r.text.full()));
-            }
-        }
-        for (map, field) in [(false, "sets"), (true, "maps")] {
-            let sets: Vec<_> = t.sets.iter().filter(|s| s.map == map).collect();
-            if !sets.is_empty() {
-                let _ = writeln!(out, "      {field}:");
-            }
-            for s in sets {
-                let (kind, decl) = s.declaration.split_once(' ').unwrap_or(("type", ""));
-                let _ = writeln!(
-                    out,
-                    "        - name: {}\n          {kind}: {}",
-                    q(&s.name),
-                    q(decl)
-                );
-                if !s.flags.is_empty() {
-                    let _ = writeln!(out, "          flags: [{}]", s.flags.join(", "));
-                }
-                if let Some(to) = &s.timeout {
-                    let _ = writeln!(out, "          timeout: {to}");
-                }
-                if let Some(cm) = &s.comment {
-                    let _ = writeln!(out, "          comment: {}", q(cm));
-                }
-                let transient = s.flags.iter().any(|f| f == "dynamic" || f == "timeout");
-                if !transient {
-                    let _ = writeln!(out, "          membership: {membership}");
-                }
-                if !s.elements.is_empty() && !transient {
-                    out.push_str("          elements:\n");
-                    for e in &s.elements {
-                        let _ = writeln!(out, "            - {}", q(&e.to_string()));
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 fn header(command: &str, mode: Mode) -> String {
@@ -341,184 +234,6 @@ impl Names {
             b + &suffix
         }
     }
-}
-
-fn action_name(a: RuleAction) -> Option<&'static str> {
-    Some(match a {
-        RuleAction::Lookup => "lookup",
-        RuleAction::Blackhole => "blackhole",
-        RuleAction::Unreachable => "unreachable",
-        RuleAction::Prohibit => "prohibit",
-        _ => return None,
-    })
-}
-
-fn render_kernel(sel: &Selectors, mirror: &Mirror) -> String {
-    let mut names = Names::default();
-    let mut out = String::new();
-    if let Some((lo, hi)) = sel.priorities {
-        let mut rules: Vec<_> = mirror
-            .rules
-            .iter()
-            .filter(|(k, _)| (lo..=hi).contains(&k.priority))
-            .collect();
-        rules.sort_by(|a, b| {
-            (a.0.family, a.0.priority)
-                .cmp(&(b.0.family, b.0.priority))
-                .then(a.0.to_string().cmp(&b.0.to_string()))
-        });
-        let mut body = String::new();
-        for (k, protocols) in rules {
-            let Some(action) = action_name(k.action) else {
-                let _ = writeln!(body, "    # not expressible in the config, left out: {k}");
-                continue;
-            };
-            if k.invert || k.extra.is_some() || k.tos != 0 {
-                let _ = writeln!(body, "    # not expressible in the config, left out: {k}");
-                continue;
-            }
-            let name = names.get(object_name(&[
-                "rule",
-                &k.family.to_string(),
-                &k.priority.to_string(),
-            ]));
-            let _ = writeln!(
-                body,
-                "    - name: {name}\n      family: {}\n      priority: {}",
-                k.family, k.priority
-            );
-            if let Some(f) = k.from {
-                let _ = writeln!(body, "      from: {}", q(&f.to_string()));
-            }
-            if let Some(t) = k.to {
-                let _ = writeln!(body, "      to: {}", q(&t.to_string()));
-            }
-            if let Some(i) = &k.iif {
-                let _ = writeln!(body, "      iif: {}", q(i));
-            }
-            if let Some(o) = &k.oif {
-                let _ = writeln!(body, "      oif: {}", q(o));
-            }
-            if let Some((mark, mask)) = k.fwmark {
-                let _ = writeln!(
-                    body,
-                    "      fwmark: {}\n      fwmask: {}",
-                    q(&format!("{mark:#x}")),
-                    q(&format!("{mask:#x}"))
-                );
-            }
-            let _ = writeln!(body, "      action: {action}");
-            if k.action == RuleAction::Lookup {
-                let _ = writeln!(body, "      table: {}", q(&table_name(k.table)));
-            }
-            if let Some(Some(p)) = protocols.first() {
-                if *p != PROTO_UNSPEC {
-                    let _ = writeln!(body, "      protocol: {}", q(&protocol_name(*p)));
-                }
-            }
-        }
-        if !body.is_empty() {
-            out.push_str("  rules:\n");
-            out.push_str(&body);
-        }
-    }
-    if !sel.tables.is_empty() {
-        let mut routes: Vec<_> = mirror
-            .routes
-            .iter()
-            .filter(|(k, _)| sel.tables.contains(&k.table))
-            .collect();
-        routes.sort_by_key(|(k, _)| (k.family, k.table, k.destination.to_string(), k.metric));
-        let mut body = String::new();
-        for (k, observed) in routes {
-            for r in observed {
-                let configurable = !matches!(r.kind, RouteType::Other(_));
-                if !configurable || r.multipath || k.tos != 0 || k.source_prefix.is_some() {
-                    let _ = writeln!(
-                        body,
-                        "    # not expressible in the config, left out: {} table {} {}",
-                        k.family,
-                        table_name(k.table),
-                        k.destination
-                    );
-                    continue;
-                }
-                let device = r.oif.and_then(|i| mirror.link(i)).map(|l| l.name.clone());
-                if r.kind == RouteType::Unicast && r.gateway.is_none() && device.is_none() {
-                    continue;
-                }
-                let name = names.get(object_name(&[
-                    "route",
-                    &k.family.to_string(),
-                    &table_name(k.table),
-                    &k.destination.to_string(),
-                ]));
-                let _ = writeln!(
-                    body,
-                    "    - name: {name}\n      family: {}\n      table: {}\n      destination: {}\n      metric: {}\n      type: {}",
-                    k.family,
-                    q(&table_name(k.table)),
-                    q(&k.destination.to_string()),
-                    k.metric,
-                    r.kind
-                );
-                if let Some(g) = r.gateway {
-                    let _ = writeln!(body, "      gateway: {}", q(&g.to_string()));
-                }
-                if let (Some(d), true) = (&device, r.kind.forwards()) {
-                    let _ = writeln!(body, "      device: {}", q(d));
-                }
-                if let Some(s) = r.prefsrc {
-                    let _ = writeln!(body, "      source: {}", q(&s.to_string()));
-                }
-                if r.scope != 0 {
-                    let _ = writeln!(body, "      scope: {}", scope_name(r.scope));
-                }
-                if r.protocol != PROTO_UNSPEC {
-                    let _ = writeln!(body, "      protocol: {}", q(&protocol_name(r.protocol)));
-                }
-                if r.onlink && r.gateway.is_some() {
-                    let _ = writeln!(body, "      onlink: true");
-                }
-                if let Some(m) = r.mtu {
-                    let _ = writeln!(body, "      mtu: {m}");
-                }
-            }
-        }
-        if !body.is_empty() {
-            out.push_str("  routes:\n");
-            out.push_str(&body);
-        }
-    }
-    if let Some(re) = &sel.addresses {
-        let mut addrs: Vec<_> = mirror
-            .addresses
-            .iter()
-            .filter_map(|(k, a)| {
-                let dev = mirror.link(k.ifindex)?.name.clone();
-                let link_local = match k.address {
-                    std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-                    std::net::IpAddr::V4(v4) => v4.is_loopback(),
-                };
-                let lo = dev == "lo";
-                (matches(re, &dev) && !link_local && !lo).then_some((dev, k.address, a.prefix_len))
-            })
-            .collect();
-        addrs.sort();
-        if !addrs.is_empty() {
-            out.push_str("  addresses:\n");
-            for (dev, addr, len) in addrs {
-                let name = names.get(object_name(&["address", &dev, &addr.to_string()]));
-                let _ = writeln!(
-                    out,
-                    "    - name: {name}\n      device: {}\n      address: {}",
-                    q(&dev),
-                    q(&format!("{addr}/{len}"))
-                );
-            }
-        }
-    }
-    out
 }
 
 /// The chains whose names match, each with its rules as printed (`content` as asked), and the
