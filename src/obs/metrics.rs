@@ -8,13 +8,13 @@
 
 use super::status::Board;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -118,6 +118,181 @@ struct BuildLabels {
     version: &'static str,
 }
 
+/// A metric the loop updates: its name (under `netwarden_`), help, unit, and where it is in
+/// [`Metrics`].
+struct Registered {
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    metric: fn(&Metrics) -> AnyMetric,
+}
+
+/// Every metric the loop updates, in the order they are exported.
+const REGISTERED: &[Registered] = &[
+    Registered {
+        name: "drift_detected",
+        help: "Protected objects found removed or changed by someone else, by kind and by the process that did it (actor)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.drift_detected),
+    },
+    Registered {
+        name: "repairs",
+        help: "Repair attempts, by kind and result (applied, already_present, not_yet, failed)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.repairs),
+    },
+    Registered {
+        name: "repair_duration",
+        help: "Time from receiving the events that showed drift to the kernel's acknowledgement of the repair",
+        unit: Some(Unit::Seconds),
+        metric: |m| AnyMetric::of(&m.repair_duration),
+    },
+    Registered {
+        name: "repairs_deferred",
+        help: "Repairs held back because the object is contested (exponential backoff)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.repairs_deferred),
+    },
+    Registered {
+        name: "resyncs",
+        help: "Re-reads of kernel state, by reason (start, timer, overrun, link_down, address_removed, config_change)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.resyncs),
+    },
+    Registered {
+        name: "netlink_overruns",
+        help: "Times the event socket overran (ENOBUFS) and events were lost",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.overruns),
+    },
+    Registered {
+        name: "removal_bursts",
+        help: "Bursts of removals (64 or more protected objects in one batch), by pace: held (repaired once they settled) or as_it_goes (a deleter that deletes each object once, such as systemd-networkd)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.bursts),
+    },
+    Registered {
+        name: "netlink_events",
+        help: "Kernel notifications received",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.events),
+    },
+    Registered {
+        name: "apply_errors",
+        help: "Kernel requests that failed, by object kind and errno",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.apply_errors),
+    },
+    Registered {
+        name: "forbidden_members",
+        help: "Forbidden members found in protected sets, by what was done (removed, reported)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.forbidden_members),
+    },
+    Registered {
+        name: "adopted_forgotten",
+        help: "Adopted objects no longer protected, by kind and reason (owner, unknown_actor, pod_gone, pod_grace_expired)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.adopted_forgotten),
+    },
+    Registered {
+        name: "owner_handoffs",
+        help: "Addresses removed by their owner (a network manager) and left to it to put back, by outcome: owner_restored (it did), grace_expired (it did not within the grace; the agent restored them)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.handoffs),
+    },
+    Registered {
+        name: "networkd_objects_at_risk",
+        help: "Protected objects systemd-networkd would take away (checked at start), by event (restart, reconfigure) and kind; absent when the check did not run",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.networkd_at_risk),
+    },
+    Registered {
+        name: "config_reloads",
+        help: "Config loads (at start and on SIGHUP), by result (success, failure, unchanged: a SIGHUP found the file as it was)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.config_reloads),
+    },
+    Registered {
+        name: "state_files_set_aside",
+        help: "State files found unusable at start (corrupt, another format version) and renamed PATH.corrupt-<unix time> rather than overwritten, by file (adopted_state, state)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.state_files_set_aside),
+    },
+    Registered {
+        name: "config_last_reload_success_timestamp",
+        help: "When the config in use was loaded (Unix time)",
+        unit: Some(Unit::Seconds),
+        metric: |m| AnyMetric::of(&m.config_last_success),
+    },
+    Registered {
+        name: "config_last_reload_successful",
+        help: "Whether the last config load succeeded (1) or failed and the previous config is kept (0)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.config_last_ok),
+    },
+    Registered {
+        name: "start_time",
+        help: "When the agent started (Unix time)",
+        unit: Some(Unit::Seconds),
+        metric: |m| AnyMetric::of(&m.start_time),
+    },
+    Registered {
+        name: "kubernetes_request_failures",
+        help: "Kubernetes mode: requests to the API server that failed, by resource, verb and what the server said (reason)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.kube_request_failures),
+    },
+    Registered {
+        name: "kubernetes_watch_failing",
+        help: "Kubernetes mode: 1 while the watch of a resource fails (the agent enforces the last-known state), else 0",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.kube_watch_failing),
+    },
+    Registered {
+        name: "kubernetes_events",
+        help: "Kubernetes mode: Events on the Node, by result (created, updated, rejected, dropped)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.kube_events),
+    },
+    Registered {
+        name: "kubernetes_events_unsent",
+        help: "Kubernetes mode: Events waiting to be posted (API server unreachable, or the rate limit)",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.kube_events_unsent),
+    },
+    Registered {
+        name: "network_state_protected",
+        help: "Kubernetes mode: the NetworkStateProtected Node condition as evaluated, 1 (True) or 0 (False), labelled with its reason",
+        unit: None,
+        metric: |m| AnyMetric::of(&m.network_state_protected),
+    },
+];
+
+/// A metric of any type, so that registration can go through a table.
+#[derive(Debug)]
+struct AnyMetric(Box<dyn Metric>);
+
+impl AnyMetric {
+    fn of<M: Metric + Clone>(m: &M) -> AnyMetric {
+        AnyMetric(Box::new(m.clone()))
+    }
+}
+
+impl EncodeMetric for AnyMetric {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 fn duration_histogram() -> Histogram {
     // 10 µs to ~5 s, doubling: fine enough for the tens of microseconds a repair takes.
     Histogram::new(exponential_buckets(10e-6, 2.0, 20))
@@ -185,124 +360,12 @@ impl Metrics {
         // without the prefix, as every Prometheus client library names them.
         let mut root = Registry::default();
         let r = root.sub_registry_with_prefix(PREFIX);
-        r.register(
-            "drift_detected",
-            "Protected objects found removed or changed by someone else, by kind and by the process that did it (actor)",
-            m.drift_detected.clone(),
-        );
-        r.register(
-            "repairs",
-            "Repair attempts, by kind and result (applied, already_present, not_yet, failed)",
-            m.repairs.clone(),
-        );
-        r.register_with_unit(
-            "repair_duration",
-            "Time from receiving the events that showed drift to the kernel's acknowledgement of the repair",
-            Unit::Seconds,
-            m.repair_duration.clone(),
-        );
-        r.register(
-            "repairs_deferred",
-            "Repairs held back because the object is contested (exponential backoff)",
-            m.repairs_deferred.clone(),
-        );
-        r.register(
-            "resyncs",
-            "Re-reads of kernel state, by reason (start, timer, overrun, link_down, address_removed, config_change)",
-            m.resyncs.clone(),
-        );
-        r.register(
-            "netlink_overruns",
-            "Times the event socket overran (ENOBUFS) and events were lost",
-            m.overruns.clone(),
-        );
-        r.register(
-            "removal_bursts",
-            "Bursts of removals (64 or more protected objects in one batch), by pace: held (repaired once they settled) or as_it_goes (a deleter that deletes each object once, such as systemd-networkd)",
-            m.bursts.clone(),
-        );
-        r.register(
-            "netlink_events",
-            "Kernel notifications received",
-            m.events.clone(),
-        );
-        r.register(
-            "apply_errors",
-            "Kernel requests that failed, by object kind and errno",
-            m.apply_errors.clone(),
-        );
-        r.register(
-            "forbidden_members",
-            "Forbidden members found in protected sets, by what was done (removed, reported)",
-            m.forbidden_members.clone(),
-        );
-        r.register(
-            "adopted_forgotten",
-            "Adopted objects no longer protected, by kind and reason (owner, unknown_actor, pod_gone, pod_grace_expired)",
-            m.adopted_forgotten.clone(),
-        );
-        r.register(
-            "owner_handoffs",
-            "Addresses removed by their owner (a network manager) and left to it to put back, by outcome: owner_restored (it did), grace_expired (it did not within the grace; the agent restored them)",
-            m.handoffs.clone(),
-        );
-        r.register(
-            "networkd_objects_at_risk",
-            "Protected objects systemd-networkd would take away (checked at start), by event (restart, reconfigure) and kind; absent when the check did not run",
-            m.networkd_at_risk.clone(),
-        );
-        r.register(
-            "config_reloads",
-            "Config loads (at start and on SIGHUP), by result (success, failure, unchanged: a SIGHUP found the file as it was)",
-            m.config_reloads.clone(),
-        );
-        r.register(
-            "state_files_set_aside",
-            "State files found unusable at start (corrupt, another format version) and renamed PATH.corrupt-<unix time> rather than overwritten, by file (adopted_state, state)",
-            m.state_files_set_aside.clone(),
-        );
-        r.register_with_unit(
-            "config_last_reload_success_timestamp",
-            "When the config in use was loaded (Unix time)",
-            Unit::Seconds,
-            m.config_last_success.clone(),
-        );
-        r.register(
-            "config_last_reload_successful",
-            "Whether the last config load succeeded (1) or failed and the previous config is kept (0)",
-            m.config_last_ok.clone(),
-        );
-        r.register_with_unit(
-            "start_time",
-            "When the agent started (Unix time)",
-            Unit::Seconds,
-            m.start_time.clone(),
-        );
-        r.register(
-            "kubernetes_request_failures",
-            "Kubernetes mode: requests to the API server that failed, by resource, verb and what the server said (reason)",
-            m.kube_request_failures.clone(),
-        );
-        r.register(
-            "kubernetes_watch_failing",
-            "Kubernetes mode: 1 while the watch of a resource fails (the agent enforces the last-known state), else 0",
-            m.kube_watch_failing.clone(),
-        );
-        r.register(
-            "kubernetes_events",
-            "Kubernetes mode: Events on the Node, by result (created, updated, rejected, dropped)",
-            m.kube_events.clone(),
-        );
-        r.register(
-            "kubernetes_events_unsent",
-            "Kubernetes mode: Events waiting to be posted (API server unreachable, or the rate limit)",
-            m.kube_events_unsent.clone(),
-        );
-        r.register(
-            "network_state_protected",
-            "Kubernetes mode: the NetworkStateProtected Node condition as evaluated, 1 (True) or 0 (False), labelled with its reason",
-            m.network_state_protected.clone(),
-        );
+        for d in REGISTERED {
+            match &d.unit {
+                Some(unit) => r.register_with_unit(d.name, d.help, unit.clone(), (d.metric)(&m)),
+                None => r.register(d.name, d.help, (d.metric)(&m)),
+            }
+        }
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -401,6 +464,9 @@ pub const RESYNC_REASONS: [&str; 7] = [
     "rule_added_again",
 ];
 
+/// What opens a sample's labels in the text formats.
+const LABELS_OPEN: char = '{';
+
 /// The name of every sample the agent can export (`_total`, `_bucket`, `_sum`, `_count`
 /// included), for checks of dashboards and alerts against what really exists.
 pub fn exported_names() -> std::collections::BTreeSet<String> {
@@ -439,7 +505,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
     let mut names: std::collections::BTreeSet<String> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter_map(|l| l.split([LABELS_OPEN, ' ']).next())
         .map(str::to_string)
         .collect();
     // contested_objects has no series on an empty board; it exists all the same.
