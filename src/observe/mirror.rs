@@ -243,116 +243,128 @@ impl Mirror {
     pub fn ingest(&mut self, msg: &RouteNetlinkMessage) -> Change {
         use RouteNetlinkMessage as M;
         match msg {
-            M::NewRule(m) | M::DelRule(m) => {
-                let Some((key, proto)) = decode::rule(m) else {
-                    return Change::Nothing;
-                };
-                let removed = matches!(msg, M::DelRule(_));
-                if removed {
-                    if let Some(list) = self.rules.get_mut(&key) {
-                        let at = list.iter().position(|p| *p == proto).unwrap_or(0);
-                        list.remove(at);
-                        if list.is_empty() {
-                            self.rules.remove(&key);
-                        }
-                    }
-                } else {
-                    let list = self.rules.entry(key.clone()).or_default();
-                    // A notification read after a dump can repeat a rule the dump already showed,
-                    // so it is not counted twice here; the caller re-dumps the rules to count.
-                    if list.contains(&proto) {
-                        return Change::RuleAddedAgain { key };
-                    }
-                    list.push(proto);
+            M::NewRule(m) | M::DelRule(m) => match decode::rule(m) {
+                Some((key, proto)) => self.ingest_rule(key, proto, matches!(msg, M::DelRule(_))),
+                None => Change::Nothing,
+            },
+            M::NewRoute(m) | M::DelRoute(m) => match decode::route(m) {
+                Some((key, route)) => self.ingest_route(key, route, matches!(msg, M::DelRoute(_))),
+                None => Change::Nothing,
+            },
+            M::NewAddress(m) | M::DelAddress(m) => match decode::address(m) {
+                Some((key, addr)) => {
+                    self.ingest_address(key, addr, matches!(msg, M::DelAddress(_)))
                 }
-                Change::Rule { key, removed }
-            }
-            M::NewRoute(m) | M::DelRoute(m) => {
-                let Some((key, route)) = decode::route(m) else {
-                    return Change::Nothing;
-                };
-                let removed = matches!(msg, M::DelRoute(_));
-                if !self.interest.wants(&key) {
-                    return if removed {
-                        Change::Nothing
-                    } else {
-                        Change::RouteAppeared
-                    };
-                }
-                if removed {
-                    if let Some(list) = self.routes.get_mut(&key) {
-                        match list.iter().position(|r| *r == route) {
-                            Some(at) => {
-                                list.remove(at);
-                            }
-                            // A delete names the identity; attributes in it may be partial.
-                            None => list.clear(),
-                        }
-                        if list.is_empty() {
-                            self.routes.remove(&key);
-                        }
-                    }
-                } else {
-                    let list = self.routes.entry(key.clone()).or_default();
-                    // NEWROUTE for an existing identity is a replace unless it was an append; we
-                    // cannot tell from the notification, so keep the latest attributes only.
-                    list.clear();
-                    list.push(route);
-                }
-                Change::Route { key, removed }
-            }
-            M::NewAddress(m) | M::DelAddress(m) => {
-                let Some((key, addr)) = decode::address(m) else {
-                    return Change::Nothing;
-                };
-                let removed = matches!(msg, M::DelAddress(_));
-                if removed {
-                    let known = self.addresses.remove(&key);
-                    if self.departed.len() >= MAX_DEPARTED {
-                        self.departed.clear();
-                    }
-                    self.departed
-                        .insert(key.clone(), merge_departed(known, addr));
-                } else {
-                    self.departed.remove(&key);
-                    self.addresses.insert(key.clone(), addr);
-                }
-                Change::Address { key, removed }
-            }
-            M::NewLink(m) => {
-                let info = decode::link(m);
-                let index = info.index;
-                let previous = self.links.insert(index, info.clone());
-                if let Some(prev) = &previous {
-                    if prev.name != info.name {
-                        self.link_by_name.remove(&prev.name);
-                    }
-                }
-                self.link_by_name.insert(info.name.clone(), index);
-                match previous {
-                    None => Change::LinkReady { index },
-                    Some(prev) if prev.name != info.name => Change::LinkReady { index },
-                    Some(prev) if !prev.up && info.up => Change::LinkReady { index },
-                    Some(prev) if prev.up && !info.up => Change::LinkLost { index },
-                    Some(_) => Change::LinkOther { index },
-                }
-            }
+                None => Change::Nothing,
+            },
+            M::NewLink(m) => self.new_link(decode::link(m)),
             M::SetLink(m) => self.set_link(m),
-            M::DelLink(m) => {
-                let index = m.header.index;
-                if let Some(prev) = self.links.remove(&index) {
-                    self.link_by_name.remove(&prev.name);
-                }
-                self.addresses.retain(|k, _| k.ifindex != index);
-                self.forget_device(index);
-                self.departed.retain(|k, _| k.ifindex != index);
-                Change::LinkLost { index }
-            }
+            M::DelLink(m) => self.del_link(m.header.index),
             M::NewNeighbour(m) | M::DelNeighbour(m) => {
                 self.ingest_neighbour(m, matches!(msg, M::DelNeighbour(_)))
             }
             _ => Change::Nothing,
         }
+    }
+
+    /// One copy of a rule added or removed.
+    fn ingest_rule(&mut self, key: RuleKey, proto: Option<u8>, removed: bool) -> Change {
+        if removed {
+            if let Some(list) = self.rules.get_mut(&key) {
+                let at = list.iter().position(|p| *p == proto).unwrap_or(0);
+                list.remove(at);
+                if list.is_empty() {
+                    self.rules.remove(&key);
+                }
+            }
+        } else {
+            let list = self.rules.entry(key.clone()).or_default();
+            // A notification read after a dump can repeat a rule the dump already showed,
+            // so it is not counted twice here; the caller re-dumps the rules to count.
+            if list.contains(&proto) {
+                return Change::RuleAddedAgain { key };
+            }
+            list.push(proto);
+        }
+        Change::Rule { key, removed }
+    }
+
+    /// A route added, replaced or removed; one outside the interest is only noticed.
+    fn ingest_route(&mut self, key: RouteKey, route: ObservedRoute, removed: bool) -> Change {
+        if !self.interest.wants(&key) {
+            return if removed {
+                Change::Nothing
+            } else {
+                Change::RouteAppeared
+            };
+        }
+        if removed {
+            if let Some(list) = self.routes.get_mut(&key) {
+                match list.iter().position(|r| *r == route) {
+                    Some(at) => {
+                        list.remove(at);
+                    }
+                    // A delete names the identity; attributes in it may be partial.
+                    None => list.clear(),
+                }
+                if list.is_empty() {
+                    self.routes.remove(&key);
+                }
+            }
+        } else {
+            let list = self.routes.entry(key.clone()).or_default();
+            // NEWROUTE for an existing identity is a replace unless it was an append; we
+            // cannot tell from the notification, so keep the latest attributes only.
+            list.clear();
+            list.push(route);
+        }
+        Change::Route { key, removed }
+    }
+
+    /// An address added or removed (what it was is kept among the departed).
+    fn ingest_address(&mut self, key: AddressKey, addr: ObservedAddress, removed: bool) -> Change {
+        if removed {
+            let known = self.addresses.remove(&key);
+            if self.departed.len() >= MAX_DEPARTED {
+                self.departed.clear();
+            }
+            self.departed
+                .insert(key.clone(), merge_departed(known, addr));
+        } else {
+            self.departed.remove(&key);
+            self.addresses.insert(key.clone(), addr);
+        }
+        Change::Address { key, removed }
+    }
+
+    /// A link appeared or changed: ready when it is new, renamed or came up.
+    fn new_link(&mut self, info: LinkInfo) -> Change {
+        let index = info.index;
+        let previous = self.links.insert(index, info.clone());
+        if let Some(prev) = &previous {
+            if prev.name != info.name {
+                self.link_by_name.remove(&prev.name);
+            }
+        }
+        self.link_by_name.insert(info.name.clone(), index);
+        match previous {
+            None => Change::LinkReady { index },
+            Some(prev) if prev.name != info.name => Change::LinkReady { index },
+            Some(prev) if !prev.up && info.up => Change::LinkReady { index },
+            Some(prev) if prev.up && !info.up => Change::LinkLost { index },
+            Some(_) => Change::LinkOther { index },
+        }
+    }
+
+    /// A link went, with its addresses and whatever was kept by device.
+    fn del_link(&mut self, index: u32) -> Change {
+        if let Some(prev) = self.links.remove(&index) {
+            self.link_by_name.remove(&prev.name);
+        }
+        self.addresses.retain(|k, _| k.ifindex != index);
+        self.forget_device(index);
+        self.departed.retain(|k, _| k.ifindex != index);
+        Change::LinkLost { index }
     }
 }
 
