@@ -7,15 +7,15 @@
 //! cannot change in place (a base chain's type, hook, priority or device; a set's type or
 //! flags) is reported, not recreated: recreating it would drop what its owner put there.
 
-use super::listing::{ObservedChain, ObservedSet, ObservedTable};
-use super::model::{
-    Content, DesiredChain, DesiredSet, DesiredTable, Element, Forbidden, RuleText, TableKey,
-};
-use super::schema;
+use super::listing::{ObservedChain, ObservedTable};
+use super::model::{Content, DesiredChain, DesiredSet, DesiredTable, Element, RuleText, TableKey};
 use crate::model::Mode;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+
+mod sets;
+use sets::plan_set;
 
 /// One thing found wrong with a table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -462,142 +462,6 @@ fn plan_contains(
             chain: chain.to_owned(),
             rules: missing,
         });
-    }
-}
-
-/// The declaration's parsed form (checked when the config was loaded; a listing's own line may
-/// name types netwarden does not model, which then only match exactly).
-fn decl(s: &DesiredSet) -> Option<schema::Declaration> {
-    let (kind, text) = s.declaration.split_once(' ')?;
-    schema::declaration(kind, text, s.map).ok().map(|(_, d)| d)
-}
-
-fn is_forbidden(e: &Element, forbidden: &[Forbidden], d: Option<&schema::Declaration>) -> bool {
-    let nets = d.and_then(|d| schema::element_nets(&e.key, d));
-    forbidden.iter().any(|f| match f {
-        Forbidden::Exact(x) => *x == e.key,
-        Forbidden::Net(n) => nets
-            .as_deref()
-            .is_some_and(|nets| schema::overlaps(nets, n)),
-    })
-}
-
-fn plan_set(
-    d: &DesiredSet,
-    o: Option<&ObservedSet>,
-    findings: &mut Vec<Finding>,
-    ops: &mut Vec<Op>,
-) {
-    let set = d.name.clone();
-    let Some(o) = o else {
-        findings.push(Finding::SetMissing { set: set.clone() });
-        ops.push(Op::AddSet(DesiredSet {
-            elements: Vec::new(),
-            ..d.clone()
-        }));
-        if !d.elements.is_empty() {
-            ops.push(Op::AddElements {
-                set,
-                elements: d.elements.clone(),
-            });
-        }
-        return;
-    };
-    let mut diff = Vec::new();
-    if o.map != d.map {
-        diff.push(format!(
-            "a {}, expected a {}",
-            if o.map { "map" } else { "set" },
-            d.kind()
-        ));
-    }
-    if super::text::collapse(&o.declaration) != d.declaration {
-        diff.push(format!("`{}`, expected `{}`", o.declaration, d.declaration));
-    }
-    let mut flags = o.flags.clone();
-    flags.sort();
-    let mut want = d.flags.clone();
-    want.sort();
-    if !d.flags.is_empty() && flags != want {
-        diff.push(format!(
-            "flags {}, expected {}",
-            o.flags.join(","),
-            d.flags.join(",")
-        ));
-    }
-    if d.timeout.is_some() && o.timeout != d.timeout {
-        diff.push(format!(
-            "timeout {}, expected {}",
-            o.timeout.as_deref().unwrap_or("none"),
-            d.timeout.as_deref().unwrap_or("none")
-        ));
-    }
-    if !diff.is_empty() {
-        findings.push(Finding::SetDifferent {
-            set,
-            detail: format!("{} (not recreated; elements not compared)", diff.join(", ")),
-        });
-        return;
-    }
-    let declaration = decl(d);
-    let have: HashMap<&str, &Element> = o.elements.iter().map(|e| (e.key.as_str(), e)).collect();
-    let want_keys: HashSet<&str> = d.elements.iter().map(|e| e.key.as_str()).collect();
-    let mut add = Vec::new();
-    let mut delete = Vec::new();
-    for e in &d.elements {
-        match have.get(e.key.as_str()) {
-            Some(x) if x.value == e.value => {}
-            Some(x) => {
-                delete.push((*x).clone());
-                add.push(e.clone());
-            }
-            None => add.push(e.clone()),
-        }
-    }
-    let forbidden: Vec<Element> = o
-        .elements
-        .iter()
-        .filter(|e| is_forbidden(e, &d.forbidden, declaration.as_ref()))
-        .cloned()
-        .collect();
-    let other: Vec<Element> = match d.membership {
-        Content::Exact => o
-            .elements
-            .iter()
-            .filter(|e| !want_keys.contains(e.key.as_str()) && !forbidden.contains(e))
-            .cloned()
-            .collect(),
-        Content::Contains => Vec::new(),
-    };
-    let text = |v: &[Element]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-    if !add.is_empty() {
-        findings.push(Finding::ElementsMissing {
-            set: set.clone(),
-            elements: text(&add),
-        });
-    }
-    if !other.is_empty() {
-        findings.push(Finding::ElementsOther {
-            set: set.clone(),
-            elements: text(&other),
-        });
-    }
-    if !forbidden.is_empty() {
-        findings.push(Finding::Forbidden {
-            set: set.clone(),
-            elements: text(&forbidden),
-        });
-    }
-    delete.extend(other);
-    delete.extend(forbidden);
-    if !delete.is_empty() {
-        ops.push(Op::DeleteElements {
-            set: set.clone(),
-            elements: delete,
-        });
-    }
-    if !add.is_empty() {
-        ops.push(Op::AddElements { set, elements: add });
     }
 }
 

@@ -1,6 +1,6 @@
 use super::*;
 use crate::nftables::listing::{self, ObservedRule};
-use crate::nftables::model::{BaseChain, NfFamily};
+use crate::nftables::model::{BaseChain, Forbidden, NfFamily};
 
 fn key() -> TableKey {
     TableKey {
