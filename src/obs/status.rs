@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod table;
+pub use table::{ago, render_table};
+
 /// The state of a protected object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -497,114 +500,6 @@ fn kind_rank(kind: &str) -> usize {
         .chain(std::iter::once(&NFTABLES_KIND))
         .position(|k| *k == kind)
         .unwrap_or(KINDS.len() + NETFILTER_KINDS.len() + 1)
-}
-
-/// "3s ago", "2m ago", "5h ago", "4d ago".
-pub fn ago(seconds: f64) -> String {
-    let s = seconds.max(0.0) as u64;
-    match s {
-        0..=119 => format!("{s}s ago"),
-        120..=7199 => format!("{}m ago", s / 60),
-        7200..=172_799 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
-    }
-}
-
-/// The table `netwarden status` prints.
-pub fn render_table(status: &Status) -> String {
-    let header = [
-        "KIND",
-        "NAME",
-        "STATE",
-        "MODE",
-        "REPAIRS",
-        "LAST REPAIR",
-        "BY",
-        "OBJECT",
-    ];
-    let mut rows: Vec<[String; 8]> = Vec::new();
-    for o in &status.objects {
-        let state = match (&o.fighter, o.state) {
-            (Some(f), State::Contested) => format!("contested ({f})"),
-            _ => o.state.as_str().to_string(),
-        };
-        rows.push([
-            o.kind.clone(),
-            o.name.clone(),
-            state,
-            o.mode.clone(),
-            o.repairs.to_string(),
-            o.last_repair_unix
-                .map(|t| ago(status.now_unix - t))
-                .unwrap_or_else(|| "-".into()),
-            o.last_actor.clone().unwrap_or_else(|| "-".into()),
-            match &o.reason {
-                Some(r) => format!("{} ({r})", o.object),
-                None => o.object.clone(),
-            },
-        ]);
-    }
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len() - 1;
-        for (i, c) in cells.iter().enumerate() {
-            if i == last {
-                out.push_str(c);
-            } else {
-                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-    let not_in_sync = status
-        .objects
-        .iter()
-        .filter(|o| o.state != State::InSync)
-        .count();
-    for p in &status.pending {
-        let at = if p.path.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", p.path)
-        };
-        out.push_str(&format!(
-            "pending  {}{at}: {} [{}]\n",
-            p.name, p.reason, p.cause
-        ));
-    }
-    let pending = if status.pending.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; {} templated object{} pending",
-            status.pending.len(),
-            if status.pending.len() == 1 { "" } else { "s" }
-        )
-    };
-    out.push_str(&format!(
-        "{} objects, {} in sync, {} not{pending}{}\n",
-        status.objects.len(),
-        status.objects.len() - not_in_sync,
-        not_in_sync,
-        match (status.ready, status.not_ready.as_deref()) {
-            (true, _) => String::new(),
-            (false, None | Some(NOT_SYNCED)) => {
-                "; initial sync not done yet".to_owned()
-            }
-            (false, Some(why)) => format!("; not ready: {why}"),
-        }
-    ));
-    out
 }
 
 #[cfg(test)]
