@@ -15,6 +15,7 @@ mod netfilter;
 mod nftables;
 mod node;
 mod raw;
+mod routing;
 pub mod template;
 mod values;
 
