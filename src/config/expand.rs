@@ -16,6 +16,9 @@ use crate::model::{DesiredAddress, DesiredRoute, DesiredRule, Family, Mode};
 use crate::netfilter::model::{DesiredSet, Member};
 use serde_saphyr::Spanned;
 
+mod combine;
+use combine::{combinations, expand_set};
+
 /// Upper bound on the objects one templated object may expand to (the product of its fields'
 /// values): a mistaken template must not make the agent build millions of rules.
 const MAX_EXPANSION: usize = 100_000;
@@ -142,95 +145,90 @@ impl Templates {
     pub fn expand(&self, facts: &ClusterFacts) -> Expanded {
         let mut out = Expanded::default();
         for o in &self.objects {
-            let pending = |(cause, reason): (PendingCause, String)| Pending {
-                name: o.name.clone(),
-                path: o.path.clone(),
-                cause,
-                reason,
-            };
             let obj = Object {
                 at: o.at,
                 path: o.path.clone(),
             };
             let mut b = Builder::new(&self.file, "");
+            let mut pending = Vec::new();
             match &o.kind {
                 Kind::Rule(r) => {
-                    let combos = match combinations(&o.fields, facts, explicit_family(&r.family)) {
-                        Ok(c) => c,
-                        Err(reason) => {
-                            out.pending.push(pending(reason));
-                            continue;
-                        }
-                    };
-                    for combo in combos {
+                    let combos = combinations(&o.fields, facts, explicit_family(&r.family));
+                    out.rules.extend(build_each(combos, &mut pending, |combo| {
                         let mut raw = r.clone();
                         for ((f, _), v) in o.fields.iter().zip(combo) {
                             set(rule_field(&mut raw, f), v);
                         }
-                        match b.rule(&obj, &raw, self.mode) {
-                            Some(x) => out.rules.push(x),
-                            None => out
-                                .pending
-                                .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
-                        }
-                    }
+                        b.rule(&obj, &raw, self.mode)
+                            .ok_or_else(|| first_error(&mut b))
+                    }));
                 }
                 Kind::Route(r) => {
-                    let combos = match combinations(&o.fields, facts, explicit_family(&r.family)) {
-                        Ok(c) => c,
-                        Err(reason) => {
-                            out.pending.push(pending(reason));
-                            continue;
-                        }
-                    };
-                    for combo in combos {
+                    let combos = combinations(&o.fields, facts, explicit_family(&r.family));
+                    out.routes.extend(build_each(combos, &mut pending, |combo| {
                         let mut raw = r.clone();
                         for ((f, _), v) in o.fields.iter().zip(combo) {
                             set(route_field(&mut raw, f), v);
                         }
-                        match b.route(&obj, &raw, self.mode) {
-                            Some(x) => out.routes.push(x),
-                            None => out
-                                .pending
-                                .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
-                        }
-                    }
+                        b.route(&obj, &raw, self.mode)
+                            .ok_or_else(|| first_error(&mut b))
+                    }));
                 }
                 Kind::Address(a) => {
-                    let combos = match combinations(&o.fields, facts, None) {
-                        Ok(c) => c,
-                        Err(reason) => {
-                            out.pending.push(pending(reason));
-                            continue;
-                        }
-                    };
-                    for combo in combos {
-                        let mut raw = a.clone();
-                        for v in combo {
-                            set(&mut raw.address, v);
-                        }
-                        match b.address(&obj, &raw, self.mode) {
-                            Some(x) => out.addresses.push(x),
-                            None => out
-                                .pending
-                                .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
-                        }
-                    }
+                    let combos = combinations(&o.fields, facts, None);
+                    out.addresses
+                        .extend(build_each(combos, &mut pending, |combo| {
+                            let mut raw = a.clone();
+                            for v in combo {
+                                set(&mut raw.address, v);
+                            }
+                            b.address(&obj, &raw, self.mode)
+                                .ok_or_else(|| first_error(&mut b))
+                        }));
                 }
                 Kind::IpSet(s) => {
                     let (raw, notes) = expand_set(s, &o.fields, facts);
-                    out.pending.extend(notes.into_iter().map(pending));
+                    pending.extend(notes);
                     match b.ipset(&obj, &raw, self.mode) {
                         Some(x) => out.ipsets.push(x),
-                        None => out
-                            .pending
-                            .push(pending((PendingCause::InvalidValue, first_error(&mut b)))),
+                        None => pending.push((PendingCause::InvalidValue, first_error(&mut b))),
                     }
                 }
             }
+            out.pending
+                .extend(pending.into_iter().map(|(cause, reason)| Pending {
+                    name: o.name.clone(),
+                    path: o.path.clone(),
+                    cause,
+                    reason,
+                }));
         }
         out
     }
+}
+
+/// One object built from each combination of values; no combination, or one that does not
+/// build, leaves the object (that value of it) pending.
+fn build_each<T>(
+    combos: Result<Vec<Vec<String>>, (PendingCause, String)>,
+    pending: &mut Vec<(PendingCause, String)>,
+    mut build: impl FnMut(Vec<String>) -> Result<T, String>,
+) -> Vec<T> {
+    let combos = match combos {
+        Ok(c) => c,
+        Err(reason) => {
+            pending.push(reason);
+            return Vec::new();
+        }
+    };
+    let mut built = Vec::new();
+    for combo in combos {
+        match build(combo) {
+            Ok(x) => built.push(x),
+            Err(error) => pending.push((PendingCause::InvalidValue, error)),
+        }
+    }
+    built
 }
 
 fn first_error(b: &mut Builder<'_>) -> String {
@@ -240,145 +238,6 @@ fn first_error(b: &mut Builder<'_>) -> String {
         .map(|e| format!("{}: {}", e.field, e.message))
         .next()
         .unwrap_or_else(|| "invalid after expansion".to_owned())
-}
-
-/// Every combination of the fields' values whose families agree (with each other and with the
-/// object's explicit family). `Err` says why there is none.
-fn combinations(
-    fields: &[(String, Templated)],
-    facts: &ClusterFacts,
-    family: Option<Family>,
-) -> Result<Vec<Vec<String>>, (PendingCause, String)> {
-    let mut lists = Vec::with_capacity(fields.len());
-    for (_, t) in fields {
-        let Some(values) = t.values(facts) else {
-            return Err((
-                PendingCause::NoValue,
-                format!("waiting for {}: no such value yet", t.template),
-            ));
-        };
-        let had_values = !values.is_empty();
-        let values: Vec<String> = values
-            .into_iter()
-            .filter(|v| {
-                family.is_none() || template::family_of(v).is_none_or(|f| Some(f) == family)
-            })
-            .collect();
-        if values.is_empty() {
-            let of = family
-                .map(|f| format!(" of family {f}"))
-                .unwrap_or_default();
-            // Values of another family only are as good as none: the object waits.
-            let cause = if had_values {
-                PendingCause::NoFamily
-            } else {
-                PendingCause::NoValue
-            };
-            return Err((
-                cause,
-                format!("waiting for {}: no value{of} yet", t.template),
-            ));
-        }
-        lists.push(values);
-    }
-    let total = lists.iter().try_fold(1usize, |n, l| n.checked_mul(l.len()));
-    if total.is_none_or(|n| n > MAX_EXPANSION) {
-        return Err((
-            PendingCause::TooMany,
-            format!("its templates expand to more than {MAX_EXPANSION} objects: narrow them"),
-        ));
-    }
-    let mut combos: Vec<Vec<String>> = vec![Vec::new()];
-    for list in &lists {
-        let mut next = Vec::with_capacity(combos.len() * list.len());
-        for c in &combos {
-            for v in list {
-                let mut c = c.clone();
-                c.push(v.clone());
-                next.push(c);
-            }
-        }
-        combos = next;
-    }
-    // One object per value of one family: a combination mixing families is no object.
-    combos.retain(|c| {
-        let mut fams = c.iter().filter_map(|v| template::family_of(v));
-        let first = fams.next();
-        fams.all(|f| Some(f) == first)
-    });
-    if combos.is_empty() {
-        return Err((
-            PendingCause::NoFamily,
-            "its templates have no values of one family".to_owned(),
-        ));
-    }
-    Ok(combos)
-}
-
-/// The set with each templated entry replaced by its values of the set's family. A member that a
-/// forbidden entry covers is left out (that is what `forbidden` is for: an API server address
-/// that some Service also lists must not enter the set), and noted.
-fn expand_set(
-    s: &RawIpSet,
-    fields: &[(String, Templated)],
-    facts: &ClusterFacts,
-) -> (RawIpSet, Vec<(PendingCause, String)>) {
-    let family = explicit_family(&s.family).unwrap_or(Family::Ipv4);
-    let mut notes = Vec::new();
-    let mut raw = s.clone();
-    let mut expand_list = |list: &Option<Vec<Scalar>>, name: &str| -> Option<Vec<Scalar>> {
-        let list = list.as_ref()?;
-        let mut out = Vec::with_capacity(list.len());
-        for (j, entry) in list.iter().enumerate() {
-            let key = format!("{name}[{j}]");
-            let Some((_, t)) = fields.iter().find(|(f, _)| *f == key) else {
-                out.push(entry.clone());
-                continue;
-            };
-            let Some(at) = entry.as_ref() else { continue };
-            match t.values(facts) {
-                None => notes.push((
-                    PendingCause::NoValue,
-                    format!("{key}: waiting for {}: no such value yet", t.template),
-                )),
-                Some(values) => out.extend(
-                    values
-                        .into_iter()
-                        .filter(|v| template::family_of(v).is_none_or(|f| f == family))
-                        .map(|v| Some(Spanned::new(v, at.referenced, at.defined))),
-                ),
-            }
-        }
-        Some(out)
-    };
-    raw.forbidden = expand_list(&s.forbidden, "forbidden");
-    raw.members = expand_list(&s.members, "members");
-    let forbidden: Vec<ipnet::IpNet> = raw
-        .forbidden
-        .iter()
-        .flatten()
-        .flatten()
-        .filter_map(|f| values::prefix(&f.value).ok())
-        .collect();
-    if let Some(members) = &mut raw.members {
-        members.retain(|m| {
-            let Some(m) = m else { return true };
-            let Ok(member) = Member::parse(&m.value) else {
-                return true;
-            };
-            match forbidden.iter().find(|f| member.overlaps(f)) {
-                Some(f) => {
-                    notes.push((
-                        PendingCause::ForbiddenMember,
-                        format!("member `{}` is forbidden by `{f}`: left out", m.value),
-                    ));
-                    false
-                }
-                None => true,
-            }
-        });
-    }
-    (raw, notes)
 }
 
 impl Builder<'_> {
