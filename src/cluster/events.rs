@@ -108,6 +108,108 @@ pub enum Outcome {
     Rejected,
 }
 
+/// What a notice tells, before it joins its series.
+struct Told {
+    key: Key,
+    kind: EventType,
+    what: What,
+    /// How many it counts (a restoration counts its kinds).
+    n: u64,
+    /// Posted at once rather than at the end of the window.
+    immediate: bool,
+}
+
+impl Told {
+    /// `None` for a notice that is no Event of its own.
+    fn of(notice: Notice) -> Option<Told> {
+        let told = |key, kind, what, n, immediate| {
+            Some(Told {
+                key,
+                kind,
+                what,
+                n,
+                immediate,
+            })
+        };
+        match notice {
+            Notice::Restored { counts, actor } => {
+                let kinds: BTreeMap<&'static str, u64> =
+                    counts.into_iter().filter(|(_, n)| *n > 0).collect();
+                let by = if actor.is_empty() { "unknown" } else { &actor };
+                let key = key("DriftRepaired", by);
+                told(
+                    key,
+                    EventType::Normal,
+                    What::restored(kinds, false),
+                    0,
+                    false,
+                )
+            }
+            Notice::PlacedAtStart { counts } => {
+                let kinds: BTreeMap<&'static str, u64> =
+                    counts.into_iter().filter(|(_, n)| *n > 0).collect();
+                let key = key("DriftRepaired", "at start");
+                told(
+                    key,
+                    EventType::Normal,
+                    What::restored(kinds, true),
+                    0,
+                    false,
+                )
+            }
+            Notice::ForbiddenRemoved { set, members } => {
+                let n = members.len() as u64;
+                let what = What::Forbidden { named: members };
+                told(
+                    key("ForbiddenMembersRemoved", &set),
+                    EventType::Warning,
+                    what,
+                    n,
+                    false,
+                )
+            }
+            Notice::Contested { kind, name, actor } => {
+                let text = format!(
+                    "{kind} {name} is removed again right after each repair (by {actor}); repairs back off"
+                );
+                let key = key("Contested", &format!("{kind} {name}"));
+                told(key, EventType::Warning, What::Text(text), 1, true)
+            }
+            Notice::NetworkdAtRisk {
+                objects,
+                names,
+                preventable,
+            } => {
+                let text = networkd_at_risk(objects, &names, preventable);
+                let key = key("NetworkdWillRemove", "restart");
+                told(key, EventType::Warning, What::Text(text), 1, true)
+            }
+            Notice::ConfigRejected { source, error } => {
+                let text = format!(
+                    "{source} rejected, the last good config stays in force: {}",
+                    truncate(&error, 800)
+                );
+                let key = key("ConfigRejected", &source);
+                told(key, EventType::Warning, What::Text(text), 1, true)
+            }
+            Notice::ConfigAccepted { .. } => None,
+        }
+    }
+}
+
+fn networkd_at_risk(objects: usize, names: &[String], preventable: bool) -> String {
+    format!(
+        "systemd-networkd's next restart would remove {objects} protected objects ({}{}); {}",
+        names.join(", "),
+        if objects > names.len() { ", ..." } else { "" },
+        if preventable {
+            "`netwarden networkd` prints the drop-in that prevents it; netwarden repairs them meanwhile"
+        } else {
+            "netwarden repairs them"
+        }
+    )
+}
+
 #[derive(Debug)]
 pub struct Aggregator {
     window: Duration,
@@ -143,102 +245,43 @@ impl Aggregator {
     }
 
     pub fn record(&mut self, notice: Notice, now: Instant, wall: SystemTime) {
-        let (key, kind, what, n, immediate) = match notice {
-            Notice::Restored { counts, actor } => {
-                let kinds: BTreeMap<&'static str, u64> =
-                    counts.into_iter().filter(|(_, n)| *n > 0).collect();
-                let by = if actor.is_empty() { "unknown" } else { &actor };
-                let key = key("DriftRepaired", by);
-                (
-                    key,
-                    EventType::Normal,
-                    What::restored(kinds, false),
-                    0,
-                    false,
-                )
-            }
-            Notice::PlacedAtStart { counts } => {
-                let kinds: BTreeMap<&'static str, u64> =
-                    counts.into_iter().filter(|(_, n)| *n > 0).collect();
-                let key = key("DriftRepaired", "at start");
-                (
-                    key,
-                    EventType::Normal,
-                    What::restored(kinds, true),
-                    0,
-                    false,
-                )
-            }
-            Notice::ForbiddenRemoved { set, members } => {
-                let n = members.len() as u64;
-                let what = What::Forbidden { named: members };
-                let key = key("ForbiddenMembersRemoved", &set);
-                (key, EventType::Warning, what, n, false)
-            }
-            Notice::Contested { kind, name, actor } => {
-                let text = format!(
-                    "{kind} {name} is removed again right after each repair (by {actor}); repairs back off"
-                );
-                let key = key("Contested", &format!("{kind} {name}"));
-                (key, EventType::Warning, What::Text(text), 1, true)
-            }
-            Notice::NetworkdAtRisk {
-                objects,
-                names,
-                preventable,
-            } => {
-                let text = format!(
-                    "systemd-networkd's next restart would remove {objects} protected objects ({}{}); {}",
-                    names.join(", "),
-                    if objects > names.len() { ", ..." } else { "" },
-                    if preventable {
-                        "`netwarden networkd` prints the drop-in that prevents it; netwarden repairs them meanwhile"
-                    } else {
-                        "netwarden repairs them"
-                    }
-                );
-                let key = key("NetworkdWillRemove", "restart");
-                (key, EventType::Warning, What::Text(text), 1, true)
-            }
-            Notice::ConfigRejected { source, error } => {
-                let text = format!(
-                    "{source} rejected, the last good config stays in force: {}",
-                    truncate(&error, 800)
-                );
-                let key = key("ConfigRejected", &source);
-                (key, EventType::Warning, What::Text(text), 1, true)
-            }
-            Notice::ConfigAccepted { source } => {
-                self.superseded(&key("ConfigRejected", &source));
-                return;
-            }
+        if let Notice::ConfigAccepted { source } = &notice {
+            self.superseded(&key("ConfigRejected", source));
+            return;
+        }
+        let Some(told) = Told::of(notice) else {
+            return;
         };
-        let n = match &what {
+        let n = match &told.what {
             What::Restored { kinds, .. } => kinds.values().sum(),
-            _ => n,
+            _ => told.n,
         };
         // Nothing counted is nothing to tell (not an Event saying "restored  removed").
         if n == 0 {
             return;
         }
         self.expire(now);
-        let ended = self.series.get(&key).is_some_and(|s| {
+        let ended = self.series.get(&told.key).is_some_and(|s| {
             s.dirty_since.is_none() && !s.in_flight && now.duration_since(s.last_seen) >= SERIES_GAP
         });
         if ended {
-            self.series.remove(&key);
+            self.series.remove(&told.key);
         }
-        if !self.series.contains_key(&key) && self.series.len() >= SERIES_MAX && !self.evict() {
+        if !self.series.contains_key(&told.key) && self.series.len() >= SERIES_MAX && !self.evict()
+        {
             self.dropped += 1;
             return;
         }
+        let Told {
+            key,
+            kind,
+            what,
+            immediate,
+            ..
+        } = told;
         let s = self.series.entry(key).or_insert_with(|| Series {
             kind,
-            what: match &what {
-                What::Restored { at_start, .. } => What::restored(BTreeMap::new(), *at_start),
-                What::Forbidden { .. } => What::Forbidden { named: Vec::new() },
-                What::Text(t) => What::Text(t.clone()),
-            },
+            what: what.empty(),
             count: 0,
             first: wall,
             last: wall,
@@ -425,6 +468,15 @@ fn key(reason: &'static str, subject: &str) -> Key {
 }
 
 impl What {
+    /// The same kind of content, with nothing in it yet.
+    fn empty(&self) -> What {
+        match self {
+            What::Restored { at_start, .. } => What::restored(BTreeMap::new(), *at_start),
+            What::Forbidden { .. } => What::Forbidden { named: Vec::new() },
+            What::Text(t) => What::Text(t.clone()),
+        }
+    }
+
     fn restored(kinds: BTreeMap<&'static str, u64>, at_start: bool) -> What {
         What::Restored { kinds, at_start }
     }
