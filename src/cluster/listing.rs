@@ -201,39 +201,7 @@ impl ListReader {
                 self.state = State::Value(key);
             }
             State::Key { .. } => return Err(self.syntax("expected a key")),
-            State::Value(key) => {
-                if b != b':' {
-                    return Err(self.syntax("expected `:`"));
-                }
-                // Look past the colon without consuming it until the value is in.
-                let colon = self.pos;
-                self.pos += 1;
-                let Some(v) = self.peek() else {
-                    self.pos = colon;
-                    self.state = State::Value(key);
-                    return Ok(false);
-                };
-                if key == "items" && v == b'[' {
-                    self.pos += 1;
-                    self.state = State::Items { first: true };
-                    return Ok(true);
-                }
-                let end = match value_end(&self.buf, self.pos) {
-                    Ok(Some(end)) => end,
-                    Ok(None) => {
-                        self.pos = colon;
-                        self.state = State::Value(key);
-                        return Ok(false);
-                    }
-                    Err(e) => return Err(self.syntax(e)),
-                };
-                if key == "metadata" {
-                    self.meta = serde_json::from_slice(&self.buf[self.pos..end])
-                        .map_err(|e| self.syntax(format!("metadata: {e}")))?;
-                }
-                self.pos = end;
-                self.state = State::After;
-            }
+            State::Value(key) => return self.value(b, key),
             State::Items { first } => match b {
                 b']' => {
                     self.pos += 1;
@@ -243,26 +211,7 @@ impl ListReader {
                     self.pos += 1;
                     self.state = State::Items { first: true };
                 }
-                _ => {
-                    let end = match value_end(&self.buf, self.pos) {
-                        Ok(Some(end)) => end,
-                        Ok(None) => {
-                            self.state = State::Items { first };
-                            return Ok(false);
-                        }
-                        Err(e) => return Err(self.syntax(e)),
-                    };
-                    let parsed = serde_json::from_slice(&self.buf[self.pos..end]).map_err(|e| {
-                        ListError::Item {
-                            index: self.items,
-                            message: e.to_string(),
-                        }
-                    })?;
-                    self.items += 1;
-                    self.pos = end;
-                    self.state = State::Items { first: false };
-                    item(parsed);
-                }
+                _ => return self.item(first, item),
             },
             State::After => match b {
                 b',' => {
@@ -277,6 +226,69 @@ impl ListReader {
             },
             State::Done => return Err(self.syntax("data after the end of the list")),
         }
+        Ok(true)
+    }
+
+    /// At `b`, after a key: the `:` and its value. `items` opens the item list; `metadata` is
+    /// kept; other values are skipped whole.
+    fn value(&mut self, b: u8, key: String) -> Result<bool, ListError> {
+        if b != b':' {
+            return Err(self.syntax("expected `:`"));
+        }
+        // Look past the colon without consuming it until the value is in.
+        let colon = self.pos;
+        self.pos += 1;
+        let Some(v) = self.peek() else {
+            self.pos = colon;
+            self.state = State::Value(key);
+            return Ok(false);
+        };
+        if key == "items" && v == b'[' {
+            self.pos += 1;
+            self.state = State::Items { first: true };
+            return Ok(true);
+        }
+        let end = match value_end(&self.buf, self.pos) {
+            Ok(Some(end)) => end,
+            Ok(None) => {
+                self.pos = colon;
+                self.state = State::Value(key);
+                return Ok(false);
+            }
+            Err(e) => return Err(self.syntax(e)),
+        };
+        if key == "metadata" {
+            self.meta = serde_json::from_slice(&self.buf[self.pos..end])
+                .map_err(|e| self.syntax(format!("metadata: {e}")))?;
+        }
+        self.pos = end;
+        self.state = State::After;
+        Ok(true)
+    }
+
+    /// One item of the list, handed to `item` once it is all in.
+    fn item<T: DeserializeOwned>(
+        &mut self,
+        first: bool,
+        item: &mut impl FnMut(T),
+    ) -> Result<bool, ListError> {
+        let end = match value_end(&self.buf, self.pos) {
+            Ok(Some(end)) => end,
+            Ok(None) => {
+                self.state = State::Items { first };
+                return Ok(false);
+            }
+            Err(e) => return Err(self.syntax(e)),
+        };
+        let parsed =
+            serde_json::from_slice(&self.buf[self.pos..end]).map_err(|e| ListError::Item {
+                index: self.items,
+                message: e.to_string(),
+            })?;
+        self.items += 1;
+        self.pos = end;
+        self.state = State::Items { first: false };
+        item(parsed);
         Ok(true)
     }
 
