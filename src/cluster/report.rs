@@ -235,6 +235,36 @@ fn same(on_node: &Option<Condition>, c: &Condition) -> (bool, bool) {
     }
 }
 
+/// The condition as evaluated changed: the gauge follows, and a new status or reason is logged.
+fn evaluated(r: &Reporter, before: Option<&Condition>, c: &Condition) {
+    let gauge = &r.telemetry.metrics.network_state_protected;
+    if let Some(old) = before {
+        gauge.remove(&ConditionLabels { reason: old.reason });
+    }
+    gauge
+        .get_or_create(&ConditionLabels { reason: c.reason })
+        .set(i64::from(c.status));
+    if before.is_none_or(|o| o.status != c.status || o.reason != c.reason) {
+        info!(condition = condition::TYPE, status = c.status_str(), reason = c.reason, message = %c.message, "node condition");
+    }
+}
+
+/// The status patch that sets the condition (`lastTransitionTime` only when the status
+/// changes). Strategic merge: `conditions` merges by `type`, the node's other conditions stay.
+fn condition_patch(c: &Condition, transition: bool, wall: &Time) -> serde_json::Value {
+    let mut entry = serde_json::json!({
+        "type": condition::TYPE,
+        "status": c.status_str(),
+        "reason": c.reason,
+        "message": c.message,
+        "lastHeartbeatTime": wall,
+    });
+    if transition {
+        entry["lastTransitionTime"] = serde_json::json!(wall);
+    }
+    serde_json::json!({"status": {"conditions": [entry]}})
+}
+
 /// Evaluates the condition and patches the Node when it changed.
 async fn condition_step(r: &Reporter, nodes: &Api<Node>, st: &mut ConditionState) {
     // Before the initial sync the board says nothing yet; before the Node is listed, what it
@@ -247,20 +277,7 @@ async fn condition_step(r: &Reporter, nodes: &Api<Node>, st: &mut ConditionState
     st.tracker.observe(unhealthy, now);
     let c = st.tracker.evaluate(now);
     if st.evaluated.as_ref() != Some(&c) {
-        let gauge = &r.telemetry.metrics.network_state_protected;
-        if let Some(old) = &st.evaluated {
-            gauge.remove(&ConditionLabels { reason: old.reason });
-        }
-        gauge
-            .get_or_create(&ConditionLabels { reason: c.reason })
-            .set(i64::from(c.status));
-        if st
-            .evaluated
-            .as_ref()
-            .is_none_or(|o| o.status != c.status || o.reason != c.reason)
-        {
-            info!(condition = condition::TYPE, status = c.status_str(), reason = c.reason, message = %c.message, "node condition");
-        }
+        evaluated(r, st.evaluated.as_ref(), &c);
         st.evaluated = Some(c.clone());
     }
     let on_node = st.on_node.get_or_insert_with(|| {
@@ -280,19 +297,7 @@ async fn condition_step(r: &Reporter, nodes: &Api<Node>, st: &mut ConditionState
         return;
     }
     let transition = on_node.as_ref().is_none_or(|n| n.status != c.status);
-    let wall = time(SystemTime::now());
-    let mut entry = serde_json::json!({
-        "type": condition::TYPE,
-        "status": c.status_str(),
-        "reason": c.reason,
-        "message": c.message,
-        "lastHeartbeatTime": wall,
-    });
-    if transition {
-        entry["lastTransitionTime"] = serde_json::json!(wall);
-    }
-    // Strategic merge: `conditions` merges by `type`, the node's other conditions stay.
-    let patch = serde_json::json!({"status": {"conditions": [entry]}});
+    let patch = condition_patch(&c, transition, &time(SystemTime::now()));
     let patched = tokio::time::timeout(
         REQUEST_TIMEOUT,
         nodes.patch_status(&r.node, &PatchParams::default(), &Patch::Strategic(patch)),
@@ -317,5 +322,32 @@ async fn condition_step(r: &Reporter, nodes: &Api<Node>, st: &mut ConditionState
             st.next_try = now + delay;
             r.health.request_failed("nodes/status", "patch", &f, delay);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_condition_patch_sets_the_transition_time_only_on_a_transition() {
+        let c = Condition {
+            status: false,
+            reason: "Failing",
+            message: "2 objects cannot be repaired".into(),
+        };
+        let wall = time(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let patch = condition_patch(&c, true, &wall);
+        let entry = &patch["status"]["conditions"][0];
+        assert_eq!(entry["type"], condition::TYPE);
+        assert_eq!(entry["status"], "False");
+        assert_eq!(entry["reason"], "Failing");
+        assert_eq!(entry["message"], "2 objects cannot be repaired");
+        assert_eq!(entry["lastHeartbeatTime"], "2023-11-14T22:13:20Z");
+        assert_eq!(entry["lastTransitionTime"], entry["lastHeartbeatTime"]);
+        let heartbeat = condition_patch(&c, false, &wall);
+        assert!(heartbeat["status"]["conditions"][0]
+            .get("lastTransitionTime")
+            .is_none());
     }
 }
