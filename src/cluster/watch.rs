@@ -307,38 +307,49 @@ where
             Ok(Ok(Some(event))) => event,
         };
         backoff.healthy();
-        let changed = match event {
-            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
-                let meta = o.meta();
-                version = meta.resource_version.to_owned();
-                let key = meta.key();
-                cache.put(key, project(o))
-            }
-            WatchEvent::Deleted(o) => {
-                let meta = o.meta();
-                version = meta.resource_version.to_owned();
-                cache.put(meta.key(), None)
-            }
-            WatchEvent::Bookmark(b) => {
-                version = b.metadata.resource_version;
-                false
-            }
-            WatchEvent::Error(s) => {
-                let f = if s.code == 410 {
-                    Failure::Expired
-                } else {
-                    Failure::Answered {
-                        code: s.code,
-                        reason: s.reason.clone(),
-                        message: s.message.clone(),
-                    }
-                };
-                return Err((f, Some(version)));
-            }
-        };
+        let changed =
+            apply(event, project, cache, &mut version).map_err(|f| (f, Some(version.clone())))?;
         if changed {
             ctx.notify.notify_one();
         }
+    }
+}
+
+/// One watch event into the cache; whether the cache changed. Every event carries the version
+/// to resume from; an error event ends the watch.
+fn apply<O, I, P>(
+    event: WatchEvent<O>,
+    project: &P,
+    cache: &Cache<I>,
+    version: &mut String,
+) -> Result<bool, Failure>
+where
+    O: Object,
+    I: Clone + PartialEq,
+    P: Fn(O) -> Option<I>,
+{
+    match event {
+        WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+            let meta = o.meta();
+            *version = meta.resource_version.to_owned();
+            let key = meta.key();
+            Ok(cache.put(key, project(o)))
+        }
+        WatchEvent::Deleted(o) => {
+            let meta = o.meta();
+            *version = meta.resource_version.to_owned();
+            Ok(cache.put(meta.key(), None))
+        }
+        WatchEvent::Bookmark(b) => {
+            *version = b.metadata.resource_version;
+            Ok(false)
+        }
+        WatchEvent::Error(s) if s.code == 410 => Err(Failure::Expired),
+        WatchEvent::Error(s) => Err(Failure::Answered {
+            code: s.code,
+            reason: s.reason,
+            message: s.message,
+        }),
     }
 }
 
