@@ -84,6 +84,36 @@ impl Builder<'_> {
         let unknown = self
             .opt(&a.unknown_actor, obj.field("unknownActor"), unknown_actor)
             .unwrap_or_default();
+        let (owners, mut ok) = self.owners(obj, a);
+        if !self.adopts_something(obj, a) {
+            return None;
+        }
+        let rules = self.given(&a.rules, &mut ok, |b, raw| b.rule_selector(obj, raw));
+        let routes = self.given(&a.routes, &mut ok, |b, raw| b.route_selector(obj, raw));
+        let chains = self.given(&a.chains, &mut ok, |b, raw| b.chain_selector(obj, raw));
+        let ipsets = self.given(&a.ipsets, &mut ok, |b, raw| b.set_selector(obj, raw));
+        let neighbours = self.given(&a.neighbours, &mut ok, |b, raw| {
+            b.neighbour_selector(obj, raw)
+        });
+        let pod_liveness = self.pod_liveness(obj, a);
+        ok &= pod_liveness.is_ok();
+        let name = name?;
+        ok.then_some(AdoptSelector {
+            name,
+            mode,
+            rules,
+            routes,
+            chains,
+            ipsets,
+            neighbours,
+            owners,
+            unknown_actor: unknown,
+            pod_liveness: pod_liveness.ok().flatten(),
+        })
+    }
+
+    /// `owners` (required, not empty), and whether every one is valid.
+    fn owners(&mut self, obj: &Object, a: &RawAdopt) -> (Vec<String>, bool) {
         let mut owners = Vec::new();
         let mut owners_ok = true;
         for (j, o) in a.owners.iter().flatten().enumerate() {
@@ -100,6 +130,11 @@ impl Builder<'_> {
             );
             owners_ok = false;
         }
+        (owners, owners_ok)
+    }
+
+    /// An entry must select something to adopt (reported when it does not).
+    fn adopts_something(&mut self, obj: &Object, a: &RawAdopt) -> bool {
         if a.rules.is_none()
             && a.routes.is_none()
             && a.chains.is_none()
@@ -112,64 +147,22 @@ impl Builder<'_> {
                 obj.path.clone(),
                 "adopts nothing: give `rules` (priority, table, protocols, family), `routes` (table, protocols, device, family), `chains` (names, table, family), `ipsets` (names), `nftables` (tables, family) or `neighbours` (devices)",
             );
-            return None;
+            return false;
         }
-        let mut ok = owners_ok;
-        let rules = match &a.rules {
-            None => None,
-            Some(raw) => {
-                let r = self.rule_selector(obj, raw);
-                ok &= r.is_some();
-                r
-            }
-        };
-        let routes = match &a.routes {
-            None => None,
-            Some(raw) => {
-                let r = self.route_selector(obj, raw);
-                ok &= r.is_some();
-                r
-            }
-        };
-        let chains = match &a.chains {
-            None => None,
-            Some(raw) => {
-                let r = self.chain_selector(obj, raw);
-                ok &= r.is_some();
-                r
-            }
-        };
-        let ipsets = match &a.ipsets {
-            None => None,
-            Some(raw) => {
-                let r = self.set_selector(obj, raw);
-                ok &= r.is_some();
-                r
-            }
-        };
-        let neighbours = match &a.neighbours {
-            None => None,
-            Some(raw) => {
-                let r = self.neighbour_selector(obj, raw);
-                ok &= r.is_some();
-                r
-            }
-        };
-        let pod_liveness = self.pod_liveness(obj, a);
-        ok &= pod_liveness.is_ok();
-        let name = name?;
-        ok.then_some(AdoptSelector {
-            name,
-            mode,
-            rules,
-            routes,
-            chains,
-            ipsets,
-            neighbours,
-            owners,
-            unknown_actor: unknown,
-            pod_liveness: pod_liveness.ok().flatten(),
-        })
+        true
+    }
+
+    /// A selector the entry may give: `None` when it does not; an invalid one (reported) clears
+    /// `ok`.
+    fn given<R, S>(
+        &mut self,
+        raw: &Option<R>,
+        ok: &mut bool,
+        check: impl FnOnce(&mut Self, &R) -> Option<S>,
+    ) -> Option<S> {
+        let selector = check(self, raw.as_ref()?);
+        *ok &= selector.is_some();
+        selector
     }
 
     /// `podLiveness` and its grace period: `Ok(None)` when off, `Err` when invalid (reported).
