@@ -226,6 +226,27 @@ impl Builder<'_> {
                 self.error(raw.referenced, obj.field("chain"), message);
             }
         }
+        let rules = self.chain_rules(obj, r);
+        let jumps = self.chain_jumps(obj, r, family, table, &chain, jump_refs);
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(DesiredChain {
+            name: name?,
+            mode,
+            key: ChainKey {
+                family,
+                table: table?,
+                chain: chain?,
+            },
+            rules,
+            content,
+            jumps,
+        })
+    }
+
+    /// A chain's `rules`, as iptables-save prints them after `-A CHAIN`.
+    fn chain_rules(&mut self, obj: &Object, r: &RawChain) -> Vec<RuleSpec> {
         let mut rules = Vec::new();
         for (j, raw) in r.rules.iter().flatten().enumerate() {
             let field = format!("{}.rules[{j}]", obj.path);
@@ -244,6 +265,20 @@ impl Builder<'_> {
                 rules.push(rule);
             }
         }
+        rules
+    }
+
+    /// A chain's `jumps`; each jump's source chain is noted in `jump_refs` (checked once every
+    /// chain is known).
+    fn chain_jumps(
+        &mut self,
+        obj: &Object,
+        r: &RawChain,
+        family: Family,
+        table: Option<Table>,
+        chain: &Option<String>,
+        jump_refs: &mut Vec<(ChainKey, String, serde_saphyr::Location, String)>,
+    ) -> Vec<Jump> {
         let mut jumps = Vec::new();
         for (j, item) in r.jumps.iter().flatten().enumerate() {
             let jobj = Object {
@@ -259,7 +294,7 @@ impl Builder<'_> {
             let position = self
                 .opt(&jr.position, jobj.field("position"), position)
                 .unwrap_or_default();
-            if let (Some(jc), Some(t), Some(c), Some(raw)) = (&jchain, table, &chain, &jr.chain) {
+            if let (Some(jc), Some(t), Some(c), Some(raw)) = (&jchain, table, chain, &jr.chain) {
                 let key = ChainKey {
                     family,
                     table: t,
@@ -275,21 +310,7 @@ impl Builder<'_> {
                 });
             }
         }
-        if self.errors.len() != before {
-            return None;
-        }
-        Some(DesiredChain {
-            name: name?,
-            mode,
-            key: ChainKey {
-                family,
-                table: table?,
-                chain: chain?,
-            },
-            rules,
-            content,
-            jumps,
-        })
+        jumps
     }
 
     pub(super) fn ipset(&mut self, obj: &Object, r: &RawIpSet, global: Mode) -> Option<DesiredSet> {
