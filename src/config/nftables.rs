@@ -392,7 +392,35 @@ impl Builder<'_> {
                 flags.push(f);
             }
         }
-        let declared = match (&r.kind, &r.type_of) {
+        let declared = self.nft_set_declaration(obj, r, map);
+        let interval = flags.iter().any(|f| f == "interval");
+        let decl = declared.as_ref().map(|(_, d)| d);
+        let forbidden = self.nft_set_forbidden(obj, r, decl);
+        let elements = self.nft_set_elements(obj, r, map, decl, interval, &forbidden);
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(DesiredSet {
+            name: name?,
+            map,
+            declaration: declared?.0,
+            flags,
+            timeout,
+            comment,
+            elements,
+            membership,
+            forbidden,
+        })
+    }
+
+    /// `type` or `typeof` (one of them), read by the schema.
+    fn nft_set_declaration(
+        &mut self,
+        obj: &Object,
+        r: &RawNftSet,
+        map: bool,
+    ) -> Option<(String, schema::Declaration)> {
+        match (&r.kind, &r.type_of) {
             (Some(_), Some(t)) => {
                 self.error(
                     t.referenced,
@@ -411,9 +439,16 @@ impl Builder<'_> {
             (None, Some(_)) => self.opt(&r.type_of, obj.field("typeof"), |s| {
                 schema::declaration("typeof", s, map)
             }),
-        };
-        let interval = flags.iter().any(|f| f == "interval");
-        let decl = declared.as_ref().map(|(_, d)| d);
+        }
+    }
+
+    /// `forbidden`: prefixes for a set keyed by address, else exact keys.
+    fn nft_set_forbidden(
+        &mut self,
+        obj: &Object,
+        r: &RawNftSet,
+        decl: Option<&schema::Declaration>,
+    ) -> Vec<Forbidden> {
         let mut forbidden = Vec::new();
         for (j, raw) in r.forbidden.iter().flatten().enumerate() {
             let field = format!("{}.forbidden[{j}]", obj.path);
@@ -426,6 +461,20 @@ impl Builder<'_> {
             };
             forbidden.extend(f);
         }
+        forbidden
+    }
+
+    /// `elements`, checked against the declaration and in canonical form; a forbidden or
+    /// repeated one is an error.
+    fn nft_set_elements(
+        &mut self,
+        obj: &Object,
+        r: &RawNftSet,
+        map: bool,
+        decl: Option<&schema::Declaration>,
+        interval: bool,
+        forbidden: &[Forbidden],
+    ) -> Vec<Element> {
         let mut elements: Vec<Element> = Vec::new();
         let mut keys = HashSet::new();
         for (j, raw) in r.elements.iter().flatten().enumerate() {
@@ -457,20 +506,7 @@ impl Builder<'_> {
             }
             elements.push(e);
         }
-        if self.errors.len() != before {
-            return None;
-        }
-        Some(DesiredSet {
-            name: name?,
-            map,
-            declaration: declared?.0,
-            flags,
-            timeout,
-            comment,
-            elements,
-            membership,
-            forbidden,
-        })
+        elements
     }
 }
 
