@@ -56,6 +56,14 @@ fn neighbour_state(s: &str) -> Result<NeighbourState, String> {
     }
 }
 
+/// What neighbour and FDB entries have in common, as checked.
+struct Common {
+    name: Option<String>,
+    mode: Mode,
+    device: Option<String>,
+    lladdr: Option<Mac>,
+}
+
 impl Builder<'_> {
     pub(super) fn node_state(&mut self, spec: &RawSpec, global: Mode) -> NodeState {
         let mut out = NodeState::default();
@@ -183,62 +191,22 @@ impl Builder<'_> {
             .unwrap_or(global);
         let device = self.req(&r.device, obj, "device", values::ifname);
         let lladdr = self.req(&r.lladdr, obj, "lladdr", lladdr);
-        let entry = match (&r.address, &r.dst) {
-            (Some(_), None) => {
-                let address = self.req(&r.address, obj, "address", values::address);
-                let state = self
-                    .opt(&r.state, obj.field("state"), neighbour_state)
-                    .unwrap_or(NeighbourState::Permanent);
-                if let Some(v) = &r.vni {
-                    self.error(
-                        v.referenced,
-                        obj.field("vni"),
-                        "`vni` belongs to an FDB entry (with `dst`), not to a neighbour entry",
-                    );
-                }
-                if self.errors.len() != before {
-                    return None;
-                }
-                Entry::Neighbour(DesiredNeighbour {
-                    name: name?,
-                    mode,
-                    device: device?,
-                    address: address?,
-                    lladdr: lladdr?,
-                    state,
-                })
-            }
-            (None, Some(_)) => {
-                let dst = self.req(&r.dst, obj, "dst", values::address);
-                let vni = self.opt(&r.vni, obj.field("vni"), |s| {
-                    values::uint(s, 0, VNI_MAX, false).map(|v| v as u32)
-                });
-                if let Some(s) = &r.state {
-                    self.error(
-                        s.referenced,
-                        obj.field("state"),
-                        "FDB entries are always added `permanent`: remove `state`",
-                    );
-                }
-                if self.errors.len() != before {
-                    return None;
-                }
-                Entry::Fdb(DesiredFdb {
-                    name: name?,
-                    mode,
-                    device: device?,
-                    lladdr: lladdr?,
-                    dst: dst?,
-                    vni,
-                })
-            }
+        let common = Common {
+            name,
+            mode,
+            device,
+            lladdr,
+        };
+        match (&r.address, &r.dst) {
+            (Some(_), None) => self.neighbour_entry(obj, r, before, common),
+            (None, Some(_)) => self.fdb_entry(obj, r, before, common),
             (Some(_), Some(_)) => {
                 self.error(
                     obj.at,
                     obj.path.clone(),
                     "give `address` (a neighbour entry, `ip neigh`) or `dst` (an FDB entry of a VXLAN device, `bridge fdb`), not both",
                 );
-                return None;
+                None
             }
             (None, None) => {
                 self.error(
@@ -246,10 +214,74 @@ impl Builder<'_> {
                     obj.path.clone(),
                     "needs `address` (a neighbour entry, `ip neigh`) or `dst` (an FDB entry of a VXLAN device, `bridge fdb`)",
                 );
-                return None;
+                None
             }
-        };
-        Some(entry)
+        }
+    }
+
+    /// A neighbour entry (`address`): its state, and no `vni`. `before`: the error count
+    /// before the entry was checked.
+    fn neighbour_entry(
+        &mut self,
+        obj: &Object,
+        r: &RawNeighbour,
+        before: usize,
+        common: Common,
+    ) -> Option<Entry> {
+        let address = self.req(&r.address, obj, "address", values::address);
+        let state = self
+            .opt(&r.state, obj.field("state"), neighbour_state)
+            .unwrap_or(NeighbourState::Permanent);
+        if let Some(v) = &r.vni {
+            self.error(
+                v.referenced,
+                obj.field("vni"),
+                "`vni` belongs to an FDB entry (with `dst`), not to a neighbour entry",
+            );
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Entry::Neighbour(DesiredNeighbour {
+            name: common.name?,
+            mode: common.mode,
+            device: common.device?,
+            address: address?,
+            lladdr: common.lladdr?,
+            state,
+        }))
+    }
+
+    /// An FDB entry (`dst`): its VNI, and no `state` (always permanent).
+    fn fdb_entry(
+        &mut self,
+        obj: &Object,
+        r: &RawNeighbour,
+        before: usize,
+        common: Common,
+    ) -> Option<Entry> {
+        let dst = self.req(&r.dst, obj, "dst", values::address);
+        let vni = self.opt(&r.vni, obj.field("vni"), |s| {
+            values::uint(s, 0, VNI_MAX, false).map(|v| v as u32)
+        });
+        if let Some(s) = &r.state {
+            self.error(
+                s.referenced,
+                obj.field("state"),
+                "FDB entries are always added `permanent`: remove `state`",
+            );
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Entry::Fdb(DesiredFdb {
+            name: common.name?,
+            mode: common.mode,
+            device: common.device?,
+            lladdr: common.lladdr?,
+            dst: dst?,
+            vni,
+        }))
     }
 
     fn link(&mut self, obj: &Object, r: &RawLink, global: Mode) -> Option<DesiredLink> {
