@@ -369,73 +369,15 @@ fn network(units: &[(String, Unit)]) -> Network {
         n.warnings
             .extend(u.warnings.iter().map(|w| format!("{path}: {w}")));
         for e in &u.entries {
-            let warn = |n: &mut Network, what: &str| {
+            if e.section == "Match" {
+                match_entry(&mut n, &e.key, &e.value);
+                continue;
+            }
+            if let Err(what) = setting(&mut n, e, &mut keep, &mut critical) {
                 n.warnings.push(format!(
                     "{path}:{}: {}=`{}`: {what}; ignored, as networkd ignores it",
                     e.line, e.key, e.value
-                ))
-            };
-            match (e.section.as_str(), e.key.as_str()) {
-                ("Match", k) if LISTS.contains(&k) => {
-                    let list = match k {
-                        "Name" => &mut n.names,
-                        "Type" => &mut n.types,
-                        "Kind" => &mut n.kinds,
-                        _ => &mut n.drivers,
-                    };
-                    if e.value.is_empty() {
-                        list.clear();
-                    } else {
-                        list.extend(unit::words(&e.value));
-                    }
-                }
-                ("Match", k @ ("MACAddress" | "PermanentMACAddress")) => {
-                    let list = if k == "MACAddress" {
-                        &mut n.macs
-                    } else {
-                        &mut n.permanent_macs
-                    };
-                    if e.value.is_empty() {
-                        list.clear();
-                    } else {
-                        list.extend(unit::words(&e.value).iter().map(|m| m.to_ascii_lowercase()));
-                    }
-                }
-                ("Match", k)
-                    if (UNEVALUATED.contains(&k) || k.starts_with("Condition"))
-                        && !n.unevaluated.iter().any(|u| u == k) =>
-                {
-                    n.unevaluated.push(k.to_string());
-                }
-                ("Link", "Unmanaged") => match unit::boolean(&e.value) {
-                    Some(b) => n.unmanaged = b,
-                    None => warn(&mut n, "not a boolean"),
-                },
-                ("Network", "KeepConfiguration") => match Keep::parse(&e.value) {
-                    Some(k) => keep = Some(k),
-                    None => warn(&mut n, "not a KeepConfiguration= value"),
-                },
-                ("DHCP" | "DHCPv4", "CriticalConnection") => critical = unit::boolean(&e.value),
-                ("Network", "Address") => match conf_address(&e.value) {
-                    Some((address, prefix_len)) => n.addresses.push(ConfAddress {
-                        address,
-                        prefix_len,
-                        peer: None,
-                        broadcast: Broadcast::Unset,
-                        label: None,
-                    }),
-                    None => warn(&mut n, "not an address"),
-                },
-                ("Network", "Gateway") => match e.value.parse::<IpAddr>() {
-                    Ok(g) => n.routes.push(ConfRoute {
-                        destination: None,
-                        gateway: Some(g),
-                        table: None,
-                        metric: None,
-                    }),
-                    Err(_) => warn(&mut n, "not an address"),
-                },
-                _ => {}
+                ));
             }
         }
         for block in u.blocks("Address") {
@@ -457,6 +399,80 @@ fn network(units: &[(String, Unit)]) -> Network {
         _ => Keep::No,
     };
     n
+}
+
+/// One `[Match]` setting: a list (an empty value clears it), or a key not evaluated (noted).
+fn match_entry(n: &mut Network, key: &str, value: &str) {
+    match key {
+        k if LISTS.contains(&k) => {
+            let list = match k {
+                "Name" => &mut n.names,
+                "Type" => &mut n.types,
+                "Kind" => &mut n.kinds,
+                _ => &mut n.drivers,
+            };
+            if value.is_empty() {
+                list.clear();
+            } else {
+                list.extend(unit::words(value));
+            }
+        }
+        k @ ("MACAddress" | "PermanentMACAddress") => {
+            let list = if k == "MACAddress" {
+                &mut n.macs
+            } else {
+                &mut n.permanent_macs
+            };
+            if value.is_empty() {
+                list.clear();
+            } else {
+                list.extend(unit::words(value).iter().map(|m| m.to_ascii_lowercase()));
+            }
+        }
+        k if (UNEVALUATED.contains(&k) || k.starts_with("Condition"))
+            && !n.unevaluated.iter().any(|u| u == k) =>
+        {
+            n.unevaluated.push(k.to_string());
+        }
+        _ => {}
+    }
+}
+
+/// One setting outside `[Match]` that the prediction reads; `Err`: why its value is ignored.
+fn setting(
+    n: &mut Network,
+    e: &unit::Entry,
+    keep: &mut Option<Keep>,
+    critical: &mut Option<bool>,
+) -> Result<(), &'static str> {
+    match (e.section.as_str(), e.key.as_str()) {
+        ("Link", "Unmanaged") => n.unmanaged = unit::boolean(&e.value).ok_or("not a boolean")?,
+        ("Network", "KeepConfiguration") => {
+            *keep = Some(Keep::parse(&e.value).ok_or("not a KeepConfiguration= value")?);
+        }
+        ("DHCP" | "DHCPv4", "CriticalConnection") => *critical = unit::boolean(&e.value),
+        ("Network", "Address") => {
+            let (address, prefix_len) = conf_address(&e.value).ok_or("not an address")?;
+            n.addresses.push(ConfAddress {
+                address,
+                prefix_len,
+                peer: None,
+                broadcast: Broadcast::Unset,
+                label: None,
+            });
+        }
+        ("Network", "Gateway") => {
+            let g = e.value.parse::<IpAddr>().map_err(|_| "not an address")?;
+            n.routes.push(ConfRoute {
+                destination: None,
+                gateway: Some(g),
+                table: None,
+                metric: None,
+            });
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `Address=` as systemd reads it: a prefix length is optional (IPv4 then takes its class's, as

@@ -213,3 +213,25 @@ fn addresses_without_a_prefix_take_their_class() {
     );
     assert_eq!(conf_address("nonsense"), None);
 }
+
+#[test]
+fn values_networkd_ignores_are_warned_about_and_ignored() {
+    let text = "[Match]\nName=a\n[Link]\nUnmanaged=perhaps\n[Network]\nKeepConfiguration=sometimes\nAddress=nonsense\nGateway=10.0.0.1\n";
+    let n = network(&[(
+        "/etc/systemd/network/10-a.network".into(),
+        unit::parse(text),
+    )]);
+    assert_eq!(n.names, vec!["a"]);
+    assert!(!n.unmanaged);
+    assert_eq!(n.keep, Keep::No);
+    assert!(n.addresses.is_empty());
+    assert_eq!(n.routes.len(), 1, "the gateway is read");
+    assert_eq!(
+        n.warnings,
+        vec![
+            "/etc/systemd/network/10-a.network:4: Unmanaged=`perhaps`: not a boolean; ignored, as networkd ignores it",
+            "/etc/systemd/network/10-a.network:6: KeepConfiguration=`sometimes`: not a KeepConfiguration= value; ignored, as networkd ignores it",
+            "/etc/systemd/network/10-a.network:7: Address=`nonsense`: not an address; ignored, as networkd ignores it",
+        ]
+    );
+}
