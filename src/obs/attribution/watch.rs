@@ -69,13 +69,10 @@ pub fn watch_changes(
     own_port: Option<u32>,
 ) -> std::io::Result<crate::observe::kernel::EventFilter> {
     use nix::sys::socket::{
-        bind, recvmmsg, setsockopt, socket, sockopt, AddressFamily, MsgFlags, MultiHeaders,
-        NetlinkAddr, SockFlag, SockProtocol, SockType,
+        bind, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol,
+        SockType,
     };
-    use std::io::IoSliceMut;
     use std::os::fd::AsRawFd;
-    /// Notification headers read per system call.
-    const HEADERS: usize = 64;
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -92,77 +89,121 @@ pub fn watch_changes(
     let filter = crate::observe::kernel::EventFilter::new(fd.try_clone()?, own_port);
     std::thread::Builder::new()
         .name("nw-sightings".into())
-        .spawn(move || {
-            // Not lowered: it must see a process before a short-lived one is gone.
-            let mut resolver = Resolver::default().with_scan_budget(WATCH_SCAN_BUDGET);
-            // Only the 16-byte header of each notification is read (the rest of the datagram
-            // is discarded by the kernel, MSG_TRUNC), up to HEADERS of them per system call: a
-            // mass deletion sends tens of thousands, and this thread reading each in full, one
-            // recv at a time, cost a tenth of the agent's CPU in a mass repair. Notifications
-            // carry one message per datagram, so the header is the whole story.
-            let mut heads = [[0u8; 16]; HEADERS];
-            let mut headers = MultiHeaders::<()>::preallocate(HEADERS, None);
-            let mut ports: Vec<u32> = Vec::with_capacity(HEADERS);
-            loop {
-                ports.clear();
-                {
-                    let mut slices: Vec<[IoSliceMut; 1]> =
-                        heads.iter_mut().map(|h| [IoSliceMut::new(h)]).collect();
-                    match recvmmsg(
-                        fd.as_raw_fd(),
-                        &mut headers,
-                        slices.iter_mut(),
-                        MsgFlags::MSG_WAITFORONE,
-                        None,
-                    ) {
-                        Ok(results) => {
-                            for r in results {
-                                if let Some(head) = r.iovs().next() {
-                                    ports.extend(change_ports(head));
-                                }
-                            }
-                        }
-                        // ENOBUFS: sightings were lost; the resolver still looks later.
-                        Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EINTR) => continue,
-                        Err(_) => return,
-                    }
-                }
-                let mut fresh: Vec<u32> = {
-                    let Ok(s) = sightings.lock() else { return };
-                    let now = Instant::now();
-                    ports
-                        .iter()
-                        .copied()
-                        .filter(|p| {
-                            s.get(p)
-                                .is_none_or(|x| now.duration_since(x.at) >= SIGHTING_FRESH)
-                        })
-                        .collect()
-                };
-                fresh.sort_unstable();
-                fresh.dedup();
-                if fresh.is_empty() {
-                    continue;
-                }
-                let seen: Vec<(u32, Identity)> = resolver
-                    .identify_now(&fresh)
-                    .into_iter()
-                    .filter(|(_, who)| who.name != super::UNKNOWN)
-                    .collect();
-                if seen.is_empty() {
-                    continue;
-                }
-                let now = Instant::now();
-                let Ok(mut s) = sightings.lock() else { return };
-                if s.len() > 1024 {
-                    s.retain(|_, x| now.duration_since(x.at) < SIGHTING_TTL);
-                }
-                for (port, who) in seen {
-                    s.insert(port, Sighting { who, at: now });
-                }
-            }
-        })?;
+        .spawn(move || name_changers(&fd, &sightings))?;
     Ok(filter)
+}
+
+/// Notification headers read per system call.
+const HEADERS: usize = 64;
+
+/// The sightings thread: the port of each change notification, identified at once unless it
+/// was seen a moment ago. Returns when the socket fails or the sightings are poisoned.
+fn name_changers(fd: &std::os::fd::OwnedFd, sightings: &Sightings) {
+    // Not lowered: it must see a process before a short-lived one is gone.
+    let mut resolver = Resolver::default().with_scan_budget(WATCH_SCAN_BUDGET);
+    let mut reader = HeaderReader::new();
+    let mut ports: Vec<u32> = Vec::with_capacity(HEADERS);
+    loop {
+        ports.clear();
+        match reader.read_ports(fd, &mut ports) {
+            Ok(()) => {}
+            // ENOBUFS: sightings were lost; the resolver still looks later.
+            Err(nix::errno::Errno::ENOBUFS | nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        let Some(fresh) = not_seen_lately(sightings, &ports) else {
+            return;
+        };
+        if fresh.is_empty() {
+            continue;
+        }
+        let seen: Vec<(u32, Identity)> = resolver
+            .identify_now(&fresh)
+            .into_iter()
+            .filter(|(_, who)| who.name != super::UNKNOWN)
+            .collect();
+        if seen.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        let Ok(mut s) = sightings.lock() else { return };
+        if s.len() > 1024 {
+            s.retain(|_, x| now.duration_since(x.at) < SIGHTING_TTL);
+        }
+        for (port, who) in seen {
+            s.insert(port, Sighting { who, at: now });
+        }
+    }
+}
+
+/// Reads change notifications a batch at a time, only their headers.
+///
+/// Only the 16-byte header of each notification is read (the rest of the datagram is discarded
+/// by the kernel, MSG_TRUNC), up to HEADERS of them per system call: a mass deletion sends tens
+/// of thousands, and this thread reading each in full, one recv at a time, cost a tenth of the
+/// agent's CPU in a mass repair. Notifications carry one message per datagram, so the header
+/// is the whole story.
+struct HeaderReader {
+    heads: [[u8; 16]; HEADERS],
+    headers: nix::sys::socket::MultiHeaders<()>,
+}
+
+impl HeaderReader {
+    fn new() -> Self {
+        HeaderReader {
+            heads: [[0u8; 16]; HEADERS],
+            headers: nix::sys::socket::MultiHeaders::<()>::preallocate(HEADERS, None),
+        }
+    }
+
+    /// Waits for at least one notification; adds the ports of those read to `ports`.
+    fn read_ports(
+        &mut self,
+        fd: &std::os::fd::OwnedFd,
+        ports: &mut Vec<u32>,
+    ) -> Result<(), nix::errno::Errno> {
+        use nix::sys::socket::{recvmmsg, MsgFlags};
+        use std::io::IoSliceMut;
+        use std::os::fd::AsRawFd;
+        let mut slices: Vec<[IoSliceMut; 1]> = self
+            .heads
+            .iter_mut()
+            .map(|h| [IoSliceMut::new(h)])
+            .collect();
+        let results = recvmmsg(
+            fd.as_raw_fd(),
+            &mut self.headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_WAITFORONE,
+            None,
+        )?;
+        for r in results {
+            if let Some(head) = r.iovs().next() {
+                ports.extend(change_ports(head));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ports not sighted within [`SIGHTING_FRESH`], sorted and without repeats; `None` if the
+/// sightings are poisoned.
+fn not_seen_lately(sightings: &Sightings, ports: &[u32]) -> Option<Vec<u32>> {
+    let mut fresh: Vec<u32> = {
+        let s = sightings.lock().ok()?;
+        let now = Instant::now();
+        ports
+            .iter()
+            .copied()
+            .filter(|p| {
+                s.get(p)
+                    .is_none_or(|x| now.duration_since(x.at) >= SIGHTING_FRESH)
+            })
+            .collect()
+    };
+    fresh.sort_unstable();
+    fresh.dedup();
+    Some(fresh)
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10): on a busy node the attribution
