@@ -285,27 +285,7 @@ impl Agent {
                 .inc();
             match outcome {
                 Outcome::Applied | Outcome::AlreadyThere => {
-                    let placement = self.ledger.applied(&step.id);
-                    // The kernel said yes: mirror it now rather than waiting for the
-                    // notification, so a burst does not re-plan what is already fixed.
-                    for op in &step.ops {
-                        apply::record(&mut self.mirror, op);
-                    }
-                    done.repaired.insert(step.id.clone());
-                    if placement {
-                        done.placed.push(&step.name);
-                        continue;
-                    }
-                    done.restored.push((step.id.kind(), &step.name));
-                    if cause != Cause::Start {
-                        self.contest.on_repaired(&step.id, acked);
-                    }
-                    if let Cause::Events { .. } = cause {
-                        metrics
-                            .repair_duration
-                            .get_or_create(&KindLabels { kind })
-                            .observe(took.as_secs_f64());
-                    }
+                    self.record_applied(step, cause, acked, took, &mut done);
                 }
                 Outcome::NotYet(errno) => {
                     self.ledger.not_yet(&step.id, ports.of(&step.id));
@@ -323,19 +303,7 @@ impl Agent {
                     done.now_pending
                         .insert(step.id.clone(), Finding::Pending { reason });
                 }
-                Outcome::Failed(e) => {
-                    self.ledger.failed(&step.id, e.is_permission());
-                    let errno = e.label();
-                    metrics
-                        .apply_errors
-                        .get_or_create(&ErrorLabels { kind, errno })
-                        .inc();
-                    if e.is_permission() {
-                        error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair refused: no permission to change the kernel (CAP_NET_ADMIN?); not ready");
-                    } else {
-                        error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair failed");
-                    }
-                }
+                Outcome::Failed(e) => self.record_failed(step, e),
             }
         }
         let mut board = self.telemetry.board();
@@ -343,6 +311,60 @@ impl Agent {
             board.record_repair(id, acked_unix);
         }
         done
+    }
+
+    /// The kernel took the step: mirrored at once, and counted as placed (a first placement)
+    /// or restored (a repair, timed when events showed the drift).
+    fn record_applied<'p>(
+        &mut self,
+        step: &'p plan::Step,
+        cause: Cause,
+        acked: Instant,
+        took: Duration,
+        done: &mut Done<'p>,
+    ) {
+        let placement = self.ledger.applied(&step.id);
+        // The kernel said yes: mirror it now rather than waiting for the
+        // notification, so a burst does not re-plan what is already fixed.
+        for op in &step.ops {
+            apply::record(&mut self.mirror, op);
+        }
+        done.repaired.insert(step.id.clone());
+        if placement {
+            done.placed.push(&step.name);
+            return;
+        }
+        done.restored.push((step.id.kind(), &step.name));
+        if cause != Cause::Start {
+            self.contest.on_repaired(&step.id, acked);
+        }
+        if let Cause::Events { .. } = cause {
+            self.telemetry
+                .metrics
+                .repair_duration
+                .get_or_create(&KindLabels {
+                    kind: kind_str(&step.id),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// The kernel refused the step for good (or for lack of permission: then not ready).
+    fn record_failed(&mut self, step: &plan::Step, e: &apply::ApplyError) {
+        self.ledger.failed(&step.id, e.is_permission());
+        self.telemetry
+            .metrics
+            .apply_errors
+            .get_or_create(&ErrorLabels {
+                kind: kind_str(&step.id),
+                errno: e.label(),
+            })
+            .inc();
+        if e.is_permission() {
+            error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair refused: no permission to change the kernel (CAP_NET_ADMIN?); not ready");
+        } else {
+            error!(kind = %step.id.kind(), name = %step.name, error = %e, "repair failed");
+        }
     }
 
     /// Recomputes the state of `ids` and publishes the changes to the board.
