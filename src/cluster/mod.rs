@@ -17,6 +17,7 @@ pub mod health;
 pub mod listing;
 pub mod needs;
 mod optional;
+mod options;
 pub mod report;
 pub mod retry;
 pub mod run;

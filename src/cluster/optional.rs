@@ -4,7 +4,7 @@
 
 use super::facts::{ClusterFacts, ServiceFacts};
 use super::needs::{Needs, ServiceNeeds};
-use super::run::{Loaded, Options};
+use super::options::{Loaded, Options};
 use super::slim::{self, NodeItem};
 use super::watch::{self, Cache, Context, Target};
 use crate::pod_liveness::PodView;

@@ -11,8 +11,9 @@
 
 pub use super::client::ClusterError;
 use super::facts::ClusterFacts;
-use super::needs::{self, Needs};
 use super::optional::{Optional, Stamp};
+use super::options::Loaded;
+pub use super::options::Options;
 use super::report::{self, Reporter};
 use super::slim::{self, NodeItem};
 use super::statefile::{self, Saved, StateFileError};
@@ -23,7 +24,6 @@ use crate::obs::{Notice, Telemetry};
 use crate::pod_liveness::PodView;
 use kube::Client;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch as latest, Notify};
@@ -33,37 +33,6 @@ use tracing::{debug, error, info, warn};
 /// cluster changes Services all the time, and with every Service a template selects the file
 /// can be megabytes; it is for restarts, a few seconds behind is fine).
 const SAVE_EVERY: Duration = Duration::from_secs(2);
-
-#[derive(Clone, Debug)]
-pub struct Options {
-    pub kubeconfig: Option<PathBuf>,
-    /// An explicit API server endpoint instead of the credentials' one.
-    pub apiserver: Option<String>,
-    pub node_name: String,
-    /// `None`: the client's default namespace (in a pod, its service account's).
-    pub configmap_namespace: Option<String>,
-    pub configmap_name: String,
-    pub configmap_key: String,
-    pub service_selector: Option<String>,
-    pub state_file: PathBuf,
-    /// Repairs are summed over this window per Event ([`super::events::WINDOW`]).
-    pub event_window: Duration,
-    /// Protection failing for longer than this sets the Node condition to False.
-    pub condition_after: Duration,
-    /// Shrinks every retry delay of the API client (tests).
-    pub backoff_scale: f64,
-    /// The network namespace the agent enforces in (`dev:inode`), recorded in the state file.
-    pub netns_id: Option<String>,
-}
-
-impl Options {
-    fn source(&self, namespace: &str) -> String {
-        format!(
-            "ConfigMap {}/{} key {}",
-            namespace, self.configmap_name, self.configmap_key
-        )
-    }
-}
 
 /// A config with its templates expanded: what to enforce from now on.
 #[derive(Debug)]
@@ -120,24 +89,6 @@ struct Channels {
     tx: mpsc::Sender<Message>,
     pods: latest::Sender<PodView>,
     notices: mpsc::UnboundedSender<Notice>,
-}
-
-/// A config: its text, parsed, and what it needs from the cluster.
-pub(super) struct Loaded {
-    pub(super) text: String,
-    pub(super) config: Arc<Config>,
-    pub(super) needs: Needs,
-}
-
-impl Loaded {
-    fn new(text: String, config: Config) -> Loaded {
-        let needs = needs::needs(&config);
-        Loaded {
-            text,
-            config: Arc::new(config),
-            needs,
-        }
-    }
 }
 
 fn unix_now() -> u64 {
