@@ -26,7 +26,7 @@ use common::{config, sandbox, Agent, Privileges, Sandbox, Shape};
 use std::fmt::Write as _;
 
 /// Protected rules the deletions rotate over. One object removed again within 2 s of each of its
-/// last three repairs is contested (src/obs/contest.rs): its repair is then held back and logged
+/// last three repairs is contested (src/telemetry/contest.rs): its repair is then held back and logged
 /// without the actor, which would be counted here as `unknown`. With this many rules each one is
 /// deleted again only after 200 other deletions, each of which waits for its repair.
 const RULES: u32 = 200;

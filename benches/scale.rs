@@ -239,10 +239,14 @@ fn main() -> Result<()> {
             .context("no metrics address in the agent's log")?;
         std::thread::spawn(move || {
             for reply in scrape_rx {
-                let body =
-                    netwarden::obs::http::get(&addr, "/metrics", None, Duration::from_secs(5))
-                        .map(|(_, b)| b)
-                        .unwrap_or_default();
+                let body = netwarden::telemetry::http::get(
+                    &addr,
+                    "/metrics",
+                    None,
+                    Duration::from_secs(5),
+                )
+                .map(|(_, b)| b)
+                .unwrap_or_default();
                 let _ = reply.send(body);
             }
         });

@@ -8,7 +8,7 @@ use netwarden::netfilter::canon::Canonicaliser;
 use netwarden::netfilter::guard::{GuardError, GuardReload};
 use netwarden::netfilter::tools::Binaries;
 use netwarden::nftables::model::NftConfig;
-use netwarden::{obs, reconcile};
+use netwarden::{reconcile, telemetry};
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -51,7 +51,7 @@ pub fn run(
     };
     // The Kubernetes thread and its sockets stay on the host's network, where the API server is
     // (see src/cluster/run.rs).
-    let telemetry = obs::Telemetry::new();
+    let telemetry = telemetry::Telemetry::new();
     let on_host = || Ok(cluster::spawn(opts, telemetry.clone())?);
     let (host, (updates, pods)) = app::Host::prepare(host, telemetry.clone(), on_host)?;
     let app::Host { rt, env: host } = host;
@@ -131,7 +131,7 @@ async fn start(
 /// Where [`forward`] sends each part of an update.
 struct Followers {
     canon: Canonicaliser,
-    telemetry: Arc<obs::Telemetry>,
+    telemetry: Arc<telemetry::Telemetry>,
     agent: mpsc::Sender<reconcile::Reload>,
     guard: mpsc::Sender<GuardReload>,
     nftables: mpsc::Sender<NftConfig>,
@@ -222,7 +222,7 @@ fn configmap_ref(arg: &str, namespace: Option<&str>) -> anyhow::Result<(Option<S
 /// counted and told as `ConfigRejected`; the config in use stays.
 async fn refused(
     canon: &Canonicaliser,
-    telemetry: &obs::Telemetry,
+    telemetry: &telemetry::Telemetry,
     e: &netwarden::desired::Expansion,
 ) -> bool {
     let checked = canon.canonicalise(&Binaries, &e.chains, &e.ipsets).await;
@@ -232,7 +232,7 @@ async fn refused(
     let error = GuardError::Refused(checked.refused).to_string();
     tracing::error!(error = %error, "config refused; keeping the config in use");
     telemetry.config_loaded(false);
-    telemetry.notice(obs::Notice::ConfigRejected {
+    telemetry.notice(telemetry::Notice::ConfigRejected {
         source: "ConfigMap".into(),
         error,
     });

@@ -2,7 +2,7 @@
 //!
 //! Layers, from pure to effectful, are listed in README.md (Layout) and checked by
 //! `tests/layers.rs`: [`model`], [`config`], [`desired`], [`plan`] are pure; [`observe`],
-//! [`apply`], the engines ([`reconcile`], [`netfilter`], [`nftables`]), [`obs`], [`cluster`] and
+//! [`apply`], the engines ([`reconcile`], [`netfilter`], [`nftables`]), [`telemetry`], [`cluster`] and
 //! [`app`] (the wiring) are effectful; `testing` is test support, not the production API.
 
 pub mod adopt;
@@ -22,11 +22,11 @@ pub mod netfilter;
 pub mod netns;
 pub mod networkd;
 pub mod nftables;
-pub mod obs;
 pub mod observe;
 pub mod plan;
 pub mod pod_liveness;
 pub mod reconcile;
 pub mod snapshot;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;

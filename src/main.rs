@@ -10,7 +10,7 @@ use netwarden::desired::DesiredState;
 use netwarden::netfilter::canon::{Canonicaliser, Refusal};
 use netwarden::netfilter::guard::GuardError;
 use netwarden::netfilter::tools::Binaries;
-use netwarden::{check, demo, obs};
+use netwarden::{check, demo, telemetry};
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
@@ -36,8 +36,8 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
-        // Every field escaped: nothing logged can forge a line (see obs::logfmt).
-        LogFormat::Text => builder.fmt_fields(obs::logfmt::EscapedFields).init(),
+        // Every field escaped: nothing logged can forge a line (see telemetry::logfmt).
+        LogFormat::Text => builder.fmt_fields(telemetry::logfmt::EscapedFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     Ok(())
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // A list of errors keeps its lines; nothing within a line is printed raw.
             let text = format!("{e:#}");
-            let lines: Vec<String> = text.lines().map(obs::logfmt::escape).collect();
+            let lines: Vec<String> = text.lines().map(telemetry::logfmt::escape).collect();
             eprintln!("netwarden: {}", lines.join("\n"));
             ExitCode::from(EXIT_ERROR)
         }
@@ -310,7 +310,7 @@ fn run(
     let cfg =
         config::parse(&path.display().to_string(), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let desired = DesiredState::from_config(&cfg);
-    let telemetry = obs::Telemetry::new();
+    let telemetry = telemetry::Telemetry::new();
     telemetry.config_loaded(true);
     let opts = app::HostOptions {
         netns,
@@ -376,17 +376,17 @@ fn run(
 }
 
 fn status(addr: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let (code, body) = obs::http::get(addr, "/status", None, Duration::from_secs(5))
+    let (code, body) = telemetry::http::get(addr, "/status", None, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the agent at {addr}"))?;
     anyhow::ensure!(
         code == 200,
         "the agent at {addr} answered {code}: {}",
         body.trim()
     );
-    let status: obs::status::Status = serde_json::from_str(&body)
+    let status: telemetry::status::Status = serde_json::from_str(&body)
         .context("the agent's /status is not what this version reads")?;
     match output {
-        Output::Table => emit(&obs::status::render_table(&status))?,
+        Output::Table => emit(&telemetry::status::render_table(&status))?,
         Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&status)?))?,
     }
     Ok(ExitCode::SUCCESS)

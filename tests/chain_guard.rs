@@ -25,7 +25,7 @@ fn chain(ns: &Sandbox, save: &str, table: &str, name: &str) -> Option<Vec<String
 
 fn metric(http: &str, line_start: &str) -> Option<f64> {
     let (_, text) =
-        netwarden::obs::http::get(http, "/metrics", None, Duration::from_secs(5)).unwrap();
+        netwarden::telemetry::http::get(http, "/metrics", None, Duration::from_secs(5)).unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
 }

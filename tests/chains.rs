@@ -122,7 +122,7 @@ fn flannel_comes_back(backend: &str) {
         // nf_tables names the committing process: the repair says who removed the chain.
         let line = agent.wait_log_all(&["kind=\"chain\"", "restored"]);
         assert!(line.contains("actor=\"iptables-nft\""), "{line}");
-        let (_, text) = netwarden::obs::http::get(
+        let (_, text) = netwarden::telemetry::http::get(
             &agent.http(),
             "/metrics",
             None,
@@ -364,7 +364,7 @@ fn forbidden_member_is_removed_logged_and_counted() {
         members(&ns, "kube-router-svip").len() == 3
     });
     // Counted where Prometheus sees it, with the set's repairs.
-    let (code, text) = netwarden::obs::http::get(
+    let (code, text) = netwarden::telemetry::http::get(
         &agent.http(),
         "/metrics",
         None,

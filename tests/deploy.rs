@@ -2,7 +2,7 @@
 //! unit tests (`promtool test rules`), and every netwarden metric that the alerts and the Grafana
 //! dashboard query is one the agent exports.
 
-use netwarden::obs::metrics::exported_names;
+use netwarden::telemetry::metrics::exported_names;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;

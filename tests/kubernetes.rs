@@ -132,7 +132,7 @@ fn the_fake_api_server_enforces_the_manifests_rbac() {
     let c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
     let addr = c.api.addr.to_string();
     let get = |path: &str| {
-        netwarden::obs::http::get(&addr, path, None, WAIT)
+        netwarden::telemetry::http::get(&addr, path, None, WAIT)
             .unwrap()
             .0
     };
@@ -324,7 +324,8 @@ fn configmap_edits_apply_at_once_and_a_broken_edit_keeps_the_last_good_config() 
     ip.send("rule del priority 101");
     wait_until("rule b is still repaired", || has_rule(&ns, rule_b));
     c.wait_event("DriftRepaired", "restored 1 rule removed by ip");
-    let (_, metrics) = netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
+    let (_, metrics) =
+        netwarden::telemetry::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
     assert!(
         metrics.contains("netwarden_config_reloads_total{result=\"failure\"} 1"),
         "{metrics}"
@@ -648,7 +649,8 @@ fn a_configmap_edit_with_a_rule_iptables_splits_is_rejected() {
     wait_until("the config in use still protects the chain", || {
         nw_ct(&ns) == ["-s 10.0.0.1/32 -j RETURN"]
     });
-    let (_, metrics) = netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
+    let (_, metrics) =
+        netwarden::telemetry::http::get(&agent.http(), "/metrics", None, WAIT).unwrap();
     assert!(
         metrics.contains("netwarden_config_reloads_total{result=\"failure\"} 1"),
         "{metrics}"

@@ -124,7 +124,8 @@ fn rules_of_a_deleted_pod_are_forgotten() {
         }
     }
     let gone = |t: &str| !t.contains("10.1.1.20") && !t.contains("10.1.1.22");
-    let (_, status) = netwarden::obs::http::get(&agent.http(), "/status", None, WAIT).unwrap();
+    let (_, status) =
+        netwarden::telemetry::http::get(&agent.http(), "/status", None, WAIT).unwrap();
     assert!(gone(&status) && status.contains("10.1.1.21"), "{status}");
     wait_until("the adopted-state file forgets them too", || {
         std::fs::read_to_string(&adopted).is_ok_and(|t| gone(&t) && t.contains("10.1.1.21"))

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use netwarden::obs::http;
+use netwarden::telemetry::http;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -479,13 +479,14 @@ fn without_cap_net_admin_an_observing_agent_runs_and_is_unready_once_it_must_rep
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("EPERM"), "{body}");
     let (_, status) = http::get(&addr, "/status", None, T).unwrap();
-    let status: netwarden::obs::status::Status = serde_json::from_str(&status).unwrap();
+    let status: netwarden::telemetry::status::Status = serde_json::from_str(&status).unwrap();
     assert!(!status.ready);
     assert_eq!(status.not_ready.as_deref(), Some(body.trim()));
     assert!(
-        netwarden::obs::status::render_table(&status).contains("; not ready: the kernel refused"),
+        netwarden::telemetry::status::render_table(&status)
+            .contains("; not ready: the kernel refused"),
         "{}",
-        netwarden::obs::status::render_table(&status)
+        netwarden::telemetry::status::render_table(&status)
     );
     assert!(!rules(&ns).iter().any(|r| r.contains("lookup 77")));
 }

@@ -474,7 +474,7 @@ fn daemonset_is_least_privilege_and_host_wide() {
     let ds = find(&o, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
-    // src/obs/attribution.rs reads /proc/PID/fd of the node's processes.
+    // src/telemetry/attribution.rs reads /proc/PID/fd of the node's processes.
     assert_eq!(pod["hostPID"], true);
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert!(pod["tolerations"]

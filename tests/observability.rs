@@ -9,7 +9,7 @@
 
 mod common;
 use common::*;
-use netwarden::obs::http::get;
+use netwarden::telemetry::http::get;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -548,7 +548,7 @@ fn submariner_route_on_tunl0_is_applied_when_the_link_appears() {
     assert!(
         st.objects
             .iter()
-            .all(|o| o.state == netwarden::obs::status::State::Pending),
+            .all(|o| o.state == netwarden::telemetry::status::State::Pending),
         "{st:#?}"
     );
     assert!(!snapshot(&ns).iter().any(|l| l.contains("table 150")));

@@ -214,7 +214,7 @@ fn bird_and_the_agent_share_main_and_table_100_without_a_fight() {
     assert!(
         st.objects
             .iter()
-            .all(|o| o.state == netwarden::obs::status::State::InSync && o.fighter.is_none()),
+            .all(|o| o.state == netwarden::telemetry::status::State::InSync && o.fighter.is_none()),
         "{st:#?}"
     );
     assert_eq!(bird_lines(&ns), expected);

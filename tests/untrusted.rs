@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use netwarden::obs::http;
+use netwarden::telemetry::http;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(5);

@@ -18,9 +18,9 @@ use crate::netns;
 use crate::nftables::engine::Engine;
 use crate::nftables::model::NftConfig;
 use crate::nftables::runner::NftBinary;
-use crate::obs::{self, Telemetry};
 use crate::pod_liveness::PodView;
 use crate::reconcile::{self, Agent, Reload};
+use crate::telemetry::{self, Telemetry};
 use anyhow::Context;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ impl Host {
         let adopted_state = check_adopted_state(opts.adopted_state, &telemetry);
         let (rt, entered) = runtime(opts.netns)?;
         if let Some(listener) = listener {
-            let addr = obs::http::spawn(listener, telemetry.clone())?;
+            let addr = telemetry::http::spawn(listener, telemetry.clone())?;
             tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
         }
         let env = Env {
@@ -117,11 +117,11 @@ pub fn bind_metrics(metrics_addr: Option<&str>) -> anyhow::Result<Option<std::ne
     Ok(match metrics_addr {
         Some("off") => None,
         Some(addr) => Some(
-            obs::http::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
+            telemetry::http::bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
         ),
-        None => obs::http::bind(obs::DEFAULT_METRICS_ADDR)
+        None => telemetry::http::bind(telemetry::DEFAULT_METRICS_ADDR)
             .map_err(|e| {
-                tracing::warn!(addr = obs::DEFAULT_METRICS_ADDR, error = %e, "no HTTP endpoints")
+                tracing::warn!(addr = telemetry::DEFAULT_METRICS_ADDR, error = %e, "no HTTP endpoints")
             })
             .ok(),
     })

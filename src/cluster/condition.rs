@@ -16,7 +16,7 @@
 //! nothing; templated objects waiting for a cluster fact are not failures (the node may not have
 //! a podCIDR yet): `netwarden_pending_templated_objects` tells those.
 
-use crate::obs::status::State;
+use crate::telemetry::status::State;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 

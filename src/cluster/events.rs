@@ -11,7 +11,7 @@
 //! next post and no count is lost. A series quiet for [`SERIES_GAP`] ends: what comes after is a
 //! new Event, as client-go starts a new one once its aggregation window has passed.
 
-use crate::obs::Notice;
+use crate::telemetry::Notice;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 

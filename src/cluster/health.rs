@@ -2,8 +2,8 @@
 //! and counted in the metrics.
 
 use super::retry::Failure;
-use crate::obs::metrics::{ApiFailureLabels, ResourceLabels};
-use crate::obs::Telemetry;
+use crate::telemetry::metrics::{ApiFailureLabels, ResourceLabels};
+use crate::telemetry::Telemetry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

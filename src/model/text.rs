@@ -1,6 +1,6 @@
 //! Text that came from outside (a file, the kernel, the API server, another process) made safe
 //! to print in a line of text: one helper, used by the text log formatter
-//! ([`crate::obs::logfmt`]) and wherever such text is printed or put into a message.
+//! ([`crate::telemetry::logfmt`]) and wherever such text is printed or put into a message.
 
 use std::fmt::{self, Write};
 

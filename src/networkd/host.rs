@@ -368,9 +368,9 @@ pub fn write(root: &Path, dropins: &[super::predict::DropIn]) -> std::io::Result
 pub async fn check_at_start(
     root: PathBuf,
     desired: DesiredState,
-    telemetry: std::sync::Arc<crate::obs::Telemetry>,
+    telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 ) {
-    use crate::obs::metrics::AtRiskLabels;
+    use crate::telemetry::metrics::AtRiskLabels;
     let found = match report(&root, &desired).await {
         Ok(r) => r,
         Err(e) => {
@@ -411,7 +411,7 @@ pub async fn check_at_start(
         running = found.running,
         "systemd-networkd's next restart would remove protected objects; `netwarden networkd` prints the drop-in that prevents it"
     );
-    telemetry.notice(crate::obs::Notice::NetworkdAtRisk {
+    telemetry.notice(crate::telemetry::Notice::NetworkdAtRisk {
         objects: found.restart.len(),
         names,
         preventable: found.restart_with_dropins.len() < found.restart.len(),

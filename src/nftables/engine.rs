@@ -5,7 +5,7 @@
 //! transaction makes the engine read every marked table (one known to be deleted is not read),
 //! plan, and repair all of them in one `nft -f` transaction, then read them back to verify.
 //! Transactions of its own `nft` are recognised by pid. A table changed again right after each
-//! repair is contested: its repairs back off ([`crate::obs::contest`]) and are never given up.
+//! repair is contested: its repairs back off ([`crate::telemetry::contest`]) and are never given up.
 
 mod adoption;
 mod report;
@@ -19,9 +19,9 @@ use super::render;
 use super::runner::{self, Nft, NftError};
 use super::watch::{Touched, Watch};
 use crate::model::Mode;
-use crate::obs::contest::{Backoff, Contest, Decision};
-use crate::obs::status::{State, NFTABLES_KIND};
-use crate::obs::Telemetry;
+use crate::telemetry::contest::{Backoff, Contest, Decision};
+use crate::telemetry::status::{State, NFTABLES_KIND};
+use crate::telemetry::Telemetry;
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -230,7 +230,7 @@ impl<N: Nft> Engine<N> {
                         self.ancestors.clear();
                     }
                     self.ancestors
-                        .insert(*pid, crate::obs::attribution::ancestors(*pid));
+                        .insert(*pid, crate::telemetry::attribution::ancestors(*pid));
                 }
             }
             self.watch.on_event(ev, |p| own.contains(&p));

@@ -5,12 +5,12 @@
 use crate::model::fast::HashMap;
 use crate::model::ObjectId;
 use crate::model::{AddressKey, Family};
-use crate::obs::attribution;
-use crate::obs::metrics::BurstLabels;
 use crate::observe::events::Event;
 use crate::observe::kernel;
 use crate::observe::Change;
 use crate::plan::{self, Dirty};
+use crate::telemetry::attribution;
+use crate::telemetry::metrics::BurstLabels;
 use std::time::Instant;
 use tracing::{debug, warn};
 

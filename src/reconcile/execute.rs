@@ -5,11 +5,11 @@ use crate::apply::{self, Outcome, RuleAdd};
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::Kind;
 use crate::model::ObjectId;
-use crate::obs::attribution;
-use crate::obs::contest::Decision;
-use crate::obs::metrics::{ErrorLabels, KindLabels, RepairLabels};
-use crate::obs::status::State;
 use crate::plan::{self, Dirty, Drift, Finding, Plan};
+use crate::telemetry::attribution;
+use crate::telemetry::contest::Decision;
+use crate::telemetry::metrics::{ErrorLabels, KindLabels, RepairLabels};
+use crate::telemetry::status::State;
 use std::time::{Duration, Instant};
 use tracing::{error, info};
 
@@ -268,7 +268,7 @@ impl Agent {
     ) -> Done<'p> {
         let cause = ports.cause;
         let acked = Instant::now();
-        let acked_unix = crate::obs::status::unix_now();
+        let acked_unix = crate::telemetry::status::unix_now();
         let mut done = Done::default();
         for (step, outcome) in plan.steps.iter().zip(outcomes) {
             let kind = kind_str(&step.id);

@@ -8,8 +8,8 @@
 
 use crate::model::fast::HashMap;
 use crate::model::Mode;
-use crate::obs::status::State;
 use crate::plan::Finding;
+use crate::telemetry::status::State;
 use std::hash::Hash;
 
 /// What the loop knows about one protected object.

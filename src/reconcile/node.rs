@@ -8,13 +8,13 @@ use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::sysctl::{Scope, Setting, SysctlKey};
 use crate::model::{DesiredFdb, DesiredNeighbour, FdbId, NeighbourId, ObjectId};
-use crate::obs::attribution::{self, KERNEL_PORT};
-use crate::obs::metrics::ForgetLabels;
 use crate::observe::events::{RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF, RTNLGRP_NEIGH};
 use crate::observe::kernel;
 use crate::observe::mirror::NeighbourInterest;
 use crate::observe::Change;
 use crate::plan;
+use crate::telemetry::attribution::{self, KERNEL_PORT};
+use crate::telemetry::metrics::ForgetLabels;
 use std::time::Instant;
 use tracing::{debug, info};
 

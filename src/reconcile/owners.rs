@@ -5,10 +5,10 @@ use crate::handoff::{self, Remover};
 use crate::model::fast::HashMap;
 use crate::model::Mode;
 use crate::model::ObjectId;
-use crate::obs::attribution;
-use crate::obs::metrics::HandoffLabels;
-use crate::obs::status::State;
 use crate::plan::{self, Dirty};
+use crate::telemetry::attribution;
+use crate::telemetry::metrics::HandoffLabels;
+use crate::telemetry::status::State;
 use std::time::Instant;
 use tracing::info;
 

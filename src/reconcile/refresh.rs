@@ -6,10 +6,10 @@ use crate::adopt;
 use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::ObjectId;
-use crate::obs::attribution;
-use crate::obs::metrics::ReasonLabels;
 use crate::observe::kernel;
 use crate::plan::{self, Dirty};
+use crate::telemetry::attribution;
+use crate::telemetry::metrics::ReasonLabels;
 use std::time::Instant;
 use tracing::{debug, info};
 

@@ -4,11 +4,11 @@
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::Mode;
 use crate::model::ObjectId;
-use crate::obs::attribution;
-use crate::obs::metrics::DriftLabels;
-use crate::obs::status::State;
 use crate::observe::kernel;
 use crate::plan::{Dirty, Drift, Finding, Plan};
+use crate::telemetry::attribution;
+use crate::telemetry::metrics::DriftLabels;
+use crate::telemetry::status::State;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -188,7 +188,7 @@ impl Agent {
                 None
             };
             if let Some(delay) = d.newly_contested {
-                self.telemetry.notice(crate::obs::Notice::Contested {
+                self.telemetry.notice(crate::telemetry::Notice::Contested {
                     kind,
                     name: d.name.clone(),
                     actor: actor.clone(),
@@ -256,7 +256,7 @@ impl Agent {
                 "put in place at start"
             );
             self.telemetry
-                .notice(crate::obs::Notice::PlacedAtStart { counts: r.counts });
+                .notice(crate::telemetry::Notice::PlacedAtStart { counts: r.counts });
             return;
         }
         info!(
@@ -273,7 +273,7 @@ impl Agent {
             removed_by_netlink_port = ?r.ports,
             "restored"
         );
-        self.telemetry.notice(crate::obs::Notice::Restored {
+        self.telemetry.notice(crate::telemetry::Notice::Restored {
             counts: r.counts,
             actor: actors.join(","),
         });

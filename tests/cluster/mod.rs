@@ -238,13 +238,13 @@ pub fn rbac_grants() -> BTreeSet<(String, String, String)> {
 
 /// The agent's /status document.
 pub fn get_status(addr: &str) -> Value {
-    let (code, body) = netwarden::obs::http::get(addr, "/status", None, WAIT).unwrap();
+    let (code, body) = netwarden::telemetry::http::get(addr, "/status", None, WAIT).unwrap();
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
 
 pub fn metrics(agent: &Agent) -> String {
-    netwarden::obs::http::get(&agent.http(), "/metrics", None, WAIT)
+    netwarden::telemetry::http::get(&agent.http(), "/metrics", None, WAIT)
         .unwrap()
         .1
 }
@@ -259,7 +259,7 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
 
 /// `netwarden_pending_templated_objects{reason=…}` from /metrics.
 pub fn pending_gauge(addr: &str, reason: &str) -> Option<u64> {
-    let (_, text) = netwarden::obs::http::get(addr, "/metrics", None, WAIT).unwrap();
+    let (_, text) = netwarden::telemetry::http::get(addr, "/metrics", None, WAIT).unwrap();
     let series = format!("netwarden_pending_templated_objects{{reason=\"{reason}\"}}");
     metric_value(&text, &series).map(|v| v as u64)
 }

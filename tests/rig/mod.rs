@@ -7,8 +7,8 @@ pub mod bird;
 pub mod networkd;
 pub mod outage;
 
-use netwarden::obs::http::get;
-use netwarden::obs::status::{State, Status};
+use netwarden::telemetry::http::get;
+use netwarden::telemetry::status::{State, Status};
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@ use crate::netfilter::adopted::{self as judge, AdoptedChain, AdoptedSet, Outcome
 use crate::netfilter::model::{ChainKey, DesiredChain, DesiredSet, TableId};
 use crate::netfilter::parse::SavedTable;
 use crate::netfilter::tools;
-use crate::obs::status::State;
+use crate::telemetry::status::State;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 use tracing::{debug, error, info, warn};

@@ -11,7 +11,7 @@
 //! - What was last reported, so that logs speak of transitions, not of every poll.
 
 use crate::netfilter::model::Member;
-use crate::obs::contest::{Backoff, Calmed, Contest, Decision};
+use crate::telemetry::contest::{Backoff, Calmed, Contest, Decision};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 

@@ -31,8 +31,8 @@ use super::model::{ChainKey, DesiredChain, DesiredSet, Table, TableId};
 use super::tools::{Backend, BackendChoice, Binaries, Tools};
 use crate::adopt::AdoptSelector;
 use crate::model::Mode;
-use crate::obs::status::State;
-use crate::obs::Telemetry;
+use crate::telemetry::status::State;
+use crate::telemetry::Telemetry;
 use chains::Cause;
 use ledger::Ledger;
 use report::Out;
@@ -406,7 +406,7 @@ impl<T: Tools> Guard<T> {
                 // Read now, before the tools run: the process is about to exit (its parent can
                 // still be read while it is a zombie).
                 if let (Some(pid), true) = (pid, self.adoption.adopts_chains()) {
-                    self.ancestors = crate::obs::attribution::ancestors(pid);
+                    self.ancestors = crate::telemetry::attribution::ancestors(pid);
                 }
                 for (id, touches) in std::mem::take(pending) {
                     let applied = match stale {

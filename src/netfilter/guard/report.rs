@@ -1,9 +1,11 @@
 //! Where the guard tells what it did: the status board (`/status`, the state gauges), the
 //! metrics, and notices (Kubernetes Events). Nothing is told in `check`, which has no telemetry.
 
-use crate::obs::metrics::{DriftLabels, ForbiddenLabels, ForgetLabels, KindLabels, RepairLabels};
-use crate::obs::status::State;
-use crate::obs::{Notice, Telemetry};
+use crate::telemetry::metrics::{
+    DriftLabels, ForbiddenLabels, ForgetLabels, KindLabels, RepairLabels,
+};
+use crate::telemetry::status::State;
+use crate::telemetry::{Notice, Telemetry};
 use std::sync::Arc;
 
 #[derive(Default)]
@@ -59,7 +61,7 @@ impl Out {
     pub fn repaired(&self, name: &str, actor: &str) {
         if let Some(t) = &self.telemetry {
             t.board()
-                .record_netfilter_repair(name, actor, crate::obs::status::unix_now());
+                .record_netfilter_repair(name, actor, crate::telemetry::status::unix_now());
         }
     }
 

@@ -11,8 +11,8 @@ use crate::model::Mode;
 use crate::netfilter::model::{DesiredSet, Member};
 use crate::netfilter::plan::{self, SetDrift, SetFinding, SetRepair};
 use crate::netfilter::{render, tools};
-use crate::obs::status::State;
-use crate::obs::Notice;
+use crate::telemetry::status::State;
+use crate::telemetry::Notice;
 use std::time::Instant;
 use tracing::{error, info, warn};
 

@@ -9,7 +9,7 @@ use crate::netfilter::events::{NftEvent, Object};
 use crate::netfilter::fake::{FakeSet, FakeTools};
 use crate::netfilter::model::{Content, Jump, Member, Position, SetOptions, SetType};
 use crate::netfilter::rulespec::RuleSpec;
-use crate::obs::status::State;
+use crate::telemetry::status::State;
 
 const NAT: TableId = TableId {
     family: Family::Ipv4,
@@ -128,7 +128,7 @@ async fn a_flush_fight_is_contested_held_back_and_repaired_when_it_stops() {
     let deferred = t
         .metrics
         .repairs_deferred
-        .get_or_create(&crate::obs::metrics::KindLabels { kind: "chain" })
+        .get_or_create(&crate::telemetry::metrics::KindLabels { kind: "chain" })
         .get();
     assert!(deferred >= 1);
     assert!(
@@ -139,7 +139,7 @@ async fn a_flush_fight_is_contested_held_back_and_repaired_when_it_stops() {
     );
     let mut contested = 0;
     while let Ok(n) = notices.try_recv() {
-        if matches!(n, crate::obs::Notice::Contested { kind, .. } if kind == "chain") {
+        if matches!(n, crate::telemetry::Notice::Contested { kind, .. } if kind == "chain") {
             contested += 1;
         }
     }

@@ -7,8 +7,8 @@ use crate::nftables::listing::ObservedTable;
 use crate::nftables::model::TableKey;
 use crate::nftables::runner::Nft;
 use crate::nftables::watch::Touched;
-use crate::obs::metrics::ForgetLabels;
-use crate::obs::status::NFTABLES_KIND;
+use crate::telemetry::metrics::ForgetLabels;
+use crate::telemetry::status::NFTABLES_KIND;
 use tracing::{debug, info};
 
 impl<N: Nft> Engine<N> {

@@ -5,9 +5,9 @@ use super::{Engine, Planned, Why};
 use crate::model::Mode;
 use crate::nftables::plan::{self, TableDrift};
 use crate::nftables::runner::{Nft, NftError};
-use crate::obs::metrics::{DriftLabels, ForbiddenLabels, KindLabels, RepairLabels};
-use crate::obs::status::{State, NFTABLES_KIND};
-use crate::obs::Notice;
+use crate::telemetry::metrics::{DriftLabels, ForbiddenLabels, KindLabels, RepairLabels};
+use crate::telemetry::status::{State, NFTABLES_KIND};
+use crate::telemetry::Notice;
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
@@ -164,8 +164,11 @@ impl<N: Nft> Engine<N> {
                     kind: NFTABLES_KIND,
                 })
                 .observe(took.as_secs_f64());
-            t.board()
-                .record_nftables_repair(&p.name, &p.actor, crate::obs::status::unix_now());
+            t.board().record_nftables_repair(
+                &p.name,
+                &p.actor,
+                crate::telemetry::status::unix_now(),
+            );
         }
         let more_than_forbidden = p
             .drift
