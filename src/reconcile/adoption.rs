@@ -259,6 +259,12 @@ impl Agent {
             }
             _ => return,
         }
+        self.forget_record(id, reason);
+    }
+
+    /// What forgetting any adopted object shares, once its kind's maps have dropped it: its
+    /// record and contest go, and why it was forgotten is counted.
+    pub(super) fn forget_record(&mut self, id: &ObjectId, reason: &'static str) {
         if self.ledger.forget(id).is_some_and(|s| s.refused) {
             self.telemetry.set_refused(self.ledger.refused_count());
         }

@@ -14,7 +14,6 @@ use crate::observe::mirror::NeighbourInterest;
 use crate::observe::Change;
 use crate::plan;
 use crate::telemetry::attribution::{self, KERNEL_PORT};
-use crate::telemetry::metrics::ForgetLabels;
 use std::time::Instant;
 use tracing::{debug, info};
 
@@ -467,17 +466,6 @@ impl Agent {
             }
             _ => return,
         }
-        if self.ledger.forget(id).is_some_and(|s| s.refused) {
-            self.telemetry.set_refused(self.ledger.refused_count());
-        }
-        self.contest.retain(|i| i != id);
-        self.telemetry
-            .metrics
-            .adopted_forgotten
-            .get_or_create(&ForgetLabels {
-                kind: id.kind().as_str(),
-                reason,
-            })
-            .inc();
+        self.forget_record(id, reason);
     }
 }
