@@ -468,14 +468,10 @@ fn without_cap_net_admin_an_observing_agent_runs_and_is_unready_once_it_must_rep
     run.signal(nix::sys::signal::Signal::SIGHUP);
     run.wait_log("repair refused");
     // The refusal is logged before the loop publishes readiness: wait for the publication.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (code, body) = loop {
-        let (code, body) = http::get(&addr, "/readyz", None, T).unwrap();
-        if code != 200 || Instant::now() > deadline {
-            break (code, body);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    wait_until("readiness published after the refusal", || {
+        http::get(&addr, "/readyz", None, T).unwrap().0 != 200
+    });
+    let (code, body) = http::get(&addr, "/readyz", None, T).unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("EPERM"), "{body}");
     let (_, status) = http::get(&addr, "/status", None, T).unwrap();
