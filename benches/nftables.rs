@@ -120,12 +120,22 @@ fn creation(cfg: &netwarden::config::Config, only: Option<&str>) -> String {
     render::transaction(&repairs)
 }
 
-/// Commit to commit: `trigger` runs a transaction; the time from its NEWGEN to the next NEWGEN
-/// by another process (the agent's repair).
-async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
+/// Commit to commit: `trigger` runs a transaction; the time from its NEWGEN to the NEWGEN of
+/// the repair. `repair: None` times the agent's repair (the next NEWGEN by another process).
+/// `Some(transaction)` times the reactive floor: the moment the trigger's NEWGEN arrives, an
+/// `nft -f` of that transaction is spawned and its own NEWGEN ends the clock. That is a
+/// perfectly reactive script doing the agent's work, kernel costs after the deletion included
+/// (deleted chains and rules are freed after an RCU grace period, and the next transaction
+/// waits for that). A run whose notifications this socket lost is not timed.
+async fn commit_to_commit(
+    events: &mut Events,
+    trigger: &[&str],
+    repair: Option<&str>,
+) -> Option<f64> {
     let mut child = Command::new("nft").args(trigger).spawn().unwrap();
     let me = Some(child.id());
     let mut t0 = None;
+    let mut repairer: Option<Child> = None;
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut out = None;
     let mut lost = false;
@@ -137,66 +147,21 @@ async fn measure(events: &mut Events, trigger: &[&str]) -> Option<f64> {
         let now = Instant::now();
         for ev in batch {
             if ev == Event::Overrun {
-                // This socket lost notifications (a 5,000-element repair is 5,000 of them):
-                // the run cannot be timed.
+                // A 5,000-element repair is 5,000 notifications: this socket may lose some.
                 lost = true;
             }
-            if let Event::NewGen { pid, .. } = ev {
-                if pid == me && t0.is_none() {
-                    t0 = Some(now);
-                } else if let (Some(t0), true) = (t0, pid != me) {
-                    out = Some((now - t0).as_secs_f64() * 1e3);
-                }
-            }
-        }
-    }
-    assert!(child.wait().unwrap().success());
-    // A table deleted again within 2 s of its repair, three times running, is contested and
-    // its repairs back off (a fight): runs are spaced well beyond that window (the agent notes
-    // its repair after nft exits and reads it back) so that each one
-    // measures a plain repair.
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
-    out.filter(|_| !lost)
-}
-
-/// The floor measured like the repair: `trigger` runs, and the moment its NEWGEN arrives an
-/// `nft -f` of the repair transaction is spawned; from that NEWGEN to the `nft -f`'s own. This
-/// is a perfectly reactive script doing the agent's work, kernel costs after the deletion
-/// included (deleted chains and rules are freed after an RCU grace period, and the next
-/// transaction waits for that).
-async fn measure_reactive(events: &mut Events, trigger: &[&str], create: &str) -> Option<f64> {
-    let mut child = Command::new("nft").args(trigger).spawn().unwrap();
-    let me = Some(child.id());
-    let mut t0 = None;
-    let mut repairer = None;
-    let mut out = None;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while out.is_none() && Instant::now() < deadline {
-        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
-        else {
-            break;
-        };
-        let now = Instant::now();
-        for ev in batch {
             let Event::NewGen { pid, .. } = ev else {
                 continue;
             };
             if pid == me && t0.is_none() {
                 t0 = Some(now);
-                let mut r = Command::new("nft")
-                    .args(["-f", "-"])
-                    .stdin(Stdio::piped())
-                    .spawn()
-                    .expect("nft");
-                r.stdin
-                    .take()
-                    .unwrap()
-                    .write_all(create.as_bytes())
-                    .unwrap();
-                repairer = Some(r);
-            } else if let (Some(t0), Some(r)) = (t0, &repairer) {
-                if pid == Some(r.id()) {
+                repairer = repair.map(spawn_nft_f);
+            } else if let Some(t0) = t0 {
+                let ends = match &repairer {
+                    Some(r) => pid == Some(r.id()),
+                    None => pid != me,
+                };
+                if ends {
                     out = Some((now - t0).as_secs_f64() * 1e3);
                 }
             }
@@ -206,8 +171,30 @@ async fn measure_reactive(events: &mut Events, trigger: &[&str], create: &str) -
     if let Some(mut r) = repairer {
         assert!(r.wait().unwrap().success(), "nft -f of the repair failed");
     }
+    if repair.is_none() {
+        // A table deleted again within 2 s of its repair, three times running, is contested
+        // and its repairs back off (a fight): runs are spaced well beyond that window (the
+        // agent notes its repair after nft exits and reads it back) so that each one measures
+        // a plain repair.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+    }
     while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
-    out
+    out.filter(|_| !lost)
+}
+
+/// `nft -f -` with `transaction` on its stdin, running.
+fn spawn_nft_f(transaction: &str) -> Child {
+    let mut r = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    r.stdin
+        .take()
+        .unwrap()
+        .write_all(transaction.as_bytes())
+        .unwrap();
+    r
 }
 
 fn scenario(
@@ -230,7 +217,7 @@ fn scenario(
     rt.block_on(async {
         let mut events = Events::subscribe().unwrap();
         for run in 0..runs + WARMUP {
-            match measure(&mut events, trigger).await {
+            match commit_to_commit(&mut events, trigger, None).await {
                 Some(ms) if run >= WARMUP => repaired.push(ms),
                 Some(_) => {}
                 None => {
@@ -251,7 +238,7 @@ fn scenario(
     rt.block_on(async {
         let mut events = Events::subscribe().unwrap();
         for _ in 0..runs {
-            reactive.extend(measure_reactive(&mut events, trigger, &create).await);
+            reactive.extend(commit_to_commit(&mut events, trigger, Some(&create)).await);
         }
     });
     (repaired, floor, reactive)
