@@ -20,7 +20,8 @@
 //! Everything happens in throw-away namespaces; this process enters them itself, so the tools it
 //! runs and its notification socket live there too. Run as root: `cargo bench --bench chains`.
 
-use netwarden::netfilter::events::{NftEvent, NftEvents};
+use netwarden::nftables::events::{Event, Events};
+use netwarden::testing::commit_clock;
 use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -182,39 +183,15 @@ fn spawn_restore(input: &str) -> Child {
 /// The reactive floor of one run: chain `i` deleted as in the agent's runs and, the instant the
 /// deletion's NEWGEN arrives, the agent's repair spawned from here: commit to commit. `None`
 /// when either NEWGEN is not seen within 5 s.
-async fn measure_reactive(events: &mut NftEvents, i: usize) -> Option<f64> {
-    let mut del = spawn_restore(&delete(i));
-    let deleter = Some(del.id());
-    let mut t0 = None;
-    let mut repairer: Option<Child> = None;
-    let mut out = None;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while out.is_none() && Instant::now() < deadline {
-        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
-        else {
-            break;
-        };
-        let now = Instant::now();
-        for ev in batch {
-            let NftEvent::NewGen { pid, .. } = ev else {
-                continue;
-            };
-            if pid == deleter && t0.is_none() {
-                t0 = Some(now);
-                repairer = Some(spawn_restore(&recreate(&chain_name(i))));
-            } else if let (Some(t0), Some(r)) = (t0, &repairer) {
-                if pid == Some(r.id()) {
-                    out = Some((now - t0).as_secs_f64() * 1e3);
-                }
-            }
-        }
-    }
-    assert!(del.wait().unwrap().success());
-    if let Some(mut r) = repairer {
-        assert!(r.wait().unwrap().success(), "the reactive repair failed");
-    }
-    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
-    out
+async fn measure_reactive(events: &mut Events, i: usize) -> Option<f64> {
+    let repair = recreate(&chain_name(i));
+    commit_clock::commit_to_commit(
+        events,
+        spawn_restore(&delete(i)),
+        Some(|| Ok(spawn_restore(&repair))),
+    )
+    .await
+    .expect("iptables-nft-restore")
 }
 
 /// The kernel's part of the gap between the floor and the reactive floor, for one run: chain
@@ -225,7 +202,7 @@ async fn measure_reactive(events: &mut NftEvents, i: usize) -> Option<f64> {
 /// transaction with an xtables match or target (`-m comment`, `-j MASQUERADE`) waits for the
 /// same before it commits. Every iptables-nft run closes such sockets (its extension revision
 /// probes) before committing. The chain is put back afterwards, untimed.
-async fn measure_release_wait(events: &mut NftEvents, i: usize) -> Option<f64> {
+async fn measure_release_wait(events: &mut Events, i: usize) -> Option<f64> {
     use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
     let mut del = spawn_restore(&delete(i));
     let deleter = Some(del.id());
@@ -238,7 +215,7 @@ async fn measure_release_wait(events: &mut NftEvents, i: usize) -> Option<f64> {
         };
         if batch
             .iter()
-            .any(|ev| matches!(ev, NftEvent::NewGen { pid, .. } if *pid == deleter))
+            .any(|ev| matches!(ev, Event::NewGen { pid, .. } if *pid == deleter))
         {
             let mut socket = Socket::new(NETLINK_NETFILTER).unwrap();
             socket.bind_auto().unwrap();
@@ -253,7 +230,7 @@ async fn measure_release_wait(events: &mut NftEvents, i: usize) -> Option<f64> {
         &["--noflush", "-w"],
         &recreate(&chain_name(i)),
     );
-    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
+    commit_clock::drain(events).await;
     out
 }
 
@@ -279,45 +256,20 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
         release_wait: Vec::new(),
     };
     rt.block_on(async {
-        let mut events = NftEvents::subscribe().unwrap();
+        let mut events = Events::subscribe().unwrap();
         for run in 0..RUNS + WARMUP {
-            // Not waited for here: the notification socket must be read while the transaction
-            // commits, or both NEWGENs would be timestamped when this process gets to them.
-            let mut del = spawn_restore(&delete(run % CHAINS));
-            let deleter = Some(del.id());
-            let mut t0 = None;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut repaired = None;
-            while repaired.is_none() && Instant::now() < deadline {
-                let Ok(Ok(batch)) =
-                    tokio::time::timeout(Duration::from_secs(5), events.next()).await
-                else {
-                    break;
-                };
-                let now = Instant::now();
-                for ev in batch {
-                    if let NftEvent::NewGen { pid, .. } = ev {
-                        if pid == deleter && t0.is_none() {
-                            t0 = Some(now);
-                        } else if t0.is_some() && pid != deleter {
-                            repaired = Some(now);
-                        }
-                    }
-                }
-            }
-            assert!(del.wait().unwrap().success());
-            let (Some(t0), Some(t1)) = (t0, repaired) else {
-                panic!("run {run}: no repair seen within 5 s");
-            };
+            let deletion = spawn_restore(&delete(run % CHAINS));
+            let took = commit_clock::commit_to_commit(&mut events, deletion, None::<fn() -> _>)
+                .await
+                .expect("iptables-nft-restore")
+                .unwrap_or_else(|| panic!("run {run}: no repair seen within 5 s"));
             if run >= WARMUP {
-                f.repaired.push((t1 - t0).as_secs_f64() * 1e3);
+                f.repaired.push(took);
             }
             // Let the agent finish verifying before the next deletion (and keep each chain's
             // deletions more than 2 s apart: 64 chains × 40 ms).
             tokio::time::sleep(Duration::from_millis(40)).await;
-            while let Ok(Ok(_)) =
-                tokio::time::timeout(Duration::from_millis(1), events.next()).await
-            {}
+            commit_clock::drain(&mut events).await;
         }
     });
     // The floors, with the agent gone: it neither reacts to them nor competes for the CPU. The
@@ -351,7 +303,7 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
         pipe("iptables-nft-restore", &["--noflush", "-w"], &drop_scratch);
     }
     rt.block_on(async {
-        let mut events = NftEvents::subscribe().unwrap();
+        let mut events = Events::subscribe().unwrap();
         for run in 0..RUNS + WARMUP {
             match measure_reactive(&mut events, run % CHAINS).await {
                 Some(ms) if run >= WARMUP => f.reactive.push(ms),

@@ -18,9 +18,10 @@
 //! Everything happens in throw-away namespaces; this process enters them itself, so `nft` and
 //! the notification socket live there too. Run as root: `cargo bench --bench nftables`.
 
-use netwarden::nftables::events::{Event, Events};
+use netwarden::nftables::events::Events;
 use netwarden::nftables::plan::{self, Aliases};
 use netwarden::nftables::render;
+use netwarden::testing::commit_clock;
 use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -120,81 +121,44 @@ fn creation(cfg: &netwarden::config::Config, only: Option<&str>) -> String {
     render::transaction(&repairs)
 }
 
-/// Commit to commit: `trigger` runs a transaction; the time from its NEWGEN to the NEWGEN of
-/// the repair. `repair: None` times the agent's repair (the next NEWGEN by another process).
-/// `Some(transaction)` times the reactive floor: the moment the trigger's NEWGEN arrives, an
-/// `nft -f` of that transaction is spawned and its own NEWGEN ends the clock. That is a
-/// perfectly reactive script doing the agent's work, kernel costs after the deletion included
-/// (deleted chains and rules are freed after an RCU grace period, and the next transaction
-/// waits for that). A run whose notifications this socket lost is not timed.
+/// Commit to commit ([`commit_clock`]): `trigger` runs a transaction; the time from its NEWGEN
+/// to the NEWGEN of the repair. `repair: None` times the agent's repair (the next NEWGEN by
+/// another process). `Some(transaction)` times the reactive floor: the moment the trigger's
+/// NEWGEN arrives, an `nft -f` of that transaction is spawned and its own NEWGEN ends the clock.
+/// That is a perfectly reactive script doing the agent's work, kernel costs after the deletion
+/// included (deleted chains and rules are freed after an RCU grace period, and the next
+/// transaction waits for that).
 async fn commit_to_commit(
     events: &mut Events,
     trigger: &[&str],
     repair: Option<&str>,
 ) -> Option<f64> {
-    let mut child = Command::new("nft").args(trigger).spawn().unwrap();
-    let me = Some(child.id());
-    let mut t0 = None;
-    let mut repairer: Option<Child> = None;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut out = None;
-    let mut lost = false;
-    while out.is_none() && !lost && Instant::now() < deadline {
-        let Ok(Ok(batch)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await
-        else {
-            break;
-        };
-        let now = Instant::now();
-        for ev in batch {
-            if ev == Event::Overrun {
-                // A 5,000-element repair is 5,000 notifications: this socket may lose some.
-                lost = true;
-            }
-            let Event::NewGen { pid, .. } = ev else {
-                continue;
-            };
-            if pid == me && t0.is_none() {
-                t0 = Some(now);
-                repairer = repair.map(spawn_nft_f);
-            } else if let Some(t0) = t0 {
-                let ends = match &repairer {
-                    Some(r) => pid == Some(r.id()),
-                    None => pid != me,
-                };
-                if ends {
-                    out = Some((now - t0).as_secs_f64() * 1e3);
-                }
-            }
-        }
-    }
-    assert!(child.wait().unwrap().success());
-    if let Some(mut r) = repairer {
-        assert!(r.wait().unwrap().success(), "nft -f of the repair failed");
-    }
+    let child = Command::new("nft").args(trigger).spawn().unwrap();
+    let out = commit_clock::commit_to_commit(events, child, repair.map(|t| move || spawn_nft_f(t)))
+        .await
+        .expect("nft");
     if repair.is_none() {
         // A table deleted again within 2 s of its repair, three times running, is contested
         // and its repairs back off (a fight): runs are spaced well beyond that window (the
         // agent notes its repair after nft exits and reads it back) so that each one measures
         // a plain repair.
         tokio::time::sleep(Duration::from_millis(3000)).await;
+        commit_clock::drain(events).await;
     }
-    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(2), events.next()).await {}
-    out.filter(|_| !lost)
+    out
 }
 
 /// `nft -f -` with `transaction` on its stdin, running.
-fn spawn_nft_f(transaction: &str) -> Child {
+fn spawn_nft_f(transaction: &str) -> std::io::Result<Child> {
     let mut r = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft");
+        .spawn()?;
     r.stdin
         .take()
-        .unwrap()
-        .write_all(transaction.as_bytes())
-        .unwrap();
-    r
+        .expect("piped")
+        .write_all(transaction.as_bytes())?;
+    Ok(r)
 }
 
 fn scenario(

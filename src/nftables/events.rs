@@ -1,10 +1,11 @@
-//! nf_tables change notifications for native tables: a socket of its own on NETLINK_NETFILTER,
-//! group NFNLGRP_NFTABLES, and a decoder of the few fields needed (family, table, the chain or
-//! set touched, whether it was removed, and the NEWGEN message that ends a transaction with the
-//! process that committed it). Every family is decoded, not only the iptables ones.
+//! nf_tables change notifications (NETLINK_NETFILTER, group NFNLGRP_NFTABLES): a socket and a
+//! decoder of the few fields needed (family, table, the chain or set touched, whether it was
+//! removed, and the NEWGEN message that ends a transaction with the process that committed it).
+//! Every family is decoded; the iptables guard keeps its part through
+//! [`crate::netfilter::events`]. Decoded by hand: a header and a few string attributes do not
+//! need the whole nf_tables message model as a dependency.
 
 use super::model::NfFamily;
-use crate::netfilter::events::{attributes, string, u16_at, u32_at};
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
 use std::io;
 
@@ -90,6 +91,37 @@ impl Events {
             Err(e) => Err(e),
         }
     }
+}
+
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Attributes of a message body: (type without flag bits, payload).
+pub(crate) fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let (Some(len), Some(kind)) = (u16_at(b, 0), u16_at(b, 2)) else {
+            break;
+        };
+        let len = usize::from(len);
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((kind & 0x3fff, &b[4..len]));
+        let padded = (len + 3) & !3;
+        b = b.get(padded..).unwrap_or(&[]);
+    }
+    out
+}
+
+pub(crate) fn string(v: &[u8]) -> String {
+    let end = v.iter().position(|&c| c == 0).unwrap_or(v.len());
+    String::from_utf8_lossy(&v[..end]).into_owned()
 }
 
 /// Decodes every nf_tables message of a datagram; others are skipped.
