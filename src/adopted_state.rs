@@ -1,11 +1,16 @@
-//! The adopted-state file (`run --adopted-state PATH`): the rules adopted through `spec.adopt`,
-//! so that after an agent restart they are protected at once, also those someone removed while
-//! the agent was down. Written atomically by a thread of its own (the loop never waits for a
+//! The adopted-state file (`run --adopted-state PATH`): what `spec.adopt` adopted (rules,
+//! routes, neighbour and FDB entries, iptables chains, ipsets, nftables tables), so that after
+//! an agent restart they are protected at once, also those someone removed while the agent was
+//! down. Written atomically by a thread of its own (the loop never waits for a
 //! disk); a file that cannot be read is reported and ignored.
 
 use crate::model::fast::HashMap;
-use crate::model::{DesiredRoute, RouteKey, RuleKey};
+use crate::model::neighbour::NeighbourState;
+use crate::model::{
+    DesiredFdb, DesiredNeighbour, DesiredRoute, FdbId, NeighbourId, ObjectId, RouteKey, RuleKey,
+};
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use thiserror::Error;
@@ -28,6 +33,83 @@ pub struct AdoptedRoute {
     pub route: DesiredRoute,
 }
 
+/// An adopted neighbour entry as last seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedNeighbour {
+    pub selector: String,
+    pub device: String,
+    pub address: IpAddr,
+    /// As `ip neigh` prints it.
+    pub lladdr: String,
+    pub state: NeighbourState,
+}
+
+/// An adopted FDB entry of a VXLAN device as last seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedFdb {
+    pub selector: String,
+    pub device: String,
+    /// As `bridge fdb` prints it.
+    pub lladdr: String,
+    /// The remote VTEP.
+    pub dst: IpAddr,
+    #[serde(default)]
+    pub vni: Option<u32>,
+}
+
+impl AdoptedNeighbour {
+    pub fn new(selector: &str, e: &DesiredNeighbour) -> AdoptedNeighbour {
+        AdoptedNeighbour {
+            selector: selector.to_owned(),
+            device: e.device.clone(),
+            address: e.address,
+            lladdr: e.lladdr.to_string(),
+            state: e.state,
+        }
+    }
+
+    /// The entry, unnamed (its selector names it); `None` for a device name no interface can
+    /// have (it would go into requests and logs) or a MAC that does not read.
+    fn entry(&self) -> Option<DesiredNeighbour> {
+        crate::config::valid_ifname(&self.device).ok()?;
+        Some(DesiredNeighbour {
+            name: String::new(),
+            mode: crate::model::Mode::Observe,
+            device: self.device.clone(),
+            address: self.address,
+            lladdr: self.lladdr.parse().ok()?,
+            state: self.state,
+        })
+    }
+}
+
+impl AdoptedFdb {
+    pub fn new(selector: &str, e: &DesiredFdb) -> AdoptedFdb {
+        AdoptedFdb {
+            selector: selector.to_owned(),
+            device: e.device.clone(),
+            lladdr: e.lladdr.to_string(),
+            dst: e.dst,
+            vni: e.vni,
+        }
+    }
+
+    /// As [`AdoptedNeighbour::entry`].
+    fn entry(&self) -> Option<DesiredFdb> {
+        crate::config::valid_ifname(&self.device).ok()?;
+        Some(DesiredFdb {
+            name: String::new(),
+            mode: crate::model::Mode::Observe,
+            device: self.device.clone(),
+            lladdr: self.lladdr.parse().ok()?,
+            dst: self.dst,
+            vni: self.vni,
+        })
+    }
+}
+
+/// The file. Each engine writes its own part (see [`Part`]); fields added since version 1 are
+/// optional, so that older files still read.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdoptedState {
     pub version: u32,
@@ -39,6 +121,23 @@ pub struct AdoptedState {
     pub chains: Vec<crate::netfilter::adopted::SavedChain>,
     #[serde(default)]
     pub ipsets: Vec<crate::netfilter::adopted::SavedAdoptedSet>,
+    /// Neighbour and FDB entries adopted by the rtnetlink agent, as last seen.
+    #[serde(default)]
+    pub neighbours: Vec<AdoptedNeighbour>,
+    #[serde(default)]
+    pub fdb: Vec<AdoptedFdb>,
+    /// nftables tables adopted by the nftables engine, as last seen.
+    #[serde(default)]
+    pub nftables: Vec<crate::nftables::adopt::SavedTable>,
+}
+
+/// What the rtnetlink agent protects from the file: the objects [`merge`] kept, by selector.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub rules: HashMap<RuleKey, String>,
+    pub routes: HashMap<RouteKey, String>,
+    /// Neighbour and FDB entries.
+    pub node: HashMap<ObjectId, String>,
 }
 
 #[derive(Debug, Error)]
@@ -94,12 +193,11 @@ pub fn read(path: &Path) -> Result<AdoptedState, AdoptedStateError> {
     Ok(state)
 }
 
-/// Adds the saved objects whose selector still exists and still covers them to `desired`
-/// (objects the config names itself win); returns the adopted rules and routes by selector.
-pub fn merge(
-    saved: AdoptedState,
-    desired: &mut crate::desired::DesiredState,
-) -> (HashMap<RuleKey, String>, HashMap<RouteKey, String>) {
+/// Adds the saved rules, routes, neighbour and FDB entries whose selector still exists and
+/// still covers them to `desired` (objects the config names itself win); returns them by
+/// selector. The chains and sets are the guard's ([`crate::netfilter::guard::Adoption`]), the
+/// tables the nftables engine's.
+pub fn merge(saved: AdoptedState, desired: &mut crate::desired::DesiredState) -> Merged {
     let mut rules = HashMap::default();
     let mut routes = HashMap::default();
     for r in saved.rules {
@@ -138,7 +236,37 @@ pub fn merge(
             desired.routes.insert(key, route);
         }
     }
-    (rules, routes)
+    let node = merge_node(&saved.neighbours, &saved.fdb, desired);
+    Merged {
+        rules,
+        routes,
+        node,
+    }
+}
+
+/// The saved neighbour and FDB entries, kept as a reload keeps them
+/// ([`crate::desired::DesiredState::keep_adopted_node`]); those that do not read back are not.
+fn merge_node(
+    neighbours: &[AdoptedNeighbour],
+    fdb: &[AdoptedFdb],
+    desired: &mut crate::desired::DesiredState,
+) -> HashMap<ObjectId, String> {
+    let mut adopted = Vec::new();
+    let mut n_entries: HashMap<NeighbourId, DesiredNeighbour> = HashMap::default();
+    let mut f_entries: HashMap<FdbId, DesiredFdb> = HashMap::default();
+    for n in neighbours {
+        if let Some(e) = n.entry() {
+            adopted.push((ObjectId::Neighbour(e.id()), n.selector.clone()));
+            n_entries.insert(e.id(), e);
+        }
+    }
+    for f in fdb {
+        if let Some(e) = f.entry() {
+            adopted.push((ObjectId::Fdb(e.id()), f.selector.clone()));
+            f_entries.insert(e.id(), e);
+        }
+    }
+    desired.keep_adopted_node(adopted, &n_entries, &f_entries)
 }
 
 /// Reads the file at start. A file that cannot be used (corrupt, or of another format version)
@@ -168,8 +296,9 @@ pub fn read_or_set_aside(
     }
 }
 
-/// A snapshot of one writer's part of the file: the rtnetlink agent owns the rules and routes,
-/// the netfilter guard the chains and sets.
+/// A snapshot of one writer's part of the file: the rtnetlink agent owns the rules, routes,
+/// neighbour and FDB entries, the netfilter guard the chains and sets, the nftables engine the
+/// tables.
 #[derive(Debug)]
 enum Part {
     Core(AdoptedState),
@@ -177,6 +306,7 @@ enum Part {
         Vec<crate::netfilter::adopted::SavedChain>,
         Vec<crate::netfilter::adopted::SavedAdoptedSet>,
     ),
+    Nftables(Vec<crate::nftables::adopt::SavedTable>),
 }
 
 /// Writes snapshots on a thread of its own; only the newest of those queued is written. Shared
@@ -201,7 +331,10 @@ impl Writer {
                             Part::Core(core) => {
                                 state.rules = core.rules;
                                 state.routes = core.routes;
+                                state.neighbours = core.neighbours;
+                                state.fdb = core.fdb;
                             }
+                            Part::Nftables(tables) => state.nftables = tables,
                             Part::Netfilter(chains, ipsets) => {
                                 state.chains = chains;
                                 state.ipsets = ipsets;
@@ -223,7 +356,8 @@ impl Writer {
         Ok(Writer { tx })
     }
 
-    /// Saves the rules and routes of `state` (its chains and sets are the guard's).
+    /// Saves the rules, routes, neighbour and FDB entries of `state` (its chains and sets are
+    /// the guard's, its tables the nftables engine's).
     pub fn save(&self, state: AdoptedState) {
         let _ = self.tx.send(Part::Core(state));
     }
@@ -235,6 +369,11 @@ impl Writer {
         ipsets: Vec<crate::netfilter::adopted::SavedAdoptedSet>,
     ) {
         let _ = self.tx.send(Part::Netfilter(chains, ipsets));
+    }
+
+    /// Saves the adopted nftables tables.
+    pub fn save_nftables(&self, tables: Vec<crate::nftables::adopt::SavedTable>) {
+        let _ = self.tx.send(Part::Nftables(tables));
     }
 }
 
@@ -287,8 +426,7 @@ mod tests {
                     mtu: None,
                 },
             }],
-            chains: vec![],
-            ipsets: vec![],
+            ..Default::default()
         };
         let w = Writer::spawn(path.clone()).unwrap();
         w.save(state.clone());
@@ -420,7 +558,7 @@ mod tests {
             device: Some("eni*".into()),
             ..Default::default()
         });
-        let (_, routes) = merge(saved(all.clone()), &mut desired);
+        let routes = merge(saved(all.clone()), &mut desired).routes;
         let kept: Vec<String> = desired
             .routes
             .keys()
@@ -471,5 +609,138 @@ mod tests {
         // Twice within the same second: both kept.
         let kept = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(kept, 2);
+    }
+
+    #[test]
+    fn a_file_of_before_neighbours_and_tables_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adopted.json");
+        std::fs::write(
+            &path,
+            br#"{"version": 1, "rules": [], "routes": [], "chains": []}"#,
+        )
+        .unwrap();
+        let state = read(&path).unwrap();
+        assert!(state.neighbours.is_empty() && state.fdb.is_empty() && state.nftables.is_empty());
+    }
+
+    fn flannel(devices: &[&str]) -> crate::adopt::AdoptSelector {
+        crate::adopt::AdoptSelector {
+            name: "flannel".into(),
+            mode: crate::model::Mode::Enforce,
+            rules: None,
+            routes: None,
+            chains: None,
+            ipsets: None,
+            neighbours: Some(crate::adopt::NeighbourSelector {
+                devices: devices.iter().map(|d| d.to_string()).collect(),
+            }),
+            owners: vec!["flanneld".into()],
+            unknown_actor: crate::adopt::UnknownActor::Restore,
+            pod_liveness: None,
+        }
+    }
+
+    fn vtep(device: &str, address: &str, lladdr: &str) -> (AdoptedNeighbour, AdoptedFdb) {
+        (
+            AdoptedNeighbour {
+                selector: "flannel".into(),
+                device: device.into(),
+                address: address.parse().unwrap(),
+                lladdr: lladdr.into(),
+                state: NeighbourState::Permanent,
+            },
+            AdoptedFdb {
+                selector: "flannel".into(),
+                device: device.into(),
+                lladdr: lladdr.into(),
+                dst: "192.168.1.12".parse().unwrap(),
+                vni: Some(1),
+            },
+        )
+    }
+
+    #[test]
+    fn saved_neighbour_and_fdb_entries_join_while_their_selector_covers_them() {
+        let (n1, f1) = vtep("flannel.1", "10.244.2.0", "0a:58:0a:f4:02:00");
+        let (n2, f2) = vtep("vxlan.calico", "10.244.3.0", "0a:58:0a:f4:03:00");
+        // A device name no interface can have, a MAC that does not read: not trusted.
+        let (n3, f3) = vtep("flannel.1\n\u{1b}[31m", "10.244.4.0", "0a:58:0a:f4:04:00");
+        let (n4, f4) = vtep("flannel.1", "10.244.5.0", "0a:58:zz:f4:05:00");
+        let saved = AdoptedState {
+            version: VERSION,
+            neighbours: vec![n1.clone(), n2, n3, n4],
+            fdb: vec![f1.clone(), f2, f3, f4],
+            ..Default::default()
+        };
+        let mut desired = crate::desired::DesiredState {
+            adopt: vec![flannel(&["flannel.*"])],
+            ..Default::default()
+        };
+        let merged = merge(saved.clone(), &mut desired);
+        assert_eq!(merged.node.len(), 2, "{:?}", merged.node);
+        let n = desired.neighbours.values().next().unwrap();
+        assert_eq!(
+            (n.name.as_str(), n.lladdr.to_string()),
+            ("adopted:flannel/flannel.1/10.244.2.0", n1.lladdr.clone())
+        );
+        let f = desired.fdb.values().next().unwrap();
+        assert_eq!((f.dst, f.vni), (f1.dst, Some(1)));
+        // Saved again as it was read.
+        assert_eq!(AdoptedNeighbour::new("flannel", n), n1);
+        assert_eq!(AdoptedFdb::new("flannel", f), f1);
+
+        // The selector is gone: nothing comes back.
+        let mut desired = crate::desired::DesiredState::default();
+        assert!(merge(saved.clone(), &mut desired).node.is_empty());
+        assert!(desired.neighbours.is_empty() && desired.fdb.is_empty());
+
+        // The config names the neighbour entry itself: the config's wins.
+        let own = DesiredNeighbour {
+            name: "vtep-node2".into(),
+            ..n.clone()
+        };
+        let mut desired = crate::desired::DesiredState {
+            adopt: vec![flannel(&["flannel.*"])],
+            ..Default::default()
+        };
+        desired.neighbours.insert(own.id(), own.clone());
+        let merged = merge(saved, &mut desired);
+        assert_eq!(merged.node.len(), 1, "only the FDB entry");
+        assert_eq!(desired.neighbours.values().next(), Some(&own));
+    }
+
+    #[test]
+    fn the_nftables_part_is_the_engines_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adopted.json");
+        let table = crate::nftables::adopt::SavedTable {
+            selector: "kube-proxy".into(),
+            family: crate::nftables::model::NfFamily::Ip,
+            table: "kube-proxy".into(),
+            comment: None,
+            chains: vec![],
+            sets: vec![],
+        };
+        let w = Writer::spawn(path.clone()).unwrap();
+        w.save_nftables(vec![table.clone()]);
+        let (n, f) = vtep("flannel.1", "10.244.2.0", "0a:58:0a:f4:02:00");
+        w.save(AdoptedState {
+            neighbours: vec![n.clone()],
+            fdb: vec![f.clone()],
+            ..Default::default()
+        });
+        let want = AdoptedState {
+            version: VERSION,
+            neighbours: vec![n],
+            fdb: vec![f],
+            nftables: vec![table],
+            ..Default::default()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while read(&path).map(|s| s != want).unwrap_or(true) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", read(&path));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The desired state: what must be present in the kernel, keyed by kernel identity. Pure.
 
+mod adopted_node;
 mod patterns;
 
 use crate::config::Config;

@@ -57,13 +57,49 @@ impl AdoptSelector {
             return None;
         }
         Some(DesiredNeighbour {
-            name: format!("{ADOPTED_PREFIX}{}/{}/{}", self.name, id.device, id.address),
+            name: self.neighbour_name(&id.device, id.address),
             mode: self.mode,
             device: id.device.clone(),
             address: id.address,
             lladdr: Mac::from_bytes(observed.lladdr.as_deref()?)?,
             state,
         })
+    }
+
+    /// An adopted neighbour entry as it was seen (the adopted-state file, the config before a
+    /// reload), protected again if this selector still covers its device; named and moded by
+    /// this selector, not by what the file says. Multicast entries never are.
+    pub fn readopt_neighbour(&self, e: &DesiredNeighbour) -> Option<DesiredNeighbour> {
+        let covered = self
+            .neighbours
+            .as_ref()
+            .is_some_and(|n| n.matches(&e.device));
+        (covered && !e.address.is_multicast()).then(|| DesiredNeighbour {
+            name: self.neighbour_name(&e.device, e.address),
+            mode: self.mode,
+            ..e.clone()
+        })
+    }
+
+    /// As [`AdoptSelector::readopt_neighbour`], for an FDB entry.
+    pub fn readopt_fdb(&self, e: &DesiredFdb) -> Option<DesiredFdb> {
+        let covered = self
+            .neighbours
+            .as_ref()
+            .is_some_and(|n| n.matches(&e.device));
+        covered.then(|| DesiredFdb {
+            name: self.fdb_name(&e.device, e.lladdr),
+            mode: self.mode,
+            ..e.clone()
+        })
+    }
+
+    fn neighbour_name(&self, device: &str, address: std::net::IpAddr) -> String {
+        format!("{ADOPTED_PREFIX}{}/{device}/{address}", self.name)
+    }
+
+    fn fdb_name(&self, device: &str, lladdr: Mac) -> String {
+        format!("{ADOPTED_PREFIX}{}/{device}/{lladdr}", self.name)
     }
 
     /// The protected FDB entry a remote becomes, exactly as seen (its VNI too); `None` without
@@ -74,7 +110,7 @@ impl AdoptSelector {
         }
         let dst = observed.dst?;
         Some(DesiredFdb {
-            name: format!("{ADOPTED_PREFIX}{}/{}/{}", self.name, id.device, id.lladdr),
+            name: self.fdb_name(&id.device, id.lladdr),
             mode: self.mode,
             device: id.device.clone(),
             lladdr: id.lladdr,

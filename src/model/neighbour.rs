@@ -12,7 +12,7 @@
 //!   each added with `bridge fdb append`: there `dst` is part of the identity.
 
 use super::{Family, Mode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -69,7 +69,7 @@ impl FromStr for Mac {
 
 /// The state a protected neighbour entry is kept in: entries in any other state (reachable,
 /// stale, …) are the kernel's cache, aged out and replaced on their own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NeighbourState {
     Permanent,

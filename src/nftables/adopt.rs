@@ -16,7 +16,10 @@ use super::model::{BaseChain, Content, DesiredChain, DesiredSet, DesiredTable, T
 use crate::adopt::{Actor, Verdict, ADOPTED_PREFIX};
 use crate::model::Mode;
 
+mod saved;
+
 pub use super::model::Selector;
+pub use saved::{from_saved, SavedChain, SavedSet, SavedTable};
 
 /// The first selector that adopts a table.
 pub fn select<'a>(selectors: &'a [Selector], key: &TableKey) -> Option<&'a Selector> {

@@ -7,11 +7,11 @@
 
 use crate::model::Mode;
 pub use crate::netfilter::model::Content;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// An nf_tables family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NfFamily {
     Ip,
@@ -94,7 +94,7 @@ impl fmt::Display for TableKey {
 }
 
 /// What makes a chain a base chain: where it hooks into the packet path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseChain {
     /// `filter`, `nat`, `route`.
     pub kind: String,

@@ -104,7 +104,7 @@ pub fn collapse(s: &str) -> String {
 /// Checks `s` against what could break out of one command: control characters, an unclosed
 /// quote, and outside quotes `;`, `#`, `\` and unbalanced braces. `extra` lists further
 /// characters refused outside quotes.
-fn contained(s: &str, what: &str, extra: &[char]) -> Result<(), String> {
+pub fn contained(s: &str, what: &str, extra: &[char]) -> Result<(), String> {
     if s.trim().is_empty() {
         return Err(format!(
             "is empty: write the {what} as `nft list` prints it"

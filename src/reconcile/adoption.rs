@@ -4,7 +4,7 @@
 
 use crate::adopt::{self, Actor, Verdict};
 use crate::desired::DesiredState;
-use crate::model::fast::{HashMap, HashSet};
+use crate::model::fast::HashSet;
 use crate::model::ObjectId;
 use crate::model::{DesiredRule, RouteKey, RuleKey};
 use crate::observe::RouteInterest;
@@ -18,25 +18,25 @@ use tracing::{debug, error, info};
 use super::batch::Batch;
 use super::{kind_str, Agent};
 
-/// Reads the adopted-state file (the rules and routes it holds join `desired`) and starts its
-/// writer. A file that cannot be read is ignored: the selectors adopt again what is there.
+/// Reads the adopted-state file (the rules, routes, neighbour and FDB entries it holds join
+/// `desired`) and starts its writer. A file that cannot be read is ignored: the selectors adopt
+/// again what is there.
 pub(super) fn open_adopted_state(
     path: PathBuf,
     desired: &mut DesiredState,
 ) -> (
-    HashMap<RuleKey, String>,
-    HashMap<RouteKey, String>,
+    crate::adopted_state::Merged,
     Option<crate::adopted_state::Writer>,
 ) {
-    let mut adopted = HashMap::default();
-    let mut adopted_routes = HashMap::default();
+    let mut merged = crate::adopted_state::Merged::default();
     match crate::adopted_state::read(&path) {
         Ok(saved) => {
-            (adopted, adopted_routes) = crate::adopted_state::merge(saved, desired);
+            merged = crate::adopted_state::merge(saved, desired);
             info!(
                 path = %path.display(),
-                rules = adopted.len(),
-                routes = adopted_routes.len(),
+                rules = merged.rules.len(),
+                routes = merged.routes.len(),
+                neighbours_and_fdb = merged.node.len(),
                 "adopted state read"
             );
         }
@@ -49,7 +49,7 @@ pub(super) fn open_adopted_state(
             None
         }
     };
-    (adopted, adopted_routes, store)
+    (merged, store)
 }
 
 /// Which routes the mirror keeps: the protected ones, and every route of the tables adopt
@@ -70,7 +70,8 @@ impl Agent {
         self.store.clone()
     }
 
-    /// Hands the adopted rules to the adopted-state writer (its thread does the disk work).
+    /// Hands the adopted rules, routes, neighbour and FDB entries to the adopted-state writer
+    /// (its thread does the disk work).
     pub(super) fn save_adopted(&self) {
         let Some(store) = &self.store else {
             return;
@@ -98,10 +99,32 @@ impl Agent {
             })
             .collect();
         routes.sort_by(|a, b| a.route.key.cmp(&b.route.key));
+        let (mut neighbours, mut fdb) = (Vec::new(), Vec::new());
+        for (id, selector) in &self.adopted_node {
+            match id {
+                ObjectId::Neighbour(n) => neighbours.extend(
+                    self.desired
+                        .neighbours
+                        .get(n)
+                        .map(|e| crate::adopted_state::AdoptedNeighbour::new(selector, e)),
+                ),
+                ObjectId::Fdb(f) => fdb.extend(
+                    self.desired
+                        .fdb
+                        .get(f)
+                        .map(|e| crate::adopted_state::AdoptedFdb::new(selector, e)),
+                ),
+                _ => {}
+            }
+        }
+        neighbours.sort_by(|a, b| (&a.device, a.address).cmp(&(&b.device, b.address)));
+        fdb.sort_by(|a, b| (&a.device, &a.lladdr, a.dst).cmp(&(&b.device, &b.lladdr, b.dst)));
         store.save(crate::adopted_state::AdoptedState {
             version: crate::adopted_state::VERSION,
             rules,
             routes,
+            neighbours,
+            fdb,
             ..Default::default()
         });
     }

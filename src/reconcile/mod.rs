@@ -231,7 +231,7 @@ impl Agent {
             adopted_state,
             pods,
         } = opts;
-        let (adopted, adopted_routes, store) = match adopted_state {
+        let (merged, store) = match adopted_state {
             Some(path) => open_adopted_state(path, &mut desired),
             None => Default::default(),
         };
@@ -264,14 +264,14 @@ impl Agent {
             answers,
             awaiting: HashMap::default(),
             next_report: 0,
-            adopted,
-            adopted_routes,
+            adopted: merged.rules,
+            adopted_routes: merged.routes,
             resolver,
             store,
             pods: None,
             liveness: Tracker::default(),
             polled_at: Instant::now(),
-            adopted_node: HashMap::default(),
+            adopted_node: merged.node,
         };
         agent.sync_interest();
         agent.full_resync(ResyncReason::Start).await?;

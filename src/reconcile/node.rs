@@ -7,7 +7,7 @@ use crate::adopt::{self, Actor, Verdict};
 use crate::desired::DesiredState;
 use crate::model::fast::{HashMap, HashSet};
 use crate::model::sysctl::{Scope, Setting, SysctlKey};
-use crate::model::{DesiredFdb, DesiredNeighbour, FdbId, NeighbourId, ObjectId};
+use crate::model::{FdbId, NeighbourId, ObjectId};
 use crate::observe::events::{RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF, RTNLGRP_NEIGH};
 use crate::observe::kernel;
 use crate::observe::mirror::NeighbourInterest;
@@ -49,15 +49,14 @@ impl Agent {
         self.events.set_groups(&groups);
     }
 
-    /// After a dump: the pattern entries cover the links there are, and every protected
-    /// setting is read.
-    pub(super) fn refresh_node_state(&mut self, place: bool) {
+    /// After a dump: the pattern entries cover the links there are, every protected setting is
+    /// read, and the neighbour and FDB entries of adopt selectors' devices are adopted. True if
+    /// any was adopted (the catalog and the adopted-state file are out of date).
+    pub(super) fn refresh_node_state(&mut self, place: bool) -> bool {
         self.follow_links(place);
         let keys: Vec<SysctlKey> = self.desired.sysctls.keys().cloned().collect();
         kernel::read_sysctls(&mut self.mirror, &keys);
-        if self.adopt_node_from_mirror() {
-            self.telemetry.set_catalog(&self.desired);
-        }
+        self.adopt_node_from_mirror()
     }
 
     /// Makes the device patterns cover the links that exist now. Objects a new link brings are
@@ -332,44 +331,13 @@ impl Agent {
 
     /// On a reload: adopted entries stay protected (with the new selector's mode) while a
     /// selector of the same name still adopts their device, also those missing right now (they
-    /// are being repaired); the others are left as they are.
+    /// are being repaired); the others are left as they are (see
+    /// [`DesiredState::keep_adopted_node`]).
     pub(super) fn keep_adopted_node(&mut self, old: &DesiredState) {
-        for (id, selector) in std::mem::take(&mut self.adopted_node) {
-            if self.desired.protects(&id) {
-                continue; // the new config names it itself
-            }
-            let device = match &id {
-                ObjectId::Neighbour(n) => &n.device,
-                ObjectId::Fdb(f) => &f.device,
-                _ => continue,
-            };
-            let Some(sel) = self
-                .desired
-                .adopt
-                .iter()
-                .find(|s| s.name == selector)
-                .filter(|s| s.neighbours.as_ref().is_some_and(|n| n.matches(device)))
-            else {
-                continue;
-            };
-            let mode = sel.mode;
-            match &id {
-                ObjectId::Neighbour(n) => {
-                    let Some(e) = old.neighbours.get(n) else {
-                        continue;
-                    };
-                    let e = DesiredNeighbour { mode, ..e.clone() };
-                    self.desired.neighbours.insert(n.clone(), e);
-                }
-                ObjectId::Fdb(f) => {
-                    let Some(e) = old.fdb.get(f) else { continue };
-                    let e = DesiredFdb { mode, ..e.clone() };
-                    self.desired.fdb.insert(f.clone(), e);
-                }
-                _ => continue,
-            }
-            self.adopted_node.insert(id, selector);
-        }
+        let adopted = std::mem::take(&mut self.adopted_node);
+        self.adopted_node = self
+            .desired
+            .keep_adopted_node(adopted, &old.neighbours, &old.fdb);
     }
 
     /// Decides, before any repair, which removals of adopted entries were their owners'. The

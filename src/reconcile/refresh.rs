@@ -153,9 +153,9 @@ impl Agent {
         self.count_resync(reason);
         self.rules_maybe_stale = true;
         kernel::dump_all(&mut self.handle, &mut self.mirror).await?;
-        self.refresh_node_state(reason != ResyncReason::Start);
+        let adopted_node = self.refresh_node_state(reason != ResyncReason::Start);
         self.prune_dismissed();
-        let adopted = self.adopt_from_mirror();
+        let adopted = self.adopt_from_mirror() | adopted_node;
         let judged = self.sync_liveness();
         if adopted || judged || reason == ResyncReason::Start {
             self.telemetry.set_catalog(&self.desired);
