@@ -401,10 +401,30 @@ fn check(
 ) -> anyhow::Result<ExitCode> {
     let cfg = load(path)?;
     let mut desired = DesiredState::from_config(&cfg);
-    if let Some(state) = adopted_state {
-        let saved = netwarden::adopted_state::read(state)?;
-        netwarden::adopted_state::merge(saved, &mut desired);
+    let saved = adopted_state
+        .map(netwarden::adopted_state::read)
+        .transpose()?;
+    if let Some(saved) = &saved {
+        netwarden::adopted_state::merge(saved.clone(), &mut desired);
     }
+    // Adopted nftables tables too, as the file last saw them.
+    let configured: std::collections::HashSet<_> =
+        cfg.nftables.tables.iter().map(|t| &t.key).collect();
+    let nft_tables: Vec<_> = cfg
+        .nftables
+        .tables
+        .iter()
+        .cloned()
+        .chain(saved.iter().flat_map(|s| {
+            netwarden::nftables::adopt::from_saved(
+                &cfg.nftables.adopt,
+                |k| configured.contains(k),
+                &s.nftables,
+            )
+            .0
+            .into_values()
+        }))
+        .collect();
     // Adopted chains and sets are checked as the state file last saw them.
     let (adopted_chains, adopted_sets) = app::adoption(&cfg.adopt, adopted_state).desired();
     let adopted = adopted_chains.len() + adopted_sets.len();
@@ -430,8 +450,8 @@ fn check(
     }
     // nftables wiring.
     let nft = check::NftReport {
-        tables: rt.block_on(netwarden::nftables::engine::check(&cfg.nftables.tables))?,
-        protected: cfg.nftables.tables.len(),
+        tables: rt.block_on(netwarden::nftables::engine::check(&nft_tables))?,
+        protected: nft_tables.len(),
     };
     let nf = check::NetfilterReport {
         chains: found.chains,

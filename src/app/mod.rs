@@ -252,10 +252,17 @@ impl Engines {
     pub async fn start(p: Protect<'_>, w: Wiring) -> anyhow::Result<Engines> {
         let cfg = p.config;
         require_kernel_access(cfg.enforces_anything()).await?;
-        let nft = Engine::start(cfg.nftables.clone(), cfg.resync)
+        // What the adopted-state file kept (a file that cannot be read is reported by the agent
+        // and ignored here): each engine takes its own part.
+        let saved = w
+            .adopted_state
+            .as_deref()
+            .and_then(|p| crate::adopted_state::read(p).ok());
+        let saved_tables = saved.as_ref().map_or(&[][..], |s| &s.nftables[..]);
+        let nft = Engine::start(cfg.nftables.clone(), cfg.resync, saved_tables)
             .await?
             .with_telemetry(w.telemetry.clone());
-        let adoption = adoption(&cfg.adopt, w.adopted_state.as_deref());
+        let adoption = Adoption::new(&cfg.adopt, saved.as_ref());
         let guard = Guard::start_adopting(
             p.chains,
             p.sets,
@@ -273,8 +280,10 @@ impl Engines {
             pods: p.pods,
         };
         let agent = Agent::start(p.desired, opts).await?;
-        // One writer for the adopted-state file: the agent's, which the guard shares for its part.
+        // One writer for the adopted-state file: the agent's, which the guard and the nftables
+        // engine share for their parts.
         let guard = guard.with_store(agent.adopted_store());
+        let nft = nft.with_store(agent.adopted_store());
         Ok(Engines {
             agent,
             guard: Some(guard),

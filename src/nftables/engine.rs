@@ -72,6 +72,11 @@ pub struct Engine<N: Nft> {
     /// `spec.adopt[].nftables` selectors, and the tables adopted through them (as last seen).
     selectors: Vec<adopt::Selector>,
     adopted: BTreeMap<TableKey, DesiredTable>,
+    /// Adopted tables whose copy comes from the adopted-state file and has not been compared
+    /// with the kernel yet (see [`Engine::judge_adopted`]).
+    from_file: HashSet<TableKey>,
+    /// Where the adopted tables are saved (the adopted-state file), when there is one.
+    store: Option<crate::adopted_state::Writer>,
     /// Names of the parent, grandparent… of the processes of recent transactions, read when
     /// their NEWGEN arrived (only while something is adopted: kube-proxy's `nft` acts for it).
     ancestors: HashMap<u32, Vec<String>>,
@@ -93,19 +98,28 @@ pub struct Engine<N: Nft> {
 
 impl Engine<runner::NftBinary> {
     /// Subscribes to the notifications, then brings every protected table in place once; logs
-    /// `nftables in sync`. With nothing to protect, opens nothing and runs nothing.
-    pub async fn start(cfg: NftConfig, resync: Duration) -> Result<Self, EngineError> {
-        Engine::start_with(runner::NftBinary::default(), cfg, resync, true).await
+    /// `nftables in sync`. With nothing to protect, opens nothing and runs nothing. `saved`:
+    /// the tables the adopted-state file kept (see [`Engine::start_with`]).
+    pub async fn start(
+        cfg: NftConfig,
+        resync: Duration,
+        saved: &[adopt::SavedTable],
+    ) -> Result<Self, EngineError> {
+        Engine::start_with(runner::NftBinary::default(), cfg, resync, true, saved).await
     }
 }
 
 impl<N: Nft> Engine<N> {
     /// [`Engine::start`] with another `nft`; `subscribe: false` (tests) reads no notifications.
+    /// The `saved` tables that a selector still covers are adopted before the first read, so
+    /// that one deleted while the agent was down is judged as deleted by nobody known
+    /// (`unknownActor`), as adopted iptables chains are.
     pub async fn start_with(
         nft: N,
         cfg: NftConfig,
         resync: Duration,
         subscribe: bool,
+        saved: &[adopt::SavedTable],
     ) -> Result<Self, EngineError> {
         let events = if subscribe && !(cfg.tables.is_empty() && cfg.adopt.is_empty()) {
             Some(Events::subscribe().map_err(EngineError::Subscribe)?)
@@ -114,12 +128,19 @@ impl<N: Nft> Engine<N> {
         };
         let mut watch = Watch::new(cfg.tables.iter().map(|t| t.key.clone()));
         watch.set_adopt(cfg.adopt.clone());
+        let configured: HashSet<&TableKey> = cfg.tables.iter().map(|t| &t.key).collect();
+        let (adopted, refused) = adopt::from_saved(&cfg.adopt, |k| configured.contains(k), saved);
+        for why in refused {
+            warn!(kind = NFTABLES_KIND, table = %why, "an adopted table of the adopted-state file does not read back: not restored");
+        }
         let mut engine = Engine {
             nft,
             watch,
             tables: cfg.tables,
             selectors: cfg.adopt,
-            adopted: BTreeMap::new(),
+            from_file: adopted.keys().cloned().collect(),
+            adopted,
+            store: None,
             ancestors: HashMap::new(),
             events,
             aliases: HashMap::new(),
@@ -134,6 +155,7 @@ impl<N: Nft> Engine<N> {
         if !engine.is_idle() {
             let started = Instant::now();
             engine.sync_all(Why::Start).await;
+            engine.from_file.clear();
             info!(
                 tables = engine.tables.len(),
                 adopted = engine.adopted.len(),
@@ -147,6 +169,28 @@ impl<N: Nft> Engine<N> {
 
     fn is_idle(&self) -> bool {
         self.tables.is_empty() && self.selectors.is_empty()
+    }
+
+    /// Saves the adopted tables to the adopted-state file through `store` (shared with the
+    /// other engines, each writing its own part), now and whenever they change.
+    pub fn with_store(mut self, store: Option<crate::adopted_state::Writer>) -> Self {
+        self.store = store;
+        self.save_adopted();
+        self
+    }
+
+    /// Hands the adopted tables, as last seen, to the adopted-state writer.
+    fn save_adopted(&self) {
+        let Some(store) = &self.store else { return };
+        let tables = self
+            .adopted
+            .iter()
+            .filter_map(|(k, t)| {
+                let sel = adopt::select(&self.selectors, k)?;
+                Some(adopt::SavedTable::new(&sel.adopt.name, t))
+            })
+            .collect();
+        store.save_nftables(tables);
     }
 
     /// Counts repairs in the agent's metrics and publishes the tables on the status board.
@@ -289,6 +333,7 @@ impl<N: Nft> Engine<N> {
             }
             keep
         });
+        self.save_adopted();
         let names: HashSet<String> = self
             .tables
             .iter()

@@ -82,7 +82,7 @@ async fn engine(k: &Fake, rule: &str) -> Engine<Fake> {
         tables: vec![table(rule)],
         adopt: Vec::new(),
     };
-    Engine::start_with(k.clone(), cfg, Duration::from_secs(60), false)
+    Engine::start_with(k.clone(), cfg, Duration::from_secs(60), false, &[])
         .await
         .unwrap()
 }
@@ -207,5 +207,114 @@ fn a_fight_is_backed_off_and_never_given_up() {
         k.0.borrow_mut().listings = VecDeque::from([None, listing(RULE)]);
         e.sync(retry, Why::Retry).await;
         assert_eq!(k.0.borrow().applied.len(), 4);
+    });
+}
+
+fn adopting(policy: crate::adopt::UnknownActor) -> NftConfig {
+    NftConfig {
+        tables: Vec::new(),
+        adopt: vec![adopt::Selector {
+            adopt: crate::adopt::AdoptSelector {
+                name: "flannel".into(),
+                mode: Mode::Enforce,
+                rules: None,
+                routes: None,
+                chains: None,
+                ipsets: None,
+                neighbours: None,
+                owners: vec!["flanneld".into()],
+                unknown_actor: policy,
+                pod_liveness: None,
+            },
+            family: None,
+            tables: vec!["flannel-*".into()],
+        }],
+    }
+}
+
+/// What the adopted-state file kept: the table as adopted, with the rule `rule`.
+fn saved(cfg: &NftConfig, rule: &str) -> Vec<adopt::SavedTable> {
+    let observed = crate::nftables::listing::parse(&listing(rule).unwrap(), &key()).unwrap();
+    let copy = adopt::copy(&cfg.adopt[0], &observed);
+    vec![adopt::SavedTable::new("flannel", &copy)]
+}
+
+async fn restarted(k: &Fake, cfg: NftConfig, saved: &[adopt::SavedTable]) -> Engine<Fake> {
+    Engine::start_with(k.clone(), cfg, Duration::from_secs(60), false, saved)
+        .await
+        .unwrap()
+}
+
+#[test]
+fn a_saved_table_deleted_while_the_agent_was_down_goes_by_unknown_actor() {
+    run(async {
+        // unknownActor: restore: recreated as the file kept it.
+        let k = Fake::default();
+        k.0.borrow_mut().listings = VecDeque::from([None, listing(RULE)]);
+        let cfg = adopting(crate::adopt::UnknownActor::Restore);
+        let saved = saved(&cfg, RULE);
+        let e = restarted(&k, cfg, &saved).await;
+        let kernel = k.0.borrow();
+        assert_eq!(kernel.applied.len(), 1);
+        assert!(kernel.applied[0].starts_with("add table ip flannel-ipv4\n"));
+        assert!(kernel.applied[0].contains(RULE), "{}", kernel.applied[0]);
+        assert!(e.adopted.contains_key(&key()));
+        assert!(e.from_file.is_empty());
+
+        // unknownActor: forget: forgotten, left deleted.
+        let k = Fake::default();
+        k.0.borrow_mut().listings = VecDeque::from([None]);
+        let cfg = adopting(crate::adopt::UnknownActor::Forget);
+        let e = restarted(&k, cfg, &saved).await;
+        assert!(k.0.borrow().applied.is_empty());
+        assert!(e.adopted.is_empty());
+
+        // Without the file, a fresh agent knows nothing of it.
+        let k = Fake::default();
+        k.0.borrow_mut().listings = VecDeque::from([None]);
+        let e = restarted(&k, adopting(crate::adopt::UnknownActor::Restore), &[]).await;
+        assert!(k.0.borrow().applied.is_empty());
+        assert!(e.adopted.is_empty());
+    });
+}
+
+#[test]
+fn a_saved_table_that_is_there_is_adopted_as_it_is_now() {
+    run(async {
+        // The owner changed it while the agent was down: followed, not rolled back.
+        let k = Fake::default();
+        let now = "meta mark 0x00008000 return";
+        k.0.borrow_mut().listings = VecDeque::from([listing(now)]);
+        let cfg = adopting(crate::adopt::UnknownActor::Restore);
+        let saved = saved(&cfg, RULE);
+        let e = restarted(&k, cfg, &saved).await;
+        assert!(k.0.borrow().applied.is_empty());
+        assert_eq!(e.adopted[&key()].chains[0].rules[0].body, now);
+    });
+}
+
+#[test]
+fn a_saved_table_its_selector_no_longer_covers_or_the_config_names_is_not_restored() {
+    run(async {
+        let cfg = adopting(crate::adopt::UnknownActor::Restore);
+        let saved = saved(&cfg, RULE);
+        // Narrowed to other tables.
+        let k = Fake::default();
+        k.0.borrow_mut().listings = VecDeque::from([None]);
+        let mut narrowed = cfg.clone();
+        narrowed.adopt[0].tables = vec!["kube-proxy".into()];
+        let e = restarted(&k, narrowed, &saved).await;
+        assert!(k.0.borrow().applied.is_empty());
+        assert!(e.adopted.is_empty());
+        // spec.nftables names it now: the config's table is what is put back.
+        let k = Fake::default();
+        k.0.borrow_mut().listings = VecDeque::from([None, listing("counter")]);
+        let mut named = cfg;
+        named.tables = vec![table("counter")];
+        let e = restarted(&k, named, &saved).await;
+        assert!(e.adopted.is_empty());
+        let kernel = k.0.borrow();
+        assert_eq!(kernel.applied.len(), 1);
+        assert!(!kernel.applied[0].contains(RULE), "{}", kernel.applied[0]);
     });
 }

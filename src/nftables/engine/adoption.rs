@@ -23,7 +23,14 @@ impl<N: Nft> Engine<N> {
         let Some(sel) = adopt::select(&self.selectors, key).cloned() else {
             return false;
         };
-        let copy = self.adopted.get(key);
+        // A copy from the adopted-state file serves a table deleted while the agent was down;
+        // one that is there is adopted as it is now: what its owner changed meanwhile cannot be
+        // told from a stranger's change, and rolling the owner back is worse than following.
+        let from_file = self.from_file.remove(key);
+        let copy = self
+            .adopted
+            .get(key)
+            .filter(|_| !(from_file && observed.is_some()));
         // Any difference from the copy, additions included (an owner's are followed).
         let changed =
             copy.is_some_and(|c| observed.map(|o| adopt::copy(&sel, o)).as_ref() != Some(c));
@@ -41,12 +48,14 @@ impl<N: Nft> Engine<N> {
             Judgement::Adopt(c) => {
                 info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, name = %c.name, table = %key, chains = c.chains.len(), sets = c.sets.len(), "adopted");
                 self.adopted.insert(key.clone(), c);
+                self.save_adopted();
                 self.publish();
                 false
             }
             Judgement::Follow(c) => {
                 debug!(kind = NFTABLES_KIND, name = %c.name, actor = name, ancestors = %ancestors.join(","), "adopted table changed: copy updated");
                 self.adopted.insert(key.clone(), c);
+                self.save_adopted();
                 false
             }
             Judgement::Forget => {
@@ -67,6 +76,7 @@ impl<N: Nft> Engine<N> {
                         .inc();
                     self.reported.remove(&c.name);
                 }
+                self.save_adopted();
                 self.publish();
                 false
             }
