@@ -563,3 +563,73 @@ fn an_adopted_table_follows_its_owner_and_is_restored_for_others() {
     agent.wait_log_all(&["forgotten", "table=ip kube-proxy"]);
     assert!(!nft(&ns, &["list", "tables"]).contains("kube-proxy"));
 }
+
+/// `run --adopted-state`: an adopted table deleted while the agent was down is put back at the
+/// next start, as last seen; once its selector is gone from the config, it is not.
+#[test]
+fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
+    let ns = sandbox();
+    nft_f(&ns, OWNERS);
+    let dir = tempfile::tempdir().unwrap();
+    let kube_proxy = "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n";
+    let cfg = config(dir.path(), kube_proxy);
+    let state = dir.path().join("adopted.json");
+    let state_arg = state.to_str().unwrap();
+    let saved_tables = || -> Vec<String> {
+        netwarden::adopted_state::read(&state)
+            .map(|s| s.nftables.into_iter().map(|t| t.table).collect())
+            .unwrap_or_default()
+    };
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
+    wait_until("the adopted table saved", || {
+        saved_tables() == ["kube-proxy"]
+    });
+    assert!(agent.terminate(), "agent exits cleanly");
+    drop(agent);
+
+    // While the agent is down, a stranger deletes it.
+    nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
+    // `check` with the file sees it missing; without it, nothing to check.
+    let cfg_arg = cfg.to_str().unwrap();
+    let base = ["check", "--config", cfg_arg, "--netns", ns.name.as_str()];
+    let out = netwarden(&[&base[..], &["--adopted-state", state_arg]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("adopted:kube-proxy/ip/kube-proxy"), "{text}");
+    assert_eq!(netwarden(&base).status.code(), Some(0));
+
+    // Restarted with the file: put back as last seen, at once (nobody known deleted it, and
+    // unknownActor is restore).
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    agent.wait_log_all(&["restored", "what=table missing"]);
+    wait_until("the adopted table is back", || {
+        let t = table(&ns, "kube-proxy");
+        t.contains("chain services {") && t.contains("10.96.0.77")
+    });
+    assert!(agent.terminate(), "agent exits cleanly");
+    drop(agent);
+
+    // Control: the selector is gone from the config (another one adopts flannel's table). The
+    // saved copy is not restored, and leaves the file.
+    nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
+    config(
+        dir.path(),
+        "  adopt:\n    - name: flannel\n      nftables:\n        family: ip\n        names: [flannel-ipv4]\n      owners: [flanneld]\n",
+    );
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    agent.wait_log_all(&["nftables in sync", "adopted=1"]);
+    wait_until("only flannel's table in the file", || {
+        saved_tables() == ["flannel-ipv4"]
+    });
+    assert!(
+        !nft(&ns, &["list", "tables"]).contains("kube-proxy"),
+        "restored although its selector is gone"
+    );
+    assert!(!agent
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("restored")));
+}

@@ -783,3 +783,82 @@ fn adopted_flannel_entries_follow_their_owner_and_are_restored_for_others() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// `run --adopted-state`: adopted neighbour and FDB entries flushed while the agent was down are
+/// put back at the next start, as last seen; once their selector is gone, they are not.
+#[test]
+fn adopted_flannel_entries_removed_while_the_agent_is_down_are_restored_at_start() {
+    let ns = vxlan_sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let flannel =
+        "  adopt:\n    - name: flannel\n      neighbours:\n        devices: [flannel.1]\n      owners: [flanneld]\n";
+    let cfg = config(dir.path(), flannel);
+    let state = dir.path().join("adopted.json");
+    let state_arg = state.to_str().unwrap();
+    let saved = || {
+        netwarden::adopted_state::read(&state)
+            .map(|s| (s.neighbours.len(), s.fdb.len()))
+            .unwrap_or_default()
+    };
+    let owner = flanneld(dir.path());
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    drop(IpBatch::run_with(
+        &ns,
+        &owner,
+        "neigh add 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev flannel.1 nud permanent",
+    ));
+    let add_fdb = [
+        "bridge",
+        "fdb",
+        "append",
+        VTEP_MAC,
+        "dev",
+        "flannel.1",
+        "dst",
+        "10.200.0.2",
+        "self",
+        "permanent",
+    ];
+    must(&ns, &add_fdb);
+    agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/10.244.2.0"]);
+    agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/0a:58:0a:f4:02:00"]);
+    wait_until("both entries saved", || saved() == (1, 1));
+    assert!(agent.terminate(), "agent exits cleanly");
+    drop(agent);
+
+    // While the agent is down, both go (not by their owner).
+    let flush = || {
+        drop(IpBatch::run(&ns, "neigh flush dev flannel.1 nud all"));
+        must(
+            &ns,
+            &["bridge", "fdb", "del", VTEP_MAC, "dev", "flannel.1", "self"],
+        );
+        assert!(count(&neighbours(&ns), NEIGH) == 0 && count(&fdb(&ns), FDB) == 0);
+    };
+    flush();
+
+    // Restarted with the file: both put back by the initial sync.
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    agent.wait_log_all(&["adopted state read", "neighbours_and_fdb=2"]);
+    wait_until("both entries restored", || {
+        count(&neighbours(&ns), NEIGH) == 1 && count(&fdb(&ns), FDB) == 1
+    });
+    assert!(agent.terminate(), "agent exits cleanly");
+    drop(agent);
+
+    // Control: the selector is gone from the config. Nothing comes back, and the file forgets
+    // them.
+    flush();
+    config(dir.path(), "  rules: []\n");
+    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    agent.wait_log_all(&["adopted state read", "neighbours_and_fdb=0"]);
+    wait_until("the file forgets them", || saved() == (0, 0));
+    // The initial sync is done (the agent logged it before `start` returned): it put nothing
+    // back.
+    assert!(
+        neighbours(&ns).is_empty() && fdb(&ns).iter().all(|l| !l.contains(VTEP_MAC)),
+        "{:?} {:?}",
+        neighbours(&ns),
+        fdb(&ns)
+    );
+}
