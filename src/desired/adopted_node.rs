@@ -96,12 +96,14 @@ mod tests {
         }
     }
 
-    /// The entries of flannel.1 and vxlan.calico as adopted by `flannel`, and what they were.
-    fn before() -> (
+    type Before = (
         Vec<(ObjectId, String)>,
         HashMap<NeighbourId, DesiredNeighbour>,
         HashMap<FdbId, DesiredFdb>,
-    ) {
+    );
+
+    /// The entries of flannel.1 and vxlan.calico as adopted by `flannel`, and what they were.
+    fn before() -> Before {
         let n1 = neighbour("flannel.1", "10.244.2.0");
         let n2 = neighbour("vxlan.calico", "10.244.3.0");
         let f1 = fdb("flannel.1");

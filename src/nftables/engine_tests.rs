@@ -254,10 +254,12 @@ fn a_saved_table_deleted_while_the_agent_was_down_goes_by_unknown_actor() {
         let cfg = adopting(crate::adopt::UnknownActor::Restore);
         let saved = saved(&cfg, RULE);
         let e = restarted(&k, cfg, &saved).await;
-        let kernel = k.0.borrow();
-        assert_eq!(kernel.applied.len(), 1);
-        assert!(kernel.applied[0].starts_with("add table ip flannel-ipv4\n"));
-        assert!(kernel.applied[0].contains(RULE), "{}", kernel.applied[0]);
+        {
+            let kernel = k.0.borrow();
+            assert_eq!(kernel.applied.len(), 1);
+            assert!(kernel.applied[0].starts_with("add table ip flannel-ipv4\n"));
+            assert!(kernel.applied[0].contains(RULE), "{}", kernel.applied[0]);
+        }
         assert!(e.adopted.contains_key(&key()));
         assert!(e.from_file.is_empty());
 

@@ -360,7 +360,8 @@ mod tests {
         t.chains[0].base.as_mut().unwrap().policy = Some("accept; flush ruleset".into());
         bad.push(t);
         for t in &bad {
-            let (tables, refused) = from_saved(std::slice::from_ref(&s), |_| false, &[t.clone()]);
+            let (tables, refused) =
+                from_saved(std::slice::from_ref(&s), |_| false, std::slice::from_ref(t));
             assert!(tables.is_empty(), "{t:?}");
             assert_eq!(refused.len(), 1, "{t:?}");
         }
