@@ -184,7 +184,10 @@ impl SavedSet {
         text::contained(&self.declaration, "declaration", &[])?;
         for word in self.flags.iter().chain(&self.timeout) {
             if word.is_empty() || !word.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(format!("`{}` is not a set flag", word.escape_debug()));
+                return Err(format!(
+                    "`{}` is not a set flag or timeout",
+                    word.escape_debug()
+                ));
             }
         }
         let elements = self
