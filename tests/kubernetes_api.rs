@@ -1,7 +1,7 @@
 //! Kubernetes mode as it meets the API server's moods, against the fake API server
 //! (tests/fake_apiserver): Events at start and through outages, aggregated Events, prompt
-//! recovery after an outage, backoff on errors the server answers, the API server endpoint
-//! flag, and the NetworkStateProtected Node condition.
+//! recovery after an outage, backoff on errors the server answers, `Retry-After` on a throttling
+//! server, the API server endpoint flag, and the NetworkStateProtected Node condition.
 
 mod cluster;
 mod common;
@@ -10,6 +10,7 @@ mod kustomize;
 
 use cluster::*;
 use common::*;
+use fake_apiserver::{Served, Throttle};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -328,4 +329,138 @@ fn the_node_condition_is_set_when_protection_fails_and_cleared_when_it_works() {
         Some(1.0)
     );
     agent.wait_log_all(&["node condition", "status=\"True\""]);
+}
+
+/// (answer, gap to the next request) for each request in `served`: the gaps a client left after
+/// each answer, as the server saw them.
+fn gaps_after(served: &[Served]) -> Vec<(u16, Duration)> {
+    served
+        .windows(2)
+        .map(|w| (w[0].code, w[1].at - w[0].at))
+        .collect()
+}
+
+#[test]
+fn a_throttled_list_and_watch_wait_for_retry_after_then_recover() {
+    let ns = sandbox();
+    let spec = format!(
+        "{POD_RULE}  ipsets:\n    - name: vips\n      type: hash:ip\n      members: [\"{{{{ services.clusterIPs }}}}\"]\n"
+    );
+    let c = Cluster::new(&spec, &["10.244.1.0/24"]);
+    // The agent's own delays a twentieth (50 ms after a first error): only the server's
+    // Retry-After can space the retries by a second.
+    let mut agent = c.agent_with(&ns, &["--api-backoff-scale", "0.05"]);
+    // The relist after an expiry is throttled three times (a Status, as the storage layer
+    // answers), the watch after it twice (plain text, as priority and fairness answers).
+    c.api.throttle("list", "services", Throttle::status(3, 1));
+    c.api
+        .throttle("watch", "services", Throttle::priority_and_fairness(2, 1));
+    let mark = Instant::now();
+    c.api.expire();
+    let services = || -> Vec<Served> {
+        c.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.at >= mark && r.resource == "services")
+            .collect()
+    };
+    wait_until("the watch is served again", || {
+        services()
+            .iter()
+            .any(|r| r.verb == "watch" && r.code == 200)
+    });
+    // Recovered: a Service created now reaches the set through the watch.
+    c.api
+        .apply("", "services", lb_service("default", "web", "192.0.2.10"));
+    wait_until("the Service's IP in the set", || {
+        ipset_members(&ns, "vips").contains(&"10.96.0.50".to_owned())
+    });
+    let served = services();
+    let summary: Vec<_> = served.iter().map(|r| (r.verb.as_str(), r.code)).collect();
+    let throttled: Vec<_> = summary.iter().filter(|(_, code)| *code == 429).collect();
+    assert_eq!(
+        throttled,
+        [
+            &("list", 429),
+            &("list", 429),
+            &("list", 429),
+            &("watch", 429),
+            &("watch", 429)
+        ],
+        "{summary:?}"
+    );
+    let gaps = gaps_after(&served);
+    for (code, gap) in &gaps {
+        if *code == 429 {
+            assert!(*gap >= Duration::from_secs(1), "{summary:?} {gaps:?}");
+        }
+    }
+    println!("services requests after an expiry, throttled with Retry-After: 1: {gaps:?}");
+    // Said once per episode: the throttled list, then the throttled watch after a list that
+    // worked.
+    assert_eq!(
+        agent.count_log(&["the API server throttles", "resource=\"services\""]),
+        2
+    );
+    agent.wait_log_all(&["watch works again", "resource=\"services\""]);
+}
+
+#[test]
+fn the_node_condition_and_events_wait_for_retry_after_then_get_through() {
+    let ns = sandbox();
+    let c = Cluster::new(POD_RULE, &["10.244.1.0/24"]);
+    // A server shutting down answers 503 with Retry-After; the condition is evaluated every
+    // second, so the server's 3 s is what spaces the patches.
+    c.api.throttle(
+        "patch",
+        "nodes/status",
+        Throttle {
+            code: 503,
+            ..Throttle::status(2, 3)
+        },
+    );
+    let mut agent = c.agent_with(&ns, &["--api-backoff-scale", "0.05"]);
+    wait_until("the condition is True", || {
+        c.node_condition("NetworkStateProtected")
+            .is_some_and(|c| c["status"] == "True")
+    });
+    let patches: Vec<Served> = c
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "nodes/status")
+        .collect();
+    let gaps = gaps_after(&patches);
+    let codes: Vec<u16> = patches.iter().map(|r| r.code).collect();
+    assert_eq!(codes[..3], [503, 503, 200], "{gaps:?}");
+    assert!(
+        gaps[..2].iter().all(|(_, g)| *g >= Duration::from_secs(3)),
+        "{gaps:?}"
+    );
+
+    // Events: the recorder's own first retry is after 1 s, the server asks for 2.
+    c.api.throttle("create", "events", Throttle::status(2, 2));
+    let mut ip = IpShell::new(&ns);
+    ip.send("rule del priority 100 from 10.244.1.0/24 table 77");
+    c.wait_event("DriftRepaired", "restored 1 rule removed by ip");
+    let creates: Vec<Served> = c
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "events" && r.verb == "create")
+        .collect();
+    let gaps = gaps_after(&creates);
+    let codes: Vec<u16> = creates.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [429, 429, 201], "{gaps:?}");
+    assert!(
+        gaps.iter().all(|(_, g)| *g >= Duration::from_secs(2)),
+        "{gaps:?}"
+    );
+    println!(
+        "condition patches {:?}, Event creates {gaps:?}",
+        gaps_after(&patches)
+    );
+    // One line when the server starts holding Events back, one when it takes them again.
+    agent.wait_log("the API server takes Events again");
+    assert_eq!(agent.count_log(&["the API server asks to wait"]), 1);
 }

@@ -104,6 +104,9 @@ pub enum Outcome {
     Gone,
     /// No server, or it answered "later" (429, 5xx): keep it and try again.
     Retry,
+    /// The server answered "later" and how much later (a 429 or 503 `Retry-After`, capped):
+    /// as `Retry`, not before then.
+    Throttled(Duration),
     /// The server refused it for good (403, 422): forget this post.
     Rejected,
 }
@@ -221,6 +224,9 @@ pub struct Aggregator {
     /// No post before this (after a post found no server).
     retry_at: Option<Instant>,
     retry_delay: Duration,
+    /// No post before this either: the server asked to wait (a `Retry-After`). Unlike
+    /// `retry_at`, a watch that works again does not lift it.
+    throttled_until: Option<Instant>,
     /// Series dropped because [`SERIES_MAX`] were held.
     dropped: u64,
 }
@@ -240,6 +246,7 @@ impl Aggregator {
             series: BTreeMap::new(),
             retry_at: None,
             retry_delay: Duration::ZERO,
+            throttled_until: None,
             dropped: 0,
         }
     }
@@ -362,7 +369,7 @@ impl Aggregator {
         if self.tokens == 0 {
             due = due.max(self.last_refill + self.refill);
         }
-        if let Some(r) = self.retry_at {
+        if let Some(r) = self.not_before() {
             due = due.max(r);
         }
         Some(due)
@@ -371,7 +378,7 @@ impl Aggregator {
     /// The next post to make now, if any (the one waiting longest), within the rate limit. It
     /// is in flight until [`Aggregator::done`].
     pub fn take(&mut self, now: Instant) -> Option<Post> {
-        if self.retry_at.is_some_and(|r| now < r) {
+        if self.not_before().is_some_and(|r| now < r) {
             return None;
         }
         self.refill(now);
@@ -425,11 +432,15 @@ impl Aggregator {
                 s.dirty_since = Some(now - self.window.min(now.elapsed()));
                 self.tokens += 1;
             }
-            Outcome::Retry => {
+            Outcome::Retry | Outcome::Throttled(_) => {
                 // Not the rate limit's doing: the token is not spent.
                 self.tokens = (self.tokens + 1).min(self.burst);
                 self.retry_delay = (self.retry_delay * 2).clamp(Duration::from_secs(1), RETRY_MAX);
                 self.retry_at = Some(now + self.retry_delay);
+                // The doubling stays the floor; the server's wait may be longer.
+                if let Outcome::Throttled(asked) = outcome {
+                    self.throttled_until = Some(now + asked);
+                }
                 return;
             }
             Outcome::Rejected => {
@@ -438,9 +449,15 @@ impl Aggregator {
         }
         self.retry_delay = Duration::ZERO;
         self.retry_at = None;
+        self.throttled_until = None;
     }
 
-    /// The server is back: posts waiting for it may go now.
+    /// The earliest a post may go after failures: the backoff's time or the server's, the later.
+    fn not_before(&self) -> Option<Instant> {
+        self.retry_at.max(self.throttled_until)
+    }
+
+    /// The server is back: posts waiting for it may go now (but not before a wait it asked for).
     pub fn reachable_again(&mut self) {
         self.retry_at = None;
         self.retry_delay = Duration::ZERO;

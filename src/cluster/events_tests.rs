@@ -150,6 +150,33 @@ fn an_outage_loses_nothing_and_one_post_tells_it_all() {
 }
 
 #[test]
+fn a_post_waits_for_the_servers_retry_after_even_when_a_watch_recovers() {
+    let t0 = Instant::now();
+    let mut a = Aggregator::with(t0, Duration::ZERO, BURST, REFILL);
+    a.record(restored(1, "ip"), t0, wall());
+    let p = a.take(t0).unwrap();
+    a.done(&p, Outcome::Throttled(Duration::from_secs(5)), t0);
+    // The backoff alone would allow a post after 1 s; the server asked for 5.
+    assert_eq!(a.next_due(), Some(t0 + Duration::from_secs(5)));
+    assert!(a.take(t0 + Duration::from_secs(2)).is_none());
+    // A watch working again ends the backoff, not the server's wait.
+    a.reachable_again();
+    assert!(a.take(t0 + Duration::from_millis(4999)).is_none());
+    let out = drain(&mut a, t0 + Duration::from_secs(5));
+    assert_eq!(out.len(), 1);
+    // A wait shorter than the backoff leaves the backoff as the floor.
+    a.record(restored(1, "ip"), t0 + Duration::from_secs(5), wall());
+    let now = t0 + Duration::from_secs(6);
+    let p = a.take(now).unwrap();
+    a.done(&p, Outcome::Throttled(Duration::ZERO), now);
+    assert_eq!(a.next_due(), Some(now + Duration::from_secs(1)));
+    // And a success lifts it all.
+    let out = drain(&mut a, now + Duration::from_secs(1));
+    assert_eq!(out.len(), 1);
+    assert_eq!(a.next_due(), None);
+}
+
+#[test]
 fn occurrences_during_a_post_are_told_next() {
     let t0 = Instant::now();
     let mut a = Aggregator::with(t0, Duration::ZERO, BURST, REFILL);

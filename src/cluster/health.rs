@@ -108,6 +108,7 @@ impl Health {
                 code,
                 reason,
                 message,
+                ..
             } if warn_now => {
                 let what = answered(*code);
                 warn!(resource, verb, code, reason = ?reason, message = ?message, retry_in_ms, "{what}: cannot {verb} {resource}");
@@ -168,6 +169,7 @@ impl Health {
                 code,
                 reason: status_reason,
                 message,
+                ..
             } if warn_now => {
                 let what = answered(*code);
                 warn!(
@@ -187,9 +189,9 @@ impl Health {
 
 /// How a log line names an error the API server answered with.
 fn answered(code: u16) -> &'static str {
-    if code == 403 {
-        "forbidden"
-    } else {
-        "the API server answered with an error"
+    match code {
+        403 => "forbidden",
+        429 => "the API server throttles (too many requests)",
+        _ => "the API server answered with an error",
     }
 }

@@ -5,7 +5,7 @@
 //! Pure: `facts` (what templates read; plain data in [`crate::model::facts`]), `needs` (what a
 //! config needs watched), `slim` (the fields read from each object), `listing` (a list response read as it arrives), `retry` (when to ask
 //! again), `events` (aggregation of Events), `condition` (the Node condition). Effectful:
-//! `client`, `cache`, `health`, `watch` (list and watch into caches), `report` (Events and the condition),
+//! `client`, `request` (requests whose answers keep their headers), `cache`, `health`, `watch` (list and watch into caches), `report` (Events and the condition),
 //! `statefile`, `optional` (the watches a config may or may not need), `run` (the thread that
 //! ties them together).
 
@@ -19,6 +19,7 @@ pub mod needs;
 mod optional;
 mod options;
 pub mod report;
+pub mod request;
 pub mod retry;
 pub mod run;
 pub mod slim;

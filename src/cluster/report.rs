@@ -5,6 +5,7 @@
 
 use super::condition::{self, Condition, Tracker};
 use super::events::{Aggregator, Outcome, Post};
+use super::request;
 use super::retry::{Backoff, Failure};
 use super::slim::NodeItem;
 use super::watch::{Cache, Health};
@@ -12,7 +13,7 @@ use crate::telemetry::metrics::{ConditionLabels, ResultLabels};
 use crate::telemetry::{Notice, Telemetry};
 use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::Client;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -57,8 +58,7 @@ struct ConditionState {
 }
 
 pub async fn run(r: Reporter, mut notices: mpsc::UnboundedReceiver<Notice>) {
-    let events: Api<Event> = Api::namespaced(r.client.clone(), EVENTS_NAMESPACE);
-    let nodes: Api<Node> = Api::all(r.client.clone());
+    let nodes = kube::core::Request::new(<Node as kube::Resource>::url_path(&(), None));
     let mut agg = Aggregator::with(
         Instant::now(),
         r.window,
@@ -73,6 +73,7 @@ pub async fn run(r: Reporter, mut notices: mpsc::UnboundedReceiver<Notice>) {
         backoff: Backoff::new(r.backoff_scale),
         evaluated: None,
     };
+    let mut throttle = Throttle::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -96,9 +97,10 @@ pub async fn run(r: Reporter, mut notices: mpsc::UnboundedReceiver<Notice>) {
             _ = sleep, if due.is_some() => {
                 let uid = r.nodes.snapshot().values().next().map(|n| n.uid.clone());
                 while let Some(p) = agg.take(Instant::now()) {
-                    let outcome = tokio::time::timeout(REQUEST_TIMEOUT, post(&events, &r.node, uid.clone(), &p))
+                    let outcome = tokio::time::timeout(REQUEST_TIMEOUT, post(&r.client, &r.node, uid.clone(), &p))
                         .await
                         .unwrap_or(Outcome::Retry);
+                    throttle.observe(&outcome);
                     let result = match &outcome {
                         Outcome::Created(_) => Some("created"),
                         Outcome::Updated => Some("updated"),
@@ -133,6 +135,38 @@ pub async fn run(r: Reporter, mut notices: mpsc::UnboundedReceiver<Notice>) {
     }
 }
 
+/// Whether the API server asked the Event recorder to wait (a 429 or 503 `Retry-After`): said
+/// once when an episode starts and once when it ends, not at every held post.
+#[derive(Default)]
+struct Throttle {
+    since: Option<Instant>,
+}
+
+impl Throttle {
+    fn observe(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Throttled(wait) => {
+                if self.since.is_none() {
+                    warn!(
+                        retry_after_s = wait.as_secs(),
+                        "the API server asks to wait (Retry-After); Events are kept and posted after it"
+                    );
+                    self.since = Some(Instant::now());
+                }
+            }
+            Outcome::Retry => {}
+            _ => {
+                if let Some(since) = self.since.take() {
+                    info!(
+                        throttled_ms = since.elapsed().as_millis() as u64,
+                        "the API server takes Events again"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A stable name for a series' Event: a retried create that did reach the server gets 409, not
 /// a second Event.
 fn event_name(node: &str, p: &Post) -> String {
@@ -151,42 +185,30 @@ fn time(t: SystemTime) -> Time {
     Time(ts)
 }
 
-async fn post(api: &Api<Event>, node: &str, uid: Option<String>, p: &Post) -> Outcome {
+async fn post(client: &Client, node: &str, uid: Option<String>, p: &Post) -> Outcome {
+    let events = kube::core::Request::new(<Event as kube::Resource>::url_path(
+        &(),
+        Some(EVENTS_NAMESPACE),
+    ));
     let result = match &p.name {
         None => {
             let name = event_name(node, p);
-            let ev = Event {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(EVENTS_NAMESPACE.to_owned()),
-                    ..Default::default()
+            let ev = event(node, uid, p, &name);
+            let request = serde_json::to_vec(&ev)
+                .map_err(|e| e.to_string())
+                .and_then(|body| {
+                    events
+                        .create(&PostParams::default(), body)
+                        .map_err(|e| e.to_string())
+                });
+            match request {
+                Err(e) => Err(Failure::Unreachable(e)),
+                Ok(request) => match request::send(client, request).await {
+                    Ok(_) => Ok(Outcome::Created(name)),
+                    // An earlier attempt reached the server after all.
+                    Err(Failure::Answered { code: 409, .. }) => Ok(Outcome::Created(name)),
+                    Err(f) => Err(f),
                 },
-                involved_object: ObjectReference {
-                    api_version: Some("v1".to_owned()),
-                    kind: Some("Node".to_owned()),
-                    name: Some(node.to_owned()),
-                    uid,
-                    ..Default::default()
-                },
-                reason: Some(p.key.reason.to_owned()),
-                message: Some(p.message.clone()),
-                type_: Some(p.kind.as_str().to_owned()),
-                source: Some(EventSource {
-                    component: Some("netwarden".to_owned()),
-                    host: Some(node.to_owned()),
-                }),
-                reporting_component: Some("netwarden".to_owned()),
-                reporting_instance: Some(node.to_owned()),
-                count: Some(p.count.min(i32::MAX as u64) as i32),
-                first_timestamp: Some(time(p.first)),
-                last_timestamp: Some(time(p.last)),
-                ..Default::default()
-            };
-            match api.create(&PostParams::default(), &ev).await {
-                Ok(_) => Ok(Outcome::Created(name)),
-                // An earlier attempt reached the server after all.
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Created(name)),
-                Err(e) => Err(e),
             }
         }
         Some(name) => {
@@ -197,13 +219,13 @@ async fn post(api: &Api<Event>, node: &str, uid: Option<String>, p: &Post) -> Ou
                 "lastTimestamp": time(p.last),
                 "message": p.message,
             });
-            match api
-                .patch(name, &PatchParams::default(), &Patch::Strategic(patch))
-                .await
-            {
-                Ok(_) => Ok(Outcome::Updated),
-                Err(kube::Error::Api(s)) if s.code == 404 => Ok(Outcome::Gone),
-                Err(e) => Err(e),
+            match events.patch(name, &PatchParams::default(), &Patch::Strategic(patch)) {
+                Err(e) => Err(Failure::Unreachable(e.to_string())),
+                Ok(request) => match request::send(client, request).await {
+                    Ok(_) => Ok(Outcome::Updated),
+                    Err(Failure::Answered { code: 404, .. }) => Ok(Outcome::Gone),
+                    Err(f) => Err(f),
+                },
             }
         }
     };
@@ -212,16 +234,50 @@ async fn post(api: &Api<Event>, node: &str, uid: Option<String>, p: &Post) -> Ou
             debug!(reason = p.key.reason, count = p.count, message = %p.message, "event posted");
             o
         }
-        Err(e) => match Failure::of(&e) {
+        Err(f) => match f {
             Failure::Answered { code, .. } if code != 429 && code < 500 => {
-                warn!(reason = p.key.reason, error = %Failure::of(&e), "the API server refuses the Event; not retried");
+                warn!(reason = p.key.reason, error = %f, "the API server refuses the Event; not retried");
                 Outcome::Rejected
             }
             f => {
                 debug!(reason = p.key.reason, error = %f, "cannot post the Event yet; kept and retried");
-                Outcome::Retry
+                match f.retry_after() {
+                    Some(wait) => Outcome::Throttled(wait),
+                    None => Outcome::Retry,
+                }
             }
         },
+    }
+}
+
+/// The Event that tells a series first.
+fn event(node: &str, uid: Option<String>, p: &Post, name: &str) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(EVENTS_NAMESPACE.to_owned()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Node".to_owned()),
+            name: Some(node.to_owned()),
+            uid,
+            ..Default::default()
+        },
+        reason: Some(p.key.reason.to_owned()),
+        message: Some(p.message.clone()),
+        type_: Some(p.kind.as_str().to_owned()),
+        source: Some(EventSource {
+            component: Some("netwarden".to_owned()),
+            host: Some(node.to_owned()),
+        }),
+        reporting_component: Some("netwarden".to_owned()),
+        reporting_instance: Some(node.to_owned()),
+        count: Some(p.count.min(i32::MAX as u64) as i32),
+        first_timestamp: Some(time(p.first)),
+        last_timestamp: Some(time(p.last)),
+        ..Default::default()
     }
 }
 
@@ -266,7 +322,7 @@ fn condition_patch(c: &Condition, transition: bool, wall: &Time) -> serde_json::
 }
 
 /// Evaluates the condition and patches the Node when it changed.
-async fn condition_step(r: &Reporter, nodes: &Api<Node>, st: &mut ConditionState) {
+async fn condition_step(r: &Reporter, nodes: &kube::core::Request, st: &mut ConditionState) {
     // Before the initial sync the board says nothing yet; before the Node is listed, what it
     // holds is not known.
     if !r.telemetry.is_ready() || !r.nodes.ready() {
@@ -298,13 +354,18 @@ async fn condition_step(r: &Reporter, nodes: &Api<Node>, st: &mut ConditionState
     }
     let transition = on_node.as_ref().is_none_or(|n| n.status != c.status);
     let patch = condition_patch(&c, transition, &time(SystemTime::now()));
-    let patched = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        nodes.patch_status(&r.node, &PatchParams::default(), &Patch::Strategic(patch)),
-    )
-    .await
-    .map_err(|_| Failure::Timeout)
-    .and_then(|r| r.map_err(|e| Failure::of(&e)));
+    let patched = match nodes.patch_subresource(
+        "status",
+        &r.node,
+        &PatchParams::default(),
+        &Patch::Strategic(patch),
+    ) {
+        Err(e) => Err(Failure::Unreachable(e.to_string())),
+        Ok(request) => tokio::time::timeout(REQUEST_TIMEOUT, request::send(&r.client, request))
+            .await
+            .map_err(|_| Failure::Timeout)
+            .and_then(|r| r),
+    };
     match patched {
         Ok(_) => {
             debug!(

@@ -7,7 +7,8 @@
 //! - the retry delay depends on what went wrong ([`super::retry`]): promptly while the server is
 //!   unreachable, so facts are current about a second after it answers again; a 410 relists at
 //!   once; errors the server answers back off to 30 s and stay backed off across a list that
-//!   succeeds before a watch that fails;
+//!   succeeds before a watch that fails; a 429 or 503 waits at least its `Retry-After`
+//!   ([`super::request`] keeps the header that kube's typed calls drop);
 //! - failures are told with what the server said (`forbidden: … list services …`) and counted.
 //!
 //! As client-go's reflector: the list asks for `resourceVersion=0` (any version: the watch cache
@@ -21,9 +22,9 @@ use super::cache::key_hash;
 pub use super::cache::Cache;
 pub use super::health::Health;
 use super::listing::ListReader;
+use super::request;
 use super::retry::{Backoff, Failure};
 use super::slim::Object;
-use futures::TryStreamExt;
 use http_body_util::BodyExt;
 use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::Client;
@@ -208,20 +209,7 @@ async fn list_page<O: Object>(
     let request = kube::core::Request::new(&target.path)
         .list(lp)
         .map_err(|e| Failure::Unreachable(e.to_string()))?;
-    let response = client
-        .send(request.map(kube::client::Body::from))
-        .await
-        .map_err(|e| Failure::of(&e))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if !status.is_success() {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| Failure::of(&e))?
-            .to_bytes();
-        return Err(status_failure(status.as_u16(), &bytes));
-    }
+    let mut body = request::send(client, request).await?.into_body();
     let mut reader = ListReader::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Failure::of(&e))?;
@@ -234,26 +222,6 @@ async fn list_page<O: Object>(
     reader
         .finish()
         .map_err(|e| Failure::Unreachable(format!("list of {}: {e}", target.resource)))
-}
-
-/// The failure an error response stands for: its Status when the body is one.
-fn status_failure(code: u16, body: &[u8]) -> Failure {
-    let status: Option<kube::core::Status> = serde_json::from_slice(body).ok();
-    let (reason, message) = match status {
-        Some(s) => (s.reason, s.message),
-        None => (
-            String::new(),
-            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-        ),
-    };
-    if code == 410 {
-        return Failure::Expired;
-    }
-    Failure::Answered {
-        code,
-        reason,
-        message,
-    }
 }
 
 /// Watches from `from` until the server ends the watch (`Ok(None)`), or it fails (with the
@@ -282,24 +250,24 @@ where
     let request = kube::core::Request::new(&target.path)
         .watch(&wp, from)
         .map_err(|e| (Failure::Unreachable(e.to_string()), Some(version.clone())))?;
-    let stream = tokio::time::timeout(LIST_TIMEOUT, ctx.client.request_events::<O>(request))
+    let response = tokio::time::timeout(LIST_TIMEOUT, request::send(&ctx.client, request))
         .await
         .map_err(|_| (Failure::Timeout, Some(version.clone())))?
-        .map_err(|e| (Failure::of(&e), Some(version.clone())))?;
+        .map_err(|f| (f, Some(version.clone())))?;
+    let mut stream = request::EventStream::new(response);
     // The server took the watch: it answers.
     ctx.health.ok(target.resource);
     if cache.set_failing(false) {
         ctx.notify.notify_one();
     }
-    futures::pin_mut!(stream);
     loop {
-        let next = tokio::time::timeout(WATCH_IDLE, stream.try_next()).await;
+        let next = tokio::time::timeout(WATCH_IDLE, stream.next::<O>()).await;
         let event = match next {
             Err(_) => {
                 let f = Failure::Unreachable("watch silent past its timeout".into());
                 return Err((f, Some(version)));
             }
-            Ok(Err(e)) => return Err((Failure::of(&e), Some(version))),
+            Ok(Err(f)) => return Err((f, Some(version))),
             Ok(Ok(None)) => {
                 backoff.healthy();
                 return Ok(None);
@@ -349,35 +317,7 @@ where
             code: s.code,
             reason: s.reason,
             message: s.message,
+            retry_after: None,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_bodies_are_read_as_status() {
-        let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"services is forbidden: User \"x\" cannot list resource \"services\"","reason":"Forbidden","code":403}"#;
-        match status_failure(403, body) {
-            Failure::Answered {
-                code: 403,
-                reason,
-                message,
-            } => {
-                assert_eq!(reason, "Forbidden");
-                assert!(message.contains("cannot list"));
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(status_failure(410, b"{}"), Failure::Expired);
-        match status_failure(502, b"<html>bad gateway</html>") {
-            Failure::Answered { code, message, .. } => {
-                assert_eq!(code, 502);
-                assert!(message.contains("bad gateway"));
-            }
-            other => panic!("{other:?}"),
-        }
     }
 }

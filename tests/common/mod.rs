@@ -243,6 +243,14 @@ impl Agent {
         addr.to_string()
     }
 
+    /// How many lines logged so far contain every one of `needles`.
+    pub fn count_log(&self, needles: &[&str]) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
     /// The agent's exit status, if it has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().expect("wait for the agent")

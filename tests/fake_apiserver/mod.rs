@@ -23,6 +23,10 @@
 //! - RBAC, once [`FakeApiServer::enforce`]d (below), with kube-apiserver's 403 Status;
 //!   [`FakeApiServer::revoke`] takes a grant away for a while, [`FakeApiServer::fail`] makes
 //!   requests fail with another code;
+//! - throttling: [`FakeApiServer::throttle`] answers the next N requests of a verb and resource
+//!   with 429 (or 503) and `Retry-After`, before authorization as in kube-apiserver's handler
+//!   chain: a `TooManyRequests` Status with `details.retryAfterSeconds` as the storage layer
+//!   answers, or the plain text its max-in-flight and priority-and-fairness filters answer;
 //! - create (POST) of Events (409 AlreadyExists for a name taken), kept for the test to read;
 //! - PATCH (JSON merge and strategic merge, [`patch`]) of Events and of a Node's `status`
 //!   subresource (`nodes/status`: only `status` changes, conditions merge by type);
@@ -103,6 +107,8 @@ struct State {
     denied: Vec<Attributes>,
     /// Requests answered with an error instead: (verb, resource) -> code.
     failures: BTreeMap<(String, String), u16>,
+    /// Requests throttled: (verb, resource) -> how, and how many more times.
+    throttles: BTreeMap<(String, String), Throttle>,
     requests: Vec<Served>,
 }
 
@@ -118,6 +124,73 @@ pub struct Served {
     pub user_agent: Option<String>,
     /// For lists: the query's `resourceVersion` (None: unset).
     pub resource_version: Option<String>,
+}
+
+/// How [`FakeApiServer::throttle`] answers.
+#[derive(Clone, Debug)]
+pub struct Throttle {
+    /// 429, or 503 (a server shutting down or not ready).
+    pub code: u16,
+    /// The `Retry-After` header as sent (whole seconds from kube-apiserver; anything for a
+    /// test of what a client does with garbage).
+    pub retry_after: String,
+    /// Requests answered so before the throttle lifts.
+    pub times: u32,
+    /// The body: plain text as kube-apiserver's priority-and-fairness filter writes it, or (false)
+    /// a Status as its storage layer does.
+    pub plain_text: bool,
+}
+
+impl Throttle {
+    /// A `TooManyRequests` Status with `Retry-After: seconds`, `times` times.
+    pub fn status(times: u32, seconds: u64) -> Throttle {
+        Throttle {
+            code: 429,
+            retry_after: seconds.to_string(),
+            times,
+            plain_text: false,
+        }
+    }
+
+    /// Priority and fairness rejecting the request: 429, plain text, `Retry-After: seconds`.
+    pub fn priority_and_fairness(times: u32, seconds: u64) -> Throttle {
+        Throttle {
+            plain_text: true,
+            ..Throttle::status(times, seconds)
+        }
+    }
+
+    fn response(&self, verb: &str, resource: &str) -> Response<Body> {
+        let code = StatusCode::from_u16(self.code).unwrap();
+        let builder = Response::builder()
+            .status(code)
+            .header("retry-after", self.retry_after.as_str());
+        if self.plain_text {
+            // Go's http.Error.
+            return builder
+                .header("content-type", "text/plain; charset=utf-8")
+                .header("x-content-type-options", "nosniff")
+                .body(
+                    Full::new(Bytes::from_static(
+                        b"Too many requests, please try again later.\n",
+                    ))
+                    .boxed(),
+                )
+                .unwrap();
+        }
+        let mut body = status(
+            self.code,
+            reason_of(self.code),
+            &format!("Too many requests: the server cannot {verb} {resource} right now"),
+        );
+        if let Ok(seconds) = self.retry_after.parse::<u64>() {
+            body["details"] = json!({"retryAfterSeconds": seconds});
+        }
+        builder
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())).boxed())
+            .unwrap()
+    }
 }
 
 /// Snapshots kept for paged lists; a continue token for an older one gets 410.
@@ -362,6 +435,18 @@ impl FakeApiServer {
             Some(c) => st.failures.insert(key, c),
             None => st.failures.remove(&key),
         };
+    }
+
+    /// Answers the next `throttle.times` requests of `verb` on `resource` (`nodes/status` for
+    /// the subresource) with `throttle`, then serves them again.
+    pub fn throttle(&self, verb: &str, resource: &str, throttle: Throttle) {
+        let key = (verb.to_owned(), resource.to_owned());
+        let mut st = self.inner.state.lock().unwrap();
+        if throttle.times == 0 {
+            st.throttles.remove(&key);
+        } else {
+            st.throttles.insert(key, throttle);
+        }
     }
 
     /// Every request served so far, in order.
@@ -745,8 +830,18 @@ async fn respond(
     };
     {
         let mut st = inner.state.lock().unwrap();
-        // Authorization comes first, as in kube-apiserver's handler chain; what is refused is
-        // recorded as used all the same (the agent asked for it).
+        // Flow control comes before authorization in kube-apiserver's handler chain.
+        let key = (verb.to_owned(), resource.clone());
+        if let Some(throttle) = st.throttles.get_mut(&key) {
+            let response = throttle.response(verb, &resource);
+            throttle.times -= 1;
+            if throttle.times == 0 {
+                st.throttles.remove(&key);
+            }
+            return response;
+        }
+        // Authorization comes next; what is refused is recorded as used all the same (the
+        // agent asked for it).
         st.accesses
             .insert((verb.to_owned(), t.group.clone(), resource.clone()));
         let grant = (verb.to_owned(), t.group.clone(), resource.clone());
