@@ -394,12 +394,12 @@ proptest! {
 // deletions, and every other foreign member is left alone.
 
 mod sets {
+    use netwarden::model::fast::HashSet;
     use netwarden::model::{Family, Mode};
     use netwarden::netfilter::model::{Content, DesiredSet, Member, SetType};
     use netwarden::netfilter::parse::SavedSet;
     use netwarden::netfilter::plan::plan_set;
     use proptest::prelude::*;
-    use std::collections::HashSet;
 
     fn member(host: u8) -> Member {
         Member::parse(&format!("10.{}.0.{host}", host % 4)).unwrap()

@@ -2,7 +2,7 @@
 
 use super::model::Member;
 use super::rulespec::RuleSpec;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -98,7 +98,9 @@ pub struct SavedSet {
     /// Creation options as printed (`hashsize 1024 maxelem 65536 timeout 0`), without the family
     /// and the random hash seed ([`create_options`]).
     pub options: Vec<String>,
-    pub members: HashSet<Member>,
+    /// Hashed with the fast hasher: a Service change re-reads a set of every LoadBalancer IP,
+    /// and SipHash over its members was most of the guard's share of that change.
+    pub members: crate::model::fast::HashSet<Member>,
     /// Members netwarden cannot read (other types' syntax); kept so "exact" never deletes them
     /// blindly. Stored as printed.
     pub other: Vec<String>,

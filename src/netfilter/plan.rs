@@ -451,7 +451,7 @@ pub fn plan_set(
     let mut findings = Vec::new();
     let mut repair = SetRepair::default();
     let family = super::model::ipset_family(d.family);
-    let empty = std::collections::HashSet::new();
+    let empty = crate::model::fast::HashSet::default();
     let members = match observed {
         None => {
             findings.push(SetFinding::Missing);
@@ -517,7 +517,7 @@ pub fn plan_set(
 /// Members missing, forbidden ones present, and (for `exact`) extra ones, the last two sorted.
 fn member_diff(
     d: &DesiredSet,
-    members: &std::collections::HashSet<Member>,
+    members: &crate::model::fast::HashSet<Member>,
 ) -> (Vec<Member>, Vec<Member>, Vec<Member>) {
     let missing: Vec<Member> = d
         .members
@@ -532,7 +532,7 @@ fn member_diff(
         .collect();
     forbidden.sort();
     let mut extra: Vec<Member> = if d.membership == Content::Exact {
-        let want: std::collections::HashSet<&Member> = d.members.iter().collect();
+        let want: crate::model::fast::HashSet<&Member> = d.members.iter().collect();
         members
             .iter()
             .filter(|m| !want.contains(m) && d.forbids(m).is_none())
