@@ -42,6 +42,11 @@ pub async fn send(
     ))
 }
 
+/// The longest watch event line read. etcd refuses objects over 1.5 MiB by default, so a
+/// real event is far shorter; a body that never ends its line must not grow the agent's memory
+/// without bound (the watch is dropped and started again).
+const MAX_EVENT: usize = 16 << 20;
+
 /// A watch response's body read as newline-delimited events.
 pub struct EventStream {
     body: Body,
@@ -69,6 +74,11 @@ impl EventStream {
                 Some(frame) => {
                     if let Ok(data) = frame.map_err(|e| Failure::of(&e))?.into_data() {
                         self.lines.feed(&data);
+                    }
+                    if self.lines.pending() > MAX_EVENT {
+                        return Err(Failure::Unreachable(format!(
+                            "watch event longer than {MAX_EVENT} bytes"
+                        )));
                     }
                 }
             }
@@ -100,6 +110,11 @@ impl Lines {
             self.start = 0;
         }
         self.buf.extend_from_slice(chunk);
+    }
+
+    /// Bytes received and not yet handed out as a line.
+    fn pending(&self) -> usize {
+        self.buf.len() - self.start
     }
 
     /// The next complete line that is not blank, without its end.
@@ -138,7 +153,12 @@ mod tests {
             l.feed(b"3}\n");
             assert_eq!(l.next().as_deref(), Some(&b"{\"c\":3}"[..]));
             assert_eq!(l.next(), None);
+            assert_eq!(l.pending(), 0);
         }
+        let mut l = Lines::default();
+        l.feed(b"{\"a\":1}\n{\"b\"");
+        assert!(l.next().is_some());
+        assert_eq!(l.pending(), 4, "what waits for its line end");
     }
 
     #[test]
