@@ -178,7 +178,7 @@ fn adopted_rules_survive_networkd_owner_deletions_are_kept_others_repaired() {
     let (ns, mut nd) = node_with_networkd();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), SPEC);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     agent.wait_log("initial sync done");
 
     let mut owner = Owner::start(&ns, "aws-k8s-agent");
@@ -283,7 +283,7 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
     let cfg = config(dir.path(), SPEC);
     let state = dir.path().join("adopted.json");
     let state_arg = state.to_str().unwrap();
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     let mut owner = Owner::start(&ns, "aws-k8s-agent");
     add_pods(&mut owner);
     wait_until("every per-pod rule adopted", || {
@@ -347,7 +347,7 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
     );
 
     // Restarted, the agent knows it from the file and puts it back at its initial sync.
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["adopted state read", "rules=6"]);
     assert!(all_present(&ns), "{:?}", rules(&ns));
 
@@ -386,7 +386,7 @@ fn adopted_routes_are_restored_after_the_kernel_drops_them_and_forgotten_when_th
       owners: [ip]
 ",
     );
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     let gw = "default via 10.200.0.2 dev veth0";
     ns.ip(&[
         "route",
@@ -490,7 +490,7 @@ fn as_deployed_the_vpc_cni_overlays_owners_are_forgotten_and_strangers_repaired(
     let spec = vpc_cni_overlay_adopt();
     assert!(spec.contains("aws-k8s-agent"), "{spec}");
     let cfg = config(dir.path(), &spec);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     agent.wait_log("initial sync done");
     let http = agent.http();
 

@@ -177,7 +177,7 @@ fn adopted_chain_and_set_are_restored_as_last_seen_and_forgotten_when_the_owner_
     let cfg = config(dir.path(), SPEC);
     let state = dir.path().join("adopted.json");
     let bin = owner_binary(dir.path());
-    let mut agent = Agent::start_as_deployed(
+    let mut agent = Agent::start_with(
         &ns,
         &cfg,
         &[
@@ -359,7 +359,7 @@ fn adopted_chain_and_set_survive_an_agent_restart() {
     must(&ns, &["ipset", "add", "forget-z", "10.0.0.1"]);
     let args = ["--iptables-backend", "nft", "--adopted-state", state_arg];
     // Present at start: adopted at the initial sync.
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &args);
+    let mut agent = Agent::start_with(&ns, &cfg, &args);
     agent.wait_log_all(&["adopted", "selector=kube-router", X]);
     wait_until("adopted state saved", || {
         netwarden::adopted_state::read(&state)
@@ -414,7 +414,7 @@ fn adopted_chain_and_set_survive_an_agent_restart() {
     );
 
     // Restarted with the file: restored at the initial sync, the forgotten set stays gone.
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &args);
+    let mut agent = Agent::start_with(&ns, &cfg, &args);
     assert_eq!(
         chain(&ns, X),
         Some(x_rules(&[])),
@@ -452,7 +452,7 @@ fn legacy_backend_adopts_by_polling_and_restores_under_the_unknown_actor_policy(
         "-j",
         "RETURN",
     ]);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--iptables-backend", "legacy"]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--iptables-backend", "legacy"]);
     agent.wait_log_all(&["adopted", "selector=kube-router", X]);
     let legacy_chain = || -> Option<Vec<String>> {
         let text = must(&ns, &["iptables-legacy-save", "-t", "nat"]);
@@ -522,7 +522,7 @@ fn a_chain_deleted_by_a_child_process_of_the_owner_is_forgotten() {
     let cfg = config(dir.path(), SPEC);
     let bin = owner_binary(dir.path());
     owner_creates_chain_only(&ns, &bin);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--iptables-backend", "nft"]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--iptables-backend", "nft"]);
     agent.wait_log_all(&["adopted", "selector=kube-router", X]);
 
     let input = format!("*nat\n-F {X}\n-X {X}\nCOMMIT\n");
@@ -563,7 +563,7 @@ fn sighup_adopts_with_new_selectors_and_forgets_with_removed_ones() {
     owner_creates(&ns, &bin);
     let without = "  pollInterval: 200ms\n  rules: []\n";
     let cfg = config(dir.path(), without);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     let hup = |agent: &Agent| {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(agent.pid() as i32),

@@ -213,7 +213,7 @@ fn kube_proxy_and_flannel_tables_come_back_and_nothing_else_is_touched() {
         "in sync before anything: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let mut agent = Agent::start_as_deployed(&ns, &config, &[]);
+    let mut agent = Agent::start_with(&ns, &config, &[]);
     agent.wait_log("nftables in sync");
     assert!(protected_in_place(&ns));
     assert_eq!(
@@ -336,7 +336,7 @@ fn check_reports_drift_of_nft_tables() {
 fn a_reactive_fighter_is_contested_not_given_up_on() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);
-    let mut agent = Agent::start_as_deployed(&ns, &example(), &[]);
+    let mut agent = Agent::start_with(&ns, &example(), &[]);
     agent.wait_log("nftables in sync");
     let script = "nft monitor elements | while read -r line; do case \"$line\" in *'add element ip kube-proxy cluster-ips'*'10.96.0.1'*) nft delete element ip kube-proxy cluster-ips '{ 10.96.0.1 }' ;; esac; done";
     use std::os::unix::process::CommandExt;
@@ -493,7 +493,7 @@ fn an_adopted_table_follows_its_owner_and_is_restored_for_others() {
         dir.path(),
         "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n",
     );
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
     assert!(!agent
         .log
@@ -580,7 +580,7 @@ fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
             .map(|s| s.nftables.into_iter().map(|t| t.table).collect())
             .unwrap_or_default()
     };
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
     wait_until("the adopted table saved", || {
         saved_tables() == ["kube-proxy"]
@@ -601,7 +601,7 @@ fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
 
     // Restarted with the file: put back as last seen, at once (nobody known deleted it, and
     // unknownActor is restore).
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["restored", "what=table missing"]);
     wait_until("the adopted table is back", || {
         let t = table(&ns, "kube-proxy");
@@ -617,7 +617,7 @@ fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
         dir.path(),
         "  adopt:\n    - name: flannel\n      nftables:\n        family: ip\n        names: [flannel-ipv4]\n      owners: [flanneld]\n",
     );
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["nftables in sync", "adopted=1"]);
     wait_until("only flannel's table in the file", || {
         saved_tables() == ["flannel-ipv4"]

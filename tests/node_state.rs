@@ -2,7 +2,7 @@
 //! tools (`ip`, `bridge`, `sysctl`, `systemd-sysctl`) inside namespaces the tests create. Every
 //! sysctl written here is a `net.*` one, through `ip netns exec`: it reaches only the test's
 //! namespace. The agent runs as the DaemonSet runs it (its user and capabilities, no_new_privs:
-//! `Agent::start_as_deployed`), so what is tested is what ships.
+//! `Agent::start*`, tests/common), so what is tested is what ships.
 
 mod common;
 mod rig;
@@ -90,7 +90,7 @@ fn flushed_neighbour_and_deleted_fdb_entries_come_back() {
     let ns = vxlan_sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FLANNEL_SPEC);
-    let agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let agent = Agent::start_with(&ns, &cfg, &[]);
     assert_eq!(count(&neighbours(&ns), NEIGH), 1, "{:?}", neighbours(&ns));
     assert_eq!(count(&fdb(&ns), FDB), 1, "{:?}", fdb(&ns));
 
@@ -193,7 +193,7 @@ fn forwarding_and_rp_filter_are_repaired_from_netconf_events() {
 "#,
     );
     set_sysctl(&ns, "net.ipv4.conf.veth0.rp_filter", "1");
-    let agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let agent = Agent::start_with(&ns, &cfg, &[]);
     assert_eq!(sysctl(&ns, "net.ipv4.conf.veth0.forwarding"), "1");
     assert_eq!(sysctl(&ns, "net.ipv4.conf.veth0.rp_filter"), "0");
     assert_eq!(sysctl(&ns, "net.ipv6.conf.all.forwarding"), "1");
@@ -240,7 +240,7 @@ fn settings_without_notifications_are_read_every_poll_interval() {
       value: 1
 "#,
     );
-    let _agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let _agent = Agent::start_with(&ns, &cfg, &[]);
     assert_eq!(sysctl(&ns, "net.ipv4.conf.veth0.accept_local"), "1");
     set_sysctl(&ns, "net.ipv4.conf.veth0.accept_local", "0");
     wait_until("accept_local back", || {
@@ -270,7 +270,7 @@ fn a_new_link_matching_a_pattern_gets_its_settings_at_once() {
     // A distribution's default, as systemd's 50-default.conf sets it: new links start with it.
     set_sysctl(&ns, "net.ipv4.conf.default.rp_filter", "2");
     set_sysctl(&ns, "net.ipv4.conf.veth0.rp_filter", "2");
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     ns.ip(&[
         "link", "add", "pod1", "type", "veth", "peer", "name", "pod1p",
     ])
@@ -309,7 +309,7 @@ fn a_link_set_down_or_given_another_mtu_is_put_right() {
             "{FLANNEL_SPEC}  links:\n    - name: flannel-link\n      device: flannel.1\n      up: true\n      mtu: 1450\n"
         ),
     );
-    let agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let agent = Agent::start_with(&ns, &cfg, &[]);
     assert!(link_line(&ns, "flannel.1").contains("mtu 1450"));
     ns.ip(&["link", "set", "flannel.1", "mtu", "1300"]).unwrap();
     wait_until("the MTU back", || {
@@ -363,7 +363,7 @@ fn systemd_sysctl_reapplying_distribution_defaults_is_repaired() {
       value: 0
 "#,
     );
-    let agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let agent = Agent::start_with(&ns, &cfg, &[]);
     // What a package upgrade's `sysctl --system` re-applies: systemd's rp_filter default on
     // every interface, and a cloud image's forwarding off. Only net.* keys: the real
     // systemd-sysctl applies the file given as its argument, in the namespace.
@@ -401,7 +401,7 @@ fn a_setting_fought_over_backs_off() {
         dir.path(),
         "  sysctls:\n    - name: no-rp-filter\n      key: net.ipv4.conf.veth0.rp_filter\n      value: 0\n",
     );
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     let repairs = |agent: &Agent| {
         metric(
             agent,
@@ -441,7 +441,7 @@ fn observe_mode_reports_missing_node_state_and_changes_nothing() {
         ),
     );
     set_sysctl(&ns, "net.ipv4.conf.all.forwarding", "0");
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     // Reported in the order repairs would go: settings, then the entries.
     agent.wait_log_all(&["drift: different", "forward"]);
     agent.wait_log_all(&["drift: missing", "vtep-node2"]);
@@ -519,7 +519,7 @@ fn snapshot_of_node_state_is_protected_as_it_was() {
     let out = check(&ns, &path, &[]);
     assert!(out.status.success(), "{yaml}\n{out:?}");
     // Enforced, it repairs what it listed.
-    let _agent = Agent::start_as_deployed(&ns, &path, &[]);
+    let _agent = Agent::start_with(&ns, &path, &[]);
     ns.ip(&["neigh", "del", "10.244.2.0", "dev", "flannel.1"])
         .unwrap();
     ns.ip(&["link", "set", "flannel.1", "down"]).unwrap();
@@ -661,7 +661,7 @@ fn adopted_flannel_entries_follow_their_owner_and_are_restored_for_others() {
         "  adopt:\n    - name: flannel\n      neighbours:\n        devices: [flannel.1]\n      owners: [flanneld]\n",
     );
     let owner = flanneld(dir.path());
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     // flanneld learns of node 2: its neighbour entry and FDB entry appear, and are adopted.
     drop(IpBatch::run_with(
         &ns,
@@ -803,7 +803,7 @@ fn adopted_flannel_entries_removed_while_the_agent_is_down_are_restored_at_start
             .unwrap_or_default()
     };
     let owner = flanneld(dir.path());
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     drop(IpBatch::run_with(
         &ns,
         &owner,
@@ -840,7 +840,7 @@ fn adopted_flannel_entries_removed_while_the_agent_is_down_are_restored_at_start
     flush();
 
     // Restarted with the file: both put back by the initial sync.
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["adopted state read", "neighbours_and_fdb=2"]);
     wait_until("both entries restored", || {
         count(&neighbours(&ns), NEIGH) == 1 && count(&fdb(&ns), FDB) == 1
@@ -852,7 +852,7 @@ fn adopted_flannel_entries_removed_while_the_agent_is_down_are_restored_at_start
     // them.
     flush();
     config(dir.path(), "  rules: []\n");
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &["--adopted-state", state_arg]);
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state_arg]);
     agent.wait_log_all(&["adopted state read", "neighbours_and_fdb=0"]);
     wait_until("the file forgets them", || saved() == (0, 0));
     // The initial sync is done (the agent logged it before `start` returned): it put nothing

@@ -156,7 +156,7 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), SPEC);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     let http = agent.http();
     assert_eq!(get(&http, "/readyz", None, T).unwrap().0, 200);
     assert_eq!(
@@ -319,7 +319,7 @@ fn drift_is_attributed_to_ip_to_another_program_and_to_the_kernel() {
 fn a_fighter_makes_the_object_contested_and_repairs_back_off() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start_as_deployed(&ns, &config(dir.path(), SPEC), &[]);
+    let mut agent = Agent::start_with(&ns, &config(dir.path(), SPEC), &[]);
     let http = agent.http();
     let applied = |http: &str| {
         value(
@@ -748,7 +748,7 @@ fn capability_mask(names: &[String]) -> u64 {
 fn the_deployed_agent_has_the_daemonsets_privileges_and_no_more() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_as_deployed(&ns, &config(dir.path(), SPEC), &[]);
+    let agent = Agent::start_with(&ns, &config(dir.path(), SPEC), &[]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let field = |name: &str| {
         status
@@ -813,7 +813,7 @@ fn as_deployed_another_uid_and_a_more_capable_root_are_named_through_any_socket(
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("  rules:\n{}", shape_rules(4));
-    let mut agent = Agent::start_as_deployed(&ns, &config(dir.path(), &spec), &[]);
+    let mut agent = Agent::start_with(&ns, &config(dir.path(), &spec), &[]);
     agent.wait_log("initial sync done");
     let unknown = |text: &str| {
         sample(

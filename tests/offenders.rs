@@ -131,7 +131,7 @@ fn kube_router_rule_and_table_77_survive_networkd_restart_and_reconfigure() {
     let mut nd = networkd_for(&ns, &[("veth0", "10.200.0.1/24")]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), KUBE_ROUTER);
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     let http = agent.http();
     wait_all_in_sync(&http, WAIT);
     assert!(kube_router_present(&ns), "{:?}", snapshot(&ns));
@@ -269,7 +269,7 @@ fn aws_vpc_cni_per_pod_rules_survive_networkd_restart() {
     let mut nd = networkd_for(&ns, &links);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &aws_spec());
-    let mut agent = Agent::start_as_deployed(&ns, &cfg, &[]);
+    let mut agent = Agent::start_with(&ns, &cfg, &[]);
     let http = agent.http();
     wait_all_in_sync(&http, WAIT);
     assert!(aws_present(&ns), "{:?}", snapshot(&ns));

@@ -65,7 +65,8 @@ pub fn config(dir: &Path, spec: &str) -> PathBuf {
 #[derive(Clone, Debug)]
 pub enum Shape {
     /// As root with every capability, entering the namespace itself (`--netns`); its HTTP
-    /// endpoints are on the host's loopback.
+    /// endpoints are on the host's loopback. Not what ships: only on purpose
+    /// ([`Agent::start_as_root_because`], a comparison of shapes).
     Root,
     /// With exactly the given privileges (normally [`Privileges::of_daemonset`]), started inside
     /// the namespace as the DaemonSet's container is (hostNetwork, hostPID); its HTTP endpoints
@@ -91,7 +92,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `netwarden run` and waits until it reports its initial sync.
+    /// Starts `netwarden run --config CONFIG` in the shape the DaemonSet runs it (see
+    /// [`Shape::Deployed`]) and waits until it reports its initial sync. Every `start*` launcher
+    /// below starts the deployed shape; root is reachable only through
+    /// [`Agent::start_as_root_because`].
     pub fn start(ns: &Sandbox, config: &Path) -> Agent {
         Agent::start_full(ns, config, &[], &[])
     }
@@ -106,14 +110,24 @@ impl Agent {
         Agent::start_full(ns, config, &[], env)
     }
 
+    /// As [`Agent::start`], with more arguments and environment variables.
     pub fn start_full(ns: &Sandbox, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
-        Agent::start_shaped(&Shape::Root, ns, config, extra, env)
+        Agent::start_shaped(&Shape::deployed(), ns, config, extra, env)
     }
 
-    /// Starts `netwarden run --config CONFIG EXTRA…` with the DaemonSet's privileges (see
-    /// [`Shape::Deployed`]) and waits until it reports its initial sync.
-    pub fn start_as_deployed(ns: &Sandbox, config: &Path, extra: &[&str]) -> Agent {
-        Agent::start_shaped(&Shape::deployed(), ns, config, extra, &[])
+    /// As [`Agent::start_full`], as root with every capability: only for a test that compares
+    /// root with the deployed shape, or needs something the DaemonSet does not do. `reason` says
+    /// which; it is logged with the test's output so that a root agent is never silent.
+    pub fn start_as_root_because(
+        reason: &str,
+        ns: &Sandbox,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        assert!(!reason.trim().is_empty(), "a root agent needs a reason");
+        eprintln!("starting the agent as root: {reason}");
+        Agent::start_shaped(&Shape::Root, ns, config, extra, env)
     }
 
     /// As [`Agent::start_full`], in the given shape.
@@ -132,10 +146,10 @@ impl Agent {
         Agent::start_run_shaped(shape, ns, &args, env)
     }
 
-    /// Starts `netwarden run ARGS --netns NS` (no `--config` of its own: Kubernetes mode passes
-    /// `--configmap`) and waits until it reports its initial sync.
+    /// Starts `netwarden run ARGS` (no `--config` of its own: Kubernetes mode passes
+    /// `--configmap`) in the deployed shape and waits until it reports its initial sync.
     pub fn start_run(ns: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Agent {
-        Agent::start_run_shaped(&Shape::Root, ns, args, env)
+        Agent::start_run_shaped(&Shape::deployed(), ns, args, env)
     }
 
     /// As [`Agent::start_run`], in the given shape.
