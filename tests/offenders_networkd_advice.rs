@@ -251,6 +251,8 @@ fn in_kubernetes_mode_the_finding_is_a_metric_and_a_warning_event() {
     );
     let state = dir.path().join("state.json");
     let root = format!("/proc/{}/root", nd.holder_pid());
+    // The agent runs inside the namespace (the node), the API server on the host's loopback.
+    deployed::reach_host(&ns.name, api.addr);
     let agent = Agent::start_run(
         &ns,
         &[

@@ -181,6 +181,30 @@ pub fn forward(ns: &str, target: SocketAddr) -> String {
     addr
 }
 
+/// Makes a TCP service on the host's loopback (`addr`, e.g. the fake API server) reachable at the
+/// same address inside the namespace `ns`: the DaemonSet's agent reaches the API server over the
+/// node's network, and the rig's node is the namespace. The listener lives as long as the test
+/// binary.
+pub fn reach_host(ns: &str, addr: SocketAddr) {
+    let netns = std::fs::File::open(format!("/run/netns/{ns}")).expect("open the namespace");
+    // Bound by a thread that entered the namespace: the socket stays there. The accepting thread
+    // below is the caller's child, in the host's namespace, where it connects to `addr`.
+    let listener = std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        TcpListener::bind(addr)
+    })
+    .join()
+    .expect("the binding thread")
+    .expect("bind inside the namespace");
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            if let Ok(upstream) = TcpStream::connect(addr) {
+                pipe(client, upstream);
+            }
+        }
+    });
+}
+
 /// Copies bytes both ways until either side closes.
 fn pipe(a: TcpStream, b: TcpStream) {
     let copy = |mut from: TcpStream, mut to: TcpStream| {
