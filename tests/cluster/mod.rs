@@ -103,6 +103,8 @@ pub struct Cluster {
     pub api: FakeApiServer,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
+    /// Namespaces the API server is reachable from ([`Cluster::reach_from`]).
+    reached: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Cluster {
@@ -122,6 +124,7 @@ impl Cluster {
             api,
             dir,
             kubeconfig,
+            reached: Default::default(),
         }
     }
 
@@ -157,7 +160,16 @@ impl Cluster {
         args.extend_from_slice(extra);
         let mut env = env.to_vec();
         env.push(("POD_NAMESPACE", &pod_namespace));
+        self.reach_from(ns);
         Agent::start_run(ns, &args, &env)
+    }
+
+    /// The agent runs inside `ns` (the node's network), the API server on the host's loopback:
+    /// its address is made reachable inside `ns` too, once per namespace.
+    fn reach_from(&self, ns: &Sandbox) {
+        if self.reached.lock().unwrap().insert(ns.name.clone()) {
+            deployed::reach_host(&ns.name, self.api.addr);
+        }
     }
 
     /// Nothing the agent asked for was refused.
