@@ -1,6 +1,7 @@
 //! Kubernetes mode against a fake API server (tests/fake_apiserver) on the host's loopback and a
-//! real network namespace: the agent runs with `--netns`, its Kubernetes client stays on the
-//! host's network (the watchers' thread is started before the main thread enters the namespace).
+//! real network namespace: the agent runs as the DaemonSet runs it, inside the namespace (the
+//! node's network), where the API server's address is forwarded to the host's loopback
+//! (tests/cluster).
 //! Templates, ConfigMap edits, repairs told as Events, RBAC, paging; pod liveness is in
 //! tests/kubernetes_pods.rs, outages, Events, backoff and the Node condition in
 //! tests/kubernetes_api.rs.

@@ -1,11 +1,10 @@
 //! Observability against the real kernel and the real agent: drift attributed to the process
 //! that made it (`ip`, a program of another name, the kernel), a fighter making an object
 //! contested, the metrics scraped by promtool and by a real Prometheus server, `netwarden
-//! status`, and config reload on SIGHUP. Each test has a namespace of its own. The attribution
-//! tests run the agent as the DaemonSet does (tests/common/deployed.rs: its capabilities only,
-//! started inside the namespace), against offenders in their real shapes
-//! (tests/common/offender.rs); the others as root, with the agent's HTTP endpoints on the host's
-//! loopback (bound before it enters the namespace).
+//! status`, and config reload on SIGHUP. Each test has a namespace of its own. The agent runs as
+//! the DaemonSet does (tests/common/deployed.rs: its capabilities only, started inside the
+//! namespace, its HTTP endpoints forwarded to the host's loopback); the attribution tests meet
+//! offenders in their real shapes (tests/common/offender.rs).
 
 mod common;
 use common::*;
