@@ -1,6 +1,8 @@
 //! The agent's lifecycle as an operator meets it: a SIGTERM at any moment, the protected
 //! namespace removed under it, SIGHUP with an unchanged file and SIGHUP storms, and an agent that
-//! is not allowed to change the kernel (no CAP_NET_ADMIN).
+//! is not allowed to change the kernel (no CAP_NET_ADMIN). The agent runs as the DaemonSet runs
+//! it (tests/common/deployed.rs), but where a test removes the namespace under it: only an agent
+//! that entered a namespace by name (`run --netns`, as root) can see that happen.
 
 mod common;
 use common::*;
@@ -13,28 +15,34 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(5);
 
-/// `netwarden run` started through an optional launcher (`setpriv …`), with its stderr collected.
-/// (A minimal stand-in for the as-deployed launcher of tests/common.)
+/// `netwarden run` in namespace `ns`, in the given shape, with its stderr collected. Unlike
+/// [`Agent`] it may never finish its initial sync, or exit.
 struct Run {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     cursor: usize,
+    /// The namespace, where the agent was started inside it: its HTTP endpoints are there.
+    inside: Option<String>,
+    /// The HTTP endpoints' address on the host's loopback, once known.
+    http: Mutex<Option<String>>,
 }
 
 impl Run {
-    fn start(launcher: &[&str], args: &[&str], env: &[(&str, &str)]) -> Run {
-        let (program, prefix) = match launcher.split_first() {
-            Some((p, rest)) => (*p, rest.to_vec()),
-            None => (BIN, Vec::new()),
+    fn start(shape: &Shape, ns: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let (mut cmd, inside) = match shape {
+            Shape::Root => {
+                let mut cmd = Command::new(BIN);
+                cmd.arg("run").args(args).args(["--netns", &ns.name]);
+                (cmd, None)
+            }
+            Shape::Deployed(privileges) => {
+                let mut cmd = privileges.command(Path::new(BIN));
+                cmd.arg("run").args(args);
+                deployed::in_netns(&mut cmd, &ns.name);
+                (cmd, Some(ns.name.clone()))
+            }
         };
-        let mut cmd = Command::new(program);
-        cmd.args(prefix);
-        if !launcher.is_empty() {
-            cmd.arg(BIN);
-        }
         let mut child = cmd
-            .arg("run")
-            .args(args)
             .args(["--log-level", "debug", "--metrics-addr", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -53,14 +61,16 @@ impl Run {
             child,
             log,
             cursor: 0,
+            inside,
+            http: Mutex::new(None),
         }
     }
 
-    /// The agent of `--config CONFIG --netns NS EXTRA…`, once its initial sync is done.
-    fn ready(ns: &Sandbox, config: &Path, extra: &[&str]) -> Run {
-        let mut args = vec!["--config", config.to_str().unwrap(), "--netns", &ns.name];
+    /// The agent of `--config CONFIG EXTRA…` in `shape`, once its initial sync is done.
+    fn ready(shape: &Shape, ns: &Sandbox, config: &Path, extra: &[&str]) -> Run {
+        let mut args = vec!["--config", config.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut run = Run::start(&[], &args, &[]);
+        let mut run = Run::start(shape, ns, &args, &[]);
         run.wait_log("initial sync done");
         run
     }
@@ -113,7 +123,22 @@ impl Run {
         nix::sys::signal::kill(pid, signal).unwrap();
     }
 
+    /// The HTTP endpoints' address on the host's loopback (forwarded once, when inside).
     fn http(&self) -> String {
+        let mut known = self.http.lock().unwrap();
+        if let Some(addr) = known.as_ref() {
+            return addr.clone();
+        }
+        let logged = self.logged_http();
+        let addr = match &self.inside {
+            Some(ns) => deployed::forward(ns, logged.parse().expect("a socket address")),
+            None => logged,
+        };
+        *known = Some(addr.clone());
+        addr
+    }
+
+    fn logged_http(&self) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
             let addr = self
@@ -229,12 +254,11 @@ fn agent_in_its_initial_sync(ns: &Sandbox, dir: &Path) -> (Run, StalledTool) {
     let tool = StalledTool::new();
     let (marker, path) = (tool.marker(), tool.path_env());
     let run = Run::start(
-        &[],
+        &Shape::deployed(),
+        ns,
         &[
             "--config",
             cfg.to_str().unwrap(),
-            "--netns",
-            &ns.name,
             "--iptables-backend",
             "nft",
         ],
@@ -286,7 +310,9 @@ fn a_removed_namespace_is_reported_and_the_agent_exits_3() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), RULE);
-    let mut run = Run::ready(&ns, &cfg, &[]);
+    // Root: the agent enters the namespace by name, which is what can go away under it (the
+    // DaemonSet's agent is in the node's namespace, which cannot).
+    let mut run = Run::ready(&Shape::Root, &ns, &cfg, &[]);
     netwarden::testing::sandbox::run_ip(&["netns", "del", &ns.name]).unwrap();
     let line = run.wait_log("network namespace removed");
     assert!(line.contains(&ns.name), "{line}");
@@ -299,7 +325,9 @@ fn a_namespace_replaced_under_the_same_name_is_not_the_one_protected() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), RULE);
-    let mut run = Run::ready(&ns, &cfg, &[]);
+    // Root: the agent enters the namespace by name, which is what can go away under it (the
+    // DaemonSet's agent is in the node's namespace, which cannot).
+    let mut run = Run::ready(&Shape::Root, &ns, &cfg, &[]);
     netwarden::testing::sandbox::run_ip(&["netns", "del", &ns.name]).unwrap();
     netwarden::testing::sandbox::run_ip(&["netns", "add", &ns.name]).unwrap();
     run.wait_log("network namespace removed");
@@ -328,7 +356,7 @@ fn an_unchanged_sighup_is_a_no_op_and_a_storm_is_coalesced() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), RULE);
-    let mut run = Run::ready(&ns, &cfg, &[]);
+    let mut run = Run::ready(&Shape::deployed(), &ns, &cfg, &[]);
     let addr = run.http();
 
     run.signal(SIGHUP);
@@ -395,7 +423,7 @@ fn a_sighup_with_new_nftables_tables_creates_them() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), RULE);
-    let mut run = Run::ready(&ns, &cfg, &[]);
+    let mut run = Run::ready(&Shape::deployed(), &ns, &cfg, &[]);
     let tables = || must(&ns, &["nft", "list", "tables"]);
     assert!(!tables().contains("nwtest"));
     rewrite(
@@ -412,9 +440,11 @@ fn a_sighup_with_new_nftables_tables_creates_them() {
     });
 }
 
-/// `setpriv` as root, without CAP_NET_ADMIN in the bounding set: the agent may enter the
-/// namespace (CAP_SYS_ADMIN) but the kernel refuses every change it asks for.
-const NO_NET_ADMIN: &[&str] = &["setpriv", "--bounding-set", "-net_admin", "--"];
+/// The DaemonSet's shape without CAP_NET_ADMIN (a manifest that forgot it): the kernel refuses
+/// every change the agent asks for.
+fn no_net_admin() -> Shape {
+    Shape::Deployed(Privileges::of_daemonset().without(&["NET_ADMIN"]))
+}
 
 #[test]
 fn without_cap_net_admin_run_exits_2_even_when_everything_is_in_sync() {
@@ -435,8 +465,9 @@ fn without_cap_net_admin_run_exits_2_even_when_everything_is_in_sync() {
     assert_eq!(check(&ns, &cfg, &[]).status.code(), Some(0), "in sync");
     let before = snapshot(&ns);
     let mut run = Run::start(
-        NO_NET_ADMIN,
-        &["--config", cfg.to_str().unwrap(), "--netns", &ns.name],
+        &no_net_admin(),
+        &ns,
+        &["--config", cfg.to_str().unwrap()],
         &[],
     );
     let status = run.exit();
@@ -454,8 +485,9 @@ fn without_cap_net_admin_an_observing_agent_runs_and_is_unready_once_it_must_rep
     let observe = RULE.replace("table: 77\n", "table: 77\n      mode: observe\n");
     let cfg = config(dir.path(), &observe);
     let mut run = Run::start(
-        NO_NET_ADMIN,
-        &["--config", cfg.to_str().unwrap(), "--netns", &ns.name],
+        &no_net_admin(),
+        &ns,
+        &["--config", cfg.to_str().unwrap()],
         &[],
     );
     // Observing needs no change to the kernel: it runs and is ready, and says what is missing.
