@@ -9,7 +9,7 @@ use common::*;
 use netwarden::telemetry::http;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,20 +29,12 @@ struct Run {
 
 impl Run {
     fn start(shape: &Shape, ns: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Run {
-        let (mut cmd, inside) = match shape {
-            Shape::Root => {
-                let mut cmd = Command::new(BIN);
-                cmd.arg("run").args(args).args(["--netns", &ns.name]);
-                (cmd, None)
-            }
-            Shape::Deployed(privileges) => {
-                let mut cmd = privileges.command(Path::new(BIN));
-                cmd.arg("run").args(args);
-                deployed::in_netns(&mut cmd, &ns.name);
-                (cmd, Some(ns.name.clone()))
-            }
+        let inside = match shape {
+            Shape::Root => None,
+            Shape::Deployed(_) => Some(ns.name.clone()),
         };
-        let mut child = cmd
+        let mut child = shape
+            .run_command(Path::new(BIN), ns, args)
             .args(["--log-level", "debug", "--metrics-addr", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .stdout(Stdio::null())

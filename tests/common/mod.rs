@@ -79,6 +79,23 @@ impl Shape {
     pub fn deployed() -> Shape {
         Shape::Deployed(Privileges::of_daemonset())
     }
+
+    /// `BIN run ARGS` for namespace `ns` in this shape, not yet spawned.
+    pub fn run_command(&self, bin: &Path, ns: &Sandbox, args: &[&str]) -> Command {
+        match self {
+            Shape::Root => {
+                let mut cmd = Command::new(bin);
+                cmd.arg("run").args(args).args(["--netns", &ns.name]);
+                cmd
+            }
+            Shape::Deployed(privileges) => {
+                let mut cmd = privileges.command(bin);
+                cmd.arg("run").args(args);
+                deployed::in_netns(&mut cmd, &ns.name);
+                cmd
+            }
+        }
+    }
 }
 
 /// The agent, running in a namespace. Its stderr is collected line by line.
@@ -159,20 +176,8 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let mut cmd = match shape {
-            Shape::Root => {
-                let mut cmd = Command::new(agent_bin());
-                cmd.arg("run").args(args).args(["--netns", &ns.name]);
-                cmd
-            }
-            Shape::Deployed(privileges) => {
-                let mut cmd = privileges.command(&agent_bin());
-                cmd.arg("run").args(args);
-                deployed::in_netns(&mut cmd, &ns.name);
-                cmd
-            }
-        };
-        let mut child = cmd
+        let mut child = shape
+            .run_command(&agent_bin(), ns, args)
             .envs(env.iter().copied())
             .args(["--log-level", "debug"])
             // Any free port on the loopback (the host's, or the namespace's when deployed); see
