@@ -2,7 +2,7 @@
 //! and by which port, what calls for a re-dump), a burst of removals is read on until it settles,
 //! then the batch is planned and executed.
 
-use crate::model::fast::HashMap;
+use crate::model::fast::{HashMap, HashSet};
 use crate::model::ObjectId;
 use crate::model::{AddressKey, Family};
 use crate::observe::events::Event;
@@ -46,8 +46,8 @@ pub(super) struct Batch {
     /// Protected objects seen removed (a burst holds the repair until they stop).
     pub(super) removals: usize,
     /// The protected objects removed, and the ports of the processes that removed them (few),
-    /// to decide a burst's pace.
-    pub(super) removed_ids: Vec<ObjectId>,
+    /// to decide a burst's pace and to see when its deleters are done.
+    pub(super) removed_ids: HashSet<ObjectId>,
     pub(super) removal_ports: Vec<u32>,
     /// Someone else added a protected rule the mirror already held: the rules are re-dumped to
     /// count the copies.
@@ -59,13 +59,17 @@ pub(super) struct Batch {
     pub(super) sysctl_default_changed: bool,
     /// Adopted neighbour and FDB entries removed in this batch (judged like adopted rules).
     pub(super) adopted_node_removed: Vec<ObjectId>,
+    /// An object was removed twice in this batch (someone put it back in between).
+    pub(super) removed_again: bool,
 }
 
 impl Batch {
     /// A protected rule or route was removed by the process behind `port`.
     fn removed(&mut self, id: &ObjectId, port: u32) {
         self.removals += 1;
-        self.removed_ids.push(id.clone());
+        if !self.removed_ids.insert(id.clone()) {
+            self.removed_again = true;
+        }
         if !self.removal_ports.contains(&port) {
             self.removal_ports.push(port);
         }
@@ -186,6 +190,9 @@ impl Agent {
                 if settle.is_burst() && !was_burst {
                     settle.set_pace(self.burst_pace(batch));
                 }
+                if batch.removed_again {
+                    settle.removed_again();
+                }
             }
             // A held burst reads on (past MAX_BATCH too) until it settles, but never past its
             // longest hold, even if events keep coming; see `burst`.
@@ -201,12 +208,23 @@ impl Agent {
                     self.rules_maybe_stale = false;
                 }
             }
-            if next.is_none() && !batch.overrun {
-                if let Some(wait) = settle.wait(Instant::now()) {
-                    match tokio::time::timeout(wait, self.events.next()).await {
-                        Ok(Some(ev)) => next = Some(ev),
-                        Ok(None) => return Err(ReconcileError::EventsClosed),
-                        Err(_) => {} // settled
+            while next.is_none() && !batch.overrun {
+                match settle.step(Instant::now()) {
+                    burst::Step::Plan => break,
+                    burst::Step::Look => {
+                        let open = self.resolver.any_open(&batch.removal_ports);
+                        settle.looked(open, Instant::now());
+                        if !open {
+                            // What the deleters did before they closed is queued by now.
+                            next = self.events.try_next();
+                        }
+                    }
+                    burst::Step::Wait(wait) => {
+                        match tokio::time::timeout(wait, self.events.next()).await {
+                            Ok(Some(ev)) => next = Some(ev),
+                            Ok(None) => return Err(ReconcileError::EventsClosed),
+                            Err(_) => {} // quiet so far
+                        }
                     }
                 }
             }

@@ -9,9 +9,15 @@
 //! repair until the burst settles saves (docs/benchmarks.md, "Everything at once").
 //!
 //! A single removal, or a few, is still repaired at once: only when one batch of events holds at
-//! least [`BURST_MIN`] removals of protected objects does the agent keep reading events, until no
-//! protected object has been removed for [`QUIET`], or [`HOLD_MAX`] after the batch began, then
-//! plans once for everything the burst touched.
+//! least [`BURST_MIN`] removals of protected objects does the agent keep reading events until the
+//! burst has settled, then plans once for everything the burst touched. Settled is decided by
+//! what the deleters do, not by how fast the node runs them: no protected object removed for
+//! [`QUIET`] *and* every process that removed them has closed its netlink socket (`ip` has
+//! exited), looked up in /proc/net/netlink. A deleter that keeps its socket (a daemon) is taken to
+//! be done after [`QUIET_OPEN`] without a removal; a busy node may leave a running `ip` unscheduled
+//! for longer than [`QUIET`], not for that long. The hold ends early when an object is removed a
+//! second time within it (someone else puts the objects back: holding saves nothing), and at
+//! [`HOLD_MAX`] in any case.
 //!
 //! Not every deleter runs in passes. systemd-networkd marks the foreign rules and routes once
 //! when it (re)configures a link and deletes each of them once, one request at a time (tens of
@@ -28,12 +34,20 @@ use std::time::{Duration, Instant};
 
 /// Protected objects removed in one batch of events that make it a burst.
 pub const BURST_MIN: usize = 64;
-/// A burst has settled once no protected object was removed for this long. Longer than the
-/// gaps inside a flush on a busy node (a few ms when the flushing process is preempted).
+/// A burst has settled once no protected object was removed for this long and every deleter has
+/// closed its netlink socket.
 pub const QUIET: Duration = Duration::from_millis(5);
-/// The longest a burst holds its repair back, from the first event of the batch: a deleter that
-/// never stops does not keep the objects it removed away for longer than this.
-pub const HOLD_MAX: Duration = Duration::from_millis(250);
+/// A burst whose deleter still holds its netlink socket has settled once no protected object was
+/// removed for this long: a daemon that keeps its socket may be done. Longer than a busy node
+/// leaves a runnable process waiting for a CPU, so that a flush still running is not taken for a
+/// finished one (a wait of [`QUIET`] was, under load: the repair then raced the flush's passes).
+pub const QUIET_OPEN: Duration = Duration::from_millis(50);
+/// The longest a burst holds its repair back, from the first event of the batch. A held burst
+/// removes each protected object at most once (nothing puts them back meanwhile; a second
+/// removal ends the hold), so it ends by itself; this bound only caps a deleter that removes
+/// thousands of objects slowly. Far above what a flush of a few thousand takes on a busy node:
+/// 250 ms, the bound before, was reached by `ip route flush` of 3,000 routes under load.
+pub const HOLD_MAX: Duration = Duration::from_secs(2);
 
 /// Process names (as the kernel reports them) of deleters that delete each object once per
 /// run: a burst of theirs is repaired as it goes.
@@ -154,6 +168,18 @@ impl<K: Clone + Eq + Hash> Pacer<K> {
     }
 }
 
+/// What to do next while reading one batch (see [`Settle::step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Plan now: not a held burst, or it has settled.
+    Plan,
+    /// Wait this long for more events, then ask again.
+    Wait(Duration),
+    /// Quiet long enough: look whether a deleter still holds its netlink socket
+    /// ([`Settle::looked`]), then ask again.
+    Look,
+}
+
 /// Whether to keep reading events before planning, for one batch.
 #[derive(Clone, Debug)]
 pub struct Settle {
@@ -161,6 +187,11 @@ pub struct Settle {
     removals: usize,
     last_removal: Instant,
     pace: Pace,
+    /// The last look at the deleters' sockets since the last removal: when, and whether one was
+    /// still open.
+    looked: Option<(Instant, bool)>,
+    /// An object was removed twice within the batch: someone puts them back.
+    removed_again: bool,
 }
 
 impl Settle {
@@ -171,6 +202,8 @@ impl Settle {
             removals: 0,
             last_removal: started,
             pace: Pace::Held,
+            looked: None,
+            removed_again: false,
         }
     }
 
@@ -185,7 +218,7 @@ impl Settle {
 
     /// Whether this batch is a burst whose repair waits for it to settle.
     pub fn holds(&self) -> bool {
-        self.is_burst() && self.pace == Pace::Held
+        self.is_burst() && self.pace == Pace::Held && !self.removed_again
     }
 
     /// The batch has seen `removals` protected objects removed so far (a running total), the
@@ -194,7 +227,20 @@ impl Settle {
         if removals > self.removals {
             self.removals = removals;
             self.last_removal = now;
+            // A removal since: the deleters may be others, or still at it.
+            self.looked = None;
         }
+    }
+
+    /// An object already removed in this batch was removed again: it was put back meanwhile by
+    /// someone else, so holding the repair saves nothing.
+    pub fn removed_again(&mut self) {
+        self.removed_again = true;
+    }
+
+    /// The deleters' sockets as seen at `now`: whether one of them is still open.
+    pub fn looked(&mut self, open: bool, now: Instant) {
+        self.looked = Some((now, open));
     }
 
     /// Whether this batch is a burst.
@@ -202,13 +248,32 @@ impl Settle {
         self.removals >= BURST_MIN
     }
 
-    /// How long to wait for more events before planning; `None`: plan now.
-    pub fn wait(&self, now: Instant) -> Option<Duration> {
-        if !self.holds() {
-            return None;
+    /// What to do next at `now`: plan, wait for more events, or look at the deleters' sockets.
+    pub fn step(&self, now: Instant) -> Step {
+        let end = self.started + HOLD_MAX;
+        if !self.holds() || now >= end {
+            return Step::Plan;
         }
-        let until = (self.last_removal + QUIET).min(self.started + HOLD_MAX);
-        until.checked_duration_since(now).filter(|d| !d.is_zero())
+        let wait = |until: Instant| Step::Wait(until.min(end).saturating_duration_since(now));
+        let quiet = self.last_removal + QUIET;
+        if now < quiet {
+            return wait(quiet);
+        }
+        match self.looked {
+            None => Step::Look,
+            Some((_, false)) => Step::Plan,
+            Some((at, true)) => {
+                let give_up = self.last_removal + QUIET_OPEN;
+                let again = at + QUIET;
+                if now >= give_up {
+                    Step::Plan
+                } else if now >= again {
+                    Step::Look
+                } else {
+                    wait(again.min(give_up))
+                }
+            }
+        }
     }
 
     /// Whether the batch may still be held at `now`: before [`HOLD_MAX`] from its start.
@@ -240,7 +305,7 @@ mod tests {
         let mut s = Settle::new(t0);
         s.seen(BURST_MIN - 1, t0);
         assert!(!s.is_burst());
-        assert_eq!(s.wait(t0), None);
+        assert_eq!(s.step(t0), Step::Plan);
     }
 
     #[test]
@@ -248,15 +313,93 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Settle::new(t0);
         s.seen(BURST_MIN, t0 + ms(1));
-        assert_eq!(s.wait(t0 + ms(1)), Some(QUIET));
-        assert_eq!(s.wait(t0 + ms(3)), Some(QUIET - ms(2)));
+        assert_eq!(s.step(t0 + ms(1)), Step::Wait(QUIET));
+        assert_eq!(s.step(t0 + ms(3)), Step::Wait(QUIET - ms(2)));
         // More removals push the end out again.
         s.seen(BURST_MIN + 10, t0 + ms(4));
-        assert_eq!(s.wait(t0 + ms(5)), Some(QUIET - ms(1)));
+        assert_eq!(s.step(t0 + ms(5)), Step::Wait(QUIET - ms(1)));
         // The same total again is not a new removal.
         s.seen(BURST_MIN + 10, t0 + ms(8));
-        assert_eq!(s.wait(t0 + ms(4) + QUIET), None);
+        let quiet = t0 + ms(4) + QUIET;
+        assert_eq!(s.step(quiet), Step::Look, "quiet: are the deleters done?");
+        s.looked(false, quiet);
+        assert_eq!(
+            s.step(quiet),
+            Step::Plan,
+            "every deleter's socket is closed"
+        );
         assert_eq!(s.removals(), BURST_MIN + 10);
+    }
+
+    /// The flush that failed under load: `ip` not scheduled for longer than QUIET, then on with
+    /// its deletions. Its socket is still open, so the burst has not settled.
+    #[test]
+    fn a_deleter_that_still_holds_its_socket_is_waited_for_not_timed_out() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(t0);
+        s.seen(BURST_MIN, t0);
+        let mut now = t0 + QUIET;
+        assert_eq!(s.step(now), Step::Look);
+        s.looked(true, now);
+        // Looked at again every QUIET while it stays quiet, up to QUIET_OPEN.
+        assert_eq!(s.step(now), Step::Wait(QUIET));
+        now += QUIET;
+        assert_eq!(s.step(now), Step::Look);
+        s.looked(true, now);
+        // It goes on deleting (a preempted flush) well past the old 250 ms bound.
+        let mut total = BURST_MIN;
+        while now < t0 + ms(900) {
+            now += QUIET_OPEN - ms(1);
+            total += 100;
+            s.seen(total, now);
+            assert_eq!(
+                s.step(now),
+                Step::Wait(QUIET),
+                "still flushing at {:?}",
+                now - t0
+            );
+        }
+        // It exits: settled a QUIET after its last deletion.
+        now += QUIET;
+        assert_eq!(s.step(now), Step::Look);
+        s.looked(false, now);
+        assert_eq!(s.step(now), Step::Plan);
+        assert!(s.held(now) > ms(900));
+    }
+
+    #[test]
+    fn a_deleter_that_keeps_its_socket_is_done_after_quiet_open() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(t0);
+        s.seen(BURST_MIN, t0);
+        let mut now = t0 + QUIET;
+        let mut looks = 0;
+        loop {
+            match s.step(now) {
+                Step::Look => {
+                    looks += 1;
+                    s.looked(true, now);
+                }
+                Step::Wait(d) => now += d,
+                Step::Plan => break,
+            }
+        }
+        assert_eq!(now, t0 + QUIET_OPEN);
+        assert_eq!(
+            looks,
+            (QUIET_OPEN.as_millis() / QUIET.as_millis()) as usize - 1
+        );
+    }
+
+    #[test]
+    fn a_burst_whose_objects_are_put_back_and_removed_again_is_not_held() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(t0);
+        s.seen(BURST_MIN * 2, t0);
+        assert!(s.holds());
+        s.removed_again();
+        assert!(!s.holds());
+        assert_eq!(s.step(t0), Step::Plan);
     }
 
     #[test]
@@ -267,7 +410,7 @@ mod tests {
         s.set_pace(Pace::AsItGoes);
         assert!(s.is_burst());
         assert!(!s.holds());
-        assert_eq!(s.wait(t0), None);
+        assert_eq!(s.step(t0), Step::Plan);
     }
 
     #[test]
@@ -326,16 +469,20 @@ mod tests {
         while now < t0 + HOLD_MAX + ms(50) {
             total += BURST_MIN;
             s.seen(total, now);
-            let left = s.wait(now);
+            let step = s.step(now);
             if now >= t0 + HOLD_MAX {
-                assert_eq!(left, None, "still holding at {:?}", now - t0);
+                assert_eq!(step, Step::Plan, "still holding at {:?}", now - t0);
                 assert!(!s.may_hold(now));
             } else {
-                assert!(left.unwrap() <= t0 + HOLD_MAX - now);
+                assert!(matches!(step, Step::Wait(d) if d <= t0 + HOLD_MAX - now));
                 assert!(s.may_hold(now));
             }
             now += ms(1);
         }
-        assert!(s.held(now) > HOLD_MAX);
+        // Quiet just before the bound, deleter still there: the bound wins.
+        let mut s = Settle::new(t0);
+        s.seen(BURST_MIN, t0 + HOLD_MAX - ms(1));
+        assert_eq!(s.step(t0 + HOLD_MAX - ms(1)), Step::Wait(ms(1)));
+        assert_eq!(s.step(t0 + HOLD_MAX), Step::Plan);
     }
 }

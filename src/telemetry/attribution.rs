@@ -220,6 +220,24 @@ impl Resolver {
         HashMap::new()
     }
 
+    /// Whether any of `ports` (the kernel's aside) is still bound by an open NETLINK_ROUTE
+    /// socket in the calling thread's namespace: its process may still be at work. Reads
+    /// /proc/net/netlink only (no ptrace access needed). A port closed since may have been taken
+    /// by another socket meanwhile; ports are pids or random, so that is rare, and costs only a
+    /// longer wait.
+    pub fn any_open(&self, ports: &[u32]) -> bool {
+        let ports: Vec<u32> = ports
+            .iter()
+            .copied()
+            .filter(|p| *p != KERNEL_PORT)
+            .collect();
+        if ports.is_empty() {
+            return false;
+        }
+        let table = self.netlink_table();
+        ports.iter().any(|p| table.contains_key(p))
+    }
+
     /// Process names for port ids: `kernel` for 0, `unknown` when the socket or its process is
     /// gone (or the lookup ran out of time).
     pub fn resolve(&mut self, ports: &[u32]) -> HashMap<u32, String> {

@@ -169,6 +169,31 @@ fn resolves_a_live_socket_of_this_process() {
     assert_eq!(names[&addr.pid()], me);
 }
 
+/// What a held burst asks once it is quiet: is a deleter still holding its socket? Yes while this
+/// test's socket is open, no once it is closed; the kernel (port 0) holds none.
+#[test]
+fn a_port_is_open_while_its_socket_is_and_not_after() {
+    use nix::sys::socket::{
+        bind, getsockname, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).unwrap();
+    let port = getsockname::<NetlinkAddr>(fd.as_raw_fd()).unwrap().pid();
+    let resolver = Resolver::default();
+    assert!(resolver.any_open(&[KERNEL_PORT, port]));
+    drop(fd);
+    assert!(!resolver.any_open(&[KERNEL_PORT, port]));
+    assert!(!resolver.any_open(&[KERNEL_PORT]));
+    assert!(!resolver.any_open(&[]));
+}
+
 #[test]
 fn processes_are_scanned_newest_first_across_the_pid_wraparound() {
     // The last pid handed out was 120: 120 and below are the newest, then the old high ones.
