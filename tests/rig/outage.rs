@@ -57,6 +57,9 @@ pub struct Outage {
     protected: HashMap<Key, Option<u32>>,
     /// Missing now, since when.
     missing: HashMap<Key, Instant>,
+    /// Of those, the ones whose loss was notified (an RTM_DEL*, not inferred from an address
+    /// removal): their return is notified too.
+    notified: HashSet<Key>,
     /// Per object: the longest it was missing.
     pub gaps: HashMap<Key, Duration>,
     /// Every outage seen: object, from, to.
@@ -108,6 +111,7 @@ impl Outage {
         Ok(Outage {
             protected,
             missing: HashMap::new(),
+            notified: HashSet::new(),
             gaps: HashMap::new(),
             outages: Vec::new(),
             link_addresses: HashMap::new(),
@@ -180,6 +184,7 @@ impl Outage {
 
     fn back(&mut self, key: Key, at: Instant) {
         self.trace.push((at, format!("back {key}")));
+        self.notified.remove(&key);
         if let Some(since) = self.missing.remove(&key) {
             let gap = at.saturating_duration_since(since);
             self.outages.push((key.clone(), since, at));
@@ -210,6 +215,7 @@ impl Outage {
                     self.back(key, at);
                 } else {
                     self.last_deleted = Some(at);
+                    self.notified.insert(key.clone());
                     self.lose(key, at);
                 }
             }
@@ -228,6 +234,7 @@ impl Outage {
                     self.back(key, at);
                 } else {
                     self.last_deleted = Some(at);
+                    self.notified.insert(key.clone());
                     self.lose(key, at);
                 }
             }
@@ -294,8 +301,14 @@ impl Outage {
 
     /// Reads notifications until every object seen lost has been seen back and `present` (a
     /// look at the kernel) confirms it, or `within` passes. Objects `present` finds in place
-    /// although no re-add was seen (a route that survived an address removal, or a re-add that
-    /// arrived before its deletion) are no longer counted missing. Returns whether all is back.
+    /// although their loss was only inferred (a route that survived an address removal) are no
+    /// longer counted missing. Returns whether all is back.
+    ///
+    /// The kernel queues the notification of a re-add to every listener before a listing can show
+    /// the object, but the listener's thread may not have read it yet (a busy machine runs it
+    /// late): once `present` says yes, the re-adds of objects whose deletion was notified are
+    /// read from the queue, each one certain to be there, so that none is counted missing (or
+    /// never lost) for want of a read.
     pub fn settle(
         &mut self,
         listener: &Listener,
@@ -312,13 +325,30 @@ impl Outage {
             }
             // Quiet for 50 ms.
             if present() {
-                self.missing.clear();
-                return true;
+                return self.read_notified_returns(listener, deadline);
             }
             if Instant::now() >= deadline {
                 return false;
             }
         }
+    }
+
+    /// Reads until every object whose deletion was notified is seen back (see
+    /// [`Outage::settle`]), then forgets what is missing only by inference. False when the
+    /// deadline passes first.
+    fn read_notified_returns(&mut self, listener: &Listener, deadline: Instant) -> bool {
+        while !self.overrun && self.missing.keys().any(|k| self.notified.contains(k)) {
+            let Some(seen) = deadline
+                .checked_duration_since(Instant::now())
+                .and_then(|left| listener.next(left))
+            else {
+                return false;
+            };
+            self.take(&seen);
+        }
+        self.missing.clear();
+        self.notified.clear();
+        true
     }
 
     /// Objects missing now, as far as the listener knows.
