@@ -576,6 +576,8 @@ fn sighup_adopts_with_new_selectors_and_forgets_with_removed_ones() {
     hup(&agent);
     agent.wait_log_all(&["adopt selectors reloaded", "kube-router"]);
     agent.wait_log_all(&["adopted", X]);
+    // The reload reads the sets after the tables: the chain's adoption does not prove the set's.
+    agent.wait_log_all(&["adopted", "selector=kube-router", &format!("set={Y}")]);
     let set_members = members(&ns, Y).expect("the owner's set");
     stranger_deletes(&ns);
     wait_until("the chain restored after the reload adopted it", || {
