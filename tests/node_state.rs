@@ -15,6 +15,19 @@ use std::time::Instant;
 const VTEP_MAC: &str = "0a:58:0a:f4:02:00";
 const NEIGH: &str = "10.244.2.0 lladdr 0a:58:0a:f4:02:00 PERMANENT";
 const FDB: &str = "0a:58:0a:f4:02:00 dst 10.200.0.2 self permanent";
+/// flannel's FDB entry for a peer's VTEP, added as flannel adds it.
+const FDB_APPEND: [&str; 10] = [
+    "bridge",
+    "fdb",
+    "append",
+    VTEP_MAC,
+    "dev",
+    "flannel.1",
+    "dst",
+    "10.200.0.2",
+    "self",
+    "permanent",
+];
 const NEIGH6: &str = "fd00:244:2:: lladdr 0a:58:0a:f4:02:00 PERMANENT";
 
 /// The sandbox, with `flannel.1` as flannel's VXLAN backend makes it (VNI 1, port 8472, on
@@ -475,21 +488,7 @@ fn snapshot_of_node_state_is_protected_as_it_was() {
             "permanent",
         ],
     );
-    must(
-        &ns,
-        &[
-            "bridge",
-            "fdb",
-            "append",
-            VTEP_MAC,
-            "dev",
-            "flannel.1",
-            "dst",
-            "10.200.0.2",
-            "self",
-            "permanent",
-        ],
-    );
+    must(&ns, &FDB_APPEND);
     let out = netwarden(&[
         "snapshot",
         "--netns",
@@ -668,21 +667,7 @@ fn adopted_flannel_entries_follow_their_owner_and_are_restored_for_others() {
         &owner,
         "neigh add 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev flannel.1 nud permanent",
     ));
-    must(
-        &ns,
-        &[
-            "bridge",
-            "fdb",
-            "append",
-            VTEP_MAC,
-            "dev",
-            "flannel.1",
-            "dst",
-            "10.200.0.2",
-            "self",
-            "permanent",
-        ],
-    );
+    must(&ns, &FDB_APPEND);
     agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/10.244.2.0"]);
     agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/0a:58:0a:f4:02:00"]);
 
@@ -809,19 +794,7 @@ fn adopted_flannel_entries_removed_while_the_agent_is_down_are_restored_at_start
         &owner,
         "neigh add 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev flannel.1 nud permanent",
     ));
-    let add_fdb = [
-        "bridge",
-        "fdb",
-        "append",
-        VTEP_MAC,
-        "dev",
-        "flannel.1",
-        "dst",
-        "10.200.0.2",
-        "self",
-        "permanent",
-    ];
-    must(&ns, &add_fdb);
+    must(&ns, &FDB_APPEND);
     agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/10.244.2.0"]);
     agent.wait_log_all(&["adopted", "adopted:flannel/flannel.1/0a:58:0a:f4:02:00"]);
     wait_until("both entries saved", || saved() == (1, 1));

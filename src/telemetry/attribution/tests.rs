@@ -151,28 +151,14 @@ fn this_thread_sees_its_own_namespace() {
 
 #[test]
 fn resolves_a_live_socket_of_this_process() {
-    use nix::sys::socket::{
-        bind, getsockname, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
-    };
-    use std::os::fd::AsRawFd;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).unwrap();
-    let addr: NetlinkAddr = getsockname(fd.as_raw_fd()).unwrap();
+    let (_fd, port) = bound_netlink_socket();
     let me = clean_name(&std::fs::read_to_string("/proc/self/comm").unwrap());
-    let names = Resolver::default().resolve(&[addr.pid()]);
-    assert_eq!(names[&addr.pid()], me);
+    let names = Resolver::default().resolve(&[port]);
+    assert_eq!(names[&port], me);
 }
 
-/// What a held burst asks once it is quiet: is a deleter still holding its socket? Yes while this
-/// test's socket is open, no once it is closed; the kernel (port 0) holds none.
-#[test]
-fn a_port_is_open_while_its_socket_is_and_not_after() {
+/// A NETLINK_ROUTE socket of this process with the port the kernel picked.
+fn bound_netlink_socket() -> (std::os::fd::OwnedFd, u32) {
     use nix::sys::socket::{
         bind, getsockname, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
     };
@@ -186,6 +172,14 @@ fn a_port_is_open_while_its_socket_is_and_not_after() {
     .unwrap();
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).unwrap();
     let port = getsockname::<NetlinkAddr>(fd.as_raw_fd()).unwrap().pid();
+    (fd, port)
+}
+
+/// What a held burst asks once it is quiet: is a deleter still holding its socket? Yes while this
+/// test's socket is open, no once it is closed; the kernel (port 0) holds none.
+#[test]
+fn a_port_is_open_while_its_socket_is_and_not_after() {
+    let (fd, port) = bound_netlink_socket();
     let resolver = Resolver::default();
     assert!(resolver.any_open(&[KERNEL_PORT, port]));
     drop(fd);
