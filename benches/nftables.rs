@@ -56,22 +56,11 @@ fn agent(ns: &str, cfg: &std::path::Path) -> Child {
 }
 
 /// Runs `nft ARGS` with `input` on standard input; spawn to exit.
-fn nft(args: &[&str], input: &str) -> (Duration, u32) {
+fn nft(args: &[&str], input: &str) -> Duration {
     let started = Instant::now();
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft");
-    let pid = child.id();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    let mut child = spawn_nft(args, input).expect("nft");
     assert!(child.wait().unwrap().success(), "nft {args:?} failed");
-    (started.elapsed(), pid)
+    started.elapsed()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -134,9 +123,13 @@ async fn commit_to_commit(
     repair: Option<&str>,
 ) -> Option<f64> {
     let child = Command::new("nft").args(trigger).spawn().unwrap();
-    let out = commit_clock::commit_to_commit(events, child, repair.map(|t| move || spawn_nft_f(t)))
-        .await
-        .expect("nft");
+    let out = commit_clock::commit_to_commit(
+        events,
+        child,
+        repair.map(|t| move || spawn_nft(&["-f", "-"], t)),
+    )
+    .await
+    .expect("nft");
     if repair.is_none() {
         // A table deleted again within 2 s of its repair, three times running, is contested
         // and its repairs back off (a fight): runs are spaced well beyond that window (the
@@ -148,16 +141,13 @@ async fn commit_to_commit(
     out
 }
 
-/// `nft -f -` with `transaction` on its stdin, running.
-fn spawn_nft_f(transaction: &str) -> std::io::Result<Child> {
+/// `nft ARGS` with `input` on its stdin, running.
+fn spawn_nft(args: &[&str], input: &str) -> std::io::Result<Child> {
     let mut r = Command::new("nft")
-        .args(["-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .spawn()?;
-    r.stdin
-        .take()
-        .expect("piped")
-        .write_all(transaction.as_bytes())?;
+    r.stdin.take().expect("piped").write_all(input.as_bytes())?;
     Ok(r)
 }
 
@@ -195,7 +185,7 @@ fn scenario(
     // The floor, agent gone: the same transaction into the same emptied namespace.
     for _ in 0..runs.min(50) {
         nft(trigger, "");
-        let (took, _) = nft(&["-f", "-"], &create);
+        let took = nft(&["-f", "-"], &create);
         floor.push(took.as_secs_f64() * 1e3);
     }
     let mut reactive = Vec::new();
