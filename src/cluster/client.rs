@@ -48,7 +48,7 @@ pub async fn client(
         http::HeaderValue::from_static(USER_AGENT),
     ));
     // The agent's own retries know what failed (src/cluster/retry.rs); kube's layer would
-    // repeat 429 and 503 answers behind their back, beyond the backoff they keep.
+    // repeat 429 and 5xx answers behind their back, beyond the backoff they keep.
     config.default_retry = false;
     kube::Client::try_from(config).map_err(|e| ClusterError::Client(e.to_string()))
 }

@@ -104,7 +104,7 @@ pub enum Outcome {
     Gone,
     /// No server, or it answered "later" (429, 5xx): keep it and try again.
     Retry,
-    /// The server answered "later" and how much later (a 429 or 503 `Retry-After`, capped):
+    /// The server answered "later" and how much later (a 429's or 5xx's `Retry-After`, capped):
     /// as `Retry`, not before then.
     Throttled(Duration),
     /// The server refused it for good (403, 422): forget this post.

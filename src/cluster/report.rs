@@ -135,7 +135,7 @@ pub async fn run(r: Reporter, mut notices: mpsc::UnboundedReceiver<Notice>) {
     }
 }
 
-/// Whether the API server asked the Event recorder to wait (a 429 or 503 `Retry-After`): said
+/// Whether the API server asked the Event recorder to wait (a 429's or 5xx's `Retry-After`): said
 /// once when an episode starts and once when it ends, not at every held post.
 #[derive(Default)]
 struct Throttle {

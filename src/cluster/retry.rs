@@ -14,9 +14,9 @@
 //! With 1, 2, 4, 8, 16 and then 30 s, a persistent error is asked at most once per 30 s from
 //! 31 s on. `scale` shrinks every delay (tests use it to run the same schedule faster).
 //!
-//! A 429 or 503 with `Retry-After: N` (kube-apiserver's API Priority and Fairness, its
-//! max-in-flight limit, a storage layer not ready, a server shutting down) waits at least N
-//! seconds; the schedule above stays the floor. N is capped at [`RETRY_AFTER_MAX`], the same
+//! A 429 or any 5xx with `Retry-After: N` (kube-apiserver's API Priority and Fairness, its
+//! max-in-flight limit, a storage timeout, a storage layer not ready, a server shutting down)
+//! waits at least N seconds, as client-go does; the schedule above stays the floor. N is capped at [`RETRY_AFTER_MAX`], the same
 //! 30 s as the schedule's own cap: whatever sits in front of the API server (a load balancer, a
 //! proxy) may say an hour, and facts an hour stale are worse for the node than one request a
 //! half-minute, which is no more than a persistent error already costs. The server's N is not
@@ -46,7 +46,7 @@ pub enum Failure {
         code: u16,
         reason: String,
         message: String,
-        /// The wait its `Retry-After` asks for (429 and 503 only), capped.
+        /// The wait its `Retry-After` asks for (429 and 5xx only), capped.
         retry_after: Option<Duration>,
     },
     /// No complete answer within the request's deadline (an overloaded server).
@@ -118,11 +118,12 @@ impl Failure {
     }
 }
 
-/// The wait a response's `Retry-After` asks for: only on 429 and 503 (where HTTP gives it that
-/// meaning), only in whole seconds (what kube-apiserver sends; an HTTP date or anything else
+/// The wait a response's `Retry-After` asks for: only on 429 and 5xx (kube-apiserver sends it
+/// with a Status whose `retryAfterSeconds` is set: throttling, storage timeouts, shutdown;
+/// client-go honours it on the same codes), only in whole seconds (what kube-apiserver sends; an HTTP date or anything else
 /// is ignored and the agent's own schedule applies), capped at [`RETRY_AFTER_MAX`].
 pub fn retry_after(code: u16, header: Option<&[u8]>) -> Option<Duration> {
-    if code != 429 && code != 503 {
+    if code != 429 && !(500..600).contains(&code) {
         return None;
     }
     let text = std::str::from_utf8(header?).ok()?.trim();
@@ -299,15 +300,18 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_in_whole_seconds_on_429_and_503_only() {
+    fn retry_after_in_whole_seconds_on_429_and_5xx_only() {
         let secs = Duration::from_secs;
         assert_eq!(retry_after(429, Some(b"5")), Some(secs(5)));
         assert_eq!(retry_after(503, Some(b" 12 ")), Some(secs(12)));
         assert_eq!(retry_after(429, Some(b"0")), Some(Duration::ZERO));
         // Absent, or a code that gives the header no such meaning.
         assert_eq!(retry_after(429, None), None);
-        assert_eq!(retry_after(500, Some(b"5")), None);
+        assert_eq!(retry_after(500, Some(b"5")), Some(secs(5)));
+        assert_eq!(retry_after(504, Some(b"2")), Some(secs(2)));
         assert_eq!(retry_after(403, Some(b"5")), None);
+        assert_eq!(retry_after(409, Some(b"5")), None);
+        assert_eq!(retry_after(301, Some(b"5")), None);
         // Garbage, negative, fractional, an HTTP date: the agent's own schedule applies.
         for bad in [
             &b""[..],
@@ -388,7 +392,11 @@ mod tests {
             } => {
                 assert_eq!(code, 502);
                 assert!(message.contains("bad gateway"));
-                assert_eq!(retry_after, None, "502 gives Retry-After no meaning");
+                assert_eq!(
+                    retry_after,
+                    Some(Duration::from_secs(3)),
+                    "as client-go: any 5xx"
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -7,7 +7,7 @@
 //! - the retry delay depends on what went wrong ([`super::retry`]): promptly while the server is
 //!   unreachable, so facts are current about a second after it answers again; a 410 relists at
 //!   once; errors the server answers back off to 30 s and stay backed off across a list that
-//!   succeeds before a watch that fails; a 429 or 503 waits at least its `Retry-After`
+//!   succeeds before a watch that fails; a 429 or 5xx waits at least its `Retry-After`
 //!   ([`super::request`] keeps the header that kube's typed calls drop);
 //! - failures are told with what the server said (`forbidden: … list services …`) and counted.
 //!

@@ -137,7 +137,8 @@ pub struct Served {
 /// How [`FakeApiServer::throttle`] answers.
 #[derive(Clone, Debug)]
 pub struct Throttle {
-    /// 429, or 503 (a server shutting down or not ready).
+    /// 429, 503 (a server shutting down or not ready) or 500 (a storage timeout: kube-apiserver's
+    /// `ServerTimeout`).
     pub code: u16,
     /// The `Retry-After` header as sent (whole seconds from kube-apiserver; anything for a
     /// test of what a client does with garbage).
@@ -186,11 +187,21 @@ impl Throttle {
                 )
                 .unwrap();
         }
-        let mut body = status(
-            self.code,
-            reason_of(self.code),
-            &format!("Too many requests: the server cannot {verb} {resource} right now"),
-        );
+        let (reason, message) = match self.code {
+            429 => (
+                reason_of(429),
+                format!("Too many requests: the server cannot {verb} {resource} right now"),
+            ),
+            500 => (
+                "ServerTimeout",
+                format!("the {verb} of {resource} did not complete in time, please try again"),
+            ),
+            code => (
+                reason_of(code),
+                format!("the server cannot {verb} {resource} right now"),
+            ),
+        };
+        let mut body = status(self.code, reason, &message);
         if let Ok(seconds) = self.retry_after.parse::<u64>() {
             body["details"] = json!({"retryAfterSeconds": seconds});
         }
