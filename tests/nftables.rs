@@ -304,6 +304,46 @@ fn kube_proxy_and_flannel_tables_come_back_and_nothing_else_is_touched() {
 }
 
 #[test]
+fn a_table_deleted_whole_comes_back_from_its_image_and_only_as_the_config_names_it() {
+    let ns = sandbox();
+    nft_f(&ns, OTHERS);
+    let before = others(&ns);
+    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
+    let mut agent = Agent::start_with_env(&ns, &example(), &debug);
+    agent.wait_log_all(&["image taken", "table=ip kube-proxy"]);
+    agent.wait_log("nftables in sync");
+    let whole = table(&ns, "kube-proxy");
+    assert!(protected_in_place(&ns), "{whole}");
+
+    // Deleted whole: put back in one netlink batch from the image the agent took when it found
+    // the table in sync, exactly as it was (base chains, the verdict map, anonymous sets).
+    nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
+    let line = agent.wait_log_all(&["restored", "name=kube-proxy-ipv4", "via=\"image\""]);
+    assert!(
+        line.contains("actor=nft") && line.contains("what=table missing"),
+        "{line}"
+    );
+    assert_eq!(table(&ns, "kube-proxy"), whole);
+    assert_eq!(others(&ns), before, "nobody else's tables touched");
+
+    // An owner adds a chain the config does not name: the image is no longer the table, and
+    // the table now holds more than the config names, so no new one is taken. Deleted whole
+    // again, the table comes back as the config names it, with nft -f; the owner's chain is
+    // not invented.
+    nft(&ns, &["add", "chain", "ip", "kube-proxy", "owners-chain"]);
+    nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
+    agent.wait_log_all(&["restored", "name=kube-proxy-ipv4", "via=\"nft\""]);
+    wait_until("the table is back", || protected_in_place(&ns));
+    assert!(!table(&ns, "kube-proxy").contains("owners-chain"));
+    assert_eq!(table(&ns, "kube-proxy"), whole);
+
+    // Verified as the config names it again: a new image for the next deletion (deleting it
+    // a third time this soon would be a fight, and held back).
+    agent.wait_log_all(&["image taken", "table=ip kube-proxy"]);
+    assert_eq!(others(&ns), before);
+}
+
+#[test]
 fn check_reports_drift_of_nft_tables() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);

@@ -67,7 +67,7 @@ fn iptables_events(events: Vec<Event>) -> Vec<NftEvent> {
     events
         .into_iter()
         .filter_map(|ev| match ev {
-            Event::NewGen { pid, process } => Some(NftEvent::NewGen { pid, process }),
+            Event::NewGen { pid, process, .. } => Some(NftEvent::NewGen { pid, process }),
             Event::Overrun => Some(NftEvent::Overrun),
             Event::Change {
                 family,

@@ -2,12 +2,14 @@
 //! iptables guard.
 //!
 //! A notification touching a protected table marks it; the NEWGEN message that ends the
-//! transaction makes the engine read every marked table (one known to be deleted is not read),
-//! plan, and repair all of them in one `nft -f` transaction, then read them back to verify.
+//! transaction makes the engine put back at once the tables deleted whole that have an image
+//! ([`replaying`]), then read every marked table (one known to be deleted is not read), plan,
+//! and repair the rest in one `nft -f` transaction, then read them back to verify.
 //! Transactions of its own `nft` are recognised by pid. A table changed again right after each
 //! repair is contested: its repairs back off ([`crate::telemetry::contest`]) and are never given up.
 
 mod adoption;
+mod replaying;
 mod report;
 
 use super::adopt;
@@ -46,6 +48,8 @@ pub struct Stats {
     pub repairs: u64,
     pub failures: u64,
     pub forbidden: u64,
+    /// Tables put back from their image (see [`replaying`]).
+    pub replays: u64,
 }
 
 /// Why tables are being synced.
@@ -91,6 +95,8 @@ pub struct Engine<N: Nft> {
     /// Pids of netwarden's own recent `nft` processes.
     own: VecDeque<u32>,
     contest: Contest<String>,
+    /// Images of protected tables, to put a deleted one back at once.
+    images: replaying::Images,
     resync: Duration,
     pub stats: Stats,
     telemetry: Option<Arc<Telemetry>>,
@@ -148,6 +154,7 @@ impl<N: Nft> Engine<N> {
             reported: HashMap::new(),
             own: VecDeque::new(),
             contest: Contest::new(Backoff::default()),
+            images: replaying::Images::default(),
             resync,
             stats: Stats::default(),
             telemetry: None,
@@ -277,7 +284,8 @@ impl<N: Nft> Engine<N> {
                         .insert(*pid, crate::telemetry::attribution::ancestors(*pid));
                 }
             }
-            self.watch.on_event(ev, |p| own.contains(&p));
+            let ended = self.watch.on_event(ev, |p| own.contains(&p));
+            self.images.on_event(ev, &ended);
         }
     }
 
@@ -346,6 +354,7 @@ impl<N: Nft> Engine<N> {
         self.reported.retain(|n, _| names.contains(n));
         self.stuck.retain(|n| names.contains(n));
         self.contest.retain(|n| names.contains(n));
+        self.images.clear();
         self.publish();
         self.sync_all(Why::Start).await;
         info!(tables = self.tables.len(), "nftables reloaded");
@@ -404,17 +413,55 @@ impl<N: Nft> Engine<N> {
         }
     }
 
-    /// Reads (unless known gone), plans and repairs the touched tables: every repair in one
-    /// transaction, then each read back.
+    /// Puts back at once the deleted tables that have an image; then reads (unless known
+    /// gone), plans and repairs the touched tables: every repair in one transaction, then each
+    /// read back. Tables found in sync get an image if they have none.
     async fn sync(&mut self, touched: BTreeMap<TableKey, Touched>, why: Why) {
         let started = Instant::now();
+        let mut replayed = self.replay_gone(&touched, started);
+        let (planned, mut settled) = self.plan_touched(touched, &replayed, why).await;
+        let apply = self.decide(planned, &mut replayed.decided);
+        if !apply.is_empty() {
+            let repairs: Vec<Repair> = apply.iter().filter_map(|p| p.repair.clone()).collect();
+            let transaction = render::transaction(&repairs);
+            debug!(transaction = %transaction, "nft transaction");
+            self.stats.transactions += 1;
+            for p in &apply {
+                self.images.written(&p.key);
+            }
+            match self.nft.apply(&transaction).await {
+                Ok(applied) => {
+                    self.remember_own(applied.pid);
+                    self.learn(&repairs, &applied.echo);
+                    let took = started.elapsed();
+                    for p in &apply {
+                        self.restored(p, why, took, "nft");
+                    }
+                    settled.extend(self.verify(&apply).await);
+                }
+                Err(e) => self.failed(&apply, &e),
+            }
+        }
+        self.capture_settled(&settled);
+    }
+
+    /// Reads and plans each touched table this engine keeps. Returns the drifted tables and
+    /// those in sync.
+    async fn plan_touched(
+        &mut self,
+        touched: BTreeMap<TableKey, Touched>,
+        replayed: &replaying::Replayed,
+        why: Why,
+    ) -> (Vec<Planned>, Vec<TableKey>) {
         let mut planned = Vec::new();
+        let mut settled = Vec::new();
         for (key, t) in touched {
             let configured = self.tables.iter().any(|d| d.key == key);
             if !configured && adopt::select(&self.selectors, &key).is_none() {
                 continue;
             }
-            let observed = if t.gone {
+            let from_image = replayed.tables.contains(&key);
+            let observed = if t.gone && !from_image {
                 None
             } else {
                 match self.read(&key).await {
@@ -432,9 +479,15 @@ impl<N: Nft> Engine<N> {
                 continue;
             };
             let aliases = self.aliases.get(&key).cloned().unwrap_or_default();
+            if from_image {
+                self.restored_from_image(&t, &desired, &aliases, why, replayed.took);
+            }
             let (drift, repair) = plan::plan_table(&desired, observed.as_ref(), &aliases);
             let Some(drift) = drift else {
                 self.in_sync(&desired.name);
+                if observed.is_some_and(|o| replaying::Images::worth_one(&desired, &o)) {
+                    settled.push(key);
+                }
                 continue;
             };
             planned.push(Planned {
@@ -445,6 +498,16 @@ impl<N: Nft> Engine<N> {
                 actor: t.actor.unwrap_or_else(|| "unknown".into()),
             });
         }
+        (planned, settled)
+    }
+
+    /// The drifted tables to repair now; the others are reported, or held back while
+    /// contested. `decided`: contest decisions already taken in this sync.
+    fn decide(
+        &mut self,
+        planned: Vec<Planned>,
+        decided: &mut HashMap<String, Decision>,
+    ) -> Vec<Planned> {
         let now = Instant::now();
         let mut apply = Vec::new();
         for p in planned {
@@ -452,32 +515,17 @@ impl<N: Nft> Engine<N> {
                 self.report(&p.drift);
                 continue;
             }
-            match self.contest.on_drift(&p.name, now) {
+            let decision = decided
+                .remove(&p.name)
+                .unwrap_or_else(|| self.contest.on_drift(&p.name, now));
+            match decision {
                 Decision::Now { .. } => apply.push(p),
                 Decision::Later {
                     newly_contested, ..
                 } => self.hold(&p, newly_contested),
             }
         }
-        if apply.is_empty() {
-            return;
-        }
-        let repairs: Vec<Repair> = apply.iter().filter_map(|p| p.repair.clone()).collect();
-        let transaction = render::transaction(&repairs);
-        debug!(transaction = %transaction, "nft transaction");
-        self.stats.transactions += 1;
-        match self.nft.apply(&transaction).await {
-            Ok(applied) => {
-                self.remember_own(applied.pid);
-                self.learn(&repairs, &applied.echo);
-                let took = started.elapsed();
-                for p in &apply {
-                    self.restored(p, why, took);
-                }
-                self.verify(&apply).await;
-            }
-            Err(e) => self.failed(&apply, &e),
-        }
+        apply
     }
 
     /// Rules the config writes otherwise than nft prints them, from the echo of the `add rule`
@@ -511,7 +559,8 @@ impl<N: Nft> Engine<N> {
     /// change to it since: the repair does not take (a rule or element nft prints otherwise
     /// than the config writes it); it is reported and only reported from then on, so nothing is
     /// added forever. A change by someone else is a new drift, left to its own notification.
-    async fn verify(&mut self, applied: &[Planned]) {
+    async fn verify(&mut self, applied: &[Planned]) -> Vec<TableKey> {
+        let mut settled = Vec::new();
         for p in applied {
             let Some(desired) = self.desired(&p.key) else {
                 continue;
@@ -525,7 +574,12 @@ impl<N: Nft> Engine<N> {
             };
             let aliases = self.aliases.get(&p.key).cloned().unwrap_or_default();
             let (drift, _) = plan::plan_table(&desired, observed.as_ref(), &aliases);
-            let Some(drift) = drift else { continue };
+            let Some(drift) = drift else {
+                if observed.is_some_and(|o| replaying::Images::worth_one(&desired, &o)) {
+                    settled.push(p.key.clone());
+                }
+                continue;
+            };
             if self.drain_queued().is_err() || self.watch.touched(&p.key) {
                 continue;
             }
@@ -534,6 +588,7 @@ impl<N: Nft> Engine<N> {
             self.board_state(&p.name, State::Drifted, Some("repair does not take".into()));
             self.reported.insert(p.name.clone(), drift.summary());
         }
+        settled
     }
 }
 

@@ -3,6 +3,8 @@
 
 use super::*;
 use crate::nftables::model::{Content, DesiredChain, NfFamily, RuleText};
+use crate::nftables::netlink::NetlinkError;
+use crate::nftables::replay::{Census, Dump, Image, Msg};
 use crate::nftables::runner::Applied;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -14,6 +16,13 @@ struct Kernel {
     applied: Vec<String>,
     reads: usize,
     echo: String,
+    /// What `capture` returns (none: the table cannot have an image).
+    image: Option<Image>,
+    captures: usize,
+    /// The generations replays were asked for.
+    replays: Vec<u32>,
+    /// What the kernel answers a replay with.
+    replay_refused: Option<nix::errno::Errno>,
 }
 
 #[derive(Clone, Default)]
@@ -41,6 +50,54 @@ impl Nft for Fake {
             pid: Some(4242),
             echo: k.echo.clone(),
         })
+    }
+
+    fn capture(&mut self, _: &TableKey, _: &Census) -> Result<Option<Image>, NetlinkError> {
+        let mut k = self.0.borrow_mut();
+        k.captures += 1;
+        k.image
+            .clone()
+            .map(Some)
+            .ok_or(NetlinkError::Unfit(crate::nftables::replay::Unfit::NoTable))
+    }
+
+    fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
+        let mut k = self.0.borrow_mut();
+        assert_eq!(images.len(), 1);
+        k.replays.push(genid);
+        match k.replay_refused {
+            Some(e) => Err(NetlinkError::Refused(e)),
+            None => Ok(31337),
+        }
+    }
+}
+
+/// An image of the protected table (an empty table: the engine never looks inside).
+fn image() -> Image {
+    let mut attrs = Vec::new();
+    crate::nftables::replay::put_attr(&mut attrs, 1, b"flannel-ipv4\0");
+    crate::nftables::replay::put_attr(&mut attrs, 3, &0u32.to_be_bytes());
+    let table = Msg {
+        kind: 0,
+        family: 2,
+        attrs,
+    };
+    Image::new(
+        key(),
+        Dump {
+            table: Some(table),
+            ..Dump::default()
+        },
+        &Census::default(),
+    )
+    .unwrap()
+}
+
+fn new_gen(gen: u32, pid: u32) -> Event {
+    Event::NewGen {
+        gen: Some(gen),
+        pid: Some(pid),
+        process: Some("nft".into()),
     }
 }
 
@@ -318,5 +375,119 @@ fn a_saved_table_its_selector_no_longer_covers_or_the_config_names_is_not_restor
         let kernel = k.0.borrow();
         assert_eq!(kernel.applied.len(), 1);
         assert!(!kernel.applied[0].contains(RULE), "{}", kernel.applied[0]);
+    });
+}
+
+/// An engine in sync with an image of its table, at generation 5.
+async fn with_image(k: &Fake) -> Engine<Fake> {
+    {
+        let mut kernel = k.0.borrow_mut();
+        kernel.listings = VecDeque::from([listing(RULE)]);
+        kernel.image = Some(image());
+    }
+    let mut e = engine(k, RULE).await;
+    assert_eq!(k.0.borrow().captures, 1, "taken once found in sync");
+    e.fold(&[new_gen(5, 7)]);
+    e
+}
+
+#[test]
+fn a_deleted_table_with_an_image_is_put_back_from_it_then_read_back() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        let reads = k.0.borrow().reads;
+        e.sync(gone(), Why::Events).await;
+        let kernel = k.0.borrow();
+        assert_eq!(kernel.replays, [5], "at the generation of the deletion");
+        assert!(kernel.applied.is_empty(), "no nft -f");
+        assert_eq!(kernel.reads, reads + 1, "only the read back");
+        assert_eq!((e.stats.replays, e.stats.repairs), (1, 1));
+        assert_eq!(
+            e.own.back(),
+            Some(&31337),
+            "its own transaction is not drift"
+        );
+        assert_eq!(
+            kernel.captures, 1,
+            "the image still holds: it is what the kernel has"
+        );
+    });
+}
+
+#[test]
+fn an_image_the_kernel_refuses_is_dropped_and_nft_repairs() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        k.0.borrow_mut().replay_refused = Some(nix::errno::Errno::EINVAL);
+        e.sync(gone(), Why::Events).await;
+        assert_eq!(k.0.borrow().applied.len(), 1, "nft -f instead");
+        assert_eq!(e.stats.repairs, 1);
+        // Never tried again, never taken again.
+        e.fold(&[new_gen(6, 7)]);
+        e.sync(gone(), Why::Events).await;
+        let kernel = k.0.borrow();
+        assert_eq!(kernel.replays.len(), 1);
+        assert_eq!(kernel.applied.len(), 2);
+        assert_eq!(kernel.captures, 1);
+    });
+}
+
+#[test]
+fn a_transaction_after_the_deletion_makes_nft_repair_and_the_image_is_taken_again() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        k.0.borrow_mut().replay_refused = Some(nix::errno::Errno::ERESTART);
+        e.sync(gone(), Why::Events).await;
+        let kernel = k.0.borrow();
+        assert_eq!(kernel.applied.len(), 1);
+        assert_eq!(
+            kernel.captures, 2,
+            "taken again once the repair is verified"
+        );
+    });
+}
+
+#[test]
+fn a_change_by_someone_else_drops_the_image() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        e.fold(&[
+            Event::Change {
+                family: NfFamily::Ip,
+                table: "flannel-ipv4".into(),
+                object: crate::nftables::events::Object::Rule("postrtg".into()),
+                removed: true,
+            },
+            new_gen(6, 8),
+        ]);
+        let _ = e.watch.take();
+        e.sync(gone(), Why::Events).await;
+        let kernel = k.0.borrow();
+        assert!(
+            kernel.replays.is_empty(),
+            "the image was not the table any more"
+        );
+        assert_eq!(kernel.applied.len(), 1);
+    });
+}
+
+#[test]
+fn a_held_back_repair_does_not_replay_and_is_decided_once() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        // A fighter: three repairs in a row, then the fourth is held back.
+        for _ in 0..3 {
+            e.sync(gone(), Why::Events).await;
+        }
+        assert_eq!(k.0.borrow().replays.len(), 3);
+        e.sync(gone(), Why::Events).await;
+        assert_eq!(k.0.borrow().replays.len(), 3, "held back");
+        assert!(k.0.borrow().applied.is_empty());
+        assert!(e.contest.is_contested(&"flannel".to_string()));
     });
 }

@@ -29,6 +29,7 @@ const CHAIN_NAME: u16 = 3;
 const RULE_CHAIN: u16 = 2;
 const SET_NAME: u16 = 2;
 const ELEM_SET: u16 = 2;
+const GEN_ID: u16 = 1;
 const GEN_PROC_PID: u16 = 2;
 const GEN_PROC_NAME: u16 = 3;
 const NLMSG_HDRLEN: usize = 16;
@@ -56,6 +57,8 @@ pub enum Event {
     },
     /// The end of a transaction, with the process that committed it.
     NewGen {
+        /// The generation the transaction made (what a batch may require to still be current).
+        gen: Option<u32>,
         pid: Option<u32>,
         process: Option<String>,
     },
@@ -145,6 +148,9 @@ pub fn parse_datagram(mut buf: &[u8]) -> Vec<Event> {
         let msg_type = kind & 0xff;
         if msg_type == NEWGEN {
             out.push(Event::NewGen {
+                gen: attr(GEN_ID)
+                    .and_then(|v| v.get(..4))
+                    .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
                 pid: attr(GEN_PROC_PID)
                     .and_then(|v| v.get(..4))
                     .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
@@ -258,6 +264,7 @@ mod tests {
                 change(NfFamily::Netdev, "nd", Object::Table, true),
                 change(NfFamily::Bridge, "b", Object::Set("s".into()), false),
                 Event::NewGen {
+                    gen: Some(9),
                     pid: Some(4242),
                     process: Some("nft".into())
                 },

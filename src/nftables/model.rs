@@ -49,15 +49,19 @@ impl NfFamily {
 
     /// The NFPROTO_* value nf_tables notifications carry.
     pub fn from_nfproto(v: u8) -> Option<NfFamily> {
-        Some(match v {
-            1 => NfFamily::Inet,
-            2 => NfFamily::Ip,
-            3 => NfFamily::Arp,
-            5 => NfFamily::Netdev,
-            7 => NfFamily::Bridge,
-            10 => NfFamily::Ip6,
-            _ => return None,
-        })
+        NfFamily::ALL.into_iter().find(|f| f.nfproto() == v)
+    }
+
+    /// Its NFPROTO_* value.
+    pub fn nfproto(self) -> u8 {
+        match self {
+            NfFamily::Inet => 1,
+            NfFamily::Ip => 2,
+            NfFamily::Arp => 3,
+            NfFamily::Netdev => 5,
+            NfFamily::Bridge => 7,
+            NfFamily::Ip6 => 10,
+        }
     }
 
     /// Tables that iptables-nft, ip6tables-nft, arptables-nft and ebtables-nft create: never

@@ -8,10 +8,17 @@
 //! distribution's library; spawning costs a few milliseconds a transaction (measured in
 //! docs/benchmarks.md), which the event path pays once per repair, and it is what kube-proxy's
 //! own nftables backend does too.
+//!
+//! The exception is a protected table deleted whole: it is put back from the kernel's own dump
+//! of it, taken when it was last verified in sync, through the agent's netlink socket
+//! ([`super::replay`] says why; the image is already compiled, so nothing needs nft).
 
 use super::model::{RuleText, TableKey};
+use super::netlink::{Conn, NetlinkError};
+use super::replay::{Census, Image};
 use std::future::Future;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -44,18 +51,31 @@ pub trait Nft {
     fn apply(&mut self, transaction: &str) -> impl Future<Output = Result<Applied, NftError>>;
     /// `nft list tables`: every table of the namespace.
     fn tables(&mut self) -> impl Future<Output = Result<Vec<TableKey>, NftError>>;
+    /// The table's image ([`super::replay`]) if it holds `expected`; `None` when the table
+    /// does not exist.
+    fn capture(
+        &mut self,
+        table: &TableKey,
+        expected: &Census,
+    ) -> Result<Option<Image>, NetlinkError>;
+    /// Commits the images in one transaction, valid only at generation `genid`; returns the
+    /// id of the thread that committed (what nf_tables names in the transaction's NEWGEN).
+    fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError>;
 }
 
-/// The real `nft`.
+/// The real `nft`, and the agent's own netlink socket for images.
 #[derive(Clone, Debug)]
 pub struct NftBinary {
     pub program: String,
+    /// Opened at the first capture and kept: see [`super::netlink`].
+    netlink: Arc<Mutex<Option<Conn>>>,
 }
 
 impl Default for NftBinary {
     fn default() -> NftBinary {
         NftBinary {
             program: "nft".into(),
+            netlink: Arc::default(),
         }
     }
 }
@@ -135,6 +155,28 @@ impl Nft for NftBinary {
             .run(&["-e", "-a", "-f", "-"], Some(transaction))
             .await?;
         Ok(Applied { pid, echo })
+    }
+
+    fn capture(
+        &mut self,
+        table: &TableKey,
+        expected: &Census,
+    ) -> Result<Option<Image>, NetlinkError> {
+        let mut conn = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.is_none() {
+            *conn = Some(Conn::open()?);
+        }
+        conn.as_mut()
+            .map_or(Ok(None), |c| c.capture(table, expected))
+    }
+
+    fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
+        let mut conn = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
+        let c = conn
+            .as_mut()
+            .ok_or_else(|| NetlinkError::Io(std::io::ErrorKind::NotConnected.into()))?;
+        c.commit(images, genid)?;
+        Ok(nix::unistd::gettid().as_raw() as u32)
     }
 }
 

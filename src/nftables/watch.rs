@@ -56,8 +56,9 @@ impl Watch {
     }
 
     /// Folds one notification in; `own` says whether a pid is one of netwarden's own `nft`
-    /// processes (whose transactions are not drift).
-    pub fn on_event(&mut self, ev: &Event, own: impl Fn(u32) -> bool) {
+    /// processes (whose transactions are not drift). Returns the watched tables a transaction
+    /// by someone else just ended on, each with whether it left the table deleted.
+    pub fn on_event(&mut self, ev: &Event, own: impl Fn(u32) -> bool) -> Vec<(TableKey, bool)> {
         match ev {
             Event::Change {
                 family,
@@ -70,7 +71,7 @@ impl Watch {
                     name: table.clone(),
                 };
                 if !self.watches(&key) {
-                    return;
+                    return Vec::new();
                 }
                 let gone = self.open.entry(key).or_insert(false);
                 match (object, removed) {
@@ -78,12 +79,14 @@ impl Watch {
                     (_, false) => *gone = false,
                     (_, true) => {}
                 }
+                Vec::new()
             }
-            Event::NewGen { pid, process } => {
+            Event::NewGen { pid, process, .. } => {
                 let open = std::mem::take(&mut self.open);
                 if pid.is_some_and(&own) {
-                    return;
+                    return Vec::new();
                 }
+                let ended = open.iter().map(|(k, gone)| (k.clone(), *gone)).collect();
                 for (key, gone) in open {
                     self.done.insert(
                         key,
@@ -94,8 +97,12 @@ impl Watch {
                         },
                     );
                 }
+                ended
             }
-            Event::Overrun => self.overrun = true,
+            Event::Overrun => {
+                self.overrun = true;
+                Vec::new()
+            }
         }
     }
 
@@ -137,6 +144,7 @@ mod tests {
 
     fn gen(pid: u32, process: &str) -> Event {
         Event::NewGen {
+            gen: None,
             pid: Some(pid),
             process: Some(process.into()),
         }

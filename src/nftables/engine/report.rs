@@ -136,7 +136,7 @@ impl<N: Nft> Engine<N> {
         self.board_state(&p.name, State::Contested, Some(p.drift.summary()));
     }
 
-    pub(super) fn restored(&mut self, p: &Planned, why: Why, took: Duration) {
+    pub(super) fn restored(&mut self, p: &Planned, why: Why, took: Duration, via: &'static str) {
         self.stats.repairs += 1;
         self.count_repairs("applied", 1);
         let forbidden = p.drift.forbidden();
@@ -183,7 +183,7 @@ impl<N: Nft> Engine<N> {
         }
         self.contest.on_repaired(&p.name, Instant::now());
         self.reported.remove(&p.name);
-        info!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, actor = %p.actor, what = %p.drift.summary(), took_us = took.as_micros() as u64, "restored");
+        info!(kind = NFTABLES_KIND, name = %p.name, table = %p.key, actor = %p.actor, what = %p.drift.summary(), took_us = took.as_micros() as u64, via, "restored");
     }
 
     pub(super) fn failed(&mut self, apply: &[Planned], e: &NftError) {

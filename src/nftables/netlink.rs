@@ -1,0 +1,224 @@
+//! The agent's own nf_tables netlink socket: dumps one table into an [`Image`] and commits a
+//! batch of images (see [`super::replay`] for why). One socket for the agent's life: closing a
+//! netfilter socket makes the kernel wait for pending object destruction (an RCU grace
+//! period), which the repair path must never do.
+
+use super::model::TableKey;
+use super::replay::{self, Census, Dump, Image, Msg, Unfit, F_REQUEST, SUBSYS_NFTABLES};
+use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
+use std::io;
+use std::os::fd::AsFd;
+use thiserror::Error;
+
+const GETTABLE: u16 = 1;
+const GETCHAIN: u16 = 4;
+const GETRULE: u16 = 7;
+const GETSET: u16 = 10;
+const GETSETELEM: u16 = 13;
+const F_ACK: u16 = 0x4;
+const F_DUMP: u16 = 0x300;
+const F_DUMP_INTR: u16 = 0x10;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// Attribute 1 names the table in tables, chains, rules, sets and element lists.
+const ATTR_TABLE: u16 = 1;
+const ELEM_LIST_SET: u16 = 2;
+
+#[derive(Debug, Error)]
+pub enum NetlinkError {
+    #[error("nf_tables netlink socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("the kernel refused the request: {0}")]
+    Refused(nix::errno::Errno),
+    #[error("the table changed while it was read")]
+    Changed,
+    #[error("no image: {0}")]
+    Unfit(#[from] Unfit),
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Conn {
+    pub fn open() -> io::Result<Conn> {
+        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        crate::observe::kernel::set_rcvbuf(&socket, 4 << 20);
+        Ok(Conn { socket, seq: 1 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// The table's image as the kernel holds it now, if it holds `expected`; `None` when the
+    /// table does not exist.
+    pub fn capture(
+        &mut self,
+        key: &TableKey,
+        expected: &Census,
+    ) -> Result<Option<Image>, NetlinkError> {
+        let family = key.family.nfproto();
+        let mut name = Vec::new();
+        replay::put_attr(&mut name, ATTR_TABLE, c_str(&key.name).as_slice());
+        let mut gens = Vec::new();
+        let table = match self.request(GETTABLE, F_ACK, family, &name, &mut gens) {
+            Ok(mut m) => m.pop(),
+            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let of_table = |m: &Msg| replay::attr(&m.attrs, ATTR_TABLE) == Some(&c_str(&key.name)[..]);
+        let mut chains = self.request(GETCHAIN, F_DUMP, family, &[], &mut gens)?;
+        chains.retain(of_table);
+        let mut sets = self.request(GETSET, F_DUMP, family, &name, &mut gens)?;
+        sets.retain(of_table);
+        let mut elements = Vec::new();
+        for set in &sets {
+            let mut which = name.clone();
+            let set_name = replay::attr(&set.attrs, replay::SET_NAME).unwrap_or_default();
+            replay::put_attr(&mut which, ELEM_LIST_SET, set_name);
+            elements.extend(self.request(GETSETELEM, F_DUMP, family, &which, &mut gens)?);
+        }
+        let mut rules = self.request(GETRULE, F_DUMP, family, &name, &mut gens)?;
+        rules.retain(of_table);
+        // Every reply carries the generation it was read at: all the same, or the table may
+        // have changed between the dumps.
+        if gens.windows(2).any(|w| w[0] != w[1]) {
+            return Err(NetlinkError::Changed);
+        }
+        let dump = Dump {
+            table,
+            chains,
+            sets,
+            elements,
+            rules,
+        };
+        Ok(Some(Image::new(key.clone(), dump, expected)?))
+    }
+
+    /// Commits the images in one transaction at generation `genid`.
+    pub fn commit(&mut self, images: &[&Image], genid: u32) -> Result<(), NetlinkError> {
+        let first = self.next_seq();
+        let (bytes, acks) = replay::batch(images, genid, first);
+        self.seq = self.seq.wrapping_add(acks as u32 + 1);
+        if bytes.len() > 200_000 {
+            use nix::sys::socket::{setsockopt, sockopt};
+            let want = bytes.len() * 2;
+            let _ = setsockopt(&self.socket.as_fd(), sockopt::SndBufForce, &want)
+                .or_else(|_| setsockopt(&self.socket.as_fd(), sockopt::SndBuf, &want));
+        }
+        self.socket.send(&bytes, 0)?;
+        // The kernel handles the batch inside send(): every answer is queued when it returns.
+        let mut first_error = None;
+        let mut answered = 0;
+        while answered < acks && first_error.is_none() {
+            let (buf, _) = self.socket.recv_from_full()?;
+            for (kind, _, body) in messages(&buf) {
+                if kind == NLMSG_ERROR {
+                    answered += 1;
+                    let code = body
+                        .get(..4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
+                    if code < 0 && first_error.is_none() {
+                        first_error = Some(nix::errno::Errno::from_raw(-code));
+                    }
+                }
+            }
+        }
+        // A refused batch answers fewer than `acks` times: drop what else is queued.
+        self.drain();
+        match first_error {
+            Some(e) => Err(NetlinkError::Refused(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn drain(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        while matches!(self.socket.recv(&mut &mut buf[..], libc_dontwait()), Ok(n) if n > 0) {}
+    }
+
+    /// Sends one request and reads its answers: the nf_tables messages, until the dump ends or
+    /// the request is acknowledged. Pushes the generation of each answer to `gens`.
+    fn request(
+        &mut self,
+        msg: u16,
+        flags: u16,
+        family: u8,
+        attrs: &[u8],
+        gens: &mut Vec<u16>,
+    ) -> Result<Vec<Msg>, NetlinkError> {
+        let seq = self.next_seq();
+        let mut out = Vec::new();
+        replay::put_msg(
+            &mut out,
+            (SUBSYS_NFTABLES << 8) | msg,
+            F_REQUEST | flags,
+            seq,
+            family,
+            attrs,
+            false,
+        );
+        self.socket.send(&out, 0)?;
+        let mut found = Vec::new();
+        loop {
+            let (buf, _) = self.socket.recv_from_full()?;
+            for (kind, hflags, body) in messages(&buf) {
+                match kind {
+                    NLMSG_DONE => return Ok(found),
+                    NLMSG_ERROR => {
+                        let code = body
+                            .get(..4)
+                            .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
+                        if code < 0 {
+                            return Err(NetlinkError::Refused(nix::errno::Errno::from_raw(-code)));
+                        }
+                        return Ok(found);
+                    }
+                    k if k >> 8 == SUBSYS_NFTABLES && body.len() >= 4 => {
+                        if hflags & F_DUMP_INTR != 0 {
+                            return Err(NetlinkError::Changed);
+                        }
+                        gens.push(u16::from_be_bytes([body[2], body[3]]));
+                        found.push(Msg {
+                            kind: k & 0xff,
+                            family: body[0],
+                            attrs: body[4..].to_vec(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The messages of a datagram: (type, flags, body after the header).
+fn messages(mut b: &[u8]) -> Vec<(u16, u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize;
+        if len < 16 || len > b.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([b[4], b[5]]);
+        let flags = u16::from_ne_bytes([b[6], b[7]]);
+        out.push((kind, flags, &b[16..len]));
+        b = b.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    out
+}
+
+fn c_str(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn libc_dontwait() -> i32 {
+    nix::sys::socket::MsgFlags::MSG_DONTWAIT.bits()
+}
