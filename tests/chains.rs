@@ -166,6 +166,85 @@ fn flannel_chain_rules_and_jump_come_back_legacy() {
     flannel_comes_back("legacy");
 }
 
+/// `iptables-nft-restore --noflush` of `input`: one transaction.
+fn restore(ns: &Sandbox, input: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "iptables-nft-restore",
+            "--noflush",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{input}");
+}
+
+#[test]
+fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
+    let ns = sandbox();
+    // Someone else's rule in POSTROUTING: the jump must go back first, before it.
+    must(
+        &ns,
+        &[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.9.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FLANNEL_SPEC);
+    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
+    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    agent.wait_log_all(&["image taken", "name=flannel-postrtg"]);
+    agent.wait_log("chains and sets in sync");
+    let before = saved(&ns, "iptables-nft-save", "nat");
+    assert_eq!(chain_lines(&before, "POSTROUTING")[0], JUMP);
+
+    // flannel's cleanup in one transaction: jump, rules and chain. Put back from the image, as
+    // it was (the jump first, the rules in order), before anything is read.
+    restore(
+        &ns,
+        "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
+    );
+    let line = agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"image\""]);
+    assert!(line.contains("what=chain missing"), "{line}");
+    assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+
+    // A stranger's rule in the exact chain: removed with iptables-restore, which drops the
+    // image (the chain is what the guard wrote); verified in sync, a new one is taken.
+    must(
+        &ns,
+        &[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-A",
+            "FLANNEL-POSTRTG",
+            "-j",
+            "RETURN",
+        ],
+    );
+    agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"restore\""]);
+    agent.wait_log_all(&["image taken", "name=flannel-postrtg"]);
+    assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+}
+
 #[test]
 fn exact_chain_keeps_rule_order_and_loses_strangers() {
     let ns = sandbox();

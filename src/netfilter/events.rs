@@ -30,6 +30,8 @@ pub enum NftEvent {
     },
     /// The end of a transaction, with the process that committed it.
     NewGen {
+        /// The generation the transaction made.
+        gen: Option<u32>,
         pid: Option<u32>,
         process: Option<String>,
     },
@@ -67,7 +69,7 @@ fn iptables_events(events: Vec<Event>) -> Vec<NftEvent> {
     events
         .into_iter()
         .filter_map(|ev| match ev {
-            Event::NewGen { pid, process, .. } => Some(NftEvent::NewGen { pid, process }),
+            Event::NewGen { gen, pid, process } => Some(NftEvent::NewGen { gen, pid, process }),
             Event::Overrun => Some(NftEvent::Overrun),
             Event::Change {
                 family,
@@ -193,6 +195,7 @@ mod tests {
                     object: Object::Chain,
                 },
                 NftEvent::NewGen {
+                    gen: Some(9),
                     pid: Some(4242),
                     process: Some("iptables".into())
                 },

@@ -9,6 +9,8 @@ use super::parse::{SavedChain, SavedTable};
 use super::rulespec::RuleSpec;
 use super::tools::{Backend, ScratchError, ScratchRun, ToolError, Tools};
 use crate::model::Family;
+use crate::nftables::netlink::NetlinkError;
+use crate::nftables::replay::{Image, Msg};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -45,6 +47,13 @@ pub struct FakeState {
     pub after_restore: Option<Hook>,
     pub counts: [usize; 2],
     next_pid: u32,
+    /// Images: restore input that a replay applies (the chain as it was), when images are
+    /// offered at all.
+    pub image: Option<String>,
+    pub captures: usize,
+    /// The generations replays were asked for.
+    pub replays: Vec<u32>,
+    pub replay_refused: Option<nix::errno::Errno>,
 }
 
 #[derive(Default)]
@@ -364,6 +373,34 @@ fn failed(program: &str, stderr: String) -> ToolError {
 }
 
 impl Tools for FakeTools {
+    fn capture_chain(
+        &self,
+        _backend: Backend,
+        _table: TableId,
+        _chain: &str,
+        _rules: usize,
+        _jumps: &[(String, bool)],
+    ) -> Result<Option<Image>, NetlinkError> {
+        self.with(|s| {
+            s.captures += 1;
+            Ok(s.image
+                .as_ref()
+                .map(|_| Image::of_chain(Msg::default(), Vec::new(), Vec::new())))
+        })
+    }
+
+    fn replay(&self, _images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
+        self.with(|s| {
+            s.replays.push(genid);
+            if let Some(e) = s.replay_refused {
+                return Err(NetlinkError::Refused(e));
+            }
+            let input = s.image.clone().unwrap_or_default();
+            s.run(Family::Ipv4, &input);
+            Ok(31337)
+        })
+    }
+
     async fn save_table(
         &self,
         _backend: Backend,

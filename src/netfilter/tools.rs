@@ -11,6 +11,8 @@ mod scratch;
 use super::model::TableId;
 use super::parse::{self, ParseError, SavedSet, SavedTable};
 use crate::model::Family;
+use crate::nftables::netlink::NetlinkError;
+use crate::nftables::replay::Image;
 use std::collections::HashSet;
 use std::process::Stdio;
 use thiserror::Error;
@@ -133,6 +135,24 @@ pub trait Tools {
     /// Runs `run` in a scratch network namespace and returns what `iptables-save -t TABLE`
     /// printed there; [`ScratchError::Unavailable`] when no namespace can be made.
     async fn scratch(&self, backend: Backend, run: &ScratchRun) -> Result<String, ScratchError>;
+    /// The image of an iptables-nft chain and its jumps ([`crate::nftables::replay`]): the
+    /// chain holds `rules` rules and each of `jumps` (chain, put first) one jump to it. `None`
+    /// where images are not taken (the legacy backend, tools without netlink).
+    fn capture_chain(
+        &self,
+        _backend: Backend,
+        _table: TableId,
+        _chain: &str,
+        _rules: usize,
+        _jumps: &[(String, bool)],
+    ) -> Result<Option<Image>, NetlinkError> {
+        Ok(None)
+    }
+    /// Commits chain images in one transaction at generation `genid`; returns the id that
+    /// nf_tables names in its NEWGEN.
+    fn replay(&self, _images: &[&Image], _genid: u32) -> Result<u32, NetlinkError> {
+        Err(NetlinkError::Io(std::io::ErrorKind::Unsupported.into()))
+    }
 }
 
 #[derive(Debug, Error)]
@@ -295,6 +315,30 @@ impl Tools for Binaries {
 
     async fn scratch(&self, backend: Backend, job: &ScratchRun) -> Result<String, ScratchError> {
         scratch::run(backend, job).await
+    }
+
+    fn capture_chain(
+        &self,
+        backend: Backend,
+        table: TableId,
+        chain: &str,
+        rules: usize,
+        jumps: &[(String, bool)],
+    ) -> Result<Option<Image>, NetlinkError> {
+        if backend != Backend::Nft {
+            return Ok(None);
+        }
+        let family = match table.family {
+            Family::Ipv4 => 2,
+            Family::Ipv6 => 10,
+        };
+        crate::nftables::netlink::shared(|c| {
+            c.capture_chain(family, table.table.as_str(), chain, rules, jumps)
+        })
+    }
+
+    fn replay(&self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
+        crate::nftables::netlink::replay(images, genid)
     }
 }
 

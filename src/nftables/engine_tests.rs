@@ -82,8 +82,7 @@ fn image() -> Image {
         family: 2,
         attrs,
     };
-    Image::new(
-        key(),
+    Image::of_table(
         Dump {
             table: Some(table),
             ..Dump::default()

@@ -1,7 +1,8 @@
-//! The agent's own nf_tables netlink socket: dumps one table into an [`Image`] and commits a
-//! batch of images (see [`super::replay`] for why). One socket for the agent's life: closing a
-//! netfilter socket makes the kernel wait for pending object destruction (an RCU grace
-//! period), which the repair path must never do.
+//! The agent's own nf_tables netlink socket: dumps one table, or one iptables-nft chain and
+//! its jumps, into an [`Image`] and commits a batch of images (see [`super::replay`] for why).
+//! One socket for the process's life ([`shared`]), opened in the namespace the process is in
+//! at its first use: closing a netfilter socket makes the kernel wait for pending object
+//! destruction (an RCU grace period), which the repair path must never do.
 
 use super::model::TableKey;
 use super::replay::{self, Census, Dump, Image, Msg, Unfit, F_REQUEST, SUBSYS_NFTABLES};
@@ -23,6 +24,8 @@ const NLMSG_DONE: u16 = 3;
 /// Attribute 1 names the table in tables, chains, rules, sets and element lists.
 const ATTR_TABLE: u16 = 1;
 const ELEM_LIST_SET: u16 = 2;
+const CHAIN_NAME: u16 = 3;
+const RULE_CHAIN: u16 = 2;
 
 #[derive(Debug, Error)]
 pub enum NetlinkError {
@@ -34,6 +37,26 @@ pub enum NetlinkError {
     Changed,
     #[error("no image: {0}")]
     Unfit(#[from] Unfit),
+}
+
+/// Runs `f` on the process's socket, opening it at the first call.
+pub fn shared<R>(f: impl FnOnce(&mut Conn) -> Result<R, NetlinkError>) -> Result<R, NetlinkError> {
+    static SHARED: std::sync::Mutex<Option<Conn>> = std::sync::Mutex::new(None);
+    let mut conn = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if conn.is_none() {
+        *conn = Some(Conn::open()?);
+    }
+    match conn.as_mut() {
+        Some(c) => f(c),
+        None => Err(NetlinkError::Io(io::ErrorKind::NotConnected.into())),
+    }
+}
+
+/// Commits images on the process's socket; returns the id of the thread that committed (what
+/// nf_tables names in the transaction's NEWGEN).
+pub fn replay(images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
+    shared(|c| c.commit(images, genid))?;
+    Ok(nix::unistd::gettid().as_raw() as u32)
 }
 
 #[derive(Debug)]
@@ -97,7 +120,66 @@ impl Conn {
             elements,
             rules,
         };
-        Ok(Some(Image::new(key.clone(), dump, expected)?))
+        Ok(Some(Image::of_table(dump, expected)?))
+    }
+
+    /// The image of iptables-nft chain `chain` of table `table` (family `family`, NFPROTO_*),
+    /// if it holds `rules` rules and each of `jumps` (chain, put first) holds exactly one rule
+    /// that jumps to it; `None` when the chain does not exist.
+    pub fn capture_chain(
+        &mut self,
+        family: u8,
+        table: &str,
+        chain: &str,
+        rules: usize,
+        jumps: &[(String, bool)],
+    ) -> Result<Option<Image>, NetlinkError> {
+        let mut gens = Vec::new();
+        let mut named = Vec::new();
+        replay::put_attr(&mut named, ATTR_TABLE, &c_str(table));
+        replay::put_attr(&mut named, CHAIN_NAME, &c_str(chain));
+        let found = match self.request(GETCHAIN, F_ACK, family, &named, &mut gens) {
+            Ok(mut m) => m.pop(),
+            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => None,
+            Err(e) => return Err(e),
+        };
+        let Some(msg) = found else { return Ok(None) };
+        let own = self.rules_of(family, table, chain, &mut gens)?;
+        if own.len() != rules {
+            return Err(Unfit::MoreThanConfigured.into());
+        }
+        let mut to = Vec::new();
+        for (parent, first) in jumps {
+            let mut these: Vec<Msg> = self
+                .rules_of(family, table, parent, &mut gens)?
+                .into_iter()
+                .filter(|r| replay::jumps_to(r, chain))
+                .collect();
+            if these.len() != 1 {
+                return Err(Unfit::Jumps.into());
+            }
+            to.push((these.remove(0), *first));
+        }
+        if gens.windows(2).any(|w| w[0] != w[1]) {
+            return Err(NetlinkError::Changed);
+        }
+        Ok(Some(Image::of_chain(msg, own, to)))
+    }
+
+    /// The rules of one chain, in order.
+    fn rules_of(
+        &mut self,
+        family: u8,
+        table: &str,
+        chain: &str,
+        gens: &mut Vec<u16>,
+    ) -> Result<Vec<Msg>, NetlinkError> {
+        let mut which = Vec::new();
+        replay::put_attr(&mut which, ATTR_TABLE, &c_str(table));
+        replay::put_attr(&mut which, RULE_CHAIN, &c_str(chain));
+        let mut rules = self.request(GETRULE, F_DUMP, family, &which, gens)?;
+        rules.retain(|r| replay::attr(&r.attrs, RULE_CHAIN) == Some(&c_str(chain)[..]));
+        Ok(rules)
     }
 
     /// Commits the images in one transaction at generation `genid`.

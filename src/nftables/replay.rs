@@ -19,7 +19,7 @@
 //! elements as the config. Anything else is repaired with `nft -f`, as before.
 
 use super::listing::ObservedTable;
-use super::model::{DesiredTable, TableKey};
+use super::model::DesiredTable;
 use std::collections::BTreeMap;
 
 pub(crate) const SUBSYS_NFTABLES: u16 = 10;
@@ -60,13 +60,32 @@ const SET_COUNT: u16 = 20;
 const SET_F_INTERVAL: u32 = 0x1;
 const SET_F_ANONYMOUS: u32 = 0x2;
 const SET_F_TIMEOUT: u32 = 0x10;
+/// What only a dump says of a chain or a rule (handles, positions, use counts, ids).
+const CHAIN_ONLY: [u16; 4] = [CHAIN_HANDLE, CHAIN_USE, CHAIN_PAD, CHAIN_ID];
+const RULE_ONLY: [u16; 6] = [
+    RULE_HANDLE,
+    RULE_POSITION,
+    RULE_PAD,
+    RULE_ID,
+    RULE_POSITION_ID,
+    RULE_CHAIN_ID,
+];
+const RULE_EXPRESSIONS: u16 = 4;
+const EXPR_NAME: u16 = 1;
+const EXPR_DATA: u16 = 2;
+const IMMEDIATE_DATA: u16 = 2;
+const DATA_VERDICT: u16 = 2;
+const VERDICT_CODE: u16 = 1;
+const VERDICT_CHAIN: u16 = 2;
+const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
 const ELEM_LIST_SET: u16 = 2;
 const ELEM_LIST_ELEMENTS: u16 = 3;
 const ELEM_LIST_SET_ID: u16 = 4;
 
 /// One nf_tables message: its type (`NFT_MSG_*`), the family of its `nfgenmsg`, and its
 /// attributes as the kernel wrote them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Msg {
     pub kind: u16,
     pub family: u8,
@@ -84,8 +103,10 @@ pub enum Unfit {
     SetKind(String),
     #[error("the dump has no table message")]
     NoTable,
-    #[error("the table holds more than the config names")]
+    #[error("the table or chain holds more than the config names")]
     MoreThanConfigured,
+    #[error("a chain that should jump to it holds no such jump, or more than one")]
+    Jumps,
 }
 
 /// How many chains, rules, named sets and elements of each a table holds.
@@ -158,17 +179,17 @@ pub struct Dump {
     pub rules: Vec<Msg>,
 }
 
-/// A table's image: the requests that create it again, in order.
+/// An image: the requests that create a table (or one chain and its jumps) again, in order,
+/// with their flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
-    pub key: TableKey,
     requests: Vec<(Msg, u16)>,
 }
 
 impl Image {
     /// The image of a dumped table that holds `expected` (the config's census), or why it
     /// cannot have one.
-    pub fn new(key: TableKey, dump: Dump, expected: &Census) -> Result<Image, Unfit> {
+    pub fn of_table(dump: Dump, expected: &Census) -> Result<Image, Unfit> {
         if &Census::of_dump(&dump) != expected {
             return Err(Unfit::MoreThanConfigured);
         }
@@ -195,11 +216,10 @@ impl Image {
             strip(table, &[TABLE_USE, TABLE_HANDLE, TABLE_PAD, TABLE_OWNER]),
             F_CREATE,
         )];
-        let chain_only = [CHAIN_HANDLE, CHAIN_USE, CHAIN_PAD, CHAIN_ID];
         requests.extend(
             dump.chains
                 .into_iter()
-                .map(|m| (strip(m, &chain_only), F_CREATE)),
+                .map(|m| (strip(m, &CHAIN_ONLY), F_CREATE)),
         );
         let set_only = [SET_ID, SET_PAD, SET_HANDLE, SET_TYPE, SET_COUNT];
         requests.extend(dump.sets.into_iter().zip(1u32..).map(|(m, id)| {
@@ -214,20 +234,31 @@ impl Image {
                 .into_iter()
                 .map(|m| (strip(m, &[ELEM_LIST_SET_ID]), F_CREATE)),
         );
-        let rule_only = [
-            RULE_HANDLE,
-            RULE_POSITION,
-            RULE_PAD,
-            RULE_ID,
-            RULE_POSITION_ID,
-            RULE_CHAIN_ID,
-        ];
         requests.extend(
             dump.rules
                 .into_iter()
-                .map(|m| (strip(m, &rule_only), F_CREATE | F_APPEND)),
+                .map(|m| (strip(m, &RULE_ONLY), F_CREATE | F_APPEND)),
         );
-        Ok(Image { key, requests })
+        Ok(Image { requests })
+    }
+
+    /// The image of one chain (an iptables-nft chain): the chain, its rules appended in order,
+    /// and the rules elsewhere that jump to it, each put back first in its chain (`true`) or
+    /// appended. The chain's table is not in it: a chain is only replayed into a table that
+    /// is still there.
+    pub fn of_chain(chain: Msg, rules: Vec<Msg>, jumps: Vec<(Msg, bool)>) -> Image {
+        let mut requests = vec![(strip(chain, &CHAIN_ONLY), F_CREATE)];
+        requests.extend(
+            rules
+                .into_iter()
+                .map(|m| (strip(m, &RULE_ONLY), F_CREATE | F_APPEND)),
+        );
+        // Without a position and without APPEND, the kernel puts a rule at the head.
+        requests.extend(jumps.into_iter().map(|(m, first)| {
+            let flags = if first { F_CREATE } else { F_CREATE | F_APPEND };
+            (strip(m, &RULE_ONLY), flags)
+        }));
+        Image { requests }
     }
 
     /// Messages the image sends.
@@ -337,6 +368,28 @@ pub(crate) fn attr(attrs: &[u8], kind: u16) -> Option<&[u8]> {
         .into_iter()
         .find(|(k, _)| k & 0x3fff == kind)
         .map(|(_, whole)| &whole[4..])
+}
+
+/// Whether a rule jumps or goes to `chain` (an `immediate` expression with that verdict).
+pub fn jumps_to(rule: &Msg, chain: &str) -> bool {
+    use super::events::attributes;
+    let Some(list) = attr(&rule.attrs, RULE_EXPRESSIONS) else {
+        return false;
+    };
+    attributes(list).into_iter().any(|(_, expr)| {
+        let name = attr(expr, EXPR_NAME).map(super::events::string);
+        if name.as_deref() != Some("immediate") {
+            return false;
+        }
+        let verdict = attr(expr, EXPR_DATA)
+            .and_then(|d| attr(d, IMMEDIATE_DATA))
+            .and_then(|d| attr(d, DATA_VERDICT));
+        verdict.is_some_and(|v| {
+            let code = u32_be(attr(v, VERDICT_CODE)).map(|c| c as i32);
+            let target = attr(v, VERDICT_CHAIN).map(super::events::string);
+            matches!(code, Some(NFT_JUMP | NFT_GOTO)) && target.as_deref() == Some(chain)
+        })
+    })
 }
 
 fn u32_be(b: Option<&[u8]>) -> Option<u32> {

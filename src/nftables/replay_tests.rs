@@ -1,5 +1,4 @@
 use super::*;
-use crate::nftables::model::NfFamily;
 
 const NESTED: u16 = 0x8000;
 
@@ -16,13 +15,6 @@ fn msg(kind: u16, list: &[(u16, &[u8])]) -> Msg {
         kind,
         family: 2,
         attrs: attrs(list),
-    }
-}
-
-fn key() -> TableKey {
-    TableKey {
-        family: NfFamily::Ip,
-        name: "kube-proxy".into(),
     }
 }
 
@@ -126,7 +118,7 @@ fn parsed(bytes: &[u8]) -> Vec<(u16, u16, u32, u16, Vec<u16>)> {
 
 #[test]
 fn the_batch_creates_the_table_then_chains_sets_elements_rules_without_what_only_a_dump_says() {
-    let image = Image::new(key(), dump(), &census()).unwrap();
+    let image = Image::of_table(dump(), &census()).unwrap();
     assert_eq!(image.len(), 6);
     let (bytes, acks) = batch(&[&image], 0x01020304, 100);
     assert_eq!(acks, 6);
@@ -156,7 +148,11 @@ fn the_batch_creates_the_table_then_chains_sets_elements_rules_without_what_only
     // Handles, positions and use counts are the dump's, not the request's.
     assert_eq!(msgs[1].4, [1, TABLE_FLAGS]);
     assert_eq!(msgs[2].4, [1, 3]);
-    assert_eq!(msgs[3].4, [1, SET_NAME, SET_FLAGS]);
+    assert_eq!(
+        msgs[3].4,
+        [1, SET_NAME, SET_FLAGS, SET_ID],
+        "an id, as the kernel requires"
+    );
     for r in &msgs[5..7] {
         assert_eq!(
             r.4,
@@ -176,8 +172,8 @@ fn the_batch_creates_the_table_then_chains_sets_elements_rules_without_what_only
 
 #[test]
 fn several_tables_go_in_one_batch() {
-    let a = Image::new(key(), dump(), &census()).unwrap();
-    let b = Image::new(key(), dump(), &census()).unwrap();
+    let a = Image::of_table(dump(), &census()).unwrap();
+    let b = Image::of_table(dump(), &census()).unwrap();
     let (bytes, acks) = batch(&[&a, &b], 1, 1);
     assert_eq!(acks, 12);
     assert_eq!(parsed(&bytes).len(), 14);
@@ -188,7 +184,7 @@ fn what_an_image_cannot_restore_exactly_has_none() {
     let with = |f: &dyn Fn(&mut Dump)| {
         let mut d = dump();
         f(&mut d);
-        Image::new(key(), d, &census())
+        Image::of_table(d, &census())
     };
     assert_eq!(with(&|d| d.table = None), Err(Unfit::NoTable));
     assert_eq!(with(&|d| d.table = Some(table(2, 0x2))), Err(Unfit::Owned));
@@ -248,4 +244,91 @@ fn a_truncated_attribute_ends_the_list() {
             .collect::<Vec<_>>(),
         [1, 2, 4 | NESTED]
     );
+}
+
+/// A rule whose one expression is `immediate` with verdict `code` to `chain`.
+fn verdict_rule(code: i32, chain: &str) -> Msg {
+    let target = format!("{chain}\0");
+    let verdict = attrs(&[
+        (VERDICT_CODE, &code.to_be_bytes()),
+        (VERDICT_CHAIN, target.as_bytes()),
+    ]);
+    let data = attrs(&[(DATA_VERDICT | NESTED, &verdict)]);
+    let imm = attrs(&[(1, &0u32.to_be_bytes()), (IMMEDIATE_DATA | NESTED, &data)]);
+    let expr = attrs(&[(EXPR_NAME, b"immediate\0"), (EXPR_DATA | NESTED, &imm)]);
+    let list = attrs(&[(1 | NESTED, &expr)]);
+    msg(
+        6,
+        &[
+            (1, b"nat\0"),
+            (2, b"POSTROUTING\0"),
+            (RULE_HANDLE, &7u64.to_be_bytes()),
+            (RULE_EXPRESSIONS | NESTED, &list),
+            (RULE_POSITION, &3u64.to_be_bytes()),
+        ],
+    )
+}
+
+#[test]
+fn a_jump_or_goto_to_the_chain_is_found_by_its_verdict() {
+    assert!(jumps_to(
+        &verdict_rule(NFT_JUMP, "FLANNEL-POSTRTG"),
+        "FLANNEL-POSTRTG"
+    ));
+    assert!(jumps_to(
+        &verdict_rule(NFT_GOTO, "FLANNEL-POSTRTG"),
+        "FLANNEL-POSTRTG"
+    ));
+    assert!(!jumps_to(
+        &verdict_rule(NFT_JUMP, "OTHER"),
+        "FLANNEL-POSTRTG"
+    ));
+    // -1 is NF_ACCEPT's verdict code space (accept, drop, return): not a jump.
+    assert!(!jumps_to(
+        &verdict_rule(-5, "FLANNEL-POSTRTG"),
+        "FLANNEL-POSTRTG"
+    ));
+    assert!(!jumps_to(&rule(4, None), "services"));
+}
+
+#[test]
+fn a_chain_image_puts_its_rules_in_order_and_each_jump_first_or_last() {
+    let chain = msg(
+        3,
+        &[
+            (1, b"nat\0"),
+            (CHAIN_HANDLE, &9u64.to_be_bytes()),
+            (3, b"FLANNEL-POSTRTG\0"),
+        ],
+    );
+    let image = Image::of_chain(
+        chain,
+        vec![rule(4, None), rule(5, Some(4))],
+        vec![
+            (verdict_rule(NFT_JUMP, "FLANNEL-POSTRTG"), true),
+            (verdict_rule(NFT_JUMP, "FLANNEL-POSTRTG"), false),
+        ],
+    );
+    let (bytes, acks) = batch(&[&image], 3, 1);
+    assert_eq!(acks, 5);
+    let msgs = parsed(&bytes);
+    let flags: Vec<u16> = msgs[1..6]
+        .iter()
+        .map(|m| m.1 & !(F_REQUEST | F_ACK))
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            F_CREATE,
+            F_CREATE | F_APPEND,
+            F_CREATE | F_APPEND,
+            F_CREATE,
+            F_CREATE | F_APPEND
+        ],
+        "rules appended; the first jump at the head, the other appended"
+    );
+    assert_eq!(msgs[1].4, [1, 3], "no handle");
+    for jump in &msgs[4..6] {
+        assert!(!jump.4.contains(&RULE_HANDLE) && !jump.4.contains(&RULE_POSITION));
+    }
 }

@@ -14,11 +14,10 @@
 //! ([`super::replay`] says why; the image is already compiled, so nothing needs nft).
 
 use super::model::{RuleText, TableKey};
-use super::netlink::{Conn, NetlinkError};
+use super::netlink::NetlinkError;
 use super::replay::{Census, Image};
 use std::future::Future;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -63,19 +62,16 @@ pub trait Nft {
     fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError>;
 }
 
-/// The real `nft`, and the agent's own netlink socket for images.
+/// The real `nft`, and the process's netlink socket for images ([`super::netlink::shared`]).
 #[derive(Clone, Debug)]
 pub struct NftBinary {
     pub program: String,
-    /// Opened at the first capture and kept: see [`super::netlink`].
-    netlink: Arc<Mutex<Option<Conn>>>,
 }
 
 impl Default for NftBinary {
     fn default() -> NftBinary {
         NftBinary {
             program: "nft".into(),
-            netlink: Arc::default(),
         }
     }
 }
@@ -162,21 +158,11 @@ impl Nft for NftBinary {
         table: &TableKey,
         expected: &Census,
     ) -> Result<Option<Image>, NetlinkError> {
-        let mut conn = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
-        if conn.is_none() {
-            *conn = Some(Conn::open()?);
-        }
-        conn.as_mut()
-            .map_or(Ok(None), |c| c.capture(table, expected))
+        super::netlink::shared(|c| c.capture(table, expected))
     }
 
     fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
-        let mut conn = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
-        let c = conn
-            .as_mut()
-            .ok_or_else(|| NetlinkError::Io(std::io::ErrorKind::NotConnected.into()))?;
-        c.commit(images, genid)?;
-        Ok(nix::unistd::gettid().as_raw() as u32)
+        super::netlink::replay(images, genid)
     }
 }
 

@@ -181,6 +181,8 @@ impl<T: Tools> Guard<T> {
             let (now, fresh) = self.decide(&drifts, counts, Instant::now());
             self.report_chains(&desired, &drifts, &now);
             if now.is_empty() {
+                let drifted: BTreeSet<&str> = drifts.iter().map(|d| d.name.as_str()).collect();
+                self.capture_chains(id, &drifted);
                 return;
             }
             rounds += 1;
@@ -216,14 +218,21 @@ impl<T: Tools> Guard<T> {
     }
 
     /// Writes back, before any read, what the notifications of a transaction prove missing in
-    /// table `id` ([`blind`]). Returns the restore to verify, if one was applied.
-    pub(super) async fn repair_blind(&mut self, id: TableId, touches: &Touches) -> Option<Applied> {
+    /// table `id` ([`blind`]), but for the chains in `decided` (put back from their image, or
+    /// held back, just before). Returns the restore to verify, if one was applied.
+    pub(super) async fn repair_blind(
+        &mut self,
+        id: TableId,
+        touches: &Touches,
+        decided: &BTreeSet<String>,
+    ) -> Option<Applied> {
         let now = Instant::now();
         let owned: Vec<DesiredChain> = self
             .chains
             .iter()
             .filter(|c| c.key.table_id() == id && c.mode == Mode::Enforce)
             .filter(|c| !self.ledger.gave_up(&c.name) && !self.ledger.is_held(&c.name, now))
+            .filter(|c| !decided.contains(&c.name))
             .cloned()
             .collect();
         let candidates: Vec<&DesiredChain> = owned.iter().collect();
@@ -275,7 +284,7 @@ impl<T: Tools> Guard<T> {
 
     /// Repair now or hold back, per enforced drifted chain (`counts`: a drift that counts
     /// towards a fight). Returns the chains to repair now and those whose drift is fresh.
-    fn decide(
+    pub(super) fn decide(
         &mut self,
         drifts: &[ChainDrift],
         counts: bool,
@@ -357,16 +366,12 @@ impl<T: Tools> Guard<T> {
         match ran {
             Ok(pid) => {
                 if let Some(pid) = pid {
-                    self.own.push_back(pid);
-                    if self.own.len() > 16 {
-                        self.own.pop_front();
-                    }
-                    self.unseen.push((pid, Instant::now()));
-                    if self.unseen.len() > 16 {
-                        self.unseen.remove(0);
-                    }
+                    self.remember_own(pid);
                 }
-                self.restored(id, &enforced, fresh, started);
+                for d in &enforced {
+                    self.images.written(&d.name);
+                }
+                self.restored(id, &enforced, fresh, started, "restore");
                 true
             }
             Err(e) => {
@@ -384,13 +389,29 @@ impl<T: Tools> Guard<T> {
         }
     }
 
-    /// Bookkeeping of an applied restore: counts, the fight's clock, the board, the log.
-    fn restored(
+    /// A transaction of the guard's own (a restore's pid, or the thread that committed an
+    /// image): not drift when its NEWGEN comes, and until then what others' notifications say
+    /// is not the whole story.
+    pub(super) fn remember_own(&mut self, pid: u32) {
+        self.own.push_back(pid);
+        if self.own.len() > 16 {
+            self.own.pop_front();
+        }
+        self.unseen.push((pid, Instant::now()));
+        if self.unseen.len() > 16 {
+            self.unseen.remove(0);
+        }
+    }
+
+    /// Bookkeeping of an applied restore or image: counts, the fight's clock, the board, the
+    /// log (`via`: how).
+    pub(super) fn restored(
         &mut self,
         id: TableId,
         enforced: &[&ChainDrift],
         (fresh, counts): (&BTreeSet<String>, bool),
         started: Instant,
+        via: &'static str,
     ) {
         let now = Instant::now();
         let actor = self.actor.clone().unwrap_or_else(|| "unknown".into());
@@ -429,6 +450,7 @@ impl<T: Tools> Guard<T> {
             names = %names.join(","),
             what = %what.join("; "),
             took_us = started.elapsed().as_micros() as u64,
+            via,
             "restored"
         );
     }

@@ -16,6 +16,7 @@
 mod adopted;
 mod chains;
 mod check;
+mod images;
 mod ledger;
 mod report;
 mod sets;
@@ -99,6 +100,8 @@ pub struct Guard<T: Tools = Binaries> {
     /// Chains whose changes matter, per table: the protected ones and those holding jumps.
     watched: HashMap<TableId, HashSet<String>>,
     ledger: Ledger,
+    /// Images of protected chains, to put a deleted one back at once.
+    images: images::ChainImages,
     /// Pids of netwarden's own recent restores.
     own: VecDeque<u32>,
     /// Own restores whose NEWGEN has not come through the notification socket yet, with when
@@ -198,6 +201,7 @@ impl<T: Tools> Guard<T> {
             events,
             watched,
             ledger: Ledger::default(),
+            images: images::ChainImages::default(),
             own: VecDeque::new(),
             unseen: Vec::new(),
             stats: GuardStats::default(),
@@ -385,7 +389,8 @@ impl<T: Tools> Guard<T> {
                         .add(chain.as_deref(), object, removed);
                 }
             }
-            NftEvent::NewGen { pid, process } => {
+            NftEvent::NewGen { gen, pid, process } => {
+                self.images.gen = gen.or(self.images.gen);
                 if pid.is_some_and(|p| self.own.contains(&p)) {
                     // Our own restore: already verified after applying it.
                     self.unseen.retain(|(p, _)| Some(*p) != pid);
@@ -409,8 +414,12 @@ impl<T: Tools> Guard<T> {
                     self.ancestors = crate::telemetry::attribution::ancestors(pid);
                 }
                 for (id, touches) in std::mem::take(pending) {
+                    self.images.forget_changed(&self.chains, id, &touches);
                     let applied = match stale {
-                        false => self.repair_blind(id, &touches).await,
+                        false => {
+                            let replayed = self.replay_deleted(id, &touches);
+                            self.repair_blind(id, &touches, &replayed).await
+                        }
                         true => None,
                     };
                     self.sync_table(id, Cause::Drift, applied).await;
@@ -422,6 +431,7 @@ impl<T: Tools> Guard<T> {
                 warn!("nf_tables notifications were lost (socket overrun); re-reading the protected tables");
                 pending.clear();
                 self.unseen.clear();
+                self.images.clear();
                 self.sync_tables(all, Cause::Drift).await;
             }
         }
@@ -480,6 +490,7 @@ impl<T: Tools> Guard<T> {
             && selectors == self.adoption.selectors
             && (r.poll, r.resync) == (self.poll, self.resync);
         let reaffirmed = self.ledger.clear_give_ups();
+        self.images.clear();
         for name in &reaffirmed {
             info!(kind = "chain", name = %name, "reloaded: repairing the chain again");
         }

@@ -338,7 +338,7 @@ async fn a_deleted_chain_is_written_back_before_the_table_is_read() {
     touches.add(Some("FLANNEL-POSTRTG"), Object::Rule, true);
     touches.add(Some("FLANNEL-POSTRTG"), Object::Chain, true);
     let reads = g.tools.with(|s| s.table_reads);
-    let applied = g.repair_blind(NAT, &touches).await;
+    let applied = g.repair_blind(NAT, &touches, &BTreeSet::new()).await;
     assert!(applied.is_some());
     assert_eq!(
         g.tools.with(|s| s.table_reads),
@@ -383,6 +383,7 @@ async fn notifications_older_than_an_own_restore_are_only_read() {
         touch("FLANNEL-POSTRTG", Object::Rule, true),
         touch("FLANNEL-POSTRTG", Object::Chain, true),
         NftEvent::NewGen {
+            gen: None,
             pid: Some(7),
             process: Some("iptables-nft".into()),
         },
@@ -400,6 +401,7 @@ async fn notifications_older_than_an_own_restore_are_only_read() {
     let mut pending = Pending::new();
     for own in g.own.clone() {
         let ev = NftEvent::NewGen {
+            gen: None,
             pid: Some(own),
             process: None,
         };
@@ -416,6 +418,7 @@ async fn notifications_older_than_an_own_restore_are_only_read() {
     .await;
     g.on_event(
         NftEvent::NewGen {
+            gen: None,
             pid: Some(8),
             process: Some("iptables-nft".into()),
         },
@@ -533,4 +536,118 @@ async fn a_set_never_seen_is_created_with_the_configured_options_and_others_are_
         restores,
         "nothing to repair: the options stay reported"
     );
+}
+
+/// The flannel chain, `exact`, in sync, with an image taken of it (the fake's replay puts the
+/// chain and its jump back as a restore would).
+async fn flannel_with_image() -> Guard<FakeTools> {
+    let tools = FakeTools::new();
+    tools.with(|s| {
+        s.image = Some(format!(
+            "*nat\n:FLANNEL-POSTRTG - [0:0]\n{}-I POSTROUTING 1 -j FLANNEL-POSTRTG\nCOMMIT\n",
+            RULES
+                .iter()
+                .map(|r| format!("-A FLANNEL-POSTRTG {r}\n"))
+                .collect::<String>()
+        ))
+    });
+    let g = guard(tools, vec![flannel(Content::Exact, RULES)], vec![])
+        .await
+        .unwrap();
+    assert_eq!(g.tools.with(|s| s.captures), 1, "taken once in sync");
+    g
+}
+
+/// flannel's cleanup in one transaction, as the guard is told of it, ending at generation 5.
+async fn deleted_in_one_transaction(g: &mut Guard<FakeTools>) {
+    g.tools.apply(
+        Family::Ipv4,
+        "*nat\n-D POSTROUTING -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
+    );
+    let touch = |chain: &str, object| NftEvent::Touch {
+        family: Family::Ipv4,
+        table: "nat".into(),
+        chain: Some(chain.into()),
+        removed: true,
+        object,
+    };
+    let mut pending = Pending::new();
+    let all: BTreeSet<TableId> = [NAT].into();
+    for ev in [
+        touch("POSTROUTING", Object::Rule),
+        touch("FLANNEL-POSTRTG", Object::Rule),
+        touch("FLANNEL-POSTRTG", Object::Chain),
+        NftEvent::NewGen {
+            gen: Some(5),
+            pid: Some(7),
+            process: Some("iptables-nft".into()),
+        },
+    ] {
+        g.on_event(ev, &mut pending, &all).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_chain_with_an_image_is_put_back_from_it_not_restored() {
+    let mut g = flannel_with_image().await;
+    // The initial sync's own restore has come through.
+    g.unseen.clear();
+    let restores = g.tools.with(|s| s.restores.len());
+    deleted_in_one_transaction(&mut g).await;
+    assert_eq!(g.tools.with(|s| s.replays.clone()), [5]);
+    assert_eq!(g.tools.with(|s| s.restores.len()), restores, "no restore");
+    assert_eq!(g.tools.chain(NAT, "FLANNEL-POSTRTG"), Some(intact()));
+    assert_eq!(g.stats.chain_repairs, 2, "the initial sync's and this one");
+    assert!(g.own.contains(&31337), "its own transaction is not drift");
+}
+
+#[tokio::test]
+async fn a_refused_image_is_repaired_by_restore_and_not_tried_again() {
+    let mut g = flannel_with_image().await;
+    g.unseen.clear();
+    g.tools
+        .with(|s| s.replay_refused = Some(nix::errno::Errno::ENOENT));
+    let restores = g.tools.with(|s| s.restores.len());
+    deleted_in_one_transaction(&mut g).await;
+    assert_eq!(g.tools.with(|s| s.replays.len()), 1);
+    assert_eq!(
+        g.tools.with(|s| s.restores.len()),
+        restores + 1,
+        "restored instead"
+    );
+    assert_eq!(g.tools.chain(NAT, "FLANNEL-POSTRTG"), Some(intact()));
+    assert_eq!(
+        g.tools.with(|s| s.captures),
+        1,
+        "a refused image is not taken again until the chain changes"
+    );
+}
+
+#[tokio::test]
+async fn a_chain_changed_by_someone_else_loses_its_image() {
+    let mut g = flannel_with_image().await;
+    g.unseen.clear();
+    let mut pending = Pending::new();
+    let all: BTreeSet<TableId> = [NAT].into();
+    g.tools
+        .apply(Family::Ipv4, "*nat\n-A FLANNEL-POSTRTG -j RETURN\nCOMMIT\n");
+    for ev in [
+        NftEvent::Touch {
+            family: Family::Ipv4,
+            table: "nat".into(),
+            chain: Some("FLANNEL-POSTRTG".into()),
+            removed: false,
+            object: Object::Rule,
+        },
+        NftEvent::NewGen {
+            gen: Some(4),
+            pid: Some(6),
+            process: Some("iptables".into()),
+        },
+    ] {
+        g.on_event(ev, &mut pending, &all).await;
+    }
+    // Repaired with a restore (the stranger removed), then verified: a new image is taken.
+    assert_eq!(g.tools.with(|s| s.captures), 2);
+    assert!(g.tools.with(|s| s.replays.is_empty()));
 }

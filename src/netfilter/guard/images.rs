@@ -1,0 +1,171 @@
+//! Protected iptables-nft chains deleted whole, put back from their image
+//! ([`crate::nftables::replay`]) at the deletion's NEWGEN, before the repair from the
+//! notifications ([`crate::netfilter::blind`]): that one spawns `iptables-restore`, which
+//! commits only after the deleter has closed its socket and the kernel has waited a grace
+//! period for the deleted objects; a batch already compiled and committed on the agent's open
+//! socket comes before that.
+//!
+//! As for nftables tables: an image is the chain, its rules and the one rule in each chain
+//! configured to jump to it, as the kernel held them when the guard last found the chain in
+//! sync with exactly its configured rules. It is dropped when anyone else changes the chain
+//! (not when they delete it: that is what it is for), when the guard rewrites the chain with
+//! `iptables-restore`, on lost notifications and on reload, and taken again the next time the
+//! chain is found in sync. The batch is only valid at the generation the guard last read;
+//! refused, the repair from the notifications follows as before.
+
+use super::{Guard, TableId};
+use crate::model::Mode;
+use crate::netfilter::blind::Touches;
+use crate::netfilter::model::{DesiredChain, Position};
+use crate::netfilter::plan::{ChainDrift, ChainFinding};
+use crate::netfilter::tools::Tools;
+use crate::nftables::netlink::NetlinkError;
+use crate::nftables::replay::{Image, Unfit};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Default)]
+pub(super) struct ChainImages {
+    /// By the protected chain's name (its entry's `name`).
+    by_chain: HashMap<String, Image>,
+    /// Chains that cannot have an image now, and why (tried again once the chain changes).
+    unfit: HashMap<String, String>,
+    /// The generation of the last transaction read.
+    pub(super) gen: Option<u32>,
+}
+
+impl ChainImages {
+    /// A transaction by someone else ended: the chains it changed without deleting them are no
+    /// longer their image.
+    pub(super) fn forget_changed(&mut self, chains: &[DesiredChain], id: TableId, t: &Touches) {
+        for c in chains.iter().filter(|c| c.key.table_id() == id) {
+            let chain = &c.key.chain;
+            if t.table || (t.changed.contains(chain) && !t.deleted.contains(chain)) {
+                self.by_chain.remove(&c.name);
+                self.unfit.remove(&c.name);
+            }
+        }
+    }
+
+    /// The guard rewrote the chain: the kernel holds what it wrote, not what was verified.
+    pub(super) fn written(&mut self, name: &str) {
+        self.by_chain.remove(name);
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = ChainImages {
+            gen: self.gen,
+            ..ChainImages::default()
+        };
+    }
+}
+
+/// The chains a protected chain's jumps live in, each with whether its jump goes first.
+fn jumps_to(c: &DesiredChain) -> Vec<(String, bool)> {
+    c.jumps
+        .iter()
+        .filter(|j| j.rule.target() == Some(&c.key.chain))
+        .map(|j| (j.chain.clone(), j.position == Position::First))
+        .collect()
+}
+
+impl<T: Tools> Guard<T> {
+    /// Puts back at once, in one batch, the protected chains of table `id` that the
+    /// transaction deleted and that have an image and may be repaired now. Returns the chains
+    /// it decided about (put back, or held back as contested): the repair from the
+    /// notifications leaves them alone.
+    pub(super) fn replay_deleted(&mut self, id: TableId, t: &Touches) -> BTreeSet<String> {
+        let started = Instant::now();
+        let Some(gen) = self.images.gen else {
+            return BTreeSet::new();
+        };
+        let drifts: Vec<ChainDrift> = self
+            .chains
+            .iter()
+            .filter(|c| c.key.table_id() == id && c.mode == Mode::Enforce)
+            .filter(|c| t.deleted.contains(&c.key.chain) && !t.table)
+            .filter(|c| self.images.by_chain.contains_key(&c.name))
+            .filter(|c| !self.ledger.gave_up(&c.name) && !self.ledger.is_held(&c.name, started))
+            .map(|c| ChainDrift {
+                name: c.name.clone(),
+                mode: c.mode,
+                object: c.key.to_string(),
+                findings: vec![ChainFinding::Missing],
+            })
+            .collect();
+        if drifts.is_empty() {
+            return BTreeSet::new();
+        }
+        let (allowed, fresh) = self.decide(&drifts, true, started);
+        let decided: BTreeSet<String> = drifts.iter().map(|d| d.name.clone()).collect();
+        let images: Vec<&Image> = allowed
+            .iter()
+            .filter_map(|n| self.images.by_chain.get(n))
+            .collect();
+        if images.is_empty() {
+            return decided;
+        }
+        match self.tools.replay(&images, gen) {
+            Ok(tid) => {
+                self.remember_own(tid);
+                let enforced: Vec<&ChainDrift> = drifts
+                    .iter()
+                    .filter(|d| allowed.contains(&d.name))
+                    .collect();
+                self.restored(id, &enforced, (&fresh, true), started, "image");
+                decided
+            }
+            Err(e) => {
+                let raced = matches!(e, NetlinkError::Refused(nix::errno::Errno::ERESTART));
+                for name in &allowed {
+                    self.images.by_chain.remove(name);
+                    if raced {
+                        debug!(kind = "chain", name = %name, "a transaction came after the deletion: repairing with iptables-restore");
+                    } else {
+                        warn!(kind = "chain", name = %name, error = %e, "the kernel refused the chain's image: repairing with iptables-restore");
+                        self.images.unfit.insert(name.clone(), e.to_string());
+                    }
+                }
+                // Decided already: the restore from the notifications repairs them now.
+                decided.difference(&allowed).cloned().collect()
+            }
+        }
+    }
+
+    /// Takes the image of each enforced protected chain of table `id` that is in sync (not in
+    /// `drifted`) and has none.
+    pub(super) fn capture_chains(&mut self, id: TableId, drifted: &BTreeSet<&str>) {
+        let wanted: Vec<DesiredChain> = self
+            .chains
+            .iter()
+            .filter(|c| c.key.table_id() == id && c.mode == Mode::Enforce)
+            .filter(|c| !drifted.contains(c.name.as_str()) && !self.ledger.gave_up(&c.name))
+            .filter(|c| {
+                !self.images.by_chain.contains_key(&c.name)
+                    && !self.images.unfit.contains_key(&c.name)
+            })
+            .cloned()
+            .collect();
+        for c in wanted {
+            let (name, chain, rules) = (c.name.clone(), &c.key.chain, c.rules.len());
+            let jumps = jumps_to(&c);
+            match self
+                .tools
+                .capture_chain(self.backend, id, chain, rules, &jumps)
+            {
+                Ok(Some(image)) => {
+                    debug!(kind = "chain", name = %name, table = %id, messages = image.len(), "image taken");
+                    self.images.by_chain.insert(name, image);
+                }
+                Ok(None) | Err(NetlinkError::Changed) => {}
+                Err(e) => {
+                    if !matches!(e, NetlinkError::Unfit(Unfit::MoreThanConfigured)) {
+                        info!(kind = "chain", name = %name, table = %id, reason = %e, "if deleted, this chain is put back with iptables-restore");
+                    }
+                    self.images.unfit.insert(name, e.to_string());
+                }
+            }
+        }
+    }
+}
