@@ -173,7 +173,7 @@ impl<N: Nft> Engine<N> {
             let Some(expected) = self
                 .tables
                 .iter()
-                .find(|d| &d.key == key)
+                .find(|d| &d.key == key && d.mode == Mode::Enforce)
                 .map(Census::of_desired)
             else {
                 continue;
