@@ -332,13 +332,13 @@ fn adopted_rules_survive_an_agent_restart_and_show_their_origin() {
 
     // `check` with the file sees the drift of the adopted rule; without it, nothing to check.
     let cfg_arg = cfg.to_str().unwrap();
-    let base = ["check", "--config", cfg_arg, "--netns", ns.name.as_str()];
-    let out = netwarden(&[&base[..], &["--adopted-state", state_arg]].concat());
+    let base = ["check", "--config", cfg_arg];
+    let out = netwarden_in(&ns, &[&base[..], &["--adopted-state", state_arg]].concat());
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("adopted:vpc-cni/1536"), "{text}");
     assert!(text.contains("(6 adopted)"), "{text}");
-    let out = netwarden(&base);
+    let out = netwarden_in(&ns, &base);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -383,16 +383,8 @@ fn adopted_chain_and_set_survive_an_agent_restart() {
 
     // `check` with the file reports them; without it there is nothing to report.
     let cfg_arg = cfg.to_str().unwrap();
-    let base = [
-        "check",
-        "--config",
-        cfg_arg,
-        "--netns",
-        ns.name.as_str(),
-        "--iptables-backend",
-        "nft",
-    ];
-    let out = netwarden(&[&base[..], &["--adopted-state", state_arg]].concat());
+    let base = ["check", "--config", cfg_arg, "--iptables-backend", "nft"];
+    let out = netwarden_in(&ns, &[&base[..], &["--adopted-state", state_arg]].concat());
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
@@ -405,7 +397,7 @@ fn adopted_chain_and_set_survive_an_agent_restart() {
         std::fs::read_to_string(&state).unwrap()
     );
     assert!(text.contains("(2 adopted)"), "{text}");
-    let out = netwarden(&base);
+    let out = netwarden_in(&ns, &base);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -206,15 +206,7 @@ fn a_rule_that_cannot_be_made_canonical_is_refused_everywhere() {
     for out in [
         netwarden(&["validate", path]),
         check(&ns, &cfg, &["--iptables-backend", "nft"]),
-        netwarden(&[
-            "run",
-            "--config",
-            path,
-            "--netns",
-            &ns.name,
-            "--metrics-addr",
-            "off",
-        ]),
+        netwarden_in(&ns, &["run", "--config", path, "--metrics-addr", "off"]),
     ] {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");

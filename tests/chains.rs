@@ -519,13 +519,7 @@ fn injection_attempts_are_refused_and_change_nothing() {
             continue;
         }
         seen += 1;
-        let out = netwarden(&[
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-            "--netns",
-            &ns.name,
-        ]);
+        let out = netwarden_in(&ns, &["run", "--config", path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
         assert!(

@@ -48,9 +48,9 @@ fn run_and_check_with_an_invalid_config_change_nothing() {
     let before = snapshot(&ns);
     for file in invalid_configs() {
         let f = file.to_str().unwrap();
-        let out = netwarden(&["run", "--config", f, "--netns", &ns.name]);
+        let out = netwarden_in(&ns, &["run", "--config", f]);
         assert_eq!(out.status.code(), Some(2), "run {f}");
-        let out = netwarden(&["check", "--config", f, "--netns", &ns.name]);
+        let out = netwarden_in(&ns, &["check", "--config", f]);
         assert_eq!(out.status.code(), Some(2), "check {f}");
     }
     assert_eq!(snapshot(&ns), before);
@@ -73,6 +73,7 @@ fn example_config_is_valid() {
     );
 }
 
+/// As root, on purpose: `--netns` itself is what is tested (a name that is not there).
 #[test]
 fn unknown_namespace_is_an_error() {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(netwarden::demo::EXAMPLE_PATH);
@@ -120,9 +121,19 @@ fn stderr(out: &std::process::Output) -> String {
 
 /// Runs the binary with standard input from `input`.
 fn netwarden_stdin(args: &[&str], input: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args);
+    with_stdin(cmd, input, env)
+}
+
+/// Runs `cmd` with standard input from `input`.
+fn with_stdin(
+    mut cmd: std::process::Command,
+    input: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     use std::io::Write;
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
+    let mut child = cmd
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -142,9 +153,9 @@ fn netwarden_stdin(args: &[&str], input: &str, env: &[(&str, &str)]) -> std::pro
 fn check_json_is_one_documented_document_and_o_is_short_for_output() {
     let ns = sandbox();
     let ex = example();
-    let args = ["check", "--config", &ex, "--netns", &ns.name];
-    let long = netwarden(&[&args[..], &["--output", "json"]].concat());
-    let short = netwarden(&[&args[..], &["-o", "json"]].concat());
+    let args = ["check", "--config", &ex];
+    let long = netwarden_in(&ns, &[&args[..], &["--output", "json"]].concat());
+    let short = netwarden_in(&ns, &[&args[..], &["-o", "json"]].concat());
     // Nothing of the example is in the sandbox: drift.
     assert_eq!(long.status.code(), Some(1), "{}", stderr(&long));
     assert_eq!(short.status.code(), Some(1), "{}", stderr(&short));
@@ -167,7 +178,7 @@ fn check_json_is_one_documented_document_and_o_is_short_for_output() {
         }
     }
     // The table's first line counts every kind.
-    let table = netwarden(&args);
+    let table = netwarden_in(&ns, &args);
     let first = String::from_utf8_lossy(&table.stdout)
         .lines()
         .next()
@@ -191,19 +202,12 @@ fn a_closed_pipe_is_a_quiet_exit() {
         writer
     };
     for (args, code) in [
-        (
-            vec!["check", "--config", &ex, "--netns", &ns.name, "-o", "json"],
-            1,
-        ),
-        (vec!["check", "--config", &ex, "--netns", &ns.name], 1),
+        (vec!["check", "--config", &ex, "-o", "json"], 1),
+        (vec!["check", "--config", &ex], 1),
         (vec!["validate", &ex], 0),
-        (vec!["snapshot", "--netns", &ns.name, "--tables", "main"], 0),
+        (vec!["snapshot", "--tables", "main"], 0),
     ] {
-        let out = std::process::Command::new(BIN)
-            .args(&args)
-            .stdout(closed())
-            .output()
-            .unwrap();
+        let out = one_shot(&ns, &args).stdout(closed()).output().unwrap();
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
         assert!(
@@ -227,17 +231,17 @@ fn an_invalid_log_level_is_an_error_and_rust_log_is_honoured() {
     // The snapshot's warning (no selector) is at warn: RUST_LOG=error hides it, --log-level wins
     // over RUST_LOG, and without either it shows (info).
     let ns = sandbox();
-    let snap = ["snapshot", "--netns", ns.name.as_str()];
+    let snap = ["snapshot"];
     let warned = |out: &std::process::Output| stderr(out).contains("no selector given");
-    assert!(warned(&netwarden_stdin(&snap, "", &[])));
-    assert!(!warned(&netwarden_stdin(
-        &snap,
+    assert!(warned(&with_stdin(one_shot(&ns, &snap), "", &[])));
+    assert!(!warned(&with_stdin(
+        one_shot(&ns, &snap),
         "",
         &[("RUST_LOG", "error")]
     )));
     let args = [&["--log-level", "warn"][..], &snap[..]].concat();
-    assert!(warned(&netwarden_stdin(
-        &args,
+    assert!(warned(&with_stdin(
+        one_shot(&ns, &args),
         "",
         &[("RUST_LOG", "error")]
     )));
@@ -309,8 +313,6 @@ fn snapshot_defaults_are_safe_to_enforce() {
     must(&ns, &["ipset", "add", "nw-snap", "10.9.0.1"]);
     let base = [
         "snapshot",
-        "--netns",
-        ns.name.as_str(),
         "--iptables-backend",
         "nft",
         "--chains",
@@ -320,7 +322,7 @@ fn snapshot_defaults_are_safe_to_enforce() {
         "--tables",
         "main",
     ];
-    let out = netwarden(&base);
+    let out = netwarden_in(&ns, &base);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     let cfg = netwarden::config::parse("snapshot", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -349,7 +351,7 @@ fn snapshot_defaults_are_safe_to_enforce() {
         ],
     ]
     .concat();
-    let out = netwarden(&args);
+    let out = netwarden_in(&ns, &args);
     let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
     let cfg = netwarden::config::parse("snapshot", &yaml).unwrap();
     assert_eq!(cfg.mode, netwarden::model::Mode::Observe);
@@ -359,7 +361,7 @@ fn snapshot_defaults_are_safe_to_enforce() {
     );
 
     // No selector: a warning, and a config that says it protects nothing.
-    let out = netwarden(&["snapshot", "--netns", &ns.name]);
+    let out = netwarden_in(&ns, &["snapshot"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(
         stderr(&out).contains("no selector given"),

@@ -89,17 +89,18 @@ fn cni_bridge_and_portmap_state_protected_by_snapshot_comes_back() {
     );
 
     // Protect it all in one step.
-    let snap = netwarden(&[
-        "snapshot",
-        "--netns",
-        &host.name,
-        "--chains",
-        "CNI-",
-        "--tables",
-        "main",
-        "--addresses",
-        "cni-",
-    ]);
+    let snap = netwarden_in(
+        &host,
+        &[
+            "snapshot",
+            "--chains",
+            "CNI-",
+            "--tables",
+            "main",
+            "--addresses",
+            "cni-",
+        ],
+    );
     let yaml = String::from_utf8_lossy(&snap.stdout).into_owned();
     assert_eq!(
         snap.status.code(),
@@ -138,13 +139,7 @@ fn cni_bridge_and_portmap_state_protected_by_snapshot_comes_back() {
                 .iter()
                 .any(|l| l.starts_with("inet 10.88.0.1/24"))
     });
-    let out = netwarden(&[
-        "check",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--netns",
-        &host.name,
-    ]);
+    let out = check(&host, &cfg, &[]);
     // The veth that the bridge plugin deleted is gone for good, so its link-local route is
     // pending; everything netwarden can restore is there.
     let table = String::from_utf8_lossy(&out.stdout);

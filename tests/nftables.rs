@@ -471,13 +471,7 @@ fn a_snapshot_protects_the_live_tables() {
             "MASQUERADE",
         ],
     );
-    let out = netwarden(&[
-        "snapshot",
-        "--netns",
-        &ns.name,
-        "--nft-tables",
-        "kube-proxy|flannel|nat",
-    ]);
+    let out = netwarden_in(&ns, &["snapshot", "--nft-tables", "kube-proxy|flannel|nat"]);
     assert!(
         out.status.success(),
         "{}",
@@ -632,12 +626,12 @@ fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
     nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
     // `check` with the file sees it missing; without it, nothing to check.
     let cfg_arg = cfg.to_str().unwrap();
-    let base = ["check", "--config", cfg_arg, "--netns", ns.name.as_str()];
-    let out = netwarden(&[&base[..], &["--adopted-state", state_arg]].concat());
+    let base = ["check", "--config", cfg_arg];
+    let out = netwarden_in(&ns, &[&base[..], &["--adopted-state", state_arg]].concat());
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("adopted:kube-proxy/ip/kube-proxy"), "{text}");
-    assert_eq!(netwarden(&base).status.code(), Some(0));
+    assert_eq!(netwarden_in(&ns, &base).status.code(), Some(0));
 
     // Restarted with the file: put back as last seen, at once (nobody known deleted it, and
     // unknownActor is restore).

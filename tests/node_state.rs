@@ -489,17 +489,18 @@ fn snapshot_of_node_state_is_protected_as_it_was() {
         ],
     );
     must(&ns, &FDB_APPEND);
-    let out = netwarden(&[
-        "snapshot",
-        "--netns",
-        &ns.name,
-        "--neighbours",
-        "flannel",
-        "--links",
-        "flannel",
-        "--sysctls",
-        "flannel",
-    ]);
+    let out = netwarden_in(
+        &ns,
+        &[
+            "snapshot",
+            "--neighbours",
+            "flannel",
+            "--links",
+            "flannel",
+            "--sysctls",
+            "flannel",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let yaml = String::from_utf8(out.stdout).unwrap();
     assert!(yaml.contains("address: '10.244.2.0'"), "{yaml}");

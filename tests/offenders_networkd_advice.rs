@@ -86,15 +86,13 @@ fn command(ns: &Sandbox, nd: &Networkd, cfg: &Path, extra: &[&str]) -> (i32, Val
         "networkd",
         "--config",
         cfg.to_str().unwrap(),
-        "--netns",
-        &ns.name,
         "--root",
         &root,
         "--output",
         "json",
     ];
     args.extend_from_slice(extra);
-    let out = netwarden(&args);
+    let out = netwarden_in(ns, &args);
     let text = String::from_utf8_lossy(&out.stdout);
     let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
         panic!(

@@ -80,21 +80,29 @@ impl Shape {
         Shape::Deployed(Privileges::of_daemonset())
     }
 
-    /// `BIN run ARGS` for namespace `ns` in this shape, not yet spawned.
-    pub fn run_command(&self, bin: &Path, ns: &Sandbox, args: &[&str]) -> Command {
+    /// `BIN ARGS` (any subcommand) for namespace `ns` in this shape, not yet spawned: as root
+    /// with `--netns NAME` appended, or deployed: started inside the namespace with the
+    /// privileges and no `--netns`, as on the node itself (hostNetwork) or through `kubectl exec`
+    /// in the agent's pod, whose processes get the container's privileges.
+    pub fn command(&self, bin: &Path, ns: &Sandbox, args: &[&str]) -> Command {
         match self {
             Shape::Root => {
                 let mut cmd = Command::new(bin);
-                cmd.arg("run").args(args).args(["--netns", &ns.name]);
+                cmd.args(args).args(["--netns", &ns.name]);
                 cmd
             }
             Shape::Deployed(privileges) => {
                 let mut cmd = privileges.command(bin);
-                cmd.arg("run").args(args);
+                cmd.args(args);
                 deployed::in_netns(&mut cmd, &ns.name);
                 cmd
             }
         }
+    }
+
+    /// `BIN run ARGS` for namespace `ns` in this shape, not yet spawned.
+    pub fn run_command(&self, bin: &Path, ns: &Sandbox, args: &[&str]) -> Command {
+        self.command(bin, ns, &[&["run"], args].concat())
     }
 }
 
@@ -371,7 +379,9 @@ pub fn count(list: &[String], line: &str) -> usize {
     list.iter().filter(|l| l.as_str() == line).count()
 }
 
-/// Runs the binary with arguments.
+/// Runs the binary with arguments, as root on the host: only for commands that read no kernel
+/// state (`validate`, `status`, `demo`). A command that looks at a namespace runs in the shape
+/// an operator runs it: [`netwarden_in`].
 pub fn netwarden(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -379,17 +389,34 @@ pub fn netwarden(args: &[&str]) -> Output {
         .expect("run netwarden")
 }
 
-/// `netwarden check --config CONFIG --netns NS EXTRA…`: an independent look at the namespace.
+/// `netwarden ARGS` (`check`, `snapshot`, `networkd`, a `run` that exits at once) for the
+/// namespace `ns`, in the deployed shape ([`Shape::command`]), not yet spawned.
+pub fn one_shot(ns: &Sandbox, args: &[&str]) -> Command {
+    Shape::deployed().command(Path::new(BIN), ns, args)
+}
+
+/// Runs `netwarden ARGS` for the namespace `ns` in the deployed shape ([`one_shot`]).
+pub fn netwarden_in(ns: &Sandbox, args: &[&str]) -> Output {
+    one_shot(ns, args).output().expect("run netwarden")
+}
+
+/// As [`netwarden_in`], as root with `--netns NAME`: only for a test of `--netns` itself.
+/// `reason` says why; it is logged with the test's output so that a root command is never
+/// silent.
+pub fn netwarden_as_root_because(reason: &str, ns: &Sandbox, args: &[&str]) -> Output {
+    assert!(!reason.trim().is_empty(), "a root command needs a reason");
+    eprintln!("running netwarden {} as root: {reason}", args.join(" "));
+    Shape::Root
+        .command(Path::new(BIN), ns, args)
+        .output()
+        .expect("run netwarden")
+}
+
+/// `netwarden check --config CONFIG EXTRA…` in the namespace, in the deployed shape: an
+/// independent look at the namespace.
 pub fn check(ns: &Sandbox, config: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--netns",
-        &ns.name,
-    ];
-    args.extend_from_slice(extra);
-    netwarden(&args)
+    let args = [&["check", "--config", config.to_str().unwrap()], extra].concat();
+    netwarden_in(ns, &args)
 }
 
 /// Everything a namespace holds, to show that a command changed nothing.
