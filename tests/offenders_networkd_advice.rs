@@ -1,8 +1,9 @@
 //! `netwarden networkd` against the distribution's systemd-networkd in the rig
 //! (tests/rig/networkd.rs): its prediction of what a restart removes is what the restart then
 //! removes, as an independent listener sees it (no agent runs: nothing is put back); with the
-//! drop-ins it prints, written with `--write-root`, a restart removes nothing protected. In
-//! Kubernetes mode the same finding is a metric and a warning Event at start.
+//! drop-ins it prints, written with `--write-root`, a restart removes nothing protected; run in
+//! the agent's pod (`--root /host`) it says the same. In Kubernetes mode the same finding is a
+//! metric and a warning Event at start.
 
 mod common;
 mod fake_apiserver;
@@ -51,8 +52,19 @@ const SPEC: &str = r#"  rules:
       managedBy: systemd-networkd
 "#;
 
+/// A catch-all for wired NICs that the CNI's bridge must not match: networkd takes `Type=` from
+/// udev's DEVTYPE, which is `bridge` for cni0.
+const WIRED: &str = "[Match]\nName=cni*\nType=ether\n\n[Network]\nLinkLocalAddressing=no\n";
+
 fn node() -> (Sandbox, Networkd) {
+    node_with(&[("10-veth0.network", NETWORK)])
+}
+
+/// The node with these .network files; besides the veth pairs a CNI's bridge `cni0`, up.
+fn node_with(files: &[(&str, &str)]) -> (Sandbox, Networkd) {
     let ns = Sandbox::create("nw-nda").expect("create namespace");
+    ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+    ns.ip(&["link", "set", "cni0", "up"]).unwrap();
     for (a, b) in [("veth0", "veth1"), ("veth2", "veth3")] {
         ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
             .unwrap();
@@ -62,7 +74,7 @@ fn node() -> (Sandbox, Networkd) {
     must(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
     ns.ip(&["address", "add", "10.210.0.1/24", "dev", "veth2"])
         .unwrap();
-    let mut nd = Networkd::new(&ns.name, &[("10-veth0.network", NETWORK)]).unwrap();
+    let mut nd = Networkd::new(&ns.name, files).unwrap();
     nd.start().unwrap();
     nd.wait_configured("veth0").unwrap();
     (ns, nd)
@@ -219,6 +231,61 @@ fn the_prediction_is_what_a_restart_removes_and_the_drop_ins_prevent_it() {
         "KeepConfiguration=static keeps the address"
     );
     assert!(nd.log_lines("Removing foreign routing policy rule").len() == 1);
+}
+
+/// `kubectl exec` in the agent's pod (docs/troubleshooting.md): the node's root is at /host with
+/// only what the DaemonSet mounts there (networkd's configuration and state, no /sys), and the
+/// command's own /sys is the container's, which shows the node's links (hostNetwork). Its report
+/// is the one made on the node.
+#[test]
+fn in_the_agents_pod_the_report_is_the_one_made_on_the_node() {
+    let (ns, nd) = node_with(&[("10-veth0.network", NETWORK), ("20-wired.network", WIRED)]);
+    install(&ns);
+    ns.ip(&["route", "add", "10.97.0.0/16", "dev", "cni0", "table", "78"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SPEC.replace(
+        "  addresses:",
+        "    - name: cni-bridge\n      table: 78\n      destination: 10.97.0.0/16\n      device: cni0\n  addresses:",
+    );
+    let cfg = config(dir.path(), &spec);
+    let (code, on_node) = command(&ns, &nd, &cfg, &[]);
+    assert_eq!(code, 1, "{on_node:#}");
+    let managed: Vec<&str> = on_node["managed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["link"].as_str().unwrap())
+        .collect();
+    assert_eq!(managed, ["veth0"], "cni0 is a bridge: {on_node:#}");
+    assert!(
+        !predicted(&on_node, "restart")
+            .iter()
+            .any(|(name, _)| name == "cni-bridge"),
+        "{on_node:#}"
+    );
+
+    // The pod's /host: the DaemonSet's three read-only mounts of the node's directories.
+    let host = dir.path().join("host");
+    for d in ["etc/systemd", "run/systemd", "usr/lib/systemd"] {
+        let at = host.join(d);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(nd.path(d), &at).unwrap();
+    }
+    let out = deployed::in_container(&Privileges::of_daemonset(), &ns.name, Path::new(BIN))
+        .args(["networkd", "--config", cfg.to_str().unwrap()])
+        .args(["--root", host.to_str().unwrap(), "--output", "json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let in_pod: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(in_pod, on_node);
+    assert_eq!(out.status.code(), Some(code));
 }
 
 // ---------------------------------------------------------------------------------------------

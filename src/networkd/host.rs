@@ -112,16 +112,8 @@ fn link_states(root: &Path, links: &[LinkFacts]) -> Vec<LinkState> {
 }
 
 /// `Type=` as networkd computes it: udev's DEVTYPE, else the ARPHRD name in lower case.
-fn iftype(root: &Path, name: &str, arphrd: u16) -> Option<String> {
-    let uevent = std::fs::read_to_string(root.join(format!("sys/class/net/{name}/uevent")));
-    if let Some(t) = uevent
-        .ok()
-        .and_then(|u| {
-            u.lines()
-                .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_string))
-        })
-        .filter(|t| !t.is_empty())
-    {
+fn iftype(root: &Path, link: (&str, u32), arphrd: u16) -> Option<String> {
+    if let Some(t) = sysfs_devtype(root, link) {
         return Some(t);
     }
     Some(
@@ -140,6 +132,33 @@ fn iftype(root: &Path, name: &str, arphrd: u16) -> Option<String> {
             _ => return None,
         }
         .to_string(),
+    )
+}
+
+/// The link's DEVTYPE in sysfs: below `root`, else in this process's own /sys. In the agent's
+/// pod the node's root is mounted at /host without its /sys, and the container's own sysfs,
+/// mounted in the node's network namespace (hostNetwork), shows the node's links; without it a
+/// bridge or VLAN would count as `ether` and match a wired-NIC .network it does not match.
+/// A uevent of another link of that name (a sysfs of another namespace) is not taken.
+fn sysfs_devtype(root: &Path, (name, index): (&str, u32)) -> Option<String> {
+    let own = Path::new("/");
+    let roots: &[&Path] = if root == own { &[own] } else { &[root, own] };
+    roots.iter().find_map(|r| {
+        let text = std::fs::read_to_string(r.join(format!("sys/class/net/{name}/uevent"))).ok()?;
+        devtype_of(&text, index)
+    })?
+}
+
+/// DEVTYPE in a link's uevent text (`Some(None)`: none), if the text is of the link `index`.
+fn devtype_of(uevent: &str, index: u32) -> Option<Option<String>> {
+    let value = |k: &str| uevent.lines().find_map(|l| l.strip_prefix(k));
+    if value("IFINDEX=").is_some_and(|i| i.trim().parse() != Ok(index)) {
+        return None;
+    }
+    Some(
+        value("DEVTYPE=")
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
     )
 }
 
@@ -241,7 +260,11 @@ fn link_facts(root: &Path, m: &LinkMessage) -> LinkFacts {
             _ => {}
         }
     }
-    f.iftype = iftype(root, &f.name, u16::from(m.header.link_layer_type));
+    f.iftype = iftype(
+        root,
+        (&f.name, f.index),
+        u16::from(m.header.link_layer_type),
+    );
     f.driver = driver(&f.name);
     f
 }
@@ -416,4 +439,19 @@ pub async fn check_at_start(
         names,
         preventable: found.restart_with_dropins.len() < found.restart.len(),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::devtype_of;
+
+    #[test]
+    fn a_uevent_counts_only_for_its_own_link() {
+        let bridge = "DEVTYPE=bridge\nINTERFACE=cni0\nIFINDEX=4\n";
+        assert_eq!(devtype_of(bridge, 4), Some(Some("bridge".into())));
+        // Another namespace's cni0.
+        assert_eq!(devtype_of(bridge, 7), None);
+        // A veth says no DEVTYPE: the ARPHRD name decides.
+        assert_eq!(devtype_of("INTERFACE=veth0\nIFINDEX=2\n", 2), Some(None));
+    }
 }

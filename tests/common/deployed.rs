@@ -222,3 +222,16 @@ fn pipe(a: TcpStream, b: TcpStream) {
     copy(a, b2);
     copy(b, a2);
 }
+
+/// `setpriv ARGS -- PROGRAM` as a process of the DaemonSet's container (`kubectl exec` in the
+/// agent's pod): inside the namespace `ns` (hostNetwork) and in a mount namespace of its own whose
+/// /sys shows the namespace's links, as the container's sysfs, mounted in the node's network
+/// namespace, shows the node's (`ip netns exec` makes both).
+pub fn in_container(privileges: &Privileges, ns: &str, program: &Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "setpriv"])
+        .args(privileges.setpriv_args())
+        .arg("--")
+        .arg(program);
+    cmd
+}
