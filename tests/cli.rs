@@ -370,3 +370,69 @@ fn snapshot_defaults_are_safe_to_enforce() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing is protected"));
 }
+
+/// As root with `--netns`, on purpose: what `--netns` itself does (enter the namespace before
+/// looking) is what is tested. Each command there sees what it sees started inside the
+/// namespace with the DaemonSet's privileges, as everywhere else in the tests: a snapshot of
+/// the namespace's table 77, in sync for `check`, present for `networkd`.
+#[test]
+fn with_netns_a_command_sees_what_it_sees_inside_the_namespace() {
+    let ns = sandbox();
+    ns.ip(&["rule", "add", "priority", "100", "table", "77"])
+        .unwrap();
+    ns.ip(&["route", "add", "10.9.0.0/24", "dev", "veth0", "table", "77"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snapshot.yaml");
+    let cfg = snap.to_str().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let root = empty.path().to_str().unwrap();
+    let why = "`--netns` is what is tested";
+    for (args, code) in [
+        (
+            vec!["snapshot", "--tables", "77", "--priorities", "100-100"],
+            0,
+        ),
+        (vec!["check", "--config", cfg, "-o", "json"], 0),
+        (
+            vec!["networkd", "--config", cfg, "--root", root, "-o", "json"],
+            0,
+        ),
+    ] {
+        let inside = netwarden_in(&ns, &args);
+        let as_root = netwarden_as_root_because(why, &ns, &args);
+        assert_eq!(
+            inside.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&inside)
+        );
+        assert_eq!(
+            as_root.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&as_root)
+        );
+        // A snapshot's first line repeats its command line.
+        let body = |out: &std::process::Output| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines()
+                .filter(|l| !l.starts_with("# Protects what was live"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(body(&as_root), body(&inside), "{args:?}");
+        if args[0] == "snapshot" {
+            let yaml = body(&inside);
+            assert!(
+                yaml.contains("destination: '10.9.0.0/24'") && yaml.contains("priority: 100"),
+                "{yaml}"
+            );
+            std::fs::write(&snap, yaml).unwrap();
+        }
+        if args[0] == "networkd" {
+            let json: serde_json::Value = serde_json::from_slice(&inside.stdout).unwrap();
+            assert_eq!(json["missing"], 0, "{json:#}");
+        }
+    }
+}
