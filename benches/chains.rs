@@ -20,6 +20,10 @@
 //! Everything happens in throw-away namespaces; this process enters them itself, so the tools it
 //! runs and its notification socket live there too. Run as root: `cargo bench --bench chains`.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
+
+use deployed::Privileges;
 use netwarden::nftables::events::{Event, Events};
 use netwarden::testing::commit_clock;
 use netwarden::testing::sandbox::Sandbox;
@@ -41,16 +45,18 @@ fn config(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
     p
 }
 
-/// Starts the agent (release build when benchmarking) and waits for its initial sync. With
+/// Starts the agent (release build when benchmarking) as the DaemonSet runs it (its user and
+/// capabilities, started inside the namespace) and waits for its initial sync. With
 /// `CHAINS_BENCH_LOG=FILE` in the environment it logs at debug level, appended to FILE (where each
 /// repair's time goes: `restoring` since_cause_us, `restore ran` tool_us, `table read` took_us).
 fn agent(ns: &str, cfg: &std::path::Path) -> Child {
     let keep = std::env::var_os("CHAINS_BENCH_LOG");
     let level = if keep.is_some() { "debug" } else { "info" };
-    let mut child = Command::new(BIN)
+    let mut child = Privileges::of_daemonset()
+        .command_in(std::path::Path::new(BIN), ns)
         .args(["run", "--config"])
         .arg(cfg)
-        .args(["--netns", ns, "--log-level", level])
+        .args(["--log-level", level])
         .stderr(Stdio::piped())
         .spawn()
         .expect("start agent");

@@ -27,6 +27,8 @@
 //! `netwarden` binary to measure, e.g. one built from an older commit, for a before/after).
 //! Results: docs/benchmarks.md.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
 #[allow(dead_code)]
 #[path = "../tests/rig/networkd.rs"]
 mod networkd;
@@ -35,13 +37,14 @@ mod networkd;
 mod outage;
 
 use anyhow::{bail, ensure, Context, Result};
+use deployed::Privileges;
 use netwarden::testing::sandbox::Sandbox;
 use networkd::Networkd;
 use outage::{listener_in, ms, Outage};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,7 +118,8 @@ fn present(ns: &Sandbox) -> Result<(usize, usize)> {
     Ok((rules, routes))
 }
 
-/// The agent as a separate process (`netwarden run --netns NS`); killed by pid on drop.
+/// The agent as a separate process, as the DaemonSet runs it (started inside the namespace with
+/// its user and capabilities); killed by pid on drop.
 struct Agent {
     child: Child,
     ready: Receiver<()>,
@@ -125,10 +129,11 @@ struct Agent {
 impl Agent {
     fn spawn(config: &Path, netns: &str, level: &str) -> Result<Agent> {
         let bin = std::env::var("NETWARDEN_BENCH_AGENT").unwrap_or_else(|_| BIN.to_string());
-        let mut child = Command::new(&bin)
+        let mut child = Privileges::of_daemonset()
+            .command_in(Path::new(&bin), netns)
             .args(["run", "--config"])
             .arg(config)
-            .args(["--netns", netns, "--log-level", level])
+            .args(["--log-level", level])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -18,6 +18,10 @@
 //! Everything happens in throw-away namespaces; this process enters them itself, so `nft` and
 //! the notification socket live there too. Run as root: `cargo bench --bench nftables`.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
+
+use deployed::Privileges;
 use netwarden::nftables::events::Events;
 use netwarden::nftables::plan::{self, Aliases};
 use netwarden::nftables::render;
@@ -30,18 +34,14 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
 const WARMUP: usize = 5;
 
+/// The agent as the DaemonSet runs it (its user and capabilities, started inside the namespace),
+/// once its initial sync is done.
 fn agent(ns: &str, cfg: &std::path::Path) -> Child {
-    let mut child = Command::new(BIN)
+    let mut child = Privileges::of_daemonset()
+        .command_in(std::path::Path::new(BIN), ns)
         .args(["run", "--config"])
         .arg(cfg)
-        .args([
-            "--netns",
-            ns,
-            "--log-level",
-            "info",
-            "--metrics-addr",
-            "off",
-        ])
+        .args(["--log-level", "info", "--metrics-addr", "off"])
         .stderr(Stdio::piped())
         .spawn()
         .expect("start agent");

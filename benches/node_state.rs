@@ -12,7 +12,11 @@
 //! Rounds: NETWARDEN_BENCH_ROUNDS (default 200, at most 200 neighbour entries and 200 devices).
 //! Results: docs/benchmarks.md.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
+
 use anyhow::{bail, Context, Result};
+use deployed::Privileges;
 use netwarden::testing::sandbox::Sandbox;
 use rtnetlink::packet_core::{Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
@@ -380,10 +384,11 @@ struct AgentProcess(Child);
 
 impl AgentProcess {
     fn start(config: &std::path::Path, netns: &str) -> Result<AgentProcess> {
-        let mut child = Command::new(BIN)
+        let mut child = Privileges::of_daemonset()
+            .command_in(std::path::Path::new(BIN), netns)
             .args(["run", "--config"])
             .arg(config)
-            .args(["--netns", netns, "--metrics-addr", "off"])
+            .args(["--metrics-addr", "off"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;

@@ -3,7 +3,9 @@
 //!
 //! Everything happens inside a throw-away network namespace (`netwarden::testing::sandbox::Sandbox`,
 //! removed on drop, also on panic); the host's own namespace is never touched. The agent runs as
-//! a separate process (`netwarden run --config F --netns NS`) and is killed by pid on drop.
+//! a separate process as the DaemonSet runs it (`netwarden run --config F` started inside the
+//! namespace with the DaemonSet's user and capabilities: tests/common/deployed.rs) and is killed
+//! by pid on drop.
 //!
 //! 1. One protected rule deleted (RTM_DELRULE from our own netlink socket) → the RTM_NEWRULE of
 //!    the same rule seen by the listener. The same for a shell watchdog built on `ip monitor rule`.
@@ -18,7 +20,11 @@
 //! line, so keep netwarden::reconcile at info, e.g. `warn,netwarden::reconcile=info`),
 //! NETWARDEN_BENCH_AGENT_LOG (a file to copy the agent's log into). Results: docs/benchmarks.md.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
+
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use deployed::Privileges;
 use netwarden::apply::encode;
 use netwarden::config;
 use netwarden::desired::DesiredState;
@@ -224,10 +230,11 @@ struct Agent {
 
 impl Agent {
     fn spawn(config: &Path, netns: &str, log_level: &str) -> Result<Agent> {
-        let mut child = Command::new(BIN)
+        let mut child = Privileges::of_daemonset()
+            .command_in(Path::new(BIN), netns)
             .args(["run", "--config"])
             .arg(config)
-            .args(["--netns", netns, "--log-level", log_level])
+            .args(["--log-level", log_level])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -8,7 +8,11 @@
 //! is the foreign routes' table (`main` for a BGP-like host); NETWARDEN_SCALE_BIN runs another
 //! agent binary (to compare builds). Results: docs/benchmarks.md.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
+
 use anyhow::{anyhow, ensure, Context, Result};
+use deployed::Privileges;
 use netwarden::apply::encode;
 use netwarden::model::{Family, RuleAction, RuleKey};
 use netwarden::observe::decode;
@@ -137,14 +141,10 @@ fn main() -> Result<()> {
     let cfg = dir.path().join("scale.yaml");
     std::fs::write(&cfg, config())?;
     let started = Instant::now();
-    let mut agent = Command::new(&bin)
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--netns",
-            &ns.name,
-        ])
+    // As the DaemonSet runs it: started inside the namespace with its user and capabilities.
+    let mut agent = Privileges::of_daemonset()
+        .command_in(std::path::Path::new(&bin), &ns.name)
+        .args(["run", "--config", cfg.to_str().unwrap()])
         .args(["--log-level", "info,netwarden::reconcile=debug"])
         .args(["--metrics-addr", "127.0.0.1:0"])
         .stdout(Stdio::null())

@@ -129,6 +129,15 @@ impl Privileges {
         cmd.args(self.setpriv_args()).arg("--").arg(program);
         cmd
     }
+
+    /// [`Privileges::command`] started inside the namespace /run/netns/`ns` ([`in_netns`]): a
+    /// program as the DaemonSet's container runs it on the node (the agent, or a command through
+    /// `kubectl exec`).
+    pub fn command_in(&self, program: &Path, ns: &str) -> Command {
+        let mut cmd = self.command(program);
+        in_netns(&mut cmd, ns);
+        cmd
+    }
 }
 
 /// Makes `cmd` start inside the network namespace /run/netns/`ns` (the test runs as root; the

@@ -92,9 +92,8 @@ impl Shape {
                 cmd
             }
             Shape::Deployed(privileges) => {
-                let mut cmd = privileges.command(bin);
+                let mut cmd = privileges.command_in(bin, &ns.name);
                 cmd.args(args);
-                deployed::in_netns(&mut cmd, &ns.name);
                 cmd
             }
         }
