@@ -6,21 +6,26 @@ use std::path::PathBuf;
 use std::time::Duration;
 use thiserror::Error;
 
+/// The cause is part of each message (and not a `source` too, which a chained report would print
+/// twice).
 #[derive(Debug, Error)]
 pub enum NetnsError {
-    #[error("network namespace {name}: cannot open {path}: {source}")]
+    #[error("network namespace {name}: cannot open {path}: {error}")]
     Open {
         name: String,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("network namespace {name}: cannot enter it: {source}")]
-    Enter {
-        name: String,
-        #[source]
-        source: nix::Error,
-    },
+    /// setns needs CAP_SYS_ADMIN, which the DaemonSet's container does not have: in its pod
+    /// (hostNetwork) a command is in the node's namespace already.
+    #[error(
+        "network namespace {name}: cannot enter it: {error} (entering a namespace needs \
+         CAP_SYS_ADMIN; in the agent's pod, which is in the node's network namespace already, \
+         leave out --netns)"
+    )]
+    Forbidden { name: String, error: nix::Error },
+    #[error("network namespace {name}: cannot enter it: {error}")]
+    Enter { name: String, error: nix::Error },
 }
 
 /// Path of a namespace given by name (in /run/netns) or by path.
@@ -49,19 +54,22 @@ pub struct Entered {
 /// threads spawned afterwards, sockets opened afterwards and child processes inherit it.
 pub fn enter(name: &str) -> Result<Entered, NetnsError> {
     let path = path(name);
-    let file = std::fs::File::open(&path).map_err(|source| NetnsError::Open {
+    let file = std::fs::File::open(&path).map_err(|error| NetnsError::Open {
         name: name.to_string(),
         path: path.clone(),
-        source,
+        error,
     })?;
-    let meta = file.metadata().map_err(|source| NetnsError::Open {
+    let meta = file.metadata().map_err(|error| NetnsError::Open {
         name: name.to_string(),
         path: path.clone(),
-        source,
+        error,
     })?;
-    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
-        name: name.to_string(),
-        source,
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|error| {
+        let name = name.to_string();
+        match error {
+            nix::Error::EPERM => NetnsError::Forbidden { name, error },
+            error => NetnsError::Enter { name, error },
+        }
     })?;
     Ok(Entered {
         name: name.to_string(),

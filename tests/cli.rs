@@ -436,3 +436,24 @@ fn with_netns_a_command_sees_what_it_sees_inside_the_namespace() {
         }
     }
 }
+
+/// `--netns` in the agent's pod (here: the deployed shape, which can open the name): entering a
+/// namespace needs CAP_SYS_ADMIN, which the DaemonSet does not grant. The error says so and what
+/// to do instead, once.
+#[test]
+fn netns_without_cap_sys_admin_says_what_to_do() {
+    let ns = sandbox();
+    for args in [
+        vec!["snapshot", "--tables", "main", "--netns", &ns.name],
+        vec!["check", "--config", &example(), "--netns", &ns.name],
+    ] {
+        let out = netwarden_in(&ns, &args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("needs CAP_SYS_ADMIN") && err.contains("leave out --netns"),
+            "{err}"
+        );
+        assert_eq!(err.matches("Operation not permitted").count(), 1, "{err}");
+    }
+}
