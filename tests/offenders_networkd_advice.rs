@@ -286,6 +286,22 @@ fn in_the_agents_pod_the_report_is_the_one_made_on_the_node() {
     });
     assert_eq!(in_pod, on_node);
     assert_eq!(out.status.code(), Some(code));
+
+    // Without `--root /host` the pod's own root holds none of networkd's files: an error, not
+    // "nothing at risk".
+    let bare = tempfile::tempdir().unwrap();
+    let out = deployed::in_container(&Privileges::of_daemonset(), &ns.name, Path::new(BIN))
+        .args(["networkd", "--config", cfg.to_str().unwrap()])
+        .args(["--root", bare.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("systemd-networkd runs (pid ")
+            && stderr.contains("(`/host` in the agent's pod)"),
+        "{stderr}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

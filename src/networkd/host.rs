@@ -351,15 +351,39 @@ fn present(desired: &DesiredState, m: &Mirror) -> (Vec<Present>, usize) {
     (out, missing)
 }
 
+/// Why the node could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
+    /// networkd runs here but keeps its state elsewhere: its configuration would not be found
+    /// either, and "nothing at risk" would be a wrong answer.
+    #[error(
+        "systemd-networkd runs (pid {pid}) but its state is not below {root} (no \
+         run/systemd/netif/links there): give the node's root directory with --root (`/host` in \
+         the agent's pod)"
+    )]
+    RootElsewhere { pid: u32, root: String },
+}
+
 /// Everything `netwarden networkd` says, for the node seen below `root` and the calling
 /// thread's network namespace.
-pub async fn report(root: &Path, desired: &DesiredState) -> Result<Report, ObserveError> {
+pub async fn report(root: &Path, desired: &DesiredState) -> Result<Report, HostError> {
+    let pids = networkd_pids(Path::new("/proc"));
+    if let Some(&pid) = pids.first() {
+        if !root.join("run/systemd/netif/links").is_dir() {
+            return Err(HostError::RootElsewhere {
+                pid,
+                root: root.display().to_string(),
+            });
+        }
+    }
     let tree = RootTree::new(root);
     let settings = config::settings(&tree);
     let nets = config::networks(&tree);
     let (kernel, present, missing) = kernel(root, desired).await?;
     let running = Running {
-        pids: networkd_pids(Path::new("/proc")),
+        pids,
         links: link_states(root, &kernel.links),
     };
     Ok(report::analyse(
