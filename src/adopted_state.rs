@@ -350,6 +350,8 @@ impl Writer {
                     };
                     if let Err(e) = crate::files::write_atomic(&path, &json) {
                         tracing::error!(path = %path.display(), error = %e, "cannot write the adopted-state file");
+                    } else {
+                        tracing::debug!(bytes = json.len(), "adopted state written");
                     }
                 }
             })?;
