@@ -131,8 +131,8 @@ struct Parser<'k> {
     header: String,
     table: Option<ObservedTable>,
     stack: Vec<Block>,
-    /// An `elements = { …` list still open, with its text so far.
-    elements: Option<String>,
+    /// An `elements = { …` list still open, with its text so far and its brace balance.
+    elements: Option<(String, text::Balance)>,
 }
 
 impl<'k> Parser<'k> {
@@ -176,7 +176,9 @@ impl<'k> Parser<'k> {
             Some(Block::Chain(c)) => chain_line(c, self.key.family, line, handle)?,
             Some(Block::Set(s)) => {
                 if let Some(open) = set_line(s, line)? {
-                    self.elements = Some(open);
+                    let mut balance = text::Balance::default();
+                    balance.feed(&open);
+                    self.elements = Some((open, balance));
                 }
             }
             _ => {}
@@ -186,13 +188,14 @@ impl<'k> Parser<'k> {
 
     /// A line of an `elements = { …` list that spans several lines.
     fn continue_elements(&mut self, line: &str) -> Result<(), String> {
-        let Some(acc) = &mut self.elements else {
+        let Some((acc, balance)) = &mut self.elements else {
             return Ok(());
         };
         acc.push(' ');
         acc.push_str(line);
-        if text::unquoted_balance(acc) == 0 {
-            let list = self.elements.take().unwrap_or_default();
+        balance.feed(line);
+        if balance.depth() == 0 {
+            let (list, _) = self.elements.take().unwrap_or_default();
             if let Some(Block::Set(s)) = self.stack.last_mut() {
                 s.elements = parse_elements(&list, s.map)?;
             }

@@ -66,17 +66,37 @@ fn unquoted(s: &str) -> Option<String> {
 
 /// Braces opened minus braces closed, outside double quotes.
 pub fn unquoted_balance(s: &str) -> i32 {
-    let mut quoted = false;
-    let mut depth = 0;
-    for c in s.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            '{' if !quoted => depth += 1,
-            '}' if !quoted => depth -= 1,
-            _ => {}
+    let mut b = Balance::default();
+    b.feed(s);
+    b.depth
+}
+
+/// [`unquoted_balance`] of a text read piece by piece: each piece is scanned once (an
+/// `elements = { … }` list of thousands spans thousands of lines; scanning all of it again at
+/// every line made a listing's parse quadratic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Balance {
+    quoted: bool,
+    depth: i32,
+}
+
+impl Balance {
+    /// Adds the next piece of the text.
+    pub fn feed(&mut self, s: &str) {
+        for c in s.chars() {
+            match c {
+                '"' => self.quoted = !self.quoted,
+                '{' if !self.quoted => self.depth += 1,
+                '}' if !self.quoted => self.depth -= 1,
+                _ => {}
+            }
         }
     }
-    depth
+
+    /// Braces opened minus braces closed so far.
+    pub fn depth(&self) -> i32 {
+        self.depth
+    }
 }
 
 /// Collapses runs of whitespace outside double quotes into one space, and trims.
@@ -317,6 +337,22 @@ pub fn split_top(s: &str, sep: char) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_balance_fed_in_pieces_is_that_of_the_whole() {
+        let pieces = ["elements = { 1 : \"a {", "b\" : {", "x }, 2 : \"}\"", "}"];
+        let mut b = Balance::default();
+        for (i, p) in pieces.iter().enumerate() {
+            b.feed(p);
+            assert_eq!(b.depth(), unquoted_balance(&pieces[..=i].concat()), "{i}");
+        }
+        assert_eq!(b.depth(), 0);
+        // A quote left open in one piece still holds in the next.
+        let mut b = Balance::default();
+        b.feed("{ \"a");
+        b.feed("}\"");
+        assert_eq!(b.depth(), 1);
+    }
 
     #[test]
     fn identifiers_are_what_nft_reads_unquoted() {
