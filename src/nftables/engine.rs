@@ -73,9 +73,10 @@ struct Planned {
 pub struct Engine<N: Nft> {
     nft: N,
     tables: Vec<DesiredTable>,
-    /// `spec.adopt[].nftables` selectors, and the tables adopted through them (as last seen).
+    /// `spec.adopt[].nftables` selectors, and the tables adopted through them (as last seen;
+    /// shared with the adopted-state writer, which saves them without a copy).
     selectors: Vec<adopt::Selector>,
-    adopted: BTreeMap<TableKey, DesiredTable>,
+    adopted: BTreeMap<TableKey, Arc<DesiredTable>>,
     /// Adopted tables whose copy comes from the adopted-state file and has not been compared
     /// with the kernel yet (see [`Engine::judge_adopted`]).
     from_file: HashSet<TableKey>,
@@ -145,7 +146,7 @@ impl<N: Nft> Engine<N> {
             tables: cfg.tables,
             selectors: cfg.adopt,
             from_file: adopted.keys().cloned().collect(),
-            adopted,
+            adopted: adopted.into_iter().map(|(k, t)| (k, Arc::new(t))).collect(),
             store: None,
             ancestors: HashMap::new(),
             events,
@@ -186,7 +187,9 @@ impl<N: Nft> Engine<N> {
         self
     }
 
-    /// Hands the adopted tables, as last seen, to the adopted-state writer.
+    /// Hands the adopted tables, as last seen, to the adopted-state writer: shared, not copied
+    /// (an owner like kube-proxy changes its table at every Service change; the writer makes
+    /// them into the file's form only when it writes, at most once per interval).
     fn save_adopted(&self) {
         let Some(store) = &self.store else { return };
         let tables = self
@@ -194,7 +197,7 @@ impl<N: Nft> Engine<N> {
             .iter()
             .filter_map(|(k, t)| {
                 let sel = adopt::select(&self.selectors, k)?;
-                Some(adopt::SavedTable::new(&sel.adopt.name, t))
+                Some((sel.adopt.name.clone(), Arc::clone(t)))
             })
             .collect();
         store.save_nftables(tables);
@@ -345,7 +348,7 @@ impl<N: Nft> Engine<N> {
         let names: HashSet<String> = self
             .tables
             .iter()
-            .chain(self.adopted.values())
+            .chain(self.adopted.values().map(|t| &**t))
             .map(|t| t.name.clone())
             .collect();
         self.watch
@@ -394,7 +397,7 @@ impl<N: Nft> Engine<N> {
             .tables
             .iter()
             .find(|t| &t.key == key)
-            .or_else(|| self.adopted.get(key))?
+            .or_else(|| self.adopted.get(key).map(|t| &**t))?
             .clone();
         if self.stuck.contains(&d.name) {
             d.mode = Mode::Observe;

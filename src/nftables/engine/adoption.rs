@@ -9,6 +9,7 @@ use crate::nftables::runner::Nft;
 use crate::nftables::watch::Touched;
 use crate::telemetry::metrics::ForgetLabels;
 use crate::telemetry::status::NFTABLES_KIND;
+use std::sync::Arc;
 use tracing::{debug, info};
 
 impl<N: Nft> Engine<N> {
@@ -30,6 +31,7 @@ impl<N: Nft> Engine<N> {
         let copy = self
             .adopted
             .get(key)
+            .map(|c| &**c)
             .filter(|_| !(from_file && observed.is_some()));
         // Any difference from the copy, additions included (an owner's are followed).
         let changed =
@@ -47,14 +49,14 @@ impl<N: Nft> Engine<N> {
         match adopt::judge(&sel, copy, observed, changed, actor, &ancestors) {
             Judgement::Adopt(c) => {
                 info!(kind = NFTABLES_KIND, selector = %sel.adopt.name, name = %c.name, table = %key, chains = c.chains.len(), sets = c.sets.len(), "adopted");
-                self.adopted.insert(key.clone(), c);
+                self.adopted.insert(key.clone(), Arc::new(c));
                 self.save_adopted();
                 self.publish();
                 false
             }
             Judgement::Follow(c) => {
                 debug!(kind = NFTABLES_KIND, name = %c.name, actor = name, ancestors = %ancestors.join(","), "adopted table changed: copy updated");
-                self.adopted.insert(key.clone(), c);
+                self.adopted.insert(key.clone(), Arc::new(c));
                 self.save_adopted();
                 false
             }

@@ -18,11 +18,15 @@ impl<N: Nft> Engine<N> {
         let catalog = self
             .tables
             .iter()
-            .chain(self.adopted.values())
+            .chain(self.adopted.values().map(|t| &**t))
             .map(|d| (d.name.clone(), d.key.to_string(), mode(d.mode)))
             .collect();
         t.board().set_nftables_catalog(catalog);
-        for d in self.tables.iter().chain(self.adopted.values()) {
+        for d in self
+            .tables
+            .iter()
+            .chain(self.adopted.values().map(|t| &**t))
+        {
             if let Some(why) = self.reported.get(&d.name) {
                 let state = if d.mode == Mode::Observe {
                     State::ObserveOnly

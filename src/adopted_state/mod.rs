@@ -12,8 +12,12 @@ use crate::model::{
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use thiserror::Error;
+
+pub mod schedule;
+mod writer;
+
+pub use writer::Writer;
 
 /// Bumped when the format changes incompatibly.
 pub const VERSION: u32 = 1;
@@ -296,190 +300,16 @@ pub fn read_or_set_aside(
     }
 }
 
-/// A snapshot of one writer's part of the file: the rtnetlink agent owns the rules, routes,
-/// neighbour and FDB entries, the netfilter guard the chains and sets, the nftables engine the
-/// tables.
-#[derive(Debug)]
-enum Part {
-    Core(AdoptedState),
-    Netfilter(
-        Vec<crate::netfilter::adopted::SavedChain>,
-        Vec<crate::netfilter::adopted::SavedAdoptedSet>,
-    ),
-    Nftables(Vec<crate::nftables::adopt::SavedTable>),
-}
-
-/// Writes snapshots on a thread of its own; only the newest of those queued is written. Shared
-/// (cloned) by the agent and the guard: each replaces its own part, the file holds both.
-#[derive(Clone, Debug)]
-pub struct Writer {
-    tx: mpsc::Sender<Part>,
-}
-
-impl Writer {
-    pub fn spawn(path: PathBuf) -> std::io::Result<Writer> {
-        let (tx, rx) = mpsc::channel::<Part>();
-        // The part nobody has sent yet stays what the file holds.
-        let mut state = read(&path).unwrap_or_default();
-        state.version = VERSION;
-        std::thread::Builder::new()
-            .name("nw-adopted-state".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    for part in std::iter::once(first).chain(rx.try_iter()) {
-                        match part {
-                            Part::Core(core) => {
-                                state.rules = core.rules;
-                                state.routes = core.routes;
-                                state.neighbours = core.neighbours;
-                                state.fdb = core.fdb;
-                            }
-                            Part::Nftables(tables) => state.nftables = tables,
-                            Part::Netfilter(chains, ipsets) => {
-                                state.chains = chains;
-                                state.ipsets = ipsets;
-                            }
-                        }
-                    }
-                    let json = match serde_json::to_vec_pretty(&state) {
-                        Ok(j) => j,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot encode the adopted state");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = crate::files::write_atomic(&path, &json) {
-                        tracing::error!(path = %path.display(), error = %e, "cannot write the adopted-state file");
-                    } else {
-                        tracing::debug!(bytes = json.len(), "adopted state written");
-                    }
-                }
-            })?;
-        Ok(Writer { tx })
-    }
-
-    /// Saves the rules, routes, neighbour and FDB entries of `state` (its chains and sets are
-    /// the guard's, its tables the nftables engine's).
-    pub fn save(&self, state: AdoptedState) {
-        let _ = self.tx.send(Part::Core(state));
-    }
-
-    /// Saves the adopted chains and sets.
-    pub fn save_netfilter(
-        &self,
-        chains: Vec<crate::netfilter::adopted::SavedChain>,
-        ipsets: Vec<crate::netfilter::adopted::SavedAdoptedSet>,
-    ) {
-        let _ = self.tx.send(Part::Netfilter(chains, ipsets));
-    }
-
-    /// Saves the adopted nftables tables.
-    pub fn save_nftables(&self, tables: Vec<crate::nftables::adopt::SavedTable>) {
-        let _ = self.tx.send(Part::Nftables(tables));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Family, RuleAction};
+    use crate::model::Family;
 
     #[test]
-    fn round_trip_and_bad_files() {
+    fn bad_files_do_not_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("adopted.json");
         assert_eq!(read(&path).unwrap(), AdoptedState::default(), "no file");
-        let state = AdoptedState {
-            version: VERSION,
-            rules: vec![AdoptedRule {
-                selector: "vpc-cni".into(),
-                key: RuleKey::new(
-                    Family::Ipv4,
-                    1536,
-                    Some("10.1.1.20/32".parse().unwrap()),
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    2,
-                    RuleAction::Lookup,
-                ),
-                protocol: Some(4),
-            }],
-            routes: vec![AdoptedRoute {
-                selector: "eni".into(),
-                route: DesiredRoute {
-                    name: "adopted:eni/0.0.0.0/0".into(),
-                    mode: crate::model::Mode::Enforce,
-                    key: crate::model::RouteKey::new(
-                        Family::Ipv4,
-                        2,
-                        "0.0.0.0/0".parse().unwrap(),
-                        None,
-                    ),
-                    kind: crate::model::RouteType::Unicast,
-                    gateway: Some("10.1.1.1".parse().unwrap()),
-                    device: Some("eni1".into()),
-                    prefsrc: None,
-                    scope: Some(0),
-                    protocol: Some(3),
-                    onlink: false,
-                    mtu: None,
-                },
-            }],
-            ..Default::default()
-        };
-        let w = Writer::spawn(path.clone()).unwrap();
-        w.save(state.clone());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while read(&path).map(|s| s.rules.is_empty()).unwrap_or(true) {
-            assert!(std::time::Instant::now() < deadline, "not written");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(read(&path).unwrap(), state);
-
-        // The guard's part joins the agent's; the agent's next save keeps it.
-        let chain = crate::netfilter::adopted::SavedChain {
-            selector: "kube-router".into(),
-            key: crate::netfilter::model::ChainKey {
-                family: Family::Ipv4,
-                table: crate::netfilter::model::Table::Nat,
-                chain: "KUBE-ROUTER-X".into(),
-            },
-            rules: vec!["-j RETURN".into()],
-        };
-        w.save_netfilter(vec![chain.clone()], vec![]);
-        // Another state than the first: the wait below ends only once this save is written too
-        // (with the same state, the first write could end it with this save still queued, and
-        // the writer dropped below would write it after its successor's).
-        let state = AdoptedState {
-            routes: vec![],
-            ..state
-        };
-        w.save(state.clone());
-        let want = AdoptedState {
-            chains: vec![chain],
-            ..state.clone()
-        };
-        while read(&path).map(|s| s != want).unwrap_or(true) {
-            assert!(std::time::Instant::now() < deadline, "not merged");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        // A new writer (agent restart) starts from what the file holds.
-        drop(w);
-        let w = Writer::spawn(path.clone()).unwrap();
-        w.save(AdoptedState::default());
-        let want = AdoptedState {
-            version: VERSION,
-            chains: want.chains.clone(),
-            ..AdoptedState::default()
-        };
-        while read(&path).map(|s| s != want).unwrap_or(true) {
-            assert!(std::time::Instant::now() < deadline, "guard part lost");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-
         std::fs::write(&path, b"{\"version\": 1, \"rules\": [").unwrap();
         assert!(matches!(
             read(&path),
@@ -710,39 +540,5 @@ mod tests {
         let merged = merge(saved, &mut desired);
         assert_eq!(merged.node.len(), 1, "only the FDB entry");
         assert_eq!(desired.neighbours.values().next(), Some(&own));
-    }
-
-    #[test]
-    fn the_nftables_part_is_the_engines_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("adopted.json");
-        let table = crate::nftables::adopt::SavedTable {
-            selector: "kube-proxy".into(),
-            family: crate::nftables::model::NfFamily::Ip,
-            table: "kube-proxy".into(),
-            comment: None,
-            chains: vec![],
-            sets: vec![],
-        };
-        let w = Writer::spawn(path.clone()).unwrap();
-        w.save_nftables(vec![table.clone()]);
-        let (n, f) = vtep("flannel.1", "10.244.2.0", "0a:58:0a:f4:02:00");
-        w.save(AdoptedState {
-            neighbours: vec![n.clone()],
-            fdb: vec![f.clone()],
-            ..Default::default()
-        });
-        let want = AdoptedState {
-            version: VERSION,
-            neighbours: vec![n],
-            fdb: vec![f],
-            nftables: vec![table],
-            ..Default::default()
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while read(&path).map(|s| s != want).unwrap_or(true) {
-            assert!(std::time::Instant::now() < deadline, "{:?}", read(&path));
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
     }
 }
