@@ -334,7 +334,9 @@ impl Engines {
         Ok(())
     }
 
-    /// [`Engines::run`], also ended by the end of the namespace.
+    /// [`Engines::run`], also ended by the end of the namespace. However it ends, what the
+    /// engines last handed to the adopted-state writer is written before this returns (the
+    /// writer holds changes that keep coming for up to its interval).
     pub async fn run_in(
         self,
         entered: Option<&netns::Entered>,
@@ -342,9 +344,28 @@ impl Engines {
         inputs: Inputs,
         beside: impl Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<Ended> {
-        tokio::select! {
+        let store = self.agent.adopted_store();
+        let ended = tokio::select! {
             r = self.run(stop, inputs, beside) => r.map(|()| Ended::Stopped),
             _ = netns_gone(entered) => Ok(Ended::NetnsGone),
+        };
+        if let Some(store) = store {
+            flush_adopted_state(store).await;
         }
+        ended
+    }
+}
+
+/// How long a stop waits for the adopted-state file to be written: a disk that hangs must not
+/// keep the agent from exiting within its pod's grace period.
+pub const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn flush_adopted_state(store: crate::adopted_state::Writer) {
+    let flushed = tokio::task::spawn_blocking(move || store.flush(FLUSH_WITHIN)).await;
+    if !flushed.unwrap_or(false) {
+        tracing::warn!(
+            within_s = FLUSH_WITHIN.as_secs(),
+            "the adopted state last handed over may not be in the adopted-state file"
+        );
     }
 }
