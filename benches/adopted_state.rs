@@ -235,7 +235,9 @@ fn main() {
         return;
     }
     if let Err(e) = Sandbox::create("nw-bench-probe") {
-        eprintln!("adopted_state bench: cannot create a network namespace ({e}); needs root, skipped");
+        eprintln!(
+            "adopted_state bench: cannot create a network namespace ({e}); needs root, skipped"
+        );
         return;
     }
     let without = run(false);

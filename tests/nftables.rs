@@ -667,3 +667,54 @@ fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
         .iter()
         .any(|l| l.contains("restored")));
 }
+
+/// `run --adopted-state` writes the file at most once a second while an owner keeps changing
+/// its table (kube-proxy at every Service change); a stop writes what is held. The owner's last
+/// change, followed just before SIGTERM (within the second of the previous write), is in the
+/// file once the agent has exited.
+#[test]
+fn an_owner_change_followed_just_before_a_stop_is_in_the_file() {
+    let ns = sandbox();
+    nft_f(&ns, OWNERS);
+    let dir = tempfile::tempdir().unwrap();
+    let owner = dir.path().join("kube-proxy");
+    std::fs::copy("/usr/sbin/nft", &owner).unwrap();
+    let owner = owner.to_str().unwrap();
+    let cfg = config(
+        dir.path(),
+        "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n",
+    );
+    let state = dir.path().join("adopted.json");
+    let cluster_ips = || -> Vec<String> {
+        netwarden::adopted_state::read(&state)
+            .unwrap()
+            .nftables
+            .iter()
+            .flat_map(|t| &t.sets)
+            .filter(|s| s.name == "cluster-ips")
+            .flat_map(|s| s.elements.clone())
+            .collect()
+    };
+    let mut agent = Agent::start_with(&ns, &cfg, &["--adopted-state", state.to_str().unwrap()]);
+    agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
+    // Changes back to back, each followed before the next: the writer holds all but the first.
+    for i in 1..=5 {
+        let element = format!("{{ 10.96.1.{i} }}");
+        must(
+            &ns,
+            &[
+                owner,
+                "add",
+                "element",
+                "ip",
+                "kube-proxy",
+                "cluster-ips",
+                &element,
+            ],
+        );
+        agent.wait_log_all(&["adopted table changed: copy updated"]);
+    }
+    assert!(agent.terminate(), "agent exits cleanly");
+    let saved = cluster_ips();
+    assert!(saved.contains(&"10.96.1.5".to_owned()), "{saved:?}");
+}
