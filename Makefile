@@ -56,6 +56,7 @@ bench: deps
 	$(CARGO) bench --locked --bench cluster
 	$(CARGO) bench --locked --bench scale
 	$(CARGO) bench --locked --bench nftables
+	$(CARGO) bench --locked --bench adopted_state
 	$(CARGO) bench --locked --bench probes
 	$(CARGO) bench --locked --bench node_state
 	$(CARGO) bench --locked --bench attribution
