@@ -14,6 +14,10 @@
 //! Everything happens in throw-away namespaces. Run as root:
 //! `cargo bench --bench adopted_state`.
 
+#[path = "../tests/common/deployed.rs"]
+mod deployed;
+
+use deployed::Privileges;
 use netwarden::testing::sandbox::Sandbox;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -102,11 +106,11 @@ struct Agent {
 }
 
 impl Agent {
+    /// The agent as the DaemonSet runs it (its user and capabilities, started inside the
+    /// namespace; setpriv execs it, so the child's pid is the agent's).
     fn start(ns: &str, cfg: &std::path::Path, state: Option<&std::path::Path>) -> Agent {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Privileges::of_daemonset().command_in(std::path::Path::new(BIN), ns);
         cmd.args(["run", "--config"]).arg(cfg).args([
-            "--netns",
-            ns,
             "--log-level",
             "debug",
             "--metrics-addr",
