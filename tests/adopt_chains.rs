@@ -131,28 +131,7 @@ fn stranger_wipes(ns: &Sandbox) {
 /// that the agent sees it gone, not emptied.
 fn stranger_deletes(ns: &Sandbox) {
     let input = format!("*nat\n-F {X}\n-X {X}\nCOMMIT\n");
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "iptables-nft-restore",
-            "--noflush",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("iptables-nft-restore");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "iptables-nft-restore {input}"
-    );
+    must_feed(ns, &["iptables-nft-restore", "--noflush"], &input);
     must(ns, &["ipset", "destroy", Y]);
 }
 

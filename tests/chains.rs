@@ -166,29 +166,6 @@ fn flannel_chain_rules_and_jump_come_back_legacy() {
     flannel_comes_back("legacy");
 }
 
-/// `iptables-nft-restore --noflush` of `input`: one transaction.
-fn restore(ns: &Sandbox, input: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "iptables-nft-restore",
-            "--noflush",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "{input}");
-}
-
 #[test]
 fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     let ns = sandbox();
@@ -218,8 +195,9 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
 
     // flannel's cleanup in one transaction: jump, rules and chain. Put back from the image, as
     // it was (the jump first, the rules in order), before anything is read.
-    restore(
+    must_feed(
         &ns,
+        &["iptables-nft-restore", "--noflush"],
         "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
     );
     let line = agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"image\""]);

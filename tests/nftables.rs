@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 /// What kube-proxy and flannel write, as they write it (kube-proxy writes `0x4000`, nft prints
@@ -99,24 +98,7 @@ table inet other {
 "#;
 
 fn nft_f(ns: &Sandbox, script: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run nft");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nft -f: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    must_feed(ns, &["nft", "-f", "-"], script);
 }
 
 fn nft(ns: &Sandbox, args: &[&str]) -> String {

@@ -486,6 +486,27 @@ impl Drop for IpBatch {
     }
 }
 
+/// Runs a tool inside the namespace with `input` on its standard input (one `nft -f -` or
+/// `iptables-restore` transaction); panics with its standard error if it fails.
+pub fn must_feed(ns: &Sandbox, args: &[&str], input: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip netns exec");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{input}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a tool inside the namespace; returns (success, stdout + stderr).
 pub fn exec(ns: &Sandbox, args: &[&str]) -> (bool, String) {
     let out = Command::new("ip")
