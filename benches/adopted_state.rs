@@ -19,7 +19,7 @@ mod deployed;
 
 use deployed::Privileges;
 use netwarden::testing::sandbox::Sandbox;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -120,14 +120,7 @@ impl Agent {
             cmd.arg("--adopted-state").arg(s);
         }
         let mut child = cmd.stderr(Stdio::piped()).spawn().expect("start agent");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let keep = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                keep.lock().unwrap().push(line);
-            }
-        });
+        let log = netwarden::testing::lines::collect(child.stderr.take().unwrap());
         let agent = Agent { child, log };
         agent.wait_count("initial sync done", 1);
         agent

@@ -21,11 +21,11 @@
 
 use anyhow::{ensure, Context, Result};
 use netwarden::testing::sandbox::Sandbox;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
@@ -81,15 +81,7 @@ fn main() -> Result<()> {
     let pid = child.id();
     let stderr = child.stderr.take().context("stderr")?;
     let agent = Agent(child);
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push(line);
-            }
-        });
-    }
+    let log = netwarden::testing::lines::collect(stderr);
     let deadline = Instant::now() + Duration::from_secs(60);
     let addr: SocketAddr = loop {
         ensure!(

@@ -22,11 +22,11 @@ use rtnetlink::packet_core::{Emitable, NetlinkBuffer, NetlinkMessage, NetlinkPay
 use rtnetlink::packet_route::RouteNetlinkMessage as M;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
@@ -161,16 +161,7 @@ fn main() -> Result<()> {
     }
     let pid = agent.id();
     let _kill = Kill(pid);
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let log = log.clone();
-        let stderr = agent.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push(l);
-            }
-        });
-    }
+    let log = netwarden::testing::lines::collect(agent.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(120);
     while !log
         .lock()

@@ -5,7 +5,6 @@
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -38,14 +37,7 @@ impl Bird {
             .stderr(Stdio::piped())
             .spawn()
             .context("cannot run bird (Debian package bird2)")?;
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let keep = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                keep.lock().unwrap().push(line);
-            }
-        });
+        let log = netwarden::testing::lines::collect(child.stderr.take().unwrap());
         let mut bird = Bird { dir, child, log };
         let deadline = Instant::now() + WAIT;
         loop {
