@@ -141,6 +141,16 @@ fn table(ns: &Sandbox, name: &str) -> String {
     }
 }
 
+/// `spec.adopt`: kube-proxy's table, owned by kube-proxy.
+const ADOPT_KUBE_PROXY: &str = "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n";
+
+/// `nft`, copied into `dir` under kube-proxy's name: transactions nf_tables names as kube-proxy's.
+fn kube_proxys_nft(dir: &std::path::Path) -> String {
+    let owner = dir.join("kube-proxy");
+    std::fs::copy("/usr/sbin/nft", &owner).unwrap();
+    owner.to_str().unwrap().to_owned()
+}
+
 fn example() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nftables-kube-proxy.yaml")
 }
@@ -502,13 +512,9 @@ fn an_adopted_table_follows_its_owner_and_is_restored_for_others() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);
     let dir = tempfile::tempdir().unwrap();
-    let owner = dir.path().join("kube-proxy");
-    std::fs::copy("/usr/sbin/nft", &owner).unwrap();
-    let owner = owner.to_str().unwrap();
-    let cfg = config(
-        dir.path(),
-        "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n",
-    );
+    let owner = kube_proxys_nft(dir.path());
+    let owner = owner.as_str();
+    let cfg = config(dir.path(), ADOPT_KUBE_PROXY);
     let mut agent = Agent::start_with(&ns, &cfg, &[]);
     agent.wait_log_all(&["adopted", "table=ip kube-proxy"]);
     assert!(!agent
@@ -587,8 +593,7 @@ fn an_adopted_table_deleted_while_the_agent_is_down_is_restored_at_start() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);
     let dir = tempfile::tempdir().unwrap();
-    let kube_proxy = "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n";
-    let cfg = config(dir.path(), kube_proxy);
+    let cfg = config(dir.path(), ADOPT_KUBE_PROXY);
     let state = dir.path().join("adopted.json");
     let state_arg = state.to_str().unwrap();
     let saved_tables = || -> Vec<String> {
@@ -659,13 +664,9 @@ fn an_owner_change_followed_just_before_a_stop_is_in_the_file() {
     let ns = sandbox();
     nft_f(&ns, OWNERS);
     let dir = tempfile::tempdir().unwrap();
-    let owner = dir.path().join("kube-proxy");
-    std::fs::copy("/usr/sbin/nft", &owner).unwrap();
-    let owner = owner.to_str().unwrap();
-    let cfg = config(
-        dir.path(),
-        "  adopt:\n    - name: kube-proxy\n      nftables:\n        family: ip\n        names: [kube-proxy]\n      owners: [kube-proxy]\n",
-    );
+    let owner = kube_proxys_nft(dir.path());
+    let owner = owner.as_str();
+    let cfg = config(dir.path(), ADOPT_KUBE_PROXY);
     let state = dir.path().join("adopted.json");
     let cluster_ips = || -> Vec<String> {
         netwarden::adopted_state::read(&state)
