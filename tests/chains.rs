@@ -194,12 +194,15 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     assert_eq!(chain_lines(&before, "POSTROUTING")[0], JUMP);
 
     // flannel's cleanup in one transaction: jump, rules and chain. Put back from the image, as
-    // it was (the jump first, the rules in order), before anything is read.
+    // it was (the jump first, the rules in order), before anything is read: by the responder,
+    // at the deletion's NEWGEN, once the guard has armed it.
+    agent.wait_log_all(&["images armed", "armed=2"]);
     must_feed(
         &ns,
         &["iptables-nft-restore", "--noflush"],
         "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
     );
+    agent.wait_log_all(&["responder committed images", "Committed"]);
     let line = agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"image\""]);
     assert!(line.contains("what=chain missing"), "{line}");
     assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);

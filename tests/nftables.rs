@@ -308,8 +308,11 @@ fn a_table_deleted_whole_comes_back_from_its_image_and_only_as_the_config_names_
     assert!(protected_in_place(&ns), "{whole}");
 
     // Deleted whole: put back in one netlink batch from the image the agent took when it found
-    // the table in sync, exactly as it was (base chains, the verdict map, anonymous sets).
+    // the table in sync, exactly as it was (base chains, the verdict map, anonymous sets),
+    // committed by the responder at the deletion's NEWGEN once the engine has armed it.
+    agent.wait_log_all(&["images armed", "armed=2"]);
     nft(&ns, &["delete", "table", "ip", "kube-proxy"]);
+    agent.wait_log_all(&["responder committed images", "Committed"]);
     let line = agent.wait_log_all(&["restored", "name=kube-proxy-ipv4", "via=\"image\""]);
     assert!(
         line.contains("actor=nft") && line.contains("what=table missing"),

@@ -48,8 +48,14 @@ impl NftEvents {
     /// falls between the read and the subscription.
     pub fn subscribe() -> io::Result<NftEvents> {
         Ok(NftEvents {
-            events: Events::subscribe()?,
+            events: crate::nftables::responder::subscribe()?,
         })
+    }
+
+    /// The threads that commit images (the responder's): their transactions are the process's
+    /// own.
+    pub fn relayers(&self) -> &[u32] {
+        self.events.relayers()
     }
 
     /// The events of the next datagram that concern the iptables families (possibly none).

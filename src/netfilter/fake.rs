@@ -9,6 +9,7 @@ use super::parse::{SavedChain, SavedTable};
 use super::rulespec::RuleSpec;
 use super::tools::{Backend, ScratchError, ScratchRun, ToolError, Tools};
 use crate::model::Family;
+use crate::nftables::armed::{Armed, Trigger};
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::replay::{Image, Msg};
 use std::cell::RefCell;
@@ -54,6 +55,10 @@ pub struct FakeState {
     /// The generations replays were asked for.
     pub replays: Vec<u32>,
     pub replay_refused: Option<nix::errno::Errno>,
+    /// A replay finds the responder put back only some of its images (the chain is back).
+    pub replay_partly: bool,
+    /// The last arming: at which generation, what.
+    pub armed: Option<(Option<u32>, Vec<Trigger>)>,
 }
 
 #[derive(Default)]
@@ -397,8 +402,15 @@ impl Tools for FakeTools {
             }
             let input = s.image.clone().unwrap_or_default();
             s.run(Family::Ipv4, &input);
+            if s.replay_partly {
+                return Err(NetlinkError::PartlyReplayed);
+            }
             Ok(31337)
         })
+    }
+
+    fn arm(&self, _owner: u64, at_gen: Option<u32>, armed: Vec<Armed>) {
+        self.with(|s| s.armed = Some((at_gen, armed.into_iter().map(|a| a.trigger).collect())));
     }
 
     async fn save_table(

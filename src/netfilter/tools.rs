@@ -11,6 +11,7 @@ mod scratch;
 use super::model::TableId;
 use super::parse::{self, ParseError, SavedSet, SavedTable};
 use crate::model::Family;
+use crate::nftables::armed::Armed;
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::replay::Image;
 use std::collections::HashSet;
@@ -152,6 +153,13 @@ pub trait Tools {
     /// nf_tables names in its NEWGEN.
     fn replay(&self, _images: &[&Image], _genid: u32) -> Result<u32, NetlinkError> {
         Err(NetlinkError::Io(std::io::ErrorKind::Unsupported.into()))
+    }
+    /// Arms chain images for the responder ([`crate::nftables::responder`]), replacing what
+    /// guard `owner` armed before; `at_gen`: the last generation the guard read.
+    fn arm(&self, _owner: u64, _at_gen: Option<u32>, _armed: Vec<Armed>) {}
+    /// The kernel's current generation, read before subscribing to the notifications.
+    fn generation(&self) -> Option<u32> {
+        None
     }
 }
 
@@ -338,7 +346,15 @@ impl Tools for Binaries {
     }
 
     fn replay(&self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
-        crate::nftables::netlink::replay(images, genid)
+        crate::nftables::responder::replay(images, genid)
+    }
+
+    fn arm(&self, owner: u64, at_gen: Option<u32>, armed: Vec<Armed>) {
+        crate::nftables::responder::arm(owner, at_gen, armed);
+    }
+
+    fn generation(&self) -> Option<u32> {
+        crate::nftables::netlink::shared(|c| c.generation()).ok()
     }
 }
 

@@ -99,6 +99,8 @@ pub struct Engine<N: Nft> {
     contest: Contest<String>,
     /// Images of protected tables, to put a deleted one back at once.
     images: replaying::Images,
+    /// This engine's number with the responder ([`crate::nftables::armed::new_owner`]).
+    owner: u64,
     resync: Duration,
     pub stats: Stats,
     telemetry: Option<Arc<Telemetry>>,
@@ -129,8 +131,11 @@ impl<N: Nft> Engine<N> {
         subscribe: bool,
         saved: &[adopt::SavedTable],
     ) -> Result<Self, EngineError> {
+        let mut nft = nft;
+        let mut gen = None;
         let events = if subscribe && !(cfg.tables.is_empty() && cfg.adopt.is_empty()) {
-            Some(Events::subscribe().map_err(EngineError::Subscribe)?)
+            gen = nft.generation();
+            Some(super::responder::subscribe().map_err(EngineError::Subscribe)?)
         } else {
             None
         };
@@ -156,7 +161,8 @@ impl<N: Nft> Engine<N> {
             reported: HashMap::new(),
             own: VecDeque::new(),
             contest: Contest::new(Backoff::default()),
-            images: replaying::Images::default(),
+            images: replaying::Images::at(gen),
+            owner: crate::nftables::armed::new_owner(),
             resync,
             stats: Stats::default(),
             telemetry: None,
@@ -230,6 +236,8 @@ impl<N: Nft> Engine<N> {
             tokio::time::interval_at(tokio::time::Instant::now() + self.resync, self.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Everything read is judged: what may be put back at once is armed.
+            self.arm_images();
             let deadline = self.contest.next_deadline();
             tokio::select! {
                 Some(cfg) = next_reload(&mut reloads) => self.reload(cfg).await?,
@@ -276,7 +284,9 @@ impl<N: Nft> Engine<N> {
     }
 
     fn fold(&mut self, batch: &[Event]) {
-        let own: Vec<u32> = self.own.iter().copied().collect();
+        // The responder's commits are the engine's own too.
+        let relayers = self.events.as_ref().map_or(&[][..], Events::relayers);
+        let own: Vec<u32> = self.own.iter().chain(relayers).copied().collect();
         for ev in batch {
             if let Event::NewGen { pid: Some(pid), .. } = ev {
                 // Read now: the process is about to exit (a zombie's parent can still be read).
@@ -326,11 +336,11 @@ impl<N: Nft> Engine<N> {
     }
 
     async fn reload(&mut self, cfg: NftConfig) -> Result<(), EngineError> {
-        if self.events.is_none() && !cfg.tables.is_empty() {
-            self.events = Some(Events::subscribe().map_err(EngineError::Subscribe)?);
-        }
-        if self.events.is_none() && !cfg.adopt.is_empty() {
-            self.events = Some(Events::subscribe().map_err(EngineError::Subscribe)?);
+        // The images are of tables the new config may not protect as the old one did.
+        self.nft.arm(self.owner, None, Vec::new());
+        if self.events.is_none() && !(cfg.tables.is_empty() && cfg.adopt.is_empty()) {
+            self.images.gen = self.nft.generation();
+            self.events = Some(super::responder::subscribe().map_err(EngineError::Subscribe)?);
         }
         self.tables = cfg.tables;
         self.selectors = cfg.adopt;
@@ -420,9 +430,15 @@ impl<N: Nft> Engine<N> {
     /// Puts back at once the deleted tables that have an image; then reads (unless known
     /// gone), plans and repairs the touched tables: every repair in one transaction, then each
     /// read back. Tables found in sync get an image if they have none.
-    async fn sync(&mut self, touched: BTreeMap<TableKey, Touched>, why: Why) {
+    async fn sync(&mut self, mut touched: BTreeMap<TableKey, Touched>, why: Why) {
         let started = Instant::now();
         let mut replayed = self.replay_gone(&touched, started);
+        // Perhaps put back by the responder: read, not assumed gone.
+        for key in &replayed.reread {
+            if let Some(t) = touched.get_mut(key) {
+                t.gone = false;
+            }
+        }
         let (planned, mut settled) = self.plan_touched(touched, &replayed, why).await;
         let apply = self.decide(planned, &mut replayed.decided);
         if !apply.is_empty() {

@@ -2,6 +2,7 @@
 //! repair is held back, when a table is only reported.
 
 use super::*;
+use crate::nftables::armed::{Armed, Trigger};
 use crate::nftables::model::{Content, DesiredChain, NfFamily, RuleText};
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::replay::{Census, Dump, Image, Msg};
@@ -23,6 +24,10 @@ struct Kernel {
     replays: Vec<u32>,
     /// What the kernel answers a replay with.
     replay_refused: Option<nix::errno::Errno>,
+    /// A replay finds the responder put back only some of its images.
+    replay_partly: bool,
+    /// The last arming: at which generation, what.
+    armed: Option<(Option<u32>, Vec<Trigger>)>,
 }
 
 #[derive(Clone, Default)]
@@ -65,10 +70,17 @@ impl Nft for Fake {
         let mut k = self.0.borrow_mut();
         assert_eq!(images.len(), 1);
         k.replays.push(genid);
+        if k.replay_partly {
+            return Err(NetlinkError::PartlyReplayed);
+        }
         match k.replay_refused {
             Some(e) => Err(NetlinkError::Refused(e)),
             None => Ok(31337),
         }
+    }
+
+    fn arm(&mut self, _owner: u64, at_gen: Option<u32>, armed: Vec<Armed>) {
+        self.0.borrow_mut().armed = Some((at_gen, armed.into_iter().map(|a| a.trigger).collect()));
     }
 }
 
@@ -488,5 +500,43 @@ fn a_held_back_repair_does_not_replay_and_is_decided_once() {
         assert_eq!(k.0.borrow().replays.len(), 3, "held back");
         assert!(k.0.borrow().applied.is_empty());
         assert!(e.contest.is_contested(&"flannel".to_string()));
+    });
+}
+
+#[test]
+fn the_image_is_armed_at_the_generation_read_and_disarmed_while_contested() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        e.arm_images();
+        assert_eq!(
+            k.0.borrow().armed,
+            Some((Some(5), vec![Trigger::TableGone(key())])),
+            "armed at the generation last read"
+        );
+        // A fighter: after three repairs in a row the next is held back, so nothing is armed
+        // that the responder would put back against the contest.
+        for gen in 6..9 {
+            e.sync(gone(), Why::Events).await;
+            e.fold(&[new_gen(gen, 7)]);
+            e.arm_images();
+        }
+        assert_eq!(k.0.borrow().replays.len(), 3);
+        assert_eq!(k.0.borrow().armed, Some((Some(8), vec![])));
+    });
+}
+
+#[test]
+fn a_table_the_responder_put_back_only_partly_is_read_not_recreated() {
+    run(async {
+        let k = Fake::default();
+        let mut e = with_image(&k).await;
+        k.0.borrow_mut().replay_partly = true;
+        let reads = k.0.borrow().reads;
+        // The table reads back in sync (the responder did put it back).
+        e.sync(gone(), Why::Events).await;
+        let kernel = k.0.borrow();
+        assert!(kernel.applied.is_empty(), "no nft -f: {:?}", kernel.applied);
+        assert_eq!(kernel.reads, reads + 1, "read instead of assumed gone");
     });
 }

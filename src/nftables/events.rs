@@ -66,9 +66,16 @@ pub enum Event {
     Overrun,
 }
 
-/// The notification socket.
+/// The notifications: from a socket of its own, or relayed by the responder
+/// ([`super::responder::subscribe`], what the engines use).
 pub struct Events {
-    socket: TokioSocket,
+    source: Source,
+}
+
+enum Source {
+    Socket(Box<TokioSocket>),
+    /// With the ids of the responder's threads: their commits are the process's own.
+    Relayed(tokio::sync::mpsc::Receiver<Vec<Event>>, Vec<u32>),
 }
 
 impl Events {
@@ -81,12 +88,39 @@ impl Events {
         // A kube-proxy resync or a `nft flush ruleset` with thousands of elements is one burst.
         s.set_rx_buf_sz(8 * 1024 * 1024)?;
         s.add_membership(GROUP_NFTABLES)?;
-        Ok(Events { socket })
+        Ok(Events {
+            source: Source::Socket(Box::new(socket)),
+        })
+    }
+
+    /// Events the responder relays through `rx`, a datagram at a time.
+    pub(super) fn relayed(rx: tokio::sync::mpsc::Receiver<Vec<Event>>, tids: Vec<u32>) -> Events {
+        Events {
+            source: Source::Relayed(rx, tids),
+        }
+    }
+
+    /// The threads that relay these events and commit images: what a NEWGEN names when the
+    /// transaction is the process's own.
+    pub fn relayers(&self) -> &[u32] {
+        match &self.source {
+            Source::Relayed(_, tids) => tids,
+            Source::Socket(_) => &[],
+        }
     }
 
     /// The events of the next datagram.
     pub async fn next(&mut self) -> io::Result<Vec<Event>> {
-        match self.socket.recv_from_full().await {
+        let socket = match &mut self.source {
+            Source::Socket(s) => s,
+            Source::Relayed(rx, _) => {
+                return rx
+                    .recv()
+                    .await
+                    .ok_or_else(|| io::Error::other("the nf_tables responder stopped"));
+            }
+        };
+        match socket.recv_from_full().await {
             Ok((buf, _)) => Ok(parse_datagram(&buf)),
             Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
                 Ok(vec![Event::Overrun])

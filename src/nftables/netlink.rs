@@ -16,6 +16,8 @@ const GETCHAIN: u16 = 4;
 const GETRULE: u16 = 7;
 const GETSET: u16 = 10;
 const GETSETELEM: u16 = 13;
+const GETGEN: u16 = 16;
+const GEN_ID: u16 = 1;
 const F_ACK: u16 = 0x4;
 const F_DUMP: u16 = 0x300;
 const F_DUMP_INTR: u16 = 0x10;
@@ -35,6 +37,8 @@ pub enum NetlinkError {
     Refused(nix::errno::Errno),
     #[error("the table changed while it was read")]
     Changed,
+    #[error("the responder put back only some of these images")]
+    PartlyReplayed,
     #[error("no image: {0}")]
     Unfit(#[from] Unfit),
 }
@@ -76,6 +80,17 @@ impl Conn {
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
+    }
+
+    /// The kernel's current generation (what a NEWGEN names).
+    pub fn generation(&mut self) -> Result<u32, NetlinkError> {
+        let mut gens = Vec::new();
+        let reply = self.request(GETGEN, F_ACK, 0, &[], &mut gens)?;
+        reply
+            .iter()
+            .find_map(|m| replay::attr(&m.attrs, GEN_ID).and_then(|v| v.get(..4)))
+            .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+            .ok_or(NetlinkError::Io(io::ErrorKind::InvalidData.into()))
     }
 
     /// The table's image as the kernel holds it now, if it holds `expected`; `None` when the

@@ -13,6 +13,7 @@
 //! of it, taken when it was last verified in sync, through the agent's netlink socket
 //! ([`super::replay`] says why; the image is already compiled, so nothing needs nft).
 
+use super::armed::Armed;
 use super::model::{RuleText, TableKey};
 use super::netlink::NetlinkError;
 use super::replay::{Census, Image};
@@ -60,6 +61,14 @@ pub trait Nft {
     /// Commits the images in one transaction, valid only at generation `genid`; returns the
     /// id of the thread that committed (what nf_tables names in the transaction's NEWGEN).
     fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError>;
+    /// Arms images for the responder ([`super::responder`]), replacing what engine `owner`
+    /// armed before; `at_gen`: the last generation the engine read.
+    fn arm(&mut self, _owner: u64, _at_gen: Option<u32>, _armed: Vec<Armed>) {}
+    /// The kernel's current generation, read before subscribing to the notifications: the
+    /// generation an engine's first images are of.
+    fn generation(&mut self) -> Option<u32> {
+        None
+    }
 }
 
 /// The real `nft`, and the process's netlink socket for images ([`super::netlink::shared`]).
@@ -162,7 +171,15 @@ impl Nft for NftBinary {
     }
 
     fn replay(&mut self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
-        super::netlink::replay(images, genid)
+        super::responder::replay(images, genid)
+    }
+
+    fn arm(&mut self, owner: u64, at_gen: Option<u32>, armed: Vec<Armed>) {
+        super::responder::arm(owner, at_gen, armed);
+    }
+
+    fn generation(&mut self) -> Option<u32> {
+        super::netlink::shared(|c| c.generation()).ok()
     }
 }
 

@@ -152,8 +152,8 @@ pub fn event_program(own: Option<u32>, tables: Option<&[u32]>) -> Vec<nix::libc:
         .collect()
 }
 
-/// Attaches (or replaces: the kernel swaps programs atomically) the event socket's filter.
-fn attach(
+/// Attaches (or replaces: the kernel swaps programs atomically) a socket filter.
+pub(crate) fn attach(
     sock: std::os::fd::BorrowedFd<'_>,
     code: &[nix::libc::sock_filter],
 ) -> std::io::Result<()> {

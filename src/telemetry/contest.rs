@@ -169,6 +169,24 @@ impl<K: Clone + Eq + Hash> Contest<K> {
         }
     }
 
+    /// Whether [`Contest::on_drift`] at `now` would say [`Decision::Now`], without recording
+    /// the drift. Stays true as time passes: only a drift makes it false.
+    pub fn would_repair_now(&self, id: &K, now: Instant) -> bool {
+        let Some(e) = self.entries.get(id) else {
+            return true;
+        };
+        if let Some(due) = effective_due(e.due, self.quiet_end()) {
+            return due <= now;
+        }
+        if e.retrying {
+            return true;
+        }
+        let soon = e
+            .last_repair
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.backoff.window);
+        !soon || e.streak + 1 < self.backoff.threshold
+    }
+
     /// The kernel accepted a repair of the object at `now`.
     pub fn on_repaired(&mut self, id: &K, now: Instant) {
         let e = self.entries.entry(id.clone()).or_default();
@@ -362,7 +380,14 @@ mod tests {
         while now < end {
             if let Some(r) = removed_at.take() {
                 now = r;
-                match c.on_drift(&7, now) {
+                let would = c.would_repair_now(&7, now);
+                let decision = c.on_drift(&7, now);
+                assert_eq!(
+                    would,
+                    matches!(decision, Decision::Now { .. }),
+                    "{decision:?}"
+                );
+                match decision {
                     Decision::Now { .. } => {
                         repairs += 1;
                         c.on_repaired(&7, now);
@@ -376,6 +401,7 @@ mod tests {
             now = c.next_deadline().unwrap();
             let (due, _) = c.poll(now);
             if due.contains(&7) {
+                assert!(c.would_repair_now(&7, now));
                 assert_eq!(c.on_drift(&7, now), Decision::Now { fresh: false });
                 repairs += 1;
                 c.on_repaired(&7, now);
@@ -383,6 +409,23 @@ mod tests {
             }
         }
         (repairs, now)
+    }
+
+    #[test]
+    fn would_repair_now_says_what_on_drift_decides_without_counting() {
+        let mut c = Contest::new(Backoff::default());
+        let t0 = Instant::now();
+        assert!(c.would_repair_now(&7, t0), "never seen");
+        // Asking does not count: as many asks as wanted, the fight starts at the same drift.
+        for _ in 0..100 {
+            assert!(c.would_repair_now(&7, t0));
+        }
+        let (repairs, end) = fight(&mut c, t0, 3);
+        assert!(repairs > 3 && c.is_contested(&7));
+        // Held back now; true again once the held-back repair is due (time alone).
+        let due = c.next_deadline().unwrap();
+        assert!(!c.would_repair_now(&7, end.min(due - MS)));
+        assert!(c.would_repair_now(&7, due.max(end)));
     }
 
     #[test]

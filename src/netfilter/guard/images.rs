@@ -12,6 +12,10 @@
 //! `iptables-restore`, on lost notifications and on reload, and taken again the next time the
 //! chain is found in sync. The batch is only valid at the generation the guard last read;
 //! refused, the repair from the notifications follows as before.
+//!
+//! Between transactions, the images a deletion may put back at once are armed for the
+//! responder ([`crate::nftables::responder`]), which commits them from its own thread at the
+//! NEWGEN; the guard then claims that commit instead of making its own.
 
 use super::{Guard, TableId};
 use crate::model::Mode;
@@ -19,16 +23,23 @@ use crate::netfilter::blind::Touches;
 use crate::netfilter::model::{DesiredChain, Position};
 use crate::netfilter::plan::{ChainDrift, ChainFinding};
 use crate::netfilter::tools::Tools;
+use crate::nftables::armed::{Armed, Trigger};
+use crate::nftables::model::{NfFamily, TableKey};
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::replay::{Image, Unfit};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, info, warn};
+
+/// How long one of the guard's own restores may go unseen before it is taken as one that
+/// committed nothing.
+pub(super) const UNSEEN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub(super) struct ChainImages {
     /// By the protected chain's name (its entry's `name`).
-    by_chain: HashMap<String, Image>,
+    by_chain: HashMap<String, Arc<Image>>,
     /// Chains that cannot have an image now, and why (tried again once the chain changes).
     unfit: HashMap<String, String>,
     /// The generation of the last transaction read.
@@ -36,6 +47,14 @@ pub(super) struct ChainImages {
 }
 
 impl ChainImages {
+    /// No images yet; the kernel at generation `gen`.
+    pub(super) fn at(gen: Option<u32>) -> ChainImages {
+        ChainImages {
+            gen,
+            ..ChainImages::default()
+        }
+    }
+
     /// A transaction by someone else ended: the chains it changed without deleting them are no
     /// longer their image.
     pub(super) fn forget_changed(&mut self, chains: &[DesiredChain], id: TableId, t: &Touches) {
@@ -101,7 +120,7 @@ impl<T: Tools> Guard<T> {
         let decided: BTreeSet<String> = drifts.iter().map(|d| d.name.clone()).collect();
         let images: Vec<&Image> = allowed
             .iter()
-            .filter_map(|n| self.images.by_chain.get(n))
+            .filter_map(|n| self.images.by_chain.get(n).map(|i| &**i))
             .collect();
         if images.is_empty() {
             return decided;
@@ -116,6 +135,8 @@ impl<T: Tools> Guard<T> {
                 self.restored(id, &enforced, (&fresh, true), started, "image");
                 decided
             }
+            // Some may be back: the read that follows repairs what is not.
+            Err(NetlinkError::PartlyReplayed) => decided,
             Err(e) => {
                 let raced = matches!(e, NetlinkError::Refused(nix::errno::Errno::ERESTART));
                 for name in &allowed {
@@ -131,6 +152,42 @@ impl<T: Tools> Guard<T> {
                 decided.difference(&allowed).cloned().collect()
             }
         }
+    }
+
+    /// Arms, for the responder, the image of each chain that a deletion now would have put
+    /// back at once ([`Guard::replay_deleted`]'s conditions, without deciding anything).
+    /// Nothing while one of the guard's own restores has not been seen: a deletion then is
+    /// repaired from a fresh read.
+    pub(super) fn arm_images(&mut self) {
+        let now = Instant::now();
+        // As at a NEWGEN: a restore without changes commits nothing, its NEWGEN never comes.
+        self.unseen
+            .retain(|(_, at)| now.saturating_duration_since(*at) < UNSEEN_FOR);
+        let armed = self
+            .chains
+            .iter()
+            .filter(|c| c.mode == Mode::Enforce && self.unseen.is_empty())
+            .filter(|c| !self.ledger.gave_up(&c.name) && self.ledger.would_repair_now(&c.name, now))
+            .filter_map(|c| {
+                let image = self.images.by_chain.get(&c.name)?;
+                let id = c.key.table_id();
+                let family = match id.family {
+                    crate::model::Family::Ipv4 => NfFamily::Ip,
+                    crate::model::Family::Ipv6 => NfFamily::Ip6,
+                };
+                Some(Armed {
+                    trigger: Trigger::ChainGone {
+                        table: TableKey {
+                            family,
+                            name: id.table.as_str().to_owned(),
+                        },
+                        chain: c.key.chain.clone(),
+                    },
+                    image: Arc::clone(image),
+                })
+            })
+            .collect();
+        self.tools.arm(self.owner, self.images.gen, armed);
     }
 
     /// Takes the image of each enforced protected chain of table `id` that is in sync (not in
@@ -156,7 +213,7 @@ impl<T: Tools> Guard<T> {
             {
                 Ok(Some(image)) => {
                     debug!(kind = "chain", name = %name, table = %id, messages = image.len(), "image taken");
-                    self.images.by_chain.insert(name, image);
+                    self.images.by_chain.insert(name, Arc::new(image));
                 }
                 Ok(None) | Err(NetlinkError::Changed) => {}
                 Err(e) => {

@@ -199,6 +199,11 @@ impl Ledger {
         self.contest.is_contested(&name.to_owned())
     }
 
+    /// Whether a drift now would be repaired at once ([`Contest::would_repair_now`]).
+    pub fn would_repair_now(&self, name: &str, now: Instant) -> bool {
+        self.contest.would_repair_now(&name.to_owned(), now)
+    }
+
     pub fn is_held(&self, name: &str, now: Instant) -> bool {
         self.contest.is_held(&name.to_owned(), now)
     }

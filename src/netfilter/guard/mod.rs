@@ -102,6 +102,8 @@ pub struct Guard<T: Tools = Binaries> {
     ledger: Ledger,
     /// Images of protected chains, to put a deleted one back at once.
     images: images::ChainImages,
+    /// This guard's number with the responder ([`crate::nftables::armed::new_owner`]).
+    owner: u64,
     /// Pids of netwarden's own recent restores.
     own: VecDeque<u32>,
     /// Own restores whose NEWGEN has not come through the notification socket yet, with when
@@ -184,7 +186,9 @@ impl<T: Tools> Guard<T> {
             return Err(GuardError::Refused(canonical.refused));
         }
         chains::log_canonical(&canonical);
+        let mut gen = None;
         let events = if backend == Backend::Nft && reads_chains {
+            gen = tools.generation();
             Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?)
         } else {
             None
@@ -201,7 +205,8 @@ impl<T: Tools> Guard<T> {
             events,
             watched,
             ledger: Ledger::default(),
-            images: images::ChainImages::default(),
+            images: images::ChainImages::at(gen),
+            owner: crate::nftables::armed::new_owner(),
             own: VecDeque::new(),
             unseen: Vec::new(),
             stats: GuardStats::default(),
@@ -319,6 +324,8 @@ impl<T: Tools> Guard<T> {
         let mut all: BTreeSet<TableId> = self.watched.keys().copied().collect();
         let mut pending = Pending::new();
         loop {
+            // Everything read is judged: what may be put back at once is armed.
+            self.arm_images();
             // The earliest held-back repair of a contested chain (or end of a fight).
             let deadline = self.ledger.next_deadline();
             let backoff = tokio::time::sleep_until(tokio::time::Instant::from_std(
@@ -391,7 +398,8 @@ impl<T: Tools> Guard<T> {
             }
             NftEvent::NewGen { gen, pid, process } => {
                 self.images.gen = gen.or(self.images.gen);
-                if pid.is_some_and(|p| self.own.contains(&p)) {
+                let relayers = self.events.as_ref().map_or(&[][..], NftEvents::relayers);
+                if pid.is_some_and(|p| self.own.contains(&p) || relayers.contains(&p)) {
                     // Our own restore: already verified after applying it.
                     self.unseen.retain(|(p, _)| Some(*p) != pid);
                     pending.clear();
@@ -402,7 +410,7 @@ impl<T: Tools> Guard<T> {
                 }
                 // A restore without changes commits nothing: its NEWGEN never comes.
                 self.unseen
-                    .retain(|(_, at)| at.elapsed() < Duration::from_secs(2));
+                    .retain(|(_, at)| at.elapsed() < images::UNSEEN_FOR);
                 let stale = !self.unseen.is_empty();
                 debug!(pid = ?pid, process = ?process, "transaction touched protected chains");
                 // NEWGEN names the process that committed the transaction: the actor of what
@@ -474,6 +482,8 @@ impl<T: Tools> Guard<T> {
     /// kernel as they are) and the ones they newly cover are adopted, both by the table and set
     /// reads below.
     async fn reload(&mut self, r: GuardReload) -> Result<(), GuardError> {
+        // The images are of chains the new config may not protect as the old one did.
+        self.tools.arm(self.owner, None, Vec::new());
         let canonical = self
             .canon
             .canonicalise(&self.tools, &r.chains, &r.sets)
@@ -510,6 +520,7 @@ impl<T: Tools> Guard<T> {
             // Started with no chains: no backend was detected and no socket opened.
             self.backend = self.canon.backend(&self.tools).await;
             if self.backend == Backend::Nft {
+                self.images.gen = self.tools.generation();
                 self.events = Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?);
             }
         }

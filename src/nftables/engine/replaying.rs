@@ -8,9 +8,14 @@
 //! was verified), on lost notifications and on reload; it is taken again the next time the
 //! table is found in sync. The kernel only takes the batch at the generation the engine last
 //! read: a transaction it has not read yet makes it refuse, and `nft -f` repairs as before.
+//!
+//! Between syncs, the images a deletion may put back at once are armed for the responder
+//! ([`crate::nftables::responder`]), which commits them from its own thread at the NEWGEN; the
+//! engine then claims that commit instead of making its own.
 
 use super::{Engine, Planned, Why};
 use crate::model::Mode;
+use crate::nftables::armed::{Armed, Trigger};
 use crate::nftables::events::Event;
 use crate::nftables::listing::ObservedTable;
 use crate::nftables::model::TableKey;
@@ -22,20 +27,29 @@ use crate::nftables::watch::Touched;
 use crate::telemetry::contest::Decision;
 use crate::telemetry::status::NFTABLES_KIND;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// What the engine holds for replays.
 #[derive(Debug, Default)]
 pub(super) struct Images {
-    by_table: HashMap<TableKey, Image>,
+    by_table: HashMap<TableKey, Arc<Image>>,
     /// Tables that cannot have an image, and why (said once; forgotten on reload).
     unfit: HashMap<TableKey, String>,
     /// The generation of the last transaction read.
-    gen: Option<u32>,
+    pub(super) gen: Option<u32>,
 }
 
 impl Images {
+    /// No images yet; the kernel at generation `gen`.
+    pub(super) fn at(gen: Option<u32>) -> Images {
+        Images {
+            gen,
+            ..Images::default()
+        }
+    }
+
     /// Follows one notification: `ended` are the tables a transaction by someone else just
     /// ended on (with whether it deleted them), as [`crate::nftables::watch::Watch`] said.
     pub(super) fn on_event(&mut self, ev: &Event, ended: &[(TableKey, bool)]) {
@@ -82,6 +96,8 @@ pub(super) struct Replayed {
     pub decided: HashMap<String, Decision>,
     /// From the start of the sync to the commit.
     pub took: Duration,
+    /// Deleted tables that may be back all the same: read before they are repaired.
+    pub reread: Vec<TableKey>,
 }
 
 impl<N: Nft> Engine<N> {
@@ -116,7 +132,7 @@ impl<N: Nft> Engine<N> {
         };
         let images: Vec<&Image> = ready
             .iter()
-            .filter_map(|k| self.images.by_table.get(k))
+            .filter_map(|k| self.images.by_table.get(k).map(|i| &**i))
             .collect();
         match self.nft.replay(&images, gen) {
             Ok(tid) => {
@@ -124,6 +140,13 @@ impl<N: Nft> Engine<N> {
                 self.remember_own(Some(tid));
                 self.stats.replays += 1;
                 out.tables = ready.into_iter().collect();
+            }
+            Err(NetlinkError::PartlyReplayed) => {
+                debug!(
+                    kind = NFTABLES_KIND,
+                    "the responder put back only some of the deleted tables: reading them"
+                );
+                out.reread = ready;
             }
             Err(e) => {
                 let raced = matches!(e, NetlinkError::Refused(nix::errno::Errno::ERESTART));
@@ -139,6 +162,30 @@ impl<N: Nft> Engine<N> {
             }
         }
         out
+    }
+
+    /// Arms, for the responder, the image of each table that a deletion now would have put
+    /// back at once ([`Engine::replay_gone`]'s conditions, without deciding anything).
+    pub(super) fn arm_images(&mut self) {
+        let now = Instant::now();
+        let armed = self
+            .images
+            .by_table
+            .iter()
+            .filter(|(key, _)| {
+                self.tables.iter().any(|d| {
+                    &d.key == *key
+                        && d.mode == Mode::Enforce
+                        && !self.stuck.contains(&d.name)
+                        && self.contest.would_repair_now(&d.name, now)
+                })
+            })
+            .map(|(key, image)| Armed {
+                trigger: Trigger::TableGone(key.clone()),
+                image: Arc::clone(image),
+            })
+            .collect();
+        self.nft.arm(self.owner, self.images.gen, armed);
     }
 
     /// A replayed table as restored: what the deletion took is what was put back.
@@ -184,7 +231,7 @@ impl<N: Nft> Engine<N> {
             match self.nft.capture(key, &expected) {
                 Ok(Some(image)) => {
                     debug!(kind = NFTABLES_KIND, table = %key, messages = image.len(), "image taken");
-                    self.images.by_table.insert(key.clone(), image);
+                    self.images.by_table.insert(key.clone(), Arc::new(image));
                 }
                 // Changed since it was read: the next sync tries again.
                 Ok(None)
