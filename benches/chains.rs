@@ -13,6 +13,11 @@
 //!    a busy machine costs a woken process), which a restore into a quiet table does not: what a
 //!    perfectly reactive agent would take. And that kernel cost alone: how long closing a
 //!    netfilter netlink socket blocks at the deletion's NEWGEN (see [`measure_release_wait`]).
+//!    The same deletion and repair once more with chains whose rules are all native nf_tables
+//!    expressions (no `-m comment`, no `MASQUERADE`), 60 runs: iptables-nft writes those two
+//!    as xtables compat expressions, and the kernel makes every rule with a compat expression
+//!    wait, whoever adds it, until the objects a transaction deleted are freed (an RCU grace
+//!    period; `nft_compat_wait_for_destructors`).
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
@@ -33,6 +38,7 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netwarden");
 const RUNS: usize = 200;
+const NATIVE_RUNS: usize = 60;
 const WARMUP: usize = 10;
 
 fn config(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
@@ -132,30 +138,54 @@ fn chain_name(i: usize) -> String {
 
 /// flannel's nat chain and its jump, `CHAINS` times.
 fn chain_spec() -> String {
+    spec_of(
+        &[
+            r#"-s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN"#,
+            r#"-s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully"#,
+        ],
+        JUMP_MATCH,
+    )
+}
+
+/// The same chains with native expressions only.
+fn native_spec() -> String {
+    spec_of(
+        &[
+            "-s 10.244.0.0/16 -d 10.244.0.0/16 -j RETURN",
+            "-s 10.244.0.0/16 ! -d 224.0.0.0/4 -j ACCEPT",
+        ],
+        "",
+    )
+}
+
+/// What flannel's jump matches on besides its target.
+const JUMP_MATCH: &str = r#"-m comment --comment "flanneld masq" "#;
+
+fn spec_of(rules: &[&str], jump_match: &str) -> String {
     let mut spec = String::from("  chains:\n");
     for i in 0..CHAINS {
         let c = chain_name(i);
         spec.push_str(&format!(
-            r#"    - name: flannel-postrtg-{i:02}
-      table: nat
-      chain: {c}
-      rules:
-        - -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
-        - -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
-      jumps:
-        - chain: POSTROUTING
-          rule: -m comment --comment "flanneld masq" -j {c}
-          position: first
-"#
+            "    - name: flannel-postrtg-{i:02}\n      table: nat\n      chain: {c}\n      rules:\n"
+        ));
+        for r in rules {
+            spec.push_str(&format!("        - {r}\n"));
+        }
+        spec.push_str(&format!(
+            "      jumps:\n        - chain: POSTROUTING\n          rule: {jump_match}-j {c}\n          position: first\n"
         ));
     }
     spec
 }
 
-/// flannel's cleanup of one chain, in one transaction.
-fn delete(i: usize) -> String {
+/// flannel's cleanup of one chain, in one transaction (`jump_match`: what its jump matches on).
+fn delete_with(i: usize, jump_match: &str) -> String {
     let c = chain_name(i);
-    format!("*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j {c}\n-F {c}\n-X {c}\nCOMMIT\n")
+    format!("*nat\n-D POSTROUTING {jump_match}-j {c}\n-F {c}\n-X {c}\nCOMMIT\n")
+}
+
+fn delete(i: usize) -> String {
+    delete_with(i, JUMP_MATCH)
 }
 
 /// The agent's repair of deleted chain `c` (as its debug log shows it): the chain declared with
@@ -249,28 +279,28 @@ struct ChainFigures {
     release_wait: Vec<f64>,
 }
 
-fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
-    let ns = Sandbox::create("nw-bench-chains").unwrap();
-    netwarden::netns::enter(&ns.name).unwrap();
+/// The agent started in the namespace this thread is in, protecting `spec`; `runs` deletions
+/// (`delete` of the run's chain), each timed to the agent's repair. Stops the agent.
+fn repaired_runs(
+    rt: &tokio::runtime::Runtime,
+    ns: &str,
+    spec: &str,
+    runs: usize,
+    delete: impl Fn(usize) -> String,
+) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = agent(&ns.name, &config(dir.path(), &chain_spec()));
-    let mut f = ChainFigures {
-        repaired: Vec::new(),
-        restore_alone: Vec::new(),
-        save_and_restore: Vec::new(),
-        reactive: Vec::new(),
-        release_wait: Vec::new(),
-    };
+    let mut child = agent(ns, &config(dir.path(), spec));
+    let mut repaired = Vec::new();
     rt.block_on(async {
         let mut events = Events::subscribe().unwrap();
-        for run in 0..RUNS + WARMUP {
+        for run in 0..runs + WARMUP {
             let deletion = spawn_restore(&delete(run % CHAINS));
             let took = commit_clock::commit_to_commit(&mut events, deletion, None::<fn() -> _>)
                 .await
                 .expect("iptables-nft-restore")
                 .unwrap_or_else(|| panic!("run {run}: no repair seen within 5 s"));
             if run >= WARMUP {
-                f.repaired.push(took);
+                repaired.push(took);
             }
             // Let the agent finish verifying before the next deletion (and keep each chain's
             // deletions more than 2 s apart: 64 chains × 40 ms).
@@ -278,10 +308,32 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
             commit_clock::drain(&mut events).await;
         }
     });
-    // The floors, with the agent gone: it neither reacts to them nor competes for the CPU. The
-    // table holds what it held during the agent's runs.
     let _ = child.kill();
     let _ = child.wait();
+    repaired
+}
+
+/// Native-expression chains deleted and repaired, in a namespace of their own.
+fn native_bench(rt: &tokio::runtime::Runtime) -> Vec<f64> {
+    let ns = Sandbox::create("nw-bench-native").unwrap();
+    netwarden::netns::enter(&ns.name).unwrap();
+    repaired_runs(rt, &ns.name, &native_spec(), NATIVE_RUNS, |i| {
+        delete_with(i, "")
+    })
+}
+
+fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
+    let ns = Sandbox::create("nw-bench-chains").unwrap();
+    netwarden::netns::enter(&ns.name).unwrap();
+    let mut f = ChainFigures {
+        repaired: repaired_runs(rt, &ns.name, &chain_spec(), RUNS, delete),
+        restore_alone: Vec::new(),
+        save_and_restore: Vec::new(),
+        reactive: Vec::new(),
+        release_wait: Vec::new(),
+    };
+    // The floors, with the agent gone: it neither reacts to them nor competes for the CPU. The
+    // table holds what it held during the agent's runs.
     let scratch = "BENCH-SCRATCH";
     let drop_scratch = format!(
         "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j {scratch}\n-F {scratch}\n-X {scratch}\nCOMMIT\n"
@@ -410,7 +462,15 @@ fn main() {
         .build()
         .unwrap();
     // Each part runs in its own thread: each enters its own namespace.
-    let chains = std::thread::spawn(move || chain_bench(&rt)).join().unwrap();
+    let (chains, native) = std::thread::spawn(move || {
+        let chains = chain_bench(&rt);
+        (
+            chains,
+            std::thread::scope(|s| s.spawn(|| native_bench(&rt)).join().unwrap()),
+        )
+    })
+    .join()
+    .unwrap();
     let (restored, own, kids) = std::thread::spawn(set_bench).join().unwrap();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
@@ -428,6 +488,13 @@ fn main() {
         summary(
             "nat chain + jump deleted (one nft transaction) → restored, commit to commit (64 chains protected)",
             chains.repaired
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            "the same with native expressions only (no `-m comment`, no MASQUERADE), commit to commit (64 chains protected)",
+            native
         )
     );
     println!(
