@@ -249,12 +249,18 @@ fn watch_restores(
             continue;
         };
         if removed {
-            timings.entry(id.clone()).or_insert_with(|| Timing {
-                kind: id.kind().as_str(),
-                name: name_of(desired, &id),
-                removed: at,
-                back: None,
-            });
+            // Removed again after it was back: when the agent's repair of a route came before
+            // the batch removed the address, the kernel takes the route with the address. It
+            // is back once the last removal is repaired.
+            timings
+                .entry(id.clone())
+                .and_modify(|t| t.back = None)
+                .or_insert_with(|| Timing {
+                    kind: id.kind().as_str(),
+                    name: name_of(desired, &id),
+                    removed: at,
+                    back: None,
+                });
         } else if let Some(t) = timings.get_mut(&id) {
             t.back.get_or_insert(at);
         }

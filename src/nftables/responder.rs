@@ -193,8 +193,16 @@ fn start() -> io::Result<Arc<Shared>> {
     socket.set_non_blocking(true)?;
     let cpus = allowed_cpus();
     let mut wakes = Vec::with_capacity(cpus.len());
-    for _ in &cpus {
-        wakes.push(wake_socket()?);
+    for cpu in cpus {
+        match wake_socket() {
+            Ok(s) => wakes.push((cpu, s)),
+            // Out of descriptors, say: fewer sentinels, not none.
+            Err(e) if !wakes.is_empty() => {
+                warn!(error = %e, sentinels = wakes.len(), "fewer nf_tables sentinels than CPUs");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
     }
     let mut conn = Conn::open()?;
     // Read after subscribing: an engine's claim at a later generation waits for its NEWGEN.
@@ -203,11 +211,11 @@ fn start() -> io::Result<Arc<Shared>> {
         .map_err(|e| io::Error::other(e.to_string()))?;
     // Each sentinel says who it is before it is given the state that names them all.
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let mut handing = Vec::with_capacity(cpus.len());
-    for (cpu, wake) in cpus.into_iter().zip(wakes) {
+    let mut handing = Vec::with_capacity(wakes.len());
+    for (cpu, wake) in wakes {
         let (shared_tx, shared_rx) = std::sync::mpsc::sync_channel::<Arc<Shared>>(1);
         let tid_tx = tid_tx.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(cpu.map_or("nft-sentinel".into(), |c| format!("nft-sentinel{c}")))
             .stack_size(256 * 1024)
             .spawn(move || {
@@ -223,8 +231,15 @@ fn start() -> io::Result<Arc<Shared>> {
                     // The engines' queues close: they see the failure as their socket's.
                     s.reader().relays.clear();
                 }
-            })?;
-        handing.push(shared_tx);
+            });
+        match spawned {
+            Ok(_) => handing.push(shared_tx),
+            Err(e) if !handing.is_empty() => {
+                warn!(error = %e, sentinels = handing.len(), "fewer nf_tables sentinels than CPUs");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
     }
     drop(tid_tx);
     let tids: Vec<u32> = tid_rx.iter().take(handing.len()).collect();
