@@ -341,21 +341,15 @@ fn wake_socket() -> io::Result<Socket> {
     let mut s = Socket::new(NETLINK_NETFILTER)?;
     s.bind_auto()?;
     s.set_rx_buf_sz(256 * 1024)?;
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
-    // The filter reads the header in network order; the type is in the host's.
-    let newgen = u32::from(u16::from_be_bytes(NEWGEN_TYPE.to_ne_bytes()));
-    let program = [
-        op(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, 0, 0, 4),
-        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, newgen),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
-    ];
-    crate::observe::kernel::attach(s.as_fd(), &program)?;
+    use crate::observe::bpf::{self, Insn};
+    // `nlmsg_type` is at offset 4 of the netlink header.
+    let program = bpf::assemble(&[
+        Insn::Ld(bpf::BPF_H, 4),
+        Insn::Jeq(bpf::be16(NEWGEN_TYPE), 2, 3),
+        Insn::Ret(u32::MAX),
+        Insn::Ret(0),
+    ]);
+    bpf::attach(s.as_fd(), &program)?;
     s.add_membership(GROUP_NFTABLES)?;
     Ok(s)
 }

@@ -81,17 +81,7 @@ const RT_TABLE_COMPAT: u32 = 252;
 /// Offsets are into the netlink header (16 bytes; `nlmsg_type` at 4, `nlmsg_pid` at 12) and the
 /// `rtmsg` after it (`rtm_table` at 16 + 4). A multicast notification is one message per skb.
 pub fn event_program(own: Option<u32>, tables: Option<&[u32]>) -> Vec<nix::libc::sock_filter> {
-    use nix::libc::{BPF_ABS, BPF_B, BPF_H, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
-    // An instruction; jumps are to absolute indexes here, made relative at the end.
-    enum I {
-        Ld(u32, u32),
-        Jeq(u32, usize, usize),
-        Ret(u32),
-    }
-    // `ld` of a half word or word reads network byte order, the kernel wrote host order: compare
-    // with the same bytes read big-endian.
-    let be16 = |v: u16| u32::from(u16::from_be_bytes(v.to_ne_bytes()));
-    let be32 = |v: u32| u32::from_be_bytes(v.to_ne_bytes());
+    use super::bpf::{assemble, be16, be32, Insn as I, BPF_B, BPF_H, BPF_W};
     let mut wanted: Vec<u32> = Vec::new();
     if let Some(tables) = tables {
         for &t in tables {
@@ -131,59 +121,13 @@ pub fn event_program(own: Option<u32>, tables: Option<&[u32]>) -> Vec<nix::libc:
     if own.is_none() && tables.is_none() {
         code = vec![I::Ret(u32::MAX)];
     }
-    let op = |code: u32, jt: u8, jf: u8, k: u32| nix::libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
-    code.iter()
-        .enumerate()
-        .map(|(at, i)| match *i {
-            I::Ld(size, offset) => op(BPF_LD | size | BPF_ABS, 0, 0, offset),
-            I::Jeq(k, t, f) => op(
-                BPF_JMP | BPF_JEQ | BPF_K,
-                (t - at - 1) as u8,
-                (f - at - 1) as u8,
-                k,
-            ),
-            I::Ret(k) => op(BPF_RET | BPF_K, 0, 0, k),
-        })
-        .collect()
-}
-
-/// Attaches (or replaces: the kernel swaps programs atomically) a socket filter.
-pub(crate) fn attach(
-    sock: std::os::fd::BorrowedFd<'_>,
-    code: &[nix::libc::sock_filter],
-) -> std::io::Result<()> {
-    use nix::libc;
-    use std::os::fd::AsRawFd;
-    let prog = libc::sock_fprog {
-        len: code.len() as u16,
-        filter: code.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: `prog` points at `code`, both alive for the call; the kernel copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            &prog as *const libc::sock_fprog as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    assemble(&code)
 }
 
 /// Makes the kernel drop the notifications of changes made through the netlink socket with port
 /// id `port` (see [`event_program`]).
 pub fn ignore_own_changes(sock: std::os::fd::BorrowedFd<'_>, port: u32) -> std::io::Result<()> {
-    attach(sock, &event_program(Some(port), None))
+    super::bpf::attach(sock, &event_program(Some(port), None))
 }
 
 /// The event socket's filter, kept to narrow or widen what it lets through later.
@@ -214,7 +158,7 @@ impl EventFilter {
             return false;
         }
         let code = event_program(self.own, tables);
-        match attach(self.fd.as_fd(), &code) {
+        match super::bpf::attach(self.fd.as_fd(), &code) {
             Ok(()) => {
                 debug!(?tables, "route notifications let through");
                 self.tables = tables.map(<[u32]>::to_vec);

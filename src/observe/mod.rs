@@ -1,5 +1,6 @@
 //! Observing the kernel: decoding rtnetlink messages, the mirror they feed, and the sockets.
 
+pub mod bpf;
 pub mod decode;
 pub mod events;
 pub mod kernel;
