@@ -17,7 +17,9 @@
 //!    expressions (no `-m comment`, no `MASQUERADE`), 60 runs: iptables-nft writes those two
 //!    as xtables compat expressions, and the kernel makes every rule with a compat expression
 //!    wait, whoever adds it, until the objects a transaction deleted are freed (an RCU grace
-//!    period; `nft_compat_wait_for_destructors`).
+//!    period; `nft_compat_wait_for_destructors`). The agent puts flannel's chains back by
+//!    renaming their spares (`netwarden::nftables::spare`), which creates no such expression:
+//!    the runs start once all 64 spares are made.
 //! 2. A protected 10,000-member set: one member removed → time until it is back (polled every
 //!    `pollInterval` = 1 s); and the CPU the agent spends polling the quiet set for 20 s, from
 //!    /proc/PID/stat (own and reaped children's time: the ipset processes it runs).
@@ -281,15 +283,35 @@ struct ChainFigures {
 
 /// The agent started in the namespace this thread is in, protecting `spec`; `runs` deletions
 /// (`delete` of the run's chain), each timed to the agent's repair. Stops the agent.
+/// Waits (30 s at most) until the nat table of the namespace this thread is in holds
+/// `n` of the agent's spares: the chains it renames into a deleted chain.
+fn wait_for_spares(n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("nft")
+            .args(["list", "chains", "ip"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let made = text.matches("chain NETWARDEN-SPARE-").count();
+        if made == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{made} spares of {n} made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn repaired_runs(
     rt: &tokio::runtime::Runtime,
     ns: &str,
-    spec: &str,
+    (spec, spares): (&str, usize),
     runs: usize,
     delete: impl Fn(usize) -> String,
 ) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let mut child = agent(ns, &config(dir.path(), spec));
+    wait_for_spares(spares);
     let mut repaired = Vec::new();
     rt.block_on(async {
         let mut events = Events::subscribe().unwrap();
@@ -317,7 +339,7 @@ fn repaired_runs(
 fn native_bench(rt: &tokio::runtime::Runtime) -> Vec<f64> {
     let ns = Sandbox::create("nw-bench-native").unwrap();
     netwarden::netns::enter(&ns.name).unwrap();
-    repaired_runs(rt, &ns.name, &native_spec(), NATIVE_RUNS, |i| {
+    repaired_runs(rt, &ns.name, (&native_spec(), 0), NATIVE_RUNS, |i| {
         delete_with(i, "")
     })
 }
@@ -326,7 +348,7 @@ fn chain_bench(rt: &tokio::runtime::Runtime) -> ChainFigures {
     let ns = Sandbox::create("nw-bench-chains").unwrap();
     netwarden::netns::enter(&ns.name).unwrap();
     let mut f = ChainFigures {
-        repaired: repaired_runs(rt, &ns.name, &chain_spec(), RUNS, delete),
+        repaired: repaired_runs(rt, &ns.name, (&chain_spec(), CHAINS), RUNS, delete),
         restore_alone: Vec::new(),
         save_and_restore: Vec::new(),
         reactive: Vec::new(),

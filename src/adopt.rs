@@ -88,6 +88,7 @@ impl ChainSelector {
         key.family == self.family
             && self.tables.contains(&key.table)
             && !key.table.is_builtin(&key.chain)
+            && !crate::netfilter::model::is_spare(&key.chain)
             && self.names.iter().any(|p| device_matches(p, &key.chain))
     }
 }
@@ -493,6 +494,13 @@ mod tests {
         assert!(
             select_chain(&[builtin], &key(Table::Nat, "POSTROUTING")).is_none(),
             "builtin chains are never adopted"
+        );
+        let mut all = s.clone();
+        all.chains.as_mut().unwrap().names = vec!["*".into()];
+        assert!(select_chain(std::slice::from_ref(&all), &key(Table::Nat, "FLANNEL")).is_some());
+        assert!(
+            select_chain(&[all], &key(Table::Nat, "NETWARDEN-SPARE-0A1B2C3D")).is_none(),
+            "netwarden's own spares are never adopted"
         );
         assert!(select_set(sels, "kube-router-y").is_some());
         assert!(select_set(sels, "KUBE-ROUTER-Y").is_none());

@@ -247,7 +247,8 @@ pub fn render_chains(
     let mut body = String::new();
     for (id, table) in saved {
         for (chain, c) in &table.chains {
-            if c.builtin || !matches(re, chain) {
+            // netwarden's own spares are not the node's state.
+            if c.builtin || !matches(re, chain) || crate::netfilter::model::is_spare(chain) {
                 continue;
             }
             let name = object_name(&[
@@ -377,6 +378,21 @@ mod tests {
         -A CNI-1234 -d 10.88.0.0/16 -j ACCEPT\n\
         -A CNI-1234 ! -d 224.0.0.0/4 -j MASQUERADE\n\
         -A OTHER -j CNI-1234\nCOMMIT\n";
+
+    #[test]
+    fn netwardens_own_spares_are_not_snapshotted() {
+        let save = "*nat\n:POSTROUTING ACCEPT [0:0]\n:NETWARDEN-SPARE-0A1B2C3D - [0:0]\n\
+            :NAT-X - [0:0]\n-A NETWARDEN-SPARE-0A1B2C3D -j MASQUERADE\n-A NAT-X -j MASQUERADE\nCOMMIT\n";
+        let mut saved = BTreeMap::new();
+        let nat = TableId {
+            family: Family::Ipv4,
+            table: Table::Nat,
+        };
+        saved.insert(nat, parse::iptables_save(save).unwrap()["nat"].clone());
+        let yaml = render_chains(&saved, &selector("N").unwrap(), Content::Contains);
+        assert!(yaml.contains("chain: 'NAT-X'"), "{yaml}");
+        assert!(!yaml.contains("NETWARDEN-SPARE"), "{yaml}");
+    }
 
     #[test]
     fn chains_snapshot_validates_and_keeps_rules_verbatim() {

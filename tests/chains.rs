@@ -3,14 +3,46 @@
 
 mod common;
 use common::*;
+use std::collections::BTreeMap;
 
-/// The `-A` lines of one table, as `iptables-save` prints them.
+/// The `-A` lines of one table, as `iptables-save` prints them, without netwarden's spares (see `spares`).
 fn saved(ns: &Sandbox, save: &str, table: &str) -> Vec<String> {
     must(ns, &[save, "-t", table])
         .lines()
-        .filter(|l| l.starts_with("-A "))
+        .filter(|l| l.starts_with("-A ") && !l.starts_with("-A NETWARDEN-SPARE-"))
         .map(str::to_owned)
         .collect()
+}
+
+/// netwarden's spares in a table: chain name, then its rules as `iptables-save` prints them
+/// with the spare's name replaced by `SPARE`.
+fn spares(ns: &Sandbox, table: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in must(ns, &["iptables-nft-save", "-t", table]).lines() {
+        if let Some(chain) = l.strip_prefix(":NETWARDEN-SPARE-") {
+            let name = chain.split(' ').next().unwrap_or_default();
+            out.entry(format!("NETWARDEN-SPARE-{name}")).or_default();
+        }
+        if let Some(rest) = l.strip_prefix("-A NETWARDEN-SPARE-") {
+            let (name, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.entry(format!("NETWARDEN-SPARE-{name}"))
+                .or_default()
+                .push(format!("-A SPARE {rule}"));
+        }
+    }
+    out
+}
+
+/// The handle nf_tables gave a chain (`nft -a`), if it exists.
+fn chain_handle(ns: &Sandbox, chain: &str) -> Option<String> {
+    let (ok, out) = exec(ns, &["nft", "-a", "list", "chain", "ip", "nat", chain]);
+    if !ok {
+        return None;
+    }
+    let head = out
+        .lines()
+        .find(|l| l.contains(&format!("chain {chain} ")))?;
+    head.split("# handle ").nth(1).map(|h| h.trim().to_owned())
 }
 
 fn members(ns: &Sandbox, set: &str) -> Vec<String> {
@@ -190,12 +222,23 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
     agent.wait_log_all(&["image taken", "name=flannel-postrtg"]);
     agent.wait_log("chains and sets in sync");
+    // The chain's rules hold xtables extensions (the comment, MASQUERADE): a spare is made, a
+    // copy of the chain that nothing jumps to.
+    agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
     let before = saved(&ns, "iptables-nft-save", "nat");
     assert_eq!(chain_lines(&before, "POSTROUTING")[0], JUMP);
+    let spare_rules: Vec<String> = flannel_lines()
+        .iter()
+        .map(|l| l.replace("-A FLANNEL-POSTRTG ", "-A SPARE "))
+        .collect();
+    let made = spares(&ns, "nat");
+    let (spare, rules) = made.first_key_value().expect("a spare");
+    assert_eq!((made.len(), rules), (1, &spare_rules), "{made:?}");
+    let spare_handle = chain_handle(&ns, spare).unwrap();
 
-    // flannel's cleanup in one transaction: jump, rules and chain. Put back from the image, as
-    // it was (the jump first, the rules in order), before anything is read: by the responder,
-    // at the deletion's NEWGEN, once the guard has armed it.
+    // flannel's cleanup in one transaction: jump, rules and chain. Put back, as it was (the
+    // jump first, the rules in order), by the responder at the deletion's NEWGEN, once the
+    // guard has armed it: the spare renamed into the chain, the jump written again.
     agent.wait_log_all(&["images armed", "armed=2"]);
     must_feed(
         &ns,
@@ -203,9 +246,42 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
         "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
     );
     agent.wait_log_all(&["responder committed images", "Committed"]);
-    let line = agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"image\""]);
+    let line = agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"spare\""]);
     assert!(line.contains("what=chain missing"), "{line}");
     assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+    assert_eq!(
+        chain_handle(&ns, "FLANNEL-POSTRTG").as_ref(),
+        Some(&spare_handle),
+        "the spare itself, renamed"
+    );
+    // flannel's own check of its jump still finds it.
+    must(
+        &ns,
+        &[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-C",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "flanneld masq",
+            "-j",
+            "FLANNEL-POSTRTG",
+        ],
+    );
+    // A new spare is made, under the same name.
+    agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
+    let again = spares(&ns, "nat");
+    assert_eq!(again.get(spare), Some(&spare_rules), "{again:?}");
+    assert_ne!(chain_handle(&ns, spare), Some(spare_handle));
+
+    // Someone flushes the spare: it is made again, whole.
+    must(&ns, &["iptables-nft", "-t", "nat", "-F", spare]);
+    wait_until("the spare made again", || {
+        spares(&ns, "nat").get(spare) == Some(&spare_rules)
+    });
 
     // A stranger's rule in the exact chain: removed with iptables-restore, which drops the
     // image (the chain is what the guard wrote); verified in sync, a new one is taken.
@@ -224,6 +300,53 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     agent.wait_log_all(&["restored", "names=flannel-postrtg", "via=\"restore\""]);
     agent.wait_log_all(&["image taken", "name=flannel-postrtg"]);
     assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+
+    // Stopped, netwarden leaves no spare behind.
+    assert!(agent.terminate(), "the agent stops on SIGTERM");
+    assert_eq!(spares(&ns, "nat"), BTreeMap::new());
+    assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+}
+
+/// The shell block of docs/operator-guide.md that deletes spares by hand.
+fn documented_spare_cleanup() -> String {
+    let guide = include_str!("../docs/operator-guide.md");
+    guide
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("NETWARDEN-SPARE-"))
+        .expect("a cleanup block in the operator guide")
+        .to_owned()
+}
+
+#[test]
+fn a_killed_agents_spares_go_at_the_next_start_or_with_the_documented_commands() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FLANNEL_SPEC);
+    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
+    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
+    let before = saved(&ns, "iptables-nft-save", "nat");
+    let made = spares(&ns, "nat");
+    assert_eq!(made.len(), 1, "{made:?}");
+    // Killed (SIGKILL): nothing deletes its spare.
+    drop(agent);
+    assert_eq!(spares(&ns, "nat"), made);
+    // The next start deletes it first, then makes its own.
+    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    agent.wait_log("spares deleted");
+    agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
+    assert_eq!(spares(&ns, "nat"), made, "one, under the same name");
+    drop(agent);
+    // By hand, as the operator guide says: only the spare goes.
+    must(&ns, &["sh", "-c", &documented_spare_cleanup()]);
+    assert_eq!(spares(&ns, "nat"), BTreeMap::new());
+    assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+    assert_eq!(
+        chain_lines(&saved(&ns, "iptables-nft-save", "nat"), "FLANNEL-POSTRTG"),
+        flannel_lines()
+    );
 }
 
 #[test]

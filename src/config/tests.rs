@@ -785,6 +785,10 @@ mod netfilter {
             "never flushes builtin chains",
         );
         assert_one(&errors, "spec.chains[2].chain", "built-in target");
+        let spare = invalid(
+            "spec:\n  chains:\n    - name: s\n      table: nat\n      chain: NETWARDEN-SPARE-0A1B2C3D\n",
+        );
+        assert_one(&spare, "spec.chains[0].chain", "netwarden's own spares");
         assert_one(
             &errors,
             "spec.chains[3].jumps[0].chain",

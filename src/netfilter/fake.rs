@@ -59,6 +59,18 @@ pub struct FakeState {
     pub replay_partly: bool,
     /// The last arming: at which generation, what.
     pub armed: Option<(Option<u32>, Vec<Trigger>)>,
+    /// Images hold rules with xtables extensions (flannel's), and spares are made.
+    pub spares: bool,
+    /// Spares made: (name, generation).
+    pub spares_made: Vec<(String, u32)>,
+    /// Spare deletions: (table, spares kept).
+    pub spares_dropped: Vec<(TableId, Vec<String>)>,
+    /// What each replay committed: its images' message counts.
+    pub replayed: Vec<Vec<usize>>,
+    /// The next replay only is refused with this.
+    pub replay_refused_once: Option<nix::errno::Errno>,
+    /// Spares are refused with this.
+    pub spare_refused: Option<nix::errno::Errno>,
 }
 
 #[derive(Default)]
@@ -388,16 +400,49 @@ impl Tools for FakeTools {
     ) -> Result<Option<Image>, NetlinkError> {
         self.with(|s| {
             s.captures += 1;
-            Ok(s.image
-                .as_ref()
-                .map(|_| Image::of_chain(Msg::default(), Vec::new(), Vec::new())))
+            let image = match s.spares {
+                true => crate::nftables::spare::build_for_tests::flannel(),
+                false => Image::of_chain(Msg::default(), Vec::new(), Vec::new()),
+            };
+            Ok(s.image.as_ref().map(|_| image))
         })
     }
 
-    fn replay(&self, _images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
+    fn make_spare(
+        &self,
+        _backend: Backend,
+        _table: TableId,
+        spare: &str,
+        _build: &Image,
+        genid: u32,
+    ) -> Result<Option<(u64, u32)>, NetlinkError> {
+        self.with(|s| {
+            if !s.spares {
+                return Ok(None);
+            }
+            if let Some(e) = s.spare_refused {
+                return Err(NetlinkError::Refused(e));
+            }
+            s.spares_made.push((spare.to_owned(), genid));
+            Ok(Some((77, 4242)))
+        })
+    }
+
+    fn drop_spares(
+        &self,
+        _backend: Backend,
+        table: TableId,
+        keep: &[String],
+    ) -> Result<Option<u32>, NetlinkError> {
+        self.with(|s| s.spares_dropped.push((table, keep.to_vec())));
+        Ok(None)
+    }
+
+    fn replay(&self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
         self.with(|s| {
             s.replays.push(genid);
-            if let Some(e) = s.replay_refused {
+            s.replayed.push(images.iter().map(|i| i.len()).collect());
+            if let Some(e) = s.replay_refused.or(s.replay_refused_once.take()) {
                 return Err(NetlinkError::Refused(e));
             }
             let input = s.image.clone().unwrap_or_default();

@@ -453,6 +453,14 @@ const SET_MAX: usize = 31;
 /// Targets iptables reserves: a chain cannot be called that.
 const RESERVED: &[&str] = &["ACCEPT", "DROP", "RETURN", "QUEUE", "CONTINUE"];
 
+/// What the names of netwarden's own chains start with: the spares of protected chains
+/// ([`crate::nftables::spare`]), which no config protects and no selector adopts.
+pub const SPARE_PREFIX: &str = "NETWARDEN-SPARE-";
+
+pub fn is_spare(chain: &str) -> bool {
+    chain.starts_with(SPARE_PREFIX)
+}
+
 /// The check `spec.chains[].chain` gets; names of adopted chains go through it too, as they end
 /// up in `iptables-restore` input.
 pub fn valid_chain_name(s: &str) -> Result<String, String> {
@@ -468,6 +476,11 @@ pub fn valid_chain_name(s: &str) -> Result<String, String> {
     }
     if RESERVED.contains(&s) {
         return Err(format!("`{s}` is a built-in target, not a chain name"));
+    }
+    if is_spare(s) {
+        return Err(format!(
+            "`{s}`: chains named {SPARE_PREFIX}… are netwarden's own spares"
+        ));
     }
     Ok(s.to_owned())
 }

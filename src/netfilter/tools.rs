@@ -149,6 +149,29 @@ pub trait Tools {
     ) -> Result<Option<Image>, NetlinkError> {
         Ok(None)
     }
+    /// Creates (or replaces) a spare ([`crate::nftables::spare`]) with `build`, in one
+    /// transaction at generation `genid`; returns its handle and the id nf_tables names in the
+    /// transaction's NEWGEN. `None` where spares are not made.
+    fn make_spare(
+        &self,
+        _backend: Backend,
+        _table: TableId,
+        _spare: &str,
+        _build: &Image,
+        _genid: u32,
+    ) -> Result<Option<(u64, u32)>, NetlinkError> {
+        Ok(None)
+    }
+    /// Deletes every spare in `table` but those in `keep`, in one transaction; returns the id
+    /// nf_tables names in its NEWGEN, if it deleted any.
+    fn drop_spares(
+        &self,
+        _backend: Backend,
+        _table: TableId,
+        _keep: &[String],
+    ) -> Result<Option<u32>, NetlinkError> {
+        Ok(None)
+    }
     /// Commits chain images in one transaction at generation `genid`; returns the id that
     /// nf_tables names in its NEWGEN.
     fn replay(&self, _images: &[&Image], _genid: u32) -> Result<u32, NetlinkError> {
@@ -336,13 +359,43 @@ impl Tools for Binaries {
         if backend != Backend::Nft {
             return Ok(None);
         }
-        let family = match table.family {
-            Family::Ipv4 => 2,
-            Family::Ipv6 => 10,
-        };
+        let family = nfproto(table.family);
         crate::nftables::netlink::shared(|c| {
             c.capture_chain(family, table.table.as_str(), chain, rules, jumps)
         })
+    }
+
+    fn make_spare(
+        &self,
+        backend: Backend,
+        table: TableId,
+        spare: &str,
+        build: &Image,
+        genid: u32,
+    ) -> Result<Option<(u64, u32)>, NetlinkError> {
+        if backend != Backend::Nft {
+            return Ok(None);
+        }
+        let family = nfproto(table.family);
+        let name = table.table.as_str();
+        let handle =
+            crate::nftables::netlink::shared(|c| c.make_spare(family, name, spare, build, genid))?;
+        Ok(Some((handle, nix::unistd::gettid().as_raw() as u32)))
+    }
+
+    fn drop_spares(
+        &self,
+        backend: Backend,
+        table: TableId,
+        keep: &[String],
+    ) -> Result<Option<u32>, NetlinkError> {
+        if backend != Backend::Nft {
+            return Ok(None);
+        }
+        let family = nfproto(table.family);
+        let name = table.table.as_str();
+        let dropped = crate::nftables::netlink::shared(|c| c.drop_spares(family, name, keep))?;
+        Ok((dropped > 0).then(|| nix::unistd::gettid().as_raw() as u32))
     }
 
     fn replay(&self, images: &[&Image], genid: u32) -> Result<u32, NetlinkError> {
@@ -355,6 +408,14 @@ impl Tools for Binaries {
 
     fn generation(&self) -> Option<u32> {
         crate::nftables::netlink::shared(|c| c.generation()).ok()
+    }
+}
+
+/// The NFPROTO_* number of an iptables family.
+fn nfproto(family: Family) -> u8 {
+    match family {
+        Family::Ipv4 => 2,
+        Family::Ipv6 => 10,
     }
 }
 

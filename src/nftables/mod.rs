@@ -5,6 +5,7 @@
 //! Pure: [`model`], [`text`] (what may go into a transaction), [`schema`] (hooks, priorities,
 //! element types), [`listing`] (`nft list` output), [`plan`] (the diff), [`render`] (the `nft -f`
 //! transaction), [`replay`] (a table's last verified image and the batch that restores it),
+//! [`spare`] (an iptables-nft chain's spare and the batch that renames it into the chain),
 //! [`watch`] (which tables the notifications touched), [`armed`] (which armed image a
 //! transaction fires). Effectful: [`runner`] (the `nft` binary and the agent's own netlink
 //! socket, [`netlink`], behind a trait tests can fake), [`events`] (the nf_tables notification
@@ -23,5 +24,6 @@ pub mod replay;
 pub mod responder;
 pub mod runner;
 pub mod schema;
+pub mod spare;
 pub mod text;
 pub mod watch;

@@ -6,6 +6,7 @@
 
 use super::model::TableKey;
 use super::replay::{self, Census, Dump, Image, Msg, Unfit, F_REQUEST, SUBSYS_NFTABLES};
+use super::spare;
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
 use std::io;
 use std::os::fd::AsFd;
@@ -26,6 +27,7 @@ const NLMSG_DONE: u16 = 3;
 /// Attribute 1 names the table in tables, chains, rules, sets and element lists.
 const ATTR_TABLE: u16 = 1;
 const ELEM_LIST_SET: u16 = 2;
+const CHAIN_HANDLE: u16 = 2;
 const CHAIN_NAME: u16 = 3;
 const RULE_CHAIN: u16 = 2;
 
@@ -179,6 +181,78 @@ impl Conn {
             return Err(NetlinkError::Changed);
         }
         Ok(Some(Image::of_chain(msg, own, to)))
+    }
+
+    /// Creates a spare ([`super::spare`]) with `build` at generation `genid`, replacing one
+    /// of that name in the same transaction; returns its handle.
+    pub fn make_spare(
+        &mut self,
+        family: u8,
+        table: &str,
+        spare: &str,
+        build: &Image,
+        genid: u32,
+    ) -> Result<u64, NetlinkError> {
+        let there = self.chain_handle(family, table, spare)?.is_some();
+        let removal = spare::removal(family, table, spare);
+        let images: Vec<&Image> = match there {
+            true => vec![&removal, build],
+            false => vec![build],
+        };
+        self.commit(&images, genid)?;
+        self.chain_handle(family, table, spare)?
+            .ok_or(NetlinkError::Changed)
+    }
+
+    /// The handle of chain `chain`, if it exists.
+    fn chain_handle(
+        &mut self,
+        family: u8,
+        table: &str,
+        chain: &str,
+    ) -> Result<Option<u64>, NetlinkError> {
+        let mut named = Vec::new();
+        replay::put_attr(&mut named, ATTR_TABLE, &c_str(table));
+        replay::put_attr(&mut named, CHAIN_NAME, &c_str(chain));
+        let mut gens = Vec::new();
+        let found = match self.request(GETCHAIN, F_ACK, family, &named, &mut gens) {
+            Ok(found) => found,
+            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(found
+            .iter()
+            .find_map(|m| replay::attr(&m.attrs, CHAIN_HANDLE).and_then(|h| h.get(..8)))
+            .map(|h| u64::from_be_bytes(h.try_into().unwrap())))
+    }
+
+    /// Deletes every spare in the table but those in `keep`; returns how many it deleted.
+    pub fn drop_spares(
+        &mut self,
+        family: u8,
+        table: &str,
+        keep: &[String],
+    ) -> Result<usize, NetlinkError> {
+        let mut name = Vec::new();
+        replay::put_attr(&mut name, ATTR_TABLE, &c_str(table));
+        let mut gens = Vec::new();
+        let chains = match self.request(GETCHAIN, F_DUMP, family, &name, &mut gens) {
+            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => return Ok(0),
+            r => r?,
+        };
+        let doomed: Vec<Image> = chains
+            .iter()
+            .filter(|m| replay::attr(&m.attrs, ATTR_TABLE) == Some(&c_str(table)[..]))
+            .filter_map(|m| replay::attr(&m.attrs, CHAIN_NAME).map(super::events::string))
+            .filter(|n| spare::is_spare(n) && !keep.contains(n))
+            .map(|n| spare::removal(family, table, &n))
+            .collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        // Unconditional (generation 0): a spare is netwarden's whatever else changed.
+        self.commit(&doomed.iter().collect::<Vec<_>>(), 0)?;
+        Ok(doomed.len())
     }
 
     /// The rules of one chain, in order.

@@ -29,8 +29,9 @@ const BATCH_GENID: u16 = 1;
 
 pub(crate) const F_REQUEST: u16 = 0x1;
 const F_ACK: u16 = 0x4;
-const F_CREATE: u16 = 0x400;
-const F_APPEND: u16 = 0x800;
+pub(crate) const F_EXCL: u16 = 0x200;
+pub(crate) const F_CREATE: u16 = 0x400;
+pub(crate) const F_APPEND: u16 = 0x800;
 
 // Attributes (uapi/linux/netfilter/nf_tables.h).
 const TABLE_FLAGS: u16 = 2;
@@ -183,7 +184,10 @@ pub struct Dump {
 /// with their flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
-    requests: Vec<(Msg, u16)>,
+    pub(super) requests: Vec<(Msg, u16)>,
+    /// For the image of one chain: how many of the requests after the chain's are its rules
+    /// (the jumps follow them).
+    pub(super) chain_rules: Option<usize>,
 }
 
 impl Image {
@@ -239,7 +243,10 @@ impl Image {
                 .into_iter()
                 .map(|m| (strip(m, &RULE_ONLY), F_CREATE | F_APPEND)),
         );
-        Ok(Image { requests })
+        Ok(Image {
+            requests,
+            chain_rules: None,
+        })
     }
 
     /// The image of one chain (an iptables-nft chain): the chain, its rules appended in order,
@@ -247,6 +254,7 @@ impl Image {
     /// appended. The chain's table is not in it: a chain is only replayed into a table that
     /// is still there.
     pub fn of_chain(chain: Msg, rules: Vec<Msg>, jumps: Vec<(Msg, bool)>) -> Image {
+        let chain_rules = Some(rules.len());
         let mut requests = vec![(strip(chain, &CHAIN_ONLY), F_CREATE)];
         requests.extend(
             rules
@@ -258,7 +266,10 @@ impl Image {
             let flags = if first { F_CREATE } else { F_CREATE | F_APPEND };
             (strip(m, &RULE_ONLY), flags)
         }));
-        Image { requests }
+        Image {
+            requests,
+            chain_rules,
+        }
     }
 
     /// Messages the image sends.
@@ -348,7 +359,7 @@ fn strip(m: Msg, types: &[u16]) -> Msg {
 }
 
 /// Attributes with their headers: (type with its flag bits, the attribute unpadded).
-fn raw_attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(crate) fn raw_attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
     while b.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
@@ -392,7 +403,7 @@ pub fn jumps_to(rule: &Msg, chain: &str) -> bool {
     })
 }
 
-fn u32_be(b: Option<&[u8]>) -> Option<u32> {
+pub(crate) fn u32_be(b: Option<&[u8]>) -> Option<u32> {
     Some(u32::from_be_bytes(b?.get(..4)?.try_into().ok()?))
 }
 

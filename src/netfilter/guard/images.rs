@@ -39,11 +39,30 @@ pub(super) const UNSEEN_FOR: std::time::Duration = std::time::Duration::from_sec
 #[derive(Debug, Default)]
 pub(super) struct ChainImages {
     /// By the protected chain's name (its entry's `name`).
-    by_chain: HashMap<String, Arc<Image>>,
+    pub(super) by_chain: HashMap<String, Arc<Image>>,
     /// Chains that cannot have an image now, and why (tried again once the chain changes).
-    unfit: HashMap<String, String>,
+    pub(super) unfit: HashMap<String, String>,
     /// The generation of the last transaction read.
     pub(super) gen: Option<u32>,
+    /// The spare of each chain that has one ([`crate::nftables::spare`]), by the protected
+    /// chain's name.
+    pub(super) spares: HashMap<String, Spare>,
+    /// Chains that get no spare now, and why (tried again once their image is taken again).
+    pub(super) no_spare: HashMap<String, String>,
+    /// When someone else last touched a chain's spare: it is made again only
+    /// [`SPARE_AGAIN_AFTER`] later.
+    pub(super) spare_touched: HashMap<String, Instant>,
+}
+
+/// How long a spare someone else touched is left before it is made again: two agents on one
+/// node (a DaemonSet's surge) would otherwise replace each other's spares back and forth.
+pub(super) const SPARE_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A spare in the kernel, and the image that puts its chain back from it.
+#[derive(Debug)]
+pub(super) struct Spare {
+    pub(super) name: String,
+    pub(super) swap: Arc<Image>,
 }
 
 impl ChainImages {
@@ -55,21 +74,42 @@ impl ChainImages {
         }
     }
 
+    /// What a protected chain is put back from: its spare, or else its image.
+    pub(super) fn best(&self, name: &str) -> Option<&Arc<Image>> {
+        match self.spares.get(name) {
+            Some(s) => Some(&s.swap),
+            None => self.by_chain.get(name),
+        }
+    }
+
     /// A transaction by someone else ended: the chains it changed without deleting them are no
-    /// longer their image.
+    /// longer their image, and spares it touched are no longer copies.
     pub(super) fn forget_changed(&mut self, chains: &[DesiredChain], id: TableId, t: &Touches) {
         for c in chains.iter().filter(|c| c.key.table_id() == id) {
             let chain = &c.key.chain;
             if t.table || (t.changed.contains(chain) && !t.deleted.contains(chain)) {
                 self.by_chain.remove(&c.name);
                 self.unfit.remove(&c.name);
+                self.forget_spare(&c.name);
+            }
+            let touched = |s: &Spare| t.changed.contains(&s.name) || t.deleted.contains(&s.name);
+            if self.spares.get(&c.name).is_some_and(touched) {
+                self.forget_spare(&c.name);
+                self.spare_touched.insert(c.name.clone(), Instant::now());
             }
         }
+    }
+
+    /// The spare is no copy of the chain's image any more (it is made again, replacing it).
+    pub(super) fn forget_spare(&mut self, name: &str) {
+        self.spares.remove(name);
+        self.no_spare.remove(name);
     }
 
     /// The guard rewrote the chain: the kernel holds what it wrote, not what was verified.
     pub(super) fn written(&mut self, name: &str) {
         self.by_chain.remove(name);
+        self.forget_spare(name);
     }
 
     pub(super) fn clear(&mut self) {
@@ -118,21 +158,39 @@ impl<T: Tools> Guard<T> {
         }
         let (allowed, fresh) = self.decide(&drifts, true, started);
         let decided: BTreeSet<String> = drifts.iter().map(|d| d.name.clone()).collect();
-        let images: Vec<&Image> = allowed
+        let spared: Vec<String> = allowed
             .iter()
-            .filter_map(|n| self.images.by_chain.get(n).map(|i| &**i))
+            .filter(|n| self.images.spares.contains_key(*n))
+            .cloned()
             .collect();
-        if images.is_empty() {
-            return decided;
+        let mut result = self.replay_images(&allowed, gen);
+        let mut via = if spared.is_empty() { "image" } else { "spare" };
+        if !spared.is_empty()
+            && matches!(result, Some(Err(ref e)) if !matches!(e, NetlinkError::PartlyReplayed))
+        {
+            // A spare someone deleted or changed since: the chains' own images, at once.
+            debug!(
+                kind = "chain",
+                spares = spared.len(),
+                "a spare was refused: putting back the chains' images"
+            );
+            spared.iter().for_each(|n| self.images.forget_spare(n));
+            result = self.replay_images(&allowed, gen);
+            via = "image";
         }
-        match self.tools.replay(&images, gen) {
+        let Some(result) = result else {
+            return decided;
+        };
+        // Renamed into the chains, or refused: either way no longer spares.
+        spared.iter().for_each(|n| self.images.forget_spare(n));
+        match result {
             Ok(tid) => {
                 self.remember_own(tid);
                 let enforced: Vec<&ChainDrift> = drifts
                     .iter()
                     .filter(|d| allowed.contains(&d.name))
                     .collect();
-                self.restored(id, &enforced, (&fresh, true), started, "image");
+                self.restored(id, &enforced, (&fresh, true), started, via);
                 decided
             }
             // Some may be back: the read that follows repairs what is not.
@@ -154,6 +212,20 @@ impl<T: Tools> Guard<T> {
         }
     }
 
+    /// Commits what the chains named are put back from (each its spare, or else its image);
+    /// `None` when none has either.
+    fn replay_images(
+        &self,
+        names: &BTreeSet<String>,
+        gen: u32,
+    ) -> Option<Result<u32, NetlinkError>> {
+        let images: Vec<&Image> = names
+            .iter()
+            .filter_map(|n| self.images.best(n).map(|i| &**i))
+            .collect();
+        (!images.is_empty()).then(|| self.tools.replay(&images, gen))
+    }
+
     /// Arms, for the responder, the image of each chain that a deletion now would have put
     /// back at once ([`Guard::replay_deleted`]'s conditions, without deciding anything).
     /// Nothing while one of the guard's own restores has not been seen: a deletion then is
@@ -169,7 +241,7 @@ impl<T: Tools> Guard<T> {
             .filter(|c| c.mode == Mode::Enforce && self.unseen.is_empty())
             .filter(|c| !self.ledger.gave_up(&c.name) && self.ledger.would_repair_now(&c.name, now))
             .filter_map(|c| {
-                let image = self.images.by_chain.get(&c.name)?;
+                let image = self.images.best(&c.name)?;
                 let id = c.key.table_id();
                 let family = match id.family {
                     crate::model::Family::Ipv4 => NfFamily::Ip,

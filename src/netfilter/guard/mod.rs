@@ -10,16 +10,19 @@
 //! last in-sync read.
 //!
 //! Split by concern: [`chains`] (read, plan, repair, verify; fights), [`sets`] (configured sets),
-//! [`adopted`] (what `spec.adopt` protects), [`ledger`] (one record per protected object: pure),
-//! [`report`] (board, metrics, notices). The tools are reached through [`Tools`] only.
+//! [`adopted`] (what `spec.adopt` protects), [`images`] and [`spares`] (deleted chains put back
+//! at once), [`reload`], [`ledger`] (one record per protected object: pure), [`report`] (board,
+//! metrics, notices). The tools are reached through [`Tools`] only.
 
 mod adopted;
 mod chains;
 mod check;
 mod images;
 mod ledger;
+mod reload;
 mod report;
 mod sets;
+mod spares;
 #[cfg(test)]
 mod tests;
 
@@ -42,7 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, Error)]
 pub enum GuardError {
@@ -219,6 +222,8 @@ impl<T: Tools> Guard<T> {
         if !guard.is_idle() {
             let started = Instant::now();
             let tables: BTreeSet<TableId> = guard.watched.keys().copied().collect();
+            // A previous run's, stopped before it could delete them.
+            guard.drop_spares(tables.iter().copied(), true);
             guard.sync_tables(&tables, Cause::Place).await;
             guard.sync_sets(true).await;
             info!(
@@ -325,6 +330,7 @@ impl<T: Tools> Guard<T> {
         let mut pending = Pending::new();
         loop {
             // Everything read is judged: what may be put back at once is armed.
+            self.make_spare();
             self.arm_images();
             // The earliest held-back repair of a contested chain (or end of a fight).
             let deadline = self.ledger.next_deadline();
@@ -473,97 +479,13 @@ impl<T: Tools> Guard<T> {
             .find(|c| c.name == name)
             .map(|c| c.key.table_id())
     }
+}
 
-    /// New chains and sets: protect these from now on. What is no longer listed stops being
-    /// protected and is left as it is in the kernel. Chains whose repair did not take are
-    /// repaired again (a reload re-affirms them). Unchanged, only those are looked at again.
-    ///
-    /// New adopt selectors: chains and sets they no longer cover are forgotten (left in the
-    /// kernel as they are) and the ones they newly cover are adopted, both by the table and set
-    /// reads below.
-    async fn reload(&mut self, r: GuardReload) -> Result<(), GuardError> {
-        // The images are of chains the new config may not protect as the old one did.
-        self.tools.arm(self.owner, None, Vec::new());
-        let canonical = self
-            .canon
-            .canonicalise(&self.tools, &r.chains, &r.sets)
-            .await;
-        if !canonical.refused.is_empty() {
-            // The reload path checks this before anything is applied; kept as a last guard.
-            error!(error = %refusals(&canonical.refused), "chains not reloaded; keeping the ones in use");
-            return Ok(());
-        }
-        chains::log_canonical(&canonical);
-        let selectors = Adoption::netfilter_selectors(&r.adopt);
-        let unchanged = canonical.chains == self.chains
-            && r.sets == self.sets
-            && selectors == self.adoption.selectors
-            && (r.poll, r.resync) == (self.poll, self.resync);
-        let reaffirmed = self.ledger.clear_give_ups();
-        self.images.clear();
-        for name in &reaffirmed {
-            info!(kind = "chain", name = %name, "reloaded: repairing the chain again");
-        }
-        if unchanged {
-            let tables: BTreeSet<TableId> =
-                reaffirmed.iter().filter_map(|n| self.table_of(n)).collect();
-            self.out.announce = false;
-            self.sync_tables(&tables, Cause::Place).await;
-            self.out.announce = true;
-            return Ok(());
-        }
-        let read_chains = !self.chains.is_empty() || self.adoption.adopts_chains();
-        let will_read_chains = !canonical.chains.is_empty()
-            || !self.adoption.chains.is_empty()
-            || selectors.iter().any(|s| s.chains.is_some());
-        if will_read_chains && !read_chains && self.events.is_none() {
-            // Started with no chains: no backend was detected and no socket opened.
-            self.backend = self.canon.backend(&self.tools).await;
-            if self.backend == Backend::Nft {
-                self.images.gen = self.tools.generation();
-                self.events = Some(NftEvents::subscribe().map_err(GuardError::Subscribe)?);
-            }
-        }
-        if selectors != self.adoption.selectors {
-            info!(
-                selectors = %selectors.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
-                "chain and set adopt selectors reloaded"
-            );
-            self.adoption.selectors = selectors;
-        }
-        self.chains = canonical.chains;
-        self.sets = r.sets;
-        self.poll = r.poll;
-        self.resync = r.resync;
-        self.watched = watched_tables(&self.chains, &self.adoption);
-        let (adopted_chains, adopted_sets) = self.adoption.desired();
-        let names: HashSet<String> = self
-            .chains
-            .iter()
-            .chain(&adopted_chains)
-            .map(|c| c.name.clone())
-            .chain(
-                self.sets
-                    .iter()
-                    .chain(&adopted_sets)
-                    .map(|s| s.name.clone()),
-            )
-            .collect();
-        self.ledger.retain(|n| names.contains(n));
-        // Members may have changed with the same set text: plan every set again.
-        self.ledger.clear_digests();
-        let tables: BTreeSet<TableId> = self.watched.keys().copied().collect();
-        self.out.announce = false;
-        self.sync_tables(&tables, Cause::Place).await;
-        self.sync_sets(true).await;
-        self.publish();
-        self.out.announce = true;
-        info!(
-            chains = self.chains.len(),
-            ipsets = self.sets.len(),
-            "chains and sets reloaded"
-        );
-        Ok(())
+/// netwarden leaves no spare behind.
+impl<T: Tools> Drop for Guard<T> {
+    fn drop(&mut self) {
+        let tables: Vec<TableId> = self.watched.keys().copied().collect();
+        self.drop_spares(tables, true);
     }
 }
 
@@ -579,6 +501,7 @@ fn watched_tables(
     for c in chains {
         let w = watched.entry(c.key.table_id()).or_default();
         w.insert(c.key.chain.clone());
+        w.insert(spares::spare_name(c));
         w.extend(c.jumps.iter().map(|j| j.chain.clone()));
     }
     watched

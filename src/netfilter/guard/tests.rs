@@ -539,3 +539,4 @@ async fn a_set_never_seen_is_created_with_the_configured_options_and_others_are_
 }
 
 mod images;
+mod spares;

@@ -7,7 +7,11 @@ use crate::nftables::model::{NfFamily, TableKey};
 /// The flannel chain, `exact`, in sync, with an image taken of it (the fake's replay puts the
 /// chain and its jump back as a restore would).
 async fn flannel_with_image() -> Guard<FakeTools> {
-    let tools = FakeTools::new();
+    flannel_with_image_from(FakeTools::new()).await
+}
+
+/// [`flannel_with_image`] with these tools.
+pub(super) async fn flannel_with_image_from(tools: FakeTools) -> Guard<FakeTools> {
     tools.with(|s| {
         s.image = Some(format!(
             "*nat\n:FLANNEL-POSTRTG - [0:0]\n{}-I POSTROUTING 1 -j FLANNEL-POSTRTG\nCOMMIT\n",
@@ -25,7 +29,7 @@ async fn flannel_with_image() -> Guard<FakeTools> {
 }
 
 /// flannel's cleanup in one transaction, as the guard is told of it, ending at generation 5.
-async fn deleted_in_one_transaction(g: &mut Guard<FakeTools>) {
+pub(super) async fn deleted_in_one_transaction(g: &mut Guard<FakeTools>) {
     g.tools.apply(
         Family::Ipv4,
         "*nat\n-D POSTROUTING -j FLANNEL-POSTRTG\n-F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n",
