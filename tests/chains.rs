@@ -307,6 +307,39 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
 }
 
+/// A chain whose match checks the protocol `-p` gave (multiport): the kernel's dump of the rule
+/// does not say it, so the agent gives it back to the rule (or the kernel refuses the copy).
+#[test]
+fn a_chain_whose_match_checks_the_protocol_comes_back_from_its_spare() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"  chains:
+    - name: hostports
+      table: nat
+      chain: HOSTPORTS
+      rules:
+        - -p tcp -m comment --comment "hostports" -m multiport --dports 80,443 -j DNAT --to-destination 10.88.0.5
+        - '! -p udp -m comment --comment "hostports" -j RETURN'
+      jumps:
+        - chain: PREROUTING
+          rule: -m comment --comment "hostports" -j HOSTPORTS
+"#;
+    let cfg = config(dir.path(), spec);
+    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
+    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    agent.wait_log_all(&["spare made", "name=hostports"]);
+    let before = saved(&ns, "iptables-nft-save", "nat");
+    assert_eq!(chain_lines(&before, "HOSTPORTS").len(), 2, "{before:?}");
+    agent.wait_log_all(&["images armed", "armed=1"]);
+    must_feed(
+        &ns,
+        &["iptables-nft-restore", "--noflush"],
+        "*nat\n-D PREROUTING -m comment --comment \"hostports\" -j HOSTPORTS\n-F HOSTPORTS\n-X HOSTPORTS\nCOMMIT\n",
+    );
+    agent.wait_log_all(&["restored", "names=hostports", "via=\"spare\""]);
+    assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
+}
+
 /// The shell block of docs/operator-guide.md that deletes spares by hand.
 fn documented_spare_cleanup() -> String {
     let guide = include_str!("../docs/operator-guide.md");

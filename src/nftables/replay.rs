@@ -259,12 +259,12 @@ impl Image {
         requests.extend(
             rules
                 .into_iter()
-                .map(|m| (strip(m, &RULE_ONLY), F_CREATE | F_APPEND)),
+                .map(|m| (with_compat(strip(m, &RULE_ONLY)), F_CREATE | F_APPEND)),
         );
         // Without a position and without APPEND, the kernel puts a rule at the head.
         requests.extend(jumps.into_iter().map(|(m, first)| {
             let flags = if first { F_CREATE } else { F_CREATE | F_APPEND };
-            (strip(m, &RULE_ONLY), flags)
+            (with_compat(strip(m, &RULE_ONLY)), flags)
         }));
         Image {
             requests,
@@ -344,6 +344,66 @@ pub(crate) fn put_attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(payload);
     out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// An iptables-nft rule with its xtables compat attribute again, which a dump leaves out: the
+/// protocol `-p` matched (`meta l4proto` compared equal or not), which xtables matches such as
+/// `multiport` check when they are created (without it the kernel refuses the rule: EINVAL).
+/// Rules without xtables expressions, or that have the attribute, are left as they are.
+pub(crate) fn with_compat(mut rule: Msg) -> Msg {
+    use super::events::{attributes, string};
+    const RULE_COMPAT: u16 = 5;
+    const COMPAT_PROTO: u16 = 1;
+    const COMPAT_FLAGS: u16 = 2;
+    // NFT_RULE_COMPAT_F_INV; bit 0 is unused, and refused.
+    const COMPAT_F_INV: u32 = 2;
+    const META_DREG: u16 = 1;
+    const META_KEY: u16 = 2;
+    const META_L4PROTO: u32 = 16;
+    const CMP_SREG: u16 = 1;
+    const CMP_OP: u16 = 2;
+    const CMP_DATA: u16 = 3;
+    const DATA_VALUE: u16 = 1;
+    if attr(&rule.attrs, RULE_COMPAT).is_some() {
+        return rule;
+    }
+    let Some(list) = attr(&rule.attrs, RULE_EXPRESSIONS) else {
+        return rule;
+    };
+    let exprs: Vec<(String, &[u8])> = attributes(list)
+        .into_iter()
+        .map(|(_, e)| {
+            let name = attr(e, EXPR_NAME).map(string).unwrap_or_default();
+            (name, attr(e, EXPR_DATA).unwrap_or_default())
+        })
+        .collect();
+    if !exprs.iter().any(|(n, _)| n == "match" || n == "target") {
+        return rule;
+    }
+    let proto = exprs.windows(2).find_map(|w| {
+        let [(meta, m), (cmp, c)] = w else {
+            return None;
+        };
+        let l4 = meta == "meta" && u32_be(attr(m, META_KEY)) == Some(META_L4PROTO);
+        if !l4 || cmp != "cmp" || attr(m, META_DREG) != attr(c, CMP_SREG) {
+            return None;
+        }
+        let value = attr(c, CMP_DATA).and_then(|d| attr(d, DATA_VALUE))?;
+        let inverted = match u32_be(attr(c, CMP_OP))? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        Some((u32::from(*value.first()?), inverted))
+    });
+    if let Some((proto, inverted)) = proto {
+        let mut compat = Vec::new();
+        put_attr(&mut compat, COMPAT_PROTO, &proto.to_be_bytes());
+        let flags = if inverted { COMPAT_F_INV } else { 0 };
+        put_attr(&mut compat, COMPAT_FLAGS, &flags.to_be_bytes());
+        put_attr(&mut rule.attrs, RULE_COMPAT | 0x8000, &compat);
+    }
+    rule
 }
 
 /// The message without the top-level attributes of the given types.

@@ -332,3 +332,61 @@ fn a_chain_image_puts_its_rules_in_order_and_each_jump_first_or_last() {
         assert!(!jump.4.contains(&RULE_HANDLE) && !jump.4.contains(&RULE_POSITION));
     }
 }
+
+/// `meta l4proto` compared with `proto` (`op` 0: equal, 1: not), as iptables-nft writes `-p`.
+fn l4proto(op: u32, proto: u8) -> [Vec<u8>; 2] {
+    use super::super::spare::build_for_tests::expr;
+    let mut meta = Vec::new();
+    put_attr(&mut meta, 1, &1u32.to_be_bytes());
+    put_attr(&mut meta, 2, &16u32.to_be_bytes());
+    let mut value = Vec::new();
+    put_attr(&mut value, 1, &[proto]);
+    let mut cmp = Vec::new();
+    put_attr(&mut cmp, 1, &1u32.to_be_bytes());
+    put_attr(&mut cmp, 2, &op.to_be_bytes());
+    put_attr(&mut cmp, 3 | 0x8000, &value);
+    [expr("meta", &meta), expr("cmp", &cmp)]
+}
+
+#[test]
+fn a_rule_with_an_xtables_match_gets_back_the_protocol_it_matched_as_its_compat_attribute() {
+    use super::super::spare::build_for_tests::{comment, counter, rule, target};
+    const RULE_COMPAT: u16 = 5;
+    let compat = |m: &Msg| attr(&m.attrs, RULE_COMPAT).map(<[u8]>::to_vec);
+    let expected = |proto: u32, flags: u32| {
+        let mut v = Vec::new();
+        put_attr(&mut v, 1, &proto.to_be_bytes());
+        put_attr(&mut v, 2, &flags.to_be_bytes());
+        Some(v)
+    };
+    // `-p tcp -m comment … -m multiport … -j MASQUERADE`, `! -p udp -m comment …`.
+    let [meta, cmp] = l4proto(0, 6);
+    let tcp = rule(
+        "X",
+        &[meta, cmp, comment("x"), counter(), target("MASQUERADE")],
+    );
+    assert_eq!(compat(&with_compat(tcp)), expected(6, 0));
+    let [meta, cmp] = l4proto(1, 17);
+    let not_udp = rule("X", &[meta, cmp, comment("x"), counter()]);
+    assert_eq!(compat(&with_compat(not_udp)), expected(17, 2), "inverted");
+    // Native only: nothing checks it.
+    let [meta, cmp] = l4proto(0, 6);
+    let native = rule("X", &[meta, cmp, counter()]);
+    assert_eq!(with_compat(native.clone()), native);
+    // No `-p`: none (the kernel then checks against no protocol, as iptables-nft wrote it).
+    let bare = rule("X", &[comment("x"), counter()]);
+    assert_eq!(with_compat(bare.clone()), bare);
+    // Already there: kept.
+    let [meta, cmp] = l4proto(0, 6);
+    let mut given = rule("X", &[meta, cmp, comment("x")]);
+    put_attr(&mut given.attrs, RULE_COMPAT, &[0; 8]);
+    assert_eq!(with_compat(given.clone()), given);
+    // Images of chains carry it.
+    let [meta, cmp] = l4proto(0, 6);
+    let image = Image::of_chain(
+        Msg::default(),
+        vec![rule("X", &[meta, cmp, comment("x"), target("DNAT")])],
+        vec![],
+    );
+    assert_eq!(compat(&image.requests[1].0), expected(6, 0));
+}

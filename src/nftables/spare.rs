@@ -77,13 +77,122 @@ fn has_compat(rule: &Msg) -> bool {
         .any(|e| matches!(expr_name(e).as_deref(), Some("match" | "target")))
 }
 
+/// Native expressions a copy may hold: none refers to another chain, a set or a stateful
+/// object, so the copy holds nothing an owner could not delete or destroy while it is there.
+const NATIVE_OK: &[&str] = &[
+    "payload",
+    "cmp",
+    "meta",
+    "bitwise",
+    "byteorder",
+    "counter",
+    "immediate",
+    "ct",
+    "limit",
+    "range",
+    "log",
+    "masq",
+    "nat",
+    "redir",
+    "reject",
+    "exthdr",
+    "fib",
+    "rt",
+    "socket",
+    "tproxy",
+    "queue",
+];
+/// xtables matches a copy may hold: stateless, holding no set, list, file or module of an
+/// owner's (not `set`, `recent`, `hashlimit`, `connlimit`, `quota`, `statistic`, `cgroup`,
+/// `bpf`, …).
+const MATCHES_OK: &[&str] = &[
+    "comment",
+    "addrtype",
+    "conntrack",
+    "state",
+    "multiport",
+    "tcp",
+    "udp",
+    "icmp",
+    "icmp6",
+    "iprange",
+    "physdev",
+    "mac",
+    "pkttype",
+    "length",
+    "ttl",
+    "hl",
+    "tos",
+    "dscp",
+    "ecn",
+    "policy",
+    "mark",
+    "connmark",
+    "helper",
+    "devgroup",
+    "owner",
+    "sctp",
+    "esp",
+    "ah",
+    "u32",
+    "string",
+];
+/// xtables targets a copy may hold, by the same measure (not `SET`, `CT`, `IDLETIMER`, `LED`,
+/// `RATEEST`, …).
+const TARGETS_OK: &[&str] = &[
+    "MASQUERADE",
+    "SNAT",
+    "DNAT",
+    "REDIRECT",
+    "NETMAP",
+    "MARK",
+    "CONNMARK",
+    "REJECT",
+    "LOG",
+    "NFLOG",
+    "DSCP",
+    "TOS",
+    "TCPMSS",
+    "NOTRACK",
+    "CLASSIFY",
+    "CHECKSUM",
+    "NFQUEUE",
+    "TTL",
+    "HL",
+    "TPROXY",
+];
+
+/// Whether a dormant copy of the rule is harmless: every expression is one of the above, and no
+/// verdict jumps or goes to a chain (a copy would keep that chain from being deleted).
+fn copyable(rule: &Msg) -> bool {
+    expressions(rule).iter().all(|e| {
+        let Some(name) = expr_name(e) else {
+            return false;
+        };
+        let data = attr(e, EXPR_DATA).unwrap_or_default();
+        let named = |kind| attr(data, kind).map(super::events::string);
+        match name.as_str() {
+            "match" => named(MATCH_NAME).is_some_and(|n| MATCHES_OK.contains(&n.as_str())),
+            "target" => named(MATCH_NAME).is_some_and(|n| TARGETS_OK.contains(&n.as_str())),
+            "immediate" => attr(data, IMMEDIATE_DATA)
+                .and_then(|d| attr(d, DATA_VERDICT))
+                .is_none_or(|v| attr(v, VERDICT_CHAIN).is_none()),
+            n => NATIVE_OK.contains(&n),
+        }
+    })
+}
+
 /// The creation of the spare of a chain image: its chain, renamed, and its rules in it, in one
 /// transaction (refused if the spare is there already). `None` when a spare would not help or
-/// must not be made: a base chain (a copy would be hooked in), or rules without compat
-/// expressions (they are put back without waiting as they are).
+/// must not be made: a base chain (a copy would be hooked in), rules without compat
+/// expressions (they are put back without waiting as they are), or a rule whose copy would
+/// hold on to something of an owner's ([`copyable`]).
 pub fn build(image: &Image, spare: &str) -> Option<Image> {
     let (chain, rules, _) = parts(image)?;
-    if attr(&chain.attrs, CHAIN_HOOK).is_some() || !rules.iter().any(|(r, _)| has_compat(r)) {
+    if attr(&chain.attrs, CHAIN_HOOK).is_some()
+        || !rules.iter().any(|(r, _)| has_compat(r))
+        || !rules.iter().all(|(r, _)| copyable(r))
+    {
         return None;
     }
     let mut requests = vec![(renamed(chain, CHAIN_NAME, spare), F_CREATE | F_EXCL)];

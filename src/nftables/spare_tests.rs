@@ -74,6 +74,49 @@ fn no_spare_for_native_rules_or_a_base_chain() {
         vec![],
     );
     assert!(build(&hooked, "S").is_none(), "a copy would be hooked in");
+    // A copy that would hold on to an owner's chain or set.
+    let jumping = Image::of_chain(
+        chain("CNI-HOSTPORT-DNAT"),
+        vec![rule(
+            "CNI-HOSTPORT-DNAT",
+            &[comment("dnat"), counter(), jump("CNI-DN-1")],
+        )],
+        vec![],
+    );
+    assert!(
+        build(&jumping, "S").is_none(),
+        "CNI-DN-1 could not be deleted"
+    );
+    let set_match = expr("match", &{
+        let mut d = Vec::new();
+        put_attr(&mut d, MATCH_NAME, &c_str("set"));
+        put_attr(&mut d, MATCH_REV, &4u32.to_be_bytes());
+        d
+    });
+    let with_set = Image::of_chain(
+        chain("KUBE-ROUTER-X"),
+        vec![rule(
+            "KUBE-ROUTER-X",
+            &[set_match, counter(), target("MASQUERADE")],
+        )],
+        vec![],
+    );
+    assert!(
+        build(&with_set, "S").is_none(),
+        "the ipset could not be destroyed"
+    );
+    let lookup = Image::of_chain(
+        chain("X"),
+        vec![rule("X", &[expr("lookup", &[]), target("MASQUERADE")])],
+        vec![],
+    );
+    assert!(build(&lookup, "S").is_none(), "a named set");
+    let set_target = Image::of_chain(
+        chain("X"),
+        vec![rule("X", &[comment("x"), target("SET")])],
+        vec![],
+    );
+    assert!(build(&set_target, "S").is_none());
     // A table image is no chain image.
     assert!(build(&Image::of_chain(chain("C"), vec![], vec![]), "S").is_none());
 }
