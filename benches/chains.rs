@@ -494,6 +494,11 @@ fn main() {
     .join()
     .unwrap();
     let (restored, own, kids) = std::thread::spawn(set_bench).join().unwrap();
+    // A repair committed before the deleter's socket is closed takes well under 1 ms; one that
+    // comes after waits for the grace period that close waits for.
+    let within = |v: &[f64]| v.iter().filter(|ms| **ms < 1.0).count();
+    let won = (within(&chains.repaired), chains.repaired.len());
+    let won_native = (within(&native), native.len());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "kernel {} cores {}",
@@ -554,5 +559,9 @@ fn main() {
             restored
         )
     );
-    println!("\npolling a quiet 10,000-member set every 1 s for 20 s: agent {own:.2} % of one core, its ipset children {kids:.2} %, total {:.2} %", own + kids);
+    println!(
+        "\nrestored within 1 ms of the deletion's commit: {} of {} (flannel's chains), {} of {} (native)",
+        won.0, won.1, won_native.0, won_native.1
+    );
+    println!("polling a quiet 10,000-member set every 1 s for 20 s: agent {own:.2} % of one core, its ipset children {kids:.2} %, total {:.2} %", own + kids);
 }
