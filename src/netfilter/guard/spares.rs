@@ -1,8 +1,9 @@
 //! Spares of protected chains ([`crate::nftables::spare`]): made (iptables-nft only) for each
-//! enforced chain with an image whose rules hold xtables extensions, one transaction at a time between the guard's
-//! reads; renamed into the chain when a deletion puts it back ([`super::images`]); made again
-//! after that, or a little after anyone else touched them; deleted when their chain is no longer
-//! protected, at start (a previous run's) and when the guard stops.
+//! enforced chain with an image whose rules hold xtables extensions, one transaction at a time
+//! between the guard's reads; renamed into the chain when a deletion puts it back
+//! ([`super::images`]); made again after that, or a little after anyone else touched them;
+//! deleted when their chain is no longer protected, at start (a previous run's) and when the
+//! guard stops.
 
 use super::images::{Spare, SPARE_AGAIN_AFTER};
 use super::{Guard, TableId};
