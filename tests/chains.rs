@@ -353,7 +353,7 @@ fn documented_spare_cleanup() -> String {
 }
 
 #[test]
-fn a_killed_agents_spares_go_at_the_next_start_or_with_the_documented_commands() {
+fn a_killed_agents_spare_is_replaced_at_the_next_start_or_deleted_with_the_documented_commands() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FLANNEL_SPEC);
@@ -363,14 +363,25 @@ fn a_killed_agents_spares_go_at_the_next_start_or_with_the_documented_commands()
     let before = saved(&ns, "iptables-nft-save", "nat");
     let made = spares(&ns, "nat");
     assert_eq!(made.len(), 1, "{made:?}");
+    let spare = made.keys().next().unwrap().clone();
+    // Someone adds a rule to the spare the agent will leave behind.
+    must(
+        &ns,
+        &["iptables-nft", "-t", "nat", "-A", &spare, "-j", "RETURN"],
+    );
+    let first = chain_handle(&ns, &spare).unwrap();
     // Killed (SIGKILL): nothing deletes its spare.
     drop(agent);
-    assert_eq!(spares(&ns, "nat"), made);
-    // The next start deletes it first, then makes its own.
+    assert_eq!(chain_handle(&ns, &spare), Some(first.clone()));
+    // The next start replaces it with a copy of the chain again.
     let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
-    agent.wait_log("spares deleted");
     agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
-    assert_eq!(spares(&ns, "nat"), made, "one, under the same name");
+    assert_eq!(
+        spares(&ns, "nat"),
+        made,
+        "one, under the same name, a copy again"
+    );
+    assert_ne!(chain_handle(&ns, &spare), Some(first));
     drop(agent);
     // By hand, as the operator guide says: only the spare goes.
     must(&ns, &["sh", "-c", &documented_spare_cleanup()]);
@@ -379,6 +390,52 @@ fn a_killed_agents_spares_go_at_the_next_start_or_with_the_documented_commands()
     assert_eq!(
         chain_lines(&saved(&ns, "iptables-nft-save", "nat"), "FLANNEL-POSTRTG"),
         flannel_lines()
+    );
+}
+
+/// Two agents on one node with different chains (the DaemonSet and a per-node agent): each
+/// deletes only its own spares.
+#[test]
+fn an_agent_leaves_another_agents_spares_alone() {
+    let ns = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
+    let mut flannel = Agent::start_full(
+        &ns,
+        &config(dir.path(), FLANNEL_SPEC),
+        &["--iptables-backend", "nft"],
+        &debug,
+    );
+    flannel.wait_log_all(&["spare made", "name=flannel-postrtg"]);
+    let (spare, _) = spares(&ns, "nat").pop_first().unwrap();
+    let handle = chain_handle(&ns, &spare).unwrap();
+    let per_node = r#"  chains:
+    - name: per-node
+      table: nat
+      chain: PER-NODE
+      rules:
+        - -s 10.50.0.0/16 -m comment --comment "per node" -j MASQUERADE
+"#;
+    let mut node = Agent::start_full(
+        &ns,
+        &config(other.path(), per_node),
+        &["--iptables-backend", "nft"],
+        &debug,
+    );
+    node.wait_log_all(&["spare made", "name=per-node"]);
+    assert_eq!(spares(&ns, "nat").len(), 2);
+    assert!(node.terminate(), "stops on SIGTERM");
+    let left = spares(&ns, "nat");
+    assert_eq!(
+        left.keys().collect::<Vec<_>>(),
+        [&spare],
+        "only its own gone"
+    );
+    assert_eq!(
+        chain_handle(&ns, &spare),
+        Some(handle),
+        "the other's untouched"
     );
 }
 

@@ -63,7 +63,7 @@ pub struct FakeState {
     pub spares: bool,
     /// Spares made: (name, generation).
     pub spares_made: Vec<(String, u32)>,
-    /// Spare deletions: (table, spares kept).
+    /// Spare deletions: (table, spares named).
     pub spares_dropped: Vec<(TableId, Vec<String>)>,
     /// What each replay committed: its images' message counts.
     pub replayed: Vec<Vec<usize>>,
@@ -71,11 +71,14 @@ pub struct FakeState {
     pub replay_refused_once: Option<nix::errno::Errno>,
     /// Spares are refused with this.
     pub spare_refused: Option<nix::errno::Errno>,
+    /// Images are refused for this reason.
+    pub capture_unfit: Option<crate::nftables::replay::Unfit>,
 }
 
 #[derive(Default)]
 pub struct FakeTools {
-    pub state: RefCell<FakeState>,
+    /// Shared, so that a test can look at it after the guard that owns the tools is gone.
+    pub state: std::rc::Rc<RefCell<FakeState>>,
 }
 
 /// Target extensions the fake knows (everything else that is not a verdict is a chain).
@@ -400,6 +403,9 @@ impl Tools for FakeTools {
     ) -> Result<Option<Image>, NetlinkError> {
         self.with(|s| {
             s.captures += 1;
+            if let Some(why) = s.capture_unfit.clone() {
+                return Err(why.into());
+            }
             let image = match s.spares {
                 true => crate::nftables::spare::build_for_tests::flannel(),
                 false => Image::of_chain(Msg::default(), Vec::new(), Vec::new()),
@@ -432,9 +438,9 @@ impl Tools for FakeTools {
         &self,
         _backend: Backend,
         table: TableId,
-        keep: &[String],
+        names: &[String],
     ) -> Result<Option<u32>, NetlinkError> {
-        self.with(|s| s.spares_dropped.push((table, keep.to_vec())));
+        self.with(|s| s.spares_dropped.push((table, names.to_vec())));
         Ok(None)
     }
 

@@ -162,13 +162,13 @@ pub trait Tools {
     ) -> Result<Option<(u64, u32)>, NetlinkError> {
         Ok(None)
     }
-    /// Deletes every spare in `table` but those in `keep`, in one transaction; returns the id
+    /// Deletes the spares named that are in `table`, in one transaction; returns the id
     /// nf_tables names in its NEWGEN, if it deleted any.
     fn drop_spares(
         &self,
         _backend: Backend,
         _table: TableId,
-        _keep: &[String],
+        _names: &[String],
     ) -> Result<Option<u32>, NetlinkError> {
         Ok(None)
     }
@@ -387,14 +387,14 @@ impl Tools for Binaries {
         &self,
         backend: Backend,
         table: TableId,
-        keep: &[String],
+        names: &[String],
     ) -> Result<Option<u32>, NetlinkError> {
         if backend != Backend::Nft {
             return Ok(None);
         }
         let family = nfproto(table.family);
-        let name = table.table.as_str();
-        let dropped = crate::nftables::netlink::shared(|c| c.drop_spares(family, name, keep))?;
+        let table = table.table.as_str();
+        let dropped = crate::nftables::netlink::shared(|c| c.drop_spares(family, table, names))?;
         Ok((dropped > 0).then(|| nix::unistd::gettid().as_raw() as u32))
     }
 

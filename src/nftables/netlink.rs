@@ -226,12 +226,12 @@ impl Conn {
             .map(|h| u64::from_be_bytes(h.try_into().unwrap())))
     }
 
-    /// Deletes every spare in the table but those in `keep`; returns how many it deleted.
+    /// Deletes the spares named that are in the table; returns how many it deleted.
     pub fn drop_spares(
         &mut self,
         family: u8,
         table: &str,
-        keep: &[String],
+        names: &[String],
     ) -> Result<usize, NetlinkError> {
         let mut name = Vec::new();
         replay::put_attr(&mut name, ATTR_TABLE, &c_str(table));
@@ -244,7 +244,7 @@ impl Conn {
             .iter()
             .filter(|m| replay::attr(&m.attrs, ATTR_TABLE) == Some(&c_str(table)[..]))
             .filter_map(|m| replay::attr(&m.attrs, CHAIN_NAME).map(super::events::string))
-            .filter(|n| spare::is_spare(n) && !keep.contains(n))
+            .filter(|n| spare::is_spare(n) && names.contains(n))
             .map(|n| spare::removal(family, table, &n))
             .collect();
         if doomed.is_empty() {

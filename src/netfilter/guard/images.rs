@@ -92,6 +92,10 @@ impl ChainImages {
                 self.unfit.remove(&c.name);
                 self.forget_spare(&c.name);
             }
+            // A chain unfit for its jumps (none, or two) may have one jump again now.
+            if c.jumps.iter().any(|j| t.changed.contains(&j.chain)) {
+                self.unfit.remove(&c.name);
+            }
             let touched = |s: &Spare| t.changed.contains(&s.name) || t.deleted.contains(&s.name);
             if self.spares.get(&c.name).is_some_and(touched) {
                 self.forget_spare(&c.name);
@@ -285,6 +289,7 @@ impl<T: Tools> Guard<T> {
             {
                 Ok(Some(image)) => {
                     debug!(kind = "chain", name = %name, table = %id, messages = image.len(), "image taken");
+                    self.images.no_spare.remove(&name);
                     self.images.by_chain.insert(name, Arc::new(image));
                 }
                 Ok(None) | Err(NetlinkError::Changed) => {}

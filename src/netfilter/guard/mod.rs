@@ -222,8 +222,6 @@ impl<T: Tools> Guard<T> {
         if !guard.is_idle() {
             let started = Instant::now();
             let tables: BTreeSet<TableId> = guard.watched.keys().copied().collect();
-            // A previous run's, stopped before it could delete them.
-            guard.drop_spares(tables.iter().copied(), true);
             guard.sync_tables(&tables, Cause::Place).await;
             guard.sync_sets(true).await;
             info!(
@@ -484,8 +482,8 @@ impl<T: Tools> Guard<T> {
 /// netwarden leaves no spare behind.
 impl<T: Tools> Drop for Guard<T> {
     fn drop(&mut self) {
-        let tables: Vec<TableId> = self.watched.keys().copied().collect();
-        self.drop_spares(tables, true);
+        let chains = std::mem::take(&mut self.chains);
+        self.drop_spares_of(&chains);
     }
 }
 

@@ -66,14 +66,19 @@ impl<T: Tools> Guard<T> {
             );
             self.adoption.selectors = selectors;
         }
+        // Spares of chains no longer protected (by name: chain, table and family).
+        let gone: Vec<_> = self
+            .chains
+            .iter()
+            .filter(|c| !canonical.chains.iter().any(|n| n.key == c.key))
+            .cloned()
+            .collect();
+        self.drop_spares_of(&gone);
         self.chains = canonical.chains;
         self.sets = r.sets;
         self.poll = r.poll;
         self.resync = r.resync;
-        let before: BTreeSet<TableId> = self.watched.keys().copied().collect();
         self.watched = watched_tables(&self.chains, &self.adoption);
-        let tables = before.into_iter().chain(self.watched.keys().copied());
-        self.drop_spares(tables.collect::<BTreeSet<_>>(), false);
         let (adopted_chains, adopted_sets) = self.adoption.desired();
         let names: HashSet<String> = self
             .chains

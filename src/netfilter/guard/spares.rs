@@ -1,9 +1,10 @@
 //! Spares of protected chains ([`crate::nftables::spare`]): made (iptables-nft only) for each
 //! enforced chain with an image whose rules hold xtables extensions, one transaction at a time
 //! between the guard's reads; renamed into the chain when a deletion puts it back
-//! ([`super::images`]); made again after that, or a little after anyone else touched them;
-//! deleted when their chain is no longer protected, at start (a previous run's) and when the
-//! guard stops.
+//! ([`super::images`]); made again after that, or a little after anyone else touched them (a
+//! previous run's is replaced); deleted when their chain is no longer protected and when the
+//! guard stops. Only the spares of this guard's chains: another agent on the node may keep
+//! others.
 
 use super::images::{Spare, SPARE_AGAIN_AFTER};
 use super::{Guard, TableId};
@@ -12,6 +13,7 @@ use crate::netfilter::model::DesiredChain;
 use crate::netfilter::tools::Tools;
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::spare;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tracing::{debug, info, warn};
 
@@ -34,10 +36,13 @@ impl<T: Tools> Guard<T> {
         if !self.unseen.is_empty() {
             return;
         }
+        let now = std::time::Instant::now();
         let next = self
             .chains
             .iter()
             .filter(|c| c.mode == Mode::Enforce && !self.ledger.gave_up(&c.name))
+            // Not during a fight: nothing is armed then, and each repair would make it again.
+            .filter(|c| self.ledger.would_repair_now(&c.name, now))
             .filter(|c| {
                 !self.images.spares.contains_key(&c.name)
                     && !self.images.no_spare.contains_key(&c.name)
@@ -88,14 +93,19 @@ impl<T: Tools> Guard<T> {
         }
     }
 
-    /// Deletes the spares in `tables` that no protected chain has now (`all`: every one).
-    pub(super) fn drop_spares(&mut self, tables: impl IntoIterator<Item = TableId>, all: bool) {
-        let keep: Vec<String> = match all {
-            true => Vec::new(),
-            false => self.chains.iter().map(spare_name).collect(),
-        };
-        for table in tables {
-            match self.tools.drop_spares(self.backend, table, &keep) {
+    /// Deletes the spares of `chains` (this guard's: another agent on the node may keep spares
+    /// of other chains) in the tables they are in.
+    pub(super) fn drop_spares_of(&mut self, chains: &[DesiredChain]) {
+        let mut by_table: BTreeMap<TableId, Vec<String>> = BTreeMap::new();
+        for c in chains {
+            by_table
+                .entry(c.key.table_id())
+                .or_default()
+                .push(spare_name(c));
+            self.images.forget_spare(&c.name);
+        }
+        for (table, names) in by_table {
+            match self.tools.drop_spares(self.backend, table, &names) {
                 Ok(Some(tid)) => {
                     debug!(table = %table, "spares deleted");
                     self.remember_own(tid);
@@ -103,9 +113,6 @@ impl<T: Tools> Guard<T> {
                 Ok(None) => {}
                 Err(e) => warn!(table = %table, error = %e, "spares not deleted"),
             }
-        }
-        if all {
-            self.images.spares.clear();
         }
     }
 }

@@ -12,6 +12,13 @@ async fn flannel_with_image() -> Guard<FakeTools> {
 
 /// [`flannel_with_image`] with these tools.
 pub(super) async fn flannel_with_image_from(tools: FakeTools) -> Guard<FakeTools> {
+    let g = flannel_with_image_from_unchecked(tools).await;
+    assert_eq!(g.tools.with(|s| s.captures), 1, "taken once in sync");
+    g
+}
+
+/// The flannel chain in sync, its image asked for once (the tools may refuse it).
+pub(super) async fn flannel_with_image_from_unchecked(tools: FakeTools) -> Guard<FakeTools> {
     tools.with(|s| {
         s.image = Some(format!(
             "*nat\n:FLANNEL-POSTRTG - [0:0]\n{}-I POSTROUTING 1 -j FLANNEL-POSTRTG\nCOMMIT\n",
@@ -21,11 +28,9 @@ pub(super) async fn flannel_with_image_from(tools: FakeTools) -> Guard<FakeTools
                 .collect::<String>()
         ))
     });
-    let g = guard(tools, vec![flannel(Content::Exact, RULES)], vec![])
+    guard(tools, vec![flannel(Content::Exact, RULES)], vec![])
         .await
-        .unwrap();
-    assert_eq!(g.tools.with(|s| s.captures), 1, "taken once in sync");
-    g
+        .unwrap()
 }
 
 /// flannel's cleanup in one transaction, as the guard is told of it, ending at generation 5.

@@ -2,7 +2,9 @@
 //! after use or after someone touched them, given up for the image when refused, deleted when
 //! no longer needed.
 
-use super::images::{deleted_in_one_transaction, flannel_with_image_from};
+use super::images::{
+    deleted_in_one_transaction, flannel_with_image_from, flannel_with_image_from_unchecked,
+};
 use super::*;
 
 const SPARE: &str = "NETWARDEN-SPARE-";
@@ -187,43 +189,92 @@ async fn no_spare_for_rules_without_extensions() {
 }
 
 #[tokio::test]
-async fn spares_are_deleted_at_start_and_at_reload_for_chains_no_longer_protected() {
-    let g = flannel_with_spares().await;
+async fn only_this_guards_spares_are_deleted_at_reload_and_when_it_stops() {
+    let mut g = flannel_with_spares().await;
     let spare = crate::netfilter::guard::spares::spare_name(&g.chains[0]);
-    assert_eq!(
-        g.tools.with(|s| s.spares_dropped.clone()),
-        [(NAT, vec![])],
-        "a previous run's, at start"
-    );
-    let mut g = g;
-    g.reload(GuardReload {
-        chains: vec![],
+    let dropped = |g: &Guard<FakeTools>| g.tools.with(|s| s.spares_dropped.clone());
+    // Another agent's spares are not this one's to delete: none at start.
+    assert_eq!(dropped(&g), []);
+    let reload = |chains| GuardReload {
+        chains,
         sets: vec![],
         adopt: vec![],
         poll: Duration::from_secs(1),
         resync: Duration::from_secs(60),
-    })
-    .await
-    .unwrap();
+    };
+    // The chain's rules changed: the same spare, made again (replaced) later.
+    g.reload(reload(vec![flannel(Content::Exact, &RULES[..1])]))
+        .await
+        .unwrap();
+    assert_eq!(dropped(&g), []);
+    // No longer protected: its spare goes.
+    g.reload(reload(vec![])).await.unwrap();
+    assert_eq!(dropped(&g), [(NAT, vec![spare.clone()])]);
+    g.reload(reload(vec![flannel(Content::Exact, RULES)]))
+        .await
+        .unwrap();
+    assert_eq!(dropped(&g).len(), 1, "nothing more");
+    // Stopped: its spares go.
+    let state = std::rc::Rc::clone(&g.tools.state);
+    drop(g);
     assert_eq!(
-        g.tools.with(|s| s.spares_dropped.clone()),
-        [(NAT, vec![]), (NAT, vec![])],
-        "none kept: flannel is no longer protected"
+        state.borrow().spares_dropped.last(),
+        Some(&(NAT, vec![spare]))
     );
-    g.reload(GuardReload {
-        chains: vec![flannel(Content::Exact, RULES)],
-        sets: vec![],
-        adopt: vec![],
-        poll: Duration::from_secs(1),
-        resync: Duration::from_secs(60),
-    })
-    .await
-    .unwrap();
-    let dropped = g.tools.with(|s| s.spares_dropped.clone());
-    assert_eq!(dropped.last(), Some(&(NAT, vec![spare])), "its spare kept");
-    // What the guard's drop does (the integration test `chains` sees the kernel after a
-    // SIGTERM): every spare of every table.
-    g.tools.with(|s| s.spares_dropped.clear());
-    g.drop_spares([NAT], true);
-    assert_eq!(g.tools.with(|s| s.spares_dropped.clone()), [(NAT, vec![])]);
+}
+
+#[tokio::test]
+async fn no_spare_is_made_for_a_contested_chain() {
+    let mut g = flannel_with_spares().await;
+    let now = Instant::now();
+    // Deleted right after each repair until the next deletion would be held back.
+    while g.ledger.would_repair_now("flannel", now) {
+        g.ledger.on_drift("flannel", now);
+        g.ledger.on_repaired("flannel", now);
+    }
+    g.make_spare();
+    assert!(
+        made(&g).is_empty(),
+        "not while a deletion would be held back"
+    );
+    g.ledger.on_drift("flannel", now);
+    assert!(g.ledger.is_contested("flannel"));
+    g.make_spare();
+    assert!(made(&g).is_empty(), "each repair would make it again");
+}
+
+#[tokio::test]
+async fn a_chain_unfit_for_its_jumps_is_taken_again_once_they_change() {
+    let tools = FakeTools::new();
+    tools.with(|s| {
+        s.spares = true;
+        s.capture_unfit = Some(crate::nftables::replay::Unfit::Jumps);
+    });
+    let mut g = flannel_with_image_from_unchecked(tools).await;
+    g.unseen.clear();
+    assert!(!g.images.by_chain.contains_key("flannel"));
+    // The second jump goes: POSTROUTING changes, and the chain is taken again.
+    g.tools.with(|s| s.capture_unfit = None);
+    let captures = g.tools.with(|s| s.captures);
+    let mut pending = Pending::new();
+    for ev in [
+        NftEvent::Touch {
+            family: Family::Ipv4,
+            table: "nat".into(),
+            chain: Some("POSTROUTING".into()),
+            removed: true,
+            object: Object::Rule,
+        },
+        NftEvent::NewGen {
+            gen: Some(5),
+            pid: Some(6),
+            process: Some("iptables".into()),
+        },
+    ] {
+        g.on_event(ev, &mut pending, &[NAT].into()).await;
+    }
+    assert_eq!(g.tools.with(|s| s.captures), captures + 1);
+    assert!(g.images.by_chain.contains_key("flannel"));
+    g.make_spare();
+    assert_eq!(made(&g).len(), 1, "and its spare made");
 }
