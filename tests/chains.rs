@@ -340,6 +340,42 @@ fn a_chain_whose_match_checks_the_protocol_comes_back_from_its_spare() {
     assert_eq!(saved(&ns, "iptables-nft-save", "nat"), before);
 }
 
+/// portmap's shape: the protected chain's rule jumps to a chain the owner deletes with it. The
+/// repair fails until the owner creates that chain again, which is no change of a watched chain:
+/// the agent retries by itself.
+#[test]
+fn a_repair_that_failed_for_a_missing_chain_is_retried_by_itself() {
+    let ns = sandbox();
+    must(&ns, &["iptables-nft", "-t", "nat", "-N", "NWT-DN"]);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#"  chains:
+    - name: hostport
+      table: nat
+      chain: NWT-DNAT
+      rules:
+        - -p tcp -m comment --comment "dnat" -m multiport --dports 8080 -j NWT-DN
+"#;
+    let mut agent = Agent::start_full(
+        &ns,
+        &config(dir.path(), spec),
+        &["--iptables-backend", "nft"],
+        &[],
+    );
+    agent.wait_log("chains and sets in sync");
+    let rule = || chain_lines(&saved(&ns, "iptables-nft-save", "nat"), "NWT-DNAT");
+    assert_eq!(rule().len(), 1);
+    must_feed(
+        &ns,
+        &["iptables-nft-restore", "--noflush"],
+        "*nat\n-F NWT-DNAT\n-X NWT-DN\nCOMMIT\n",
+    );
+    agent.wait_log_all(&["repair failed", "name=hostport"]);
+    must(&ns, &["iptables-nft", "-t", "nat", "-N", "NWT-DN"]);
+    wait_until("the rule back once its target chain is", || {
+        rule().len() == 1
+    });
+}
+
 /// The shell block of docs/operator-guide.md that deletes spares by hand.
 fn documented_spare_cleanup() -> String {
     let guide = include_str!("../docs/operator-guide.md");

@@ -382,6 +382,7 @@ impl<T: Tools> Guard<T> {
                     if self.ledger.failing(&d.name, &error) {
                         error!(kind = "chain", name = %d.name, table = %id, error = %e, "repair failed");
                     }
+                    self.ledger.retry_failed(&d.name, Instant::now());
                     self.out.state(&d.name, State::Drifted, Some(error.clone()));
                 }
                 false

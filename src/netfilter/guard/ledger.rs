@@ -15,6 +15,10 @@ use crate::telemetry::contest::{Backoff, Calmed, Contest, Decision};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+/// The first retry of a failed repair, and the longest wait between two.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// One protected chain or set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
@@ -24,6 +28,10 @@ pub struct Record {
     pub gave_up: bool,
     /// The last repair error, so that a failing repair is logged when the error changes.
     pub failing: Option<String>,
+    /// A failed repair is read and tried again at `retry_due`; each failure in a row doubles
+    /// `retry_delay` (1 s to 60 s).
+    pub retry_due: Option<Instant>,
+    pub retry_delay: Option<Duration>,
     /// Digest of the set's `ipset save` text at its last in-sync read.
     pub digest: Option<u64>,
     /// Forbidden members already reported (observe mode): each reported once.
@@ -84,6 +92,8 @@ impl Ledger {
             return false;
         };
         r.failing = None;
+        r.retry_due = None;
+        r.retry_delay = None;
         r.reported.take().is_some()
     }
 
@@ -221,9 +231,38 @@ impl Ledger {
         self.contest.current_delay(&name.to_owned())
     }
 
-    /// When [`Ledger::poll`] has something to do.
+    /// The repair failed (a chain its rules jump to is gone, say): read it again and retry
+    /// later, sooner the first times. Nothing else may come to wake the guard: the owner
+    /// creating what was missing is not a change of a watched chain.
+    pub fn retry_failed(&mut self, name: &str, now: Instant) {
+        let r = self.record(name);
+        let delay = r
+            .retry_delay
+            .map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
+        r.retry_delay = Some(delay);
+        r.retry_due = Some(now + delay);
+    }
+
+    /// Objects whose failed repair is to be retried now; each is returned once per failure.
+    pub fn failed_due(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        for (name, r) in &mut self.records {
+            if r.retry_due.is_some_and(|t| t <= now) {
+                r.retry_due = None;
+                due.push(name.clone());
+            }
+        }
+        due
+    }
+
+    /// When [`Ledger::poll`] or [`Ledger::failed_due`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.contest.next_deadline()
+        let retries = self.records.values().filter_map(|r| r.retry_due);
+        self.contest
+            .next_deadline()
+            .into_iter()
+            .chain(retries)
+            .min()
     }
 
     /// Chains whose held-back repair is due, and fights that stopped.
@@ -242,6 +281,32 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_failed_repair_is_retried_later_each_time_and_no_more_once_in_sync() {
+        let mut l = Ledger::default();
+        let t0 = Instant::now();
+        assert_eq!(l.next_deadline(), None);
+        l.failing("x", "Chain 'CNI-DN-1' does not exist");
+        l.retry_failed("x", t0);
+        assert_eq!(l.next_deadline(), Some(t0 + RETRY_FIRST));
+        assert!(l.failed_due(t0).is_empty(), "not yet");
+        assert_eq!(l.failed_due(t0 + RETRY_FIRST), ["x"]);
+        assert!(l.failed_due(t0 + RETRY_FIRST).is_empty(), "once");
+        assert_eq!(l.next_deadline(), None);
+        // Failed again: twice the wait, up to the longest.
+        l.retry_failed("x", t0);
+        assert_eq!(l.next_deadline(), Some(t0 + 2 * RETRY_FIRST));
+        for _ in 0..10 {
+            l.retry_failed("x", t0);
+        }
+        assert_eq!(l.next_deadline(), Some(t0 + RETRY_MAX));
+        // Repaired: no retry, and the next failure starts over.
+        l.in_sync("x");
+        assert_eq!(l.next_deadline(), None);
+        l.retry_failed("x", t0);
+        assert_eq!(l.next_deadline(), Some(t0 + RETRY_FIRST));
+    }
 
     #[test]
     fn reports_are_transitions() {

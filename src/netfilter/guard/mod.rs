@@ -449,7 +449,8 @@ impl<T: Tools> Guard<T> {
         }
     }
 
-    /// Held-back repairs of contested chains whose time has come; fights that stopped.
+    /// Held-back repairs of contested chains whose time has come; fights that stopped; failed
+    /// repairs to try again.
     async fn on_backoff_timer(&mut self) {
         let (due, calmed) = self.ledger.poll(Instant::now());
         for c in &calmed {
@@ -465,6 +466,12 @@ impl<T: Tools> Guard<T> {
         }
         for n in &due {
             self.ledger.retry_done(n);
+        }
+        // Failed repairs: read again and repaired if still needed, as a poll would.
+        let failed = self.ledger.failed_due(Instant::now());
+        let tables: BTreeSet<TableId> = failed.iter().filter_map(|n| self.table_of(n)).collect();
+        for id in tables {
+            self.sync_table(id, Cause::Drift, None).await;
         }
     }
 

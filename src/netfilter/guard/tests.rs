@@ -457,6 +457,37 @@ async fn a_refused_repair_is_logged_once_and_retried_at_the_next_change() {
     assert_eq!(state_of(&t, "flannel"), Some(State::InSync));
 }
 
+#[tokio::test]
+async fn a_refused_repair_is_retried_by_itself_when_nothing_else_changes() {
+    let mut g = exact_flannel().await;
+    g.tools
+        .apply(Family::Ipv4, "*nat\n-F FLANNEL-POSTRTG\nCOMMIT\n");
+    g.tools
+        .with(|s| s.fail_restore = Some("Chain 'CNI-DN-1' does not exist".into()));
+    g.sync_table(NAT, Cause::Drift, None).await;
+    assert_eq!(g.tools.chain(NAT, "FLANNEL-POSTRTG"), Some(vec![]));
+    // The guard's timer is set for the retry, with no notification to wake it.
+    let due = g.ledger.next_deadline().expect("a retry");
+    assert!(due > Instant::now(), "later, not at once");
+    g.on_backoff_timer().await;
+    assert_eq!(
+        g.tools.chain(NAT, "FLANNEL-POSTRTG"),
+        Some(vec![]),
+        "not yet"
+    );
+    // Its time has come (as the timer would fire): read again and repaired.
+    g.ledger
+        .retry_failed("flannel", Instant::now() - Duration::from_secs(120));
+    g.on_backoff_timer().await;
+    assert_eq!(g.tools.chain(NAT, "FLANNEL-POSTRTG"), Some(intact()));
+    let record = g.ledger.get("flannel").unwrap();
+    assert_eq!(
+        (record.retry_due, record.retry_delay),
+        (None, None),
+        "nothing more to retry"
+    );
+}
+
 fn g_error() -> String {
     "`iptables-restore ` failed (exit status: 1): Set kube-router-x doesn't exist.".into()
 }
