@@ -2,6 +2,7 @@
 //! the real agent binary running inside it (killed by pid on drop), real iproute2 to break things.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod chains;
 pub mod deployed;
 pub mod offender;
 
