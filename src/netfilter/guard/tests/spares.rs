@@ -224,6 +224,24 @@ async fn only_this_guards_spares_are_deleted_at_reload_and_when_it_stops() {
 }
 
 #[tokio::test]
+async fn an_unchanged_reload_keeps_the_image_and_the_spare() {
+    let mut g = flannel_with_spares().await;
+    g.make_spare();
+    let spare = Arc::clone(&g.images.spares["flannel"].swap);
+    g.reload(GuardReload {
+        chains: vec![flannel(Content::Exact, RULES)],
+        sets: vec![],
+        adopt: vec![],
+        poll: Duration::from_secs(1),
+        resync: Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    assert!(Arc::ptr_eq(g.images.best("flannel").unwrap(), &spare));
+    assert_eq!(made(&g).len(), 1, "not made again");
+}
+
+#[tokio::test]
 async fn no_spare_is_made_for_a_contested_chain() {
     let mut g = flannel_with_spares().await;
     let now = Instant::now();
