@@ -6,6 +6,12 @@ use common::chains::*;
 use common::*;
 use std::collections::BTreeMap;
 
+/// The agent on iptables-nft, logging at debug level (the spare lines are debug).
+fn nft_agent(ns: &Sandbox, cfg: &std::path::Path) -> Agent {
+    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
+    Agent::start_full(ns, cfg, &["--iptables-backend", "nft"], &debug)
+}
+
 #[test]
 fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     let ns = sandbox();
@@ -26,8 +32,7 @@ fn a_chain_and_its_jump_deleted_in_one_transaction_come_back_from_the_image() {
     );
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FLANNEL_SPEC);
-    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
-    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    let mut agent = nft_agent(&ns, &cfg);
     agent.wait_log_all(&["image taken", "name=flannel-postrtg"]);
     agent.wait_log("chains and sets in sync");
     // The chain's rules hold xtables extensions (the comment, MASQUERADE): a spare is made, a
@@ -133,8 +138,7 @@ fn a_chain_whose_match_checks_the_protocol_comes_back_from_its_spare() {
           rule: -m comment --comment "hostports" -j HOSTPORTS
 "#;
     let cfg = config(dir.path(), spec);
-    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
-    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    let mut agent = nft_agent(&ns, &cfg);
     agent.wait_log_all(&["spare made", "name=hostports"]);
     let before = saved(&ns, "iptables-nft-save", "nat");
     assert_eq!(chain_lines(&before, "HOSTPORTS").len(), 2, "{before:?}");
@@ -165,8 +169,7 @@ fn a_killed_agents_spare_is_replaced_at_the_next_start_or_deleted_with_the_docum
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FLANNEL_SPEC);
-    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
-    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    let mut agent = nft_agent(&ns, &cfg);
     agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
     let before = saved(&ns, "iptables-nft-save", "nat");
     let made = spares(&ns, "nat");
@@ -182,7 +185,7 @@ fn a_killed_agents_spare_is_replaced_at_the_next_start_or_deleted_with_the_docum
     drop(agent);
     assert_eq!(chain_handle(&ns, &spare), Some(first.clone()));
     // The next start replaces it with a copy of the chain again.
-    let mut agent = Agent::start_full(&ns, &cfg, &["--iptables-backend", "nft"], &debug);
+    let mut agent = nft_agent(&ns, &cfg);
     agent.wait_log_all(&["spare made", "name=flannel-postrtg"]);
     assert_eq!(
         spares(&ns, "nat"),
@@ -208,13 +211,7 @@ fn an_agent_leaves_another_agents_spares_alone() {
     let ns = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let other = tempfile::tempdir().unwrap();
-    let debug = [("NETWARDEN_LOG_LEVEL", "debug")];
-    let mut flannel = Agent::start_full(
-        &ns,
-        &config(dir.path(), FLANNEL_SPEC),
-        &["--iptables-backend", "nft"],
-        &debug,
-    );
+    let mut flannel = nft_agent(&ns, &config(dir.path(), FLANNEL_SPEC));
     flannel.wait_log_all(&["spare made", "name=flannel-postrtg"]);
     let (spare, _) = spares(&ns, "nat").pop_first().unwrap();
     let handle = chain_handle(&ns, &spare).unwrap();
@@ -225,12 +222,7 @@ fn an_agent_leaves_another_agents_spares_alone() {
       rules:
         - -s 10.50.0.0/16 -m comment --comment "per node" -j MASQUERADE
 "#;
-    let mut node = Agent::start_full(
-        &ns,
-        &config(other.path(), per_node),
-        &["--iptables-backend", "nft"],
-        &debug,
-    );
+    let mut node = nft_agent(&ns, &config(other.path(), per_node));
     node.wait_log_all(&["spare made", "name=per-node"]);
     assert_eq!(spares(&ns, "nat").len(), 2);
     assert!(node.terminate(), "stops on SIGTERM");

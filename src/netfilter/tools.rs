@@ -412,7 +412,7 @@ impl Tools for Binaries {
 }
 
 /// The NFPROTO_* number of an iptables family.
-fn nfproto(family: Family) -> u8 {
+pub fn nfproto(family: Family) -> u8 {
     match family {
         Family::Ipv4 => 2,
         Family::Ipv6 => 10,

@@ -5,7 +5,7 @@
 //! destruction (an RCU grace period), which the repair path must never do.
 
 use super::model::TableKey;
-use super::replay::{self, Census, Dump, Image, Msg, Unfit, F_REQUEST, SUBSYS_NFTABLES};
+use super::replay::{self, c_str, Census, Dump, Image, Msg, Unfit, F_REQUEST, SUBSYS_NFTABLES};
 use super::spare;
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket};
 use std::io;
@@ -152,15 +152,9 @@ impl Conn {
         jumps: &[(String, bool)],
     ) -> Result<Option<Image>, NetlinkError> {
         let mut gens = Vec::new();
-        let mut named = Vec::new();
-        replay::put_attr(&mut named, ATTR_TABLE, &c_str(table));
-        replay::put_attr(&mut named, CHAIN_NAME, &c_str(chain));
-        let found = match self.request(GETCHAIN, F_ACK, family, &named, &mut gens) {
-            Ok(mut m) => m.pop(),
-            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => None,
-            Err(e) => return Err(e),
+        let Some(msg) = self.chain(family, table, chain, &mut gens)? else {
+            return Ok(None);
         };
-        let Some(msg) = found else { return Ok(None) };
         let own = self.rules_of(family, table, chain, &mut gens)?;
         if own.len() != rules {
             return Err(Unfit::MoreThanConfigured.into());
@@ -204,6 +198,24 @@ impl Conn {
             .ok_or(NetlinkError::Changed)
     }
 
+    /// Chain `chain` as the kernel lists it, if it exists.
+    fn chain(
+        &mut self,
+        family: u8,
+        table: &str,
+        chain: &str,
+        gens: &mut Vec<u16>,
+    ) -> Result<Option<Msg>, NetlinkError> {
+        let mut named = Vec::new();
+        replay::put_attr(&mut named, ATTR_TABLE, &c_str(table));
+        replay::put_attr(&mut named, CHAIN_NAME, &c_str(chain));
+        match self.request(GETCHAIN, F_ACK, family, &named, gens) {
+            Ok(mut found) => Ok(found.pop()),
+            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The handle of chain `chain`, if it exists.
     fn chain_handle(
         &mut self,
@@ -211,19 +223,11 @@ impl Conn {
         table: &str,
         chain: &str,
     ) -> Result<Option<u64>, NetlinkError> {
-        let mut named = Vec::new();
-        replay::put_attr(&mut named, ATTR_TABLE, &c_str(table));
-        replay::put_attr(&mut named, CHAIN_NAME, &c_str(chain));
-        let mut gens = Vec::new();
-        let found = match self.request(GETCHAIN, F_ACK, family, &named, &mut gens) {
-            Ok(found) => found,
-            Err(NetlinkError::Refused(nix::errno::Errno::ENOENT)) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        Ok(found
-            .iter()
-            .find_map(|m| replay::attr(&m.attrs, CHAIN_HANDLE).and_then(|h| h.get(..8)))
-            .map(|h| u64::from_be_bytes(h.try_into().unwrap())))
+        let found = self.chain(family, table, chain, &mut Vec::new())?;
+        Ok(found.and_then(|m| {
+            let h = replay::attr(&m.attrs, CHAIN_HANDLE)?.get(..8)?;
+            Some(u64::from_be_bytes(h.try_into().ok()?))
+        }))
     }
 
     /// Deletes the spares named that are in the table; returns how many it deleted.
@@ -382,12 +386,6 @@ fn messages(mut b: &[u8]) -> Vec<(u16, u16, &[u8])> {
         b = b.get(len.next_multiple_of(4)..).unwrap_or(&[]);
     }
     out
-}
-
-fn c_str(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
 }
 
 fn libc_dontwait() -> i32 {

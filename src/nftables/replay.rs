@@ -351,7 +351,6 @@ pub(crate) fn put_attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 /// `multiport` check when they are created (without it the kernel refuses the rule: EINVAL).
 /// Rules without xtables expressions, or that have the attribute, are left as they are.
 pub(crate) fn with_compat(mut rule: Msg) -> Msg {
-    use super::events::{attributes, string};
     const RULE_COMPAT: u16 = 5;
     const COMPAT_PROTO: u16 = 1;
     const COMPAT_FLAGS: u16 = 2;
@@ -364,22 +363,16 @@ pub(crate) fn with_compat(mut rule: Msg) -> Msg {
     const CMP_OP: u16 = 2;
     const CMP_DATA: u16 = 3;
     const DATA_VALUE: u16 = 1;
-    if attr(&rule.attrs, RULE_COMPAT).is_some() {
+    if attr(&rule.attrs, RULE_COMPAT).is_some() || !has_compat(&rule) {
         return rule;
     }
-    let Some(list) = attr(&rule.attrs, RULE_EXPRESSIONS) else {
-        return rule;
-    };
-    let exprs: Vec<(String, &[u8])> = attributes(list)
+    let exprs: Vec<(String, &[u8])> = expressions(&rule)
         .into_iter()
-        .map(|(_, e)| {
-            let name = attr(e, EXPR_NAME).map(string).unwrap_or_default();
+        .map(|e| {
+            let name = expr_name(e).unwrap_or_default();
             (name, attr(e, EXPR_DATA).unwrap_or_default())
         })
         .collect();
-    if !exprs.iter().any(|(n, _)| n == "match" || n == "target") {
-        return rule;
-    }
     let proto = exprs.windows(2).find_map(|w| {
         let [(meta, m), (cmp, c)] = w else {
             return None;
@@ -441,15 +434,43 @@ pub(crate) fn attr(attrs: &[u8], kind: u16) -> Option<&[u8]> {
         .map(|(_, whole)| &whole[4..])
 }
 
+/// A rule's expressions, each the payload of one list element.
+pub(crate) fn expressions(rule: &Msg) -> Vec<&[u8]> {
+    const LIST_ELEM: u16 = 1;
+    attr(&rule.attrs, RULE_EXPRESSIONS)
+        .map(|list| {
+            raw_attributes(list)
+                .into_iter()
+                .filter(|(k, _)| k & 0x3fff == LIST_ELEM)
+                .map(|(_, whole)| &whole[4..])
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An expression's name (`immediate`, `match`, …).
+pub(crate) fn expr_name(e: &[u8]) -> Option<String> {
+    attr(e, EXPR_NAME).map(super::events::string)
+}
+
+/// Whether a rule holds an xtables match or target.
+pub(crate) fn has_compat(rule: &Msg) -> bool {
+    expressions(rule)
+        .iter()
+        .any(|e| matches!(expr_name(e).as_deref(), Some("match" | "target")))
+}
+
+/// A NUL-terminated string attribute's payload.
+pub(crate) fn c_str(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
 /// Whether a rule jumps or goes to `chain` (an `immediate` expression with that verdict).
 pub fn jumps_to(rule: &Msg, chain: &str) -> bool {
-    use super::events::attributes;
-    let Some(list) = attr(&rule.attrs, RULE_EXPRESSIONS) else {
-        return false;
-    };
-    attributes(list).into_iter().any(|(_, expr)| {
-        let name = attr(expr, EXPR_NAME).map(super::events::string);
-        if name.as_deref() != Some("immediate") {
+    expressions(rule).into_iter().any(|expr| {
+        if expr_name(expr).as_deref() != Some("immediate") {
             return false;
         }
         let verdict = attr(expr, EXPR_DATA)

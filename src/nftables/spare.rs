@@ -13,7 +13,8 @@
 //! matches exactly as the compat match.
 
 use super::replay::{
-    attr, put_attr, raw_attributes, u32_be, Image, Msg, F_APPEND, F_CREATE, F_EXCL,
+    attr, c_str, expr_name, expressions, has_compat, put_attr, raw_attributes, u32_be, Image, Msg,
+    F_APPEND, F_CREATE, F_EXCL,
 };
 
 pub use crate::netfilter::model::{is_spare, SPARE_PREFIX as PREFIX};
@@ -30,7 +31,6 @@ const RULE_CHAIN: u16 = 2;
 const RULE_EXPRESSIONS: u16 = 4;
 const RULE_USERDATA: u16 = 7;
 const LIST_ELEM: u16 = 1;
-const EXPR_NAME: u16 = 1;
 const EXPR_DATA: u16 = 2;
 const MATCH_NAME: u16 = 1;
 const MATCH_REV: u16 = 2;
@@ -68,13 +68,6 @@ fn parts(image: &Image) -> Option<(&Msg, &Requests, &Requests)> {
     let (chain, rest) = image.requests.split_first()?;
     let rules = rest.get(..n)?;
     Some((&chain.0, rules, &rest[n..]))
-}
-
-/// Whether a rule holds an xtables match or target.
-fn has_compat(rule: &Msg) -> bool {
-    expressions(rule)
-        .iter()
-        .any(|e| matches!(expr_name(e).as_deref(), Some("match" | "target")))
 }
 
 /// Native expressions a copy may hold: none refers to another chain, a set or a stateful
@@ -259,12 +252,6 @@ pub fn removal(family: u8, table: &str, spare: &str) -> Image {
     }
 }
 
-fn c_str(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
 /// The message with attribute `kind` set to the string `name`.
 fn renamed(m: &Msg, kind: u16, name: &str) -> Msg {
     rewritten(m, |k, _| (k & 0x3fff == kind).then(|| c_str(name)))
@@ -293,23 +280,6 @@ fn rewritten(m: &Msg, f: impl FnMut(u16, &[u8]) -> Option<Vec<u8>>) -> Msg {
         attrs: rewrite_attrs(&m.attrs, f),
         ..m.clone()
     }
-}
-
-/// The rule's expressions, each the payload of one list element.
-fn expressions(rule: &Msg) -> Vec<&[u8]> {
-    attr(&rule.attrs, RULE_EXPRESSIONS)
-        .map(|list| {
-            raw_attributes(list)
-                .into_iter()
-                .filter(|(k, _)| k & 0x3fff == LIST_ELEM)
-                .map(|(_, whole)| &whole[4..])
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn expr_name(e: &[u8]) -> Option<String> {
-    attr(e, EXPR_NAME).map(super::events::string)
 }
 
 /// The rule with each expression replaced by what `f` makes of it.
@@ -414,6 +384,7 @@ pub(crate) mod build_for_tests {
     use super::*;
 
     const NEWRULE: u16 = 6;
+    const EXPR_NAME: u16 = 1;
     pub const NESTED: u16 = 0x8000;
 
     fn nested(kind: u16, payload: &[u8]) -> Vec<u8> {

@@ -8,9 +8,9 @@
 
 use super::images::{Spare, SPARE_AGAIN_AFTER};
 use super::{Guard, TableId};
-use crate::model::{Family, Mode};
+use crate::model::Mode;
 use crate::netfilter::model::DesiredChain;
-use crate::netfilter::tools::Tools;
+use crate::netfilter::tools::{nfproto, Tools};
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::spare;
 use std::collections::BTreeMap;
@@ -19,11 +19,7 @@ use tracing::{debug, info, warn};
 
 /// The name of the spare of a protected chain.
 pub(super) fn spare_name(c: &DesiredChain) -> String {
-    let family = match c.key.family {
-        Family::Ipv4 => 2,
-        Family::Ipv6 => 10,
-    };
-    spare::name(family, c.key.table.as_str(), &c.key.chain)
+    spare::name(nfproto(c.key.family), c.key.table.as_str(), &c.key.chain)
 }
 
 impl<T: Tools> Guard<T> {
